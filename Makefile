@@ -1,0 +1,34 @@
+# Every target sets itself up: a virtual environment in .venv with the pinned CPU torch first (a newer or unpinned
+# torch would pull a multi-GB CUDA build), then this package with its test and benchmark extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m modeling_rxt.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -q
+
+bench: $(STAMP)
+	$(PY) -m modeling_rxt.bench
+
+# mlinter lives in its own environment: it is a development tool, not a dependency of the model.
+lint:
+	$(PYTHON) -m venv .venv-lint
+	.venv-lint/bin/pip install --quiet transformers-mlinter
+	.venv-lint/bin/mlinter --no-progress modeling_rxt/configuration_rxt.py modeling_rxt/modeling_rxt.py modeling_rxt/memory_state.py
+
+clean:
+	rm -rf $(VENV) .venv-lint runs

@@ -1,0 +1,28 @@
+"""RxT for Transformers: the Reactive Transformer as a native Hugging Face model.
+
+`import modeling_rxt` registers the "rxt" model type with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`, and
+marks the classes for `auto_map`, so `save_pretrained` copies the code files and a saved folder loads with
+`trust_remote_code=True` where this package is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_rxt import MEMORY_ATTENTION_TYPES, RxTConfig
+from .memory_state import RxTMemoryState
+from .modeling_rxt import RxTForCausalLM, RxTModel, RxTPreTrainedModel
+
+AutoConfig.register("rxt", RxTConfig, exist_ok=True)
+AutoModel.register(RxTConfig, RxTModel, exist_ok=True)
+AutoModelForCausalLM.register(RxTConfig, RxTForCausalLM, exist_ok=True)
+RxTConfig.register_for_auto_class()
+RxTModel.register_for_auto_class("AutoModel")
+RxTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "MEMORY_ATTENTION_TYPES",
+    "RxTConfig",
+    "RxTForCausalLM",
+    "RxTMemoryState",
+    "RxTModel",
+    "RxTPreTrainedModel",
+]

@@ -1,0 +1,157 @@
+# Copyright 2026 The RxT for Transformers authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Configuration of the Reactive Transformer (RxT).
+
+One schema for the whole system (decoder, memory encoder, memory attention, short-term memory). Standard Hugging Face
+names wherever one exists, Mixtral names for the mixture of experts, and a `memory_` prefix for what RxT adds.
+"""
+
+import functools
+
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+from transformers.utils import auto_docstring
+
+MEMORY_ATTENTION_TYPES = ("simple", "self", "interlayer", "gated-self-interlayer")
+
+
+@auto_docstring(checkpoint="rxt-hf/rxt-nano")
+@strict
+class RxTConfig(PreTrainedConfig):
+    r"""
+    num_local_experts (`int`, *optional*, defaults to 0):
+        Experts in each decoder feed-forward block. 0 gives a dense SwiGLU block; more gives a sparse mixture of
+        experts with top-`num_experts_per_tok` routing.
+    num_experts_per_tok (`int`, *optional*, defaults to 2):
+        Experts each token is routed to (their weights are renormalised to sum to one).
+    router_aux_loss_coef (`float`, *optional*, defaults to 0.01):
+        Weight of the load-balancing loss added to the language-modelling loss when `labels` are given.
+    output_router_logits (`bool`, *optional*, defaults to `False`):
+        Whether the outputs carry the router logits of every decoder layer.
+    shared_expert_intermediate_size (`int`, *optional*, defaults to 0):
+        Width of an always-on shared SwiGLU expert added to the routed experts; 0 means none.
+    memory_slots (`int`, *optional*, defaults to 64):
+        Slots of the short-term memory in each layer (S). The memory holds `num_hidden_layers x memory_slots`
+        vectors of `hidden_size`, whatever the length of the conversation.
+    memory_attention_type (`str`, *optional*, defaults to `"interlayer"`):
+        How the memory is rewritten after each interaction: `"simple"` (slots attend to the encoded interaction),
+        `"self"` (slots first attend to the slots of their own layer), `"interlayer"` (slots first attend to the mean
+        of all layers) or `"gated-self-interlayer"` (both, mixed by a learned gate).
+
+    ```python
+    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> model = RxTForCausalLM(RxTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4))
+    ```"""
+
+    model_type = "rxt"
+    keys_to_ignore_at_inference = ["past_key_values", "router_logits"]
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+
+    vocab_size: int = 8192
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 256
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    rope_parameters: RopeParameters | dict | None = None
+    attention_dropout: float = 0.0
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 3
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.01
+    output_router_logits: bool = False
+    shared_expert_intermediate_size: int = 0
+    memory_slots: int = 64
+    memory_attention_type: str = "interlayer"
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Raises `ValueError` naming the field of any invalid combination (run by `@strict` on creation)."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "memory_slots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of `num_key_value_heads` "
+                f"({self.num_key_value_heads})."
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"`head_dim` must be even for rotary embeddings, got {self.head_dim}.")
+        if self.num_local_experts < 0 or self.shared_expert_intermediate_size < 0:
+            raise ValueError("`num_local_experts` and `shared_expert_intermediate_size` must be >= 0.")
+        if self.num_local_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(
+                f"`num_experts_per_tok` ({self.num_experts_per_tok}) must be between 1 and `num_local_experts` "
+                f"({self.num_local_experts})."
+            )
+        if self.memory_attention_type not in MEMORY_ATTENTION_TYPES:
+            raise ValueError(
+                f"`memory_attention_type` must be one of {MEMORY_ATTENTION_TYPES}, got {self.memory_attention_type!r}."
+            )
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}.")
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}.")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_local_experts > 0
+
+
+def _raise_plain_errors(init):
+    """`@strict` wraps validation errors in its own exception types; users of a config expect the plain `ValueError`
+    (invalid value or combination) or `TypeError` (wrong type) that names the field, so unwrap them."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except StrictDataclassError as error:
+            cause = error.__cause__
+            plain = TypeError if isinstance(cause, TypeError) else ValueError
+            raise plain(str(error)) from error
+
+    return __init__
+
+
+RxTConfig.__init__ = _raise_plain_errors(RxTConfig.__init__)
+
+__all__ = ["RxTConfig", "MEMORY_ATTENTION_TYPES"]

@@ -1,0 +1,181 @@
+# Copyright 2026 The RxT for Transformers authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The explicit short-term memory (STM) of B conversations.
+
+The memory is a value, not a hidden attribute of the model: `forward` and `generate` only read it, and
+`RxTForCausalLM.update_memory` returns a new object. Every method here returns a new state too, so two conversations
+can never leak into each other and an old state stays valid after the model moved on.
+
+Shapes: L memory layers (= decoder layers), B conversations, S slots per layer, D hidden size.
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+STATE_WEIGHTS_NAME = "memory_state.safetensors"
+STATE_CONFIG_NAME = "memory_state.json"
+STATE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RxTMemoryState:
+    """Short-term memory of a batch of conversations: `stm` has shape (L, B, S, D)."""
+
+    stm: torch.Tensor
+
+    def __post_init__(self):
+        if not isinstance(self.stm, torch.Tensor):
+            raise TypeError(f"`stm` must be a torch.Tensor, got {type(self.stm).__name__}.")
+        if self.stm.dim() != 4:
+            raise ValueError(f"`stm` must have shape (layers, batch, slots, hidden), got {tuple(self.stm.shape)}.")
+
+    # ---- shape -------------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.stm.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.stm.shape[1]
+
+    @property
+    def num_slots(self) -> int:
+        return self.stm.shape[2]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.stm.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.stm.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stm.dtype
+
+    def check_compatible(self, config, batch_size: int | None = None, name: str = "memory_state") -> None:
+        """Raises `ValueError` if this state does not fit a model of `config` (and `batch_size` conversations)."""
+        expected = (config.num_hidden_layers, config.memory_slots, config.hidden_size)
+        found = (self.num_layers, self.num_slots, self.hidden_size)
+        if found != expected:
+            raise ValueError(
+                f"`{name}` has (layers, slots, hidden) = {found} but the model expects {expected}: "
+                "it was made by a model of another shape."
+            )
+        if batch_size is not None and batch_size != self.batch_size:
+            raise ValueError(
+                f"`{name}` holds {self.batch_size} conversation(s) but the input has batch size {batch_size}."
+            )
+
+    # ---- new states from this one ------------------------------------------------------------------------------
+    def to(self, *args, **kwargs) -> "RxTMemoryState":
+        return RxTMemoryState(self.stm.to(*args, **kwargs))
+
+    def clone(self) -> "RxTMemoryState":
+        return RxTMemoryState(self.stm.clone())
+
+    def detach(self) -> "RxTMemoryState":
+        return RxTMemoryState(self.stm.detach())
+
+    def select(self, indices: Sequence[int] | torch.Tensor) -> "RxTMemoryState":
+        """The conversations at `indices`, in that order (repeats allowed)."""
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.stm.device).reshape(-1)
+        if index.numel() and (index.min() < -self.batch_size or index.max() >= self.batch_size):
+            raise ValueError(f"`indices` {index.tolist()} out of range for a batch of {self.batch_size}.")
+        return RxTMemoryState(self.stm.index_select(1, index % self.batch_size))
+
+    def reset(self, rows: Sequence[int] | torch.Tensor, initial: torch.Tensor) -> "RxTMemoryState":
+        """A state whose conversations at `rows` start again from `initial` (L, S, D); the others are kept."""
+        if initial.shape != (self.num_layers, self.num_slots, self.hidden_size):
+            raise ValueError(f"`initial` must have shape {(self.num_layers, self.num_slots, self.hidden_size)}.")
+        row_mask = torch.zeros(self.batch_size, dtype=torch.bool, device=self.stm.device)
+        row_mask[torch.as_tensor(rows, dtype=torch.long, device=self.stm.device)] = True
+        fresh = initial.to(self.stm)[:, None].expand_as(self.stm)
+        return RxTMemoryState(torch.where(row_mask[None, :, None, None], fresh, self.stm))
+
+    @classmethod
+    def concatenate(cls, states: Sequence["RxTMemoryState"]) -> "RxTMemoryState":
+        """One batch from several states (for running many sessions together)."""
+        if not states:
+            raise ValueError("`states` is empty.")
+        shapes = {(s.num_layers, s.num_slots, s.hidden_size) for s in states}
+        if len(shapes) != 1:
+            raise ValueError(f"`states` come from models of different shapes: {sorted(shapes)}.")
+        return cls(torch.cat([s.stm for s in states], dim=1))
+
+    # ---- files ---------------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Writes `memory_state.safetensors` and `memory_state.json`, each atomically (a failed save leaves the
+        previous files intact)."""
+        os.makedirs(save_directory, exist_ok=True)
+        info = {
+            "format_version": STATE_FORMAT_VERSION,
+            "num_layers": self.num_layers,
+            "batch_size": self.batch_size,
+            "num_slots": self.num_slots,
+            "hidden_size": self.hidden_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+        metadata = {key: str(value) for key, value in info.items()}
+        tensors = {"stm": self.stm.detach().to("cpu").contiguous()}
+        _atomic_write(save_directory, STATE_WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata=metadata))
+        _atomic_write(save_directory, STATE_CONFIG_NAME, lambda path: _write_json(path, info))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: torch.device | str | None = None
+    ) -> "RxTMemoryState":
+        path = os.path.join(directory, STATE_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"No memory state in `{directory}`: `{STATE_WEIGHTS_NAME}` is missing.")
+        try:
+            tensors = load_file(path, device=str(device) if device is not None else "cpu")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"`{path}` is not a readable memory state (corrupted or truncated): {error}") from error
+        if set(tensors) != {"stm"}:
+            raise ValueError(f"`{path}` holds tensors {sorted(tensors)}, expected exactly ['stm'].")
+        return cls(tensors["stm"])
+
+
+def _write_json(path: str, payload: dict) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def _atomic_write(directory: str | os.PathLike, name: str, write) -> None:
+    """Write through a temporary file in the same folder, flush it to disk, then rename it over the target: readers
+    see either the old file or the complete new one, never a half-written file."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(handle)
+    try:
+        write(temporary)
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, os.path.join(directory, name))
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+__all__ = ["RxTMemoryState", "STATE_WEIGHTS_NAME", "STATE_CONFIG_NAME"]

@@ -1,0 +1,827 @@
+# Copyright 2026 The RxT for Transformers authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The Reactive Transformer (RxT) as a Hugging Face causal LM.
+
+RxT processes ONE interaction (query + answer) at a time and carries the conversation in a fixed-size Short-Term
+Memory (STM): L layers of S slots. A turn costs the same at turn 1 and at turn 1,000.
+
+Notable features:
+- generator-decoder: pre-norm layers of causal self-attention (RoPE, GQA; fewer query heads than
+  hidden_size / head_dim gives Sparse Query Attention), memory cross-attention (queries with RoPE, keys/values from the
+  memory slots with NO positions: the memory is a set), and a SwiGLU or top-k mixture-of-experts feed-forward;
+- memory encoder: bidirectional layers over `[query][answer]`; the output of layer l is the encoded data ED_l;
+- memory attention: slots query ED_l, then a sigmoid residual gate blends old and new memory per slot and channel;
+- a learned initial memory (a module of its own, so PEFT `modules_to_save` gives one per adapter).
+
+Shape legend: B batch, T tokens of one interaction, L memory layers (= decoder layers), S slots per layer,
+D hidden size, H query heads, K key/value heads, Dh head dim, E experts, k experts per token, N = B * T tokens.
+
+Memory read (every decoder layer l, during the turn; keys/values are projected ONCE per turn by `project_memory`):
+
+    tokens x (B,T,D) --norm--> q_proj --RoPE--> Q (B,H,T,Dh) --+
+                                                               |--> softmax(Q K^T) V --> o_proj --> x + (B,T,D)
+    STM_l (B,S,D) --norm--> k_proj, v_proj --> K, V (B,K,S,Dh) +    (no positions, no mask over slots)
+
+Memory write (after the answer, off the user's critical path):
+
+    [query][answer] --memory encoder--> ED_1 .. ED_L (B,T,D)
+    STM_l --(self / interlayer pre-step)--> h_l
+    Update_l = Attn(q = norm(h_l), k = v = norm(ED_l), RoPE on keys only)          (B,S,D)
+    G        = sigmoid(W_g (STM_l + Update_l) + b_g)                                (B,S,D)
+    STM_l'   = (1 - G) * STM_l + G * Update_l
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations.moe import use_experts_implementation
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_rxt import RxTConfig
+from .memory_state import RxTMemoryState
+
+
+class RxTRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class RxTRotaryEmbedding(nn.Module):
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: RxTConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, Dh)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE on one tensor (B, heads, T, Dh): RxT rotates queries and keys separately (the memory has no positions)."""
+    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, K, N, Dh) -> (B, K * n_rep, N, Dh), for grouped-query attention."""
+    if n_rep == 1:
+        return hidden_states
+    batch, num_key_value_heads, length, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, num_key_value_heads, n_rep, length, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, length, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    elif module.is_causal and query.shape[2] > 1:
+        # Same convention as the SDPA path: no mask + causal module means a plain causal mask.
+        causal = torch.ones(query.shape[2], key_states.shape[2], dtype=torch.bool, device=query.device)
+        causal = causal.tril(key_states.shape[2] - query.shape[2])
+        attn_weights = attn_weights.masked_fill(~causal, torch.finfo(attn_weights.dtype).min)
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()  # (B, Tq, H, Dh)
+    return attn_output, attn_weights
+
+
+class RxTAttention(nn.Module):
+    """Multi-head attention with grouped key/value heads, used in four places that differ only in where queries and
+    keys come from and which of them get rotary positions (`is_causal` is set by the subclass)."""
+
+    is_causal = False
+
+    def __init__(self, config: RxTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def project_queries(self, hidden_states: torch.Tensor, rotary=None) -> torch.Tensor:
+        query = self.q_proj(hidden_states).view(*hidden_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
+        return query if rotary is None else apply_rotary(query, rotary)  # (B, H, Tq, Dh)
+
+    def project_keys_values(self, states: torch.Tensor, rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (*states.shape[:-1], -1, self.head_dim)
+        key = self.k_proj(states).view(shape).transpose(1, 2)  # (B, K, Tk, Dh)
+        value = self.v_proj(states).view(shape).transpose(1, 2)
+        return (key if rotary is None else apply_rotary(key, rotary)), value
+
+    def attend(self, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*attn_output.shape[:2], -1).contiguous()  # (B, Tq, H * Dh)
+        return self.o_proj(attn_output), attn_weights
+
+
+class RxTSelfAttention(RxTAttention):
+    """Causal self-attention of the decoder, RoPE on queries and keys, keys/values cached in `past_key_values`."""
+
+    is_causal = True
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        query = self.project_queries(hidden_states, position_embeddings)
+        key, value = self.project_keys_values(hidden_states, position_embeddings)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        return self.attend(query, key, value, attention_mask, **kwargs)
+
+
+class RxTBidirectionalAttention(RxTAttention):
+    """Non-causal attention: the memory encoder over an interaction, and memory slots over slots or encoded data.
+    Rotary positions go on the sides that are sequences (`query_rotary`, `key_rotary`); slots get none."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        query_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        query = self.project_queries(hidden_states, query_rotary)
+        sources = hidden_states if key_value_states is None else key_value_states
+        key, value = self.project_keys_values(sources, key_rotary)
+        return self.attend(query, key, value, attention_mask, **kwargs)
+
+
+class RxTMemoryCrossAttention(RxTAttention):
+    """Decoder tokens read the memory of their layer. Keys/values come precomputed once per turn (see
+    `RxTModel.project_memory`), so a decoded token costs one query projection and one attention over S slots."""
+
+    def __init__(self, config: RxTConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.memory_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def project_memory(self, memory: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) slots -> (B, 2, K, S, Dh) stacked keys and values, without positions."""
+        key, value = self.project_keys_values(self.memory_norm(memory))
+        return torch.stack((key, value), dim=1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        memory_key_value: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        query = self.project_queries(hidden_states, position_embeddings)
+        return self.attend(query, memory_key_value[:, 0], memory_key_value[:, 1], None, **kwargs)
+
+
+class RxTMLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, config: RxTConfig, intermediate_size: int | None = None):
+        super().__init__()
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RxTTopKRouter(nn.Module):
+    """Scores the E experts for each token and keeps the top k, their weights renormalised to sum to one."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = F.linear(hidden_states, self.weight)  # (N, E)
+        router_probs = F.softmax(router_logits.float(), dim=-1)
+        top_k_weights, top_k_index = torch.topk(router_probs, self.top_k, dim=-1)  # (N, k)
+        top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+
+
+@use_experts_implementation
+class RxTExperts(nn.Module):
+    """E SwiGLU experts stored fused as 3D tensors (PEFT reaches them with `target_parameters`). This eager forward is
+    the fallback of transformers' experts registry (`grouped_mm`, `batched_mm`)."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * config.intermediate_size, config.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, config.intermediate_size))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        num_tokens, top_k = top_k_index.shape
+        if num_tokens * top_k <= self.num_experts:
+            # Decode step (a few tokens): gather each token's expert weights and batch them, no host sync.
+            gate, up = torch.einsum("nd,nkod->nko", hidden_states, self.gate_up_proj[top_k_index]).chunk(2, dim=-1)
+            expert_out = torch.einsum("nki,nkdi->nkd", self.act_fn(gate) * up, self.down_proj[top_k_index])
+            return (expert_out * top_k_weights[..., None]).sum(dim=1)
+        # Many tokens: sort the N*k (token, expert) assignments by expert and run each expert once on its group.
+        flat_experts = top_k_index.reshape(-1)  # (N*k,)
+        order = torch.argsort(flat_experts, stable=True)
+        token_index = order // top_k
+        # The group sizes decide tensor shapes, so they must reach the host: one sync per layer, never per token.
+        group_sizes = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        outputs = []
+        for expert, group in enumerate(hidden_states[token_index].split(group_sizes)):
+            gate, up = F.linear(group, self.gate_up_proj[expert]).chunk(2, dim=-1)
+            outputs.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))
+        expert_out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
+        return torch.zeros_like(hidden_states).index_add_(0, token_index, expert_out.to(hidden_states.dtype))
+
+
+class RxTSparseMoeBlock(nn.Module):
+    """Top-k mixture of SwiGLU experts, plus an optional always-on shared expert."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.gate = RxTTopKRouter(config)
+        self.experts = RxTExperts(config)
+        self.shared_expert = None
+        if config.shared_expert_intermediate_size > 0:  # CODEPATH: shared expert
+            self.shared_expert = RxTMLP(config, config.shared_expert_intermediate_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, length, hidden_size = hidden_states.shape
+        flat = hidden_states.reshape(-1, hidden_size)  # (N, D)
+        _, top_k_weights, top_k_index = self.gate(flat)
+        out = self.experts(flat, top_k_index, top_k_weights)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(flat)
+        return out.reshape(batch_size, length, hidden_size)
+
+
+def build_feed_forward(config: RxTConfig) -> nn.Module:
+    if config.is_moe:  # CODEPATH: mixture of experts
+        return RxTSparseMoeBlock(config)
+    return RxTMLP(config)
+
+
+class RxTDecoderLayer(GradientCheckpointingLayer):
+    """x = x + SelfAttn(norm(x)); x = x + MemoryCrossAttn(norm(x), STM_l); x = x + FFN(norm(x))."""
+
+    def __init__(self, config: RxTConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = RxTSelfAttention(config, layer_idx)
+        self.memory_layernorm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.memory_cross_attn = RxTMemoryCrossAttention(config, layer_idx)
+        self.post_attention_layernorm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = build_feed_forward(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        memory_key_value: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attn_out, _ = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs
+        )
+        hidden_states = hidden_states + attn_out
+        memory_out, _ = self.memory_cross_attn(
+            self.memory_layernorm(hidden_states), memory_key_value, position_embeddings, **kwargs
+        )
+        hidden_states = hidden_states + memory_out
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class RxTEncoderLayer(GradientCheckpointingLayer):
+    """Bidirectional layer of the memory encoder: x = x + SelfAttn(norm(x)); x = x + SwiGLU(norm(x))."""
+
+    def __init__(self, config: RxTConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = RxTBidirectionalAttention(config, layer_idx)
+        self.post_attention_layernorm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = RxTMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        normed = self.input_layernorm(hidden_states)
+        attn_out, _ = self.self_attn(
+            normed, attention_mask=attention_mask, query_rotary=position_embeddings, key_rotary=position_embeddings
+        )
+        hidden_states = hidden_states + attn_out
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class RxTMemoryEncoder(nn.Module):
+    """L bidirectional layers over one whole interaction; the output of layer l is ED_l. `norm` serves the
+    masked-LM objective of joint pretraining (the MLM logits reuse the tied LM head)."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(RxTEncoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, inputs_embeds, position_embeddings, attention_mask=None) -> list[torch.Tensor]:
+        encoded, hidden_states = [], inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, attention_mask)
+            encoded.append(hidden_states)  # ED_l: (B, T, D)
+        return encoded
+
+
+class RxTMemoryAttentionLayer(nn.Module):
+    r"""Rewrites the slots of one memory layer from the encoded interaction of that layer.
+
+    Pre-step by `memory_attention_type` (h_l is the query of the write):
+        simple:                h_l = STM_l
+        self:                  h_l = STM_l + SelfAttn(norm(STM_l))                   slots read their own layer
+        interlayer:            h_l = STM_l + Attn(norm(STM_l), norm(mean_j STM_j))    slots read all layers
+        gated-self-interlayer: h_l = STM_l + g * SelfAttn(..) + (1 - g) * Interlayer(..),  g = sigmoid(W_m STM_l)
+    Write:
+        Update_l = Attn(q = norm(h_l), k = v = norm(ED_l)), RoPE on the ED keys only
+        G        = sigmoid(W_g (STM_l + Update_l) + b_g)         per slot and channel
+        STM_l'   = (1 - G) * STM_l + G * Update_l
+    The gate lets each slot keep what it holds (G -> 0) or take the new interaction (G -> 1), which keeps the memory
+    bounded over many turns and gives gradients a path through unchanged slots.
+    """
+
+    def __init__(self, config: RxTConfig, layer_idx: int):
+        super().__init__()
+        kind = config.memory_attention_type
+        self.slot_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = self.interlayer_attn = self.mix_gate = None
+        if kind in ("self", "gated-self-interlayer"):  # CODEPATH: slot self-attention pre-step
+            self.self_attn = RxTBidirectionalAttention(config, layer_idx)
+        if kind in ("interlayer", "gated-self-interlayer"):  # CODEPATH: inter-layer pre-step
+            self.interlayer_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.interlayer_attn = RxTBidirectionalAttention(config, layer_idx)
+        if kind == "gated-self-interlayer":  # CODEPATH: gate between the two pre-steps
+            self.mix_gate = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.encoded_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.memory_attn = RxTBidirectionalAttention(config, layer_idx)
+        self.residual_gate = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def pre_step(self, stm: torch.Tensor, stm_mean: torch.Tensor) -> torch.Tensor:
+        normed = self.slot_norm(stm)
+        self_out = inter_out = None
+        if self.self_attn is not None:
+            self_out, _ = self.self_attn(normed)
+        if self.interlayer_attn is not None:
+            inter_out, _ = self.interlayer_attn(normed, key_value_states=self.interlayer_norm(stm_mean))
+        if self.mix_gate is not None:
+            mix = torch.sigmoid(self.mix_gate(stm))
+            return stm + mix * self_out + (1 - mix) * inter_out
+        return stm + (self_out if self_out is not None else inter_out if inter_out is not None else 0)
+
+    def forward(self, stm, stm_mean, encoded, encoded_mask, encoded_rotary) -> torch.Tensor:
+        """stm (B, S, D), stm_mean (B, S, D), encoded (B, T, D) -> new stm (B, S, D)."""
+        query = self.query_norm(self.pre_step(stm, stm_mean))
+        update, _ = self.memory_attn(
+            query, self.encoded_norm(encoded), attention_mask=encoded_mask, key_rotary=encoded_rotary
+        )
+        gate = torch.sigmoid(self.residual_gate(stm + update))
+        return (1 - gate) * stm + gate * update
+
+
+class RxTInitialMemory(nn.Module):
+    """The learned memory every conversation starts from, (L, S, D). A module of its own so that PEFT
+    `modules_to_save=["initial_memory"]` trains one per adapter (a persona that ships as a small file)."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_hidden_layers, config.memory_slots, config.hidden_size))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.weight[:, None].expand(-1, batch_size, -1, -1)  # (L, B, S, D)
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss, E * sum_e f_e * P_e (1.0 when routing is uniform): f_e is the share of
+    token-to-expert assignments that go to expert e, P_e its mean router probability. Padding tokens are excluded."""
+    logits = torch.cat([layer_logits.float() for layer_logits in router_logits])  # (L*N, E)
+    probs = F.softmax(logits, dim=-1)
+    selected = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(1).float()  # (L*N, E)
+    weights = torch.ones(logits.shape[0], 1, device=logits.device)
+    if attention_mask is not None and attention_mask.numel() * len(router_logits) == logits.shape[0]:
+        weights = attention_mask.reshape(-1, 1).float().repeat(len(router_logits), 1)
+    total = weights.sum().clamp(min=1.0)
+    assignment_share = (selected * weights).sum(0) / (total * top_k)
+    mean_prob = (probs * weights).sum(0) / total
+    return num_experts * (assignment_share * mean_prob).sum()
+
+
+@auto_docstring
+class RxTPreTrainedModel(PreTrainedModel):
+    config: RxTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RxTDecoderLayer", "RxTEncoderLayer", "RxTMemoryAttentionLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": RxTDecoderLayer,
+        "attentions": RxTSelfAttention,
+        "router_logits": OutputRecorder(RxTTopKRouter, index=0),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, RxTExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, (RxTTopKRouter, RxTInitialMemory)):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+@auto_docstring
+class RxTModel(RxTPreTrainedModel):
+    """The whole RxT system without the LM head: shared embedding, generator-decoder, memory encoder, memory
+    attention and the learned initial memory. `forward` runs the decoder over one interaction, reading the memory."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(RxTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RxTRotaryEmbedding(config=config)
+        self.memory_encoder = RxTMemoryEncoder(config)
+        self.memory_attention = nn.ModuleList(RxTMemoryAttentionLayer(config, i) for i in range(config.num_hidden_layers))
+        self.initial_memory = RxTInitialMemory(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    # ---- memory read -----------------------------------------------------------------------------------------------
+    def memory_tensor(self, memory_state: RxTMemoryState | None, batch_size: int) -> torch.Tensor:
+        """The STM (L, B, S, D) to read: the given state, checked, or the learned initial memory."""
+        if memory_state is None:
+            return self.initial_memory(batch_size)
+        if not isinstance(memory_state, RxTMemoryState):
+            raise TypeError(f"`memory_state` must be an RxTMemoryState, got {type(memory_state).__name__}.")
+        memory_state.check_compatible(self.config, batch_size)
+        return memory_state.stm.to(self.embed_tokens.weight.dtype)
+
+    def project_memory(self, stm: torch.Tensor) -> torch.Tensor:
+        """STM (L, B, S, D) -> memory keys/values (B, L, 2, K, S, Dh) of every decoder layer. Done once per turn;
+        batch-first so that `generate` expands it for beams and `num_return_sequences` by itself."""
+        projected = [layer.memory_cross_attn.project_memory(stm[i]) for i, layer in enumerate(self.layers)]
+        return torch.stack(projected, dim=1)
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @auto_docstring
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        memory_state: RxTMemoryState | None = None,
+        memory_key_values: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        r"""
+        memory_state (`RxTMemoryState`, *optional*):
+            Short-term memory of the B conversations, read only. Defaults to the learned initial memory.
+        memory_key_values (`torch.Tensor` of shape `(B, L, 2, K, S, Dh)`, *optional*):
+            The memory already projected by `project_memory` (what `generate` passes, so that the projection runs
+            once per turn). Takes precedence over `memory_state`.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, length = inputs_embeds.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self.check_interaction_length(past_length + length)
+        if memory_key_values is None:
+            memory_key_values = self.project_memory(self.memory_tensor(memory_state, batch_size))
+        elif memory_key_values.shape[0] != batch_size:
+            raise ValueError(f"`memory_key_values` has batch size {memory_key_values.shape[0]}, input {batch_size}.")
+        if position_ids is None:
+            position_ids = (torch.arange(length, device=inputs_embeds.device) + past_length).unsqueeze(0)
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer_idx, decoder_layer in enumerate(self.layers):
+            hidden_states = decoder_layer(
+                hidden_states,
+                memory_key_values[:, layer_idx],
+                position_embeddings,
+                attention_mask=causal_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+    def check_interaction_length(self, length: int) -> None:
+        if length == 0:
+            raise ValueError("`input_ids` is empty: an interaction needs at least one token.")
+        if length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"The interaction has {length} tokens, more than the model's maximum of "
+                f"{self.config.max_position_embeddings} (`max_position_embeddings`)."
+            )
+
+    # ---- memory write ----------------------------------------------------------------------------------------------
+    def encode_interaction(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+        """Runs the memory encoder: the encoded data ED_1..ED_L (B, T, D), the key mask used over them and the
+        rotary embeddings of their positions."""
+        inputs_embeds = self.embed_tokens(input_ids)
+        self.check_interaction_length(input_ids.shape[1])
+        if attention_mask is not None:
+            # A row with no tokens (a conversation that skips this write) still needs one key to attend to;
+            # its result is discarded by `write_memory`.
+            attention_mask = attention_mask.bool()
+            attention_mask[:, 0] |= ~attention_mask.any(dim=-1)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        rotary = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        token_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+        )
+        return self.memory_encoder(inputs_embeds, rotary, token_mask), attention_mask, rotary
+
+    def write_memory(
+        self, stm: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """STM_{t-1} (L, B, S, D) and one interaction (B, T) -> STM_t (L, B, S, D). Differentiable, so that the
+        loss of later turns reaches earlier writes in memory-aware training."""
+        encoded, key_mask, rotary = self.encode_interaction(input_ids, attention_mask)
+        stm = stm.to(encoded[0].dtype)
+        slots_mask = None
+        if key_mask is not None:
+            slots_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=stm[0], attention_mask=key_mask, encoder_hidden_states=encoded[0]
+            )
+        stm_mean = stm.mean(dim=0)  # (B, S, D), what the inter-layer pre-step reads
+        new_stm = torch.stack(
+            [layer(stm[i], stm_mean, encoded[i], slots_mask, rotary) for i, layer in enumerate(self.memory_attention)]
+        )
+        if attention_mask is not None:
+            has_tokens = attention_mask.bool().any(dim=-1)  # (B,): rows with no tokens keep their memory
+            new_stm = torch.where(has_tokens[None, :, None, None], new_stm, stm)
+        return new_stm
+
+
+@auto_docstring
+class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        self.model = RxTModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        memory_state: RxTMemoryState | None = None,
+        memory_key_values: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeCausalLMOutputWithPast:
+        r"""
+        memory_state (`RxTMemoryState`, *optional*):
+            Short-term memory of the B conversations, read only (never mutated). Defaults to the learned initial
+            memory, so callers that know nothing of memory work as with any causal LM.
+        memory_key_values (`torch.Tensor` of shape `(B, L, 2, K, S, Dh)`, *optional*):
+            The memory already projected by `model.project_memory`; `generate` passes it so the projection runs once
+            per turn.
+        """
+        want_router_logits = self.config.is_moe and (labels is not None or self.config.output_router_logits)
+        if want_router_logits:  # CODEPATH: the load-balancing loss needs the router logits
+            kwargs["output_router_logits"] = True
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            memory_state=memory_state,
+            memory_key_values=memory_key_values,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = aux_loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if want_router_logits and outputs.router_logits:
+            aux_loss = load_balancing_loss(
+                outputs.router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, attention_mask
+            )
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers puts only the saved class into `auto_map`; the base model should load through AutoModel too.
+        if self._auto_class is not None:
+            module = type(self).__module__.split(".")[-1]
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.RxTModel"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # ---- the memory API ----------------------------------------------------------------------------------------------
+    def init_memory(self, batch_size: int = 1) -> RxTMemoryState:
+        """A fresh memory for `batch_size` conversations: a copy of the learned initial memory."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        return RxTMemoryState(self.model.initial_memory(batch_size).detach().clone())
+
+    def update_memory(
+        self,
+        memory_state: RxTMemoryState,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> RxTMemoryState:
+        """Writes one whole interaction `[query][answer]` (B, T) into the memory and returns a NEW state; the given
+        state is left unchanged. Gradients flow when called with grad enabled (memory-aware training)."""
+        input_ids, attention_mask = self._check_ids(input_ids, attention_mask)
+        if not isinstance(memory_state, RxTMemoryState):
+            raise TypeError(f"`memory_state` must be an RxTMemoryState, got {type(memory_state).__name__}.")
+        memory_state.check_compatible(self.config, input_ids.shape[0])
+        stm = memory_state.stm.to(self.device)
+        return RxTMemoryState(self.model.write_memory(stm, input_ids, attention_mask))
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, memory_state: RxTMemoryState | None = None, **kwargs):
+        """`GenerationMixin.generate` reading `memory_state` (default: the learned initial memory). The memory is
+        projected to keys/values once here, then rides as a batch-first tensor that `generate` repeats for beams and
+        `num_return_sequences`; every decoding strategy works unchanged. The state is not modified."""
+        if kwargs.get("memory_key_values") is None:
+            prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            if prompt is None:
+                raise ValueError("`generate` needs `input_ids` (the query) to answer.")
+            if prompt.shape[-1] == 0 if prompt.dim() == 2 else prompt.shape[1] == 0:
+                raise ValueError("`input_ids` is empty: the query needs at least one token.")
+            stm = self.model.memory_tensor(memory_state, prompt.shape[0])
+            kwargs["memory_key_values"] = self.model.project_memory(stm.to(self.device))
+        return super().generate(inputs, **kwargs)
+
+    def _check_ids(self, input_ids, attention_mask):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError("`input_ids` must be an integer torch.Tensor of shape (batch, length).")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"`input_ids` must have shape (batch, length >= 1), got {tuple(input_ids.shape)}.")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"`attention_mask` shape {tuple(attention_mask.shape)} != `input_ids` shape.")
+        return input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device)
+
+    def encoder_mlm_logits(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+        """Masked-LM logits (B, T, V) of the memory encoder (joint pretraining), through the tied LM head."""
+        encoded, _, _ = self.model.encode_interaction(input_ids, attention_mask)
+        return self.lm_head(self.model.memory_encoder.norm(encoded[-1]))
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters in total and active per token (a token uses k of the E experts of each MoE layer)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        if self.config.is_moe:  # CODEPATH: only k of E experts run per token
+            expert_params = sum(p.numel() for m in self.modules() if isinstance(m, RxTExperts) for p in m.parameters())
+            share = 1 - self.config.num_experts_per_tok / self.config.num_local_experts
+            inactive = round(expert_params * share)
+        return {"total": total, "active": total - inactive}
+
+
+__all__ = ["RxTPreTrainedModel", "RxTModel", "RxTForCausalLM", "RxTMemoryState"]
