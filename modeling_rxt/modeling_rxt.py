@@ -655,7 +655,8 @@ class RxTModel(RxTPreTrainedModel):
             # A row with no tokens (a conversation that skips this write) still needs one key to attend to;
             # its result is discarded by `write_memory`.
             attention_mask = attention_mask.bool()
-            attention_mask[:, 0] |= ~attention_mask.any(dim=-1)
+            first_key = attention_mask[:, :1] | ~attention_mask.any(dim=-1, keepdim=True)  # out of place
+            attention_mask = torch.cat((first_key, attention_mask[:, 1:]), dim=-1)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         rotary = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         token_mask = create_bidirectional_mask(
