@@ -1,0 +1,258 @@
+"""The RxT tokenizer, and the one place that defines the text format of an interaction.
+
+One interaction (a query and its answer) is rendered as
+
+    [BOS][Q] {query}[A] {answer}[EOS]
+
+where `query` and `answer` are whitespace-normalised (stripped, runs of whitespace collapsed to one space). There is
+deliberately no space before `[A]` and `[EOS]`: special tokens split the text, so a space there would become a lone
+byte-level "Ġ" token in every interaction. The space after `[Q]` and `[A]` is kept so that the first word is
+tokenised like every other word ("Ġword"). The prompt the decoder answers is the prefix `[BOS][Q] {query}[A]`; its
+token ids are a prefix of the whole interaction's ids because `[A]` is a special token that splits the text.
+
+The tokenizer is a byte-level BPE trained with the `tokenizers` library and wrapped in the standard
+`transformers.PreTrainedTokenizerFast` (an alias of `TokenizersBackend` in transformers 5), so a saved folder loads
+with `AutoTokenizer.from_pretrained(path)` and no remote code. Its chat template renders a list of
+{"role": "user" | "assistant", "content": ...} messages as one interaction per user/assistant pair and marks each
+answer (with its `[EOS]`) as a `{% generation %}` block, so `return_assistant_tokens_mask=True` gives an answer-only
+mask. `[T]` is reserved for thinking turns and `[MASK]` for the memory encoder's masked-LM pretraining.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+PAD_TOKEN = "[PAD]"
+UNK_TOKEN = "[UNK]"
+BOS_TOKEN = "[BOS]"
+EOS_TOKEN = "[EOS]"
+QUERY_TOKEN = "[Q]"
+ANSWER_TOKEN = "[A]"
+THINK_TOKEN = "[T]"
+MASK_TOKEN = "[MASK]"
+
+# The order fixes the ids (0..7), so configs can rely on pad=0, bos=2, eos=3 for every tokenizer trained here.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    PAD_TOKEN,
+    UNK_TOKEN,
+    BOS_TOKEN,
+    EOS_TOKEN,
+    QUERY_TOKEN,
+    ANSWER_TOKEN,
+    THINK_TOKEN,
+    MASK_TOKEN,
+)
+
+# Byte-level BPE starts from all 256 byte symbols; a smaller vocabulary could not encode arbitrary text.
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+# Small on purpose: with 4096 merges the BPE learns ~6% of the train-split fact values as single tokens while held-out
+# values stay split (2.25 against 2.5 tokens per value), a train/test mismatch; at 2048 both take ~2.7 tokens. A small
+# vocabulary is also a smaller embedding and a cheaper softmax on CPU. Set the model's vocab_size to len(tokenizer).
+DEFAULT_VOCAB_SIZE = 2048
+DEFAULT_MODEL_MAX_LENGTH = 256
+IGNORE_INDEX = -100
+
+
+def _build_chat_template() -> str:
+    # Built from the constants so that the template and `format_interaction` cannot drift apart. Every tag strips
+    # the whitespace around it (`-`), so the indentation and newlines here are never rendered: the output holds only
+    # the tokens, the contents and the two spaces of the turn format (a test pins the exact string).
+    template = """\
+{%- for message in messages -%}
+    {%- if message['content'] is not string -%}
+        {{ raise_exception('RxT chat template: message ' ~ loop.index0 ~ ' content must be a string') }}
+    {%- endif -%}
+    {%- set content = message['content'].split() | join(' ') -%}
+    {%- if content == '' -%}
+        {{ raise_exception('RxT chat template: message ' ~ loop.index0 ~ ' has empty content') }}
+    {%- endif -%}
+    {%- if message['role'] == 'user' and loop.index0 % 2 == 0 -%}
+        <BOS><Q> {{ content }}
+    {%- elif message['role'] == 'assistant' and loop.index0 % 2 == 1 -%}
+        <A> {% generation %}{{ content }}<EOS>{% endgeneration %}
+    {%- else -%}
+        {{ raise_exception('RxT chat template: roles must alternate user, assistant, user, ... but message '
+            ~ loop.index0 ~ ' has role ' ~ message['role']) }}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt and messages[-1]['role'] == 'user' -%}
+    <A>
+{%- endif -%}
+"""
+    for placeholder, token in (("<BOS>", BOS_TOKEN), ("<Q>", QUERY_TOKEN), ("<A>", ANSWER_TOKEN), ("<EOS>", EOS_TOKEN)):
+        template = template.replace(placeholder, token)
+    return template
+
+
+CHAT_TEMPLATE = _build_chat_template()
+
+
+def normalize_text(text: str) -> str:
+    """Strip `text` and collapse every run of whitespace to one space (the turn format's normal form)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return " ".join(text.split())
+
+
+def find_special_token(text: str) -> str | None:
+    """The first special token string that occurs literally in `text`, or None."""
+    for token in SPECIAL_TOKENS:
+        if token in text:
+            return token
+    return None
+
+
+def _checked_part(name: str, text: str) -> str:
+    normalised = normalize_text(text)
+    if not normalised:
+        raise ValueError(f"{name} must be a non-empty string, got {text!r}")
+    token = find_special_token(normalised)
+    if token is not None:
+        # Text containing "[A]" would be split there by the tokenizer and corrupt the turn structure.
+        raise ValueError(f"{name} contains the special token string {token!r}: {text!r}")
+    return normalised
+
+
+def format_interaction(query: str, answer: str | None = None) -> str:
+    """Render one interaction, or only its prompt `[BOS][Q] query[A]` when `answer` is None."""
+    prompt = f"{BOS_TOKEN}{QUERY_TOKEN} {_checked_part('query', query)}{ANSWER_TOKEN}"
+    if answer is None:
+        return prompt
+    return f"{prompt} {_checked_part('answer', answer)}{EOS_TOKEN}"
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    *,
+    min_frequency: int = 2,
+    model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` and wrap it as a transformers fast tokenizer with the RxT chat template.
+
+    The trained vocabulary can be smaller than `vocab_size` on a small corpus; `len(tokenizer)` is the real size.
+    """
+    _check_int("vocab_size", vocab_size, MIN_VOCAB_SIZE, f"len(SPECIAL_TOKENS) + 256 = {MIN_VOCAB_SIZE}")
+    _check_int("min_frequency", min_frequency, 1, "1")
+    _check_int("model_max_length", model_max_length, 2, "2")
+    # Every text is trained as it appears after [Q]/[A] in the turn format: with one leading space.
+    corpus = [" " + normalised for text in texts if (normalised := normalize_text(text))]
+    if not corpus:
+        raise ValueError("texts must contain at least one non-empty text to train the tokenizer on")
+
+    backend = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer=trainer)
+    return wrap_tokenizer(backend, model_max_length=model_max_length)
+
+
+def wrap_tokenizer(backend: Tokenizer, *, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> PreTrainedTokenizerFast:
+    """Wrap a `tokenizers.Tokenizer` that holds `SPECIAL_TOKENS` as the RxT transformers tokenizer."""
+    missing = [token for token in SPECIAL_TOKENS if backend.token_to_id(token) is None]
+    if missing:
+        raise ValueError(f"backend tokenizer lacks the special tokens {missing}")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        pad_token=PAD_TOKEN,
+        mask_token=MASK_TOKEN,
+        # Named extra tokens survive save/load as `tokenizer.query_token` etc. and are skipped by decode().
+        extra_special_tokens={"query_token": QUERY_TOKEN, "answer_token": ANSWER_TOKEN, "think_token": THINK_TOKEN},
+        model_max_length=model_max_length,
+        padding_side="right",
+        # Clean-up would turn "bella ." into "bella." and break exact-match scoring of answers.
+        clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _check_int(name: str, value: int, minimum: int, minimum_text: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum_text}, got {value}")
+
+
+def _encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_length(ids: list[int], tokenizer: PreTrainedTokenizerFast, max_length: int | None) -> None:
+    limit = tokenizer.model_max_length if max_length is None else max_length
+    if len(ids) > limit:
+        raise ValueError(f"the interaction has {len(ids)} tokens, more than max_length={limit}")
+
+
+def encode_query(tokenizer: PreTrainedTokenizerFast, query: str, max_length: int | None = None) -> dict[str, list[int]]:
+    """Token ids and attention mask of the prompt `[BOS][Q] query[A]`, ready for `generate()`."""
+    ids = _encode(tokenizer, format_interaction(query))
+    _check_length(ids, tokenizer, max_length)
+    return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+
+def encode_interaction(
+    tokenizer: PreTrainedTokenizerFast, query: str, answer: str | None = None, max_length: int | None = None
+) -> dict[str, list[int]]:
+    """Token ids of one interaction with answer-only labels: the answer tokens and `[EOS]`, -100 elsewhere.
+
+    `max_length` defaults to `tokenizer.model_max_length`; a longer interaction raises `ValueError` rather than
+    being truncated, because truncation would cut the `[EOS]` the decoder must learn to emit.
+    """
+    prompt_ids = _encode(tokenizer, format_interaction(query))
+    if answer is None:
+        ids, labels = prompt_ids, [IGNORE_INDEX] * len(prompt_ids)
+    else:
+        ids = _encode(tokenizer, format_interaction(query, answer))
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"tokenizer does not split the text at {ANSWER_TOKEN}: is it a special token of it?")
+        labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
+    _check_length(ids, tokenizer, max_length)
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def decode_answer(tokenizer: PreTrainedTokenizerFast, token_ids: Iterable[int]) -> str:
+    """The normalised text of generated answer tokens, up to the first `[EOS]` (exclusive)."""
+    ids = [int(token_id) for token_id in token_ids]
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return normalize_text(tokenizer.decode(ids, skip_special_tokens=True))
+
+
+__all__ = [
+    "ANSWER_TOKEN",
+    "BOS_TOKEN",
+    "CHAT_TEMPLATE",
+    "DEFAULT_MODEL_MAX_LENGTH",
+    "DEFAULT_VOCAB_SIZE",
+    "EOS_TOKEN",
+    "IGNORE_INDEX",
+    "MASK_TOKEN",
+    "MIN_VOCAB_SIZE",
+    "PAD_TOKEN",
+    "QUERY_TOKEN",
+    "SPECIAL_TOKENS",
+    "THINK_TOKEN",
+    "UNK_TOKEN",
+    "decode_answer",
+    "encode_interaction",
+    "encode_query",
+    "find_special_token",
+    "format_interaction",
+    "normalize_text",
+    "train_tokenizer",
+    "wrap_tokenizer",
+]

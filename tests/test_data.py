@@ -1,0 +1,280 @@
+"""Offline data: the dialogue corpus, the synthetic memory episodes, their datasets and the bad-data checks."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+
+import pytest
+
+from modeling_rxt.data import (
+    ASK,
+    CHAT,
+    POOL_SIZES,
+    SLOT_NAMES,
+    SPLITS,
+    TELL,
+    UPDATE,
+    Episode,
+    ask_distance_counts,
+    chance_accuracy,
+    episode_from_row,
+    episodes_to_dataset,
+    exact_match,
+    filter_episodes,
+    interactions_dataset,
+    lm_texts,
+    load_dialogue_corpus,
+    make_episodes,
+    validate_episode,
+    value_pool,
+)
+from modeling_rxt.tokenization import SPECIAL_TOKENS, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def episodes() -> list[Episode]:
+    return make_episodes(400, turns=10, split="train", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(episodes):
+    return train_tokenizer(lm_texts(episodes[:50], pairs=load_dialogue_corpus("train")[:200]), vocab_size=600)
+
+
+def _statement_history(episode: Episode) -> list[tuple[str | None, int | None]]:
+    """For each turn, the (value, position) of the last statement of that turn's slot before it."""
+    last: dict[str, tuple[str, int]] = {}
+    history = []
+    for position, turn in enumerate(episode.turns):
+        history.append(last.get(turn.slot, (None, None)))
+        if turn.kind in (TELL, UPDATE):
+            last[turn.slot] = (turn.value, position)
+    return history
+
+
+def test_dialogue_corpus_has_over_a_thousand_clean_pairs():
+    pairs = load_dialogue_corpus()
+    assert len(pairs) > 1000
+    assert all(q and a and q == " ".join(q.split()) and a == " ".join(a.split()) for q, a in pairs)
+    assert not any(token in q + a for q, a in pairs for token in SPECIAL_TOKENS)
+
+
+def test_dialogue_splits_partition_the_corpus():
+    parts = [set(load_dialogue_corpus(split)) for split in SPLITS]
+    assert sum(len(part) for part in parts) == len(set().union(*parts)) == len(load_dialogue_corpus())
+
+
+def test_dialogue_max_chars_bounds_pair_length():
+    assert all(len(q) + len(a) <= 40 for q, a in load_dialogue_corpus(max_chars=40))
+
+
+def test_episodes_are_deterministic_per_seed():
+    assert make_episodes(20, seed=3) == make_episodes(20, seed=3)
+
+
+def test_different_seeds_give_different_episodes():
+    assert make_episodes(20, seed=3) != make_episodes(20, seed=4)
+
+
+def test_episode_does_not_depend_on_the_number_requested():
+    assert make_episodes(30, seed=1)[:5] == make_episodes(5, seed=1)
+
+
+def test_episodes_have_the_requested_number_of_turns(episodes):
+    assert {len(episode.turns) for episode in episodes} == {10}
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_pools_have_the_documented_sizes(split):
+    assert {len(value_pool(slot, split)) for slot in SLOT_NAMES} == {POOL_SIZES[split]}
+
+
+def test_held_out_values_are_disjoint_from_train_values():
+    train = {value for slot in SLOT_NAMES for value in value_pool(slot, "train")}
+    for split in ("validation", "test"):
+        assert not train & {value for slot in SLOT_NAMES for value in value_pool(slot, split)}
+
+
+def test_values_of_different_slots_are_disjoint():
+    pools = [set(value_pool(slot, split)) for slot in SLOT_NAMES for split in SPLITS]
+    assert len(set().union(*pools)) == sum(len(pool) for pool in pools)
+
+
+def test_test_episodes_use_only_test_values():
+    stated = {turn.value for episode in make_episodes(50, split="test") for turn in episode.turns if turn.value}
+    assert stated <= {value for slot in SLOT_NAMES for value in value_pool(slot, "test")}
+
+
+def test_values_are_lowercase_single_words():
+    values = [value for slot in SLOT_NAMES for split in SPLITS for value in value_pool(slot, split)]
+    assert all(value.isalnum() and value == value.lower() for value in values)
+
+
+def test_ask_expects_the_most_recent_statement(episodes):
+    for episode in episodes:
+        for turn, (value, _) in zip(episode.turns, _statement_history(episode), strict=True):
+            if turn.kind == ASK:
+                assert turn.expected == value
+
+
+def test_ask_distance_counts_turns_since_the_statement(episodes):
+    for episode in episodes:
+        for position, (turn, (_, stated_at)) in enumerate(zip(episode.turns, _statement_history(episode), strict=True)):
+            if turn.kind == ASK:
+                assert turn.fact_distance == position - stated_at
+
+
+def test_ask_answer_is_exactly_the_value(episodes):
+    asks = [turn for episode in episodes for turn in episode.asks]
+    assert all(turn.answer == f"{turn.expected} ." and exact_match(turn.answer, turn.expected) for turn in asks)
+
+
+def test_updated_facts_are_asked_with_their_new_value(episodes):
+    # An ask after an update must not expect the value of the first statement.
+    changed = 0
+    for episode in episodes:
+        first: dict[str, str] = {}
+        for turn in episode.turns:
+            if turn.kind == TELL:
+                first[turn.slot] = turn.value
+            changed += turn.kind == ASK and turn.expected != first[turn.slot]
+    assert changed >= 0.1 * sum(len(episode.asks) for episode in episodes)
+
+
+def test_distances_cover_one_to_nine_evenly(episodes):
+    counts = ask_distance_counts(episodes)
+    total = sum(counts.values())
+    assert set(counts) == set(range(1, 10))
+    assert min(counts.values()) >= 0.07 * total  # uniform would be 0.11 each
+
+
+def test_max_distance_caps_the_distances():
+    assert set(ask_distance_counts(make_episodes(100, turns=10, max_distance=3))) == {1, 2, 3}
+
+
+def test_several_facts_are_alive_at_asks(episodes):
+    alive = []
+    for episode in episodes:
+        for position, turn in enumerate(episode.turns):
+            if turn.kind == ASK:
+                alive.append(len({t.slot for t in episode.turns[:position] if t.kind in (TELL, UPDATE)}))
+    assert sum(alive) / len(alive) >= 2.0
+
+
+def test_distractors_sit_between_statement_and_ask(episodes):
+    far, with_chat = 0, 0
+    for episode in episodes:
+        for position, (turn, (_, stated_at)) in enumerate(zip(episode.turns, _statement_history(episode), strict=True)):
+            if turn.kind == ASK and turn.fact_distance >= 3:
+                far += 1
+                with_chat += any(t.kind == CHAT for t in episode.turns[stated_at + 1 : position])
+    assert with_chat >= 0.8 * far
+
+
+def test_held_out_chance_is_one_percent():
+    assert chance_accuracy("test") == pytest.approx(0.01)
+    assert chance_accuracy("validation", make_episodes(20, split="validation")) == pytest.approx(0.01)
+
+
+def test_train_chance_follows_the_train_pool_size(episodes):
+    assert chance_accuracy("train", episodes) == pytest.approx(1 / POOL_SIZES["train"])
+
+
+def test_exact_match_accepts_only_the_value():
+    assert exact_match(" bimo . ", "bimo") and exact_match("bimo", "bimo")
+    assert not exact_match("bimo kahul .", "bimo")
+
+
+def test_generated_episodes_pass_validation(episodes, tokenizer):
+    assert filter_episodes(episodes, tokenizer, max_length=256) == (episodes, 0)
+
+
+def _corrupted(episode: Episode, turn_index: int, **changes: object) -> Episode:
+    broken = copy.deepcopy(episode)
+    for name, value in changes.items():
+        setattr(broken.turns[turn_index], name, value)
+    return broken
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"answer": "  "}, "answer must be a non-empty string"),
+        ({"query": ""}, "query must be a non-empty string"),
+        ({"query": "what is [Q] this ?"}, r"special token string '\[Q\]'"),
+        ({"kind": "question"}, "kind must be one of"),
+    ],
+    ids=["empty-answer", "empty-query", "special-token", "unknown-kind"],
+)
+def test_bad_turn_raises_naming_episode_and_turn(episodes, changes, message):
+    broken = _corrupted(episodes[7], 4, **changes)
+    with pytest.raises(ValueError, match=rf"episode '{broken.id}' \(index 7\) turn 4 .*{message}"):
+        validate_episode(broken, index=7)
+
+
+def test_inconsistent_ask_raises(episodes):
+    position = next(i for i, turn in enumerate(episodes[0].turns) if turn.kind == ASK)
+    broken = _corrupted(episodes[0], position, expected="nobody")
+    with pytest.raises(ValueError, match=rf"turn {position} \(ask\): expects 'nobody'"):
+        validate_episode(broken)
+
+
+def test_too_long_interaction_raises(episodes, tokenizer):
+    with pytest.raises(ValueError, match=rf"episode '{episodes[0].id}' turn 0 .*more than max_length=4"):
+        validate_episode(episodes[0], tokenizer, max_length=4)
+
+
+def test_filter_skips_and_counts_bad_episodes(episodes, caplog):
+    batch = list(episodes[:10])
+    for index in (2, 5, 9):
+        batch[index] = _corrupted(batch[index], 0, answer="")
+    with caplog.at_level(logging.WARNING, logger="modeling_rxt.data"):
+        kept, skipped = filter_episodes(batch)
+    assert skipped == 3
+    assert [episode.id for episode in kept] == [batch[i].id for i in range(10) if i not in (2, 5, 9)]
+    assert "skipped 3 of 10 episodes" in caplog.text
+
+
+def test_episode_dataset_has_one_row_per_episode(episodes):
+    dataset = episodes_to_dataset(episodes[:8])
+    assert dataset.num_rows == 8
+    assert dataset[3]["fact_distances"] == [turn.fact_distance or 0 for turn in episodes[3].turns]
+
+
+def test_episode_dataset_round_trips(episodes, tmp_path):
+    episodes_to_dataset(episodes[:8]).save_to_disk(tmp_path / "episodes")
+    from datasets import load_from_disk
+
+    assert [episode_from_row(row) for row in load_from_disk(tmp_path / "episodes")] == episodes[:8]
+
+
+def test_interactions_dataset_leaves_out_asks_by_default(episodes):
+    dataset = interactions_dataset(episodes[:20], pairs=[("hi", "hello")])
+    expected_rows = sum(turn.kind != ASK for episode in episodes[:20] for turn in episode.turns) + 1
+    assert dataset.num_rows == expected_rows
+    assert ASK not in dataset["kind"]
+
+
+def test_interactions_dataset_rejects_unknown_kinds(episodes):
+    with pytest.raises(ValueError, match="kinds must be among"):
+        interactions_dataset(episodes[:1], kinds=("question",))
+
+
+def test_lm_texts_cover_corpus_and_episodes(episodes):
+    pairs = [("hi", "hello there")]
+    texts = lm_texts(episodes[:2], pairs=pairs)
+    assert texts[0] == "hi hello there"
+    assert len(texts) == 1 + sum(len(episode.turns) for episode in episodes[:2])
+    assert Counter(token in text for text in texts for token in SPECIAL_TOKENS)[True] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"turns": 1}, {"split": "dev"}, {"max_distance": 0}, {"update_probability": 1.5}],
+    ids=["one-turn", "unknown-split", "zero-distance", "bad-probability"],
+)
+def test_make_episodes_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        make_episodes(1, **kwargs)

@@ -1,0 +1,200 @@
+"""The RxT tokenizer: special tokens, the turn format, the chat template and its answer mask, save/load."""
+
+from __future__ import annotations
+
+import jinja2
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from modeling_rxt.tokenization import (
+    IGNORE_INDEX,
+    MIN_VOCAB_SIZE,
+    SPECIAL_TOKENS,
+    decode_answer,
+    encode_interaction,
+    encode_query,
+    format_interaction,
+    train_tokenizer,
+)
+
+CORPUS = [
+    "my cat is called bimo .",
+    "noted : your cat is called bimo .",
+    "what is my cat called ?",
+    "i live in varlen .",
+    "where do i live ?",
+    "Hello, how are you doing today?",
+    "I am doing well, thank you.",
+    "my lucky number is 482 .",
+]
+TELL = ("my cat is called bimo .", "noted : your cat is called bimo .")
+ASK = ("what is my cat called ?", "bimo .")
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return train_tokenizer(CORPUS * 5, vocab_size=MIN_VOCAB_SIZE + 64, min_frequency=1, model_max_length=64)
+
+
+def _messages(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    messages = []
+    for query, answer in pairs:
+        messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def test_special_tokens_have_fixed_ids(tokenizer):
+    assert [tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+
+
+@pytest.mark.parametrize("token", SPECIAL_TOKENS)
+def test_special_token_is_one_token_inside_text(tokenizer, token):
+    assert token in tokenizer.tokenize(f"hello{token}there")
+
+
+def test_named_special_tokens_are_set(tokenizer):
+    named = (tokenizer.pad_token, tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.mask_token)
+    assert named == ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]")
+    assert (tokenizer.query_token, tokenizer.answer_token, tokenizer.think_token) == ("[Q]", "[A]", "[T]")
+
+
+def test_model_max_length_is_set(tokenizer):
+    assert tokenizer.model_max_length == 64
+
+
+def test_vocabulary_is_at_most_the_requested_size(tokenizer):
+    assert MIN_VOCAB_SIZE < len(tokenizer) <= MIN_VOCAB_SIZE + 64
+
+
+def test_format_interaction_normalises_whitespace():
+    text = format_interaction("  my cat\n is   bimo . ", "\tnoted . ")
+    assert text == "[BOS][Q] my cat is bimo .[A] noted .[EOS]"
+
+
+def test_format_interaction_without_answer_is_the_prompt():
+    assert format_interaction("where do i live ?") == "[BOS][Q] where do i live ?[A]"
+
+
+def test_chat_template_renders_the_turn_format(tokenizer):
+    messages = [*_messages(TELL), {"role": "user", "content": ASK[0]}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == (
+        "[BOS][Q] my cat is called bimo .[A] noted : your cat is called bimo .[EOS][BOS][Q] what is my cat called ?[A]"
+    )
+
+
+def test_chat_template_matches_format_interaction(tokenizer):
+    rendered = tokenizer.apply_chat_template(_messages(TELL, ASK), tokenize=False)
+    assert rendered == format_interaction(*TELL) + format_interaction(*ASK)
+
+
+def test_chat_template_without_generation_prompt_stops_after_query(tokenizer):
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False)
+    assert rendered == "[BOS][Q] hello"
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+        [{"role": "user", "content": "hello"}, {"role": "user", "content": "again"}],
+        [{"role": "user", "content": "   "}],
+    ],
+    ids=["system-role", "two-users-in-a-row", "empty-content"],
+)
+def test_chat_template_rejects_invalid_conversations(tokenizer, messages):
+    with pytest.raises(jinja2.exceptions.TemplateError, match="RxT chat template"):
+        tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_assistant_mask_covers_exactly_answer_and_eos(tokenizer):
+    out = tokenizer.apply_chat_template(
+        _messages(TELL), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    tokens = tokenizer.convert_ids_to_tokens(out["input_ids"])
+    masked = [token for token, keep in zip(tokens, out["assistant_masks"], strict=True) if keep]
+    expected = [*tokenizer.tokenize(" noted : your cat is called bimo ."), "[EOS]"]
+    assert masked == expected
+
+
+def test_assistant_mask_equals_labels_of_each_interaction(tokenizer):
+    out = tokenizer.apply_chat_template(
+        _messages(TELL, ASK), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    labels = encode_interaction(tokenizer, *TELL)["labels"] + encode_interaction(tokenizer, *ASK)["labels"]
+    assert out["assistant_masks"] == [int(label != IGNORE_INDEX) for label in labels]
+
+
+def test_encode_interaction_labels_only_the_answer(tokenizer):
+    encoded = encode_interaction(tokenizer, *ASK)
+    prompt_length = len(encode_query(tokenizer, ASK[0])["input_ids"])
+    assert encoded["labels"][:prompt_length] == [IGNORE_INDEX] * prompt_length
+    assert encoded["labels"][prompt_length:] == encoded["input_ids"][prompt_length:]
+    assert tokenizer.decode(encoded["labels"][prompt_length:]) == " bimo .[EOS]"
+
+
+def test_encode_query_is_a_prefix_of_the_interaction(tokenizer):
+    prompt = encode_query(tokenizer, ASK[0])["input_ids"]
+    assert encode_interaction(tokenizer, *ASK)["input_ids"][: len(prompt)] == prompt
+    assert tokenizer.convert_ids_to_tokens(prompt[-1]) == "[A]"
+
+
+def test_encode_interaction_without_answer_has_no_labels(tokenizer):
+    encoded = encode_interaction(tokenizer, ASK[0])
+    assert set(encoded["labels"]) == {IGNORE_INDEX}
+
+
+def test_encode_interaction_rejects_too_long_interaction(tokenizer):
+    with pytest.raises(ValueError, match="more than max_length=5"):
+        encode_interaction(tokenizer, *TELL, max_length=5)
+
+
+def test_decode_answer_stops_at_eos(tokenizer):
+    ids = tokenizer("bimo .[EOS] where", add_special_tokens=False)["input_ids"]
+    assert decode_answer(tokenizer, ids) == "bimo ."
+
+
+def test_round_trip_through_save_pretrained(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.chat_template == tokenizer.chat_template
+    assert sorted(loaded.all_special_tokens) == sorted(SPECIAL_TOKENS)
+    assert (loaded.query_token, loaded.answer_token, loaded.think_token) == ("[Q]", "[A]", "[T]")
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id, loaded.mask_token_id) == (2, 3, 0, 7)
+    assert loaded.model_max_length == tokenizer.model_max_length
+    assert encode_interaction(loaded, *TELL) == encode_interaction(tokenizer, *TELL)
+
+
+def test_loaded_tokenizer_keeps_the_assistant_mask(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    kwargs = {"tokenize": True, "return_dict": True, "return_assistant_tokens_mask": True}
+    expected = tokenizer.apply_chat_template(_messages(ASK), **kwargs)
+    assert loaded.apply_chat_template(_messages(ASK), **kwargs) == expected
+
+
+@pytest.mark.parametrize("texts", [[], ["", "   \n"]], ids=["no-texts", "blank-texts"])
+def test_train_tokenizer_rejects_empty_corpus(texts):
+    with pytest.raises(ValueError, match="texts"):
+        train_tokenizer(texts)
+
+
+def test_train_tokenizer_rejects_vocabulary_below_bytes_and_special_tokens():
+    with pytest.raises(ValueError, match=f"vocab_size must be at least .* = {MIN_VOCAB_SIZE}"):
+        train_tokenizer(CORPUS, vocab_size=MIN_VOCAB_SIZE - 1)
+
+
+@pytest.mark.parametrize("query", ["", "  \n "])
+def test_empty_query_is_rejected(query):
+    with pytest.raises(ValueError, match="query must be a non-empty string"):
+        format_interaction(query, "bimo .")
+
+
+def test_empty_answer_is_rejected():
+    with pytest.raises(ValueError, match="answer must be a non-empty string"):
+        format_interaction("what is my cat called ?", " ")
+
+
+def test_literal_special_token_in_text_is_rejected():
+    with pytest.raises(ValueError, match=r"special token string '\[A\]'"):
+        format_interaction("tell me [A] secret")
