@@ -1,0 +1,344 @@
+# Copyright 2026 The RxT for Transformers authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""PEFT LoRA adapters on one RxT base: presets, explicit adapter choice for memory writes, checked loading.
+
+Several adapters live on one base (the HelixNet actor / critic / regenerator pattern) and share one conversation
+memory. Three things differ from a stateless causal LM, and this module makes each of them explicit:
+
+- **Which adapter writes the memory.** `update_memory` runs the memory encoder and memory attention, which an adapter
+  may or may not touch (the `memory-encoder`, `memory-attention` and `full` presets do; `attention`, `mlp` and
+  `memory-cross-attention` do not). `update_memory_with(model, state, ids, adapter=...)` takes the writer as a
+  required argument: `None` for the base model, or an adapter's name.
+- **Which initial memory a conversation starts from.** With `modules_to_save=["initial_memory"]` each adapter
+  carries its own learned starting memory; `init_memory` and a forward without `memory_state` read the active
+  adapter's copy. For a mixed batch (`adapter_names=` per row) build the per-row start with `initial_memory_for`.
+- **Loading onto the right base.** `load_adapter` checks the saved adapter's tensor names and shapes against the
+  model before touching it, and refuses an adapter made for a base of another shape with a `ValueError` naming it
+  (PEFT and transformers raise a `RuntimeError` about `lora_A` sizes after half-injecting the adapter).
+
+Works for a `peft.PeftModel` and for a model with adapters added through transformers (`model.load_adapter`,
+`model.set_adapter`). This file is not part of the Hub export: it needs `peft`, which the modeling code does not.
+"""
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
+from safetensors import SafetensorError, safe_open
+
+from .memory_state import RxTMemoryState
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in `adapter_names=`
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+Shapes = dict[str, tuple[int, ...]]  # tensor name -> shape
+
+
+# ---- presets ---------------------------------------------------------------------------------------------------------
+def lora_config(name: str, **overrides) -> LoraConfig:
+    """A `peft.LoraConfig` from the LoRA preset `name` in `configuration/lora/` (attention, mlp, decoder,
+    memory-cross-attention, memory-encoder, memory-attention, experts, full), with `overrides` applied."""
+    from configuration import read_preset  # presets are data beside the package, read only when asked for
+
+    if not isinstance(name, str):
+        raise TypeError(f"`name` must be the name of a LoRA preset (str), got {type(name).__name__}.")
+    fields = {**read_preset(name, kind="lora"), **overrides}
+    try:
+        return LoraConfig(**fields)
+    except TypeError as error:  # an unknown field name
+        raise ValueError(f"LoRA preset {name!r} with overrides {sorted(overrides)}: {error}") from error
+
+
+# ---- the model under the adapters ------------------------------------------------------------------------------------
+def rxt_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The RxT causal LM that carries the memory API (`init_memory`, `update_memory`, ...): `model` itself, or the
+    base of a `PeftModel` with its LoRA layers in place (so calls on it use the active adapter)."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    if getattr(getattr(inner, "config", None), "model_type", None) != "rxt" or not hasattr(inner, "update_memory"):
+        raise TypeError(f"`model` must be an RxT causal LM or a PeftModel around one, got {type(model).__name__}.")
+    return inner
+
+
+def adapter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the adapters loaded on `model` (a `PeftModel`, or a model with transformers-integrated adapters)."""
+    if isinstance(model, PeftModel) or getattr(model, "_hf_peft_config_loaded", False):
+        return list(model.peft_config)
+    return []
+
+
+def _tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
+
+
+def _adapters_disabled(model: torch.nn.Module) -> bool:
+    # Read from the LoRA layers only: after transformers' disable/enable the wrappers may lag behind them.
+    return any(layer.disable_adapters for layer in model.modules() if isinstance(layer, BaseTunerLayer))
+
+
+def _enable_all(model: torch.nn.Module, enabled: bool) -> None:
+    # transformers' `enable_adapters` skips ModulesToSaveWrapper (the per-adapter initial memory would stay disabled),
+    # so every tuner layer and wrapper is switched here.
+    for layer in _tuner_layers(model):
+        layer.enable_adapters(enabled)
+
+
+def _active_adapter(model: torch.nn.Module) -> str | list[str]:
+    if isinstance(model, PeftModel):
+        return model.active_adapter
+    return model.active_adapters()
+
+
+def _set_active(model: torch.nn.Module, adapter: str | list[str]) -> None:
+    if isinstance(model, PeftModel):
+        # PEFT's set_adapter makes the adapter trainable unless told otherwise; keep what it was loaded as.
+        model.set_adapter(adapter, inference_mode=model.peft_config[adapter].inference_mode)
+    else:
+        model.set_adapter(adapter)
+
+
+@contextmanager
+def using_adapter(model: torch.nn.Module, adapter: str | None) -> Iterator[torch.nn.Module]:
+    """Runs the block with `adapter` active (`None`: the base model, every adapter disabled), then restores the
+    previously active adapter and enabled state. Yields `model`."""
+    names = adapter_names(model)
+    if adapter is not None and adapter not in names:
+        raise ValueError(f"`adapter` {adapter!r} is not loaded on the model; loaded: {names} (or None for the base).")
+    if not names:  # a plain model: only the base exists
+        yield model
+        return
+    was_disabled, previous = _adapters_disabled(model), _active_adapter(model)
+    # PEFT's switches also flip `requires_grad` of the adapters they touch; put every flag back as it was.
+    trainable = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        if adapter is not None:
+            _set_active(model, adapter)
+        _enable_all(model, adapter is not None)
+        yield model
+    finally:
+        if adapter is not None:
+            _set_active(model, previous)
+        _enable_all(model, not was_disabled)
+        for parameter, flag in trainable:
+            parameter.requires_grad_(flag)
+
+
+# ---- memory under adapters -------------------------------------------------------------------------------------------
+def update_memory_with(
+    model: torch.nn.Module,
+    memory_state: RxTMemoryState,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    adapter: str | None,
+) -> RxTMemoryState:
+    """Writes one interaction into the memory with an explicitly chosen writer and returns a NEW state.
+
+    `adapter=None` writes with the base model (the usual choice when several roles share one conversation memory:
+    the memory then means the same to all of them); `adapter="name"` writes with that adapter. Required, so that
+    which adapter wrote the memory is never an accident of which one happened to be active."""
+    with using_adapter(model, adapter):
+        return rxt_model(model).update_memory(memory_state, input_ids, attention_mask)
+
+
+def initial_memory_for(model: torch.nn.Module, adapters: Sequence[str]) -> RxTMemoryState:
+    """The starting memory of one conversation per entry of `adapters` (`"__base__"` for the base model): each row
+    gets that adapter's learned initial memory, or the base one if the adapter has none. Pass it as `memory_state=`
+    with `adapter_names=adapters` for mixed-adapter batches: PEFT cannot split the initial-memory module by row."""
+    if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
+        raise TypeError("`adapters` must be a non-empty list of adapter names, one per row.")
+    loaded = adapter_names(model)
+    unknown = sorted({name for name in adapters if name != BASE_ADAPTER and name not in loaded})
+    if unknown:
+        raise ValueError(f"`adapters` names {unknown}, not loaded on the model; loaded: {loaded}.")
+    module = rxt_model(model).model.initial_memory
+    rows = []
+    for name in adapters:
+        per_adapter = isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save
+        source = module.modules_to_save[name] if per_adapter else getattr(module, "original_module", module)
+        rows.append(source.weight)  # (L, S, D)
+    return RxTMemoryState(torch.stack(rows, dim=1).detach().clone())  # (L, B, S, D)
+
+
+# ---- checked loading -------------------------------------------------------------------------------------------------
+def _saved_shapes(path: Path, adapter_name: str) -> Shapes:
+    """Tensor names and shapes of a saved adapter, read from the file header where possible."""
+    for filename in ADAPTER_WEIGHTS_NAMES:
+        file = path / filename
+        if not file.is_file():
+            continue
+        try:
+            if filename.endswith(".safetensors"):
+                with safe_open(str(file), framework="pt") as handle:
+                    return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
+            return {key: tuple(value.shape) for key, value in tensors.items()}
+        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+            raise ValueError(
+                f"Adapter {adapter_name!r}: `{file}` is not readable (corrupted or truncated): {error}"
+            ) from error
+    raise ValueError(f"Adapter {adapter_name!r}: no {' or '.join(ADAPTER_WEIGHTS_NAMES)} in `{path}`.")
+
+
+def _expected_shapes(model: torch.nn.Module, config: PeftConfig, adapter_name: str) -> tuple[Shapes, Shapes]:
+    """Names and shapes the adapter must have on this model, and those of the base's own parameters: inject the
+    adapter into a weightless (meta) copy of the base and read PEFT's own save-format state dict, so nothing is
+    assumed about PEFT's naming."""
+    base = rxt_model(model)
+    with torch.device("meta"):
+        skeleton = type(base)(base.config)
+    base_shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
+    try:
+        inject_adapter_in_model(copy.deepcopy(config), skeleton, adapter_name="check")
+    except ValueError as error:  # the adapter targets modules this model does not have
+        raise ValueError(f"Adapter {adapter_name!r} does not fit this model: {error}") from error
+    state = get_peft_model_state_dict(skeleton, adapter_name="check")
+    return {key: tuple(value.shape) for key, value in state.items()}, base_shapes
+
+
+def _shape_problems(saved: Shapes, expected: Shapes, base: Shapes) -> list[str]:
+    # PEFT may also save whole base tensors (a resized embedding); those must fit the base.
+    problems = [f"{key}: this model has no such tensor" for key in saved if key not in expected and key not in base]
+    problems += [f"{key}: missing from the adapter" for key in expected if key not in saved]
+    problems += [
+        f"{key}: saved {list(saved[key])}, this model needs {list(shape)}"
+        for key, shape in {**base, **expected}.items()
+        if key in saved and saved[key] != shape
+    ]
+    return sorted(problems)
+
+
+def check_adapter_fits(model: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> PeftConfig:
+    """Raises `ValueError` naming the adapter if the PEFT folder `path` was made for a base of another shape (or is
+    unreadable); returns its config otherwise. The model is not modified."""
+    folder = Path(path)
+    if not (folder / ADAPTER_CONFIG_NAME).is_file():
+        raise ValueError(f"Adapter {adapter_name!r}: no {ADAPTER_CONFIG_NAME} in `{folder}`.")
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"Adapter {adapter_name!r}: `{folder / ADAPTER_CONFIG_NAME}` is invalid: {error}") from error
+    saved = {key.removeprefix("base_model.model."): shape for key, shape in _saved_shapes(folder, adapter_name).items()}
+    problems = _shape_problems(saved, *_expected_shapes(model, config, adapter_name))
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ValueError(
+            f"Adapter {adapter_name!r} at `{folder}` was made for a base of another shape "
+            f"(base_model_name_or_path={config.base_model_name_or_path!r}): {shown}."
+        )
+    return config
+
+
+def load_adapter(
+    model: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "default", *, is_trainable: bool = False
+) -> torch.nn.Module:
+    """Loads the PEFT folder `path` as `adapter_name` after `check_adapter_fits`. A plain model comes back as a
+    `PeftModel`; a `PeftModel` or a model with transformers-integrated adapters gets the adapter added in place."""
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"`adapter_name` must be a non-empty string, got {adapter_name!r}.")
+    if adapter_name in adapter_names(model):
+        raise ValueError(f"`adapter_name` {adapter_name!r} is already loaded; loaded: {adapter_names(model)}.")
+    check_adapter_fits(model, path, adapter_name)
+    if adapter_names(model):  # a PeftModel, or transformers-integrated adapters: both have `load_adapter`
+        model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+        return model
+    return PeftModel.from_pretrained(rxt_model(model), str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+
+
+def load_adapters(model: torch.nn.Module, paths: Mapping[str, str | os.PathLike]) -> torch.nn.Module:
+    """Loads several adapters `{name: folder}` onto one base (checked, for inference); the first one is active."""
+    if not isinstance(paths, Mapping) or not paths:
+        raise TypeError("`paths` must be a non-empty mapping {adapter_name: folder}.")
+    for name, path in paths.items():
+        model = load_adapter(model, path, name)
+    return model
+
+
+# ---- saving ----------------------------------------------------------------------------------------------------------
+def save_adapters(
+    model: PeftModel, directory: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> list[str]:
+    """Saves every adapter of `model` as PEFT folders (`default` at the top, others in sub-folders named after them),
+    each pointing at `base_model_name_or_path` (a Hub id or folder of the base; default: what PEFT recorded).
+
+    Written into a temporary folder beside `directory`, flushed, then swapped in: a failed save leaves the previous
+    folder intact. Returns the adapter names saved."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"`model` must be a PeftModel, got {type(model).__name__}.")
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    names = adapter_names(model)
+    try:
+        previous = {name: model.peft_config[name].base_model_name_or_path for name in names}
+        try:
+            if base_model_name_or_path is not None:
+                for name in names:
+                    model.peft_config[name].base_model_name_or_path = base_model_name_or_path
+            model.save_pretrained(str(staging))
+        finally:
+            for name, value in previous.items():
+                model.peft_config[name].base_model_name_or_path = value
+        _fsync_tree(staging)
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return names
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replaces `target` by `staging` with renames; the old folder is removed only once the new one is in place."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.replace(target, retired / target.name)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(retired / target.name, target)
+        raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+__all__ = [
+    "BASE_ADAPTER",
+    "adapter_names",
+    "check_adapter_fits",
+    "initial_memory_for",
+    "load_adapter",
+    "load_adapters",
+    "lora_config",
+    "rxt_model",
+    "save_adapters",
+    "update_memory_with",
+    "using_adapter",
+]

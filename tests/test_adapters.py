@@ -1,0 +1,459 @@
+"""PEFT LoRA adapters on one RxT base: presets, switching, merging, saving, mixed batches, memory under adapters,
+fine-tuning with Trainer. Tiny models; every test builds its own base because PEFT injects into it in place."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft.utils import ModulesToSaveWrapper
+from safetensors.torch import load_file, save_file
+
+from configuration import available_presets
+from modeling_rxt import RxTConfig, RxTForCausalLM, RxTMemoryState
+from modeling_rxt.adapters import (
+    BASE_ADAPTER,
+    adapter_names,
+    check_adapter_fits,
+    initial_memory_for,
+    load_adapter,
+    load_adapters,
+    lora_config,
+    rxt_model,
+    save_adapters,
+    update_memory_with,
+    using_adapter,
+)
+from modeling_rxt.data import TELL, UPDATE, interactions_dataset, lm_texts, make_episodes
+from modeling_rxt.tokenization import MIN_VOCAB_SIZE, encode_interaction, train_tokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    memory_slots=4,
+    max_position_embeddings=48,
+    memory_attention_type="gated-self-interlayer",  # so the memory-attention preset meets every module it names
+)
+ROLES = ("actor", "critic", "regenerator")
+
+
+def make_base(seed: int = 0, **overrides) -> RxTForCausalLM:
+    torch.manual_seed(seed)
+    return RxTForCausalLM(RxTConfig(**{**TINY, **overrides})).eval()
+
+
+def make_moe_base(seed: int = 0) -> RxTForCausalLM:
+    return make_base(seed, num_local_experts=4, num_experts_per_tok=2)
+
+
+def random_lora(name: str = "full", **overrides):
+    """A preset with random (non-zero) LoRA factors, so an untrained adapter already changes the outputs."""
+    return lora_config(name, init_lora_weights=False, lora_dropout=0.0, **overrides)
+
+
+def with_roles(base: RxTForCausalLM, preset: str = "full", **overrides) -> PeftModel:
+    """Three adapters on one base, each with its own (perturbed) initial memory when the preset saves one."""
+    model = get_peft_model(base, random_lora(preset, **overrides), adapter_name=ROLES[0])
+    for role in ROLES[1:]:
+        model.add_adapter(role, random_lora(preset, **overrides))
+    initial = rxt_model(model).model.initial_memory
+    if isinstance(initial, ModulesToSaveWrapper):
+        with torch.no_grad():
+            for shift, role in enumerate(ROLES, start=1):
+                initial.modules_to_save[role].weight.add_(0.1 * shift)
+    model.set_adapter(ROLES[0])
+    return model.eval()
+
+
+def logits_of(model, ids, role=None, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        if role is not None:
+            model.set_adapter(role)
+        return model(ids, **kwargs).logits
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(4, 64, (3, 7), generator=torch.Generator().manual_seed(1))
+
+
+# ---- presets -----------------------------------------------------------------------------------------------------
+PRESET_TARGETS = {
+    # preset: (a parameter name fragment every adapted tensor has, whether decoder logits change on a fixed memory)
+    "attention": (".self_attn.", True),
+    "mlp": (".mlp.", True),
+    "memory-cross-attention": (".memory_cross_attn.", True),
+    "memory-encoder": ("memory_encoder.", False),
+    "memory-attention": ("memory_attention.", False),
+    "decoder": ("model.layers.", True),
+    "experts": (".mlp.experts.", True),
+    "full": ("", True),
+}
+
+
+def test_every_preset_is_listed():
+    assert set(available_presets("lora")) == set(PRESET_TARGETS)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_TARGETS))
+def test_preset_targets_its_modules_and_changes_outputs(preset, ids):
+    fragment, changes_logits = PRESET_TARGETS[preset]
+    base = make_moe_base() if preset == "experts" else make_base()
+    stm = base.init_memory(ids.shape[0])
+    reference_logits = logits_of(base, ids, memory_state=stm)
+    reference_write = base.update_memory(stm, ids).stm.detach()
+    model = get_peft_model(base, random_lora(preset)).eval()
+    lora_names = [name for name, _ in model.named_parameters() if "lora_" in name]
+    assert lora_names and all(fragment in name for name in lora_names)
+    if preset in ("attention", "mlp", "memory-cross-attention", "decoder"):
+        assert not any("memory_encoder" in n or "memory_attention" in n for n in lora_names)
+    new_logits = logits_of(model, ids, memory_state=stm)
+    new_write = update_memory_with(model, stm, ids, adapter="default").stm.detach()
+    assert (not torch.equal(new_logits, reference_logits)) == changes_logits
+    # The write changes exactly when the adapter reaches the memory encoder or memory attention.
+    writes_memory = any("memory_encoder" in n or "memory_attention" in n for n in lora_names)
+    assert (not torch.equal(new_write, reference_write)) == writes_memory
+    if preset != "full":  # the full preset reaches everything; the others leave some part alone
+        assert not (changes_logits and writes_memory)
+
+
+def test_lora_config_applies_overrides_and_rejects_bad_input():
+    config = lora_config("attention", r=2, lora_alpha=4)
+    assert (config.r, config.lora_alpha, config.task_type) == (2, 4, "CAUSAL_LM")
+    with pytest.raises(ValueError, match="Unknown lora preset 'nope'"):
+        lora_config("nope")
+    with pytest.raises(ValueError, match="overrides"):
+        lora_config("attention", not_a_field=1)
+    with pytest.raises(TypeError, match="name"):
+        lora_config(3)
+
+
+# ---- one base, several adapters ----------------------------------------------------------------------------------
+def test_each_adapter_changes_outputs_and_disable_gives_exact_base(ids):
+    base = make_base()
+    reference = logits_of(base, ids)
+    model = with_roles(base)
+    per_role = {role: logits_of(model, ids, role) for role in ROLES}
+    for role in ROLES:
+        assert not torch.allclose(per_role[role], reference, atol=1e-3)
+    assert not torch.allclose(per_role["actor"], per_role["critic"], atol=1e-3)
+    with model.disable_adapter():
+        assert torch.equal(logits_of(model, ids), reference)
+        assert torch.equal(model.init_memory(2).stm, base.model.initial_memory.original_module(2))
+    with using_adapter(model, None):
+        assert torch.equal(logits_of(model, ids), reference)
+    assert torch.equal(logits_of(model, ids), per_role["regenerator"])  # state restored after the block
+
+
+def test_switching_adapters_back_and_forth_is_exact(ids):
+    model = with_roles(make_base())
+    first = {role: logits_of(model, ids, role) for role in ROLES}
+    for role in ("critic", "actor", "regenerator", "actor", "critic"):
+        assert torch.equal(logits_of(model, ids, role), first[role])
+    with using_adapter(model, "critic"):
+        assert torch.equal(logits_of(model, ids), first["critic"])
+    assert model.active_adapter == "critic"  # using_adapter restores the adapter active before it
+
+
+def test_merge_and_unload_gives_the_unmerged_logits(ids):
+    model = with_roles(make_base())
+    model.set_adapter("critic")
+    unmerged = logits_of(model, ids)
+    critic_memory = model.init_memory(3).stm
+    merged = model.merge_and_unload(adapter_names=["critic"])
+    assert isinstance(merged, RxTForCausalLM) and not adapter_names(merged)
+    torch.testing.assert_close(logits_of(merged, ids), unmerged, atol=1e-5, rtol=0)
+    assert torch.equal(merged.init_memory(3).stm, critic_memory)  # the merged model keeps the critic's memory
+
+
+def test_per_adapter_initial_memory_is_used_by_init_memory_and_forward(ids):
+    model = with_roles(make_base())
+    starts = {}
+    for role in ROLES:
+        model.set_adapter(role)
+        starts[role] = model.init_memory(ids.shape[0])
+        expected = rxt_model(model).model.initial_memory.modules_to_save[role].weight
+        assert torch.equal(starts[role].stm[:, 0], expected)
+        # A forward without `memory_state` reads the active adapter's initial memory.
+        assert torch.equal(logits_of(model, ids), logits_of(model, ids, memory_state=starts[role]))
+    assert not torch.equal(starts["actor"].stm, starts["critic"].stm)
+
+
+# ---- saving and loading ----------------------------------------------------------------------------------------------
+def test_save_and_load_several_adapters_reproduces_logits_and_initial_memories(tmp_path, ids):
+    model = with_roles(make_base())
+    expected = {role: logits_of(model, ids, role) for role in ROLES}
+    starts = {}
+    for role in ROLES:
+        model.set_adapter(role)
+        starts[role] = model.init_memory(1).stm
+    base_folder = str(tmp_path / "rxt-base")  # a local folder: PEFT looks the base up while saving
+    assert save_adapters(model, tmp_path / "adapters", base_model_name_or_path=base_folder) == list(ROLES)
+    for role in ROLES:
+        folder = tmp_path / "adapters" / role
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == base_folder
+        saved = load_file(folder / "adapter_model.safetensors")
+        assert torch.equal(saved["base_model.model.model.initial_memory.weight"], starts[role][:, 0])
+    reloaded = load_adapters(make_base(), {role: tmp_path / "adapters" / role for role in ROLES})
+    assert adapter_names(reloaded) == list(ROLES)
+    assert all(not p.requires_grad for p in reloaded.parameters())  # loaded for inference
+    for role in ROLES:
+        assert torch.equal(logits_of(reloaded, ids, role), expected[role])
+        assert torch.equal(reloaded.init_memory(1).stm, starts[role])
+
+
+def test_transformers_load_adapter_and_set_adapter(tmp_path, ids):
+    model = with_roles(make_base())
+    expected = {role: logits_of(model, ids, role) for role in ROLES}
+    save_adapters(model, tmp_path)
+    plain = make_base()
+    reference = logits_of(plain, ids)
+    for role in ROLES:  # transformers' own integration, no PeftModel
+        plain.load_adapter(str(tmp_path / role), adapter_name=role)
+    for role in ("critic", "actor", "regenerator"):
+        plain.set_adapter(role)
+        assert torch.equal(logits_of(plain, ids), expected[role])
+    with using_adapter(plain, None):
+        assert torch.equal(logits_of(plain, ids), reference)
+    # transformers' enable_adapters() forgets the initial-memory wrapper; using_adapter switches it back on too.
+    assert torch.equal(logits_of(plain, ids), expected["regenerator"])
+    start = plain.init_memory(3)  # the active (regenerator's) initial memory
+    model.set_adapter("regenerator")
+    assert torch.equal(start.stm, model.init_memory(3).stm)
+    model.set_adapter("critic")
+    assert torch.equal(
+        update_memory_with(plain, start, ids, adapter="critic").stm, model.update_memory(start, ids).stm
+    )
+    # check_adapter_fits guards the transformers path too.
+    with pytest.raises(ValueError, match="'actor'.*another shape"):
+        check_adapter_fits(make_base(hidden_size=48), tmp_path / "actor", "actor")
+
+
+@pytest.mark.parametrize(
+    "other", [dict(hidden_size=48), dict(memory_slots=8), dict(num_hidden_layers=3), dict(intermediate_size=96)]
+)
+def test_adapter_for_a_base_of_another_shape_is_refused(tmp_path, ids, other):
+    save_adapters(with_roles(make_base()), tmp_path)
+    target = make_base(**other)
+    before = {name: p.clone() for name, p in target.state_dict().items()}
+    with pytest.raises(ValueError, match="Adapter 'critic'.*another shape"):
+        load_adapter(target, tmp_path / "critic", "critic")
+    assert not adapter_names(target) and not any("lora_" in name for name, _ in target.named_modules())
+    assert all(torch.equal(before[name], p) for name, p in target.state_dict().items())
+
+
+def test_adapter_targeting_missing_modules_or_unreadable_is_refused(tmp_path):
+    model = get_peft_model(make_base(), random_lora("mlp"), adapter_name="dense")
+    save_adapters(model, tmp_path)  # a non-default adapter goes into a sub-folder named after it
+    with pytest.raises(ValueError, match="Adapter 'dense' does not fit"):
+        load_adapter(make_moe_base(), tmp_path / "dense", "dense")  # an MoE base has no dense mlp projections
+    weights = tmp_path / "dense" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="'dense'.*not readable"):
+        load_adapter(make_base(), tmp_path / "dense", "dense")
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        load_adapter(make_base(), tmp_path / "missing", "x")
+    with pytest.raises(ValueError, match="already loaded"):
+        load_adapter(model, tmp_path / "dense", "dense")
+
+
+def test_save_adapters_is_atomic(tmp_path, monkeypatch):
+    model = with_roles(make_base())
+    save_adapters(model, tmp_path / "adapters")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "adapters").rglob("*") if p.is_file()}
+
+    def fail_half_way(self, directory, **kwargs):
+        os.makedirs(os.path.join(directory, "actor"))
+        with open(os.path.join(directory, "actor", "adapter_model.safetensors"), "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", fail_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapters(model, tmp_path / "adapters", base_model_name_or_path="elsewhere")
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "adapters").rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]  # no staging folder left behind
+    assert model.peft_config["actor"].base_model_name_or_path != "elsewhere"
+    with pytest.raises(TypeError, match="PeftModel"):
+        save_adapters(make_base(), tmp_path / "x")
+
+
+def test_adapters_of_a_saved_base_load_in_a_fresh_process(tmp_path, ids):
+    """The Hub layout: a base folder with remote code, adapter folders pointing at it, loaded where this package
+    cannot be imported."""
+    base = make_base()
+    base.save_pretrained(tmp_path / "base")
+    model = with_roles(RxTForCausalLM.from_pretrained(tmp_path / "base").eval())
+    save_adapters(model, tmp_path / "adapters", base_model_name_or_path=str(tmp_path / "base"))
+    expected = torch.stack([logits_of(model, ids, role) for role in ROLES])
+    save_file({"ids": ids, "expected": expected}, tmp_path / "expected.safetensors")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["modeling_rxt"] = sys.modules["configuration"] = None  # this project's package is not there
+        import torch
+        from peft import AutoPeftModelForCausalLM
+        from safetensors.torch import load_file
+        data = load_file({str(tmp_path / "expected.safetensors")!r})
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            {str(tmp_path / "adapters" / "actor")!r}, adapter_name="actor", trust_remote_code=True).eval()
+        for role in ("critic", "regenerator"):
+            model.load_adapter({str(tmp_path / "adapters")!r} + "/" + role, adapter_name=role)
+        for i, role in enumerate(("actor", "critic", "regenerator")):
+            model.set_adapter(role)
+            with torch.no_grad():
+                assert torch.equal(model(data["ids"]).logits, data["expected"][i]), role
+        assert type(model.get_base_model()).__module__.startswith("transformers_modules")
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+# ---- mixed-adapter batches -------------------------------------------------------------------------------------------
+def test_mixed_batch_equals_each_row_with_its_adapter(ids):
+    model = with_roles(make_base())
+    rows = ["critic", BASE_ADAPTER, "actor"]
+    start = initial_memory_for(model, rows)
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=rows, memory_state=start).logits
+        generated = model.generate(
+            input_ids=ids, adapter_names=rows, memory_state=start, max_new_tokens=4, do_sample=False
+        )
+    for row, role in enumerate(rows):
+        with using_adapter(model, None if role == BASE_ADAPTER else role):
+            alone = model.init_memory(1)
+            assert torch.equal(start.select([row]).stm, alone.stm)
+            torch.testing.assert_close(mixed[row : row + 1], logits_of(model, ids[row : row + 1]), atol=1e-6, rtol=0)
+            single = model.generate(input_ids=ids[row : row + 1], memory_state=alone, max_new_tokens=4, do_sample=False)
+            assert torch.equal(generated[row : row + 1], single)
+
+
+def test_initial_memory_for_rejects_bad_input():
+    model = with_roles(make_base())
+    with pytest.raises(ValueError, match="'nobody'"):
+        initial_memory_for(model, ["actor", "nobody"])
+    with pytest.raises(TypeError, match="adapters"):
+        initial_memory_for(model, "actor")
+    with pytest.raises(TypeError, match="RxT"):
+        rxt_model(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="'nobody' is not loaded"):
+        with using_adapter(model, "nobody"):
+            pass
+
+
+# ---- mixture of experts ----------------------------------------------------------------------------------------------
+def test_lora_on_fused_experts_changes_outputs_saves_and_merges_exactly(tmp_path, ids):
+    base = make_moe_base()
+    reference = logits_of(base, ids)
+    experts = base.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    model = get_peft_model(base, random_lora("experts"), adapter_name="experts").eval()
+    adapted = logits_of(model, ids)
+    assert not torch.allclose(adapted, reference, atol=1e-3)
+    with model.disable_adapter():
+        assert torch.equal(logits_of(model, ids), reference)
+    save_adapters(model, tmp_path)
+    assert torch.equal(logits_of(load_adapter(make_moe_base(), tmp_path / "experts", "experts"), ids), adapted)
+    merged = model.merge_and_unload()
+    assert not torch.equal(merged.model.layers[0].mlp.experts.gate_up_proj, experts)
+    torch.testing.assert_close(logits_of(merged, ids), adapted, atol=1e-5, rtol=0)
+
+
+# ---- memory under adapters -------------------------------------------------------------------------------------------
+def test_generate_reads_memory_state_through_a_peft_model(ids):
+    model = with_roles(make_base(), "memory-cross-attention")
+    state = update_memory_with(model, model.init_memory(3), ids, adapter=None)
+    for role in ROLES:
+        model.set_adapter(role)
+        generated = model.generate(input_ids=ids, memory_state=state, max_new_tokens=3, do_sample=False)
+        first = logits_of(model, ids, memory_state=state)[:, -1].argmax(-1)
+        assert torch.equal(generated[:, ids.shape[1]], first)
+        other = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)  # the role's own initial memory
+        assert torch.equal(other[:, ids.shape[1]], logits_of(model, ids)[:, -1].argmax(-1))
+
+
+def test_update_memory_through_a_peft_model_with_an_explicit_writer(ids):
+    model = with_roles(make_base(), "full")
+    model.set_adapter("actor")
+    old = model.init_memory(3)
+    kept = old.stm.clone()
+    by_base = update_memory_with(model, old, ids, adapter=None)
+    by_critic = update_memory_with(model, old, ids, adapter="critic")
+    by_active = model.update_memory(old, ids)  # attribute forwarding reaches RxTForCausalLM.update_memory
+    assert isinstance(by_active, RxTMemoryState) and torch.equal(old.stm, kept)
+    assert not torch.equal(by_base.stm, old.stm)
+    assert not torch.allclose(by_base.stm, by_critic.stm, atol=1e-4)  # the full preset reaches the memory write
+    assert torch.equal(by_active.stm, update_memory_with(model, old, ids, adapter="actor").stm)
+    with model.disable_adapter():
+        assert torch.equal(model.update_memory(old, ids).stm, by_base.stm)
+    assert model.active_adapter == "actor"
+    plain = make_base()  # a model without adapters: only the base can write
+    assert torch.equal(update_memory_with(plain, old, ids, adapter=None).stm, plain.update_memory(old, ids).stm)
+    with pytest.raises(ValueError, match="'actor' is not loaded"):
+        update_memory_with(plain, old, ids, adapter="actor")
+
+
+# ---- fine-tuning with Trainer ----------------------------------------------------------------------------------------
+def project_task_rows(tokenizer, episodes) -> list[dict[str, list[int]]]:
+    """The tell / update turns of the project's memory episodes ("my dog is called krodil ." -> "noted : your dog is
+    called krodil ."), answer-only labels."""
+    turns = interactions_dataset(episodes, kinds=(TELL, UPDATE))
+    return [encode_interaction(tokenizer, row["query"], row["answer"]) for row in turns]
+
+
+def heldout_loss(model, collate, rows) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float(model(**collate(rows)).loss)
+
+
+def test_trainer_lora_finetune_lowers_heldout_loss_and_keeps_base_bit_identical(tmp_path):
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    chat = [("hello .", "hi , how are you ?"), ("what is your name ?", "i am a bot .")]  # no corpus load needed
+    train_episodes = make_episodes(60, turns=6, split="train", dialogue=chat)
+    heldout_episodes = make_episodes(12, turns=6, split="validation", dialogue=chat)  # values never seen in train
+    tokenizer = train_tokenizer(lm_texts(train_episodes, pairs=chat), vocab_size=MIN_VOCAB_SIZE + 128)
+    train, heldout = project_task_rows(tokenizer, train_episodes), project_task_rows(tokenizer, heldout_episodes)
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    # LoRA leaves embeddings and norms frozen, so on a random base the logit scale is capped by the initial
+    # embedding norm; a wider initialisation stands in for a pretrained base's larger embeddings.
+    base = make_base(vocab_size=len(tokenizer), max_position_embeddings=64, initializer_range=0.2)
+    frozen = {name: p.detach().clone() for name, p in base.named_parameters()}
+    model = get_peft_model(base, lora_config("full", r=8, lora_dropout=0.0), adapter_name="notes")
+    before = heldout_loss(model, collate, heldout)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        num_train_epochs=10,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        remove_unused_columns=False,
+        seed=0,
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=train, data_collator=collate).train()
+    after = heldout_loss(model, collate, heldout)
+    assert after < 0.7 * before, (before, after)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or "modules_to_save.notes" in n for n in trained)
+    with model.disable_adapter():  # the base is untouched, bit for bit
+        assert heldout_loss(model, collate, heldout) == before
+    for name, tensor in rxt_model(model).named_parameters():
+        if "lora_" not in name and "modules_to_save" not in name:
+            assert torch.equal(tensor, frozen[name.replace(".base_layer", "").replace(".original_module", "")]), name
