@@ -1,0 +1,387 @@
+"""Conversations on the explicit short-term memory: a chat session, streaming, background memory writes, saving.
+
+RxT answers one query at a time and writes the finished interaction into its memory afterwards. The write is not
+on the user's critical path: `RxTChatSession.send` returns (and streams) the answer as soon as it is generated and
+starts the write in a background thread; the next `send` waits for it only if it arrives before the write finished.
+
+    send(q1) -> generate(answer 1 | STM_0) -> return answer 1 ---> [thread] STM_1 = write(STM_0, [q1][a1])
+    send(q2) -> wait for STM_1 (often already done) -> generate(answer 2 | STM_1) -> return ---> [thread] STM_2 ...
+
+Turns are formatted by the tokenizer module (`[BOS][Q] query[A]`, see `tokenization.py`); the memory is written
+with the ids actually generated (the prompt, the answer tokens and `[EOS]`), so what the model remembers is exactly
+what it said. Sessions save atomically (memory state + transcript JSON) and reload to continue identically; many
+sessions run as one batch with `send_batch` (left-padded prompts, one generate, one batched write).
+
+Not exported to the Hub: this module uses the project's tokenizer helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
+
+from .memory_state import RxTMemoryState
+from .tokenization import ANSWER_TOKEN, EOS_TOKEN, decode_answer, encode_query
+
+SESSION_FILE = "session.json"
+SESSION_FORMAT_VERSION = 1
+DEFAULT_GENERATION = {"do_sample": False}
+
+
+@dataclass
+class TurnTimings:
+    """Seconds spent in one `send`, all measured with `time.perf_counter`.
+
+    wait_s: blocked on the previous turn's memory write (0 when it had finished in the background);
+    first_token_s: from the call to the first generated token (includes wait_s);
+    generate_s: from the call to the end of generation; write_s: the memory write of this turn, wherever it ran
+    (None until it finished)."""
+
+    wait_s: float
+    first_token_s: float | None
+    generate_s: float
+    write_s: float | None = None
+
+
+class _FirstTokenClock(BaseStreamer):
+    """Passes tokens on to the user's streamer and notes when the first generated token arrives (generate first
+    `put`s the prompt, then every new token)."""
+
+    def __init__(self, inner: BaseStreamer | None, start: float):
+        self.inner, self.start, self.calls, self.first_token_s = inner, start, 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2 and self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.start
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self):
+        if self.inner is not None:
+            self.inner.end()
+
+
+class _RowOfBatchWrite:
+    """A session's share of a batched memory write: resolves to its row of the batch's new state."""
+
+    def __init__(self, batch: Future, row: int):
+        self.batch, self.row = batch, row
+
+    def result(self) -> tuple[RxTMemoryState, float]:
+        state, seconds = self.batch.result()
+        return state.select([self.row]), seconds
+
+    def done(self) -> bool:
+        return self.batch.done()
+
+
+class RxTChatSession:
+    """One conversation with an RxT model: its memory state, its transcript and its timings.
+
+    ```python
+    session = RxTChatSession(model, tokenizer)
+    session.send("my cat is called bimo .")
+    for piece in session.stream("what is my cat called ?"):
+        print(piece, end="")
+    session.save("chats/alice")            # later: RxTChatSession.load("chats/alice", model, tokenizer)
+    ```
+    """
+
+    def __init__(self, model, tokenizer, memory_state: RxTMemoryState | None = None, background_write: bool = True):
+        for method in ("generate", "update_memory", "init_memory"):
+            if not callable(getattr(model, method, None)):
+                raise TypeError(f"`model` must be an RxT model (it lacks `{method}`), got {type(model).__name__}.")
+        if tokenizer.convert_tokens_to_ids(ANSWER_TOKEN) in (None, tokenizer.unk_token_id):
+            raise ValueError(f"`tokenizer` is not an RxT tokenizer: it has no {ANSWER_TOKEN} token.")
+        if not isinstance(background_write, bool):
+            raise TypeError(f"`background_write` must be a bool, got {type(background_write).__name__}.")
+        if memory_state is None:
+            memory_state = model.init_memory(1)
+        if not isinstance(memory_state, RxTMemoryState):
+            raise TypeError(f"`memory_state` must be an RxTMemoryState, got {type(memory_state).__name__}.")
+        memory_state.check_compatible(model.config, 1)
+        self.model, self.tokenizer, self.background_write = model, tokenizer, background_write
+        self.messages: list[dict[str, str]] = []
+        self.timings: list[TurnTimings] = []
+        self._state = memory_state
+        self._pending: Future | _RowOfBatchWrite | None = None
+        self._lock = threading.Lock()  # one turn at a time per session
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rxt-memory-write")
+
+    # ---- memory --------------------------------------------------------------------------------------------------
+    def wait_for_memory(self) -> float:
+        """Blocks until the last turn's memory write has finished; returns the seconds spent waiting."""
+        if self._pending is None:
+            return 0.0
+        start = time.perf_counter()
+        state, write_s = self._pending.result()  # re-raises an error of the write
+        waited = time.perf_counter() - start
+        self._state, self._pending = state, None
+        if self.timings and self.timings[-1].write_s is None:
+            self.timings[-1].write_s = write_s
+        return waited
+
+    @property
+    def memory_state(self) -> RxTMemoryState:
+        """The memory after every turn so far (waits for a write in progress)."""
+        self.wait_for_memory()
+        return self._state
+
+    @property
+    def write_pending(self) -> bool:
+        """Whether a memory write is still running in the background."""
+        return self._pending is not None and not self._pending.done()
+
+    def _write(self, state: RxTMemoryState, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[RxTMemoryState, float]:
+        start = time.perf_counter()
+        with torch.no_grad():  # grad mode is per thread: a worker thread starts with it enabled
+            new_state = self.model.update_memory(state, ids, mask)
+        return new_state, time.perf_counter() - start
+
+    def _schedule_write(self, state, ids, mask, background: bool) -> Future:
+        if background:
+            return self._executor.submit(self._write, state, ids, mask)
+        done: Future = Future()
+        done.set_result(self._write(state, ids, mask))
+        return done
+
+    # ---- turns ---------------------------------------------------------------------------------------------------
+    def send(self, query: str, streamer: BaseStreamer | None = None, **generate_kwargs) -> str:
+        """Answers `query` from the memory of the previous turns and returns the answer text; tokens go to
+        `streamer` as they are generated. The memory write of this turn runs afterwards (in the background when
+        `background_write`). `generate_kwargs` go to `model.generate` (sampling, beams, max_new_tokens, ...)."""
+        with self._lock:
+            start = time.perf_counter()
+            waited = self.wait_for_memory()
+            prompt = self._encode_prompt(query)
+            clock = _FirstTokenClock(streamer, start)
+            output = self.model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), memory_state=self._state, streamer=clock,
+                **self._generation_kwargs(prompt.shape[1], generate_kwargs),
+            )
+            generate_s = time.perf_counter() - start
+            answer_ids = self._answer_ids(output[0, prompt.shape[1] :])
+            interaction = torch.cat((prompt[0], answer_ids))[None]
+            self._pending = self._schedule_write(self._state, interaction, None, self.background_write)
+            answer = decode_answer(self.tokenizer, answer_ids.tolist())
+            self.messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+            self.timings.append(TurnTimings(waited, clock.first_token_s, generate_s))
+            if not self.background_write:
+                self.wait_for_memory()
+            return answer
+
+    def stream(self, query: str, **generate_kwargs) -> Iterator[str]:
+        """`send` in a worker thread, yielding the answer's text as it is generated (a `TextIteratorStreamer`)."""
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                self.send(query, streamer=streamer, **generate_kwargs)
+            except BaseException as error:  # surfaced in the caller's thread below
+                errors.append(error)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="rxt-chat-generate")
+        worker.start()
+        yield from streamer
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    def _encode_prompt(self, query: str) -> torch.Tensor:
+        if not isinstance(query, str):
+            raise TypeError(f"`query` must be a str, got {type(query).__name__}.")
+        limit = self.model.config.max_position_embeddings - 2  # room for at least one answer token and [EOS]
+        ids = encode_query(self.tokenizer, query, max_length=limit)["input_ids"]
+        return torch.tensor([ids], dtype=torch.long, device=self.model.device)
+
+    def _generation_kwargs(self, prompt_length: int, given: dict) -> dict:
+        room = self.model.config.max_position_embeddings - prompt_length - 1  # [EOS] must fit in the write
+        kwargs = {**DEFAULT_GENERATION, "max_new_tokens": room, **given}
+        if kwargs.get("num_return_sequences", 1) != 1:
+            raise ValueError("`num_return_sequences` must be 1: a session continues one conversation.")
+        if not isinstance(kwargs["max_new_tokens"], int) or not 1 <= kwargs["max_new_tokens"] <= room:
+            raise ValueError(
+                f"`max_new_tokens` must be in [1, {room}]: the prompt has {prompt_length} tokens, an interaction at "
+                f"most {self.model.config.max_position_embeddings} (`max_position_embeddings`) including [EOS]."
+            )
+        kwargs.setdefault("eos_token_id", self.tokenizer.convert_tokens_to_ids(EOS_TOKEN))
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        return kwargs
+
+    def _answer_ids(self, generated: torch.Tensor) -> torch.Tensor:
+        """The answer up to and including the first [EOS]; [EOS] is appended when generation stopped on length, so
+        the memory always receives a complete interaction (as in training)."""
+        eos = self.tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+        hits = (generated == eos).nonzero()
+        if hits.numel():
+            return generated[: int(hits[0, 0]) + 1]
+        return torch.cat((generated, generated.new_tensor([eos])))
+
+    # ---- files ---------------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Saves memory and transcript into the folder `path`, atomically: the memory goes into a new sub-folder,
+        then `session.json` (which names it) replaces the old one in one rename, then old memory folders are
+        removed. A crash at any point leaves a `session.json` that names a complete memory."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = self.memory_state
+        memory_dir = f"memory-{uuid.uuid4().hex}"
+        state.save_pretrained(folder / memory_dir)
+        payload = {
+            "format_version": SESSION_FORMAT_VERSION,
+            "memory_dir": memory_dir,
+            "background_write": self.background_write,
+            "messages": self.messages,
+            "timings": [asdict(t) for t in self.timings],
+        }
+        _atomic_write_json(folder / SESSION_FILE, payload)
+        for stale in folder.glob("memory-*"):
+            if stale.name != memory_dir and stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model, tokenizer, background_write: bool | None = None) -> RxTChatSession:
+        """A session saved by `save`, ready to continue where it stopped."""
+        payload = _read_session_file(Path(path))
+        state = RxTMemoryState.from_pretrained(Path(path) / payload["memory_dir"], device=model.device)
+        if background_write is None:
+            background_write = bool(payload.get("background_write", True))
+        session = cls(model, tokenizer, memory_state=state, background_write=background_write)
+        session.messages = [dict(m) for m in payload["messages"]]
+        session.timings = [TurnTimings(**t) for t in payload.get("timings", [])]
+        return session
+
+    def close(self) -> None:
+        """Finishes the pending write and stops the writer thread."""
+        self.wait_for_memory()
+        self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> RxTChatSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- many sessions at once -----------------------------------------------------------------------------------------
+def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **generate_kwargs) -> list[str]:
+    """One turn of several sessions (same model and tokenizer) as one batch: their memories are concatenated, the
+    prompts left-padded and answered by one `generate`, and the interactions written by one batched
+    `update_memory` (in the background if every session writes in the background); each session then continues
+    with its own row."""
+    sessions, queries = list(sessions), list(queries)
+    _check_batch(sessions, queries)
+    first = sessions[0]
+    model, tokenizer = first.model, first.tokenizer
+    locks = [s._lock for s in sessions]
+    for lock in locks:
+        lock.acquire()
+    try:
+        start = time.perf_counter()
+        waits = [s.wait_for_memory() for s in sessions]
+        prompts = [s._encode_prompt(q)[0] for s, q in zip(sessions, queries)]
+        ids, mask = _pad(prompts, tokenizer.pad_token_id, left=True)
+        state = RxTMemoryState.concatenate([s._state.to(model.device) for s in sessions])
+        clock = _FirstTokenClock(None, start)
+        output = model.generate(
+            ids, attention_mask=mask, memory_state=state, streamer=clock,
+            **first._generation_kwargs(ids.shape[1], generate_kwargs),
+        )
+        generate_s = time.perf_counter() - start
+        answers = [first._answer_ids(row[ids.shape[1] :]) for row in output]
+        written, written_mask = _pad([torch.cat(pair) for pair in zip(prompts, answers)], tokenizer.pad_token_id)
+        background = all(s.background_write for s in sessions)
+        batch_write = first._schedule_write(state, written, written_mask, background)
+        texts = []
+        for row, (session, query, answer) in enumerate(zip(sessions, queries, answers)):
+            session._pending = _RowOfBatchWrite(batch_write, row)
+            texts.append(decode_answer(tokenizer, answer.tolist()))
+            session.messages += [{"role": "user", "content": query}, {"role": "assistant", "content": texts[-1]}]
+            session.timings.append(TurnTimings(waits[row], clock.first_token_s, generate_s))
+            if not background:
+                session.wait_for_memory()
+        return texts
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+
+
+def _check_batch(sessions: list, queries: list) -> None:
+    if not sessions or not all(isinstance(s, RxTChatSession) for s in sessions):
+        raise TypeError("`sessions` must be a non-empty list of RxTChatSession.")
+    if len(queries) != len(sessions):
+        raise ValueError(f"`queries` has {len(queries)} entries for {len(sessions)} sessions.")
+    if len({id(s) for s in sessions}) != len(sessions):
+        raise ValueError("`sessions` holds the same session twice; one turn per session per batch.")
+    if any(s.model is not sessions[0].model or s.tokenizer is not sessions[0].tokenizer for s in sessions):
+        raise ValueError("`sessions` must share one model and one tokenizer to run as a batch.")
+
+
+def _pad(rows: list[torch.Tensor], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pads 1-D id tensors to (N, max length): left for prompts (generation continues on the right), right for
+    interactions to write."""
+    width = max(r.numel() for r in rows)
+    ids = rows[0].new_full((len(rows), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        span = slice(width - row.numel(), width) if left else slice(0, row.numel())
+        ids[i, span], mask[i, span] = row, 1
+    return ids, mask
+
+
+# ---- files ---------------------------------------------------------------------------------------------------------
+def _atomic_write_json(path: Path, payload: dict) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(payload, file, indent=2)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def _read_session_file(folder: Path) -> dict:
+    file = folder / SESSION_FILE
+    if not file.is_file():
+        raise ValueError(f"No chat session in `{folder}`: `{SESSION_FILE}` is missing.")
+    try:
+        payload = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"`{file}` is not a readable session file (corrupted or truncated): {error}") from error
+    if not isinstance(payload, dict) or payload.get("format_version") != SESSION_FORMAT_VERSION:
+        raise ValueError(f"`{file}` has an unknown format (expected format_version {SESSION_FORMAT_VERSION}).")
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not isinstance(payload.get("memory_dir"), str):
+        raise ValueError(f"`{file}` lacks `messages` or `memory_dir`.")
+    if "/" in payload["memory_dir"] or payload["memory_dir"].startswith("."):
+        raise ValueError(f"`{file}` names an invalid memory folder {payload['memory_dir']!r}.")
+    return payload
+
+
+__all__ = ["RxTChatSession", "TurnTimings", "send_batch"]

@@ -1,0 +1,728 @@
+# Copyright 2026 The RxT for Transformers authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""External memory: long documents retrieved inside the decoder's self-attention, in the spirit of Extended Mind
+Transformers, batched and working through `generate()`.
+
+Besides its short-term memory, the decoder can read an external memory of any length: token ids given per batch row
+(documents, notes, a knowledge base). Their per-layer keys and values are computed ONCE (`build_external_memory`) by
+running the decoder over the memory in chunks of `external_memory_stride` tokens. During generation, in every layer of
+`external_memory_layers`, each query (each head, each token) retrieves its `external_memory_topk` memory keys of
+highest cosine similarity, drops those below `external_memory_sim_threshold`, and attends to them and to its local
+causal context in ONE softmax:
+
+    query q (B,H,Tq,Dh) --cosine vs memory keys of its row--> top-k indices (B,H,Tq,k)  [optionally sim >= threshold]
+    scores = [ q . k_mem(retrieved) (B,H,Tq,k) ; q . k_local + causal mask (B,H,Tq,Tk) ] * Dh^-0.5
+    out    = softmax(scores) @ [ v_mem(retrieved) ; v_local ]
+
+Positions: memory keys carry NO rotary position (they are the keys each memory token would have at position 0). A
+query at position p therefore sees every memory at relative distance p >= 0, never in its future, and one cached key
+serves every query position and every turn (the short-term memory is position-free for the same reason). Inside a
+chunk the decoder still reads the memory tokens in order, so their keys and values carry their local context.
+A memory row is the ordered list of its tokens; a retrieved index is the position of a token in that list, so
+`memory.token_ids[row, index]` cites it.
+
+The memory can live on the CPU while the model runs on an accelerator: similarities and top-k are computed where
+the memory is, and only the k retrieved keys/values per query travel to the model's device. Similarities are scored
+in blocks of `SCORE_BLOCK` memory tokens, so their transient size does not grow with the memory.
+
+Shape legend: B batch rows of the forward (batch x beams), R memory rows, Lr retrieval layers, K key/value heads,
+H query heads (H = K x G), M memory tokens per row (padded), Tq queries, Tk local keys, Dh head dim, k retrieved per
+query.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCORE_BLOCK = 16384  # memory tokens scored at a time: bounds the (B, K, G*Tq, block) similarity tensor
+TOKENS_PER_ENCODING_BATCH = 4096  # memory tokens run through the decoder per forward while building a memory
+GENERATE_CONTROLS = (
+    "external_memories",
+    "external_memories_attention_mask",
+    "external_memory_layers",
+    "external_memory_topk",
+    "external_memory_sim_threshold",
+    "external_memory_stride",
+    "output_retrieved_memory_idx",
+)
+
+
+# ---- controls ---------------------------------------------------------------------------------------------------
+def default_retrieval_layers(num_layers: int) -> list[int]:
+    """The upper half of the decoder: lower layers build local features, upper layers do long-range look-ups."""
+    return list(range(num_layers // 2, num_layers))
+
+
+def check_retrieval_controls(
+    num_layers: int,
+    max_positions: int,
+    layers: object = None,
+    topk: object = None,
+    sim_threshold: object = None,
+    stride: object = None,
+) -> None:
+    """Raises `ValueError`/`TypeError` naming the control (the same name as the config field and the `generate`
+    keyword) when one is invalid. `None` means "not set" for every control."""
+    if layers is not None:
+        if not isinstance(layers, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+            raise TypeError(f"`external_memory_layers` must be a list of layer indices, got {layers!r}.")
+        if len(set(layers)) != len(layers) or any(not 0 <= i < num_layers for i in layers):
+            raise ValueError(
+                f"`external_memory_layers` must hold distinct layer indices in [0, {num_layers}), got {list(layers)}."
+            )
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"`external_memory_topk` must be a positive integer, got {topk!r}.")
+    if sim_threshold is not None:
+        if isinstance(sim_threshold, bool) or not isinstance(sim_threshold, (int, float)):
+            raise TypeError(f"`external_memory_sim_threshold` must be a float or None, got {sim_threshold!r}.")
+        if not -1.0 <= sim_threshold <= 1.0:
+            raise ValueError(
+                f"`external_memory_sim_threshold` is a cosine similarity and must be in [-1, 1], got {sim_threshold}."
+            )
+    if stride is not None and (
+        isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= max_positions
+    ):
+        raise ValueError(
+            f"`external_memory_stride` must be an integer in [1, {max_positions}] (`max_position_embeddings`), "
+            f"got {stride!r}."
+        )
+
+
+def resolve_layers(config, layers: Sequence[int] | None = None) -> tuple[int, ...]:
+    if layers is None:
+        layers = config.external_memory_layers
+    if layers is None:
+        layers = default_retrieval_layers(config.num_hidden_layers)
+    check_retrieval_controls(config.num_hidden_layers, config.max_position_embeddings, layers=list(layers))
+    return tuple(layers)
+
+
+def resolve_stride(config, stride: int | None = None) -> int:
+    stride = stride if stride is not None else config.external_memory_stride
+    stride = stride if stride is not None else config.max_position_embeddings
+    check_retrieval_controls(config.num_hidden_layers, config.max_position_embeddings, stride=stride)
+    return stride
+
+
+# ---- the memory -------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ExternalMemory:
+    """Keys and values of the external memories of R rows, for the decoder layers in `layers`.
+
+    A value, like `RxTMemoryState`: every method returns a new object. The real tokens of each row are packed to the
+    left (`mask[r, :n_r]` is True), so index i of row r is the i-th token of that row's memory.
+    """
+
+    keys: torch.Tensor  # (Lr, R, K, M, Dh), without rotary positions
+    values: torch.Tensor  # (Lr, R, K, M, Dh)
+    token_ids: torch.Tensor  # (R, M), 0 where mask is False
+    mask: torch.Tensor  # (R, M) bool
+    layers: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.keys.dim() != 5 or self.keys.shape != self.values.shape:
+            raise ValueError("`keys` and `values` must both have shape (layers, rows, kv_heads, tokens, head_dim).")
+        if self.keys.shape[0] != len(self.layers):
+            raise ValueError(f"`keys` holds {self.keys.shape[0]} layers but `layers` names {len(self.layers)}.")
+        if self.mask.shape != self.keys.shape[1:2] + self.keys.shape[3:4] or self.token_ids.shape != self.mask.shape:
+            raise ValueError("`mask` and `token_ids` must have shape (rows, tokens) matching `keys`.")
+
+    # ---- shape ----------------------------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Memory tokens of each row, (R,)."""
+        return self.mask.sum(dim=-1)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
+    @functools.cached_property
+    def key_scales(self) -> torch.Tensor:
+        """1 / |k| of every memory key (Lr, R, K, M): cosine similarity = (q / |q|) . k * scale."""
+        return self.keys.float().norm(dim=-1).clamp_min(1e-12).reciprocal().to(self.keys.dtype)
+
+    def check_compatible(self, config) -> None:
+        expected = (config.num_key_value_heads, config.head_dim)
+        if tuple(self.keys.shape[2:3] + self.keys.shape[4:5]) != expected:
+            raise ValueError(
+                f"`external_memories` has (kv_heads, head_dim) = {tuple(self.keys.shape[2:3] + self.keys.shape[4:5])} "
+                f"but the model has {expected}: it was built by a model of another shape."
+            )
+        if any(not 0 <= i < config.num_hidden_layers for i in self.layers):
+            raise ValueError(f"`external_memories` holds layers {self.layers}, outside this model's decoder.")
+
+    def layer_position(self, layer_idx: int) -> int:
+        if layer_idx not in self.layers:
+            raise ValueError(
+                f"`external_memory_layers` asks for layer {layer_idx}, but the external memory was built for layers "
+                f"{list(self.layers)}: build it with those layers (`layers=`)."
+            )
+        return self.layers.index(layer_idx)
+
+    # ---- new memories from this one -------------------------------------------------------------------------------
+    def to(self, *args, **kwargs) -> "ExternalMemory":
+        """Moves (and casts) keys and values; mask and token ids only move."""
+        keys, values = self.keys.to(*args, **kwargs), self.values.to(*args, **kwargs)
+        return dataclasses.replace(
+            self, keys=keys, values=values, token_ids=self.token_ids.to(keys.device), mask=self.mask.to(keys.device)
+        )
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> "ExternalMemory":
+        """The memories of `rows`, in that order (repeats allowed)."""
+        index = _row_index(rows, self.batch_size, self.device)
+        return _packed(
+            self.keys.index_select(1, index), self.values.index_select(1, index),
+            self.token_ids.index_select(0, index), self.mask.index_select(0, index), self.layers,
+        )
+
+    @classmethod
+    def concatenate(cls, memories: Sequence["ExternalMemory"]) -> "ExternalMemory":
+        """One memory of all the rows of `memories` (row-wise, for batching independent conversations)."""
+        first = _check_same_kind(memories, "memories")
+        width = max(m.mask.shape[1] for m in memories)
+        padded = [_pad_to(m, width) for m in memories]
+        return _packed(
+            torch.cat([p.keys for p in padded], dim=1), torch.cat([p.values for p in padded], dim=1),
+            torch.cat([p.token_ids for p in padded]), torch.cat([p.mask for p in padded]), first.layers,
+        )
+
+    def add(self, other: "ExternalMemory") -> "ExternalMemory":
+        """Appends `other`'s memories to every row (`other` has one row, shared by all, or one per row). Existing
+        indices stay valid; new tokens get the indices after them."""
+        _check_same_kind([self, other], "other")
+        if other.batch_size not in (1, self.batch_size):
+            raise ValueError(f"`other` has {other.batch_size} rows; expected 1 or {self.batch_size}.")
+        if other.batch_size == 1 and self.batch_size > 1:
+            other = other.select([0] * self.batch_size)
+        other = other.to(self.device)
+        return _packed(
+            torch.cat((self.keys, other.keys), dim=3), torch.cat((self.values, other.values), dim=3),
+            torch.cat((self.token_ids, other.token_ids), dim=1), torch.cat((self.mask, other.mask), dim=1),
+            self.layers,
+        )
+
+    def replace(self, rows: Sequence[int] | torch.Tensor, other: "ExternalMemory") -> "ExternalMemory":
+        """The memories of `rows` become those of `other` (one row of `other` per entry of `rows`)."""
+        index = _row_index(rows, self.batch_size, self.device)
+        _check_same_kind([self, other], "other")
+        if other.batch_size != index.numel():
+            raise ValueError(f"`other` has {other.batch_size} rows but `rows` names {index.numel()}.")
+        source = torch.arange(self.batch_size, device=self.device)
+        source[index] = self.batch_size + torch.arange(index.numel(), device=self.device)
+        return ExternalMemory.concatenate([self, other.to(self.device)]).select(source)
+
+    def clear(self, rows: Sequence[int] | torch.Tensor | None = None) -> "ExternalMemory":
+        """Empties the memories of `rows` (all rows by default); the rows themselves stay."""
+        drop = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
+        if rows is not None:
+            drop = torch.zeros_like(drop)
+            drop[_row_index(rows, self.batch_size, self.device)] = True
+        return _packed(self.keys, self.values, self.token_ids, self.mask & ~drop[:, None], self.layers)
+
+
+def _row_index(rows, batch_size: int, device) -> torch.Tensor:
+    index = torch.as_tensor(rows, dtype=torch.long, device=device).reshape(-1)
+    if index.numel() and (index.min() < 0 or index.max() >= batch_size):
+        raise ValueError(f"`rows` {index.tolist()} out of range for an external memory of {batch_size} rows.")
+    return index
+
+
+def _check_same_kind(memories: Sequence[ExternalMemory], name: str) -> ExternalMemory:
+    if not memories or not all(isinstance(m, ExternalMemory) for m in memories):
+        raise TypeError(f"`{name}` must be (a non-empty list of) ExternalMemory.")
+    kinds = {(m.layers, m.keys.shape[2], m.keys.shape[4], m.dtype) for m in memories}
+    if len(kinds) != 1:
+        raise ValueError(f"`{name}`: external memories of different layers, heads or dtypes cannot be combined.")
+    return memories[0]
+
+
+def _pad_to(memory: ExternalMemory, width: int) -> ExternalMemory:
+    extra = width - memory.mask.shape[1]
+    if extra == 0:
+        return memory
+    return ExternalMemory(
+        F.pad(memory.keys, (0, 0, 0, extra)), F.pad(memory.values, (0, 0, 0, extra)),
+        F.pad(memory.token_ids, (0, extra)), F.pad(memory.mask, (0, extra)), memory.layers,
+    )
+
+
+def _packed(keys, values, token_ids, mask, layers) -> ExternalMemory:
+    """Moves the real tokens of every row to the left, in order, and trims the padding columns no row uses."""
+    mask = mask.to(keys.device)
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)  # (R, M): real tokens first, in order
+    width = int(mask.sum(dim=-1).max()) if mask.numel() else 0
+    order = order[:, :width]
+    gather = order[None, :, None, :, None].expand(keys.shape[0], -1, keys.shape[2], -1, keys.shape[4])
+    mask = mask.gather(1, order)
+    return ExternalMemory(
+        keys.gather(3, gather), values.gather(3, gather), token_ids.gather(1, order) * mask, mask, tuple(layers)
+    )
+
+
+# ---- building a memory from token ids -----------------------------------------------------------------------------
+def as_padded_ids(
+    memories: torch.Tensor | Sequence, attention_mask: torch.Tensor | None, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids given as a (R, M) tensor (+ mask), a 1-D tensor (one row) or a list of 1-D tensors / int lists of
+    different lengths -> right-padded ids (R, M) and a bool mask (R, M), on the CPU."""
+    if isinstance(memories, torch.Tensor):
+        if memories.dim() == 1:
+            memories = memories[None]
+        if memories.dim() != 2 or memories.dtype not in (torch.int32, torch.int64):
+            raise TypeError("`external_memories` must be integer token ids of shape (rows, tokens).")
+        ids = memories.to("cpu", torch.long)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(ids.shape):
+                raise ValueError(
+                    f"`external_memories_attention_mask` has shape {tuple(attention_mask.shape)}, "
+                    f"`external_memories` {tuple(ids.shape)}."
+                )
+            mask = attention_mask.to("cpu").bool()
+    elif isinstance(memories, (list, tuple)) and memories:
+        if attention_mask is not None:
+            raise ValueError("`external_memories_attention_mask` is only for a (rows, tokens) tensor of memories.")
+        if any(isinstance(row, torch.Tensor) and row.is_floating_point() for row in memories):
+            raise TypeError("`external_memories` must hold integer token ids, got a floating-point tensor.")
+        rows = [torch.as_tensor(row, dtype=torch.long).reshape(-1) for row in memories]
+        ids = nn.utils.rnn.pad_sequence(rows, batch_first=True) if any(r.numel() for r in rows) else None
+        ids = ids if ids is not None else torch.zeros(len(rows), 0, dtype=torch.long)
+        mask = torch.arange(ids.shape[1])[None, :] < torch.tensor([r.numel() for r in rows])[:, None]
+    else:
+        raise TypeError("`external_memories` must be a tensor of token ids, a non-empty list of them, or an ExternalMemory.")
+    if ids.numel() and bool(((ids < 0) | (ids >= vocab_size))[mask].any()):
+        raise ValueError(f"`external_memories` holds token ids outside the vocabulary [0, {vocab_size}).")
+    return ids, mask
+
+
+def split_into_chunks(ids: torch.Tensor, mask: torch.Tensor, stride: int) -> list[tuple[int, int, torch.Tensor]]:
+    """(row, offset in the row, chunk ids) for every chunk of at most `stride` real tokens of every row, in order."""
+    chunks = []
+    for row in range(ids.shape[0]):
+        tokens = ids[row][mask[row]]
+        chunks += [(row, i * stride, chunk) for i, chunk in enumerate(tokens.split(stride))]
+    return chunks
+
+
+@torch.no_grad()
+def build_external_memory(
+    decoder: nn.Module,
+    memories: torch.Tensor | Sequence,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    layers: tuple[int, ...],
+    stride: int,
+    device: torch.device | str | None = None,
+) -> ExternalMemory:
+    """Runs the decoder (`RxTModel`) over the memories in chunks of `stride` tokens (each chunk on its own: causal,
+    positions 0..stride-1, reading the learned initial short-term memory) and keeps, for `layers`, the keys (before
+    rotary positions) and values of the self-attention of every memory token."""
+    ids, mask = as_padded_ids(memories, attention_mask, decoder.config.vocab_size)
+    chunks = split_into_chunks(ids, mask, stride)
+    model_device = decoder.embed_tokens.weight.device
+    memory = _empty_memory(ids, mask, layers, decoder, device)
+    captured: dict[str, dict[int, torch.Tensor]] = {"k": {}, "v": {}}
+    handles = []
+    for position, layer_idx in enumerate(layers):
+        attention = decoder.layers[layer_idx].self_attn
+        for name, projection in (("k", attention.k_proj), ("v", attention.v_proj)):
+            handles.append(projection.register_forward_hook(_capture(captured[name], position)))
+    try:
+        per_batch = max(1, TOKENS_PER_ENCODING_BATCH // stride)
+        memory_key_values = decoder.project_memory(decoder.memory_tensor(None, 1))  # (1, L, 2, K, S, Dh), once
+        for start in range(0, len(chunks), per_batch):
+            group = chunks[start : start + per_batch]
+            chunk_ids = nn.utils.rnn.pad_sequence([c for _, _, c in group], batch_first=True).to(model_device)
+            chunk_mask = nn.utils.rnn.pad_sequence([torch.ones_like(c) for _, _, c in group], batch_first=True)
+            decoder(
+                input_ids=chunk_ids,
+                attention_mask=chunk_mask.to(model_device),
+                use_cache=False,
+                memory_key_values=memory_key_values.expand(len(group), *memory_key_values.shape[1:]),
+            )
+            # Written straight into place: the peak stays at the memory itself plus one batch of activations.
+            for i, (row, offset, chunk) in enumerate(group):
+                span = slice(offset, offset + chunk.numel())
+                memory.keys[:, row, :, span] = _heads(captured["k"], i, chunk.numel(), decoder.config)
+                memory.values[:, row, :, span] = _heads(captured["v"], i, chunk.numel(), decoder.config)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return memory
+
+
+def _capture(store: dict[int, torch.Tensor], position: int) -> Callable:
+    def hook(module, args, output):
+        store[position] = output  # (n, T, K * Dh), the projection before rotary positions
+
+    return hook
+
+
+def _heads(store: dict[int, torch.Tensor], chunk: int, length: int, config) -> torch.Tensor:
+    """(Lr, K, length, Dh) of one chunk from the captured projections."""
+    stacked = torch.stack([store[p][chunk, :length] for p in sorted(store)])  # (Lr, length, K * Dh)
+    return stacked.view(len(store), length, config.num_key_value_heads, config.head_dim).transpose(1, 2)
+
+
+def _empty_memory(ids, mask, layers, decoder, device) -> ExternalMemory:
+    """A zero memory in the packed layout of `ids`: row r holds its real tokens at 0..n_r-1, in order."""
+    config = decoder.config
+    device = torch.device(device) if device is not None else decoder.embed_tokens.weight.device
+    dtype = decoder.embed_tokens.weight.dtype
+    lengths = mask.sum(dim=-1)  # (R,)
+    width = int(lengths.max()) if lengths.numel() else 0
+    shape = (len(layers), ids.shape[0], config.num_key_value_heads, width, config.head_dim)
+    packed_mask = torch.arange(width)[None, :] < lengths[:, None]  # (R, width)
+    token_ids = torch.zeros(packed_mask.shape, dtype=torch.long)
+    token_ids[packed_mask] = ids[mask]
+    return ExternalMemory(
+        torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+        token_ids.to(device), packed_mask.to(device), tuple(layers),
+    )
+
+
+# ---- retrieval ---------------------------------------------------------------------------------------------------
+def retrieve_top_k(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    key_scales: torch.Tensor,
+    mask: torch.Tensor,
+    topk: int,
+    sim_threshold: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `topk` memory keys of highest cosine similarity for every query, per key/value head.
+
+    query (B, K, Q, Dh) (the G query heads of a key/value head and their tokens flattened into Q), keys (B, K, M, Dh),
+    key_scales (B, K, M) = 1/|k|, mask (B, M). Returns indices (B, K, Q, k), their similarities (B, K, Q, k), best
+    first, and whether each is attended to (B, K, Q, k): a real memory token at or above the threshold.
+    Computed on the device of `keys`, SCORE_BLOCK memory tokens at a time.
+    """
+    batch, heads, num_queries, _ = query.shape
+    k = min(topk, keys.shape[2])
+    unit = F.normalize(query.to(keys.device, torch.float32), dim=-1)
+    best = torch.full((batch, heads, num_queries, k), float("-inf"), device=keys.device)
+    best_index = torch.zeros(best.shape, dtype=torch.long, device=keys.device)
+    padded = not bool(mask.all())  # most memories have no padding: skip the masking pass
+    for start in range(0, keys.shape[2], SCORE_BLOCK):
+        block = slice(start, start + SCORE_BLOCK)
+        sims = torch.matmul(unit, keys[:, :, block].float().transpose(-1, -2))  # (B, K, Q, block)
+        sims.mul_(key_scales[:, :, None, block].float())
+        if padded:
+            sims.masked_fill_(~mask[:, None, None, block], float("-inf"))
+        block_best, block_index = sims.topk(min(k, sims.shape[-1]), dim=-1)
+        # Merge the block's best with the best so far: only 2k candidates per query, whatever the block size.
+        best, chosen = torch.cat((best, block_best), dim=-1).topk(k, dim=-1)
+        best_index = torch.cat((best_index, block_index + start), dim=-1).gather(-1, chosen)
+    valid = best > float("-inf")
+    if sim_threshold is not None:
+        valid &= best >= sim_threshold
+    return best_index, best, valid
+
+
+def _fold(rows: torch.Tensor, memory_rows: int) -> int | None:
+    """n when batch row b reads memory row b // n (plain batches: n = 1; beams or num_return_sequences: n copies of
+    each row), so queries can be regrouped per memory row without copying the memory; None otherwise."""
+    if rows.numel() % memory_rows:
+        return None
+    n = rows.numel() // memory_rows
+    expected = torch.arange(memory_rows, device=rows.device).repeat_interleave(n)
+    return n if torch.equal(rows, expected) else None
+
+
+def retrieve_for_heads(
+    query: torch.Tensor, memory: ExternalMemory, layer_idx: int, rows: torch.Tensor, topk: int, threshold
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query (B, H, Tq, Dh) of batch rows reading memory `rows` (B,) -> retrieved keys and values (B, H, Tq, k, Dh),
+    their indices (B, H, Tq, k) and whether each is attended to (B, H, Tq, k), on the query's device."""
+    position = memory.layer_position(layer_idx)
+    keys, values, scales = memory.keys[position], memory.values[position], memory.key_scales[position]
+    mask = memory.mask
+    batch, num_heads, length, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    rows = rows.to(memory.device)
+    n = _fold(rows, memory.batch_size)
+    if n is None:  # arbitrary row mapping: gather the rows (a copy), one batch row per memory row
+        keys, values, scales, mask, n = keys[rows], values[rows], scales[rows], mask[rows], 1
+    groups = num_heads // kv_heads
+    # (B, H, Tq, Dh) = (R, n, K, G, Tq, Dh) -> (R, K, n * G * Tq, Dh): the queries of one memory row and kv head
+    grouped = query.reshape(-1, n, kv_heads, groups, length, head_dim).transpose(1, 2).reshape(-1, kv_heads, n * groups * length, head_dim)
+    index, _, valid = retrieve_top_k(grouped, keys, scales, mask, topk, threshold)
+    k = index.shape[-1]
+    flat = index.reshape(*index.shape[:2], -1, 1).expand(-1, -1, -1, head_dim)
+    picked_keys, picked_values = keys.gather(2, flat), values.gather(2, flat)  # (R, K, n*G*Tq*k, Dh)
+
+    def ungroup(t: torch.Tensor, *tail: int) -> torch.Tensor:
+        # (R, K, n * G * Tq * k, ...) -> (B, H, Tq, k, ...)
+        t = t.reshape(keys.shape[0], kv_heads, n, groups, length, k, *tail).transpose(1, 2)
+        return t.reshape(batch, num_heads, length, k, *tail).to(query.device)
+
+    return (
+        ungroup(picked_keys, head_dim).to(query.dtype),
+        ungroup(picked_values, head_dim).to(query.dtype),
+        ungroup(index),
+        ungroup(valid),
+    )
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, K, N, Dh) -> (B, K * n_rep, N, Dh), for grouped-query attention."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, length, head_dim = hidden_states.shape
+    return hidden_states[:, :, None].expand(batch, kv_heads, n_rep, length, head_dim).reshape(batch, -1, length, head_dim)
+
+
+def local_scores_masked(scores: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """Applies the local mask in whatever form the attention implementation was given it: additive float (eager),
+    boolean keep-mask (sdpa), or None for a plain causal mask (sdpa skips building it when there is no padding)."""
+    minimum = torch.finfo(scores.dtype).min
+    if attention_mask is None:
+        if not is_causal or scores.shape[-2] == 1:
+            return scores
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device)
+        return scores.masked_fill(~causal.tril(scores.shape[-1] - scores.shape[-2]), minimum)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        raise ValueError(
+            "External memory retrieval needs a 4-D attention mask (the `eager` or `sdpa` attention implementation)."
+        )
+    attention_mask = attention_mask[..., : scores.shape[-1]]
+    if attention_mask.dtype == torch.bool:
+        return scores.masked_fill(~attention_mask, minimum)
+    return scores + attention_mask
+
+
+def joint_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    memory_keys: torch.Tensor,
+    memory_values: torch.Tensor,
+    memory_valid: torch.Tensor,
+    scaling: float,
+    num_key_value_groups: int,
+    is_causal: bool = True,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over the retrieved memories (B, H, Tq, k, Dh) and the local context (B, K, Tk, Dh).
+    Returns the output (B, Tq, H, Dh) and the weights (B, H, Tq, k + Tk), memory columns first."""
+    key_states, value_states = repeat_kv(key, num_key_value_groups), repeat_kv(value, num_key_value_groups)
+    local = local_scores_masked(torch.matmul(query, key_states.transpose(2, 3)) * scaling, attention_mask, is_causal)
+    remote = torch.einsum("bhqd,bhqkd->bhqk", query, memory_keys) * scaling  # (B, H, Tq, k)
+    remote = remote.masked_fill(~memory_valid, torch.finfo(remote.dtype).min)
+    weights = F.softmax(torch.cat((remote, local), dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=training)
+    k = remote.shape[-1]
+    output = torch.einsum("bhqk,bhqkd->bhqd", weights[..., :k], memory_values)
+    output = output + torch.matmul(weights[..., k:], value_states)
+    return output.transpose(1, 2).contiguous(), weights
+
+
+# ---- one forward's retrieval --------------------------------------------------------------------------------------
+class RetrievedMemoryRecorder:
+    """Collects, per forward (generation step), the indices of the memories each query retrieved and attended to:
+    `steps[s][layer]` is a LongTensor (B, H, Tq, k) on the CPU, -1 where a retrieved slot was dropped (below the
+    threshold, or a row with fewer than k memory tokens). B counts generate's internal rows (batch x beams, in
+    generate's order at that step; beams are not re-ordered afterwards)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[int, torch.Tensor]] = []
+
+    def start_step(self) -> None:
+        self.steps.append({})
+
+    def record(self, layer_idx: int, indices: torch.Tensor, valid: torch.Tensor) -> None:
+        if not self.steps:
+            self.start_step()
+        self.steps[-1][layer_idx] = indices.masked_fill(~valid, -1).to("cpu")
+
+
+def default_rows(memory_rows: int, batch_size: int) -> torch.Tensor:
+    """The memory row of each batch row: row b reads memory row b, or every row reads the single memory row."""
+    if memory_rows not in (1, batch_size):
+        raise ValueError(f"The external memory has {memory_rows} rows but the input has batch size {batch_size}.")
+    return torch.arange(batch_size) if memory_rows == batch_size else torch.zeros(batch_size, dtype=torch.long)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExternalMemoryRetriever:
+    """What one call reads: a memory, the retrieval controls, the memory row of each batch row and an optional
+    recorder. `attention_forward` has the signature of an attention implementation, so the self-attention of a
+    retrieval layer simply calls it instead of the registered one."""
+
+    memory: ExternalMemory
+    layers: tuple[int, ...]
+    topk: int
+    sim_threshold: float | None = None
+    recorder: RetrievedMemoryRecorder | None = None
+    rows: torch.Tensor | None = None  # (B,) memory row read by each batch row
+
+    @classmethod
+    def from_config(
+        cls,
+        memory: ExternalMemory,
+        config,
+        layers: Sequence[int] | None = None,
+        topk: int | None = None,
+        sim_threshold: float | None = None,
+        recorder: RetrievedMemoryRecorder | None = None,
+    ) -> "ExternalMemoryRetriever":
+        """Per-call controls override the config's; the memory must hold every retrieval layer."""
+        if not isinstance(memory, ExternalMemory):
+            raise TypeError(f"`external_memories` must be an ExternalMemory here, got {type(memory).__name__}.")
+        memory.check_compatible(config)
+        layers = resolve_layers(config, layers)
+        topk = topk if topk is not None else config.external_memory_topk
+        threshold = sim_threshold if sim_threshold is not None else config.external_memory_sim_threshold
+        check_retrieval_controls(config.num_hidden_layers, config.max_position_embeddings, topk=topk,
+                                 sim_threshold=threshold)
+        for layer_idx in layers:
+            memory.layer_position(layer_idx)
+        return cls(memory, layers, topk, None if threshold is None else float(threshold), recorder)
+
+    def bind(self, rows: torch.Tensor | None, batch_size: int) -> "ExternalMemoryRetriever":
+        """This retriever for one forward of `batch_size` rows; starts a recorder step."""
+        rows = default_rows(self.memory.batch_size, batch_size) if rows is None else rows
+        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        if rows.numel() != batch_size or (rows.numel() and (rows.min() < 0 or rows.max() >= self.memory.batch_size)):
+            raise ValueError(f"`external_memory_rows` must map each of the {batch_size} rows to a memory row.")
+        if self.recorder is not None:
+            self.recorder.start_step()
+        return dataclasses.replace(self, rows=rows.to(self.memory.device))
+
+    def retrieves_at(self, layer_idx: int) -> bool:
+        return layer_idx in self.layers
+
+    def attention_forward(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop-in attention implementation for a retrieval layer: query (B, H, Tq, Dh) against the top-k memories
+        of its row and its local keys/values (B, K, Tk, Dh) in one softmax."""
+        rows = self.rows if self.rows is not None else default_rows(self.memory.batch_size, query.shape[0])
+        memory_keys, memory_values, indices, valid = retrieve_for_heads(
+            query, self.memory, module.layer_idx, rows, self.topk, self.sim_threshold
+        )
+        if self.recorder is not None:
+            self.recorder.record(module.layer_idx, indices, valid)
+        return joint_attention(
+            query, key, value, attention_mask, memory_keys, memory_values, valid,
+            scaling=module.scaling if scaling is None else scaling,
+            num_key_value_groups=module.num_key_value_groups,
+            is_causal=module.is_causal,
+            dropout=dropout,
+            training=module.training,
+        )
+
+
+def bind_external_memory(external_memory, rows, config, batch_size: int) -> ExternalMemoryRetriever:
+    """What `forward` passes down to the decoder: a retriever bound to this batch (an `ExternalMemory` given
+    directly to `forward` is read with the config's controls)."""
+    if isinstance(external_memory, ExternalMemory):
+        external_memory = ExternalMemoryRetriever.from_config(external_memory, config)
+    if not isinstance(external_memory, ExternalMemoryRetriever):
+        raise TypeError(
+            f"`external_memory` must be an ExternalMemory or ExternalMemoryRetriever, got {type(external_memory).__name__}."
+        )
+    return external_memory.bind(rows, batch_size)
+
+
+# ---- generate() ---------------------------------------------------------------------------------------------------
+def prepare_generate_kwargs(model: nn.Module, batch_size: int, kwargs: dict) -> RetrievedMemoryRecorder | None:
+    """Pops the external-memory controls of a `generate` call from `kwargs`, builds the memory from token ids if
+    needed (once per call) and puts the retriever (`external_memory`) and the batch-first row map
+    (`external_memory_rows`, which generate repeats for beams and `num_return_sequences`) into `kwargs`.
+    Returns the recorder when `output_retrieved_memory_idx=True`."""
+    controls = {name: kwargs.pop(name, None) for name in GENERATE_CONTROLS}
+    config = model.config
+    check_retrieval_controls(
+        config.num_hidden_layers, config.max_position_embeddings, controls["external_memory_layers"],
+        controls["external_memory_topk"], controls["external_memory_sim_threshold"], controls["external_memory_stride"],
+    )
+    memories, want_indices = controls["external_memories"], bool(controls["output_retrieved_memory_idx"])
+    if memories is None:
+        if want_indices:
+            raise ValueError("`output_retrieved_memory_idx=True` needs `external_memories`.")
+        return None
+    if want_indices and not _returns_dict(model, kwargs):
+        raise ValueError("`output_retrieved_memory_idx=True` needs `return_dict_in_generate=True`.")
+    layers = resolve_layers(config, controls["external_memory_layers"])
+    if not isinstance(memories, ExternalMemory):
+        stride = resolve_stride(config, controls["external_memory_stride"])
+        memories = build_external_memory(
+            model.model, memories, controls["external_memories_attention_mask"], layers=layers, stride=stride
+        )
+    elif controls["external_memory_stride"] is not None or controls["external_memories_attention_mask"] is not None:
+        raise ValueError(
+            "`external_memory_stride` and `external_memories_attention_mask` apply to token ids; the given "
+            "ExternalMemory is already built."
+        )
+    recorder = RetrievedMemoryRecorder() if want_indices else None
+    kwargs["external_memory"] = ExternalMemoryRetriever.from_config(
+        memories, config, layers, controls["external_memory_topk"], controls["external_memory_sim_threshold"], recorder
+    )
+    kwargs["external_memory_rows"] = default_rows(memories.batch_size, batch_size)
+    return recorder
+
+
+def _returns_dict(model: nn.Module, kwargs: dict) -> bool:
+    if kwargs.get("return_dict_in_generate") is not None:
+        return bool(kwargs["return_dict_in_generate"])
+    generation_config = kwargs.get("generation_config") or model.generation_config
+    return bool(generation_config.return_dict_in_generate)
+
+
+def attach_retrieved_memory_idx(outputs, recorder: RetrievedMemoryRecorder | None):
+    """Puts the recorded indices into the generate output as `retrieved_memory_idx` (a list over forward steps, the
+    prompt first, of {layer: (B, H, Tq, k)})."""
+    if recorder is not None:
+        outputs["retrieved_memory_idx"] = recorder.steps
+    return outputs
+
+
+__all__ = [
+    "ExternalMemory",
+    "ExternalMemoryRetriever",
+    "RetrievedMemoryRecorder",
+    "build_external_memory",
+    "check_retrieval_controls",
+    "default_retrieval_layers",
+    "joint_attention",
+    "retrieve_top_k",
+]

@@ -1,0 +1,205 @@
+"""The conversation API (modeling_rxt/chat.py): turns, streaming, background memory writes, saving, batches."""
+
+import json
+import threading
+
+import pytest
+import torch
+from transformers import TextIteratorStreamer
+
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt import chat
+from modeling_rxt.chat import RxTChatSession, send_batch
+from modeling_rxt.tokenization import MIN_VOCAB_SIZE, encode_query, train_tokenizer
+
+TEXTS = ["my cat is called bimo .", "what is my cat called ?", "hello there , how are you ?", "i live in paris ."]
+GREEDY = dict(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS * 5, vocab_size=MIN_VOCAB_SIZE + 40)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = RxTConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, memory_slots=4, max_position_embeddings=48,
+    )
+    return RxTForCausalLM(config).eval()
+
+
+def expected_turn(model, tokenizer, state, query, max_new_tokens=6):
+    """One turn done by hand: the prompt, greedy answer up to [EOS] (appended if absent) and the new memory."""
+    prompt = torch.tensor([encode_query(tokenizer, query)["input_ids"]])
+    eos = tokenizer.eos_token_id
+    out = model.generate(prompt, memory_state=state, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    answer = out[0, prompt.shape[1]:].tolist()
+    answer = answer[: answer.index(eos) + 1] if eos in answer else answer + [eos]
+    with torch.no_grad():
+        return model.update_memory(state, torch.tensor([prompt[0].tolist() + answer]))
+
+
+def test_send_writes_the_interaction_it_generated(model, tokenizer):
+    session = RxTChatSession(model, tokenizer)
+    start = session.memory_state
+    answer = session.send(TEXTS[0], **GREEDY)
+    assert isinstance(answer, str)
+    assert session.messages == [{"role": "user", "content": TEXTS[0]}, {"role": "assistant", "content": answer}]
+    assert torch.equal(session.memory_state.stm, expected_turn(model, tokenizer, start, TEXTS[0]).stm)
+    assert not torch.equal(session.memory_state.stm, start.stm)
+
+
+def test_background_writes_equal_synchronous_writes(model, tokenizer):
+    background, synchronous = RxTChatSession(model, tokenizer), RxTChatSession(model, tokenizer, background_write=False)
+    for query in TEXTS[:3]:
+        assert background.send(query, **GREEDY) == synchronous.send(query, **GREEDY)
+        assert not synchronous.write_pending
+    assert torch.equal(background.memory_state.stm, synchronous.memory_state.stm)
+    assert all(t.write_s is not None and t.write_s > 0 for t in background.timings)
+
+
+def test_next_turn_waits_for_a_write_still_running(model, tokenizer):
+    """The write is held back by a gate on the memory encoder: the next turn must not generate until it is done."""
+    events, gate = [], threading.Event()
+
+    def hold_write(module, args):
+        events.append("write starts")
+        gate.wait(timeout=30)
+        events.append("write released")
+
+    handles = [
+        model.model.memory_encoder.register_forward_pre_hook(hold_write),
+        model.model.layers[0].register_forward_pre_hook(lambda m, a: events.append("generate")),
+    ]
+    try:
+        session = RxTChatSession(model, tokenizer)
+        session.send(TEXTS[0], **GREEDY)
+        assert session.write_pending
+        events.clear()
+        turn = threading.Thread(target=session.send, args=(TEXTS[1],), kwargs=GREEDY)
+        turn.start()
+        turn.join(timeout=0.5)
+        assert turn.is_alive() and "generate" not in events  # blocked on the pending write
+        gate.set()
+        turn.join(timeout=30)
+        assert not turn.is_alive()
+        assert events.index("write released") < events.index("generate")
+        assert session.timings[-1].wait_s > 0.4
+    finally:
+        gate.set()
+        for handle in handles:
+            handle.remove()
+        session.close()
+
+
+def test_stream_yields_the_answer_text(model, tokenizer):
+    session = RxTChatSession(model, tokenizer)
+    pieces = list(session.stream(TEXTS[0], **GREEDY))
+    assert " ".join("".join(pieces).split()) == session.messages[-1]["content"]
+    assert session.timings[-1].first_token_s is not None
+
+
+def test_text_iterator_streamer_from_another_thread(model, tokenizer):
+    session = RxTChatSession(model, tokenizer)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("answer", session.send(TEXTS[2], streamer, **GREEDY)))
+    worker.start()
+    text = "".join(streamer)
+    worker.join()
+    assert " ".join(text.split()) == result["answer"]
+
+
+def test_saved_mid_conversation_continues_identically(model, tokenizer, tmp_path):
+    session = RxTChatSession(model, tokenizer)
+    session.send(TEXTS[0], **GREEDY)
+    session.send(TEXTS[3], **GREEDY)  # its write may still be running: save waits for it
+    session.save(tmp_path / "chat")
+    resumed = RxTChatSession.load(tmp_path / "chat", model, tokenizer)
+    assert resumed.messages == session.messages
+    assert torch.equal(resumed.memory_state.stm, session.memory_state.stm)
+    for query in TEXTS[1:3]:
+        assert resumed.send(query, **GREEDY) == session.send(query, **GREEDY)
+    assert torch.equal(resumed.memory_state.stm, session.memory_state.stm)
+
+
+def test_failed_save_leaves_the_previous_save(model, tokenizer, tmp_path, monkeypatch):
+    session = RxTChatSession(model, tokenizer)
+    session.send(TEXTS[0], **GREEDY)
+    session.save(tmp_path)
+    saved_state = session.memory_state
+    session.send(TEXTS[1], **GREEDY)
+
+    def crash(path, payload):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(chat, "_atomic_write_json", crash)
+    with pytest.raises(OSError):
+        session.save(tmp_path)
+    monkeypatch.undo()
+    restored = RxTChatSession.load(tmp_path, model, tokenizer)
+    assert len(restored.messages) == 2 and torch.equal(restored.memory_state.stm, saved_state.stm)
+    session.save(tmp_path)  # a later save succeeds and removes the orphaned memory folder
+    assert len(list(tmp_path.glob("memory-*"))) == 1
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_load_rejects_missing_or_corrupt_files(model, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="session.json"):
+        RxTChatSession.load(tmp_path, model, tokenizer)
+    (tmp_path / "session.json").write_text("{ truncated")
+    with pytest.raises(ValueError, match="corrupted"):
+        RxTChatSession.load(tmp_path, model, tokenizer)
+    session = RxTChatSession(model, tokenizer)
+    session.save(tmp_path / "ok")
+    memory_dir = json.loads((tmp_path / "ok" / "session.json").read_text())["memory_dir"]
+    weights = tmp_path / "ok" / memory_dir / "memory_state.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(ValueError, match="memory state"):
+        RxTChatSession.load(tmp_path / "ok", model, tokenizer)
+
+
+def test_send_batch_equals_separate_sessions(model, tokenizer):
+    histories = [[TEXTS[0]], [TEXTS[3], TEXTS[2]], []]
+    queries = [TEXTS[1], TEXTS[1], "hello"]
+    separate, batched = [], []
+    for history in histories:
+        for sessions in (separate, batched):
+            session = RxTChatSession(model, tokenizer)
+            for query in history:
+                session.send(query, **GREEDY)
+            sessions.append(session)
+    answers = [s.send(q, **GREEDY) for s, q in zip(separate, queries)]
+    assert send_batch(batched, queries, **GREEDY) == answers
+    for one, many in zip(separate, batched):
+        assert many.memory_state.batch_size == 1 and many.messages == one.messages
+        torch.testing.assert_close(many.memory_state.stm, one.memory_state.stm, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda s: s.send("   ", **GREEDY), ValueError, "query"),
+        (lambda s: s.send(42), TypeError, "query"),
+        (lambda s: s.send(TEXTS[0], num_return_sequences=2, num_beams=2), ValueError, "num_return_sequences"),
+        (lambda s: s.send(TEXTS[0], max_new_tokens=500), ValueError, "max_new_tokens"),
+        (lambda s: send_batch([s, s], TEXTS[:2]), ValueError, "same session"),
+        (lambda s: send_batch([s], TEXTS[:2]), ValueError, "queries"),
+    ],
+)
+def test_bad_input_is_rejected(model, tokenizer, call, error, match):
+    with pytest.raises(error, match=match):
+        call(RxTChatSession(model, tokenizer))
+
+
+def test_bad_construction_is_rejected(model, tokenizer):
+    with pytest.raises(TypeError, match="model"):
+        RxTChatSession(object(), tokenizer)
+    with pytest.raises(ValueError, match="memory_state"):
+        RxTChatSession(model, tokenizer, memory_state=model.init_memory(2))
+    with pytest.raises(TypeError, match="background_write"):
+        RxTChatSession(model, tokenizer, background_write="yes")

@@ -1,0 +1,408 @@
+"""External memory: retrieval inside the decoder's self-attention (modeling_rxt/external_memory.py)."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.external_memory import (
+    ExternalMemory,
+    ExternalMemoryRetriever,
+    RetrievedMemoryRecorder,
+    retrieve_top_k,
+)
+
+VOCAB = 64
+
+
+def tiny_config(**overrides) -> RxTConfig:
+    settings = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, memory_slots=4, max_position_embeddings=32, external_memory_layers=[0, 1],
+    )
+    return RxTConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model() -> RxTForCausalLM:
+    torch.manual_seed(0)
+    return RxTForCausalLM(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def memory_ids() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(5, VOCAB, (n,), generator=generator) for n in (40, 23)]
+
+
+def prompt(batch: int = 2, length: int = 6, seed: int = 2) -> torch.Tensor:
+    return torch.randint(5, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def layer_inputs(model, length: int = 6):
+    attention = model.model.layers[1].self_attn
+    hidden = torch.randn(2, length, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    rotary = model.model.rotary_emb(hidden, torch.arange(length)[None])
+    return attention, hidden, rotary
+
+
+def direct_attention(attention, hidden, rotary, memory: ExternalMemory, layer_pos: int, allowed: torch.Tensor):
+    """Plain softmax attention of every row over [its memory tokens; its local keys], written out per row.
+    `allowed` (B, T, T) says which local keys each query may see."""
+    query = attention.project_queries(hidden, rotary)  # (B, H, T, Dh)
+    key, value = attention.project_keys_values(hidden, rotary)  # (B, K, T, Dh)
+    groups = query.shape[1] // key.shape[1]
+    rows = []
+    for b in range(hidden.shape[0]):
+        n = int(memory.lengths[b])
+        keys = torch.cat((memory.keys[layer_pos, b, :, :n], key[b]), dim=1).repeat_interleave(groups, dim=0)
+        values = torch.cat((memory.values[layer_pos, b, :, :n], value[b]), dim=1).repeat_interleave(groups, dim=0)
+        scores = query[b] @ keys.transpose(-1, -2) * attention.scaling  # (H, T, n + T)
+        visible = torch.cat((torch.ones(hidden.shape[1], n, dtype=torch.bool), allowed[b]), dim=1)
+        weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        rows.append((weights @ values).transpose(0, 1).reshape(hidden.shape[1], -1))
+    return attention.o_proj(torch.stack(rows))
+
+
+def retriever(model, memory, batch: int = 2, **controls) -> ExternalMemoryRetriever:
+    return ExternalMemoryRetriever.from_config(memory, model.config, **controls).bind(None, batch)
+
+
+# ---- config -------------------------------------------------------------------------------------------------------
+def test_config_defaults_and_round_trip(tmp_path):
+    config = RxTConfig(num_hidden_layers=4)
+    assert (config.external_memory_layers, config.external_memory_topk) == (None, 8)
+    assert config.external_memory_sim_threshold is None and config.external_memory_stride is None
+    config = tiny_config(external_memory_layers=[1], external_memory_topk=3, external_memory_sim_threshold=0.2)
+    config.save_pretrained(tmp_path)
+    loaded = RxTConfig.from_pretrained(tmp_path)
+    assert (loaded.external_memory_layers, loaded.external_memory_topk) == ([1], 3)
+    assert loaded.external_memory_sim_threshold == 0.2
+
+
+@pytest.mark.parametrize(
+    "field, value, error",
+    [
+        ("external_memory_layers", [2], ValueError),
+        ("external_memory_layers", [0, 0], ValueError),
+        ("external_memory_topk", 0, ValueError),
+        ("external_memory_sim_threshold", 1.5, ValueError),
+        ("external_memory_stride", 33, ValueError),
+        ("external_memory_stride", 0, ValueError),
+        ("external_memory_layers", "0", TypeError),
+    ],
+)
+def test_config_rejects_bad_controls(field, value, error):
+    with pytest.raises(error, match=field):
+        tiny_config(**{field: value})
+
+
+def test_generate_rejects_bad_controls(model):
+    with pytest.raises(ValueError, match="external_memory_topk"):
+        model.generate(prompt(), max_new_tokens=2, external_memories=prompt(), external_memory_topk=-1)
+    with pytest.raises(ValueError, match="external_memory_layers"):
+        model.generate(prompt(), max_new_tokens=2, external_memories=prompt(), external_memory_layers=[5])
+    with pytest.raises(ValueError, match="return_dict_in_generate"):
+        model.generate(prompt(), max_new_tokens=2, external_memories=prompt(), output_retrieved_memory_idx=True)
+    with pytest.raises(ValueError, match="needs `external_memories`"):
+        model.generate(prompt(), max_new_tokens=2, output_retrieved_memory_idx=True, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="vocabulary"):
+        model.build_external_memory(torch.tensor([[1, VOCAB]]))
+    with pytest.raises(TypeError, match="external_memories"):
+        model.build_external_memory(torch.rand(1, 4))
+    with pytest.raises(ValueError, match="rows"):
+        model.generate(prompt(batch=2), max_new_tokens=2, external_memories=prompt(batch=3))
+
+
+def test_memory_of_another_model_is_rejected(model, memory_ids):
+    other = RxTForCausalLM(tiny_config(num_key_value_heads=4)).eval()
+    memory = other.build_external_memory(memory_ids)
+    with pytest.raises(ValueError, match="another shape"):
+        model.generate(prompt(), max_new_tokens=2, external_memories=memory)
+
+
+def test_memory_without_a_retrieval_layer_is_rejected(model, memory_ids):
+    memory = model.build_external_memory(memory_ids, layers=[1])
+    with pytest.raises(ValueError, match="external_memory_layers"):
+        model.generate(prompt(), max_new_tokens=2, external_memories=memory, external_memory_layers=[0])
+
+
+# ---- exactness ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mask_kind", ["none", "eager-float", "sdpa-bool"])
+def test_full_retrieval_equals_attention_over_memory_and_context(model, memory_ids, mask_kind):
+    memory = model.build_external_memory(memory_ids)
+    attention, hidden, rotary = layer_inputs(model)
+    length = hidden.shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril().expand(2, -1, -1).clone()
+    mask = None
+    if mask_kind != "none":
+        allowed[1, :, :2] = False  # row 1 is left-padded by two tokens
+        allowed[1, :2, :2] = torch.eye(2, dtype=torch.bool)  # padded queries see themselves (their output is unused)
+        keep = allowed[:, None]
+        mask = keep if mask_kind == "sdpa-bool" else torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    got, _ = attention(hidden, rotary, mask, external_memory=retriever(model, memory, topk=memory.keys.shape[3]))
+    expected = direct_attention(attention, hidden, rotary, memory, memory.layers.index(1), allowed)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_eager_and_sdpa_give_the_same_logits_with_retrieval(memory_ids):
+    torch.manual_seed(0)
+    eager = RxTForCausalLM(tiny_config()).eval()
+    eager.set_attn_implementation("eager")
+    sdpa = RxTForCausalLM(tiny_config()).eval()
+    sdpa.load_state_dict(eager.state_dict())
+    sdpa.set_attn_implementation("sdpa")
+    ids, mask = prompt(), torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    memory = eager.build_external_memory(memory_ids)
+    logits = [m(ids, attention_mask=mask, external_memory=memory).logits for m in (eager, sdpa)]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    plain = eager(ids, attention_mask=mask).logits
+    assert (logits[0] - plain).abs().max() > 1e-3  # the memory did change the output
+
+
+def test_without_memories_outputs_are_bit_identical(model, memory_ids):
+    torch.manual_seed(0)
+    plain = RxTForCausalLM(tiny_config(external_memory_layers=[])).eval()
+    plain.load_state_dict(model.state_dict())
+    ids = prompt()
+    assert torch.equal(model(ids).logits, plain(ids).logits)
+    memory = plain.build_external_memory(memory_ids, layers=[0, 1])
+    assert torch.equal(plain(ids, external_memory=memory).logits, plain(ids).logits)  # no layer retrieves
+    kwargs = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with_feature, without = model.generate(ids, **kwargs), plain.generate(ids, **kwargs)
+    assert torch.equal(with_feature.sequences, without.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(with_feature.scores, without.scores))
+
+
+# ---- ranking, threshold, indices ----------------------------------------------------------------------------------
+def test_key_equal_to_the_query_is_ranked_first():
+    generator = torch.Generator().manual_seed(4)
+    keys = torch.randn(1, 1, 50, 8, generator=generator) * torch.rand(1, 1, 50, 1, generator=generator) * 5
+    query = keys[:, :, 17:18].clone()  # (B, K, Q=1, Dh)
+    index, sims, valid = retrieve_top_k(query, keys, keys.norm(dim=-1).reciprocal(), torch.ones(1, 50, dtype=torch.bool), 5)
+    assert index[0, 0, 0, 0] == 17 and sims[0, 0, 0, 0] == pytest.approx(1.0, abs=1e-6)
+    assert valid.all() and (sims[..., :-1] >= sims[..., 1:]).all()
+
+
+def test_model_query_finds_the_memory_that_equals_it(model):
+    """A memory key set to the query of head 3 (kv head 1) for the last prompt token is that query's first pick."""
+    ids = prompt(batch=1)
+    attention = model.model.layers[1].self_attn
+    captured = {}
+    handle = attention.q_proj.register_forward_hook(lambda m, a, out: captured.setdefault("q", out))
+    model(ids)
+    handle.remove()
+    hidden_q = captured["q"].view(1, 6, 4, 8).transpose(1, 2)
+    rotary = model.model.rotary_emb(hidden_q, torch.arange(6)[None])
+    from modeling_rxt.modeling_rxt import apply_rotary
+
+    query = apply_rotary(hidden_q, rotary)  # what the layer ranks memories with
+    keys = torch.randn(1, 1, 2, 30, 8, generator=torch.Generator().manual_seed(5))
+    keys[0, 0, 1, 12] = query[0, 3, -1]
+    memory = ExternalMemory(keys, torch.randn_like(keys), torch.zeros(1, 30, dtype=torch.long),
+                            torch.ones(1, 30, dtype=torch.bool), (1,))
+    recorder = RetrievedMemoryRecorder()
+    model(ids, external_memory=ExternalMemoryRetriever.from_config(memory, model.config, layers=[1], recorder=recorder))
+    assert recorder.steps[0][1][0, 3, -1, 0] == 12
+
+
+def test_threshold_drops_memories_below_it(model, memory_ids):
+    memory = model.build_external_memory(memory_ids)
+    attention, hidden, rotary = layer_inputs(model)
+    recorder = RetrievedMemoryRecorder()
+    attention(hidden, rotary, external_memory=retriever(model, memory, topk=6, sim_threshold=0.3, recorder=recorder))
+    picked = recorder.steps[-1][1]  # (B, H, T, 6)
+    query = attention.project_queries(hidden, rotary)
+    keys = memory.keys[memory.layers.index(1)].repeat_interleave(2, dim=1)  # (B, H, M, Dh)
+    cosine = torch.nn.functional.normalize(query, dim=-1) @ torch.nn.functional.normalize(keys, dim=-1).transpose(-1, -2)
+    cosine = cosine.masked_fill(~memory.mask[:, None, None], -2)
+    top = cosine.topk(6, dim=-1)
+    expected = top.indices.masked_fill(top.values < 0.3, -1)
+    assert torch.equal(picked, expected)
+    assert (picked == -1).any() and (picked >= 0).any()
+
+
+def test_recorded_indices_are_what_was_attended_to(model, memory_ids):
+    memory = model.build_external_memory(memory_ids)
+    attention, hidden, rotary = layer_inputs(model)
+    recorder = RetrievedMemoryRecorder()
+    got, weights = attention(hidden, rotary, external_memory=retriever(model, memory, topk=3, recorder=recorder))
+    picked = recorder.steps[-1][1]  # (B, H, T, 3)
+    assert weights.shape[-1] == 3 + hidden.shape[1] and (weights[..., :3] > 0).all()
+    # Rebuild the output from the recorded indices alone.
+    query = attention.project_queries(hidden, rotary)
+    key, value = attention.project_keys_values(hidden, rotary)
+    pos = memory.layers.index(1)
+    outputs = torch.zeros_like(query)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    for b in range(2):
+        for h in range(4):
+            for t in range(6):
+                idx = picked[b, h, t]
+                keys = torch.cat((memory.keys[pos, b, h // 2, idx], key[b, h // 2, :6][causal[t]]))
+                values = torch.cat((memory.values[pos, b, h // 2, idx], value[b, h // 2, :6][causal[t]]))
+                weights_t = (keys @ query[b, h, t] * attention.scaling).softmax(-1)
+                outputs[b, h, t] = weights_t @ values
+    expected = attention.o_proj(outputs.transpose(1, 2).reshape(2, 6, -1))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_returns_indices_per_step_layer_head_query(model, memory_ids):
+    out = model.generate(
+        prompt(), max_new_tokens=3, do_sample=False, external_memories=memory_ids, external_memory_topk=4,
+        external_memory_layers=[1], output_retrieved_memory_idx=True, return_dict_in_generate=True,
+    )
+    steps = out.retrieved_memory_idx
+    assert len(steps) == 3 and all(set(step) == {1} for step in steps)
+    assert steps[0][1].shape == (2, 4, 6, 4) and steps[1][1].shape == (2, 4, 1, 4)
+    assert steps[0][1][1].max() < 23  # row 1 has 23 memory tokens: it never cites row 0's 40
+
+
+# ---- batching, generation, devices --------------------------------------------------------------------------------
+def test_batch_rows_never_see_each_others_memories(model, memory_ids):
+    ids = prompt()
+    alone = model(ids[:1], external_memory=model.build_external_memory(memory_ids[:1])).logits
+    together = model(ids, external_memory=model.build_external_memory(memory_ids)).logits
+    torch.testing.assert_close(together[:1], alone, rtol=1e-5, atol=1e-5)
+    swapped = model(ids, external_memory=model.build_external_memory(memory_ids[::-1])).logits
+    assert (swapped[:1] - alone).abs().max() > 1e-4  # the other row's memory would have made a difference
+
+
+def test_row_map_reads_any_memory_row(model, memory_ids):
+    memory = model.build_external_memory(memory_ids + [memory_ids[0][:9]])  # three rows
+    ids = prompt()
+    mapped = model(ids, external_memory=memory, external_memory_rows=torch.tensor([2, 0])).logits
+    selected = model(ids, external_memory=memory.select([2, 0])).logits
+    torch.testing.assert_close(mapped, selected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(do_sample=False), dict(num_beams=3), dict(num_beams=2, num_return_sequences=2)],
+    ids=["greedy", "beams", "beams-returning-2"],
+)
+def test_generate_with_cache_equals_without(model, memory_ids, settings):
+    common = dict(max_new_tokens=5, external_memories=memory_ids, external_memory_topk=5, **settings)
+    ids = prompt()
+    assert torch.equal(model.generate(ids, use_cache=True, **common), model.generate(ids, use_cache=False, **common))
+
+
+def test_sampling_with_memory_is_reproducible_and_expands_rows(model, memory_ids):
+    common = dict(max_new_tokens=4, do_sample=True, top_k=0, num_return_sequences=3, external_memories=memory_ids,
+                  output_retrieved_memory_idx=True, return_dict_in_generate=True)
+    torch.manual_seed(7)
+    first = model.generate(prompt(), **common)
+    torch.manual_seed(7)
+    second = model.generate(prompt(), **common)
+    assert torch.equal(first.sequences, second.sequences) and first.sequences.shape == (6, 10)
+    assert first.retrieved_memory_idx[0][1].shape[0] == 6
+    assert first.retrieved_memory_idx[0][1][3:].max() < 23  # rows 3..5 are copies of input row 1
+
+
+def test_one_memory_row_is_shared_by_the_batch(model, memory_ids):
+    ids = prompt()
+    shared = model(ids, external_memory=model.build_external_memory(memory_ids[:1])).logits
+    repeated = model(ids, external_memory=model.build_external_memory([memory_ids[0]] * 2)).logits
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-6)
+
+
+def test_memory_kept_in_another_dtype_on_the_cpu(model, memory_ids):
+    memory = model.build_external_memory(memory_ids, device="cpu")
+    ids = prompt()
+    reference = model(ids, external_memory=memory).logits
+    wide = model(ids, external_memory=memory.to(torch.float64)).logits
+    assert wide.dtype == torch.float32
+    torch.testing.assert_close(wide, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an accelerator")
+def test_memory_on_cpu_model_on_cuda(model, memory_ids):
+    memory = model.build_external_memory(memory_ids, device="cpu")
+    gpu = RxTForCausalLM(model.config).eval().to("cuda")
+    gpu.load_state_dict(model.state_dict())
+    out = gpu.generate(prompt().cuda(), max_new_tokens=3, do_sample=False, external_memories=memory)
+    assert memory.device.type == "cpu" and out.device.type == "cuda"
+    cpu_out = model.generate(prompt(), max_new_tokens=3, do_sample=False, external_memories=memory)
+    assert torch.equal(out.cpu(), cpu_out)
+
+
+# ---- building, adding, replacing, clearing ------------------------------------------------------------------------
+def test_strides_encode_each_chunk_on_its_own(model, memory_ids):
+    tokens = memory_ids[0]
+    memory = model.build_external_memory(tokens, stride=16)
+    second_chunk = model.build_external_memory(tokens[16:32], stride=16)
+    torch.testing.assert_close(memory.keys[:, :, :, 16:32], second_chunk.keys, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(memory.values[:, :, :, 16:32], second_chunk.values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(memory.token_ids[0], tokens)
+
+
+def test_padded_tensor_and_list_give_the_same_memory(model, memory_ids):
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    mask = torch.zeros(2, 40, dtype=torch.long)
+    ids[0], mask[0] = memory_ids[0], 1
+    ids[1, 17:], mask[1, 17:] = memory_ids[1], 1  # left padding
+    from_tensor = model.build_external_memory(ids, attention_mask=mask, stride=16)
+    from_list = model.build_external_memory(memory_ids, stride=16)
+    assert torch.equal(from_tensor.mask, from_list.mask) and torch.equal(from_tensor.token_ids, from_list.token_ids)
+    torch.testing.assert_close(from_tensor.keys, from_list.keys, rtol=1e-5, atol=1e-6)
+    assert from_list.lengths.tolist() == [40, 23]
+
+
+def test_add_appends_and_keeps_old_indices(model, memory_ids):
+    first = model.build_external_memory([memory_ids[0][:10], memory_ids[1][:5]])
+    more = model.build_external_memory([memory_ids[0][10:14], memory_ids[1][5:12]])
+    both = first.add(more)
+    assert both.lengths.tolist() == [14, 12]
+    assert torch.equal(both.token_ids[1, :12], torch.cat((memory_ids[1][:5], memory_ids[1][5:12])))
+    assert torch.equal(both.keys[:, 1, :, :5], first.keys[:, 1, :, :5])
+    assert torch.equal(both.keys[:, 1, :, 5:12], more.keys[:, 1, :, :7])
+    shared = first.add(model.build_external_memory(memory_ids[1][:3]))  # one row, added to every row
+    assert shared.lengths.tolist() == [13, 8]
+
+
+def test_replace_select_concatenate_clear(model, memory_ids):
+    memory = model.build_external_memory(memory_ids)
+    other = model.build_external_memory([memory_ids[1][:4]])
+    replaced = memory.replace([0], other)
+    assert replaced.lengths.tolist() == [4, 23]
+    assert torch.equal(replaced.token_ids[1, :23], memory.token_ids[1, :23])
+    joined = ExternalMemory.concatenate([memory, other])
+    assert joined.batch_size == 3 and torch.equal(joined.select([2]).keys, other.keys)
+    cleared = memory.clear([1])
+    assert cleared.lengths.tolist() == [40, 0]
+    recorder = RetrievedMemoryRecorder()
+    model(prompt(), external_memory=ExternalMemoryRetriever.from_config(cleared, model.config, recorder=recorder))
+    assert (recorder.steps[0][1][1] == -1).all() and (recorder.steps[0][1][0] >= 0).all()
+
+
+def test_fully_cleared_memory_reads_like_plain_attention(model, memory_ids):
+    empty = model.build_external_memory(memory_ids).clear()
+    assert empty.keys.shape[3] == 0
+    ids = prompt()
+    torch.testing.assert_close(model(ids, external_memory=empty).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+# ---- the Hub path ------------------------------------------------------------------------------------------------
+def test_saved_folder_generates_with_external_memories_without_the_package(model, memory_ids, tmp_path):
+    model.save_pretrained(tmp_path / "hub")
+    assert (tmp_path / "hub" / "external_memory.py").is_file()
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path = [p for p in sys.path if p not in ("", "{sys.path[0]}")]
+        sys.modules["modeling_rxt"] = None  # the project's package must not be importable
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained("{tmp_path / 'hub'}", trust_remote_code=True).eval()
+        out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False,
+                             external_memories=[torch.arange(5, 40)], external_memory_topk=4,
+                             output_retrieved_memory_idx=True, return_dict_in_generate=True)
+        print(out.sequences.tolist(), tuple(out.retrieved_memory_idx[0][1].shape))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False,
+                              external_memories=[torch.arange(5, 40)], external_memory_topk=4)
+    assert result.stdout.strip() == f"{expected.tolist()} (1, 4, 3, 4)"
