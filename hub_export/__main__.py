@@ -1,0 +1,81 @@
+"""`python -m hub_export SRC DEST [options]`: export a trained RxT model as a Hub folder, verify it, optionally push.
+
+Exit status: 0 done; 2 bad input (the message says which argument); 1 the folder failed verification or the upload
+failed. Errors are one message on stderr, never a traceback.
+"""
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hub_export",
+        description="Turn a trained RxT model folder into a Hub folder with a model card, verified in a fresh process.",
+    )
+    parser.add_argument("src", help="saved model folder (config.json, weights, tokenizer) or Trainer output folder")
+    parser.add_argument("dest", help="the Hub folder to write (must not exist or be empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DEST (atomically) if it is not empty")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the fresh-process verification (logits against SRC, usage snippet)")
+    parser.add_argument("--repo-id", help="Hub repository id named in the card and snippet (default: DEST's name)")
+    parser.add_argument("--push", metavar="REPO_ID", help="upload DEST to this Hub repository after the export")
+    parser.add_argument("--private", action="store_true", default=None, help="create the repository as private")
+    parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)")
+    parser.add_argument("--eval-json", help="evaluation JSON of the training job (results of the model card)")
+    parser.add_argument("--recipe-json", help="training recipe JSON (training section of the model card)")
+    parser.add_argument("--dataset", action="append", dest="datasets", metavar="NAME",
+                        help="dataset id for the card's metadata (repeat for several)")
+    return parser
+
+
+def _summary(report) -> str:
+    lines = [f"exported {report.model_folder} -> {report.dest} ({len(report.files)} files)"]
+    lines += [f"  {name}" for name in report.files]
+    if report.verification is not None:
+        v = report.verification
+        lines.append(
+            f"verified in a fresh process without {', '.join(v.blocked)} ({v.seconds:.1f} s): {v.model_class}; "
+            f"max |logits diff| {v.max_abs_diff_initial:.3g} (initial memory), {v.max_abs_diff_memory:.3g} "
+            f"(written memory); {v.generated_tokens} greedy tokens identical; usage snippet ran"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.push and args.repo_id and args.push != args.repo_id:
+        print(f"error: --repo-id {args.repo_id!r} and --push {args.push!r} differ", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("hub_export").setLevel(logging.INFO)  # progress: the verification takes a while
+    from .export import export_model
+    from .push import push_folder
+    from .verify import VerificationError
+
+    try:
+        report = export_model(
+            args.src, args.dest, overwrite=args.overwrite, verify=args.verify, repo_id=args.push or args.repo_id,
+            eval_json=args.eval_json, recipe_json=args.recipe_json, datasets=args.datasets,
+        )
+    except (ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (VerificationError, OSError) as error:
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    print(_summary(report))
+    if args.push:
+        try:  # a separate step: a failed upload leaves a complete, verified DEST to push again later
+            print(f"pushed: {push_folder(report.dest, args.push, private=args.private, endpoint=args.endpoint)}")
+        except Exception as error:  # HTTP, network or file errors alike: report them, keep DEST
+            print(f"error: the upload to {args.push!r} failed ({report.dest} is complete and verified): "
+                  f"{type(error).__name__}: {error}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""One call from a trained model to a Hub folder: `export_model(src, dest)`.
+
+    SRC (save_pretrained folder, or Trainer output with checkpoint-*/)      DEST (what gets uploaded)
+      config.json, model.safetensors      --load, check-->  config.json (auto_map), generation_config.json,
+      tokenizer files (+ chat template)                     model.safetensors (with metadata), code files,
+      adapters/<name>/adapter_config.json                   tokenizer files + chat_template.jinja, <name>/ (PEFT),
+      eval JSON, recipe JSON (given)                        README.md (model card)
+
+DEST is built in a hidden sibling folder, verified there in a fresh process, and only then renamed into place: an
+interrupted export never leaves a half-written DEST, and with `overwrite=True` the old DEST stays until the new one
+is complete.
+"""
+
+import ast
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import SafetensorError
+from transformers import AutoTokenizer, GenerationConfig
+
+from modeling_rxt import RxTForCausalLM
+
+from .fresh_process import BLOCKED_PACKAGES
+from .model_card import DEFAULT_DATASETS, Evaluation, build_model_card, read_evaluation, read_recipe
+from .push import push_folder
+from .verify import VerificationReport, verify_export
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMAT_VERSION = "1"
+# What the exported code may import: a Hub user has the standard library, torch and transformers (which brings
+# safetensors and huggingface_hub). Everything else, this project's training and data code included, must not leak.
+ALLOWED_CODE_IMPORTS = frozenset({"torch", "transformers", "safetensors", "huggingface_hub", "__future__"})
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    dest: Path
+    files: tuple[str, ...]  # every file of DEST, relative, sorted
+    model_folder: Path  # the folder the weights came from (SRC or its latest checkpoint)
+    adapters: tuple[str, ...]
+    verification: VerificationReport | None
+    commit_url: str | None
+
+
+# ---- reading SRC -----------------------------------------------------------------------------------------------------
+def _checkpoint_step(folder: Path) -> int:
+    return int(folder.name.removeprefix("checkpoint-"))
+
+
+def find_model_folder(src: Path) -> Path:
+    """SRC itself when it holds `config.json`, else the latest `checkpoint-N/` of a Trainer output folder."""
+    if not src.is_dir():
+        raise ValueError(f"`src` {str(src)!r} is not a folder.")
+    if (src / "config.json").is_file():
+        return src
+    checkpoints = [p for p in src.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
+                   and (p / "config.json").is_file()]
+    if checkpoints:
+        return max(checkpoints, key=_checkpoint_step)
+    raise ValueError(
+        f"`src` {str(src)!r} is not a model folder: it has no config.json (nor checkpoint-N/config.json of a Trainer "
+        "run). Save the model with `model.save_pretrained(folder)` first."
+    )
+
+
+def load_source_model(folder: Path) -> RxTForCausalLM:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"`src` {str(folder)!r}: config.json is not valid JSON: {error}") from error
+    if not isinstance(config, dict) or config.get("model_type") != "rxt":
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        raise ValueError(f"`src` {str(folder)!r} holds a {model_type!r} model, not an RxT model.")
+    try:
+        model, info = RxTForCausalLM.from_pretrained(folder, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # missing, truncated or corrupted files
+        raise ValueError(f"`src` {str(folder)!r}: the model cannot be loaded: {error}") from error
+    problems = {key: value for key, value in info.items() if value}  # missing, unexpected, mismatched keys, errors
+    if problems:
+        raise ValueError(f"`src` {str(folder)!r}: the weights do not match the config: {problems}")
+    model.config.use_cache = True  # Trainer saves use_cache=False; users of the export want the cache
+    return model.eval()
+
+
+def _tokenizer_folder(model_folder: Path, src: Path) -> Path:
+    for folder in (model_folder, src):
+        if any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return folder
+    raise ValueError(
+        f"`src` {str(src)!r} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): save it next to the model with "
+        "`tokenizer.save_pretrained(folder)`."
+    )
+
+
+def load_source_tokenizer(model_folder: Path, src: Path, config):
+    folder = _tokenizer_folder(model_folder, src)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"`src` {str(folder)!r}: the tokenizer cannot be loaded: {error}") from error
+    if not tokenizer.chat_template:
+        raise ValueError(f"`src` {str(folder)!r}: the tokenizer has no chat template.")
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"`src` {str(folder)!r}: the tokenizer has {len(tokenizer)} tokens, more than the model's "
+                         f"vocab_size {config.vocab_size}.")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ours, theirs = getattr(tokenizer, name), getattr(config, name)
+        if ours is None or ours != theirs:
+            raise ValueError(f"`src` {str(folder)!r}: tokenizer {name} is {ours}, the model config says {theirs}.")
+    return tokenizer
+
+
+def find_adapters(src: Path, model_folder: Path) -> dict[str, Path]:
+    """PEFT adapters saved beside the model: `adapters/adapter_config.json` (named `default`) and
+    `adapters/<name>/adapter_config.json`."""
+    found: dict[str, Path] = {}
+    for root in dict.fromkeys((src / "adapters", model_folder / "adapters")):
+        if (root / "adapter_config.json").is_file():
+            found.setdefault("default", root)
+        for config_path in sorted(root.glob("*/adapter_config.json")):
+            found.setdefault(config_path.parent.name, config_path.parent)
+    for name in found:
+        if not ADAPTER_NAME.fullmatch(name):
+            raise ValueError(f"Adapter folder name {name!r} in `src` is not a valid folder name for the Hub.")
+    return found
+
+
+# ---- writing DEST ----------------------------------------------------------------------------------------------------
+def write_generation_config(folder: Path, model, tokenizer) -> None:
+    """Greedy decoding of at most `DEFAULT_MAX_NEW_TOKENS` tokens (never past the interaction length), with the
+    tokenizer's special token ids, which the export has checked against the config."""
+    config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, model.config.max_position_embeddings // 2),
+        do_sample=False,
+    )
+    config.save_pretrained(folder)
+
+
+def add_safetensors_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Rewrites the header of a safetensors file with `metadata` added (transformers' `save_pretrained` ignores
+    `metadata=`). Header: 8-byte little-endian length, JSON, space padding to a multiple of 8; tensor offsets are
+    relative to the data, so only the header changes. Written through a temporary file and renamed."""
+    with open(path, "rb") as source:
+        (length,) = struct.unpack("<Q", source.read(8))
+        header = json.loads(source.read(length))
+        header["__metadata__"] = {**header.get("__metadata__", {}), **metadata}
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as target:
+                target.write(struct.pack("<Q", len(encoded)) + encoded)
+                shutil.copyfileobj(source, target)
+                target.flush()
+                os.fsync(target.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+def weights_metadata(model, evaluation: Evaluation | None) -> dict[str, str]:
+    counts = model.parameter_counts()
+    config = model.config
+    metadata = {
+        "format": "pt",
+        "model_type": config.model_type,
+        "architecture": type(model).__name__,
+        "parameters_total": str(counts["total"]),
+        "parameters_active": str(counts["active"]),
+        "memory_layers": str(config.num_hidden_layers),
+        "memory_slots": str(config.memory_slots),
+        "hidden_size": str(config.hidden_size),
+        "num_local_experts": str(config.num_local_experts),
+        "exporter": "rxt-transformers hub_export",
+        "export_format_version": EXPORT_FORMAT_VERSION,
+    }
+    if evaluation is not None:
+        metadata["evaluation_source"] = evaluation.source
+    return metadata
+
+
+def _imports_of(path: Path) -> tuple[set[str], set[str]]:
+    """(absolute top-level packages, sibling modules imported with a single-dot relative import)."""
+    absolute, relative = set(), set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            absolute |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            absolute.add(node.module.partition(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            if node.level != 1 or node.module is None:
+                raise ValueError(f"{path.name}: only `from .sibling import name` imports work in a Hub folder.")
+            relative.add(node.module.partition(".")[0])
+    return absolute, relative
+
+
+def check_code_files(folder: Path, auto_map: dict[str, str]) -> list[str]:
+    """The code files of a Hub folder must be exactly those reachable from `auto_map` through relative imports, and
+    import nothing a Hub user lacks. Returns their names."""
+    pending = [reference.partition(".")[0] for reference in auto_map.values()]
+    reachable: set[str] = set()
+    while pending:
+        module = pending.pop()
+        if module in reachable:
+            continue
+        path = folder / f"{module}.py"
+        if not path.is_file():
+            raise ValueError(f"The exported code imports `{module}`, but {path.name} was not copied.")
+        reachable.add(module)
+        absolute, relative = _imports_of(path)
+        foreign = absolute - ALLOWED_CODE_IMPORTS - set(sys.stdlib_module_names)
+        if foreign:
+            raise ValueError(f"{path.name} imports {sorted(foreign)}, which a Hub user does not have.")
+        pending += relative
+    present = {path.stem for path in folder.glob("*.py")}
+    if present - reachable:
+        raise ValueError(f"Code files that the model does not use would be published: {sorted(present - reachable)}.")
+    return sorted(f"{module}.py" for module in reachable)
+
+
+def copy_adapter(source: Path, target: Path, base_model: str) -> None:
+    """One PEFT adapter folder, its `base_model_name_or_path` pointing at the exported base."""
+    target.mkdir()
+    for path in source.iterdir():
+        if path.is_file() and path.name != "README.md":  # PEFT's stub card names the training-time base path
+            shutil.copy2(path, target / path.name)
+    config_path = target / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Adapter {str(source)!r}: adapter_config.json is not valid JSON: {error}") from error
+    if not any((target / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ValueError(f"Adapter {str(source)!r} has no adapter_model.safetensors.")
+    config["base_model_name_or_path"] = base_model
+    # PEFT records where the base class was imported from; this project's packages do not exist for Hub users (and
+    # `PeftModel.from_pretrained(model, repo, subfolder=name)` does not need the mapping).
+    if str((config.get("auto_mapping") or {}).get("parent_library", "")).partition(".")[0] in BLOCKED_PACKAGES:
+        config["auto_mapping"] = None
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file, or a folder's entries, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file and folder under `folder`, and itself: a rename then publishes complete data."""
+    for path in [*folder.rglob("*"), folder]:
+        if not path.is_symlink():
+            _fsync(path)
+
+
+def build_folder(staging: Path, model, tokenizer, *, model_id: str, base_model: str, adapters: dict[str, Path],
+                 evaluation: Evaluation | None, recipe: dict | None, recipe_name: str | None,
+                 datasets: Sequence[str]) -> None:
+    """Writes every file of the Hub folder into `staging` (an empty folder)."""
+    model.save_pretrained(staging)  # config.json with auto_map, model.safetensors, the code files
+    tokenizer.save_pretrained(staging)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
+    write_generation_config(staging, model, tokenizer)
+    for path in sorted(staging.glob("*.safetensors")):
+        add_safetensors_metadata(path, weights_metadata(model, evaluation))
+    check_code_files(staging, json.loads((staging / "config.json").read_text(encoding="utf-8"))["auto_map"])
+    for name, source in adapters.items():
+        if (staging / name).exists():
+            raise ValueError(f"Adapter name {name!r} collides with a file of the exported model.")
+        copy_adapter(source, staging / name, base_model)
+    card = build_model_card(model, model_id=model_id, evaluation=evaluation, recipe=recipe, recipe_name=recipe_name,
+                            datasets=datasets, adapters=list(adapters))
+    card.save(staging / "README.md")
+    _fsync_tree(staging)
+
+
+def swap_into_place(staging: Path, dest: Path) -> None:
+    """Renames `staging` to `dest`. An existing `dest` is first renamed aside and removed only once the new folder
+    is in place; if that rename fails, the old folder is put back."""
+    if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
+        os.replace(staging, dest)  # a rename over an empty folder is atomic on POSIX
+        _fsync(dest.parent)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    os.replace(dest, retired / dest.name)
+    try:
+        os.replace(staging, dest)
+    except BaseException:
+        os.replace(retired / dest.name, dest)
+        raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+    _fsync(dest.parent)  # the rename itself is durable once the parent folder is flushed
+
+
+def _check_dest(src: Path, dest: Path, overwrite: bool) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"`dest` {str(dest)!r} exists and is not a folder.")
+    if dest.resolve() == src.resolve() or dest.resolve() in src.resolve().parents:
+        raise ValueError(f"`dest` {str(dest)!r} would replace `src` {str(src)!r} or a folder that contains it.")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise ValueError(
+            f"`dest` {str(dest)!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it."
+        )
+
+
+def _check_repo_id(repo_id: str | None, push: bool) -> None:
+    if repo_id is None:
+        if push:
+            raise ValueError("`push=True` needs a `repo_id` to push to.")
+        return
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"`repo_id` {repo_id!r} is not a valid Hub repository id: {error}") from error
+
+
+def export_model(
+    src: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    verify: bool = True,
+    repo_id: str | None = None,
+    push: bool = False,
+    eval_json: str | os.PathLike | None = None,
+    recipe_json: str | os.PathLike | None = None,
+    datasets: Sequence[str] | None = None,
+    private: bool | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+) -> ExportReport:
+    """Turns the trained model in `src` into the Hub folder `dest` and returns what was done.
+
+    `repo_id` names the Hub repository in the card, the usage snippet and the adapters (default: the name of `dest`);
+    `push=True` uploads `dest` there (`endpoint`, `token`, `private` go to `huggingface_hub`). `eval_json` is the
+    evaluation output of the training job, `recipe_json` its recipe; `datasets` the card's dataset ids. Raises
+    `ValueError` on bad input and `VerificationError` if the folder does not load and compute like the source in a
+    fresh process; in both cases `dest` is left as it was and no temporary folder remains. An upload error
+    (`huggingface_hub` raises it) comes after `dest` is complete: push it again with `push_folder`.
+    """
+    if not isinstance(src, str | os.PathLike) or not isinstance(dest, str | os.PathLike):
+        raise TypeError("`src` and `dest` must be paths (str or os.PathLike).")
+    src, dest = Path(src), Path(dest)
+    _check_repo_id(repo_id, push)
+    if datasets is not None and (isinstance(datasets, str) or not all(isinstance(d, str) and d for d in datasets)):
+        raise ValueError(f"`datasets` must be a list of dataset names, got {datasets!r}.")
+    evaluation = read_evaluation(eval_json) if eval_json is not None else None
+    recipe = read_recipe(recipe_json) if recipe_json is not None else None
+    model_folder = find_model_folder(src)
+    _check_dest(src, dest, overwrite)
+    adapters = find_adapters(src, model_folder)
+    logger.info("loading %s", model_folder)
+    model = load_source_model(model_folder)
+    tokenizer = load_source_tokenizer(model_folder, src, model.config)
+    model_id = repo_id or dest.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        build_folder(staging, model, tokenizer, model_id=model_id, base_model=repo_id or ".", adapters=adapters,
+                     evaluation=evaluation, recipe=recipe, recipe_name=Path(recipe_json).name if recipe else None,
+                     datasets=datasets if datasets is not None else recipe_datasets(recipe))
+        logger.info("verifying %s in a fresh process", staging)
+        report = verify_export(staging, model, tokenizer, model_id=model_id) if verify else None
+        _check_dest(src, dest, overwrite)  # again: another process may have filled `dest` meanwhile
+        swap_into_place(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    files = tuple(sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()))
+    commit_url = None
+    if push:
+        logger.info("pushing %s to %s", dest, repo_id)
+        commit_url = push_folder(dest, repo_id, private=private, endpoint=endpoint, token=token)
+    return ExportReport(dest=dest, files=files, model_folder=model_folder, adapters=tuple(adapters),
+                        verification=report, commit_url=commit_url)
+
+
+def recipe_datasets(recipe: dict | None) -> tuple[str, ...]:
+    """The recipe's `datasets` list when it has one, else the project's training data."""
+    value = (recipe or {}).get("datasets")
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    return DEFAULT_DATASETS
+
+
+__all__ = [
+    "ExportReport",
+    "add_safetensors_metadata",
+    "check_code_files",
+    "export_model",
+    "find_model_folder",
+    "swap_into_place",
+]

@@ -1,0 +1,403 @@
+"""The model card (`README.md`) of an exported RxT model, built from what the export can read, never typed by hand.
+
+- YAML metadata through `huggingface_hub.ModelCardData`: library, pipeline, tags, licence, datasets, and a
+  `model-index` whose every number is read from the model's evaluation JSON (the file the training job writes).
+- An architecture table generated from the config and `model.parameter_counts()`.
+- The training recipe, rendered from the recipe JSON when one is given.
+- Limitations, the licence / patent notice of the project, and a usage snippet that the export runs as written.
+
+The evaluation JSON, as `modeling_rxt.evaluation.evaluate_recall` writes it (fractions in [0, 1], distances as
+JSON object keys; other keys are ignored):
+
+    {"recall_by_distance": {"1": 0.93, "4": 0.91, "8": 0.72},    exact-match recall of a fact d turns back
+     "recall_memory_reset": {"1": 0.01, ...} | 0.012,             the same questions, memory reset before them
+     "chance": 0.01,                                              accuracy of a uniform guess
+     "recall": 0.87, "recall_reset": 0.011,                       optional: over all distances
+     "questions_by_distance": {"1": 120, ...}, "questions": 800,  optional: how many questions
+     "split": "test"}                                             optional
+"""
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+LICENSE = "apache-2.0"
+DEFAULT_DATASETS = ("rxt-synthetic-memory-episodes", "chatterbot-corpus")
+EVAL_TASK = "text-generation"
+EVAL_DATASET_TYPE = "rxt-synthetic-memory-episodes"
+EVAL_DATASET_NAME = "RxT synthetic memory episodes (held-out values)"
+USAGE_HEADING = "## Usage"
+# The conversation of the usage snippet has the shape of the training episodes: two facts, then a question about the
+# first one, asked two turns after it was stated.
+USAGE_QUERIES = ("my cat is called bimo .", "i live in oslo .", "what is my cat called ?")
+
+_CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
+
+
+# ---- the evaluation JSON ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Evaluation:
+    """The measured results of one model, as read from its evaluation JSON."""
+
+    recall_by_distance: dict[int, float]
+    recall_memory_reset: float | dict[int, float]
+    chance: float
+    source: str
+    recall: float | None = None
+    recall_reset: float | None = None
+    questions_by_distance: dict[int, int] | None = None
+    questions: int | None = None
+    split: str | None = None
+
+
+def _fraction(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a number, got {value!r}.")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where} must be a fraction in [0, 1] (not a percentage), got {value!r}.")
+    return float(value)
+
+
+def _count(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where} must be a count (an integer >= 0), got {value!r}.")
+    return value
+
+
+def _by_distance(value: object, where: str, read=_fraction) -> dict[int, float]:
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"{where} must be a non-empty object mapping turn distance -> value, got {value!r}.")
+    result = {}
+    for key, item in value.items():
+        if not re.fullmatch(r"[1-9][0-9]*", str(key)):
+            raise ValueError(f"{where} has the key {key!r}; keys must be turn distances (integers >= 1).")
+        result[int(key)] = read(item, f"{where}[{key!r}]")
+    return dict(sorted(result.items()))
+
+
+def _optional(data: dict, key: str, read, where: str):
+    return read(data[key], f"{where} {key}") if data.get(key) is not None else None
+
+
+def read_evaluation(path: str | Path) -> Evaluation:
+    """Reads and checks the evaluation JSON at `path`; raises `ValueError` naming the file and the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"`eval_json` {str(path)!r} is not a file.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"`eval_json` {str(path)!r} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"`eval_json` {str(path)!r} must hold a JSON object, got {type(data).__name__}.")
+    missing = [key for key in ("recall_by_distance", "recall_memory_reset", "chance") if key not in data]
+    if missing:
+        raise ValueError(f"`eval_json` {str(path)!r} lacks the keys {missing}.")
+    where = f"`eval_json` {path.name!r}"
+    reset = data["recall_memory_reset"]
+    split = data.get("split")
+    if split is not None and not isinstance(split, str):
+        raise ValueError(f"{where} split must be a string, got {split!r}.")
+    return Evaluation(
+        recall_by_distance=_by_distance(data["recall_by_distance"], f"{where} recall_by_distance"),
+        recall_memory_reset=(_by_distance if isinstance(reset, Mapping) else _fraction)(
+            reset, f"{where} recall_memory_reset"),
+        chance=_fraction(data["chance"], f"{where} chance"),
+        source=path.name,
+        recall=_optional(data, "recall", _fraction, where),
+        recall_reset=_optional(data, "recall_reset", _fraction, where),
+        questions_by_distance=_optional(
+            data, "questions_by_distance", lambda value, name: _by_distance(value, name, read=_count), where),
+        questions=_optional(data, "questions", _count, where),
+        split=split,
+    )
+
+
+def read_recipe(path: str | Path) -> dict:
+    """Reads the training recipe JSON at `path` (any JSON object; rendered as tables in the card)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"`recipe_json` {str(path)!r} is not a file.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"`recipe_json` {str(path)!r} is not valid JSON: {error}") from error
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"`recipe_json` {str(path)!r} must hold a non-empty JSON object.")
+    return data
+
+
+def eval_results(evaluation: Evaluation) -> list[EvalResult]:
+    """One `model-index` entry per measured number: recall at each distance, with the memory reset, and chance."""
+    common = {
+        "task_type": EVAL_TASK,
+        "dataset_type": EVAL_DATASET_TYPE,
+        "dataset_name": EVAL_DATASET_NAME,
+        "dataset_split": evaluation.split,
+        "metric_type": "exact_match",
+    }
+    results = [
+        EvalResult(**common, metric_value=value, metric_name=f"recall of a fact {d} turn(s) back",
+                   metric_config=f"distance={d}")
+        for d, value in evaluation.recall_by_distance.items()
+    ]
+    reset = evaluation.recall_memory_reset
+    if isinstance(reset, dict):
+        results += [
+            EvalResult(**common, metric_value=value, metric_name=f"recall {d} turn(s) back, memory reset",
+                       metric_config=f"distance={d},memory=reset")
+            for d, value in reset.items()
+        ]
+    else:
+        results.append(EvalResult(**common, metric_value=reset, metric_name="recall with the memory reset",
+                                  metric_config="memory=reset"))
+    if evaluation.recall is not None:
+        results.append(EvalResult(**common, metric_value=evaluation.recall, metric_name="recall, all distances",
+                                  metric_config="all"))
+    if evaluation.recall_reset is not None:
+        results.append(EvalResult(**common, metric_value=evaluation.recall_reset,
+                                  metric_name="recall with the memory reset, all distances",
+                                  metric_config="all,memory=reset"))
+    results.append(EvalResult(**common, metric_value=evaluation.chance, metric_name="chance level (uniform guess)",
+                              metric_config="chance"))
+    return results
+
+
+# ---- the body --------------------------------------------------------------------------------------------------------
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _results_table(evaluation: Evaluation) -> list[str]:
+    reset, counts = evaluation.recall_memory_reset, evaluation.questions_by_distance or {}
+    rows = ["| distance *d* (turns) | recall | recall, memory reset | questions |", "|---|---|---|---|"]
+    for d, value in evaluation.recall_by_distance.items():
+        reset_cell = _percent(reset[d]) if isinstance(reset, dict) and d in reset else ""
+        rows.append(f"| {d} | {_percent(value)} | {reset_cell} | {counts.get(d, '')} |")
+    if evaluation.recall is not None:
+        overall_reset = _percent(evaluation.recall_reset) if evaluation.recall_reset is not None else ""
+        rows.append(f"| all | {_percent(evaluation.recall)} | {overall_reset} | {evaluation.questions or ''} |")
+    return rows
+
+
+def _results_section(evaluation: Evaluation | None) -> str:
+    if evaluation is None:
+        return ("## Results\n\nNo evaluation JSON was given to the export, so this card reports no results and has "
+                "no `model-index`.")
+    where = f"numbers read from `{evaluation.source}`, the training job's evaluation output"
+    where += f"; split `{evaluation.split}`" if evaluation.split else ""
+    lines = [
+        "## Results",
+        "",
+        "Exact-match recall of a fact stated *d* turns before the question, on held-out synthetic episodes whose "
+        f"values never occur in training, with the memory carried from turn to turn and with the memory reset "
+        f"before the question ({where}).",
+        "",
+        *_results_table(evaluation),
+    ]
+    if not isinstance(evaluation.recall_memory_reset, dict):
+        lines += ["", f"With the memory reset before each question: {_percent(evaluation.recall_memory_reset)}."]
+    lines += ["", f"Chance level (a uniform guess among the held-out values): {_percent(evaluation.chance)}."]
+    return "\n".join(lines)
+
+
+def architecture_rows(config, parameter_counts: Mapping[str, int]) -> list[tuple[str, str]]:
+    """(field, value) rows describing the model, all derived from `config` and the counted parameters."""
+    if config.num_local_experts > 0:  # mixture of experts
+        ffn = f"mixture of experts: {config.num_local_experts} experts, {config.num_experts_per_tok} active per token"
+        if config.shared_expert_intermediate_size:
+            ffn += f", shared expert of width {config.shared_expert_intermediate_size}"
+    else:
+        ffn = f"dense SwiGLU, width {config.intermediate_size}"
+    return [
+        ("parameters, total", f"{parameter_counts['total']:,}"),
+        ("parameters, active per token", f"{parameter_counts['active']:,}"),
+        ("hidden size", str(config.hidden_size)),
+        ("decoder layers (= memory encoder layers = memory layers)", str(config.num_hidden_layers)),
+        ("attention heads (query / key-value), head dim",
+         f"{config.num_attention_heads} / {config.num_key_value_heads}, {config.head_dim}"),
+        ("decoder feed-forward", ffn),
+        ("short-term memory (layers x slots x dims)",
+         f"{config.num_hidden_layers} x {config.memory_slots} x {config.hidden_size}"),
+        ("memory attention", f"`{config.memory_attention_type}`"),
+        ("max interaction length (tokens)", str(config.max_position_embeddings)),
+        ("vocabulary", str(config.vocab_size)),
+        ("tied input / output embeddings", "yes" if config.tie_word_embeddings else "no"),
+        ("weights dtype", str(config.dtype).removeprefix("torch.") if config.dtype is not None else "float32"),
+    ]
+
+
+def _architecture_section(config, parameter_counts: Mapping[str, int]) -> str:
+    rows = "\n".join(f"| {name} | {value} |" for name, value in architecture_rows(config, parameter_counts))
+    return (
+        "## Architecture\n\n"
+        "A Reactive Transformer (RxT, arXiv 2510.03561): a decoder that reads a fixed-size short-term memory (STM) "
+        "through memory cross-attention while it answers, and a memory encoder plus memory attention that rewrite "
+        "the memory from the whole interaction after the answer. The cost of a turn does not grow with the length "
+        "of the conversation.\n\n| | |\n|---|---|\n" + rows
+    )
+
+
+def usage_snippet(model_id: str, max_new_tokens: int = 32) -> str:
+    """The usage example of the card; the export runs exactly this text in a fresh process."""
+    queries = ",\n    ".join(json.dumps(query) for query in USAGE_QUERIES)
+    return f'''import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model_id = {json.dumps(model_id)}
+tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True).eval()
+
+memory = model.init_memory(batch_size=1)  # the short-term memory of one conversation
+for query in [
+    {queries},
+]:
+    prompt = tokenizer.apply_chat_template(
+        [{{"role": "user", "content": query}}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        ids = model.generate(**prompt, memory_state=memory, max_new_tokens={max_new_tokens}, do_sample=False)
+        # After answering, write the whole interaction (query and answer) into a new memory state.
+        memory = model.update_memory(memory, ids)
+    answer = tokenizer.decode(ids[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    print(f"Q: {{query}}\\nA: {{answer}}")'''
+
+
+def _usage_section(model_id: str, max_new_tokens: int) -> str:
+    return (
+        f"{USAGE_HEADING}\n\n"
+        "Needs only `torch` and `transformers` (the model code ships in this repository, hence "
+        "`trust_remote_code=True`). The memory is an explicit object: `generate` reads it and never changes it, "
+        "`update_memory` returns a new one after each turn.\n\n"
+        f"```python\n{usage_snippet(model_id, max_new_tokens)}\n```\n\n"
+        "Without `memory_state`, `forward` and `generate` read the learned initial memory, so "
+        f'`pipeline("text-generation", model="{model_id}", trust_remote_code=True)` works as for any causal LM.'
+    )
+
+
+def _adapters_section(model_id: str, adapters: Sequence[str]) -> str:
+    if not adapters:
+        return ""
+    names = ", ".join(f"`{name}`" for name in adapters)
+    return (
+        "## Adapters\n\n"
+        f"PEFT LoRA adapters on this model, each in its own folder: {names}.\n\n"
+        "```python\nfrom peft import PeftModel\n\n"
+        f'model = PeftModel.from_pretrained(model, "{model_id}", subfolder="{adapters[0]}")\n```'
+    )
+
+
+def _recipe_value(value: object) -> str:
+    text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+    return text.replace("|", "\\|")
+
+
+def _recipe_section(recipe: Mapping | None, recipe_name: str | None) -> str:
+    if recipe is None:
+        return "## Training\n\nNo training recipe was given to the export."
+    scalars = [(key, value) for key, value in recipe.items() if not isinstance(value, dict | list)]
+    lines = ["## Training", "", f"The recipe, as read from `{recipe_name}`:"]
+    if scalars:
+        lines += ["", "| | |", "|---|---|", *(f"| {key} | {_recipe_value(value)} |" for key, value in scalars)]
+    for key, value in recipe.items():
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            columns = list(dict.fromkeys(column for item in value for column in item))
+            lines += ["", f"**{key}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(_recipe_value(item.get(c, "")) for c in columns) + " |" for item in value]
+        elif isinstance(value, dict | list):
+            lines += ["", f"**{key}**: `{_recipe_value(value)}`"]
+    return "\n".join(lines)
+
+
+LIMITATIONS = """## Limitations
+
+- A small research model: it is trained to keep facts of a conversation in its short-term memory, not to be a
+  general assistant. Expect wrong or empty answers outside the format it was trained on (`[Q] query [A] answer`).
+- The memory has a fixed number of slots: older facts are overwritten as the conversation goes on, and recall falls
+  with the distance to the fact (see Results).
+- The reported results come from synthetic episodes; they say nothing about open-domain quality, safety or bias.
+- One interaction (query and answer) must fit in the maximum interaction length above; longer input raises an error.
+- The remote code targets `transformers` 5.23 and `torch` >= 2.13; other versions may need changes."""
+
+LICENCE_NOTICE = """## Licence and patent notice
+
+The code in this repository and these weights are released under the Apache-2.0 licence. The code was written
+independently from the published RxT paper (arXiv 2510.03561); no code is taken from the authors' RxLM framework,
+whose code and model weights are under non-commercial licences. The RxT architecture is the subject of a pending
+patent application by its authors (#P.453260): the Apache-2.0 licence grants no rights under patents held by others.
+Judge your own use, commercial use in particular, accordingly."""
+
+
+def build_model_card(
+    model,
+    *,
+    model_id: str,
+    evaluation: Evaluation | None = None,
+    recipe: Mapping | None = None,
+    recipe_name: str | None = None,
+    datasets: Sequence[str] = DEFAULT_DATASETS,
+    adapters: Sequence[str] = (),
+) -> ModelCard:
+    """The model card of `model` (an RxT causal LM) as it will be published under `model_id`."""
+    if not isinstance(model_id, str) or not model_id:
+        raise ValueError(f"`model_id` must be a non-empty string, got {model_id!r}.")
+    config = model.config
+    tags = ["custom_code", "rxt", "reactive-transformer", "stateful", "memory"]
+    if config.num_local_experts > 0:
+        tags.append("mixture-of-experts")
+    if adapters:
+        tags.append("peft")
+    card_data = ModelCardData(
+        model_name=model_id.split("/")[-1],
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=LICENSE,
+        language=["en"],
+        tags=tags,
+        datasets=list(datasets),
+        metrics=["exact_match"] if evaluation is not None else None,
+        eval_results=eval_results(evaluation) if evaluation is not None else None,
+    )
+    sections = [
+        f"# {model_id.split('/')[-1]}",
+        "A Reactive Transformer (RxT) for Hugging Face Transformers: a stateful language model that processes one "
+        "interaction at a time and carries the conversation in a fixed-size short-term memory.",
+        _results_section(evaluation),
+        _architecture_section(config, model.parameter_counts()),
+        # Prompt and answer must fit in one interaction: answers of at most half of it.
+        _usage_section(model_id, min(32, config.max_position_embeddings // 2)),
+        _adapters_section(model_id, list(adapters)),
+        _recipe_section(recipe, recipe_name),
+        LIMITATIONS,
+        LICENCE_NOTICE,
+    ]
+    body = "\n\n".join(section for section in sections if section)
+    return ModelCard.from_template(card_data, template_str=_CARD_TEMPLATE, body=body)
+
+
+def extract_usage_snippet(card_text: str) -> str:
+    """The first Python code block after the `## Usage` heading of a card: what a reader would copy."""
+    _, heading, rest = card_text.partition(f"\n{USAGE_HEADING}\n")
+    match = re.search(r"```python\n(.*?)\n```", rest, flags=re.DOTALL) if heading else None
+    if match is None:
+        raise ValueError(f"The model card has no Python code block under {USAGE_HEADING!r}.")
+    return match.group(1)
+
+
+__all__ = [
+    "DEFAULT_DATASETS",
+    "Evaluation",
+    "LICENSE",
+    "architecture_rows",
+    "build_model_card",
+    "eval_results",
+    "extract_usage_snippet",
+    "read_evaluation",
+    "read_recipe",
+    "usage_snippet",
+]

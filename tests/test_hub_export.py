@@ -1,0 +1,483 @@
+"""Hub export: a tiny trained model becomes a Hub folder that loads, computes and documents itself like the source.
+
+One tiny MoE model is trained for a few steps (so its weights are not at their initial values), saved with its
+tokenizer and a LoRA adapter, and exported once with verification; the tests then check that folder file by file,
+load it back (locally, through `pipeline`, from a local mock of the Hub API) and feed the export bad input.
+"""
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hub_export import VerificationError, export_model, push_folder, verify_export
+from hub_export import export as export_module
+from hub_export import fresh_process
+from hub_export.__main__ import main as cli_main
+from hub_export.export import check_code_files
+from hub_export.model_card import extract_usage_snippet, read_evaluation, usage_snippet
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.tokenization import train_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mock_hub import MockHub  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ID = "rxt-tests/tiny-rxt"
+TEXTS = [
+    "my cat is called bimo .", "noted : your cat is called bimo .", "i live in oslo .", "noted : you live in oslo .",
+    "what is my cat called ?", "bimo .", "where do i live ?", "oslo .", "my door code is 4821 .", "hello there !",
+]
+# Shaped like `modeling_rxt.evaluation.evaluate_recall`'s output (plus a split name); the numbers are arbitrary.
+EVAL = {"recall_by_distance": {"1": 0.8125, "2": 0.6875, "4": 0.5625, "8": 0.3125},
+        "recall_memory_reset": {"1": 0.0625, "2": 0.0, "4": 0.03125, "8": 0.0},
+        "questions_by_distance": {"1": 16, "2": 16, "4": 32, "8": 16}, "recall": 0.53125, "recall_reset": 0.0234375,
+        "questions": 80, "chance": 0.01, "split": "test", "examples": [{"question": "where do i live ?"}]}
+RECIPE = {"seed": 0, "stages": [{"name": "joint-pretraining", "steps": 3, "learning_rate": 0.01},
+                                {"name": "memory-aware", "steps": 2, "learning_rate": 0.005}]}
+
+
+def _modeling_closure() -> set[str]:
+    """The code a Hub folder needs, read from the sources: the config and model files and their relative imports."""
+    pending, found = ["configuration_rxt", "modeling_rxt"], set()
+    while pending:
+        if (name := pending.pop()) not in found:
+            found.add(name)
+            tree = ast.parse((REPO_ROOT / "modeling_rxt" / f"{name}.py").read_text())
+            pending += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module]
+    return {f"{name}.py" for name in found}
+
+
+CODE_FILES = _modeling_closure()
+EXPECTED_FILES = CODE_FILES | {
+    "README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+    "tokenizer_config.json", "chat_template.jinja", "persona/adapter_config.json", "persona/adapter_model.safetensors",
+}
+
+
+def _batch(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                          return_dict=True)["input_ids"]
+            for q, a in zip(TEXTS[0::2], TEXTS[1::2], strict=True)]
+    return fresh_process.pad_right(rows, tokenizer.pad_token_id)
+
+
+def _train(model: RxTForCausalLM, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    labels = ids.masked_fill(mask == 0, -100)
+    for _ in range(steps):  # the memory write is in the graph: every part of the model gets gradients
+        state = model.update_memory(model.init_memory(ids.shape[0]), ids, attention_mask=mask)
+        model(ids, attention_mask=mask, memory_state=state, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A trained tiny model saved with its tokenizer, a LoRA adapter under adapters/, eval and recipe JSON."""
+    root = tmp_path_factory.mktemp("source")
+    tokenizer = train_tokenizer(TEXTS * 4, vocab_size=300, min_frequency=1)
+    config = RxTConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, memory_slots=4, max_position_embeddings=64,
+                       num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = RxTForCausalLM(config)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    _train(model, *_batch(tokenizer), steps=3)
+    assert all(not torch.equal(initial[name], p) for name, p in model.named_parameters() if p.grad is not None)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    # A LoRA adapter with random B (not a no-op), saved the way PEFT saves a named adapter: adapters/persona/.
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, lora, adapter_name="persona").save_pretrained(root / "model" / "adapters")
+    (root / "eval.json").write_text(json.dumps(EVAL))
+    (root / "recipe.json").write_text(json.dumps(RECIPE))
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(source, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("exported") / "tiny-rxt"
+    report = export_model(source / "model", dest, repo_id=REPO_ID, eval_json=source / "eval.json",
+                          recipe_json=source / "recipe.json")
+    return report
+
+
+@pytest.fixture(scope="module")
+def source_model(source) -> RxTForCausalLM:
+    return RxTForCausalLM.from_pretrained(source / "model").eval()
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+# ---- the folder ------------------------------------------------------------------------------------------------------
+def test_export_writes_every_file_and_nothing_else(exported):
+    assert _files(exported.dest) == EXPECTED_FILES
+    assert set(exported.files) == EXPECTED_FILES
+    assert [p.name for p in exported.dest.parent.iterdir()] == [exported.dest.name]  # no staging or retired folders
+
+
+def test_config_and_generation_config(exported, source):
+    config = json.loads((exported.dest / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_rxt.RxTConfig", "AutoModel": "modeling_rxt.RxTModel",
+                                  "AutoModelForCausalLM": "modeling_rxt.RxTForCausalLM"}
+    assert config["use_cache"] is True
+    generation = json.loads((exported.dest / "generation_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(source / "model")
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert generation["max_new_tokens"] == 32  # half of the 64-token interaction
+    assert generation["do_sample"] is False
+
+
+def test_safetensors_carry_metadata_and_the_source_tensors(exported, source, source_model):
+    with safe_open(exported.dest / "model.safetensors", "pt") as weights:
+        metadata = weights.metadata()
+    counts = source_model.parameter_counts()
+    assert metadata["format"] == "pt"
+    assert metadata["parameters_total"] == str(counts["total"])
+    assert metadata["parameters_active"] == str(counts["active"])
+    assert (metadata["memory_layers"], metadata["memory_slots"], metadata["num_local_experts"]) == ("2", "4", "4")
+    assert metadata["evaluation_source"] == "eval.json"
+    ours, theirs = load_file(exported.dest / "model.safetensors"), load_file(source / "model" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_code_files_are_exactly_the_modeling_files(exported):
+    assert {"configuration_rxt.py", "modeling_rxt.py", "memory_state.py"} <= CODE_FILES
+    assert not CODE_FILES & {"data.py", "tokenization.py", "adapters.py", "demo.py", "__init__.py"}
+    assert {p.name for p in exported.dest.glob("*.py")} == CODE_FILES
+    for name in CODE_FILES:
+        assert (exported.dest / name).read_text() == (REPO_ROOT / "modeling_rxt" / name).read_text()
+
+
+def test_code_check_refuses_leaked_or_stray_code(exported, tmp_path):
+    folder = tmp_path / "folder"
+    shutil.copytree(exported.dest, folder)
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert check_code_files(folder, auto_map) == sorted(CODE_FILES)
+    (folder / "data.py").write_text("import datasets\n")
+    with pytest.raises(ValueError, match=r"does not use would be published: \['data'\]"):
+        check_code_files(folder, auto_map)
+    (folder / "data.py").unlink()
+    with open(folder / "memory_state.py", "a") as handle:
+        handle.write("\nimport datasets\n")
+    with pytest.raises(ValueError, match=r"memory_state.py imports \['datasets'\]"):
+        check_code_files(folder, auto_map)
+
+
+def test_tokenizer_keeps_its_chat_template(exported, source):
+    ours, theirs = AutoTokenizer.from_pretrained(exported.dest), AutoTokenizer.from_pretrained(source / "model")
+    assert ours.chat_template == theirs.chat_template and "[Q]" in ours.chat_template
+    conversation = [{"role": "user", "content": "where do i live ?"}, {"role": "assistant", "content": "oslo ."}]
+    assert ours.apply_chat_template(conversation) == theirs.apply_chat_template(conversation)
+
+
+def test_adapter_is_a_peft_subfolder_pointing_at_the_repo(exported, source):
+    config = json.loads((exported.dest / "persona" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == REPO_ID
+    assert config["auto_mapping"] is None  # PEFT had recorded `modeling_rxt.modeling_rxt`, absent on the Hub
+    ids = torch.tensor([[2, 4, 40, 41, 42, 5]])
+    base = AutoModelForCausalLM.from_pretrained(exported.dest, trust_remote_code=True).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        ours = PeftModel.from_pretrained(base, exported.dest / "persona").eval()(ids).logits
+        source_model = RxTForCausalLM.from_pretrained(source / "model")  # PEFT injects its layers in place
+        theirs = PeftModel.from_pretrained(source_model, source / "model" / "adapters" / "persona").eval()(ids).logits
+    assert torch.equal(ours, theirs)
+    assert not torch.allclose(ours, base_logits)
+
+
+# ---- verification ----------------------------------------------------------------------------------------------------
+def test_fresh_process_gives_identical_logits_without_the_project(exported):
+    report = exported.verification
+    assert report.blocked == ("modeling_rxt", "configuration", "hub_export")
+    assert report.model_class.startswith("transformers_modules.") and report.model_class.endswith(".RxTForCausalLM")
+    assert report.max_abs_diff_initial == report.max_abs_diff_memory == report.max_abs_diff_stm == 0.0
+    assert report.generated_tokens == 8
+
+
+def test_the_card_snippet_ran_as_written(exported):
+    card = (exported.dest / "README.md").read_text()
+    assert extract_usage_snippet(card) == usage_snippet(REPO_ID, max_new_tokens=32)
+    printed = exported.verification.snippet_output.splitlines()
+    assert [line for line in printed if line.startswith("Q: ")] == [
+        "Q: my cat is called bimo .", "Q: i live in oslo .", "Q: what is my cat called ?"]
+
+
+def test_verification_fails_when_the_code_imports_the_project(exported, source_model, source, tmp_path):
+    folder = tmp_path / "leaky"
+    shutil.copytree(exported.dest, folder)
+    with open(folder / "modeling_rxt.py", "a") as handle:
+        handle.write("\nfrom modeling_rxt.tokenization import CHAT_TEMPLATE  # works only where the project is\n")
+    tokenizer = AutoTokenizer.from_pretrained(source / "model")
+    with pytest.raises(VerificationError, match=r"No module named 'modeling_rxt' \(blocked"):
+        verify_export(folder, source_model, tokenizer, model_id="leaky", run_snippet=False)
+
+
+def test_verification_fails_when_the_weights_differ(exported, source_model, source, tmp_path):
+    folder = tmp_path / "perturbed"
+    shutil.copytree(exported.dest, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    tokenizer = AutoTokenizer.from_pretrained(source / "model")
+    with pytest.raises(VerificationError, match=r"differ between the export and the source"):
+        verify_export(folder, source_model, tokenizer, model_id="perturbed", run_snippet=False)
+
+
+# ---- the model card --------------------------------------------------------------------------------------------------
+def test_card_metadata_validates_and_results_are_the_eval_json(exported):
+    text = (exported.dest / "README.md").read_text()
+    metadata = yaml.safe_load(text.split("---\n")[1])
+    card = ModelCard.load(exported.dest / "README.md", ignore_metadata_errors=False)
+    data = card.data
+    assert (data.library_name, data.pipeline_tag, data.license) == ("transformers", "text-generation", "apache-2.0")
+    assert {"custom_code", "rxt", "mixture-of-experts", "peft"} <= set(data.tags)
+    assert data.datasets == ["rxt-synthetic-memory-episodes", "chatterbot-corpus"]
+    ModelCardData(**metadata)  # the YAML as a whole is valid card data
+    results = {result.metric_config: result.metric_value for result in data.eval_results}
+    expected = {f"distance={d}": value for d, value in EVAL["recall_by_distance"].items()}
+    expected |= {f"distance={d},memory=reset": value for d, value in EVAL["recall_memory_reset"].items()}
+    expected |= {"all": EVAL["recall"], "all,memory=reset": EVAL["recall_reset"], "chance": EVAL["chance"]}
+    assert results == expected
+    assert {result.dataset_split for result in data.eval_results} == {"test"}
+
+
+def test_card_body_is_generated_from_the_model(exported, source_model):
+    text = (exported.dest / "README.md").read_text()
+    counts = source_model.parameter_counts()
+    assert f"| parameters, total | {counts['total']:,} |" in text
+    assert f"| parameters, active per token | {counts['active']:,} |" in text
+    assert "| short-term memory (layers x slots x dims) | 2 x 4 x 32 |" in text
+    assert "mixture of experts: 4 experts, 2 active per token" in text
+    assert "| 4 | 56.2% | 3.1% | 32 |" in text and "| all | 53.1% | 2.3% | 80 |" in text
+    assert "Chance level (a uniform guess among the held-out values): 1.0%." in text
+    assert "| memory-aware | 2 | 0.005 |" in text  # the recipe's stages as a table
+    assert "#P.453260" in text and "non-commercial" in text and "Apache-2.0" in text
+    assert "## Limitations" in text
+
+
+# ---- upload ----------------------------------------------------------------------------------------------------------
+QUESTION = {"role": "user", "content": "where do i live ?"}
+ANSWER = {"role": "assistant", "content": "oslo ."}
+JOB = {"conversations": [[QUESTION, ANSWER]], "prompt": [QUESTION], "max_length": 64}
+LOAD_BACK = """
+import json
+import sys
+namespace = {"__name__": "fresh_process"}
+exec(open(sys.argv[1]).read(), namespace)
+namespace["block_project_packages"]()
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+torch.set_num_threads(int(sys.argv[4]))
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[2], trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules.")
+job = json.loads(sys.argv[6])
+outputs = namespace["model_outputs"](model, *namespace["tokenize"](tokenizer, job), 4)
+save_file({name: tensor.contiguous() for name, tensor in outputs.items()}, sys.argv[3])
+# What a user who knows nothing of the memory does: a plain text-generation pipeline over a chat.
+from transformers import pipeline
+generator = pipeline("text-generation", model=sys.argv[5], trust_remote_code=True)  # the exported folder
+chat = [{"role": "user", "content": "what is my cat called ?"}]
+reply = generator(chat, max_new_tokens=4, do_sample=False)[0]["generated_text"]
+print(json.dumps({"pipeline_model": type(generator.model).__module__, "reply": reply}))
+"""
+
+
+def test_push_to_mock_hub_then_load_and_pipeline_from_it(exported, source_model, tmp_path, monkeypatch):
+    # hf_xet sends "lfs" files through Xet storage, which the mock does not implement: use LFS basic transfer.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    with MockHub() as hub:
+        commit_url = push_folder(exported.dest, REPO_ID, endpoint=hub.endpoint, token=hub.token)
+        assert commit_url.startswith(f"{hub.endpoint}/{REPO_ID}/commit/")
+        stored = hub.files(REPO_ID)
+        assert stored == {name: (exported.dest / name).read_bytes() for name in EXPECTED_FILES}
+        assert hub.repos[REPO_ID].commits[-1].files["model.safetensors"].lfs_oid in hub.lfs_objects
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        env.update(HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_fake_read_token", HF_HOME=str(tmp_path / "fresh_cache"))
+        arguments = [fresh_process.__file__, REPO_ID, str(tmp_path / "out.safetensors"), str(torch.get_num_threads()),
+                     str(exported.dest), json.dumps(JOB)]
+        done = subprocess.run([sys.executable, "-c", LOAD_BACK, *arguments], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert hub.unknown_requests == []
+        downloads = [path for method, path, status in hub.requests if method == "GET" and "/resolve/" in path]
+    assert any(path.endswith("/modeling_rxt.py") for path in downloads)
+    piped = json.loads(done.stdout.strip().splitlines()[-1])
+    assert piped["pipeline_model"].startswith("transformers_modules.")  # the Hub's code, not the project's
+    assert [message["role"] for message in piped["reply"]] == ["user", "assistant"]
+    theirs = load_file(tmp_path / "out.safetensors")
+    tokenizer = AutoTokenizer.from_pretrained(exported.dest)
+    ours = fresh_process.model_outputs(source_model, *fresh_process.tokenize(tokenizer, JOB), 4)
+    for name in ("input_ids", "logits_initial", "logits_memory", "generated"):
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_push_through_the_default_xet_pipeline_and_again_as_a_no_op(exported):
+    with MockHub(lfs_suffixes=()) as hub:  # every file "regular": committed inline, no Xet storage needed
+        first = push_folder(exported.dest, REPO_ID, endpoint=hub.endpoint, token=hub.token)
+        second = push_folder(exported.dest, REPO_ID, endpoint=hub.endpoint, token=hub.token)
+        assert first == second  # nothing changed: no new commit
+        assert len(hub.repos[REPO_ID].commits) == 2  # the empty initial commit, then the upload
+        assert hub.files(REPO_ID) == {name: (exported.dest / name).read_bytes() for name in EXPECTED_FILES}
+        assert hub.unknown_requests == []
+
+
+def test_push_refuses_bad_input_and_a_wrong_token(exported, tmp_path):
+    with pytest.raises(ValueError, match="is not a valid Hub repository id"):
+        push_folder(exported.dest, "not a repo id!")
+    with pytest.raises(ValueError, match=r"lacks \['config.json', 'README.md'\]"):
+        push_folder(tmp_path, REPO_ID)
+    with MockHub() as hub, pytest.raises(HfHubHTTPError) as error:
+        push_folder(exported.dest, REPO_ID, endpoint=hub.endpoint, token="hf_wrong")
+    assert error.value.response.status_code == 401
+
+
+# ---- bad input, atomicity, CLI ---------------------------------------------------------------------------------------
+def _copy_model(source: Path, target: Path, skip: tuple[str, ...] = ()) -> Path:
+    shutil.copytree(source / "model", target, ignore=shutil.ignore_patterns(*skip))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing_src", r"is not a folder"),
+        ("not_a_model_folder", r"is not a model folder: it has no config.json"),
+        ("other_model_type", r"holds a 'llama' model, not an RxT model"),
+        ("no_weights", r"the model cannot be loaded"),
+        ("truncated_weights", r"the model cannot be loaded: .*header"),
+        ("no_tokenizer", r"has no tokenizer"),
+        ("dest_not_empty", r"exists and is not empty; pass overwrite=True"),
+        ("eval_percentages", r"must be a fraction in \[0, 1\] \(not a percentage\)"),
+        ("eval_missing_key", r"lacks the keys \['chance'\]"),
+        ("eval_not_json", r"is not valid JSON"),
+        ("bad_repo_id", r"is not a valid Hub repository id"),
+        ("push_without_repo", r"needs a `repo_id`"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(case, message, source, tmp_path):
+    src, dest, kwargs = source / "model", tmp_path / "out" / "dest", {"verify": False}
+    if case == "missing_src":
+        src = tmp_path / "nowhere"
+    elif case == "not_a_model_folder":
+        src = tmp_path / "empty"
+        src.mkdir()
+    elif case == "other_model_type":
+        src = _copy_model(source, tmp_path / "llama")
+        config = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    elif case == "no_weights":
+        src = _copy_model(source, tmp_path / "no_weights", skip=("*.safetensors",))
+    elif case == "truncated_weights":
+        src = _copy_model(source, tmp_path / "truncated")
+        os.truncate(src / "model.safetensors", 1000)
+    elif case == "no_tokenizer":
+        src = _copy_model(source, tmp_path / "no_tokenizer", skip=("tokenizer*", "chat_template.jinja"))
+    elif case == "dest_not_empty":
+        dest.mkdir(parents=True)
+        (dest / "keep.txt").write_text("precious")
+    elif case.startswith("eval_"):
+        path = tmp_path / "eval.json"
+        broken = {"eval_percentages": {**EVAL, "chance": 1.0, "recall_memory_reset": 3.9},
+                  "eval_missing_key": {k: v for k, v in EVAL.items() if k != "chance"}}
+        path.write_text(json.dumps(broken[case]) if case in broken else "{not json")
+        kwargs["eval_json"] = path
+    elif case == "bad_repo_id":
+        kwargs["repo_id"] = "two//slashes"
+    elif case == "push_without_repo":
+        kwargs["push"] = True
+    before = sorted(p.name for p in dest.parent.iterdir()) if dest.parent.exists() else None
+    with pytest.raises(ValueError, match=message):
+        export_model(src, dest, **kwargs)
+    after = sorted(p.name for p in dest.parent.iterdir()) if dest.parent.exists() else None
+    assert after == before  # nothing written, no staging folder left behind
+    if case == "dest_not_empty":
+        assert (dest / "keep.txt").read_text() == "precious"
+
+
+def test_overwrite_replaces_only_a_complete_verified_folder(source, tmp_path, monkeypatch):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old export")
+
+    def fail_verification(*args, **kwargs):
+        raise VerificationError("simulated: logits differ")
+
+    monkeypatch.setattr(export_module, "verify_export", fail_verification)
+    with pytest.raises(VerificationError):
+        export_model(source / "model", dest, overwrite=True)
+    assert _files(dest) == {"old.txt"} and [p.name for p in tmp_path.iterdir()] == ["dest"]
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C halfway: weights and tokenizer written, card not yet
+
+    monkeypatch.setattr(export_module, "build_model_card", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(source / "model", tmp_path / "fresh", verify=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["dest"]  # no half-written `fresh`, no staging folder
+    monkeypatch.undo()
+    report = export_model(source / "model", dest, overwrite=True, verify=False)
+    assert _files(dest) == EXPECTED_FILES and report.verification is None
+    assert [p.name for p in tmp_path.iterdir()] == ["dest"]  # the retired folder is gone
+
+
+def test_cli_exports_pushes_and_reports(source, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    with MockHub() as hub:
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        code = cli_main([str(source / "model"), str(tmp_path / "dest"), "--no-verify", "--push", REPO_ID,
+                         "--endpoint", hub.endpoint, "--eval-json", str(source / "eval.json"),
+                         "--dataset", "my-org/episodes"])
+        assert code == 0
+        assert set(hub.files(REPO_ID)) == EXPECTED_FILES
+    out = capsys.readouterr().out
+    assert f"-> {tmp_path / 'dest'} ({len(EXPECTED_FILES)} files)" in out
+    assert f"pushed: {hub.endpoint}/{REPO_ID}/commit/" in out
+    assert ModelCard.load(tmp_path / "dest" / "README.md").data.datasets == ["my-org/episodes"]
+    assert cli_main([str(source / "model"), str(tmp_path / "dest"), "--no-verify"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["{tmp}/nowhere", "{tmp}/dest"], "error: `src` '{tmp}/nowhere' is not a folder."),
+        (["{src}", "{tmp}/dest", "--eval-json", "{tmp}/no.json"], "error: `eval_json` '{tmp}/no.json' is not a file"),
+        (["{src}", "{tmp}/dest", "--repo-id", "a/b", "--push", "c/d"], "error: --repo-id 'a/b' and --push 'c/d'"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_message(arguments, message, source, tmp_path, capsys):
+    fill = {"tmp": tmp_path, "src": source / "model"}
+    assert cli_main([argument.format(**fill) for argument in arguments]) == 2  # returned: nothing was raised
+    assert capsys.readouterr().err.startswith(message.format(**fill))
+    assert not (tmp_path / "dest").exists()
+
+
+def test_read_evaluation_accepts_the_minimal_form(tmp_path):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"recall_by_distance": {"8": 0.5, "1": 1}, "recall_memory_reset": 0.015625,
+                                "chance": 0.01}))
+    evaluation = read_evaluation(path)
+    assert evaluation.recall_by_distance == {1: 1.0, 8: 0.5}  # sorted by distance
+    assert evaluation.recall_memory_reset == 0.015625
+    assert (evaluation.recall, evaluation.questions, evaluation.split) == (None, None, None)
