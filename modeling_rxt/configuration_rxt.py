@@ -21,9 +21,12 @@ import functools
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 from transformers.utils import auto_docstring
+
+from .external_memory import check_retrieval_controls
 
 MEMORY_ATTENTION_TYPES = ("simple", "self", "interlayer", "gated-self-interlayer")
 
@@ -50,6 +53,19 @@ class RxTConfig(PreTrainedConfig):
         How the memory is rewritten after each interaction: `"simple"` (slots attend to the encoded interaction),
         `"self"` (slots first attend to the slots of their own layer), `"interlayer"` (slots first attend to the mean
         of all layers) or `"gated-self-interlayer"` (both, mixed by a learned gate).
+    external_memory_layers (`list[int]`, *optional*):
+        Decoder layers whose self-attention retrieves from an external memory when `generate` is given
+        `external_memories` (see `external_memory.py`). `None` means the upper half of the decoder; `[]` turns
+        retrieval off. Without external memories these layers compute exactly what the others do.
+    external_memory_topk (`int`, *optional*, defaults to 8):
+        Memory tokens each query retrieves per head (the most similar keys by cosine similarity), attended to together
+        with its local context in one softmax.
+    external_memory_sim_threshold (`float`, *optional*):
+        If set, retrieved memories whose cosine similarity to the query is below it are dropped; `None` keeps all
+        `external_memory_topk`.
+    external_memory_stride (`int`, *optional*):
+        Length of the chunks in which the decoder encodes a long external memory (at most `max_position_embeddings`,
+        its default).
 
     ```python
     >>> from modeling_rxt import RxTConfig, RxTForCausalLM
@@ -93,6 +109,10 @@ class RxTConfig(PreTrainedConfig):
     shared_expert_intermediate_size: int = 0
     memory_slots: int = 64
     memory_attention_type: str = "interlayer"
+    external_memory_layers: list[int] | None = None
+    external_memory_topk: int = 8
+    external_memory_sim_threshold: float | int | None = None
+    external_memory_stride: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.num_attention_heads > 0:
@@ -130,6 +150,21 @@ class RxTConfig(PreTrainedConfig):
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}.")
         if self.router_aux_loss_coef < 0:
             raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}.")
+        if not self.rms_norm_eps > 0 or not self.initializer_range >= 0:
+            raise ValueError(
+                f"`rms_norm_eps` must be > 0 and `initializer_range` >= 0, got {self.rms_norm_eps} and "
+                f"{self.initializer_range}."
+            )
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` must be one of transformers' activations, got {self.hidden_act!r}.")
+        check_retrieval_controls(
+            self.num_hidden_layers,
+            self.max_position_embeddings,
+            layers=self.external_memory_layers,
+            topk=self.external_memory_topk,
+            sim_threshold=self.external_memory_sim_threshold,
+            stride=self.external_memory_stride,
+        )
 
     @property
     def is_moe(self) -> bool:

@@ -96,19 +96,31 @@ class RxTMemoryState:
     def detach(self) -> "RxTMemoryState":
         return RxTMemoryState(self.stm.detach())
 
+    def _row_index(self, rows: Sequence[int] | torch.Tensor, name: str) -> torch.Tensor:
+        """`rows` as a 1-D long tensor in [0, batch_size) (negative rows count from the end); raises naming `name`."""
+        try:
+            index = torch.as_tensor(rows, device=self.stm.device).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"`{name}` must be a sequence of integer row indices, got {rows!r}.") from error
+        if index.numel() and (index.dtype == torch.bool or index.is_floating_point() or index.is_complex()):
+            raise TypeError(f"`{name}` must hold integer row indices, got dtype {index.dtype}.")
+        index = index.long()
+        if index.numel() and (index.min() < -self.batch_size or index.max() >= self.batch_size):
+            raise ValueError(f"`{name}` {index.tolist()} out of range for a batch of {self.batch_size}.")
+        return index % max(self.batch_size, 1)
+
     def select(self, indices: Sequence[int] | torch.Tensor) -> "RxTMemoryState":
         """The conversations at `indices`, in that order (repeats allowed)."""
-        index = torch.as_tensor(indices, dtype=torch.long, device=self.stm.device).reshape(-1)
-        if index.numel() and (index.min() < -self.batch_size or index.max() >= self.batch_size):
-            raise ValueError(f"`indices` {index.tolist()} out of range for a batch of {self.batch_size}.")
-        return RxTMemoryState(self.stm.index_select(1, index % self.batch_size))
+        return RxTMemoryState(self.stm.index_select(1, self._row_index(indices, "indices")))
 
     def reset(self, rows: Sequence[int] | torch.Tensor, initial: torch.Tensor) -> "RxTMemoryState":
         """A state whose conversations at `rows` start again from `initial` (L, S, D); the others are kept."""
+        if not isinstance(initial, torch.Tensor):
+            raise TypeError(f"`initial` must be a torch.Tensor, got {type(initial).__name__}.")
         if initial.shape != (self.num_layers, self.num_slots, self.hidden_size):
             raise ValueError(f"`initial` must have shape {(self.num_layers, self.num_slots, self.hidden_size)}.")
         row_mask = torch.zeros(self.batch_size, dtype=torch.bool, device=self.stm.device)
-        row_mask[torch.as_tensor(rows, dtype=torch.long, device=self.stm.device)] = True
+        row_mask[self._row_index(rows, "rows")] = True
         fresh = initial.to(self.stm)[:, None].expand_as(self.stm)
         return RxTMemoryState(torch.where(row_mask[None, :, None, None], fresh, self.stm))
 
@@ -117,6 +129,8 @@ class RxTMemoryState:
         """One batch from several states (for running many sessions together)."""
         if not states:
             raise ValueError("`states` is empty.")
+        if not all(isinstance(state, RxTMemoryState) for state in states):
+            raise TypeError(f"`states` must all be RxTMemoryState, got {[type(s).__name__ for s in states]}.")
         shapes = {(s.num_layers, s.num_slots, s.hidden_size) for s in states}
         if len(shapes) != 1:
             raise ValueError(f"`states` come from models of different shapes: {sorted(shapes)}.")

@@ -63,6 +63,16 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_rxt import RxTConfig
+from .external_memory import (
+    ExternalMemory,
+    ExternalMemoryRetriever,
+    attach_retrieved_memory_idx,
+    bind_external_memory,
+    build_external_memory,
+    prepare_generate_kwargs,
+    resolve_layers,
+    resolve_stride,
+)
 from .memory_state import RxTMemoryState
 
 
@@ -184,10 +194,13 @@ class RxTAttention(nn.Module):
         value = self.v_proj(states).view(shape).transpose(1, 2)
         return (key if rotary is None else apply_rotary(key, rotary)), value
 
-    def attend(self, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+    def attend(
+        self, query, key, value, attention_mask, attention_interface: Callable | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if attention_interface is None:  # external-memory retrieval layers bring their own
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -213,12 +226,16 @@ class RxTSelfAttention(RxTAttention):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        external_memory: ExternalMemoryRetriever | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         query = self.project_queries(hidden_states, position_embeddings)
         key, value = self.project_keys_values(hidden_states, position_embeddings)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
+        if external_memory is not None and external_memory.retrieves_at(self.layer_idx):
+            # One softmax over the query's top-k external memories and its local context (external_memory.py).
+            kwargs["attention_interface"] = external_memory.attention_forward
         return self.attend(query, key, value, attention_mask, **kwargs)
 
 
@@ -297,9 +314,10 @@ class RxTTopKRouter(nn.Module):
 
 
 @use_experts_implementation
-class RxTExperts(nn.Module):
-    """E SwiGLU experts stored fused as 3D tensors (PEFT reaches them with `target_parameters`). This eager forward is
-    the fallback of transformers' experts registry (`grouped_mm`, `batched_mm`)."""
+class RxTGroupedExperts(nn.Module):
+    """E SwiGLU experts stored fused as 3D tensors (PEFT reaches them with `target_parameters`), for many tokens at a
+    time: the forward is dispatched by transformers' experts registry (`grouped_mm` by default); this eager forward is
+    its fallback (`experts_implementation="eager"`)."""
 
     def __init__(self, config: RxTConfig):
         super().__init__()
@@ -309,13 +327,9 @@ class RxTExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        num_tokens, top_k = top_k_index.shape
-        if num_tokens * top_k <= self.num_experts:
-            # Decode step (a few tokens): gather each token's expert weights and batch them, no host sync.
-            gate, up = torch.einsum("nd,nkod->nko", hidden_states, self.gate_up_proj[top_k_index]).chunk(2, dim=-1)
-            expert_out = torch.einsum("nki,nkdi->nkd", self.act_fn(gate) * up, self.down_proj[top_k_index])
-            return (expert_out * top_k_weights[..., None]).sum(dim=1)
-        # Many tokens: sort the N*k (token, expert) assignments by expert and run each expert once on its group.
+        # Sort the N*k (token, expert) assignments by expert and run each expert once on its group.
+        top_k = top_k_index.shape[1]
+        gate_up_proj, down_proj = self.gate_up_proj, self.down_proj  # read once (a PEFT parametrization recomputes)
         flat_experts = top_k_index.reshape(-1)  # (N*k,)
         order = torch.argsort(flat_experts, stable=True)
         token_index = order // top_k
@@ -323,10 +337,38 @@ class RxTExperts(nn.Module):
         group_sizes = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         outputs = []
         for expert, group in enumerate(hidden_states[token_index].split(group_sizes)):
-            gate, up = F.linear(group, self.gate_up_proj[expert]).chunk(2, dim=-1)
-            outputs.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))
+            if group_sizes[expert]:
+                gate, up = F.linear(group, gate_up_proj[expert]).chunk(2, dim=-1)
+                outputs.append(F.linear(self.act_fn(gate) * up, down_proj[expert]))
         expert_out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
         return torch.zeros_like(hidden_states).index_add_(0, token_index, expert_out.to(hidden_states.dtype))
+
+
+class RxTExperts(RxTGroupedExperts):
+    """The experts of one MoE layer. Calls with few tokens (a decode step: N * k <= E) skip the registry, whose kernels
+    are built for many tokens (on CPU, torch's `grouped_mm` runs one matmul per expert, used or not, and reads every
+    group size on the host: 2-3x slower than the direct path for one token); each token's k experts run directly."""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        num_tokens, top_k = top_k_index.shape
+        if num_tokens * top_k > self.num_experts:
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+        gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
+        if hidden_states.device.type != "cpu":
+            # On an accelerator: gather each token's expert weights and batch them, so the step never syncs the host.
+            gate, up = torch.einsum("nd,nkod->nko", hidden_states, gate_up_proj[top_k_index]).chunk(2, dim=-1)
+            expert_out = torch.einsum("nki,nkdi->nkd", self.act_fn(gate) * up, down_proj[top_k_index])
+            return (expert_out * top_k_weights[..., None]).sum(dim=1)
+        # On CPU reading the expert ids costs nothing (no device to wait for), and slicing the fused weights by id
+        # gives views where the gather above copies k * 3 * I * D weights per token.
+        rows = []
+        for token, experts in enumerate(top_k_index.tolist()):
+            row = 0
+            for slot, expert in enumerate(experts):
+                gate, up = F.linear(hidden_states[token], gate_up_proj[expert]).chunk(2, dim=-1)
+                row = row + F.linear(self.act_fn(gate) * up, down_proj[expert]) * top_k_weights[token, slot]
+            rows.append(row)
+        return torch.stack(rows)  # (N, D)
 
 
 class RxTSparseMoeBlock(nn.Module):
@@ -376,10 +418,16 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
+        external_memory: ExternalMemoryRetriever | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_out, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs
+            self.input_layernorm(hidden_states),
+            position_embeddings,
+            attention_mask,
+            past_key_values,
+            external_memory=external_memory,
+            **kwargs,
         )
         hidden_states = hidden_states + attn_out
         memory_out, _ = self.memory_cross_attn(
@@ -450,8 +498,9 @@ class RxTMemoryAttentionLayer(nn.Module):
     def __init__(self, config: RxTConfig, layer_idx: int):
         super().__init__()
         kind = config.memory_attention_type
-        self.slot_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = self.interlayer_attn = self.mix_gate = None
+        self.slot_norm = self.self_attn = self.interlayer_attn = self.mix_gate = None
+        if kind != "simple":  # CODEPATH: the pre-steps read normalised slots ("simple" has none: no unused weights)
+            self.slot_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if kind in ("self", "gated-self-interlayer"):  # CODEPATH: slot self-attention pre-step
             self.self_attn = RxTBidirectionalAttention(config, layer_idx)
         if kind in ("interlayer", "gated-self-interlayer"):  # CODEPATH: inter-layer pre-step
@@ -465,6 +514,8 @@ class RxTMemoryAttentionLayer(nn.Module):
         self.residual_gate = nn.Linear(config.hidden_size, config.hidden_size)
 
     def pre_step(self, stm: torch.Tensor, stm_mean: torch.Tensor) -> torch.Tensor:
+        if self.slot_norm is None:  # simple: the slots query the encoded data as they are
+            return stm
         normed = self.slot_norm(stm)
         self_out = inter_out = None
         if self.self_attn is not None:
@@ -496,6 +547,42 @@ class RxTInitialMemory(nn.Module):
 
     def forward(self, batch_size: int) -> torch.Tensor:
         return self.weight[:, None].expand(-1, batch_size, -1, -1)  # (L, B, S, D)
+
+
+def check_decoder_inputs(
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    hidden_size: int,
+    past_length: int,
+) -> None:
+    """Raises `TypeError`/`ValueError` naming the argument for decoder inputs of the wrong type or shape, before they
+    reach a kernel that fails with an opaque error (or, for a mask of the wrong length, silently does not fail).
+    Shape checks only: no host synchronisation in the forward pass."""
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+            found = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise TypeError(f"`input_ids` must be an int64 or int32 torch.Tensor (batch, length), got {found}.")
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
+        batch_size, length = input_ids.shape
+    else:
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+            raise TypeError(f"`inputs_embeds` must be a floating-point torch.Tensor, got {type(inputs_embeds)}.")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+            raise ValueError(f"`inputs_embeds` must have shape (batch, length, {hidden_size}).")
+        batch_size, length = inputs_embeds.shape[:2]
+    if batch_size == 0:
+        raise ValueError("`input_ids` / `inputs_embeds` hold no conversation: the batch size must be at least 1.")
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
+    if attention_mask.dim() == 2 and tuple(attention_mask.shape) != (batch_size, past_length + length):
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {(batch_size, past_length + length)}"
+            " (batch, cached + new tokens)."
+        )
 
 
 def load_balancing_loss(
@@ -540,6 +627,14 @@ class RxTPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, (RxTTopKRouter, RxTInitialMemory)):
             init.normal_(module.weight, mean=0.0, std=std)
+
+    def _grouped_mm_can_dispatch(self) -> bool:
+        # torch's grouped_mm needs rows aligned to 16 bytes ("strides should be multiple of 16 bytes"), which
+        # transformers does not check: widths that are multiples of 8 are aligned in fp32 and bf16. Raising here makes
+        # the default choice fall back to the eager experts (and an explicit request for grouped_mm fail clearly).
+        if self.config.hidden_size % 8 or self.config.intermediate_size % 8:
+            raise ValueError("grouped_mm needs `hidden_size` and `intermediate_size` to be multiples of 8.")
+        return super()._grouped_mm_can_dispatch()
 
 
 @auto_docstring
@@ -589,6 +684,7 @@ class RxTModel(RxTPreTrainedModel):
         use_cache: bool | None = None,
         memory_state: RxTMemoryState | None = None,
         memory_key_values: torch.Tensor | None = None,
+        external_memory: ExternalMemoryRetriever | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
         r"""
@@ -597,15 +693,19 @@ class RxTModel(RxTPreTrainedModel):
         memory_key_values (`torch.Tensor` of shape `(B, L, 2, K, S, Dh)`, *optional*):
             The memory already projected by `project_memory` (what `generate` passes, so that the projection runs
             once per turn). Takes precedence over `memory_state`.
+        external_memory (`ExternalMemoryRetriever`, *optional*):
+            External memories retrieved inside the self-attention of the retrieval layers, bound to this batch
+            (`RxTForCausalLM.forward` builds it from an `ExternalMemory`).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch_size, length = inputs_embeds.shape[:2]
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        check_decoder_inputs(input_ids, inputs_embeds, attention_mask, self.config.hidden_size, past_length)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, length = inputs_embeds.shape[:2]
         self.check_interaction_length(past_length + length)
         if memory_key_values is None:
             memory_key_values = self.project_memory(self.memory_tensor(memory_state, batch_size))
@@ -630,6 +730,7 @@ class RxTModel(RxTPreTrainedModel):
                 attention_mask=causal_mask,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
+                external_memory=external_memory,
                 **kwargs,
             )
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
@@ -712,6 +813,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         memory_state: RxTMemoryState | None = None,
         memory_key_values: torch.Tensor | None = None,
+        external_memory: ExternalMemory | ExternalMemoryRetriever | None = None,
+        external_memory_rows: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
         r"""
@@ -721,7 +824,16 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         memory_key_values (`torch.Tensor` of shape `(B, L, 2, K, S, Dh)`, *optional*):
             The memory already projected by `model.project_memory`; `generate` passes it so the projection runs once
             per turn.
+        external_memory (`ExternalMemory` or `ExternalMemoryRetriever`, *optional*):
+            Long external memories (`build_external_memory`) that the retrieval layers read; an `ExternalMemory` is
+            read with the config's controls. `generate` builds this from `external_memories=` token ids.
+        external_memory_rows (`torch.LongTensor` of shape `(B,)`, *optional*):
+            The external-memory row each batch row reads (default: row b reads row b, or all read a single row);
+            batch-first, so `generate` repeats it for beams and `num_return_sequences`.
         """
+        if external_memory is not None:  # retrieval from external memories, bound to this batch
+            batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            external_memory = bind_external_memory(external_memory, external_memory_rows, self.config, batch_size)
         want_router_logits = self.config.is_moe and (labels is not None or self.config.output_router_logits)
         if want_router_logits:  # CODEPATH: the load-balancing loss needs the router logits
             kwargs["output_router_logits"] = True
@@ -734,6 +846,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             memory_state=memory_state,
             memory_key_values=memory_key_values,
+            external_memory=external_memory,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
@@ -789,28 +902,83 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, memory_state: RxTMemoryState | None = None, **kwargs):
         """`GenerationMixin.generate` reading `memory_state` (default: the learned initial memory). The memory is
         projected to keys/values once here, then rides as a batch-first tensor that `generate` repeats for beams and
-        `num_return_sequences`; every decoding strategy works unchanged. The state is not modified."""
+        `num_return_sequences`; every decoding strategy works unchanged. The state is not modified.
+
+        External memories (see `external_memory.py`): `external_memories` (token ids (B, M) with
+        `external_memories_attention_mask`, a list of 1-D id tensors, or a prebuilt `ExternalMemory`; one row is
+        shared by the whole batch), and per-call `external_memory_layers`, `external_memory_topk`,
+        `external_memory_sim_threshold`, `external_memory_stride` overriding the config. With
+        `output_retrieved_memory_idx=True` (and `return_dict_in_generate=True`) the output carries
+        `retrieved_memory_idx`: per forward step, {layer: indices (B, H, Tq, k), -1 where dropped}."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if prompt is not None:
+            self._check_generate_prompt(prompt, kwargs)
         if kwargs.get("memory_key_values") is None:
-            prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
             if prompt is None:
                 raise ValueError("`generate` needs `input_ids` (the query) to answer.")
-            if prompt.shape[-1] == 0 if prompt.dim() == 2 else prompt.shape[1] == 0:
-                raise ValueError("`input_ids` is empty: the query needs at least one token.")
             stm = self.model.memory_tensor(memory_state, prompt.shape[0])
             kwargs["memory_key_values"] = self.model.project_memory(stm.to(self.device))
-        return super().generate(inputs, **kwargs)
+        batch_size = prompt.shape[0] if prompt is not None else kwargs["memory_key_values"].shape[0]
+        recorder = prepare_generate_kwargs(self, batch_size, kwargs)  # builds the external memory once per call
+        return attach_retrieved_memory_idx(super().generate(inputs, **kwargs), recorder)
+
+    @torch.no_grad()
+    def build_external_memory(
+        self,
+        input_ids: torch.LongTensor | list[torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        layers: list[int] | None = None,
+        stride: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> ExternalMemory:
+        """Keys/values of external memories (one row per batch row: a (R, M) tensor with `attention_mask`, or a list
+        of 1-D tensors) for the retrieval `layers` (default: the config's), encoded by the decoder in chunks of
+        `stride` tokens. Keep it on `device` ("cpu" to spare accelerator memory) and reuse it across calls."""
+        layers, stride = resolve_layers(self.config, layers), resolve_stride(self.config, stride)
+        return build_external_memory(self.model, input_ids, attention_mask, layers=layers, stride=stride, device=device)
+
+    def _check_generate_prompt(self, prompt: torch.Tensor, kwargs: dict) -> None:
+        """The query must be valid (non-empty ids, or embeddings) and the answer must fit: query + new tokens within
+        `max_position_embeddings`, refused before decoding starts rather than when the limit is hit."""
+        if isinstance(prompt, torch.Tensor) and prompt.is_floating_point() and prompt.dim() == 3:  # inputs_embeds
+            if 0 in prompt.shape[:2] or prompt.shape[2] != self.config.hidden_size:
+                raise ValueError(
+                    f"`inputs_embeds` must have shape (batch >= 1, length >= 1, {self.config.hidden_size}), got "
+                    f"{tuple(prompt.shape)}: the query needs at least one token."
+                )
+        else:
+            self._check_ids(prompt, kwargs.get("attention_mask"))
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        length, max_new_tokens = prompt.shape[1], kwargs.get("max_new_tokens")
+        if max_new_tokens is None:
+            max_new_tokens = generation_config.max_new_tokens
+        if max_new_tokens is not None:
+            total, name = length + max_new_tokens, "max_new_tokens"
+        else:
+            max_length = kwargs.get("max_length") or generation_config.max_length
+            total, name = max(max_length, length + 1), "max_length"
+        if total > self.config.max_position_embeddings:
+            raise ValueError(
+                f"The query ({length} tokens) and its answer (`{name}`) would reach {total} tokens, more than the "
+                f"model's maximum of {self.config.max_position_embeddings} (`max_position_embeddings`)."
+            )
 
     def _check_ids(self, input_ids, attention_mask):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError("`input_ids` must be an integer torch.Tensor of shape (batch, length).")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"`input_ids` must have shape (batch, length >= 1), got {tuple(input_ids.shape)}.")
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"`input_ids` must have shape (batch >= 1, length >= 1), got {tuple(input_ids.shape)}.")
+        if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:  # once per call, outside forward
+            raise ValueError(f"`input_ids` must lie in [0, {self.config.vocab_size}) (`vocab_size`).")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"`attention_mask` shape {tuple(attention_mask.shape)} != `input_ids` shape.")
         return input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device)
 
     def encoder_mlm_logits(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
         """Masked-LM logits (B, T, V) of the memory encoder (joint pretraining), through the tied LM head."""
+        input_ids, attention_mask = self._check_ids(input_ids, attention_mask)
         encoded, _, _ = self.model.encode_interaction(input_ids, attention_mask)
         return self.lm_head(self.model.memory_encoder.norm(encoded[-1]))
 
