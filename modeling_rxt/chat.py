@@ -146,7 +146,9 @@ class RxTChatSession:
         """Whether a memory write is still running in the background."""
         return self._pending is not None and not self._pending.done()
 
-    def _write(self, state: RxTMemoryState, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[RxTMemoryState, float]:
+    def _write(
+        self, state: RxTMemoryState, ids: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[RxTMemoryState, float]:
         start = time.perf_counter()
         with torch.no_grad():  # grad mode is per thread: a worker thread starts with it enabled
             new_state = self.model.update_memory(state, ids, mask)

@@ -317,7 +317,9 @@ def as_padded_ids(
         ids = ids if ids is not None else torch.zeros(len(rows), 0, dtype=torch.long)
         mask = torch.arange(ids.shape[1])[None, :] < torch.tensor([r.numel() for r in rows])[:, None]
     else:
-        raise TypeError("`external_memories` must be a tensor of token ids, a non-empty list of them, or an ExternalMemory.")
+        raise TypeError(
+            "`external_memories` must be a tensor of token ids, a non-empty list of them, or an ExternalMemory."
+        )
     if ids.numel() and bool(((ids < 0) | (ids >= vocab_size))[mask].any()):
         raise ValueError(f"`external_memories` holds token ids outside the vocabulary [0, {vocab_size}).")
     return ids, mask
@@ -473,7 +475,8 @@ def retrieve_for_heads(
         keys, values, scales, mask, n = keys[rows], values[rows], scales[rows], mask[rows], 1
     groups = num_heads // kv_heads
     # (B, H, Tq, Dh) = (R, n, K, G, Tq, Dh) -> (R, K, n * G * Tq, Dh): the queries of one memory row and kv head
-    grouped = query.reshape(-1, n, kv_heads, groups, length, head_dim).transpose(1, 2).reshape(-1, kv_heads, n * groups * length, head_dim)
+    grouped = query.reshape(-1, n, kv_heads, groups, length, head_dim).transpose(1, 2)
+    grouped = grouped.reshape(-1, kv_heads, n * groups * length, head_dim)
     index, _, valid = retrieve_top_k(grouped, keys, scales, mask, topk, threshold)
     k = index.shape[-1]
     flat = index.reshape(*index.shape[:2], -1, 1).expand(-1, -1, -1, head_dim)
@@ -497,7 +500,8 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     if n_rep == 1:
         return hidden_states
     batch, kv_heads, length, head_dim = hidden_states.shape
-    return hidden_states[:, :, None].expand(batch, kv_heads, n_rep, length, head_dim).reshape(batch, -1, length, head_dim)
+    expanded = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, length, head_dim)
+    return expanded.reshape(batch, kv_heads * n_rep, length, head_dim)
 
 
 def local_scores_masked(scores: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
@@ -658,7 +662,8 @@ def bind_external_memory(external_memory, rows, config, batch_size: int) -> Exte
         external_memory = ExternalMemoryRetriever.from_config(external_memory, config)
     if not isinstance(external_memory, ExternalMemoryRetriever):
         raise TypeError(
-            f"`external_memory` must be an ExternalMemory or ExternalMemoryRetriever, got {type(external_memory).__name__}."
+            "`external_memory` must be an ExternalMemory or ExternalMemoryRetriever, "
+            f"got {type(external_memory).__name__}."
         )
     return external_memory.bind(rows, batch_size)
 

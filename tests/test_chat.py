@@ -14,6 +14,7 @@ from modeling_rxt.tokenization import MIN_VOCAB_SIZE, encode_query, train_tokeni
 
 TEXTS = ["my cat is called bimo .", "what is my cat called ?", "hello there , how are you ?", "i live in paris ."]
 GREEDY = dict(max_new_tokens=6)
+WORDS = dict(min_new_tokens=4, suppress_tokens=[0, 1, 2, 4, 5, 6, 7])  # an untrained model: no early stop, no specials
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,8 @@ def test_next_turn_waits_for_a_write_still_running(model, tokenizer):
 
 def test_stream_yields_the_answer_text(model, tokenizer):
     session = RxTChatSession(model, tokenizer)
-    pieces = list(session.stream(TEXTS[0], **GREEDY))
+    pieces = list(session.stream(TEXTS[0], **GREEDY, **WORDS))
+    assert len(pieces) > 1 and session.messages[-1]["content"]
     assert " ".join("".join(pieces).split()) == session.messages[-1]["content"]
     assert session.timings[-1].first_token_s is not None
 
@@ -107,11 +109,13 @@ def test_text_iterator_streamer_from_another_thread(model, tokenizer):
     session = RxTChatSession(model, tokenizer)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     result = {}
-    worker = threading.Thread(target=lambda: result.setdefault("answer", session.send(TEXTS[2], streamer, **GREEDY)))
+    worker = threading.Thread(
+        target=lambda: result.setdefault("answer", session.send(TEXTS[2], streamer, **GREEDY, **WORDS))
+    )
     worker.start()
     text = "".join(streamer)
     worker.join()
-    assert " ".join(text.split()) == result["answer"]
+    assert result["answer"] and " ".join(text.split()) == result["answer"]
 
 
 def test_saved_mid_conversation_continues_identically(model, tokenizer, tmp_path):

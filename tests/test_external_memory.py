@@ -142,7 +142,8 @@ def test_full_retrieval_equals_attention_over_memory_and_context(model, memory_i
         allowed[1, :, :2] = False  # row 1 is left-padded by two tokens
         allowed[1, :2, :2] = torch.eye(2, dtype=torch.bool)  # padded queries see themselves (their output is unused)
         keep = allowed[:, None]
-        mask = keep if mask_kind == "sdpa-bool" else torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+        additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+        mask = keep if mask_kind == "sdpa-bool" else additive
     got, _ = attention(hidden, rotary, mask, external_memory=retriever(model, memory, topk=memory.keys.shape[3]))
     expected = direct_attention(attention, hidden, rotary, memory, memory.layers.index(1), allowed)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -183,7 +184,8 @@ def test_key_equal_to_the_query_is_ranked_first():
     generator = torch.Generator().manual_seed(4)
     keys = torch.randn(1, 1, 50, 8, generator=generator) * torch.rand(1, 1, 50, 1, generator=generator) * 5
     query = keys[:, :, 17:18].clone()  # (B, K, Q=1, Dh)
-    index, sims, valid = retrieve_top_k(query, keys, keys.norm(dim=-1).reciprocal(), torch.ones(1, 50, dtype=torch.bool), 5)
+    everything = torch.ones(1, 50, dtype=torch.bool)
+    index, sims, valid = retrieve_top_k(query, keys, keys.norm(dim=-1).reciprocal(), everything, 5)
     assert index[0, 0, 0, 0] == 17 and sims[0, 0, 0, 0] == pytest.approx(1.0, abs=1e-6)
     assert valid.all() and (sims[..., :-1] >= sims[..., 1:]).all()
 
@@ -218,7 +220,8 @@ def test_threshold_drops_memories_below_it(model, memory_ids):
     picked = recorder.steps[-1][1]  # (B, H, T, 6)
     query = attention.project_queries(hidden, rotary)
     keys = memory.keys[memory.layers.index(1)].repeat_interleave(2, dim=1)  # (B, H, M, Dh)
-    cosine = torch.nn.functional.normalize(query, dim=-1) @ torch.nn.functional.normalize(keys, dim=-1).transpose(-1, -2)
+    normalize = torch.nn.functional.normalize
+    cosine = normalize(query, dim=-1) @ normalize(keys, dim=-1).transpose(-1, -2)
     cosine = cosine.masked_fill(~memory.mask[:, None, None], -2)
     top = cosine.topk(6, dim=-1)
     expected = top.indices.masked_fill(top.values < 0.3, -1)
