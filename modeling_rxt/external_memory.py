@@ -120,7 +120,7 @@ def resolve_stride(config, stride: int | None = None) -> int:
 
 
 # ---- the memory -------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # tensors: compare explicitly
 class ExternalMemory:
     """Keys and values of the external memories of R rows, for the decoder layers in `layers`.
 
@@ -577,7 +577,7 @@ def default_rows(memory_rows: int, batch_size: int) -> torch.Tensor:
     return torch.arange(batch_size) if memory_rows == batch_size else torch.zeros(batch_size, dtype=torch.long)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # tensors: compare explicitly
 class ExternalMemoryRetriever:
     """What one call reads: a memory, the retrieval controls, the memory row of each batch row and an optional
     recorder. `attention_forward` has the signature of an attention implementation, so the self-attention of a
