@@ -1,0 +1,222 @@
+"""Inference benchmarks: per-turn latency over a conversation, single-turn decode throughput, one memory write.
+
+How a turn is measured (query of Q tokens, answer of A tokens, exactly A generated greedily, no EOS stop):
+
+    rxt-*         generate(query, memory_state=STM_{t-1})       -> answer      time to first / last answer token
+                  update_memory(STM_{t-1}, [query][answer])     -> STM_t       the write, after the answer
+    llama-reread  generate([history of (t-1)(Q+A) tokens][query]), empty cache: re-reads the whole conversation
+    llama-kv      generate([history][query], past_key_values=cache of the history): only the new tokens run
+
+RxT runs the real conversation, every turn from 1 to the last (its cost cannot depend on the turn, and this shows it
+does). Llama is measured at the sampled turns only: its history of (t-1)(Q+A) tokens is built synthetically (random
+ids; the cost of attention does not depend on which tokens they are), and the KV cache of that history is filled by
+one untimed forward pass. At every sampled turn each system runs `repeats` times, the systems interleaved in a
+rotating order; the figures are medians.
+"""
+
+import time
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from modeling_rxt import RxTForCausalLM, RxTMemoryState
+
+from .systems import LLAMA, BenchSettings, TokenClock, forced_length, median, quiet_gc, rotated
+
+REREAD, KV = "llama-reread", "llama-kv"
+
+
+def cache_bytes(cache: DynamicCache) -> int:
+    """Bytes of the keys and values a cache holds (its logical size, not the storage a cropped view points into)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def rxt_turn(model: RxTForCausalLM, state: RxTMemoryState, query: torch.Tensor, settings: BenchSettings):
+    """One RxT interaction: the answer read from `state`, then the memory write. Returns the timings and STM_t."""
+    clock = TokenClock()
+    with quiet_gc():
+        start = time.perf_counter()
+        interaction = model.generate(query, memory_state=state, streamer=clock, **forced_length(settings.answer_tokens))
+        answered = time.perf_counter()
+        with torch.no_grad():
+            new_state = model.update_memory(state, interaction)
+        written = time.perf_counter()
+    sample = clock.split(start, settings.answer_tokens)
+    sample.update(write_s=written - answered, turn_s=written - start, state_bytes=_state_bytes(new_state),
+                  tokens_processed=_rxt_tokens(settings))
+    return sample, new_state
+
+
+def llama_turn(model: PreTrainedModel, prompt: torch.Tensor, settings: BenchSettings, cache: DynamicCache | None):
+    """One Llama turn over `prompt` = [history][query]; with `cache` (holding the history) only the query and the
+    answer run, and the cache is cut back to the history afterwards so the next repeat starts from the same state."""
+    history = cache.get_seq_length() if cache is not None else 0
+    clock = TokenClock()
+    extra = {} if cache is None else {"past_key_values": cache}
+    with quiet_gc():
+        start = time.perf_counter()
+        output = model.generate(prompt, streamer=clock, **extra, **forced_length(settings.answer_tokens))
+        finished = time.perf_counter()
+    sample = clock.split(start, settings.answer_tokens)
+    sample.update(turn_s=finished - start, tokens_processed=prompt.shape[1] - history + settings.answer_tokens - 1)
+    if cache is None:  # a stateless model keeps only the transcript (token ids) between turns
+        sample["state_bytes"] = output.numel() * output.element_size()
+    else:
+        sample["state_bytes"] = cache_bytes(cache)
+        cache.crop(history - cache.get_seq_length())
+    return sample
+
+
+def _state_bytes(state: RxTMemoryState) -> int:
+    return state.stm.numel() * state.stm.element_size()
+
+
+def _rxt_tokens(settings: BenchSettings) -> int:
+    decoder = settings.turn_tokens - 1  # the last answer token is never fed back
+    encoder = settings.turn_tokens
+    return decoder + encoder
+
+
+def _prefilled_cache(model: PreTrainedModel, history: torch.Tensor) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    if history.shape[1]:
+        with torch.no_grad():
+            model(history, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+def measure_turn_latency(models: dict[str, PreTrainedModel], settings: BenchSettings, log=print) -> dict:
+    """Per-turn latency of every system over turns 1..max(settings.turns). Returns samples and medians per system
+    and sampled turn, and the single-shot whole-turn time of every RxT turn."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    vocab = models[LLAMA].config.vocab_size
+
+    def random_ids(length: int) -> torch.Tensor:
+        return torch.randint(4, vocab, (1, length), generator=generator)
+
+    rxt_names = [name for name in models if name != LLAMA]
+    states = {name: models[name].init_memory(1) for name in rxt_names}
+    samples: dict[str, dict[int, list[dict]]] = {name: {} for name in [*rxt_names, REREAD, KV]}
+    every_turn = {name: [] for name in rxt_names}
+    for turn in range(1, settings.turns[-1] + 1):
+        query = random_ids(settings.query_tokens)
+        if turn not in settings.turns:
+            for name in rxt_names:
+                sample, states[name] = rxt_turn(models[name], states[name], query, settings)
+                every_turn[name].append(sample["turn_s"])
+            continue
+        started = time.perf_counter()
+        history = random_ids((turn - 1) * settings.turn_tokens)
+        prompt = torch.cat((history, query), dim=1)
+        cache = _prefilled_cache(models[LLAMA], history)
+        for name in samples:
+            samples[name][turn] = []
+        systems = [*rxt_names, REREAD, KV]
+        for repeat in range(settings.repeats):
+            for name in rotated(systems, repeat + turn):
+                if name == REREAD:
+                    samples[name][turn].append(llama_turn(models[LLAMA], prompt, settings, None))
+                elif name == KV:
+                    samples[name][turn].append(llama_turn(models[LLAMA], prompt, settings, cache))
+                else:  # every repeat starts from STM_{t-1}; the last one's STM_t carries the conversation on
+                    sample, next_state = rxt_turn(models[name], states[name], query, settings)
+                    samples[name][turn].append(sample)
+                    if repeat == settings.repeats - 1:
+                        states[name] = next_state
+        for name in rxt_names:
+            every_turn[name].append(median([s["turn_s"] for s in samples[name][turn]]))
+        log(f"  turn {turn:4d}: " + "  ".join(
+            f"{name} {median([s['turn_s'] for s in samples[name][turn]]) * 1e3:8.1f} ms" for name in systems
+        ) + f"   ({time.perf_counter() - started:.1f} s)")
+    return {"samples": _by_turn_key(samples), "medians": _medians(samples), "rxt_every_turn_s": every_turn,
+            "method": __doc__.strip()}
+
+
+def _by_turn_key(samples: dict) -> dict:
+    return {name: {str(turn): runs for turn, runs in by_turn.items()} for name, by_turn in samples.items()}
+
+
+def _medians(samples: dict) -> dict:
+    """{system: {turn: {metric: median}}} over the repeats of each sampled turn."""
+    medians = {}
+    for name, by_turn in samples.items():
+        medians[name] = {}
+        for turn, runs in by_turn.items():
+            medians[name][str(turn)] = {key: median([run[key] for run in runs]) for key in runs[0]}
+    return medians
+
+
+def measure_decode_throughput(models: dict[str, PreTrainedModel], settings: BenchSettings) -> dict:
+    """Tokens per second of single-turn decoding (one query, no history): through `generate`, and through a bare
+    greedy loop of forward calls with a cache. The gap between the two is the `GenerationMixin` overhead per token."""
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    query = torch.randint(4, models[LLAMA].config.vocab_size, (1, settings.query_tokens), generator=generator)
+    names = list(models)
+    generate_rates = {name: [] for name in names}
+    loop_rates = {name: [] for name in names}
+    for repeat in range(settings.decode_repeats):
+        for name in rotated(names, repeat):
+            generate_rates[name].append(_generate_rate(models[name], query, settings.decode_tokens))
+            loop_rates[name].append(_forward_loop_rate(models[name], query, settings.decode_tokens))
+    result = {"new_tokens": settings.decode_tokens, "query_tokens": settings.query_tokens, "systems": {}}
+    for name in names:
+        generate_rate, loop_rate = median(generate_rates[name]), median(loop_rates[name])
+        result["systems"][name] = {
+            "generate_tokens_per_s": generate_rate,
+            "forward_loop_tokens_per_s": loop_rate,
+            "generate_overhead_per_token_s": 1 / generate_rate - 1 / loop_rate,
+            "samples_generate": generate_rates[name],
+            "samples_forward_loop": loop_rates[name],
+        }
+    return result
+
+
+def _generate_rate(model: PreTrainedModel, query: torch.Tensor, new_tokens: int) -> float:
+    clock = TokenClock()
+    extra = {"memory_state": model.init_memory(1)} if isinstance(model, RxTForCausalLM) else {}
+    with quiet_gc():
+        start = time.perf_counter()
+        model.generate(query, streamer=clock, **extra, **forced_length(new_tokens))
+    return 1.0 / clock.split(start, new_tokens)["decode_per_token_s"]
+
+
+@torch.no_grad()
+def _forward_loop_rate(model: PreTrainedModel, query: torch.Tensor, new_tokens: int) -> float:
+    """Decode tokens per second of a plain loop: one forward per token, greedy, no generation machinery."""
+    extra = {}
+    if isinstance(model, RxTForCausalLM):  # projected once per turn, as `generate` does
+        extra["memory_key_values"] = model.model.project_memory(model.model.initial_memory(1))
+    cache = DynamicCache(config=model.config)
+    with quiet_gc():
+        logits = model(query, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits
+        token = logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            logits = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits
+            token = logits[:, -1:].argmax(-1)
+        elapsed = time.perf_counter() - start
+    return (new_tokens - 1) / elapsed
+
+
+def measure_write_cost(models: dict[str, PreTrainedModel], settings: BenchSettings) -> dict:
+    """Seconds of one memory write (`update_memory`) for an interaction of one turn (query + answer) and for the
+    longest interaction the model takes, interleaved over the RxT systems."""
+    rxt_names = [name for name in models if name != LLAMA]
+    generator = torch.Generator().manual_seed(settings.seed + 2)
+    result = {}
+    for name in rxt_names:
+        model = models[name]
+        lengths = sorted({settings.turn_tokens, model.config.max_position_embeddings})
+        result[name] = {"lengths": lengths, "samples": {str(n): [] for n in lengths}}
+    for repeat in range(settings.write_repeats):
+        for name in rotated(rxt_names, repeat):
+            model, state = models[name], models[name].init_memory(1)
+            for length in result[name]["lengths"]:
+                ids = torch.randint(4, model.config.vocab_size, (1, length), generator=generator)
+                with quiet_gc(), torch.no_grad():
+                    start = time.perf_counter()
+                    model.update_memory(state, ids)
+                    result[name]["samples"][str(length)].append(time.perf_counter() - start)
+    for entry in result.values():
+        entry["median_s"] = {length: median(times) for length, times in entry["samples"].items()}
+    return result

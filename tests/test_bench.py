@@ -1,0 +1,239 @@
+"""The benchmark functions at tiny settings: they run, count tokens and state bytes exactly, and write well-formed JSON
+and plots with the expected keys. Nothing here asserts a timing."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from modeling_rxt.bench import (
+    BenchSettings,
+    acceptance,
+    acceptance_table,
+    build_systems,
+    describe_systems,
+    measure_decode_throughput,
+    measure_training_peak_memory,
+    measure_training_throughput,
+    measure_turn_latency,
+    measure_write_cost,
+    run_benchmarks,
+    write_json,
+)
+from modeling_rxt.bench.__main__ import parse_args
+from modeling_rxt.bench.latency import KV, REREAD, llama_turn, _prefilled_cache
+from modeling_rxt.bench.report import crossover_turn
+from modeling_rxt.bench.systems import LLAMA
+
+TINY_SHAPE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, memory_slots=8, max_position_embeddings=64, num_local_experts=4,
+                  num_experts_per_tok=2)
+TINY_RUN = dict(overrides=TINY_SHAPE, threads=1, query_tokens=4, answer_tokens=3, turns=(1, 3), repeats=2,
+                decode_tokens=4, decode_repeats=2, write_repeats=2, train_batch_size=2, train_seq_len=16,
+                train_steps=3, train_warmup_steps=1, train_rounds=2, peak_memory_steps=1)
+LAYERS, SLOTS, HIDDEN, KV_HEADS, HEAD_DIM = 2, 8, 32, 2, 8
+TURN = 4 + 3
+
+
+@pytest.fixture(scope="module")
+def settings() -> BenchSettings:
+    torch.set_num_threads(1)
+    return BenchSettings(**TINY_RUN)
+
+
+@pytest.fixture(scope="module")
+def models(settings):
+    return build_systems(settings)
+
+
+# ---- settings and systems -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [dict(turns=(2, 1)), dict(turns=(0, 1)), dict(turns=()), dict(repeats=0),
+                                 dict(train_warmup_steps=3), dict(rxt_systems=("rxt-big",)), dict(answer_tokens=1),
+                                 dict(threads=True)])
+def test_settings_reject_bad_values(bad):
+    with pytest.raises(ValueError):
+        BenchSettings(**{**TINY_RUN, **bad})
+
+
+def test_settings_reject_overrides_that_are_not_a_dict():
+    with pytest.raises(TypeError, match="overrides"):
+        BenchSettings(**{**TINY_RUN, "overrides": [("hidden_size", 32)]})
+
+
+def test_interactions_longer_than_the_model_are_refused():
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        build_systems(BenchSettings(**{**TINY_RUN, "train_seq_len": 65}))
+
+
+def test_llama_has_the_size_of_the_rxt_decoder(models):
+    llama, dense, moe = models[LLAMA].config, models["rxt-dense"].config, models["rxt-moe"].config
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "rms_norm_eps"):
+        assert getattr(llama, name) == getattr(dense, name) == getattr(moe, name), name
+    assert llama.rope_parameters["rope_theta"] == dense.rope_parameters["rope_theta"]
+    assert (dense.num_local_experts, moe.num_local_experts) == (0, 4)
+    assert llama.max_position_embeddings >= 3 * TURN  # the longest re-read history fits
+    described = describe_systems(models)
+    assert described["rxt-moe"]["parameters_active_per_token"] < described["rxt-moe"]["parameters"]
+    assert described[LLAMA]["class"] == "LlamaForCausalLM"
+
+
+# ---- turns ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def turns(models, settings):
+    return measure_turn_latency(models, settings, log=lambda line: None)
+
+
+def test_turn_latency_has_every_system_turn_and_repeat(turns):
+    systems = {"rxt-moe", "rxt-dense", REREAD, KV}
+    assert set(turns["samples"]) == set(turns["medians"]) == systems
+    for system in systems:
+        assert set(turns["samples"][system]) == {"1", "3"}
+        assert all(len(runs) == 2 for runs in turns["samples"][system].values())
+        for sample in turns["medians"][system].values():
+            assert {"ttft_s", "decode_per_token_s", "answer_s", "turn_s", "state_bytes", "tokens_processed"} <= set(sample)
+            assert 0 < sample["ttft_s"] <= sample["answer_s"] <= sample["turn_s"]
+    assert all(len(times) == 3 for times in turns["rxt_every_turn_s"].values())  # turns 1, 2 and 3
+    assert "write_s" in turns["medians"]["rxt-dense"]["1"]
+    json.dumps(turns)  # plain JSON
+
+
+def test_turn_latency_counts_tokens_and_state_exactly(turns):
+    medians = turns["medians"]
+    for turn in (1, 3):
+        history = (turn - 1) * TURN
+        assert medians[REREAD][str(turn)]["tokens_processed"] == history + TURN - 1
+        assert medians[KV][str(turn)]["tokens_processed"] == TURN - 1
+        assert medians["rxt-moe"][str(turn)]["tokens_processed"] == (TURN - 1) + TURN  # decoder + encoder
+        # RxT holds L x S x D floats whatever the turn; Llama's cache K and V for every token but the last answer one
+        assert medians["rxt-dense"][str(turn)]["state_bytes"] == LAYERS * SLOTS * HIDDEN * 4
+        assert medians[KV][str(turn)]["state_bytes"] == LAYERS * 2 * KV_HEADS * HEAD_DIM * 4 * (history + TURN - 1)
+        assert medians[REREAD][str(turn)]["state_bytes"] == (history + TURN) * 8  # the transcript, int64 ids
+
+
+def test_kv_turn_gives_the_reread_answer_and_restores_the_cache(models, settings):
+    llama = models[LLAMA]
+    prompt = torch.randint(4, 128, (1, 2 * TURN + 4))
+    cache = _prefilled_cache(llama, prompt[:, : 2 * TURN])
+    llama_turn(llama, prompt, settings, cache)
+    assert cache.get_seq_length() == 2 * TURN  # cut back to the history for the next repeat
+    arguments = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert torch.equal(llama.generate(prompt, past_key_values=cache, **arguments), llama.generate(prompt, **arguments))
+
+
+# ---- decode, write, training ---------------------------------------------------------------------------------------
+
+
+def test_decode_throughput_reports_both_ways_for_every_system(models, settings):
+    result = measure_decode_throughput(models, settings)
+    assert set(result["systems"]) == {"rxt-moe", "rxt-dense", LLAMA}
+    for entry in result["systems"].values():
+        assert entry["generate_tokens_per_s"] > 0 and entry["forward_loop_tokens_per_s"] > 0
+        assert len(entry["samples_generate"]) == 2
+        assert math.isfinite(entry["generate_overhead_per_token_s"])
+
+
+def test_write_cost_covers_one_turn_and_the_longest_interaction(models, settings):
+    result = measure_write_cost(models, settings)
+    assert set(result) == {"rxt-moe", "rxt-dense"}
+    for entry in result.values():
+        assert entry["lengths"] == [TURN, 64]
+        assert set(entry["median_s"]) == {str(TURN), "64"}
+        assert all(len(times) == 2 and min(times) > 0 for times in entry["samples"].values())
+
+
+def test_training_throughput_drops_warmup_steps(settings):
+    models = build_systems(settings)  # trained in place: not the shared fixture
+    result = measure_training_throughput(models, settings)
+    assert result["tokens_per_step"] == 2 * 16
+    for entry in result["systems"].values():
+        assert len(entry["step_seconds"]) == (3 - 1) * 2  # (steps - warmup) x rounds
+        assert entry["tokens_per_s"] == pytest.approx(32 / entry["median_step_s"])
+
+
+def test_training_peak_memory_runs_in_a_fresh_process(settings):
+    result = measure_training_peak_memory(settings, [LLAMA])
+    entry = result["systems"][LLAMA]
+    assert entry["peak_rss_kib"] > 0 and entry["rss_before_training_kib"] > 0
+    assert entry["training_peak_increase_mib"] >= 0 or not entry["peak_reset"]
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+
+
+def _medians(rxt: dict[int, float], reread: dict[int, float]) -> dict:
+    medians = {"rxt-moe": {}, REREAD: {}, KV: {}}
+    for turn in rxt:
+        medians["rxt-moe"][str(turn)] = {"turn_s": rxt[turn], "answer_s": rxt[turn] * 0.8, "state_bytes": 100}
+        medians[REREAD][str(turn)] = {"turn_s": reread[turn], "state_bytes": 8 * turn}
+        medians[KV][str(turn)] = {"turn_s": 1.5, "state_bytes": 3000 * turn}
+    return medians
+
+
+def test_crossover_is_interpolated_between_sampled_turns():
+    medians = _medians({1: 2.0, 4: 2.0, 8: 2.0}, {1: 1.0, 4: 1.5, 8: 3.5})
+    # gap -0.5 at turn 4 and +1.5 at turn 8: zero a quarter of the way, at turn 5
+    assert crossover_turn(medians, "rxt-moe", REREAD) == pytest.approx(5.0)
+    assert crossover_turn(_medians({1: 2.0}, {1: 1.0}), "rxt-moe", REREAD) is None
+    assert crossover_turn(_medians({1: 1.0}, {1: 2.0}), "rxt-moe", REREAD) == 1.0
+
+
+def test_acceptance_ratios_come_from_the_medians():
+    results = {"turn_latency": {"medians": _medians({1: 2.0, 64: 2.0, 128: 2.2}, {1: 1.6, 64: 8.0, 128: 20.0})},
+               "decode": {"systems": {"rxt-moe": {"generate_tokens_per_s": 90.0}, LLAMA: {"generate_tokens_per_s": 100.0}}}}
+    table = acceptance(results, "rxt-moe")
+    assert table["turn128_over_turn1"]["value"] == pytest.approx(1.1)
+    assert table["turn_over_llama_turn1"]["value"] == pytest.approx(1.25) and table["turn_over_llama_turn1"]["met"]
+    assert table["answer_over_llama_turn1"]["value"] == pytest.approx(1.0)
+    assert table["reread_speedup_turn64"]["value"] == pytest.approx(4.0) and table["reread_speedup_turn64"]["met"]
+    assert table["reread_speedup_turn128"]["value"] == pytest.approx(20 / 2.2)
+    assert table["kv_speedup_turn128"]["value"] == pytest.approx(1.5 / 2.2) and not table["kv_speedup_turn128"]["met"]
+    assert table["kv_state_ratio_turn128"]["value"] == pytest.approx(3000 * 128 / 100)
+    assert table["decode_throughput_ratio"]["value"] == pytest.approx(0.9)
+    assert table["training_throughput_ratio"]["value"] is None  # not measured in this run
+    text = acceptance_table({"rxt-moe": table})
+    assert "MISS" in text and " ok" in text and "n/a" in text
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = tmp_path / "out" / "result.json"
+    write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json(path, {"a": object()})  # not serialisable: fails half way
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]  # no temporary file left
+
+
+def test_run_benchmarks_writes_json_plots_and_summary(tmp_path, settings):
+    results = run_benchmarks(settings, sections=("turn_latency", "write"), output_dir=tmp_path, log=lambda line: None)
+    assert {p.name for p in tmp_path.iterdir()} == {"turn_latency.json", "write.json", "summary.json",
+                                                    "latency_vs_turn.png", "state_vs_turn.png"}
+    for plot in results["plots"]:
+        with open(plot, "rb") as image:
+            assert image.read(8) == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {"cpu", "logical_cores", "torch_threads", "torch", "transformers", "date_utc"} <= set(summary["machine"])
+    assert summary["machine"]["torch_threads"] == 1
+    assert set(summary["acceptance"]) == {"rxt-moe", "rxt-dense"}
+    assert summary["acceptance"]["rxt-dense"]["turn_over_llama_turn1"]["value"] > 0
+    assert summary["acceptance"]["rxt-dense"]["decode_throughput_ratio"]["value"] is None  # decode not run
+    assert json.loads((tmp_path / "write.json").read_text())["write"]["rxt-moe"]["lengths"] == [TURN, 64]
+
+
+def test_run_benchmarks_checks_its_arguments(settings, tmp_path):
+    with pytest.raises(ValueError, match="sections"):
+        run_benchmarks(settings, sections=("speed",), output_dir=tmp_path)
+    with pytest.raises(TypeError, match="settings"):
+        run_benchmarks(TINY_RUN, output_dir=tmp_path)
+
+
+def test_command_line_parses_sections_and_turns():
+    args = parse_args(["--quick", "--only", "decode,write", "--turns", "1,4,16"])
+    assert args.quick and args.only == ("decode", "write") and args.turns == (1, 4, 16)
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "speed"])
