@@ -1,0 +1,215 @@
+"""Bad input (DESIGN.md, last section): every public entry point refuses it with a `ValueError` or `TypeError` whose
+message names the argument or config field, before any work is done."""
+
+import pytest
+import torch
+
+from modeling_rxt import RxTConfig, RxTMemoryState
+
+from conftest import TINY_DENSE, make_tiny_model, random_ids, random_state
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model("dense")  # max_position_embeddings = 64, vocab 100
+
+
+# ---- invalid configurations ------------------------------------------------------------------------------------------
+
+INVALID_CONFIGS = [
+    # (overrides, exception, field named in the message)
+    (dict(num_local_experts=4, num_experts_per_tok=5), ValueError, "num_experts_per_tok"),
+    (dict(num_local_experts=4, num_experts_per_tok=0), ValueError, "num_experts_per_tok"),
+    (dict(num_local_experts=-1), ValueError, "num_local_experts"),
+    (dict(num_attention_heads=4, num_key_value_heads=3), ValueError, "num_key_value_heads"),
+    (dict(memory_attention_type="cross"), ValueError, "memory_attention_type"),
+    (dict(hidden_size=0), ValueError, "hidden_size"),
+    (dict(num_hidden_layers=0), ValueError, "num_hidden_layers"),
+    (dict(num_attention_heads=0), ValueError, "num_attention_heads"),
+    (dict(num_key_value_heads=0), ValueError, "num_key_value_heads"),
+    (dict(intermediate_size=-4), ValueError, "intermediate_size"),
+    (dict(vocab_size=0), ValueError, "vocab_size"),
+    (dict(memory_slots=0), ValueError, "memory_slots"),
+    (dict(max_position_embeddings=-1), ValueError, "max_position_embeddings"),
+    (dict(head_dim=0), ValueError, "head_dim"),
+    (dict(hidden_size=36), ValueError, "head_dim"),  # 36 / 4 heads = 9: odd, no rotary pairs
+    (dict(shared_expert_intermediate_size=-2), ValueError, "shared_expert_intermediate_size"),
+    (dict(attention_dropout=1.0), ValueError, "attention_dropout"),
+    (dict(router_aux_loss_coef=-0.1), ValueError, "router_aux_loss_coef"),
+    (dict(rms_norm_eps=0.0), ValueError, "rms_norm_eps"),
+    (dict(initializer_range=-0.02), ValueError, "initializer_range"),
+    (dict(hidden_act="swishy"), ValueError, "hidden_act"),
+    (dict(hidden_size="32"), TypeError, "hidden_size"),
+    (dict(hidden_size=32.0), TypeError, "hidden_size"),
+    (dict(memory_slots=None), TypeError, "memory_slots"),
+    (dict(memory_attention_type=3), TypeError, "memory_attention_type"),
+    (dict(use_cache="yes"), TypeError, "use_cache"),
+    (dict(num_hidden_layers=True), TypeError, "num_hidden_layers"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "error", "field"), INVALID_CONFIGS, ids=lambda v: str(v)[:40])
+def test_invalid_config_is_refused_naming_the_field(overrides, error, field):
+    with pytest.raises(error, match=field):
+        RxTConfig(**{**TINY_DENSE, **overrides})
+
+
+# ---- the memory state ------------------------------------------------------------------------------------------------
+
+
+def test_state_from_a_model_of_another_shape(model):
+    other = make_tiny_model("dense", memory_slots=4).init_memory(1)
+    calls = {
+        "forward": lambda: model(random_ids(1, 4), memory_state=other),
+        "generate": lambda: model.generate(random_ids(1, 4), memory_state=other, max_new_tokens=2),
+        "update_memory": lambda: model.update_memory(other, random_ids(1, 4)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="memory_state.*another shape"):
+            call()
+
+
+def test_batch_size_differs_between_input_and_memory(model):
+    state = random_state(model, 2)
+    calls = {
+        "forward": lambda: model(random_ids(3, 4), memory_state=state),
+        "generate": lambda: model.generate(random_ids(3, 4), memory_state=state, max_new_tokens=2),
+        "update_memory": lambda: model.update_memory(state, random_ids(1, 4)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="memory_state.*batch size"):
+            call()
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(2, 1, 8, 32), "state", None], ids=["tensor", "str", "none"])
+def test_memory_state_of_the_wrong_type(model, bad):
+    if bad is not None:  # forward and generate take None as "the learned initial memory"
+        with pytest.raises(TypeError, match="memory_state"):
+            model(random_ids(1, 4), memory_state=bad)
+        with pytest.raises(TypeError, match="memory_state"):
+            model.generate(random_ids(1, 4), memory_state=bad, max_new_tokens=2)
+    with pytest.raises(TypeError, match="memory_state"):
+        model.update_memory(bad, random_ids(1, 4))
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 1.0, "2", True, None])
+def test_init_memory_needs_a_positive_integer(model, batch_size):
+    with pytest.raises(ValueError, match="batch_size"):
+        model.init_memory(batch_size=batch_size)
+
+
+# ---- lengths ---------------------------------------------------------------------------------------------------------
+
+
+def test_interaction_longer_than_the_model_maximum(model):
+    too_long = random_ids(1, 65)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(too_long)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.update_memory(model.init_memory(1), too_long)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.encoder_mlm_logits(too_long)
+    model(random_ids(1, 64))  # exactly the maximum is fine
+
+
+def test_generate_refuses_an_answer_that_cannot_fit_before_decoding(model):
+    streamed = []
+
+    class Recorder:
+        def put(self, value):
+            streamed.append(value)
+
+        def end(self):
+            pass
+
+    with pytest.raises(ValueError, match="max_new_tokens.*max_position_embeddings"):
+        model.generate(random_ids(1, 60), max_new_tokens=10, streamer=Recorder())
+    assert streamed == []  # refused up front: not even the prompt was streamed
+    with pytest.raises(ValueError, match="max_length.*max_position_embeddings"):
+        model.generate(random_ids(1, 60), max_length=70)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(random_ids(1, 64), max_new_tokens=1)
+    assert model.generate(random_ids(1, 60), max_new_tokens=4, min_new_tokens=4).shape == (1, 64)
+
+
+def test_empty_query(model):
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    with pytest.raises(ValueError, match="input_ids"):
+        model(empty)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(empty, max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.update_memory(model.init_memory(1), empty)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model.generate(inputs_embeds=torch.zeros(1, 0, 32), max_new_tokens=2)
+
+
+# ---- ids and masks ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("input_ids", "error"),
+    [
+        (torch.rand(1, 4), TypeError),
+        (torch.ones(1, 4, dtype=torch.bool), TypeError),
+        (torch.ones(1, 4, dtype=torch.int16), TypeError),
+        ([[5, 6, 7]], TypeError),
+        (torch.ones(4, dtype=torch.long), ValueError),
+        (torch.ones(1, 1, 4, dtype=torch.long), ValueError),
+    ],
+    ids=["float", "bool", "int16", "list", "1d", "3d"],
+)
+def test_input_ids_of_the_wrong_type_or_rank(model, input_ids, error):
+    state = model.init_memory(1)
+    with pytest.raises(error, match="input_ids"):
+        model(input_ids)
+    with pytest.raises(error, match="input_ids"):
+        model.update_memory(state, input_ids)
+    with pytest.raises(error, match="input_ids"):
+        model.generate(input_ids, max_new_tokens=2)
+
+
+def test_int32_ids_are_accepted(model):
+    ids = random_ids(1, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids.int()).logits, model(ids).logits)
+
+
+def test_token_ids_outside_the_vocabulary(model):
+    for bad in (random_ids(1, 4) + 100, torch.tensor([[5, -1]])):
+        with pytest.raises(ValueError, match="input_ids.*vocab_size"):
+            model.update_memory(model.init_memory(1), bad)
+        with pytest.raises(ValueError, match="input_ids.*vocab_size"):
+            model.generate(bad, max_new_tokens=2)
+
+
+def test_attention_mask_of_the_wrong_shape_or_type(model):
+    ids = random_ids(2, 5)
+    for mask in (torch.ones(2, 4), torch.ones(3, 5)):
+        with pytest.raises(ValueError, match="attention_mask"):
+            model(ids, attention_mask=mask)
+        with pytest.raises(ValueError, match="attention_mask"):
+            model.update_memory(model.init_memory(2), ids, attention_mask=mask)
+        with pytest.raises(ValueError, match="attention_mask"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(TypeError, match="attention_mask"):
+        model(ids, attention_mask=[[1] * 5] * 2)
+
+
+def test_inputs_embeds_of_the_wrong_shape(model):
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(inputs_embeds=torch.zeros(1, 4, 16))
+    with pytest.raises(TypeError, match="inputs_embeds"):
+        model(inputs_embeds=torch.zeros(1, 4, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(random_ids(1, 4), inputs_embeds=torch.zeros(1, 4, 32))
+
+
+def test_memory_state_methods_refuse_bad_arguments():
+    state = RxTMemoryState(torch.zeros(2, 3, 4, 8))
+    with pytest.raises(ValueError, match="indices"):
+        state.select([3])
+    with pytest.raises(ValueError, match="rows"):
+        state.reset([7], torch.zeros(2, 4, 8))
+    with pytest.raises(TypeError, match="stm"):
+        RxTMemoryState(stm=None)

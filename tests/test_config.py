@@ -1,0 +1,85 @@
+"""RxTConfig: derived defaults, a lossless save/load, the presets of DESIGN.md and the parameter counts they give."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from configuration import load_preset, read_preset
+from modeling_rxt import RxTConfig, RxTForCausalLM
+
+from conftest import tiny_config
+
+
+def test_derived_defaults():
+    config = RxTConfig(hidden_size=64, num_attention_heads=4)
+    assert config.head_dim == 16
+    assert config.num_key_value_heads == 4  # multi-head attention unless GQA is asked for
+    assert config.tie_word_embeddings is True and config.use_cache is True
+    assert config.rope_parameters["rope_type"] == "default" and config.rope_parameters["rope_theta"] > 0
+    assert not config.is_moe and tiny_config("moe").is_moe
+
+
+def test_explicit_head_dim_gives_sparse_query_attention():
+    config = RxTConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = RxTForCausalLM(config)
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (2 * 16, 64)  # fewer query heads than 64 / 16
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (16, 64)
+
+
+def test_save_and_load_is_lossless(tmp_path):
+    config = tiny_config("moe", memory_attention_type="self", router_aux_loss_coef=0.05)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "rxt" and saved["num_local_experts"] == 4
+    assert not {"temperature", "max_length", "do_sample"} & set(saved)  # generation settings live elsewhere
+    for loaded in (RxTConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
+        assert isinstance(loaded, RxTConfig)
+        assert {**loaded.to_dict(), "_name_or_path": ""} == config.to_dict()
+
+
+def test_presets_hold_the_shapes_of_design_md():
+    micro = load_preset("alpha-micro")
+    assert (micro.hidden_size, micro.num_hidden_layers, micro.num_attention_heads) == (128, 6, 8)
+    assert (micro.num_local_experts, micro.num_experts_per_tok) == (12, 2)
+    assert (micro.max_position_embeddings, micro.num_hidden_layers, micro.memory_slots) == (256, 6, 256)
+    mini = load_preset("alpha-mini")
+    assert (mini.hidden_size, mini.num_hidden_layers, mini.num_attention_heads) == (256, 8, 16)
+    assert (mini.num_local_experts, mini.num_experts_per_tok, mini.memory_slots) == (16, 2, 1024)
+    assert not load_preset("nano").is_moe
+
+
+def test_preset_overrides_and_unknown_names():
+    assert load_preset("nano", vocab_size=300).vocab_size == 300
+    assert "_comment" not in read_preset("nano")
+    with pytest.raises(ValueError, match="nano-typo"):
+        load_preset("nano-typo")
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        load_preset("alpha-micro", num_experts_per_tok=13)
+
+
+def test_alpha_micro_builds_with_12_experts_2_active_and_counts_its_parameters():
+    config = load_preset("alpha-micro")
+    with torch.device("meta"):  # shapes only: counting needs no values, and building stays instant
+        model = RxTForCausalLM(config)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (12, 2 * 256, 128) and experts.down_proj.shape == (12, 128, 256)
+    assert model.model.layers[0].mlp.gate.top_k == 2
+    counts = model.parameter_counts()
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    # Independently: 6 layers x 12 experts x (gate + up + down) of 128 x 256; a token runs 2 of the 12.
+    expert_params = 6 * 12 * 3 * 128 * 256
+    assert counts["active"] == counts["total"] - expert_params * (1 - 2 / 12)
+    assert counts["total"] - counts["active"] == 5_898_240
+
+
+def test_nano_preset_builds_and_runs():
+    torch.manual_seed(0)
+    model = RxTForCausalLM(load_preset("nano")).eval()
+    state = model.init_memory(1)
+    assert state.stm.shape == (4, 1, 32, 128)
+    with torch.no_grad():
+        logits = model(torch.tensor([[2, 10, 11]]), memory_state=state).logits
+    assert logits.shape == (1, 3, 4096) and torch.isfinite(logits).all()
+    assert model.parameter_counts()["active"] == model.parameter_counts()["total"]

@@ -1,0 +1,178 @@
+"""`generate()` with memory: every standard decoding feature (greedy, beams, sampling, `num_return_sequences`,
+streamers) reads the given memory state, row by row, and gives what repeated full forwards give; the memory is
+projected to keys/values once per call, not once per token."""
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from modeling_rxt import RxTMemoryState
+
+from conftest import random_ids, random_state
+
+NEW_TOKENS = 6
+
+
+def greedy_reference(model, input_ids: torch.Tensor, state: RxTMemoryState, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding written out: a full forward over the whole sequence at every step (no cache), argmax of the
+    last logits; a row that produced EOS is padded afterwards, and decoding stops when every row has (as generate)."""
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    sequence, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    for _ in range(new_tokens):
+        with torch.no_grad():
+            logits = model(sequence, memory_state=state, use_cache=False).logits[:, -1]
+        token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
+        sequence = torch.cat((sequence, token[:, None]), dim=1)
+        done = done | (token == eos)
+        if done.all():
+            break
+    return sequence
+
+
+def test_greedy_generate_equals_argmax_of_repeated_forwards(tiny_model, kind):
+    model = tiny_model(kind)
+    input_ids, state = random_ids(3, 5), random_state(model, 3)
+    generated = model.generate(input_ids, memory_state=state, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert generated.shape == (3, 5 + NEW_TOKENS)
+    assert torch.equal(generated, greedy_reference(model, input_ids, state, NEW_TOKENS))
+
+
+def test_greedy_answer_depends_on_the_memory(dense_model):
+    input_ids = random_ids(1, 5)
+    answers = {
+        tuple(dense_model.generate(input_ids, memory_state=random_state(dense_model, 1, seed), max_new_tokens=8)[0])
+        for seed in range(4)
+    }
+    assert len(answers) > 1  # four different memories do not all give the same answer
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cached_decoding_equals_uncached(tiny_model, kind, num_beams):
+    model = tiny_model(kind)
+    input_ids, state = random_ids(2, 6), random_state(model, 2)
+    common = dict(memory_state=state, max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=num_beams)
+    cached = model.generate(input_ids, use_cache=True, output_scores=True, return_dict_in_generate=True, **common)
+    uncached = model.generate(input_ids, use_cache=False, output_scores=True, return_dict_in_generate=True, **common)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for with_cache, without_cache in zip(cached.scores, uncached.scores, strict=True):
+        torch.testing.assert_close(with_cache, without_cache, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_without_memory_reads_the_learned_initial_memory(dense_model):
+    input_ids = random_ids(2, 4)
+    implicit = dense_model.generate(input_ids, max_new_tokens=NEW_TOKENS)
+    explicit = dense_model.generate(input_ids, memory_state=dense_model.init_memory(2), max_new_tokens=NEW_TOKENS)
+    assert torch.equal(implicit, explicit)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(num_beams=3, num_return_sequences=2, do_sample=False),
+        dict(do_sample=True, top_k=1, num_return_sequences=3),  # the sampling path, made deterministic
+    ],
+    ids=["beams", "sampling"],
+)
+def test_every_returned_row_reads_its_own_conversation(tiny_model, kind, options):
+    model = tiny_model(kind)
+    input_ids, state = random_ids(2, 5), random_state(model, 2)
+    together = model.generate(input_ids, memory_state=state, max_new_tokens=NEW_TOKENS, **options)
+    per_row = options["num_return_sequences"]
+    assert together.shape[0] == 2 * per_row
+    for row in range(2):
+        alone = model.generate(
+            input_ids[row : row + 1], memory_state=state.select([row]), max_new_tokens=NEW_TOKENS, **options
+        )
+        assert torch.equal(together[row * per_row : (row + 1) * per_row], alone)
+
+
+def test_sampled_rows_stay_within_their_conversations_top_k(dense_model):
+    """Real sampling (top_k=3): every sampled token is among the 3 best tokens of ITS conversation's memory."""
+    input_ids, state = random_ids(2, 5), random_state(dense_model, 2, seed=3)
+    eos = dense_model.config.eos_token_id
+    torch.manual_seed(0)
+    samples = dense_model.generate(
+        input_ids, memory_state=state, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=3, num_return_sequences=4
+    )
+    assert samples.shape == (8, 5 + NEW_TOKENS)
+    for row, sequence in enumerate(samples):
+        with torch.no_grad():
+            logits = dense_model(sequence[None, :-1], memory_state=state.select([row // 4])).logits[0]
+        top3 = logits[4:].topk(3, dim=-1).indices  # the predictions for the generated positions
+        answer = sequence[5:].tolist()
+        ended = answer.index(eos) + 1 if eos in answer else len(answer)  # after EOS, generate pads the row
+        assert (top3[:ended] == sequence[5 : 5 + ended, None]).any(-1).all(), row
+        assert answer[ended:] == [dense_model.config.pad_token_id] * (len(answer) - ended)
+    assert len({tuple(s.tolist()) for s in samples}) > 2  # sampling does vary
+
+
+def test_generate_rows_are_isolated_with_left_padding(tiny_model, kind):
+    """A short query left-padded next to a long one gives the same answer and scores as alone."""
+    model = tiny_model(kind)
+    short, long = random_ids(1, 4, seed=7), random_ids(1, 9, seed=8)
+    state = random_state(model, 2)
+    pad = model.config.pad_token_id
+    input_ids = torch.cat((torch.cat((torch.full((1, 5), pad), short), dim=1), long))
+    attention_mask = (torch.arange(9) >= torch.tensor([[5], [0]])).long()
+    options = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    together = model.generate(input_ids, attention_mask=attention_mask, memory_state=state, **options)
+    for row, query in enumerate((short, long)):
+        alone = model.generate(query, memory_state=state.select([row]), **options)
+        assert torch.equal(together.sequences[row, -NEW_TOKENS:], alone.sequences[0, -NEW_TOKENS:])
+        for step_together, step_alone in zip(together.logits, alone.logits, strict=True):
+            # Logits here are O(10): 1e-5 is float32 rounding of a differently shaped batched matmul, no leak.
+            torch.testing.assert_close(step_together[row], step_alone[0], atol=1e-5, rtol=0)
+
+
+class CollectingStreamer(BaseStreamer):
+    """Receives what generate streams: the prompt first, then each new token."""
+
+    def __init__(self) -> None:
+        self.chunks: list[torch.Tensor] = []
+        self.ended = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.chunks.append(value.detach().clone().reshape(-1))
+
+    def end(self) -> None:
+        self.ended += 1
+
+
+def test_streamer_receives_exactly_the_generated_tokens(dense_model):
+    input_ids, state = random_ids(1, 5), random_state(dense_model, 1)
+    streamer = CollectingStreamer()
+    generated = dense_model.generate(input_ids, memory_state=state, max_new_tokens=NEW_TOKENS, streamer=streamer)
+    assert streamer.ended == 1
+    assert torch.equal(streamer.chunks[0], input_ids[0])
+    assert torch.equal(torch.cat(streamer.chunks[1:]), generated[0, 5:])
+    assert len(streamer.chunks) == 1 + generated.shape[1] - 5  # one chunk per new token
+
+
+def count_memory_projections(model) -> list[int]:
+    """Counts calls of the memory cross-attention key projection, which only `project_memory` runs."""
+    calls = [0]
+    for layer in model.model.layers:
+        layer.memory_cross_attn.k_proj.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(use_cache=False), dict(num_beams=3), dict(do_sample=True, num_return_sequences=2)],
+    ids=["greedy", "no-cache", "beams", "sampling"],
+)
+def test_memory_is_projected_once_per_generate_call(dense_model, options):
+    calls = count_memory_projections(dense_model)
+    input_ids, state = random_ids(2, 4), random_state(dense_model, 2)
+    generated = dense_model.generate(
+        input_ids, memory_state=state, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **options
+    )
+    assert generated.shape[1] == 4 + NEW_TOKENS  # really decoded NEW_TOKENS steps
+    assert calls[0] == dense_model.config.num_hidden_layers  # once per layer, not once per token
+
+
+def test_generate_does_not_touch_the_memory_state(dense_model):
+    state = random_state(dense_model, 2)
+    before = state.stm.clone()
+    dense_model.generate(random_ids(2, 4), memory_state=state, max_new_tokens=NEW_TOKENS, num_beams=2)
+    assert torch.equal(state.stm, before)

@@ -1,0 +1,306 @@
+"""The short-term memory is real, explicit and per conversation: it changes what the decoder reads, `update_memory`
+writes a NEW state from the interaction (differentiably), no call mutates a state, batch rows never leak into each
+other, and the state object itself (select, clone, to, reset, concatenate, files) behaves."""
+
+import os
+
+import pytest
+import torch
+
+import modeling_rxt.memory_state as memory_state_module
+from modeling_rxt import MEMORY_ATTENTION_TYPES, RxTMemoryState
+from modeling_rxt.memory_state import STATE_CONFIG_NAME, STATE_WEIGHTS_NAME
+
+from conftest import random_ids, random_state
+
+# ---- the memory is real ----------------------------------------------------------------------------------------------
+
+
+def test_a_non_initial_memory_changes_the_logits(tiny_model, kind):
+    model = tiny_model(kind)
+    input_ids = random_ids(2, 6)
+    with torch.no_grad():
+        initial = model(input_ids, memory_state=model.init_memory(2)).logits
+        implicit = model(input_ids).logits
+        other = model(input_ids, memory_state=random_state(model, 2)).logits
+    assert torch.equal(initial, implicit)  # no state means the learned initial memory
+    assert (initial - other).abs().amax(dim=-1).min() > 1e-2  # every position reads the memory
+
+
+def test_different_interactions_write_different_memories(tiny_model, kind):
+    model = tiny_model(kind)
+    state = model.init_memory(1)
+    with torch.no_grad():
+        first = model.update_memory(state, random_ids(1, 8, seed=1)).stm
+        again = model.update_memory(state, random_ids(1, 8, seed=1)).stm
+        second = model.update_memory(state, random_ids(1, 8, seed=2)).stm
+    assert torch.equal(first, again)  # a write is a function of (state, interaction)
+    assert (first - state.stm).abs().amax() > 1e-3  # the write changes the memory
+    assert (first - second).abs().amax() > 1e-3  # ... according to what was said
+    assert first.shape == state.stm.shape
+
+
+def test_no_call_mutates_the_given_state(tiny_model, kind):
+    model = tiny_model(kind)
+    state = random_state(model, 2)
+    before = state.stm.clone()
+    input_ids = random_ids(2, 5)
+    model(input_ids, memory_state=state)
+    model.generate(input_ids, memory_state=state, max_new_tokens=4)
+    new = model.update_memory(state, input_ids)
+    assert torch.equal(state.stm, before)
+    assert new is not state and new.stm.data_ptr() != state.stm.data_ptr()
+    with torch.no_grad():
+        new.stm.add_(1.0)  # a caller scribbling on the new state cannot reach the old one
+    assert torch.equal(state.stm, before)
+
+
+def test_init_memory_is_a_copy_of_the_learned_initial_memory(dense_model):
+    state = dense_model.init_memory(3)
+    assert state.batch_size == 3
+    for row in range(3):
+        assert torch.equal(state.stm[:, row], dense_model.model.initial_memory.weight)
+    with torch.no_grad():
+        state.stm.zero_()
+    assert dense_model.model.initial_memory.weight.abs().sum() > 0  # the parameter was not aliased
+
+
+@pytest.mark.parametrize("memory_attention_type", MEMORY_ATTENTION_TYPES)
+def test_update_memory_is_differentiable(tiny_model, memory_attention_type):
+    model = tiny_model("dense", memory_attention_type=memory_attention_type).train()
+    new_state = model.update_memory(random_state(model, 2), random_ids(2, 7, seed=3))
+    assert new_state.stm.requires_grad
+    loss = model(random_ids(2, 5, seed=4), memory_state=new_state).logits.logsumexp(-1).mean()
+    loss.backward()
+    written_by = {
+        "memory_attention": model.model.memory_attention,
+        "memory_encoder": model.model.memory_encoder.layers,  # (its `norm` only serves the MLM head)
+    }
+    for name, module in written_by.items():
+        for param_name, param in module.named_parameters():
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"{name}.{param_name}"
+
+
+def test_memory_write_gradients_reach_earlier_turns(dense_model):
+    """Truncated back-propagation through turns: the loss of turn 3 reaches the interaction of turn 1 and the learned
+    initial memory (read through the module: `init_memory` hands out a detached copy for inference)."""
+    embeddings = dense_model.model.embed_tokens.weight
+    assert not dense_model.init_memory(1).stm.requires_grad
+    state = RxTMemoryState(dense_model.model.initial_memory(1))
+    first = random_ids(1, 6, seed=11)
+    state = dense_model.update_memory(state, first)
+    state = dense_model.update_memory(state, random_ids(1, 6, seed=12))
+    dense_model(random_ids(1, 4, seed=13), memory_state=state).logits.sum().backward()
+    assert embeddings.grad[first[0]].abs().sum() > 0
+    assert dense_model.model.initial_memory.weight.grad.abs().sum() > 0
+
+
+# ---- isolation between conversations ---------------------------------------------------------------------------------
+
+
+def right_padded_batch(pad: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Three conversations of different content and lengths (9, 5, 7), right-padded into one batch."""
+    rows = [random_ids(1, 9, seed=21)[0], random_ids(1, 5, seed=22)[0], random_ids(1, 7, seed=23)[0]]
+    input_ids = torch.full((3, 9), pad)
+    attention_mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)], attention_mask[i, : len(row)] = row, 1
+    return input_ids, attention_mask, rows
+
+
+def test_update_memory_rows_are_isolated(tiny_model, kind):
+    model = tiny_model(kind)
+    state = random_state(model, 3)
+    input_ids, attention_mask, rows = right_padded_batch(model.config.pad_token_id)
+    with torch.no_grad():
+        together = model.update_memory(state, input_ids, attention_mask=attention_mask).stm
+        for i, row in enumerate(rows):
+            alone = model.update_memory(state.select([i]), row[None]).stm
+            # Padded and unpadded softmaxes sum in different orders: float32 rounding stays below 1e-5 on slots of
+            # unit scale, where a leak from another row or from the padding moves them by ~1e-1.
+            torch.testing.assert_close(together[:, i : i + 1], alone, atol=1e-5, rtol=0)
+
+
+def test_forward_rows_are_isolated(tiny_model, kind):
+    model = tiny_model(kind)
+    state = random_state(model, 3)
+    input_ids, attention_mask, rows = right_padded_batch(model.config.pad_token_id)
+    with torch.no_grad():
+        together = model(input_ids, attention_mask=attention_mask, memory_state=state).logits
+        for i, row in enumerate(rows):
+            alone = model(row[None], memory_state=state.select([i])).logits
+            torch.testing.assert_close(together[i : i + 1, : len(row)], alone, atol=1e-5, rtol=0)
+
+
+def test_a_row_without_tokens_keeps_its_memory_exactly(tiny_model, kind):
+    model = tiny_model(kind)
+    state = random_state(model, 2)
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        new = model.update_memory(state, random_ids(2, 6), attention_mask=attention_mask).stm
+    assert torch.equal(new[:, 1], state.stm[:, 1])
+    assert not torch.allclose(new[:, 0], state.stm[:, 0])
+
+
+# ---- the state object ------------------------------------------------------------------------------------------------
+
+
+def numbered_state(batch_size: int = 4) -> RxTMemoryState:
+    """A state whose row b is filled with the value b, so selections can be read off."""
+    return RxTMemoryState(torch.arange(batch_size, dtype=torch.float32)[None, :, None, None].expand(2, -1, 3, 8) + 0)
+
+
+def row_values(state: RxTMemoryState) -> list[float]:
+    return state.stm[0, :, 0, 0].tolist()
+
+
+def test_shape_properties():
+    state = RxTMemoryState(torch.zeros(2, 5, 3, 8, dtype=torch.float64))
+    assert (state.num_layers, state.batch_size, state.num_slots, state.hidden_size) == (2, 5, 3, 8)
+    assert state.dtype == torch.float64 and state.device == torch.device("cpu")
+
+
+def test_select_takes_rows_in_order_with_repeats_and_negative_indices():
+    state = numbered_state()
+    assert row_values(state.select([2, 0, 2])) == [2.0, 0.0, 2.0]
+    assert row_values(state.select(torch.tensor([-1]))) == [3.0]
+    assert state.select([]).batch_size == 0
+    for bad in ([4], [-5]):
+        with pytest.raises(ValueError, match="indices"):
+            state.select(bad)
+    for bad in ([1.5], [True, False], "ab"):
+        with pytest.raises(TypeError, match="indices"):
+            state.select(bad)
+
+
+def test_clone_is_independent():
+    state = numbered_state()
+    copy = state.clone()
+    with torch.no_grad():
+        copy.stm.fill_(-1)
+    assert row_values(state) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_to_converts_dtype_and_keeps_values():
+    state = numbered_state()
+    double = state.to(torch.float64)
+    assert double.dtype == torch.float64 and isinstance(double, RxTMemoryState)
+    assert torch.equal(double.stm, state.stm.double())
+    assert state.dtype == torch.float32  # a new state; the old one is unchanged
+
+
+def test_reset_restarts_only_the_given_rows():
+    state = numbered_state()
+    initial = torch.full((2, 3, 8), 9.0)
+    reset = state.reset([1, -1], initial)
+    assert row_values(reset) == [0.0, 9.0, 2.0, 9.0]
+    assert torch.equal(reset.stm[:, 1], initial)
+    assert row_values(state) == [0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="rows"):
+        state.reset([4], initial)
+    with pytest.raises(ValueError, match="initial"):
+        state.reset([0], torch.zeros(2, 3, 7))
+    with pytest.raises(TypeError, match="initial"):
+        state.reset([0], [[0.0]])
+
+
+def test_reset_to_the_model_initial_memory(dense_model):
+    state = random_state(dense_model, 3)
+    reset = state.reset([2], dense_model.model.initial_memory.weight.detach())
+    assert torch.equal(reset.stm[:, 2], dense_model.init_memory(1).stm[:, 0])
+    assert torch.equal(reset.stm[:, :2], state.stm[:, :2])
+
+
+def test_concatenate_joins_batches_in_order():
+    joined = RxTMemoryState.concatenate([numbered_state(2), numbered_state(3).select([2])])
+    assert row_values(joined) == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="states"):
+        RxTMemoryState.concatenate([])
+    with pytest.raises(ValueError, match="states"):
+        RxTMemoryState.concatenate([numbered_state(), RxTMemoryState(torch.zeros(2, 1, 4, 8))])
+    with pytest.raises(TypeError, match="states"):
+        RxTMemoryState.concatenate([numbered_state(), torch.zeros(2, 1, 3, 8)])
+
+
+def test_state_constructor_checks_its_tensor():
+    with pytest.raises(TypeError, match="stm"):
+        RxTMemoryState([[0.0]])
+    with pytest.raises(ValueError, match="stm"):
+        RxTMemoryState(torch.zeros(2, 3, 8))
+
+
+# ---- files -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_save_and_load_round_trip_is_exact(tmp_path, dtype):
+    state = RxTMemoryState(torch.randn(2, 3, 4, 8, generator=torch.Generator().manual_seed(0)).to(dtype))
+    state.save_pretrained(tmp_path)
+    loaded = RxTMemoryState.from_pretrained(tmp_path)
+    assert loaded.dtype == dtype
+    assert torch.equal(loaded.stm, state.stm)
+    assert sorted(os.listdir(tmp_path)) == sorted([STATE_WEIGHTS_NAME, STATE_CONFIG_NAME])
+
+
+def test_a_loaded_state_drives_the_model_like_the_original(dense_model, tmp_path):
+    state = dense_model.update_memory(dense_model.init_memory(2), random_ids(2, 8))
+    state.save_pretrained(tmp_path)
+    loaded = RxTMemoryState.from_pretrained(tmp_path)
+    input_ids = random_ids(2, 5, seed=9)
+    with torch.no_grad():
+        assert torch.equal(
+            dense_model(input_ids, memory_state=loaded).logits, dense_model(input_ids, memory_state=state).logits
+        )
+
+
+def test_state_of_another_model_shape_is_refused(tiny_model, tmp_path):
+    model = tiny_model("dense")
+    for other in (
+        tiny_model("dense", memory_slots=4).init_memory(1),
+        tiny_model("dense", num_hidden_layers=1).init_memory(1),
+        tiny_model("dense", hidden_size=16, num_attention_heads=2, num_key_value_heads=1).init_memory(1),
+    ):
+        other.save_pretrained(tmp_path)
+        loaded = RxTMemoryState.from_pretrained(tmp_path)
+        with pytest.raises(ValueError, match="memory_state"):
+            model(random_ids(1, 4), memory_state=loaded)
+        with pytest.raises(ValueError, match="memory_state"):
+            model.update_memory(loaded, random_ids(1, 4))
+        with pytest.raises(ValueError, match="memory_state"):
+            model.generate(random_ids(1, 4), memory_state=loaded, max_new_tokens=2)
+
+
+def test_truncated_or_corrupted_file_is_refused_naming_it(tmp_path):
+    numbered_state().save_pretrained(tmp_path)
+    path = tmp_path / STATE_WEIGHTS_NAME
+    payload = path.read_bytes()
+    damaged = {
+        "truncated": payload[: len(payload) // 2],
+        "header": b"\xff" * 16 + payload[16:],
+        "empty": b"",
+    }
+    for how, content in damaged.items():
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=STATE_WEIGHTS_NAME.replace(".", r"\.")):
+            RxTMemoryState.from_pretrained(tmp_path)
+    path.unlink()
+    with pytest.raises(ValueError, match=STATE_WEIGHTS_NAME.replace(".", r"\.")):
+        RxTMemoryState.from_pretrained(tmp_path)
+
+
+def test_a_failed_save_keeps_the_previous_files_and_leaves_no_temporary(tmp_path, monkeypatch):
+    numbered_state().save_pretrained(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in (STATE_WEIGHTS_NAME, STATE_CONFIG_NAME)}
+
+    def half_written(tensors, path, metadata=None):
+        with open(path, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(memory_state_module, "save_file", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        numbered_state(2).save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(before)
+    for name, content in before.items():
+        assert (tmp_path / name).read_bytes() == content
+    assert row_values(RxTMemoryState.from_pretrained(tmp_path)) == [0.0, 1.0, 2.0, 3.0]

@@ -1,0 +1,277 @@
+"""The model's parts against independent references: attention kernels agree, the MoE experts match a naive per-token
+loop on both of their code paths, the load-balancing loss has its textbook values and joins the LM loss with its
+coefficient, activation checkpointing changes nothing but memory, the memory is read as a set of slots, and the
+parameter counts add up."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from modeling_rxt import RxTForCausalLM
+import modeling_rxt.modeling_rxt as modeling_module
+from modeling_rxt.modeling_rxt import RxTExperts, load_balancing_loss
+
+from conftest import make_tiny_model, random_ids, random_state, tiny_config
+
+# ---- basics ----------------------------------------------------------------------------------------------------------
+
+
+def test_lm_head_is_tied_to_the_shared_embedding(tiny_model, kind):
+    model = tiny_model(kind)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    untied = tiny_model(kind, tie_word_embeddings=False)
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+def test_output_shapes(tiny_model, kind):
+    model = tiny_model(kind)
+    config = model.config
+    out = model(random_ids(3, 7), memory_state=random_state(model, 3), output_hidden_states=True)
+    assert out.logits.shape == (3, 7, config.vocab_size)
+    assert len(out.hidden_states) == config.num_hidden_layers + 1
+    projected = model.model.project_memory(random_state(model, 3).stm)
+    assert projected.shape == (3, config.num_hidden_layers, 2, config.num_key_value_heads, config.memory_slots, 8)
+    assert model.encoder_mlm_logits(random_ids(3, 7)).shape == (3, 7, config.vocab_size)
+
+
+def test_inputs_embeds_and_logits_to_keep_agree_with_input_ids(dense_model):
+    input_ids, state = random_ids(2, 6), random_state(dense_model, 2)
+    with torch.no_grad():
+        full = dense_model(input_ids, memory_state=state).logits
+        embedded = dense_model(inputs_embeds=dense_model.model.embed_tokens(input_ids), memory_state=state).logits
+        last = dense_model(input_ids, memory_state=state, logits_to_keep=1).logits
+    assert torch.equal(full, embedded)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)  # a 1-row matmul rounds differently
+
+
+def test_memory_is_read_as_a_set_of_slots(tiny_model, kind):
+    """Memory keys carry no positions: permuting the slots (the same way in every layer) changes nothing."""
+    model = tiny_model(kind)
+    input_ids, state = random_ids(2, 6), random_state(model, 2)
+    permuted = type(state)(state.stm[:, :, torch.randperm(model.config.memory_slots)])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids, memory_state=permuted).logits, model(input_ids, memory_state=state).logits,
+            atol=1e-5, rtol=0,
+        )
+
+
+def test_memory_write_permutes_with_the_slots(tiny_model):
+    """Slots are a set in the write too: permuting the old slots permutes the new ones (the learned gate and the
+    attention treat every slot alike; only the inter-layer mean mixes layers, and it is permuted alike)."""
+    model = tiny_model("dense", memory_attention_type="gated-self-interlayer")
+    state, input_ids = random_state(model, 2), random_ids(2, 7)
+    order = torch.randperm(model.config.memory_slots)
+    with torch.no_grad():
+        new = model.update_memory(state, input_ids).stm
+        new_of_permuted = model.update_memory(type(state)(state.stm[:, :, order]), input_ids).stm
+    torch.testing.assert_close(new_of_permuted, new[:, :, order], atol=1e-5, rtol=0)
+
+
+# ---- attention kernels -----------------------------------------------------------------------------------------------
+
+
+def logits_and_write(model: RxTForCausalLM) -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids, state = random_ids(2, 9), random_state(model, 2)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0  # padding exercises the masks of both kernels
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask=attention_mask, memory_state=state).logits
+        written = model.update_memory(state, input_ids, attention_mask=attention_mask).stm
+    return logits, written
+
+
+def test_eager_and_sdpa_agree_when_chosen_at_construction(kind):
+    eager = make_tiny_model(kind, attn_implementation="eager")  # through the config
+    sdpa = make_tiny_model(kind, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    auto_eager = AutoModelForCausalLM.from_config(tiny_config(kind), attn_implementation="eager").eval()
+    implementations = (eager, sdpa, auto_eager)
+    assert [m.config._attn_implementation for m in implementations] == ["eager", "sdpa", "eager"]
+    reference = logits_and_write(sdpa)
+    for model in (eager, auto_eager):
+        for a, b in zip(logits_and_write(model), reference, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_and_sdpa_agree_when_switched_or_loaded(tmp_path):
+    model = make_tiny_model("moe")
+    sdpa = logits_and_write(model)
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    for a, b in zip(logits_and_write(model), sdpa, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = RxTForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert loaded.config._attn_implementation == "eager"
+    for a, b in zip(logits_and_write(loaded), sdpa, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ---- mixture of experts ----------------------------------------------------------------------------------------------
+
+
+def naive_experts(experts: RxTExperts, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+    """The definition, one token and one chosen expert at a time: sum_j w_j * down_e(silu(gate_e x) * up_e x)."""
+    out = torch.zeros_like(hidden)
+    for n in range(hidden.shape[0]):
+        for j in range(top_k_index.shape[1]):
+            expert = int(top_k_index[n, j])
+            gate, up = (experts.gate_up_proj[expert] @ hidden[n]).chunk(2)
+            out[n] += top_k_weights[n, j] * (experts.down_proj[expert] @ (F.silu(gate) * up))
+    return out
+
+
+@pytest.fixture
+def eager_experts() -> RxTExperts:
+    config = tiny_config("moe", num_local_experts=8, num_experts_per_tok=2, experts_implementation="eager")
+    torch.manual_seed(0)
+    experts = RxTExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(std=0.2)
+        experts.down_proj.normal_(std=0.2)
+    return experts
+
+
+def routed(num_tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens routed to 2 distinct experts out of 8: expert 3 is crowded and expert 7 is idle (empty groups)."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_tokens, 32, generator=generator)
+    first = torch.randint(0, 7, (num_tokens,), generator=generator)
+    first[: num_tokens // 4] = 3
+    second = (first + torch.randint(1, 7, (num_tokens,), generator=generator)) % 7
+    weights = torch.rand(num_tokens, 2, generator=generator) + 0.1
+    return hidden, torch.stack((first, second), dim=1), weights / weights.sum(-1, keepdim=True)
+
+
+@pytest.fixture(params=["cpu-direct", "gather"])
+def decode_path(request, monkeypatch) -> str:
+    """The decode path (N * k <= E) has two branches: direct per-token calls on CPU, and the batched gather used on
+    accelerators and in compiled graphs (reached here by making the model believe it is being compiled)."""
+    if request.param == "gather":
+        monkeypatch.setattr(modeling_module, "is_torchdynamo_compiling", lambda: True)
+    return request.param
+
+
+def test_experts_decode_path_matches_naive_loop(eager_experts, decode_path):
+    hidden, index, weights = routed(3)  # 3 tokens x 2 experts <= 8 experts: the decode path
+    assert 3 * 2 <= eager_experts.num_experts
+    with torch.no_grad():
+        torch.testing.assert_close(
+            eager_experts(hidden, index, weights), naive_experts(eager_experts, hidden, index, weights),
+            atol=1e-5, rtol=1e-5,
+        )
+
+
+def test_experts_many_token_path_matches_naive_loop_and_decode_path(eager_experts, decode_path):
+    hidden, index, weights = routed(40, seed=1)  # the sort + per-expert groups path
+    with torch.no_grad():
+        many = eager_experts(hidden, index, weights)
+        torch.testing.assert_close(many, naive_experts(eager_experts, hidden, index, weights), atol=1e-5, rtol=1e-5)
+        for start in range(0, 40, 4):  # the same tokens four at a time take the decode path
+            rows = slice(start, start + 4)
+            decoded = eager_experts(hidden[rows], index[rows], weights[rows])
+            torch.testing.assert_close(decoded, many[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_experts_implementations_agree(tmp_path):
+    default = make_tiny_model("moe")
+    assert default.config._experts_implementation != "eager"  # the registry picks a fused kernel by default
+    input_ids, state = random_ids(2, 7), random_state(default, 2)
+    with torch.no_grad():
+        fused = default(input_ids, memory_state=state).logits
+        default.set_experts_implementation("eager")
+        eager = default(input_ids, memory_state=state).logits
+    torch.testing.assert_close(eager, fused, atol=1e-5, rtol=1e-5)
+    default.save_pretrained(tmp_path)
+    loaded = RxTForCausalLM.from_pretrained(tmp_path, experts_implementation="eager").eval()
+    assert loaded.config._experts_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids, memory_state=state).logits, fused, atol=1e-5, rtol=1e-5)
+
+
+def test_aux_loss_is_one_for_uniform_routing_and_larger_when_skewed():
+    uniform = load_balancing_loss((torch.zeros(12, 4), torch.zeros(12, 4)), num_experts=4, top_k=2,
+                                  attention_mask=None)
+    assert uniform.item() == pytest.approx(1.0, abs=1e-6)
+    skewed_logits = torch.zeros(12, 4)
+    skewed_logits[:, 0] = 3.0  # every token prefers expert 0
+    skewed = load_balancing_loss((skewed_logits, skewed_logits), num_experts=4, top_k=2, attention_mask=None)
+    assert skewed.item() > 1.2
+    # A hand-computed value: p = softmax([3,0,0,0]); every token picks experts 0 and 1 (ties go to the lower index),
+    # so f = [1/2, 1/2, 0, 0] and the loss is 4 * (p0 + p1) / 2.
+    p = torch.softmax(torch.tensor([3.0, 0, 0, 0]), -1)
+    assert skewed.item() == pytest.approx(4 * (p[0] + p[1]).item() / 2, rel=1e-6)
+
+
+def test_aux_loss_ignores_padding():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 4, generator=generator)  # (B, T, E) of one layer
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    masked = load_balancing_loss((logits.reshape(-1, 4),), 4, 2, mask)
+    kept = torch.cat((logits[0], logits[1, :2]))
+    assert masked.item() == pytest.approx(load_balancing_loss((kept,), 4, 2, None).item(), rel=1e-6)
+
+
+def test_loss_with_labels_is_lm_loss_plus_weighted_aux_loss(moe_model):
+    input_ids = random_ids(2, 8)
+    out = moe_model(input_ids, labels=input_ids, memory_state=random_state(moe_model, 2))
+    assert len(out.router_logits) == moe_model.config.num_hidden_layers
+    lm_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, 100), input_ids[:, 1:].reshape(-1))
+    expected_aux = load_balancing_loss(out.router_logits, 4, 2, None)
+    torch.testing.assert_close(out.aux_loss, expected_aux)
+    assert out.aux_loss.item() >= 0.99  # the balancing loss is at least ~1 (1 when perfectly balanced)
+    torch.testing.assert_close(out.loss, lm_loss + moe_model.config.router_aux_loss_coef * out.aux_loss)
+    dense_out = make_tiny_model("dense")(input_ids, labels=input_ids)
+    assert dense_out.aux_loss is None
+
+
+# ---- activation checkpointing ----------------------------------------------------------------------------------------
+
+
+def loss_and_grads(model: RxTForCausalLM) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One memory-aware training step: write an interaction, then the LM loss of the next turn reading it."""
+    model.zero_grad()
+    state = model.update_memory(random_state(model, 2), random_ids(2, 9, seed=3))
+    input_ids = random_ids(2, 7, seed=4)
+    loss = model(input_ids, labels=input_ids, memory_state=state, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(kind):
+    model = make_tiny_model(kind).train()
+    plain_loss, plain_grads = loss_and_grads(model)
+    if hasattr(model, "activation_checkpointing_enable"):  # the 5.x name (gradient_* is deprecated)
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    checkpointed_layers = [layer for layer in layers if layer.gradient_checkpointing]
+    assert len(checkpointed_layers) == 3 * model.config.num_hidden_layers  # decoder, encoder, memory attention
+    checkpointed_loss, checkpointed_grads = loss_and_grads(model)
+    assert torch.equal(checkpointed_loss, plain_loss)
+    assert checkpointed_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ---- parameter counts ------------------------------------------------------------------------------------------------
+
+
+def test_parameter_counts_of_a_dense_model(dense_model):
+    counts = dense_model.parameter_counts()
+    assert counts["total"] == sum(p.numel() for p in dense_model.parameters())
+    assert counts["active"] == counts["total"]
+
+
+def test_parameter_counts_of_a_moe_model(moe_model):
+    counts = moe_model.parameter_counts()
+    config = moe_model.config
+    per_expert = 3 * config.intermediate_size * config.hidden_size  # gate, up and down of one SwiGLU expert
+    experts = config.num_hidden_layers * config.num_local_experts * per_expert
+    assert counts["total"] == sum(p.numel() for p in moe_model.parameters())
+    # Each token runs k of the E experts; the router and the shared expert always run.
+    assert counts["active"] == counts["total"] - experts + config.num_hidden_layers * 2 * per_expert

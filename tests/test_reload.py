@@ -1,0 +1,179 @@
+"""Save and reload: a saved folder loads through `AutoModelForCausalLM` with `trust_remote_code` in a fresh process in
+which this package cannot be imported, and gives exactly the logits, memory writes and greedy answers of the model that
+was saved; a folder saved again after a local reload still carries its code; the LM head stays tied."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from modeling_rxt import MEMORY_ATTENTION_TYPES, RxTForCausalLM
+
+from conftest import make_tiny_model, random_ids, random_state
+
+CODE_FILES = {"configuration_rxt.py", "modeling_rxt.py", "memory_state.py"}
+
+# Variants saved and reloaded: every memory attention type, on the dense model and on the MoE model (with a shared
+# expert). One MoE variant is enough for the experts; the memory attention types are spread over both.
+VARIANTS = {
+    "dense-simple": ("dense", {"memory_attention_type": "simple"}),
+    "dense-self": ("dense", {"memory_attention_type": "self"}),
+    "dense-interlayer": ("dense", {"memory_attention_type": "interlayer"}),
+    "moe-gated-self-interlayer": ("moe", {"memory_attention_type": "gated-self-interlayer"}),
+}
+assert {overrides["memory_attention_type"] for _, overrides in VARIANTS.values()} == set(MEMORY_ATTENTION_TYPES)
+
+# The child process: it blocks `modeling_rxt` and `configuration` (the package is installed editable in .venv, so a
+# clean sys.path is not enough), proves the block works, then loads every folder through the Auto classes only.
+CHILD = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    from pathlib import Path
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("modeling_rxt", "configuration"):
+                raise ImportError(f"{name} is blocked in this process")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(REPO).resolve()]
+    try:
+        import modeling_rxt  # noqa: F401
+    except ImportError:
+        blocked = True
+    else:
+        blocked = False
+
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.set_num_threads(THREADS)  # as in the parent, so both sum in the same order
+
+    report = {"blocked": blocked, "folders": {}}
+    for folder in FOLDERS:
+        inputs = torch.load(Path(folder) / "inputs.pt")
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        state_class = type(model.init_memory(1))
+        state = state_class(inputs["stm"])
+        with torch.no_grad():
+            logits = model(inputs["input_ids"], memory_state=state).logits
+            new_state = model.update_memory(state, inputs["input_ids"])
+        answer = model.generate(inputs["input_ids"], memory_state=state, max_new_tokens=6, do_sample=False)
+        torch.save({"logits": logits, "new_stm": new_state.stm, "answer": answer}, Path(folder) / "child.pt")
+        base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+        report["folders"][folder] = {
+            "model_module": type(model).__module__,
+            "base_class": type(base).__name__,
+            "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+            "dtype": str(model.dtype),
+        }
+    print("REPORT" + json.dumps(report))
+    """
+)
+
+
+def expected_outputs(model: RxTForCausalLM, folder: Path) -> dict:
+    """Runs the saved model on fixed inputs, stores the inputs for the child and returns what it must reproduce."""
+    input_ids = random_ids(2, 9, seed=5)
+    state = random_state(model, 2, seed=6)
+    torch.save({"input_ids": input_ids, "stm": state.stm}, folder / "inputs.pt")
+    with torch.no_grad():
+        logits = model(input_ids, memory_state=state).logits
+        new_stm = model.update_memory(state, input_ids).stm
+    answer = model.generate(input_ids, memory_state=state, max_new_tokens=6, do_sample=False)
+    return {"logits": logits, "new_stm": new_stm, "answer": answer}
+
+
+def run_child(folders: list[Path], workdir: Path) -> dict:
+    repo = Path(__file__).resolve().parents[1]
+    settings = f"REPO = {str(repo)!r}\nFOLDERS = {[str(f) for f in folders]!r}\nTHREADS = {torch.get_num_threads()}\n"
+    code = settings + CHILD
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"), TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
+    return json.loads(line.removeprefix("REPORT"))
+
+
+@pytest.fixture(scope="module")
+def reloaded(tmp_path_factory):
+    """Saves every variant (plus one folder saved again after a local reload), loads them all in ONE child process
+    (a fresh interpreter costs seconds) and returns (expected, child outputs, child report) per folder."""
+    root = tmp_path_factory.mktemp("reload")
+    expected, folders = {}, []
+    for name, (kind, overrides) in VARIANTS.items():
+        model = make_tiny_model(kind, seed=len(folders), **overrides)
+        folder = root / name
+        model.save_pretrained(folder)
+        expected[name] = expected_outputs(model, folder)
+        folders.append(folder)
+    # HF_NOTES pitfall 9: a model loaded locally from a folder that already has `auto_map` must still save its code.
+    local = RxTForCausalLM.from_pretrained(root / "dense-interlayer").eval()
+    local.save_pretrained(root / "resaved")
+    expected["resaved"] = expected_outputs(local, root / "resaved")
+    folders.append(root / "resaved")
+    report = run_child(folders, root)
+    child = {f.name: torch.load(f / "child.pt") for f in folders}
+    return expected, child, report, root
+
+
+def test_child_process_cannot_import_the_package(reloaded):
+    _, _, report, _ = reloaded
+    assert report["blocked"] is True
+    for info in report["folders"].values():
+        assert info["model_module"].startswith("transformers_modules"), info  # the copied code, not this package
+
+
+@pytest.mark.parametrize("name", [*VARIANTS, "resaved"])
+def test_reloaded_logits_memory_write_and_answer_are_exact(reloaded, name):
+    expected, child, _, _ = reloaded
+    assert torch.equal(child[name]["logits"], expected[name]["logits"])
+    assert torch.equal(child[name]["new_stm"], expected[name]["new_stm"])
+    assert torch.equal(child[name]["answer"], expected[name]["answer"])
+
+
+def test_reloaded_model_is_float32_tied_and_loads_as_base_model(reloaded):
+    _, _, report, _ = reloaded
+    for folder, info in report["folders"].items():
+        assert info["tied"] is True, folder
+        assert info["dtype"] == "torch.float32", folder
+        assert info["base_class"] == "RxTModel", folder
+
+
+def test_folder_saved_again_after_local_reload_keeps_code_and_auto_map(reloaded):
+    *_, root = reloaded
+    for folder in (root / "dense-interlayer", root / "resaved"):
+        assert CODE_FILES <= {p.name for p in folder.iterdir()}, folder
+        auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+        assert auto_map == {
+            "AutoConfig": "configuration_rxt.RxTConfig",
+            "AutoModel": "modeling_rxt.RxTModel",
+            "AutoModelForCausalLM": "modeling_rxt.RxTForCausalLM",
+        }
+    # The copied code is the package's code, byte for byte.
+    package = Path(__file__).resolve().parents[1] / "modeling_rxt"
+    for name in CODE_FILES:
+        assert (root / "resaved" / name).read_bytes() == (package / name).read_bytes(), name
+
+
+def test_local_reload_keeps_the_lm_head_tied_and_the_weights(tmp_path):
+    model = make_tiny_model("moe", seed=3)
+    model.save_pretrained(tmp_path)
+    for loaded in (RxTForCausalLM.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
+        assert isinstance(loaded, RxTForCausalLM)
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        original = model.state_dict()
+        for key, value in loaded.state_dict().items():
+            assert torch.equal(value, original[key]), key
+        # Non-persistent rotary buffers are recomputed on load (HF_NOTES pitfall 4), not left as garbage.
+        assert torch.equal(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
