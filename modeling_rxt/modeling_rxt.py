@@ -58,7 +58,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple
+from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, is_torchdynamo_compiling
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -334,6 +334,7 @@ class RxTGroupedExperts(nn.Module):
         order = torch.argsort(flat_experts, stable=True)
         token_index = order // top_k
         # The group sizes decide tensor shapes, so they must reach the host: one sync per layer, never per token.
+        # trf-ignore: TRF056 (this eager fallback is not the compiled path; `grouped_mm` is the default kernel)
         group_sizes = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         outputs = []
         for expert, group in enumerate(hidden_states[token_index].split(group_sizes)):
@@ -354,14 +355,16 @@ class RxTExperts(RxTGroupedExperts):
         if num_tokens * top_k > self.num_experts:
             return super().forward(hidden_states, top_k_index, top_k_weights)
         gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
-        if hidden_states.device.type != "cpu":
-            # On an accelerator: gather each token's expert weights and batch them, so the step never syncs the host.
+        if hidden_states.device.type != "cpu" or is_torchdynamo_compiling():
+            # On an accelerator (or in a compiled graph): gather each token's expert weights and batch them, so the
+            # step never syncs the host and has no data-dependent control flow.
             gate, up = torch.einsum("nd,nkod->nko", hidden_states, gate_up_proj[top_k_index]).chunk(2, dim=-1)
             expert_out = torch.einsum("nki,nkdi->nkd", self.act_fn(gate) * up, down_proj[top_k_index])
             return (expert_out * top_k_weights[..., None]).sum(dim=1)
         # On CPU reading the expert ids costs nothing (no device to wait for), and slicing the fused weights by id
         # gives views where the gather above copies k * 3 * I * D weights per token.
         rows = []
+        # trf-ignore: TRF056 (under torch.compile / export the branch above runs instead: no graph sees this)
         for token, experts in enumerate(top_k_index.tolist()):
             row = 0
             for slot, expert in enumerate(experts):
@@ -479,7 +482,7 @@ class RxTMemoryEncoder(nn.Module):
         return encoded
 
 
-class RxTMemoryAttentionLayer(nn.Module):
+class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
     r"""Rewrites the slots of one memory layer from the encoded interaction of that layer.
 
     Pre-step by `memory_attention_type` (h_l is the query of the write):
