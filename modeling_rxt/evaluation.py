@@ -1,0 +1,248 @@
+"""Does the memory remember? Exact-match recall of facts by how many turns ago they were stated.
+
+The model plays held-out episodes turn by turn, as in a real conversation:
+
+* at an ask turn it answers greedily with `generate` from the prompt `[BOS][Q] question[A]`, reading the memory
+  written by all previous turns, and the answer is scored against the expected value (`data.exact_match`: the
+  value, whitespace-normalised, final full stop ignored);
+* the same question is also answered from a memory reset to the learned initial memory (the control: without its
+  memory the model can only guess, so this should sit near chance);
+* then the interaction is written to memory: the episode's own query and answer for tells, updates and chat, but
+  the model's OWN answer for asks (a wrong answer is not replaced by the right one, which would re-state the fact
+  for free and shorten the distance of later questions about it).
+
+`fact_distance` is the number of turns since the fact was last stated (1 = the previous turn). Chance is the mean
+over the questions of 1 / (number of values the slot takes in the split).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .data import ASK, Episode, answer_value, chance_accuracy, exact_match, validate_episode
+from .memory_state import RxTMemoryState
+from .modeling_rxt import RxTForCausalLM
+from .tokenization import EOS_TOKEN, PAD_TOKEN, decode_answer, encode_interaction, encode_query
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row) :] = torch.as_tensor(row)
+        mask[i, length - len(row) :] = 1
+    return ids, mask
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def answer_questions(
+    model: RxTForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    queries: Sequence[str],
+    memory_state: RxTMemoryState,
+    max_new_tokens: int = 16,
+) -> list[list[int]]:
+    """Greedy answers (token ids up to and including `[EOS]`, which is appended if the model never emitted it) to
+    one query per conversation of `memory_state`, each reading its own conversation's memory."""
+    if len(queries) != memory_state.batch_size:
+        raise ValueError(f"got {len(queries)} queries for a memory of {memory_state.batch_size} conversations")
+    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    prompts = [encode_query(tokenizer, q, max_length=model.config.max_position_embeddings)["input_ids"] for q in queries]
+    input_ids, attention_mask = _left_pad(prompts, pad_id)
+    max_new = min(max_new_tokens, model.config.max_position_embeddings - input_ids.shape[1])
+    generated = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        memory_state=memory_state,
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )[:, input_ids.shape[1] :]
+    answers = []
+    for row in generated.tolist():
+        answer = row[: row.index(eos_id)] if eos_id in row else row
+        answers.append([*answer, eos_id])
+    return answers
+
+
+def _empty_counts() -> dict[str, dict[int, int]]:
+    return {"total": {}, "correct": {}, "correct_reset": {}}
+
+
+def _count(counts: dict[str, dict[int, int]], distance: int, correct: bool, correct_reset: bool) -> None:
+    for name, hit in (("total", True), ("correct", correct), ("correct_reset", correct_reset)):
+        counts[name][distance] = counts[name].get(distance, 0) + int(hit)
+
+
+@torch.no_grad()
+def _play_batch(model, tokenizer, episodes: Sequence[Episode], counts, examples: list, max_new_tokens: int) -> None:
+    """Plays a batch of episodes with the same number of turns, in parallel, updating `counts` and `examples`."""
+    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    state = model.init_memory(len(episodes))
+    for turn in range(len(episodes[0].turns)):
+        rows = [i for i, episode in enumerate(episodes) if episode.turns[turn].kind == ASK]
+        interactions = [
+            encode_interaction(tokenizer, e.turns[turn].query, e.turns[turn].answer, max_length=None)["input_ids"]
+            for e in episodes
+        ]
+        if rows:
+            queries = [episodes[i].turns[turn].query for i in rows]
+            answers = answer_questions(model, tokenizer, queries, state.select(rows), max_new_tokens)
+            reset = answer_questions(model, tokenizer, queries, model.init_memory(len(rows)), max_new_tokens)
+            for i, answer, answer_reset in zip(rows, answers, reset, strict=True):
+                asked = episodes[i].turns[turn]
+                text, text_reset = decode_answer(tokenizer, answer), decode_answer(tokenizer, answer_reset)
+                hit = exact_match(text, asked.expected)
+                _count(counts, asked.fact_distance, hit, exact_match(text_reset, asked.expected))
+                examples.append({"episode": episodes[i].id, "turn": turn, "distance": asked.fact_distance,
+                                 "expected": asked.expected, "answer": answer_value(text), "correct": hit})
+                # The model's own answer goes into its memory, as it would in a real conversation.
+                prompt = encode_query(tokenizer, asked.query)["input_ids"]
+                interactions[i] = prompt + answer
+        input_ids, attention_mask = _right_pad(interactions, pad_id)
+        state = model.update_memory(state, input_ids[:, : model.config.max_position_embeddings],
+                                    attention_mask[:, : model.config.max_position_embeddings])
+
+
+def evaluate_recall(
+    model: RxTForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    episodes: Sequence[Episode],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+    progress: bool = False,
+) -> dict:
+    """Exact-match recall on `episodes` (see the module docstring), with and without memory.
+
+    Returns a JSON-ready dict: `recall_by_distance` and `recall_memory_reset` ({distance: accuracy}),
+    `questions_by_distance`, the overall `recall` and `recall_reset`, `chance`, `questions`, and `examples` (every
+    question with the expected and predicted value). Every episode is checked with `validate_episode` first and a
+    bad one raises `ValueError` naming it: an evaluation must not silently drop questions."""
+    if not isinstance(model, RxTForCausalLM):
+        raise TypeError(f"`model` must be an RxTForCausalLM, got {type(model).__name__}")
+    if not episodes:
+        raise ValueError("`episodes` is empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    for index, episode in enumerate(episodes):
+        validate_episode(episode, tokenizer, model.config.max_position_embeddings, index=index)
+    split = episodes[0].split
+    by_length: dict[int, list[Episode]] = {}
+    for episode in episodes:
+        by_length.setdefault(len(episode.turns), []).append(episode)
+    batches = [group[i : i + batch_size] for group in by_length.values() for i in range(0, len(group), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="evaluating recall", unit="batch")
+    was_training = model.training
+    model.eval()
+    counts, examples = _empty_counts(), []
+    try:
+        for batch in batches:
+            _play_batch(model, tokenizer, batch, counts, examples, max_new_tokens)
+    finally:
+        model.train(was_training)
+    return _summarise(counts, examples, chance_accuracy(split, episodes))
+
+
+def _summarise(counts: dict[str, dict[int, int]], examples: list, chance: float) -> dict:
+    distances = sorted(counts["total"])
+    total = sum(counts["total"].values())
+    if total == 0:
+        raise ValueError("the episodes hold no questions (asks) to score")
+    return {
+        "recall_by_distance": {d: counts["correct"][d] / counts["total"][d] for d in distances},
+        "recall_memory_reset": {d: counts["correct_reset"][d] / counts["total"][d] for d in distances},
+        "questions_by_distance": {d: counts["total"][d] for d in distances},
+        "recall": sum(counts["correct"].values()) / total,
+        "recall_reset": sum(counts["correct_reset"].values()) / total,
+        "chance": chance,
+        "questions": total,
+        "examples": examples,
+    }
+
+
+def write_json_atomic(payload: dict, path: str | os.PathLike) -> None:
+    """Writes `payload` as JSON through a temporary file in the same folder, then renames it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(payload, stream, indent=2)
+            stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def plot_recall(result: dict, path: str | os.PathLike, title: str = "RxT recall by turn distance") -> None:
+    """Accuracy against fact distance, with memory and with the memory reset, and the chance level; written
+    atomically as an image (the format follows the suffix of `path`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key in ("recall_by_distance", "recall_memory_reset", "chance"):
+        if key not in result:
+            raise ValueError(f"`result` lacks {key!r}; pass the dict of `evaluate_recall`")
+    distances = sorted(int(d) for d in result["recall_by_distance"])
+    with_memory = [100 * result["recall_by_distance"][_key(result["recall_by_distance"], d)] for d in distances]
+    reset = [100 * result["recall_memory_reset"][_key(result["recall_memory_reset"], d)] for d in distances]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(distances, with_memory, "o-", label="with memory")
+    axes.plot(distances, reset, "s--", label="memory reset before the question")
+    axes.axhline(100 * result["chance"], color="grey", linestyle=":", label="chance")
+    axes.set(xlabel="turns since the fact was stated", ylabel="exact-match recall (%)", title=title, ylim=(-2, 102))
+    axes.set_xticks(distances)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        figure.savefig(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    finally:
+        plt.close(figure)
+
+
+def _key(mapping: dict, distance: int):
+    """JSON turns int keys into strings; accept either."""
+    return distance if distance in mapping else str(distance)
+
+
+__all__ = ["answer_questions", "evaluate_recall", "plot_recall", "write_json_atomic"]
