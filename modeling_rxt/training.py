@@ -1,0 +1,462 @@
+"""The training curriculum of RxT as Hugging Face `Trainer` runs: collators and objectives, one per stage.
+
+    stage               data                         objective
+    1 joint             single interactions          decoder AR loss reading a memory written from the masked
+                                                     interaction + memory-encoder masked-LM loss
+    2 sft               single interactions          decoder loss on the answer only (initial memory)
+    3 memory_attention  whole episodes               self-supervised: each write should land near a weighted mean
+                                                     of the old memory and the encoded interaction (cosine)
+    4 memory_aware      whole episodes               decoder loss on each answer reading STM_{t-1}; the loss of
+                                                     turn t flows back through the writes of earlier turns
+
+Stage 4 is the one that teaches the memory what to keep. Back-propagation runs through the memory writes of the
+episode, truncated every `bptt_turns` turns (the state is detached there): a memory detached at every turn gets no
+signal about what a later question will need.
+
+    STM_0 = initial ──► decoder(turn 1 | STM_0) ──► loss_1
+      │                 encoder + memory attention (turn 1)
+      ▼
+    STM_1 ────────────► decoder(turn 2 | STM_1) ──► loss_2
+      │                 encoder + memory attention (turn 2)        gradients of loss_t flow back along the
+      ▼                                                             STM chain to the writes of turns < t
+    STM_2 ...
+
+Every stage is an `RxTTrainer` with its own `objective(model, inputs) -> (loss_sum, weight_sum, metrics)`. The
+trainer normalises by the weight summed over all processes, so a DDP run with the same global batch gives the same
+gradients as one process. The objectives call the model several times per batch (one decoder pass and one memory
+write per turn); DDP's reducer only syncs the gradients of one wrapped `forward` call, so `RxTTrainer` averages the
+gradients across processes itself after `backward`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase, Trainer
+
+from .data import ASK, CHAT, TELL, UPDATE, Episode, filter_episodes
+from .modeling_rxt import RxTForCausalLM, load_balancing_loss
+from .tokenization import ANSWER_TOKEN, IGNORE_INDEX, format_interaction
+
+logger = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("joint", "sft", "memory_attention", "memory_aware")
+Objective = Callable[[RxTForCausalLM, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+# --- Tokenised datasets ---------------------------------------------------------------------------------------------
+
+
+def tokenize_interactions(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], max_length: int
+) -> datasets.Dataset:
+    """One row per (query, answer) pair: `input_ids` of `[BOS][Q] query[A] answer[EOS]` and answer-only `labels`.
+    Pairs with an empty part or a literal special token, or longer than `max_length` tokens, are skipped and
+    counted in one warning."""
+    valid = []
+    for query, answer in pairs:
+        try:
+            format_interaction(query, answer)
+        except (TypeError, ValueError):
+            continue
+        valid.append((query, answer))
+    input_ids, labels = _encode_turns(tokenizer, valid) if valid else ([], [])
+    keep = [i for i, ids in enumerate(input_ids) if len(ids) <= max_length]
+    skipped = len(pairs) - len(keep)
+    if skipped:
+        logger.warning("skipped %d of %d interactions: empty, holding a special token, or over %d tokens",
+                       skipped, len(pairs), max_length)
+    if not keep:
+        raise ValueError("no interaction is valid and fits `max_length`; nothing to train on")
+    return datasets.Dataset.from_dict({"input_ids": [input_ids[i] for i in keep], "labels": [labels[i] for i in keep]})
+
+
+def tokenize_episodes(
+    tokenizer: PreTrainedTokenizerBase, episodes: Sequence[Episode], max_length: int
+) -> datasets.Dataset:
+    """One row per episode: per turn its `input_ids`, answer-only `labels`, `kind` and `fact_distance` (0 if none).
+
+    Bad episodes (an empty turn, a literal special token, an ask that contradicts its fact, a turn longer than
+    `max_length` tokens) are dropped by `filter_episodes`, which logs one warning with their count."""
+    kept, _ = filter_episodes(episodes, tokenizer, max_length)
+    if not kept:
+        raise ValueError("every episode was rejected as bad data; nothing to train on")
+    turns = [turn for episode in kept for turn in episode.turns]
+    input_ids, labels = _encode_turns(tokenizer, [(t.query, t.answer) for t in turns])
+    rows: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "kinds": [], "fact_distances": []}
+    start = 0
+    for episode in kept:
+        end = start + len(episode.turns)
+        rows["id"].append(episode.id)
+        rows["input_ids"].append(input_ids[start:end])
+        rows["labels"].append(labels[start:end])
+        rows["kinds"].append([t.kind for t in episode.turns])
+        rows["fact_distances"].append([t.fact_distance or 0 for t in episode.turns])
+        start = end
+    return datasets.Dataset.from_dict(rows)
+
+
+def _encode_turns(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """`encode_interaction` for many (query, answer) pairs in two batched tokenizer calls (one call per turn would
+    dominate the preparation of a training set): ids of the whole interaction, and labels that keep only what
+    follows the prompt `[BOS][Q] query[A]`."""
+    full = tokenizer([format_interaction(q, a) for q, a in pairs], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([format_interaction(q) for q, _ in pairs], add_special_tokens=False)["input_ids"]
+    labels = []
+    for ids, prompt in zip(full, prompts, strict=True):
+        if ids[: len(prompt)] != prompt:
+            raise ValueError(f"the tokenizer does not split interactions at {ANSWER_TOKEN}: is it a special token?")
+        labels.append([IGNORE_INDEX] * len(prompt) + ids[len(prompt) :])
+    return [list(ids) for ids in full], labels
+
+
+# --- Collators ------------------------------------------------------------------------------------------------------
+
+
+def _pad(sequences: Sequence[Sequence[int]], value: int, length: int | None = None) -> torch.Tensor:
+    length = max(len(s) for s in sequences) if length is None else length
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        out[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+    return out
+
+
+def _check_features(features: Sequence[Mapping], keys: tuple[str, ...]) -> None:
+    if not features:
+        raise ValueError("the collator got an empty batch")
+    missing = [key for key in keys if key not in features[0]]
+    if missing:
+        raise ValueError(f"batch rows lack the keys {missing}; tokenize the data with `tokenize_*` first")
+
+
+@dataclass
+class InteractionCollator:
+    """Pads single interactions (right padding). `full_labels=True` (joint LM stage) makes every real token a label;
+    otherwise the rows' answer-only labels are kept. With `mlm_probability` > 0 it also returns `mlm_input_ids`, a
+    copy where that share of the tokens (never the special ones at the turn boundaries) became `[MASK]`, and
+    `mlm_labels` with the original ids at those positions only. The masks are drawn from a generator seeded by the
+    batch's own token ids (and `seed`), not from the global RNG: the data loader collates one batch ahead of the
+    step, so global-RNG masks would differ between a straight run and one resumed from a checkpoint."""
+
+    pad_token_id: int
+    mask_token_id: int | None = None
+    mlm_probability: float = 0.0
+    full_labels: bool = False
+    special_token_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mlm_probability < 1.0:
+            raise ValueError(f"`mlm_probability` must be in [0, 1), got {self.mlm_probability}")
+        if self.mlm_probability > 0 and self.mask_token_id is None:
+            raise ValueError("`mask_token_id` is needed when `mlm_probability` > 0")
+
+    def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        _check_features(features, ("input_ids", "labels"))
+        input_ids = _pad([f["input_ids"] for f in features], self.pad_token_id)  # (B, T)
+        attention_mask = _pad([[1] * len(f["input_ids"]) for f in features], 0)
+        if self.full_labels:
+            labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        else:
+            labels = _pad([f["labels"] for f in features], IGNORE_INDEX)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.mlm_probability > 0:
+            maskable = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(self.special_token_ids))
+            digest = hashlib.blake2b(input_ids.numpy().tobytes(), digest_size=8, key=str(self.seed).encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+            chosen = maskable & (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability)
+            batch["mlm_input_ids"] = input_ids.masked_fill(chosen, self.mask_token_id)
+            batch["mlm_labels"] = input_ids.masked_fill(~chosen, IGNORE_INDEX)
+        return batch
+
+
+@dataclass
+class EpisodeCollator:
+    """Pads whole episodes to (B, N, T): N turns (episodes with fewer turns get empty turns, which neither read nor
+    write memory), T tokens. Labels are answer-only; `turn_weights` (B, N) weighs each turn's answer loss by its kind
+    (`kind_weights`, e.g. asks 1.0 and chat 0.1), 0 for the empty turns."""
+
+    pad_token_id: int
+    kind_weights: Mapping[str, float] = field(default_factory=lambda: {ASK: 1.0, TELL: 1.0, UPDATE: 1.0, CHAT: 1.0})
+
+    def __post_init__(self) -> None:
+        bad = {kind: w for kind, w in self.kind_weights.items() if not (isinstance(w, (int, float)) and w >= 0)}
+        if bad:
+            raise ValueError(f"`kind_weights` must be non-negative numbers, got {bad}")
+
+    def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        _check_features(features, ("input_ids", "labels", "kinds"))
+        turns = max(len(f["input_ids"]) for f in features)
+        length = max(len(ids) for f in features for ids in f["input_ids"])
+        batch_size = len(features)
+        input_ids = torch.full((batch_size, turns, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, turns, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, turns, length), dtype=torch.long)
+        turn_weights = torch.zeros((batch_size, turns))
+        fact_distances = torch.zeros((batch_size, turns), dtype=torch.long)
+        for row, feature in enumerate(features):
+            for turn, (ids, turn_labels) in enumerate(zip(feature["input_ids"], feature["labels"], strict=True)):
+                input_ids[row, turn, : len(ids)] = torch.as_tensor(ids)
+                labels[row, turn, : len(ids)] = torch.as_tensor(turn_labels)
+                attention_mask[row, turn, : len(ids)] = 1
+                turn_weights[row, turn] = float(self.kind_weights.get(feature["kinds"][turn], 0.0))
+            if "fact_distances" in feature:
+                fact_distances[row, : len(feature["fact_distances"])] = torch.as_tensor(feature["fact_distances"])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "turn_weights": turn_weights,
+            "fact_distances": fact_distances,
+        }
+
+
+# --- Objectives -----------------------------------------------------------------------------------------------------
+
+
+def _is_moe(model: RxTForCausalLM) -> bool:
+    return bool(model.config.is_moe)
+
+
+def decoder_loss(
+    model: RxTForCausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    stm: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Decoder cross-entropy of one turn reading `stm` (L, B, S, D): (weighted sum over label tokens, summed weight,
+    MoE load-balancing loss or None). Logits are computed only where there is a label: answers are a fraction of an
+    interaction, and the LM head is the largest matmul of a small model."""
+    outputs = model.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        memory_key_values=model.model.project_memory(stm),
+        output_router_logits=_is_moe(model),
+    )
+    targets = labels[:, 1:]  # (B, T-1): token t predicts token t+1
+    selected = targets != IGNORE_INDEX
+    logits = model.lm_head(outputs.last_hidden_state[:, :-1][selected])  # (M, V) for the M label tokens
+    losses = F.cross_entropy(logits.float(), targets[selected], reduction="none")
+    weights = torch.ones_like(losses)
+    if row_weights is not None:
+        weights = row_weights[:, None].expand_as(targets)[selected].to(losses.dtype)
+    aux = None
+    if _is_moe(model) and outputs.router_logits:
+        aux = load_balancing_loss(
+            outputs.router_logits, model.config.num_local_experts, model.config.num_experts_per_tok, attention_mask
+        )
+    return (losses * weights).sum(), weights.sum(), aux
+
+
+def _add_aux(model: RxTForCausalLM, loss_sum: torch.Tensor, weight: torch.Tensor, aux, metrics: dict) -> torch.Tensor:
+    """Adds the MoE load-balancing loss (scaled to the batch's weight, so normalising keeps its coefficient)."""
+    if aux is None:
+        return loss_sum
+    metrics["aux_loss"] = aux.detach()
+    return loss_sum + model.config.router_aux_loss_coef * aux * weight.detach()
+
+
+def interaction_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor]):
+    """Stage 2 (interaction SFT): answer-only decoder loss, reading the learned initial memory."""
+    batch_size = inputs["input_ids"].shape[0]
+    loss_sum, weight, aux = decoder_loss(
+        model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], model.model.initial_memory(batch_size)
+    )
+    metrics = {"decoder_loss": (loss_sum / weight.clamp(min=1)).detach()}
+    return _add_aux(model, loss_sum, weight, aux, metrics), weight, metrics
+
+
+def joint_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor], mlm_weight: float = 1.0):
+    """Stage 1 (joint LM pretraining): the encoder predicts the masked tokens (masked LM, through the tied LM head);
+    the decoder predicts every token of the interaction while reading a memory written from the MASKED interaction.
+    Reading the memory teaches the decoder to use its memory cross-attention and the encoder + memory attention to
+    write token content the decoder can read; the masking keeps the decoder from copying everything."""
+    batch_size = inputs["input_ids"].shape[0]
+    stm = model.model.write_memory(
+        model.model.initial_memory(batch_size), inputs["mlm_input_ids"], inputs["attention_mask"]
+    )
+    dec_sum, dec_weight, aux = decoder_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], stm)
+    mlm_targets = inputs["mlm_labels"]
+    selected = mlm_targets != IGNORE_INDEX
+    mlm_logits = model.encoder_mlm_logits(inputs["mlm_input_ids"], inputs["attention_mask"])[selected]  # (M, V)
+    mlm_sum = F.cross_entropy(mlm_logits.float(), mlm_targets[selected], reduction="sum")
+    mlm_count = selected.sum().to(mlm_sum.dtype)
+    metrics = {
+        "decoder_loss": (dec_sum / dec_weight.clamp(min=1)).detach(),
+        "mlm_loss": (mlm_sum / mlm_count.clamp(min=1)).detach(),
+    }
+    # Both losses are per-token means scaled to the decoder's token count, so `weight` normalises them together.
+    loss_sum = dec_sum + mlm_weight * mlm_sum / mlm_count.clamp(min=1) * dec_weight.detach()
+    return _add_aux(model, loss_sum, dec_weight, aux, metrics), dec_weight, metrics
+
+
+def _turn(inputs: Mapping[str, torch.Tensor], turn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn `turn` of every episode, trimmed to the longest interaction of that turn: (B, T_turn) each."""
+    mask = inputs["attention_mask"][:, turn]
+    length = max(int(mask.sum(dim=-1).max()), 1)
+    return inputs["input_ids"][:, turn, :length], mask[:, :length], inputs["labels"][:, turn, :length]
+
+
+def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor], bptt_turns: int = 0):
+    """Stage 4 (supervised memory-aware training) over whole episodes, turn by turn: the decoder answers turn t
+    reading STM_{t-1}, then STM_t = write(STM_{t-1}, interaction t). Gradients of every answer flow back through the
+    earlier writes; with `bptt_turns` = k > 0 the state is detached every k turns (truncated back-propagation).
+    Only rows whose turn has a positive weight run the decoder, so zero-weight turns (e.g. chat) cost a write only."""
+    batch_size, turns = inputs["input_ids"].shape[:2]
+    stm = model.model.initial_memory(batch_size)  # (L, B, S, D)
+    loss_sum = inputs["turn_weights"].new_zeros(())
+    weight_sum = inputs["turn_weights"].new_zeros(())
+    aux_terms = []
+    for turn in range(turns):
+        if bptt_turns and turn and turn % bptt_turns == 0:
+            stm = stm.detach()
+        input_ids, attention_mask, labels = _turn(inputs, turn)
+        rows = (inputs["turn_weights"][:, turn] > 0) & (labels != IGNORE_INDEX).any(dim=-1)
+        if rows.any():
+            index = rows.nonzero().squeeze(1)
+            length = max(int(attention_mask[index].sum(dim=-1).max()), 1)
+            turn_sum, turn_weight, aux = decoder_loss(
+                model,
+                input_ids[index, :length],
+                attention_mask[index, :length],
+                labels[index, :length],
+                stm[:, index],
+                inputs["turn_weights"][index, turn],
+            )
+            loss_sum, weight_sum = loss_sum + turn_sum, weight_sum + turn_weight
+            if aux is not None:
+                aux_terms.append(aux)
+        if attention_mask.any():
+            stm = model.model.write_memory(stm, input_ids, attention_mask)
+    metrics = {"decoder_loss": (loss_sum / weight_sum.clamp(min=1e-8)).detach()}
+    aux = torch.stack(aux_terms).mean() if aux_terms else None
+    return _add_aux(model, loss_sum, weight_sum, aux, metrics), weight_sum, metrics
+
+
+def memory_attention_objective(
+    model: RxTForCausalLM,
+    inputs: Mapping[str, torch.Tensor],
+    first_weight: float = 0.9,
+    weight_decay_per_turn: float = 0.05,
+    min_weight: float = 0.05,
+):
+    """Stage 3 (self-supervised memory-attention pretraining), after the paper: there is no label for what the
+    memory should hold, so each write is pulled towards a pseudo-target, the weighted mean of the old memory and the
+    (token-averaged) encoded interaction, w * mean(ED_l) + (1 - w) * STM_{l, t-1}, by negative cosine similarity.
+    The new data's weight w starts at `first_weight` (an empty memory should mostly take the interaction) and falls
+    by `weight_decay_per_turn` per turn down to `min_weight` (a full memory should mostly keep what it holds).
+    The encoder is run again without gradients for the target; gradients reach only the write."""
+    batch_size, turns = inputs["input_ids"].shape[:2]
+    stm = model.model.initial_memory(batch_size)
+    loss_sum = stm.new_zeros(())
+    count = stm.new_zeros(())
+    for turn in range(turns):
+        input_ids, attention_mask, _ = _turn(inputs, turn)
+        rows = attention_mask.any(dim=-1)  # (B,)
+        if not rows.any():
+            continue
+        with torch.no_grad():
+            encoded, _, _ = model.model.encode_interaction(input_ids, attention_mask)
+            token_mask = attention_mask[None, :, :, None].to(encoded[0].dtype)  # (1, B, T, 1)
+            pooled = (torch.stack(encoded) * token_mask).sum(2) / token_mask.sum(2).clamp(min=1)  # (L, B, D)
+            w = max(first_weight - weight_decay_per_turn * turn, min_weight)
+            target = w * pooled[:, :, None] + (1 - w) * stm.detach()  # (L, B, S, D)
+        new_stm = model.model.write_memory(stm, input_ids, attention_mask)
+        cosine = F.cosine_similarity(new_stm, target, dim=-1)  # (L, B, S)
+        loss_sum = loss_sum + ((1 - cosine) * rows[None, :, None]).sum()
+        count = count + rows.sum() * cosine.shape[0] * cosine.shape[2]
+        stm = new_stm.detach()  # each write is its own problem: the target already summarises the past
+    metrics = {"cosine_loss": (loss_sum / count.clamp(min=1)).detach()}
+    return loss_sum, count, metrics
+
+
+# --- Trainer --------------------------------------------------------------------------------------------------------
+
+
+class RxTTrainer(Trainer):
+    """A `Trainer` whose loss is `objective(model, inputs) -> (loss_sum, weight_sum, metrics)`.
+
+    The loss is `loss_sum / (weight_sum over all processes) * world_size`: DDP (and our own all-reduce) average the
+    gradients, so this equals the single-process gradient of the same global batch. The metrics (stage losses, the
+    MoE load-balancing loss) are averaged over the logging window and logged beside `loss`. Use without gradient
+    accumulation: each micro-batch is normalised on its own."""
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, objective: Objective, **kwargs) -> None:
+        if not callable(objective):
+            raise TypeError(f"`objective` must be callable, got {type(objective).__name__}")
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self._metric_sums: dict[str, float] = {}
+        self._metric_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        rxt = self.accelerator.unwrap_model(model)
+        loss_sum, weight, metrics = self.objective(rxt, inputs)
+        weight = weight.detach().clone()
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world_size > 1:
+            dist.all_reduce(weight)
+        loss = loss_sum / weight.clamp(min=1e-8) * world_size
+        for name, value in metrics.items():
+            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + float(value)
+        self._metric_count += 1
+        return (loss, metrics) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            _average_gradients(self.accelerator.unwrap_model(model))
+        return loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._metric_count and "loss" in logs:
+            logs.update({name: total / self._metric_count for name, total in self._metric_sums.items()})
+            self._metric_sums, self._metric_count = {}, 0
+        super().log(logs, *args, **kwargs)
+
+
+def _average_gradients(model: torch.nn.Module) -> None:
+    """All-reduce (mean) every gradient across processes, in one flat buffer. A parameter that got no gradient on
+    this process (e.g. no row of its share of the batch reached it) joins with zeros if any other process has one,
+    so every process reduces the same layout and ends with the same gradients."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    has_grad = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32)
+    dist.all_reduce(has_grad)
+    reduced = [p for p, flag in zip(parameters, has_grad.tolist(), strict=True) if flag > 0]
+    if not reduced:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in reduced])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for parameter in reduced:
+        parameter.grad = flat[offset : offset + parameter.numel()].view_as(parameter).clone()
+        offset += parameter.numel()
+
+
+__all__ = [
+    "STAGES",
+    "EpisodeCollator",
+    "InteractionCollator",
+    "RxTTrainer",
+    "decoder_loss",
+    "interaction_objective",
+    "joint_objective",
+    "memory_attention_objective",
+    "memory_aware_objective",
+    "tokenize_episodes",
+    "tokenize_interactions",
+]

@@ -1,0 +1,291 @@
+"""The whole curriculum as data: a recipe (`configuration/training/*.json`) names the tokenizer, the model preset
+and the stages; `run_curriculum` builds each stage's data, collator and objective and runs it as a `Trainer`.
+
+A recipe:
+
+    {
+      "seed": 0,
+      "tokenizer": {"vocab_size": 2048, "episodes": 2000},         # trained on train-split text only
+      "model": {"preset": "nano", "overrides": {...}, "gate_bias": -2.0},
+      "max_length": 128,                                            # longest interaction kept for training
+      "stages": [
+        {"stage": "joint", "max_steps": 100, "batch_size": 64, "learning_rate": 3e-3, "mlm_probability": 0.3,
+         "episodes": 2000, "corpus": true},
+        {"stage": "sft", ...},
+        {"stage": "memory_attention", ...},
+        {"stage": "memory_aware", "turns": 10, "bptt_turns": 0, "kind_weights": {"ask": 1.0, ...}, ...}
+      ],
+      "evaluation": {"split": "test", "episodes": 300, "turns": 10}
+    }
+
+A stage may appear more than once (e.g. memory-aware training on short episodes, then on long ones). Every stage
+has a linear warmup and a cosine decay of its learning rate (`warmup_steps`, `min_lr_ratio`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from .data import ASK, CHAT, TELL, UPDATE, interactions_dataset, lm_texts, load_dialogue_corpus, make_episodes
+from .modeling_rxt import RxTForCausalLM
+from .tokenization import BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, QUERY_TOKEN, ANSWER_TOKEN, train_tokenizer
+from .training import (
+    STAGES,
+    EpisodeCollator,
+    InteractionCollator,
+    RxTTrainer,
+    interaction_objective,
+    joint_objective,
+    memory_attention_objective,
+    memory_aware_objective,
+    tokenize_episodes,
+    tokenize_interactions,
+)
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "configuration" / "training"
+_STAGE_KEYS = {
+    "common": {"stage", "max_steps", "batch_size", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
+               "episodes", "turns", "max_chat_chars", "ask_ratio", "max_distance", "save_steps", "logging_steps"},
+    "joint": {"mlm_probability", "mlm_weight", "corpus"},
+    "sft": {"corpus"},
+    "memory_attention": {"first_weight", "weight_decay_per_turn", "min_weight"},
+    "memory_aware": {"bptt_turns", "kind_weights"},
+}
+_DEFAULT_KIND_WEIGHTS = {ASK: 1.0, TELL: 1.0, UPDATE: 1.0, CHAT: 1.0}
+
+
+# --- Recipes --------------------------------------------------------------------------------------------------------
+
+
+def load_recipe(name_or_path: str | Path) -> dict:
+    """A training recipe by name (`configuration/training/<name>.json`) or path, checked by `check_recipe`."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPES_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        available = sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
+        raise ValueError(f"no training recipe {str(name_or_path)!r}; available: {available}")
+    recipe = {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if not k.startswith("_")}
+    check_recipe(recipe)
+    return recipe
+
+
+def check_recipe(recipe: Mapping) -> None:
+    """Raises `ValueError` naming the first wrong field of a recipe."""
+    if not isinstance(recipe, Mapping):
+        raise TypeError(f"a recipe must be a mapping, got {type(recipe).__name__}")
+    for key in ("tokenizer", "model", "stages"):
+        if key not in recipe:
+            raise ValueError(f"the recipe lacks {key!r}")
+    if not isinstance(recipe["stages"], list) or not recipe["stages"]:
+        raise ValueError("recipe `stages` must be a non-empty list")
+    for index, stage in enumerate(recipe["stages"]):
+        name = stage.get("stage")
+        if name not in STAGES:
+            raise ValueError(f"recipe stage {index}: `stage` must be one of {STAGES}, got {name!r}")
+        unknown = set(stage) - _STAGE_KEYS["common"] - _STAGE_KEYS[name]
+        if unknown:
+            raise ValueError(f"recipe stage {index} ({name}): unknown keys {sorted(unknown)}")
+        for key in ("max_steps", "batch_size"):
+            value = stage.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"recipe stage {index} ({name}): `{key}` must be a positive int, got {value!r}")
+        if not (isinstance(stage.get("learning_rate"), (int, float)) and stage["learning_rate"] > 0):
+            raise ValueError(f"recipe stage {index} ({name}): `learning_rate` must be a positive number")
+
+
+# --- Building blocks ------------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(settings: Mapping, seed: int = 0) -> PreTrainedTokenizerBase:
+    """The byte-level BPE, trained on the train split only (corpus pairs and the text of synthetic episodes), so
+    that held-out values reach the model as unseen words."""
+    episodes = make_episodes(settings.get("episodes", 2000), split="train", seed=seed + 1_000)
+    return train_tokenizer(lm_texts(episodes), vocab_size=settings.get("vocab_size", 2048))
+
+
+def build_model(settings: Mapping, tokenizer: PreTrainedTokenizerBase, max_length: int) -> RxTForCausalLM:
+    """A fresh model from a preset, sized to the tokenizer. `gate_bias` starts the memory's residual gates mostly
+    closed (sigmoid(-2) = 0.12): a write then keeps most of the old memory, so facts survive the first turns of
+    training instead of being halved at every turn."""
+    from configuration import load_preset
+
+    overrides = {
+        **settings.get("overrides", {}),
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": max(max_length, settings.get("overrides", {}).get("max_position_embeddings", 0)),
+        "pad_token_id": tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+        "bos_token_id": tokenizer.convert_tokens_to_ids(BOS_TOKEN),
+        "eos_token_id": tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+    }
+    model = RxTForCausalLM(load_preset(settings.get("preset", "nano"), **overrides))
+    if "gate_bias" in settings:
+        with torch.no_grad():
+            for layer in model.model.memory_attention:
+                layer.residual_gate.bias.fill_(float(settings["gate_bias"]))
+    return model
+
+
+def _episodes(stage: Mapping, seed: int):
+    return make_episodes(
+        stage.get("episodes", 1000),
+        turns=stage.get("turns", 10),
+        split="train",
+        seed=seed,
+        max_distance=stage.get("max_distance"),
+        ask_ratio=stage.get("ask_ratio", 0.4),
+        max_chat_chars=stage.get("max_chat_chars", 160),
+    )
+
+
+def stage_components(
+    stage: Mapping, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int
+) -> tuple[datasets.Dataset, object, object]:
+    """(dataset, collator, objective) of one recipe stage."""
+    name, pad_id = stage["stage"], tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    if name in ("joint", "sft"):
+        episodes = _episodes(stage, seed)
+        # Asks need the memory of earlier turns; only the joint stage (whose memory holds the interaction itself)
+        # can learn from them.
+        kinds = (TELL, UPDATE, CHAT, ASK) if name == "joint" else (TELL, UPDATE, CHAT)
+        pairs = load_dialogue_corpus("train", max_chars=stage.get("max_chat_chars", 160)) if stage.get("corpus") else []
+        table = interactions_dataset(episodes, pairs=pairs, kinds=kinds)
+        dataset = tokenize_interactions(tokenizer, list(zip(table["query"], table["answer"])), max_length)
+        if name == "sft":
+            return dataset, InteractionCollator(pad_id), interaction_objective
+        special = tuple(tokenizer.convert_tokens_to_ids(t) for t in (BOS_TOKEN, EOS_TOKEN, QUERY_TOKEN, ANSWER_TOKEN))
+        collator = InteractionCollator(
+            pad_id, tokenizer.convert_tokens_to_ids(MASK_TOKEN), stage.get("mlm_probability", 0.15), True, special
+        )
+        return dataset, collator, partial(joint_objective, mlm_weight=stage.get("mlm_weight", 1.0))
+    dataset = tokenize_episodes(tokenizer, _episodes(stage, seed), max_length)
+    if name == "memory_attention":
+        keys = ("first_weight", "weight_decay_per_turn", "min_weight")
+        return dataset, EpisodeCollator(pad_id), partial(memory_attention_objective, **{k: stage[k] for k in keys if k in stage})
+    weights = {**_DEFAULT_KIND_WEIGHTS, **stage.get("kind_weights", {})}
+    collator = EpisodeCollator(pad_id, weights)
+    return dataset, collator, partial(memory_aware_objective, bptt_turns=stage.get("bptt_turns", 0))
+
+
+def training_arguments(stage: Mapping, output_dir: str | Path, seed: int, progress: bool = True) -> TrainingArguments:
+    """`TrainingArguments` of one stage: CPU, warmup + cosine decay, no column pruning (custom collators), no
+    reporting integrations, no activation checkpointing (it only costs time on CPU)."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        remove_unused_columns=False,
+        report_to=[],
+        per_device_train_batch_size=stage["batch_size"],
+        max_steps=stage["max_steps"],
+        learning_rate=stage["learning_rate"],
+        weight_decay=stage.get("weight_decay", 0.0),
+        warmup_steps=stage.get("warmup_steps", max(1, stage["max_steps"] // 10)),
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": stage.get("min_lr_ratio", 0.1)},
+        logging_steps=stage.get("logging_steps", max(1, stage["max_steps"] // 10)),
+        save_strategy="steps" if stage.get("save_steps") else "no",
+        save_steps=stage.get("save_steps") or 500,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=not progress,
+    )
+
+
+# --- Running --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageLog:
+    stage: str
+    steps: int
+    wall_s: float
+    losses: list[dict] = field(default_factory=list)
+
+
+def _frozen_except_memory_attention(model: RxTForCausalLM) -> list[torch.nn.Parameter]:
+    """Freezes all but the memory attention (stage 3 trains the write alone); returns what was frozen."""
+    trainable = {id(p) for p in model.model.memory_attention.parameters()}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return frozen
+
+
+def run_stage(
+    model: RxTForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    stage: Mapping,
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    max_length: int = 128,
+    progress: bool = True,
+    resume_from_checkpoint: str | bool | None = None,
+    callbacks: list | None = None,
+) -> StageLog:
+    """Runs one recipe stage as an `RxTTrainer` on `model` (in place) and returns its log."""
+    dataset, collator, objective = stage_components(stage, tokenizer, max_length, seed)
+    frozen = _frozen_except_memory_attention(model) if stage["stage"] == "memory_attention" else []
+    trainer = RxTTrainer(
+        model=model,
+        args=training_arguments(stage, output_dir, seed, progress),
+        train_dataset=dataset,
+        data_collator=collator,
+        objective=objective,
+        callbacks=callbacks,
+    )
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # without a progress bar the Trainer would print every log line
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+    losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return StageLog(stage["stage"], trainer.state.global_step, time.perf_counter() - start, losses)
+
+
+def run_curriculum(
+    recipe: Mapping, output_dir: str | Path, *, progress: bool = True
+) -> tuple[RxTForCausalLM, PreTrainedTokenizerBase, list[StageLog]]:
+    """Trains a tokenizer and a fresh model through every stage of `recipe`; stage outputs go to
+    `output_dir/stages/NN_<stage>`. Returns the model (in eval mode), the tokenizer and the stage logs."""
+    check_recipe(recipe)
+    seed = recipe.get("seed", 0)
+    max_length = recipe.get("max_length", 128)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(recipe["tokenizer"], seed)
+    model = build_model(recipe["model"], tokenizer, max_length)
+    logs = []
+    for index, stage in enumerate(recipe["stages"]):
+        stage_dir = Path(output_dir) / "stages" / f"{index:02d}_{stage['stage']}"
+        logs.append(run_stage(model, tokenizer, stage, stage_dir, seed=seed + index, max_length=max_length,
+                              progress=progress))
+    model.config.use_cache = True  # the Trainer turns it off in checkpoints
+    return model.eval(), tokenizer, logs
+
+
+__all__ = [
+    "RECIPES_DIR",
+    "StageLog",
+    "build_model",
+    "build_tokenizer",
+    "check_recipe",
+    "load_recipe",
+    "run_curriculum",
+    "run_stage",
+    "stage_components",
+    "training_arguments",
+]

@@ -1,0 +1,84 @@
+"""Multi-process training: the same memory-aware `Trainer` run on 2 CPU processes (gloo DDP, launched by `torchrun`)
+gives the losses and weights of the single-process run with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_rxt.data import lm_texts, load_dialogue_corpus, make_episodes
+from modeling_rxt.tokenization import train_tokenizer
+
+GLOBAL_BATCH = 4
+STEPS = 3
+
+# One Trainer run; under torchrun each of the 2 processes gets half of every global batch.
+SCRIPT = r"""
+import json, os, sys
+import torch
+from transformers import AutoTokenizer, TrainingArguments
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.data import make_episodes
+from modeling_rxt.training import EpisodeCollator, RxTTrainer, memory_aware_objective, tokenize_episodes
+
+torch.set_num_threads(1)
+tokenizer_dir, out_dir, global_batch, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+world_size = int(os.environ.get("WORLD_SIZE", "1"))
+tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+dataset = tokenize_episodes(tokenizer, make_episodes(global_batch * steps, turns=4, seed=5, max_chat_chars=60), 64)
+torch.manual_seed(0)
+model = RxTForCausalLM(RxTConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, memory_slots=4,
+                                 max_position_embeddings=64, initializer_range=0.1))
+args = TrainingArguments(output_dir=out_dir, use_cpu=True, ddp_backend="gloo" if world_size > 1 else None,
+                         remove_unused_columns=False, report_to=[], per_device_train_batch_size=global_batch // world_size,
+                         max_steps=steps, learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                         dataloader_num_workers=0, seed=0)
+trainer = RxTTrainer(model=model, args=args, train_dataset=dataset, data_collator=EpisodeCollator(tokenizer.pad_token_id),
+                     objective=memory_aware_objective)
+trainer.train()
+if trainer.is_world_process_zero():
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    torch.save(model.state_dict(), os.path.join(out_dir, "weights.pt"))
+    with open(os.path.join(out_dir, "losses.json"), "w") as handle:
+        json.dump(losses, handle)
+"""
+
+
+def _run(command: list[str], out_dir: Path) -> tuple[list[float], dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    losses = json.loads((out_dir / "losses.json").read_text())
+    return losses, torch.load(out_dir / "weights.pt")
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    tokenizer_dir = tmp_path / "tokenizer"
+    texts = lm_texts(make_episodes(40, turns=4, seed=0), pairs=load_dialogue_corpus("train")[:200])
+    train_tokenizer(texts, vocab_size=400).save_pretrained(tokenizer_dir)
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    arguments = [str(tokenizer_dir), None, str(GLOBAL_BATCH), str(STEPS)]
+    single_losses, single_weights = _run([sys.executable, str(script), *_with(arguments, single)], single)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    ddp_losses, ddp_weights = _run([*torchrun, str(script), *_with(arguments, ddp)], ddp)
+    assert len(single_losses) == len(ddp_losses) == STEPS
+    assert ddp_losses == pytest.approx(single_losses, rel=1e-4)
+    for name, weight in single_weights.items():
+        # Sums run in another order on 2 processes; Adam divides by sqrt(v), which magnifies float differences of
+        # near-zero gradients, so weights agree to ~1e-5 (of weights ~0.3), not bit for bit.
+        torch.testing.assert_close(ddp_weights[name], weight, rtol=1e-4, atol=1e-4, msg=name)
+    # The run moved the weights, so agreeing after it means the gradients agreed.
+    assert single_losses[-1] != single_losses[0]
+
+
+def _with(arguments: list, out_dir: Path) -> list[str]:
+    return [str(out_dir) if a is None else a for a in arguments]

@@ -1,0 +1,307 @@
+"""The training curriculum: collators, the four stage objectives under `RxTTrainer`, exact resumption, bad data,
+recipes, and the recall evaluation on a case whose answers are known."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.data import ASK, CHAT, TELL, Episode, Turn, lm_texts, load_dialogue_corpus, make_episodes
+from modeling_rxt.evaluation import evaluate_recall, plot_recall, write_json_atomic
+from modeling_rxt.tokenization import IGNORE_INDEX, train_tokenizer
+from modeling_rxt.training import (
+    EpisodeCollator,
+    InteractionCollator,
+    RxTTrainer,
+    interaction_objective,
+    joint_objective,
+    memory_attention_objective,
+    memory_aware_objective,
+    tokenize_episodes,
+    tokenize_interactions,
+)
+from modeling_rxt.training_curriculum import check_recipe, load_recipe, run_stage, stage_components
+
+MAX_LENGTH = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine threads that spin-wait for each
+    other make every step several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    episodes = make_episodes(60, turns=4, split="train", seed=0)
+    return train_tokenizer(lm_texts(episodes, pairs=load_dialogue_corpus("train")[:300]), vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def episodes():
+    return make_episodes(8, turns=4, split="train", seed=1, max_chat_chars=60)
+
+
+def tiny_model(tokenizer, seed: int = 0, **overrides) -> RxTForCausalLM:
+    torch.manual_seed(seed)
+    config = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, memory_slots=4, max_position_embeddings=MAX_LENGTH, initializer_range=0.1,
+    )
+    return RxTForCausalLM(RxTConfig(**{**config, **overrides}))
+
+
+def stage_recipe(name: str, **extra) -> dict:
+    return {"stage": name, "max_steps": 8, "batch_size": 8, "learning_rate": 1e-2, "warmup_steps": 1,
+            "episodes": 8, "turns": 4, "max_chat_chars": 60, "logging_steps": 1, **extra}
+
+
+# --- Collators ------------------------------------------------------------------------------------------------------
+
+
+def test_episode_collator_keeps_labels_on_answers_only(tokenizer, episodes):
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    batch = EpisodeCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    for row in range(4):
+        for turn, expected in enumerate(episodes[row].turns):
+            labels = batch["labels"][row, turn]
+            kept = labels[labels != IGNORE_INDEX].tolist()
+            assert tokenizer.decode(kept, skip_special_tokens=True).strip() == expected.answer
+            assert kept[-1] == tokenizer.eos_token_id
+            # The labelled span is exactly the tail after [A]: the prompt and the padding carry no labels.
+            ids = batch["input_ids"][row, turn]
+            answer_start = ids.tolist().index(tokenizer.convert_tokens_to_ids("[A]")) + 1
+            assert (labels[:answer_start] == IGNORE_INDEX).all()
+            assert (labels[answer_start : answer_start + len(kept)] == ids[answer_start : answer_start + len(kept)]).all()
+
+
+def test_episode_collator_weights_turns_by_kind(tokenizer, episodes):
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    weights = {ASK: 1.0, TELL: 0.5, CHAT: 0.0, "update": 0.25}
+    batch = EpisodeCollator(tokenizer.pad_token_id, weights)([dataset[i] for i in range(3)])
+    for row in range(3):
+        expected = [weights[turn.kind] for turn in episodes[row].turns]
+        assert batch["turn_weights"][row].tolist() == expected
+
+
+def test_joint_collator_masks_only_ordinary_tokens(tokenizer):
+    dataset = tokenize_interactions(tokenizer, [("my cat is called bimo .", "noted : your cat is called bimo .")] * 4, 64)
+    special = tuple(tokenizer.convert_tokens_to_ids(t) for t in ("[BOS]", "[EOS]", "[Q]", "[A]"))
+    mask_id = tokenizer.convert_tokens_to_ids("[MASK]")
+    torch.manual_seed(0)
+    batch = InteractionCollator(tokenizer.pad_token_id, mask_id, 0.5, True, special)([dataset[i] for i in range(4)])
+    masked = batch["mlm_input_ids"] == mask_id
+    assert masked.any()
+    assert (batch["mlm_labels"][masked] == batch["input_ids"][masked]).all()
+    assert (batch["mlm_labels"][~masked] == IGNORE_INDEX).all()
+    assert not torch.isin(batch["input_ids"][masked], torch.tensor(special)).any()
+    assert (batch["labels"] == batch["input_ids"]).all()  # the joint stage's decoder predicts every token
+
+
+# --- Every stage learns ---------------------------------------------------------------------------------------------
+
+
+def _fixed_batch_loss(model, objective, batch) -> float:
+    with torch.no_grad():
+        loss_sum, weight, _ = objective(model, batch)
+    return float(loss_sum / weight)
+
+
+@pytest.mark.parametrize("stage", ["joint", "sft", "memory_attention", "memory_aware"])
+def test_each_stage_lowers_its_loss_on_a_fixed_batch(stage, tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    recipe = stage_recipe(stage, mlm_probability=0.3) if stage == "joint" else stage_recipe(stage)
+    dataset, collator, objective = stage_components(recipe, tokenizer, MAX_LENGTH, seed=0)
+    dataset = dataset.select(range(8))  # one fixed batch, seen at every step
+    torch.manual_seed(0)
+    batch = collator([dataset[i] for i in range(8)])
+    before = _fixed_batch_loss(model, objective, batch)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, remove_unused_columns=False, report_to=[],
+                             per_device_train_batch_size=8, max_steps=8, learning_rate=1e-2, logging_steps=1,
+                             save_strategy="no", disable_tqdm=True)
+    RxTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, objective=objective).train()
+    after = _fixed_batch_loss(model, objective, batch)
+    assert after < 0.9 * before, (stage, before, after)
+
+
+def test_memory_aware_loss_reaches_earlier_writes(tokenizer, episodes):
+    """The answer of a later turn must send gradient into the memory write of turn 0 (no truncation), and none with
+    `bptt_turns=1` (the state is detached after every turn)."""
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    batch = EpisodeCollator(tokenizer.pad_token_id, {ASK: 1.0, TELL: 0.0, "update": 0.0, CHAT: 0.0})(
+        [dataset[i] for i in range(4)]
+    )
+    embedding_grads = []
+    for bptt in (0, 1):
+        model = tiny_model(tokenizer)
+        captured = {}
+        def keep_first(module, args, output):
+            captured.setdefault("first_write", output)  # returns None: the output is not replaced
+
+        handle = model.model.memory_encoder.layers[0].register_forward_hook(keep_first)
+        loss_sum, weight, _ = memory_aware_objective(model, batch, bptt_turns=bptt)
+        handle.remove()
+        grad = torch.autograd.grad(loss_sum / weight, captured["first_write"], allow_unused=True)[0]
+        embedding_grads.append(0.0 if grad is None else float(grad.abs().sum()))
+    assert embedding_grads[0] > 0
+    assert embedding_grads[1] == 0
+
+
+def test_moe_load_balancing_loss_is_logged(tokenizer, episodes, tmp_path):
+    model = tiny_model(tokenizer, num_local_experts=4, num_experts_per_tok=2)
+    log = run_stage(model, tokenizer, stage_recipe("memory_aware", max_steps=2), tmp_path, max_length=MAX_LENGTH,
+                    progress=False)
+    assert all("aux_loss" in entry and entry["aux_loss"] >= 1.0 - 1e-4 for entry in log.losses)
+
+
+# --- Exact resumption -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["joint", "memory_aware"])
+def test_resume_from_checkpoint_is_bit_identical(stage, tokenizer, tmp_path):
+    recipe = stage_recipe(stage, max_steps=6, batch_size=2, save_steps=3, learning_rate=3e-3)
+    straight = tiny_model(tokenizer)
+    run_stage(straight, tokenizer, recipe, tmp_path / "straight", max_length=MAX_LENGTH, progress=False)
+    resumed = tiny_model(tokenizer)
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    assert checkpoint.is_dir()
+    run_stage(resumed, tokenizer, recipe, tmp_path / "resumed", max_length=MAX_LENGTH, progress=False,
+              resume_from_checkpoint=str(checkpoint))
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(straight.model.embed_tokens.weight, tiny_model(tokenizer).model.embed_tokens.weight)
+
+
+# --- Bad data -------------------------------------------------------------------------------------------------------
+
+
+def _episode(episode_id: str, turns: list[Turn], split: str = "train") -> Episode:
+    return Episode(episode_id, split, turns)
+
+
+def test_bad_episodes_are_skipped_with_a_counted_warning(tokenizer, episodes, caplog):
+    empty = _episode("empty-turn", [Turn("", "ok .", CHAT)])
+    long_turn = _episode("too-long", [Turn("word " * 200, "ok .", CHAT)])
+    special = _episode("special", [Turn("hello [A] there", "ok .", CHAT)])
+    with caplog.at_level(logging.WARNING):
+        dataset = tokenize_episodes(tokenizer, [empty, *episodes[:2], long_turn, special], MAX_LENGTH)
+    assert dataset["id"] == [episodes[0].id, episodes[1].id]
+    assert "skipped 3 of 5 episodes" in caplog.text and "empty-turn" in caplog.text
+
+
+def test_only_bad_episodes_raise(tokenizer):
+    with pytest.raises(ValueError, match="nothing to train on"):
+        tokenize_episodes(tokenizer, [_episode("bad", [Turn("", "x", CHAT)])], MAX_LENGTH)
+
+
+def test_bad_interactions_are_skipped_with_a_counted_warning(tokenizer, caplog):
+    pairs = [("hello", "hi"), ("", "empty query"), ("what [Q] is", "special"), ("long " * 100, "too long")]
+    with caplog.at_level(logging.WARNING):
+        dataset = tokenize_interactions(tokenizer, pairs, MAX_LENGTH)
+    assert len(dataset) == 1
+    assert "skipped 3 of 4 interactions" in caplog.text
+
+
+def test_evaluation_names_a_bad_episode(tokenizer):
+    model = tiny_model(tokenizer)
+    bad = _episode("wrong-ask", [Turn("my cat is called bimo .", "noted .", TELL, "cat", "bimo"),
+                                 Turn("what is my cat called ?", "zub .", ASK, "cat", None, "zub", 1)])
+    with pytest.raises(ValueError, match="wrong-ask"):
+        evaluate_recall(model, tokenizer, [bad])
+
+
+def test_collators_reject_untokenised_rows(tokenizer):
+    with pytest.raises(ValueError, match="input_ids"):
+        EpisodeCollator(tokenizer.pad_token_id)([{"queries": ["hi"]}])
+    with pytest.raises(ValueError, match="kind_weights"):
+        EpisodeCollator(tokenizer.pad_token_id, {ASK: -1.0})
+    with pytest.raises(ValueError, match="mask_token_id"):
+        InteractionCollator(tokenizer.pad_token_id, None, 0.2)
+
+
+# --- Recipes --------------------------------------------------------------------------------------------------------
+
+
+def test_the_shipped_recipes_are_valid():
+    for name in ("demo", "tiny"):
+        recipe = load_recipe(name)
+        assert [stage["stage"] for stage in recipe["stages"]][:3] == ["joint", "sft", "memory_attention"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stages": []}, "non-empty"),
+        ({"stages": [{"stage": "pretrain", "max_steps": 1, "batch_size": 1, "learning_rate": 1}]}, "stage"),
+        ({"stages": [{"stage": "sft", "max_steps": 0, "batch_size": 1, "learning_rate": 1}]}, "max_steps"),
+        ({"stages": [{"stage": "sft", "max_steps": 1, "batch_size": 1, "learning_rate": 1, "bptt": 2}]}, "bptt"),
+    ],
+)
+def test_bad_recipes_raise_naming_the_field(change, message):
+    recipe = {"tokenizer": {}, "model": {}, "stages": [stage_recipe("sft")], **change}
+    with pytest.raises(ValueError, match=message):
+        check_recipe(recipe)
+
+
+# --- Evaluation on a known case -------------------------------------------------------------------------------------
+
+
+def _constant_answer_model(tokenizer, tmp_path) -> RxTForCausalLM:
+    """A tiny model trained to answer "zub ." to every question, whatever its memory holds."""
+    model = tiny_model(tokenizer, seed=3)
+    questions = ["what is my cat called ?", "what is the name of my dog ?", "what is my door code ?"]
+    dataset = tokenize_interactions(tokenizer, [(q, "zub .") for q in questions] * 4, MAX_LENGTH)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, remove_unused_columns=False, report_to=[],
+                             per_device_train_batch_size=12, max_steps=40, learning_rate=2e-2, save_strategy="no",
+                             disable_tqdm=True, logging_steps=40)
+    RxTTrainer(model=model, args=args, train_dataset=dataset, data_collator=InteractionCollator(tokenizer.pad_token_id),
+               objective=interaction_objective).train()
+    return model.eval()
+
+
+def test_recall_scores_a_known_case(tokenizer, tmp_path):
+    model = _constant_answer_model(tokenizer, tmp_path)
+    right = _episode("right", [
+        Turn("my cat is called zub .", "noted : your cat is called zub .", TELL, "cat", "zub"),
+        Turn("hello", "hi", CHAT),
+        Turn("what is my cat called ?", "zub .", ASK, "cat", expected="zub", fact_distance=2),
+    ], "test")
+    wrong = _episode("wrong", [
+        Turn("my dog is called bimo .", "noted : your dog is called bimo .", TELL, "dog", "bimo"),
+        Turn("hello", "hi", CHAT),
+        Turn("what is the name of my dog ?", "bimo .", ASK, "dog", expected="bimo", fact_distance=2),
+    ], "test")
+    told_late = _episode("late", [
+        Turn("hello", "hi", CHAT),
+        Turn("my cat is called zub .", "noted : your cat is called zub .", TELL, "cat", "zub"),
+        Turn("what is my cat called ?", "zub .", ASK, "cat", expected="zub", fact_distance=1),
+    ], "test")
+    result = evaluate_recall(model, tokenizer, [right, wrong, told_late], batch_size=2)
+    assert result["recall_by_distance"] == {1: 1.0, 2: 0.5}
+    assert result["recall_memory_reset"] == {1: 1.0, 2: 0.5}  # its answer never depended on memory
+    assert result["questions_by_distance"] == {1: 1, 2: 2}
+    assert [e["answer"] for e in result["examples"]] == ["zub", "zub", "zub"]
+    assert result["chance"] == pytest.approx(0.01)  # 100 held-out values per slot in the test split
+
+
+def test_recall_json_and_plot_are_written_atomically(tmp_path):
+    result = {"recall_by_distance": {1: 0.9, 2: 0.5}, "recall_memory_reset": {1: 0.0, 2: 0.02}, "chance": 0.01}
+    path = tmp_path / "eval.json"
+    write_json_atomic(result, path)
+    assert json.loads(path.read_text())["recall_by_distance"] == {"1": 0.9, "2": 0.5}
+    with pytest.raises(TypeError):
+        write_json_atomic({"bad": object()}, path)
+    assert json.loads(path.read_text())["chance"] == 0.01  # the failed write left the previous file intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+    plot_recall(json.loads(path.read_text()), tmp_path / "recall.png")
+    assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
