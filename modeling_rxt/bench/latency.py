@@ -11,7 +11,8 @@ RxT runs the real conversation, every turn from 1 to the last (its cost cannot d
 does). Llama is measured at the sampled turns only: its history of (t-1)(Q+A) tokens is built synthetically (random
 ids; the cost of attention does not depend on which tokens they are), and the KV cache of that history is filled by
 one untimed forward pass. At every sampled turn each system runs `repeats` times, the systems interleaved in a
-rotating order; the figures are medians.
+rotating order; the figures are medians. Beside them, each RxT system answers the same query from a fresh memory
+(`<system>@turn1`): turn t / turn 1 is then a ratio of neighbouring measurements, whatever the machine did meanwhile.
 """
 
 import time
@@ -24,6 +25,7 @@ from modeling_rxt import RxTForCausalLM, RxTMemoryState
 from .systems import LLAMA, BenchSettings, TokenClock, forced_length, median, quiet_gc, rotated
 
 REREAD, KV = "llama-reread", "llama-kv"
+TURN1 = "@turn1"  # suffix of an RxT system run from a fresh memory at every sampled turn
 
 
 def cache_bytes(cache: DynamicCache) -> int:
@@ -96,7 +98,7 @@ def measure_turn_latency(models: dict[str, PreTrainedModel], settings: BenchSett
 
     rxt_names = [name for name in models if name != LLAMA]
     states = {name: models[name].init_memory(1) for name in rxt_names}
-    samples: dict[str, dict[int, list[dict]]] = {name: {} for name in [*rxt_names, REREAD, KV]}
+    samples: dict[str, dict[int, list[dict]]] = {}
     every_turn = {name: [] for name in rxt_names}
     for turn in range(1, settings.turns[-1] + 1):
         query = random_ids(settings.query_tokens)
@@ -106,30 +108,46 @@ def measure_turn_latency(models: dict[str, PreTrainedModel], settings: BenchSett
                 every_turn[name].append(sample["turn_s"])
             continue
         started = time.perf_counter()
-        history = random_ids((turn - 1) * settings.turn_tokens)
-        prompt = torch.cat((history, query), dim=1)
-        cache = _prefilled_cache(models[LLAMA], history)
-        for name in samples:
-            samples[name][turn] = []
-        systems = [*rxt_names, REREAD, KV]
-        for repeat in range(settings.repeats):
-            for name in rotated(systems, repeat + turn):
-                if name == REREAD:
-                    samples[name][turn].append(llama_turn(models[LLAMA], prompt, settings, None))
-                elif name == KV:
-                    samples[name][turn].append(llama_turn(models[LLAMA], prompt, settings, cache))
-                else:  # every repeat starts from STM_{t-1}; the last one's STM_t carries the conversation on
-                    sample, next_state = rxt_turn(models[name], states[name], query, settings)
-                    samples[name][turn].append(sample)
-                    if repeat == settings.repeats - 1:
-                        states[name] = next_state
+        prompt = torch.cat((random_ids((turn - 1) * settings.turn_tokens), query), dim=1)
+        measured = _sampled_turn(models, states, prompt, settings)
+        for name, runs in measured.items():
+            samples.setdefault(name, {})[turn] = runs
         for name in rxt_names:
-            every_turn[name].append(median([s["turn_s"] for s in samples[name][turn]]))
+            every_turn[name].append(median([s["turn_s"] for s in measured[name]]))
         log(f"  turn {turn:4d}: " + "  ".join(
-            f"{name} {median([s['turn_s'] for s in samples[name][turn]]) * 1e3:8.1f} ms" for name in systems
+            f"{name} {median([s['turn_s'] for s in runs]) * 1e3:8.1f} ms" for name, runs in measured.items()
         ) + f"   ({time.perf_counter() - started:.1f} s)")
     return {"samples": _by_turn_key(samples), "medians": _medians(samples), "rxt_every_turn_s": every_turn,
             "method": __doc__.strip()}
+
+
+def _sampled_turn(models: dict[str, PreTrainedModel], states: dict, prompt: torch.Tensor, settings: BenchSettings):
+    """`repeats` runs of every system at one sampled turn, interleaved in a rotating order. `prompt` is the history
+    and the query. Each RxT system also runs the same query from a fresh memory (`<name>@turn1`), side by side, so
+    that turn t / turn 1 is a ratio of neighbouring measurements, immune to the machine's drift over the run.
+    Advances `states` to STM_t (the last repeat's write)."""
+    history_length = prompt.shape[1] - settings.query_tokens
+    query = prompt[:, history_length:]
+    cache = _prefilled_cache(models[LLAMA], prompt[:, :history_length])
+    rxt_names = [name for name in models if name != LLAMA]
+    fresh = {name: models[name].init_memory(1) for name in rxt_names}
+    systems = [*rxt_names, *(name + TURN1 for name in rxt_names), REREAD, KV]
+    runs: dict[str, list[dict]] = {name: [] for name in systems}
+    for repeat in range(settings.repeats):
+        for name in rotated(systems, repeat + history_length):
+            if name == REREAD:
+                runs[name].append(llama_turn(models[LLAMA], prompt, settings, None))
+            elif name == KV:
+                runs[name].append(llama_turn(models[LLAMA], prompt, settings, cache))
+            elif name.endswith(TURN1):
+                rxt = name.removesuffix(TURN1)
+                runs[name].append(rxt_turn(models[rxt], fresh[rxt], query, settings)[0])
+            else:  # every repeat starts from STM_{t-1}; the last one's STM_t carries the conversation on
+                sample, next_state = rxt_turn(models[name], states[name], query, settings)
+                runs[name].append(sample)
+                if repeat == settings.repeats - 1:
+                    states[name] = next_state
+    return runs
 
 
 def _by_turn_key(samples: dict) -> dict:

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from .latency import measure_decode_throughput, measure_turn_latency, measure_write_cost
-from .report import acceptance, acceptance_table, machine_info, plot_turns, write_json
+from .report import acceptance, acceptance_table, machine_info, plot_turns, summary_lines, write_json
 from .systems import BenchSettings, build_systems, describe_systems, set_threads
 from .train_speed import measure_training_peak_memory, measure_training_throughput
 
@@ -58,6 +58,8 @@ def run_benchmarks(
     summary["plots"] = results.get("plots", [])
     summary["medians"] = {section: _headline(results, section) for section in sections}
     write_json(output_dir / "summary.json", summary)
+    for line in summary_lines(results):
+        log(line)
     log(acceptance_table(results["acceptance"]))
     log(f"[bench] wrote {output_dir}/ in {results['seconds']:.1f} s")
     return results
