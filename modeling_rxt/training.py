@@ -84,22 +84,29 @@ def tokenize_episodes(
     """One row per episode: per turn its `input_ids`, answer-only `labels`, `kind` and `fact_distance` (0 if none).
 
     Bad episodes (an empty turn, a literal special token, an ask that contradicts its fact, a turn longer than
-    `max_length` tokens) are dropped by `filter_episodes`, which logs one warning with their count."""
-    kept, _ = filter_episodes(episodes, tokenizer, max_length)
-    if not kept:
-        raise ValueError("every episode was rejected as bad data; nothing to train on")
+    `max_length` tokens) are dropped and counted in one warning. The content checks are `filter_episodes`'; the
+    length check uses the token ids encoded here, so every turn is tokenised once (twice would double the cost of
+    preparing a training set)."""
+    kept, _ = filter_episodes(episodes)
     turns = [turn for episode in kept for turn in episode.turns]
-    input_ids, labels = _encode_turns(tokenizer, [(t.query, t.answer) for t in turns])
+    input_ids, labels = _encode_turns(tokenizer, [(t.query, t.answer) for t in turns]) if turns else ([], [])
     rows: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "kinds": [], "fact_distances": []}
-    start = 0
+    start, too_long = 0, 0
     for episode in kept:
         end = start + len(episode.turns)
+        if any(len(ids) > max_length for ids in input_ids[start:end]):
+            too_long, start = too_long + 1, end
+            continue
         rows["id"].append(episode.id)
         rows["input_ids"].append(input_ids[start:end])
         rows["labels"].append(labels[start:end])
         rows["kinds"].append([t.kind for t in episode.turns])
         rows["fact_distances"].append([t.fact_distance or 0 for t in episode.turns])
         start = end
+    if too_long:
+        logger.warning("skipped %d of %d episodes with a turn over %d tokens", too_long, len(kept), max_length)
+    if not rows["id"]:
+        raise ValueError("every episode was rejected as bad data; nothing to train on")
     return datasets.Dataset.from_dict(rows)
 
 

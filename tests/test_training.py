@@ -196,7 +196,8 @@ def test_bad_episodes_are_skipped_with_a_counted_warning(tokenizer, episodes, ca
     with caplog.at_level(logging.WARNING):
         dataset = tokenize_episodes(tokenizer, [empty, *episodes[:2], long_turn, special], MAX_LENGTH)
     assert dataset["id"] == [episodes[0].id, episodes[1].id]
-    assert "skipped 3 of 5 episodes" in caplog.text and "empty-turn" in caplog.text
+    assert "skipped 2 of 5 episodes with bad data" in caplog.text and "empty-turn" in caplog.text
+    assert f"skipped 1 of 3 episodes with a turn over {MAX_LENGTH} tokens" in caplog.text
 
 
 def test_only_bad_episodes_raise(tokenizer):
