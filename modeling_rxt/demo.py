@@ -1,29 +1,180 @@
-"""The main job (`make demo`). Until the training curriculum lands this builds a `nano` model from its preset,
-saves it, reloads it through `AutoModelForCausalLM` with `trust_remote_code` and holds a short multi-turn exchange
-(token ids only: the model is untrained), showing the memory change from turn to turn."""
+"""The main job (`make demo`): train a small RxT through the whole curriculum on CPU and show that its memory
+remembers.
+
+1. trains the byte-level BPE tokenizer and a model from the recipe (`configuration/training/demo.json`: the nano
+   preset, joint LM pretraining, interaction SFT, memory-attention pretraining, memory-aware training);
+2. evaluates exact-match recall on held-out (test split) episodes by turn distance, with the memory and with the
+   memory reset before each question, and writes `runs/demo/eval.json` and `runs/demo/recall.png`;
+3. saves the model and tokenizer (`runs/demo/model`) and exports the Hub folder `runs/demo/hub`;
+4. reloads `runs/demo/hub` in a FRESH process through `AutoModelForCausalLM.from_pretrained(...,
+   trust_remote_code=True)` (the project's package blocked there) and holds a conversation in which the model is asked
+   for a fact stated several turns earlier.
+
+    python -m modeling_rxt.demo [--recipe demo] [--output runs/demo] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
-import modeling_rxt
-from configuration import load_preset
+from .data import ASK, make_episodes
+from .evaluation import evaluate_recall, plot_recall, write_json_atomic
+from .training_curriculum import load_recipe, run_curriculum
+
+# Runs in a fresh interpreter with only the exported folder: the project's own packages are made unimportable, so
+# the model must load from the folder's code files alone.
+CONVERSATION_SCRIPT = r"""
+import json, sys
+
+class _BlockProject:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("modeling_rxt", "configuration", "hub_export"):
+            raise ImportError(f"{name} is blocked: the Hub folder must be self-contained")
+        return None
+
+sys.meta_path.insert(0, _BlockProject())
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+torch.set_num_threads(int(sys.argv[3]))
+folder, conversations = sys.argv[1], json.loads(sys.argv[2])
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+print(f"loaded {type(model).__name__} from {folder} (remote code: {type(model).__module__})")
+for number, conversation in enumerate(conversations, 1):
+    state = model.init_memory(batch_size=1)
+    print(f"\n--- conversation {number} ---")
+    for turn, query in enumerate(conversation["queries"]):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": query}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+        output = model.generate(**prompt, memory_state=state, max_new_tokens=48, do_sample=False)
+        answer_ids = output[0, prompt["input_ids"].shape[1]:]
+        answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        print(f"[{turn}] user: {query}\n    model: {answer}")
+        state = model.update_memory(state, output)  # the whole interaction, as the model answered it
+    value = conversation["expected"]
+    recalled = answer.removesuffix(".").strip() == value
+    print(f"the last question asks for {value!r}, stated {conversation['distance']} turns earlier: "
+          + ("recalled" if recalled else "NOT recalled"))
+    if recalled:
+        sys.exit(0)
+sys.exit(3)
+"""
 
 
-def main(output_dir: str = "runs/demo/hub") -> None:
-    torch.manual_seed(0)
-    model = modeling_rxt.RxTForCausalLM(load_preset("nano")).eval()
-    model.save_pretrained(output_dir)
-    reloaded = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True).eval()
-    state = reloaded.init_memory(batch_size=1)
-    for turn in range(1, 4):
-        query = torch.randint(10, reloaded.config.vocab_size, (1, 8))
-        answer = reloaded.generate(query, memory_state=state, max_new_tokens=8, do_sample=False)
-        new_state = reloaded.update_memory(state, answer)
-        change = (new_state.stm - state.stm).norm() / state.stm.norm()
-        print(f"turn {turn}: answer ids {answer[0, 8:].tolist()}  relative memory change {change:.3f}")
-        state = new_state
-    print(f"saved and reloaded {type(reloaded).__name__} from {output_dir}")
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m modeling_rxt.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="demo", help="a recipe name in configuration/training or a JSON path")
+    parser.add_argument("--output", default="runs/demo", help="where the model, evaluation and Hub folder go")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return args
+
+
+def _stage_summary(logs) -> list[dict]:
+    summary = []
+    for log in logs:
+        first, last = (log.losses[0], log.losses[-1]) if log.losses else ({}, {})
+        keys = [key for key in last if key == "loss" or key.endswith("_loss")]
+        summary.append({"stage": log.stage, "steps": log.steps, "wall_s": round(log.wall_s, 1),
+                        "first": {k: first.get(k) for k in keys}, "last": {k: last.get(k) for k in keys}})
+    return summary
+
+
+def _conversations(result: dict, episodes, min_distance: int = 3, limit: int = 5) -> list[dict]:
+    """Test episodes cut after a question about a fact stated >= `min_distance` turns earlier, those the evaluation
+    answered correctly first (longest distance first): the fresh process replays them until one is recalled. With
+    no correct answer at that distance, one missed question is replayed, so the failure is shown, not hidden."""
+    by_id = {episode.id: episode for episode in episodes}
+    far = [e for e in result["examples"] if e["distance"] >= min_distance]
+    hits = sorted((e for e in far if e["correct"]), key=lambda e: -e["distance"]) or far[:1]
+    conversations = []
+    for hit in hits[:limit]:
+        turns = by_id[hit["episode"]].turns[: hit["turn"] + 1]
+        assert turns[-1].kind == ASK
+        conversations.append({"queries": [t.query for t in turns], "expected": hit["expected"],
+                              "distance": hit["distance"]})
+    return conversations
+
+
+def export_hub_folder(model_dir: Path, hub_dir: Path, eval_json: Path, recipe_json: Path | None) -> str:
+    """The Hub folder through `hub_export.export_model` (model card, verification) when it is available, else a
+    plain copy of the saved model and tokenizer."""
+    try:
+        from hub_export import export_model
+    except ImportError:
+        if hub_dir.exists():
+            shutil.rmtree(hub_dir)
+        shutil.copytree(model_dir, hub_dir)
+        return "copied the saved model and tokenizer"
+    export_model(model_dir, hub_dir, overwrite=True, eval_json=eval_json, recipe_json=recipe_json)
+    return "exported with hub_export.export_model (verified in a fresh process)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    output = Path(args.output)
+    recipe = load_recipe(args.recipe)
+    print(f"[demo] recipe {args.recipe!r}: {len(recipe['stages'])} stages, {torch.get_num_threads()} CPU threads")
+    model, tokenizer, logs = run_curriculum(recipe, output, progress=True)
+    train_s = time.perf_counter() - start
+    model_dir = output / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    settings = recipe.get("evaluation", {})
+    split = settings.get("split", "test")
+    episodes = make_episodes(settings.get("episodes", 300), turns=settings.get("turns", 10), split=split,
+                             seed=settings.get("seed", 0))
+    eval_start = time.perf_counter()
+    result = evaluate_recall(model, tokenizer, episodes, batch_size=settings.get("batch_size", 100), progress=True)
+    examples = result.pop("examples")
+    report = {
+        **result,
+        "split": split,
+        "episodes": len(episodes),
+        "recipe": args.recipe,
+        "parameters": model.parameter_counts(),
+        "stages": _stage_summary(logs),
+        "wall_s": {"training": round(train_s, 1), "evaluation": round(time.perf_counter() - eval_start, 1)},
+    }
+    write_json_atomic(report, output / "eval.json")
+    write_json_atomic({"examples": examples}, output / "eval_examples.json")
+    plot_recall(result, output / "recall.png")
+    print("[demo] recall by distance (with memory / memory reset), chance {:.1%}:".format(result["chance"]))
+    for distance, accuracy in result["recall_by_distance"].items():
+        print(f"    {distance} turns back: {accuracy:6.1%} / {result['recall_memory_reset'][distance]:6.1%}"
+              f"   ({result['questions_by_distance'][distance]} questions)")
+
+    recipe_path = Path(args.recipe) if Path(args.recipe).suffix else None
+    how = export_hub_folder(model_dir, output / "hub", output / "eval.json", recipe_path)
+    print(f"[demo] Hub folder {output / 'hub'}: {how}")
+    conversations = _conversations({"examples": examples}, episodes)
+    code = 3
+    if conversations:
+        print("[demo] a conversation with the reloaded model, in a fresh process:")
+        code = subprocess.run([sys.executable, "-c", CONVERSATION_SCRIPT, str(output / "hub"),
+                               json.dumps(conversations), str(args.threads)]).returncode
+    else:
+        print("[demo] the evaluation asked no question about a fact 3 or more turns back: nothing to show")
+    if code != 0:
+        print("[demo] the reloaded model did not recall a fact 3 or more turns back (see eval.json for the figures)")
+    print(f"[demo] done in {time.perf_counter() - start:.0f} s; results in {output}")
+    return 0 if code == 0 else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
