@@ -43,9 +43,11 @@ SPLITS: tuple[str, ...] = ("train", "validation", "test")
 TELL, ASK, UPDATE, CHAT = "tell", "ask", "update", "chat"
 KINDS: tuple[str, ...] = (TELL, ASK, UPDATE, CHAT)
 
-# Values per slot in each split: the held-out pools are large enough for chance to be 1%, and the train pool larger
-# still so that the model learns to copy any value rather than memorise a few.
-POOL_SIZES: dict[str, int] = {"train": 400, "validation": 100, "test": 100}
+# Values per slot in each split: the held-out pools are large enough for chance to be 1%, and the train pool far
+# larger, so that the model learns to copy any value from its memory rather than learn the spelling of a few hundred
+# (with 400 train values per slot, a model got the first piece of a held-out value from memory and completed it as a
+# train value: "stakan" -> "stakror"). A slot with fewer possible values (3-digit numbers) has a smaller train pool.
+POOL_SIZES: dict[str, int] = {"train": 4000, "validation": 100, "test": 100}
 _POOL_SEED = 20_251_123  # fixed: pools are data, not a function of the episode seed
 _CORPUS_SPLIT_BUCKETS = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
 
@@ -168,13 +170,15 @@ def _slot_pools(slot_name: str) -> dict[str, tuple[str, ...]]:
     per_slot = sum(POOL_SIZES.values())
     if slot.digits:
         low = 10 ** (slot.digits - 1)
-        values = [str(v) for v in random.Random(_POOL_SEED + slot.digits).sample(range(low, 10 * low), per_slot)]
+        count = min(per_slot, 9 * low)  # 3-digit numbers: only 900 exist
+        values = [str(v) for v in random.Random(_POOL_SEED + slot.digits).sample(range(low, 10 * low), count)]
     else:
         # Consecutive blocks of one shuffled list: disjoint across word slots and across splits by construction.
         index = [s.name for s in SLOTS if not s.digits].index(slot_name)
         values = list(_invented_words()[index * per_slot : (index + 1) * per_slot])
+    # Held-out pools first, so that a slot with fewer possible values shortens its train pool only.
     pools, start = {}, 0
-    for split in SPLITS:
+    for split in ("validation", "test", "train"):
         pools[split] = tuple(values[start : start + POOL_SIZES[split]])
         start += POOL_SIZES[split]
     return pools
