@@ -78,8 +78,8 @@ def test_nano_preset_builds_and_runs():
     torch.manual_seed(0)
     model = RxTForCausalLM(load_preset("nano")).eval()
     state = model.init_memory(1)
-    assert state.stm.shape == (4, 1, 32, 128)
+    assert state.stm.shape == (2, 1, 32, 64)  # (layers, batch, slots, hidden)
     with torch.no_grad():
         logits = model(torch.tensor([[2, 10, 11]]), memory_state=state).logits
-    assert logits.shape == (1, 3, 4096) and torch.isfinite(logits).all()
+    assert logits.shape == (1, 3, 2048) and torch.isfinite(logits).all()
     assert model.parameter_counts()["active"] == model.parameter_counts()["total"]
