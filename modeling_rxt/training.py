@@ -8,6 +8,9 @@
                                                      of the old memory and the encoded interaction (cosine)
     4 memory_aware      whole episodes               decoder loss on each answer reading STM_{t-1}; the loss of
                                                      turn t flows back through the writes of earlier turns
+    5 external_memory   whole episodes               (optional) decoder loss on each answer reading the initial
+                                                     memory and, retrieved in its self-attention, the episode's
+                                                     earlier turns as an external memory (external_memory.py)
 
 Stage 4 is the one that teaches the memory what to keep. Back-propagation runs through the memory writes of the
 episode, truncated every `bptt_turns` turns (the state is detached there): a memory detached at every turn gets no
@@ -42,12 +45,13 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, Trainer
 
 from .data import ASK, CHAT, TELL, UPDATE, Episode, filter_episodes
+from .external_memory import bind_external_memory
 from .modeling_rxt import RxTForCausalLM, load_balancing_loss
 from .tokenization import ANSWER_TOKEN, IGNORE_INDEX, format_interaction
 
 logger = logging.getLogger(__name__)
 
-STAGES: tuple[str, ...] = ("joint", "sft", "memory_attention", "memory_aware")
+STAGES: tuple[str, ...] = ("joint", "sft", "memory_attention", "memory_aware", "external_memory")
 Objective = Callable[[RxTForCausalLM, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
@@ -227,6 +231,41 @@ class EpisodeCollator:
         }
 
 
+@dataclass
+class ExternalMemoryCollator:
+    """Turns whole episodes into retrieval examples: every turn t > 0 whose kind has a positive weight becomes one
+    row, the interaction of turn t (answer-only labels) with the interactions of turns < t, concatenated in order, as
+    that row's external memory. Returns the rows padded to (R, T) and the memories to (R, M) with
+    `memory_attention_mask`. Episodes are the unit of the batch, so the number of rows varies from batch to batch."""
+
+    pad_token_id: int
+    kind_weights: Mapping[str, float] = field(default_factory=lambda: {ASK: 1.0})
+
+    def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        _check_features(features, ("input_ids", "labels", "kinds"))
+        rows: dict[str, list] = {"ids": [], "labels": [], "memory": [], "weights": []}
+        for feature in features:
+            history: list[int] = []
+            for ids, labels, kind in zip(feature["input_ids"], feature["labels"], feature["kinds"], strict=True):
+                weight = float(self.kind_weights.get(kind, 0.0))
+                if history and weight > 0:
+                    rows["ids"].append(ids)
+                    rows["labels"].append(labels)
+                    rows["memory"].append(list(history))
+                    rows["weights"].append(weight)
+                history += ids
+        if not rows["ids"]:
+            raise ValueError("no turn of this batch has an earlier turn to remember and a positive `kind_weights`")
+        return {
+            "input_ids": _pad(rows["ids"], self.pad_token_id),  # (R, T)
+            "attention_mask": _pad([[1] * len(ids) for ids in rows["ids"]], 0),
+            "labels": _pad(rows["labels"], IGNORE_INDEX),
+            "memory_ids": _pad(rows["memory"], self.pad_token_id),  # (R, M)
+            "memory_attention_mask": _pad([[1] * len(m) for m in rows["memory"]], 0),
+            "row_weights": torch.tensor(rows["weights"]),
+        }
+
+
 # --- Objectives -----------------------------------------------------------------------------------------------------
 
 
@@ -241,15 +280,18 @@ def decoder_loss(
     labels: torch.Tensor,
     stm: torch.Tensor,
     row_weights: torch.Tensor | None = None,
+    external_memory=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Decoder cross-entropy of one turn reading `stm` (L, B, S, D): (weighted sum over label tokens, summed weight,
-    MoE load-balancing loss or None). Logits are computed only where there is a label: answers are a fraction of an
-    interaction, and the LM head is the largest matmul of a small model."""
+    """Decoder cross-entropy of one turn reading `stm` (L, B, S, D) (and, if given, retrieving from a bound
+    `external_memory`): (weighted sum over label tokens, summed weight, MoE load-balancing loss or None). Logits are
+    computed only where there is a label: answers are a fraction of an interaction, and the LM head is the largest
+    matmul of a small model."""
     outputs = model.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         memory_key_values=model.model.project_memory(stm),
         output_router_logits=_is_moe(model),
+        external_memory=external_memory,
     )
     targets = labels[:, 1:]  # (B, T-1): token t predicts token t+1
     selected = targets != IGNORE_INDEX
@@ -388,6 +430,26 @@ def memory_attention_objective(
     return loss_sum, count, metrics
 
 
+def external_memory_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor]):
+    """Stage 5 (optional): teaches the decoder to use what its retrieval layers fetch. Each row answers from the
+    initial short-term memory while its earlier turns sit in an external memory, built without gradients by the
+    current weights exactly as `generate(external_memories=...)` builds it, and read with the config's controls
+    (layers, top-k, threshold). Gradients reach the queries that retrieve and everything after them."""
+    rows = inputs["input_ids"].shape[0]
+    memory = model.build_external_memory(inputs["memory_ids"], inputs["memory_attention_mask"])
+    loss_sum, weight, aux = decoder_loss(
+        model,
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        inputs["labels"],
+        model.model.initial_memory(rows),
+        inputs["row_weights"],
+        external_memory=bind_external_memory(memory, None, model.config, rows),
+    )
+    metrics = {"decoder_loss": (loss_sum / weight.clamp(min=1e-8)).detach()}
+    return _add_aux(model, loss_sum, weight, aux, metrics), weight, metrics
+
+
 # --- Trainer --------------------------------------------------------------------------------------------------------
 
 
@@ -457,9 +519,11 @@ def _average_gradients(model: torch.nn.Module) -> None:
 __all__ = [
     "STAGES",
     "EpisodeCollator",
+    "ExternalMemoryCollator",
     "InteractionCollator",
     "RxTTrainer",
     "decoder_loss",
+    "external_memory_objective",
     "interaction_objective",
     "joint_objective",
     "memory_attention_objective",

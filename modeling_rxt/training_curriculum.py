@@ -42,8 +42,10 @@ from .tokenization import BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, QUERY_TOK
 from .training import (
     STAGES,
     EpisodeCollator,
+    ExternalMemoryCollator,
     InteractionCollator,
     RxTTrainer,
+    external_memory_objective,
     interaction_objective,
     joint_objective,
     memory_attention_objective,
@@ -60,6 +62,7 @@ _STAGE_KEYS = {
     "sft": {"corpus"},
     "memory_attention": {"first_weight", "weight_decay_per_turn", "min_weight"},
     "memory_aware": {"bptt_turns", "kind_weights"},
+    "external_memory": {"kind_weights"},
 }
 _DEFAULT_KIND_WEIGHTS = {ASK: 1.0, TELL: 1.0, UPDATE: 1.0, CHAT: 1.0}
 
@@ -172,6 +175,8 @@ def stage_components(
     if name == "memory_attention":
         keys = ("first_weight", "weight_decay_per_turn", "min_weight")
         return dataset, EpisodeCollator(pad_id), partial(memory_attention_objective, **{k: stage[k] for k in keys if k in stage})
+    if name == "external_memory":  # asks only unless told otherwise: what else would retrieval be for
+        return dataset, ExternalMemoryCollator(pad_id, stage.get("kind_weights", {ASK: 1.0})), external_memory_objective
     weights = {**_DEFAULT_KIND_WEIGHTS, **stage.get("kind_weights", {})}
     collator = EpisodeCollator(pad_id, weights)
     return dataset, collator, partial(memory_aware_objective, bptt_turns=stage.get("bptt_turns", 0))

@@ -17,8 +17,10 @@ from modeling_rxt.evaluation import evaluate_recall, plot_recall, write_json_ato
 from modeling_rxt.tokenization import IGNORE_INDEX, train_tokenizer
 from modeling_rxt.training import (
     EpisodeCollator,
+    ExternalMemoryCollator,
     InteractionCollator,
     RxTTrainer,
+    external_memory_objective,
     interaction_objective,
     joint_objective,
     memory_attention_objective,
@@ -94,6 +96,40 @@ def test_episode_collator_weights_turns_by_kind(tokenizer, episodes):
         assert batch["turn_weights"][row].tolist() == expected
 
 
+def test_external_memory_collator_makes_one_row_per_ask_with_its_earlier_turns(tokenizer, episodes):
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    features = [dataset[i] for i in range(4)]
+    batch = ExternalMemoryCollator(tokenizer.pad_token_id)(features)
+    expected = [(f, t) for f in features for t, kind in enumerate(f["kinds"]) if kind == ASK and t > 0]
+    assert len(expected) >= 2 and batch["input_ids"].shape[0] == len(expected)
+    for row, (feature, turn) in enumerate(expected):
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row, :length].tolist() == feature["input_ids"][turn]
+        assert batch["labels"][row, :length].tolist() == feature["labels"][turn]  # answer-only, as in the episode
+        memory = batch["memory_ids"][row, : int(batch["memory_attention_mask"][row].sum())].tolist()
+        assert memory == [token for ids in feature["input_ids"][:turn] for token in ids]
+    assert batch["row_weights"].tolist() == [1.0] * len(expected)
+
+
+def test_external_memory_objective_reads_each_rows_own_memory(tokenizer, episodes):
+    """Swapping the memories of two rows changes their losses: the decoder reads what was retrieved, per row."""
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    batch = ExternalMemoryCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    model = tiny_model(tokenizer).eval()
+
+    def row_losses(inputs):
+        return [float(external_memory_objective(model, {k: v[i : i + 1] for k, v in inputs.items()})[0])
+                for i in range(inputs["input_ids"].shape[0])]
+
+    swapped = dict(batch, memory_ids=batch["memory_ids"].flip(0), memory_attention_mask=batch["memory_attention_mask"].flip(0))
+    with torch.no_grad():
+        losses = row_losses(batch)
+        assert losses != row_losses(swapped)
+        loss_sum, weight, _ = external_memory_objective(model, batch)
+    assert torch.allclose(loss_sum, torch.tensor(sum(losses)), rtol=1e-4)
+    assert weight == (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
 def test_joint_collator_masks_only_ordinary_tokens(tokenizer):
     dataset = tokenize_interactions(tokenizer, [("my cat is called bimo .", "noted : your cat is called bimo .")] * 4, 64)
     special = tuple(tokenizer.convert_tokens_to_ids(t) for t in ("[BOS]", "[EOS]", "[Q]", "[A]"))
@@ -117,7 +153,7 @@ def _fixed_batch_loss(model, objective, batch) -> float:
     return float(loss_sum / weight)
 
 
-@pytest.mark.parametrize("stage", ["joint", "sft", "memory_attention", "memory_aware"])
+@pytest.mark.parametrize("stage", ["joint", "sft", "memory_attention", "memory_aware", "external_memory"])
 def test_each_stage_lowers_its_loss_on_a_fixed_batch(stage, tokenizer, tmp_path):
     model = tiny_model(tokenizer)
     recipe = stage_recipe(stage, mlm_probability=0.3) if stage == "joint" else stage_recipe(stage)
