@@ -671,6 +671,10 @@ class RxTModel(RxTPreTrainedModel):
     def project_memory(self, stm: torch.Tensor) -> torch.Tensor:
         """STM (L, B, S, D) -> memory keys/values (B, L, 2, K, S, Dh) of every decoder layer. Done once per turn;
         batch-first so that `generate` expands it for beams and `num_return_sequences` by itself."""
+        batch_size = stm.shape[1]
+        if batch_size > 1 and stm.stride(1) == 0:
+            # Every row reads the same memory (the learned initial one, expanded): project one row, expand the result.
+            return self.project_memory(stm[:, :1]).expand(batch_size, *([-1] * 5))
         projected = [layer.memory_cross_attn.project_memory(stm[i]) for i, layer in enumerate(self.layers)]
         return torch.stack(projected, dim=1)
 

@@ -83,6 +83,21 @@ def logits_and_write(model: RxTForCausalLM) -> tuple[torch.Tensor, torch.Tensor]
     return logits, written
 
 
+def test_a_memory_shared_by_all_rows_is_projected_once_with_the_same_result_and_gradients(dense_model):
+    """The initial memory reaches the decoder expanded over the batch (stride 0); it is projected for one row and the
+    keys/values expanded: same values and same gradients as projecting every row."""
+    stm = dense_model.model.initial_memory(3)
+    assert stm.stride(1) == 0
+    shared = dense_model.model.project_memory(stm)
+    per_row = dense_model.model.project_memory(stm.contiguous())
+    assert shared.shape == per_row.shape == (3, *per_row.shape[1:])
+    torch.testing.assert_close(shared, per_row, rtol=0, atol=0)
+    weight = dense_model.model.initial_memory.weight
+    (grad_shared,) = torch.autograd.grad(shared.square().sum(), weight)
+    (grad_per_row,) = torch.autograd.grad(per_row.square().sum(), weight)
+    torch.testing.assert_close(grad_shared, grad_per_row, rtol=1e-4, atol=1e-4)  # sums in another order
+
+
 def test_eager_and_sdpa_agree_when_chosen_at_construction(kind):
     eager = make_tiny_model(kind, attn_implementation="eager")  # through the config
     sdpa = make_tiny_model(kind, attn_implementation="sdpa")
