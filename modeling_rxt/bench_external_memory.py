@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from .memory_state import write_json_atomic
 
 DEFAULT_SIZES = (1_000, 3_000, 10_000, 30_000, 100_000)
 PROMPT_TOKENS = 16
@@ -231,17 +231,6 @@ def plot(points: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def write_json(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        json.dump(payload, file, indent=2)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
@@ -273,16 +262,16 @@ def main(argv: list[str] | None = None) -> None:
         model = AutoModelForCausalLM.from_pretrained(args.fact_recall, trust_remote_code=False).eval()
         tokenizer = AutoTokenizer.from_pretrained(args.fact_recall)
         result = evaluate_fact_recall(model, tokenizer, n_episodes=args.episodes, topk=args.topk)
-        write_json({"model": args.fact_recall, **result}, out / "external_memory_recall.json")
+        write_json_atomic({"model": args.fact_recall, **result}, out / "external_memory_recall.json")
         print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
         return
     points = run_scaling(args)
     setup = {"preset": args.preset, "model": args.model, "prompt_tokens": PROMPT_TOKENS, "new_tokens": args.new_tokens,
              "topk": args.topk, "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__}
-    write_json({"setup": setup, "points": points}, out / "external_memory.json")
+    write_json_atomic({"setup": setup, "points": points}, out / "external_memory.json")
     plot(points, out / "external_memory.png")
     chat = run_chat_latency(args.model, args.chat_preset, args.chat_turns, args.new_tokens)
-    write_json({"setup": {**setup, "preset": args.chat_preset}, **chat}, out / "chat_latency.json")
+    write_json_atomic({"setup": {**setup, "preset": args.chat_preset}, **chat}, out / "chat_latency.json")
     print(f"wrote {out / 'external_memory.json'}, {out / 'external_memory.png'}, {out / 'chat_latency.json'}")
 
 

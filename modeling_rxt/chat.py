@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -33,7 +32,7 @@ import torch
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from .memory_state import RxTMemoryState
+from .memory_state import RxTMemoryState, write_json_atomic
 from .tokenization import ANSWER_TOKEN, EOS_TOKEN, decode_answer, encode_query
 
 SESSION_FILE = "session.json"
@@ -252,7 +251,7 @@ class RxTChatSession:
             "messages": self.messages,
             "timings": [asdict(t) for t in self.timings],
         }
-        _atomic_write_json(folder / SESSION_FILE, payload)
+        write_json_atomic(payload, folder / SESSION_FILE)
         for stale in folder.glob("memory-*"):
             if stale.name != memory_dir and stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
@@ -348,26 +347,6 @@ def _pad(rows: list[torch.Tensor], pad_id: int, left: bool = False) -> tuple[tor
 
 
 # ---- files ---------------------------------------------------------------------------------------------------------
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(payload, file, indent=2)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
-
-
 def _read_session_file(folder: Path) -> dict:
     file = folder / SESSION_FILE
     if not file.is_file():

@@ -17,9 +17,7 @@ over the questions of 1 / (number of values the slot takes in the split).
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .data import ASK, Episode, answer_value, chance_accuracy, exact_match, validate_episode
-from .memory_state import RxTMemoryState
+from .memory_state import RxTMemoryState, atomic_write, write_json_atomic
 from .modeling_rxt import RxTForCausalLM
 from .tokenization import EOS_TOKEN, PAD_TOKEN, decode_answer, encode_interaction, encode_query
 
@@ -184,24 +182,6 @@ def _summarise(counts: dict[str, dict[int, int]], examples: list, chance: float)
     }
 
 
-def write_json_atomic(payload: dict, path: str | os.PathLike) -> None:
-    """Writes `payload` as JSON through a temporary file in the same folder, then renames it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream, indent=2)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def plot_recall(result: dict, path: str | os.PathLike, title: str = "RxT recall by turn distance") -> None:
     """Accuracy against fact distance, with memory and with the memory reset, and the chance level; written
     atomically as an image (the format follows the suffix of `path`)."""
@@ -226,16 +206,8 @@ def plot_recall(result: dict, path: str | os.PathLike, title: str = "RxT recall 
     axes.legend(loc="best")
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
     try:
-        figure.savefig(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+        atomic_write(path, lambda temporary: figure.savefig(temporary, format=path.suffix.lstrip(".") or "png"))
     finally:
         plt.close(figure)
 

@@ -25,6 +25,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -151,8 +152,9 @@ class RxTMemoryState:
         }
         metadata = {key: str(value) for key, value in info.items()}
         tensors = {"stm": self.stm.detach().to("cpu").contiguous()}
-        _atomic_write(save_directory, STATE_WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata=metadata))
-        _atomic_write(save_directory, STATE_CONFIG_NAME, lambda path: _write_json(path, info))
+        directory = Path(save_directory)
+        atomic_write(directory / STATE_WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata=metadata))
+        write_json_atomic(info, directory / STATE_CONFIG_NAME, sort_keys=True)
 
     @classmethod
     def from_pretrained(
@@ -170,26 +172,45 @@ class RxTMemoryState:
         return cls(tensors["stm"])
 
 
-def _write_json(path: str, payload: dict) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+# ---- atomic files ---------------------------------------------------------------------------------------------
+# Every file this package writes (memory states, chat sessions, evaluation and benchmark reports, plots) goes
+# through `atomic_write`. It lives here because this module ships with the model's Hub code, so all writers,
+# exported or not, can import it.
 
 
-def _atomic_write(directory: str | os.PathLike, name: str, write) -> None:
-    """Write through a temporary file in the same folder, flush it to disk, then rename it over the target: readers
-    see either the old file or the complete new one, never a half-written file."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Writes `path` through `write(temporary_path)`: a temporary file in the same folder (created if missing),
+    flushed to disk, then renamed over `path`. Readers see either the old file or the complete new one, never a
+    half-written file; a failed `write` leaves no temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         write(temporary)
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
-        os.replace(temporary, os.path.join(directory, name))
+        os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def write_json_atomic(payload: dict, path: str | os.PathLike, sort_keys: bool = False) -> None:
+    """`payload` as indented JSON at `path`, written atomically (`atomic_write`)."""
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=sort_keys)
+            handle.write("\n")
+
+    atomic_write(path, write)
 
 
 __all__ = ["RxTMemoryState", "STATE_WEIGHTS_NAME", "STATE_CONFIG_NAME"]

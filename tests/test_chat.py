@@ -138,10 +138,10 @@ def test_failed_save_leaves_the_previous_save(model, tokenizer, tmp_path, monkey
     saved_state = session.memory_state
     session.send(TEXTS[1], **GREEDY)
 
-    def crash(path, payload):
+    def crash(payload, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(chat, "_atomic_write_json", crash)
+    monkeypatch.setattr(chat, "write_json_atomic", crash)
     with pytest.raises(OSError):
         session.save(tmp_path)
     monkeypatch.undo()

@@ -2,15 +2,14 @@
 benchmark issue, every ratio computed from figures measured in the same run."""
 
 import datetime
-import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
 import transformers
 
+from ..memory_state import atomic_write, write_json_atomic
 from .latency import KV, REREAD, TURN1
 from .systems import LLAMA
 
@@ -53,22 +52,8 @@ def machine_info(threads: int) -> dict:
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
-    """Writes `payload` through a temporary file in the same folder, flushed to disk and renamed over `path`:
-    a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream, indent=2, sort_keys=False)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    """Writes `payload` atomically: a reader sees the old file or the new one, never half of one."""
+    write_json_atomic(payload, path)
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -234,17 +219,6 @@ def _turn_axis(axis, ylabel: str, title: str) -> None:
 
 
 def _save(figure, path: Path) -> str:
-    """Saves a figure atomically (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temporary, dpi=110)
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    """Saves a figure atomically (`atomic_write`)."""
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
     return str(path)
