@@ -334,7 +334,6 @@ def split_into_chunks(ids: torch.Tensor, mask: torch.Tensor, stride: int) -> lis
     return chunks
 
 
-@torch.no_grad()
 def build_external_memory(
     decoder: nn.Module,
     memories: torch.Tensor | Sequence,
@@ -343,10 +342,17 @@ def build_external_memory(
     layers: tuple[int, ...],
     stride: int,
     device: torch.device | str | None = None,
+    differentiable: bool = False,
 ) -> ExternalMemory:
     """Runs the decoder (`RxTModel`) over the memories in chunks of `stride` tokens (each chunk on its own: causal,
     positions 0..stride-1, reading the learned initial short-term memory) and keeps, for `layers`, the keys (before
-    rotary positions) and values of the self-attention of every memory token."""
+    rotary positions) and values of the self-attention of every memory token. Without gradients unless
+    `differentiable` (training: the loss of an answer then shapes how the decoder encodes the memory it reads)."""
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        return _build_external_memory(decoder, memories, attention_mask, layers, stride, device)
+
+
+def _build_external_memory(decoder, memories, attention_mask, layers, stride, device) -> ExternalMemory:
     ids, mask = as_padded_ids(memories, attention_mask, decoder.config.vocab_size)
     chunks = split_into_chunks(ids, mask, stride)
     model_device = decoder.embed_tokens.weight.device

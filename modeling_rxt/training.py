@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, Trainer
 
 from .data import ASK, CHAT, TELL, UPDATE, Episode, filter_episodes
-from .external_memory import bind_external_memory
+from .external_memory import bind_external_memory, build_external_memory, resolve_layers, resolve_stride
 from .modeling_rxt import RxTForCausalLM, load_balancing_loss
 from .tokenization import ANSWER_TOKEN, IGNORE_INDEX, format_interaction
 
@@ -432,11 +432,20 @@ def memory_attention_objective(
 
 def external_memory_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor]):
     """Stage 5 (optional): teaches the decoder to use what its retrieval layers fetch. Each row answers from the
-    initial short-term memory while its earlier turns sit in an external memory, built without gradients by the
-    current weights exactly as `generate(external_memories=...)` builds it, and read with the config's controls
-    (layers, top-k, threshold). Gradients reach the queries that retrieve and everything after them."""
+    initial short-term memory while its earlier turns sit in an external memory, built by the current weights as
+    `generate(external_memories=...)` builds it but with gradients, and read with the config's controls (layers,
+    top-k, threshold). A memory built without gradients taught nothing to the layers below retrieval, which must
+    learn to mark each memory token with its context for a look-up to find it (README, External memory)."""
     rows = inputs["input_ids"].shape[0]
-    memory = model.build_external_memory(inputs["memory_ids"], inputs["memory_attention_mask"])
+    config = model.config
+    memory = build_external_memory(  # with gradients: the decoder also learns how to encode what it will look up
+        model.model,
+        inputs["memory_ids"],
+        inputs["memory_attention_mask"],
+        layers=resolve_layers(config),
+        stride=resolve_stride(config),
+        differentiable=True,
+    )
     loss_sum, weight, aux = decoder_loss(
         model,
         inputs["input_ids"],

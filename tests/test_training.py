@@ -130,6 +130,29 @@ def test_external_memory_objective_reads_each_rows_own_memory(tokenizer, episode
     assert weight == (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
+def test_external_memory_objective_trains_how_the_memory_is_encoded(tokenizer, episodes, monkeypatch):
+    """The stage builds its memory with gradients (the layers below retrieval learn to encode what will be looked up):
+    the lowest layer's gradients differ from those of a memory built without gradients. The public builder never
+    tracks gradients."""
+    import modeling_rxt.training as training_module
+
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    batch = ExternalMemoryCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    model = tiny_model(tokenizer)
+    assert not model.build_external_memory(batch["memory_ids"], batch["memory_attention_mask"]).keys.requires_grad
+    weight = model.model.layers[0].self_attn.v_proj.weight
+
+    def lowest_layer_gradient():
+        loss_sum, _, _ = external_memory_objective(model, batch)
+        return torch.autograd.grad(loss_sum, weight)[0]
+
+    through_memory = lowest_layer_gradient()
+    build = training_module.build_external_memory
+    monkeypatch.setattr(training_module, "build_external_memory", lambda *a, **k: build(*a, **{**k, "differentiable": False}))
+    local_only = lowest_layer_gradient()
+    assert not torch.allclose(through_memory, local_only)
+
+
 def test_joint_collator_masks_only_ordinary_tokens(tokenizer):
     dataset = tokenize_interactions(tokenizer, [("my cat is called bimo .", "noted : your cat is called bimo .")] * 4, 64)
     special = tuple(tokenizer.convert_tokens_to_ids(t) for t in ("[BOS]", "[EOS]", "[Q]", "[A]"))
