@@ -317,7 +317,8 @@ class RxTTopKRouter(nn.Module):
 class RxTGroupedExperts(nn.Module):
     """E SwiGLU experts stored fused as 3D tensors (PEFT reaches them with `target_parameters`), for many tokens at a
     time: the forward is dispatched by transformers' experts registry (`grouped_mm` by default); this eager forward is
-    its fallback (`experts_implementation="eager"`)."""
+    its fallback (`experts_implementation="eager"`). The experts stay in this file: transformers allows
+    `set_experts_implementation` only when `@use_experts_implementation` appears in the model class's own module."""
 
     def __init__(self, config: RxTConfig):
         super().__init__()
@@ -929,7 +930,6 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         recorder = prepare_generate_kwargs(self, batch_size, kwargs)  # builds the external memory once per call
         return attach_retrieved_memory_idx(super().generate(inputs, **kwargs), recorder)
 
-    @torch.no_grad()
     def build_external_memory(
         self,
         input_ids: torch.LongTensor | list[torch.Tensor],
@@ -937,12 +937,17 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         layers: list[int] | None = None,
         stride: int | None = None,
         device: torch.device | str | None = None,
+        differentiable: bool = False,
     ) -> ExternalMemory:
         """Keys/values of external memories (one row per batch row: a (R, M) tensor with `attention_mask`, or a list
         of 1-D tensors) for the retrieval `layers` (default: the config's), encoded by the decoder in chunks of
-        `stride` tokens. Keep it on `device` ("cpu" to spare accelerator memory) and reuse it across calls."""
+        `stride` tokens. Keep it on `device` ("cpu" to spare accelerator memory) and reuse it across calls. Built
+        without gradients unless `differentiable` (the `external_memory` training stage)."""
         layers, stride = resolve_layers(self.config, layers), resolve_stride(self.config, stride)
-        return build_external_memory(self.model, input_ids, attention_mask, layers=layers, stride=stride, device=device)
+        return build_external_memory(
+            self.model, input_ids, attention_mask, layers=layers, stride=stride, device=device,
+            differentiable=differentiable,
+        )
 
     def _check_generate_prompt(self, prompt: torch.Tensor, kwargs: dict) -> None:
         """The query must be valid (non-empty ids, or embeddings) and the answer must fit: query + new tokens within

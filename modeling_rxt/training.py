@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, Trainer
 
 from .data import ASK, CHAT, TELL, UPDATE, Episode, filter_episodes
-from .external_memory import bind_external_memory, build_external_memory, resolve_layers, resolve_stride
+from .external_memory import bind_external_memory
 from .modeling_rxt import RxTForCausalLM, load_balancing_loss
 from .tokenization import ANSWER_TOKEN, IGNORE_INDEX, format_interaction
 
@@ -437,15 +437,8 @@ def external_memory_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.
     top-k, threshold). A memory built without gradients taught nothing to the layers below retrieval, which must
     learn to mark each memory token with its context for a look-up to find it (README, External memory)."""
     rows = inputs["input_ids"].shape[0]
-    config = model.config
-    memory = build_external_memory(  # with gradients: the decoder also learns how to encode what it will look up
-        model.model,
-        inputs["memory_ids"],
-        inputs["memory_attention_mask"],
-        layers=resolve_layers(config),
-        stride=resolve_stride(config),
-        differentiable=True,
-    )
+    # With gradients: the decoder also learns how to encode what it will look up.
+    memory = model.build_external_memory(inputs["memory_ids"], inputs["memory_attention_mask"], differentiable=True)
     loss_sum, weight, aux = decoder_loss(
         model,
         inputs["input_ids"],

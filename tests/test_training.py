@@ -134,8 +134,6 @@ def test_external_memory_objective_trains_how_the_memory_is_encoded(tokenizer, e
     """The stage builds its memory with gradients (the layers below retrieval learn to encode what will be looked up):
     the lowest layer's gradients differ from those of a memory built without gradients. The public builder never
     tracks gradients."""
-    import modeling_rxt.training as training_module
-
     dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
     batch = ExternalMemoryCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     model = tiny_model(tokenizer)
@@ -147,8 +145,8 @@ def test_external_memory_objective_trains_how_the_memory_is_encoded(tokenizer, e
         return torch.autograd.grad(loss_sum, weight)[0]
 
     through_memory = lowest_layer_gradient()
-    build = training_module.build_external_memory
-    monkeypatch.setattr(training_module, "build_external_memory", lambda *a, **k: build(*a, **{**k, "differentiable": False}))
+    build = model.build_external_memory
+    monkeypatch.setattr(model, "build_external_memory", lambda *a, **k: build(*a, **{**k, "differentiable": False}))
     local_only = lowest_layer_gradient()
     assert not torch.allclose(through_memory, local_only)
 
