@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench lint clean
+.PHONY: demo demo-external test bench lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m modeling_rxt.demo
+
+# The demo model (`make demo` first) taught to read an external memory as well (README, External memory).
+demo-external: $(STAMP)
+	$(PY) -m modeling_rxt.demo --recipe demo-external --output runs/demo-external
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -q

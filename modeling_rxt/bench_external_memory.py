@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .evaluation import evaluate_fact_recall
 from .memory_state import write_json_atomic
 
 DEFAULT_SIZES = (1_000, 3_000, 10_000, 30_000, 100_000)
@@ -169,46 +170,6 @@ def run_chat_latency(model_dir: str | None, preset: str, turns: int, new_tokens:
     return {"turns": turns, "new_tokens": new_tokens, **results}
 
 
-@torch.no_grad()
-def evaluate_fact_recall(model, tokenizer, n_episodes: int = 40, turns: int = 8, split: str = "test",
-                         max_new_tokens: int = 8, topk: int | None = None) -> dict:
-    """Exact-match accuracy of every question of `n_episodes` held-out episodes, answered from a fresh short-term
-    memory without and with the earlier turns of its episode as the external memory (see the module docstring)."""
-    from .data import ASK, chance_accuracy, exact_match, make_episodes
-    from .tokenization import encode_interaction, encode_query
-
-    episodes = make_episodes(n_episodes, turns=turns, split=split, seed=1)
-    eos = tokenizer.eos_token_id
-    scores = {"without_memory": [], "with_external_memory": []}
-    examples = []
-    for episode in episodes:
-        history: list[int] = []
-        for turn in episode.turns:
-            if turn.kind == ASK and history:
-                prompt = torch.tensor([encode_query(tokenizer, turn.query)["input_ids"]])
-                common = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                              pad_token_id=tokenizer.pad_token_id)
-                plain = model.generate(prompt, **common)
-                recalled = model.generate(prompt, external_memories=[torch.tensor(history)],
-                                          external_memory_topk=topk, **common)
-                for name, out in (("without_memory", plain), ("with_external_memory", recalled)):
-                    answer = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
-                    scores[name].append(exact_match(answer, turn.expected))
-                if len(examples) < 5:
-                    examples.append({"query": turn.query, "expected": turn.expected, "answer_with_memory":
-                                     tokenizer.decode(recalled[0, prompt.shape[1]:], skip_special_tokens=True)})
-            history += encode_interaction(tokenizer, turn.query, turn.answer, max_length=10**6)["input_ids"]
-    return {
-        "questions": len(scores["without_memory"]),
-        "accuracy_without_memory": sum(scores["without_memory"]) / max(1, len(scores["without_memory"])),
-        "accuracy_with_external_memory": sum(scores["with_external_memory"]) / max(1, len(scores["without_memory"])),
-        "chance": chance_accuracy(split, episodes),
-        "episodes": n_episodes,
-        "turns": turns,
-        "examples": examples,
-    }
-
-
 def plot(points: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -237,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="a saved RxT folder (default: an untrained model of --preset)")
     parser.add_argument("--preset", default="nano")
     parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--topk", type=int, help="retrieved memories per query (scaling default 8; --fact-recall "
+                        "default: the model's own `external_memory_topk`)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--chat-turns", type=int, default=6)
@@ -251,8 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     if any(s < 1 for s in args.sizes) or args.threads < 1 or args.new_tokens < 2:
         parser.error("--sizes, --threads must be positive and --new-tokens at least 2")
     torch.set_num_threads(args.threads)
+    if args.topk is not None and args.topk < 1:
+        parser.error("--topk must be positive")
     if args.one_size is not None:
-        point = measure_size(args.one_size, args.model, args.preset, args.new_tokens, args.topk, args.repeats)
+        point = measure_size(args.one_size, args.model, args.preset, args.new_tokens, args.topk or 8, args.repeats)
         print(json.dumps(point))
         return
     out = Path(args.out)
@@ -265,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         write_json_atomic({"model": args.fact_recall, **result}, out / "external_memory_recall.json")
         print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
         return
+    args.topk = args.topk or 8
     points = run_scaling(args)
     setup = {"preset": args.preset, "model": args.model, "prompt_tokens": PROMPT_TOKENS, "new_tokens": args.new_tokens,
              "topk": args.topk, "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__}

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .data import ASK, make_episodes
-from .evaluation import evaluate_recall, plot_recall, write_json_atomic
+from .evaluation import evaluate_fact_recall, evaluate_recall, plot_recall, write_json_atomic
 from .training_curriculum import load_recipe, run_curriculum
 
 # Runs in a fresh interpreter with only the exported folder: the project's own packages are made unimportable, so
@@ -151,6 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stages": _stage_summary(logs),
         "wall_s": {"training": round(train_s, 1), "evaluation": round(time.perf_counter() - eval_start, 1)},
     }
+    if any(stage["stage"] == "external_memory" for stage in recipe["stages"]):
+        external = evaluate_fact_recall(model, tokenizer, n_episodes=settings.get("external_memory_episodes", 100),
+                                        split=split)
+        report["external_memory_recall"] = {k: v for k, v in external.items() if k != "examples"}
+        print("[demo] facts only in the EXTERNAL memory (fresh short-term memory), chance {:.1%}: {:.1%} without, "
+              "{:.1%} with it ({} questions)".format(external["chance"], external["accuracy_without_memory"],
+                                                      external["accuracy_with_external_memory"], external["questions"]))
+    report["wall_s"]["evaluation"] = round(time.perf_counter() - eval_start, 1)
     write_json_atomic(report, output / "eval.json")
     write_json_atomic({"examples": examples}, output / "eval_examples.json")
     plot_recall(result, output / "recall.png")

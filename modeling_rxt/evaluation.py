@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .data import ASK, Episode, answer_value, chance_accuracy, exact_match, validate_episode
+from .data import ASK, Episode, answer_value, chance_accuracy, exact_match, make_episodes, validate_episode
 from .memory_state import RxTMemoryState, atomic_write, write_json_atomic
 from .modeling_rxt import RxTForCausalLM
 from .tokenization import EOS_TOKEN, PAD_TOKEN, decode_answer, encode_interaction, encode_query
@@ -165,6 +165,45 @@ def evaluate_recall(
     return _summarise(counts, examples, chance_accuracy(split, episodes))
 
 
+@torch.no_grad()
+def evaluate_fact_recall(model, tokenizer, n_episodes: int = 40, turns: int = 8, split: str = "test",
+                         max_new_tokens: int = 8, topk: int | None = None) -> dict:
+    """Recall from an EXTERNAL memory (external_memory.py): every question of `n_episodes` held-out episodes is
+    answered from a fresh short-term memory (the learned initial one), once alone and once with the earlier turns of
+    its episode, as token ids, for the external memory; exact-match accuracy of both and chance. The question's fact
+    exists only in that external memory, so without it the model can only guess."""
+    episodes = make_episodes(n_episodes, turns=turns, split=split, seed=1)
+    eos = tokenizer.eos_token_id
+    scores = {"without_memory": [], "with_external_memory": []}
+    examples = []
+    for episode in episodes:
+        history: list[int] = []
+        for turn in episode.turns:
+            if turn.kind == ASK and history:
+                prompt = torch.tensor([encode_query(tokenizer, turn.query)["input_ids"]])
+                common = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                              pad_token_id=tokenizer.pad_token_id)
+                plain = model.generate(prompt, **common)
+                recalled = model.generate(prompt, external_memories=[torch.tensor(history)],
+                                          external_memory_topk=topk, **common)
+                for name, out in (("without_memory", plain), ("with_external_memory", recalled)):
+                    answer = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+                    scores[name].append(exact_match(answer, turn.expected))
+                if len(examples) < 5:
+                    examples.append({"query": turn.query, "expected": turn.expected, "answer_with_memory":
+                                     tokenizer.decode(recalled[0, prompt.shape[1]:], skip_special_tokens=True)})
+            history += encode_interaction(tokenizer, turn.query, turn.answer, max_length=10**6)["input_ids"]
+    return {
+        "questions": len(scores["without_memory"]),
+        "accuracy_without_memory": sum(scores["without_memory"]) / max(1, len(scores["without_memory"])),
+        "accuracy_with_external_memory": sum(scores["with_external_memory"]) / max(1, len(scores["without_memory"])),
+        "chance": chance_accuracy(split, episodes),
+        "episodes": n_episodes,
+        "turns": turns,
+        "examples": examples,
+    }
+
+
 def _summarise(counts: dict[str, dict[int, int]], examples: list, chance: float) -> dict:
     distances = sorted(counts["total"])
     total = sum(counts["total"].values())
@@ -217,4 +256,4 @@ def _key(mapping: dict, distance: int):
     return distance if distance in mapping else str(distance)
 
 
-__all__ = ["answer_questions", "evaluate_recall", "plot_recall", "write_json_atomic"]
+__all__ = ["answer_questions", "evaluate_fact_recall", "evaluate_recall", "plot_recall", "write_json_atomic"]

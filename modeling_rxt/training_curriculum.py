@@ -8,6 +8,8 @@ A recipe:
       "tokenizer": {"vocab_size": 2048, "episodes": 2000},         # trained on train-split text only
       "model": {"preset": "nano", "overrides": {...}, "gate_bias": -2.0},
       "max_length": 128,                                            # longest interaction kept for training
+      "init_from": "runs/demo/model",                               # optional: continue a trained model (its
+                                                                    # tokenizer too) instead of "tokenizer"/"model"
       "stages": [
         {"stage": "joint", "max_steps": 100, "batch_size": 64, "learning_rate": 3e-3, "mlm_probability": 0.3,
          "episodes": 2000, "corpus": true},
@@ -38,14 +40,17 @@ from transformers import PreTrainedTokenizerBase, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from .data import ASK, CHAT, TELL, UPDATE, interactions_dataset, lm_texts, load_dialogue_corpus, make_episodes
+from .external_memory import check_retrieval_controls
 from .modeling_rxt import RxTForCausalLM
 from .tokenization import BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, QUERY_TOKEN, ANSWER_TOKEN, train_tokenizer
 from .training import (
     STAGES,
     EpisodeCollator,
+    ExternalAndEpisodeCollator,
     ExternalMemoryCollator,
     InteractionCollator,
     RxTTrainer,
+    external_and_memory_aware_objective,
     external_memory_objective,
     interaction_objective,
     joint_objective,
@@ -63,7 +68,8 @@ _STAGE_KEYS = {
     "sft": {"corpus"},
     "memory_attention": {"first_weight", "weight_decay_per_turn", "min_weight"},
     "memory_aware": {"bptt_turns", "kind_weights"},
-    "external_memory": {"kind_weights"},
+    "external_memory": {"kind_weights", "memory_aware_weight", "memory_aware_kind_weights", "external_memory_layers",
+                        "external_memory_topk"},
 }
 _DEFAULT_KIND_WEIGHTS = {ASK: 1.0, TELL: 1.0, UPDATE: 1.0, CHAT: 1.0}
 
@@ -88,9 +94,12 @@ def check_recipe(recipe: Mapping) -> None:
     """Raises `ValueError` naming the first wrong field of a recipe."""
     if not isinstance(recipe, Mapping):
         raise TypeError(f"a recipe must be a mapping, got {type(recipe).__name__}")
-    for key in ("tokenizer", "model", "stages"):
+    needed = ("stages",) if "init_from" in recipe else ("tokenizer", "model", "stages")
+    for key in needed:
         if key not in recipe:
             raise ValueError(f"the recipe lacks {key!r}")
+    if "init_from" in recipe and not (isinstance(recipe["init_from"], str) and recipe["init_from"]):
+        raise ValueError(f"recipe `init_from` must be the path of a saved model folder, got {recipe['init_from']!r}")
     if not isinstance(recipe["stages"], list) or not recipe["stages"]:
         raise ValueError("recipe `stages` must be a non-empty list")
     for index, stage in enumerate(recipe["stages"]):
@@ -140,6 +149,19 @@ def build_model(settings: Mapping, tokenizer: PreTrainedTokenizerBase, max_lengt
     return model
 
 
+def load_trained(path: str | Path) -> tuple[RxTForCausalLM, PreTrainedTokenizerBase]:
+    """The model and tokenizer a recipe with `init_from` continues from (a `save_pretrained` folder, e.g.
+    `runs/demo/model`), in training mode."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
+        raise ValueError(f"recipe `init_from`: {str(path)!r} is not a saved RxT model folder with its tokenizer "
+                         "(run the recipe that makes it first, e.g. `make demo` for runs/demo/model)")
+    model = RxTForCausalLM.from_pretrained(folder)
+    return model.train(), AutoTokenizer.from_pretrained(folder)
+
+
 def _episodes(stage: Mapping, seed: int):
     return make_episodes(
         stage.get("episodes", 1000),
@@ -177,7 +199,12 @@ def stage_components(
         keys = ("first_weight", "weight_decay_per_turn", "min_weight")
         return dataset, EpisodeCollator(pad_id), partial(memory_attention_objective, **{k: stage[k] for k in keys if k in stage})
     if name == "external_memory":  # asks only unless told otherwise: what else would retrieval be for
-        return dataset, ExternalMemoryCollator(pad_id, stage.get("kind_weights", {ASK: 1.0})), external_memory_objective
+        external = ExternalMemoryCollator(pad_id, stage.get("kind_weights", {ASK: 1.0}))
+        if not stage.get("memory_aware_weight"):
+            return dataset, external, external_memory_objective
+        episodes = EpisodeCollator(pad_id, {**_DEFAULT_KIND_WEIGHTS, **stage.get("memory_aware_kind_weights", {})})
+        objective = partial(external_and_memory_aware_objective, memory_aware_weight=stage["memory_aware_weight"])
+        return dataset, ExternalAndEpisodeCollator(external, episodes), objective
     weights = {**_DEFAULT_KIND_WEIGHTS, **stage.get("kind_weights", {})}
     collator = EpisodeCollator(pad_id, weights)
     return dataset, collator, partial(memory_aware_objective, bptt_turns=stage.get("bptt_turns", 0))
@@ -228,6 +255,18 @@ def _frozen_except_memory_attention(model: RxTForCausalLM) -> list[torch.nn.Para
     return frozen
 
 
+def _set_retrieval_settings(model: RxTForCausalLM, stage: Mapping) -> None:
+    """A stage's `external_memory_layers` / `external_memory_topk` become the model's config defaults: the settings
+    it was trained to retrieve with are the ones `generate` should use afterwards."""
+    settings = {key[len("external_memory_"):]: stage[key] for key in ("external_memory_layers", "external_memory_topk")
+                if key in stage}
+    if not settings:
+        return
+    check_retrieval_controls(model.config.num_hidden_layers, model.config.max_position_embeddings, **settings)
+    for key, value in settings.items():
+        setattr(model.config, f"external_memory_{key}", value)
+
+
 def run_stage(
     model: RxTForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
@@ -241,6 +280,7 @@ def run_stage(
     callbacks: list | None = None,
 ) -> StageLog:
     """Runs one recipe stage as an `RxTTrainer` on `model` (in place) and returns its log."""
+    _set_retrieval_settings(model, stage)
     dataset, collator, objective = stage_components(stage, tokenizer, max_length, seed)
     frozen = _frozen_except_memory_attention(model) if stage["stage"] == "memory_attention" else []
     trainer = RxTTrainer(
@@ -266,14 +306,18 @@ def run_stage(
 def run_curriculum(
     recipe: Mapping, output_dir: str | Path, *, progress: bool = True
 ) -> tuple[RxTForCausalLM, PreTrainedTokenizerBase, list[StageLog]]:
-    """Trains a tokenizer and a fresh model through every stage of `recipe`; stage outputs go to
-    `output_dir/stages/NN_<stage>`. Returns the model (in eval mode), the tokenizer and the stage logs."""
+    """Trains a tokenizer and a fresh model (or continues the model of `init_from`) through every stage of `recipe`;
+    stage outputs go to `output_dir/stages/NN_<stage>`. Returns the model (in eval mode), the tokenizer and the stage
+    logs."""
     check_recipe(recipe)
     seed = recipe.get("seed", 0)
     max_length = recipe.get("max_length", 128)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(recipe["tokenizer"], seed)
-    model = build_model(recipe["model"], tokenizer, max_length)
+    if "init_from" in recipe:
+        model, tokenizer = load_trained(recipe["init_from"])
+    else:
+        tokenizer = build_tokenizer(recipe["tokenizer"], seed)
+        model = build_model(recipe["model"], tokenizer, max_length)
     logs = []
     for index, stage in enumerate(recipe["stages"]):
         stage_dir = Path(output_dir) / "stages" / f"{index:02d}_{stage['stage']}"
@@ -290,6 +334,7 @@ __all__ = [
     "build_tokenizer",
     "check_recipe",
     "load_recipe",
+    "load_trained",
     "run_curriculum",
     "run_stage",
     "stage_components",

@@ -240,3 +240,12 @@ def test_command_line_parses_sections_and_turns():
     assert args.quick and args.only == ("decode", "write") and args.turns == (1, 4, 16)
     with pytest.raises(SystemExit):
         parse_args(["--only", "speed"])
+
+
+@pytest.mark.parametrize("argv", [["--topk", "0"], ["--threads", "0"]])
+def test_external_memory_bench_rejects_bad_arguments(argv, capsys):
+    from modeling_rxt import bench_external_memory
+
+    with pytest.raises(SystemExit):
+        bench_external_memory.main(argv)
+    assert argv[0] in capsys.readouterr().err

@@ -21,7 +21,12 @@ def test_demo_trains_evaluates_exports_and_talks_in_a_fresh_process(tmp_path):
     assert {"recall_by_distance", "recall_memory_reset", "chance"} <= set(report)
     assert set(report["recall_by_distance"]) == set(report["recall_memory_reset"])
     assert report["chance"] == pytest.approx(0.01)
-    assert [stage["stage"] for stage in report["stages"]] == ["joint", "sft", "memory_attention", "memory_aware"]
+    stages = ["joint", "sft", "memory_attention", "memory_aware", "external_memory"]
+    assert [stage["stage"] for stage in report["stages"]] == stages
+    # The recipe trains retrieval, so the demo measures it, and the exported model keeps the trained settings.
+    external = report["external_memory_recall"]
+    assert external["questions"] > 0 and 0 <= external["accuracy_with_external_memory"] <= 1
+    assert json.loads((output / "hub" / "config.json").read_text())["external_memory_layers"] == [0, 1]
     assert (output / "recall.png").stat().st_size > 0
     hub = output / "hub"
     for name in ("config.json", "model.safetensors", "modeling_rxt.py", "tokenizer.json", "README.md"):

@@ -13,13 +13,15 @@ from transformers import TrainingArguments
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.data import ASK, CHAT, TELL, Episode, Turn, lm_texts, load_dialogue_corpus, make_episodes
-from modeling_rxt.evaluation import evaluate_recall, plot_recall, write_json_atomic
+from modeling_rxt.evaluation import evaluate_fact_recall, evaluate_recall, plot_recall, write_json_atomic
 from modeling_rxt.tokenization import IGNORE_INDEX, train_tokenizer
 from modeling_rxt.training import (
     EpisodeCollator,
+    ExternalAndEpisodeCollator,
     ExternalMemoryCollator,
     InteractionCollator,
     RxTTrainer,
+    external_and_memory_aware_objective,
     external_memory_objective,
     interaction_objective,
     joint_objective,
@@ -28,7 +30,7 @@ from modeling_rxt.training import (
     tokenize_episodes,
     tokenize_interactions,
 )
-from modeling_rxt.training_curriculum import check_recipe, load_recipe, run_stage, stage_components
+from modeling_rxt.training_curriculum import check_recipe, load_recipe, run_curriculum, run_stage, stage_components
 
 MAX_LENGTH = 64
 
@@ -151,6 +153,38 @@ def test_external_memory_objective_trains_how_the_memory_is_encoded(tokenizer, e
     assert not torch.allclose(through_memory, local_only)
 
 
+def test_external_memory_stage_can_keep_training_the_short_term_memory(tokenizer, episodes):
+    """With `memory_aware_weight` the stage's loss is the external-memory loss plus that weight times the memory-aware
+    loss of the same episodes, each its own per-token mean."""
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    features = [dataset[i] for i in range(4)]
+    _, collator, objective = stage_components(stage_recipe("external_memory", memory_aware_weight=0.5), tokenizer,
+                                              MAX_LENGTH, seed=0)
+    assert isinstance(collator, ExternalAndEpisodeCollator)
+    batch = collator(features)
+    assert torch.equal(batch["episodes"]["input_ids"], EpisodeCollator(tokenizer.pad_token_id)(features)["input_ids"])
+    assert torch.equal(batch["external"]["memory_ids"], ExternalMemoryCollator(tokenizer.pad_token_id)(features)["memory_ids"])
+    model = tiny_model(tokenizer).eval()
+    with torch.no_grad():
+        mixed_sum, mixed_weight, metrics = objective(model, batch)
+        external_sum, external_weight, _ = external_memory_objective(model, batch["external"])
+        aware_sum, aware_weight, _ = memory_aware_objective(model, batch["episodes"])
+    expected = external_sum / external_weight + 0.5 * aware_sum / aware_weight
+    assert torch.allclose(mixed_sum / mixed_weight, expected, rtol=1e-5)
+    assert {"external_decoder_loss", "memory_aware_decoder_loss"} <= set(metrics)
+    assert objective.func is external_and_memory_aware_objective
+
+
+def test_a_stage_sets_the_retrieval_settings_it_trains_with(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    stage = stage_recipe("external_memory", max_steps=1, external_memory_layers=[0, 1], external_memory_topk=3)
+    run_stage(model, tokenizer, stage, tmp_path, max_length=MAX_LENGTH, progress=False)
+    assert model.config.external_memory_layers == [0, 1] and model.config.external_memory_topk == 3
+    with pytest.raises(ValueError, match="external_memory_layers"):
+        run_stage(model, tokenizer, {**stage, "external_memory_layers": [2]}, tmp_path, max_length=MAX_LENGTH)
+    assert model.config.external_memory_layers == [0, 1]  # refused before anything changed
+
+
 def test_joint_collator_masks_only_ordinary_tokens(tokenizer):
     dataset = tokenize_interactions(tokenizer, [("my cat is called bimo .", "noted : your cat is called bimo .")] * 4, 64)
     special = tuple(tokenizer.convert_tokens_to_ids(t) for t in ("[BOS]", "[EOS]", "[Q]", "[A]"))
@@ -174,10 +208,14 @@ def _fixed_batch_loss(model, objective, batch) -> float:
     return float(loss_sum / weight)
 
 
-@pytest.mark.parametrize("stage", ["joint", "sft", "memory_attention", "memory_aware", "external_memory"])
-def test_each_stage_lowers_its_loss_on_a_fixed_batch(stage, tokenizer, tmp_path):
+@pytest.mark.parametrize(
+    ("stage", "extra"),
+    [("joint", {"mlm_probability": 0.3}), ("sft", {}), ("memory_attention", {}), ("memory_aware", {}),
+     ("external_memory", {}), ("external_memory", {"memory_aware_weight": 1.0})],
+)
+def test_each_stage_lowers_its_loss_on_a_fixed_batch(stage, extra, tokenizer, tmp_path):
     model = tiny_model(tokenizer)
-    recipe = stage_recipe(stage, mlm_probability=0.3) if stage == "joint" else stage_recipe(stage)
+    recipe = stage_recipe(stage, **extra)
     dataset, collator, objective = stage_components(recipe, tokenizer, MAX_LENGTH, seed=0)
     dataset = dataset.select(range(8))  # one fixed batch, seen at every step
     torch.manual_seed(0)
@@ -291,9 +329,10 @@ def test_collators_reject_untokenised_rows(tokenizer):
 
 
 def test_the_shipped_recipes_are_valid():
-    for name in ("demo", "tiny"):
+    for name in ("demo", "long", "tiny"):
         recipe = load_recipe(name)
         assert [stage["stage"] for stage in recipe["stages"]][:3] == ["joint", "sft", "memory_attention"]
+    assert load_recipe("demo-external")["init_from"] == "runs/demo/model"
 
 
 @pytest.mark.parametrize(
@@ -309,6 +348,26 @@ def test_bad_recipes_raise_naming_the_field(change, message):
     recipe = {"tokenizer": {}, "model": {}, "stages": [stage_recipe("sft")], **change}
     with pytest.raises(ValueError, match=message):
         check_recipe(recipe)
+
+
+def test_a_recipe_can_continue_a_trained_model(tokenizer, tmp_path):
+    """`init_from` replaces "tokenizer" and "model": the stages continue the saved model with its own tokenizer."""
+    saved = tmp_path / "trained"
+    model = tiny_model(tokenizer)
+    model.save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=2)]}
+    continued, loaded_tokenizer, logs = run_curriculum(recipe, tmp_path / "run", progress=False)
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab() and logs[0].steps == 2
+    before = model.state_dict()
+    changed = [name for name, value in continued.state_dict().items() if not torch.equal(value, before[name])]
+    assert "lm_head.weight" in changed or "model.embed_tokens.weight" in changed
+    with pytest.raises(ValueError, match="init_from.*not a saved RxT model folder"):
+        run_curriculum({**recipe, "init_from": str(tmp_path / "missing")}, tmp_path / "run2", progress=False)
+    with pytest.raises(ValueError, match="init_from"):
+        check_recipe({**recipe, "init_from": 3})
+    with pytest.raises(ValueError, match="lacks 'model'"):
+        check_recipe({"tokenizer": {}, "stages": recipe["stages"]})
 
 
 # --- Evaluation on a known case -------------------------------------------------------------------------------------
@@ -363,3 +422,29 @@ def test_recall_json_and_plot_are_written_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
     plot_recall(json.loads(path.read_text()), tmp_path / "recall.png")
     assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_external_memory_recall_scores_a_known_case(tokenizer, monkeypatch):
+    """`evaluate_fact_recall` asks each question from a fresh memory twice: alone (scored as without memory) and
+    with the episode's earlier turns as the external memory, which must hold the fact. A stand-in `generate` answers
+    right exactly when it is given that memory."""
+    model = tiny_model(tokenizer).eval()
+    episodes = make_episodes(3, turns=6, split="test", seed=1)  # what the evaluation plays (same seed)
+    expected = [turn.expected for episode in episodes for index, turn in enumerate(episode.turns)
+                if turn.kind == ASK and index > 0]
+    answers = iter(expected)
+
+    def generate(prompt, external_memories=None, **kwargs):
+        text = "zub ."
+        if external_memories is not None:
+            value = next(answers)
+            assert value in tokenizer.decode(external_memories[0]), "the fact must be in the external memory"
+            text = f"{value} ."
+        answer = tokenizer(" " + text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return torch.cat((prompt, answer), dim=1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    result = evaluate_fact_recall(model, tokenizer, n_episodes=3, turns=6)
+    assert result["questions"] == len(expected) > 0
+    assert result["accuracy_with_external_memory"] == 1.0 and result["accuracy_without_memory"] == 0.0
+    assert result["chance"] == pytest.approx(0.01)
