@@ -14,7 +14,9 @@ JSON object keys; other keys are ignored):
      "chance": 0.01,                                              accuracy of a uniform guess
      "recall": 0.87, "recall_reset": 0.011,                       optional: over all distances
      "questions_by_distance": {"1": 120, ...}, "questions": 800,  optional: how many questions
-     "split": "test"}                                             optional
+     "split": "test",                                             optional
+     "external_memory_recall": {"accuracy_without_memory": 0.0,  optional: facts only in an external memory
+                                "accuracy_with_external_memory": 0.27, "questions": 285}}
 """
 
 import json
@@ -53,6 +55,7 @@ class Evaluation:
     questions_by_distance: dict[int, int] | None = None
     questions: int | None = None
     split: str | None = None
+    external_memory: dict[str, float | int] | None = None  # without / with the external memory, questions
 
 
 def _fraction(value: object, where: str) -> float:
@@ -78,6 +81,20 @@ def _by_distance(value: object, where: str, read=_fraction) -> dict[int, float]:
             raise ValueError(f"{where} has the key {key!r}; keys must be turn distances (integers >= 1).")
         result[int(key)] = read(item, f"{where}[{key!r}]")
     return dict(sorted(result.items()))
+
+
+def _external_memory(value: object, where: str) -> dict[str, float | int]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be an object, got {value!r}.")
+    keys = ("accuracy_without_memory", "accuracy_with_external_memory", "questions")
+    missing = [key for key in keys if key not in value]
+    if missing:
+        raise ValueError(f"{where} lacks the keys {missing}.")
+    return {
+        "without": _fraction(value["accuracy_without_memory"], f"{where} accuracy_without_memory"),
+        "with": _fraction(value["accuracy_with_external_memory"], f"{where} accuracy_with_external_memory"),
+        "questions": _count(value["questions"], f"{where} questions"),
+    }
 
 
 def _optional(data: dict, key: str, read, where: str):
@@ -115,6 +132,7 @@ def read_evaluation(path: str | Path) -> Evaluation:
             data, "questions_by_distance", lambda value, name: _by_distance(value, name, read=_count), where),
         questions=_optional(data, "questions", _count, where),
         split=split,
+        external_memory=_optional(data, "external_memory_recall", _external_memory, where),
     )
 
 
@@ -165,6 +183,11 @@ def eval_results(evaluation: Evaluation) -> list[EvalResult]:
                                   metric_config="all,memory=reset"))
     results.append(EvalResult(**common, metric_value=evaluation.chance, metric_name="chance level (uniform guess)",
                               metric_config="chance"))
+    if evaluation.external_memory is not None:
+        for key, name in (("without", "fresh memory, no external memory"), ("with", "fresh memory + external memory")):
+            results.append(EvalResult(**common, metric_value=evaluation.external_memory[key],
+                                      metric_name=f"recall of facts only in an external memory: {name}",
+                                      metric_config=f"external_memory={key}"))
     return results
 
 
@@ -203,6 +226,11 @@ def _results_section(evaluation: Evaluation | None) -> str:
     if not isinstance(evaluation.recall_memory_reset, dict):
         lines += ["", f"With the memory reset before each question: {_percent(evaluation.recall_memory_reset)}."]
     lines += ["", f"Chance level (a uniform guess among the held-out values): {_percent(evaluation.chance)}."]
+    external = evaluation.external_memory
+    if external is not None:
+        lines += ["", f"Facts that exist only in an external memory (the earlier turns of the episode, retrieved "
+                  f"inside attention; the short-term memory fresh): {_percent(external['with'])} recalled with that "
+                  f"memory, {_percent(external['without'])} without it ({external['questions']} questions)."]
     return "\n".join(lines)
 
 

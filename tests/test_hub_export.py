@@ -46,7 +46,9 @@ TEXTS = [
 EVAL = {"recall_by_distance": {"1": 0.8125, "2": 0.6875, "4": 0.5625, "8": 0.3125},
         "recall_memory_reset": {"1": 0.0625, "2": 0.0, "4": 0.03125, "8": 0.0},
         "questions_by_distance": {"1": 16, "2": 16, "4": 32, "8": 16}, "recall": 0.53125, "recall_reset": 0.0234375,
-        "questions": 80, "chance": 0.01, "split": "test", "examples": [{"question": "where do i live ?"}]}
+        "questions": 80, "chance": 0.01, "split": "test", "examples": [{"question": "where do i live ?"}],
+        "external_memory_recall": {"accuracy_without_memory": 0.0, "accuracy_with_external_memory": 0.25,
+                                   "questions": 40, "chance": 0.01}}
 RECIPE = {"seed": 0, "stages": [{"name": "joint-pretraining", "steps": 3, "learning_rate": 0.01},
                                 {"name": "memory-aware", "steps": 2, "learning_rate": 0.005}]}
 
@@ -256,6 +258,7 @@ def test_card_metadata_validates_and_results_are_the_eval_json(exported):
     expected = {f"distance={d}": value for d, value in EVAL["recall_by_distance"].items()}
     expected |= {f"distance={d},memory=reset": value for d, value in EVAL["recall_memory_reset"].items()}
     expected |= {"all": EVAL["recall"], "all,memory=reset": EVAL["recall_reset"], "chance": EVAL["chance"]}
+    expected |= {"external_memory=without": 0.0, "external_memory=with": 0.25}
     assert results == expected
     assert {result.dataset_split for result in data.eval_results} == {"test"}
 
@@ -269,6 +272,7 @@ def test_card_body_is_generated_from_the_model(exported, source_model):
     assert "mixture of experts: 4 experts, 2 active per token" in text
     assert "| 4 | 56.2% | 3.1% | 32 |" in text and "| all | 53.1% | 2.3% | 80 |" in text
     assert "Chance level (a uniform guess among the held-out values): 1.0%." in text
+    assert "25.0% recalled with that memory, 0.0% without it (40 questions)" in text
     assert "| memory-aware | 2 | 0.005 |" in text  # the recipe's stages as a table
     assert "#P.453260" in text and "non-commercial" in text and "Apache-2.0" in text
     assert "## Limitations" in text
@@ -473,6 +477,18 @@ def test_cli_bad_input_exits_2_with_one_message(arguments, message, source, tmp_
     assert not (tmp_path / "dest").exists()
 
 
+@pytest.mark.parametrize(("external", "message"), [
+    ({"accuracy_without_memory": 0.0, "accuracy_with_external_memory": 26.7, "questions": 9}, "not a percentage"),
+    ({"accuracy_with_external_memory": 0.3, "questions": 9}, "lacks the keys \\['accuracy_without_memory'\\]"),
+    ([0.0, 0.3], "must be an object"),
+])
+def test_read_evaluation_names_a_bad_external_memory_result(external, message, tmp_path):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({**EVAL, "external_memory_recall": external}))
+    with pytest.raises(ValueError, match=f"external_memory_recall.*{message}"):
+        read_evaluation(path)
+
+
 def test_read_evaluation_accepts_the_minimal_form(tmp_path):
     path = tmp_path / "eval.json"
     path.write_text(json.dumps({"recall_by_distance": {"8": 0.5, "1": 1}, "recall_memory_reset": 0.015625,
@@ -481,3 +497,4 @@ def test_read_evaluation_accepts_the_minimal_form(tmp_path):
     assert evaluation.recall_by_distance == {1: 1.0, 8: 0.5}  # sorted by distance
     assert evaluation.recall_memory_reset == 0.015625
     assert (evaluation.recall, evaluation.questions, evaluation.split) == (None, None, None)
+    assert evaluation.external_memory is None
