@@ -270,7 +270,8 @@ class ExternalMemoryCollator:
 @dataclass
 class ExternalAndEpisodeCollator:
     """The external-memory stage with the short-term memory kept in training: the same episodes collated twice,
-    `{"external": ExternalMemoryCollator(...), "episodes": EpisodeCollator(...)}` (see `external_and_memory_aware_objective`)."""
+    `{"external": ExternalMemoryCollator(...), "episodes": EpisodeCollator(...)}`
+    (see `external_and_memory_aware_objective`)."""
 
     external: ExternalMemoryCollator
     episodes: EpisodeCollator

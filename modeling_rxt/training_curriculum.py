@@ -98,8 +98,13 @@ def check_recipe(recipe: Mapping) -> None:
     for key in needed:
         if key not in recipe:
             raise ValueError(f"the recipe lacks {key!r}")
-    if "init_from" in recipe and not (isinstance(recipe["init_from"], str) and recipe["init_from"]):
-        raise ValueError(f"recipe `init_from` must be the path of a saved model folder, got {recipe['init_from']!r}")
+    if "init_from" in recipe:
+        if not (isinstance(recipe["init_from"], str) and recipe["init_from"]):
+            raise ValueError(
+                f"recipe `init_from` must be the path of a saved model folder, got {recipe['init_from']!r}"
+            )
+        if "tokenizer" in recipe or "model" in recipe:
+            raise ValueError("recipe `init_from` brings its own tokenizer and model: drop `tokenizer` and `model`")
     if not isinstance(recipe["stages"], list) or not recipe["stages"]:
         raise ValueError("recipe `stages` must be a non-empty list")
     for index, stage in enumerate(recipe["stages"]):
@@ -115,6 +120,11 @@ def check_recipe(recipe: Mapping) -> None:
                 raise ValueError(f"recipe stage {index} ({name}): `{key}` must be a positive int, got {value!r}")
         if not (isinstance(stage.get("learning_rate"), (int, float)) and stage["learning_rate"] > 0):
             raise ValueError(f"recipe stage {index} ({name}): `learning_rate` must be a positive number")
+        weight = stage.get("memory_aware_weight", 0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(
+                f"recipe stage {index} ({name}): `memory_aware_weight` must be a number >= 0, got {weight!r}"
+            )
 
 
 # --- Building blocks ------------------------------------------------------------------------------------------------

@@ -342,6 +342,9 @@ def test_the_shipped_recipes_are_valid():
         ({"stages": [{"stage": "pretrain", "max_steps": 1, "batch_size": 1, "learning_rate": 1}]}, "stage"),
         ({"stages": [{"stage": "sft", "max_steps": 0, "batch_size": 1, "learning_rate": 1}]}, "max_steps"),
         ({"stages": [{"stage": "sft", "max_steps": 1, "batch_size": 1, "learning_rate": 1, "bptt": 2}]}, "bptt"),
+        ({"stages": [{"stage": "external_memory", "max_steps": 1, "batch_size": 1, "learning_rate": 1,
+                      "memory_aware_weight": -1}]}, "memory_aware_weight"),
+        ({"init_from": "runs/demo/model"}, "drop `tokenizer` and `model`"),
     ],
 )
 def test_bad_recipes_raise_naming_the_field(change, message):
