@@ -215,8 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.topk is not None and args.topk < 1:
         parser.error("--topk must be positive")
+    scaling_topk = args.topk or 8  # the scaling runs use an untrained model: no trained top-k to default to
     if args.one_size is not None:
-        point = measure_size(args.one_size, args.model, args.preset, args.new_tokens, args.topk or 8, args.repeats)
+        point = measure_size(args.one_size, args.model, args.preset, args.new_tokens, scaling_topk, args.repeats)
         print(json.dumps(point))
         return
     out = Path(args.out)
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         write_json_atomic({"model": args.fact_recall, **result}, out / "external_memory_recall.json")
         print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
         return
-    args.topk = args.topk or 8
+    args.topk = scaling_topk  # run_scaling hands it to each subprocess
     points = run_scaling(args)
     setup = {"preset": args.preset, "model": args.model, "prompt_tokens": PROMPT_TOKENS, "new_tokens": args.new_tokens,
              "topk": args.topk, "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__}

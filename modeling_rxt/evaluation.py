@@ -173,7 +173,8 @@ def evaluate_fact_recall(model, tokenizer, n_episodes: int = 40, turns: int = 8,
     its episode, as token ids, for the external memory; exact-match accuracy of both and chance. The question's fact
     exists only in that external memory, so without it the model can only guess."""
     episodes = make_episodes(n_episodes, turns=turns, split=split, seed=1)
-    eos = tokenizer.eos_token_id
+    greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
     scores = {"without_memory": [], "with_external_memory": []}
     examples = []
     for episode in episodes:
@@ -181,22 +182,24 @@ def evaluate_fact_recall(model, tokenizer, n_episodes: int = 40, turns: int = 8,
         for turn in episode.turns:
             if turn.kind == ASK and history:
                 prompt = torch.tensor([encode_query(tokenizer, turn.query)["input_ids"]])
-                common = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                              pad_token_id=tokenizer.pad_token_id)
-                plain = model.generate(prompt, **common)
-                recalled = model.generate(prompt, external_memories=[torch.tensor(history)],
-                                          external_memory_topk=topk, **common)
-                for name, out in (("without_memory", plain), ("with_external_memory", recalled)):
-                    answer = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+                outputs = {
+                    "without_memory": model.generate(prompt, **greedy),
+                    "with_external_memory": model.generate(
+                        prompt, external_memories=[torch.tensor(history)], external_memory_topk=topk, **greedy),
+                }
+                answers = {name: tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+                           for name, out in outputs.items()}
+                for name, answer in answers.items():
                     scores[name].append(exact_match(answer, turn.expected))
                 if len(examples) < 5:
-                    examples.append({"query": turn.query, "expected": turn.expected, "answer_with_memory":
-                                     tokenizer.decode(recalled[0, prompt.shape[1]:], skip_special_tokens=True)})
+                    examples.append({"query": turn.query, "expected": turn.expected,
+                                     "answer_with_memory": answers["with_external_memory"]})
             history += encode_interaction(tokenizer, turn.query, turn.answer, max_length=10**6)["input_ids"]
+    questions = len(scores["without_memory"])
     return {
-        "questions": len(scores["without_memory"]),
-        "accuracy_without_memory": sum(scores["without_memory"]) / max(1, len(scores["without_memory"])),
-        "accuracy_with_external_memory": sum(scores["with_external_memory"]) / max(1, len(scores["without_memory"])),
+        "questions": questions,
+        "accuracy_without_memory": sum(scores["without_memory"]) / max(1, questions),
+        "accuracy_with_external_memory": sum(scores["with_external_memory"]) / max(1, questions),
         "chance": chance_accuracy(split, episodes),
         "episodes": n_episodes,
         "turns": turns,
