@@ -83,11 +83,9 @@ class RxTRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        # torch's fused kernel: weight * x / sqrt(mean(x^2) + eps), accumulated in float32 for half-precision inputs.
+        # One op instead of seven; a decoded token runs three norms per layer, so the op count is what costs.
+        return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
 
 
 class RxTRotaryEmbedding(nn.Module):
@@ -114,20 +112,22 @@ class RxTRotaryEmbedding(nn.Module):
     @torch.no_grad()
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, Dh)
-        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+        """Position ids (B, T) -> (cos, signed_sin), each (B, 1, T, Dh), ready to broadcast over heads. `signed_sin`
+        carries the sign of the rotation in its first half, so `apply_rotary` needs no rotate-half (see there)."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, Dh/2)
+        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        cos, signed_sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, Dh)
+        return cos.to(x.dtype).unsqueeze(1), signed_sin.to(x.dtype).unsqueeze(1)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE on one tensor (B, heads, T, Dh): RxT rotates queries and keys separately (the memory has no positions).
 
-
-def apply_rotary(x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """RoPE on one tensor (B, heads, T, Dh): RxT rotates queries and keys separately (the memory has no positions)."""
-    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-    return x * cos + rotate_half(x) * sin
+    The textbook form is x * cos + rotate_half(x) * sin with rotate_half(x1, x2) = (-x2, x1). Rolling x by half a head
+    gives (x2, x1), and the minus sign lives in `signed_sin`: the same numbers in four tensor ops instead of eight,
+    which matters when decoding one token at a time runs three rotations per layer."""
+    cos, signed_sin = rotary
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -46,6 +46,43 @@ def test_inputs_embeds_and_logits_to_keep_agree_with_input_ids(dense_model):
     torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)  # a 1-row matmul rounds differently
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_textbook_form(dtype):
+    norm = modeling_module.RxTRMSNorm(16, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-2, 2, 16))
+    x = (torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    exact = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm.weight.double()
+    got = norm(x)
+    assert got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 4e-2  # bfloat16 keeps 8 bits of mantissa
+    torch.testing.assert_close(got.double(), exact, atol=tolerance, rtol=tolerance)
+
+
+def test_rotary_matches_the_textbook_form_and_depends_on_relative_positions_only(dense_model):
+    """apply_rotary (roll + signed sin) against RoPE written out pair by pair: (x1, x2) at position p and frequency f
+    becomes (x1 cos pf - x2 sin pf, x2 cos pf + x1 sin pf); and q.k after rotation depends on the distance only."""
+    config = dense_model.config
+    half = config.head_dim // 2
+    x = torch.randn(2, 3, 5, config.head_dim, generator=torch.Generator().manual_seed(0))  # (B, heads, T, Dh)
+    positions = torch.tensor([[0, 1, 2, 7, 30], [3, 4, 5, 6, 100]])
+    rotated = modeling_module.apply_rotary(x, dense_model.model.rotary_emb(x, positions))
+    base = config.rope_parameters["rope_theta"]
+    angle = positions[:, None, :, None].double() * base ** (-torch.arange(half).double() * 2 / config.head_dim)
+    x1, x2 = x[..., :half].double(), x[..., half:].double()
+    expected = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()), dim=-1)
+    torch.testing.assert_close(rotated.double(), expected, atol=1e-5, rtol=0)
+
+    q, k = torch.randn(2, 1, 1, 1, config.head_dim, generator=torch.Generator().manual_seed(1)).unbind(0)
+    rotary = dense_model.model.rotary_emb
+    def score(query_position: int, key_position: int) -> torch.Tensor:
+        rq = modeling_module.apply_rotary(q, rotary(q, torch.tensor([[query_position]])))
+        rk = modeling_module.apply_rotary(k, rotary(k, torch.tensor([[key_position]])))
+        return (rq * rk).sum()
+    torch.testing.assert_close(score(9, 4), score(25, 20), atol=1e-5, rtol=0)
+    assert not torch.allclose(score(9, 4), score(9, 5), atol=1e-3)
+
+
 def test_memory_is_read_as_a_set_of_slots(tiny_model, kind):
     """Memory keys carry no positions: permuting the slots (the same way in every layer) changes nothing."""
     model = tiny_model(kind)
