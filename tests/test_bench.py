@@ -22,7 +22,7 @@ from modeling_rxt.bench import (
     write_json,
 )
 from modeling_rxt.bench.__main__ import parse_args
-from modeling_rxt.bench.latency import KV, REREAD, llama_turn, _prefilled_cache
+from modeling_rxt.bench.latency import KV, LLAMA_TURN1, REREAD, llama_turn, _prefilled_cache
 from modeling_rxt.bench.report import crossover_turn
 from modeling_rxt.bench.systems import LLAMA
 
@@ -90,7 +90,7 @@ def turns(models, settings):
 
 
 def test_turn_latency_has_every_system_turn_and_repeat(turns):
-    systems = {"rxt-moe", "rxt-dense", "rxt-moe@turn1", "rxt-dense@turn1", REREAD, KV}
+    systems = {"rxt-moe", "rxt-dense", "rxt-moe@turn1", "rxt-dense@turn1", REREAD, KV, LLAMA_TURN1}
     assert set(turns["samples"]) == set(turns["medians"]) == systems
     for system in systems:
         assert set(turns["samples"][system]) == {"1", "3"}
@@ -115,6 +115,8 @@ def test_turn_latency_counts_tokens_and_state_exactly(turns):
         assert medians["rxt-dense@turn1"][str(turn)]["tokens_processed"] == (TURN - 1) + TURN
         assert medians[KV][str(turn)]["state_bytes"] == LAYERS * 2 * KV_HEADS * HEAD_DIM * 4 * (history + TURN - 1)
         assert medians[REREAD][str(turn)]["state_bytes"] == (history + TURN) * 8  # the transcript, int64 ids
+        assert medians[LLAMA_TURN1][str(turn)]["tokens_processed"] == TURN - 1  # the query alone, no history
+        assert medians[LLAMA_TURN1][str(turn)]["state_bytes"] == TURN * 8
 
 
 def test_kv_turn_gives_the_reread_answer_and_restores_the_cache(models, settings):
@@ -167,13 +169,14 @@ def test_training_peak_memory_runs_in_a_fresh_process(settings):
 # ---- report ---------------------------------------------------------------------------------------------------------
 
 
-def _medians(rxt: dict[int, float], reread: dict[int, float]) -> dict:
-    medians = {"rxt-moe": {}, "rxt-moe@turn1": {}, REREAD: {}, KV: {}}
+def _medians(rxt: dict[int, float], reread: dict[int, float], llama_turn1: dict[int, float] | None = None) -> dict:
+    medians = {"rxt-moe": {}, "rxt-moe@turn1": {}, REREAD: {}, KV: {}, LLAMA_TURN1: {}}
     for turn in rxt:
         medians["rxt-moe"][str(turn)] = {"turn_s": rxt[turn], "answer_s": rxt[turn] * 0.8, "state_bytes": 100}
         medians["rxt-moe@turn1"][str(turn)] = {"turn_s": 2.1, "answer_s": 1.7, "state_bytes": 100}
         medians[REREAD][str(turn)] = {"turn_s": reread[turn], "state_bytes": 8 * turn}
         medians[KV][str(turn)] = {"turn_s": 1.5, "state_bytes": 3000 * turn}
+        medians[LLAMA_TURN1][str(turn)] = {"turn_s": (llama_turn1 or reread)[turn], "state_bytes": 8}
     return medians
 
 
@@ -186,13 +189,17 @@ def test_crossover_is_interpolated_between_sampled_turns():
 
 
 def test_acceptance_ratios_come_from_the_medians():
-    results = {"turn_latency": {"medians": _medians({1: 2.0, 64: 2.0, 128: 2.2}, {1: 1.6, 64: 8.0, 128: 20.0})},
+    medians = _medians({1: 2.0, 64: 2.0, 128: 2.2}, {1: 1.6, 64: 8.0, 128: 20.0}, llama_turn1={1: 1.6, 64: 2.0, 128: 1.0})
+    results = {"turn_latency": {"medians": medians},
                "decode": {"systems": {"rxt-moe": {"generate_tokens_per_s": 90.0}, LLAMA: {"generate_tokens_per_s": 100.0}}}}
     table = acceptance(results, "rxt-moe")
     assert table["turn128_over_turn1"]["value"] == pytest.approx(2.2 / 2.1)  # against the side-by-side fresh turn
     assert table["turn128_over_turn1_apart"]["value"] == pytest.approx(1.1)
+    # against Llama's turn 1 measured beside each sampled turn: the median of 2.0/1.6, 2.0/2.0 and 2.2/1.0
     assert table["turn_over_llama_turn1"]["value"] == pytest.approx(1.25) and table["turn_over_llama_turn1"]["met"]
-    assert table["answer_over_llama_turn1"]["value"] == pytest.approx(1.0)
+    assert table["turn_over_llama_turn1_at_turn1"]["value"] == pytest.approx(2.0 / 1.6)
+    assert table["answer_over_llama_turn1"]["value"] == pytest.approx(1.6 / 1.6)  # median of 1.0, 0.8, 1.76
+    assert table["answer_over_llama_turn1_at_turn1"]["value"] == pytest.approx(1.0)
     assert table["reread_speedup_turn64"]["value"] == pytest.approx(4.0) and table["reread_speedup_turn64"]["met"]
     assert table["reread_speedup_turn128"]["value"] == pytest.approx(20 / 2.2)
     assert table["kv_speedup_turn128"]["value"] == pytest.approx(1.5 / 2.2) and not table["kv_speedup_turn128"]["met"]

@@ -12,7 +12,8 @@ does). Llama is measured at the sampled turns only: its history of (t-1)(Q+A) to
 ids; the cost of attention does not depend on which tokens they are), and the KV cache of that history is filled by
 one untimed forward pass. At every sampled turn each system runs `repeats` times, the systems interleaved in a
 rotating order; the figures are medians. Beside them, each RxT system answers the same query from a fresh memory
-(`<system>@turn1`): turn t / turn 1 is then a ratio of neighbouring measurements, whatever the machine did meanwhile.
+(`<system>@turn1`) and Llama answers it with no history (`llama@turn1`, the bound of the benchmark issue): turn t /
+turn 1 and RxT / Llama's turn 1 are then ratios of neighbouring measurements, whatever the machine did meanwhile.
 """
 
 import time
@@ -25,7 +26,8 @@ from modeling_rxt import RxTForCausalLM, RxTMemoryState
 from .systems import LLAMA, BenchSettings, TokenClock, forced_length, median, quiet_gc, rotated
 
 REREAD, KV = "llama-reread", "llama-kv"
-TURN1 = "@turn1"  # suffix of an RxT system run from a fresh memory at every sampled turn
+TURN1 = "@turn1"  # suffix of a system run with no conversation behind it at every sampled turn
+LLAMA_TURN1 = LLAMA + TURN1
 
 
 def cache_bytes(cache: DynamicCache) -> int:
@@ -125,18 +127,20 @@ def _sampled_turn(models: dict[str, PreTrainedModel], states: dict, prompt: torc
     """`repeats` runs of every system at one sampled turn, interleaved in a rotating order. `prompt` is the history
     and the query. Each RxT system also runs the same query from a fresh memory (`<name>@turn1`), side by side, so
     that turn t / turn 1 is a ratio of neighbouring measurements, immune to the machine's drift over the run.
-    Advances `states` to STM_t (the last repeat's write)."""
+    Llama also answers the query alone (`llama@turn1`). Advances `states` to STM_t (the last repeat's write)."""
     history_length = prompt.shape[1] - settings.query_tokens
     query = prompt[:, history_length:]
     cache = _prefilled_cache(models[LLAMA], prompt[:, :history_length])
     rxt_names = [name for name in models if name != LLAMA]
     fresh = {name: models[name].init_memory(1) for name in rxt_names}
-    systems = [*rxt_names, *(name + TURN1 for name in rxt_names), REREAD, KV]
+    systems = [*rxt_names, *(name + TURN1 for name in rxt_names), REREAD, KV, LLAMA_TURN1]
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     for repeat in range(settings.repeats):
         for name in rotated(systems, repeat + history_length):
             if name == REREAD:
                 runs[name].append(llama_turn(models[LLAMA], prompt, settings, None))
+            elif name == LLAMA_TURN1:
+                runs[name].append(llama_turn(models[LLAMA], query, settings, None))
             elif name == KV:
                 runs[name].append(llama_turn(models[LLAMA], prompt, settings, cache))
             elif name.endswith(TURN1):
