@@ -24,6 +24,11 @@ Notable features:
 - memory attention: slots query ED_l, then a sigmoid residual gate blends old and new memory per slot and channel;
 - a learned initial memory (a module of its own, so PEFT `modules_to_save` gives one per adapter).
 
+Files (all exported to the Hub): `modeling_rxt_blocks.py` holds what every part shares (RMSNorm, rotary
+positions, the four kinds of attention, SwiGLU); `modeling_rxt_memory_write.py` the memory encoder, the memory
+attention and the initial memory; this file the mixture of experts, the decoder layer and the models, which tie the
+read and the write together.
+
 Shape legend: B batch, T tokens of one interaction, L memory layers (= decoder layers), S slots per layer,
 D hidden size, H query heads, K key/value heads, Dh head dim, E experts, k experts per token, N = B * T tokens.
 
@@ -42,8 +47,6 @@ Memory write (after the answer, off the user's critical path):
     STM_l'   = (1 - G) * STM_l + G * Update_l
 """
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,13 +58,19 @@ from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, is_torchdynamo_compiling
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .modeling_rxt_blocks import (
+    RxTMemoryCrossAttention,
+    RxTMLP,
+    RxTRMSNorm,
+    RxTRotaryEmbedding,
+    RxTSelfAttention,
+)
 from .configuration_rxt import RxTConfig
 from .external_memory import (
     ExternalMemory,
@@ -74,227 +83,7 @@ from .external_memory import (
     resolve_stride,
 )
 from .memory_state import RxTMemoryState
-
-
-class RxTRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # torch's fused kernel: weight * x / sqrt(mean(x^2) + eps), accumulated in float32 for half-precision inputs.
-        # One op instead of seven; a decoded token runs three norms per layer, so the op count is what costs.
-        return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
-
-
-class RxTRotaryEmbedding(nn.Module):
-    def __init__(self, config: RxTConfig):
-        super().__init__()
-        self.max_seq_len_cached = config.max_position_embeddings
-        self.original_max_seq_len = config.max_position_embeddings
-        self.config = config
-        self.rope_type = config.rope_parameters["rope_type"]
-        rope_init_fn: Callable = self.compute_default_rope_parameters
-        if self.rope_type != "default":
-            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
-        inv_freq, self.attention_scaling = rope_init_fn(config)
-        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
-        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
-
-    @staticmethod
-    def compute_default_rope_parameters(config: RxTConfig, **kwargs) -> tuple[torch.Tensor, float]:
-        base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        return inv_freq, 1.0
-
-    @torch.no_grad()
-    @dynamic_rope_update
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position ids (B, T) -> (cos, signed_sin), each (B, 1, T, Dh), ready to broadcast over heads. `signed_sin`
-        carries the sign of the rotation in its first half, so `apply_rotary` needs no rotate-half (see there)."""
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, Dh/2)
-        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
-        cos, signed_sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, Dh)
-        return cos.to(x.dtype).unsqueeze(1), signed_sin.to(x.dtype).unsqueeze(1)
-
-
-def apply_rotary(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """RoPE on one tensor (B, heads, T, Dh): RxT rotates queries and keys separately (the memory has no positions).
-
-    The textbook form is x * cos + rotate_half(x) * sin with rotate_half(x1, x2) = (-x2, x1). Rolling x by half a head
-    gives (x2, x1), and the minus sign lives in `signed_sin`: the same numbers in four tensor ops instead of eight,
-    which matters when decoding one token at a time runs three rotations per layer."""
-    cos, signed_sin = rotary
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
-
-
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, K, N, Dh) -> (B, K * n_rep, N, Dh), for grouped-query attention."""
-    if n_rep == 1:
-        return hidden_states
-    batch, num_key_value_heads, length, head_dim = hidden_states.shape
-    hidden_states = hidden_states[:, :, None].expand(batch, num_key_value_heads, n_rep, length, head_dim)
-    return hidden_states.reshape(batch, num_key_value_heads * n_rep, length, head_dim)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs: Unpack[TransformersKwargs],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    key_states = repeat_kv(key, module.num_key_value_groups)
-    value_states = repeat_kv(value, module.num_key_value_groups)
-    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    elif module.is_causal and query.shape[2] > 1:
-        # Same convention as the SDPA path: no mask + causal module means a plain causal mask.
-        causal = torch.ones(query.shape[2], key_states.shape[2], dtype=torch.bool, device=query.device)
-        causal = causal.tril(key_states.shape[2] - query.shape[2])
-        attn_weights = attn_weights.masked_fill(~causal, torch.finfo(attn_weights.dtype).min)
-    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()  # (B, Tq, H, Dh)
-    return attn_output, attn_weights
-
-
-class RxTAttention(nn.Module):
-    """Multi-head attention with grouped key/value heads, used in four places that differ only in where queries and
-    keys come from and which of them get rotary positions (`is_causal` is set by the subclass)."""
-
-    is_causal = False
-
-    def __init__(self, config: RxTConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = config.head_dim
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
-
-    def project_queries(self, hidden_states: torch.Tensor, rotary=None) -> torch.Tensor:
-        query = self.q_proj(hidden_states).view(*hidden_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
-        return query if rotary is None else apply_rotary(query, rotary)  # (B, H, Tq, Dh)
-
-    def project_keys_values(self, states: torch.Tensor, rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (*states.shape[:-1], -1, self.head_dim)
-        key = self.k_proj(states).view(shape).transpose(1, 2)  # (B, K, Tk, Dh)
-        value = self.v_proj(states).view(shape).transpose(1, 2)
-        return (key if rotary is None else apply_rotary(key, rotary)), value
-
-    def attend(
-        self, query, key, value, attention_mask, attention_interface: Callable | None = None, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if attention_interface is None:  # external-memory retrieval layers bring their own
-            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention_forward
-            )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*attn_output.shape[:2], -1).contiguous()  # (B, Tq, H * Dh)
-        return self.o_proj(attn_output), attn_weights
-
-
-class RxTSelfAttention(RxTAttention):
-    """Causal self-attention of the decoder, RoPE on queries and keys, keys/values cached in `past_key_values`."""
-
-    is_causal = True
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        external_memory: ExternalMemoryRetriever | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        query = self.project_queries(hidden_states, position_embeddings)
-        key, value = self.project_keys_values(hidden_states, position_embeddings)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-        if external_memory is not None and external_memory.retrieves_at(self.layer_idx):
-            # One softmax over the query's top-k external memories and its local context (external_memory.py).
-            kwargs["attention_interface"] = external_memory.attention_forward
-        return self.attend(query, key, value, attention_mask, **kwargs)
-
-
-class RxTBidirectionalAttention(RxTAttention):
-    """Non-causal attention: the memory encoder over an interaction, and memory slots over slots or encoded data.
-    Rotary positions go on the sides that are sequences (`query_rotary`, `key_rotary`); slots get none."""
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        key_value_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        query_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-        key_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        query = self.project_queries(hidden_states, query_rotary)
-        sources = hidden_states if key_value_states is None else key_value_states
-        key, value = self.project_keys_values(sources, key_rotary)
-        return self.attend(query, key, value, attention_mask, **kwargs)
-
-
-class RxTMemoryCrossAttention(RxTAttention):
-    """Decoder tokens read the memory of their layer. Keys/values come precomputed once per turn (see
-    `RxTModel.project_memory`), so a decoded token costs one query projection and one attention over S slots."""
-
-    def __init__(self, config: RxTConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.memory_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def project_memory(self, memory: torch.Tensor) -> torch.Tensor:
-        """(B, S, D) slots -> (B, 2, K, S, Dh) stacked keys and values, without positions."""
-        key, value = self.project_keys_values(self.memory_norm(memory))
-        return torch.stack((key, value), dim=1)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        memory_key_value: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        query = self.project_queries(hidden_states, position_embeddings)
-        return self.attend(query, memory_key_value[:, 0], memory_key_value[:, 1], None, **kwargs)
-
-
-class RxTMLP(nn.Module):
-    """SwiGLU feed-forward."""
-
-    def __init__(self, config: RxTConfig, intermediate_size: int | None = None):
-        super().__init__()
-        intermediate_size = intermediate_size or config.intermediate_size
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 
 
 class RxTTopKRouter(nn.Module):
@@ -439,118 +228,6 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = hidden_states + memory_out
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-class RxTEncoderLayer(GradientCheckpointingLayer):
-    """Bidirectional layer of the memory encoder: x = x + SelfAttn(norm(x)); x = x + SwiGLU(norm(x))."""
-
-    def __init__(self, config: RxTConfig, layer_idx: int):
-        super().__init__()
-        self.input_layernorm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = RxTBidirectionalAttention(config, layer_idx)
-        self.post_attention_layernorm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = RxTMLP(config)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
-        normed = self.input_layernorm(hidden_states)
-        attn_out, _ = self.self_attn(
-            normed, attention_mask=attention_mask, query_rotary=position_embeddings, key_rotary=position_embeddings
-        )
-        hidden_states = hidden_states + attn_out
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-class RxTMemoryEncoder(nn.Module):
-    """L bidirectional layers over one whole interaction; the output of layer l is ED_l. `norm` serves the
-    masked-LM objective of joint pretraining (the MLM logits reuse the tied LM head)."""
-
-    def __init__(self, config: RxTConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(RxTEncoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, inputs_embeds, position_embeddings, attention_mask=None) -> list[torch.Tensor]:
-        encoded, hidden_states = [], inputs_embeds
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, attention_mask)
-            encoded.append(hidden_states)  # ED_l: (B, T, D)
-        return encoded
-
-
-class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
-    r"""Rewrites the slots of one memory layer from the encoded interaction of that layer.
-
-    Pre-step by `memory_attention_type` (h_l is the query of the write):
-        simple:                h_l = STM_l
-        self:                  h_l = STM_l + SelfAttn(norm(STM_l))                   slots read their own layer
-        interlayer:            h_l = STM_l + Attn(norm(STM_l), norm(mean_j STM_j))    slots read all layers
-        gated-self-interlayer: h_l = STM_l + g * SelfAttn(..) + (1 - g) * Interlayer(..),  g = sigmoid(W_m STM_l)
-    Write:
-        Update_l = Attn(q = norm(h_l), k = v = norm(ED_l)), RoPE on the ED keys only
-        G        = sigmoid(W_g (STM_l + Update_l) + b_g)         per slot and channel
-        STM_l'   = (1 - G) * STM_l + G * Update_l
-    The gate lets each slot keep what it holds (G -> 0) or take the new interaction (G -> 1), which keeps the memory
-    bounded over many turns and gives gradients a path through unchanged slots.
-    """
-
-    def __init__(self, config: RxTConfig, layer_idx: int):
-        super().__init__()
-        kind = config.memory_attention_type
-        self.slot_norm = self.self_attn = self.interlayer_attn = self.mix_gate = None
-        if kind != "simple":  # CODEPATH: the pre-steps read normalised slots ("simple" has none: no unused weights)
-            self.slot_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        if kind in ("self", "gated-self-interlayer"):  # CODEPATH: slot self-attention pre-step
-            self.self_attn = RxTBidirectionalAttention(config, layer_idx)
-        if kind in ("interlayer", "gated-self-interlayer"):  # CODEPATH: inter-layer pre-step
-            self.interlayer_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.interlayer_attn = RxTBidirectionalAttention(config, layer_idx)
-        if kind == "gated-self-interlayer":  # CODEPATH: gate between the two pre-steps
-            self.mix_gate = nn.Linear(config.hidden_size, config.hidden_size)
-        self.query_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.encoded_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.memory_attn = RxTBidirectionalAttention(config, layer_idx)
-        self.residual_gate = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def pre_step(self, stm: torch.Tensor, stm_mean: torch.Tensor) -> torch.Tensor:
-        if self.slot_norm is None:  # simple: the slots query the encoded data as they are
-            return stm
-        normed = self.slot_norm(stm)
-        self_out = inter_out = None
-        if self.self_attn is not None:
-            self_out, _ = self.self_attn(normed)
-        if self.interlayer_attn is not None:
-            inter_out, _ = self.interlayer_attn(normed, key_value_states=self.interlayer_norm(stm_mean))
-        if self.mix_gate is not None:
-            mix = torch.sigmoid(self.mix_gate(stm))
-            return stm + mix * self_out + (1 - mix) * inter_out
-        return stm + (self_out if self_out is not None else inter_out if inter_out is not None else 0)
-
-    def forward(self, stm, stm_mean, encoded, encoded_mask, encoded_rotary) -> torch.Tensor:
-        """stm (B, S, D), stm_mean (B, S, D), encoded (B, T, D) -> new stm (B, S, D)."""
-        query = self.query_norm(self.pre_step(stm, stm_mean))
-        update, _ = self.memory_attn(
-            query, self.encoded_norm(encoded), attention_mask=encoded_mask, key_rotary=encoded_rotary
-        )
-        gate = torch.sigmoid(self.residual_gate(stm + update))
-        return (1 - gate) * stm + gate * update
-
-
-class RxTInitialMemory(nn.Module):
-    """The learned memory every conversation starts from, (L, S, D). A module of its own so that PEFT
-    `modules_to_save=["initial_memory"]` trains one per adapter (a persona that ships as a small file)."""
-
-    def __init__(self, config: RxTConfig):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(config.num_hidden_layers, config.memory_slots, config.hidden_size))
-
-    def forward(self, batch_size: int) -> torch.Tensor:
-        return self.weight[:, None].expand(-1, batch_size, -1, -1)  # (L, B, S, D)
 
 
 def check_decoder_inputs(

@@ -200,7 +200,7 @@ def test_model_query_finds_the_memory_that_equals_it(model):
     handle.remove()
     hidden_q = captured["q"].view(1, 6, 4, 8).transpose(1, 2)
     rotary = model.model.rotary_emb(hidden_q, torch.arange(6)[None])
-    from modeling_rxt.modeling_rxt import apply_rotary
+    from modeling_rxt.modeling_rxt_blocks import apply_rotary
 
     query = apply_rotary(hidden_q, rotary)  # what the layer ranks memories with
     keys = torch.randn(1, 1, 2, 30, 8, generator=torch.Generator().manual_seed(5))

@@ -11,6 +11,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from modeling_rxt import RxTForCausalLM
 import modeling_rxt.modeling_rxt as modeling_module
+from modeling_rxt.modeling_rxt_blocks import RxTRMSNorm, apply_rotary
 from modeling_rxt.modeling_rxt import RxTExperts, load_balancing_loss
 
 from conftest import make_tiny_model, random_ids, random_state, tiny_config
@@ -48,7 +49,7 @@ def test_inputs_embeds_and_logits_to_keep_agree_with_input_ids(dense_model):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_matches_the_textbook_form(dtype):
-    norm = modeling_module.RxTRMSNorm(16, eps=1e-5).to(dtype)
+    norm = RxTRMSNorm(16, eps=1e-5).to(dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.linspace(-2, 2, 16))
     x = (torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
@@ -66,7 +67,7 @@ def test_rotary_matches_the_textbook_form_and_depends_on_relative_positions_only
     half = config.head_dim // 2
     x = torch.randn(2, 3, 5, config.head_dim, generator=torch.Generator().manual_seed(0))  # (B, heads, T, Dh)
     positions = torch.tensor([[0, 1, 2, 7, 30], [3, 4, 5, 6, 100]])
-    rotated = modeling_module.apply_rotary(x, dense_model.model.rotary_emb(x, positions))
+    rotated = apply_rotary(x, dense_model.model.rotary_emb(x, positions))
     base = config.rope_parameters["rope_theta"]
     angle = positions[:, None, :, None].double() * base ** (-torch.arange(half).double() * 2 / config.head_dim)
     x1, x2 = x[..., :half].double(), x[..., half:].double()
@@ -76,8 +77,8 @@ def test_rotary_matches_the_textbook_form_and_depends_on_relative_positions_only
     q, k = torch.randn(2, 1, 1, 1, config.head_dim, generator=torch.Generator().manual_seed(1)).unbind(0)
     rotary = dense_model.model.rotary_emb
     def score(query_position: int, key_position: int) -> torch.Tensor:
-        rq = modeling_module.apply_rotary(q, rotary(q, torch.tensor([[query_position]])))
-        rk = modeling_module.apply_rotary(k, rotary(k, torch.tensor([[key_position]])))
+        rq = apply_rotary(q, rotary(q, torch.tensor([[query_position]])))
+        rk = apply_rotary(k, rotary(k, torch.tensor([[key_position]])))
         return (rq * rk).sum()
     torch.testing.assert_close(score(9, 4), score(25, 20), atol=1e-5, rtol=0)
     assert not torch.allclose(score(9, 4), score(9, 5), atol=1e-3)
