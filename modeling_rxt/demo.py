@@ -166,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for distance, accuracy in result["recall_by_distance"].items():
         print(f"    {distance} turns back: {accuracy:6.1%} / {result['recall_memory_reset'][distance]:6.1%}"
               f"   ({result['questions_by_distance'][distance]} questions)")
+    print("[demo] the same by memory writes before the question: " + ", ".join(
+        f"{writes}: {accuracy:.0%}" for writes, accuracy in result["recall_by_writes"].items()))
 
     recipe_path = Path(args.recipe) if Path(args.recipe).suffix else None
     how = export_hub_folder(model_dir, output / "hub", output / "eval.json", recipe_path)

@@ -134,9 +134,11 @@ def evaluate_recall(
     """Exact-match recall on `episodes` (see the module docstring), with and without memory.
 
     Returns a JSON-ready dict: `recall_by_distance` and `recall_memory_reset` ({distance: accuracy}),
-    `questions_by_distance`, the overall `recall` and `recall_reset`, `chance`, `questions`, and `examples` (every
-    question with the expected and predicted value). Every episode is checked with `validate_episode` first and a
-    bad one raises `ValueError` naming it: an evaluation must not silently drop questions."""
+    `questions_by_distance`, `recall_by_writes` and `questions_by_writes` (the same by the number of memory writes
+    before the question, i.e. its turn index), the overall `recall` and `recall_reset`, `chance`, `questions`, and
+    `examples` (every question with the expected and predicted value). Every episode is checked with
+    `validate_episode` first and a bad one raises `ValueError` naming it: an evaluation must not silently drop
+    questions."""
     if not isinstance(model, RxTForCausalLM):
         raise TypeError(f"`model` must be an RxTForCausalLM, got {type(model).__name__}")
     if not episodes:
@@ -212,10 +214,16 @@ def _summarise(counts: dict[str, dict[int, int]], examples: list, chance: float)
     total = sum(counts["total"].values())
     if total == 0:
         raise ValueError("the episodes hold no questions (asks) to score")
+    writes: dict[int, list[bool]] = {}  # the turn index of a question = the memory writes before it
+    for example in examples:
+        writes.setdefault(example["turn"], []).append(example["correct"])
     return {
         "recall_by_distance": {d: counts["correct"][d] / counts["total"][d] for d in distances},
         "recall_memory_reset": {d: counts["correct_reset"][d] / counts["total"][d] for d in distances},
         "questions_by_distance": {d: counts["total"][d] for d in distances},
+        # Whether the memory degrades with use, whatever the distance: the same recall by writes before the question.
+        "recall_by_writes": {w: sum(hits) / len(hits) for w, hits in sorted(writes.items())},
+        "questions_by_writes": {w: len(hits) for w, hits in sorted(writes.items())},
         "recall": sum(counts["correct"].values()) / total,
         "recall_reset": sum(counts["correct_reset"].values()) / total,
         "chance": chance,

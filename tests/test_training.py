@@ -410,6 +410,8 @@ def test_recall_scores_a_known_case(tokenizer, tmp_path):
     assert result["recall_by_distance"] == {1: 1.0, 2: 0.5}
     assert result["recall_memory_reset"] == {1: 1.0, 2: 0.5}  # its answer never depended on memory
     assert result["questions_by_distance"] == {1: 1, 2: 2}
+    assert result["recall_by_writes"] == {2: pytest.approx(2 / 3)}  # every question comes after two writes
+    assert result["questions_by_writes"] == {2: 3}
     assert [e["answer"] for e in result["examples"]] == ["zub", "zub", "zub"]
     assert result["chance"] == pytest.approx(0.01)  # 100 held-out values per slot in the test split
 
