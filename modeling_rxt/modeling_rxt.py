@@ -64,13 +64,6 @@ from transformers.utils import TransformersKwargs, auto_docstring, can_return_tu
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .modeling_rxt_blocks import (
-    RxTMemoryCrossAttention,
-    RxTMLP,
-    RxTRMSNorm,
-    RxTRotaryEmbedding,
-    RxTSelfAttention,
-)
 from .configuration_rxt import RxTConfig
 from .external_memory import (
     ExternalMemory,
@@ -83,6 +76,13 @@ from .external_memory import (
     resolve_stride,
 )
 from .memory_state import RxTMemoryState
+from .modeling_rxt_blocks import (
+    RxTMemoryCrossAttention,
+    RxTMLP,
+    RxTRMSNorm,
+    RxTRotaryEmbedding,
+    RxTSelfAttention,
+)
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 
 

@@ -27,8 +27,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
-from .modeling_rxt_blocks import RxTBidirectionalAttention, RxTMLP, RxTRMSNorm
 from .configuration_rxt import RxTConfig
+from .modeling_rxt_blocks import RxTBidirectionalAttention, RxTMLP, RxTRMSNorm
 
 
 class RxTEncoderLayer(GradientCheckpointingLayer):
