@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "recipe": args.recipe,
         "parameters": model.parameter_counts(),
         "stages": _stage_summary(logs),
-        "wall_s": {"training": round(train_s, 1), "evaluation": round(time.perf_counter() - eval_start, 1)},
+        "wall_s": {"training": round(train_s, 1)},
     }
     if any(stage["stage"] == "external_memory" for stage in recipe["stages"]):
         external = evaluate_fact_recall(model, tokenizer, n_episodes=settings.get("external_memory_episodes", 100),

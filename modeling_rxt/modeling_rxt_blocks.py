@@ -36,7 +36,9 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from .configuration_rxt import RxTConfig
-from .external_memory import ExternalMemoryRetriever
+# repeat_kv lives in external_memory.py, the one module below this file (the config imports it too), so that
+# retrieval and eager attention share it.
+from .external_memory import ExternalMemoryRetriever, repeat_kv
 
 
 class RxTRMSNorm(nn.Module):
@@ -91,15 +93,6 @@ def apply_rotary(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> 
     which matters when decoding one token at a time runs three rotations per layer."""
     cos, signed_sin = rotary
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
-
-
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, K, N, Dh) -> (B, K * n_rep, N, Dh), for grouped-query attention."""
-    if n_rep == 1:
-        return hidden_states
-    batch, num_key_value_heads, length, head_dim = hidden_states.shape
-    hidden_states = hidden_states[:, :, None].expand(batch, num_key_value_heads, n_rep, length, head_dim)
-    return hidden_states.reshape(batch, num_key_value_heads * n_rep, length, head_dim)
 
 
 def eager_attention_forward(
