@@ -10,7 +10,7 @@ remembers.
    trust_remote_code=True)` (the project's package blocked there) and holds a conversation in which the model is asked
    for a fact stated several turns earlier.
 
-    python -m modeling_rxt.demo [--recipe demo] [--output runs/demo] [--threads 2]
+    python -m modeling_rxt.demo [--recipe demo] [--output runs/demo] [--threads 2] [--processes 1]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 
 from .data import ASK, make_episodes
 from .evaluation import evaluate_fact_recall, evaluate_recall, plot_recall, write_json_atomic
-from .training_curriculum import load_recipe, run_curriculum
+from .training_curriculum import load_recipe, run_curriculum, run_curriculum_in_processes
 
 # Runs in a fresh interpreter with only the exported folder: the project's own packages are made unimportable, so
 # the model must load from the folder's code files alone.
@@ -75,10 +75,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m modeling_rxt.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="demo", help="a recipe name in configuration/training or a JSON path")
     parser.add_argument("--output", default="runs/demo", help="where the model, evaluation and Hub folder go")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (shared out among --processes)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="training processes (gloo DDP through torchrun; each stage's batch is split among them)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
     return args
 
 
@@ -128,8 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     output = Path(args.output)
     recipe = load_recipe(args.recipe)
-    print(f"[demo] recipe {args.recipe!r}: {len(recipe['stages'])} stages, {torch.get_num_threads()} CPU threads")
-    model, tokenizer, logs = run_curriculum(recipe, output, progress=True)
+    print(f"[demo] recipe {args.recipe!r}: {len(recipe['stages'])} stages, {args.threads} CPU threads, "
+          f"{args.processes} training process(es)")
+    if args.processes > 1:  # trains and saves runs/.../model in the worker processes
+        threads_per_process = max(1, args.threads // args.processes)
+        model, tokenizer, logs = run_curriculum_in_processes(recipe, output, args.processes, threads_per_process)
+    else:
+        model, tokenizer, logs = run_curriculum(recipe, output, progress=True)
     train_s = time.perf_counter() - start
     model_dir = output / "model"
     model.save_pretrained(model_dir)

@@ -27,10 +27,14 @@ has a linear warmup and a cosine decay of its learning rate (`warmup_steps`, `mi
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -41,6 +45,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from .data import ASK, CHAT, TELL, UPDATE, interactions_dataset, lm_texts, load_dialogue_corpus, make_episodes
 from .external_memory import check_retrieval_controls
+from .memory_state import write_json_atomic
 from .modeling_rxt import RxTForCausalLM
 from .tokenization import BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, QUERY_TOKEN, ANSWER_TOKEN, train_tokenizer
 from .training import (
@@ -222,13 +227,17 @@ def stage_components(
 
 def training_arguments(stage: Mapping, output_dir: str | Path, seed: int, progress: bool = True) -> TrainingArguments:
     """`TrainingArguments` of one stage: CPU, warmup + cosine decay, no column pruning (custom collators), no
-    reporting integrations, no activation checkpointing (it only costs time on CPU)."""
+    reporting integrations, no activation checkpointing (it only costs time on CPU). Under `torchrun` the stage's
+    `batch_size` is the global batch, split evenly between the processes (gloo DDP)."""
+    processes = training_processes()
+    check_batch_sizes([stage], processes)
     return TrainingArguments(
         output_dir=str(output_dir),
         use_cpu=True,
+        ddp_backend="gloo" if processes > 1 else None,
         remove_unused_columns=False,
         report_to=[],
-        per_device_train_batch_size=stage["batch_size"],
+        per_device_train_batch_size=stage["batch_size"] // processes,
         max_steps=stage["max_steps"],
         learning_rate=stage["learning_rate"],
         weight_decay=stage.get("weight_decay", 0.0),
@@ -243,6 +252,19 @@ def training_arguments(stage: Mapping, output_dir: str | Path, seed: int, progre
         dataloader_num_workers=0,
         disable_tqdm=not progress,
     )
+
+
+def training_processes() -> int:
+    """How many processes train together: `WORLD_SIZE` as set by `torchrun`, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_batch_sizes(stages: Sequence[Mapping], processes: int) -> None:
+    """Raises `ValueError` naming the first stage whose global `batch_size` does not split evenly over `processes`."""
+    for index, stage in enumerate(stages):
+        if stage["batch_size"] % processes:
+            raise ValueError(f"recipe stage {index} ({stage['stage']}): `batch_size` {stage['batch_size']} does not "
+                             f"split evenly over {processes} training processes")
 
 
 # --- Running --------------------------------------------------------------------------------------------------------
@@ -337,6 +359,74 @@ def run_curriculum(
     return model.eval(), tokenizer, logs
 
 
+def save_trained(model: RxTForCausalLM, tokenizer: PreTrainedTokenizerBase, logs: Sequence[StageLog], output_dir):
+    """`output_dir/model` (model + tokenizer, loadable by `load_trained` and `from_pretrained`) and the stage logs in
+    `output_dir/stages.json`."""
+    model.save_pretrained(Path(output_dir) / "model")
+    tokenizer.save_pretrained(Path(output_dir) / "model")
+    write_json_atomic({"stages": [asdict(log) for log in logs]}, Path(output_dir) / "stages.json")
+
+
+def run_curriculum_in_processes(
+    recipe: Mapping, output_dir: str | Path, processes: int, threads_per_process: int = 1
+) -> tuple[RxTForCausalLM, PreTrainedTokenizerBase, list[StageLog]]:
+    """`run_curriculum` in `processes` CPU processes (gloo DDP, launched by `torchrun`); each stage's `batch_size` is
+    the global batch, split between them. On a small model every tensor op costs more in dispatch than in
+    arithmetic, and torch's threads pay that per op; processes share out the batch instead (README, Training).
+
+    This process builds the tokenizer and the initial model exactly as `run_curriculum` would (so every process
+    starts from the same weights and token ids), saves them in `output_dir/initial`, and runs the stages as a recipe
+    that continues from there; rank 0 saves the result (`save_trained`), which is loaded and returned."""
+    check_recipe(recipe)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"`processes` must be a positive integer, got {processes!r}")
+    check_batch_sizes(recipe["stages"], processes)
+    output = Path(output_dir)
+    stages = {key: value for key, value in recipe.items() if key not in ("tokenizer", "model")}
+    if "init_from" not in recipe:
+        torch.manual_seed(recipe.get("seed", 0))
+        tokenizer = build_tokenizer(recipe["tokenizer"], recipe.get("seed", 0))
+        model = build_model(recipe["model"], tokenizer, recipe.get("max_length", 128))
+        model.save_pretrained(output / "initial")
+        tokenizer.save_pretrained(output / "initial")
+        stages["init_from"] = str(output / "initial")
+    write_json_atomic(stages, output / "stages_recipe.json")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "modeling_rxt.training_curriculum", "--recipe", str(output / "stages_recipe.json"),
+               "--output", str(output), "--threads", str(threads_per_process)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process), "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(command, env=env)
+    if completed.returncode != 0:
+        raise RuntimeError(f"training in {processes} processes failed (exit code {completed.returncode}); "
+                           f"its output is above. Command: {' '.join(command)}")
+    model, tokenizer = load_trained(output / "model")
+    logs = [StageLog(**log) for log in json.loads((output / "stages.json").read_text(encoding="utf-8"))["stages"]]
+    model.config.use_cache = True
+    return model.eval(), tokenizer, logs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m modeling_rxt.training_curriculum --recipe NAME_OR_JSON --output DIR`: trains through a recipe and
+    saves the model, tokenizer and stage logs in DIR (`save_trained`). Under `torchrun` every process trains its
+    share of each batch and rank 0 saves."""
+    parser = argparse.ArgumentParser(prog="python -m modeling_rxt.training_curriculum", description=main.__doc__)
+    parser.add_argument("--recipe", required=True, help="a recipe name in configuration/training or a JSON path")
+    parser.add_argument("--output", required=True, help="where the stages, model and stage logs go")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch in each process")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    torch.set_num_threads(args.threads)
+    rank = int(os.environ.get("RANK", "0"))
+    model, tokenizer, logs = run_curriculum(load_recipe(args.recipe), args.output, progress=rank == 0)
+    if rank == 0:
+        save_trained(model, tokenizer, logs, args.output)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no process leaves before rank 0 has saved
+        torch.distributed.destroy_process_group()
+    return 0
+
+
 __all__ = [
     "RECIPES_DIR",
     "StageLog",
@@ -345,8 +435,16 @@ __all__ = [
     "check_recipe",
     "load_recipe",
     "load_trained",
+    "check_batch_sizes",
     "run_curriculum",
+    "run_curriculum_in_processes",
     "run_stage",
+    "save_trained",
     "stage_components",
     "training_arguments",
+    "training_processes",
 ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

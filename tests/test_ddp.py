@@ -82,3 +82,46 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 def _with(arguments: list, out_dir: Path) -> list[str]:
     return [str(out_dir) if a is None else a for a in arguments]
+
+
+# The curriculum runner in 2 processes (what `python -m modeling_rxt.demo --processes 2` does): a fresh tokenizer and
+# model built once, a memory-aware stage trained by torchrun, the result saved by rank 0 and loaded back.
+RECIPE = {
+    "seed": 3,
+    "tokenizer": {"vocab_size": 400, "episodes": 60},
+    "model": {"preset": "nano", "overrides": {"hidden_size": 32, "intermediate_size": 64, "memory_slots": 4},
+              "gate_bias": -2.0},
+    "max_length": 64,
+    "stages": [{"stage": "memory_aware", "max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "episodes": 12,
+                "turns": 3, "max_chat_chars": 60, "logging_steps": 1}],
+}
+
+
+def test_the_curriculum_in_two_processes_matches_one_process(tmp_path, monkeypatch):
+    from modeling_rxt.training_curriculum import run_curriculum, run_curriculum_in_processes
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    single_model, single_tokenizer, single_logs = run_curriculum(RECIPE, tmp_path / "single", progress=False)
+    model, tokenizer, logs = run_curriculum_in_processes(RECIPE, tmp_path / "ddp", processes=2)
+    assert tokenizer.get_vocab() == single_tokenizer.get_vocab()
+    assert [log.stage for log in logs] == ["memory_aware"] and logs[0].steps == 3
+    losses = [entry["loss"] for entry in logs[0].losses]
+    assert losses == pytest.approx([entry["loss"] for entry in single_logs[0].losses], rel=1e-4)
+    assert losses[-1] != losses[0]
+    single_weights = single_model.state_dict()
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(weight, single_weights[name], rtol=1e-4, atol=1e-4, msg=name)
+    # Rank 0 saved a loadable model with its tokenizer; the other process saved nothing elsewhere.
+    assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "ddp" / "model" / "tokenizer.json").is_file()
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_named(tmp_path):
+    from modeling_rxt.training_curriculum import run_curriculum_in_processes
+
+    recipe = {**RECIPE, "stages": [{**RECIPE["stages"][0], "batch_size": 5}]}
+    with pytest.raises(ValueError, match=r"stage 0 \(memory_aware\): `batch_size` 5 does not split evenly over 2"):
+        run_curriculum_in_processes(recipe, tmp_path, processes=2)
+    with pytest.raises(ValueError, match="`processes` must be a positive integer"):
+        run_curriculum_in_processes(RECIPE, tmp_path, processes=0)
+    assert not any(tmp_path.iterdir())  # nothing was built or written before the check

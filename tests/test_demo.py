@@ -36,7 +36,10 @@ def test_demo_trains_evaluates_exports_and_talks_in_a_fresh_process(tmp_path):
     assert "stated" in run.stdout and "turns earlier" in run.stdout
 
 
-@pytest.mark.parametrize("argv, message", [(["--threads", "0"], "--threads"), (["--bogus"], "unrecognized")])
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--threads", "0"], "--threads"), (["--processes", "0"], "--processes"), (["--bogus"], "unrecognized")],
+)
 def test_demo_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         _parse(argv)
