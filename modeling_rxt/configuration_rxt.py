@@ -53,6 +53,10 @@ class RxTConfig(PreTrainedConfig):
         How the memory is rewritten after each interaction: `"simple"` (slots attend to the encoded interaction),
         `"self"` (slots first attend to the slots of their own layer), `"interlayer"` (slots first attend to the mean
         of all layers) or `"gated-self-interlayer"` (both, mixed by a learned gate).
+    memory_write_competition (`bool`, *optional*, defaults to `False`):
+        Whether the slots compete for the tokens of an interaction when the memory is written: each token's
+        attention is shared out among the slots (a softmax over slots, not over tokens), and a slot takes the mean of
+        what it won damped by how much it won, so a slot that wins little changes little (README, Training).
     external_memory_layers (`list[int]`, *optional*):
         Decoder layers whose self-attention retrieves from an external memory when `generate` is given
         `external_memories` (see `external_memory.py`). `None` means the upper half of the decoder; `[]` turns
@@ -109,6 +113,7 @@ class RxTConfig(PreTrainedConfig):
     shared_expert_intermediate_size: int = 0
     memory_slots: int = 64
     memory_attention_type: str = "interlayer"
+    memory_write_competition: bool = False
     external_memory_layers: list[int] | None = None
     external_memory_topk: int = 8
     external_memory_sim_threshold: float | int | None = None

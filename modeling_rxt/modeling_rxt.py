@@ -458,13 +458,18 @@ class RxTModel(RxTPreTrainedModel):
         encoded, key_mask, rotary = self.encode_interaction(input_ids, attention_mask)
         stm = stm.to(encoded[0].dtype)
         slots_mask = None
-        if key_mask is not None:
+        # CODEPATH: the usual write attends through the attention registry and needs its mask; models with
+        # `memory_write_competition` share tokens out over slots themselves and read the plain `key_mask`.
+        if key_mask is not None and not self.config.memory_write_competition:
             slots_mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=stm[0], attention_mask=key_mask, encoder_hidden_states=encoded[0]
             )
         stm_mean = stm.mean(dim=0)  # (B, S, D), what the inter-layer pre-step reads
         new_stm = torch.stack(
-            [layer(stm[i], stm_mean, encoded[i], slots_mask, rotary) for i, layer in enumerate(self.memory_attention)]
+            [
+                layer(stm[i], stm_mean, encoded[i], slots_mask, rotary, key_mask)
+                for i, layer in enumerate(self.memory_attention)
+            ]
         )
         if attention_mask is not None:
             has_tokens = attention_mask.bool().any(dim=-1)  # (B,): rows with no tokens keep their memory

@@ -43,6 +43,7 @@ INVALID_CONFIGS = [
     (dict(hidden_size=32.0), TypeError, "hidden_size"),
     (dict(memory_slots=None), TypeError, "memory_slots"),
     (dict(memory_attention_type=3), TypeError, "memory_attention_type"),
+    (dict(memory_write_competition="yes"), TypeError, "memory_write_competition"),
     (dict(use_cache="yes"), TypeError, "use_cache"),
     (dict(num_hidden_layers=True), TypeError, "num_hidden_layers"),
 ]

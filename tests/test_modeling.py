@@ -108,6 +108,50 @@ def test_memory_write_permutes_with_the_slots(tiny_model):
     torch.testing.assert_close(new_of_permuted, new[:, :, order], atol=1e-5, rtol=0)
 
 
+def test_competitive_write_shares_each_token_out_among_the_slots(tiny_model):
+    """`memory_write_competition`: the update written out token by token from its definition (each token's attention
+    shared out among the slots by a softmax over slots; each slot takes what it won, divided by 1 + its total
+    share), padding tokens giving nothing; the write stays permutation-equivariant over slots."""
+    model = tiny_model("dense", memory_attention_type="self", memory_write_competition=True)
+    layer, config = model.model.memory_attention[0], model.config
+    batch, slots, length, heads = 2, config.memory_slots, 6, config.num_attention_heads
+    query, encoded = torch.randn(batch, slots, config.hidden_size), torch.randn(batch, length, config.hidden_size)
+    token_mask = torch.ones(batch, length, dtype=torch.bool)
+    token_mask[1, 4:] = False
+    rotary = model.model.rotary_emb(encoded, torch.arange(length)[None])
+    with torch.no_grad():
+        update = layer.competitive_update(query, encoded, token_mask, rotary)
+        attention = layer.memory_attn
+        q = attention.project_queries(query)
+        k, v = attention.project_keys_values(encoded, rotary)
+        group = attention.num_key_value_groups
+        expected = torch.zeros(batch, slots, heads, config.head_dim)
+        for b in range(batch):
+            for h in range(heads):
+                scores = q[b, h] @ k[b, h // group].T * attention.scaling  # (S, T)
+                share = scores.softmax(dim=0) * token_mask[b]  # each real token's shares sum to 1
+                torch.testing.assert_close(share.sum(0)[token_mask[b]], torch.ones(int(token_mask[b].sum())))
+                for s in range(slots):
+                    won = share[s]
+                    expected[b, s, h] = (won[:, None] * v[b, h // group]).sum(0) / (1 + won.sum())
+        expected = attention.o_proj(expected.reshape(batch, slots, -1))
+        torch.testing.assert_close(update, expected, atol=1e-5, rtol=1e-5)
+        # Padding gives nothing: changing the padded tokens leaves row 1's update as it is.
+        changed = encoded.clone()
+        changed[1, 4:] = torch.randn(2, config.hidden_size)
+        torch.testing.assert_close(layer.competitive_update(query, changed, token_mask, rotary), update)
+    state, input_ids = random_state(model, 2), random_ids(2, 7)
+    order = torch.randperm(slots)
+    with torch.no_grad():
+        new = model.update_memory(state, input_ids).stm
+        new_of_permuted = model.update_memory(type(state)(state.stm[:, :, order]), input_ids).stm
+    torch.testing.assert_close(new_of_permuted, new[:, :, order], atol=1e-5, rtol=0)
+    # It is a different write from the usual one, with the same weights.
+    usual = tiny_model("dense", memory_attention_type="self")
+    with torch.no_grad():
+        assert not torch.allclose(usual.update_memory(state, input_ids).stm, new, atol=1e-3)
+
+
 # ---- attention kernels -----------------------------------------------------------------------------------------------
 
 

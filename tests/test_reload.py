@@ -26,6 +26,7 @@ VARIANTS = {
     "dense-simple": ("dense", {"memory_attention_type": "simple"}),
     "dense-self": ("dense", {"memory_attention_type": "self"}),
     "dense-interlayer": ("dense", {"memory_attention_type": "interlayer"}),
+    "dense-self-competitive-write": ("dense", {"memory_attention_type": "self", "memory_write_competition": True}),
     "moe-gated-self-interlayer": ("moe", {"memory_attention_type": "gated-self-interlayer"}),
 }
 assert {overrides["memory_attention_type"] for _, overrides in VARIANTS.values()} == set(MEMORY_ATTENTION_TYPES)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +23,6 @@ from modeling_rxt.training import (
     external_and_memory_aware_objective,
     external_memory_objective,
     interaction_objective,
-    joint_objective,
-    memory_attention_objective,
     memory_aware_objective,
     tokenize_episodes,
     tokenize_interactions,
