@@ -447,6 +447,27 @@ def make_episodes(
     return episodes
 
 
+def recall_probes(episode: Episode) -> list[tuple[int, Turn]]:
+    """Questions the memory should be able to answer before each turn, for training: (t, ask) for every turn t >= 1
+    and every fact stated before t, asked with one of its slot's questions (chosen deterministically from the episode
+    id) and answered with its current value; `fact_distance` as in an episode's own asks. A fact the turn itself
+    asks for is left out (that ask is trained already). The probes read the memory and are never written to it, so
+    one sequence of memory writes is supervised at every distance at once instead of only where the episode asks."""
+    rng = random.Random(f"rxt-probes/{episode.id}")
+    current: dict[str, tuple[str, int]] = {}  # slot -> (value, position of its last statement)
+    probes: list[tuple[int, Turn]] = []
+    for position, turn in enumerate(episode.turns):
+        for name, (value, stated_at) in current.items():
+            if turn.kind == ASK and turn.slot == name:
+                continue
+            query = rng.choice(_SLOTS_BY_NAME[name].asks)
+            probes.append((position, Turn(query, f"{value} .", ASK, name, expected=value,
+                                          fact_distance=position - stated_at)))
+        if turn.kind in (TELL, UPDATE):
+            current[turn.slot] = (turn.value, position)
+    return probes
+
+
 def ask_distance_counts(episodes: Iterable[Episode]) -> Counter[int]:
     """How many asks there are at each fact distance."""
     return Counter(turn.fact_distance for episode in episodes for turn in episode.asks)
@@ -662,6 +683,7 @@ __all__ = [
     "lm_texts",
     "load_dialogue_corpus",
     "make_episodes",
+    "recall_probes",
     "validate_episode",
     "value_pool",
 ]

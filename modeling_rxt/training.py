@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, Trainer
 
-from .data import ASK, CHAT, TELL, UPDATE, Episode, filter_episodes
+from .data import ASK, CHAT, TELL, UPDATE, Episode, filter_episodes, recall_probes
 from .external_memory import bind_external_memory
 from .modeling_rxt import RxTForCausalLM, load_balancing_loss
 from .tokenization import ANSWER_TOKEN, IGNORE_INDEX, format_interaction
@@ -84,30 +84,42 @@ def tokenize_interactions(
 
 
 def tokenize_episodes(
-    tokenizer: PreTrainedTokenizerBase, episodes: Sequence[Episode], max_length: int
+    tokenizer: PreTrainedTokenizerBase, episodes: Sequence[Episode], max_length: int, probes: bool = False
 ) -> datasets.Dataset:
     """One row per episode: per turn its `input_ids`, answer-only `labels`, `kind` and `fact_distance` (0 if none).
+    With `probes`, also the episode's `recall_probes`, flattened: `probe_input_ids`, `probe_labels` and
+    `probe_turns` (the turn before which each probe reads the memory).
 
     Bad episodes (an empty turn, a literal special token, an ask that contradicts its fact, a turn longer than
     `max_length` tokens) are dropped and counted in one warning. The content checks are `filter_episodes`'; the
     length check uses the token ids encoded here, so every turn is tokenised once (twice would double the cost of
     preparing a training set)."""
     kept, _ = filter_episodes(episodes)
+    probe_lists = [recall_probes(episode) if probes else [] for episode in kept]
     turns = [turn for episode in kept for turn in episode.turns]
+    turns += [turn for probe_list in probe_lists for _, turn in probe_list]
     input_ids, labels = _encode_turns(tokenizer, [(t.query, t.answer) for t in turns]) if turns else ([], [])
-    rows: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "kinds": [], "fact_distances": []}
-    start, too_long = 0, 0
-    for episode in kept:
-        end = start + len(episode.turns)
-        if any(len(ids) > max_length for ids in input_ids[start:end]):
-            too_long, start = too_long + 1, end
+    columns = ["id", "input_ids", "labels", "kinds", "fact_distances"]
+    columns += ["probe_input_ids", "probe_labels", "probe_turns"] if probes else []
+    rows: dict[str, list] = {name: [] for name in columns}
+    start, probe_start, too_long = 0, sum(len(e.turns) for e in kept), 0
+    for episode, probe_list in zip(kept, probe_lists, strict=True):
+        end, probe_end = start + len(episode.turns), probe_start + len(probe_list)
+        episode_ids, probe_ids = input_ids[start:end], input_ids[probe_start:probe_end]
+        episode_labels, probe_labels = labels[start:end], labels[probe_start:probe_end]
+        start, probe_start = end, probe_end
+        if any(len(ids) > max_length for ids in episode_ids + probe_ids):
+            too_long += 1
             continue
         rows["id"].append(episode.id)
-        rows["input_ids"].append(input_ids[start:end])
-        rows["labels"].append(labels[start:end])
+        rows["input_ids"].append(episode_ids)
+        rows["labels"].append(episode_labels)
         rows["kinds"].append([t.kind for t in episode.turns])
         rows["fact_distances"].append([t.fact_distance or 0 for t in episode.turns])
-        start = end
+        if probes:
+            rows["probe_input_ids"].append(probe_ids)
+            rows["probe_labels"].append(probe_labels)
+            rows["probe_turns"].append([position for position, _ in probe_list])
     if too_long:
         logger.warning("skipped %d of %d episodes with a turn over %d tokens", too_long, len(kept), max_length)
     if not rows["id"]:
@@ -195,15 +207,41 @@ class InteractionCollator:
 class EpisodeCollator:
     """Pads whole episodes to (B, N, T): N turns (episodes with fewer turns get empty turns, which neither read nor
     write memory), T tokens. Labels are answer-only; `turn_weights` (B, N) weighs each turn's answer loss by its kind
-    (`kind_weights`, e.g. asks 1.0 and chat 0.1), 0 for the empty turns."""
+    (`kind_weights`, e.g. asks 1.0 and chat 0.1), 0 for the empty turns.
+
+    With `probe_weight` > 0 the rows must carry recall probes (`tokenize_episodes(..., probes=True)`); they come
+    flattened over the batch as R rows: `probe_input_ids` / `probe_attention_mask` / `probe_labels` (R, Tp),
+    `probe_rows` (R,) the episode each reads, `probe_turns` (R,) the turn before which it reads, and `probe_weights`
+    (R,)."""
 
     pad_token_id: int
     kind_weights: Mapping[str, float] = field(default_factory=lambda: {ASK: 1.0, TELL: 1.0, UPDATE: 1.0, CHAT: 1.0})
+    probe_weight: float = 0.0
 
     def __post_init__(self) -> None:
         bad = {kind: w for kind, w in self.kind_weights.items() if not (isinstance(w, (int, float)) and w >= 0)}
         if bad:
             raise ValueError(f"`kind_weights` must be non-negative numbers, got {bad}")
+        if isinstance(self.probe_weight, bool) or not isinstance(self.probe_weight, (int, float)) or self.probe_weight < 0:
+            raise ValueError(f"`probe_weight` must be a number >= 0, got {self.probe_weight!r}")
+
+    def probes(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        """The recall probes of a batch, flattened to rows (see the class docstring)."""
+        _check_features(features, ("probe_input_ids", "probe_labels", "probe_turns"))
+        ids = [p for f in features for p in f["probe_input_ids"]]
+        labels = [p for f in features for p in f["probe_labels"]]
+        rows = [row for row, f in enumerate(features) for _ in f["probe_turns"]]
+        turns = [t for f in features for t in f["probe_turns"]]
+        if not ids:  # no fact is stated before any turn of the batch: one row that no turn reads (turn -1)
+            ids, labels, rows, turns = [[self.pad_token_id]], [[IGNORE_INDEX]], [0], [-1]
+        return {
+            "probe_input_ids": _pad(ids, self.pad_token_id),  # (R, Tp)
+            "probe_attention_mask": _pad([[1] * len(p) for p in ids], 0),
+            "probe_labels": _pad(labels, IGNORE_INDEX),
+            "probe_rows": torch.tensor(rows, dtype=torch.long),  # (R,)
+            "probe_turns": torch.tensor(turns, dtype=torch.long),
+            "probe_weights": torch.full((len(ids),), float(self.probe_weight)),
+        }
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         _check_features(features, ("input_ids", "labels", "kinds"))
@@ -229,6 +267,7 @@ class EpisodeCollator:
             "labels": labels,
             "turn_weights": turn_weights,
             "fact_distances": fact_distances,
+            **(self.probes(features) if self.probe_weight > 0 else {}),
         }
 
 
@@ -371,11 +410,43 @@ def _turn(inputs: Mapping[str, torch.Tensor], turn: int) -> tuple[torch.Tensor, 
     return inputs["input_ids"][:, turn, :length], mask[:, :length], inputs["labels"][:, turn, :length]
 
 
+def _fit(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """(R, T) -> (R, length): cut or right-padded with `value`."""
+    return F.pad(tensor[:, :length], (0, max(0, length - tensor.shape[1])), value=value)
+
+
+def _reading_rows(inputs: Mapping[str, torch.Tensor], turn: int):
+    """What reads STM_{t-1} at `turn`, in one batch: the episodes whose turn has a positive weight and a label, then
+    the recall probes of that turn (if the batch has any). Returns (input_ids, attention_mask, labels) (R, T'), the
+    episode each row reads (R,) and its weight (R,), or None when no row reads."""
+    input_ids, attention_mask, labels = _turn(inputs, turn)
+    rows = (inputs["turn_weights"][:, turn] > 0) & (labels != IGNORE_INDEX).any(dim=-1)
+    parts = [(input_ids[rows], attention_mask[rows], labels[rows], rows.nonzero().squeeze(1),
+              inputs["turn_weights"][rows, turn])]
+    if "probe_turns" in inputs:
+        chosen = inputs["probe_turns"] == turn
+        parts.append(tuple(inputs[key][chosen] for key in
+                           ("probe_input_ids", "probe_attention_mask", "probe_labels", "probe_rows", "probe_weights")))
+    parts = [part for part in parts if len(part[3])]
+    if not parts:
+        return None
+    length = max(int(part[1].sum(dim=-1).max()) for part in parts)
+    return (
+        torch.cat([_fit(part[0], length, 0) for part in parts]),  # padding ids are masked out: any id will do
+        torch.cat([_fit(part[1], length, 0) for part in parts]),
+        torch.cat([_fit(part[2], length, IGNORE_INDEX) for part in parts]),
+        torch.cat([part[3] for part in parts]),
+        torch.cat([part[4] for part in parts]),
+    )
+
+
 def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor], bptt_turns: int = 0):
     """Stage 4 (supervised memory-aware training) over whole episodes, turn by turn: the decoder answers turn t
     reading STM_{t-1}, then STM_t = write(STM_{t-1}, interaction t). Gradients of every answer flow back through the
     earlier writes; with `bptt_turns` = k > 0 the state is detached every k turns (truncated back-propagation).
-    Only rows whose turn has a positive weight run the decoder, so zero-weight turns (e.g. chat) cost a write only."""
+    Only rows whose turn has a positive weight run the decoder, so zero-weight turns (e.g. chat) cost a write only.
+    Recall probes in the batch (`EpisodeCollator(probe_weight=...)`) are answered from the same STM_{t-1} in the
+    same decoder pass and never written: every write is then supervised by every fact it must keep."""
     batch_size, turns = inputs["input_ids"].shape[:2]
     stm = model.model.initial_memory(batch_size)  # (L, B, S, D)
     loss_sum = inputs["turn_weights"].new_zeros(())
@@ -384,22 +455,16 @@ def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Ten
     for turn in range(turns):
         if bptt_turns and turn and turn % bptt_turns == 0:
             stm = stm.detach()
-        input_ids, attention_mask, labels = _turn(inputs, turn)
-        rows = (inputs["turn_weights"][:, turn] > 0) & (labels != IGNORE_INDEX).any(dim=-1)
-        if rows.any():
-            index = rows.nonzero().squeeze(1)
-            length = max(int(attention_mask[index].sum(dim=-1).max()), 1)
+        reading = _reading_rows(inputs, turn)
+        if reading is not None:
+            input_ids, attention_mask, labels, episode_rows, row_weights = reading
             turn_sum, turn_weight, aux = decoder_loss(
-                model,
-                input_ids[index, :length],
-                attention_mask[index, :length],
-                labels[index, :length],
-                stm[:, index],
-                inputs["turn_weights"][index, turn],
+                model, input_ids, attention_mask, labels, stm[:, episode_rows], row_weights
             )
             loss_sum, weight_sum = loss_sum + turn_sum, weight_sum + turn_weight
             if aux is not None:
                 aux_terms.append(aux)
+        input_ids, attention_mask, _ = _turn(inputs, turn)
         if attention_mask.any():
             stm = model.model.write_memory(stm, input_ids, attention_mask)
     metrics = {"decoder_loss": (loss_sum / weight_sum.clamp(min=1e-8)).detach()}

@@ -72,7 +72,7 @@ _STAGE_KEYS = {
     "joint": {"mlm_probability", "mlm_weight", "corpus"},
     "sft": {"corpus"},
     "memory_attention": {"first_weight", "weight_decay_per_turn", "min_weight"},
-    "memory_aware": {"bptt_turns", "kind_weights"},
+    "memory_aware": {"bptt_turns", "kind_weights", "probe_weight"},
     "external_memory": {"kind_weights", "memory_aware_weight", "memory_aware_kind_weights", "external_memory_layers",
                         "external_memory_topk"},
 }
@@ -209,7 +209,8 @@ def stage_components(
             pad_id, tokenizer.convert_tokens_to_ids(MASK_TOKEN), stage.get("mlm_probability", 0.15), True, special
         )
         return dataset, collator, partial(joint_objective, mlm_weight=stage.get("mlm_weight", 1.0))
-    dataset = tokenize_episodes(tokenizer, _episodes(stage, seed), max_length)
+    probe_weight = stage.get("probe_weight", 0.0) if name == "memory_aware" else 0.0
+    dataset = tokenize_episodes(tokenizer, _episodes(stage, seed), max_length, probes=probe_weight > 0)
     if name == "memory_attention":
         keys = ("first_weight", "weight_decay_per_turn", "min_weight")
         return dataset, EpisodeCollator(pad_id), partial(memory_attention_objective, **{k: stage[k] for k in keys if k in stage})
@@ -221,7 +222,7 @@ def stage_components(
         objective = partial(external_and_memory_aware_objective, memory_aware_weight=stage["memory_aware_weight"])
         return dataset, ExternalAndEpisodeCollator(external, episodes), objective
     weights = {**_DEFAULT_KIND_WEIGHTS, **stage.get("kind_weights", {})}
-    collator = EpisodeCollator(pad_id, weights)
+    collator = EpisodeCollator(pad_id, weights, probe_weight)
     return dataset, collator, partial(memory_aware_objective, bptt_turns=stage.get("bptt_turns", 0))
 
 

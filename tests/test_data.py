@@ -13,6 +13,7 @@ from modeling_rxt.data import (
     CHAT,
     POOL_SIZES,
     SLOT_NAMES,
+    SLOTS,
     SPLITS,
     TELL,
     UPDATE,
@@ -27,6 +28,7 @@ from modeling_rxt.data import (
     lm_texts,
     load_dialogue_corpus,
     make_episodes,
+    recall_probes,
     validate_episode,
     value_pool,
 )
@@ -144,6 +146,29 @@ def test_updated_facts_are_asked_with_their_new_value(episodes):
                 first[turn.slot] = turn.value
             changed += turn.kind == ASK and turn.expected != first[turn.slot]
     assert changed >= 0.1 * sum(len(episode.asks) for episode in episodes)
+
+
+def test_recall_probes_ask_every_stated_fact_with_its_current_value(episodes):
+    for episode in episodes[:100]:
+        probes = recall_probes(episode)
+        for position, turn in enumerate(episode.turns):
+            stated = {t.slot for t in episode.turns[:position] if t.kind in (TELL, UPDATE)}
+            asked_here = {turn.slot} if turn.kind == ASK else set()
+            here = [probe for at, probe in probes if at == position]
+            assert sorted(probe.slot for probe in here) == sorted(stated - asked_here)
+            for probe in here:
+                # The same answer and distance an ask of that fact at this turn would have.
+                stated_at = max(p for p, t in enumerate(episode.turns[:position])
+                                if t.slot == probe.slot and t.kind in (TELL, UPDATE))
+                value = episode.turns[stated_at].value
+                assert (probe.kind, probe.expected, probe.answer) == (ASK, value, f"{value} .")
+                assert probe.fact_distance == position - stated_at
+                assert probe.query in dict((s.name, s.asks) for s in SLOTS)[probe.slot]
+
+
+def test_recall_probes_are_deterministic(episodes):
+    assert recall_probes(episodes[0]) == recall_probes(copy.deepcopy(episodes[0]))
+    assert len(recall_probes(episodes[0])) > len(episodes[0].asks)
 
 
 def test_distances_cover_one_to_nine_evenly(episodes):

@@ -11,7 +11,9 @@ import torch
 from transformers import TrainingArguments
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
-from modeling_rxt.data import ASK, CHAT, TELL, Episode, Turn, lm_texts, load_dialogue_corpus, make_episodes
+from modeling_rxt.data import (
+    ASK, CHAT, TELL, Episode, Turn, lm_texts, load_dialogue_corpus, make_episodes, recall_probes,
+)
 from modeling_rxt.evaluation import evaluate_fact_recall, evaluate_recall, plot_recall, write_json_atomic
 from modeling_rxt.tokenization import IGNORE_INDEX, train_tokenizer
 from modeling_rxt.training import (
@@ -20,6 +22,7 @@ from modeling_rxt.training import (
     ExternalMemoryCollator,
     InteractionCollator,
     RxTTrainer,
+    decoder_loss,
     external_and_memory_aware_objective,
     external_memory_objective,
     interaction_objective,
@@ -93,6 +96,57 @@ def test_episode_collator_weights_turns_by_kind(tokenizer, episodes):
     for row in range(3):
         expected = [weights[turn.kind] for turn in episodes[row].turns]
         assert batch["turn_weights"][row].tolist() == expected
+
+
+def test_episode_collator_flattens_the_recall_probes(tokenizer, episodes):
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH, probes=True)
+    batch = EpisodeCollator(tokenizer.pad_token_id, probe_weight=0.5)([dataset[i] for i in range(4)])
+    expected = [(row, at, probe) for row in range(4) for at, probe in recall_probes(episodes[row])]
+    assert len(expected) > 0
+    assert batch["probe_rows"].tolist() == [row for row, _, _ in expected]
+    assert batch["probe_turns"].tolist() == [at for _, at, _ in expected]
+    assert batch["probe_weights"].tolist() == [0.5] * len(expected)
+    for index, (_, _, probe) in enumerate(expected):
+        labels = batch["probe_labels"][index]
+        kept = labels[labels != IGNORE_INDEX].tolist()
+        assert tokenizer.decode(kept, skip_special_tokens=True).strip() == probe.answer
+        prompt = batch["probe_input_ids"][index][batch["probe_attention_mask"][index].bool()]
+        assert probe.query in tokenizer.decode(prompt.tolist(), skip_special_tokens=True)
+
+
+def test_recall_probes_are_answered_from_the_memory_before_their_turn_and_never_written(tokenizer, episodes):
+    """The probe part of the loss is exactly each probe's answer loss reading STM_{t-1} of its episode, the memory
+    of the episode's own turns: written only from the turns, it is the same with and without probes."""
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH, probes=True)
+    features = [dataset[i] for i in range(4)]
+    model = tiny_model(tokenizer)
+    with torch.no_grad():
+        plain = memory_aware_objective(model, EpisodeCollator(tokenizer.pad_token_id)(features))
+        batch = EpisodeCollator(tokenizer.pad_token_id, probe_weight=0.5)(features)
+        probed = memory_aware_objective(model, batch)
+        stm, expected_sum, expected_weight = model.model.initial_memory(4), 0.0, 0.0
+        for turn in range(batch["input_ids"].shape[1]):
+            for row in (batch["probe_turns"] == turn).nonzero().squeeze(1).tolist():
+                length = int(batch["probe_attention_mask"][row].sum())
+                loss_sum, weight, _ = decoder_loss(
+                    model, batch["probe_input_ids"][row : row + 1, :length],
+                    batch["probe_attention_mask"][row : row + 1, :length], batch["probe_labels"][row : row + 1, :length],
+                    stm[:, batch["probe_rows"][row : row + 1]], torch.tensor([0.5]),
+                )
+                expected_sum, expected_weight = expected_sum + float(loss_sum), expected_weight + float(weight)
+            stm = model.model.write_memory(stm, batch["input_ids"][:, turn], batch["attention_mask"][:, turn])
+    assert expected_weight > 0
+    assert float(probed[1]) == pytest.approx(float(plain[1]) + expected_weight)
+    assert float(probed[0]) == pytest.approx(float(plain[0]) + expected_sum, rel=1e-5)
+
+
+def test_probes_need_probed_rows_and_a_valid_weight(tokenizer, episodes):
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    with pytest.raises(ValueError, match="probe_input_ids"):
+        EpisodeCollator(tokenizer.pad_token_id, probe_weight=1.0)([dataset[0]])
+    for bad in (-1.0, True, "1"):
+        with pytest.raises(ValueError, match="probe_weight"):
+            EpisodeCollator(tokenizer.pad_token_id, probe_weight=bad)
 
 
 def test_external_memory_collator_makes_one_row_per_ask_with_its_earlier_turns(tokenizer, episodes):
@@ -208,6 +262,7 @@ def _fixed_batch_loss(model, objective, batch) -> float:
 @pytest.mark.parametrize(
     ("stage", "extra"),
     [("joint", {"mlm_probability": 0.3}), ("sft", {}), ("memory_attention", {}), ("memory_aware", {}),
+     ("memory_aware", {"probe_weight": 1.0}),
      ("external_memory", {}), ("external_memory", {"memory_aware_weight": 1.0})],
 )
 def test_each_stage_lowers_its_loss_on_a_fixed_batch(stage, extra, tokenizer, tmp_path):
