@@ -15,7 +15,9 @@
 
 Stage 4 is the one that teaches the memory what to keep. Back-propagation runs through the memory writes of the
 episode, truncated every `bptt_turns` turns (the state is detached there): a memory detached at every turn gets no
-signal about what a later question will need.
+signal about what a later question will need. An episode asks for a fact only now and then; with `probe_weight`
+the decoder also answers, before every turn, a question about every fact stated so far (`data.recall_probes`),
+read from the same memory and never written, so every write learns from every fact it must keep.
 
     STM_0 = initial ──► decoder(turn 1 | STM_0) ──► loss_1
       │                 encoder + memory attention (turn 1)

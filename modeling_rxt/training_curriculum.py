@@ -15,7 +15,8 @@ A recipe:
          "episodes": 2000, "corpus": true},
         {"stage": "sft", ...},
         {"stage": "memory_attention", ...},
-        {"stage": "memory_aware", "turns": 10, "bptt_turns": 0, "kind_weights": {"ask": 1.0, ...}, ...},
+        {"stage": "memory_aware", "turns": 10, "bptt_turns": 0, "kind_weights": {"ask": 1.0, ...},
+         "probe_weight": 1.0, ...},                                 # recall probes before every turn
         {"stage": "external_memory", ...}                           # optional: answers from retrieved memories
       ],
       "evaluation": {"split": "test", "episodes": 300, "turns": 10}
