@@ -417,11 +417,11 @@ def _fit(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return F.pad(tensor[:, :length], (0, max(0, length - tensor.shape[1])), value=value)
 
 
-def _reading_rows(inputs: Mapping[str, torch.Tensor], turn: int):
+def _reading_rows(inputs: Mapping[str, torch.Tensor], turn: int, turn_tensors: tuple[torch.Tensor, ...]):
     """What reads STM_{t-1} at `turn`, in one batch: the episodes whose turn has a positive weight and a label, then
     the recall probes of that turn (if the batch has any). Returns (input_ids, attention_mask, labels) (R, T'), the
-    episode each row reads (R,) and its weight (R,), or None when no row reads."""
-    input_ids, attention_mask, labels = _turn(inputs, turn)
+    episode each row reads (R,) and its weight (R,), or None when no row reads. `turn_tensors` is `_turn(inputs, turn)`."""
+    input_ids, attention_mask, labels = turn_tensors
     rows = (inputs["turn_weights"][:, turn] > 0) & (labels != IGNORE_INDEX).any(dim=-1)
     parts = [(input_ids[rows], attention_mask[rows], labels[rows], rows.nonzero().squeeze(1),
               inputs["turn_weights"][rows, turn])]
@@ -457,16 +457,13 @@ def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Ten
     for turn in range(turns):
         if bptt_turns and turn and turn % bptt_turns == 0:
             stm = stm.detach()
-        reading = _reading_rows(inputs, turn)
+        input_ids, attention_mask, labels = _turn(inputs, turn)
+        reading = _reading_rows(inputs, turn, (input_ids, attention_mask, labels))
         if reading is not None:
-            input_ids, attention_mask, labels, episode_rows, row_weights = reading
-            turn_sum, turn_weight, aux = decoder_loss(
-                model, input_ids, attention_mask, labels, stm[:, episode_rows], row_weights
-            )
+            turn_sum, turn_weight, aux = decoder_loss(model, *reading[:3], stm[:, reading[3]], reading[4])
             loss_sum, weight_sum = loss_sum + turn_sum, weight_sum + turn_weight
             if aux is not None:
                 aux_terms.append(aux)
-        input_ids, attention_mask, _ = _turn(inputs, turn)
         if attention_mask.any():
             stm = model.model.write_memory(stm, input_ids, attention_mask)
     metrics = {"decoder_loss": (loss_sum / weight_sum.clamp(min=1e-8)).detach()}
