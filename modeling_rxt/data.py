@@ -347,13 +347,24 @@ def _place_ask(grid: list[_Event | None], distance: int, rng: random.Random, upd
 
 
 def _plan_episode(
-    rng: random.Random, turns: int, max_distance: int, asks: int, update_probability: float
+    rng: random.Random, turns: int, max_distance: int, asks: int, update_probability: float, extra_facts: float
 ) -> list[_Event | None]:
     grid: list[_Event | None] = [None] * turns
     targets = sorted((rng.randint(1, max_distance) for _ in range(asks)), reverse=True)
     for distance in targets:
         _place_ask(grid, distance, rng, update_probability)
+    if extra_facts:  # no draw at 0, so that episodes without extra facts stay what they were
+        _add_extra_facts(grid, rng, extra_facts)
     return grid
+
+
+def _add_extra_facts(grid: list[_Event | None], rng: random.Random, probability: float) -> None:
+    """Turn each free position (a chat to be) into the statement of a new fact with `probability`. Such a fact is
+    never asked: only recall probes ask it, so a short training episode can hold as many facts as a long one."""
+    for pos in range(len(grid) - 1):  # a statement in the last turn could not be probed
+        unused = [name for name in SLOT_NAMES if all(e is None or e[1] != name for e in grid)]
+        if grid[pos] is None and unused and rng.random() < probability:
+            grid[pos] = (TELL, rng.choice(unused))
 
 
 def _fact_turn(kind: str, slot: Slot, value: str, rng: random.Random) -> Turn:
@@ -399,7 +410,12 @@ def _check_int_at_least(name: str, value: object, minimum: int, why: str = "") -
 
 
 def _check_episode_args(
-    n_episodes: int, turns: int, max_distance: int | None, ask_ratio: float, update_probability: float
+    n_episodes: int,
+    turns: int,
+    max_distance: int | None,
+    ask_ratio: float,
+    update_probability: float,
+    extra_facts: float,
 ) -> int:
     """Check the arguments of `make_episodes`; return the effective maximum distance."""
     _check_int_at_least("n_episodes", n_episodes, 0)
@@ -410,6 +426,8 @@ def _check_episode_args(
         raise ValueError(f"ask_ratio must be positive, got {ask_ratio!r}")
     if not 0.0 <= update_probability <= 1.0:
         raise ValueError(f"update_probability must be in [0, 1], got {update_probability!r}")
+    if isinstance(extra_facts, bool) or not isinstance(extra_facts, (int, float)) or not 0.0 <= extra_facts <= 1.0:
+        raise ValueError(f"extra_facts must be a probability in [0, 1], got {extra_facts!r}")
     return turns - 1 if max_distance is None else min(max_distance, turns - 1)
 
 
@@ -422,6 +440,7 @@ def make_episodes(
     max_distance: int | None = None,
     ask_ratio: float = 0.4,
     update_probability: float = 0.25,
+    extra_facts: float = 0.0,
     dialogue: Sequence[tuple[str, str]] | None = None,
     max_chat_chars: int = 160,
 ) -> list[Episode]:
@@ -429,12 +448,13 @@ def make_episodes(
 
     About `ask_ratio * turns` asks per episode (one more or less at random), at distances drawn uniformly from
     1..`max_distance` (default `turns - 1`; lower it for a curriculum). `update_probability` is the chance that an ask
-    is placed after an update of a fact instead of after its first statement. Distractors come from `dialogue`
+    is placed after an update of a fact instead of after its first statement. `extra_facts` is the chance that each
+    turn left free becomes the statement of one more fact, never asked (training: recall probes ask it). Distractors come from `dialogue`
     (default: this split's corpus pairs of at most `max_chat_chars` characters). Episode `i` is the same whatever
     `n_episodes` is, so a longer run extends a shorter one.
     """
     _check_split(split)
-    max_distance = _check_episode_args(n_episodes, turns, max_distance, ask_ratio, update_probability)
+    max_distance = _check_episode_args(n_episodes, turns, max_distance, ask_ratio, update_probability, extra_facts)
     chats = list(dialogue) if dialogue is not None else load_dialogue_corpus(split, max_chars=max_chat_chars)
     base = max(1, round(ask_ratio * turns))
     episodes = []
@@ -442,7 +462,7 @@ def make_episodes(
         # A string seed is hashed deterministically by `random` (unlike hash()), independently of other episodes.
         rng = random.Random(f"rxt-episode/{split}/{seed}/{turns}/{index}")
         asks = min(turns - 1, max(1, base + rng.choice((-1, 0, 1))))
-        grid = _plan_episode(rng, turns, max_distance, asks, update_probability)
+        grid = _plan_episode(rng, turns, max_distance, asks, update_probability, extra_facts)
         episodes.append(Episode(f"{split}-{seed}-{turns}-{index}", split, _realise(grid, rng, split, chats)))
     return episodes
 

@@ -69,7 +69,8 @@ from .training import (
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configuration" / "training"
 _STAGE_KEYS = {
     "common": {"stage", "max_steps", "batch_size", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
-               "episodes", "turns", "max_chat_chars", "ask_ratio", "max_distance", "save_steps", "logging_steps"},
+               "episodes", "turns", "max_chat_chars", "ask_ratio", "max_distance", "extra_facts", "save_steps",
+               "logging_steps"},
     "joint": {"mlm_probability", "mlm_weight", "corpus"},
     "sft": {"corpus"},
     "memory_attention": {"first_weight", "weight_decay_per_turn", "min_weight"},
@@ -186,6 +187,7 @@ def _episodes(stage: Mapping, seed: int):
         seed=seed,
         max_distance=stage.get("max_distance"),
         ask_ratio=stage.get("ask_ratio", 0.4),
+        extra_facts=stage.get("extra_facts", 0.0),
         max_chat_chars=stage.get("max_chat_chars", 160),
     )
 

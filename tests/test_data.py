@@ -191,6 +191,29 @@ def test_several_facts_are_alive_at_asks(episodes):
     assert sum(alive) / len(alive) >= 2.0
 
 
+def test_extra_facts_add_statements_and_keep_the_asks():
+    plain = make_episodes(60, turns=7)
+    extra = make_episodes(60, turns=7, extra_facts=1.0)
+    assert make_episodes(60, turns=7, extra_facts=0.0) == plain  # the default draws nothing more
+    for before, after in zip(plain, extra, strict=True):
+        # The asks (slot, distance) are unchanged; only distractor turns became new facts, never the last turn.
+        assert [t.slot for t in after.asks] == [t.slot for t in before.asks]
+        assert [t.fact_distance for t in after.asks] == [t.fact_distance for t in before.asks]
+        for old, new in zip(before.turns, after.turns, strict=True):
+            assert new.kind == old.kind or (old.kind == CHAT and new.kind == TELL)
+        assert after.turns[-1].kind == before.turns[-1].kind
+        # Every free turn but the last holds a fact while unused slots remain.
+        stated = {t.slot for t in after.turns if t.kind in (TELL, UPDATE)}
+        if len(stated) < len(SLOT_NAMES):
+            assert all(t.kind != CHAT for t in after.turns[:-1])
+    facts = lambda eps: sum(t.kind == TELL for e in eps for t in e.turns)  # noqa: E731
+    assert facts(extra) > 1.5 * facts(plain)
+    for episode in extra:  # the answers still follow the statements
+        for turn, (value, stated_at) in zip(episode.turns, _statement_history(episode), strict=True):
+            if turn.kind == ASK:
+                assert turn.expected == value
+
+
 def test_distractors_sit_between_statement_and_ask(episodes):
     far, with_chat = 0, 0
     for episode in episodes:
@@ -302,8 +325,9 @@ def test_lm_texts_cover_corpus_and_episodes(episodes):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"turns": 1}, {"split": "dev"}, {"max_distance": 0}, {"update_probability": 1.5}],
-    ids=["one-turn", "unknown-split", "zero-distance", "bad-probability"],
+    [{"turns": 1}, {"split": "dev"}, {"max_distance": 0}, {"update_probability": 1.5}, {"extra_facts": -0.1},
+     {"extra_facts": "0.5"}],
+    ids=["one-turn", "unknown-split", "zero-distance", "bad-probability", "negative-extra-facts", "text-extra-facts"],
 )
 def test_make_episodes_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
