@@ -449,9 +449,9 @@ def make_episodes(
     About `ask_ratio * turns` asks per episode (one more or less at random), at distances drawn uniformly from
     1..`max_distance` (default `turns - 1`; lower it for a curriculum). `update_probability` is the chance that an ask
     is placed after an update of a fact instead of after its first statement. `extra_facts` is the chance that each
-    turn left free becomes the statement of one more fact, never asked (training: recall probes ask it). Distractors come from `dialogue`
-    (default: this split's corpus pairs of at most `max_chat_chars` characters). Episode `i` is the same whatever
-    `n_episodes` is, so a longer run extends a shorter one.
+    turn left free becomes the statement of one more fact, never asked (training: recall probes ask it). Distractors
+    come from `dialogue` (default: this split's corpus pairs of at most `max_chat_chars` characters). Episode `i` is
+    the same whatever `n_episodes` is, so a longer run extends a shorter one.
     """
     _check_split(split)
     max_distance = _check_episode_args(n_episodes, turns, max_distance, ask_ratio, update_probability, extra_facts)
