@@ -23,7 +23,8 @@ A recipe:
     }
 
 A stage may appear more than once (e.g. memory-aware training on short episodes, then on long ones). Every stage
-has a linear warmup and a cosine decay of its learning rate (`warmup_steps`, `min_lr_ratio`).
+has a linear warmup and a cosine decay of its learning rate (`warmup_steps`, `min_lr_ratio`). A stage's episodes
+follow `episodes`, `turns`, `ask_ratio`, `max_distance`, `max_chat_chars` and `extra_facts` (`data.make_episodes`).
 """
 
 from __future__ import annotations
