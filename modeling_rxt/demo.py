@@ -177,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"   ({result['questions_by_distance'][distance]} questions)")
     print("[demo] the same by memory writes before the question: " + ", ".join(
         f"{writes}: {accuracy:.0%}" for writes, accuracy in result["recall_by_writes"].items()))
+    print("[demo] the same by different facts stated before the question: " + ", ".join(
+        f"{held}: {accuracy:.0%}" for held, accuracy in result["recall_by_facts_held"].items()))
 
     recipe_path = Path(args.recipe) if Path(args.recipe).suffix else None
     how = export_hub_folder(model_dir, output / "hub", output / "eval.json", recipe_path)

@@ -24,7 +24,17 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .data import ASK, Episode, answer_value, chance_accuracy, exact_match, make_episodes, validate_episode
+from .data import (
+    ASK,
+    TELL,
+    UPDATE,
+    Episode,
+    answer_value,
+    chance_accuracy,
+    exact_match,
+    make_episodes,
+    validate_episode,
+)
 from .memory_state import RxTMemoryState, atomic_write, write_json_atomic
 from .modeling_rxt import RxTForCausalLM
 from .tokenization import EOS_TOKEN, PAD_TOKEN, decode_answer, encode_interaction, encode_query
@@ -113,13 +123,19 @@ def _play_batch(model, tokenizer, episodes: Sequence[Episode], counts, examples:
                 hit = exact_match(text, asked.expected)
                 _count(counts, asked.fact_distance, hit, exact_match(text_reset, asked.expected))
                 examples.append({"episode": episodes[i].id, "turn": turn, "distance": asked.fact_distance,
-                                 "expected": asked.expected, "answer": answer_value(text), "correct": hit})
+                                 "facts_held": facts_held(episodes[i], turn), "expected": asked.expected,
+                                 "answer": answer_value(text), "correct": hit})
                 # The model's own answer goes into its memory, as it would in a real conversation.
                 prompt = encode_query(tokenizer, asked.query)["input_ids"]
                 interactions[i] = prompt + answer
         input_ids, attention_mask = _right_pad(interactions, pad_id)
         state = model.update_memory(state, input_ids[:, : model.config.max_position_embeddings],
                                     attention_mask[:, : model.config.max_position_embeddings])
+
+
+def facts_held(episode: Episode, turn: int) -> int:
+    """How many different facts (slots) the episode has stated before `turn`: what the memory must hold apart."""
+    return len({t.slot for t in episode.turns[:turn] if t.kind in (TELL, UPDATE)})
 
 
 def evaluate_recall(
@@ -135,7 +151,8 @@ def evaluate_recall(
 
     Returns a JSON-ready dict: `recall_by_distance` and `recall_memory_reset` ({distance: accuracy}),
     `questions_by_distance`, `recall_by_writes` and `questions_by_writes` (the same by the number of memory writes
-    before the question, i.e. its turn index), the overall `recall` and `recall_reset`, `chance`, `questions`, and
+    before the question, i.e. its turn index), `recall_by_facts_held` and `questions_by_facts_held` (by how many
+    different facts the episode stated before the question, `facts_held`), the overall `recall` and `recall_reset`, `chance`, `questions`, and
     `examples` (every question with the expected and predicted value). Every episode is checked with
     `validate_episode` first and a bad one raises `ValueError` naming it: an evaluation must not silently drop
     questions."""
@@ -215,8 +232,10 @@ def _summarise(counts: dict[str, dict[int, int]], examples: list, chance: float)
     if total == 0:
         raise ValueError("the episodes hold no questions (asks) to score")
     writes: dict[int, list[bool]] = {}  # the turn index of a question = the memory writes before it
+    held: dict[int, list[bool]] = {}
     for example in examples:
         writes.setdefault(example["turn"], []).append(example["correct"])
+        held.setdefault(example["facts_held"], []).append(example["correct"])
     return {
         "recall_by_distance": {d: counts["correct"][d] / counts["total"][d] for d in distances},
         "recall_memory_reset": {d: counts["correct_reset"][d] / counts["total"][d] for d in distances},
@@ -224,6 +243,9 @@ def _summarise(counts: dict[str, dict[int, int]], examples: list, chance: float)
         # Whether the memory degrades with use, whatever the distance: the same recall by writes before the question.
         "recall_by_writes": {w: sum(hits) / len(hits) for w, hits in sorted(writes.items())},
         "questions_by_writes": {w: len(hits) for w, hits in sorted(writes.items())},
+        # Whether facts crowd each other out: the same by the number of different facts stated before the question.
+        "recall_by_facts_held": {n: sum(hits) / len(hits) for n, hits in sorted(held.items())},
+        "questions_by_facts_held": {n: len(hits) for n, hits in sorted(held.items())},
         "recall": sum(counts["correct"].values()) / total,
         "recall_reset": sum(counts["correct_reset"].values()) / total,
         "chance": chance,

@@ -12,9 +12,9 @@ from transformers import TrainingArguments
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.data import (
-    ASK, CHAT, TELL, Episode, Turn, lm_texts, load_dialogue_corpus, make_episodes, recall_probes,
+    ASK, CHAT, TELL, UPDATE, Episode, Turn, lm_texts, load_dialogue_corpus, make_episodes, recall_probes,
 )
-from modeling_rxt.evaluation import evaluate_fact_recall, evaluate_recall, plot_recall, write_json_atomic
+from modeling_rxt.evaluation import evaluate_fact_recall, evaluate_recall, facts_held, plot_recall, write_json_atomic
 from modeling_rxt.tokenization import IGNORE_INDEX, train_tokenizer
 from modeling_rxt.training import (
     EpisodeCollator,
@@ -441,6 +441,17 @@ def _constant_answer_model(tokenizer, tmp_path) -> RxTForCausalLM:
     return model.eval()
 
 
+def test_facts_held_counts_different_facts_stated_before_the_turn():
+    episode = _episode("held", [
+        Turn("my cat is called zub .", "noted : your cat is called zub .", TELL, "cat", "zub"),
+        Turn("my dog is called bimo .", "noted : your dog is called bimo .", TELL, "dog", "bimo"),
+        Turn("my cat is now called pex .", "ok , your cat is now called pex .", UPDATE, "cat", "pex"),
+        Turn("hello", "hi", CHAT),
+        Turn("what is my cat called ?", "pex .", ASK, "cat", expected="pex", fact_distance=2),
+    ], "test")
+    assert [facts_held(episode, turn) for turn in range(5)] == [0, 1, 2, 2, 2]  # an update is not a new fact
+
+
 def test_recall_scores_a_known_case(tokenizer, tmp_path):
     model = _constant_answer_model(tokenizer, tmp_path)
     right = _episode("right", [
@@ -464,6 +475,8 @@ def test_recall_scores_a_known_case(tokenizer, tmp_path):
     assert result["questions_by_distance"] == {1: 1, 2: 2}
     assert result["recall_by_writes"] == {2: pytest.approx(2 / 3)}  # every question comes after two writes
     assert result["questions_by_writes"] == {2: 3}
+    assert result["recall_by_facts_held"] == {1: pytest.approx(2 / 3)}  # one fact stated before each question
+    assert result["questions_by_facts_held"] == {1: 3}
     assert [e["answer"] for e in result["examples"]] == ["zub", "zub", "zub"]
     assert result["chance"] == pytest.approx(0.01)  # 100 held-out values per slot in the test split
 
