@@ -1,6 +1,7 @@
 """The benchmark functions at tiny settings: they run, count tokens and state bytes exactly, and write well-formed JSON
 and plots with the expected keys. Nothing here asserts a timing."""
 
+import importlib.util
 import json
 import math
 
@@ -52,10 +53,32 @@ def models(settings):
 
 @pytest.mark.parametrize("bad", [dict(turns=(2, 1)), dict(turns=(0, 1)), dict(turns=()), dict(repeats=0),
                                  dict(train_warmup_steps=3), dict(rxt_systems=("rxt-big",)), dict(answer_tokens=1),
-                                 dict(threads=True)])
+                                 dict(threads=True), dict(dtype="float64"), dict(attn_implementation=""),
+                                 dict(device="tpu"), dict(device="not a device")])
 def test_settings_reject_bad_values(bad):
     with pytest.raises(ValueError):
         BenchSettings(**{**TINY_RUN, **bad})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_settings_name_a_missing_gpu():
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        BenchSettings(**{**TINY_RUN, "device": "cuda"})
+
+
+def test_systems_take_the_dtype_and_attention_kernel_of_the_settings():
+    models = build_systems(BenchSettings(**{**TINY_RUN, "dtype": "bfloat16", "attn_implementation": "eager"}))
+    for model in models.values():
+        assert model.dtype == torch.bfloat16 and not model.training
+        kernels = {module.config._attn_implementation for module in model.modules() if hasattr(module, "config")}
+        assert kernels == {"eager"}  # every attention block reads the same config
+    assert describe_systems(models)[LLAMA]["attn_implementation"] == "eager"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_an_attention_kernel_that_is_not_installed_is_named():
+    with pytest.raises((ValueError, ImportError), match="flash"):
+        build_systems(BenchSettings(**{**TINY_RUN, "attn_implementation": "flash_attention_2"}))
 
 
 def test_settings_reject_overrides_that_are_not_a_dict():
@@ -229,6 +252,8 @@ def test_run_benchmarks_writes_json_plots_and_summary(tmp_path, settings):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {"cpu", "logical_cores", "torch_threads", "torch", "transformers", "date_utc"} <= set(summary["machine"])
     assert summary["machine"]["torch_threads"] == 1
+    assert (summary["machine"]["device"], summary["machine"]["gpu"]) == ("cpu", None)
+    assert (summary["settings"]["dtype"], summary["settings"]["attn_implementation"]) == ("float32", "sdpa")
     assert set(summary["acceptance"]) == {"rxt-moe", "rxt-dense"}
     assert summary["acceptance"]["rxt-dense"]["turn_over_llama_turn1"]["value"] > 0
     assert summary["acceptance"]["rxt-dense"]["decode_throughput_ratio"]["value"] is None  # decode not run
@@ -245,6 +270,9 @@ def test_run_benchmarks_checks_its_arguments(settings, tmp_path):
 def test_command_line_parses_sections_and_turns():
     args = parse_args(["--quick", "--only", "decode,write", "--turns", "1,4,16"])
     assert args.quick and args.only == ("decode", "write") and args.turns == (1, 4, 16)
+    assert (args.device, args.dtype, args.attn) == ("cpu", "float32", "sdpa")
+    args = parse_args(["--device", "cuda:0", "--dtype", "bfloat16", "--attn", "eager"])
+    assert (args.device, args.dtype, args.attn) == ("cuda:0", "bfloat16", "eager")
     with pytest.raises(SystemExit):
         parse_args(["--only", "speed"])
 

@@ -28,6 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
     parser.add_argument("--preset", default="alpha-micro", help="model preset of configuration/models")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--attn", default="sdpa", help="attention kernel of every system: sdpa (default), eager, "
+                        "flash_attention_2 (needs the flash-attn package) ...")
     parser.add_argument("--turns", type=_ints, help="sampled turns, e.g. 1,2,4,8,16,32,64,96,128")
     parser.add_argument("--repeats", type=int, help="repeats per sampled turn")
     return parser.parse_args(argv)
@@ -36,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     values = dict(QUICK) if args.quick else {}
-    values.update(preset=args.preset, threads=args.threads)
+    values.update(preset=args.preset, threads=args.threads, device=args.device, dtype=args.dtype,
+                  attn_implementation=args.attn)
     if args.turns is not None:
         values["turns"] = args.turns
     if args.repeats is not None:

@@ -23,7 +23,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from modeling_rxt import RxTForCausalLM, RxTMemoryState
 
-from .systems import LLAMA, BenchSettings, TokenClock, forced_length, median, quiet_gc, rotated
+from .systems import LLAMA, BenchSettings, TokenClock, forced_length, median, now, quiet_gc, rotated
 
 REREAD, KV = "llama-reread", "llama-kv"
 TURN1 = "@turn1"  # suffix of a system run with no conversation behind it at every sampled turn
@@ -39,12 +39,12 @@ def rxt_turn(model: RxTForCausalLM, state: RxTMemoryState, query: torch.Tensor, 
     """One RxT interaction: the answer read from `state`, then the memory write. Returns the timings and STM_t."""
     clock = TokenClock()
     with quiet_gc():
-        start = time.perf_counter()
+        start = now(query.device)
         interaction = model.generate(query, memory_state=state, streamer=clock, **forced_length(settings.answer_tokens))
-        answered = time.perf_counter()
+        answered = now(query.device)
         with torch.no_grad():
             new_state = model.update_memory(state, interaction)
-        written = time.perf_counter()
+        written = now(query.device)
     sample = clock.split(start, settings.answer_tokens)
     sample.update(write_s=written - answered, turn_s=written - start, state_bytes=_state_bytes(new_state),
                   tokens_processed=_rxt_tokens(settings))
@@ -58,9 +58,9 @@ def llama_turn(model: PreTrainedModel, prompt: torch.Tensor, settings: BenchSett
     clock = TokenClock()
     extra = {} if cache is None else {"past_key_values": cache}
     with quiet_gc():
-        start = time.perf_counter()
+        start = now(prompt.device)
         output = model.generate(prompt, streamer=clock, **extra, **forced_length(settings.answer_tokens))
-        finished = time.perf_counter()
+        finished = now(prompt.device)
     sample = clock.split(start, settings.answer_tokens)
     sample.update(turn_s=finished - start, tokens_processed=prompt.shape[1] - history + settings.answer_tokens - 1)
     if cache is None:  # a stateless model keeps only the transcript (token ids) between turns
@@ -96,7 +96,7 @@ def measure_turn_latency(models: dict[str, PreTrainedModel], settings: BenchSett
     vocab = models[LLAMA].config.vocab_size
 
     def random_ids(length: int) -> torch.Tensor:
-        return torch.randint(4, vocab, (1, length), generator=generator)
+        return torch.randint(4, vocab, (1, length), generator=generator).to(settings.device)
 
     rxt_names = [name for name in models if name != LLAMA]
     states = {name: models[name].init_memory(1) for name in rxt_names}
@@ -173,6 +173,7 @@ def measure_decode_throughput(models: dict[str, PreTrainedModel], settings: Benc
     greedy loop of forward calls with a cache. The gap between the two is the `GenerationMixin` overhead per token."""
     generator = torch.Generator().manual_seed(settings.seed + 1)
     query = torch.randint(4, models[LLAMA].config.vocab_size, (1, settings.query_tokens), generator=generator)
+    query = query.to(settings.device)
     names = list(models)
     generate_rates = {name: [] for name in names}
     loop_rates = {name: [] for name in names}
@@ -197,7 +198,7 @@ def _generate_rate(model: PreTrainedModel, query: torch.Tensor, new_tokens: int)
     clock = TokenClock()
     extra = {"memory_state": model.init_memory(1)} if isinstance(model, RxTForCausalLM) else {}
     with quiet_gc():
-        start = time.perf_counter()
+        start = now(query.device)
         model.generate(query, streamer=clock, **extra, **forced_length(new_tokens))
     return 1.0 / clock.split(start, new_tokens)["decode_per_token_s"]
 
@@ -212,11 +213,11 @@ def _forward_loop_rate(model: PreTrainedModel, query: torch.Tensor, new_tokens: 
     with quiet_gc():
         logits = model(query, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits
         token = logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
+        start = now(query.device)
+        for _ in range(new_tokens - 1):  # no host sync inside: on a GPU the steps queue up back to back
             logits = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits
             token = logits[:, -1:].argmax(-1)
-        elapsed = time.perf_counter() - start
+        elapsed = now(query.device) - start
     return (new_tokens - 1) / elapsed
 
 
@@ -234,11 +235,11 @@ def measure_write_cost(models: dict[str, PreTrainedModel], settings: BenchSettin
         for name in rotated(rxt_names, repeat):
             model, state = models[name], models[name].init_memory(1)
             for length in result[name]["lengths"]:
-                ids = torch.randint(4, model.config.vocab_size, (1, length), generator=generator)
+                ids = torch.randint(4, model.config.vocab_size, (1, length), generator=generator).to(settings.device)
                 with quiet_gc(), torch.no_grad():
-                    start = time.perf_counter()
+                    start = now(ids.device)
                     model.update_memory(state, ids)
-                    result[name]["samples"][str(length)].append(time.perf_counter() - start)
+                    result[name]["samples"][str(length)].append(now(ids.device) - start)
     for entry in result.values():
         entry["median_s"] = {length: median(times) for length, times in entry["samples"].items()}
     return result

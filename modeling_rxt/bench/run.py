@@ -30,7 +30,7 @@ def run_benchmarks(
     set_threads(settings.threads)
     output_dir = Path(output_dir)
     models = build_systems(settings)
-    results: dict = {"machine": machine_info(settings.threads), "settings": settings.to_dict(),
+    results: dict = {"machine": machine_info(settings.threads, settings.device), "settings": settings.to_dict(),
                      "systems": describe_systems(models)}
     _warm_up(models, settings)
     measures = {
@@ -84,7 +84,7 @@ def _warm_up(models: dict, settings: BenchSettings) -> None:
 
     from .systems import forced_length
 
-    query = torch.randint(4, 100, (1, settings.query_tokens))
+    query = torch.randint(4, 100, (1, settings.query_tokens), device=settings.device)
     for name, model in models.items():
         extra = {"memory_state": model.init_memory(1)} if name.startswith("rxt") else {}
         output = model.generate(query, **extra, **forced_length(4))

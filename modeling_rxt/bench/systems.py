@@ -24,6 +24,21 @@ from modeling_rxt import RxTConfig, RxTForCausalLM
 RXT_SYSTEMS = ("rxt-moe", "rxt-dense")
 LLAMA = "llama"
 DEFAULT_TURNS = (1, 2, 4, 8, 16, 32, 64, 96, 128)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_device(device: str) -> None:
+    """Raises `ValueError` unless `device` is "cpu" or a CUDA device this machine has."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"`device` must be 'cpu' or 'cuda[:N]', got {device!r}.") from error
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"`device` must be 'cpu' or 'cuda[:N]', got {device!r}.")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` is {device!r} but torch sees no CUDA GPU on this machine.")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"`device` is {device!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s).")
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,9 @@ class BenchSettings:
     overrides: dict = field(default_factory=dict)  # config overrides for every system (tests use tiny shapes)
     rxt_systems: tuple[str, ...] = RXT_SYSTEMS
     threads: int = 2
+    device: str = "cpu"  # "cuda" runs every system on the GPU; every timed region then ends with a synchronize
+    dtype: str = "float32"  # weights and activations of every system: float32, bfloat16 or float16
+    attn_implementation: str = "sdpa"  # an entry of transformers' attention registry, for every system
     seed: int = 0
     query_tokens: int = 32
     answer_tokens: int = 32
@@ -71,6 +89,11 @@ class BenchSettings:
             raise ValueError(f"`rxt_systems` must be a non-empty subset of {RXT_SYSTEMS}, got {self.rxt_systems!r}.")
         if not isinstance(self.overrides, dict):
             raise TypeError(f"`overrides` must be a dict of config fields, got {type(self.overrides).__name__}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if not isinstance(self.attn_implementation, str) or not self.attn_implementation:
+            raise ValueError(f"`attn_implementation` must be a name such as 'sdpa', got {self.attn_implementation!r}.")
+        check_device(self.device)
         object.__setattr__(self, "turns", turns)
         object.__setattr__(self, "rxt_systems", tuple(self.rxt_systems))
 
@@ -130,12 +153,14 @@ def build_systems(settings: BenchSettings) -> dict[str, PreTrainedModel]:
         config = rxt_config(settings, system)
         check_lengths(settings, config)
         torch.manual_seed(settings.seed + index)
-        models[system] = RxTForCausalLM(config).eval()
+        models[system] = RxTForCausalLM(config)
     reference = rxt_config(settings, "rxt-dense")
     longest_history = settings.turns[-1] * settings.turn_tokens + settings.decode_tokens
     torch.manual_seed(settings.seed + len(models))
-    models[LLAMA] = LlamaForCausalLM(llama_config(reference, max(longest_history, settings.train_seq_len))).eval()
+    models[LLAMA] = LlamaForCausalLM(llama_config(reference, max(longest_history, settings.train_seq_len)))
     for model in models.values():
+        model.set_attn_implementation(settings.attn_implementation)  # raises if that kernel is not installed
+        model.to(device=settings.device, dtype=DTYPES[settings.dtype]).eval()
         model.generation_config.eos_token_id = None
     return models
 
@@ -156,6 +181,13 @@ def describe_systems(models: dict[str, PreTrainedModel]) -> dict:
     return described
 
 
+def now(device: str | torch.device) -> float:
+    """`time.perf_counter()` once the work queued on `device` has finished (CUDA runs asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def forced_length(tokens: int) -> dict:
     """`generate` arguments for exactly `tokens` new tokens, greedy."""
     return {"generation_config": GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)}
@@ -168,7 +200,8 @@ class TokenClock(BaseStreamer):
         self.times: list[float] = []
 
     def put(self, value: torch.Tensor) -> None:
-        self.times.append(time.perf_counter())
+        # `generate` hands over `tokens.cpu()`, a copy that waits for the GPU: the time is when the token exists.
+        self.times.append(now(value.device))
 
     def end(self) -> None:
         pass

@@ -14,7 +14,6 @@ set just before training.
 
 import multiprocessing
 import tempfile
-import time
 from dataclasses import replace
 from queue import Empty
 
@@ -23,7 +22,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from .systems import BenchSettings, build_systems, median, rotated, set_threads
+from .systems import BenchSettings, build_systems, median, now, rotated, set_threads
 
 
 class RandomTokens(Dataset):
@@ -41,17 +40,18 @@ class RandomTokens(Dataset):
 
 
 class StepClock(TrainerCallback):
-    """Seconds of every optimizer step."""
+    """Seconds of every optimizer step (on a GPU, until its queued work has finished)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str) -> None:
+        self.device = device
         self.seconds: list[float] = []
         self._start = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self._start = now(self.device)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.seconds.append(time.perf_counter() - self._start)
+        self.seconds.append(now(self.device) - self._start)
 
 
 def train_steps(model: PreTrainedModel, data: RandomTokens, settings: BenchSettings, steps: int, output_dir: str):
@@ -61,7 +61,7 @@ def train_steps(model: PreTrainedModel, data: RandomTokens, settings: BenchSetti
         per_device_train_batch_size=settings.train_batch_size,
         max_steps=steps,
         learning_rate=1e-4,
-        use_cpu=True,
+        use_cpu=torch.device(settings.device).type == "cpu",  # the model stays in the dtype it was built in
         report_to=[],
         logging_strategy="no",
         save_strategy="no",
@@ -70,7 +70,7 @@ def train_steps(model: PreTrainedModel, data: RandomTokens, settings: BenchSetti
         dataloader_num_workers=0,
         seed=settings.seed,
     )
-    clock = StepClock()
+    clock = StepClock(settings.device)
     model.train()
     trainer = Trainer(model=model, args=arguments, train_dataset=data, callbacks=[clock])
     trainer.remove_callback(PrinterCallback)  # no metrics dict printed after every run
@@ -131,13 +131,22 @@ def _peak_memory_worker(settings: BenchSettings, system: str, queue) -> None:
     model = build_systems(replace(settings, rxt_systems=only))[system]
     data = RandomTokens(settings.train_batch_size * settings.peak_memory_steps, settings.train_seq_len,
                         model.config.vocab_size, settings.seed + 3)
+    on_gpu = torch.device(settings.device).type == "cuda"
     with tempfile.TemporaryDirectory() as output_dir:
+        if on_gpu:
+            torch.cuda.synchronize(settings.device)
+            before_bytes = torch.cuda.memory_allocated(settings.device)
+            torch.cuda.reset_peak_memory_stats(settings.device)
         before = _status_kib("VmRSS")
         reset = _reset_peak_rss()
         train_steps(model, data, settings, settings.peak_memory_steps, output_dir)
         peak = _status_kib("VmHWM")
-    queue.put({"rss_before_training_kib": before, "peak_rss_kib": peak, "peak_reset": reset,
-               "training_peak_increase_mib": None if peak is None or before is None else (peak - before) / 1024})
+    result = {"rss_before_training_kib": before, "peak_rss_kib": peak, "peak_reset": reset,
+              "training_peak_increase_mib": None if peak is None or before is None else (peak - before) / 1024}
+    if on_gpu:  # what the GPU held at most, above the model itself: activations, gradients, optimizer state
+        result["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated(settings.device) / 2**20
+        result["training_peak_increase_mib"] = (torch.cuda.max_memory_allocated(settings.device) - before_bytes) / 2**20
+    queue.put(result)
 
 
 def _result_of(process, queue, system: str) -> dict:
@@ -164,5 +173,7 @@ def measure_training_peak_memory(settings: BenchSettings, systems: list[str]) ->
         process.start()
         results[system] = _result_of(process, queue, system)
         process.join()
-    return {"steps": settings.peak_memory_steps, "method": "VmHWM - VmRSS before training, fresh process",
+    method = ("torch.cuda.max_memory_allocated - allocated before training, fresh process"
+              if torch.device(settings.device).type == "cuda" else "VmHWM - VmRSS before training, fresh process")
+    return {"steps": settings.peak_memory_steps, "method": method,
             "systems": results}
