@@ -28,15 +28,15 @@ BENCH="$PY -m modeling_rxt.bench --device $DEVICE --threads 4 --turns 1,16,64,12
 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
   FLASH=$("$PY" -c "import importlib.util; print(int(importlib.util.find_spec('flash_attn') is not None))")
   echo "flash_attn installed: $FLASH"
-  timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+  timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
     "tests/test_external_memory.py::test_memory_on_cpu_model_on_cuda"
-  timeout 200 $BENCH --only turn_latency,decode,write,training --out "$BENCH_DIR/sdpa-float32"
-  timeout 90 $BENCH --dtype bfloat16 --only decode,write,training --out "$BENCH_DIR/sdpa-bfloat16"
+  timeout 260 $BENCH --only turn_latency,decode,write,training --out "$BENCH_DIR/sdpa-float32"
+  timeout 70 $BENCH --dtype bfloat16 --only decode,write,training --out "$BENCH_DIR/sdpa-bfloat16"
   if [ "$FLASH" = 1 ]; then
     timeout 90 $BENCH --dtype bfloat16 --attn flash_attention_2 --only decode,write,training \
       --out "$BENCH_DIR/flash_attention_2-bfloat16"
   fi
-  timeout 80 $BENCH --only training_memory --out "$BENCH_DIR/sdpa-float32-memory"
+  timeout 60 $BENCH --only training_memory --out "$BENCH_DIR/sdpa-float32-memory"
   date -u
 } 2>&1 | tee "$OUT/gpu_check.log"
 tar czf "$OUT/gpu_bench.tar.gz" -C "$(dirname "$BENCH_DIR")" bench
