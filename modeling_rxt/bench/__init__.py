@@ -12,6 +12,8 @@ ratios of the benchmark issue, all from one run):
     training_memory  peak resident memory of a short training run, one fresh process per system
 
 Thread count is fixed (`torch.set_num_threads`), systems are interleaved in rotating order, figures are medians.
+On a GPU (`BenchSettings.device="cuda"`, `--device cuda`) every timed region ends with `torch.cuda.synchronize`;
+`gpu_check.sh` beside this file runs the CUDA tests and these benchmarks in one call.
 This package is benchmark code: the modeling files never import it, so it never reaches a Hub folder.
 """
 
