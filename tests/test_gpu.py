@@ -103,8 +103,7 @@ def test_a_training_step_on_the_gpu_lowers_the_loss():
 def test_the_benchmark_runs_on_the_gpu(tmp_path):
     from modeling_rxt.bench import BenchSettings, run_benchmarks
 
-    shape = {key: SHAPE[key] for key in SHAPE}
-    settings = BenchSettings(overrides=shape, device="cuda", dtype="bfloat16", threads=1, query_tokens=4,
+    settings = BenchSettings(overrides=dict(SHAPE), device="cuda", dtype="bfloat16", threads=1, query_tokens=4,
                              answer_tokens=3, turns=(1, 3), repeats=2, decode_tokens=4, decode_repeats=2,
                              write_repeats=2, train_batch_size=2, train_seq_len=16, train_steps=3,
                              train_warmup_steps=1, train_rounds=1, peak_memory_steps=1)

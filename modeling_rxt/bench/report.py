@@ -11,7 +11,7 @@ import transformers
 
 from ..memory_state import atomic_write, write_json_atomic
 from .latency import KV, LLAMA_TURN1, REREAD, TURN1
-from .systems import LLAMA, median
+from .systems import LLAMA, is_cuda, median
 
 # (key, what, target, direction): "max" means the ratio must not exceed the target, "min" that it must reach it.
 ACCEPTANCE = (
@@ -48,8 +48,8 @@ def machine_info(threads: int, device: str = "cpu") -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device,
-        "gpu": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None,
-        "cuda": torch.version.cuda if torch.device(device).type == "cuda" else None,
+        "gpu": torch.cuda.get_device_name(device) if is_cuda(device) else None,
+        "cuda": torch.version.cuda if is_cuda(device) else None,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

@@ -181,9 +181,13 @@ def describe_systems(models: dict[str, PreTrainedModel]) -> dict:
     return described
 
 
+def is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
 def now(device: str | torch.device) -> float:
     """`time.perf_counter()` once the work queued on `device` has finished (CUDA runs asynchronously)."""
-    if torch.device(device).type == "cuda":
+    if is_cuda(device):
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
@@ -200,8 +204,8 @@ class TokenClock(BaseStreamer):
         self.times: list[float] = []
 
     def put(self, value: torch.Tensor) -> None:
-        # `generate` hands over `tokens.cpu()`, a copy that waits for the GPU: the time is when the token exists.
-        self.times.append(now(value.device))
+        # `generate` hands over `tokens.cpu()`, a copy that already waited for the GPU: the token exists now.
+        self.times.append(time.perf_counter())
 
     def end(self) -> None:
         pass

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from .systems import BenchSettings, build_systems, median, now, rotated, set_threads
+from .systems import BenchSettings, build_systems, is_cuda, median, now, rotated, set_threads
 
 
 class RandomTokens(Dataset):
@@ -61,7 +61,7 @@ def train_steps(model: PreTrainedModel, data: RandomTokens, settings: BenchSetti
         per_device_train_batch_size=settings.train_batch_size,
         max_steps=steps,
         learning_rate=1e-4,
-        use_cpu=torch.device(settings.device).type == "cpu",  # the model stays in the dtype it was built in
+        use_cpu=not is_cuda(settings.device),  # the model stays in the dtype it was built in
         report_to=[],
         logging_strategy="no",
         save_strategy="no",
@@ -131,7 +131,7 @@ def _peak_memory_worker(settings: BenchSettings, system: str, queue) -> None:
     model = build_systems(replace(settings, rxt_systems=only))[system]
     data = RandomTokens(settings.train_batch_size * settings.peak_memory_steps, settings.train_seq_len,
                         model.config.vocab_size, settings.seed + 3)
-    on_gpu = torch.device(settings.device).type == "cuda"
+    on_gpu = is_cuda(settings.device)
     with tempfile.TemporaryDirectory() as output_dir:
         if on_gpu:
             torch.cuda.synchronize(settings.device)
@@ -144,8 +144,9 @@ def _peak_memory_worker(settings: BenchSettings, system: str, queue) -> None:
     result = {"rss_before_training_kib": before, "peak_rss_kib": peak, "peak_reset": reset,
               "training_peak_increase_mib": None if peak is None or before is None else (peak - before) / 1024}
     if on_gpu:  # what the GPU held at most, above the model itself: activations, gradients, optimizer state
-        result["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated(settings.device) / 2**20
-        result["training_peak_increase_mib"] = (torch.cuda.max_memory_allocated(settings.device) - before_bytes) / 2**20
+        peak_bytes = torch.cuda.max_memory_allocated(settings.device)
+        result["gpu_peak_allocated_mib"] = peak_bytes / 2**20
+        result["training_peak_increase_mib"] = (peak_bytes - before_bytes) / 2**20
     queue.put(result)
 
 
@@ -174,6 +175,6 @@ def measure_training_peak_memory(settings: BenchSettings, systems: list[str]) ->
         results[system] = _result_of(process, queue, system)
         process.join()
     method = ("torch.cuda.max_memory_allocated - allocated before training, fresh process"
-              if torch.device(settings.device).type == "cuda" else "VmHWM - VmRSS before training, fresh process")
+              if is_cuda(settings.device) else "VmHWM - VmRSS before training, fresh process")
     return {"steps": settings.peak_memory_steps, "method": method,
             "systems": results}
