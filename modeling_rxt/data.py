@@ -184,6 +184,22 @@ def _slot_pools(slot_name: str) -> dict[str, tuple[str, ...]]:
     return pools
 
 
+@functools.cache
+def _pool_positions(slot_name: str, split: str) -> dict[str, int]:
+    return {value: position for position, value in enumerate(_slot_pools(slot_name)[split])}
+
+
+def _other_value(slot_name: str, split: str, old: str | None, rng: random.Random) -> str:
+    """A value of the slot's pool other than `old`, drawn uniformly: the draw of `rng.choice(pool without old)`
+    (the same random numbers, so the same episodes) without building that list of thousands for every fact."""
+    pool = _slot_pools(slot_name)[split]
+    skip = _pool_positions(slot_name, split).get(old)
+    if skip is None:
+        return rng.choice(pool)
+    index = rng.choice(range(len(pool) - 1))
+    return pool[index + (index >= skip)]
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -397,8 +413,7 @@ def _realise(grid: list[_Event | None], rng: random.Random, split: str, chats: S
             answer = f"{value} ."
             turns.append(Turn(rng.choice(slot.asks), answer, ASK, name, expected=value, fact_distance=pos - stated_at))
             continue
-        old = current.get(name, (None, -1))[0]
-        value = rng.choice([v for v in value_pool(name, split) if v != old])
+        value = _other_value(name, split, current.get(name, (None, -1))[0], rng)
         current[name] = (value, pos)
         turns.append(_fact_turn(kind, slot, value, rng))
     return turns

@@ -84,6 +84,23 @@ def test_episode_does_not_depend_on_the_number_requested():
     assert make_episodes(30, seed=1)[:5] == make_episodes(5, seed=1)
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_new_value_is_the_draw_of_choice_among_the_other_values(split):
+    """`_other_value` skips building the list of the pool's other values but must consume the same random numbers
+    and return the same value as `rng.choice` over that list (so the episodes do not depend on how it is done)."""
+    import random
+
+    from modeling_rxt.data import _other_value
+
+    fast, slow = random.Random(5), random.Random(5)
+    for slot in SLOT_NAMES:
+        pool = value_pool(slot, split)
+        for old in (None, pool[0], pool[len(pool) // 2], pool[-1], value_pool(slot, "validation")[0]):
+            for _ in range(20):
+                assert _other_value(slot, split, old, fast) == slow.choice([v for v in pool if v != old])
+    assert fast.random() == slow.random()
+
+
 def test_episodes_have_the_requested_number_of_turns(episodes):
     assert {len(episode.turns) for episode in episodes} == {10}
 

@@ -15,7 +15,7 @@ from modeling_rxt.data import (
     ASK, CHAT, TELL, UPDATE, Episode, Turn, lm_texts, load_dialogue_corpus, make_episodes, recall_probes,
 )
 from modeling_rxt.evaluation import evaluate_fact_recall, evaluate_recall, facts_held, plot_recall, write_json_atomic
-from modeling_rxt.tokenization import IGNORE_INDEX, train_tokenizer
+from modeling_rxt.tokenization import IGNORE_INDEX, format_interaction, train_tokenizer
 from modeling_rxt.training import (
     EpisodeCollator,
     ExternalAndEpisodeCollator,
@@ -71,6 +71,15 @@ def stage_recipe(name: str, **extra) -> dict:
 
 
 # --- Collators ------------------------------------------------------------------------------------------------------
+
+
+def test_turns_are_tokenised_as_the_tokenizer_itself_does(tokenizer, episodes):
+    """The training sets call the Rust backend directly (faster); the ids must be the tokenizer's own."""
+    from modeling_rxt.training import _token_ids
+
+    texts = [format_interaction(t.query, t.answer) for e in episodes for t in e.turns]
+    texts += [format_interaction(t.query) for e in episodes for t in e.turns] + ["  odd  spacing\tand UPPER case  "]
+    assert _token_ids(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def test_episode_collator_keeps_labels_on_answers_only(tokenizer, episodes):
