@@ -455,7 +455,8 @@ def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Ten
     """Stage 4 (supervised memory-aware training) over whole episodes, turn by turn: the decoder answers turn t
     reading STM_{t-1}, then STM_t = write(STM_{t-1}, interaction t). Gradients of every answer flow back through the
     earlier writes; with `bptt_turns` = k > 0 the state is detached every k turns (truncated back-propagation).
-    Only rows whose turn has a positive weight run the decoder, so zero-weight turns (e.g. chat) cost a write only.
+    Only rows whose turn has a positive weight run the decoder, so zero-weight turns (e.g. chat) cost a write only,
+    and the last turn is not written at all (nothing would read it).
     Recall probes in the batch (`EpisodeCollator(probe_weight=...)`) are answered from the same STM_{t-1} in the
     same decoder pass and never written: every write is then supervised by every fact it must keep."""
     batch_size, turns = inputs["input_ids"].shape[:2]
@@ -473,7 +474,7 @@ def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Ten
             loss_sum, weight_sum = loss_sum + turn_sum, weight_sum + turn_weight
             if aux is not None:
                 aux_terms.append(aux)
-        if attention_mask.any():
+        if turn + 1 < turns and attention_mask.any():  # the last turn's write would be read by nothing
             stm = model.model.write_memory(stm, input_ids, attention_mask)
     metrics = {"decoder_loss": (loss_sum / weight_sum.clamp(min=1e-8)).detach()}
     aux = torch.stack(aux_terms).mean() if aux_terms else None

@@ -149,6 +149,19 @@ def test_recall_probes_are_answered_from_the_memory_before_their_turn_and_never_
     assert float(probed[0]) == pytest.approx(float(plain[0]) + expected_sum, rel=1e-5)
 
 
+@pytest.mark.parametrize("probe_weight", [0.0, 0.5])
+def test_the_last_turn_is_not_written(tokenizer, episodes, probe_weight, monkeypatch):
+    """Nothing reads the memory after the last turn (probes read before their turn), so its write is skipped."""
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH, probes=True)
+    batch = EpisodeCollator(tokenizer.pad_token_id, probe_weight=probe_weight)([dataset[i] for i in range(4)])
+    model, written = tiny_model(tokenizer), []
+    write = model.model.write_memory
+    monkeypatch.setattr(model.model, "write_memory", lambda stm, ids, mask: written.append(ids) or write(stm, ids, mask))
+    with torch.no_grad():
+        memory_aware_objective(model, batch)
+    assert len(written) == batch["input_ids"].shape[1] - 1
+
+
 def test_probes_need_probed_rows_and_a_valid_weight(tokenizer, episodes):
     dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
     with pytest.raises(ValueError, match="probe_input_ids"):
