@@ -57,6 +57,11 @@ class RxTConfig(PreTrainedConfig):
         Whether the slots compete for the tokens of an interaction when the memory is written: each token's
         attention is shared out among the slots (a softmax over slots, not over tokens), and a slot takes the mean of
         what it won damped by how much it won, so a slot that wins little changes little (README, Training).
+    memory_write_occupancy (`float`, *optional*, defaults to 0.0):
+        With `memory_write_competition`: the starting value of a learned per-head scale by which slots that already
+        hold something compete less for new tokens (their scores drop by scale x (1 - cos(slot, its initial
+        value))), so a new fact goes to free slots instead of blending into an earlier one. 0 turns it off (no
+        parameter).
     external_memory_layers (`list[int]`, *optional*):
         Decoder layers whose self-attention retrieves from an external memory when `generate` is given
         `external_memories` (see `external_memory.py`). `None` means the upper half of the decoder; `[]` turns
@@ -114,6 +119,7 @@ class RxTConfig(PreTrainedConfig):
     memory_slots: int = 64
     memory_attention_type: str = "interlayer"
     memory_write_competition: bool = False
+    memory_write_occupancy: float | int = 0.0
     external_memory_layers: list[int] | None = None
     external_memory_topk: int = 8
     external_memory_sim_threshold: float | int | None = None
@@ -151,6 +157,10 @@ class RxTConfig(PreTrainedConfig):
             raise ValueError(
                 f"`memory_attention_type` must be one of {MEMORY_ATTENTION_TYPES}, got {self.memory_attention_type!r}."
             )
+        if not 0.0 <= self.memory_write_occupancy < float("inf"):  # also refuses NaN
+            raise ValueError(f"`memory_write_occupancy` must be a finite number >= 0, got {self.memory_write_occupancy}.")
+        if self.memory_write_occupancy and not self.memory_write_competition:
+            raise ValueError("`memory_write_occupancy` needs `memory_write_competition=True` (it biases that write).")
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}.")
         if self.router_aux_loss_coef < 0:

@@ -308,6 +308,8 @@ class RxTPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, (RxTTopKRouter, RxTInitialMemory)):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RxTMemoryAttentionLayer) and module.occupancy_scale is not None:
+            init.constant_(module.occupancy_scale, float(self.config.memory_write_occupancy))
 
     def _grouped_mm_can_dispatch(self) -> bool:
         # torch's grouped_mm needs rows aligned to 16 bytes ("strides should be multiple of 16 bytes"), which
@@ -465,9 +467,11 @@ class RxTModel(RxTPreTrainedModel):
                 config=self.config, inputs_embeds=stm[0], attention_mask=key_mask, encoder_hidden_states=encoded[0]
             )
         stm_mean = stm.mean(dim=0)  # (B, S, D), what the inter-layer pre-step reads
+        # (L, S, D): through the module, so a PEFT adapter's own initial memory (`modules_to_save`) is the one used
+        initial = self.initial_memory(1)[:, 0]
         new_stm = torch.stack(
             [
-                layer(stm[i], stm_mean, encoded[i], slots_mask, rotary, key_mask)
+                layer(stm[i], stm_mean, encoded[i], slots_mask, rotary, key_mask, initial[i])
                 for i, layer in enumerate(self.memory_attention)
             ]
         )

@@ -18,7 +18,8 @@ starts. `RxTModel.write_memory` (modeling_rxt.py) runs these modules. Shapes as 
     [query][answer] --memory encoder--> ED_1 .. ED_L (B,T,D)
     STM_l --(self / interlayer pre-step)--> h_l
     Update_l = Attn(q = norm(h_l), k = v = norm(ED_l), RoPE on keys only)          (B,S,D)
-               (with `memory_write_competition`, the softmax runs over slots: see `competitive_update`)
+               (with `memory_write_competition`, the softmax runs over slots: see `competitive_update`;
+                with `memory_write_occupancy` too, slots that already hold something score lower)
     STM_l'   = (1 - G) * STM_l + G * Update_l,   G = sigmoid(W_g (STM_l + Update_l) + b_g)
 """
 
@@ -85,6 +86,7 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         gated-self-interlayer: h_l = STM_l + g * SelfAttn(..) + (1 - g) * Interlayer(..),  g = sigmoid(W_m STM_l)
     Write:
         Update_l = Attn(q = norm(h_l), k = v = norm(ED_l)), RoPE on the ED keys only
+                   (competitive: softmax over slots; occupancy: slot scores - scale_h * (1 - cos(STM_l, STM_init)))
         G        = sigmoid(W_g (STM_l + Update_l) + b_g)         per slot and channel
         STM_l'   = (1 - G) * STM_l + G * Update_l
     The gate lets each slot keep what it holds (G -> 0) or take the new interaction (G -> 1), which keeps the memory
@@ -109,6 +111,9 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         self.memory_attn = RxTBidirectionalAttention(config, layer_idx)
         self.residual_gate = nn.Linear(config.hidden_size, config.hidden_size)
         self.competition = config.memory_write_competition
+        self.occupancy_scale = None
+        if config.memory_write_occupancy:  # CODEPATH: occupied slots compete less (see `competitive_update`)
+            self.occupancy_scale = nn.Parameter(torch.empty(config.num_attention_heads))
 
     def pre_step(self, stm: torch.Tensor, stm_mean: torch.Tensor) -> torch.Tensor:
         if self.slot_norm is None:  # simple: the slots query the encoded data as they are
@@ -124,18 +129,23 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
             return stm + mix * self_out + (1 - mix) * inter_out
         return stm + (self_out if self_out is not None else inter_out if inter_out is not None else 0)
 
-    def competitive_update(self, query, encoded, token_mask, encoded_rotary) -> torch.Tensor:
+    def competitive_update(self, query, encoded, token_mask, encoded_rotary, occupancy=None) -> torch.Tensor:
         """The write with slots competing for tokens: query (B, S, D), encoded (B, T, D), token_mask (B, T) bool or
         None -> update (B, S, D). Per head, each token's softmax runs over the S slots (its attention is shared out
         among them), and slot s takes sum_t share[s, t] * v_t / (1 + sum_t share[s, t]): the mean of the tokens it
         won, damped by how much it won. A plain mean (as in Slot Attention) would hand a slot that won almost
         nothing a full-size update for the gate to suppress; damped, it changes little, and the slots that match an
-        interaction take it. Same projections as the usual write, so checkpoints and adapters carry over."""
+        interaction take it. Same projections as the usual write, so checkpoints and adapters carry over.
+        With `occupancy` (B, S), how far each slot has moved from its initial value (1 - cosine, 0..2), a slot's
+        scores drop by `occupancy_scale[h] * occupancy`: tokens of the same template ("my X is called Y") would
+        otherwise go to the slots an earlier fact of that template took, and the two facts blend there."""
         attention = self.memory_attn
         q = attention.project_queries(query)  # (B, H, S, Dh)
         k, v = attention.project_keys_values(encoded, encoded_rotary)  # (B, K, T, Dh), RoPE on keys only
         k, v = repeat_kv(k, attention.num_key_value_groups), repeat_kv(v, attention.num_key_value_groups)
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * attention.scaling  # (B, H, S, T)
+        if occupancy is not None:
+            scores = scores - (self.occupancy_scale[:, None] * occupancy[:, None, :]).float()[..., None]
         share = torch.softmax(scores, dim=-2)  # over slots: each token's shares sum to 1
         if token_mask is not None:
             share = share * token_mask[:, None, None, :].to(share.dtype)  # padding gives nothing
@@ -143,13 +153,19 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         out = torch.matmul(weights, v).transpose(1, 2)  # (B, S, H, Dh)
         return attention.o_proj(out.reshape(*query.shape[:2], -1))
 
-    def forward(self, stm, stm_mean, encoded, encoded_mask, encoded_rotary, token_mask=None) -> torch.Tensor:
+    def forward(
+        self, stm, stm_mean, encoded, encoded_mask, encoded_rotary, token_mask=None, initial=None
+    ) -> torch.Tensor:
         """stm (B, S, D), stm_mean (B, S, D), encoded (B, T, D) -> new stm (B, S, D). `encoded_mask` is the
         attention mask of the usual write (as the attention implementation wants it), `token_mask` (B, T) the plain
-        token mask that the competitive write uses."""
+        token mask that the competitive write uses, `initial` (S, D) this layer's initial memory (what an unused
+        slot holds; read with `memory_write_occupancy`)."""
         query = self.query_norm(self.pre_step(stm, stm_mean))
         if self.competition:  # CODEPATH: `memory_write_competition` models (the demo model); others attend as usual
-            update = self.competitive_update(query, self.encoded_norm(encoded), token_mask, encoded_rotary)
+            occupancy = None
+            if self.occupancy_scale is not None:
+                occupancy = 1 - torch.nn.functional.cosine_similarity(stm, initial.to(stm.dtype), dim=-1)  # (B, S)
+            update = self.competitive_update(query, self.encoded_norm(encoded), token_mask, encoded_rotary, occupancy)
         else:
             update, _ = self.memory_attn(
                 query, self.encoded_norm(encoded), attention_mask=encoded_mask, key_rotary=encoded_rotary

@@ -44,6 +44,10 @@ INVALID_CONFIGS = [
     (dict(memory_slots=None), TypeError, "memory_slots"),
     (dict(memory_attention_type=3), TypeError, "memory_attention_type"),
     (dict(memory_write_competition="yes"), TypeError, "memory_write_competition"),
+    (dict(memory_write_occupancy=2.0), ValueError, "memory_write_occupancy"),  # without the competitive write
+    (dict(memory_write_occupancy="high"), TypeError, "memory_write_occupancy"),
+    (dict(memory_write_competition=True, memory_write_occupancy=-1.0), ValueError, "memory_write_occupancy"),
+    (dict(memory_write_competition=True, memory_write_occupancy=float("nan")), ValueError, "memory_write_occupancy"),
     (dict(use_cache="yes"), TypeError, "use_cache"),
     (dict(num_hidden_layers=True), TypeError, "num_hidden_layers"),
 ]

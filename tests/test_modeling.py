@@ -152,6 +152,36 @@ def test_competitive_write_shares_each_token_out_among_the_slots(tiny_model):
         assert not torch.allclose(usual.update_memory(state, input_ids).stm, new, atol=1e-3)
 
 
+def test_occupied_slots_compete_less_for_new_tokens(tiny_model):
+    """`memory_write_occupancy`: a slot's scores drop by scale x occupancy (1 - cos(slot, its initial value)). The
+    softmax over slots ignores an occupancy all slots share; a slot far more occupied than the others wins nothing; a
+    memory at its initial value has no occupancy, so the first write is the plain competitive write."""
+    model = tiny_model("dense", memory_attention_type="self", memory_write_competition=True, memory_write_occupancy=3.0)
+    layer, config = model.model.memory_attention[0], model.config
+    torch.testing.assert_close(layer.occupancy_scale.detach(), torch.full((config.num_attention_heads,), 3.0))
+    batch, slots, length = 2, config.memory_slots, 6
+    query, encoded = torch.randn(batch, slots, config.hidden_size), torch.randn(batch, length, config.hidden_size)
+    token_mask = torch.ones(batch, length, dtype=torch.bool)
+    rotary = model.model.rotary_emb(encoded, torch.arange(length)[None])
+    with torch.no_grad():
+        plain = layer.competitive_update(query, encoded, token_mask, rotary)
+        shared = torch.full((batch, slots), 0.7)
+        torch.testing.assert_close(layer.competitive_update(query, encoded, token_mask, rotary, shared), plain)
+        occupied = torch.zeros(batch, slots)
+        occupied[:, 0] = 100.0
+        update = layer.competitive_update(query, encoded, token_mask, rotary, occupied)
+        assert update[:, 0].abs().max() < 1e-6  # slot 0 won nothing (o_proj has no bias)
+        assert not torch.allclose(update[:, 1:], plain[:, 1:], atol=1e-4)  # its share went to the other slots
+    state, input_ids = model.init_memory(batch), random_ids(batch, 7)
+    without = tiny_model("dense", memory_attention_type="self", memory_write_competition=True)
+    without.load_state_dict(model.state_dict(), strict=False)  # the same weights, no occupancy scale
+    with torch.no_grad():
+        first = model.update_memory(state, input_ids)
+        torch.testing.assert_close(first.stm, without.update_memory(state, input_ids).stm)
+        second = model.update_memory(first, input_ids).stm  # now the slots the first write took are occupied
+        assert not torch.allclose(second, without.update_memory(first, input_ids).stm, atol=1e-4)
+
+
 # ---- attention kernels -----------------------------------------------------------------------------------------------
 
 

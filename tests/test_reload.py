@@ -26,7 +26,8 @@ VARIANTS = {
     "dense-simple": ("dense", {"memory_attention_type": "simple"}),
     "dense-self": ("dense", {"memory_attention_type": "self"}),
     "dense-interlayer": ("dense", {"memory_attention_type": "interlayer"}),
-    "dense-self-competitive-write": ("dense", {"memory_attention_type": "self", "memory_write_competition": True}),
+    "dense-self-competitive-write": ("dense", {"memory_attention_type": "self", "memory_write_competition": True,
+                                              "memory_write_occupancy": 2.0}),
     "moe-gated-self-interlayer": ("moe", {"memory_attention_type": "gated-self-interlayer"}),
 }
 assert {overrides["memory_attention_type"] for _, overrides in VARIANTS.values()} == set(MEMORY_ATTENTION_TYPES)
