@@ -188,6 +188,23 @@ def test_per_adapter_initial_memory_is_used_by_init_memory_and_forward(ids):
     assert not torch.equal(starts["actor"].stm, starts["critic"].stm)
 
 
+def test_occupancy_is_measured_from_the_writing_adapters_initial_memory(ids):
+    """With `memory_write_occupancy`, a slot is free while it holds its initial value: the writer's own (per-adapter)
+    initial memory, not the base's, so a persona's first write is the plain competitive write."""
+    model = with_roles(make_base(memory_write_competition=True, memory_write_occupancy=4.0))
+    writes = {}
+    for scale in (4.0, 0.0):
+        with torch.no_grad():
+            for layer in rxt_model(model).model.memory_attention:
+                layer.occupancy_scale.fill_(scale)
+            model.set_adapter("critic")
+            start = model.init_memory(ids.shape[0])
+            first = update_memory_with(model, start, ids, adapter="critic")
+            writes[scale] = (first.stm, update_memory_with(model, first, ids, adapter="critic").stm)
+    torch.testing.assert_close(writes[4.0][0], writes[0.0][0])  # nothing occupied yet
+    assert not torch.allclose(writes[4.0][1], writes[0.0][1], atol=1e-4)  # the second write sees the first
+
+
 # ---- saving and loading ----------------------------------------------------------------------------------------------
 def test_save_and_load_several_adapters_reproduces_logits_and_initial_memories(tmp_path, ids):
     model = with_roles(make_base())
