@@ -467,8 +467,10 @@ class RxTModel(RxTPreTrainedModel):
                 config=self.config, inputs_embeds=stm[0], attention_mask=key_mask, encoder_hidden_states=encoded[0]
             )
         stm_mean = stm.mean(dim=0)  # (B, S, D), what the inter-layer pre-step reads
-        # (L, S, D): through the module, so a PEFT adapter's own initial memory (`modules_to_save`) is the one used
-        initial = self.initial_memory(1)[:, 0]
+        initial = [None] * len(self.memory_attention)
+        if self.config.memory_write_occupancy:  # CODEPATH: occupancy is measured from the initial memory
+            # (L, S, D), through the module, so that a PEFT adapter's own initial memory (`modules_to_save`) is used
+            initial = self.initial_memory(1)[:, 0]
         new_stm = torch.stack(
             [
                 layer(stm[i], stm_mean, encoded[i], slots_mask, rotary, key_mask, initial[i])
