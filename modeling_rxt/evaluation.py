@@ -18,6 +18,7 @@ over the questions of 1 / (number of values the slot takes in the split).
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .data import (
     ASK,
+    SLOTS,
     TELL,
     UPDATE,
     Episode,
@@ -33,7 +35,9 @@ from .data import (
     chance_accuracy,
     exact_match,
     make_episodes,
+    _fact_turn,
     validate_episode,
+    value_pool,
 )
 from .memory_state import RxTMemoryState, atomic_write, write_json_atomic
 from .modeling_rxt import RxTForCausalLM
@@ -226,6 +230,33 @@ def evaluate_fact_recall(model, tokenizer, n_episodes: int = 40, turns: int = 8,
     }
 
 
+def memory_overlap(model: RxTForCausalLM, tokenizer: PreTrainedTokenizerBase, pairs: int = 100, split: str = "test",
+                   seed: int = 0) -> dict:
+    """How far apart the memory keeps two facts told in a row. For `pairs` pairs of statements of two different facts
+    (held-out values of `split`), written one after the other into the initial memory: per layer, the cosine between
+    the two writes' per-slot change norms (1: the second fact changes the very slots the first took, 0: disjoint
+    slots), and the number of slots the first write spreads over (exp of the entropy of its per-slot change). A model
+    that blends facts in the same slots cannot read them apart (README, Training)."""
+    if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
+        raise ValueError(f"pairs must be a positive integer, got {pairs!r}")
+    rng = random.Random(f"rxt-overlap/{split}/{seed}")
+    overlaps, spreads = [], []
+    for _ in range(pairs):
+        statements = [_fact_turn(TELL, slot, rng.choice(value_pool(slot.name, split)), rng)
+                      for slot in rng.sample(SLOTS, 2)]
+        states = [model.init_memory(1)]
+        with torch.no_grad():
+            for turn in statements:
+                ids = encode_interaction(tokenizer, turn.query, turn.answer, max_length=10**6)["input_ids"]
+                states.append(model.update_memory(states[-1], torch.tensor([ids])))
+        first, second = ((after.stm - before.stm)[:, 0].norm(dim=-1) for before, after in zip(states, states[1:]))
+        overlaps.append(torch.nn.functional.cosine_similarity(first, second, dim=-1))  # (L,)
+        share = first / first.sum(dim=-1, keepdim=True).clamp_min(1e-12)  # (L, S)
+        spreads.append(torch.exp(-(share * share.clamp_min(1e-12).log()).sum(dim=-1)))
+    return {"overlap_by_layer": torch.stack(overlaps).mean(0).tolist(),
+            "slots_per_fact_by_layer": torch.stack(spreads).mean(0).tolist(), "pairs": pairs, "split": split}
+
+
 def _summarise(counts: dict[str, dict[int, int]], examples: list, chance: float) -> dict:
     distances = sorted(counts["total"])
     total = sum(counts["total"].values())
@@ -289,4 +320,6 @@ def _key(mapping: dict, distance: int):
     return distance if distance in mapping else str(distance)
 
 
-__all__ = ["answer_questions", "evaluate_fact_recall", "evaluate_recall", "plot_recall", "write_json_atomic"]
+__all__ = [
+    "answer_questions", "evaluate_fact_recall", "evaluate_recall", "memory_overlap", "plot_recall", "write_json_atomic"
+]

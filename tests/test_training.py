@@ -14,7 +14,14 @@ from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.data import (
     ASK, CHAT, TELL, UPDATE, Episode, Turn, lm_texts, load_dialogue_corpus, make_episodes, recall_probes,
 )
-from modeling_rxt.evaluation import evaluate_fact_recall, evaluate_recall, facts_held, plot_recall, write_json_atomic
+from modeling_rxt.evaluation import (
+    evaluate_fact_recall,
+    evaluate_recall,
+    facts_held,
+    memory_overlap,
+    plot_recall,
+    write_json_atomic,
+)
 from modeling_rxt.tokenization import IGNORE_INDEX, format_interaction, train_tokenizer
 from modeling_rxt.training import (
     EpisodeCollator,
@@ -508,6 +515,35 @@ def test_recall_scores_a_known_case(tokenizer, tmp_path):
     assert result["questions_by_facts_held"] == {1: 3}
     assert [e["answer"] for e in result["examples"]] == ["zub", "zub", "zub"]
     assert result["chance"] == pytest.approx(0.01)  # 100 held-out values per slot in the test split
+
+
+def test_memory_overlap_measures_where_two_facts_are_written(tokenizer, monkeypatch):
+    """`memory_overlap`: two facts in the same slots overlap 1 and spread over the slots they take; in disjoint slots
+    they overlap 0. Checked on a write that puts each fact where the test says, then on a real (tiny) model."""
+    model = tiny_model(tokenizer, memory_slots=4).eval()
+    where = {"first": [0, 1], "second": [0, 1]}  # slots the first / second write of a pair changes
+
+    def scripted_write(state, input_ids, attention_mask=None):
+        first = torch.equal(state.stm, model.init_memory(1).stm)  # a pair's first write starts from the initial memory
+        stm = state.stm.clone()
+        stm[:, :, where["first" if first else "second"]] += 1.0  # (L, B, S, D): the chosen slots change
+        return type(state)(stm)
+
+    monkeypatch.setattr(model, "update_memory", scripted_write)
+    same = memory_overlap(model, tokenizer, pairs=3)
+    assert same["overlap_by_layer"] == pytest.approx([1.0, 1.0])
+    assert same["slots_per_fact_by_layer"] == pytest.approx([2.0, 2.0])
+    where["second"] = [2, 3]
+    apart = memory_overlap(model, tokenizer, pairs=3)
+    assert apart["overlap_by_layer"] == pytest.approx([0.0, 0.0], abs=1e-6)
+    monkeypatch.undo()
+    real = memory_overlap(model, tokenizer, pairs=4)
+    assert real == memory_overlap(model, tokenizer, pairs=4)  # the same pairs every time
+    assert all(0.0 <= v <= 1.0 + 1e-6 for v in real["overlap_by_layer"])
+    assert all(1.0 - 1e-6 <= v <= 4.0 + 1e-6 for v in real["slots_per_fact_by_layer"])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="pairs"):
+            memory_overlap(model, tokenizer, pairs=bad)
 
 
 def test_recall_json_and_plot_are_written_atomically(tmp_path):
