@@ -241,18 +241,19 @@ def memory_overlap(model: RxTForCausalLM, tokenizer: PreTrainedTokenizerBase, pa
         raise ValueError(f"pairs must be a positive integer, got {pairs!r}")
     rng = random.Random(f"rxt-overlap/{split}/{seed}")
     overlaps, spreads = [], []
-    for _ in range(pairs):
-        statements = [_fact_turn(TELL, slot, rng.choice(value_pool(slot.name, split)), rng)
-                      for slot in rng.sample(SLOTS, 2)]
-        states = [model.init_memory(1)]
-        with torch.no_grad():
+    with torch.no_grad():  # measurement only: no graph through the initial memory or the writes
+        for _ in range(pairs):
+            statements = [_fact_turn(TELL, slot, rng.choice(value_pool(slot.name, split)), rng)
+                          for slot in rng.sample(SLOTS, 2)]
+            states = [model.init_memory(1)]
             for turn in statements:
                 ids = encode_interaction(tokenizer, turn.query, turn.answer, max_length=10**6)["input_ids"]
                 states.append(model.update_memory(states[-1], torch.tensor([ids])))
-        first, second = ((after.stm - before.stm)[:, 0].norm(dim=-1) for before, after in zip(states, states[1:]))
-        overlaps.append(torch.nn.functional.cosine_similarity(first, second, dim=-1))  # (L,)
-        share = first / first.sum(dim=-1, keepdim=True).clamp_min(1e-12)  # (L, S)
-        spreads.append(torch.exp(-(share * share.clamp_min(1e-12).log()).sum(dim=-1)))
+            # per-slot change norms (L, S) of the first and the second write
+            first, second = ((after.stm - before.stm)[:, 0].norm(dim=-1) for before, after in zip(states, states[1:]))
+            overlaps.append(torch.nn.functional.cosine_similarity(first, second, dim=-1))  # (L,)
+            share = first / first.sum(dim=-1, keepdim=True).clamp_min(1e-12)  # (L, S)
+            spreads.append(torch.exp(-(share * share.clamp_min(1e-12).log()).sum(dim=-1)))
     return {"overlap_by_layer": torch.stack(overlaps).mean(0).tolist(),
             "slots_per_fact_by_layer": torch.stack(spreads).mean(0).tolist(), "pairs": pairs, "split": split}
 
