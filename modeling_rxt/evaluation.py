@@ -247,7 +247,7 @@ def memory_overlap(model: RxTForCausalLM, tokenizer: PreTrainedTokenizerBase, pa
                           for slot in rng.sample(SLOTS, 2)]
             states = [model.init_memory(1)]
             for turn in statements:
-                ids = encode_interaction(tokenizer, turn.query, turn.answer, max_length=10**6)["input_ids"]
+                ids = encode_interaction(tokenizer, turn.query, turn.answer, max_length=None)["input_ids"]
                 states.append(model.update_memory(states[-1], torch.tensor([ids])))
             # per-slot change norms (L, S) of the first and the second write
             first, second = ((after.stm - before.stm)[:, 0].norm(dim=-1) for before, after in zip(states, states[1:]))
