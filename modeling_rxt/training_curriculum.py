@@ -427,9 +427,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rank == 0:
         save_trained(model, tokenizer, logs, args.output)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # no process leaves before rank 0 has saved
-        torch.distributed.destroy_process_group()
+        leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Ends a `torchrun` worker once its work is saved: waits for every process (none leaves before rank 0 has
+    saved), destroys the process group, and exits without the interpreter's finalization. Gloo's C++ threads can
+    still abort that finalization after a clean destroy ("terminate called without an active exception", seen in
+    CI runs of the DDP test), which would turn a finished run into a failed one."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 __all__ = [
@@ -440,6 +451,7 @@ __all__ = [
     "check_recipe",
     "load_recipe",
     "load_trained",
+    "leave_process_group",
     "check_batch_sizes",
     "run_curriculum",
     "run_curriculum_in_processes",

@@ -49,10 +49,8 @@ if trainer.is_world_process_zero():
     with open(os.path.join(out_dir, "losses.json"), "w") as handle:
         json.dump(losses, handle)
 if torch.distributed.is_initialized():
-    # As `training_curriculum.main` does: a gloo group left to the interpreter's exit can abort a process
-    # ("terminate called without an active exception"), seen once in a CI run.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    from modeling_rxt.training_curriculum import leave_process_group
+    leave_process_group()  # as `training_curriculum.main` ends its workers
 """
 
 
