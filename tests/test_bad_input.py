@@ -86,6 +86,25 @@ def test_batch_size_differs_between_input_and_memory(model):
             call()
 
 
+def test_projected_memory_of_the_wrong_shape_or_type(model):
+    ids = random_ids(2, 4)
+    projected = model.model.project_memory(random_state(model, 2).stm)  # (B, L, 2, K, S, Dh)
+    assert model(ids, memory_key_values=projected).logits.shape[:2] == (2, 4)
+    wrong = {
+        "batch": projected[:1],
+        "layers": projected[:, :-1],  # one layer short: must not be read as a shorter model
+        "slots": projected[..., :-1, :],
+        "rank": projected[:, 0],
+    }
+    for name, bad in wrong.items():
+        with pytest.raises(ValueError, match=r"memory_key_values.*\(B, L, 2, K, S, Dh\)"):
+            model(ids, memory_key_values=bad)
+    with pytest.raises(TypeError, match="memory_key_values"):
+        model(ids, memory_key_values=[projected])
+    with pytest.raises(ValueError, match="memory_key_values"):
+        model.generate(ids, memory_key_values=projected[:, :-1], max_new_tokens=2)
+
+
 @pytest.mark.parametrize("bad", [torch.zeros(2, 1, 8, 32), "state", None], ids=["tensor", "str", "none"])
 def test_memory_state_of_the_wrong_type(model, bad):
     if bad is not None:  # forward and generate take None as "the learned initial memory"
