@@ -357,7 +357,8 @@ class RxTModel(RxTPreTrainedModel):
         if batch_size > 1 and stm.stride(1) == 0:
             # Every row reads the same memory (the learned initial one, expanded): project one row, expand the result.
             return self.project_memory(stm[:, :1]).expand(batch_size, *([-1] * 5))
-        projected = [layer.memory_cross_attn.project_memory(stm[i]) for i, layer in enumerate(self.layers)]
+        # `unbind` rather than `stm[i]`: the backward of indexing would zero-fill the whole STM once per layer.
+        projected = [layer.memory_cross_attn.project_memory(slots) for layer, slots in zip(self.layers, stm.unbind(0))]
         return torch.stack(projected, dim=1)
 
     @merge_with_config_defaults
@@ -488,12 +489,11 @@ class RxTModel(RxTPreTrainedModel):
         initial = [None] * len(self.memory_attention)
         if self.config.memory_write_occupancy:  # CODEPATH: occupancy is measured from the initial memory
             # (L, S, D), through the module, so that a PEFT adapter's own initial memory (`modules_to_save`) is used
-            initial = self.initial_memory(1)[:, 0]
+            initial = self.initial_memory(1)[:, 0].unbind(0)
+        # Layers through `unbind` (one `stack` in the backward), not `stm[i]` (a zero-filled STM per layer).
+        layers = zip(self.memory_attention, stm.unbind(0), encoded, initial)
         new_stm = torch.stack(
-            [
-                layer(stm[i], stm_mean, encoded[i], slots_mask, rotary, key_mask, initial[i])
-                for i, layer in enumerate(self.memory_attention)
-            ]
+            [layer(slots, stm_mean, ed, slots_mask, rotary, key_mask, init) for layer, slots, ed, init in layers]
         )
         if attention_mask is not None:
             has_tokens = attention_mask.bool().any(dim=-1)  # (B,): rows with no tokens keep their memory
