@@ -162,6 +162,12 @@ def test_decode_throughput_reports_both_ways_for_every_system(models, settings):
         assert entry["generate_tokens_per_s"] > 0 and entry["forward_loop_tokens_per_s"] > 0
         assert len(entry["samples_generate"]) == 2
         assert math.isfinite(entry["generate_overhead_per_token_s"])
+    llama_rates = result["systems"][LLAMA]["samples_generate"]
+    for name in ("rxt-moe", "rxt-dense"):  # speed / Llama's speed within each repeat, then their median
+        entry = result["systems"][name]
+        paired = [rate / llama for rate, llama in zip(entry["samples_generate"], llama_rates)]
+        assert entry["generate_ratio_to_llama_samples"] == pytest.approx(paired)
+        assert entry["generate_ratio_to_llama"] == pytest.approx(sum(paired) / 2)
 
 
 def test_write_cost_covers_one_turn_and_the_longest_interaction(models, settings):
@@ -180,6 +186,12 @@ def test_training_throughput_drops_warmup_steps(settings):
     for entry in result["systems"].values():
         assert len(entry["step_seconds"]) == (3 - 1) * 2  # (steps - warmup) x rounds
         assert entry["tokens_per_s"] == pytest.approx(32 / entry["median_step_s"])
+    llama_steps = result["systems"][LLAMA]["step_seconds"]
+    for name in ("rxt-moe", "rxt-dense"):  # Llama's median step / this system's, within each round
+        steps = result["systems"][name]["step_seconds"]
+        paired = [(llama_steps[i] + llama_steps[i + 1]) / (steps[i] + steps[i + 1]) for i in (0, 2)]
+        assert result["systems"][name]["ratio_to_llama_samples"] == pytest.approx(paired)
+        assert result["systems"][name]["ratio_to_llama"] == pytest.approx(sum(paired) / 2)
 
 
 def test_training_peak_memory_runs_in_a_fresh_process(settings):
@@ -214,7 +226,9 @@ def test_crossover_is_interpolated_between_sampled_turns():
 def test_acceptance_ratios_come_from_the_medians():
     medians = _medians({1: 2.0, 64: 2.0, 128: 2.2}, {1: 1.6, 64: 8.0, 128: 20.0}, llama_turn1={1: 1.6, 64: 2.0, 128: 1.0})
     results = {"turn_latency": {"medians": medians},
-               "decode": {"systems": {"rxt-moe": {"generate_tokens_per_s": 90.0}, LLAMA: {"generate_tokens_per_s": 100.0}}}}
+               # the paired ratio, not the ratio of the medians (90 / 100)
+               "decode": {"systems": {"rxt-moe": {"generate_tokens_per_s": 90.0, "generate_ratio_to_llama": 0.95},
+                                      LLAMA: {"generate_tokens_per_s": 100.0}}}}
     table = acceptance(results, "rxt-moe")
     assert table["turn128_over_turn1"]["value"] == pytest.approx(2.2 / 2.1)  # against the side-by-side fresh turn
     assert table["turn128_over_turn1_apart"]["value"] == pytest.approx(1.1)
@@ -227,7 +241,7 @@ def test_acceptance_ratios_come_from_the_medians():
     assert table["reread_speedup_turn128"]["value"] == pytest.approx(20 / 2.2)
     assert table["kv_speedup_turn128"]["value"] == pytest.approx(1.5 / 2.2) and not table["kv_speedup_turn128"]["met"]
     assert table["kv_state_ratio_turn128"]["value"] == pytest.approx(3000 * 128 / 100)
-    assert table["decode_throughput_ratio"]["value"] == pytest.approx(0.9)
+    assert table["decode_throughput_ratio"]["value"] == pytest.approx(0.95)
     assert table["training_throughput_ratio"]["value"] is None  # not measured in this run
     text = acceptance_table({"rxt-moe": table})
     assert "MISS" in text and " ok" in text and "n/a" in text

@@ -191,6 +191,13 @@ def measure_decode_throughput(models: dict[str, PreTrainedModel], settings: Benc
             "samples_generate": generate_rates[name],
             "samples_forward_loop": loop_rates[name],
         }
+        if name != LLAMA:
+            # Each repeat measures every system back to back, so speed / Llama's speed within a repeat is a paired
+            # ratio: the machine's drift between repeats (often 30% on a shared host) cancels; a ratio of the two
+            # medians would not cancel it.
+            paired = [rate / llama for rate, llama in zip(generate_rates[name], generate_rates[LLAMA])]
+            result["systems"][name]["generate_ratio_to_llama_samples"] = paired
+            result["systems"][name]["generate_ratio_to_llama"] = median(paired)
     return result
 
 

@@ -117,12 +117,11 @@ def acceptance(results: dict, system: str) -> dict:
         values["kv_state_ratio_turn128"] = _ratio(_metric(medians, KV, 128, "state_bytes"),
                                                  _metric(medians, system, 128, "state_bytes"))
     decode = results.get("decode", {}).get("systems", {})
-    if system in decode and LLAMA in decode:
-        values["decode_throughput_ratio"] = _ratio(decode[system]["generate_tokens_per_s"],
-                                                   decode[LLAMA]["generate_tokens_per_s"])
+    if system in decode:  # the median of the ratios paired within each repeat (latency.py)
+        values["decode_throughput_ratio"] = decode[system].get("generate_ratio_to_llama")
     training = results.get("training", {}).get("systems", {})
-    if system in training and LLAMA in training:
-        values["training_throughput_ratio"] = _ratio(training[system]["tokens_per_s"], training[LLAMA]["tokens_per_s"])
+    if system in training:  # the median of the ratios paired within each round (train_speed.py)
+        values["training_throughput_ratio"] = training[system].get("ratio_to_llama")
     return {key: {"what": what, "target": target, "direction": direction, "value": values[key],
                   "met": _met(values[key], target, direction)} for key, what, target, direction in ACCEPTANCE}
 

@@ -58,13 +58,13 @@ class BenchSettings:
     turns: tuple[int, ...] = DEFAULT_TURNS  # the turns at which every system is measured with `repeats`
     repeats: int = 5
     decode_tokens: int = 128
-    decode_repeats: int = 5
+    decode_repeats: int = 9
     write_repeats: int = 20
     train_batch_size: int = 8
     train_seq_len: int = 256
     train_steps: int = 6  # per round and system; the first `train_warmup_steps` are not timed
     train_warmup_steps: int = 2
-    train_rounds: int = 2
+    train_rounds: int = 4
     peak_memory_steps: int = 3
 
     def __post_init__(self):

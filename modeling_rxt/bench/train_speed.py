@@ -4,7 +4,8 @@ Every system trains on the same random batches (B sequences of T tokens, labels 
 objective: for RxT that is its decoder reading the learned initial memory, plus the load-balancing loss of its
 experts; Llama trains its whole model. The systems take turns (`train_rounds` rounds of `train_steps` steps each);
 a step is timed from `on_step_begin` to `on_step_end` (forward, backward, optimizer) and the first
-`train_warmup_steps` of each round are dropped. Tokens/s = B * T / median step time.
+`train_warmup_steps` of each round are dropped. Tokens/s = B * T / median step time; RxT / Llama is the
+median over rounds of the ratio within each round (the machine's drift between rounds cancels).
 
 Peak memory cannot be read from `tracemalloc` (torch allocates outside Python's allocator) and there is no CPU
 counterpart of `torch.cuda.max_memory_allocated`, so each system trains for a few steps in a fresh process and reports
@@ -22,7 +23,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from .systems import BenchSettings, build_systems, is_cuda, median, now, rotated, set_threads
+from .systems import LLAMA, BenchSettings, build_systems, is_cuda, median, now, rotated, set_threads
 
 
 class RandomTokens(Dataset):
@@ -85,22 +86,33 @@ def measure_training_throughput(models: dict[str, PreTrainedModel], settings: Be
     rows = settings.train_batch_size * settings.train_steps
     data = RandomTokens(rows, settings.train_seq_len, vocab, settings.seed + 3)
     step_seconds = {name: [] for name in models}
+    round_medians = {name: [] for name in models}  # median step of each system in each round
     with tempfile.TemporaryDirectory() as output_dir:
         for round_index in range(settings.train_rounds):
             for name in rotated(list(models), round_index):
-                seconds = train_steps(models[name], data, settings, settings.train_steps, output_dir)
-                step_seconds[name].extend(seconds[settings.train_warmup_steps:])
+                seconds = train_steps(models[name], data, settings, settings.train_steps, output_dir)[
+                    settings.train_warmup_steps:
+                ]
+                step_seconds[name].extend(seconds)
+                round_medians[name].append(median(seconds))
     tokens_per_step = settings.train_batch_size * settings.train_seq_len
+    systems = {
+        name: {"tokens_per_s": tokens_per_step / median(seconds), "median_step_s": median(seconds),
+               "step_seconds": seconds}
+        for name, seconds in step_seconds.items()
+    }
+    for name in (name for name in models if name != LLAMA):
+        # Within a round the systems train one after the other: Llama's step time / this system's is a paired ratio
+        # (the machine's drift between rounds cancels), and the acceptance ratio is their median.
+        paired = [llama / own for own, llama in zip(round_medians[name], round_medians[LLAMA])]
+        systems[name]["ratio_to_llama_samples"] = paired
+        systems[name]["ratio_to_llama"] = median(paired)
     return {
         "batch_size": settings.train_batch_size,
         "seq_len": settings.train_seq_len,
         "tokens_per_step": tokens_per_step,
         "objective": "causal LM on random tokens (RxT: decoder reading the initial memory + MoE aux loss)",
-        "systems": {
-            name: {"tokens_per_s": tokens_per_step / median(seconds), "median_step_s": median(seconds),
-                   "step_seconds": seconds}
-            for name, seconds in step_seconds.items()
-        },
+        "systems": systems,
     }
 
 
