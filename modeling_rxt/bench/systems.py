@@ -62,9 +62,9 @@ class BenchSettings:
     write_repeats: int = 20
     train_batch_size: int = 8
     train_seq_len: int = 256
-    train_steps: int = 6  # per round and system; the first `train_warmup_steps` are not timed
-    train_warmup_steps: int = 2
-    train_rounds: int = 4
+    train_steps: int = 4  # per round and system; the first `train_warmup_steps` are not timed
+    train_warmup_steps: int = 1  # the optimizer allocates its state in the first step
+    train_rounds: int = 8  # short rounds: a shared host changes speed every few seconds
     peak_memory_steps: int = 3
 
     def __post_init__(self):
