@@ -47,8 +47,6 @@ Memory write (after the answer, off the user's critical path):
     STM_l'   = (1 - G) * STM_l + G * Update_l
 """
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -358,7 +356,7 @@ class RxTModel(RxTPreTrainedModel):
             # Every row reads the same memory (the learned initial one, expanded): project one row, expand the result.
             return self.project_memory(stm[:, :1]).expand(batch_size, *([-1] * 5))
         # `unbind` rather than `stm[i]`: the backward of indexing would zero-fill the whole STM once per layer.
-        projected = [layer.memory_cross_attn.project_memory(slots) for layer, slots in zip(self.layers, stm.unbind(0))]
+        projected = [layer.memory_cross_attn.project_memory(slots) for layer, slots in zip(self.layers, stm.unbind(0), strict=True)]
         return torch.stack(projected, dim=1)
 
     @merge_with_config_defaults
@@ -416,7 +414,7 @@ class RxTModel(RxTPreTrainedModel):
         # (B, L, 2, K, S, Dh) memory for every layer (8 ms of zero-filling per training step at `alpha-micro` size);
         # the backward of `unbind` is one `stack`.
         layer_memories = memory_key_values.unbind(1)  # L x (B, 2, K, S, Dh)
-        for decoder_layer, layer_memory in zip(self.layers, layer_memories):
+        for decoder_layer, layer_memory in zip(self.layers, layer_memories, strict=True):
             hidden_states = decoder_layer(
                 hidden_states,
                 layer_memory,
@@ -491,7 +489,7 @@ class RxTModel(RxTPreTrainedModel):
             # (L, S, D), through the module, so that a PEFT adapter's own initial memory (`modules_to_save`) is used
             initial = self.initial_memory(1)[:, 0].unbind(0)
         # Layers through `unbind` (one `stack` in the backward), not `stm[i]` (a zero-filled STM per layer).
-        layers = zip(self.memory_attention, stm.unbind(0), encoded, initial)
+        layers = zip(self.memory_attention, stm.unbind(0), encoded, initial, strict=True)
         new_stm = torch.stack(
             [layer(slots, stm_mean, ed, slots_mask, rotary, key_mask, init) for layer, slots, ed, init in layers]
         )
@@ -710,11 +708,5 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             inactive = round(expert_params * share)
         return {"total": total, "active": total - inactive}
 
-
-# `generate` inspects the forward signature of remote-code models (ours: `register_for_auto_class`) at EVERY decoding
-# step, looking for a legacy `cache_position` argument; `inspect.signature` follows the decorators' `__wrapped__` chain
-# each time (~25 us, 0.7% of a decoded token at `alpha-micro` size on 2 CPU threads). `inspect` returns a function's
-# `__signature__` when it has one, so the signature is worked out once, here.
-RxTForCausalLM.forward.__signature__ = inspect.signature(RxTForCausalLM.forward)
 
 __all__ = ["RxTPreTrainedModel", "RxTModel", "RxTForCausalLM", "RxTMemoryState"]

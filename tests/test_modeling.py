@@ -6,7 +6,8 @@ parameter counts add up."""
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from modeling_rxt import RxTForCausalLM
@@ -235,6 +236,33 @@ def test_eager_and_sdpa_agree_when_switched_or_loaded(tmp_path):
     assert loaded.config._attn_implementation == "eager"
     for a, b in zip(logits_and_write(loaded), sdpa, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_memory_read_calls_an_sdpa_function_registered_by_the_user(dense_model):
+    # The memory read calls torch's SDPA itself only where the registry holds transformers' own SDPA wrapper.
+    calls = []
+
+    def counting_sdpa(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    expected = dense_model(random_ids(1, 5)).logits
+    AttentionInterface.register("sdpa", counting_sdpa)
+    try:
+        logits = dense_model(random_ids(1, 5)).logits
+    finally:
+        AttentionInterface.register("sdpa", sdpa_attention_forward)
+    assert calls.count("RxTMemoryCrossAttention") == dense_model.config.num_hidden_layers
+    torch.testing.assert_close(logits, expected)
+
+
+def test_memory_of_fewer_layers_than_the_model_is_refused_not_truncated(dense_model):
+    # project_memory and write_memory take raw (L, B, S, D) tensors (the training loop calls them directly).
+    stm = random_state(dense_model, 1).stm[:-1]
+    with pytest.raises(ValueError):
+        dense_model.model.project_memory(stm)
+    with pytest.raises(ValueError):
+        dense_model.model.write_memory(stm, random_ids(1, 4))
 
 
 # ---- mixture of experts ----------------------------------------------------------------------------------------------
