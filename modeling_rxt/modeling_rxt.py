@@ -235,11 +235,12 @@ def check_decoder_inputs(
     inputs_embeds: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     hidden_size: int,
-    past_length: int,
+    past_length: int | None,
 ) -> None:
     """Raises `TypeError`/`ValueError` naming the argument for decoder inputs of the wrong type or shape, before they
     reach a kernel that fails with an opaque error (or, for a mask of the wrong length, silently does not fail).
-    Shape checks only: no host synchronisation in the forward pass."""
+    Shape checks only: no host synchronisation in the forward pass (`past_length` None: the cache's length is a
+    device tensor, and the mask's length is left to the mask functions)."""
     if input_ids is not None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
             found = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -259,7 +260,10 @@ def check_decoder_inputs(
         return
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
-    if attention_mask.dim() == 2 and tuple(attention_mask.shape) != (batch_size, past_length + length):
+    if past_length is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != (
+        batch_size,
+        past_length + length,
+    ):
         raise ValueError(
             f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {(batch_size, past_length + length)}"
             " (batch, cached + new tokens)."
@@ -390,11 +394,15 @@ class RxTModel(RxTPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        check_decoder_inputs(input_ids, inputs_embeds, attention_mask, self.config.hidden_size, past_length)
+        # Static caches count their tokens in a device tensor: a Python check of it would make the host wait for the
+        # device at every step and break a compiled graph, so the checks that need the cached length run only where
+        # it is a plain int (dynamic caches; a static cache is bounded by its own `max_cache_len`).
+        known_past_length = None if isinstance(past_length, torch.Tensor) else past_length
+        check_decoder_inputs(input_ids, inputs_embeds, attention_mask, self.config.hidden_size, known_past_length)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, length = inputs_embeds.shape[:2]
-        self.check_interaction_length(past_length + length)
+        self.check_interaction_length(length if known_past_length is None else known_past_length + length)
         if memory_key_values is None:
             memory_key_values = self.project_memory(self.memory_tensor(memory_state, batch_size))
         else:

@@ -4,6 +4,7 @@ projected to keys/values once per call, not once per token."""
 
 import pytest
 import torch
+from transformers import CompileConfig
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_rxt import RxTMemoryState
@@ -56,6 +57,23 @@ def test_cached_decoding_equals_uncached(tiny_model, kind, num_beams):
     assert torch.equal(cached.sequences, uncached.sequences)
     for with_cache, without_cache in zip(cached.scores, uncached.scores, strict=True):
         torch.testing.assert_close(with_cache, without_cache, atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_and_a_compiled_decode_step_give_the_dynamic_cache_answer(tiny_model, kind):
+    # A static cache counts its tokens in a tensor: the forward must not branch on it in Python (a host sync per step
+    # on a GPU, a graph break under torch.compile). The "eager" backend traces with dynamo (fullgraph: any break
+    # fails) without generating code.
+    model = tiny_model(kind)
+    input_ids, state = random_ids(2, 5), random_state(model, 2)
+    common = dict(memory_state=state, max_new_tokens=NEW_TOKENS, do_sample=False)
+    dynamic = model.generate(input_ids, **common)
+    assert torch.equal(model.generate(input_ids, cache_implementation="static", **common), dynamic)
+    compile_config = CompileConfig(backend="eager", fullgraph=True)
+    compile_config._compile_all_devices = True  # generate compiles on GPUs only, unless told
+    torch._dynamo.reset()
+    compiled = model.generate(input_ids, cache_implementation="static", compile_config=compile_config, **common)
+    assert torch.equal(compiled, dynamic)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really was traced
 
 
 def test_generate_without_memory_reads_the_learned_initial_memory(dense_model):
