@@ -25,7 +25,7 @@ from modeling_rxt.bench import (
 )
 from modeling_rxt.bench.__main__ import parse_args
 from modeling_rxt.bench.latency import KV, LLAMA_TURN1, REREAD, llama_turn, _prefilled_cache
-from modeling_rxt.bench.report import crossover_turn
+from modeling_rxt.bench.report import crossover_turn, summary_lines
 from modeling_rxt.bench.systems import LLAMA
 
 TINY_SHAPE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -55,7 +55,8 @@ def models(settings):
 @pytest.mark.parametrize("bad", [dict(turns=(2, 1)), dict(turns=(0, 1)), dict(turns=()), dict(repeats=0),
                                  dict(train_warmup_steps=3), dict(rxt_systems=("rxt-big",)), dict(answer_tokens=1),
                                  dict(threads=True), dict(dtype="float64"), dict(attn_implementation=""),
-                                 dict(device="tpu"), dict(device="not a device")])
+                                 dict(device="tpu"), dict(device="not a device"), dict(compile_backend=""),
+                                 dict(compile_backend=3)])
 def test_settings_reject_bad_values(bad):
     with pytest.raises(ValueError):
         BenchSettings(**{**TINY_RUN, **bad})
@@ -169,6 +170,20 @@ def test_decode_throughput_reports_both_ways_for_every_system(models, settings):
         paired = [rate / llama for rate, llama in zip(entry["samples_generate"], llama_rates, strict=True)]
         assert entry["generate_ratio_to_llama_samples"] == pytest.approx(paired)
         assert entry["generate_ratio_to_llama"] == pytest.approx(sorted(paired)[1])
+
+
+def test_decode_with_a_compiled_step_is_measured_only_when_asked(models, settings):
+    # The "eager" backend traces the decoding step with dynamo (fullgraph) without generating code: fast enough here.
+    result = measure_decode_throughput(models, replace(settings, compile_backend="eager"))
+    assert result["compile_backend"] == "eager"
+    llama_rates = result["systems"][LLAMA]["samples_compiled_generate"]
+    for name, entry in result["systems"].items():
+        assert len(entry["samples_compiled_generate"]) == 2 and entry["compiled_generate_tokens_per_s"] > 0
+        if name != LLAMA:
+            paired = [rate / llama for rate, llama in zip(entry["samples_compiled_generate"], llama_rates, strict=True)]
+            assert entry["compiled_generate_ratio_to_llama"] == pytest.approx(sum(paired) / 2)
+    assert any(line.startswith("compiled (eager, static cache)") for line in summary_lines({"decode": result}))
+    assert "compile_backend" not in measure_decode_throughput(models, settings)  # not asked: not measured
 
 
 def test_write_cost_covers_one_turn_and_the_longest_interaction(models, settings):
@@ -292,6 +307,7 @@ def test_command_line_parses_sections_and_turns():
     assert (args.device, args.dtype, args.attn) == ("cuda:0", "bfloat16", "eager")
     with pytest.raises(SystemExit):
         parse_args(["--only", "speed"])
+    assert parse_args([]).compile_backend is None and parse_args(["--compile", "inductor"]).compile_backend == "inductor"
 
 
 @pytest.mark.parametrize("argv", [["--topk", "0"], ["--threads", "0"]])

@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "flash_attention_2 (needs the flash-attn package) ...")
     parser.add_argument("--turns", type=_ints, help="sampled turns, e.g. 1,2,4,8,16,32,64,96,128")
     parser.add_argument("--repeats", type=int, help="repeats per sampled turn")
+    parser.add_argument("--compile", dest="compile_backend", metavar="BACKEND",
+                        help="also decode with a static cache and the decoding step compiled by this torch.compile "
+                        "backend (inductor)")
     return parser.parse_args(argv)
 
 
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     values = dict(QUICK) if args.quick else {}
     values.update(preset=args.preset, threads=args.threads, device=args.device, dtype=args.dtype,
-                  attn_implementation=args.attn)
+                  attn_implementation=args.attn, compile_backend=args.compile_backend)
     if args.turns is not None:
         values["turns"] = args.turns
     if args.repeats is not None:

@@ -19,7 +19,7 @@ turn 1 and RxT / Llama's turn 1 are then ratios of neighbouring measurements, wh
 import time
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import CompileConfig, DynamicCache, PreTrainedModel
 
 from modeling_rxt import RxTForCausalLM, RxTMemoryState
 
@@ -177,10 +177,16 @@ def measure_decode_throughput(models: dict[str, PreTrainedModel], settings: Benc
     names = list(models)
     generate_rates = {name: [] for name in names}
     loop_rates = {name: [] for name in names}
+    compiled = _compiled_generate_arguments(settings.compile_backend)
+    compiled_rates = {name: [] for name in names}
+    for name in names if compiled else ():  # the first calls compile (and are not timed)
+        _generate_rate(models[name], query, settings.decode_tokens, **compiled)
     for repeat in range(settings.decode_repeats):
         for name in rotated(names, repeat):
             generate_rates[name].append(_generate_rate(models[name], query, settings.decode_tokens))
             loop_rates[name].append(_forward_loop_rate(models[name], query, settings.decode_tokens))
+            if compiled:
+                compiled_rates[name].append(_generate_rate(models[name], query, settings.decode_tokens, **compiled))
     result = {"new_tokens": settings.decode_tokens, "query_tokens": settings.query_tokens, "systems": {}}
     for name in names:
         generate_rate, loop_rate = median(generate_rates[name]), median(loop_rates[name])
@@ -195,18 +201,37 @@ def measure_decode_throughput(models: dict[str, PreTrainedModel], settings: Benc
             # Each repeat measures every system back to back, so speed / Llama's speed within a repeat is a paired
             # ratio: the machine's drift between repeats (often 30% on a shared host) cancels; a ratio of the two
             # medians would not cancel it.
-            paired = [rate / llama for rate, llama in zip(generate_rates[name], generate_rates[LLAMA])]
+            paired = [rate / llama for rate, llama in zip(generate_rates[name], generate_rates[LLAMA], strict=True)]
             result["systems"][name]["generate_ratio_to_llama_samples"] = paired
             result["systems"][name]["generate_ratio_to_llama"] = median(paired)
+    if compiled:
+        result["compile_backend"] = settings.compile_backend
+        for name in names:
+            entry = result["systems"][name]
+            entry["compiled_generate_tokens_per_s"] = median(compiled_rates[name])
+            entry["samples_compiled_generate"] = compiled_rates[name]
+            if name != LLAMA:
+                paired = [rate / llama for rate, llama in zip(compiled_rates[name], compiled_rates[LLAMA], strict=True)]
+                entry["compiled_generate_ratio_to_llama"] = median(paired)
     return result
 
 
-def _generate_rate(model: PreTrainedModel, query: torch.Tensor, new_tokens: int) -> float:
+def _compiled_generate_arguments(backend: str | None) -> dict:
+    """`generate` arguments for a static cache and a compiled decoding step (transformers compiles by itself only on
+    accelerators; `_compile_all_devices` asks for it on CPU too). Empty when `backend` is None."""
+    if backend is None:
+        return {}
+    compile_config = CompileConfig(backend=backend, fullgraph=True, dynamic=False)
+    compile_config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": compile_config}
+
+
+def _generate_rate(model: PreTrainedModel, query: torch.Tensor, new_tokens: int, **generate_arguments) -> float:
     clock = TokenClock()
     extra = {"memory_state": model.init_memory(1)} if isinstance(model, RxTForCausalLM) else {}
     with quiet_gc():
         start = now(query.device)
-        model.generate(query, streamer=clock, **extra, **forced_length(new_tokens))
+        model.generate(query, streamer=clock, **extra, **generate_arguments, **forced_length(new_tokens))
     return 1.0 / clock.split(start, new_tokens)["decode_per_token_s"]
 
 

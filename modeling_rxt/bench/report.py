@@ -161,6 +161,12 @@ def summary_lines(results: dict) -> list[str]:
         lines.append("decode tok/s   " + "  ".join(
             f"{name} {entry['generate_tokens_per_s']:.1f} (forward loop {entry['forward_loop_tokens_per_s']:.1f})"
             for name, entry in results["decode"]["systems"].items()))
+        if "compile_backend" in results["decode"]:
+            lines.append(f"compiled ({results['decode']['compile_backend']}, static cache) tok/s " + "  ".join(
+                f"{name} {entry['compiled_generate_tokens_per_s']:.1f}"
+                + (f" (/ Llama {entry['compiled_generate_ratio_to_llama']:.2f})"
+                   if "compiled_generate_ratio_to_llama" in entry else "")
+                for name, entry in results["decode"]["systems"].items()))
     if "write" in results:
         lines.append("write ms       " + "  ".join(
             f"{name} " + ", ".join(f"{length} tok {seconds * 1e3:.1f}" for length, seconds in entry["median_s"].items())

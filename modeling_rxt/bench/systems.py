@@ -59,6 +59,9 @@ class BenchSettings:
     repeats: int = 5
     decode_tokens: int = 128
     decode_repeats: int = 9
+    # A torch.compile backend ("inductor"; "eager" only traces): the decode section also measures `generate` with a
+    # static cache and its decoding step compiled. None: not measured (compiling takes ~15 s per system on 2 cores).
+    compile_backend: str | None = None
     write_repeats: int = 20
     train_batch_size: int = 8
     train_seq_len: int = 256
@@ -91,6 +94,8 @@ class BenchSettings:
             raise TypeError(f"`overrides` must be a dict of config fields, got {type(self.overrides).__name__}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if self.compile_backend is not None and (not isinstance(self.compile_backend, str) or not self.compile_backend):
+            raise ValueError(f"`compile_backend` must be None or a torch.compile backend, got {self.compile_backend!r}.")
         if not isinstance(self.attn_implementation, str) or not self.attn_implementation:
             raise ValueError(f"`attn_implementation` must be a name such as 'sdpa', got {self.attn_implementation!r}.")
         check_device(self.device)
