@@ -5,6 +5,7 @@
 # benchmark folders. Wheels in the folder given as $1 (default .whl) are installed first into /tmp/site, for a
 # machine whose image lacks a package or has another version of it.
 # Local dry run of the pipeline, no GPU: DEVICE=cpu EXTRA=--quick PYTHON=.venv/bin/python bash modeling_rxt/bench/gpu_check.sh
+# COMPILE=1 adds bfloat16 decoding with a static cache and the decoding step compiled (inductor; up to 100 s more).
 set -u
 OUT=${OUT:-runs/gpu}
 DEVICE=${DEVICE:-cuda}
@@ -35,6 +36,9 @@ BENCH="$PY -m modeling_rxt.bench --device $DEVICE --threads 4 --turns 1,16,64,12
   if [ "$FLASH" = 1 ]; then
     timeout 90 $BENCH --dtype bfloat16 --attn flash_attention_2 --only decode,write,training \
       --out "$BENCH_DIR/flash_attention_2-bfloat16"
+  fi
+  if [ "${COMPILE:-0}" = 1 ]; then
+    timeout 100 $BENCH --dtype bfloat16 --only decode --compile inductor --out "$BENCH_DIR/sdpa-bfloat16-compiled"
   fi
   timeout 60 $BENCH --only training_memory --out "$BENCH_DIR/sdpa-float32-memory"
   date -u
