@@ -260,13 +260,13 @@ def check_decoder_inputs(
         return
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
-    if past_length is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != (
-        batch_size,
-        past_length + length,
-    ):
+    if past_length is None or attention_mask.dim() != 2:
+        return
+    expected = (batch_size, past_length + length)
+    if tuple(attention_mask.shape) != expected:
         raise ValueError(
-            f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {(batch_size, past_length + length)}"
-            " (batch, cached + new tokens)."
+            f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {expected} "
+            "(batch, cached + new tokens)."
         )
 
 
@@ -360,7 +360,8 @@ class RxTModel(RxTPreTrainedModel):
             # Every row reads the same memory (the learned initial one, expanded): project one row, expand the result.
             return self.project_memory(stm[:, :1]).expand(batch_size, *([-1] * 5))
         # `unbind` rather than `stm[i]`: the backward of indexing would zero-fill the whole STM once per layer.
-        projected = [layer.memory_cross_attn.project_memory(slots) for layer, slots in zip(self.layers, stm.unbind(0), strict=True)]
+        layers_and_slots = zip(self.layers, stm.unbind(0), strict=True)
+        projected = [layer.memory_cross_attn.project_memory(slots) for layer, slots in layers_and_slots]
         return torch.stack(projected, dim=1)
 
     @merge_with_config_defaults

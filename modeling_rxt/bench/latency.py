@@ -23,7 +23,7 @@ from transformers import CompileConfig, DynamicCache, PreTrainedModel
 
 from modeling_rxt import RxTForCausalLM, RxTMemoryState
 
-from .systems import LLAMA, BenchSettings, TokenClock, forced_length, median, now, quiet_gc, rotated
+from .systems import LLAMA, BenchSettings, TokenClock, forced_length, median, now, paired_ratios, quiet_gc, rotated
 
 REREAD, KV = "llama-reread", "llama-kv"
 TURN1 = "@turn1"  # suffix of a system run with no conversation behind it at every sampled turn
@@ -197,13 +197,10 @@ def measure_decode_throughput(models: dict[str, PreTrainedModel], settings: Benc
             "samples_generate": generate_rates[name],
             "samples_forward_loop": loop_rates[name],
         }
-        if name != LLAMA:
-            # Each repeat measures every system back to back, so speed / Llama's speed within a repeat is a paired
-            # ratio: the machine's drift between repeats (often 30% on a shared host) cancels; a ratio of the two
-            # medians would not cancel it.
-            paired = [rate / llama for rate, llama in zip(generate_rates[name], generate_rates[LLAMA], strict=True)]
-            result["systems"][name]["generate_ratio_to_llama_samples"] = paired
-            result["systems"][name]["generate_ratio_to_llama"] = median(paired)
+        if name != LLAMA:  # each repeat measures every system back to back
+            samples, ratio = paired_ratios(generate_rates[name], generate_rates[LLAMA])
+            result["systems"][name]["generate_ratio_to_llama_samples"] = samples
+            result["systems"][name]["generate_ratio_to_llama"] = ratio
     if compiled:
         result["compile_backend"] = settings.compile_backend
         for name in names:
@@ -211,8 +208,8 @@ def measure_decode_throughput(models: dict[str, PreTrainedModel], settings: Benc
             entry["compiled_generate_tokens_per_s"] = median(compiled_rates[name])
             entry["samples_compiled_generate"] = compiled_rates[name]
             if name != LLAMA:
-                paired = [rate / llama for rate, llama in zip(compiled_rates[name], compiled_rates[LLAMA], strict=True)]
-                entry["compiled_generate_ratio_to_llama"] = median(paired)
+                _, entry["compiled_generate_ratio_to_llama"] = paired_ratios(compiled_rates[name],
+                                                                             compiled_rates[LLAMA])
     return result
 
 

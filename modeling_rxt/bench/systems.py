@@ -94,8 +94,9 @@ class BenchSettings:
             raise TypeError(f"`overrides` must be a dict of config fields, got {type(self.overrides).__name__}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
-        if self.compile_backend is not None and (not isinstance(self.compile_backend, str) or not self.compile_backend):
-            raise ValueError(f"`compile_backend` must be None or a torch.compile backend, got {self.compile_backend!r}.")
+        backend = self.compile_backend
+        if backend is not None and (not isinstance(backend, str) or not backend):
+            raise ValueError(f"`compile_backend` must be None or a torch.compile backend, got {backend!r}.")
         if not isinstance(self.attn_implementation, str) or not self.attn_implementation:
             raise ValueError(f"`attn_implementation` must be a name such as 'sdpa', got {self.attn_implementation!r}.")
         check_device(self.device)
@@ -245,6 +246,14 @@ def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def paired_ratios(numerators: list[float], denominators: list[float]) -> tuple[list[float], float]:
+    """Ratios of measurements taken back to back (same repeat or round), and their median. The host's speed changes
+    between repeats (often by 30% on a shared machine) cancel in each ratio; a ratio of two separate medians keeps
+    them."""
+    ratios = [numerator / denominator for numerator, denominator in zip(numerators, denominators, strict=True)]
+    return ratios, median(ratios)
 
 
 def set_threads(threads: int) -> None:

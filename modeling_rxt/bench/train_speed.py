@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from .systems import LLAMA, BenchSettings, build_systems, is_cuda, median, now, rotated, set_threads
+from .systems import LLAMA, BenchSettings, build_systems, is_cuda, median, now, paired_ratios, rotated, set_threads
 
 
 class RandomTokens(Dataset):
@@ -102,11 +102,10 @@ def measure_training_throughput(models: dict[str, PreTrainedModel], settings: Be
         for name, seconds in step_seconds.items()
     }
     for name in (name for name in models if name != LLAMA):
-        # Within a round the systems train one after the other: Llama's step time / this system's is a paired ratio
-        # (the machine's drift between rounds cancels), and the acceptance ratio is their median.
-        paired = [llama / own for own, llama in zip(round_medians[name], round_medians[LLAMA])]
-        systems[name]["ratio_to_llama_samples"] = paired
-        systems[name]["ratio_to_llama"] = median(paired)
+        # Within a round the systems train one after the other: Llama's step time / this system's, paired per round.
+        systems[name]["ratio_to_llama_samples"], systems[name]["ratio_to_llama"] = paired_ratios(
+            round_medians[LLAMA], round_medians[name]
+        )
     return {
         "batch_size": settings.train_batch_size,
         "seq_len": settings.train_seq_len,
