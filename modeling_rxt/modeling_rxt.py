@@ -230,29 +230,49 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids outside [0, vocab_size) get a `ValueError` naming them, not the embedding's "index out of range in
+    self" (CPU) or a device-side assert (CUDA). Reads the values: the host waits for the device."""
+    low, high = input_ids.aminmax()
+    if low.item() < 0 or high.item() >= vocab_size:
+        raise ValueError(
+            f"`input_ids` must lie in [0, {vocab_size}) (`vocab_size`); got ids from {low.item()} to {high.item()}."
+        )
+
+
+def can_read_values(tensor: torch.Tensor) -> bool:
+    """Whether a check may read `tensor`'s values inside a forward pass: on the CPU it costs ~2 us and no wait; on an
+    accelerator it would make the host wait at every decoding step, and a compiled graph cannot branch on it.
+    (`generate` and `update_memory` check the ids they are given on any device, once per call.)"""
+    return tensor.device.type == "cpu" and not is_torchdynamo_compiling() and tensor.numel() > 0
+
+
 def check_decoder_inputs(
     input_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
-    hidden_size: int,
+    config: RxTConfig,
     past_length: int | None,
 ) -> None:
     """Raises `TypeError`/`ValueError` naming the argument for decoder inputs of the wrong type or shape, before they
     reach a kernel that fails with an opaque error (or, for a mask of the wrong length, silently does not fail).
-    Shape checks only: no host synchronisation in the forward pass (`past_length` None: the cache's length is a
-    device tensor, and the mask's length is left to the mask functions)."""
+    No host synchronisation in the forward pass: shapes always; token id values only where reading them costs no
+    wait (see `check_token_ids`); `past_length` None: the cache's length is a device tensor, and the mask's length is
+    left to the mask functions."""
     if input_ids is not None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
             found = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise TypeError(f"`input_ids` must be an int64 or int32 torch.Tensor (batch, length), got {found}.")
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
+        if can_read_values(input_ids):
+            check_token_ids(input_ids, config.vocab_size)
         batch_size, length = input_ids.shape
     else:
         if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
             raise TypeError(f"`inputs_embeds` must be a floating-point torch.Tensor, got {type(inputs_embeds)}.")
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
-            raise ValueError(f"`inputs_embeds` must have shape (batch, length, {hidden_size}).")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(f"`inputs_embeds` must have shape (batch, length, {config.hidden_size}).")
         batch_size, length = inputs_embeds.shape[:2]
     if batch_size == 0:
         raise ValueError("`input_ids` / `inputs_embeds` hold no conversation: the batch size must be at least 1.")
@@ -399,7 +419,7 @@ class RxTModel(RxTPreTrainedModel):
         # device at every step and break a compiled graph, so the checks that need the cached length run only where
         # it is a plain int (dynamic caches; a static cache is bounded by its own `max_cache_len`).
         known_past_length = None if isinstance(past_length, torch.Tensor) else past_length
-        check_decoder_inputs(input_ids, inputs_embeds, attention_mask, self.config.hidden_size, known_past_length)
+        check_decoder_inputs(input_ids, inputs_embeds, attention_mask, self.config, known_past_length)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, length = inputs_embeds.shape[:2]
@@ -463,6 +483,8 @@ class RxTModel(RxTPreTrainedModel):
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         """Runs the memory encoder: the encoded data ED_1..ED_L (B, T, D), the key mask used over them and the
         rotary embeddings of their positions."""
+        if can_read_values(input_ids):  # training calls this directly, without `update_memory`'s checks
+            check_token_ids(input_ids, self.config.vocab_size)
         inputs_embeds = self.embed_tokens(input_ids)
         self.check_interaction_length(input_ids.shape[1])
         if attention_mask is not None:
@@ -693,8 +715,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             raise TypeError("`input_ids` must be an integer torch.Tensor of shape (batch, length).")
         if input_ids.dim() != 2 or 0 in input_ids.shape:
             raise ValueError(f"`input_ids` must have shape (batch >= 1, length >= 1), got {tuple(input_ids.shape)}.")
-        if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:  # once per call, outside forward
-            raise ValueError(f"`input_ids` must lie in [0, {self.config.vocab_size}) (`vocab_size`).")
+        check_token_ids(input_ids, self.config.vocab_size)  # once per call, outside forward: on any device
         if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:

@@ -202,6 +202,10 @@ def test_int32_ids_are_accepted(model):
 def test_token_ids_outside_the_vocabulary(model):
     for bad in (random_ids(1, 4) + 100, torch.tensor([[5, -1]])):
         with pytest.raises(ValueError, match="input_ids.*vocab_size"):
+            model(bad)  # forward checks values on the CPU (embedding: "index out of range in self")
+        with pytest.raises(ValueError, match="input_ids.*vocab_size"):
+            model.model.write_memory(model.init_memory(1).stm, bad)  # training's path, past `update_memory`
+        with pytest.raises(ValueError, match="input_ids.*vocab_size"):
             model.update_memory(model.init_memory(1), bad)
         with pytest.raises(ValueError, match="input_ids.*vocab_size"):
             model.generate(bad, max_new_tokens=2)
