@@ -25,7 +25,10 @@ memory. Three things differ from a stateless causal LM, and this module makes ea
   adapter's copy. For a mixed batch (`adapter_names=` per row) build the per-row start with `initial_memory_for`.
 - **Loading onto the right base.** `load_adapter` checks the saved adapter's tensor names and shapes against the
   model before touching it, and refuses an adapter made for a base of another shape with a `ValueError` naming it
-  (PEFT and transformers raise a `RuntimeError` about `lora_A` sizes after half-injecting the adapter).
+  (PEFT and transformers raise a `RuntimeError` about `lora_A` sizes after half-injecting the adapter). Adapters
+  saved by `save_adapters` also carry a few probed values of every base tensor (`rxt_base_probe.json`), so an adapter
+  trained on other weights of the same shapes is refused too: its low-rank update would be added to weights it was
+  never trained with, and the outputs would be quietly wrong.
 
 Works for a `peft.PeftModel` and for a model with adapters added through transformers (`model.load_adapter`,
 `model.set_adapter`). This file is not part of the Hub export: it needs `peft`, which the modeling code does not.
@@ -51,6 +54,11 @@ from .memory_state import RxTMemoryState
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in `adapter_names=`
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+BASE_PROBE_NAME = "rxt_base_probe.json"  # beside adapter_config.json: which base weights the adapter was trained on
+PROBES_PER_TENSOR = 8
+# Probed values compare within bfloat16 rounding (8 significant bits): a base saved in float32 and loaded in bfloat16
+# is the same base; one initialised or trained apart differs by far more.
+PROBE_RTOL, PROBE_ATOL = 1e-2, 1e-6
 Shapes = dict[str, tuple[int, ...]]  # tensor name -> shape
 
 
@@ -227,9 +235,54 @@ def _shape_problems(saved: Shapes, expected: Shapes, base: Shapes) -> list[str]:
     return sorted(problems)
 
 
-def check_adapter_fits(model: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> PeftConfig:
+def base_probe(model: torch.nn.Module) -> dict[str, list[float]]:
+    """A fingerprint of the base weights under any adapters: `PROBES_PER_TENSOR` values of every floating-point base
+    tensor, at evenly spaced flat positions, keyed by the name the tensor has without adapters. LoRA factors and
+    per-adapter copies (`modules_to_save`) are left out; wrapped base layers count under their plain names."""
+    probes = {}
+    for name, parameter in rxt_model(model).named_parameters():
+        if "lora_" in name or ".modules_to_save." in name:
+            continue
+        if not parameter.is_floating_point() or parameter.device.type == "meta" or parameter.numel() == 0:
+            continue  # quantised or offloaded weights have no values to probe here
+        flat = parameter.detach().reshape(-1)
+        positions = torch.linspace(0, flat.numel() - 1, PROBES_PER_TENSOR, device=flat.device).round().long()
+        plain_name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
+        probes[plain_name] = flat[positions].float().cpu().tolist()
+    return probes
+
+
+def _base_mismatches(model: torch.nn.Module, saved: dict[str, list[float]]) -> list[str]:
+    """Names of the tensors whose probed values differ between `saved` and `model`'s base."""
+    current = base_probe(model)
+    return sorted(
+        name
+        for name, values in saved.items()
+        if name in current
+        and not torch.allclose(torch.tensor(current[name]), torch.tensor(values), rtol=PROBE_RTOL, atol=PROBE_ATOL)
+    )
+
+
+def _saved_probe(folder: Path, adapter_name: str) -> dict[str, list[float]] | None:
+    file = folder / BASE_PROBE_NAME
+    if not file.is_file():
+        return None  # saved by PEFT itself: nothing records the base weights
+    try:
+        probe = json.loads(file.read_text(encoding="utf-8"))["tensors"]
+        if not isinstance(probe, dict) or not all(isinstance(values, list) for values in probe.values()):
+            raise TypeError("`tensors` must map tensor names to lists of numbers")
+        return probe
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"Adapter {adapter_name!r}: `{file}` is invalid: {error}") from error
+
+
+def check_adapter_fits(
+    model: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "default", *, check_base_weights: bool = True
+) -> PeftConfig:
     """Raises `ValueError` naming the adapter if the PEFT folder `path` was made for a base of another shape (or is
-    unreadable); returns its config otherwise. The model is not modified."""
+    unreadable), or, where the folder records the base's weights (`save_adapters` does), for other base weights;
+    returns its config otherwise. `check_base_weights=False` skips the latter, for an adapter knowingly carried over
+    to a further-trained base. The model is not modified."""
     folder = Path(path)
     if not (folder / ADAPTER_CONFIG_NAME).is_file():
         raise ValueError(f"Adapter {adapter_name!r}: no {ADAPTER_CONFIG_NAME} in `{folder}`.")
@@ -245,11 +298,25 @@ def check_adapter_fits(model: torch.nn.Module, path: str | os.PathLike, adapter_
             f"Adapter {adapter_name!r} at `{folder}` was made for a base of another shape "
             f"(base_model_name_or_path={config.base_model_name_or_path!r}): {shown}."
         )
+    probe = _saved_probe(folder, adapter_name) if check_base_weights else None
+    mismatches = _base_mismatches(model, probe) if probe else []
+    if mismatches:
+        raise ValueError(
+            f"Adapter {adapter_name!r} at `{folder}` was trained on other base weights of the same shapes "
+            f"(base_model_name_or_path={config.base_model_name_or_path!r}): {len(mismatches)} of {len(probe)} "
+            f"probed tensors differ, e.g. {mismatches[0]}. Load it onto that base, or pass "
+            "`check_base_weights=False` if this base was trained further from it."
+        )
     return config
 
 
 def load_adapter(
-    model: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "default", *, is_trainable: bool = False
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    is_trainable: bool = False,
+    check_base_weights: bool = True,
 ) -> torch.nn.Module:
     """Loads the PEFT folder `path` as `adapter_name` after `check_adapter_fits`. A plain model comes back as a
     `PeftModel`; a `PeftModel` or a model with transformers-integrated adapters gets the adapter added in place."""
@@ -257,19 +324,21 @@ def load_adapter(
         raise ValueError(f"`adapter_name` must be a non-empty string, got {adapter_name!r}.")
     if adapter_name in adapter_names(model):
         raise ValueError(f"`adapter_name` {adapter_name!r} is already loaded; loaded: {adapter_names(model)}.")
-    check_adapter_fits(model, path, adapter_name)
+    check_adapter_fits(model, path, adapter_name, check_base_weights=check_base_weights)
     if adapter_names(model):  # a PeftModel, or transformers-integrated adapters: both have `load_adapter`
         model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
         return model
     return PeftModel.from_pretrained(rxt_model(model), str(path), adapter_name=adapter_name, is_trainable=is_trainable)
 
 
-def load_adapters(model: torch.nn.Module, paths: Mapping[str, str | os.PathLike]) -> torch.nn.Module:
+def load_adapters(
+    model: torch.nn.Module, paths: Mapping[str, str | os.PathLike], *, check_base_weights: bool = True
+) -> torch.nn.Module:
     """Loads several adapters `{name: folder}` onto one base (checked, for inference); the first one is active."""
     if not isinstance(paths, Mapping) or not paths:
         raise TypeError("`paths` must be a non-empty mapping {adapter_name: folder}.")
     for name, path in paths.items():
-        model = load_adapter(model, path, name)
+        model = load_adapter(model, path, name, check_base_weights=check_base_weights)
     return model
 
 
@@ -280,6 +349,8 @@ def save_adapters(
     """Saves every adapter of `model` as PEFT folders (`default` at the top, others in sub-folders named after them),
     each pointing at `base_model_name_or_path` (a Hub id or folder of the base; default: what PEFT recorded).
 
+    Each folder also gets `rxt_base_probe.json`, the `base_probe` of the base weights, which `load_adapter` compares
+    with the base it loads onto (not while an adapter is merged into the base: its weights are not the base's then).
     Written into a temporary folder beside `directory`, flushed, then swapped in: a failed save leaves the previous
     folder intact. Returns the adapter names saved."""
     if not isinstance(model, PeftModel):
@@ -298,6 +369,10 @@ def save_adapters(
         finally:
             for name, value in previous.items():
                 model.peft_config[name].base_model_name_or_path = value
+        if not any(getattr(layer, "merged", False) for layer in _tuner_layers(model)):
+            probe = json.dumps({"probes_per_tensor": PROBES_PER_TENSOR, "tensors": base_probe(model)}) + "\n"
+            for name in names:  # PEFT saves `default` at the top, every other adapter in a sub-folder of its name
+                (staging if name == "default" else staging / name).joinpath(BASE_PROBE_NAME).write_text(probe, "utf-8")
         _fsync_tree(staging)
         _swap_in(staging, target)
     except BaseException:
@@ -332,6 +407,7 @@ def _swap_in(staging: Path, target: Path) -> None:
 __all__ = [
     "BASE_ADAPTER",
     "adapter_names",
+    "base_probe",
     "check_adapter_fits",
     "initial_memory_for",
     "load_adapter",

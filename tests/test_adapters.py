@@ -18,6 +18,7 @@ from modeling_rxt import RxTConfig, RxTForCausalLM, RxTMemoryState
 from modeling_rxt.adapters import (
     BASE_ADAPTER,
     adapter_names,
+    base_probe,
     check_adapter_fits,
     initial_memory_for,
     load_adapter,
@@ -266,6 +267,36 @@ def test_adapter_for_a_base_of_another_shape_is_refused(tmp_path, ids, other):
         load_adapter(target, tmp_path / "critic", "critic")
     assert not adapter_names(target) and not any("lora_" in name for name, _ in target.named_modules())
     assert all(torch.equal(before[name], p) for name, p in target.state_dict().items())
+
+
+def test_adapter_trained_on_other_base_weights_of_the_same_shapes_is_refused(tmp_path, ids):
+    model = with_roles(make_base(seed=0))
+    expected = logits_of(model, ids, "critic")
+    assert base_probe(model) == base_probe(make_base(seed=0))  # LoRA factors and per-adapter copies left out
+    save_adapters(model, tmp_path)
+    other = make_base(seed=1)  # same config, other weights: shapes alone cannot tell
+    before = {name: p.clone() for name, p in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'critic'.*other base weights.*probed tensors differ.*check_base_weights"):
+        load_adapter(other, tmp_path / "critic", "critic")
+    assert not adapter_names(other) and all(torch.equal(before[n], p) for n, p in other.state_dict().items())
+    loaded = load_adapter(other, tmp_path / "critic", "critic", check_base_weights=False)  # knowingly carried over
+    assert adapter_names(loaded) == ["critic"]
+    # The right base, also when loaded in bfloat16 (within its rounding), and the adapter reproduces the logits.
+    load_adapter(make_base(seed=0).to(torch.bfloat16), tmp_path / "critic", "critic")
+    assert torch.equal(logits_of(load_adapter(make_base(seed=0), tmp_path / "critic", "critic"), ids), expected)
+    (tmp_path / "critic" / "rxt_base_probe.json").write_text("{not json")
+    with pytest.raises(ValueError, match="'critic'.*rxt_base_probe.json.*invalid"):
+        load_adapter(make_base(seed=0), tmp_path / "critic", "critic")
+
+
+def test_adapter_saved_by_peft_itself_or_while_merged_has_no_probe(tmp_path):
+    model = with_roles(make_base(seed=0))
+    model.save_pretrained(str(tmp_path / "peft"))  # PEFT's own save: nothing records the base weights
+    assert not (tmp_path / "peft" / "critic" / "rxt_base_probe.json").exists()
+    load_adapter(make_base(seed=1), tmp_path / "peft" / "critic", "critic")  # shapes checked only
+    model.merge_adapter(["actor"])  # the base layers now hold base + actor: not the base's weights
+    save_adapters(model, tmp_path / "merged")
+    assert not list((tmp_path / "merged").rglob("rxt_base_probe.json"))
 
 
 def test_adapter_targeting_missing_modules_or_unreadable_is_refused(tmp_path):
