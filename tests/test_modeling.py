@@ -13,7 +13,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from modeling_rxt import RxTForCausalLM
 import modeling_rxt.modeling_rxt as modeling_module
 from modeling_rxt.modeling_rxt_blocks import RxTRMSNorm, apply_rotary
-from modeling_rxt.modeling_rxt import RxTExperts, load_balancing_loss
+from modeling_rxt.modeling_rxt import RxTExperts, RxTTopKRouter, load_balancing_loss
 
 from conftest import make_tiny_model, random_ids, random_state, tiny_config
 
@@ -329,6 +329,17 @@ def test_experts_many_token_path_matches_naive_loop_and_decode_path(eager_expert
             rows = slice(start, start + 4)
             decoded = eager_experts(hidden[rows], index[rows], weights[rows])
             torch.testing.assert_close(decoded, many[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_router_weights_are_the_renormalised_top_k_softmax():
+    router = RxTTopKRouter(tiny_config("moe", num_local_experts=8, num_experts_per_tok=3))
+    torch.nn.init.normal_(router.weight)
+    hidden = torch.randn(5, 32)
+    logits, weights, index = router(hidden)
+    probs = F.softmax(logits, dim=-1)  # the definition: softmax over all experts, keep the top k, renormalise
+    top_probs, top_index = probs.topk(3, dim=-1)
+    assert torch.equal(index, top_index)
+    torch.testing.assert_close(weights, top_probs / top_probs.sum(-1, keepdim=True))
 
 
 def test_experts_implementations_agree(tmp_path):
