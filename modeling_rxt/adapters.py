@@ -26,9 +26,9 @@ memory. Three things differ from a stateless causal LM, and this module makes ea
 - **Loading onto the right base.** `load_adapter` checks the saved adapter's tensor names and shapes against the
   model before touching it, and refuses an adapter made for a base of another shape with a `ValueError` naming it
   (PEFT and transformers raise a `RuntimeError` about `lora_A` sizes after half-injecting the adapter). Adapters
-  saved by `save_adapters` also carry a few probed values of every base tensor (`rxt_base_probe.json`), so an adapter
-  trained on other weights of the same shapes is refused too: its low-rank update would be added to weights it was
-  never trained with, and the outputs would be quietly wrong.
+  saved by `save_adapters` also carry a few probed values of every floating-point base tensor (`base_probe`,
+  `rxt_base_probe.json`), so an adapter trained on other weights of the same shapes is refused too: its low-rank
+  update would be added to weights it was never trained with, and the outputs would be quietly wrong.
 
 Works for a `peft.PeftModel` and for a model with adapters added through transformers (`model.load_adapter`,
 `model.set_adapter`). This file is not part of the Hub export: it needs `peft`, which the modeling code does not.
@@ -59,6 +59,9 @@ PROBES_PER_TENSOR = 8
 # Probed values compare within bfloat16 rounding (8 significant bits): a base saved in float32 and loaded in bfloat16
 # is the same base; one initialised or trained apart differs by far more.
 PROBE_RTOL, PROBE_ATOL = 1e-2, 1e-6
+PROBED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+PEFT_WRAPPER_LEVELS = {"base_layer", "original_module", "token_adapter"}  # levels PEFT inserts above a base tensor
+PEFT_OWN_PREFIXES = ("lora_", "modules_to_save", "trainable_tokens_")  # PEFT's own parameters
 Shapes = dict[str, tuple[int, ...]]  # tensor name -> shape
 
 
@@ -235,45 +238,94 @@ def _shape_problems(saved: Shapes, expected: Shapes, base: Shapes) -> list[str]:
     return sorted(problems)
 
 
-def base_probe(model: torch.nn.Module) -> dict[str, list[float]]:
-    """A fingerprint of the base weights under any adapters: `PROBES_PER_TENSOR` values of every floating-point base
-    tensor, at evenly spaced flat positions, keyed by the name the tensor has without adapters. LoRA factors and
-    per-adapter copies (`modules_to_save`) are left out; wrapped base layers count under their plain names."""
+def base_probe(model: torch.nn.Module, per_tensor: int = PROBES_PER_TENSOR) -> dict[str, list[float]]:
+    """A fingerprint of the base weights under any adapters: `per_tensor` values of every float32 / float16 /
+    bfloat16 base tensor, at evenly spaced flat positions, keyed by the name the tensor has without adapters (PEFT's
+    wrapper levels such as `base_layer` dropped, however deeply nested). LoRA factors, per-adapter copies and
+    trainable-token deltas are left out, and so are weights with no values here (meta, offloaded) or stored
+    quantised (8-bit floats and integers: their values are not the base's)."""
     probes = {}
     for name, parameter in rxt_model(model).named_parameters():
-        if "lora_" in name or ".modules_to_save." in name:
+        plain_name = _plain_name(name)
+        if plain_name is None or parameter.dtype not in PROBED_DTYPES or parameter.device.type == "meta":
             continue
-        if not parameter.is_floating_point() or parameter.device.type == "meta" or parameter.numel() == 0:
-            continue  # quantised or offloaded weights have no values to probe here
-        flat = parameter.detach().reshape(-1)
-        positions = torch.linspace(0, flat.numel() - 1, PROBES_PER_TENSOR, device=flat.device).round().long()
-        plain_name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
-        probes[plain_name] = flat[positions].float().cpu().tolist()
+        if parameter.numel() == 0:
+            continue
+        positions = torch.tensor(probe_positions(parameter.numel(), per_tensor), device=parameter.device)
+        probes[plain_name] = parameter.detach().reshape(-1)[positions].float().cpu().tolist()
     return probes
 
 
-def _base_mismatches(model: torch.nn.Module, saved: dict[str, list[float]]) -> list[str]:
-    """Names of the tensors whose probed values differ between `saved` and `model`'s base."""
-    current = base_probe(model)
+def probe_positions(count: int, per_tensor: int) -> list[int]:
+    """`per_tensor` evenly spaced flat positions in a tensor of `count` values, the first and the last included.
+    Integer arithmetic: float positions round past the end beyond 2**24 values (a large embedding)."""
+    return [index * (count - 1) // max(per_tensor - 1, 1) for index in range(per_tensor)]
+
+
+def _plain_name(name: str) -> str | None:
+    """A parameter's name without PEFT's wrapper levels, or None for PEFT's own parameters."""
+    parts = name.split(".")
+    if any(part.startswith(PEFT_OWN_PREFIXES) for part in parts):
+        return None
+    return ".".join(part for part in parts if part not in PEFT_WRAPPER_LEVELS)
+
+
+def _replaced_on_loading(saved_keys) -> tuple[str, ...]:
+    """Base tensors that loading an adapter file overwrites, as name prefixes, so their base values need not match:
+    whole tensors the file carries (a resized embedding) and the modules whose token rows it swaps in
+    (`trainable_token_indices`)."""
+    prefixes = set()
+    for key in saved_keys:
+        parts = key.split(".")
+        own = [index for index, part in enumerate(parts) if part.startswith(PEFT_OWN_PREFIXES)]
+        if not own:
+            prefixes.add(_plain_name(key))
+        elif parts[own[0]].startswith("trainable_tokens_"):
+            prefixes.add(_plain_name(".".join(parts[: own[0]])) + ".")
+    return tuple(prefixes)
+
+
+def _base_mismatches(model: torch.nn.Module, probe: dict, replaced: tuple[str, ...]) -> list[str]:
+    """Names of the tensors whose probed values differ between the saved `probe` and `model`'s base, leaving out those
+    the adapter replaces on loading (`replaced` name prefixes)."""
+    current = base_probe(model, probe["probes_per_tensor"])
     return sorted(
         name
-        for name, values in saved.items()
+        for name, values in probe["tensors"].items()
         if name in current
+        and not name.startswith(replaced)
         and not torch.allclose(torch.tensor(current[name]), torch.tensor(values), rtol=PROBE_RTOL, atol=PROBE_ATOL)
     )
 
 
-def _saved_probe(folder: Path, adapter_name: str) -> dict[str, list[float]] | None:
+def _saved_probe(folder: Path, adapter_name: str) -> dict | None:
+    """The probe file of an adapter folder, checked: {"probes_per_tensor": n, "tensors": {name: [n floats]}}."""
     file = folder / BASE_PROBE_NAME
     if not file.is_file():
         return None  # saved by PEFT itself: nothing records the base weights
     try:
-        probe = json.loads(file.read_text(encoding="utf-8"))["tensors"]
-        if not isinstance(probe, dict) or not all(isinstance(values, list) for values in probe.values()):
-            raise TypeError("`tensors` must map tensor names to lists of numbers")
+        probe = json.loads(file.read_text(encoding="utf-8"))
+        count, tensors = probe["probes_per_tensor"], probe["tensors"]
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise TypeError(f"`probes_per_tensor` must be a positive integer, got {count!r}")
+        if not isinstance(tensors, dict) or not all(
+            isinstance(values, list) and len(values) == count and all(_is_number(v) for v in values)
+            for values in tensors.values()
+        ):
+            raise TypeError(f"`tensors` must map tensor names to lists of {count} numbers")
         return probe
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+    except KeyError as error:
+        raise ValueError(f"Adapter {adapter_name!r}: `{file}` is invalid: no {error} field") from error
+    except (OSError, TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"Adapter {adapter_name!r}: `{file}` is invalid: {error}") from error
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _has_merged_adapter(model: torch.nn.Module) -> bool:
+    return any(getattr(layer, "merged", False) for layer in _tuner_layers(model))
 
 
 def check_adapter_fits(
@@ -281,8 +333,9 @@ def check_adapter_fits(
 ) -> PeftConfig:
     """Raises `ValueError` naming the adapter if the PEFT folder `path` was made for a base of another shape (or is
     unreadable), or, where the folder records the base's weights (`save_adapters` does), for other base weights;
-    returns its config otherwise. `check_base_weights=False` skips the latter, for an adapter knowingly carried over
-    to a further-trained base. The model is not modified."""
+    returns its config otherwise. `check_base_weights=False` skips the latter (the whole weight comparison), for an
+    adapter knowingly carried over to a further-trained base; it is skipped too while `model` has an adapter merged
+    in. The model is not modified."""
     folder = Path(path)
     if not (folder / ADAPTER_CONFIG_NAME).is_file():
         raise ValueError(f"Adapter {adapter_name!r}: no {ADAPTER_CONFIG_NAME} in `{folder}`.")
@@ -298,13 +351,14 @@ def check_adapter_fits(
             f"Adapter {adapter_name!r} at `{folder}` was made for a base of another shape "
             f"(base_model_name_or_path={config.base_model_name_or_path!r}): {shown}."
         )
-    probe = _saved_probe(folder, adapter_name) if check_base_weights else None
-    mismatches = _base_mismatches(model, probe) if probe else []
+    # A model with an adapter merged in holds base + that adapter in its base layers: no base weights to compare.
+    probe = _saved_probe(folder, adapter_name) if check_base_weights and not _has_merged_adapter(model) else None
+    mismatches = _base_mismatches(model, probe, _replaced_on_loading(saved)) if probe else []
     if mismatches:
         raise ValueError(
             f"Adapter {adapter_name!r} at `{folder}` was trained on other base weights of the same shapes "
-            f"(base_model_name_or_path={config.base_model_name_or_path!r}): {len(mismatches)} of {len(probe)} "
-            f"probed tensors differ, e.g. {mismatches[0]}. Load it onto that base, or pass "
+            f"(base_model_name_or_path={config.base_model_name_or_path!r}): {len(mismatches)} of "
+            f"{len(probe['tensors'])} probed tensors differ, e.g. {mismatches[0]}. Load it onto that base, or pass "
             "`check_base_weights=False` if this base was trained further from it."
         )
     return config
@@ -369,7 +423,7 @@ def save_adapters(
         finally:
             for name, value in previous.items():
                 model.peft_config[name].base_model_name_or_path = value
-        if not any(getattr(layer, "merged", False) for layer in _tuner_layers(model)):
+        if not _has_merged_adapter(model):
             probe = json.dumps({"probes_per_tensor": PROBES_PER_TENSOR, "tensors": base_probe(model)}) + "\n"
             for name in names:  # PEFT saves `default` at the top, every other adapter in a sub-folder of its name
                 (staging if name == "default" else staging / name).joinpath(BASE_PROBE_NAME).write_text(probe, "utf-8")

@@ -242,10 +242,16 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 
 
 def can_read_values(tensor: torch.Tensor) -> bool:
-    """Whether a check may read `tensor`'s values inside a forward pass: on the CPU it costs ~2 us and no wait; on an
-    accelerator it would make the host wait at every decoding step, and a compiled graph cannot branch on it.
-    (`generate` and `update_memory` check the ids they are given on any device, once per call.)"""
-    return tensor.device.type == "cpu" and not is_torchdynamo_compiling() and tensor.numel() > 0
+    """Whether a check may read `tensor`'s values inside a forward pass: a plain CPU tensor, where it costs a few us
+    and no wait. On an accelerator it would make the host wait at every decoding step; a compiled graph cannot branch
+    on it, and tensor subclasses (the fake tensors of tracing and export) have no values to read. (`generate`,
+    `update_memory` and `encoder_mlm_logits` check the ids they are given on any device, once per call.)"""
+    return (
+        type(tensor) is torch.Tensor
+        and tensor.device.type == "cpu"
+        and not is_torchdynamo_compiling()
+        and tensor.numel() > 0
+    )
 
 
 def check_decoder_inputs(

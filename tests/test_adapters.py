@@ -24,6 +24,7 @@ from modeling_rxt.adapters import (
     load_adapter,
     load_adapters,
     lora_config,
+    probe_positions,
     rxt_model,
     save_adapters,
     update_memory_with,
@@ -284,9 +285,55 @@ def test_adapter_trained_on_other_base_weights_of_the_same_shapes_is_refused(tmp
     # The right base, also when loaded in bfloat16 (within its rounding), and the adapter reproduces the logits.
     load_adapter(make_base(seed=0).to(torch.bfloat16), tmp_path / "critic", "critic")
     assert torch.equal(logits_of(load_adapter(make_base(seed=0), tmp_path / "critic", "critic"), ids), expected)
-    (tmp_path / "critic" / "rxt_base_probe.json").write_text("{not json")
-    with pytest.raises(ValueError, match="'critic'.*rxt_base_probe.json.*invalid"):
-        load_adapter(make_base(seed=0), tmp_path / "critic", "critic")
+    probe_file = tmp_path / "critic" / "rxt_base_probe.json"
+    good = json.loads(probe_file.read_text())
+    name = next(iter(good["tensors"]))
+    for bad in ("{not json", json.dumps({"tensors": good["tensors"]}),  # not JSON, no count
+                json.dumps({**good, "tensors": {**good["tensors"], name: ["a"] * 8}}),  # not numbers
+                json.dumps({**good, "tensors": {**good["tensors"], name: [0.5] * 3}})):  # not 8 of them
+        probe_file.write_text(bad)
+        with pytest.raises(ValueError, match="'critic'.*rxt_base_probe.json.*invalid"):
+            load_adapter(make_base(seed=0), tmp_path / "critic", "critic")
+
+
+def test_probe_positions_are_exact_for_large_tensors():
+    assert probe_positions(10, 4) == [0, 3, 6, 9]
+    assert probe_positions(5, 1) == [0]
+    count = 32_000 * 4_096  # a large embedding: float positions would round the last one to `count`
+    positions = probe_positions(count, 8)
+    assert positions[0] == 0 and positions[-1] == count - 1 and positions == sorted(set(positions))
+
+
+def test_probe_covers_moe_experts_reached_by_target_parameters(tmp_path):
+    model = get_peft_model(make_moe_base(seed=0), random_lora("experts"), adapter_name="experts")
+    assert base_probe(model) == base_probe(make_moe_base(seed=0))  # nested wrappers map back to the plain names
+    save_adapters(model, tmp_path)
+    other = make_moe_base(seed=0)
+    with torch.no_grad():
+        other.model.layers[1].mlp.experts.down_proj.add_(0.5)  # only the experts differ
+    with pytest.raises(ValueError, match="other base weights.*model.layers.1.mlp.experts.down_proj"):
+        load_adapter(other, tmp_path / "experts", "experts")
+
+
+def test_probe_leaves_out_what_loading_replaces_and_merged_targets(tmp_path, ids):
+    def resized(seed):  # a vocabulary grown by 8 tokens whose new rows are random: they differ from base to base
+        base = make_base(seed=0)
+        torch.manual_seed(seed)
+        base.resize_token_embeddings(72, mean_resizing=False)
+        return base
+    for name, config in (
+        ("whole", random_lora("attention", target_modules=["q_proj", "embed_tokens"])),  # saves the whole embedding
+        ("rows", random_lora("attention", trainable_token_indices={"embed_tokens": list(range(64, 72))})),
+    ):
+        model = get_peft_model(resized(1), config, adapter_name=name)
+        expected = logits_of(model, ids + 8)
+        save_adapters(model, tmp_path)
+        loaded = load_adapter(resized(2), tmp_path / name, name)  # the differing rows come from the adapter
+        assert torch.equal(logits_of(loaded, ids + 8), expected)
+    save_adapters(with_roles(make_base(seed=0)), tmp_path / "roles")
+    target = load_adapter(make_base(seed=0), tmp_path / "roles" / "actor", "actor")
+    target.merge_adapter(["actor"])  # its base layers now hold base + actor: no base weights to compare
+    load_adapter(target, tmp_path / "roles" / "critic", "critic")
 
 
 def test_adapter_saved_by_peft_itself_or_while_merged_has_no_probe(tmp_path):

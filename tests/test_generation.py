@@ -4,6 +4,7 @@ projected to keys/values once per call, not once per token."""
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import CompileConfig
 from transformers.generation.streamers import BaseStreamer
 
@@ -74,6 +75,27 @@ def test_static_cache_and_a_compiled_decode_step_give_the_dynamic_cache_answer(t
     compiled = model.generate(input_ids, cache_implementation="static", compile_config=compile_config, **common)
     assert torch.equal(compiled, dynamic)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really was traced
+
+
+def test_forward_traces_with_fake_tensors_and_exports(dense_model):
+    # Tracing runs the forward on tensors without values (fake tensors): the CPU value checks must stand aside.
+    # (Dense: on CPU, torch's fake grouped_mm kernel of the MoE's many-token path accepts bfloat16 only.)
+    model = dense_model
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        logits = model(torch.zeros(1, 5, dtype=torch.long), use_cache=False).logits
+    assert tuple(logits.shape) == (1, 5, model.config.vocab_size)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            return self.inner(input_ids, use_cache=False).logits
+
+    input_ids = random_ids(1, 5)
+    exported = torch.export.export(Logits(model), (input_ids,), strict=False)
+    torch.testing.assert_close(exported.module()(input_ids), model(input_ids, use_cache=False).logits)
 
 
 def test_generate_without_memory_reads_the_learned_initial_memory(dense_model):
