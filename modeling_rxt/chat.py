@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from .memory_state import RxTMemoryState, write_json_atomic
 from .tokenization import ANSWER_TOKEN, EOS_TOKEN, decode_answer, encode_query
 
 SESSION_FILE = "session.json"
+MEMORY_DIR = re.compile(r"memory-[0-9a-f]{32}")  # the memory folders `save` names
 SESSION_FORMAT_VERSION = 1
 DEFAULT_GENERATION = {"do_sample": False}
 
@@ -104,6 +106,8 @@ class RxTChatSession:
         for method in ("generate", "update_memory", "init_memory"):
             if not callable(getattr(model, method, None)):
                 raise TypeError(f"`model` must be an RxT model (it lacks `{method}`), got {type(model).__name__}.")
+        if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
+            raise TypeError(f"`tokenizer` must be an RxT tokenizer, got {type(tokenizer).__name__}.")
         if tokenizer.convert_tokens_to_ids(ANSWER_TOKEN) in (None, tokenizer.unk_token_id):
             raise ValueError(f"`tokenizer` is not an RxT tokenizer: it has no {ANSWER_TOKEN} token.")
         if not isinstance(background_write, bool):
@@ -120,6 +124,7 @@ class RxTChatSession:
         self._pending: Future | _RowOfBatchWrite | None = None
         self._lock = threading.Lock()  # one turn at a time per session
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rxt-memory-write")
+        self._closed = False
 
     # ---- memory --------------------------------------------------------------------------------------------------
     def wait_for_memory(self) -> float:
@@ -165,14 +170,18 @@ class RxTChatSession:
         """Answers `query` from the memory of the previous turns and returns the answer text; tokens go to
         `streamer` as they are generated. The memory write of this turn runs afterwards (in the background when
         `background_write`). `generate_kwargs` go to `model.generate` (sampling, beams, max_new_tokens, ...)."""
+        if streamer is not None and not isinstance(streamer, BaseStreamer):
+            raise TypeError(f"`streamer` must be a transformers BaseStreamer, got {type(streamer).__name__}.")
         with self._lock:
+            self._check_open()
             start = time.perf_counter()
             waited = self.wait_for_memory()
             prompt = self._encode_prompt(query)
+            kwargs = self._generation_kwargs(prompt.shape[1], generate_kwargs)
             clock = _FirstTokenClock(streamer, start)
             output = self.model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), memory_state=self._state, streamer=clock,
-                **self._generation_kwargs(prompt.shape[1], generate_kwargs),
+                prompt, attention_mask=torch.ones_like(prompt), memory_state=self._state,
+                **_with_clock(clock, kwargs),
             )
             generate_s = time.perf_counter() - start
             answer_ids = self._answer_ids(output[0, prompt.shape[1] :])
@@ -203,6 +212,10 @@ class RxTChatSession:
         worker.join()
         if errors:
             raise errors[0]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("This chat session is closed: `close()` stopped its memory writer.")
 
     def _encode_prompt(self, query: str) -> torch.Tensor:
         if not isinstance(query, str):
@@ -241,6 +254,7 @@ class RxTChatSession:
         removed. A crash at any point leaves a `session.json` that names a complete memory."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
+        previous = _previous_memory_dir(folder)
         state = self.memory_state
         memory_dir = f"memory-{uuid.uuid4().hex}"
         state.save_pretrained(folder / memory_dir)
@@ -252,8 +266,11 @@ class RxTChatSession:
             "timings": [asdict(t) for t in self.timings],
         }
         write_json_atomic(payload, folder / SESSION_FILE)
-        for stale in folder.glob("memory-*"):
-            if stale.name != memory_dir and stale.is_dir():
+        # Only folders this class writes: the one the previous session.json named, and any left by a save that
+        # crashed before its rename (`memory-` + 32 hex digits). Anything else in `folder` is the user's.
+        for stale in folder.iterdir():
+            ours = stale.name == previous or MEMORY_DIR.fullmatch(stale.name)
+            if ours and stale.name != memory_dir and stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
 
     @classmethod
@@ -262,16 +279,18 @@ class RxTChatSession:
         payload = _read_session_file(Path(path))
         state = RxTMemoryState.from_pretrained(Path(path) / payload["memory_dir"], device=model.device)
         if background_write is None:
-            background_write = bool(payload.get("background_write", True))
+            background_write = payload.get("background_write", True)
         session = cls(model, tokenizer, memory_state=state, background_write=background_write)
         session.messages = [dict(m) for m in payload["messages"]]
         session.timings = [TurnTimings(**t) for t in payload.get("timings", [])]
         return session
 
     def close(self) -> None:
-        """Finishes the pending write and stops the writer thread."""
-        self.wait_for_memory()
-        self._executor.shutdown(wait=True)
+        """Finishes the pending write and stops the writer thread; the session takes no more turns."""
+        with self._lock:
+            self.wait_for_memory()
+            self._executor.shutdown(wait=True)
+            self._closed = True
 
     def __enter__(self) -> RxTChatSession:
         return self
@@ -286,14 +305,19 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
     prompts left-padded and answered by one `generate`, and the interactions written by one batched
     `update_memory` (in the background if every session writes in the background); each session then continues
     with its own row."""
+    if isinstance(queries, str) or isinstance(sessions, RxTChatSession):
+        raise TypeError("`sessions` and `queries` must be lists (one query string per session).")
     sessions, queries = list(sessions), list(queries)
     _check_batch(sessions, queries)
     first = sessions[0]
     model, tokenizer = first.model, first.tokenizer
-    locks = [s._lock for s in sessions]
+    # One global order (by id), so that two batches over the same sessions in different orders cannot deadlock.
+    locks = [s._lock for s in sorted(sessions, key=id)]
     for lock in locks:
         lock.acquire()
     try:
+        for session in sessions:
+            session._check_open()
         start = time.perf_counter()
         waits = [s.wait_for_memory() for s in sessions]
         prompts = [s._encode_prompt(q)[0] for s, q in zip(sessions, queries)]
@@ -301,8 +325,8 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
         state = RxTMemoryState.concatenate([s._state.to(model.device) for s in sessions])
         clock = _FirstTokenClock(None, start)
         output = model.generate(
-            ids, attention_mask=mask, memory_state=state, streamer=clock,
-            **first._generation_kwargs(ids.shape[1], generate_kwargs),
+            ids, attention_mask=mask, memory_state=state,
+            **_with_clock(clock, first._generation_kwargs(ids.shape[1], generate_kwargs)),
         )
         generate_s = time.perf_counter() - start
         answers = [first._answer_ids(row[ids.shape[1] :]) for row in output]
@@ -321,6 +345,14 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
     finally:
         for lock in reversed(locks):
             lock.release()
+
+
+def _with_clock(clock: _FirstTokenClock, kwargs: dict) -> dict:
+    """`generate` kwargs with the timing streamer, except under beam search, which takes no streamer (there the
+    first-token time stays None; a streamer the caller gave meets generate's own refusal)."""
+    if kwargs.get("num_beams", 1) != 1 and clock.inner is None:
+        return kwargs
+    return {**kwargs, "streamer": clock}
 
 
 def _check_batch(sessions: list, queries: list) -> None:
@@ -362,7 +394,30 @@ def _read_session_file(folder: Path) -> dict:
         raise ValueError(f"`{file}` lacks `messages` or `memory_dir`.")
     if "/" in payload["memory_dir"] or payload["memory_dir"].startswith("."):
         raise ValueError(f"`{file}` names an invalid memory folder {payload['memory_dir']!r}.")
+    if not all(
+        isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ("user", "assistant")
+        and isinstance(m["content"], str)
+        for m in messages
+    ):
+        raise ValueError(
+            f"`{file}`: every entry of `messages` must be {{'role': 'user' | 'assistant', 'content': str}}."
+        )
+    names = {field.name for field in fields(TurnTimings)}
+    required = {field.name for field in fields(TurnTimings) if field.default is MISSING}
+    timings = payload.get("timings", [])
+    if not isinstance(timings, list) or not all(isinstance(t, dict) and required <= set(t) <= names for t in timings):
+        raise ValueError(f"`{file}`: `timings` must be a list of {{{', '.join(sorted(names))}}} records.")
+    if not isinstance(payload.get("background_write", True), bool):
+        raise ValueError(f"`{file}`: `background_write` must be true or false.")
     return payload
+
+
+def _previous_memory_dir(folder: Path) -> str | None:
+    """The memory folder that `folder`'s current session.json names, if it has a readable one."""
+    try:
+        return _read_session_file(folder)["memory_dir"]
+    except ValueError:
+        return None
 
 
 __all__ = ["RxTChatSession", "TurnTimings", "send_batch"]

@@ -193,6 +193,8 @@ def test_send_batch_equals_separate_sessions(model, tokenizer):
         (lambda s: s.send(TEXTS[0], max_new_tokens=500), ValueError, "max_new_tokens"),
         (lambda s: send_batch([s, s], TEXTS[:2]), ValueError, "same session"),
         (lambda s: send_batch([s], TEXTS[:2]), ValueError, "queries"),
+        (lambda s: send_batch([s], "ab"), TypeError, "queries"),  # a string is not one query per session
+        (lambda s: s.send(TEXTS[0], streamer="abc"), TypeError, "streamer"),
     ],
 )
 def test_bad_input_is_rejected(model, tokenizer, call, error, match):
@@ -203,7 +205,86 @@ def test_bad_input_is_rejected(model, tokenizer, call, error, match):
 def test_bad_construction_is_rejected(model, tokenizer):
     with pytest.raises(TypeError, match="model"):
         RxTChatSession(object(), tokenizer)
+    with pytest.raises(TypeError, match="tokenizer"):
+        RxTChatSession(model, None)
     with pytest.raises(ValueError, match="memory_state"):
         RxTChatSession(model, tokenizer, memory_state=model.init_memory(2))
     with pytest.raises(TypeError, match="background_write"):
         RxTChatSession(model, tokenizer, background_write="yes")
+
+
+def test_beam_search_answers_through_the_session(model, tokenizer):
+    session = RxTChatSession(model, tokenizer, background_write=False)
+    answer = session.send(TEXTS[0], num_beams=2, do_sample=False, max_new_tokens=6)
+    state = expected_turn_beams(model, tokenizer, TEXTS[0])
+    assert isinstance(answer, str) and session.timings[-1].first_token_s is None  # no streamer under beams
+    torch.testing.assert_close(session.memory_state.stm, state.stm)
+    sessions = [RxTChatSession(model, tokenizer) for _ in range(2)]
+    assert len(send_batch(sessions, TEXTS[:2], num_beams=2, max_new_tokens=6)) == 2
+
+
+def expected_turn_beams(model, tokenizer, query):
+    prompt = torch.tensor([encode_query(tokenizer, query)["input_ids"]])
+    eos = tokenizer.eos_token_id
+    state = model.init_memory(1)
+    out = model.generate(prompt, memory_state=state, max_new_tokens=6, num_beams=2, do_sample=False,
+                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    answer = out[0, prompt.shape[1]:].tolist()
+    answer = answer[: answer.index(eos) + 1] if eos in answer else answer + [eos]
+    with torch.no_grad():
+        return model.update_memory(state, torch.tensor([prompt[0].tolist() + answer]))
+
+
+def test_a_closed_session_takes_no_turns(model, tokenizer):
+    session = RxTChatSession(model, tokenizer)
+    session.send(TEXTS[0], **GREEDY)
+    session.close()
+    for call in (lambda: session.send(TEXTS[1], **GREEDY), lambda: send_batch([session], [TEXTS[1]], **GREEDY)):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+
+
+def test_batches_over_the_same_sessions_in_other_orders_do_not_deadlock(model, tokenizer):
+    sessions = [RxTChatSession(model, tokenizer) for _ in range(2)]
+    errors = []
+
+    def run(order):
+        try:
+            for _ in range(6):
+                send_batch([sessions[i] for i in order], TEXTS[:2], max_new_tokens=2, do_sample=False)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(order,), daemon=True) for order in ((0, 1), (1, 0))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "send_batch deadlocked"
+    assert not errors
+
+
+def test_save_removes_only_its_own_memory_folders(model, tokenizer, tmp_path):
+    (tmp_path / "memory-notes").mkdir()
+    (tmp_path / "memory-notes" / "important.txt").write_text("keep me")
+    session = RxTChatSession(model, tokenizer)
+    session.save(tmp_path)
+    first = json.loads((tmp_path / "session.json").read_text())["memory_dir"]
+    session.send(TEXTS[0], **GREEDY)
+    session.save(tmp_path)
+    second = json.loads((tmp_path / "session.json").read_text())["memory_dir"]
+    assert (tmp_path / "memory-notes" / "important.txt").read_text() == "keep me"
+    assert not (tmp_path / first).exists() and (tmp_path / second).is_dir()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("messages", [1, 2]), ("messages", [{"role": "x", "content": 1}]), ("timings", [{"bogus": 1}]),
+     ("background_write", "false")],
+)
+def test_load_rejects_malformed_session_fields(model, tokenizer, tmp_path, field, value):
+    RxTChatSession(model, tokenizer).save(tmp_path)
+    payload = json.loads((tmp_path / "session.json").read_text())
+    (tmp_path / "session.json").write_text(json.dumps({**payload, field: value}))
+    with pytest.raises(ValueError, match=field):
+        RxTChatSession.load(tmp_path, model, tokenizer)
