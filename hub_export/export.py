@@ -361,6 +361,9 @@ def export_model(
     if not isinstance(src, str | os.PathLike) or not isinstance(dest, str | os.PathLike):
         raise TypeError("`src` and `dest` must be paths (str or os.PathLike).")
     src, dest = Path(src), Path(dest)
+    for name, flag in (("overwrite", overwrite), ("verify", verify), ("push", push), ("private", private)):
+        if not isinstance(flag, bool) and not (name == "private" and flag is None):
+            raise TypeError(f"`{name}` must be True or False, got {flag!r}.")  # "no" would count as True
     _check_repo_id(repo_id, push)
     if datasets is not None and (isinstance(datasets, str) or not all(isinstance(d, str) and d for d in datasets)):
         raise ValueError(f"`datasets` must be a list of dataset names, got {datasets!r}.")

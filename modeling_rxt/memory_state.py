@@ -139,8 +139,8 @@ class RxTMemoryState:
 
     # ---- files ---------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Writes `memory_state.safetensors` and `memory_state.json`, each atomically (a failed save leaves the
-        previous files intact)."""
+        """Writes `memory_state.safetensors` and `memory_state.json` together, atomically: a failed save leaves both
+        previous files intact (`atomic_write_files`)."""
         os.makedirs(save_directory, exist_ok=True)
         info = {
             "format_version": STATE_FORMAT_VERSION,
@@ -153,8 +153,10 @@ class RxTMemoryState:
         metadata = {key: str(value) for key, value in info.items()}
         tensors = {"stm": self.stm.detach().to("cpu").contiguous()}
         directory = Path(save_directory)
-        atomic_write(directory / STATE_WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata=metadata))
-        write_json_atomic(info, directory / STATE_CONFIG_NAME, sort_keys=True)
+        atomic_write_files({
+            directory / STATE_CONFIG_NAME: json_writer(info, sort_keys=True),
+            directory / STATE_WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata=metadata),
+        })
 
     @classmethod
     def from_pretrained(
@@ -182,35 +184,52 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """Writes `path` through `write(temporary_path)`: a temporary file in the same folder (created if missing),
     flushed to disk, then renamed over `path`. Readers see either the old file or the complete new one, never a
     half-written file; a failed `write` leaves no temporary file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    atomic_write_files({path: write})
+
+
+def atomic_write_files(writes: dict) -> None:
+    """`atomic_write` for files that belong together ({path: write}): every temporary file is written and flushed
+    first, and only then are they renamed over their paths, back to back. A failed `write` replaces none of them."""
+    staged = []
     try:
-        write(temporary)
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
+        for path, write in writes.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(handle)
+            staged.append((temporary, path))
+            write(temporary)
+            with open(temporary, "rb+") as written:
+                os.fsync(written.fileno())
+        for temporary, path in staged:
+            os.replace(temporary, path)
     except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        for temporary, _ in staged:
+            if os.path.exists(temporary):
+                os.remove(temporary)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+    for directory in {path.parent for _, path in staged}:
+        handle = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(handle)  # make the renames themselves durable
+        finally:
+            os.close(handle)
 
 
 def write_json_atomic(payload: dict, path: str | os.PathLike, sort_keys: bool = False) -> None:
     """`payload` as indented JSON at `path`, written atomically (`atomic_write`)."""
+    atomic_write(path, json_writer(payload, sort_keys))
+
+
+def json_writer(payload: dict, sort_keys: bool = False):
+    """A `write(temporary_path)` function for `atomic_write` that writes `payload` as indented JSON."""
 
     def write(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(payload, handle, indent=2, sort_keys=sort_keys)
             handle.write("\n")
 
-    atomic_write(path, write)
+    return write
 
 
 __all__ = ["RxTMemoryState", "STATE_WEIGHTS_NAME", "STATE_CONFIG_NAME"]

@@ -420,6 +420,16 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, message, source, tm
         assert (dest / "keep.txt").read_text() == "precious"
 
 
+@pytest.mark.parametrize("flag", ["overwrite", "verify", "push", "private"])
+def test_flags_must_be_booleans(flag, source, tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("precious")
+    with pytest.raises(TypeError, match=f"`{flag}` must be True or False"):
+        export_model(source / "model", dest, **{"verify": False, flag: "no"})  # "no" would count as True
+    assert [p.name for p in dest.iterdir()] == ["keep.txt"]
+
+
 def test_overwrite_replaces_only_a_complete_verified_folder(source, tmp_path, monkeypatch):
     dest = tmp_path / "dest"
     dest.mkdir()

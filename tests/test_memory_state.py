@@ -304,3 +304,20 @@ def test_a_failed_save_keeps_the_previous_files_and_leaves_no_temporary(tmp_path
     for name, content in before.items():
         assert (tmp_path / name).read_bytes() == content
     assert row_values(RxTMemoryState.from_pretrained(tmp_path)) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_save_failing_on_its_json_keeps_both_previous_files(tmp_path, monkeypatch):
+    # The two files are committed together: the weights must not be replaced when the JSON beside them fails.
+    numbered_state().save_pretrained(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in (STATE_WEIGHTS_NAME, STATE_CONFIG_NAME)}
+
+    def failing_json(payload, sort_keys=False):
+        def write(temporary):
+            raise OSError("disk full")
+        return write
+
+    monkeypatch.setattr(memory_state_module, "json_writer", failing_json)
+    with pytest.raises(OSError, match="disk full"):
+        numbered_state(2).save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(before)
+    assert all((tmp_path / name).read_bytes() == content for name, content in before.items())
