@@ -57,6 +57,14 @@ def test_preset_overrides_and_unknown_names():
         load_preset("nano-typo")
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         load_preset("alpha-micro", num_experts_per_tok=13)
+    with pytest.raises(ValueError, match="'memory_slot' \\(did you mean 'memory_slots'\\?\\)"):
+        load_preset("nano", memory_slot=4)  # a typo would otherwise be stored as a new field
+    assert load_preset("nano", attn_implementation="eager")._attn_implementation == "eager"
+    for name in ("../training/demo", "/etc/passwd", None):  # names, never paths
+        with pytest.raises(ValueError, match="Unknown models preset"):
+            load_preset(name)
+    with pytest.raises(ValueError, match="Unknown preset kind 'bogus'"):
+        read_preset("nano", kind="bogus")
 
 
 def test_alpha_micro_builds_with_12_experts_2_active_and_counts_its_parameters():
