@@ -249,7 +249,10 @@ class ExternalMemory:
 
 
 def _row_index(rows, batch_size: int, device) -> torch.Tensor:
-    index = torch.as_tensor(rows, dtype=torch.long, device=device).reshape(-1)
+    index = torch.as_tensor(rows, device=device).reshape(-1)
+    if index.numel() and (index.dtype == torch.bool or index.is_floating_point() or index.is_complex()):
+        raise TypeError(f"`rows` must be integer row indices, got {index.tolist()}.")
+    index = index.to(torch.long)
     if index.numel() and (index.min() < 0 or index.max() >= batch_size):
         raise ValueError(f"`rows` {index.tolist()} out of range for an external memory of {batch_size} rows.")
     return index
@@ -301,6 +304,10 @@ def as_padded_ids(
         ids = memories.to("cpu", torch.long)
         mask = torch.ones_like(ids, dtype=torch.bool)
         if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor):
+                raise TypeError(
+                    f"`external_memories_attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}."
+                )
             if tuple(attention_mask.shape) != tuple(ids.shape):
                 raise ValueError(
                     f"`external_memories_attention_mask` has shape {tuple(attention_mask.shape)}, "
@@ -310,9 +317,7 @@ def as_padded_ids(
     elif isinstance(memories, (list, tuple)) and memories:
         if attention_mask is not None:
             raise ValueError("`external_memories_attention_mask` is only for a (rows, tokens) tensor of memories.")
-        if any(isinstance(row, torch.Tensor) and row.is_floating_point() for row in memories):
-            raise TypeError("`external_memories` must hold integer token ids, got a floating-point tensor.")
-        rows = [torch.as_tensor(row, dtype=torch.long).reshape(-1) for row in memories]
+        rows = [_id_row(row) for row in memories]
         ids = nn.utils.rnn.pad_sequence(rows, batch_first=True) if any(r.numel() for r in rows) else None
         ids = ids if ids is not None else torch.zeros(len(rows), 0, dtype=torch.long)
         mask = torch.arange(ids.shape[1])[None, :] < torch.tensor([r.numel() for r in rows])[:, None]
@@ -320,17 +325,34 @@ def as_padded_ids(
         raise TypeError(
             "`external_memories` must be a tensor of token ids, a non-empty list of them, or an ExternalMemory."
         )
-    if ids.numel() and bool(((ids < 0) | (ids >= vocab_size))[mask].any()):
+    if not bool(mask.any()):
+        raise ValueError("`external_memories` holds no tokens: give at least one row with token ids.")
+    if bool(((ids < 0) | (ids >= vocab_size))[mask].any()):
         raise ValueError(f"`external_memories` holds token ids outside the vocabulary [0, {vocab_size}).")
     return ids, mask
+
+
+def _id_row(row) -> torch.Tensor:
+    """One memory row (a 1-D tensor or a list of ints) as int64 ids; floats, bools and text are refused, not cast."""
+    try:
+        tensor = torch.as_tensor(row)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"`external_memories` rows must be token ids (ints), got {row!r:.60}: {error}") from error
+    if tensor.numel() == 0 and tensor.dim() <= 1:  # an empty row (`[]` reads as float32)
+        return torch.zeros(0, dtype=torch.long)
+    if tensor.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8) or tensor.dim() > 1:
+        raise TypeError(
+            f"`external_memories` rows must be 1-D integer token ids, got {tensor.dtype} {tuple(tensor.shape)}."
+        )
+    return tensor.to(torch.long).reshape(-1)
 
 
 def split_into_chunks(ids: torch.Tensor, mask: torch.Tensor, stride: int) -> list[tuple[int, int, torch.Tensor]]:
     """(row, offset in the row, chunk ids) for every chunk of at most `stride` real tokens of every row, in order."""
     chunks = []
     for row in range(ids.shape[0]):
-        tokens = ids[row][mask[row]]
-        chunks += [(row, i * stride, chunk) for i, chunk in enumerate(tokens.split(stride))]
+        tokens = ids[row][mask[row]]  # a row with no tokens has no chunk (`split` would give one empty chunk)
+        chunks += [(row, i * stride, chunk) for i, chunk in enumerate(tokens.split(stride)) if chunk.numel()]
     return chunks
 
 
@@ -357,6 +379,8 @@ def _build_external_memory(decoder, memories, attention_mask, layers, stride, de
     chunks = split_into_chunks(ids, mask, stride)
     model_device = decoder.embed_tokens.weight.device
     memory = _empty_memory(ids, mask, layers, decoder, device)
+    if not layers:  # `external_memory_layers=[]`: retrieval off, nothing to encode
+        return memory
     captured: dict[str, dict[int, torch.Tensor]] = {"k": {}, "v": {}}
     handles = []
     for position, layer_idx in enumerate(layers):
@@ -686,10 +710,14 @@ def prepare_generate_kwargs(model: nn.Module, batch_size: int, kwargs: dict) -> 
         config.num_hidden_layers, config.max_position_embeddings, controls["external_memory_layers"],
         controls["external_memory_topk"], controls["external_memory_sim_threshold"], controls["external_memory_stride"],
     )
-    memories, want_indices = controls["external_memories"], bool(controls["output_retrieved_memory_idx"])
+    want_indices = controls["output_retrieved_memory_idx"]
+    if want_indices is not None and not isinstance(want_indices, bool):
+        raise TypeError(f"`output_retrieved_memory_idx` must be True or False, got {want_indices!r}.")
+    memories, want_indices = controls["external_memories"], bool(want_indices)
     if memories is None:
-        if want_indices:
-            raise ValueError("`output_retrieved_memory_idx=True` needs `external_memories`.")
+        given = [f"`{name}`" for name, value in controls.items() if value is not None and value is not False]
+        if given:  # a control that would do nothing is a mistake in the call, not a no-op
+            raise ValueError(f"Retrieval controls given without `external_memories`: {', '.join(given)}.")
         return None
     if want_indices and not _returns_dict(model, kwargs):
         raise ValueError("`output_retrieved_memory_idx=True` needs `return_dict_in_generate=True`.")

@@ -107,7 +107,7 @@ def test_generate_rejects_bad_controls(model):
         model.generate(prompt(), max_new_tokens=2, external_memories=prompt(), external_memory_layers=[5])
     with pytest.raises(ValueError, match="return_dict_in_generate"):
         model.generate(prompt(), max_new_tokens=2, external_memories=prompt(), output_retrieved_memory_idx=True)
-    with pytest.raises(ValueError, match="needs `external_memories`"):
+    with pytest.raises(ValueError, match="without `external_memories`: `output_retrieved_memory_idx`"):
         model.generate(prompt(), max_new_tokens=2, output_retrieved_memory_idx=True, return_dict_in_generate=True)
     with pytest.raises(ValueError, match="vocabulary"):
         model.build_external_memory(torch.tensor([[1, VOCAB]]))
@@ -115,6 +115,41 @@ def test_generate_rejects_bad_controls(model):
         model.build_external_memory(torch.rand(1, 4))
     with pytest.raises(ValueError, match="rows"):
         model.generate(prompt(batch=2), max_new_tokens=2, external_memories=prompt(batch=3))
+
+
+@pytest.mark.parametrize(
+    "memories, kwargs, error, match",
+    [
+        ([[]], {}, ValueError, "holds no tokens"),
+        (torch.zeros(1, 0, dtype=torch.long), {}, ValueError, "holds no tokens"),
+        ([[1.5, 2.7]], {}, TypeError, "integer token ids"),  # was truncated to [1, 2]
+        ([torch.tensor([True, False])], {}, TypeError, "integer token ids"),
+        (["abc"], {}, TypeError, "rows must be token ids"),
+        (torch.ones(1, 5, dtype=torch.long), {"attention_mask": [[1] * 5]}, TypeError, "attention_mask"),
+    ],
+    ids=["empty-row", "empty-tensor", "floats", "bools", "text", "list-mask"],
+)
+def test_build_rejects_bad_memories_naming_them(model, memories, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        model.build_external_memory(memories, **kwargs)
+
+
+def test_generate_controls_without_memories_and_retrieval_turned_off(model, memory_ids):
+    for control in (dict(external_memory_topk=4), dict(external_memory_stride=4),
+                    dict(external_memories_attention_mask=torch.ones(1, 4))):
+        with pytest.raises(ValueError, match=f"without `external_memories`: `{next(iter(control))}`"):
+            model.generate(prompt(), max_new_tokens=2, **control)
+    with pytest.raises(TypeError, match="output_retrieved_memory_idx"):
+        model.generate(prompt(), max_new_tokens=2, external_memories=memory_ids, output_retrieved_memory_idx="yes")
+    plain = model.generate(prompt(), max_new_tokens=4, do_sample=False)
+    off = model.generate(prompt(), max_new_tokens=4, do_sample=False, external_memories=memory_ids,
+                         external_memory_layers=[])  # documented: [] turns retrieval off
+    assert torch.equal(off, plain)
+    memory = model.build_external_memory(memory_ids)
+    with pytest.raises(TypeError, match="rows"):
+        memory.clear([0.9])  # was truncated to row 0
+    with pytest.raises(TypeError, match="rows"):
+        memory.select([0.7])
 
 
 def test_memory_of_another_model_is_rejected(model, memory_ids):
