@@ -28,6 +28,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from modeling_rxt.memory_state import read_json_object
+
 LICENSE = "apache-2.0"
 DEFAULT_DATASETS = ("rxt-synthetic-memory-episodes", "chatterbot-corpus")
 EVAL_TASK = "text-generation"
@@ -104,14 +106,7 @@ def _optional(data: dict, key: str, read, where: str):
 def read_evaluation(path: str | Path) -> Evaluation:
     """Reads and checks the evaluation JSON at `path`; raises `ValueError` naming the file and the bad key."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"`eval_json` {str(path)!r} is not a file.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"`eval_json` {str(path)!r} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"`eval_json` {str(path)!r} must hold a JSON object, got {type(data).__name__}.")
+    data = read_json_object(path, "`eval_json`")
     missing = [key for key in ("recall_by_distance", "recall_memory_reset", "chance") if key not in data]
     if missing:
         raise ValueError(f"`eval_json` {str(path)!r} lacks the keys {missing}.")
@@ -138,14 +133,8 @@ def read_evaluation(path: str | Path) -> Evaluation:
 
 def read_recipe(path: str | Path) -> dict:
     """Reads the training recipe JSON at `path` (any JSON object; rendered as tables in the card)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"`recipe_json` {str(path)!r} is not a file.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"`recipe_json` {str(path)!r} is not valid JSON: {error}") from error
-    if not isinstance(data, dict) or not data:
+    data = read_json_object(path, "`recipe_json`")
+    if not data:
         raise ValueError(f"`recipe_json` {str(path)!r} must hold a non-empty JSON object.")
     return data
 

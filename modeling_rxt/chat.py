@@ -17,7 +17,6 @@ Not exported to the Hub: this module uses the project's tokenizer helpers.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ import torch
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from .memory_state import RxTMemoryState, write_json_atomic
+from .memory_state import RxTMemoryState, read_json_object, write_json_atomic
 from .tokenization import ANSWER_TOKEN, EOS_TOKEN, decode_answer, encode_query
 
 SESSION_FILE = "session.json"
@@ -383,11 +382,8 @@ def _read_session_file(folder: Path) -> dict:
     file = folder / SESSION_FILE
     if not file.is_file():
         raise ValueError(f"No chat session in `{folder}`: `{SESSION_FILE}` is missing.")
-    try:
-        payload = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"`{file}` is not a readable session file (corrupted or truncated): {error}") from error
-    if not isinstance(payload, dict) or payload.get("format_version") != SESSION_FORMAT_VERSION:
+    payload = read_json_object(file, "chat session file")
+    if payload.get("format_version") != SESSION_FORMAT_VERSION:
         raise ValueError(f"`{file}` has an unknown format (expected format_version {SESSION_FORMAT_VERSION}).")
     messages = payload.get("messages")
     if not isinstance(messages, list) or not isinstance(payload.get("memory_dir"), str):

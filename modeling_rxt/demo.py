@@ -83,6 +83,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--threads must be at least 1")
     if args.processes < 1:
         parser.error("--processes must be at least 1")
+    try:
+        args.recipe_values = load_recipe(args.recipe)  # every field checked before anything trains
+    except ValueError as error:
+        parser.error(f"--recipe: {error}")
     return args
 
 
@@ -131,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     output = Path(args.output)
-    recipe = load_recipe(args.recipe)
+    recipe = args.recipe_values
     print(f"[demo] recipe {args.recipe!r}: {len(recipe['stages'])} stages, {args.threads} CPU threads, "
           f"{args.processes} training process(es)")
     if args.processes > 1:  # trains and saves runs/.../model in the worker processes

@@ -221,6 +221,21 @@ def write_json_atomic(payload: dict, path: str | os.PathLike, sort_keys: bool = 
     atomic_write(path, json_writer(payload, sort_keys))
 
 
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """The JSON object in the file `path`; a `ValueError` naming `what` (how the caller calls it, e.g. "`eval_json`")
+    for a missing file, invalid JSON or a JSON value that is not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} is not a file.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON (corrupted or truncated?): {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {str(path)!r} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
 def json_writer(payload: dict, sort_keys: bool = False):
     """A `write(temporary_path)` function for `atomic_write` that writes `payload` as indented JSON."""
 

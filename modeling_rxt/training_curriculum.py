@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,11 +46,15 @@ import torch
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from .data import ASK, CHAT, TELL, UPDATE, interactions_dataset, lm_texts, load_dialogue_corpus, make_episodes
+from .data import (
+    ASK, CHAT, SPLITS, TELL, UPDATE, interactions_dataset, lm_texts, load_dialogue_corpus, make_episodes,
+)
 from .external_memory import check_retrieval_controls
-from .memory_state import write_json_atomic
+from .memory_state import read_json_object, write_json_atomic
 from .modeling_rxt import RxTForCausalLM
-from .tokenization import BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, QUERY_TOKEN, ANSWER_TOKEN, train_tokenizer
+from .tokenization import (
+    ANSWER_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, MIN_VOCAB_SIZE, PAD_TOKEN, QUERY_TOKEN, train_tokenizer,
+)
 from .training import (
     STAGES,
     EpisodeCollator,
@@ -93,19 +98,27 @@ def load_recipe(name_or_path: str | Path) -> dict:
     if not path.is_file():
         available = sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
         raise ValueError(f"no training recipe {str(name_or_path)!r}; available: {available}")
-    recipe = {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if not k.startswith("_")}
+    values = read_json_object(path, "training recipe")
+    recipe = {k: v for k, v in values.items() if not k.startswith("_")}
     check_recipe(recipe)
     return recipe
 
 
 def check_recipe(recipe: Mapping) -> None:
-    """Raises `ValueError` naming the first wrong field of a recipe."""
+    """Raises `ValueError` (`TypeError` for a recipe that is not a mapping) naming the first wrong field of a
+    recipe: every field's type and range, the model preset and its overrides, and each stage's retrieval layers
+    against the model's depth. All before anything is trained, so that a typo in the last stage does not surface
+    after the others have run."""
     if not isinstance(recipe, Mapping):
         raise TypeError(f"a recipe must be a mapping, got {type(recipe).__name__}")
     needed = ("stages",) if "init_from" in recipe else ("tokenizer", "model", "stages")
     for key in needed:
         if key not in recipe:
             raise ValueError(f"the recipe lacks {key!r}")
+    unknown = set(recipe) - _RECIPE_KEYS
+    if unknown:
+        raise ValueError(f"the recipe has unknown keys {sorted(unknown)}; known: {sorted(_RECIPE_KEYS)}")
+    _check_fields(recipe, _TOP_FIELDS, "recipe")
     if "init_from" in recipe:
         if not (isinstance(recipe["init_from"], str) and recipe["init_from"]):
             raise ValueError(
@@ -113,26 +126,121 @@ def check_recipe(recipe: Mapping) -> None:
             )
         if "tokenizer" in recipe or "model" in recipe:
             raise ValueError("recipe `init_from` brings its own tokenizer and model: drop `tokenizer` and `model`")
+        num_layers = None  # known once the saved model is loaded; `generate` checks the layers then
+    else:
+        _check_section(recipe["tokenizer"], _TOKENIZER_FIELDS, "recipe `tokenizer`")
+        num_layers = _check_model_section(recipe["model"], recipe.get("max_length", 128))
+    _check_section(recipe.get("evaluation", {}), _EVALUATION_FIELDS, "recipe `evaluation`")
     if not isinstance(recipe["stages"], list) or not recipe["stages"]:
         raise ValueError("recipe `stages` must be a non-empty list")
     for index, stage in enumerate(recipe["stages"]):
+        if not isinstance(stage, Mapping):
+            raise ValueError(f"recipe stage {index} must be a mapping with a `stage` name, got {stage!r}")
         name = stage.get("stage")
         if name not in STAGES:
             raise ValueError(f"recipe stage {index}: `stage` must be one of {STAGES}, got {name!r}")
+        where = f"recipe stage {index} ({name})"
         unknown = set(stage) - _STAGE_KEYS["common"] - _STAGE_KEYS[name]
         if unknown:
-            raise ValueError(f"recipe stage {index} ({name}): unknown keys {sorted(unknown)}")
-        for key in ("max_steps", "batch_size"):
-            value = stage.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"recipe stage {index} ({name}): `{key}` must be a positive int, got {value!r}")
-        if not (isinstance(stage.get("learning_rate"), (int, float)) and stage["learning_rate"] > 0):
-            raise ValueError(f"recipe stage {index} ({name}): `learning_rate` must be a positive number")
-        weight = stage.get("memory_aware_weight", 0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(
-                f"recipe stage {index} ({name}): `memory_aware_weight` must be a number >= 0, got {weight!r}"
-            )
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+        for key in ("max_steps", "batch_size", "learning_rate"):
+            if key not in stage:
+                raise ValueError(f"{where}: `{key}` is required")
+        _check_fields(stage, _STAGE_FIELDS, where)
+        if num_layers is not None and stage.get("external_memory_layers") is not None:
+            try:
+                max_length = recipe.get("max_length", 128)
+                check_retrieval_controls(num_layers, max_length, layers=stage["external_memory_layers"])
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{where}: {error}") from error
+
+
+def _check_section(section, fields: Mapping, where: str) -> None:
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{where} must be a mapping, got {section!r}")
+    unknown = set(section) - set(fields)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    _check_fields(section, fields, where)
+
+
+def _check_fields(values: Mapping, fields: Mapping, where: str) -> None:
+    for key, (accepts, expected) in fields.items():
+        if key in values and not accepts(values[key]):
+            raise ValueError(f"{where}: `{key}` must be {expected}, got {values[key]!r}")
+
+
+def _check_model_section(model: Mapping, max_length: int) -> int:
+    """Checks the recipe's `model` section by building its config (no weights); returns the number of layers."""
+    from configuration import load_preset
+
+    _check_section(model, _MODEL_FIELDS, "recipe `model`")
+    overrides = {**model.get("overrides", {}), "max_position_embeddings": max(
+        max_length, model.get("overrides", {}).get("max_position_embeddings", 0))}
+    try:
+        config = load_preset(model.get("preset", "nano"), **overrides)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"recipe `model`: {error}") from error
+    return config.num_hidden_layers
+
+
+def _is_int(value, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value, low: float = 0.0, high: float = math.inf, above_low: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return (value > low if above_low else value >= low) and value <= high
+
+
+def _is_kind_weights(value) -> bool:
+    return isinstance(value, Mapping) and all(k in _DEFAULT_KIND_WEIGHTS and _is_number(v) for k, v in value.items())
+
+
+_RECIPE_KEYS = {"seed", "tokenizer", "model", "max_length", "init_from", "stages", "evaluation", "datasets"}
+_TOP_FIELDS = {
+    "seed": (partial(_is_int, low=0), "an int >= 0"),
+    "max_length": (partial(_is_int, low=2), "an int >= 2"),
+    "datasets": (lambda v: isinstance(v, list) and all(isinstance(d, str) and d for d in v), "a list of names"),
+}
+_TOKENIZER_FIELDS = {
+    "vocab_size": (partial(_is_int, low=MIN_VOCAB_SIZE), f"an int >= {MIN_VOCAB_SIZE}"),
+    "episodes": (_is_int, "a positive int"),
+}
+_MODEL_FIELDS = {
+    "preset": (lambda v: isinstance(v, str), "the name of a model preset"),
+    "overrides": (lambda v: isinstance(v, Mapping), "a mapping of config fields"),
+    "gate_bias": (partial(_is_number, low=-math.inf), "a finite number"),
+}
+_EVALUATION_FIELDS = {
+    "split": (lambda v: v in SPLITS, f"one of {SPLITS}"),
+    "episodes": (_is_int, "a positive int"),
+    "turns": (_is_int, "a positive int"),
+    "batch_size": (_is_int, "a positive int"),
+    "seed": (partial(_is_int, low=0), "an int >= 0"),
+    "external_memory_episodes": (_is_int, "a positive int"),
+}
+_POSITIVE_INT, _COUNT = (_is_int, "a positive int"), (partial(_is_int, low=0), "an int >= 0")
+_FRACTION = (partial(_is_number, high=1.0), "a number in [0, 1]")
+_WEIGHT = (_is_number, "a finite number >= 0")
+_STAGE_FIELDS = {
+    "max_steps": _POSITIVE_INT, "batch_size": _POSITIVE_INT, "episodes": _POSITIVE_INT, "turns": _POSITIVE_INT,
+    "max_chat_chars": _POSITIVE_INT, "logging_steps": _POSITIVE_INT, "external_memory_topk": _POSITIVE_INT,
+    "warmup_steps": _COUNT, "save_steps": _COUNT, "bptt_turns": _COUNT,
+    "max_distance": (lambda v: v is None or _is_int(v), "a positive int or null"),
+    "learning_rate": (partial(_is_number, above_low=True), "a finite number > 0"),
+    "weight_decay": _WEIGHT, "mlm_weight": _WEIGHT, "probe_weight": _WEIGHT, "memory_aware_weight": _WEIGHT,
+    "min_lr_ratio": _FRACTION, "ask_ratio": _FRACTION, "extra_facts": _FRACTION, "first_weight": _FRACTION,
+    "weight_decay_per_turn": _FRACTION, "min_weight": _FRACTION,
+    "mlm_probability": (partial(_is_number, high=1.0, above_low=True), "a number in (0, 1]"),
+    "corpus": (lambda v: isinstance(v, bool), "true or false"),
+    "kind_weights": (_is_kind_weights, f"a mapping from {sorted(_DEFAULT_KIND_WEIGHTS)} to numbers >= 0"),
+    "memory_aware_kind_weights": (_is_kind_weights, f"a mapping from {sorted(_DEFAULT_KIND_WEIGHTS)} to numbers >= 0"),
+    "external_memory_layers": (
+        lambda v: v is None or (isinstance(v, list) and all(_is_int(i, low=0) for i in v)), "a list of layer indices"
+    ),
+}
 
 
 # --- Building blocks ------------------------------------------------------------------------------------------------
@@ -352,6 +460,13 @@ def run_curriculum(
     torch.manual_seed(seed)
     if "init_from" in recipe:
         model, tokenizer = load_trained(recipe["init_from"])
+        for index, stage in enumerate(recipe["stages"]):  # the depth is known now, before any stage trains
+            if stage.get("external_memory_layers") is not None:
+                try:
+                    check_retrieval_controls(model.config.num_hidden_layers, max_length,
+                                             layers=stage["external_memory_layers"])
+                except (TypeError, ValueError) as error:
+                    raise ValueError(f"recipe stage {index} ({stage['stage']}): {error}") from error
     else:
         tokenizer = build_tokenizer(recipe["tokenizer"], seed)
         model = build_model(recipe["model"], tokenizer, max_length)
@@ -421,9 +536,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    try:
+        recipe = load_recipe(args.recipe)
+    except ValueError as error:
+        parser.error(f"--recipe: {error}")
     torch.set_num_threads(args.threads)
     rank = int(os.environ.get("RANK", "0"))
-    model, tokenizer, logs = run_curriculum(load_recipe(args.recipe), args.output, progress=rank == 0)
+    model, tokenizer, logs = run_curriculum(recipe, args.output, progress=rank == 0)
     if rank == 0:
         save_trained(model, tokenizer, logs, args.output)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -310,6 +310,18 @@ def test_command_line_parses_sections_and_turns():
     assert parse_args([]).compile_backend is None and parse_args(["--compile", "inductor"]).compile_backend == "inductor"
 
 
+def test_command_line_refuses_bad_settings_and_outputs_before_measuring(tmp_path, capsys):
+    from modeling_rxt.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--threads", "0"])
+    assert exit_info.value.code == 2 and "threads" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="output_dir.*cannot be created"):
+        main(["--quick", "--only", "write", "--out", str(blocker / "bench")])  # refused before building models
+
+
 @pytest.mark.parametrize("argv", [["--topk", "0"], ["--threads", "0"]])
 def test_external_memory_bench_rejects_bad_arguments(argv, capsys):
     from modeling_rxt import bench_external_memory

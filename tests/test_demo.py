@@ -3,10 +3,13 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from modeling_rxt.demo import _parse
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_demo_trains_evaluates_exports_and_talks_in_a_fresh_process(tmp_path):
@@ -49,4 +52,16 @@ def test_demo_rejects_bad_arguments(argv, message, capsys):
 def test_demo_names_an_unknown_recipe(tmp_path):
     run = subprocess.run([sys.executable, "-m", "modeling_rxt.demo", "--recipe", "nope", "--output", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0 and "no training recipe 'nope'" in run.stderr
+    assert run.returncode == 2 and "--recipe: no training recipe 'nope'" in run.stderr
+    assert "Traceback" not in run.stderr  # a usage error, not a crash
+
+
+def test_demo_checks_the_whole_recipe_before_training(tmp_path, capsys):
+    recipe = json.loads((REPO / "configuration" / "training" / "tiny.json").read_text())
+    recipe["stages"][-1]["external_memory_layers"] = [9]  # the last stage: it used to fail after four trained
+    path = tmp_path / "late_typo.json"
+    path.write_text(json.dumps(recipe))
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(["--recipe", str(path), "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "external_memory_layers" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

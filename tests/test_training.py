@@ -433,6 +433,20 @@ def test_the_shipped_recipes_are_valid():
         ({"stages": [{"stage": "external_memory", "max_steps": 1, "batch_size": 1, "learning_rate": 1,
                       "memory_aware_weight": -1}]}, "memory_aware_weight"),
         ({"init_from": "runs/demo/model"}, "drop `tokenizer` and `model`"),
+        # Checked before anything trains (each of these used to surface only when its stage or the evaluation ran):
+        ({"stages": ["joint"]}, "stage 0 must be a mapping"),
+        ({"stages": [stage_recipe("sft"), {**stage_recipe("sft"), "turns": "x"}]}, r"stage 1 \(sft\): `turns`"),
+        ({"stages": [{**stage_recipe("joint"), "mlm_probability": 7}]}, "mlm_probability"),
+        ({"stages": [{**stage_recipe("sft"), "learning_rate": float("inf")}]}, "learning_rate"),
+        ({"stages": [{**stage_recipe("memory_aware"), "kind_weights": {"asks": 1.0}}]}, "`kind_weights` must be"),
+        ({"stages": [{"stage": "external_memory", "max_steps": 1, "batch_size": 1, "learning_rate": 1,
+                      "external_memory_layers": [9]}]}, r"stage 0 \(external_memory\).*external_memory_layers"),
+        ({"model": {"preset": "nano", "overrides": {"memory_slot": 4}}}, "memory_slot.*did you mean"),
+        ({"model": {"preset": "bogus"}}, "Unknown models preset"),
+        ({"tokenizer": {"vocab_size": 5}}, "vocab_size"),
+        ({"evaluation": {"split": "tset"}}, "split"),
+        ({"stagess": []}, "unknown keys"),
+        ({"seed": "x"}, "seed"),
     ],
 )
 def test_bad_recipes_raise_naming_the_field(change, message):
@@ -457,6 +471,10 @@ def test_a_recipe_can_continue_a_trained_model(tokenizer, tmp_path):
         run_curriculum({**recipe, "init_from": str(tmp_path / "missing")}, tmp_path / "run2", progress=False)
     with pytest.raises(ValueError, match="init_from"):
         check_recipe({**recipe, "init_from": 3})
+    late = {**recipe, "stages": [*recipe["stages"], stage_recipe("external_memory", external_memory_layers=[9])]}
+    with pytest.raises(ValueError, match=r"stage 1 \(external_memory\).*external_memory_layers"):
+        run_curriculum(late, tmp_path / "run3", progress=False)  # the model's depth is known once it is loaded
+    assert not (tmp_path / "run3" / "stages").exists()  # refused before the first stage trained
     with pytest.raises(ValueError, match="lacks 'model'"):
         check_recipe({"tokenizer": {}, "stages": recipe["stages"]})
 

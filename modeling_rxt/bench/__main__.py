@@ -1,6 +1,7 @@
 """`python -m modeling_rxt.bench`: the benchmarks of RxT against a same-size Llama (see `modeling_rxt/bench`)."""
 
 import argparse
+import sys
 
 from .run import QUICK, SECTIONS, run_benchmarks
 from .systems import BenchSettings
@@ -49,7 +50,12 @@ def main(argv: list[str] | None = None) -> dict:
         values["turns"] = args.turns
     if args.repeats is not None:
         values["repeats"] = args.repeats
-    return run_benchmarks(BenchSettings(**values), sections=args.only, output_dir=args.out)
+    try:
+        settings = BenchSettings(**values)
+    except (TypeError, ValueError) as error:  # one usage line naming the option, not a traceback (as argparse)
+        print(f"python -m modeling_rxt.bench: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return run_benchmarks(settings, sections=args.only, output_dir=args.out)
 
 
 if __name__ == "__main__":

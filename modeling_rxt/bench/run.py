@@ -26,9 +26,15 @@ def run_benchmarks(
     unknown = set(sections) - set(SECTIONS)
     if not sections or unknown:
         raise ValueError(f"`sections` must be a non-empty subset of {SECTIONS}, got {sections!r}.")
+    output_dir = Path(output_dir)
+    try:  # before minutes of measuring, not after
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"`output_dir` {str(output_dir)!r} cannot be created: {error}") from error
+    if not os.access(output_dir, os.W_OK):
+        raise ValueError(f"`output_dir` {str(output_dir)!r} is not writable.")
     started = time.perf_counter()
     set_threads(settings.threads)
-    output_dir = Path(output_dir)
     models = build_systems(settings)
     results: dict = {"machine": machine_info(settings.threads, settings.device), "settings": settings.to_dict(),
                      "systems": describe_systems(models)}
