@@ -23,7 +23,7 @@ Shapes: L memory layers (= decoder layers), B conversations, S slots per layer, 
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +47,8 @@ class RxTMemoryState:
             raise TypeError(f"`stm` must be a torch.Tensor, got {type(self.stm).__name__}.")
         if self.stm.dim() != 4:
             raise ValueError(f"`stm` must have shape (layers, batch, slots, hidden), got {tuple(self.stm.shape)}.")
+        if not self.stm.is_floating_point():  # integer slots would be cast silently by every reader
+            raise TypeError(f"`stm` must be a floating-point tensor, got {self.stm.dtype}.")
 
     # ---- shape -------------------------------------------------------------------------------------------------
     @property
@@ -116,8 +118,9 @@ class RxTMemoryState:
 
     def reset(self, rows: Sequence[int] | torch.Tensor, initial: torch.Tensor) -> "RxTMemoryState":
         """A state whose conversations at `rows` start again from `initial` (L, S, D); the others are kept."""
-        if not isinstance(initial, torch.Tensor):
-            raise TypeError(f"`initial` must be a torch.Tensor, got {type(initial).__name__}.")
+        if not isinstance(initial, torch.Tensor) or not initial.is_floating_point():
+            found = initial.dtype if isinstance(initial, torch.Tensor) else type(initial).__name__
+            raise TypeError(f"`initial` must be a floating-point torch.Tensor, got {found}.")
         if initial.shape != (self.num_layers, self.num_slots, self.hidden_size):
             raise ValueError(f"`initial` must have shape {(self.num_layers, self.num_slots, self.hidden_size)}.")
         row_mask = torch.zeros(self.batch_size, dtype=torch.bool, device=self.stm.device)
@@ -128,6 +131,9 @@ class RxTMemoryState:
     @classmethod
     def concatenate(cls, states: Sequence["RxTMemoryState"]) -> "RxTMemoryState":
         """One batch from several states (for running many sessions together)."""
+        if isinstance(states, RxTMemoryState) or not isinstance(states, Iterable):
+            raise TypeError(f"`states` must be a list of RxTMemoryState, got {type(states).__name__}.")
+        states = list(states)  # a generator is read once
         if not states:
             raise ValueError("`states` is empty.")
         if not all(isinstance(state, RxTMemoryState) for state in states):
@@ -141,6 +147,10 @@ class RxTMemoryState:
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Writes `memory_state.safetensors` and `memory_state.json` together, atomically: a failed save leaves both
         previous files intact (`atomic_write_files`)."""
+        if not isinstance(save_directory, str | os.PathLike) or not str(save_directory):
+            raise TypeError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
+        if os.path.exists(save_directory) and not os.path.isdir(save_directory):
+            raise ValueError(f"`save_directory` {str(save_directory)!r} exists and is not a folder.")
         os.makedirs(save_directory, exist_ok=True)
         info = {
             "format_version": STATE_FORMAT_VERSION,
@@ -162,16 +172,32 @@ class RxTMemoryState:
     def from_pretrained(
         cls, directory: str | os.PathLike, device: torch.device | str | None = None
     ) -> "RxTMemoryState":
+        if not isinstance(directory, str | os.PathLike):
+            raise TypeError(f"`directory` must be a path (str or os.PathLike), got {type(directory).__name__}.")
+        device = _checked_device(device)
         path = os.path.join(directory, STATE_WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise ValueError(f"No memory state in `{directory}`: `{STATE_WEIGHTS_NAME}` is missing.")
         try:
-            tensors = load_file(path, device=str(device) if device is not None else "cpu")
+            tensors = load_file(path, device=device)
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"`{path}` is not a readable memory state (corrupted or truncated): {error}") from error
         if set(tensors) != {"stm"}:
             raise ValueError(f"`{path}` holds tensors {sorted(tensors)}, expected exactly ['stm'].")
         return cls(tensors["stm"])
+
+
+def _checked_device(device) -> str:
+    """`device` as the string safetensors takes; a `ValueError` naming `device` for one that is not (or not here)."""
+    if device is None:
+        return "cpu"
+    try:
+        parsed = torch.device(device)
+    except (TypeError, RuntimeError) as error:
+        raise ValueError(f"`device` {device!r} is not a torch device: {error}") from error
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` {device!r}: no CUDA GPU is available here.")
+    return str(parsed)
 
 
 # ---- atomic files ---------------------------------------------------------------------------------------------

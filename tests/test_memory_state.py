@@ -321,3 +321,28 @@ def test_a_save_failing_on_its_json_keeps_both_previous_files(tmp_path, monkeypa
         numbered_state(2).save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(before)
     assert all((tmp_path / name).read_bytes() == content for name, content in before.items())
+
+
+def test_state_values_paths_and_devices_are_checked_by_name(tmp_path):
+    for dtype in (torch.long, torch.bool):  # integer slots would be cast silently by every reader
+        with pytest.raises(TypeError, match="`stm` must be a floating-point"):
+            RxTMemoryState(torch.zeros(2, 1, 4, 8, dtype=dtype))
+    state = numbered_state()
+    with pytest.raises(TypeError, match="`initial` must be a floating-point"):
+        state.reset([0], torch.zeros(state.num_layers, state.num_slots, state.hidden_size, dtype=torch.long))
+    assert RxTMemoryState.concatenate(s for s in (state, state)).batch_size == 2 * state.batch_size  # a generator
+    with pytest.raises(TypeError, match="`states` must be a list"):
+        RxTMemoryState.concatenate(state)
+    state.save_pretrained(tmp_path / "ok")
+    with pytest.raises(TypeError, match="`directory` must be a path"):
+        RxTMemoryState.from_pretrained(None)
+    with pytest.raises(ValueError, match="`device` 'gpu' is not a torch device"):
+        RxTMemoryState.from_pretrained(tmp_path / "ok", device="gpu")  # not blamed on the file
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            RxTMemoryState.from_pretrained(tmp_path / "ok", device="cuda")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        state.save_pretrained(tmp_path / "a_file")
+    with pytest.raises(TypeError, match="save_directory"):
+        state.save_pretrained(None)
