@@ -20,8 +20,10 @@ mask. `[T]` is reserved for thinking turns and `[MASK]` for the memory encoder's
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -138,6 +140,8 @@ def train_tokenizer(
     _check_int("vocab_size", vocab_size, MIN_VOCAB_SIZE, f"len(SPECIAL_TOKENS) + 256 = {MIN_VOCAB_SIZE}")
     _check_int("min_frequency", min_frequency, 1, "1")
     _check_int("model_max_length", model_max_length, 2, "2")
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):  # a str would train on its characters
+        raise TypeError(f"texts must be an iterable of str (a list of texts), got {type(texts).__name__}")
     # Every text is trained as it appears after [Q]/[A] in the turn format: with one leading space.
     corpus = [" " + normalised for text in texts if (normalised := normalize_text(text))]
     if not corpus:
@@ -159,6 +163,11 @@ def train_tokenizer(
 
 def wrap_tokenizer(backend: Tokenizer, *, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> PreTrainedTokenizerFast:
     """Wrap a `tokenizers.Tokenizer` that holds `SPECIAL_TOKENS` as the RxT transformers tokenizer."""
+    if not isinstance(backend, Tokenizer):
+        raise TypeError(
+            f"backend must be a `tokenizers.Tokenizer` (a transformers tokenizer's is `.backend_tokenizer`), "
+            f"got {type(backend).__name__}"
+        )
     missing = [token for token in SPECIAL_TOKENS if backend.token_to_id(token) is None]
     if missing:
         raise ValueError(f"backend tokenizer lacks the special tokens {missing}")
@@ -187,10 +196,14 @@ def _check_int(name: str, value: int, minimum: int, minimum_text: str) -> None:
 
 
 def _encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    if not callable(tokenizer) or not hasattr(tokenizer, "convert_tokens_to_ids"):
+        raise TypeError(f"tokenizer must be a transformers tokenizer (train_tokenizer), got {type(tokenizer).__name__}")
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _check_length(ids: list[int], tokenizer: PreTrainedTokenizerFast, max_length: int | None) -> None:
+    if max_length is not None:
+        _check_int("max_length", max_length, 1, "1")
     limit = tokenizer.model_max_length if max_length is None else max_length
     if len(ids) > limit:
         raise ValueError(f"the interaction has {len(ids)} tokens, more than max_length={limit}")
@@ -225,7 +238,16 @@ def encode_interaction(
 
 def decode_answer(tokenizer: PreTrainedTokenizerFast, token_ids: Iterable[int]) -> str:
     """The normalised text of generated answer tokens, up to the first `[EOS]` (exclusive)."""
-    ids = [int(token_id) for token_id in token_ids]
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.dim() != 1 or token_ids.is_floating_point() or token_ids.dtype == torch.bool:
+            raise TypeError(f"token_ids must be a 1-D integer tensor, got {token_ids.dtype} {tuple(token_ids.shape)}")
+        token_ids = token_ids.tolist()
+    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Iterable):
+        raise TypeError(f"token_ids must be a list of token ids, got {type(token_ids).__name__}")
+    ids = list(token_ids)  # ints, numpy ints
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < len(tokenizer)]
+    if bad:
+        raise ValueError(f"token_ids must be ints in [0, {len(tokenizer)}) (the tokenizer's size), got {bad[:5]}")
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     if eos_id in ids:
         ids = ids[: ids.index(eos_id)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jinja2
 import pytest
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from modeling_rxt.tokenization import (
@@ -15,6 +16,7 @@ from modeling_rxt.tokenization import (
     encode_query,
     format_interaction,
     train_tokenizer,
+    wrap_tokenizer,
 )
 
 CORPUS = [
@@ -198,3 +200,23 @@ def test_empty_answer_is_rejected():
 def test_literal_special_token_in_text_is_rejected():
     with pytest.raises(ValueError, match=r"special token string '\[A\]'"):
         format_interaction("tell me [A] secret")
+
+
+def test_public_functions_name_bad_arguments(tokenizer):
+    with pytest.raises(TypeError, match="texts must be an iterable of str"):
+        train_tokenizer("hello world there")  # a str would train on its characters
+    with pytest.raises(TypeError, match="backend must be a `tokenizers.Tokenizer`"):
+        wrap_tokenizer(tokenizer)  # the transformers wrapper, not its backend
+    for max_length, error in (("10", TypeError), (True, TypeError), (0, ValueError), (-1, ValueError)):
+        with pytest.raises(error, match="max_length must be"):
+            encode_query(tokenizer, "hi there", max_length=max_length)
+    with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer"):
+        encode_query(None, "hi there")
+    for ids in ([len(tokenizer)], [-5], [40.9]):
+        with pytest.raises(ValueError, match="token_ids must be ints in"):
+            decode_answer(tokenizer, ids)  # was '' / OverflowError / truncated to 40
+    for ids in ("abc", 40, torch.tensor([[40, 41]])):
+        with pytest.raises(TypeError, match="token_ids must be"):
+            decode_answer(tokenizer, ids)
+    eos = tokenizer.eos_token_id
+    assert decode_answer(tokenizer, torch.tensor([40, eos])) == decode_answer(tokenizer, [40])
