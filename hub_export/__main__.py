@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.push and args.repo_id and args.push != args.repo_id:
         print(f"error: --repo-id {args.repo_id!r} and --push {args.push!r} differ", file=sys.stderr)
         return 2
+    if not args.push and (args.private or args.endpoint):  # they only shape the upload: alone they do nothing
+        print("error: --private and --endpoint apply to an upload: add --push REPO_ID", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("hub_export").setLevel(logging.INFO)  # progress: the verification takes a while
     from .export import export_model

@@ -105,8 +105,8 @@ def _optional(data: dict, key: str, read, where: str):
 
 def read_evaluation(path: str | Path) -> Evaluation:
     """Reads and checks the evaluation JSON at `path`; raises `ValueError` naming the file and the bad key."""
-    path = Path(path)
     data = read_json_object(path, "`eval_json`")
+    path = Path(path)
     missing = [key for key in ("recall_by_distance", "recall_memory_reset", "chance") if key not in data]
     if missing:
         raise ValueError(f"`eval_json` {str(path)!r} lacks the keys {missing}.")

@@ -250,6 +250,8 @@ def write_json_atomic(payload: dict, path: str | os.PathLike, sort_keys: bool = 
 def read_json_object(path: str | os.PathLike, what: str) -> dict:
     """The JSON object in the file `path`; a `ValueError` naming `what` (how the caller calls it, e.g. "`eval_json`")
     for a missing file, invalid JSON or a JSON value that is not an object."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{what} must be a path to a JSON file (str or os.PathLike), got {type(path).__name__}.")
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{what} {str(path)!r} is not a file.")

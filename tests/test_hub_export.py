@@ -420,6 +420,12 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, message, source, tm
         assert (dest / "keep.txt").read_text() == "precious"
 
 
+def test_eval_json_must_be_a_path(source, tmp_path):
+    with pytest.raises(TypeError, match="`eval_json` must be a path"):
+        export_model(source / "model", tmp_path / "dest", verify=False, eval_json={"chance": 0.1})
+    assert not (tmp_path / "dest").exists()
+
+
 @pytest.mark.parametrize("flag", ["overwrite", "verify", "push", "private"])
 def test_flags_must_be_booleans(flag, source, tmp_path):
     dest = tmp_path / "dest"
@@ -479,6 +485,8 @@ def test_cli_exports_pushes_and_reports(source, tmp_path, capsys, monkeypatch):
         (["{tmp}/nowhere", "{tmp}/dest"], "error: `src` '{tmp}/nowhere' is not a folder."),
         (["{src}", "{tmp}/dest", "--eval-json", "{tmp}/no.json"], "error: `eval_json` '{tmp}/no.json' is not a file"),
         (["{src}", "{tmp}/dest", "--repo-id", "a/b", "--push", "c/d"], "error: --repo-id 'a/b' and --push 'c/d'"),
+        (["{src}", "{tmp}/dest", "--private"], "error: --private and --endpoint apply to an upload"),
+        (["{src}", "{tmp}/dest", "--endpoint", "http://x"], "error: --private and --endpoint apply to an upload"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_message(arguments, message, source, tmp_path, capsys):
