@@ -237,7 +237,8 @@ def encode_interaction(
 
 
 def decode_answer(tokenizer: PreTrainedTokenizerFast, token_ids: Iterable[int]) -> str:
-    """The normalised text of generated answer tokens, up to the first `[EOS]` (exclusive)."""
+    """The normalised text of generated answer tokens, up to the first `[EOS]` (exclusive). Ids past the tokenizer's
+    vocabulary (a model's padded vocabulary) have no text."""
     if isinstance(token_ids, torch.Tensor):
         if token_ids.dim() != 1 or token_ids.is_floating_point() or token_ids.dtype == torch.bool:
             raise TypeError(f"token_ids must be a 1-D integer tensor, got {token_ids.dtype} {tuple(token_ids.shape)}")
@@ -245,9 +246,10 @@ def decode_answer(tokenizer: PreTrainedTokenizerFast, token_ids: Iterable[int]) 
     if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Iterable):
         raise TypeError(f"token_ids must be a list of token ids, got {type(token_ids).__name__}")
     ids = list(token_ids)  # ints, numpy ints
-    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < len(tokenizer)]
+    # Ids past the tokenizer's size are allowed and decode to nothing: a model's vocabulary may be padded beyond it.
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
     if bad:
-        raise ValueError(f"token_ids must be ints in [0, {len(tokenizer)}) (the tokenizer's size), got {bad[:5]}")
+        raise ValueError(f"token_ids must be non-negative ints, got {bad[:5]}")
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     if eos_id in ids:
         ids = ids[: ids.index(eos_id)]

@@ -212,9 +212,10 @@ def test_public_functions_name_bad_arguments(tokenizer):
             encode_query(tokenizer, "hi there", max_length=max_length)
     with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer"):
         encode_query(None, "hi there")
-    for ids in ([len(tokenizer)], [-5], [40.9]):
-        with pytest.raises(ValueError, match="token_ids must be ints in"):
-            decode_answer(tokenizer, ids)  # was '' / OverflowError / truncated to 40
+    for ids in ([-5], [40.9]):
+        with pytest.raises(ValueError, match="token_ids must be non-negative ints"):
+            decode_answer(tokenizer, ids)  # was an OverflowError / truncated to 40
+    assert decode_answer(tokenizer, [len(tokenizer) + 3]) == ""  # a padded model vocabulary: no text
     for ids in ("abc", 40, torch.tensor([[40, 41]])):
         with pytest.raises(TypeError, match="token_ids must be"):
             decode_answer(tokenizer, ids)
