@@ -27,22 +27,21 @@ def read_preset(name: str, kind: str = "models") -> dict:
     return {key: value for key, value in values.items() if not key.startswith("_")}
 
 
-# Accepted by every transformers config besides its own fields (popped by `PreTrainedConfig.__init__`).
-CONFIG_KEYWORDS = {"attn_implementation", "experts_implementation", "torch_dtype"}
-
-
 def load_preset(name: str, **overrides):
     """An `RxTConfig` from the model preset `name`, with `overrides` applied (e.g. `vocab_size=` of a tokenizer).
-    An override that names no config field raises `ValueError` (a typo would otherwise be stored as a new field)."""
+    An override the config neither declares nor consumes (as transformers turns `rope_theta` into `rope_parameters`)
+    raises `ValueError`: a typo would otherwise be stored as a new field and change nothing."""
     from modeling_rxt import RxTConfig
 
-    fields = set(inspect.signature(RxTConfig.__init__).parameters) | set(RxTConfig().to_dict()) | CONFIG_KEYWORDS
-    unknown = sorted(set(overrides) - fields)
+    config = RxTConfig(**{**read_preset(name), **overrides})
+    fields = set(inspect.signature(RxTConfig.__init__).parameters) | set(RxTConfig().to_dict())
+    stored_as_is = set(config.to_dict()) - fields  # what the config kept verbatim without using it
+    unknown = sorted(key for key in overrides if key in stored_as_is)
     if unknown:
         hints = {key: difflib.get_close_matches(key, fields, n=1) for key in unknown}
         shown = ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in hints.items())
         raise ValueError(f"`load_preset({name!r})`: unknown config fields {shown}.")
-    return RxTConfig(**{**read_preset(name), **overrides})
+    return config
 
 
 __all__ = ["available_presets", "load_preset", "read_preset", "PRESETS_DIR"]

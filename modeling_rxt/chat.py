@@ -121,7 +121,9 @@ class RxTChatSession:
         self.timings: list[TurnTimings] = []
         self._state = memory_state
         self._pending: Future | _RowOfBatchWrite | None = None
-        self._lock = threading.Lock()  # one turn at a time per session
+        # One turn (or save, or close) at a time per session; re-entrant so that a streamer's callback may call
+        # `close()` from inside `send` (the turn then ends with "closed" instead of a deadlock).
+        self._lock = threading.RLock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rxt-memory-write")
         self._closed = False
 
@@ -180,9 +182,10 @@ class RxTChatSession:
             clock = _FirstTokenClock(streamer, start)
             output = self.model.generate(
                 prompt, attention_mask=torch.ones_like(prompt), memory_state=self._state,
-                **_with_clock(clock, kwargs),
+                **_with_clock(clock, kwargs, self.model),
             )
             generate_s = time.perf_counter() - start
+            self._check_open()  # closed by a callback during generation: no writer left to take the write
             answer_ids = self._answer_ids(output[0, prompt.shape[1] :])
             interaction = torch.cat((prompt[0], answer_ids))[None]
             self._pending = self._schedule_write(self._state, interaction, None, self.background_write)
@@ -251,7 +254,10 @@ class RxTChatSession:
         """Saves memory and transcript into the folder `path`, atomically: the memory goes into a new sub-folder,
         then `session.json` (which names it) replaces the old one in one rename, then old memory folders are
         removed. A crash at any point leaves a `session.json` that names a complete memory."""
-        folder = Path(path)
+        with self._lock:  # no turn may change the memory or the transcript half-way through the save
+            self._save(Path(path))
+
+    def _save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         previous = _previous_memory_dir(folder)
         state = self.memory_state
@@ -325,7 +331,7 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
         clock = _FirstTokenClock(None, start)
         output = model.generate(
             ids, attention_mask=mask, memory_state=state,
-            **_with_clock(clock, first._generation_kwargs(ids.shape[1], generate_kwargs)),
+            **_with_clock(clock, first._generation_kwargs(ids.shape[1], generate_kwargs), model),
         )
         generate_s = time.perf_counter() - start
         answers = [first._answer_ids(row[ids.shape[1] :]) for row in output]
@@ -346,10 +352,13 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
             lock.release()
 
 
-def _with_clock(clock: _FirstTokenClock, kwargs: dict) -> dict:
-    """`generate` kwargs with the timing streamer, except under beam search, which takes no streamer (there the
-    first-token time stays None; a streamer the caller gave meets generate's own refusal)."""
-    if kwargs.get("num_beams", 1) != 1 and clock.inner is None:
+def _with_clock(clock: _FirstTokenClock, kwargs: dict, model) -> dict:
+    """`generate` kwargs with the timing streamer, except under beam search (asked for here or in the generation
+    config), which takes no streamer: the first-token time then stays None, and a streamer the caller gave meets
+    generate's own refusal."""
+    config = kwargs.get("generation_config") or model.generation_config
+    num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
+    if num_beams not in (None, 1) and clock.inner is None:
         return kwargs
     return {**kwargs, "streamer": clock}
 
@@ -391,13 +400,11 @@ def _read_session_file(folder: Path) -> dict:
     if "/" in payload["memory_dir"] or payload["memory_dir"].startswith("."):
         raise ValueError(f"`{file}` names an invalid memory folder {payload['memory_dir']!r}.")
     if not all(
-        isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ("user", "assistant")
+        isinstance(m, dict) and {"role", "content"} <= set(m) and isinstance(m["role"], str) and m["role"]
         and isinstance(m["content"], str)
         for m in messages
-    ):
-        raise ValueError(
-            f"`{file}`: every entry of `messages` must be {{'role': 'user' | 'assistant', 'content': str}}."
-        )
+    ):  # what `save` writes for any transcript (a system message added by the caller too)
+        raise ValueError(f"`{file}`: every entry of `messages` must be {{'role': str, 'content': str, ...}}.")
     names = {field.name for field in fields(TurnTimings)}
     required = {field.name for field in fields(TurnTimings) if field.default is MISSING}
     timings = payload.get("timings", [])

@@ -85,7 +85,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--processes must be at least 1")
     try:
         args.recipe_values = load_recipe(args.recipe)  # every field checked before anything trains
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         parser.error(f"--recipe: {error}")
     return args
 

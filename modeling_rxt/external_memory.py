@@ -340,7 +340,10 @@ def _id_row(row) -> torch.Tensor:
         raise TypeError(f"`external_memories` rows must be token ids (ints), got {row!r:.60}: {error}") from error
     if tensor.numel() == 0 and tensor.dim() <= 1:  # an empty row (`[]` reads as float32)
         return torch.zeros(0, dtype=torch.long)
-    if tensor.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8) or tensor.dim() > 1:
+    integer = not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+    if tensor.dim() > 1 and all(size == 1 for size in tensor.shape[:-1]):
+        tensor = tensor.reshape(-1)  # a tokenizer's (1, n) ids
+    if not integer or tensor.dim() > 1:
         raise TypeError(
             f"`external_memories` rows must be 1-D integer token ids, got {tensor.dtype} {tuple(tensor.shape)}."
         )

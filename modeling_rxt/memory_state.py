@@ -22,6 +22,7 @@ Shapes: L memory layers (= decoder layers), B conversations, S slots per layer, 
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -215,8 +216,10 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 def atomic_write_files(writes: dict) -> None:
     """`atomic_write` for files that belong together ({path: write}): every temporary file is written and flushed
-    first, and only then are they renamed over their paths, back to back. A failed `write` replaces none of them."""
-    staged = []
+    first; then each is renamed over its path. Should a rename fail, the files already replaced get their previous
+    content back (kept meanwhile as hard links, or copies where links are not supported), so a failure leaves either
+    all new files or all old ones. (A crash between the renames, a few microseconds, can still leave a mix.)"""
+    staged, installed = [], []  # (temporary, path); (path, its previous content's second name, or None)
     try:
         for path, write in writes.items():
             path = Path(path)
@@ -228,18 +231,47 @@ def atomic_write_files(writes: dict) -> None:
             with open(temporary, "rb+") as written:
                 os.fsync(written.fileno())
         for temporary, path in staged:
-            os.replace(temporary, path)
+            previous = _keep_previous(path) if len(staged) > 1 else None
+            try:
+                os.replace(temporary, path)
+            except BaseException:
+                if previous is not None:
+                    os.remove(previous)  # `path` still holds it
+                raise
+            installed.append((path, previous))
     except BaseException:
+        for path, previous in reversed(installed):  # put back what this call replaced
+            if previous is not None:
+                os.replace(previous, path)
+            else:
+                os.remove(path)  # there was none before
         for temporary, _ in staged:
             if os.path.exists(temporary):
                 os.remove(temporary)
         raise
+    for _, previous in installed:
+        if previous is not None:
+            os.remove(previous)
     for directory in {path.parent for _, path in staged}:
         handle = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(handle)  # make the renames themselves durable
         finally:
             os.close(handle)
+
+
+def _keep_previous(path: Path) -> str | None:
+    """A second name for the current content of `path` (None if it has none), which stays in place meanwhile."""
+    if not path.exists():
+        return None
+    handle, keep = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".previous", dir=path.parent)
+    os.close(handle)
+    os.remove(keep)
+    try:
+        os.link(path, keep)
+    except OSError:  # a file system without hard links
+        shutil.copy2(path, keep)
+    return keep
 
 
 def write_json_atomic(payload: dict, path: str | os.PathLike, sort_keys: bool = False) -> None:

@@ -21,6 +21,7 @@ mask. `[T]` is reserved for thinking turns and `[MASK]` for the memory encoder's
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -189,7 +190,7 @@ def wrap_tokenizer(backend: Tokenizer, *, model_max_length: int = DEFAULT_MODEL_
 
 
 def _check_int(name: str, value: int, minimum: int, minimum_text: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # ints and numpy ints
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum_text}, got {value}")
@@ -245,15 +246,24 @@ def decode_answer(tokenizer: PreTrainedTokenizerFast, token_ids: Iterable[int]) 
         token_ids = token_ids.tolist()
     if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Iterable):
         raise TypeError(f"token_ids must be a list of token ids, got {type(token_ids).__name__}")
-    ids = list(token_ids)  # ints, numpy ints
+    ids = [_token_id(value) for value in token_ids]
     # Ids past the tokenizer's size are allowed and decode to nothing: a model's vocabulary may be padded beyond it.
-    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
-    if bad:
-        raise ValueError(f"token_ids must be non-negative ints, got {bad[:5]}")
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     if eos_id in ids:
         ids = ids[: ids.index(eos_id)]
     return normalize_text(tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _token_id(value) -> int:
+    """One token id as an int: Python and numpy ints, 0-d integer tensors; bools, floats and negatives refused."""
+    is_bool = isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+    try:
+        index = None if is_bool else operator.index(value)
+    except TypeError:
+        index = None
+    if index is None or index < 0:
+        raise ValueError(f"token_ids must be non-negative ints, got {value!r}")
+    return index
 
 
 __all__ = [

@@ -115,7 +115,7 @@ def check_recipe(recipe: Mapping) -> None:
     for key in needed:
         if key not in recipe:
             raise ValueError(f"the recipe lacks {key!r}")
-    unknown = set(recipe) - _RECIPE_KEYS
+    unknown = _keys(recipe) - _RECIPE_KEYS
     if unknown:
         raise ValueError(f"the recipe has unknown keys {sorted(unknown)}; known: {sorted(_RECIPE_KEYS)}")
     _check_fields(recipe, _TOP_FIELDS, "recipe")
@@ -140,7 +140,7 @@ def check_recipe(recipe: Mapping) -> None:
         if name not in STAGES:
             raise ValueError(f"recipe stage {index}: `stage` must be one of {STAGES}, got {name!r}")
         where = f"recipe stage {index} ({name})"
-        unknown = set(stage) - _STAGE_KEYS["common"] - _STAGE_KEYS[name]
+        unknown = _keys(stage) - _STAGE_KEYS["common"] - _STAGE_KEYS[name]
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
         for key in ("max_steps", "batch_size", "learning_rate"):
@@ -158,10 +158,15 @@ def check_recipe(recipe: Mapping) -> None:
 def _check_section(section, fields: Mapping, where: str) -> None:
     if not isinstance(section, Mapping):
         raise ValueError(f"{where} must be a mapping, got {section!r}")
-    unknown = set(section) - set(fields)
+    unknown = _keys(section) - set(fields)
     if unknown:
         raise ValueError(f"{where} has unknown keys {sorted(unknown)}; known: {sorted(fields)}")
     _check_fields(section, fields, where)
+
+
+def _keys(values: Mapping) -> set[str]:
+    """The keys of a recipe mapping, without `_`-prefixed ones (comments, at every level)."""
+    return {key for key in values if not (isinstance(key, str) and key.startswith("_"))}
 
 
 def _check_fields(values: Mapping, fields: Mapping, where: str) -> None:
@@ -175,9 +180,9 @@ def _check_model_section(model: Mapping, max_length: int) -> int:
     from configuration import load_preset
 
     _check_section(model, _MODEL_FIELDS, "recipe `model`")
-    overrides = {**model.get("overrides", {}), "max_position_embeddings": max(
-        max_length, model.get("overrides", {}).get("max_position_embeddings", 0))}
+    overrides = {key: value for key, value in model.get("overrides", {}).items() if not key.startswith("_")}
     try:
+        overrides["max_position_embeddings"] = max(max_length, overrides.get("max_position_embeddings", 0))
         config = load_preset(model.get("preset", "nano"), **overrides)
     except (TypeError, ValueError) as error:
         raise ValueError(f"recipe `model`: {error}") from error
@@ -259,10 +264,11 @@ def build_model(settings: Mapping, tokenizer: PreTrainedTokenizerBase, max_lengt
     training instead of being halved at every turn."""
     from configuration import load_preset
 
+    given = {key: value for key, value in settings.get("overrides", {}).items() if not key.startswith("_")}
     overrides = {
-        **settings.get("overrides", {}),
+        **given,
         "vocab_size": len(tokenizer),
-        "max_position_embeddings": max(max_length, settings.get("overrides", {}).get("max_position_embeddings", 0)),
+        "max_position_embeddings": max(max_length, given.get("max_position_embeddings", 0)),
         "pad_token_id": tokenizer.convert_tokens_to_ids(PAD_TOKEN),
         "bos_token_id": tokenizer.convert_tokens_to_ids(BOS_TOKEN),
         "eos_token_id": tokenizer.convert_tokens_to_ids(EOS_TOKEN),
@@ -538,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--threads must be at least 1")
     try:
         recipe = load_recipe(args.recipe)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         parser.error(f"--recipe: {error}")
     torch.set_num_threads(args.threads)
     rank = int(os.environ.get("RANK", "0"))

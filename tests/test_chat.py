@@ -2,10 +2,12 @@
 
 import json
 import threading
+import time
 
 import pytest
 import torch
-from transformers import TextIteratorStreamer
+from transformers import GenerationConfig, TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt import chat
@@ -244,14 +246,36 @@ def test_a_closed_session_takes_no_turns(model, tokenizer):
             call()
 
 
+class _SlowLock:
+    """A session lock that lingers after each acquire, so that two batches over the same sessions in opposite orders
+    both hold their first lock before asking for the second: with per-call lock orders that deadlocks every time."""
+
+    def __init__(self):
+        self.inner = threading.RLock()
+
+    def acquire(self, *args, **kwargs):
+        taken = self.inner.acquire(*args, **kwargs)
+        time.sleep(0.3)
+        return taken
+
+    def release(self):
+        self.inner.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 def test_batches_over_the_same_sessions_in_other_orders_do_not_deadlock(model, tokenizer):
     sessions = [RxTChatSession(model, tokenizer) for _ in range(2)]
+    for session in sessions:
+        session._lock = _SlowLock()
     errors = []
 
     def run(order):
         try:
-            for _ in range(6):
-                send_batch([sessions[i] for i in order], TEXTS[:2], max_new_tokens=2, do_sample=False)
+            send_batch([sessions[i] for i in order], TEXTS[:2], max_new_tokens=2, do_sample=False)
         except BaseException as error:
             errors.append(error)
 
@@ -259,9 +283,38 @@ def test_batches_over_the_same_sessions_in_other_orders_do_not_deadlock(model, t
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=60)
+        thread.join(timeout=30)
     assert not any(thread.is_alive() for thread in threads), "send_batch deadlocked"
     assert not errors
+
+
+def test_beams_from_the_generation_config_and_close_from_a_callback(model, tokenizer):
+    session = RxTChatSession(model, tokenizer, background_write=False)
+    config = GenerationConfig(num_beams=2, do_sample=False, max_new_tokens=4)
+    assert isinstance(session.send(TEXTS[0], generation_config=config), str)  # no streamer forced on beams
+
+    class CloseOnFirstToken(BaseStreamer):
+        def put(self, value):
+            session.close()
+
+        def end(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="closed"):  # ends the turn, no deadlock on the session's own lock
+        session.send(TEXTS[1], streamer=CloseOnFirstToken(), **GREEDY)
+
+
+def test_save_waits_for_a_turn_in_progress_and_keeps_any_transcript(model, tokenizer, tmp_path):
+    session = RxTChatSession(model, tokenizer)
+    session.messages.append({"role": "system", "content": "be brief"})  # a caller's own message
+    saved = threading.Event()
+    with session._lock:  # a turn in progress
+        saver = threading.Thread(target=lambda: (session.save(tmp_path), saved.set()), daemon=True)
+        saver.start()
+        assert not saved.wait(0.5)  # the save waits for the turn to finish
+    saver.join(timeout=30)
+    assert saved.is_set()
+    assert RxTChatSession.load(tmp_path, model, tokenizer).messages == session.messages
 
 
 def test_save_removes_only_its_own_memory_folders(model, tokenizer, tmp_path):
@@ -279,7 +332,7 @@ def test_save_removes_only_its_own_memory_folders(model, tokenizer, tmp_path):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("messages", [1, 2]), ("messages", [{"role": "x", "content": 1}]), ("timings", [{"bogus": 1}]),
+    [("messages", [1, 2]), ("messages", [{"role": "user", "content": 1}]), ("timings", [{"bogus": 1}]),
      ("background_write", "false")],
 )
 def test_load_rejects_malformed_session_fields(model, tokenizer, tmp_path, field, value):

@@ -60,6 +60,8 @@ def test_preset_overrides_and_unknown_names():
     with pytest.raises(ValueError, match="'memory_slot' \\(did you mean 'memory_slots'\\?\\)"):
         load_preset("nano", memory_slot=4)  # a typo would otherwise be stored as a new field
     assert load_preset("nano", attn_implementation="eager")._attn_implementation == "eager"
+    assert load_preset("nano", rope_theta=5e5).rope_parameters["rope_theta"] == 5e5  # consumed by transformers
+    assert load_preset("nano", num_labels=3).num_labels == 3
     for name in ("../training/demo", "/etc/passwd", None):  # names, never paths
         with pytest.raises(ValueError, match="Unknown models preset"):
             load_preset(name)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,6 +133,13 @@ def test_generate_rejects_bad_controls(model):
 def test_build_rejects_bad_memories_naming_them(model, memories, kwargs, error, match):
     with pytest.raises(error, match=match):
         model.build_external_memory(memories, **kwargs)
+
+
+def test_build_accepts_compact_and_tokenizer_shaped_rows(model):
+    ids = torch.arange(5, 12)
+    reference = model.build_external_memory([ids])
+    for row in (np.arange(5, 12, dtype=np.uint16), ids[None], ids.to(torch.int16)):  # compact ids, (1, n) rows
+        torch.testing.assert_close(model.build_external_memory([row]).keys, reference.keys)
 
 
 def test_generate_controls_without_memories_and_retrieval_turned_off(model, memory_ids):

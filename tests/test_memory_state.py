@@ -306,21 +306,38 @@ def test_a_failed_save_keeps_the_previous_files_and_leaves_no_temporary(tmp_path
     assert row_values(RxTMemoryState.from_pretrained(tmp_path)) == [0.0, 1.0, 2.0, 3.0]
 
 
-def test_a_save_failing_on_its_json_keeps_both_previous_files(tmp_path, monkeypatch):
-    # The two files are committed together: the weights must not be replaced when the JSON beside them fails.
+def test_a_save_failing_on_either_file_keeps_both_previous_files(tmp_path, monkeypatch):
+    # The two files are committed together. The JSON is staged first, so a failing weights write must not leave
+    # the new JSON beside the old weights; and a failed second rename puts the first file back.
     numbered_state().save_pretrained(tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in (STATE_WEIGHTS_NAME, STATE_CONFIG_NAME)}
 
-    def failing_json(payload, sort_keys=False):
-        def write(temporary):
-            raise OSError("disk full")
-        return write
+    def failing_save(tensors, path, metadata=None):
+        raise OSError("disk full")
 
-    monkeypatch.setattr(memory_state_module, "json_writer", failing_json)
+    monkeypatch.setattr(memory_state_module, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         numbered_state(2).save_pretrained(tmp_path)
+    monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == sorted(before)
     assert all((tmp_path / name).read_bytes() == content for name, content in before.items())
+
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(source, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError("rename failed")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(memory_state_module.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="rename failed"):
+        numbered_state(2).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == sorted(before)  # no temporary or kept copy left
+    assert all((tmp_path / name).read_bytes() == content for name, content in before.items())
+    numbered_state(2).save_pretrained(tmp_path / "fresh")  # and into an empty folder, both files appear
+    assert sorted(os.listdir(tmp_path / "fresh")) == sorted(before)
 
 
 def test_state_values_paths_and_devices_are_checked_by_name(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jinja2
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -221,3 +222,7 @@ def test_public_functions_name_bad_arguments(tokenizer):
             decode_answer(tokenizer, ids)
     eos = tokenizer.eos_token_id
     assert decode_answer(tokenizer, torch.tensor([40, eos])) == decode_answer(tokenizer, [40])
+    # What callers have at hand stays accepted: the items of a tensor, numpy ints.
+    assert decode_answer(tokenizer, list(torch.tensor([40, 41]))) == decode_answer(tokenizer, [40, 41])
+    assert decode_answer(tokenizer, [np.int64(40)]) == decode_answer(tokenizer, [40])
+    assert encode_query(tokenizer, "hi there", max_length=np.int64(32)) == encode_query(tokenizer, "hi there")

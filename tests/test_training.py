@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ from modeling_rxt.training import (
 )
 from modeling_rxt.training_curriculum import check_recipe, load_recipe, run_curriculum, run_stage, stage_components
 
+REPO = Path(__file__).resolve().parent.parent
 MAX_LENGTH = 64
 
 
@@ -416,6 +418,13 @@ def test_collators_reject_untokenised_rows(tokenizer):
 # --- Recipes --------------------------------------------------------------------------------------------------------
 
 
+def test_comment_keys_are_allowed_at_every_level():
+    recipe = json.loads((REPO / "configuration" / "training" / "tiny.json").read_text())  # with its "_comment"
+    recipe["model"]["_note"] = recipe["tokenizer"]["_note"] = recipe["stages"][0]["_note"] = "why"
+    recipe["model"]["overrides"]["_note"] = "why"
+    check_recipe(recipe)
+
+
 def test_the_shipped_recipes_are_valid():
     for name in ("demo", "long", "tiny"):
         recipe = load_recipe(name)
@@ -447,6 +456,7 @@ def test_the_shipped_recipes_are_valid():
         ({"evaluation": {"split": "tset"}}, "split"),
         ({"stagess": []}, "unknown keys"),
         ({"seed": "x"}, "seed"),
+        ({"model": {"overrides": {"max_position_embeddings": "256"}}}, "recipe `model`"),  # a TypeError inside
     ],
 )
 def test_bad_recipes_raise_naming_the_field(change, message):
