@@ -34,12 +34,13 @@ def model(tokenizer):
     return RxTForCausalLM(config).eval()
 
 
-def expected_turn(model, tokenizer, state, query, max_new_tokens=6):
-    """One turn done by hand: the prompt, greedy answer up to [EOS] (appended if absent) and the new memory."""
+def expected_turn(model, tokenizer, state, query, max_new_tokens=6, **options):
+    """One turn done by hand: the prompt, greedy (or `options`) answer up to [EOS] (appended if absent) and the new
+    memory."""
     prompt = torch.tensor([encode_query(tokenizer, query)["input_ids"]])
     eos = tokenizer.eos_token_id
     out = model.generate(prompt, memory_state=state, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **options)
     answer = out[0, prompt.shape[1]:].tolist()
     answer = answer[: answer.index(eos) + 1] if eos in answer else answer + [eos]
     with torch.no_grad():
@@ -218,23 +219,11 @@ def test_bad_construction_is_rejected(model, tokenizer):
 def test_beam_search_answers_through_the_session(model, tokenizer):
     session = RxTChatSession(model, tokenizer, background_write=False)
     answer = session.send(TEXTS[0], num_beams=2, do_sample=False, max_new_tokens=6)
-    state = expected_turn_beams(model, tokenizer, TEXTS[0])
+    state = expected_turn(model, tokenizer, model.init_memory(1), TEXTS[0], num_beams=2)
     assert isinstance(answer, str) and session.timings[-1].first_token_s is None  # no streamer under beams
     torch.testing.assert_close(session.memory_state.stm, state.stm)
     sessions = [RxTChatSession(model, tokenizer) for _ in range(2)]
     assert len(send_batch(sessions, TEXTS[:2], num_beams=2, max_new_tokens=6)) == 2
-
-
-def expected_turn_beams(model, tokenizer, query):
-    prompt = torch.tensor([encode_query(tokenizer, query)["input_ids"]])
-    eos = tokenizer.eos_token_id
-    state = model.init_memory(1)
-    out = model.generate(prompt, memory_state=state, max_new_tokens=6, num_beams=2, do_sample=False,
-                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    answer = out[0, prompt.shape[1]:].tolist()
-    answer = answer[: answer.index(eos) + 1] if eos in answer else answer + [eos]
-    with torch.no_grad():
-        return model.update_memory(state, torch.tensor([prompt[0].tolist() + answer]))
 
 
 def test_a_closed_session_takes_no_turns(model, tokenizer):
