@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .memory_state import row_index
+
 SCORE_BLOCK = 16384  # memory tokens scored at a time: bounds the (B, K, G*Tq, block) similarity tensor
 TOKENS_PER_ENCODING_BATCH = 4096  # memory tokens run through the decoder per forward while building a memory
 GENERATE_CONTROLS = (
@@ -197,7 +199,7 @@ class ExternalMemory:
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> "ExternalMemory":
         """The memories of `rows`, in that order (repeats allowed)."""
-        index = _row_index(rows, self.batch_size, self.device)
+        index = row_index(rows, self.batch_size, self.device, "rows")
         return _packed(
             self.keys.index_select(1, index), self.values.index_select(1, index),
             self.token_ids.index_select(0, index), self.mask.index_select(0, index), self.layers,
@@ -231,7 +233,7 @@ class ExternalMemory:
 
     def replace(self, rows: Sequence[int] | torch.Tensor, other: "ExternalMemory") -> "ExternalMemory":
         """The memories of `rows` become those of `other` (one row of `other` per entry of `rows`)."""
-        index = _row_index(rows, self.batch_size, self.device)
+        index = row_index(rows, self.batch_size, self.device, "rows")
         _check_same_kind([self, other], "other")
         if other.batch_size != index.numel():
             raise ValueError(f"`other` has {other.batch_size} rows but `rows` names {index.numel()}.")
@@ -244,18 +246,8 @@ class ExternalMemory:
         drop = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
         if rows is not None:
             drop = torch.zeros_like(drop)
-            drop[_row_index(rows, self.batch_size, self.device)] = True
+            drop[row_index(rows, self.batch_size, self.device, "rows")] = True
         return _packed(self.keys, self.values, self.token_ids, self.mask & ~drop[:, None], self.layers)
-
-
-def _row_index(rows, batch_size: int, device) -> torch.Tensor:
-    index = torch.as_tensor(rows, device=device).reshape(-1)
-    if index.numel() and (index.dtype == torch.bool or index.is_floating_point() or index.is_complex()):
-        raise TypeError(f"`rows` must be integer row indices, got {index.tolist()}.")
-    index = index.to(torch.long)
-    if index.numel() and (index.min() < 0 or index.max() >= batch_size):
-        raise ValueError(f"`rows` {index.tolist()} out of range for an external memory of {batch_size} rows.")
-    return index
 
 
 def _check_same_kind(memories: Sequence[ExternalMemory], name: str) -> ExternalMemory:

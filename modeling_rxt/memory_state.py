@@ -100,22 +100,10 @@ class RxTMemoryState:
     def detach(self) -> "RxTMemoryState":
         return RxTMemoryState(self.stm.detach())
 
-    def _row_index(self, rows: Sequence[int] | torch.Tensor, name: str) -> torch.Tensor:
-        """`rows` as a 1-D long tensor in [0, batch_size) (negative rows count from the end); raises naming `name`."""
-        try:
-            index = torch.as_tensor(rows, device=self.stm.device).reshape(-1)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise TypeError(f"`{name}` must be a sequence of integer row indices, got {rows!r}.") from error
-        if index.numel() and (index.dtype == torch.bool or index.is_floating_point() or index.is_complex()):
-            raise TypeError(f"`{name}` must hold integer row indices, got dtype {index.dtype}.")
-        index = index.long()
-        if index.numel() and (index.min() < -self.batch_size or index.max() >= self.batch_size):
-            raise ValueError(f"`{name}` {index.tolist()} out of range for a batch of {self.batch_size}.")
-        return index % max(self.batch_size, 1)
-
     def select(self, indices: Sequence[int] | torch.Tensor) -> "RxTMemoryState":
         """The conversations at `indices`, in that order (repeats allowed)."""
-        return RxTMemoryState(self.stm.index_select(1, self._row_index(indices, "indices")))
+        index = row_index(indices, self.batch_size, self.stm.device, "indices", allow_negative=True)
+        return RxTMemoryState(self.stm.index_select(1, index))
 
     def reset(self, rows: Sequence[int] | torch.Tensor, initial: torch.Tensor) -> "RxTMemoryState":
         """A state whose conversations at `rows` start again from `initial` (L, S, D); the others are kept."""
@@ -125,7 +113,7 @@ class RxTMemoryState:
         if initial.shape != (self.num_layers, self.num_slots, self.hidden_size):
             raise ValueError(f"`initial` must have shape {(self.num_layers, self.num_slots, self.hidden_size)}.")
         row_mask = torch.zeros(self.batch_size, dtype=torch.bool, device=self.stm.device)
-        row_mask[self._row_index(rows, "rows")] = True
+        row_mask[row_index(rows, self.batch_size, self.stm.device, "rows", allow_negative=True)] = True
         fresh = initial.to(self.stm)[:, None].expand_as(self.stm)
         return RxTMemoryState(torch.where(row_mask[None, :, None, None], fresh, self.stm))
 
@@ -186,6 +174,23 @@ class RxTMemoryState:
         if set(tensors) != {"stm"}:
             raise ValueError(f"`{path}` holds tensors {sorted(tensors)}, expected exactly ['stm'].")
         return cls(tensors["stm"])
+
+
+def row_index(rows, batch_size: int, device, name: str, allow_negative: bool = False) -> torch.Tensor:
+    """`rows` (a sequence or tensor of row indices) as a 1-D long tensor in [0, batch_size), negative rows counting
+    from the end where `allow_negative`; a `TypeError`/`ValueError` naming `name` otherwise (floats and bools are
+    refused, not cast)."""
+    try:
+        index = torch.as_tensor(rows, device=device).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"`{name}` must be a sequence of integer row indices, got {rows!r}.") from error
+    if index.numel() and (index.dtype == torch.bool or index.is_floating_point() or index.is_complex()):
+        raise TypeError(f"`{name}` must hold integer row indices, got dtype {index.dtype}.")
+    index = index.long()
+    lowest = -batch_size if allow_negative else 0
+    if index.numel() and (index.min() < lowest or index.max() >= batch_size):
+        raise ValueError(f"`{name}` {index.tolist()} out of range for a batch of {batch_size}.")
+    return index % max(batch_size, 1)
 
 
 def _checked_device(device) -> str:

@@ -264,15 +264,16 @@ def check_decoder_inputs(
     """Raises `TypeError`/`ValueError` naming the argument for decoder inputs of the wrong type or shape, before they
     reach a kernel that fails with an opaque error (or, for a mask of the wrong length, silently does not fail).
     No host synchronisation in the forward pass: shapes always; token id values only where reading them costs no
-    wait (see `check_token_ids`); `past_length` None: the cache's length is a device tensor, and the mask's length is
-    left to the mask functions."""
+    wait (`can_read_values`) and only for input that starts from an empty cache (`past_length` 0: training, a plain
+    forward, a prompt), not for each decoding step, whose ids the model itself produced; `past_length` None: the
+    cache's length is a device tensor, and the mask's length is left to the mask functions."""
     if input_ids is not None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
             found = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise TypeError(f"`input_ids` must be an int64 or int32 torch.Tensor (batch, length), got {found}.")
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
-        if can_read_values(input_ids):
+        if past_length == 0 and can_read_values(input_ids):
             check_token_ids(input_ids, config.vocab_size)
         batch_size, length = input_ids.shape
     else:

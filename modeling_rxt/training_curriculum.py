@@ -147,12 +147,19 @@ def check_recipe(recipe: Mapping) -> None:
             if key not in stage:
                 raise ValueError(f"{where}: `{key}` is required")
         _check_fields(stage, _STAGE_FIELDS, where)
-        if num_layers is not None and stage.get("external_memory_layers") is not None:
-            try:
-                max_length = recipe.get("max_length", 128)
-                check_retrieval_controls(num_layers, max_length, layers=stage["external_memory_layers"])
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"{where}: {error}") from error
+    if num_layers is not None:
+        check_stage_layers(recipe["stages"], num_layers, recipe.get("max_length", 128))
+
+
+def check_stage_layers(stages: Sequence[Mapping], num_layers: int, max_length: int) -> None:
+    """Each stage's `external_memory_layers` against the model's depth, as a `ValueError` naming the stage."""
+    for index, stage in enumerate(stages):
+        if stage.get("external_memory_layers") is None:
+            continue
+        try:
+            check_retrieval_controls(num_layers, max_length, layers=stage["external_memory_layers"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"recipe stage {index} ({stage['stage']}): {error}") from error
 
 
 def _check_section(section, fields: Mapping, where: str) -> None:
@@ -466,13 +473,8 @@ def run_curriculum(
     torch.manual_seed(seed)
     if "init_from" in recipe:
         model, tokenizer = load_trained(recipe["init_from"])
-        for index, stage in enumerate(recipe["stages"]):  # the depth is known now, before any stage trains
-            if stage.get("external_memory_layers") is not None:
-                try:
-                    check_retrieval_controls(model.config.num_hidden_layers, max_length,
-                                             layers=stage["external_memory_layers"])
-                except (TypeError, ValueError) as error:
-                    raise ValueError(f"recipe stage {index} ({stage['stage']}): {error}") from error
+        # The depth is known now, before any stage trains.
+        check_stage_layers(recipe["stages"], model.config.num_hidden_layers, max_length)
     else:
         tokenizer = build_tokenizer(recipe["tokenizer"], seed)
         model = build_model(recipe["model"], tokenizer, max_length)
