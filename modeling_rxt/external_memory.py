@@ -698,8 +698,19 @@ def prepare_generate_kwargs(model: nn.Module, batch_size: int, kwargs: dict) -> 
     """Pops the external-memory controls of a `generate` call from `kwargs`, builds the memory from token ids if
     needed (once per call) and puts the retriever (`external_memory`) and the batch-first row map
     (`external_memory_rows`, which generate repeats for beams and `num_return_sequences`) into `kwargs`.
-    Returns the recorder when `output_retrieved_memory_idx=True`."""
+    Returns the recorder when `output_retrieved_memory_idx=True`. `external_memory_rows` (B,), if given, says which
+    memory row each batch row reads, as in `forward`; `external_memory` (forward's name) is taken as
+    `external_memories` when it is an `ExternalMemory`."""
     controls = {name: kwargs.pop(name, None) for name in GENERATE_CONTROLS}
+    rows, retriever = kwargs.pop("external_memory_rows", None), kwargs.pop("external_memory", None)
+    if retriever is not None:
+        if not isinstance(retriever, ExternalMemory) or controls["external_memories"] is not None:
+            raise ValueError(
+                "`generate` takes external memories as `external_memories` (token ids or an ExternalMemory); "
+                f"got `external_memory` of type {type(retriever).__name__}"
+                + (" as well." if controls["external_memories"] is not None else ".")
+            )
+        controls["external_memories"] = retriever
     config = model.config
     check_retrieval_controls(
         config.num_hidden_layers, config.max_position_embeddings, controls["external_memory_layers"],
@@ -710,6 +721,7 @@ def prepare_generate_kwargs(model: nn.Module, batch_size: int, kwargs: dict) -> 
         raise TypeError(f"`output_retrieved_memory_idx` must be True or False, got {want_indices!r}.")
     memories, want_indices = controls["external_memories"], bool(want_indices)
     if memories is None:
+        controls["external_memory_rows"] = rows
         given = [f"`{name}`" for name, value in controls.items() if value is not None and value is not False]
         if given:  # a control that would do nothing is a mistake in the call, not a no-op
             raise ValueError(f"Retrieval controls given without `external_memories`: {', '.join(given)}.")
@@ -731,7 +743,13 @@ def prepare_generate_kwargs(model: nn.Module, batch_size: int, kwargs: dict) -> 
     kwargs["external_memory"] = ExternalMemoryRetriever.from_config(
         memories, config, layers, controls["external_memory_topk"], controls["external_memory_sim_threshold"], recorder
     )
-    kwargs["external_memory_rows"] = default_rows(memories.batch_size, batch_size)
+    if rows is None:
+        rows = default_rows(memories.batch_size, batch_size)
+    else:  # batch-first: generate repeats it for beams and `num_return_sequences`
+        rows = row_index(rows, memories.batch_size, "cpu", "external_memory_rows")
+        if rows.numel() != batch_size:
+            raise ValueError(f"`external_memory_rows` must give a memory row for each of the {batch_size} rows.")
+    kwargs["external_memory_rows"] = rows
     return recorder
 
 

@@ -53,7 +53,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -495,13 +495,17 @@ class RxTModel(RxTPreTrainedModel):
             check_token_ids(input_ids, self.config.vocab_size)
         inputs_embeds = self.embed_tokens(input_ids)
         self.check_interaction_length(input_ids.shape[1])
-        if attention_mask is not None:
+        if attention_mask is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        else:
+            # Positions count the tokens only, so a left-padded interaction is written as the same one unpadded:
+            # the memory attention puts rotary positions on the encoded keys and none on the slots.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
             # A row with no tokens (a conversation that skips this write) still needs one key to attend to;
             # its result is discarded by `write_memory`.
             attention_mask = attention_mask.bool()
             first_key = attention_mask[:, :1] | ~attention_mask.any(dim=-1, keepdim=True)  # out of place
             attention_mask = torch.cat((first_key, attention_mask[:, 1:]), dim=-1)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         rotary = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         token_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
@@ -536,6 +540,10 @@ class RxTModel(RxTPreTrainedModel):
             has_tokens = attention_mask.bool().any(dim=-1)  # (B,): rows with no tokens keep their memory
             new_stm = torch.where(has_tokens[None, :, None, None], new_stm, stm)
         return new_stm
+
+
+# What `generate` adds to the model inputs for this model alone: an assistant model in assisted decoding does not get them.
+OWN_GENERATE_INPUTS = ("memory_key_values", "external_memory", "external_memory_rows")
 
 
 @auto_docstring
@@ -650,7 +658,14 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         return RxTMemoryState(self.model.write_memory(stm, input_ids, attention_mask))
 
     @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, memory_state: RxTMemoryState | None = None, **kwargs):
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        *args,
+        memory_state: RxTMemoryState | None = None,
+        **kwargs,
+    ):
         """`GenerationMixin.generate` reading `memory_state` (default: the learned initial memory). The memory is
         projected to keys/values once here, then rides as a batch-first tensor that `generate` repeats for beams and
         `num_return_sequences`; every decoding strategy works unchanged. The state is not modified.
@@ -660,10 +675,14 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         shared by the whole batch), and per-call `external_memory_layers`, `external_memory_topk`,
         `external_memory_sim_threshold`, `external_memory_stride` overriding the config. With
         `output_retrieved_memory_idx=True` (and `return_dict_in_generate=True`) the output carries
-        `retrieved_memory_idx`: per forward step, {layer: indices (B, H, Tq, k), -1 where dropped}."""
+        `retrieved_memory_idx`: per forward step, {layer: indices (B, H, Tq, k), -1 where dropped}.
+
+        The positional arguments are `GenerationMixin.generate`'s; `memory_state` is keyword-only."""
+        if isinstance(generation_config, RxTMemoryState):
+            raise TypeError("Pass the memory by keyword: `generate(input_ids, memory_state=state)`.")
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if prompt is not None:
-            self._check_generate_prompt(prompt, kwargs)
+            self._check_generate_prompt(prompt, generation_config or self.generation_config, kwargs)
         if kwargs.get("memory_key_values") is None:
             if prompt is None:
                 raise ValueError("`generate` needs `input_ids` (the query) to answer.")
@@ -671,7 +690,15 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             kwargs["memory_key_values"] = self.model.project_memory(stm.to(self.device))
         batch_size = prompt.shape[0] if prompt is not None else kwargs["memory_key_values"].shape[0]
         recorder = prepare_generate_kwargs(self, batch_size, kwargs)  # builds the external memory once per call
-        return attach_retrieved_memory_idx(super().generate(inputs, **kwargs), recorder)
+        outputs = super().generate(inputs, generation_config, *args, **kwargs)
+        return attach_retrieved_memory_idx(outputs, recorder)
+
+    def _get_candidate_generator(self, *args, model_kwargs: dict, assistant_model=None, **kwargs):
+        """Assisted decoding: transformers gives the assistant a copy of every model input. This model's projected
+        memory and external-memory retriever fit this model only, so the assistant gets the rest; an RxT assistant
+        then reads its own learned initial memory, a Llama assistant reads none."""
+        shared = {key: value for key, value in model_kwargs.items() if key not in OWN_GENERATE_INPUTS}
+        return super()._get_candidate_generator(*args, model_kwargs=shared, assistant_model=assistant_model, **kwargs)
 
     def build_external_memory(
         self,
@@ -692,7 +719,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             differentiable=differentiable,
         )
 
-    def _check_generate_prompt(self, prompt: torch.Tensor, kwargs: dict) -> None:
+    def _check_generate_prompt(self, prompt: torch.Tensor, generation_config: GenerationConfig, kwargs: dict) -> None:
         """The query must be valid (non-empty ids, or embeddings) and the answer must fit: query + new tokens within
         `max_position_embeddings`, refused before decoding starts rather than when the limit is hit."""
         if isinstance(prompt, torch.Tensor) and prompt.is_floating_point() and prompt.dim() == 3:  # inputs_embeds
@@ -703,7 +730,6 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
                 )
         else:
             self._check_ids(prompt, kwargs.get("attention_mask"))
-        generation_config = kwargs.get("generation_config") or self.generation_config
         length, max_new_tokens = prompt.shape[1], kwargs.get("max_new_tokens")
         if max_new_tokens is None:
             max_new_tokens = generation_config.max_new_tokens
@@ -711,6 +737,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             total, name = length + max_new_tokens, "max_new_tokens"
         else:
             max_length = kwargs.get("max_length") or generation_config.max_length
+            if max_length is None:  # transformers' default: 20 new tokens, capped at `max_position_embeddings`
+                return
             total, name = max(max_length, length + 1), "max_length"
         if total > self.config.max_position_embeddings:
             raise ValueError(

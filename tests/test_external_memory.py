@@ -452,3 +452,24 @@ def test_saved_folder_generates_with_external_memories_without_the_package(model
     expected = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False,
                               external_memories=[torch.arange(5, 40)], external_memory_topk=4)
     assert result.stdout.strip() == f"{expected.tolist()} (1, 4, 3, 4)"
+
+
+def test_generate_reads_the_given_row_map(model, memory_ids):
+    """`external_memory_rows` in `generate` says which memory row each batch row reads, as in `forward`, through
+    beams too; `external_memory=` (forward's name) is taken as `external_memories`."""
+    memory = model.build_external_memory(memory_ids + [memory_ids[0][:9]])  # three rows
+    ids = prompt()
+    for options in (dict(do_sample=False), dict(num_beams=2)):
+        common = dict(max_new_tokens=4, external_memory_topk=4, **options)
+        mapped = model.generate(ids, external_memories=memory, external_memory_rows=torch.tensor([2, 0]), **common)
+        assert torch.equal(mapped, model.generate(ids, external_memories=memory.select([2, 0]), **common))
+        assert torch.equal(
+            model.generate(ids, external_memory=memory.select([0, 1]), **common),
+            model.generate(ids, external_memories=memory.select([0, 1]), **common),
+        )
+    with pytest.raises(ValueError, match="external_memory_rows"):
+        model.generate(ids, max_new_tokens=2, external_memories=memory, external_memory_rows=torch.tensor([3, 0]))
+    with pytest.raises(ValueError, match="external_memory_rows"):
+        model.generate(ids, max_new_tokens=2, external_memories=memory, external_memory_rows=torch.tensor([0]))
+    with pytest.raises(ValueError, match="external_memory_rows"):  # a row map without memories does nothing
+        model.generate(ids, max_new_tokens=2, external_memory_rows=torch.tensor([0, 1]))

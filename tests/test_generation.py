@@ -5,7 +5,7 @@ projected to keys/values once per call, not once per token."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from transformers import CompileConfig
+from transformers import CompileConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_rxt import RxTMemoryState
@@ -216,3 +216,42 @@ def test_generate_does_not_touch_the_memory_state(dense_model):
     before = state.stm.clone()
     dense_model.generate(random_ids(2, 4), memory_state=state, max_new_tokens=NEW_TOKENS, num_beams=2)
     assert torch.equal(state.stm, before)
+
+
+def test_generate_takes_generation_config_positionally_and_memory_by_keyword(dense_model):
+    """`generate(ids, generation_config)` is GenerationMixin's signature; the memory is keyword-only."""
+    input_ids, state = random_ids(1, 4), random_state(dense_model, 1)
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    positional = dense_model.generate(input_ids, config, memory_state=state)
+    keyword = dense_model.generate(input_ids, memory_state=state, generation_config=config)
+    assert positional.shape[1] == 4 + NEW_TOKENS
+    assert torch.equal(positional, keyword)
+    with pytest.raises(TypeError, match="memory_state=state"):
+        dense_model.generate(input_ids, state)
+
+
+def test_generate_without_a_length_uses_transformers_default(dense_model):
+    """Neither `max_new_tokens` nor `max_length` set anywhere: transformers' default, as for Llama (20 new tokens,
+    capped at `max_position_embeddings`)."""
+    dense_model.generation_config.max_new_tokens = dense_model.generation_config.max_length = None
+    limit = dense_model.config.max_position_embeddings
+    assert dense_model.generate(random_ids(1, 4), min_new_tokens=20).shape == (1, 4 + 20)
+    assert dense_model.generate(random_ids(1, limit - 10), min_new_tokens=10).shape == (1, limit)
+
+
+@pytest.mark.parametrize("assistant_kind", ["llama", "smaller-rxt"])
+def test_assisted_decoding_with_another_model_gives_the_greedy_answer(tiny_model, assistant_kind):
+    """The assistant gets the model inputs without this model's projected memory (which fits this model only), so
+    an assistant of another kind or shape works, and greedy assisted decoding gives the plain greedy answer."""
+    model = tiny_model("dense")
+    if assistant_kind == "llama":
+        assistant = LlamaForCausalLM(
+            LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=2)
+        ).eval()
+    else:
+        assistant = tiny_model("dense", seed=3, hidden_size=16, num_hidden_layers=1, memory_slots=4)
+    input_ids, state = random_ids(1, 5), random_state(model, 1)
+    options = dict(memory_state=state, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assisted = model.generate(input_ids, assistant_model=assistant, **options)
+    assert torch.equal(assisted, model.generate(input_ids, **options))

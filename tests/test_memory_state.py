@@ -98,20 +98,22 @@ def test_memory_write_gradients_reach_earlier_turns(dense_model):
 # ---- isolation between conversations ---------------------------------------------------------------------------------
 
 
-def right_padded_batch(pad: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Three conversations of different content and lengths (9, 5, 7), right-padded into one batch."""
+def padded_batch(pad: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Three conversations of different content and lengths (9, 5, 7), padded into one batch on `side`."""
     rows = [random_ids(1, 9, seed=21)[0], random_ids(1, 5, seed=22)[0], random_ids(1, 7, seed=23)[0]]
     input_ids = torch.full((3, 9), pad)
     attention_mask = torch.zeros(3, 9, dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, : len(row)], attention_mask[i, : len(row)] = row, 1
+        place = slice(0, len(row)) if side == "right" else slice(9 - len(row), 9)
+        input_ids[i, place], attention_mask[i, place] = row, 1
     return input_ids, attention_mask, rows
 
 
-def test_update_memory_rows_are_isolated(tiny_model, kind):
+@pytest.mark.parametrize("side", ["right", "left"])  # left: what a batched `generate` returns
+def test_update_memory_rows_are_isolated(tiny_model, kind, side):
     model = tiny_model(kind)
     state = random_state(model, 3)
-    input_ids, attention_mask, rows = right_padded_batch(model.config.pad_token_id)
+    input_ids, attention_mask, rows = padded_batch(model.config.pad_token_id, side)
     with torch.no_grad():
         together = model.update_memory(state, input_ids, attention_mask=attention_mask).stm
         for i, row in enumerate(rows):
@@ -124,7 +126,7 @@ def test_update_memory_rows_are_isolated(tiny_model, kind):
 def test_forward_rows_are_isolated(tiny_model, kind):
     model = tiny_model(kind)
     state = random_state(model, 3)
-    input_ids, attention_mask, rows = right_padded_batch(model.config.pad_token_id)
+    input_ids, attention_mask, rows = padded_batch(model.config.pad_token_id)
     with torch.no_grad():
         together = model(input_ids, attention_mask=attention_mask, memory_state=state).logits
         for i, row in enumerate(rows):
