@@ -315,6 +315,16 @@ def load_balancing_loss(
     return num_experts * (assignment_share * mean_prob).sum()
 
 
+def aux_loss_share(labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | float:
+    """The weight of a batch's load-balancing loss: 1, or under the Trainer's gradient accumulation (which divides
+    the cross-entropy by `num_items_in_batch`, the label tokens of the whole optimizer step, and sums the
+    micro-batches) this micro-batch's share of those tokens, so that a step carries the loss once, not once per
+    micro-batch. Counted as the Trainer counts them: over the shifted labels."""
+    if num_items_in_batch is None:
+        return 1.0
+    return (labels[..., 1:] != -100).sum() / num_items_in_batch
+
+
 @auto_docstring
 class RxTPreTrainedModel(PreTrainedModel):
     config: RxTConfig
@@ -617,7 +627,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
                 outputs.router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, attention_mask
             )
             if loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+                share = aux_loss_share(labels, kwargs.get("num_items_in_batch"))
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device) * share
         return MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, Trainer
+from transformers.trainer_utils import unwrap_peft_model
 
 from .data import ASK, CHAT, TELL, UPDATE, Episode, filter_episodes, recall_probes
 from .external_memory import bind_external_memory
@@ -560,48 +561,87 @@ def external_and_memory_aware_objective(
 # --- Trainer --------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _AccumulatedStep:
+    """The micro-batches of one optimizer step seen so far (more than one under gradient accumulation)."""
+
+    scale: torch.Tensor | None = None  # what their losses are divided by before backward: the first one's weight
+    weight: torch.Tensor | float = 0.0  # their weight, summed over micro-batches and processes
+    loss_sum: torch.Tensor | float = 0.0  # this process's loss sum, for the log
+
+
 class RxTTrainer(Trainer):
     """A `Trainer` whose loss is `objective(model, inputs) -> (loss_sum, weight_sum, metrics)`.
 
-    The loss is `loss_sum / (weight_sum over all processes) * world_size`: DDP (and our own all-reduce) average the
-    gradients, so this equals the single-process gradient of the same global batch. The metrics (stage losses, the
-    MoE load-balancing loss) are averaged over the logging window and logged beside `loss`. Use without gradient
-    accumulation: each micro-batch is normalised on its own."""
+    One optimizer step's gradient is that of `loss_sum / weight_sum`, both summed over the step's micro-batches and
+    processes: the same whatever the split into processes and gradient-accumulation steps. The weight of the whole
+    step is known only after its last micro-batch, so each micro-batch's backward divides by the first one's weight
+    and the gradients are rescaled once, after the last (before clipping). The metrics (stage losses, the MoE
+    load-balancing loss) of the training batches are averaged over the logging window and logged beside `loss`."""
 
-    loss_is_scaled_for_ga = False
+    loss_is_scaled_for_ga = True  # `training_step` normalises the whole step; the Trainer must not divide again
 
     def __init__(self, *args, objective: Objective, **kwargs) -> None:
         if not callable(objective):
             raise TypeError(f"`objective` must be callable, got {type(objective).__name__}")
         super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled and self.args.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "RxTTrainer normalises accumulated gradients itself, which DeepSpeed's engine does not let it do: "
+                "use `gradient_accumulation_steps=1` with DeepSpeed (a larger per-device batch or more processes)."
+            )
         self.objective = objective
+        self._step = _AccumulatedStep()
         self._metric_sums: dict[str, float] = {}
         self._metric_count = 0
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        rxt = self.accelerator.unwrap_model(model)
+        # PEFT's wrapper too: the objectives reach into the RxT model itself (`model.model.write_memory`, ...).
+        rxt = unwrap_peft_model(self.accelerator.unwrap_model(model))
         loss_sum, weight, metrics = self.objective(rxt, inputs)
-        weight = weight.detach().clone()
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        weight, world_size = weight.detach().clone(), _world_size()
         if world_size > 1:
             dist.all_reduce(weight)
-        loss = loss_sum / weight.clamp(min=1e-8) * world_size
+        if not model.training:  # evaluation: each batch on its own, and kept out of the training metrics
+            loss = loss_sum / weight.clamp(min=1e-8) * world_size
+            return (loss, metrics) if return_outputs else loss
+        step = self._step
+        if step.scale is None:
+            step.scale = weight.clamp(min=1)  # any positive number would do: the rescaling in training_step corrects it
+        step.weight = step.weight + weight
+        step.loss_sum = step.loss_sum + loss_sum.detach()
         for name, value in metrics.items():
             self._metric_sums[name] = self._metric_sums.get(name, 0.0) + float(value)
         self._metric_count += 1
+        # DDP (and `_average_gradients`) average over processes: `* world_size` makes that a sum.
+        loss = loss_sum / step.scale * world_size
         return (loss, metrics) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            _average_gradients(self.accelerator.unwrap_model(model))
-        return loss
+        loss = super().training_step(model, inputs, num_items_in_batch)  # forward and backward of one micro-batch
+        if not self.accelerator.sync_gradients:  # more micro-batches to come: the log gets the step's loss at the end
+            return loss.new_zeros(())
+        step, self._step = self._step, _AccumulatedStep()
+        rxt = self.accelerator.unwrap_model(model)
+        world_size = _world_size()
+        if world_size > 1:
+            _average_gradients(rxt)
+        weight = step.weight.clamp(min=1e-8)
+        if not torch.equal(step.scale, weight):  # gradients hold sum(d loss_sum) / scale; make it / weight
+            gradients = [p.grad for p in rxt.parameters() if p.grad is not None]
+            if gradients:
+                torch._foreach_mul_(gradients, (step.scale / weight).item())
+        return step.loss_sum / weight * world_size
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._metric_count and "loss" in logs:
             logs.update({name: total / self._metric_count for name, total in self._metric_sums.items()})
             self._metric_sums, self._metric_count = {}, 0
         super().log(logs, *args, **kwargs)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _average_gradients(model: torch.nn.Module) -> None:

@@ -245,7 +245,7 @@ _STAGE_FIELDS = {
     "weight_decay": _WEIGHT, "mlm_weight": _WEIGHT, "probe_weight": _WEIGHT, "memory_aware_weight": _WEIGHT,
     "min_lr_ratio": _FRACTION, "ask_ratio": _FRACTION, "extra_facts": _FRACTION, "first_weight": _FRACTION,
     "weight_decay_per_turn": _FRACTION, "min_weight": _FRACTION,
-    "mlm_probability": (partial(_is_number, high=1.0, above_low=True), "a number in (0, 1]"),
+    "mlm_probability": (lambda v: _is_number(v, above_low=True) and v < 1, "a number in (0, 1)"),
     "corpus": (lambda v: isinstance(v, bool), "true or false"),
     "kind_weights": (_is_kind_weights, f"a mapping from {sorted(_DEFAULT_KIND_WEIGHTS)} to numbers >= 0"),
     "memory_aware_kind_weights": (_is_kind_weights, f"a mapping from {sorted(_DEFAULT_KIND_WEIGHTS)} to numbers >= 0"),

@@ -441,3 +441,16 @@ def test_parameter_counts_of_a_moe_model(moe_model):
     assert counts["total"] == sum(p.numel() for p in moe_model.parameters())
     # Each token runs k of the E experts; the router and the shared expert always run.
     assert counts["active"] == counts["total"] - experts + config.num_hidden_layers * 2 * per_expert
+
+
+def test_accumulated_micro_batches_carry_the_aux_loss_once(moe_model):
+    """Under the Trainer's gradient accumulation the cross-entropy of each micro-batch is divided by the label tokens
+    of the whole step (`num_items_in_batch`) and the micro-batches' losses are summed: the load-balancing loss must
+    be weighted by each micro-batch's share of those tokens, or a step of two micro-batches carries it twice."""
+    input_ids, state = random_ids(2, 8), random_state(moe_model, 2)
+    whole = moe_model(input_ids, labels=input_ids, memory_state=state, num_items_in_batch=input_ids[:, 1:].numel())
+    half = moe_model(input_ids, labels=input_ids, memory_state=state, num_items_in_batch=2 * input_ids[:, 1:].numel())
+    # The same batch twice as two micro-batches: the same cross-entropy and balancing loss as the batch once.
+    torch.testing.assert_close(2 * half.loss, whole.loss)
+    lm_loss = F.cross_entropy(whole.logits[:, :-1].reshape(-1, 100), input_ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(whole.loss, lm_loss + moe_model.config.router_aux_loss_coef * whole.aux_loss)

@@ -349,6 +349,83 @@ def test_moe_load_balancing_loss_is_logged(tokenizer, episodes, tmp_path):
     assert all("aux_loss" in entry and entry["aux_loss"] >= 1.0 - 1e-4 for entry in log.losses)
 
 
+def _sgd_step_deltas(model, dataset, collator, objective, tmp_path, batch_size: int, accumulation: int, **extra):
+    """One optimizer step of plain SGD at learning rate 1 (no clipping, no decay): what each weight moved, which is
+    minus its gradient; and the logged losses."""
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, remove_unused_columns=False, report_to=[], disable_tqdm=True,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd",
+        learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, save_strategy="no",
+        logging_steps=1, seed=0, **extra,
+    )
+    trainer = RxTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, objective=objective)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return {name: before[name] - p.detach() for name, p in model.named_parameters()}, logged
+
+
+@pytest.mark.parametrize("stage", ["sft", "memory_aware"])
+def test_gradient_accumulation_gives_the_whole_batch_gradient(stage, tokenizer, tmp_path):
+    """Two micro-batches of 4 accumulated make the step that one batch of the same 8 rows makes: the loss is
+    normalised by the weight (label tokens) of the whole step, not micro-batch by micro-batch (their token counts
+    differ, so a mean of micro-batch means weighs the tokens differently)."""
+    dataset, collator, objective = stage_components(stage_recipe(stage), tokenizer, MAX_LENGTH, seed=0)
+    dataset = dataset.select(range(8))
+    whole, whole_log = _sgd_step_deltas(tiny_model(tokenizer), dataset, collator, objective, tmp_path / "a", 8, 1)
+    split, split_log = _sgd_step_deltas(tiny_model(tokenizer), dataset, collator, objective, tmp_path / "b", 4, 2)
+    for name, delta in whole.items():
+        # float32 sums over other batch shapes: ~1e-5 of the step; the per-micro-batch normalisation was 3-40%.
+        torch.testing.assert_close(split[name], delta, atol=1e-4 * float(delta.abs().max()) + 1e-7, rtol=0)
+    assert split_log[0]["loss"] == pytest.approx(whole_log[0]["loss"], rel=1e-5)
+
+
+def test_evaluation_batches_stay_out_of_the_training_metrics(tokenizer, tmp_path):
+    """The metrics logged beside `loss` (here `decoder_loss`, which equals it for a dense model in stage 2) average
+    the training batches only; evaluation batches used to be averaged into the next training log."""
+    dataset, collator, objective = stage_components(stage_recipe("sft"), tokenizer, MAX_LENGTH, seed=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, remove_unused_columns=False, report_to=[], disable_tqdm=True,
+        per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=4, learning_rate=1e-2,
+        logging_steps=2, eval_strategy="steps", eval_steps=2, save_strategy="no",
+    )
+    trainer = RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=dataset.select(range(12)),
+                         eval_dataset=dataset.select(range(12, 18)), data_collator=collator, objective=objective)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and any("eval_loss" in entry for entry in trainer.state.log_history)
+    for entry in logged:
+        assert entry["decoder_loss"] == pytest.approx(entry["loss"], rel=1e-4)
+
+
+def test_curriculum_trainer_trains_a_peft_model(tokenizer, tmp_path):
+    """`RxTTrainer` takes a `PeftModel` (the objectives reach through it to the RxT model): memory-aware training of
+    a LoRA adapter with its own initial memory changes the adapter and that memory, never the base."""
+    from peft import get_peft_model
+
+    from modeling_rxt.adapters import lora_config, rxt_model
+
+    dataset, collator, objective = stage_components(stage_recipe("memory_aware"), tokenizer, MAX_LENGTH, seed=0)
+    base = tiny_model(tokenizer)
+    frozen = {name: p.detach().clone() for name, p in base.named_parameters()}
+    peft_model = get_peft_model(base, lora_config("full", r=4, lora_dropout=0.0), adapter_name="persona")
+    initial_memory = peft_model.init_memory(1).stm.clone()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, remove_unused_columns=False, report_to=[], disable_tqdm=True,
+        per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, save_strategy="no",
+    )
+    RxTTrainer(model=peft_model, args=args, train_dataset=dataset.select(range(8)), data_collator=collator,
+               objective=objective).train()
+    assert not torch.equal(peft_model.init_memory(1).stm, initial_memory)
+    trained = {name: p for name, p in rxt_model(peft_model).named_parameters() if "lora_" in name}
+    assert trained and all(not torch.equal(p, torch.zeros_like(p)) for p in trained.values())
+    with peft_model.disable_adapter():
+        for name, p in rxt_model(peft_model).named_parameters():
+            plain = name.replace(".base_layer", "").replace(".original_module", "")
+            if plain in frozen:
+                assert torch.equal(p, frozen[plain]), name
+
+
 # --- Exact resumption -----------------------------------------------------------------------------------------------
 
 
@@ -446,6 +523,7 @@ def test_the_shipped_recipes_are_valid():
         ({"stages": ["joint"]}, "stage 0 must be a mapping"),
         ({"stages": [stage_recipe("sft"), {**stage_recipe("sft"), "turns": "x"}]}, r"stage 1 \(sft\): `turns`"),
         ({"stages": [{**stage_recipe("joint"), "mlm_probability": 7}]}, "mlm_probability"),
+        ({"stages": [{**stage_recipe("joint"), "mlm_probability": 1.0}]}, "mlm_probability"),  # the collator's bound
         ({"stages": [{**stage_recipe("sft"), "learning_rate": float("inf")}]}, "learning_rate"),
         ({"stages": [{**stage_recipe("memory_aware"), "kind_weights": {"asks": 1.0}}]}, "`kind_weights` must be"),
         ({"stages": [{"stage": "external_memory", "max_steps": 1, "batch_size": 1, "learning_rate": 1,
