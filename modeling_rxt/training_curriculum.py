@@ -297,7 +297,10 @@ def load_trained(path: str | Path) -> tuple[RxTForCausalLM, PreTrainedTokenizerB
     if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
         raise ValueError(f"recipe `init_from`: {str(path)!r} is not a saved RxT model folder with its tokenizer "
                          "(run the recipe that makes it first, e.g. `make demo` for runs/demo/model)")
-    model = RxTForCausalLM.from_pretrained(folder)
+    model, info = RxTForCausalLM.from_pretrained(folder, output_loading_info=True)
+    problems = {key: value for key, value in info.items() if value}  # missing, unexpected, mismatched keys, errors
+    if problems:  # transformers only warns, and would train on from freshly initialised weights
+        raise ValueError(f"recipe `init_from`: the weights in {str(path)!r} do not match its config: {problems}")
     return model.train(), AutoTokenizer.from_pretrained(folder)
 
 

@@ -543,6 +543,23 @@ def test_bad_recipes_raise_naming_the_field(change, message):
         check_recipe(recipe)
 
 
+def test_a_recipe_refuses_to_continue_a_model_with_missing_weights(tokenizer, tmp_path):
+    """A saved model that lacks a tensor loads with a warning and that tensor freshly initialised: `init_from`
+    refuses it before training, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    saved = tmp_path / "trained"
+    tiny_model(tokenizer).save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    weights = load_file(saved / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, saved / "model.safetensors", metadata={"format": "pt"})
+    recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=1)]}
+    with pytest.raises(ValueError, match="init_from.*model.layers.0.mlp.up_proj.weight"):
+        run_curriculum(recipe, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.safetensors"))
+
+
 def test_a_recipe_can_continue_a_trained_model(tokenizer, tmp_path):
     """`init_from` replaces "tokenizer" and "model": the stages continue the saved model with its own tokenizer."""
     saved = tmp_path / "trained"
