@@ -78,6 +78,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (shared out among --processes)")
     parser.add_argument("--processes", type=int, default=1,
                         help="training processes (gloo DDP through torchrun; each stage's batch is split among them)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with the training of an earlier run into --output that stopped part-way")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be at least 1")
@@ -140,9 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.processes} training process(es)")
     if args.processes > 1:  # trains and saves runs/.../model in the worker processes
         threads_per_process = max(1, args.threads // args.processes)
-        model, tokenizer, logs = run_curriculum_in_processes(recipe, output, args.processes, threads_per_process)
+        model, tokenizer, logs = run_curriculum_in_processes(
+            recipe, output, args.processes, threads_per_process, resume=args.resume
+        )
     else:
-        model, tokenizer, logs = run_curriculum(recipe, output, progress=True)
+        model, tokenizer, logs = run_curriculum(recipe, output, progress=True, resume=args.resume)
     train_s = time.perf_counter() - start
     model_dir = output / "model"
     model.save_pretrained(model_dir)

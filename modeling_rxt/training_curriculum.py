@@ -25,6 +25,10 @@ A recipe:
 A stage may appear more than once (e.g. memory-aware training on short episodes, then on long ones). Every stage
 has a linear warmup and a cosine decay of its learning rate (`warmup_steps`, `min_lr_ratio`). A stage's episodes
 follow `episodes`, `turns`, `ask_ratio`, `max_distance`, `max_chat_chars` and `extra_facts` (`data.make_episodes`).
+
+Every stage that ends saves the model in `stages/NN_<stage>/final` with its log, so a run that stopped part-way goes on
+with `resume=True` (`--resume`): finished stages are loaded, the stage that was running resumes from its latest
+`checkpoint-N` (written every `save_steps`) or starts over, and the result is that of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +50,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from .data import (
     ASK, CHAT, SPLITS, TELL, UPDATE, interactions_dataset, lm_texts, load_dialogue_corpus, make_episodes,
@@ -297,11 +303,17 @@ def load_trained(path: str | Path) -> tuple[RxTForCausalLM, PreTrainedTokenizerB
     if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
         raise ValueError(f"recipe `init_from`: {str(path)!r} is not a saved RxT model folder with its tokenizer "
                          "(run the recipe that makes it first, e.g. `make demo` for runs/demo/model)")
+    return load_complete_model(folder, "recipe `init_from`"), AutoTokenizer.from_pretrained(folder)
+
+
+def load_complete_model(folder: Path, what: str) -> RxTForCausalLM:
+    """The model saved in `folder`, in training mode; a `ValueError` naming `what` if its weights do not match its
+    config (transformers only warns, and training would go on from freshly initialised tensors)."""
     model, info = RxTForCausalLM.from_pretrained(folder, output_loading_info=True)
     problems = {key: value for key, value in info.items() if value}  # missing, unexpected, mismatched keys, errors
-    if problems:  # transformers only warns, and would train on from freshly initialised weights
-        raise ValueError(f"recipe `init_from`: the weights in {str(path)!r} do not match its config: {problems}")
-    return model.train(), AutoTokenizer.from_pretrained(folder)
+    if problems:
+        raise ValueError(f"{what}: the weights in {str(folder)!r} do not match its config: {problems}")
+    return model.train()
 
 
 def _episodes(stage: Mapping, seed: int):
@@ -465,11 +477,13 @@ def run_stage(
 
 
 def run_curriculum(
-    recipe: Mapping, output_dir: str | Path, *, progress: bool = True
+    recipe: Mapping, output_dir: str | Path, *, progress: bool = True, resume: bool = False
 ) -> tuple[RxTForCausalLM, PreTrainedTokenizerBase, list[StageLog]]:
     """Trains a tokenizer and a fresh model (or continues the model of `init_from`) through every stage of `recipe`;
     stage outputs go to `output_dir/stages/NN_<stage>`. Returns the model (in eval mode), the tokenizer and the stage
-    logs."""
+    logs. With `resume`, goes on from where an earlier run into the same `output_dir` stopped (module docstring)."""
+    if not isinstance(resume, bool):
+        raise TypeError(f"`resume` must be True or False, got {resume!r}")
     check_recipe(recipe)
     seed = recipe.get("seed", 0)
     max_length = recipe.get("max_length", 128)
@@ -481,13 +495,65 @@ def run_curriculum(
     else:
         tokenizer = build_tokenizer(recipe["tokenizer"], seed)
         model = build_model(recipe["model"], tokenizer, max_length)
+    start_or_resume(recipe, Path(output_dir), resume)
     logs = []
     for index, stage in enumerate(recipe["stages"]):
         stage_dir = Path(output_dir) / "stages" / f"{index:02d}_{stage['stage']}"
-        logs.append(run_stage(model, tokenizer, stage, stage_dir, seed=seed + index, max_length=max_length,
-                              progress=progress))
+        finished = stage_dir / FINISHED_STAGE
+        if resume and (finished / STAGE_LOG).is_file():
+            model = load_complete_model(finished, f"finished stage {stage_dir.name}")
+            logs.append(StageLog(**read_json_object(finished / STAGE_LOG, f"the log of stage {stage_dir.name}")))
+            continue
+        checkpoint = get_last_checkpoint(str(stage_dir)) if resume and stage_dir.is_dir() else None
+        log = run_stage(model, tokenizer, stage, stage_dir, seed=seed + index, max_length=max_length,
+                        progress=progress, resume_from_checkpoint=checkpoint)
+        save_finished_stage(model, log, finished)
+        logs.append(log)
     model.config.use_cache = True  # the Trainer turns it off in checkpoints
     return model.eval(), tokenizer, logs
+
+
+FINISHED_STAGE, STAGE_LOG, RUN_RECIPE = "final", "stage_log.json", "run_recipe.json"
+
+
+def start_or_resume(recipe: Mapping, output_dir: Path, resume: bool) -> None:
+    """A fresh run replaces the stages of an earlier one in `output_dir`; a resumed run must be of the same recipe,
+    or it would take another run's stages and checkpoints for its own. Under `torchrun`, rank 0 does the writing
+    (the other ranks read nothing there unless resuming, when nothing is deleted)."""
+    recorded = output_dir / RUN_RECIPE
+    as_json = json.loads(json.dumps(recipe))
+    if resume and recorded.is_file():
+        if read_json_object(recorded, "the recipe of the run to resume") != as_json:
+            raise ValueError(
+                f"`resume`: {str(output_dir)!r} holds a run of another recipe ({recorded}); resume it with that "
+                "recipe, or start a fresh run (without `resume`)."
+            )
+    elif _is_rank_zero():
+        if not resume:
+            shutil.rmtree(output_dir / "stages", ignore_errors=True)
+        write_json_atomic(as_json, recorded)
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process writes shared files: the only process, or rank 0 of `torchrun` (its `RANK` is set before
+    the process group exists)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def save_finished_stage(model: RxTForCausalLM, log: StageLog, folder: Path) -> None:
+    """The model after a stage and the stage's log, in `folder` (what `resume` starts the next stage from). Staged
+    in a sibling folder and renamed, so an interrupted save leaves no `folder` (the stage then runs again). Under
+    `torchrun`, rank 0 writes it."""
+    if not _is_rank_zero():
+        return
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    write_json_atomic(asdict(log), staging / STAGE_LOG)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
 
 
 def save_trained(model: RxTForCausalLM, tokenizer: PreTrainedTokenizerBase, logs: Sequence[StageLog], output_dir):
@@ -499,7 +565,7 @@ def save_trained(model: RxTForCausalLM, tokenizer: PreTrainedTokenizerBase, logs
 
 
 def run_curriculum_in_processes(
-    recipe: Mapping, output_dir: str | Path, processes: int, threads_per_process: int = 1
+    recipe: Mapping, output_dir: str | Path, processes: int, threads_per_process: int = 1, resume: bool = False
 ) -> tuple[RxTForCausalLM, PreTrainedTokenizerBase, list[StageLog]]:
     """`run_curriculum` in `processes` CPU processes (gloo DDP, launched by `torchrun`); each stage's `batch_size` is
     the global batch, split between them. On a small model every tensor op costs more in dispatch than in
@@ -507,24 +573,28 @@ def run_curriculum_in_processes(
 
     This process builds the tokenizer and the initial model exactly as `run_curriculum` would (so every process
     starts from the same weights and token ids), saves them in `output_dir/initial`, and runs the stages as a recipe
-    that continues from there; rank 0 saves the result (`save_trained`), which is loaded and returned."""
+    that continues from there; rank 0 saves the result (`save_trained`), which is loaded and returned. `resume` as in
+    `run_curriculum` (the initial model is then the one saved by the first run)."""
     check_recipe(recipe)
+    if not isinstance(resume, bool):
+        raise TypeError(f"`resume` must be True or False, got {resume!r}")
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         raise ValueError(f"`processes` must be a positive integer, got {processes!r}")
     check_batch_sizes(recipe["stages"], processes)
     output = Path(output_dir)
     stages = {key: value for key, value in recipe.items() if key not in ("tokenizer", "model")}
-    if "init_from" not in recipe:
+    if "init_from" not in recipe and not (resume and (output / "initial" / "config.json").is_file()):
         torch.manual_seed(recipe.get("seed", 0))
         tokenizer = build_tokenizer(recipe["tokenizer"], recipe.get("seed", 0))
         model = build_model(recipe["model"], tokenizer, recipe.get("max_length", 128))
         model.save_pretrained(output / "initial")
         tokenizer.save_pretrained(output / "initial")
+    if "init_from" not in recipe:
         stages["init_from"] = str(output / "initial")
     write_json_atomic(stages, output / "stages_recipe.json")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "modeling_rxt.training_curriculum", "--recipe", str(output / "stages_recipe.json"),
-               "--output", str(output), "--threads", str(threads_per_process)]
+               "--output", str(output), "--threads", str(threads_per_process)] + (["--resume"] if resume else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process), "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(command, env=env)
     if completed.returncode != 0:
@@ -544,6 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recipe", required=True, help="a recipe name in configuration/training or a JSON path")
     parser.add_argument("--output", required=True, help="where the stages, model and stage logs go")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch in each process")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with an earlier run into --output that stopped part-way")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be at least 1")
@@ -553,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--recipe: {error}")
     torch.set_num_threads(args.threads)
     rank = int(os.environ.get("RANK", "0"))
-    model, tokenizer, logs = run_curriculum(recipe, args.output, progress=rank == 0)
+    model, tokenizer, logs = run_curriculum(recipe, args.output, progress=rank == 0, resume=args.resume)
     if rank == 0:
         save_trained(model, tokenizer, logs, args.output)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

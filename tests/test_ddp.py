@@ -117,6 +117,13 @@ def test_the_curriculum_in_two_processes_matches_one_process(tmp_path, monkeypat
     # Rank 0 saved a loadable model with its tokenizer; the other process saved nothing elsewhere.
     assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "ddp" / "model" / "tokenizer.json").is_file()
+    # Resuming the finished run (`demo --processes 2 --resume`) loads its finished stage in every process: the
+    # same model, nothing trained again.
+    again, _, again_logs = run_curriculum_in_processes(RECIPE, tmp_path / "ddp", processes=2, resume=True)
+    assert [entry["loss"] for entry in again_logs[0].losses] == losses
+    assert again_logs[0].wall_s == logs[0].wall_s  # the stored log: a stage trained again would time itself anew
+    for name, weight in again.state_dict().items():
+        assert torch.equal(weight, model.state_dict()[name]), name
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_named(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.data import (
@@ -558,6 +558,71 @@ def test_a_recipe_refuses_to_continue_a_model_with_missing_weights(tokenizer, tm
     with pytest.raises(ValueError, match="init_from.*model.layers.0.mlp.up_proj.weight"):
         run_curriculum(recipe, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.safetensors"))
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAtStep(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupted(f"stopped at step {self.step}")
+
+
+def test_an_interrupted_curriculum_resumes_to_the_uninterrupted_result(tokenizer, tmp_path, monkeypatch):
+    """A run stopped in its second stage (after a checkpoint) goes on with `resume=True`: the finished first stage is
+    loaded, the second resumes from its checkpoint, and weights and logged losses are those of a run never stopped."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    saved = tmp_path / "initial"
+    tiny_model(tokenizer).save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [
+        stage_recipe("sft", max_steps=3, batch_size=2),
+        stage_recipe("memory_aware", max_steps=4, batch_size=2, save_steps=2),
+    ]}
+    straight, _, straight_logs = run_curriculum(recipe, tmp_path / "straight", progress=False)
+
+    plain_run_stage = curriculum.run_stage
+    def interrupted_second_stage(model, tokenizer, stage, output_dir, **kwargs):
+        callbacks = [InterruptAtStep(3)] if stage["stage"] == "memory_aware" else None
+        return plain_run_stage(model, tokenizer, stage, output_dir, callbacks=callbacks, **kwargs)
+
+    monkeypatch.setattr(curriculum, "run_stage", interrupted_second_stage)
+    with pytest.raises(Interrupted):
+        run_curriculum(recipe, tmp_path / "stopped", progress=False)
+    monkeypatch.setattr(curriculum, "run_stage", plain_run_stage)
+    stages = tmp_path / "stopped" / "stages"
+    assert (stages / "00_sft" / "final").is_dir() and not (stages / "01_memory_aware" / "final").exists()
+    assert (stages / "01_memory_aware" / "checkpoint-2").is_dir()
+
+    steps_run = []
+    class CountSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps_run.append(state.global_step)
+
+    def counted(model, tokenizer, stage, output_dir, **kwargs):
+        return plain_run_stage(model, tokenizer, stage, output_dir, callbacks=[CountSteps()], **kwargs)
+
+    monkeypatch.setattr(curriculum, "run_stage", counted)
+    resumed, _, resumed_logs = run_curriculum(recipe, tmp_path / "stopped", progress=False, resume=True)
+    monkeypatch.setattr(curriculum, "run_stage", plain_run_stage)
+    assert steps_run == [3, 4]  # the first stage was loaded, the second went on from its checkpoint
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    for straight_log, resumed_log in zip(straight_logs, resumed_logs, strict=True):
+        assert [e["loss"] for e in resumed_log.losses] == [e["loss"] for e in straight_log.losses]
+        assert resumed_log.steps == straight_log.steps
+
+    other = {**recipe, "stages": recipe["stages"][:1]}
+    with pytest.raises(ValueError, match="another recipe"):
+        run_curriculum(other, tmp_path / "stopped", progress=False, resume=True)
+    run_curriculum(other, tmp_path / "stopped", progress=False)  # a fresh run replaces the earlier stages
+    assert sorted(path.name for path in stages.iterdir()) == ["00_sft"]
 
 
 def test_a_recipe_can_continue_a_trained_model(tokenizer, tmp_path):
