@@ -54,6 +54,19 @@ def swiglu(mlp, x):
     return (F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
 
 
+def mixture_of_experts(block, x, config):
+    """Top-k routing with the k largest softmax probabilities renormalised, each expert a SwiGLU over the fused
+    weights (gate rows first), plus the always-on shared expert. Every expert runs on every token here."""
+    probs = (x @ block.gate.weight.T).softmax(-1)  # (B, T, E)
+    top = probs.topk(config.num_experts_per_tok, dim=-1)
+    weights = torch.zeros_like(probs).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+    out = 0
+    for expert in range(config.num_local_experts):
+        gate, up = (x @ block.experts.gate_up_proj[expert].T).chunk(2, dim=-1)
+        out = out + weights[..., expert : expert + 1] * ((F.silu(gate) * up) @ block.experts.down_proj[expert].T)
+    return out + swiglu(block.shared_expert, x) if block.shared_expert is not None else out
+
+
 def decoder_logits(model, input_ids, stm):
     """x = x + SelfAttn(norm(x)) (causal, RoPE on q and k); x = x + MemoryCrossAttn(norm(x), STM_l) (RoPE on the
     queries only, keys/values from the normalised slots, no mask); x = x + FFN(norm(x)); logits = head(norm(x))."""
@@ -66,7 +79,8 @@ def decoder_logits(model, input_ids, stm):
         read = layer.memory_cross_attn
         x = x + attention(read, rms_norm(x, layer.memory_layernorm), rms_norm(slots, read.memory_norm), config,
                           query_positions=positions)
-        x = x + swiglu(layer.mlp, rms_norm(x, layer.post_attention_layernorm))
+        normed = rms_norm(x, layer.post_attention_layernorm)
+        x = x + (mixture_of_experts(layer.mlp, normed, config) if config.is_moe else swiglu(layer.mlp, normed))
     return rms_norm(x, decoder.norm) @ model.lm_head.weight.T
 
 
@@ -109,9 +123,9 @@ def written_memory(model, stm, input_ids):
     return torch.stack(new)
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_decoder_reading_the_memory_follows_the_design(attn_implementation):
-    model = make_tiny_model("dense", attn_implementation=attn_implementation)
+@pytest.mark.parametrize(("kind", "attn_implementation"), [("dense", "sdpa"), ("dense", "eager"), ("moe", "sdpa")])
+def test_decoder_reading_the_memory_follows_the_design(kind, attn_implementation):
+    model = make_tiny_model(kind, attn_implementation=attn_implementation)
     input_ids, state = random_ids(2, 7), random_state(model, 2)
     with torch.no_grad():
         expected = decoder_logits(model, input_ids, state.stm)
