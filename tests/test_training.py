@@ -288,6 +288,108 @@ def test_joint_collator_masks_only_ordinary_tokens(tokenizer):
     assert (batch["labels"] == batch["input_ids"]).all()  # the joint stage's decoder predicts every token
 
 
+# --- Objectives and collators against their definitions ------------------------------------------------------------
+
+
+def test_full_labels_are_the_real_tokens_and_padding_is_ignored(tokenizer):
+    dataset = tokenize_interactions(tokenizer, [("hi", "hello there , how are you ?"), ("a long question here ?", "ok")],
+                                    64)
+    batch = InteractionCollator(tokenizer.pad_token_id, full_labels=True)([dataset[0], dataset[1]])
+    real = batch["attention_mask"] == 1
+    assert not real.all()  # rows of unequal length: there is padding to ignore
+    assert torch.equal(batch["labels"], batch["input_ids"].masked_fill(~real, IGNORE_INDEX))
+
+
+def test_turn_weights_are_the_kind_weights_and_zero_for_other_kinds(tokenizer, episodes):
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    features = [dataset[i] for i in range(4)]
+    batch = EpisodeCollator(tokenizer.pad_token_id, {ASK: 1.0, CHAT: 0.25})(features)
+    for row, feature in enumerate(features):
+        expected = [{ASK: 1.0, CHAT: 0.25}.get(kind, 0.0) for kind in feature["kinds"]]
+        assert batch["turn_weights"][row, : len(expected)].tolist() == expected
+        assert (batch["turn_weights"][row, len(expected) :] == 0).all()  # empty turns
+    assert {kind for f in features for kind in f["kinds"]} - {ASK, CHAT}  # other kinds were there to be weighed 0
+
+
+def test_decoder_loss_weighs_rows(tokenizer):
+    model = tiny_model(tokenizer)
+    batch = InteractionCollator(tokenizer.pad_token_id)(
+        [tokenize_interactions(tokenizer, [("my cat is bimo .", "noted .")] * 2, 64)[i] for i in range(2)]
+    )
+    stm = model.model.initial_memory(2)
+    args = (model, batch["input_ids"], batch["attention_mask"], batch["labels"], stm)
+    with torch.no_grad():
+        plain_sum, plain_weight, _ = decoder_loss(*args)
+        weighted_sum, weighted_weight, _ = decoder_loss(*args, row_weights=torch.tensor([2.0, 0.0]))
+    # Both rows are the same interaction: row 0 twice and row 1 not at all is the plain sum and count.
+    torch.testing.assert_close(weighted_sum, plain_sum)
+    torch.testing.assert_close(weighted_weight, plain_weight)
+    with torch.no_grad():
+        only_first, first_weight, _ = decoder_loss(*args, row_weights=torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(only_first, plain_sum / 2)
+    torch.testing.assert_close(first_weight, plain_weight / 2)
+
+
+def test_interaction_objective_is_the_causal_lm_loss_with_the_balancing_loss(tokenizer):
+    """Stage 2 on a MoE model is what `model(..., labels=...)` computes: the mean answer cross-entropy reading the
+    initial memory plus `router_aux_loss_coef` x the load-balancing loss."""
+    model = tiny_model(tokenizer, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5)
+    dataset = tokenize_interactions(tokenizer, [("my cat is bimo .", "noted ."), ("where is the cat ?", "bimo")], 64)
+    batch = InteractionCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    with torch.no_grad():
+        loss_sum, weight, metrics = interaction_objective(model, batch)
+        expected = model(**batch).loss
+    assert metrics["aux_loss"] > 0.9
+    torch.testing.assert_close(loss_sum / weight, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_joint_objective_is_the_decoder_loss_on_a_memory_of_the_masked_input_plus_the_mlm_loss(tokenizer):
+    """Stage 1: the memory is written from the MASKED interaction (from the plain one the decoder could copy the
+    answer out of it), the decoder's mean cross-entropy reads it, and `mlm_weight` x the encoder's mean masked-LM
+    cross-entropy is added."""
+    from modeling_rxt import RxTMemoryState
+    from modeling_rxt.training import joint_objective
+
+    model = tiny_model(tokenizer)
+    dataset = tokenize_interactions(tokenizer, [("my cat is called bimo .", "noted : bimo ."), ("hi", "hello")], 64)
+    special = tuple(tokenizer.convert_tokens_to_ids(t) for t in ("[BOS]", "[EOS]", "[Q]", "[A]"))
+    collator = InteractionCollator(tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("[MASK]"), 0.4, True,
+                                   special)
+    batch = collator([dataset[0], dataset[1]])
+    with torch.no_grad():
+        loss_sum, weight, _ = joint_objective(model, batch, mlm_weight=0.7)
+        stm = model.model.write_memory(model.model.initial_memory(2), batch["mlm_input_ids"], batch["attention_mask"])
+        decoder_mean = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                             memory_state=RxTMemoryState(stm), labels=batch["labels"]).loss
+        selected = batch["mlm_labels"] != IGNORE_INDEX
+        mlm_logits = model.encoder_mlm_logits(batch["mlm_input_ids"], batch["attention_mask"])[selected]
+        mlm_mean = torch.nn.functional.cross_entropy(mlm_logits, batch["mlm_labels"][selected])
+    assert selected.any()
+    torch.testing.assert_close(loss_sum / weight, decoder_mean + 0.7 * mlm_mean, atol=1e-5, rtol=1e-5)
+
+
+def test_memory_attention_objective_pulls_the_write_towards_its_pseudo_target(tokenizer, episodes):
+    """Stage 3 on one turn: the mean over layers, rows and slots of 1 - cos(write(STM_0), w * mean_t(ED) +
+    (1 - w) * STM_0), w = `first_weight`."""
+    from modeling_rxt.training import memory_attention_objective
+
+    model = tiny_model(tokenizer, memory_attention_type="simple")
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    batch = EpisodeCollator(tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    length = int(batch["attention_mask"][:, 0].sum(-1).max())
+    ids, mask = batch["input_ids"][:, 0, :length], batch["attention_mask"][:, 0, :length]
+    one_turn = {name: batch[name][:, :1] for name in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        loss_sum, count, _ = memory_attention_objective(model, one_turn, first_weight=0.7)
+        stm = model.model.initial_memory(3)
+        encoded, _, _ = model.model.encode_interaction(ids, mask)
+        tokens = mask[None, :, :, None].float()
+        pooled = (torch.stack(encoded) * tokens).sum(2) / tokens.sum(2)  # (L, B, D)
+        target = 0.7 * pooled[:, :, None] + 0.3 * stm
+        cosine = torch.nn.functional.cosine_similarity(model.model.write_memory(stm, ids, mask), target, dim=-1)
+    torch.testing.assert_close(loss_sum / count, (1 - cosine).mean(), atol=1e-6, rtol=1e-5)
+
+
 # --- Every stage learns ---------------------------------------------------------------------------------------------
 
 
