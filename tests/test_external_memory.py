@@ -7,6 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.external_memory import (
@@ -473,3 +474,33 @@ def test_generate_reads_the_given_row_map(model, memory_ids):
         model.generate(ids, max_new_tokens=2, external_memories=memory, external_memory_rows=torch.tensor([0]))
     with pytest.raises(ValueError, match="external_memory_rows"):  # a row map without memories does nothing
         model.generate(ids, max_new_tokens=2, external_memory_rows=torch.tensor([0, 1]))
+
+
+def test_blockwise_top_k_equals_one_top_k_over_all_keys(monkeypatch):
+    """The scores run in blocks of `SCORE_BLOCK` keys, each block's best merged with the best so far: the indices and
+    similarities are those of one top-k over every key (with padding masked)."""
+    import modeling_rxt.external_memory as external_memory
+
+    generator = torch.Generator().manual_seed(0)
+    query, keys = torch.randn(2, 2, 5, 8, generator=generator), torch.randn(2, 2, 23, 8, generator=generator)
+    mask = torch.ones(2, 23, dtype=torch.bool)
+    mask[1, 17:] = False
+    scales = keys.norm(dim=-1).reciprocal()
+    sims = F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).transpose(-1, -2)
+    expected = sims.masked_fill(~mask[:, None, None], float("-inf")).topk(6, dim=-1)
+    monkeypatch.setattr(external_memory, "SCORE_BLOCK", 4)
+    index, best, valid = retrieve_top_k(query, keys, scales, mask, 6)
+    assert torch.equal(index, expected.indices) and valid.all()
+    torch.testing.assert_close(best, expected.values)
+
+
+def test_interleaved_row_map_reads_the_right_rows(model, memory_ids):
+    """Rows 0..3 reading memory rows [0, 1, 0, 1] (not n copies of each row in turn, which reads without a copy):
+    each row reads what it reads alone."""
+    memory = model.build_external_memory(memory_ids)
+    ids = prompt(batch=4)
+    rows = torch.tensor([0, 1, 0, 1])
+    together = model(ids, external_memory=memory, external_memory_rows=rows).logits
+    for row in range(4):
+        alone = model(ids[row : row + 1], external_memory=memory.select([int(rows[row])])).logits
+        torch.testing.assert_close(together[row : row + 1], alone, rtol=1e-5, atol=1e-5)
