@@ -720,6 +720,9 @@ def test_an_interrupted_curriculum_resumes_to_the_uninterrupted_result(tokenizer
         assert [e["loss"] for e in resumed_log.losses] == [e["loss"] for e in straight_log.losses]
         assert resumed_log.steps == straight_log.steps
 
+    with pytest.raises(TypeError, match="`resume` must be True or False"):
+        run_curriculum(recipe, tmp_path / "untouched", progress=False, resume="yes")
+    assert not (tmp_path / "untouched").exists()
     other = {**recipe, "stages": recipe["stages"][:1]}
     with pytest.raises(ValueError, match="another recipe"):
         run_curriculum(other, tmp_path / "stopped", progress=False, resume=True)
