@@ -547,7 +547,9 @@ def external_and_memory_aware_objective(
     """Stage 5 with stage 4 mixed in: the external-memory loss of the batch's asks plus `memory_aware_weight` x the
     memory-aware loss of the same episodes. Trained alone, retrieval took over the decoder and the short-term recall
     one turn back fell from 47% to 0-7% (README, External memory); both losses keep both memories working. Each
-    loss is its own per-token mean; the sum is expressed in the external part's weight so `RxTTrainer` can normalise."""
+    loss is its own per-token mean; the sum is expressed in the external part's weight so `RxTTrainer` can normalise.
+    The mix is taken per micro-batch: with gradient accumulation or several processes, the memory-aware part is a
+    mean of the micro-batches' means, not one mean over the whole step (the external part stays exact)."""
     external_sum, external_weight, external_metrics = external_memory_objective(model, inputs["external"])
     aware_sum, aware_weight, aware_metrics = memory_aware_objective(model, inputs["episodes"])
     scale = memory_aware_weight * external_weight.detach() / aware_weight.detach().clamp(min=1e-8)
@@ -576,7 +578,8 @@ class RxTTrainer(Trainer):
     One optimizer step's gradient is that of `loss_sum / weight_sum`, both summed over the step's micro-batches and
     processes: the same whatever the split into processes and gradient-accumulation steps. The weight of the whole
     step is known only after its last micro-batch, so each micro-batch's backward divides by the first one's weight
-    and the gradients are rescaled once, after the last (before clipping). The metrics (stage losses, the MoE
+    and the gradients are rescaled once, after the last (before clipping). One objective is exact only without a
+    split: `external_and_memory_aware_objective` mixes its two per-token means within each micro-batch (see there). The metrics (stage losses, the MoE
     load-balancing loss) of the training batches are averaged over the logging window and logged beside `loss`."""
 
     loss_is_scaled_for_ga = True  # `training_step` normalises the whole step; the Trainer must not divide again

@@ -50,7 +50,6 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from .data import (
     ASK, CHAT, SPLITS, TELL, UPDATE, interactions_dataset, lm_texts, load_dialogue_corpus, make_episodes,
@@ -504,7 +503,7 @@ def run_curriculum(
             model = load_complete_model(finished, f"finished stage {stage_dir.name}")
             logs.append(StageLog(**read_json_object(finished / STAGE_LOG, f"the log of stage {stage_dir.name}")))
             continue
-        checkpoint = get_last_checkpoint(str(stage_dir)) if resume and stage_dir.is_dir() else None
+        checkpoint = last_complete_checkpoint(stage_dir) if resume else None
         log = run_stage(model, tokenizer, stage, stage_dir, seed=seed + index, max_length=max_length,
                         progress=progress, resume_from_checkpoint=checkpoint)
         save_finished_stage(model, log, finished)
@@ -517,21 +516,46 @@ FINISHED_STAGE, STAGE_LOG, RUN_RECIPE = "final", "stage_log.json", "run_recipe.j
 
 
 def start_or_resume(recipe: Mapping, output_dir: Path, resume: bool) -> None:
-    """A fresh run replaces the stages of an earlier one in `output_dir`; a resumed run must be of the same recipe,
-    or it would take another run's stages and checkpoints for its own. Under `torchrun`, rank 0 does the writing
-    (the other ranks read nothing there unless resuming, when nothing is deleted)."""
+    """A fresh run replaces the stages of an earlier one in `output_dir` and records its recipe; a resumed run must
+    be of the recorded recipe (`check_same_run`). Under `torchrun`, rank 0 does the writing (the other ranks read
+    nothing there unless resuming, when nothing is deleted)."""
+    if resume:
+        check_same_run(recipe, output_dir)
+    if not _is_rank_zero() or (resume and (output_dir / RUN_RECIPE).is_file()):
+        return
+    if not resume:
+        shutil.rmtree(output_dir / "stages", ignore_errors=True)
+    write_json_atomic(json.loads(json.dumps(recipe)), output_dir / RUN_RECIPE)
+
+
+def check_same_run(recipe: Mapping, output_dir: Path) -> None:
+    """A `ValueError` unless `output_dir` holds nothing yet or a run of `recipe`: resuming another run would take its
+    stages and checkpoints (and their learning-rate schedules) for this one's."""
     recorded = output_dir / RUN_RECIPE
-    as_json = json.loads(json.dumps(recipe))
-    if resume and recorded.is_file():
-        if read_json_object(recorded, "the recipe of the run to resume") != as_json:
+    if not recorded.is_file():
+        if (output_dir / "stages").is_dir():
             raise ValueError(
-                f"`resume`: {str(output_dir)!r} holds a run of another recipe ({recorded}); resume it with that "
-                "recipe, or start a fresh run (without `resume`)."
+                f"`resume`: {str(output_dir)!r} holds stages of a run that recorded no recipe (made before `resume` "
+                "existed, or stopped before it started): start a fresh run (without `resume`)."
             )
-    elif _is_rank_zero():
-        if not resume:
-            shutil.rmtree(output_dir / "stages", ignore_errors=True)
-        write_json_atomic(as_json, recorded)
+        return
+    if read_json_object(recorded, "the recipe of the run to resume") != json.loads(json.dumps(recipe)):
+        raise ValueError(
+            f"`resume`: {str(output_dir)!r} holds a run of another recipe ({recorded}); resume it with that "
+            "recipe, or start a fresh run (without `resume`)."
+        )
+
+
+def last_complete_checkpoint(stage_dir: Path) -> str | None:
+    """The newest `checkpoint-N` of a stage that the Trainer finished writing (its `trainer_state.json`, written
+    last, is there): a run killed while saving leaves a newer, incomplete one."""
+    if not stage_dir.is_dir():
+        return None
+    steps = sorted(
+        (int(path.name.split("-")[1]), path) for path in stage_dir.glob("checkpoint-*") if path.name[11:].isdigit()
+    )
+    complete = [path for _, path in steps if (path / "trainer_state.json").is_file()]
+    return str(complete[-1]) if complete else None
 
 
 def _is_rank_zero() -> bool:
@@ -583,14 +607,24 @@ def run_curriculum_in_processes(
     check_batch_sizes(recipe["stages"], processes)
     output = Path(output_dir)
     stages = {key: value for key, value in recipe.items() if key not in ("tokenizer", "model")}
-    if "init_from" not in recipe and not (resume and (output / "initial" / "config.json").is_file()):
+    built = {"tokenizer": recipe.get("tokenizer"), "model": recipe.get("model")}  # what `initial/` is built from
+    built_from = output / "initial" / "built_from.json"  # written last: `initial/` is complete
+    if "init_from" not in recipe:
+        stages["init_from"] = str(output / "initial")
+    if resume:  # checked here, before `initial/` is reused, with a clear error in this process
+        check_same_run(stages, output)
+        if built_from.is_file() and read_json_object(built_from, str(built_from)) != json.loads(json.dumps(built)):
+            raise ValueError(
+                f"`resume`: {str(output)!r} holds a run of another recipe (its `tokenizer` / `model` differ, "
+                f"{built_from}); resume it with that recipe, or start a fresh run (without `resume`)."
+            )
+    if "init_from" not in recipe and not (resume and built_from.is_file()):
         torch.manual_seed(recipe.get("seed", 0))
         tokenizer = build_tokenizer(recipe["tokenizer"], recipe.get("seed", 0))
         model = build_model(recipe["model"], tokenizer, recipe.get("max_length", 128))
         model.save_pretrained(output / "initial")
         tokenizer.save_pretrained(output / "initial")
-    if "init_from" not in recipe:
-        stages["init_from"] = str(output / "initial")
+        write_json_atomic(built, built_from)
     write_json_atomic(stages, output / "stages_recipe.json")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "modeling_rxt.training_curriculum", "--recipe", str(output / "stages_recipe.json"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -701,6 +702,9 @@ def test_an_interrupted_curriculum_resumes_to_the_uninterrupted_result(tokenizer
     stages = tmp_path / "stopped" / "stages"
     assert (stages / "00_sft" / "final").is_dir() and not (stages / "01_memory_aware" / "final").exists()
     assert (stages / "01_memory_aware" / "checkpoint-2").is_dir()
+    # A newer checkpoint the Trainer did not finish writing (killed while saving: no trainer_state.json yet).
+    (stages / "01_memory_aware" / "checkpoint-3").mkdir()
+    shutil.copy(stages / "01_memory_aware" / "checkpoint-2" / "config.json", stages / "01_memory_aware" / "checkpoint-3")
 
     steps_run = []
     class CountSteps(TrainerCallback):
@@ -713,7 +717,7 @@ def test_an_interrupted_curriculum_resumes_to_the_uninterrupted_result(tokenizer
     monkeypatch.setattr(curriculum, "run_stage", counted)
     resumed, _, resumed_logs = run_curriculum(recipe, tmp_path / "stopped", progress=False, resume=True)
     monkeypatch.setattr(curriculum, "run_stage", plain_run_stage)
-    assert steps_run == [3, 4]  # the first stage was loaded, the second went on from its checkpoint
+    assert steps_run == [3, 4]  # the first stage was loaded, the second went on from its last complete checkpoint
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     for straight_log, resumed_log in zip(straight_logs, resumed_logs, strict=True):
@@ -728,6 +732,9 @@ def test_an_interrupted_curriculum_resumes_to_the_uninterrupted_result(tokenizer
         run_curriculum(other, tmp_path / "stopped", progress=False, resume=True)
     run_curriculum(other, tmp_path / "stopped", progress=False)  # a fresh run replaces the earlier stages
     assert sorted(path.name for path in stages.iterdir()) == ["00_sft"]
+    (tmp_path / "stopped" / "run_recipe.json").unlink()  # stages of a run that recorded no recipe
+    with pytest.raises(ValueError, match="recorded no recipe"):
+        run_curriculum(other, tmp_path / "stopped", progress=False, resume=True)
 
 
 def test_a_recipe_can_continue_a_trained_model(tokenizer, tmp_path):
