@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -815,6 +816,59 @@ def test_recall_scores_a_known_case(tokenizer, tmp_path):
     assert result["questions_by_facts_held"] == {1: 3}
     assert [e["answer"] for e in result["examples"]] == ["zub", "zub", "zub"]
     assert result["chance"] == pytest.approx(0.01)  # 100 held-out values per slot in the test split
+
+
+def test_recall_bookkeeping_reads_each_conversations_own_memory_and_writes_the_models_answer(tokenizer, monkeypatch):
+    """The evaluation's bookkeeping, with a stand-in memory that holds the text written into it and a stand-in model
+    that answers from that text alone: each question reads its own conversation's memory (rows of a batch where not
+    every episode asks), the reset answer reads a fresh memory and is counted as such, and what is written after a
+    question is the model's own answer, not the episode's scripted one."""
+    import modeling_rxt.evaluation as evaluation
+    from modeling_rxt import RxTMemoryState
+
+    model = tiny_model(tokenizer)
+    written: dict[float, str] = {}  # memory id -> the text written into that memory so far
+
+    def remembered(state: RxTMemoryState, row: int) -> str:
+        return written.get(float(state.stm[0, row, 0, 0]), "")
+
+    def update_memory(state, input_ids, attention_mask=None):
+        stm = state.stm.clone()
+        for row in range(input_ids.shape[0]):
+            ids = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row].bool()]
+            key = float(1000 + len(written))
+            written[key] = remembered(state, row) + " | " + tokenizer.decode(ids, skip_special_tokens=True)
+            stm[0, row, 0, 0] = key
+        return RxTMemoryState(stm)
+
+    def answer_questions(model, tokenizer, queries, memory_state, max_new_tokens=16):
+        answers = []
+        for row, query in enumerate(queries):
+            slot = query.split()[3]  # "what is my <slot> called ?"
+            told = [part for part in remembered(memory_state, row).split(" | ") if f"my {slot} is called" in part]
+            value = told[-1].split()[-2] if told else "none"
+            answers.append(tokenizer(f"{value} .", add_special_tokens=False)["input_ids"]
+                           + [tokenizer.convert_tokens_to_ids("[EOS]")])
+        return answers
+
+    monkeypatch.setattr(model, "update_memory", update_memory)
+    monkeypatch.setattr(evaluation, "answer_questions", answer_questions)
+    cat = _episode("cat", [
+        Turn("my cat is called zub .", "noted : your cat is called zub .", TELL, "cat", "zub"),
+        Turn("hello", "hi", CHAT),
+        Turn("what is my cat called ?", "scripted .", ASK, "cat", expected="zub", fact_distance=2),
+    ], "test")
+    dog = _episode("dog", [
+        Turn("my dog is called bimo .", "noted : your dog is called bimo .", TELL, "dog", "bimo"),
+        Turn("what is my dog called ?", "scripted .", ASK, "dog", expected="bimo", fact_distance=1),
+        Turn("hello", "hi", CHAT),
+    ], "test")
+    result = evaluate_recall(model, tokenizer, [cat, dog], batch_size=2)
+    assert result["recall_by_distance"] == {1: 1.0, 2: 1.0}  # each read its own conversation
+    assert result["recall_memory_reset"] == {1: 0.0, 2: 0.0}  # a fresh memory holds nothing
+    final = [text for text in written.values() if text.count(" | ") == 3]
+    assert len(final) == 2 and all("scripted" not in text for text in final)
+    assert any(re.search(r"what is my dog called \?\s*bimo \.", text) for text in final)  # the model's answer
 
 
 def test_memory_overlap_measures_where_two_facts_are_written(tokenizer, monkeypatch):
