@@ -128,6 +128,7 @@ def test_saved_mid_conversation_continues_identically(model, tokenizer, tmp_path
     session.save(tmp_path / "chat")
     resumed = RxTChatSession.load(tmp_path / "chat", model, tokenizer)
     assert resumed.messages == session.messages
+    assert resumed.timings == session.timings and len(resumed.timings) > 0
     assert torch.equal(resumed.memory_state.stm, session.memory_state.stm)
     for query in TEXTS[1:3]:
         assert resumed.send(query, **GREEDY) == session.send(query, **GREEDY)

@@ -255,6 +255,7 @@ def test_train_chance_follows_the_train_pool_size(episodes):
 def test_exact_match_accepts_only_the_value():
     assert exact_match(" bimo . ", "bimo") and exact_match("bimo", "bimo")
     assert not exact_match("bimo kahul .", "bimo")
+    assert not exact_match("bimo..", "bimo")  # one closing full stop, not any number
 
 
 def test_generated_episodes_pass_validation(episodes, tokenizer):
@@ -288,6 +289,14 @@ def test_inconsistent_ask_raises(episodes):
     position = next(i for i, turn in enumerate(episodes[0].turns) if turn.kind == ASK)
     broken = _corrupted(episodes[0], position, expected="nobody")
     with pytest.raises(ValueError, match=rf"turn {position} \(ask\): expects 'nobody'"):
+        validate_episode(broken)
+
+
+def test_ask_at_the_wrong_distance_raises(episodes):
+    position = next(i for i, turn in enumerate(episodes[0].turns) if turn.kind == ASK)
+    turn = episodes[0].turns[position]
+    broken = _corrupted(episodes[0], position, fact_distance=turn.fact_distance + 1)
+    with pytest.raises(ValueError, match=rf"turn {position} \(ask\): .* at distance {turn.fact_distance + 1}"):
         validate_episode(broken)
 
 

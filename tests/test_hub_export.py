@@ -326,6 +326,8 @@ def test_push_to_mock_hub_then_load_and_pipeline_from_it(exported, source_model,
         assert done.returncode == 0, done.stderr[-3000:]
         assert hub.unknown_requests == []
         downloads = [path for method, path, status in hub.requests if method == "GET" and "/resolve/" in path]
+        push_folder(exported.dest, "user/private-rxt", private=True, endpoint=hub.endpoint, token=hub.token)
+        assert hub.repos["user/private-rxt"].private and not hub.repos[REPO_ID].private
     assert any(path.endswith("/modeling_rxt.py") for path in downloads)
     piped = json.loads(done.stdout.strip().splitlines()[-1])
     assert piped["pipeline_model"].startswith("transformers_modules.")  # the Hub's code, not the project's
@@ -335,6 +337,13 @@ def test_push_to_mock_hub_then_load_and_pipeline_from_it(exported, source_model,
     ours = fresh_process.model_outputs(source_model, *fresh_process.tokenize(tokenizer, JOB), 4)
     for name in ("input_ids", "logits_initial", "logits_memory", "generated"):
         assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_the_latest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
+    for step in (9, 10, 2):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "config.json").write_text("{}")
+    assert export_module.find_model_folder(tmp_path) == tmp_path / "checkpoint-10"
 
 
 def test_push_through_the_default_xet_pipeline_and_again_as_a_no_op(exported):

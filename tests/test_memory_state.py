@@ -2,6 +2,7 @@
 writes a NEW state from the interaction (differentiably), no call mutates a state, batch rows never leak into each
 other, and the state object itself (select, clone, to, reset, concatenate, files) behaves."""
 
+import json
 import os
 
 import pytest
@@ -242,6 +243,9 @@ def test_save_and_load_round_trip_is_exact(tmp_path, dtype):
     assert loaded.dtype == dtype
     assert torch.equal(loaded.stm, state.stm)
     assert sorted(os.listdir(tmp_path)) == sorted([STATE_WEIGHTS_NAME, STATE_CONFIG_NAME])
+    info = json.loads((tmp_path / STATE_CONFIG_NAME).read_text())
+    shape = dict(num_layers=2, batch_size=3, num_slots=4, hidden_size=8, dtype=str(dtype).removeprefix("torch."))
+    assert {key: info[key] for key in shape} == shape
 
 
 def test_a_loaded_state_drives_the_model_like_the_original(dense_model, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jinja2
 import numpy as np
 import pytest
@@ -157,6 +159,20 @@ def test_decode_answer_stops_at_eos(tokenizer):
     assert decode_answer(tokenizer, ids) == "bimo ."
 
 
+def test_decode_answer_drops_special_tokens(tokenizer):
+    special = [tokenizer.convert_tokens_to_ids(t) for t in ("[Q]", "[A]", "[T]")]
+    ids = [special[0], *tokenizer("bimo .", add_special_tokens=False)["input_ids"], *special[1:],
+           tokenizer.convert_tokens_to_ids("[EOS]")]
+    assert decode_answer(tokenizer, ids) == "bimo ."
+
+
+def test_encode_interaction_takes_exactly_max_length_tokens(tokenizer):
+    length = len(encode_interaction(tokenizer, *TELL, max_length=None)["input_ids"])
+    assert len(encode_interaction(tokenizer, *TELL, max_length=length)["input_ids"]) == length
+    with pytest.raises(ValueError, match=f"more than max_length={length - 1}"):
+        encode_interaction(tokenizer, *TELL, max_length=length - 1)
+
+
 def test_round_trip_through_save_pretrained(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
@@ -198,9 +214,12 @@ def test_empty_answer_is_rejected():
         format_interaction("what is my cat called ?", " ")
 
 
-def test_literal_special_token_in_text_is_rejected():
-    with pytest.raises(ValueError, match=r"special token string '\[A\]'"):
-        format_interaction("tell me [A] secret")
+@pytest.mark.parametrize("token", ["[A]", "[T]", "[MASK]", "[PAD]"])
+def test_literal_special_token_in_text_is_rejected(token):
+    with pytest.raises(ValueError, match=f"special token string '{re.escape(token)}'"):
+        format_interaction(f"tell me {token} secret")
+    with pytest.raises(ValueError, match=f"special token string '{re.escape(token)}'"):
+        format_interaction("tell me a secret", f"it is {token} .")
 
 
 def test_public_functions_name_bad_arguments(tokenizer):
