@@ -281,6 +281,12 @@ def test_adapter_trained_on_other_base_weights_of_the_same_shapes_is_refused(tmp
         load_adapter(other, tmp_path / "critic", "critic")
     assert not adapter_names(other) and all(torch.equal(before[n], p) for n, p in other.state_dict().items())
     loaded = load_adapter(other, tmp_path / "critic", "critic", check_base_weights=False)  # knowingly carried over
+    trained_further = make_base(seed=0)  # the right base, but its weights moved by 10%: refused as well
+    with torch.no_grad():
+        for parameter in trained_further.parameters():
+            parameter.mul_(1.1)
+    with pytest.raises(ValueError, match="other base weights"):
+        load_adapter(trained_further, tmp_path / "critic", "critic")
     assert adapter_names(loaded) == ["critic"]
     # The right base, also when loaded in bfloat16 (within its rounding), and the adapter reproduces the logits.
     load_adapter(make_base(seed=0).to(torch.bfloat16), tmp_path / "critic", "critic")
@@ -500,6 +506,8 @@ def test_update_memory_through_a_peft_model_with_an_explicit_writer(ids):
     assert not torch.allclose(by_base.stm, by_critic.stm, atol=1e-4)  # the full preset reaches the memory write
     assert torch.equal(by_active.stm, update_memory_with(model, old, ids, adapter="actor").stm)
     with model.disable_adapter():
+        assert torch.equal(model.update_memory(old, ids).stm, by_base.stm)
+        update_memory_with(model, old, ids, adapter="critic")  # leaves the adapters disabled, as it found them
         assert torch.equal(model.update_memory(old, ids).stm, by_base.stm)
     assert model.active_adapter == "actor"
     plain = make_base()  # a model without adapters: only the base can write

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from transformers import GenerationConfig, TextIteratorStreamer
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
@@ -55,6 +55,29 @@ def test_send_writes_the_interaction_it_generated(model, tokenizer):
     assert session.messages == [{"role": "user", "content": TEXTS[0]}, {"role": "assistant", "content": answer}]
     assert torch.equal(session.memory_state.stm, expected_turn(model, tokenizer, start, TEXTS[0]).stm)
     assert not torch.equal(session.memory_state.stm, start.stm)
+
+
+class EndAfterOneToken(LogitsProcessor):
+    """Forces [EOS] as the second answer token: the answer ends before its length limit, as a trained model's does
+    (the untrained one here never emits [EOS] by itself)."""
+
+    def __init__(self, prompt_length: int, eos: int) -> None:
+        self.prompt_length, self.eos = prompt_length, eos
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.prompt_length + 1:
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, self.eos] = 0
+        return scores
+
+
+def test_an_answer_ending_in_eos_is_written_up_to_and_with_it(model, tokenizer):
+    session = RxTChatSession(model, tokenizer)
+    start = session.memory_state
+    ending = EndAfterOneToken(len(encode_query(tokenizer, TEXTS[0])["input_ids"]), tokenizer.eos_token_id)
+    options = dict(logits_processor=LogitsProcessorList([ending]))
+    session.send(TEXTS[0], **GREEDY, **options)
+    assert torch.equal(session.memory_state.stm, expected_turn(model, tokenizer, start, TEXTS[0], **options).stm)
 
 
 def test_background_writes_equal_synchronous_writes(model, tokenizer):
@@ -186,6 +209,25 @@ def test_send_batch_equals_separate_sessions(model, tokenizer):
     for one, many in zip(separate, batched):
         assert many.memory_state.batch_size == 1 and many.messages == one.messages
         torch.testing.assert_close(many.memory_state.stm, one.memory_state.stm, rtol=1e-4, atol=1e-5)
+
+
+def test_a_batch_with_a_synchronous_session_writes_synchronously(model, tokenizer):
+    """A batch writes in the background only if every session of it asked to: a session that writes synchronously
+    has its memory written when `send_batch` returns."""
+    background, synchronous = RxTChatSession(model, tokenizer), RxTChatSession(model, tokenizer, background_write=False)
+    send_batch([background, synchronous], [TEXTS[0], TEXTS[1]], **GREEDY)
+    assert not synchronous.write_pending and synchronous.timings[-1].write_s is not None
+
+
+def test_load_can_change_how_the_session_writes(model, tokenizer, tmp_path):
+    session = RxTChatSession(model, tokenizer)  # background writes
+    session.send(TEXTS[0], **GREEDY)
+    session.save(tmp_path / "chat")
+    assert RxTChatSession.load(tmp_path / "chat", model, tokenizer).background_write is True
+    resumed = RxTChatSession.load(tmp_path / "chat", model, tokenizer, background_write=False)
+    assert resumed.background_write is False
+    resumed.send(TEXTS[1], **GREEDY)
+    assert not resumed.write_pending and resumed.timings[-1].write_s is not None
 
 
 @pytest.mark.parametrize(

@@ -232,6 +232,13 @@ def test_state_constructor_checks_its_tensor():
         RxTMemoryState(torch.zeros(2, 3, 8))
 
 
+def test_reset_keeps_the_states_dtype_and_its_other_rows_exactly():
+    stm = torch.randn(2, 3, 4, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    state = RxTMemoryState(stm).reset([0], torch.randn(2, 4, 8))  # a float32 initial memory
+    assert state.dtype == torch.bfloat16
+    assert torch.equal(state.stm[:, 1:], stm[:, 1:])
+
+
 # ---- files -----------------------------------------------------------------------------------------------------------
 
 
