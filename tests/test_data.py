@@ -148,6 +148,15 @@ def test_ask_distance_counts_turns_since_the_statement(episodes):
                 assert turn.fact_distance == position - stated_at
 
 
+def test_a_reask_never_spans_a_later_statement_of_its_fact():
+    """Planning a re-ask of the cat 3 turns after its statement at turn 0 would cross the update at turn 2 (the ask
+    would then be at distance 1): only the update at turn 2 can be re-asked."""
+    from modeling_rxt.data import _ask_options
+
+    grid = [(TELL, "cat"), None, (UPDATE, "cat"), None, None, None]
+    assert _ask_options(grid, 3)["reask"] == [("cat", 2)]
+
+
 def test_ask_answer_is_exactly_the_value(episodes):
     asks = [turn for episode in episodes for turn in episode.asks]
     assert all(turn.answer == f"{turn.expected} ." and exact_match(turn.answer, turn.expected) for turn in asks)
