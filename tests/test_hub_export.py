@@ -339,6 +339,17 @@ def test_push_to_mock_hub_then_load_and_pipeline_from_it(exported, source_model,
         assert torch.equal(ours[name], theirs[name]), name
 
 
+def test_adapters_are_found_at_the_top_of_adapters_and_in_named_subfolders(tmp_path):
+    """`adapters/adapter_config.json` is the adapter PEFT names "default"; `adapters/<name>/` are named ones."""
+    model_folder = tmp_path / "model"
+    for folder in (tmp_path / "adapters", tmp_path / "adapters" / "critic", model_folder / "adapters" / "actor"):
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+    found = export_module.find_adapters(tmp_path, model_folder)
+    assert found == {"default": tmp_path / "adapters", "critic": tmp_path / "adapters" / "critic",
+                     "actor": model_folder / "adapters" / "actor"}
+
+
 def test_the_latest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
     for step in (9, 10, 2):
         (tmp_path / f"checkpoint-{step}").mkdir()
