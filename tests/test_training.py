@@ -789,13 +789,18 @@ def test_facts_held_counts_different_facts_stated_before_the_turn():
     assert [facts_held(episode, turn) for turn in range(5)] == [0, 1, 2, 2, 2]  # an update is not a new fact
 
 
-def test_recall_scores_a_known_case(tokenizer, tmp_path):
-    model = _constant_answer_model(tokenizer, tmp_path)
-    right = _episode("right", [
+def _cat_told_then_asked(episode_id: str, scripted_answer: str) -> Episode:
+    """A test episode: the cat is called zub, a chat turn, then the question (with `scripted_answer`)."""
+    return _episode(episode_id, [
         Turn("my cat is called zub .", "noted : your cat is called zub .", TELL, "cat", "zub"),
         Turn("hello", "hi", CHAT),
-        Turn("what is my cat called ?", "zub .", ASK, "cat", expected="zub", fact_distance=2),
+        Turn("what is my cat called ?", scripted_answer, ASK, "cat", expected="zub", fact_distance=2),
     ], "test")
+
+
+def test_recall_scores_a_known_case(tokenizer, tmp_path):
+    model = _constant_answer_model(tokenizer, tmp_path)
+    right = _cat_told_then_asked("right", "zub .")
     wrong = _episode("wrong", [
         Turn("my dog is called bimo .", "noted : your dog is called bimo .", TELL, "dog", "bimo"),
         Turn("hello", "hi", CHAT),
@@ -853,11 +858,7 @@ def test_recall_bookkeeping_reads_each_conversations_own_memory_and_writes_the_m
 
     monkeypatch.setattr(model, "update_memory", update_memory)
     monkeypatch.setattr(evaluation, "answer_questions", answer_questions)
-    cat = _episode("cat", [
-        Turn("my cat is called zub .", "noted : your cat is called zub .", TELL, "cat", "zub"),
-        Turn("hello", "hi", CHAT),
-        Turn("what is my cat called ?", "scripted .", ASK, "cat", expected="zub", fact_distance=2),
-    ], "test")
+    cat = _cat_told_then_asked("cat", "scripted .")
     dog = _episode("dog", [
         Turn("my dog is called bimo .", "noted : your dog is called bimo .", TELL, "dog", "bimo"),
         Turn("what is my dog called ?", "scripted .", ASK, "dog", expected="bimo", fact_distance=1),
