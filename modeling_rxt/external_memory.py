@@ -743,12 +743,10 @@ def prepare_generate_kwargs(model: nn.Module, batch_size: int, kwargs: dict) -> 
     kwargs["external_memory"] = ExternalMemoryRetriever.from_config(
         memories, config, layers, controls["external_memory_topk"], controls["external_memory_sim_threshold"], recorder
     )
-    if rows is None:
-        rows = default_rows(memories.batch_size, batch_size)
-    else:  # batch-first: generate repeats it for beams and `num_return_sequences`
-        rows = row_index(rows, memories.batch_size, "cpu", "external_memory_rows")
-        if rows.numel() != batch_size:
-            raise ValueError(f"`external_memory_rows` must give a memory row for each of the {batch_size} rows.")
+    # Batch-first: generate repeats it for beams and `num_return_sequences` (and `bind` checks it fits the batch).
+    rows = default_rows(memories.batch_size, batch_size) if rows is None else (
+        row_index(rows, memories.batch_size, "cpu", "external_memory_rows")
+    )
     kwargs["external_memory_rows"] = rows
     return recorder
 

@@ -552,7 +552,7 @@ class RxTModel(RxTPreTrainedModel):
         return new_stm
 
 
-# What `generate` adds to the model inputs for this model alone: an assistant model in assisted decoding does not get them.
+# What `generate` adds to the model inputs for this model alone: an assistant (assisted decoding) does not get them.
 OWN_GENERATE_INPUTS = ("memory_key_values", "external_memory", "external_memory_rows")
 
 

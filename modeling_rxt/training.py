@@ -579,8 +579,9 @@ class RxTTrainer(Trainer):
     processes: the same whatever the split into processes and gradient-accumulation steps. The weight of the whole
     step is known only after its last micro-batch, so each micro-batch's backward divides by the first one's weight
     and the gradients are rescaled once, after the last (before clipping). One objective is exact only without a
-    split: `external_and_memory_aware_objective` mixes its two per-token means within each micro-batch (see there). The metrics (stage losses, the MoE
-    load-balancing loss) of the training batches are averaged over the logging window and logged beside `loss`."""
+    split: `external_and_memory_aware_objective` mixes its two per-token means within each micro-batch (see there).
+    The metrics (stage losses, the MoE load-balancing loss) of the training batches are averaged over the logging
+    window and logged beside `loss`."""
 
     loss_is_scaled_for_ga = True  # `training_step` normalises the whole step; the Trainer must not divide again
 

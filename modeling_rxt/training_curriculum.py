@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -525,7 +526,7 @@ def start_or_resume(recipe: Mapping, output_dir: Path, resume: bool) -> None:
         return
     if not resume:
         shutil.rmtree(output_dir / "stages", ignore_errors=True)
-    write_json_atomic(json.loads(json.dumps(recipe)), output_dir / RUN_RECIPE)
+    write_json_atomic(_as_json(recipe), output_dir / RUN_RECIPE)
 
 
 def check_same_run(recipe: Mapping, output_dir: Path) -> None:
@@ -539,7 +540,7 @@ def check_same_run(recipe: Mapping, output_dir: Path) -> None:
                 "existed, or stopped before it started): start a fresh run (without `resume`)."
             )
         return
-    if read_json_object(recorded, "the recipe of the run to resume") != json.loads(json.dumps(recipe)):
+    if read_json_object(recorded, "the recipe of the run to resume") != _as_json(recipe):
         raise ValueError(
             f"`resume`: {str(output_dir)!r} holds a run of another recipe ({recorded}); resume it with that "
             "recipe, or start a fresh run (without `resume`)."
@@ -551,11 +552,15 @@ def last_complete_checkpoint(stage_dir: Path) -> str | None:
     last, is there): a run killed while saving leaves a newer, incomplete one."""
     if not stage_dir.is_dir():
         return None
-    steps = sorted(
-        (int(path.name.split("-")[1]), path) for path in stage_dir.glob("checkpoint-*") if path.name[11:].isdigit()
-    )
+    numbered = [(re.fullmatch(r"checkpoint-(\d+)", path.name), path) for path in stage_dir.iterdir()]
+    steps = sorted((int(match[1]), path) for match, path in numbered if match)
     complete = [path for _, path in steps if (path / "trainer_state.json").is_file()]
     return str(complete[-1]) if complete else None
+
+
+def _as_json(value):
+    """`value` as it reads back from a JSON file (tuples as lists, ...), to compare with a recorded one."""
+    return json.loads(json.dumps(value))
 
 
 def _is_rank_zero() -> bool:
@@ -613,7 +618,7 @@ def run_curriculum_in_processes(
         stages["init_from"] = str(output / "initial")
     if resume:  # checked here, before `initial/` is reused, with a clear error in this process
         check_same_run(stages, output)
-        if built_from.is_file() and read_json_object(built_from, str(built_from)) != json.loads(json.dumps(built)):
+        if built_from.is_file() and read_json_object(built_from, str(built_from)) != _as_json(built):
             raise ValueError(
                 f"`resume`: {str(output)!r} holds a run of another recipe (its `tokenizer` / `model` differ, "
                 f"{built_from}); resume it with that recipe, or start a fresh run (without `resume`)."
@@ -658,9 +663,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TypeError, ValueError) as error:
         parser.error(f"--recipe: {error}")
     torch.set_num_threads(args.threads)
-    rank = int(os.environ.get("RANK", "0"))
-    model, tokenizer, logs = run_curriculum(recipe, args.output, progress=rank == 0, resume=args.resume)
-    if rank == 0:
+    model, tokenizer, logs = run_curriculum(recipe, args.output, progress=_is_rank_zero(), resume=args.resume)
+    if _is_rank_zero():
         save_trained(model, tokenizer, logs, args.output)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         leave_process_group()
