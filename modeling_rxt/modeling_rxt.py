@@ -527,7 +527,19 @@ class RxTModel(RxTPreTrainedModel):
     ) -> torch.Tensor:
         """STM_{t-1} (L, B, S, D) and one interaction (B, T) -> STM_t (L, B, S, D). Differentiable, so that the
         loss of later turns reaches earlier writes in memory-aware training."""
-        encoded, key_mask, rotary = self.encode_interaction(input_ids, attention_mask)
+        return self.write_encoded(stm, *self.encode_interaction(input_ids, attention_mask), attention_mask)
+
+    def write_encoded(
+        self,
+        stm: torch.Tensor,
+        encoded: list[torch.Tensor],
+        key_mask: torch.Tensor | None,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The memory attention half of `write_memory`, from what `encode_interaction` returned for the interaction
+        and its `attention_mask`. Training objectives that also use the encoded data (the masked-LM head, a target)
+        call it to run the encoder once."""
         stm = stm.to(encoded[0].dtype)
         slots_mask = None
         # CODEPATH: the usual write attends through the attention registry and needs its mask; models with
@@ -773,7 +785,12 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         """Masked-LM logits (B, T, V) of the memory encoder (joint pretraining), through the tied LM head."""
         input_ids, attention_mask = self._check_ids(input_ids, attention_mask)
         encoded, _, _ = self.model.encode_interaction(input_ids, attention_mask)
-        return self.lm_head(self.model.memory_encoder.norm(encoded[-1]))
+        return self.mlm_logits(encoded[-1])
+
+    def mlm_logits(self, encoded: torch.Tensor) -> torch.Tensor:
+        """Masked-LM logits (..., V) of outputs (..., D) of the memory encoder's last layer, through the tied LM
+        head. Joint pretraining passes only the masked tokens' outputs (M, D): the head is the costliest matmul."""
+        return self.lm_head(self.model.memory_encoder.norm(encoded))
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters in total and active per token (a token uses k of the E experts of each MoE layer)."""

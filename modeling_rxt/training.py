@@ -397,13 +397,15 @@ def joint_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor], m
     Reading the memory teaches the decoder to use its memory cross-attention and the encoder + memory attention to
     write token content the decoder can read; the masking keeps the decoder from copying everything."""
     batch_size = inputs["input_ids"].shape[0]
-    stm = model.model.write_memory(
-        model.model.initial_memory(batch_size), inputs["mlm_input_ids"], inputs["attention_mask"]
+    # One encoder pass serves both: its outputs are written into the memory and predict the masked tokens.
+    encoded, key_mask, rotary = model.model.encode_interaction(inputs["mlm_input_ids"], inputs["attention_mask"])
+    stm = model.model.write_encoded(
+        model.model.initial_memory(batch_size), encoded, key_mask, rotary, inputs["attention_mask"]
     )
     dec_sum, dec_weight, aux = decoder_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], stm)
     mlm_targets = inputs["mlm_labels"]
     selected = mlm_targets != IGNORE_INDEX
-    mlm_logits = model.encoder_mlm_logits(inputs["mlm_input_ids"], inputs["attention_mask"])[selected]  # (M, V)
+    mlm_logits = model.mlm_logits(encoded[-1][selected])  # (M, D) -> (M, V): the head on the masked tokens only
     mlm_sum = F.cross_entropy(mlm_logits.float(), mlm_targets[selected], reduction="sum")
     mlm_count = selected.sum().to(mlm_sum.dtype)
     metrics = {
@@ -494,7 +496,8 @@ def memory_attention_objective(
     (token-averaged) encoded interaction, w * mean(ED_l) + (1 - w) * STM_{l, t-1}, by negative cosine similarity.
     The new data's weight w starts at `first_weight` (an empty memory should mostly take the interaction) and falls
     by `weight_decay_per_turn` per turn down to `min_weight` (a full memory should mostly keep what it holds).
-    The encoder is run again without gradients for the target; gradients reach only the write."""
+    The encoder runs once: the write reads its outputs, the target their detached mean; gradients reach only the
+    write (and, through it, the encoder)."""
     batch_size, turns = inputs["input_ids"].shape[:2]
     stm = model.model.initial_memory(batch_size)
     loss_sum = stm.new_zeros(())
@@ -504,13 +507,13 @@ def memory_attention_objective(
         rows = attention_mask.any(dim=-1)  # (B,)
         if not rows.any():
             continue
+        encoded, key_mask, rotary = model.model.encode_interaction(input_ids, attention_mask)
         with torch.no_grad():
-            encoded, _, _ = model.model.encode_interaction(input_ids, attention_mask)
             token_mask = attention_mask[None, :, :, None].to(encoded[0].dtype)  # (1, B, T, 1)
             pooled = (torch.stack(encoded) * token_mask).sum(2) / token_mask.sum(2).clamp(min=1)  # (L, B, D)
             w = max(first_weight - weight_decay_per_turn * turn, min_weight)
             target = w * pooled[:, :, None] + (1 - w) * stm.detach()  # (L, B, S, D)
-        new_stm = model.model.write_memory(stm, input_ids, attention_mask)
+        new_stm = model.model.write_encoded(stm, encoded, key_mask, rotary, attention_mask)
         cosine = F.cosine_similarity(new_stm, target, dim=-1)  # (L, B, S)
         loss_sum = loss_sum + ((1 - cosine) * rows[None, :, None]).sum()
         count = count + rows.sum() * cosine.shape[0] * cosine.shape[2]

@@ -358,16 +358,30 @@ def test_joint_objective_is_the_decoder_loss_on_a_memory_of_the_masked_input_plu
     collator = InteractionCollator(tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("[MASK]"), 0.4, True,
                                    special)
     batch = collator([dataset[0], dataset[1]])
-    with torch.no_grad():
-        loss_sum, weight, _ = joint_objective(model, batch, mlm_weight=0.7)
-        stm = model.model.write_memory(model.model.initial_memory(2), batch["mlm_input_ids"], batch["attention_mask"])
-        decoder_mean = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                             memory_state=RxTMemoryState(stm), labels=batch["labels"]).loss
-        selected = batch["mlm_labels"] != IGNORE_INDEX
-        mlm_logits = model.encoder_mlm_logits(batch["mlm_input_ids"], batch["attention_mask"])[selected]
-        mlm_mean = torch.nn.functional.cross_entropy(mlm_logits, batch["mlm_labels"][selected])
-    assert selected.any()
+    loss_sum, weight, _ = joint_objective(model, batch, mlm_weight=0.7)
+    gradients = _gradients(model, loss_sum / weight)
+    # The definition, with the encoder run once for the write and once more for the masked-LM logits.
+    stm = model.model.write_memory(model.model.initial_memory(2), batch["mlm_input_ids"], batch["attention_mask"])
+    decoder_mean = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                         memory_state=RxTMemoryState(stm), labels=batch["labels"]).loss
+    selected = batch["mlm_labels"] != IGNORE_INDEX
+    mlm_logits = model.encoder_mlm_logits(batch["mlm_input_ids"], batch["attention_mask"])[selected]
+    mlm_mean = torch.nn.functional.cross_entropy(mlm_logits, batch["mlm_labels"][selected])
+    assert selected.any() and (batch["attention_mask"] == 0).any()  # a padded row: `write_encoded` gets the mask
     torch.testing.assert_close(loss_sum / weight, decoder_mean + 0.7 * mlm_mean, atol=1e-5, rtol=1e-5)
+    expected = _gradients(model, decoder_mean + 0.7 * mlm_mean)
+    assert gradients.keys() == expected.keys() and any(name.startswith("model.memory_encoder") for name in gradients)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, expected[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def _gradients(model, loss) -> dict[str, torch.Tensor]:
+    """d loss / d parameter of every parameter the loss reaches; the model's gradients are cleared after."""
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return gradients
 
 
 def test_memory_attention_objective_pulls_the_write_towards_its_pseudo_target(tokenizer, episodes):
@@ -381,15 +395,20 @@ def test_memory_attention_objective_pulls_the_write_towards_its_pseudo_target(to
     length = int(batch["attention_mask"][:, 0].sum(-1).max())
     ids, mask = batch["input_ids"][:, 0, :length], batch["attention_mask"][:, 0, :length]
     one_turn = {name: batch[name][:, :1] for name in ("input_ids", "attention_mask", "labels")}
-    with torch.no_grad():
-        loss_sum, count, _ = memory_attention_objective(model, one_turn, first_weight=0.7)
-        stm = model.model.initial_memory(3)
+    loss_sum, count, _ = memory_attention_objective(model, one_turn, first_weight=0.7)
+    gradients = _gradients(model, loss_sum / count)
+    stm = model.model.initial_memory(3)
+    with torch.no_grad():  # the target is a constant: no gradient reaches the encoder through it
         encoded, _, _ = model.model.encode_interaction(ids, mask)
         tokens = mask[None, :, :, None].float()
         pooled = (torch.stack(encoded) * tokens).sum(2) / tokens.sum(2)  # (L, B, D)
         target = 0.7 * pooled[:, :, None] + 0.3 * stm
-        cosine = torch.nn.functional.cosine_similarity(model.model.write_memory(stm, ids, mask), target, dim=-1)
+    cosine = torch.nn.functional.cosine_similarity(model.model.write_memory(stm, ids, mask), target, dim=-1)
     torch.testing.assert_close(loss_sum / count, (1 - cosine).mean(), atol=1e-6, rtol=1e-5)
+    expected = _gradients(model, (1 - cosine).mean())
+    assert gradients.keys() == expected.keys() and any(name.startswith("model.memory_encoder") for name in gradients)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, expected[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
 # --- Every stage learns ---------------------------------------------------------------------------------------------
