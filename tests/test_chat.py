@@ -131,6 +131,19 @@ def test_stream_yields_the_answer_text(model, tokenizer):
     assert session.timings[-1].first_token_s is not None
 
 
+def test_first_token_time_is_taken_when_the_first_answer_token_arrives(model, tokenizer):
+    """Every forward pass sleeps 0.1 s: the first answer token comes after one pass (not with the prompt, which
+    `generate` streams first), and four more passes follow it."""
+    session = RxTChatSession(model, tokenizer)
+    handle = model.register_forward_pre_hook(lambda module, args: time.sleep(0.1))
+    try:
+        session.send(TEXTS[0], max_new_tokens=5, min_new_tokens=5)
+    finally:
+        handle.remove()
+    timings = session.timings[-1]
+    assert timings.first_token_s >= 0.1 and timings.generate_s - timings.first_token_s >= 0.4
+
+
 def test_text_iterator_streamer_from_another_thread(model, tokenizer):
     session = RxTChatSession(model, tokenizer)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -29,7 +29,7 @@ from hub_export import export as export_module
 from hub_export import fresh_process
 from hub_export.__main__ import main as cli_main
 from hub_export.export import check_code_files
-from hub_export.model_card import extract_usage_snippet, read_evaluation, usage_snippet
+from hub_export.model_card import USAGE_QUERIES, extract_usage_snippet, read_evaluation, usage_snippet
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization import train_tokenizer
 
@@ -216,12 +216,24 @@ def test_fresh_process_gives_identical_logits_without_the_project(exported):
     assert report.generated_tokens == 8
 
 
-def test_the_card_snippet_ran_as_written(exported):
+def test_the_card_snippet_ran_as_written(exported, source, source_model):
     card = (exported.dest / "README.md").read_text()
     assert extract_usage_snippet(card) == usage_snippet(REPO_ID, max_new_tokens=32)
     printed = exported.verification.snippet_output.splitlines()
     assert [line for line in printed if line.startswith("Q: ")] == [
         "Q: my cat is called bimo .", "Q: i live in oslo .", "Q: what is my cat called ?"]
+    # Its answers are the source model's, each turn reading the memory the turns before it wrote.
+    tokenizer = AutoTokenizer.from_pretrained(source / "model")
+    memory, expected = source_model.init_memory(1), []
+    for query in USAGE_QUERIES:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": query}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            ids = source_model.generate(**prompt, memory_state=memory, max_new_tokens=32, do_sample=False)
+            memory = source_model.update_memory(memory, ids)
+        answer = tokenizer.decode(ids[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        expected.append(f"A: {answer}")
+    assert [line for line in printed if line.startswith("A: ")] == expected
 
 
 def test_verification_fails_when_the_code_imports_the_project(exported, source_model, source, tmp_path):
@@ -480,6 +492,23 @@ def test_overwrite_replaces_only_a_complete_verified_folder(source, tmp_path, mo
     report = export_model(source / "model", dest, overwrite=True, verify=False)
     assert _files(dest) == EXPECTED_FILES and report.verification is None
     assert [p.name for p in tmp_path.iterdir()] == ["dest"]  # the retired folder is gone
+
+
+def test_a_dest_filled_while_exporting_is_not_replaced(source, tmp_path, monkeypatch):
+    """`dest` was empty when the export started; another process wrote into it while the folder was being built.
+    Without `overwrite` that work is kept and the export refused, leaving no staging folder behind."""
+    dest = tmp_path / "dest"
+    build_folder = export_module.build_folder
+
+    def build_while_another_process_writes(*args, **kwargs):
+        build_folder(*args, **kwargs)
+        dest.mkdir()
+        (dest / "theirs.txt").write_text("another export")
+
+    monkeypatch.setattr(export_module, "build_folder", build_while_another_process_writes)
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        export_model(source / "model", dest, verify=False)
+    assert _files(dest) == {"theirs.txt"} and [p.name for p in tmp_path.iterdir()] == ["dest"]
 
 
 def test_cli_exports_pushes_and_reports(source, tmp_path, capsys, monkeypatch):
