@@ -531,13 +531,16 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 def local_scores_masked(scores: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
     """Applies the local mask in whatever form the attention implementation was given it: additive float (eager),
-    boolean keep-mask (sdpa), or None for a plain causal mask (sdpa skips building it when there is no padding)."""
+    boolean keep-mask (sdpa), or None where transformers skipped building it for sdpa. It skips it only where SDPA's
+    own rule is right: one query sees every key; several queries are causal aligned top-left (query i sees keys
+    0..i), which covers both cases it skips for: as many keys as queries, and the prefill of a static cache whose
+    keys beyond the queries are its empty slots."""
     minimum = torch.finfo(scores.dtype).min
     if attention_mask is None:
         if not is_causal or scores.shape[-2] == 1:
             return scores
         causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device)
-        return scores.masked_fill(~causal.tril(scores.shape[-1] - scores.shape[-2]), minimum)
+        return scores.masked_fill(~causal.tril(), minimum)  # (Tq, Tk), top-left as in SDPA's `is_causal`
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
         raise ValueError(
             "External memory retrieval needs a 4-D attention mask (the `eager` or `sdpa` attention implementation)."

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import StaticCache
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.external_memory import (
@@ -336,6 +337,29 @@ def test_generate_with_cache_equals_without(model, memory_ids, settings):
     common = dict(max_new_tokens=5, external_memories=memory_ids, external_memory_topk=5, **settings)
     ids = prompt()
     assert torch.equal(model.generate(ids, use_cache=True, **common), model.generate(ids, use_cache=False, **common))
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_static_cache_with_retrieval_equals_the_dynamic_cache(memory_ids, implementation):
+    """With a static cache sdpa gets no mask for the prefill (its keys beyond the prompt are empty slots): retrieval
+    must then mask as SDPA does, query i seeing tokens 0..i only."""
+    torch.manual_seed(0)
+    model = RxTForCausalLM(tiny_config(max_position_embeddings=48)).eval()
+    model.set_attn_implementation(implementation)
+    memory, ids = model.build_external_memory(memory_ids), prompt()
+    common = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                  external_memories=memory, external_memory_topk=5)
+    dynamic = model.generate(ids, **common)
+    static = model.generate(ids, cache_implementation="static", **common)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for static_logits, dynamic_logits in zip(static.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(static_logits, dynamic_logits, rtol=1e-5, atol=1e-5)
+    changed_last = ids.clone()
+    changed_last[:, -1] = (ids[:, -1] + 1) % VOCAB
+    with torch.no_grad():
+        first = [model(x, past_key_values=StaticCache(config=model.config, max_cache_len=16), use_cache=True,
+                       external_memory=memory).logits[:, :-1] for x in (ids, changed_last)]
+    torch.testing.assert_close(first[0], first[1], rtol=0, atol=1e-6)  # no earlier position reads the last token
 
 
 def test_sampling_with_memory_is_reproducible_and_expands_rows(model, memory_ids):
