@@ -38,7 +38,6 @@ from .tokenization import ANSWER_TOKEN, EOS_TOKEN, decode_answer, encode_query
 SESSION_FILE = "session.json"
 MEMORY_DIR = re.compile(r"memory-[0-9a-f]{32}")  # the memory folders `save` names
 SESSION_FORMAT_VERSION = 1
-DEFAULT_GENERATION = {"do_sample": False}
 
 
 @dataclass
@@ -129,11 +128,17 @@ class RxTChatSession:
 
     # ---- memory --------------------------------------------------------------------------------------------------
     def wait_for_memory(self) -> float:
-        """Blocks until the last turn's memory write has finished; returns the seconds spent waiting."""
+        """Blocks until the last turn's memory write has finished; returns the seconds spent waiting. A write that
+        failed raises its error here, once: the memory stays as it was before that turn (which remains in
+        `messages`, its `write_s` None), and the session goes on."""
         if self._pending is None:
             return 0.0
         start = time.perf_counter()
-        state, write_s = self._pending.result()  # re-raises an error of the write
+        try:
+            state, write_s = self._pending.result()  # re-raises an error of the write
+        except BaseException:
+            self._pending = None
+            raise
         waited = time.perf_counter() - start
         self._state, self._pending = state, None
         if self.timings and self.timings[-1].write_s is None:
@@ -227,10 +232,20 @@ class RxTChatSession:
         return torch.tensor([ids], dtype=torch.long, device=self.model.device)
 
     def _generation_kwargs(self, prompt_length: int, given: dict) -> dict:
+        """`generate`'s keywords for one turn. As in `generate`, a keyword beats the `generation_config` passed,
+        which beats the model's own. The answer must leave room for [EOS] within `max_position_embeddings`: a
+        `max_new_tokens` keyword beyond that is refused, one from a config (a default) is capped, and without either
+        the answer may fill the room."""
         room = self.model.config.max_position_embeddings - prompt_length - 1  # [EOS] must fit in the write
-        kwargs = {**DEFAULT_GENERATION, "max_new_tokens": room, **given}
-        if kwargs.get("num_return_sequences", 1) != 1:
-            raise ValueError("`num_return_sequences` must be 1: a session continues one conversation.")
+        config = given.get("generation_config") or self.model.generation_config
+        kwargs = dict(given)
+        if "max_new_tokens" not in kwargs:
+            configured = getattr(config, "max_new_tokens", None)
+            kwargs["max_new_tokens"] = room if configured is None else max(1, min(configured, room))
+        sequences = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1))
+        if sequences not in (None, 1):
+            raise ValueError("`num_return_sequences` must be 1 (here or in the generation config): a session "
+                             "continues one conversation.")
         if not isinstance(kwargs["max_new_tokens"], int) or not 1 <= kwargs["max_new_tokens"] <= room:
             raise ValueError(
                 f"`max_new_tokens` must be in [1, {room}]: the prompt has {prompt_length} tokens, an interaction at "
@@ -293,9 +308,11 @@ class RxTChatSession:
     def close(self) -> None:
         """Finishes the pending write and stops the writer thread; the session takes no more turns."""
         with self._lock:
-            self.wait_for_memory()
-            self._executor.shutdown(wait=True)
-            self._closed = True
+            try:
+                self.wait_for_memory()
+            finally:  # closed even when the last write failed (its error is raised after)
+                self._executor.shutdown(wait=True)
+                self._closed = True
 
     def __enter__(self) -> RxTChatSession:
         return self

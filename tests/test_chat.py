@@ -249,6 +249,11 @@ def test_load_can_change_how_the_session_writes(model, tokenizer, tmp_path):
         (lambda s: s.send("   ", **GREEDY), ValueError, "query"),
         (lambda s: s.send(42), TypeError, "query"),
         (lambda s: s.send(TEXTS[0], num_return_sequences=2, num_beams=2), ValueError, "num_return_sequences"),
+        (lambda s: s.send(TEXTS[0], generation_config=GenerationConfig(num_return_sequences=2, num_beams=2)),
+         ValueError, "num_return_sequences"),
+        (lambda s: send_batch([s, RxTChatSession(s.model, s.tokenizer)], TEXTS[:2],
+                              generation_config=GenerationConfig(num_return_sequences=2, num_beams=2)),
+         ValueError, "num_return_sequences"),  # row i of the output would be another session's answer
         (lambda s: s.send(TEXTS[0], max_new_tokens=500), ValueError, "max_new_tokens"),
         (lambda s: send_batch([s, s], TEXTS[:2]), ValueError, "same session"),
         (lambda s: send_batch([s], TEXTS[:2]), ValueError, "queries"),
@@ -280,6 +285,73 @@ def test_beam_search_answers_through_the_session(model, tokenizer):
     torch.testing.assert_close(session.memory_state.stm, state.stm)
     sessions = [RxTChatSession(model, tokenizer) for _ in range(2)]
     assert len(send_batch(sessions, TEXTS[:2], num_beams=2, max_new_tokens=6)) == 2
+
+
+class CountNewTokens(BaseStreamer):
+    """Counts the tokens `generate` streams after the prompt."""
+
+    def __init__(self):
+        self.puts = self.new_tokens = 0
+
+    def put(self, value):
+        self.puts += 1
+        self.new_tokens += value.numel() if self.puts > 1 else 0
+
+    def end(self):
+        pass
+
+
+def _new_tokens(session, *args, **kwargs) -> int:
+    counter = CountNewTokens()
+    session.send(*args, streamer=counter, **kwargs)
+    return counter.new_tokens
+
+
+def test_generation_settings_follow_generate_precedence(model, tokenizer):
+    """A keyword beats the `generation_config` passed, which beats the model's own; a `max_new_tokens` from a config
+    is capped at the room the interaction has left, and sampling asked for by a config samples."""
+    session = RxTChatSession(model, tokenizer, background_write=False)
+    assert _new_tokens(session, TEXTS[0], generation_config=GenerationConfig(max_new_tokens=2, suppress_tokens=WORDS["suppress_tokens"])) == 2
+    assert _new_tokens(session, TEXTS[0], generation_config=GenerationConfig(max_new_tokens=2, suppress_tokens=WORDS["suppress_tokens"]),
+                       max_new_tokens=5) == 5
+    session.send(TEXTS[0], generation_config=GenerationConfig(max_new_tokens=10_000))  # capped, not refused
+    own = model.generation_config
+    try:
+        model.generation_config = GenerationConfig(max_new_tokens=2, num_return_sequences=1)
+        assert _new_tokens(session, TEXTS[0], suppress_tokens=WORDS["suppress_tokens"]) == 2
+        model.generation_config = GenerationConfig(num_beams=2, num_return_sequences=2)
+        with pytest.raises(ValueError, match="num_return_sequences"):
+            session.send(TEXTS[0], **GREEDY)
+        model.generation_config = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=6)
+        answers = set()
+        for seed in range(4):
+            torch.manual_seed(seed)
+            answers.add(RxTChatSession(model, tokenizer, background_write=False).send(TEXTS[0], **WORDS))
+        assert len(answers) > 1  # sampled, as `generate` would with this config
+    finally:
+        model.generation_config = own
+
+
+def test_a_failed_write_is_reported_once_and_the_session_goes_on(model, tokenizer, monkeypatch):
+    session = RxTChatSession(model, tokenizer)
+    before = session.memory_state
+    real_update = type(model).update_memory
+    monkeypatch.setattr(type(model), "update_memory", lambda *args: (_ for _ in ()).throw(RuntimeError("disk gone")))
+    session.send(TEXTS[0], **GREEDY)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        session.wait_for_memory()
+    assert session.memory_state is before and session.timings[-1].write_s is None  # the memory before that turn
+    assert len(session.messages) == 2
+    monkeypatch.setattr(type(model), "update_memory", real_update)
+    session.send(TEXTS[1], **GREEDY)
+    assert not torch.equal(session.memory_state.stm, before.stm)
+    monkeypatch.setattr(type(model), "update_memory", lambda *args: (_ for _ in ()).throw(RuntimeError("again")))
+    session.send(TEXTS[2], **GREEDY)
+    with pytest.raises(RuntimeError, match="again"):
+        session.close()  # the error of the last write, and the session is closed all the same
+    with pytest.raises(RuntimeError, match="closed"):
+        session.send(TEXTS[3], **GREEDY)
+    assert session._executor._shutdown
 
 
 def test_a_closed_session_takes_no_turns(model, tokenizer):
