@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GenerationConfig
 
 from .memory_state import row_index
 
@@ -697,13 +698,15 @@ def bind_external_memory(external_memory, rows, config, batch_size: int) -> Exte
 
 
 # ---- generate() ---------------------------------------------------------------------------------------------------
-def prepare_generate_kwargs(model: nn.Module, batch_size: int, kwargs: dict) -> RetrievedMemoryRecorder | None:
+def prepare_generate_kwargs(
+    model: nn.Module, batch_size: int, kwargs: dict, generation_config: GenerationConfig | None = None
+) -> RetrievedMemoryRecorder | None:
     """Pops the external-memory controls of a `generate` call from `kwargs`, builds the memory from token ids if
     needed (once per call) and puts the retriever (`external_memory`) and the batch-first row map
     (`external_memory_rows`, which generate repeats for beams and `num_return_sequences`) into `kwargs`.
     Returns the recorder when `output_retrieved_memory_idx=True`. `external_memory_rows` (B,), if given, says which
     memory row each batch row reads, as in `forward`; `external_memory` (forward's name) is taken as
-    `external_memories` when it is an `ExternalMemory`."""
+    `external_memories` when it is an `ExternalMemory`. `generation_config` is the one given to `generate`."""
     controls = {name: kwargs.pop(name, None) for name in GENERATE_CONTROLS}
     rows, retriever = kwargs.pop("external_memory_rows", None), kwargs.pop("external_memory", None)
     if retriever is not None:
@@ -729,7 +732,7 @@ def prepare_generate_kwargs(model: nn.Module, batch_size: int, kwargs: dict) -> 
         if given:  # a control that would do nothing is a mistake in the call, not a no-op
             raise ValueError(f"Retrieval controls given without `external_memories`: {', '.join(given)}.")
         return None
-    if want_indices and not _returns_dict(model, kwargs):
+    if want_indices and not _returns_dict(kwargs, generation_config or model.generation_config):
         raise ValueError("`output_retrieved_memory_idx=True` needs `return_dict_in_generate=True`.")
     layers = resolve_layers(config, controls["external_memory_layers"])
     if not isinstance(memories, ExternalMemory):
@@ -754,10 +757,10 @@ def prepare_generate_kwargs(model: nn.Module, batch_size: int, kwargs: dict) -> 
     return recorder
 
 
-def _returns_dict(model: nn.Module, kwargs: dict) -> bool:
+def _returns_dict(kwargs: dict, generation_config: GenerationConfig) -> bool:
+    """Whether `generate` will return a dict: a keyword beats the config, as in `generate`."""
     if kwargs.get("return_dict_in_generate") is not None:
         return bool(kwargs["return_dict_in_generate"])
-    generation_config = kwargs.get("generation_config") or model.generation_config
     return bool(generation_config.return_dict_in_generate)
 
 

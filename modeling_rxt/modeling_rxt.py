@@ -712,7 +712,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             stm = self.model.memory_tensor(memory_state, prompt.shape[0])
             kwargs["memory_key_values"] = self.model.project_memory(stm.to(self.device))
         batch_size = prompt.shape[0] if prompt is not None else kwargs["memory_key_values"].shape[0]
-        recorder = prepare_generate_kwargs(self, batch_size, kwargs)  # builds the external memory once per call
+        recorder = prepare_generate_kwargs(self, batch_size, kwargs, generation_config)  # builds it once per call
         outputs = super().generate(inputs, generation_config, *args, **kwargs)
         return attach_retrieved_memory_idx(outputs, recorder)
 

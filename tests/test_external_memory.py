@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import StaticCache
+from transformers import GenerationConfig, StaticCache
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.external_memory import (
@@ -309,6 +309,13 @@ def test_generate_returns_indices_per_step_layer_head_query(model, memory_ids):
     assert steps[0][1].shape == (2, 4, 6, 4) and steps[1][1].shape == (2, 4, 1, 4)
     assert steps[0][1][1].max() < 23  # row 1 has 23 memory tokens: it never cites row 0's 40
 
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    controls = dict(external_memories=memory_ids, external_memory_topk=4, output_retrieved_memory_idx=True)
+    for out in (model.generate(prompt(), config, **controls), model.generate(prompt(), generation_config=config,
+                                                                             **controls)):
+        assert len(out.retrieved_memory_idx) == 3  # the config passed asks for the dict, as a keyword would
+    with pytest.raises(ValueError, match="return_dict_in_generate"):
+        model.generate(prompt(), config, return_dict_in_generate=False, **controls)
 
 # ---- batching, generation, devices --------------------------------------------------------------------------------
 def test_batch_rows_never_see_each_others_memories(model, memory_ids):
