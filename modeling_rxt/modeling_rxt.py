@@ -568,6 +568,18 @@ class RxTModel(RxTPreTrainedModel):
 OWN_GENERATE_INPUTS = ("memory_key_values", "external_memory", "external_memory_rows")
 
 
+def mixed_adapter_rows(module: nn.Module) -> int | None:
+    """The number of rows PEFT's mixed-adapter batch (`generate(..., adapter_names=[...])`) is running with, found
+    on the hooks it puts on the LoRA layers of `module` for the call (each row's adapter name, repeated per beam under
+    beam search); None when no mixed batch is running there."""
+    for submodule in module.modules():
+        for hook in submodule._forward_pre_hooks.values():
+            names = getattr(hook, "keywords", {}).get("adapter_names")
+            if names is not None:
+                return len(names)
+    return None
+
+
 @auto_docstring
 class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -710,11 +722,32 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             if prompt is None:
                 raise ValueError("`generate` needs `input_ids` (the query) to answer.")
             stm = self.model.memory_tensor(memory_state, prompt.shape[0])
-            kwargs["memory_key_values"] = self.model.project_memory(stm.to(self.device))
+            kwargs["memory_key_values"] = self._project_memory_for_generate(stm.to(self.device))
         batch_size = prompt.shape[0] if prompt is not None else kwargs["memory_key_values"].shape[0]
+        memories = kwargs.get("external_memories", kwargs.get("external_memory"))
+        if memories is not None and not isinstance(memories, ExternalMemory) and mixed_adapter_rows(self.model.layers):
+            raise ValueError(
+                "A mixed-adapter batch (`adapter_names=`) cannot build `external_memories` from token ids inside "
+                "`generate`: the memory's chunks are not the batch's rows. Build it first with "
+                "`build_external_memory` (under the adapter whose keys it should hold) and pass the ExternalMemory."
+            )
         recorder = prepare_generate_kwargs(self, batch_size, kwargs, generation_config)  # builds it once per call
         outputs = super().generate(inputs, generation_config, *args, **kwargs)
         return attach_retrieved_memory_idx(outputs, recorder)
+
+    def _project_memory_for_generate(self, stm: torch.Tensor) -> torch.Tensor:
+        """`project_memory` of the (L, B, S, D) memory `generate` reads, before it expands rows for beams. A mixed-
+        adapter batch under beam search has PEFT give every LoRA layer each row's adapter name once per beam already
+        (as for an encoder-decoder's decoder): the memory is then projected as many times per row, and one copy
+        kept, so that each row's memory goes through its own adapter."""
+        batch_size = stm.shape[1]
+        rows = mixed_adapter_rows(self.model.layers[0].memory_cross_attn)  # None unless LoRA adapts the read
+        if rows is None or rows == batch_size:
+            return self.model.project_memory(stm)
+        if rows % batch_size:
+            raise ValueError(f"`adapter_names` names {rows} rows for a batch of {batch_size}.")
+        per_row = rows // batch_size
+        return self.model.project_memory(stm.repeat_interleave(per_row, dim=1))[::per_row]  # (B, L, 2, K, S, Dh)
 
     def _get_candidate_generator(self, *args, model_kwargs: dict, assistant_model=None, **kwargs):
         """Assisted decoding: transformers gives the assistant a copy of every model input. This model's projected

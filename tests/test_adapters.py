@@ -450,6 +450,34 @@ def test_mixed_batch_equals_each_row_with_its_adapter(ids):
             assert torch.equal(generated[row : row + 1], single)
 
 
+@pytest.mark.parametrize("preset", ["memory-cross-attention", "full"])
+def test_mixed_batch_with_beams_reads_each_rows_memory_through_its_adapter(ids, preset):
+    """Under beam search PEFT repeats every row's adapter name per beam before `generate` projects the memory (once,
+    per row): each row's memory must still go through its own adapter's key/value projections."""
+    model = with_roles(make_base(), preset)
+    rows = ["critic", BASE_ADAPTER, "actor"]
+    start = initial_memory_for(model, rows)
+    settings = dict(max_new_tokens=4, num_beams=2, do_sample=False)
+    with torch.no_grad():
+        generated = model.generate(input_ids=ids, adapter_names=rows, memory_state=start, **settings)
+    for row, role in enumerate(rows):
+        with using_adapter(model, None if role == BASE_ADAPTER else role):
+            single = model.generate(input_ids=ids[row : row + 1], memory_state=start.select([row]), **settings)
+        assert torch.equal(generated[row : row + 1], single), role
+
+
+def test_mixed_batch_external_memories_must_be_built_first(ids):
+    model = with_roles(make_base(), "decoder")
+    rows = ["critic", BASE_ADAPTER, "actor"]
+    start = initial_memory_for(model, rows)
+    memories = [torch.randint(4, 64, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 30, 9)]
+    settings = dict(memory_state=start, max_new_tokens=3, do_sample=False, external_memory_layers=[0, 1])
+    built = rxt_model(model).build_external_memory(memories, layers=[0, 1])
+    assert model.generate(input_ids=ids, adapter_names=rows, external_memories=built, **settings).shape == (3, 10)
+    with pytest.raises(ValueError, match="build_external_memory"):
+        model.generate(input_ids=ids, adapter_names=rows, external_memories=memories, **settings)
+
+
 def test_initial_memory_for_rejects_bad_input():
     model = with_roles(make_base())
     with pytest.raises(ValueError, match="'nobody'"):
