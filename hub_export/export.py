@@ -12,6 +12,7 @@ is complete.
 """
 
 import ast
+import copy
 import json
 import logging
 import os
@@ -26,9 +27,12 @@ from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig
 
 from modeling_rxt import RxTForCausalLM
+from modeling_rxt.adapters import check_adapter_fits
+from modeling_rxt.memory_state import create_temporary
 
 from .fresh_process import BLOCKED_PACKAGES
 from .model_card import DEFAULT_DATASETS, Evaluation, build_model_card, read_evaluation, read_recipe
@@ -139,17 +143,36 @@ def find_adapters(src: Path, model_folder: Path) -> dict[str, Path]:
     return found
 
 
+def check_adapters(model, adapters: dict[str, Path]) -> None:
+    """Every adapter must load onto the exported base: weights complete and readable, made for a base of its shapes
+    and (where the adapter recorded them) its weights. A `ValueError` names the adapter otherwise."""
+    for name, folder in adapters.items():
+        weights = folder / "adapter_model.safetensors"
+        if weights.is_file():
+            try:
+                load_file(weights)  # reads every tensor: a truncated file fails here, not on a Hub user's machine
+            except (SafetensorError, OSError, ValueError) as error:
+                raise ValueError(f"Adapter {name!r}: `{weights}` cannot be read (corrupted or truncated?): {error}") \
+                    from error
+        try:
+            check_adapter_fits(model, folder, name)
+        except (AttributeError, KeyError, TypeError) as error:  # a config that is JSON but not an adapter config
+            raise ValueError(f"Adapter {name!r}: `{folder / 'adapter_config.json'}` is invalid: {error!r}") from error
+
+
 # ---- writing DEST ----------------------------------------------------------------------------------------------------
 def write_generation_config(folder: Path, model, tokenizer) -> None:
-    """Greedy decoding of at most `DEFAULT_MAX_NEW_TOKENS` tokens (never past the interaction length), with the
-    tokenizer's special token ids, which the export has checked against the config."""
-    config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, model.config.max_position_embeddings // 2),
-        do_sample=False,
-    )
+    """The source model's generation config (its decoding settings are the trainer's choice), with the tokenizer's
+    special token ids, which the export has checked against the config; where it sets none, greedy decoding of at
+    most `DEFAULT_MAX_NEW_TOKENS` new tokens (never past the interaction length): transformers' default of 20 tokens
+    in all, prompt included, would cut most answers."""
+    config = copy.deepcopy(model.generation_config)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    if config.max_new_tokens is None:
+        config.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, model.config.max_position_embeddings // 2)
+    if config.do_sample is None:  # unset: say "greedy" in the file, as the card's snippet decodes
+        config.do_sample = False
     config.save_pretrained(folder)
 
 
@@ -163,9 +186,9 @@ def add_safetensors_metadata(path: Path, metadata: dict[str, str]) -> None:
         header["__metadata__"] = {**header.get("__metadata__", {}), **metadata}
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        temporary = create_temporary(path.parent, f".{path.name}.")
         try:
-            with os.fdopen(handle, "wb") as target:
+            with open(temporary, "wb") as target:
                 target.write(struct.pack("<Q", len(encoded)) + encoded)
                 shutil.copyfileobj(source, target)
                 target.flush()
@@ -241,7 +264,7 @@ def copy_adapter(source: Path, target: Path, base_model: str) -> None:
     target.mkdir()
     for path in source.iterdir():
         if path.is_file() and path.name != "README.md":  # PEFT's stub card names the training-time base path
-            shutil.copy2(path, target / path.name)
+            shutil.copyfile(path, target / path.name)  # the content only: the published file gets the usual mode
     config_path = target / "adapter_config.json"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -283,13 +306,13 @@ def build_folder(staging: Path, model, tokenizer, *, model_id: str, base_model: 
     for path in sorted(staging.glob("*.safetensors")):
         add_safetensors_metadata(path, weights_metadata(model, evaluation))
     check_code_files(staging, json.loads((staging / "config.json").read_text(encoding="utf-8"))["auto_map"])
-    for name, source in adapters.items():
-        if (staging / name).exists():
-            raise ValueError(f"Adapter name {name!r} collides with a file of the exported model.")
-        copy_adapter(source, staging / name, base_model)
     card = build_model_card(model, model_id=model_id, evaluation=evaluation, recipe=recipe, recipe_name=recipe_name,
                             datasets=datasets, adapters=list(adapters))
     card.save(staging / "README.md")
+    for name, source in adapters.items():  # last: a name may not be that of any file above
+        if (staging / name).exists():
+            raise ValueError(f"Adapter name {name!r} collides with a file of the exported model.")
+        copy_adapter(source, staging / name, base_model)
     _fsync_tree(staging)
 
 
@@ -312,11 +335,15 @@ def swap_into_place(staging: Path, dest: Path) -> None:
     _fsync(dest.parent)  # the rename itself is durable once the parent folder is flushed
 
 
-def _check_dest(src: Path, dest: Path, overwrite: bool) -> None:
+def _check_dest(dest: Path, overwrite: bool, read: Sequence[Path]) -> None:
+    """`dest` may be replaced: it is a folder (or absent), empty unless `overwrite`, and neither is nor contains a
+    folder the export reads (`read`: SRC, the checkpoint the weights come from, the adapters)."""
     if dest.exists() and not dest.is_dir():
         raise ValueError(f"`dest` {str(dest)!r} exists and is not a folder.")
-    if dest.resolve() == src.resolve() or dest.resolve() in src.resolve().parents:
-        raise ValueError(f"`dest` {str(dest)!r} would replace `src` {str(src)!r} or a folder that contains it.")
+    for folder in read:
+        if dest.resolve() == folder.resolve() or dest.resolve() in folder.resolve().parents:
+            raise ValueError(f"`dest` {str(dest)!r} would replace {str(folder)!r}, which the export reads from "
+                             "(`src`, its checkpoint or an adapter), or a folder that contains it.")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
         raise ValueError(
             f"`dest` {str(dest)!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it."
@@ -370,21 +397,23 @@ def export_model(
     evaluation = read_evaluation(eval_json) if eval_json is not None else None
     recipe = read_recipe(recipe_json) if recipe_json is not None else None
     model_folder = find_model_folder(src)
-    _check_dest(src, dest, overwrite)
     adapters = find_adapters(src, model_folder)
+    read = [src, model_folder, *adapters.values()]
+    _check_dest(dest, overwrite, read)
     logger.info("loading %s", model_folder)
     model = load_source_model(model_folder)
     tokenizer = load_source_tokenizer(model_folder, src, model.config)
+    check_adapters(model, adapters)
     model_id = repo_id or dest.name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    staging = create_temporary(dest.parent, f".{dest.name}.partial-", directory=True)  # becomes DEST: usual modes
     try:
         build_folder(staging, model, tokenizer, model_id=model_id, base_model=repo_id or ".", adapters=adapters,
                      evaluation=evaluation, recipe=recipe, recipe_name=Path(recipe_json).name if recipe else None,
                      datasets=datasets if datasets is not None else recipe_datasets(recipe))
         logger.info("verifying %s in a fresh process", staging)
         report = verify_export(staging, model, tokenizer, model_id=model_id) if verify else None
-        _check_dest(src, dest, overwrite)  # again: another process may have filled `dest` meanwhile
+        _check_dest(dest, overwrite, read)  # again: another process may have filled `dest` meanwhile
         swap_into_place(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

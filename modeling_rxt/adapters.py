@@ -49,7 +49,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 
-from .memory_state import RxTMemoryState
+from .memory_state import RxTMemoryState, create_temporary
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in `adapter_names=`
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -411,7 +411,7 @@ def save_adapters(
         raise TypeError(f"`model` must be a PeftModel, got {type(model).__name__}.")
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = create_temporary(target.parent, f".{target.name}.", directory=True)  # becomes `directory`
     names = adapter_names(model)
     try:
         previous = {name: model.peft_config[name].base_model_name_or_path for name in names}

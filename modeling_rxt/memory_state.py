@@ -22,6 +22,7 @@ Shapes: L memory layers (= decoder layers), B conversations, S slots per layer, 
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -212,6 +213,23 @@ def _checked_device(device) -> str:
 # exported or not, can import it.
 
 
+def create_temporary(folder: str | os.PathLike, prefix: str, suffix: str = "", directory: bool = False) -> Path:
+    """A new, empty file (or folder) with a fresh name in `folder`, like `tempfile.mkstemp` / `mkdtemp`, but with the
+    permissions a plain `open()` / `mkdir` gives (the umask applied), not owner-only: it becomes the published file
+    or folder once renamed into place."""
+    for _ in range(100):
+        path = Path(folder) / f"{prefix}{secrets.token_hex(8)}{suffix}"
+        try:
+            if directory:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"No free temporary name for {prefix}* in `{folder}`.")
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Writes `path` through `write(temporary_path)`: a temporary file in the same folder (created if missing),
     flushed to disk, then renamed over `path`. Readers see either the old file or the complete new one, never a
@@ -229,8 +247,7 @@ def atomic_write_files(writes: dict) -> None:
         for path, write in writes.items():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(handle)
+            temporary = str(create_temporary(path.parent, f".{path.name}.", ".tmp"))
             staged.append((temporary, path))
             write(temporary)
             with open(temporary, "rb+") as written:

@@ -22,7 +22,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from hub_export import VerificationError, export_model, push_folder, verify_export
 from hub_export import export as export_module
@@ -145,7 +145,30 @@ def test_config_and_generation_config(exported, source):
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (
         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert generation["max_new_tokens"] == 32  # half of the 64-token interaction
-    assert generation["do_sample"] is False
+    assert GenerationConfig.from_pretrained(exported.dest).do_sample is False
+
+
+def test_the_source_generation_config_is_kept(source, tmp_path):
+    """Decoding settings saved with the model are the trainer's choice: the export keeps them, filling in only the
+    special token ids."""
+    src = tmp_path / "src"
+    shutil.copytree(source / "model", src)
+    GenerationConfig(do_sample=True, top_p=0.9, temperature=0.7, repetition_penalty=1.3, max_new_tokens=20,
+                     eos_token_id=1).save_pretrained(src)
+    export_model(src, tmp_path / "dest", verify=False)
+    exported = GenerationConfig.from_pretrained(tmp_path / "dest")
+    assert (exported.do_sample, exported.top_p, exported.temperature) == (True, 0.9, 0.7)
+    assert (exported.repetition_penalty, exported.max_new_tokens) == (1.3, 20)
+    assert exported.eos_token_id == AutoTokenizer.from_pretrained(src).eos_token_id
+
+
+def test_exported_files_get_the_usual_permissions(exported):
+    """Like `save_pretrained`'s: the umask decides, not the owner-only modes of temporary files."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert exported.dest.stat().st_mode & 0o777 == 0o777 & ~umask
+    for path in exported.dest.rglob("*"):
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path.name
 
 
 def test_safetensors_carry_metadata_and_the_source_tensors(exported, source, source_model):
@@ -390,6 +413,13 @@ def test_push_refuses_bad_input_and_a_wrong_token(exported, tmp_path):
 
 
 # ---- bad input, atomicity, CLI ---------------------------------------------------------------------------------------
+def source_model_config(folder: Path) -> dict:
+    """The RxTConfig keywords of the model saved in `folder`."""
+    config = RxTConfig.from_pretrained(folder).to_dict()
+    return {key: config[key] for key in ("vocab_size", "num_hidden_layers", "num_attention_heads",
+                                         "num_key_value_heads", "memory_slots", "max_position_embeddings")}
+
+
 def _copy_model(source: Path, target: Path, skip: tuple[str, ...] = ()) -> Path:
     shutil.copytree(source / "model", target, ignore=shutil.ignore_patterns(*skip))
     return target
@@ -410,6 +440,12 @@ def _copy_model(source: Path, target: Path, skip: tuple[str, ...] = ()) -> Path:
         ("eval_not_json", r"is not valid JSON"),
         ("bad_repo_id", r"is not a valid Hub repository id"),
         ("push_without_repo", r"needs a `repo_id`"),
+        ("dest_is_the_checkpoint", r"would replace .*checkpoint-5.*which the export reads from"),
+        ("dest_is_an_adapter", r"would replace .*persona.*which the export reads from"),
+        ("adapter_of_another_base", r"Adapter 'persona' .* was made for a base of another shape"),
+        ("adapter_truncated", r"Adapter 'persona': .*adapter_model.safetensors. cannot be read"),
+        ("adapter_config_not_an_object", r"Adapter 'persona': .*adapter_config.json. is invalid"),
+        ("adapter_named_like_a_file", r"Adapter name 'README.md' collides with a file of the exported model"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, message, source, tmp_path):
@@ -443,6 +479,30 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, message, source, tm
         kwargs["repo_id"] = "two//slashes"
     elif case == "push_without_repo":
         kwargs["push"] = True
+    elif case == "dest_is_the_checkpoint":  # a Trainer run: the weights come from its latest checkpoint
+        src = tmp_path / "run"
+        _copy_model(source, src / "checkpoint-5")
+        (src / "checkpoint-5" / "optimizer.pt").write_bytes(b"training state")
+        dest, kwargs["overwrite"] = src / "checkpoint-5", True
+    elif case == "dest_is_an_adapter":
+        src = _copy_model(source, tmp_path / "src")
+        dest, kwargs["overwrite"] = src / "adapters" / "persona", True
+    elif case.startswith("adapter_"):
+        src = _copy_model(source, tmp_path / "src")
+        adapter = src / "adapters" / "persona"
+        if case == "adapter_of_another_base":  # a LoRA made for a base of hidden size 16
+            other = RxTForCausalLM(RxTConfig(**{**source_model_config(src), "hidden_size": 16, "intermediate_size": 32}))
+            shutil.rmtree(adapter)
+            get_peft_model(other, LoraConfig(target_modules=["q_proj"], init_lora_weights=False),
+                           adapter_name="persona").save_pretrained(src / "adapters")
+        elif case == "adapter_truncated":
+            os.truncate(adapter / "adapter_model.safetensors", (adapter / "adapter_model.safetensors").stat().st_size // 2)
+        elif case == "adapter_config_not_an_object":
+            (adapter / "adapter_config.json").write_text("[]")
+        else:  # found only while the folder is built: DEST's parent exists by then
+            (src / "adapters" / "README.md").unlink(missing_ok=True)  # PEFT's card for the adapters folder
+            shutil.copytree(adapter, src / "adapters" / "README.md")  # the card is written before the adapters
+            dest.parent.mkdir(parents=True)
     before = sorted(p.name for p in dest.parent.iterdir()) if dest.parent.exists() else None
     with pytest.raises(ValueError, match=message):
         export_model(src, dest, **kwargs)
