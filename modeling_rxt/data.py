@@ -6,8 +6,10 @@ Nothing here touches the network. Two sources:
   (BSD), used as distractor turns and for language modelling.
 * `make_episodes()`: synthetic conversations that test the short-term memory. The user states facts ("tell"), changes
   them ("update"), chats about other things ("chat", a corpus pair) and later asks for them ("ask", whose answer is
-  exactly the value, e.g. "bimo ."). Every ask records `fact_distance`, the number of turns since its fact was last
-  stated (1 = the previous turn), and `expected`, the value string for exact-match scoring.
+  exactly the value, e.g. "bimo ."). Every ask records `expected`, the value string for exact-match scoring, and
+  `fact_distance`, the number of turns since the value was last in the conversation (1 = the previous turn): since
+  the last tell/update of the fact OR the last earlier ask of it, whose answer ("bimo .") states the same value again
+  and is written to the memory like any turn (`_restated_value`).
 
 Held-out evaluation: the values of the validation and test splits never occur in the train split (each slot's pool is
 cut into disjoint train / validation / test parts, and the pools of different slots are disjoint too), and the corpus
@@ -294,8 +296,11 @@ class Episode:
 #   "new_update": a new fact, told at some p0 < q, updated at q and asked at q+d;
 #   "update":     a fact already in the episode, updated at q after all its events and asked at q+d;
 #   "reask":      a fact already stated at p, asked again at p+d (no statement of it between).
-# No placement ever moves a statement between an existing ask and the statement it refers to, so the planned
-# distances are exact. The positions left free become chat distractors.
+# No placement ever moves a statement between an existing ask and the statement it refers to. The planned distance
+# counts from the statement only; the recorded `fact_distance` counts from the last turn that holds the value, which
+# is an earlier ask of the same fact when there is one in between (its answer restates the value), so a re-ask can
+# be recorded shorter than planned (`_restated_value`). The plan, and so every episode's text, does not depend on
+# that. The positions left free become chat distractors.
 
 _Event = tuple[str, str]  # (kind, slot name)
 _NEW_FACT_PREFERENCE = 0.7  # new facts keep several facts alive at once; re-asks help long distances fit
@@ -399,7 +404,7 @@ def _realise(grid: list[_Event | None], rng: random.Random, split: str, chats: S
         picks = rng.sample(range(len(chats)), n_chats)
     else:
         picks = [rng.randrange(len(chats)) for _ in range(n_chats)]
-    current: dict[str, tuple[str, int]] = {}  # slot -> (value, position of its last statement)
+    current: dict[str, tuple[str, int]] = {}  # slot -> (value, position of the last turn that holds the value)
     turns: list[Turn] = []
     for pos, event in enumerate(grid):
         if event is None:
@@ -412,6 +417,7 @@ def _realise(grid: list[_Event | None], rng: random.Random, split: str, chats: S
             value, stated_at = current[name]
             answer = f"{value} ."
             turns.append(Turn(rng.choice(slot.asks), answer, ASK, name, expected=value, fact_distance=pos - stated_at))
+            current[name] = (value, pos)  # the answer states the value again (no random draw: episodes unchanged)
             continue
         value = _other_value(name, split, current.get(name, (None, -1))[0], rng)
         current[name] = (value, pos)
@@ -482,6 +488,17 @@ def make_episodes(
     return episodes
 
 
+def _restated_value(turn: Turn, current: dict[str, tuple[str, int]]) -> str | None:
+    """The value of its fact that `turn` puts into the conversation, given `current` (slot -> (value, position of the
+    last turn holding it)): a tell's or update's value, an ask's expected value when that is the fact's current value
+    (its answer, e.g. "bimo .", states it again), else None. `fact_distance` counts from the last such turn."""
+    if turn.kind in (TELL, UPDATE):
+        return turn.value
+    if turn.kind == ASK and turn.slot in current and turn.expected == current[turn.slot][0]:
+        return turn.expected
+    return None
+
+
 def recall_probes(episode: Episode) -> list[tuple[int, Turn]]:
     """Questions the memory should be able to answer before each turn, for training: (t, ask) for every turn t >= 1
     and every fact stated before t, asked with one of its slot's questions (chosen deterministically from the episode
@@ -489,7 +506,7 @@ def recall_probes(episode: Episode) -> list[tuple[int, Turn]]:
     asks for is left out (that ask is trained already). The probes read the memory and are never written to it, so
     one sequence of memory writes is supervised at every distance at once instead of only where the episode asks."""
     rng = random.Random(f"rxt-probes/{episode.id}")
-    current: dict[str, tuple[str, int]] = {}  # slot -> (value, position of its last statement)
+    current: dict[str, tuple[str, int]] = {}  # slot -> (value, position of the last turn holding the value)
     probes: list[tuple[int, Turn]] = []
     for position, turn in enumerate(episode.turns):
         for name, (value, stated_at) in current.items():
@@ -498,8 +515,9 @@ def recall_probes(episode: Episode) -> list[tuple[int, Turn]]:
             query = rng.choice(_SLOTS_BY_NAME[name].asks)
             probes.append((position, Turn(query, f"{value} .", ASK, name, expected=value,
                                           fact_distance=position - stated_at)))
-        if turn.kind in (TELL, UPDATE):
-            current[turn.slot] = (turn.value, position)
+        value = _restated_value(turn, current)
+        if value is not None:
+            current[turn.slot] = (value, position)
     return probes
 
 
@@ -617,7 +635,8 @@ def lm_texts(episodes: Iterable[Episode] = (), *, pairs: Iterable[tuple[str, str
 
 
 def _turn_problem(turn: Turn, last_statement: dict[str, tuple[str, int]], position: int) -> str | None:
-    """What is wrong with one turn given the facts stated before it, or None."""
+    """What is wrong with one turn given the facts stated before it, or None. `last_statement` maps a slot to its
+    current value and the last position holding it (a statement, or an earlier ask whose answer restated it)."""
     if turn.kind not in KINDS:
         return f"kind must be one of {KINDS}, got {turn.kind!r}"
     try:
@@ -634,9 +653,10 @@ def _turn_problem(turn: Turn, last_statement: dict[str, tuple[str, int]], positi
         value, stated_at = last_statement[turn.slot]
         if turn.expected != value or turn.fact_distance != position - stated_at:
             return (
-                f"expects {turn.expected!r} at distance {turn.fact_distance}, but the last statement of "
-                f"{turn.slot!r} is {value!r} at distance {position - stated_at}"
+                f"expects {turn.expected!r} at distance {turn.fact_distance}, but the value of {turn.slot!r} is "
+                f"{value!r}, last stated (or restated by an ask) at distance {position - stated_at}"
             )
+        last_statement[turn.slot] = (value, position)  # the answer states the value again
     return None
 
 
@@ -655,7 +675,8 @@ def validate_episode(
 ) -> None:
     """Raise `ValueError` naming the episode (id and `index`) and the turn if a turn has an empty or non-string query
     or answer, a literal special token string, an unknown kind, an ask that does not match the last statement of its
-    fact, or (given a tokenizer) more tokens than `max_length` (default `tokenizer.model_max_length`) in the turn
+    fact (its value, and its distance counted from the last turn holding that value: the statement or a later ask of
+    the fact), or (given a tokenizer) more tokens than `max_length` (default `tokenizer.model_max_length`) in the turn
     format of `format_interaction`."""
     where = f"episode {episode.id!r}" + (f" (index {index})" if index is not None else "")
     if not episode.turns:

@@ -11,8 +11,11 @@ The model plays held-out episodes turn by turn, as in a real conversation:
   the model's OWN answer for asks (a wrong answer is not replaced by the right one, which would re-state the fact
   for free and shorten the distance of later questions about it).
 
-`fact_distance` is the number of turns since the fact was last stated (1 = the previous turn). Chance is the mean
-over the questions of 1 / (number of values the slot takes in the split).
+`fact_distance` (`data.make_episodes`) is the number of turns since the value was last in the conversation (1 = the
+previous turn): since the last statement of the fact, or since an earlier question about it when there is one after
+that statement, whose answer restates the value (a re-asked fact is not scored at the distance of its statement).
+The episode's label is used as it is, also where the model got that earlier question wrong and so did not restate
+the value itself. Chance is the mean over the questions of 1 / (number of values the slot takes in the split).
 """
 
 from __future__ import annotations
@@ -304,7 +307,7 @@ def plot_recall(result: dict, path: str | os.PathLike, title: str = "RxT recall 
     axes.plot(distances, with_memory, "o-", label="with memory")
     axes.plot(distances, reset, "s--", label="memory reset before the question")
     axes.axhline(100 * result["chance"], color="grey", linestyle=":", label="chance")
-    axes.set(xlabel="turns since the fact was stated", ylabel="exact-match recall (%)", title=title, ylim=(-2, 102))
+    axes.set(xlabel="turns since the value was last stated", ylabel="exact-match recall (%)", title=title, ylim=(-2, 102))
     axes.set_xticks(distances)
     axes.grid(alpha=0.3)
     axes.legend(loc="best")
