@@ -38,7 +38,7 @@ STATE_CONFIG_NAME = "memory_state.json"
 STATE_FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: `==` on the tensor would not give one bool
 class RxTMemoryState:
     """Short-term memory of a batch of conversations: `stm` has shape (L, B, S, D)."""
 
@@ -131,6 +131,10 @@ class RxTMemoryState:
         shapes = {(s.num_layers, s.num_slots, s.hidden_size) for s in states}
         if len(shapes) != 1:
             raise ValueError(f"`states` come from models of different shapes: {sorted(shapes)}.")
+        for what, values in (("dtypes", {s.dtype for s in states}), ("devices", {s.device for s in states})):
+            if len(values) != 1:  # torch would promote dtypes silently, and fail on devices without naming them
+                raise ValueError(f"`states` are in different {what}: {sorted(map(str, values))}; "
+                                 "move them with `.to(...)` first.")
         return cls(torch.cat([s.stm for s in states], dim=1))
 
     # ---- files ---------------------------------------------------------------------------------------------------
@@ -174,7 +178,22 @@ class RxTMemoryState:
             raise ValueError(f"`{path}` is not a readable memory state (corrupted or truncated): {error}") from error
         if set(tensors) != {"stm"}:
             raise ValueError(f"`{path}` holds tensors {sorted(tensors)}, expected exactly ['stm'].")
-        return cls(tensors["stm"])
+        state = cls(tensors["stm"])
+        state._check_recorded(read_json_object(os.path.join(directory, STATE_CONFIG_NAME), f"`{STATE_CONFIG_NAME}`"))
+        return state
+
+    def _check_recorded(self, info: dict) -> None:
+        """`memory_state.json`, written with the tensor, must be of this format and describe this tensor: a
+        mismatch means the two files do not belong together (or the format is newer than this code)."""
+        if info.get("format_version") != STATE_FORMAT_VERSION:
+            raise ValueError(f"`{STATE_CONFIG_NAME}` has format_version {info.get('format_version')!r}; this code "
+                             f"reads version {STATE_FORMAT_VERSION}.")
+        found = {"num_layers": self.num_layers, "batch_size": self.batch_size, "num_slots": self.num_slots,
+                 "hidden_size": self.hidden_size, "dtype": str(self.dtype).removeprefix("torch.")}
+        differ = {key: (info.get(key), value) for key, value in found.items() if info.get(key) != value}
+        if differ:
+            raise ValueError(f"`{STATE_CONFIG_NAME}` does not describe `{STATE_WEIGHTS_NAME}` "
+                             f"(recorded, found): {differ}; the two files do not belong together.")
 
 
 def row_index(rows, batch_size: int, device, name: str, allow_negative: bool = False) -> torch.Tensor:

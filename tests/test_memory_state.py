@@ -223,6 +223,15 @@ def test_concatenate_joins_batches_in_order():
         RxTMemoryState.concatenate([numbered_state(), RxTMemoryState(torch.zeros(2, 1, 4, 8))])
     with pytest.raises(TypeError, match="states"):
         RxTMemoryState.concatenate([numbered_state(), torch.zeros(2, 1, 3, 8)])
+    with pytest.raises(ValueError, match="different dtypes"):  # torch.cat would promote bfloat16 silently
+        RxTMemoryState.concatenate([numbered_state(), numbered_state().to(torch.bfloat16)])
+    with pytest.raises(ValueError, match="different devices"):
+        RxTMemoryState.concatenate([numbered_state(), numbered_state().to("meta")])
+
+
+def test_states_compare_by_identity():
+    state = numbered_state()
+    assert state == state and state != state.clone() and state in [numbered_state(), state]
 
 
 def test_state_constructor_checks_its_tensor():
@@ -298,6 +307,30 @@ def test_truncated_or_corrupted_file_is_refused_naming_it(tmp_path):
             RxTMemoryState.from_pretrained(tmp_path)
     path.unlink()
     with pytest.raises(ValueError, match=STATE_WEIGHTS_NAME.replace(".", r"\.")):
+        RxTMemoryState.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "message"),
+    [
+        (None, "is not a file"),
+        ("{trunc", "not valid JSON"),
+        ({"format_version": 99}, "format_version 99"),
+        ({"hidden_size": 999}, "does not describe"),
+        ({"num_layers": 7}, "does not describe"),
+        ({"dtype": "bfloat16"}, "does not describe"),
+    ],
+)
+def test_the_json_written_with_the_tensor_must_describe_it(tmp_path, sidecar, message):
+    numbered_state().save_pretrained(tmp_path)
+    path = tmp_path / STATE_CONFIG_NAME
+    if sidecar is None:
+        path.unlink()
+    elif isinstance(sidecar, str):
+        path.write_text(sidecar)
+    else:
+        path.write_text(json.dumps({**json.loads(path.read_text()), **sidecar}))
+    with pytest.raises(ValueError, match=message):
         RxTMemoryState.from_pretrained(tmp_path)
 
 
