@@ -18,6 +18,7 @@ names wherever one exists, Mixtral names for the mixture of experts, and a `memo
 """
 
 import functools
+import math
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
@@ -127,6 +128,11 @@ class RxTConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.num_attention_heads > 0:
+            if self.hidden_size % self.num_attention_heads:  # an explicit head_dim (e.g. SQA) may differ; a derived one not
+                raise ValueError(
+                    f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
+                    f"({self.num_attention_heads}), or give `head_dim` explicitly."
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -163,13 +169,19 @@ class RxTConfig(PreTrainedConfig):
             raise ValueError("`memory_write_occupancy` needs `memory_write_competition=True` (it biases that write).")
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}.")
-        if self.router_aux_loss_coef < 0:
-            raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}.")
-        if not self.rms_norm_eps > 0 or not self.initializer_range >= 0:
+        if not 0 <= self.router_aux_loss_coef < math.inf:  # also refuses NaN
+            raise ValueError(f"`router_aux_loss_coef` must be a finite number >= 0, got {self.router_aux_loss_coef}.")
+        if not 0 < self.rms_norm_eps < math.inf or not 0 <= self.initializer_range < math.inf:
             raise ValueError(
-                f"`rms_norm_eps` must be > 0 and `initializer_range` >= 0, got {self.rms_norm_eps} and "
-                f"{self.initializer_range}."
+                f"`rms_norm_eps` must be finite and > 0 and `initializer_range` finite and >= 0, got "
+                f"{self.rms_norm_eps} and {self.initializer_range}."
             )
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            # A pad id out of range would crash the embedding, or (-1) silently make its last row the padding row.
+            if value is not None and not all(0 <= token < self.vocab_size for token in ids):
+                raise ValueError(f"`{name}` must be None or in [0, {self.vocab_size}) (`vocab_size`), got {value}.")
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"`hidden_act` must be one of transformers' activations, got {self.hidden_act!r}.")
         check_retrieval_controls(

@@ -50,6 +50,15 @@ INVALID_CONFIGS = [
     (dict(memory_write_competition=True, memory_write_occupancy=float("nan")), ValueError, "memory_write_occupancy"),
     (dict(use_cache="yes"), TypeError, "use_cache"),
     (dict(num_hidden_layers=True), TypeError, "num_hidden_layers"),
+    # 36 / 8 heads would be truncated to head_dim 4 (32 of 36 channels); an explicit head_dim is SQA, and allowed
+    (dict(hidden_size=36, num_attention_heads=8, num_key_value_heads=2), ValueError, "multiple of `num_attention_heads`"),
+    (dict(pad_token_id=10_000), ValueError, "pad_token_id"),
+    (dict(pad_token_id=-1), ValueError, "pad_token_id"),
+    (dict(eos_token_id=[3, 10_000]), ValueError, "eos_token_id"),
+    (dict(router_aux_loss_coef=float("nan")), ValueError, "router_aux_loss_coef"),
+    (dict(router_aux_loss_coef=float("inf")), ValueError, "router_aux_loss_coef"),
+    (dict(rms_norm_eps=float("inf")), ValueError, "rms_norm_eps"),
+    (dict(initializer_range=float("inf")), ValueError, "initializer_range"),
 ]
 
 
