@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from modeling_rxt import RxTForCausalLM
 from modeling_rxt.adapters import check_adapter_fits
-from modeling_rxt.memory_state import create_temporary
+from modeling_rxt.memory_state import create_temporary, fsync_tree, replace_folder
 
 from .fresh_process import BLOCKED_PACKAGES
 from .model_card import DEFAULT_DATASETS, Evaluation, build_model_card, read_evaluation, read_recipe
@@ -280,22 +280,6 @@ def copy_adapter(source: Path, target: Path, base_model: str) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _fsync(path: Path) -> None:
-    """Flushes a file, or a folder's entries, to disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Every file and folder under `folder`, and itself: a rename then publishes complete data."""
-    for path in [*folder.rglob("*"), folder]:
-        if not path.is_symlink():
-            _fsync(path)
-
-
 def build_folder(staging: Path, model, tokenizer, *, model_id: str, base_model: str, adapters: dict[str, Path],
                  evaluation: Evaluation | None, recipe: dict | None, recipe_name: str | None,
                  datasets: Sequence[str]) -> None:
@@ -313,26 +297,7 @@ def build_folder(staging: Path, model, tokenizer, *, model_id: str, base_model: 
         if (staging / name).exists():
             raise ValueError(f"Adapter name {name!r} collides with a file of the exported model.")
         copy_adapter(source, staging / name, base_model)
-    _fsync_tree(staging)
-
-
-def swap_into_place(staging: Path, dest: Path) -> None:
-    """Renames `staging` to `dest`. An existing `dest` is first renamed aside and removed only once the new folder
-    is in place; if that rename fails, the old folder is put back."""
-    if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
-        os.replace(staging, dest)  # a rename over an empty folder is atomic on POSIX
-        _fsync(dest.parent)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    os.replace(dest, retired / dest.name)
-    try:
-        os.replace(staging, dest)
-    except BaseException:
-        os.replace(retired / dest.name, dest)
-        raise
-    finally:
-        shutil.rmtree(retired, ignore_errors=True)
-    _fsync(dest.parent)  # the rename itself is durable once the parent folder is flushed
+    fsync_tree(staging)
 
 
 def _check_dest(dest: Path, overwrite: bool, read: Sequence[Path]) -> None:
@@ -414,7 +379,7 @@ def export_model(
         logger.info("verifying %s in a fresh process", staging)
         report = verify_export(staging, model, tokenizer, model_id=model_id) if verify else None
         _check_dest(dest, overwrite, read)  # again: another process may have filled `dest` meanwhile
-        swap_into_place(staging, dest)
+        replace_folder(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -441,5 +406,4 @@ __all__ = [
     "check_code_files",
     "export_model",
     "find_model_folder",
-    "swap_into_place",
 ]

@@ -49,7 +49,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 
-from .memory_state import RxTMemoryState, create_temporary
+from .memory_state import RxTMemoryState, create_temporary, fsync_tree, replace_folder
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in `adapter_names=`
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -427,35 +427,12 @@ def save_adapters(
             probe = json.dumps({"probes_per_tensor": PROBES_PER_TENSOR, "tensors": base_probe(model)}) + "\n"
             for name in names:  # PEFT saves `default` at the top, every other adapter in a sub-folder of its name
                 (staging if name == "default" else staging / name).joinpath(BASE_PROBE_NAME).write_text(probe, "utf-8")
-        _fsync_tree(staging)
-        _swap_in(staging, target)
+        fsync_tree(staging)
+        replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return names
-
-
-def _fsync_tree(folder: Path) -> None:
-    for file in folder.rglob("*"):
-        if file.is_file():
-            with open(file, "rb+") as handle:
-                os.fsync(handle.fileno())
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Replaces `target` by `staging` with renames; the old folder is removed only once the new one is in place."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, retired / target.name)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(retired / target.name, target)
-        raise
-    finally:
-        shutil.rmtree(retired, ignore_errors=True)
 
 
 __all__ = [

@@ -28,7 +28,9 @@ import torch
 
 from .data import ASK, make_episodes
 from .evaluation import evaluate_fact_recall, evaluate_recall, plot_recall, write_json_atomic
-from .training_curriculum import load_recipe, run_curriculum, run_curriculum_in_processes
+from .training_curriculum import (
+    InputError, load_recipe, one_line, run_curriculum, run_curriculum_in_processes, save_model_folder,
+)
 
 # Runs in a fresh interpreter with only the exported folder: the project's own packages are made unimportable, so
 # the model must load from the folder's code files alone.
@@ -71,7 +73,7 @@ sys.exit(3)
 """
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m modeling_rxt.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="demo", help="a recipe name in configuration/training or a JSON path")
     parser.add_argument("--output", default="runs/demo", help="where the model, evaluation and Hub folder go")
@@ -80,6 +82,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="training processes (gloo DDP through torchrun; each stage's batch is split among them)")
     parser.add_argument("--resume", action="store_true",
                         help="go on with the training of an earlier run into --output that stopped part-way")
+    return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be at least 1")
@@ -140,17 +147,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = args.recipe_values
     print(f"[demo] recipe {args.recipe!r}: {len(recipe['stages'])} stages, {args.threads} CPU threads, "
           f"{args.processes} training process(es)")
-    if args.processes > 1:  # trains and saves runs/.../model in the worker processes
-        threads_per_process = max(1, args.threads // args.processes)
-        model, tokenizer, logs = run_curriculum_in_processes(
-            recipe, output, args.processes, threads_per_process, resume=args.resume
-        )
-    else:
-        model, tokenizer, logs = run_curriculum(recipe, output, progress=True, resume=args.resume)
+    try:
+        if args.processes > 1:  # trains and saves runs/.../model in the worker processes
+            threads_per_process = max(1, args.threads // args.processes)
+            model, tokenizer, logs = run_curriculum_in_processes(
+                recipe, output, args.processes, threads_per_process, resume=args.resume
+            )
+        else:
+            model, tokenizer, logs = run_curriculum(recipe, output, progress=True, resume=args.resume)
+    except InputError as error:  # found before training (`init_from`, --resume): a usage error, as for --recipe
+        _parser().error(one_line(error))
     train_s = time.perf_counter() - start
     model_dir = output / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    save_model_folder(model, tokenizer, model_dir)  # staged and renamed: a failed save keeps the previous model
 
     settings = recipe.get("evaluation", {})
     split = settings.get("split", "test")

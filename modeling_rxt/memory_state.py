@@ -301,6 +301,42 @@ def atomic_write_files(writes: dict) -> None:
             os.close(handle)
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flushes a file, or a folder's entries, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file and folder under `folder`, and itself, flushed to disk: a rename then publishes complete data."""
+    for path in [*folder.rglob("*"), folder]:
+        if not path.is_symlink():
+            fsync_path(path)
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Renames the complete folder `staging` (flushed, `fsync_tree`) to `target`, atomically for readers. A folder
+    cannot be renamed over a non-empty one, so an existing `target` is first renamed aside and removed only once the
+    new folder is in place (put back if that rename fails): a crash in between leaves the old folder in the hidden
+    `.NAME.old-*` beside it, never no folder at all."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        os.replace(staging, target)  # a rename over an empty folder is atomic on POSIX
+    else:
+        retired = create_temporary(target.parent, f".{target.name}.old-", directory=True)
+        os.replace(target, retired / target.name)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            os.replace(retired / target.name, target)
+            raise
+        finally:
+            shutil.rmtree(retired, ignore_errors=True)
+    fsync_path(target.parent)  # the rename itself is durable once the parent folder is flushed
+
+
 def _keep_previous(path: Path) -> str | None:
     """A second name for the current content of `path` (None if it has none), which stays in place meanwhile."""
     if not path.exists():

@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -56,7 +57,7 @@ from .data import (
     ASK, CHAT, SPLITS, TELL, UPDATE, interactions_dataset, lm_texts, load_dialogue_corpus, make_episodes,
 )
 from .external_memory import check_retrieval_controls
-from .memory_state import read_json_object, write_json_atomic
+from .memory_state import create_temporary, fsync_tree, read_json_object, replace_folder, write_json_atomic
 from .modeling_rxt import RxTForCausalLM
 from .tokenization import (
     ANSWER_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, MIN_VOCAB_SIZE, PAD_TOKEN, QUERY_TOKEN, train_tokenizer,
@@ -153,6 +154,7 @@ def check_recipe(recipe: Mapping) -> None:
             if key not in stage:
                 raise ValueError(f"{where}: `{key}` is required")
         _check_fields(stage, _STAGE_FIELDS, where)
+        _check_stage_weights(stage, where)
     if num_layers is not None:
         check_stage_layers(recipe["stages"], num_layers, recipe.get("max_length", 128))
 
@@ -166,6 +168,23 @@ def check_stage_layers(stages: Sequence[Mapping], num_layers: int, max_length: i
             check_retrieval_controls(num_layers, max_length, layers=stage["external_memory_layers"])
         except (TypeError, ValueError) as error:
             raise ValueError(f"recipe stage {index} ({stage['stage']}): {error}") from error
+
+
+def _check_stage_weights(stage: Mapping, where: str) -> None:
+    """A stage whose weights leave nothing to train fails when it runs: the external-memory collator finds no row
+    (its `kind_weights` replace the default {"ask": 1}), the memory-aware loss has no gradient (its `kind_weights`
+    update the default of 1 per kind; recall probes count too)."""
+    if stage["stage"] == "external_memory" and "kind_weights" in stage:
+        if not any(weight > 0 for weight in stage["kind_weights"].values()):
+            raise ValueError(f"{where}: `kind_weights` must give some kind a weight > 0 (the stage answers only "
+                             f"those turns from the external memory), got {stage['kind_weights']!r}")
+    if stage["stage"] == "memory_aware":
+        weights = {**_DEFAULT_KIND_WEIGHTS, **stage.get("kind_weights", {})}
+        # An episode of 2 turns states one fact and asks for it: no other fact is left for a probe to ask.
+        probes = stage.get("probe_weight", 0) > 0 and stage.get("turns", 10) > 2
+        if not any(weight > 0 for weight in weights.values()) and not probes:
+            raise ValueError(f"{where}: `kind_weights` are all 0 and there are no recall probes (`probe_weight` 0, "
+                             f"or `turns` 2): no turn would be trained, got {stage['kind_weights']!r}")
 
 
 def _check_section(section, fields: Mapping, where: str) -> None:
@@ -231,10 +250,13 @@ _MODEL_FIELDS = {
     "overrides": (lambda v: isinstance(v, Mapping), "a mapping of config fields"),
     "gate_bias": (partial(_is_number, low=-math.inf), "a finite number"),
 }
+# `turns`, `ask_ratio` and `max_chat_chars` have the limits of `data.make_episodes` and `data.load_dialogue_corpus`,
+# which run only when a stage (or, after every stage, the evaluation) builds its episodes.
+_TURNS = (partial(_is_int, low=2), "an int >= 2 (a fact and a question about it)")
 _EVALUATION_FIELDS = {
     "split": (lambda v: v in SPLITS, f"one of {SPLITS}"),
     "episodes": (_is_int, "a positive int"),
-    "turns": (_is_int, "a positive int"),
+    "turns": _TURNS,
     "batch_size": (_is_int, "a positive int"),
     "seed": (partial(_is_int, low=0), "an int >= 0"),
     "external_memory_episodes": (_is_int, "a positive int"),
@@ -243,13 +265,15 @@ _POSITIVE_INT, _COUNT = (_is_int, "a positive int"), (partial(_is_int, low=0), "
 _FRACTION = (partial(_is_number, high=1.0), "a number in [0, 1]")
 _WEIGHT = (_is_number, "a finite number >= 0")
 _STAGE_FIELDS = {
-    "max_steps": _POSITIVE_INT, "batch_size": _POSITIVE_INT, "episodes": _POSITIVE_INT, "turns": _POSITIVE_INT,
-    "max_chat_chars": _POSITIVE_INT, "logging_steps": _POSITIVE_INT, "external_memory_topk": _POSITIVE_INT,
+    "max_steps": _POSITIVE_INT, "batch_size": _POSITIVE_INT, "episodes": _POSITIVE_INT, "turns": _TURNS,
+    "max_chat_chars": (partial(_is_int, low=2), "an int >= 2"),
+    "ask_ratio": (partial(_is_number, high=1.0, above_low=True), "a number in (0, 1]"),
+    "logging_steps": _POSITIVE_INT, "external_memory_topk": _POSITIVE_INT,
     "warmup_steps": _COUNT, "save_steps": _COUNT, "bptt_turns": _COUNT,
     "max_distance": (lambda v: v is None or _is_int(v), "a positive int or null"),
     "learning_rate": (partial(_is_number, above_low=True), "a finite number > 0"),
     "weight_decay": _WEIGHT, "mlm_weight": _WEIGHT, "probe_weight": _WEIGHT, "memory_aware_weight": _WEIGHT,
-    "min_lr_ratio": _FRACTION, "ask_ratio": _FRACTION, "extra_facts": _FRACTION, "first_weight": _FRACTION,
+    "min_lr_ratio": _FRACTION, "extra_facts": _FRACTION, "first_weight": _FRACTION,
     "weight_decay_per_turn": _FRACTION, "min_weight": _FRACTION,
     "mlm_probability": (lambda v: _is_number(v, above_low=True) and v < 1, "a number in (0, 1)"),
     "corpus": (lambda v: isinstance(v, bool), "true or false"),
@@ -299,11 +323,35 @@ def load_trained(path: str | Path) -> tuple[RxTForCausalLM, PreTrainedTokenizerB
     `runs/demo/model`), in training mode."""
     from transformers import AutoTokenizer
 
+    folder = _saved_model_folder(path)
+    return load_complete_model(folder, "recipe `init_from`"), AutoTokenizer.from_pretrained(folder)
+
+
+def _saved_model_folder(path: str | Path) -> Path:
     folder = Path(path)
     if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
         raise ValueError(f"recipe `init_from`: {str(path)!r} is not a saved RxT model folder with its tokenizer "
                          "(run the recipe that makes it first, e.g. `make demo` for runs/demo/model)")
-    return load_complete_model(folder, "recipe `init_from`"), AutoTokenizer.from_pretrained(folder)
+    return folder
+
+
+def check_init_from(recipe: Mapping) -> None:
+    """What `check_recipe` cannot know without the saved model of `init_from` (reads its config only): that it is
+    there, that it has positions for the recipe's `max_length` (the stages keep interactions up to that length, and
+    the first longer than the model takes would fail in the middle of training), and the depth the stages'
+    retrieval layers need."""
+    from .configuration_rxt import RxTConfig
+
+    folder = _saved_model_folder(recipe["init_from"])
+    config = RxTConfig.from_pretrained(folder)
+    max_length = recipe.get("max_length", 128)
+    if max_length > config.max_position_embeddings:
+        raise ValueError(
+            f"recipe `max_length` ({max_length}) is more than the model of `init_from` ({str(folder)!r}) takes: "
+            f"{config.max_position_embeddings} tokens (its `max_position_embeddings`); lower `max_length` to at most "
+            "that"
+        )
+    check_stage_layers(recipe["stages"], config.num_hidden_layers, max_length)
 
 
 def load_complete_model(folder: Path, what: str) -> RxTForCausalLM:
@@ -484,17 +532,24 @@ def run_curriculum(
     logs. With `resume`, goes on from where an earlier run into the same `output_dir` stopped (module docstring)."""
     if not isinstance(resume, bool):
         raise TypeError(f"`resume` must be True or False, got {resume!r}")
-    check_recipe(recipe)
+    with input_checks():
+        check_recipe(recipe)
+        if "init_from" in recipe:
+            check_init_from(recipe)
+        if resume:
+            check_same_run(recipe, Path(output_dir))
     seed = recipe.get("seed", 0)
     max_length = recipe.get("max_length", 128)
     torch.manual_seed(seed)
     if "init_from" in recipe:
-        model, tokenizer = load_trained(recipe["init_from"])
-        # The depth is known now, before any stage trains.
-        check_stage_layers(recipe["stages"], model.config.num_hidden_layers, max_length)
+        with input_checks():  # weights that do not match the saved config
+            model, tokenizer = load_trained(recipe["init_from"])
     else:
         tokenizer = build_tokenizer(recipe["tokenizer"], seed)
         model = build_model(recipe["model"], tokenizer, max_length)
+    # Saved with the model: `tokenizer(..., truncation=True)` and `encode_query` then fit what the model takes.
+    # (Training passes `max_length` explicitly, so no token id changes.)
+    tokenizer.model_max_length = model.config.max_position_embeddings
     start_or_resume(recipe, Path(output_dir), resume)
     logs = []
     for index, stage in enumerate(recipe["stages"]):
@@ -514,6 +569,23 @@ def run_curriculum(
 
 
 FINISHED_STAGE, STAGE_LOG, RUN_RECIPE = "final", "stage_log.json", "run_recipe.json"
+
+
+class InputError(ValueError):
+    """Bad input found before anything trains (the recipe, the model of `init_from`, the run to resume): the CLIs
+    report it as a usage error (exit code 2, one `error:` line), not as a crash. Errors raised while training keep
+    their traceback."""
+
+
+@contextmanager
+def input_checks():
+    """Re-raises a `ValueError` of the checks inside as an `InputError` with the same message."""
+    try:
+        yield
+    except InputError:
+        raise
+    except ValueError as error:
+        raise InputError(str(error)) from error
 
 
 def start_or_resume(recipe: Mapping, output_dir: Path, resume: bool) -> None:
@@ -586,11 +658,27 @@ def save_finished_stage(model: RxTForCausalLM, log: StageLog, folder: Path) -> N
 
 
 def save_trained(model: RxTForCausalLM, tokenizer: PreTrainedTokenizerBase, logs: Sequence[StageLog], output_dir):
-    """`output_dir/model` (model + tokenizer, loadable by `load_trained` and `from_pretrained`) and the stage logs in
-    `output_dir/stages.json`."""
-    model.save_pretrained(Path(output_dir) / "model")
-    tokenizer.save_pretrained(Path(output_dir) / "model")
+    """`output_dir/model` (model + tokenizer, loadable by `load_trained` and `from_pretrained`; `save_model_folder`)
+    and the stage logs in `output_dir/stages.json`."""
+    save_model_folder(model, tokenizer, Path(output_dir) / "model")
     write_json_atomic({"stages": [asdict(log) for log in logs]}, Path(output_dir) / "stages.json")
+
+
+def save_model_folder(model: RxTForCausalLM, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
+    """`save_pretrained` of the model and its tokenizer into `folder`, staged in a hidden sibling folder and renamed
+    into place: a save that fails part-way (a full disk, a kill) leaves the previous model in `folder` intact, where
+    saving in place would have left it half overwritten."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = create_temporary(folder.parent, f".{folder.name}.", directory=True)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        fsync_tree(staging)  # complete on disk before the rename publishes it
+        replace_folder(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def run_curriculum_in_processes(
@@ -604,12 +692,16 @@ def run_curriculum_in_processes(
     starts from the same weights and token ids), saves them in `output_dir/initial`, and runs the stages as a recipe
     that continues from there; rank 0 saves the result (`save_trained`), which is loaded and returned. `resume` as in
     `run_curriculum` (the initial model is then the one saved by the first run)."""
-    check_recipe(recipe)
+    with input_checks():
+        check_recipe(recipe)
     if not isinstance(resume, bool):
         raise TypeError(f"`resume` must be True or False, got {resume!r}")
-    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise ValueError(f"`processes` must be a positive integer, got {processes!r}")
-    check_batch_sizes(recipe["stages"], processes)
+    with input_checks():  # here, not only in the worker processes, where they would end in a RuntimeError
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise ValueError(f"`processes` must be a positive integer, got {processes!r}")
+        check_batch_sizes(recipe["stages"], processes)
+        if "init_from" in recipe:
+            check_init_from(recipe)
     output = Path(output_dir)
     stages = {key: value for key, value in recipe.items() if key not in ("tokenizer", "model")}
     built = {"tokenizer": recipe.get("tokenizer"), "model": recipe.get("model")}  # what `initial/` is built from
@@ -617,12 +709,13 @@ def run_curriculum_in_processes(
     if "init_from" not in recipe:
         stages["init_from"] = str(output / "initial")
     if resume:  # checked here, before `initial/` is reused, with a clear error in this process
-        check_same_run(stages, output)
-        if built_from.is_file() and read_json_object(built_from, str(built_from)) != _as_json(built):
-            raise ValueError(
-                f"`resume`: {str(output)!r} holds a run of another recipe (its `tokenizer` / `model` differ, "
-                f"{built_from}); resume it with that recipe, or start a fresh run (without `resume`)."
-            )
+        with input_checks():
+            check_same_run(stages, output)
+            if built_from.is_file() and read_json_object(built_from, str(built_from)) != _as_json(built):
+                raise ValueError(
+                    f"`resume`: {str(output)!r} holds a run of another recipe (its `tokenizer` / `model` differ, "
+                    f"{built_from}); resume it with that recipe, or start a fresh run (without `resume`)."
+                )
     if "init_from" not in recipe and not (resume and built_from.is_file()):
         torch.manual_seed(recipe.get("seed", 0))
         tokenizer = build_tokenizer(recipe["tokenizer"], recipe.get("seed", 0))
@@ -663,12 +756,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TypeError, ValueError) as error:
         parser.error(f"--recipe: {error}")
     torch.set_num_threads(args.threads)
-    model, tokenizer, logs = run_curriculum(recipe, args.output, progress=_is_rank_zero(), resume=args.resume)
+    try:
+        model, tokenizer, logs = run_curriculum(recipe, args.output, progress=_is_rank_zero(), resume=args.resume)
+    except InputError as error:  # found before training: a usage error like those of `load_recipe`
+        parser.error(one_line(error))
     if _is_rank_zero():
         save_trained(model, tokenizer, logs, args.output)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         leave_process_group()
     return 0
+
+
+def one_line(error: Exception) -> str:
+    """An error's message on one line, for a CLI's `error:` message."""
+    return " ".join(str(error).splitlines())
 
 
 def leave_process_group() -> None:
@@ -685,17 +786,21 @@ def leave_process_group() -> None:
 
 __all__ = [
     "RECIPES_DIR",
+    "InputError",
     "StageLog",
     "build_model",
     "build_tokenizer",
+    "check_init_from",
     "check_recipe",
     "load_recipe",
+    "input_checks",
     "load_trained",
     "leave_process_group",
     "check_batch_sizes",
     "run_curriculum",
     "run_curriculum_in_processes",
     "run_stage",
+    "save_model_folder",
     "save_trained",
     "stage_components",
     "training_arguments",

@@ -47,29 +47,23 @@ def tokenizer(episodes):
     return train_tokenizer(lm_texts(episodes[:50], pairs=load_dialogue_corpus("train")[:200]), vocab_size=600)
 
 
-def _statement_history(episode: Episode) -> list[tuple[str | None, int | None]]:
-    """For each turn, the (value, position) of the last statement of that turn's slot before it."""
+def _statement_history(episode: Episode, asks_restate: bool = False) -> list[tuple[str | None, int | None]]:
+    """For each turn, the (value, position) of the last statement of that turn's slot before it; with `asks_restate`,
+    of the last turn holding the slot's current value: its statement, or a later ask of it (whose answer, "bimo .",
+    states the value again)."""
     last: dict[str, tuple[str, int]] = {}
     history = []
     for position, turn in enumerate(episode.turns):
         history.append(last.get(turn.slot, (None, None)))
         if turn.kind in (TELL, UPDATE):
             last[turn.slot] = (turn.value, position)
+        elif asks_restate and turn.kind == ASK and turn.expected == last[turn.slot][0]:
+            last[turn.slot] = (turn.expected, position)
     return history
 
 
 def _value_history(episode: Episode) -> list[tuple[str | None, int | None]]:
-    """For each turn, the (value, position) of the last turn before it that holds the current value of that turn's
-    slot: its statement, or a later ask of it (whose answer, "bimo .", states the value again)."""
-    last: dict[str, tuple[str, int]] = {}
-    history = []
-    for position, turn in enumerate(episode.turns):
-        history.append(last.get(turn.slot, (None, None)))
-        if turn.kind in (TELL, UPDATE):
-            last[turn.slot] = (turn.value, position)
-        elif turn.kind == ASK and turn.expected == last[turn.slot][0]:
-            last[turn.slot] = (turn.expected, position)
-    return history
+    return _statement_history(episode, asks_restate=True)
 
 
 def test_dialogue_corpus_has_over_a_thousand_clean_pairs():

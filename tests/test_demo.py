@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from modeling_rxt.demo import _parse
+from modeling_rxt.demo import _parse, main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,12 +57,80 @@ def test_demo_names_an_unknown_recipe(tmp_path):
     assert "Traceback" not in run.stderr  # a usage error, not a crash
 
 
-def test_demo_checks_the_whole_recipe_before_training(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # the last stage: it used to fail after four had trained
+        (lambda recipe: recipe["stages"][-1].update(external_memory_layers=[9]), "external_memory_layers"),
+        # used to pass, train every stage, then fail in the evaluation's `make_episodes`
+        (lambda recipe: recipe["evaluation"].update(turns=1), "recipe `evaluation`: `turns` must be an int >= 2"),
+    ],
+    ids=["stage-layers", "evaluation-turns"],
+)
+def test_demo_checks_the_whole_recipe_before_training(tmp_path, capsys, change, message):
     recipe = json.loads((REPO / "configuration" / "training" / "tiny.json").read_text())
-    recipe["stages"][-1]["external_memory_layers"] = [9]  # the last stage: it used to fail after four trained
+    change(recipe)
     path = tmp_path / "late_typo.json"
     path.write_text(json.dumps(recipe))
     with pytest.raises(SystemExit) as exit_info:
         _parse(["--recipe", str(path), "--output", str(tmp_path / "out")])
-    assert exit_info.value.code == 2 and "external_memory_layers" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _recipe_from_a_missing_model(tmp_path) -> Path:
+    path = tmp_path / "missing_init.json"
+    path.write_text(json.dumps({"init_from": str(tmp_path / "no_such_model"), "max_length": 64, "stages": [
+        {"stage": "sft", "max_steps": 1, "batch_size": 2, "learning_rate": 1e-3}]}))
+    return path
+
+
+def test_demo_reports_bad_input_found_before_training_as_a_usage_error(tmp_path):
+    """An `init_from` that is not there is found only once the run starts: still argparse's `error:` line and exit
+    code 2, as for a bad --recipe, not a traceback."""
+    run = subprocess.run([sys.executable, "-m", "modeling_rxt.demo", "--recipe", str(_recipe_from_a_missing_model(
+        tmp_path)), "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith("python -m modeling_rxt.demo: error: recipe `init_from`")
+
+
+def test_demo_reports_bad_input_of_a_run_in_processes_before_starting_them(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--recipe", str(_recipe_from_a_missing_model(tmp_path)), "--output", str(tmp_path / "out"),
+              "--processes", "2", "--threads", "2"])
+    assert exit_info.value.code == 2 and "error: recipe `init_from`" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_keeps_the_previous_model_when_its_save_fails(tmp_path, monkeypatch):
+    """The demo saves the trained model in --output/model: staged and renamed, so a save that fails part-way (a
+    full disk, a kill) leaves the model of the previous run as it was."""
+    import transformers.modeling_utils
+
+    from modeling_rxt import RxTConfig, RxTForCausalLM, demo
+    from modeling_rxt.data import lm_texts, make_episodes
+    from modeling_rxt.tokenization import MIN_VOCAB_SIZE, train_tokenizer
+
+    tokenizer = train_tokenizer(lm_texts(make_episodes(20, turns=4)), vocab_size=MIN_VOCAB_SIZE + 64)
+    model = RxTForCausalLM(RxTConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     memory_slots=4, max_position_embeddings=64))
+    folder = tmp_path / "demo" / "model"
+    model.save_pretrained(folder)  # the previous run's model
+    tokenizer.save_pretrained(folder)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(demo, "run_curriculum", lambda *args, **kwargs: (model, tokenizer, []))
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            main(["--recipe", "tiny", "--output", str(tmp_path / "demo"), "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert [path.name for path in folder.parent.iterdir()] == ["model"]  # no staging folder left behind

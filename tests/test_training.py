@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.data import (
@@ -40,7 +40,9 @@ from modeling_rxt.training import (
     tokenize_episodes,
     tokenize_interactions,
 )
-from modeling_rxt.training_curriculum import check_recipe, load_recipe, run_curriculum, run_stage, stage_components
+from modeling_rxt.training_curriculum import (
+    check_recipe, load_recipe, run_curriculum, run_curriculum_in_processes, run_stage, save_trained, stage_components,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_LENGTH = 64
@@ -658,6 +660,17 @@ def test_the_shipped_recipes_are_valid():
         ({"stagess": []}, "unknown keys"),
         ({"seed": "x"}, "seed"),
         ({"model": {"overrides": {"max_position_embeddings": "256"}}}, "recipe `model`"),  # a TypeError inside
+        # The limits of the code that runs later (make_episodes, load_dialogue_corpus, the collators, backward):
+        ({"evaluation": {"turns": 1}}, "recipe `evaluation`: `turns` must be an int >= 2"),
+        ({"stages": [{**stage_recipe("memory_aware"), "turns": 1}]}, r"stage 0 \(memory_aware\): `turns`"),
+        ({"stages": [{**stage_recipe("sft"), "ask_ratio": 0}]}, r"stage 0 \(sft\): `ask_ratio`"),
+        ({"stages": [{**stage_recipe("sft"), "max_chat_chars": 1}]}, r"stage 0 \(sft\): `max_chat_chars`"),
+        ({"stages": [{**stage_recipe("external_memory"), "kind_weights": {ASK: 0}}]},
+         r"stage 0 \(external_memory\): `kind_weights`"),
+        ({"stages": [{**stage_recipe("memory_aware"), "kind_weights": dict.fromkeys((ASK, TELL, UPDATE, CHAT), 0)}]},
+         r"stage 0 \(memory_aware\): `kind_weights` are all 0"),
+        ({"stages": [{**stage_recipe("memory_aware"), "kind_weights": dict.fromkeys((ASK, TELL, UPDATE, CHAT), 0),
+                      "probe_weight": 1.0, "turns": 2}]}, "no recall probes"),
     ],
 )
 def test_bad_recipes_raise_naming_the_field(change, message):
@@ -779,6 +792,123 @@ def test_a_recipe_can_continue_a_trained_model(tokenizer, tmp_path):
     assert not (tmp_path / "run3" / "stages").exists()  # refused before the first stage trained
     with pytest.raises(ValueError, match="lacks 'model'"):
         check_recipe({"tokenizer": {}, "stages": recipe["stages"]})
+
+
+def test_the_recipe_limits_are_those_of_the_code_that_runs_later(tokenizer):
+    """The smallest values `check_recipe` accepts build their stage and train: its limits are not stricter than
+    those of `make_episodes`, `load_dialogue_corpus` and the collators."""
+    zero = dict.fromkeys((ASK, TELL, UPDATE, CHAT), 0)
+    stages = [stage_recipe("sft", turns=2, ask_ratio=0.01, max_chat_chars=2, corpus=True),
+              stage_recipe("memory_aware", turns=3, kind_weights=zero, probe_weight=1.0),
+              stage_recipe("external_memory", turns=2, kind_weights={ASK: 0.5})]
+    check_recipe({"tokenizer": {}, "model": {}, "stages": stages, "evaluation": {"turns": 2}})
+    make_episodes(2, turns=2, split="test")  # the evaluation's episodes
+    model = tiny_model(tokenizer)
+    for stage in stages:
+        dataset, collator, objective = stage_components(stage, tokenizer, MAX_LENGTH, seed=0)
+        loss_sum, weight, _ = objective(model, collator([dataset[i] for i in range(stage["batch_size"])]))
+        (loss_sum / weight).backward()
+
+
+def _saved_model(tokenizer, folder: Path) -> Path:
+    tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_recipe_refuses_a_max_length_the_model_of_init_from_cannot_take(tokenizer, tmp_path):
+    """The stages keep interactions of up to `max_length` tokens: the first longer than the saved model takes would
+    fail in the middle of a stage, so such a recipe is refused before anything trains (in this process also when
+    training in several, where it would fail in each worker)."""
+    saved = _saved_model(tokenizer, tmp_path / "trained")
+    recipe = {"init_from": str(saved), "max_length": MAX_LENGTH + 1, "stages": [stage_recipe("sft", max_steps=1)]}
+    message = rf"`max_length` \({MAX_LENGTH + 1}\) is more than the model of `init_from`.*{MAX_LENGTH} tokens"
+    with pytest.raises(ValueError, match=message):
+        run_curriculum(recipe, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=message):
+        run_curriculum_in_processes(recipe, tmp_path / "run", processes=2)
+    assert not (tmp_path / "run").exists()
+    run_curriculum({**recipe, "max_length": MAX_LENGTH}, tmp_path / "run", progress=False)  # the limit itself
+
+
+def test_the_saved_tokenizer_declares_the_length_the_model_takes(tokenizer, tmp_path, episodes):
+    """`tokenizer(..., truncation=True)` and `encode_query`'s default limit must fit the model (the tokenizer was
+    trained with the default of 256); the token ids, and so the training, stay the same."""
+    saved = _saved_model(tokenizer, tmp_path / "trained")
+    assert tokenizer.model_max_length > MAX_LENGTH
+    recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=1)]}
+    model, trained_tokenizer, logs = run_curriculum(recipe, tmp_path / "run", progress=False)
+    save_trained(model, trained_tokenizer, logs, tmp_path / "run")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    assert loaded.model_max_length == model.config.max_position_embeddings == MAX_LENGTH
+    text = " ".join(["hello"] * 300)
+    truncated = loaded(text, truncation=True, return_tensors="pt")
+    assert truncated["input_ids"].shape[1] == MAX_LENGTH
+    model(**truncated)  # what the tokenizer cuts to, the model takes
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tokenize_episodes(loaded, episodes, MAX_LENGTH).to_dict() == \
+        tokenize_episodes(tokenizer, episodes, MAX_LENGTH).to_dict()
+
+
+def _full_disk(tensors, filename, metadata=None):
+    """`safe_save_file` stopped part-way by a full disk: a truncated file, then the error."""
+    Path(filename).write_bytes(b"\0" * 100)
+    raise OSError(28, "No space left on device")
+
+
+def test_the_final_save_keeps_the_previous_model_when_it_fails(tokenizer, tmp_path, monkeypatch):
+    """`save_trained` stages the model folder and renames it into place (as `save_finished_stage` does): a save that
+    fails part-way leaves the previous model as it was, and nothing of its own; one that succeeds replaces it, with
+    the same files and the permissions of a plain folder."""
+    import transformers.modeling_utils
+
+    output = tmp_path / "run"
+    save_trained(tiny_model(tokenizer, seed=0), tokenizer, [], output)
+    files = lambda: {path.name: path.read_bytes() for path in (output / "model").iterdir()}  # noqa: E731
+    before = files()
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_trained(tiny_model(tokenizer, seed=1), tokenizer, [], output)
+    monkeypatch.undo()
+    assert files() == before
+    assert sorted(path.name for path in output.iterdir()) == ["model", "stages.json"]
+    save_trained(tiny_model(tokenizer, seed=1), tokenizer, [], output)
+    after = files()
+    assert after.keys() == before.keys() and after["model.safetensors"] != before["model.safetensors"]
+    assert sorted(path.name for path in output.iterdir()) == ["model", "stages.json"]
+    (tmp_path / "plain").mkdir()
+    assert (output / "model").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+def test_the_cli_reports_bad_input_found_before_training_as_a_usage_error(tokenizer, tmp_path, capsys, monkeypatch):
+    """An `init_from` that is not there, or --resume into a run of another recipe: argparse's `error:` line and exit
+    code 2, as for a bad --recipe, not a traceback. An error raised while training keeps its traceback."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    path = tmp_path / "recipe.json"
+    recipe = {"init_from": str(tmp_path / "missing"), "max_length": MAX_LENGTH,
+              "stages": [stage_recipe("sft", max_steps=1)]}
+    path.write_text(json.dumps(recipe))
+    with pytest.raises(SystemExit) as exit_info:
+        curriculum.main(["--recipe", str(path), "--output", str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error: recipe `init_from`" in error and "not a saved RxT model" in error
+
+    path.write_text(json.dumps({**recipe, "init_from": str(_saved_model(tokenizer, tmp_path / "trained"))}))
+    write_json_atomic({"stages": []}, tmp_path / "other" / "run_recipe.json")
+    with pytest.raises(SystemExit) as exit_info:
+        curriculum.main(["--recipe", str(path), "--output", str(tmp_path / "other"), "--resume"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "another recipe" in error
+    assert error.strip().splitlines()[-1].startswith("python -m modeling_rxt.training_curriculum: error: `resume`")
+
+    def failing_stage(*args, **kwargs):
+        raise ValueError("broke while training")
+
+    monkeypatch.setattr(curriculum, "run_stage", failing_stage)
+    with pytest.raises(ValueError, match="broke while training"):
+        curriculum.main(["--recipe", str(path), "--output", str(tmp_path / "run")])
 
 
 # --- Evaluation on a known case -------------------------------------------------------------------------------------
