@@ -402,6 +402,25 @@ def test_push_through_the_default_xet_pipeline_and_again_as_a_no_op(exported):
         assert hub.unknown_requests == []
 
 
+def test_a_push_makes_an_existing_repo_hold_exactly_the_folder(exported, tmp_path):
+    """Files of an earlier upload that the new folder lacks are deleted; a private push to a public repo is
+    refused before anything is uploaded."""
+    older = tmp_path / "older"
+    shutil.copytree(exported.dest, older)
+    (older / "persona" / "stale_note.txt").write_text("from an earlier export")
+    (older / "old_module.py").write_text("# a code file since renamed\n")
+    with MockHub(lfs_suffixes=()) as hub:
+        push_folder(older, REPO_ID, endpoint=hub.endpoint, token=hub.token)
+        assert "old_module.py" in hub.files(REPO_ID)
+        push_folder(exported.dest, REPO_ID, endpoint=hub.endpoint, token=hub.token)
+        assert hub.files(REPO_ID) == {name: (exported.dest / name).read_bytes() for name in EXPECTED_FILES}
+        commits = len(hub.repos[REPO_ID].commits)
+        with pytest.raises(ValueError, match="exists and is public"):
+            push_folder(exported.dest, REPO_ID, private=True, endpoint=hub.endpoint, token=hub.token)
+        assert len(hub.repos[REPO_ID].commits) == commits and not hub.repos[REPO_ID].private
+        assert hub.unknown_requests == []
+
+
 def test_push_refuses_bad_input_and_a_wrong_token(exported, tmp_path):
     with pytest.raises(ValueError, match="is not a valid Hub repository id"):
         push_folder(exported.dest, "not a repo id!")
