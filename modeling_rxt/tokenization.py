@@ -20,6 +20,7 @@ mask. `[T]` is reserved for thinking turns and `[MASK]` for the memory encoder's
 
 from __future__ import annotations
 
+import json
 import numbers
 import operator
 from collections.abc import Iterable
@@ -72,6 +73,13 @@ def _build_chat_template() -> str:
     {%- if content == '' -%}
         {{ raise_exception('RxT chat template: message ' ~ loop.index0 ~ ' has empty content') }}
     {%- endif -%}
+    {%- set message_index = loop.index0 -%}
+    {%- for token in <SPECIAL_TOKENS> -%}
+        {%- if token in content -%}
+            {{ raise_exception('RxT chat template: message ' ~ message_index ~ ' contains the special token string '
+                ~ token ~ ', which the turn format refuses in text') }}
+        {%- endif -%}
+    {%- endfor -%}
     {%- if message['role'] == 'user' and loop.index0 % 2 == 0 -%}
         <BOS><Q> {{ content }}
     {%- elif message['role'] == 'assistant' and loop.index0 % 2 == 1 -%}
@@ -87,7 +95,8 @@ def _build_chat_template() -> str:
 """
     for placeholder, token in (("<BOS>", BOS_TOKEN), ("<Q>", QUERY_TOKEN), ("<A>", ANSWER_TOKEN), ("<EOS>", EOS_TOKEN)):
         template = template.replace(placeholder, token)
-    return template
+    # As `encode_query` and `format_interaction` do: "[A]" typed in a message would become the real token.
+    return template.replace("<SPECIAL_TOKENS>", json.dumps(list(SPECIAL_TOKENS)))
 
 
 CHAT_TEMPLATE = _build_chat_template()

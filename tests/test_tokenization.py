@@ -104,8 +104,9 @@ def test_chat_template_without_generation_prompt_stops_after_query(tokenizer):
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
         [{"role": "user", "content": "hello"}, {"role": "user", "content": "again"}],
         [{"role": "user", "content": "   "}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "what does [A] mean in [EOS] ?"}],
     ],
-    ids=["system-role", "two-users-in-a-row", "empty-content"],
+    ids=["system-role", "two-users-in-a-row", "empty-content", "special-token-text"],
 )
 def test_chat_template_rejects_invalid_conversations(tokenizer, messages):
     with pytest.raises(jinja2.exceptions.TemplateError, match="RxT chat template"):
