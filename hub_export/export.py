@@ -123,6 +123,8 @@ def load_source_tokenizer(model_folder: Path, src: Path, config):
                          f"vocab_size {config.vocab_size}.")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         ours, theirs = getattr(tokenizer, name), getattr(config, name)
+        if name == "eos_token_id" and isinstance(theirs, list) and ours in theirs:
+            continue  # several end tokens (as Llama 3 has): the tokenizer's must be one of them
         if ours is None or ours != theirs:
             raise ValueError(f"`src` {str(folder)!r}: tokenizer {name} is {ours}, the model config says {theirs}.")
     return tokenizer
@@ -167,8 +169,9 @@ def write_generation_config(folder: Path, model, tokenizer) -> None:
     most `DEFAULT_MAX_NEW_TOKENS` new tokens (never past the interaction length): transformers' default of 20 tokens
     in all, prompt included, would cut most answers."""
     config = copy.deepcopy(model.generation_config)
-    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
+    eos = model.config.eos_token_id  # the tokenizer's, or a list holding it (checked)
+    config.eos_token_id = eos if isinstance(eos, list) else tokenizer.eos_token_id
+    config.bos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id
     if config.max_new_tokens is None:
         config.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, model.config.max_position_embeddings // 2)
     if config.do_sample is None:  # unset: say "greedy" in the file, as the card's snippet decodes

@@ -128,7 +128,8 @@ class RxTConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.num_attention_heads > 0:
-            if self.hidden_size % self.num_attention_heads:  # an explicit head_dim (e.g. SQA) may differ; a derived one not
+            # An explicit head_dim (e.g. SQA) may differ from hidden_size / heads; a derived one may not be truncated.
+            if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
                     f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
                     f"({self.num_attention_heads}), or give `head_dim` explicitly."

@@ -307,7 +307,8 @@ def plot_recall(result: dict, path: str | os.PathLike, title: str = "RxT recall 
     axes.plot(distances, with_memory, "o-", label="with memory")
     axes.plot(distances, reset, "s--", label="memory reset before the question")
     axes.axhline(100 * result["chance"], color="grey", linestyle=":", label="chance")
-    axes.set(xlabel="turns since the value was last stated", ylabel="exact-match recall (%)", title=title, ylim=(-2, 102))
+    axes.set(xlabel="turns since the value was last stated", ylabel="exact-match recall (%)", title=title,
+             ylim=(-2, 102))
     axes.set_xticks(distances)
     axes.grid(alpha=0.3)
     axes.legend(loc="best")

@@ -162,6 +162,20 @@ def test_the_source_generation_config_is_kept(source, tmp_path):
     assert exported.eos_token_id == AutoTokenizer.from_pretrained(src).eos_token_id
 
 
+def test_a_model_with_several_end_tokens_exports_them_all(source, tmp_path):
+    """`eos_token_id` may be a list (as Llama 3's); the tokenizer's end token must be one of them."""
+    src = tmp_path / "src"
+    shutil.copytree(source / "model", src)
+    eos = AutoTokenizer.from_pretrained(src).eos_token_id
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "eos_token_id": [eos, 5]}))
+    export_model(src, tmp_path / "dest", verify=False)
+    assert GenerationConfig.from_pretrained(tmp_path / "dest").eos_token_id == [eos, 5]
+    (src / "config.json").write_text(json.dumps({**config, "eos_token_id": [4, 5]}))
+    with pytest.raises(ValueError, match="eos_token_id"):
+        export_model(src, tmp_path / "other", verify=False)
+
+
 def test_exported_files_get_the_usual_permissions(exported):
     """Like `save_pretrained`'s: the umask decides, not the owner-only modes of temporary files."""
     umask = os.umask(0o022)
