@@ -186,14 +186,18 @@ def _percent(value: float) -> str:
 
 
 def _results_table(evaluation: Evaluation) -> list[str]:
+    """Every figure the `model-index` reports, by distance (those measured with or without the memory) and overall."""
     reset, counts = evaluation.recall_memory_reset, evaluation.questions_by_distance or {}
+    reset = reset if isinstance(reset, dict) else {}
     rows = ["| distance *d* (turns) | recall | recall, memory reset | questions |", "|---|---|---|---|"]
-    for d, value in evaluation.recall_by_distance.items():
-        reset_cell = _percent(reset[d]) if isinstance(reset, dict) and d in reset else ""
-        rows.append(f"| {d} | {_percent(value)} | {reset_cell} | {counts.get(d, '')} |")
-    if evaluation.recall is not None:
-        overall_reset = _percent(evaluation.recall_reset) if evaluation.recall_reset is not None else ""
-        rows.append(f"| all | {_percent(evaluation.recall)} | {overall_reset} | {evaluation.questions or ''} |")
+    for d in sorted({*evaluation.recall_by_distance, *reset}):
+        recall = evaluation.recall_by_distance.get(d)
+        cells = (_percent(recall) if recall is not None else "", _percent(reset[d]) if d in reset else "")
+        rows.append(f"| {d} | {cells[0]} | {cells[1]} | {counts.get(d, '')} |")
+    if evaluation.recall is not None or evaluation.recall_reset is not None:
+        cells = [_percent(value) if value is not None else "" for value in (evaluation.recall, evaluation.recall_reset)]
+        questions = evaluation.questions if evaluation.questions is not None else ""
+        rows.append(f"| all | {cells[0]} | {cells[1]} | {questions} |")
     return rows
 
 
@@ -206,7 +210,8 @@ def _results_section(evaluation: Evaluation | None) -> str:
     lines = [
         "## Results",
         "",
-        "Exact-match recall of a fact stated *d* turns before the question, on held-out synthetic episodes whose "
+        "Exact-match recall of a fact whose value was last in the conversation *d* turns before the question (stated, "
+        "or restated by the answer to an earlier question about it), on held-out synthetic episodes whose "
         f"values never occur in training, with the memory carried from turn to turn and with the memory reset "
         f"before the question ({where}).",
         "",

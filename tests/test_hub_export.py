@@ -313,6 +313,18 @@ def test_card_metadata_validates_and_results_are_the_eval_json(exported):
     assert {result.dataset_split for result in data.eval_results} == {"test"}
 
 
+def test_the_card_body_shows_every_figure_of_its_model_index(source_model, tmp_path):
+    """A reset recall at a distance without a with-memory figure, an overall reset recall without an overall recall
+    and zero questions are in the model-index: the Results table shows them too."""
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"recall_by_distance": {"1": 0.9, "4": 0.5}, "chance": 0.01, "questions": 0,
+                                "recall_memory_reset": {"1": 0.02, "4": 0.01, "8": 0.3}, "recall_reset": 0.0137}))
+    from hub_export.model_card import build_model_card
+
+    body = build_model_card(source_model, model_id=REPO_ID, evaluation=read_evaluation(path)).text
+    assert "| 8 |  | 30.0% |  |" in body and "| all |  | 1.4% | 0 |" in body
+
+
 def test_card_body_is_generated_from_the_model(exported, source_model):
     text = (exported.dest / "README.md").read_text()
     counts = source_model.parameter_counts()
