@@ -29,7 +29,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import GenerationConfig, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from .memory_state import RxTMemoryState, read_json_object, write_json_atomic
@@ -237,13 +237,11 @@ class RxTChatSession:
         `max_new_tokens` keyword beyond that is refused, one from a config (a default) is capped, and without either
         the answer may fill the room."""
         room = self.model.config.max_position_embeddings - prompt_length - 1  # [EOS] must fit in the write
-        config = given.get("generation_config") or self.model.generation_config
         kwargs = dict(given)
         if "max_new_tokens" not in kwargs:
-            configured = getattr(config, "max_new_tokens", None)
+            configured = _generation_setting(self.model, given, "max_new_tokens")
             kwargs["max_new_tokens"] = room if configured is None else max(1, min(configured, room))
-        sequences = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1))
-        if sequences not in (None, 1):
+        if _generation_setting(self.model, given, "num_return_sequences") not in (None, 1):
             raise ValueError("`num_return_sequences` must be 1 (here or in the generation config): a session "
                              "continues one conversation.")
         if not isinstance(kwargs["max_new_tokens"], int) or not 1 <= kwargs["max_new_tokens"] <= room:
@@ -369,13 +367,20 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
             lock.release()
 
 
+def _generation_setting(model, kwargs: dict, name: str):
+    """The value `generate` will use for the field `name`: the keyword, else the `generation_config` passed where it
+    sets the field (transformers 5 leaves unset fields None), else the model's own."""
+    for source in (kwargs, vars(kwargs.get("generation_config") or GenerationConfig()), vars(model.generation_config)):
+        if source.get(name) is not None:
+            return source[name]
+    return None
+
+
 def _with_clock(clock: _FirstTokenClock, kwargs: dict, model) -> dict:
     """`generate` kwargs with the timing streamer, except under beam search (asked for here or in the generation
     config), which takes no streamer: the first-token time then stays None, and a streamer the caller gave meets
     generate's own refusal."""
-    config = kwargs.get("generation_config") or model.generation_config
-    num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
-    if num_beams not in (None, 1) and clock.inner is None:
+    if _generation_setting(model, kwargs, "num_beams") not in (None, 1) and clock.inner is None:
         return kwargs
     return {**kwargs, "streamer": clock}
 

@@ -732,7 +732,7 @@ def prepare_generate_kwargs(
         if given:  # a control that would do nothing is a mistake in the call, not a no-op
             raise ValueError(f"Retrieval controls given without `external_memories`: {', '.join(given)}.")
         return None
-    if want_indices and not _returns_dict(kwargs, generation_config or model.generation_config):
+    if want_indices and not _returns_dict(kwargs, generation_config, model.generation_config):
         raise ValueError("`output_retrieved_memory_idx=True` needs `return_dict_in_generate=True`.")
     layers = resolve_layers(config, controls["external_memory_layers"])
     if not isinstance(memories, ExternalMemory):
@@ -757,11 +757,13 @@ def prepare_generate_kwargs(
     return recorder
 
 
-def _returns_dict(kwargs: dict, generation_config: GenerationConfig) -> bool:
-    """Whether `generate` will return a dict: a keyword beats the config, as in `generate`."""
-    if kwargs.get("return_dict_in_generate") is not None:
-        return bool(kwargs["return_dict_in_generate"])
-    return bool(generation_config.return_dict_in_generate)
+def _returns_dict(kwargs: dict, given: GenerationConfig | None, own: GenerationConfig) -> bool:
+    """Whether `generate` will return a dict, by its precedence: a keyword, then the config passed to it where that
+    sets the field, then the model's own config."""
+    for value in (kwargs.get("return_dict_in_generate"), getattr(given, "return_dict_in_generate", None)):
+        if value is not None:
+            return bool(value)
+    return bool(own.return_dict_in_generate)
 
 
 def attach_retrieved_memory_idx(outputs, recorder: RetrievedMemoryRecorder | None):

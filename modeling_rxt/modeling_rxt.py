@@ -741,7 +741,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         (as for an encoder-decoder's decoder): the memory is then projected as many times per row, and one copy
         kept, so that each row's memory goes through its own adapter."""
         batch_size = stm.shape[1]
-        rows = mixed_adapter_rows(self.model.layers[0].memory_cross_attn)  # None unless LoRA adapts the read
+        reads = [layer.memory_cross_attn for layer in self.model.layers]
+        rows = next(filter(None, map(mixed_adapter_rows, reads)), None)  # None unless LoRA adapts a read
         if rows is None or rows == batch_size:
             return self.model.project_memory(stm)
         if rows % batch_size:
@@ -822,7 +823,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
 
     def mlm_logits(self, encoded: torch.Tensor) -> torch.Tensor:
         """Masked-LM logits (..., V) of outputs (..., D) of the memory encoder's last layer, through the tied LM
-        head. Joint pretraining passes only the masked tokens' outputs (M, D): the head is the costliest matmul."""
+        head."""
         return self.lm_head(self.model.memory_encoder.norm(encoded))
 
     def parameter_counts(self) -> dict[str, int]:

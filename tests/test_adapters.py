@@ -450,11 +450,15 @@ def test_mixed_batch_equals_each_row_with_its_adapter(ids):
             assert torch.equal(generated[row : row + 1], single)
 
 
-@pytest.mark.parametrize("preset", ["memory-cross-attention", "full"])
+@pytest.mark.parametrize("preset", ["memory-cross-attention", "full", "last-layer-read"])
 def test_mixed_batch_with_beams_reads_each_rows_memory_through_its_adapter(ids, preset):
     """Under beam search PEFT repeats every row's adapter name per beam before `generate` projects the memory (once,
     per row): each row's memory must still go through its own adapter's key/value projections."""
-    model = with_roles(make_base(), preset)
+    if preset == "last-layer-read":  # LoRA on the memory read of the last layer only
+        model = with_roles(make_base(), "memory-cross-attention",
+                           target_modules=r".*layers\.1\.memory_cross_attn\.(k_proj|v_proj)")
+    else:
+        model = with_roles(make_base(), preset)
     rows = ["critic", BASE_ADAPTER, "actor"]
     start = initial_memory_for(model, rows)
     settings = dict(max_new_tokens=4, num_beams=2, do_sample=False)

@@ -319,9 +319,15 @@ def test_generation_settings_follow_generate_precedence(model, tokenizer):
     try:
         model.generation_config = GenerationConfig(max_new_tokens=2, num_return_sequences=1)
         assert _new_tokens(session, TEXTS[0], suppress_tokens=WORDS["suppress_tokens"]) == 2
+        # A config passed without a length takes it from the model's, as `generate` does.
+        unset_length = GenerationConfig(suppress_tokens=WORDS["suppress_tokens"])
+        assert _new_tokens(session, TEXTS[0], generation_config=unset_length) == 2
         model.generation_config = GenerationConfig(num_beams=2, num_return_sequences=2)
         with pytest.raises(ValueError, match="num_return_sequences"):
             session.send(TEXTS[0], **GREEDY)
+        with pytest.raises(ValueError, match="num_return_sequences"):  # a config passed that does not set it
+            send_batch([session, RxTChatSession(model, tokenizer)], TEXTS[:2],
+                       generation_config=GenerationConfig(max_new_tokens=3))
         model.generation_config = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=6)
         answers = set()
         for seed in range(4):

@@ -316,6 +316,12 @@ def test_generate_returns_indices_per_step_layer_head_query(model, memory_ids):
         assert len(out.retrieved_memory_idx) == 3  # the config passed asks for the dict, as a keyword would
     with pytest.raises(ValueError, match="return_dict_in_generate"):
         model.generate(prompt(), config, return_dict_in_generate=False, **controls)
+    own = model.generation_config
+    try:  # a passed config that leaves the field unset takes it from the model's own, as `generate` does
+        model.generation_config = GenerationConfig(return_dict_in_generate=True)
+        assert len(model.generate(prompt(), GenerationConfig(max_new_tokens=2), **controls).retrieved_memory_idx) == 2
+    finally:
+        model.generation_config = own
 
 # ---- batching, generation, devices --------------------------------------------------------------------------------
 def test_batch_rows_never_see_each_others_memories(model, memory_ids):
