@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe-json", help="training recipe JSON (training section of the model card)")
     parser.add_argument("--dataset", action="append", dest="datasets", metavar="NAME",
                         help="dataset id for the card's metadata (repeat for several)")
+    parser.add_argument("--no-adapter-base-check", dest="check_adapter_base_weights", action="store_false",
+                        help="export adapters recorded on other base weights of the same shapes (carried over to a "
+                             "base trained further); their shapes are still checked")
     return parser
 
 
@@ -62,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = export_model(
             args.src, args.dest, overwrite=args.overwrite, verify=args.verify, repo_id=args.push or args.repo_id,
             eval_json=args.eval_json, recipe_json=args.recipe_json, datasets=args.datasets,
+            check_adapter_base_weights=args.check_adapter_base_weights,
         )
     except (ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)

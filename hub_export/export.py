@@ -145,9 +145,10 @@ def find_adapters(src: Path, model_folder: Path) -> dict[str, Path]:
     return found
 
 
-def check_adapters(model, adapters: dict[str, Path]) -> None:
+def check_adapters(model, adapters: dict[str, Path], check_base_weights: bool = True) -> None:
     """Every adapter must load onto the exported base: weights complete and readable, made for a base of its shapes
-    and (where the adapter recorded them) its weights. A `ValueError` names the adapter otherwise."""
+    and (where the adapter recorded them, unless not `check_base_weights`) its weights. A `ValueError` names the
+    adapter otherwise."""
     for name, folder in adapters.items():
         weights = folder / "adapter_model.safetensors"
         if weights.is_file():
@@ -157,22 +158,29 @@ def check_adapters(model, adapters: dict[str, Path]) -> None:
                 raise ValueError(f"Adapter {name!r}: `{weights}` cannot be read (corrupted or truncated?): {error}") \
                     from error
         try:
-            check_adapter_fits(model, folder, name)
+            check_adapter_fits(model, folder, name, check_base_weights=check_base_weights)
+        except ValueError as error:
+            if "other base weights" not in str(error):
+                raise
+            raise ValueError(f"{error} For the export: `check_adapter_base_weights=False` "
+                             "(--no-adapter-base-check).") from error
         except (AttributeError, KeyError, TypeError) as error:  # a config that is JSON but not an adapter config
             raise ValueError(f"Adapter {name!r}: `{folder / 'adapter_config.json'}` is invalid: {error!r}") from error
 
 
 # ---- writing DEST ----------------------------------------------------------------------------------------------------
 def write_generation_config(folder: Path, model, tokenizer) -> None:
-    """The source model's generation config (its decoding settings are the trainer's choice), with the tokenizer's
-    special token ids, which the export has checked against the config; where it sets none, greedy decoding of at
-    most `DEFAULT_MAX_NEW_TOKENS` new tokens (never past the interaction length): transformers' default of 20 tokens
-    in all, prompt included, would cut most answers."""
+    """The source model's generation config (its decoding settings, end tokens included, are the trainer's choice,
+    and the verification compares the export's generation with the source's), with the tokenizer's BOS and PAD ids
+    (checked against the config); where it sets none, the config's end tokens, greedy decoding and at most
+    `DEFAULT_MAX_NEW_TOKENS` new tokens (never past the interaction length): transformers' default of 20 tokens in
+    all, prompt included, would cut most answers."""
     config = copy.deepcopy(model.generation_config)
-    eos = model.config.eos_token_id  # the tokenizer's, or a list holding it (checked)
-    config.eos_token_id = eos if isinstance(eos, list) else tokenizer.eos_token_id
+    if config.eos_token_id is None:  # the source's own choice stays: the export must generate as it does
+        eos = model.config.eos_token_id  # the tokenizer's, or a list holding it (checked)
+        config.eos_token_id = eos if isinstance(eos, list) else tokenizer.eos_token_id
     config.bos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id
-    if config.max_new_tokens is None:
+    if config.max_new_tokens is None and config.max_length is None:
         config.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, model.config.max_position_embeddings // 2)
     if config.do_sample is None:  # unset: say "greedy" in the file, as the card's snippet decodes
         config.do_sample = False
@@ -343,6 +351,7 @@ def export_model(
     private: bool | None = None,
     endpoint: str | None = None,
     token: str | None = None,
+    check_adapter_base_weights: bool = True,
 ) -> ExportReport:
     """Turns the trained model in `src` into the Hub folder `dest` and returns what was done.
 
@@ -352,11 +361,15 @@ def export_model(
     `ValueError` on bad input and `VerificationError` if the folder does not load and compute like the source in a
     fresh process; in both cases `dest` is left as it was and no temporary folder remains. An upload error
     (`huggingface_hub` raises it) comes after `dest` is complete: push it again with `push_folder`.
+    `check_adapter_base_weights=False` exports adapters that `save_adapters` recorded on other base weights of the
+    same shapes (an adapter knowingly carried over to a base trained further); shapes are always checked.
     """
     if not isinstance(src, str | os.PathLike) or not isinstance(dest, str | os.PathLike):
         raise TypeError("`src` and `dest` must be paths (str or os.PathLike).")
     src, dest = Path(src), Path(dest)
-    for name, flag in (("overwrite", overwrite), ("verify", verify), ("push", push), ("private", private)):
+    flags = (("overwrite", overwrite), ("verify", verify), ("push", push), ("private", private),
+             ("check_adapter_base_weights", check_adapter_base_weights))
+    for name, flag in flags:
         if not isinstance(flag, bool) and not (name == "private" and flag is None):
             raise TypeError(f"`{name}` must be True or False, got {flag!r}.")  # "no" would count as True
     _check_repo_id(repo_id, push)
@@ -371,7 +384,7 @@ def export_model(
     logger.info("loading %s", model_folder)
     model = load_source_model(model_folder)
     tokenizer = load_source_tokenizer(model_folder, src, model.config)
-    check_adapters(model, adapters)
+    check_adapters(model, adapters, check_adapter_base_weights)
     model_id = repo_id or dest.name
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = create_temporary(dest.parent, f".{dest.name}.partial-", directory=True)  # becomes DEST: usual modes

@@ -266,12 +266,15 @@ class RxTChatSession:
     def save(self, path: str | os.PathLike) -> None:
         """Saves memory and transcript into the folder `path`, atomically: the memory goes into a new sub-folder,
         then `session.json` (which names it) replaces the old one in one rename, then old memory folders are
-        removed. A crash at any point leaves a `session.json` that names a complete memory."""
+        removed. A crash at any point leaves a `session.json` that names a complete memory. A folder that does not
+        exist yet is made readable by its owner only (the transcript is private); an existing one keeps its modes."""
         with self._lock:  # no turn may change the memory or the transcript half-way through the save
             self._save(Path(path))
 
     def _save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.exists():  # a conversation is private: a folder made here is its owner's only
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700)
         previous = _previous_memory_dir(folder)
         state = self.memory_state
         memory_dir = f"memory-{uuid.uuid4().hex}"

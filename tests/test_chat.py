@@ -171,6 +171,13 @@ def test_saved_mid_conversation_continues_identically(model, tokenizer, tmp_path
     assert torch.equal(resumed.memory_state.stm, session.memory_state.stm)
 
 
+def test_a_new_session_folder_is_its_owners_only(model, tokenizer, tmp_path):
+    session = RxTChatSession(model, tokenizer)
+    session.send(TEXTS[0], **GREEDY)
+    session.save(tmp_path / "chats" / "alice")
+    assert (tmp_path / "chats" / "alice").stat().st_mode & 0o777 == 0o700
+
+
 def test_failed_save_leaves_the_previous_save(model, tokenizer, tmp_path, monkeypatch):
     session = RxTChatSession(model, tokenizer)
     session.send(TEXTS[0], **GREEDY)

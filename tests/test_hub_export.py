@@ -158,8 +158,11 @@ def test_the_source_generation_config_is_kept(source, tmp_path):
     export_model(src, tmp_path / "dest", verify=False)
     exported = GenerationConfig.from_pretrained(tmp_path / "dest")
     assert (exported.do_sample, exported.top_p, exported.temperature) == (True, 0.9, 0.7)
-    assert (exported.repetition_penalty, exported.max_new_tokens) == (1.3, 20)
-    assert exported.eos_token_id == AutoTokenizer.from_pretrained(src).eos_token_id
+    assert (exported.repetition_penalty, exported.max_new_tokens, exported.eos_token_id) == (1.3, 20, 1)
+    GenerationConfig(max_length=40).save_pretrained(src)  # a length in all: no max_new_tokens added over it
+    export_model(src, tmp_path / "dest2", verify=False)
+    exported = GenerationConfig.from_pretrained(tmp_path / "dest2")
+    assert (exported.max_length, exported.max_new_tokens) == (40, None)
 
 
 def test_a_model_with_several_end_tokens_exports_them_all(source, tmp_path):
@@ -169,11 +172,34 @@ def test_a_model_with_several_end_tokens_exports_them_all(source, tmp_path):
     eos = AutoTokenizer.from_pretrained(src).eos_token_id
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "eos_token_id": [eos, 5]}))
-    export_model(src, tmp_path / "dest", verify=False)
+    (src / "generation_config.json").unlink(missing_ok=True)  # the source decodes with the config's end tokens
+    export_model(src, tmp_path / "dest")  # verified: the export generates as the source does
     assert GenerationConfig.from_pretrained(tmp_path / "dest").eos_token_id == [eos, 5]
+    GenerationConfig(eos_token_id=eos).save_pretrained(src)  # the source's own end token stays, and verifies
+    export_model(src, tmp_path / "dest_single")
+    assert GenerationConfig.from_pretrained(tmp_path / "dest_single").eos_token_id == eos
     (src / "config.json").write_text(json.dumps({**config, "eos_token_id": [4, 5]}))
     with pytest.raises(ValueError, match="eos_token_id"):
         export_model(src, tmp_path / "other", verify=False)
+
+
+def test_an_adapter_recorded_on_other_base_weights_needs_the_flag(source, tmp_path):
+    """`save_adapters` records the base weights; an adapter carried over to a base trained further is refused unless
+    `check_adapter_base_weights=False` says so."""
+    from modeling_rxt.adapters import save_adapters
+
+    src = tmp_path / "src"
+    shutil.copytree(source / "model", src, ignore=shutil.ignore_patterns("adapters"))
+    earlier = RxTForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        for parameter in earlier.parameters():
+            parameter.add_(0.5)  # the base as it was when the adapter was trained
+    save_adapters(get_peft_model(earlier, LoraConfig(target_modules=["q_proj"]), adapter_name="persona"),
+                  src / "adapters")
+    with pytest.raises(ValueError, match="other base weights.*--no-adapter-base-check"):
+        export_model(src, tmp_path / "dest", verify=False)
+    report = export_model(src, tmp_path / "dest", verify=False, check_adapter_base_weights=False)
+    assert report.adapters == ("persona",)
 
 
 def test_exported_files_get_the_usual_permissions(exported):
