@@ -184,6 +184,7 @@ def write_generation_config(folder: Path, model, tokenizer) -> None:
         config.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, model.config.max_position_embeddings // 2)
     if config.do_sample is None:  # unset: say "greedy" in the file, as the card's snippet decodes
         config.do_sample = False
+    config._from_model_config = False  # written on purpose: transformers must not rebuild it from config.json
     config.save_pretrained(folder)
 
 

@@ -145,6 +145,7 @@ def test_config_and_generation_config(exported, source):
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (
         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert generation["max_new_tokens"] == 32  # half of the 64-token interaction
+    assert not generation.get("_from_model_config")  # a deliberate config, not one transformers may rebuild
     assert GenerationConfig.from_pretrained(exported.dest).do_sample is False
 
 
