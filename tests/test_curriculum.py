@@ -1,0 +1,329 @@
+"""Training recipes and the curriculum that runs them: checks before anything trains, resuming, continuing a trained
+model, saving, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, TrainerCallback
+
+from modeling_rxt.data import ASK, CHAT, TELL, UPDATE, load_dialogue_corpus, make_episodes
+from modeling_rxt.evaluation import write_json_atomic
+from modeling_rxt.training import tokenize_episodes
+from modeling_rxt.training_curriculum import (
+    check_recipe,
+    load_recipe,
+    run_curriculum,
+    run_curriculum_in_processes,
+    run_stage,
+    save_trained,
+    stage_components,
+)
+
+from training_helpers import (  # noqa: F401 (fixtures are used by name)
+    episodes,
+    MAX_LENGTH,
+    one_thread,
+    REPO,
+    stage_recipe,
+    tiny_model,
+    tokenizer,
+)
+
+
+# --- Recipes --------------------------------------------------------------------------------------------------------
+
+
+def test_comment_keys_are_allowed_at_every_level():
+    recipe = json.loads((REPO / "configuration" / "training" / "tiny.json").read_text())  # with its "_comment"
+    recipe["model"]["_note"] = recipe["tokenizer"]["_note"] = recipe["stages"][0]["_note"] = "why"
+    recipe["model"]["overrides"]["_note"] = "why"
+    check_recipe(recipe)
+
+
+def test_the_shipped_recipes_are_valid():
+    for name in ("demo", "long", "tiny"):
+        recipe = load_recipe(name)
+        assert [stage["stage"] for stage in recipe["stages"]][:3] == ["joint", "sft", "memory_attention"]
+    assert load_recipe("demo-external")["init_from"] == "runs/demo/model"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stages": []}, "non-empty"),
+        ({"stages": [{"stage": "pretrain", "max_steps": 1, "batch_size": 1, "learning_rate": 1}]}, "stage"),
+        ({"stages": [{"stage": "sft", "max_steps": 0, "batch_size": 1, "learning_rate": 1}]}, "max_steps"),
+        ({"stages": [{"stage": "sft", "max_steps": 1, "batch_size": 1, "learning_rate": 1, "bptt": 2}]}, "bptt"),
+        ({"stages": [{"stage": "external_memory", "max_steps": 1, "batch_size": 1, "learning_rate": 1,
+                      "memory_aware_weight": -1}]}, "memory_aware_weight"),
+        ({"init_from": "runs/demo/model"}, "drop `tokenizer` and `model`"),
+        # Checked before anything trains (each of these used to surface only when its stage or the evaluation ran):
+        ({"stages": ["joint"]}, "stage 0 must be a mapping"),
+        ({"stages": [stage_recipe("sft"), {**stage_recipe("sft"), "turns": "x"}]}, r"stage 1 \(sft\): `turns`"),
+        ({"stages": [{**stage_recipe("joint"), "mlm_probability": 7}]}, "mlm_probability"),
+        ({"stages": [{**stage_recipe("joint"), "mlm_probability": 1.0}]}, "mlm_probability"),  # the collator's bound
+        ({"stages": [{**stage_recipe("sft"), "learning_rate": float("inf")}]}, "learning_rate"),
+        ({"stages": [{**stage_recipe("memory_aware"), "kind_weights": {"asks": 1.0}}]}, "`kind_weights` must be"),
+        ({"stages": [{"stage": "external_memory", "max_steps": 1, "batch_size": 1, "learning_rate": 1,
+                      "external_memory_layers": [9]}]}, r"stage 0 \(external_memory\).*external_memory_layers"),
+        ({"model": {"preset": "nano", "overrides": {"memory_slot": 4}}}, "memory_slot.*did you mean"),
+        ({"model": {"preset": "bogus"}}, "Unknown models preset"),
+        ({"tokenizer": {"vocab_size": 5}}, "vocab_size"),
+        ({"evaluation": {"split": "tset"}}, "split"),
+        ({"stagess": []}, "unknown keys"),
+        ({"seed": "x"}, "seed"),
+        ({"model": {"overrides": {"max_position_embeddings": "256"}}}, "recipe `model`"),  # a TypeError inside
+        # The limits of the code that runs later (make_episodes, load_dialogue_corpus, the collators, backward):
+        ({"evaluation": {"turns": 1}}, "recipe `evaluation`: `turns` must be an int >= 2"),
+        ({"stages": [{**stage_recipe("memory_aware"), "turns": 1}]}, r"stage 0 \(memory_aware\): `turns`"),
+        ({"stages": [{**stage_recipe("sft"), "ask_ratio": 0}]}, r"stage 0 \(sft\): `ask_ratio`"),
+        ({"stages": [{**stage_recipe("sft"), "max_chat_chars": 1}]}, r"stage 0 \(sft\): `max_chat_chars`"),
+        ({"stages": [{**stage_recipe("external_memory"), "kind_weights": {ASK: 0}}]},
+         r"stage 0 \(external_memory\): `kind_weights`"),
+        ({"stages": [{**stage_recipe("memory_aware"), "kind_weights": dict.fromkeys((ASK, TELL, UPDATE, CHAT), 0)}]},
+         r"stage 0 \(memory_aware\): `kind_weights` are all 0"),
+        ({"stages": [{**stage_recipe("memory_aware"), "kind_weights": dict.fromkeys((ASK, TELL, UPDATE, CHAT), 0),
+                      "probe_weight": 1.0, "turns": 2}]}, "no recall probes"),
+    ],
+)
+def test_bad_recipes_raise_naming_the_field(change, message):
+    recipe = {"tokenizer": {}, "model": {}, "stages": [stage_recipe("sft")], **change}
+    with pytest.raises(ValueError, match=message):
+        check_recipe(recipe)
+
+
+def test_a_recipe_refuses_to_continue_a_model_with_missing_weights(tokenizer, tmp_path):
+    """A saved model that lacks a tensor loads with a warning and that tensor freshly initialised: `init_from`
+    refuses it before training, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    saved = tmp_path / "trained"
+    tiny_model(tokenizer).save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    weights = load_file(saved / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, saved / "model.safetensors", metadata={"format": "pt"})
+    recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=1)]}
+    with pytest.raises(ValueError, match="init_from.*model.layers.0.mlp.up_proj.weight"):
+        run_curriculum(recipe, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.safetensors"))
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAtStep(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupted(f"stopped at step {self.step}")
+
+
+def test_an_interrupted_curriculum_resumes_to_the_uninterrupted_result(tokenizer, tmp_path, monkeypatch):
+    """A run stopped in its second stage (after a checkpoint) goes on with `resume=True`: the finished first stage is
+    loaded, the second resumes from its checkpoint, and weights and logged losses are those of a run never stopped."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    saved = tmp_path / "initial"
+    tiny_model(tokenizer).save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [
+        stage_recipe("sft", max_steps=3, batch_size=2),
+        stage_recipe("memory_aware", max_steps=4, batch_size=2, save_steps=2),
+    ]}
+    straight, _, straight_logs = run_curriculum(recipe, tmp_path / "straight", progress=False)
+
+    plain_run_stage = curriculum.run_stage
+    def interrupted_second_stage(model, tokenizer, stage, output_dir, **kwargs):
+        callbacks = [InterruptAtStep(3)] if stage["stage"] == "memory_aware" else None
+        return plain_run_stage(model, tokenizer, stage, output_dir, callbacks=callbacks, **kwargs)
+
+    monkeypatch.setattr(curriculum, "run_stage", interrupted_second_stage)
+    with pytest.raises(Interrupted):
+        run_curriculum(recipe, tmp_path / "stopped", progress=False)
+    monkeypatch.setattr(curriculum, "run_stage", plain_run_stage)
+    stages = tmp_path / "stopped" / "stages"
+    assert (stages / "00_sft" / "final").is_dir() and not (stages / "01_memory_aware" / "final").exists()
+    assert (stages / "01_memory_aware" / "checkpoint-2").is_dir()
+    # A newer checkpoint the Trainer did not finish writing (killed while saving: no trainer_state.json yet).
+    (stages / "01_memory_aware" / "checkpoint-3").mkdir()
+    shutil.copy(stages / "01_memory_aware" / "checkpoint-2" / "config.json", stages / "01_memory_aware" / "checkpoint-3")
+
+    steps_run = []
+    class CountSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps_run.append(state.global_step)
+
+    def counted(model, tokenizer, stage, output_dir, **kwargs):
+        return plain_run_stage(model, tokenizer, stage, output_dir, callbacks=[CountSteps()], **kwargs)
+
+    monkeypatch.setattr(curriculum, "run_stage", counted)
+    resumed, _, resumed_logs = run_curriculum(recipe, tmp_path / "stopped", progress=False, resume=True)
+    monkeypatch.setattr(curriculum, "run_stage", plain_run_stage)
+    assert steps_run == [3, 4]  # the first stage was loaded, the second went on from its last complete checkpoint
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    for straight_log, resumed_log in zip(straight_logs, resumed_logs, strict=True):
+        assert [e["loss"] for e in resumed_log.losses] == [e["loss"] for e in straight_log.losses]
+        assert resumed_log.steps == straight_log.steps
+
+    with pytest.raises(TypeError, match="`resume` must be True or False"):
+        run_curriculum(recipe, tmp_path / "untouched", progress=False, resume="yes")
+    assert not (tmp_path / "untouched").exists()
+    other = {**recipe, "stages": recipe["stages"][:1]}
+    with pytest.raises(ValueError, match="another recipe"):
+        run_curriculum(other, tmp_path / "stopped", progress=False, resume=True)
+    run_curriculum(other, tmp_path / "stopped", progress=False)  # a fresh run replaces the earlier stages
+    assert sorted(path.name for path in stages.iterdir()) == ["00_sft"]
+    (tmp_path / "stopped" / "run_recipe.json").unlink()  # stages of a run that recorded no recipe
+    with pytest.raises(ValueError, match="recorded no recipe"):
+        run_curriculum(other, tmp_path / "stopped", progress=False, resume=True)
+
+
+def test_a_recipe_can_continue_a_trained_model(tokenizer, tmp_path):
+    """`init_from` replaces "tokenizer" and "model": the stages continue the saved model with its own tokenizer."""
+    saved = tmp_path / "trained"
+    model = tiny_model(tokenizer)
+    model.save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=2)]}
+    continued, loaded_tokenizer, logs = run_curriculum(recipe, tmp_path / "run", progress=False)
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab() and logs[0].steps == 2
+    before = model.state_dict()
+    changed = [name for name, value in continued.state_dict().items() if not torch.equal(value, before[name])]
+    assert "lm_head.weight" in changed or "model.embed_tokens.weight" in changed
+    with pytest.raises(ValueError, match="init_from.*not a saved RxT model folder"):
+        run_curriculum({**recipe, "init_from": str(tmp_path / "missing")}, tmp_path / "run2", progress=False)
+    with pytest.raises(ValueError, match="init_from"):
+        check_recipe({**recipe, "init_from": 3})
+    late = {**recipe, "stages": [*recipe["stages"], stage_recipe("external_memory", external_memory_layers=[9])]}
+    with pytest.raises(ValueError, match=r"stage 1 \(external_memory\).*external_memory_layers"):
+        run_curriculum(late, tmp_path / "run3", progress=False)  # the model's depth is known once it is loaded
+    assert not (tmp_path / "run3" / "stages").exists()  # refused before the first stage trained
+    with pytest.raises(ValueError, match="lacks 'model'"):
+        check_recipe({"tokenizer": {}, "stages": recipe["stages"]})
+
+
+def test_the_recipe_limits_are_those_of_the_code_that_runs_later(tokenizer):
+    """The smallest values `check_recipe` accepts build their stage and train: its limits are not stricter than
+    those of `make_episodes`, `load_dialogue_corpus` and the collators."""
+    zero = dict.fromkeys((ASK, TELL, UPDATE, CHAT), 0)
+    stages = [stage_recipe("sft", turns=2, ask_ratio=0.01, max_chat_chars=2, corpus=True),
+              stage_recipe("memory_aware", turns=3, kind_weights=zero, probe_weight=1.0),
+              stage_recipe("external_memory", turns=2, kind_weights={ASK: 0.5})]
+    check_recipe({"tokenizer": {}, "model": {}, "stages": stages, "evaluation": {"turns": 2}})
+    make_episodes(2, turns=2, split="test")  # the evaluation's episodes
+    model = tiny_model(tokenizer)
+    for stage in stages:
+        dataset, collator, objective = stage_components(stage, tokenizer, MAX_LENGTH, seed=0)
+        loss_sum, weight, _ = objective(model, collator([dataset[i] for i in range(stage["batch_size"])]))
+        (loss_sum / weight).backward()
+
+
+def _saved_model(tokenizer, folder: Path) -> Path:
+    tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_recipe_refuses_a_max_length_the_model_of_init_from_cannot_take(tokenizer, tmp_path):
+    """The stages keep interactions of up to `max_length` tokens: the first longer than the saved model takes would
+    fail in the middle of a stage, so such a recipe is refused before anything trains (in this process also when
+    training in several, where it would fail in each worker)."""
+    saved = _saved_model(tokenizer, tmp_path / "trained")
+    recipe = {"init_from": str(saved), "max_length": MAX_LENGTH + 1, "stages": [stage_recipe("sft", max_steps=1)]}
+    message = rf"`max_length` \({MAX_LENGTH + 1}\) is more than the model of `init_from`.*{MAX_LENGTH} tokens"
+    with pytest.raises(ValueError, match=message):
+        run_curriculum(recipe, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=message):
+        run_curriculum_in_processes(recipe, tmp_path / "run", processes=2)
+    assert not (tmp_path / "run").exists()
+    run_curriculum({**recipe, "max_length": MAX_LENGTH}, tmp_path / "run", progress=False)  # the limit itself
+
+
+def test_the_saved_tokenizer_declares_the_length_the_model_takes(tokenizer, tmp_path, episodes):
+    """`tokenizer(..., truncation=True)` and `encode_query`'s default limit must fit the model (the tokenizer was
+    trained with the default of 256); the token ids, and so the training, stay the same."""
+    saved = _saved_model(tokenizer, tmp_path / "trained")
+    assert tokenizer.model_max_length > MAX_LENGTH
+    recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=1)]}
+    model, trained_tokenizer, logs = run_curriculum(recipe, tmp_path / "run", progress=False)
+    save_trained(model, trained_tokenizer, logs, tmp_path / "run")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    assert loaded.model_max_length == model.config.max_position_embeddings == MAX_LENGTH
+    text = " ".join(["hello"] * 300)
+    truncated = loaded(text, truncation=True, return_tensors="pt")
+    assert truncated["input_ids"].shape[1] == MAX_LENGTH
+    model(**truncated)  # what the tokenizer cuts to, the model takes
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tokenize_episodes(loaded, episodes, MAX_LENGTH).to_dict() == \
+        tokenize_episodes(tokenizer, episodes, MAX_LENGTH).to_dict()
+
+
+def _full_disk(tensors, filename, metadata=None):
+    """`safe_save_file` stopped part-way by a full disk: a truncated file, then the error."""
+    Path(filename).write_bytes(b"\0" * 100)
+    raise OSError(28, "No space left on device")
+
+
+def test_the_final_save_keeps_the_previous_model_when_it_fails(tokenizer, tmp_path, monkeypatch):
+    """`save_trained` stages the model folder and renames it into place (as `save_finished_stage` does): a save that
+    fails part-way leaves the previous model as it was, and nothing of its own; one that succeeds replaces it, with
+    the same files and the permissions of a plain folder."""
+    import transformers.modeling_utils
+
+    output = tmp_path / "run"
+    save_trained(tiny_model(tokenizer, seed=0), tokenizer, [], output)
+    files = lambda: {path.name: path.read_bytes() for path in (output / "model").iterdir()}  # noqa: E731
+    before = files()
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_trained(tiny_model(tokenizer, seed=1), tokenizer, [], output)
+    monkeypatch.undo()
+    assert files() == before
+    assert sorted(path.name for path in output.iterdir()) == ["model", "stages.json"]
+    save_trained(tiny_model(tokenizer, seed=1), tokenizer, [], output)
+    after = files()
+    assert after.keys() == before.keys() and after["model.safetensors"] != before["model.safetensors"]
+    assert sorted(path.name for path in output.iterdir()) == ["model", "stages.json"]
+    (tmp_path / "plain").mkdir()
+    assert (output / "model").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+def test_the_cli_reports_bad_input_found_before_training_as_a_usage_error(tokenizer, tmp_path, capsys, monkeypatch):
+    """An `init_from` that is not there, or --resume into a run of another recipe: argparse's `error:` line and exit
+    code 2, as for a bad --recipe, not a traceback. An error raised while training keeps its traceback."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    path = tmp_path / "recipe.json"
+    recipe = {"init_from": str(tmp_path / "missing"), "max_length": MAX_LENGTH,
+              "stages": [stage_recipe("sft", max_steps=1)]}
+    path.write_text(json.dumps(recipe))
+    with pytest.raises(SystemExit) as exit_info:
+        curriculum.main(["--recipe", str(path), "--output", str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error: recipe `init_from`" in error and "not a saved RxT model" in error
+
+    path.write_text(json.dumps({**recipe, "init_from": str(_saved_model(tokenizer, tmp_path / "trained"))}))
+    write_json_atomic({"stages": []}, tmp_path / "other" / "run_recipe.json")
+    with pytest.raises(SystemExit) as exit_info:
+        curriculum.main(["--recipe", str(path), "--output", str(tmp_path / "other"), "--resume"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "another recipe" in error
+    assert error.strip().splitlines()[-1].startswith("python -m modeling_rxt.training_curriculum: error: `resume`")
+
+    def failing_stage(*args, **kwargs):
+        raise ValueError("broke while training")
+
+    monkeypatch.setattr(curriculum, "run_stage", failing_stage)
+    with pytest.raises(ValueError, match="broke while training"):
+        curriculum.main(["--recipe", str(path), "--output", str(tmp_path / "run")])
