@@ -20,7 +20,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig
 
 from modeling_rxt import RxTForCausalLM
-from modeling_rxt.adapters import check_adapter_fits
-from modeling_rxt.memory_state import create_temporary, fsync_tree, replace_folder
+from modeling_rxt.adapters import AdapterBaseWeightsError, check_adapter_fits
+from modeling_rxt.memory_state import create_temporary, staged_folder
 
 from .fresh_process import BLOCKED_PACKAGES
 from .model_card import DEFAULT_DATASETS, Evaluation, build_model_card, read_evaluation, read_recipe
@@ -159,13 +158,9 @@ def check_adapters(model, adapters: dict[str, Path], check_base_weights: bool = 
                     from error
         try:
             check_adapter_fits(model, folder, name, check_base_weights=check_base_weights)
-        except ValueError as error:
-            if "other base weights" not in str(error):
-                raise
+        except AdapterBaseWeightsError as error:  # name the export's own way to allow it
             raise ValueError(f"{error} For the export: `check_adapter_base_weights=False` "
                              "(--no-adapter-base-check).") from error
-        except (AttributeError, KeyError, TypeError) as error:  # a config that is JSON but not an adapter config
-            raise ValueError(f"Adapter {name!r}: `{folder / 'adapter_config.json'}` is invalid: {error!r}") from error
 
 
 # ---- writing DEST ----------------------------------------------------------------------------------------------------
@@ -309,7 +304,6 @@ def build_folder(staging: Path, model, tokenizer, *, model_id: str, base_model: 
         if (staging / name).exists():
             raise ValueError(f"Adapter name {name!r} collides with a file of the exported model.")
         copy_adapter(source, staging / name, base_model)
-    fsync_tree(staging)
 
 
 def _check_dest(dest: Path, overwrite: bool, read: Sequence[Path]) -> None:
@@ -387,19 +381,13 @@ def export_model(
     tokenizer = load_source_tokenizer(model_folder, src, model.config)
     check_adapters(model, adapters, check_adapter_base_weights)
     model_id = repo_id or dest.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = create_temporary(dest.parent, f".{dest.name}.partial-", directory=True)  # becomes DEST: usual modes
-    try:
+    with staged_folder(dest) as staging:
         build_folder(staging, model, tokenizer, model_id=model_id, base_model=repo_id or ".", adapters=adapters,
                      evaluation=evaluation, recipe=recipe, recipe_name=Path(recipe_json).name if recipe else None,
                      datasets=datasets if datasets is not None else recipe_datasets(recipe))
         logger.info("verifying %s in a fresh process", staging)
         report = verify_export(staging, model, tokenizer, model_id=model_id) if verify else None
         _check_dest(dest, overwrite, read)  # again: another process may have filled `dest` meanwhile
-        replace_folder(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     files = tuple(sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()))
     commit_url = None
     if push:

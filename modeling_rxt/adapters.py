@@ -37,8 +37,6 @@ Works for a `peft.PeftModel` and for a model with adapters added through transfo
 import copy
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +47,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 
-from .memory_state import RxTMemoryState, create_temporary, fsync_tree, replace_folder
+from .memory_state import RxTMemoryState, staged_folder
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in `adapter_names=`
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -328,6 +326,10 @@ def _has_merged_adapter(model: torch.nn.Module) -> bool:
     return any(getattr(layer, "merged", False) for layer in _tuner_layers(model))
 
 
+class AdapterBaseWeightsError(ValueError):
+    """An adapter was trained on other base weights of the same shapes (`check_adapter_fits`)."""
+
+
 def check_adapter_fits(
     model: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "default", *, check_base_weights: bool = True
 ) -> PeftConfig:
@@ -355,7 +357,7 @@ def check_adapter_fits(
     probe = _saved_probe(folder, adapter_name) if check_base_weights and not _has_merged_adapter(model) else None
     mismatches = _base_mismatches(model, probe, _replaced_on_loading(saved)) if probe else []
     if mismatches:
-        raise ValueError(
+        raise AdapterBaseWeightsError(
             f"Adapter {adapter_name!r} at `{folder}` was trained on other base weights of the same shapes "
             f"(base_model_name_or_path={config.base_model_name_or_path!r}): {len(mismatches)} of "
             f"{len(probe['tensors'])} probed tensors differ, e.g. {mismatches[0]}. Load it onto that base, or pass "
@@ -409,11 +411,8 @@ def save_adapters(
     folder intact. Returns the adapter names saved."""
     if not isinstance(model, PeftModel):
         raise TypeError(f"`model` must be a PeftModel, got {type(model).__name__}.")
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = create_temporary(target.parent, f".{target.name}.", directory=True)  # becomes `directory`
     names = adapter_names(model)
-    try:
+    with staged_folder(directory) as staging:
         previous = {name: model.peft_config[name].base_model_name_or_path for name in names}
         try:
             if base_model_name_or_path is not None:
@@ -427,15 +426,11 @@ def save_adapters(
             probe = json.dumps({"probes_per_tensor": PROBES_PER_TENSOR, "tensors": base_probe(model)}) + "\n"
             for name in names:  # PEFT saves `default` at the top, every other adapter in a sub-folder of its name
                 (staging if name == "default" else staging / name).joinpath(BASE_PROBE_NAME).write_text(probe, "utf-8")
-        fsync_tree(staging)
-        replace_folder(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return names
 
 
 __all__ = [
+    "AdapterBaseWeightsError",
     "BASE_ADAPTER",
     "adapter_names",
     "base_probe",

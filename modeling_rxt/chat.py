@@ -29,9 +29,10 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, TextIteratorStreamer
+from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
+from .external_memory import generation_setting
 from .memory_state import RxTMemoryState, read_json_object, write_json_atomic
 from .tokenization import ANSWER_TOKEN, EOS_TOKEN, decode_answer, encode_query
 
@@ -371,12 +372,8 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
 
 
 def _generation_setting(model, kwargs: dict, name: str):
-    """The value `generate` will use for the field `name`: the keyword, else the `generation_config` passed where it
-    sets the field (transformers 5 leaves unset fields None), else the model's own."""
-    for source in (kwargs, vars(kwargs.get("generation_config") or GenerationConfig()), vars(model.generation_config)):
-        if source.get(name) is not None:
-            return source[name]
-    return None
+    """`generation_setting` for `send`'s keywords, which may hold the `generation_config`."""
+    return generation_setting(name, kwargs, kwargs.get("generation_config"), model)
 
 
 def _with_clock(clock: _FirstTokenClock, kwargs: dict, model) -> dict:

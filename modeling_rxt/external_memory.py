@@ -732,7 +732,7 @@ def prepare_generate_kwargs(
         if given:  # a control that would do nothing is a mistake in the call, not a no-op
             raise ValueError(f"Retrieval controls given without `external_memories`: {', '.join(given)}.")
         return None
-    if want_indices and not _returns_dict(kwargs, generation_config, model.generation_config):
+    if want_indices and not generation_setting("return_dict_in_generate", kwargs, generation_config, model):
         raise ValueError("`output_retrieved_memory_idx=True` needs `return_dict_in_generate=True`.")
     layers = resolve_layers(config, controls["external_memory_layers"])
     if not isinstance(memories, ExternalMemory):
@@ -757,13 +757,14 @@ def prepare_generate_kwargs(
     return recorder
 
 
-def _returns_dict(kwargs: dict, given: GenerationConfig | None, own: GenerationConfig) -> bool:
-    """Whether `generate` will return a dict, by its precedence: a keyword, then the config passed to it where that
-    sets the field, then the model's own config."""
-    for value in (kwargs.get("return_dict_in_generate"), getattr(given, "return_dict_in_generate", None)):
+def generation_setting(name: str, kwargs: dict, given: GenerationConfig | None, model: nn.Module):
+    """The value `generate` uses for the field `name`, by its precedence: the keyword in `kwargs`, else the
+    `generation_config` passed to it (`given`) where that sets the field (transformers 5 leaves unset fields None),
+    else the model's own generation config."""
+    for value in (kwargs.get(name), getattr(given, name, None)):
         if value is not None:
-            return bool(value)
-    return bool(own.return_dict_in_generate)
+            return value
+    return getattr(model.generation_config, name, None)
 
 
 def attach_retrieved_memory_idx(outputs, recorder: RetrievedMemoryRecorder | None):

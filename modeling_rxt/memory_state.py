@@ -25,7 +25,8 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,6 +336,23 @@ def replace_folder(staging: Path, target: Path) -> None:
         finally:
             shutil.rmtree(retired, ignore_errors=True)
     fsync_path(target.parent)  # the rename itself is durable once the parent folder is flushed
+
+
+@contextmanager
+def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """A new, empty folder beside `target` to write `target`'s next content into. When the block ends without an
+    error it is flushed and renamed over `target` (`replace_folder`); on an error it is removed. Readers see the old
+    folder or the complete new one, and a failure leaves no temporary folder behind."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = create_temporary(target.parent, f".{target.name}.", directory=True)  # becomes `target`: usual modes
+    try:
+        yield staging
+        fsync_tree(staging)
+        replace_folder(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _keep_previous(path: Path) -> str | None:

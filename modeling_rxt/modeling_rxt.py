@@ -538,8 +538,8 @@ class RxTModel(RxTPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The memory attention half of `write_memory`, from what `encode_interaction` returned for the interaction
-        and its `attention_mask`. Training objectives that also use the encoded data (the masked-LM head, a target)
-        call it to run the encoder once."""
+        and its `attention_mask`. A training objective that also uses the encoded data (stage 3's target) calls it
+        to run the encoder once."""
         stm = stm.to(encoded[0].dtype)
         slots_mask = None
         # CODEPATH: the usual write attends through the attention registry and needs its mask; models with
@@ -819,12 +819,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         """Masked-LM logits (B, T, V) of the memory encoder (joint pretraining), through the tied LM head."""
         input_ids, attention_mask = self._check_ids(input_ids, attention_mask)
         encoded, _, _ = self.model.encode_interaction(input_ids, attention_mask)
-        return self.mlm_logits(encoded[-1])
-
-    def mlm_logits(self, encoded: torch.Tensor) -> torch.Tensor:
-        """Masked-LM logits (..., V) of outputs (..., D) of the memory encoder's last layer, through the tied LM
-        head."""
-        return self.lm_head(self.model.memory_encoder.norm(encoded))
+        return self.lm_head(self.model.memory_encoder.norm(encoded[-1]))
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters in total and active per token (a token uses k of the E experts of each MoE layer)."""

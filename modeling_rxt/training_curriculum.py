@@ -57,7 +57,7 @@ from .data import (
     ASK, CHAT, SPLITS, TELL, UPDATE, interactions_dataset, lm_texts, load_dialogue_corpus, make_episodes,
 )
 from .external_memory import check_retrieval_controls
-from .memory_state import create_temporary, fsync_tree, read_json_object, replace_folder, write_json_atomic
+from .memory_state import read_json_object, staged_folder, write_json_atomic
 from .modeling_rxt import RxTForCausalLM
 from .tokenization import (
     ANSWER_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, MIN_VOCAB_SIZE, PAD_TOKEN, QUERY_TOKEN, train_tokenizer,
@@ -644,17 +644,14 @@ def _is_rank_zero() -> bool:
 
 
 def save_finished_stage(model: RxTForCausalLM, log: StageLog, folder: Path) -> None:
-    """The model after a stage and the stage's log, in `folder` (what `resume` starts the next stage from). Staged
-    in a sibling folder and renamed, so an interrupted save leaves no `folder` (the stage then runs again). Under
-    `torchrun`, rank 0 writes it."""
+    """The model after a stage and the stage's log, in `folder` (what `resume` starts the next stage from), through
+    `staged_folder`: an interrupted save leaves no `folder` (the stage then runs again). Under `torchrun`, rank 0
+    writes it."""
     if not _is_rank_zero():
         return
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    write_json_atomic(asdict(log), staging / STAGE_LOG)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
+    with staged_folder(folder) as staging:
+        model.save_pretrained(staging)
+        write_json_atomic(asdict(log), staging / STAGE_LOG)
 
 
 def save_trained(model: RxTForCausalLM, tokenizer: PreTrainedTokenizerBase, logs: Sequence[StageLog], output_dir):
@@ -665,20 +662,12 @@ def save_trained(model: RxTForCausalLM, tokenizer: PreTrainedTokenizerBase, logs
 
 
 def save_model_folder(model: RxTForCausalLM, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
-    """`save_pretrained` of the model and its tokenizer into `folder`, staged in a hidden sibling folder and renamed
-    into place: a save that fails part-way (a full disk, a kill) leaves the previous model in `folder` intact, where
-    saving in place would have left it half overwritten."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = create_temporary(folder.parent, f".{folder.name}.", directory=True)
-    try:
+    """`save_pretrained` of the model and its tokenizer into `folder` through `staged_folder`: a save that fails
+    part-way (a full disk, a kill) leaves the previous model in `folder` intact, where saving in place would have
+    left it half overwritten."""
+    with staged_folder(folder) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        fsync_tree(staging)  # complete on disk before the rename publishes it
-        replace_folder(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def run_curriculum_in_processes(
