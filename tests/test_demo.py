@@ -24,7 +24,7 @@ def test_demo_trains_evaluates_exports_and_talks_in_a_fresh_process(tmp_path):
     report = json.loads((output / "eval.json").read_text())
     assert {"recall_by_distance", "recall_memory_reset", "chance"} <= set(report)
     assert set(report["recall_by_distance"]) == set(report["recall_memory_reset"])
-    assert report["chance"] == pytest.approx(0.01)
+    assert report["chance"] == pytest.approx(0.01, rel=0.02)  # 98-100 held-out values a slot
     stages = ["joint", "sft", "memory_attention", "memory_aware", "external_memory"]
     assert [stage["stage"] for stage in report["stages"]] == stages
     # The recipe trains retrieval, so the demo measures it, and the exported model keeps the trained settings.

@@ -90,7 +90,7 @@ def test_recall_scores_a_known_case(tokenizer, tmp_path):
     assert result["recall_by_facts_held"] == {1: pytest.approx(2 / 3)}  # one fact stated before each question
     assert result["questions_by_facts_held"] == {1: 3}
     assert [e["answer"] for e in result["examples"]] == ["zub", "zub", "zub"]
-    assert result["chance"] == pytest.approx(0.01)  # 100 held-out values per slot in the test split
+    assert result["chance"] == pytest.approx(0.01)  # the cat keeps its 100 held-out values in the test split
 
 
 def test_recall_bookkeeping_reads_each_conversations_own_memory_and_writes_the_models_answer(tokenizer, monkeypatch):
@@ -207,4 +207,4 @@ def test_external_memory_recall_scores_a_known_case(tokenizer, monkeypatch):
     result = evaluate_fact_recall(model, tokenizer, n_episodes=3, turns=6)
     assert result["questions"] == len(expected) > 0
     assert result["accuracy_with_external_memory"] == 1.0 and result["accuracy_without_memory"] == 0.0
-    assert result["chance"] == pytest.approx(0.01)
+    assert result["chance"] == pytest.approx(0.01, rel=0.02)  # 98-100 held-out values a slot
