@@ -29,7 +29,7 @@ read from the same memory and never written, so every write learns from every fa
 
 Every stage is an `RxTTrainer` with its own `objective(model, inputs) -> (loss_sum, weight_sum, metrics)`. The
 trainer normalises by the weight summed over all processes, so a DDP run with the same global batch gives the same
-gradients as one process. The objectives call the model several times per batch (one decoder pass and one memory
+gradients as one process (except for the two objectives that mix per-token means, named in `RxTTrainer`). The objectives call the model several times per batch (one decoder pass and one memory
 write per turn); DDP's reducer only syncs the gradients of one wrapped `forward` call, so `RxTTrainer` averages the
 gradients across processes itself after `backward`.
 """
@@ -48,14 +48,26 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, Trainer
 from transformers.trainer_utils import unwrap_peft_model
 
-from .data import ASK, CHAT, TELL, UPDATE, Episode, filter_episodes, recall_probes
+from .data import ASK, CHAT, TELL, UPDATE, Episode, _check_int_at_least, filter_episodes, recall_probes
 from .external_memory import bind_external_memory
 from .modeling_rxt import RxTForCausalLM, load_balancing_loss
-from .tokenization import ANSWER_TOKEN, IGNORE_INDEX, format_interaction
+from .tokenization import (
+    ANSWER_TOKEN,
+    BOS_TOKEN,
+    EOS_TOKEN,
+    IGNORE_INDEX,
+    QUERY_TOKEN,
+    SPECIAL_TOKENS,
+    format_interaction,
+)
 
 logger = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("joint", "sft", "memory_attention", "memory_aware", "external_memory")
+# The tokens at the turn boundaries, which masked-LM never masks: their ids are fixed by `SPECIAL_TOKENS`' order.
+TURN_BOUNDARY_IDS: tuple[int, ...] = tuple(
+    SPECIAL_TOKENS.index(token) for token in (BOS_TOKEN, EOS_TOKEN, QUERY_TOKEN, ANSWER_TOKEN)
+)
 Objective = Callable[[RxTForCausalLM, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
@@ -68,6 +80,7 @@ def tokenize_interactions(
     """One row per (query, answer) pair: `input_ids` of `[BOS][Q] query[A] answer[EOS]` and answer-only `labels`.
     Pairs with an empty part or a literal special token, or longer than `max_length` tokens, are skipped and
     counted in one warning."""
+    _check_int_at_least("max_length", max_length, 4, " (the turn's [BOS], [Q], [A] and [EOS])")
     valid = []
     for query, answer in pairs:
         try:
@@ -97,6 +110,7 @@ def tokenize_episodes(
     `max_length` tokens) are dropped and counted in one warning. The content checks are `filter_episodes`'; the
     length check uses the token ids encoded here, so every turn is tokenised once (twice would double the cost of
     preparing a training set)."""
+    _check_int_at_least("max_length", max_length, 4, " (the turn's [BOS], [Q], [A] and [EOS])")
     kept, _ = filter_episodes(episodes)
     probe_lists = [recall_probes(episode) if probes else [] for episode in kept]
     turns = [turn for episode in kept for turn in episode.turns]
@@ -187,7 +201,7 @@ class InteractionCollator:
     mask_token_id: int | None = None
     mlm_probability: float = 0.0
     full_labels: bool = False
-    special_token_ids: tuple[int, ...] = ()
+    special_token_ids: tuple[int, ...] = TURN_BOUNDARY_IDS
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -396,6 +410,9 @@ def joint_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor], m
     the decoder predicts every token of the interaction while reading a memory written from the MASKED interaction.
     Reading the memory teaches the decoder to use its memory cross-attention and the encoder + memory attention to
     write token content the decoder can read; the masking keeps the decoder from copying everything."""
+    if "mlm_input_ids" not in inputs:
+        raise ValueError("joint_objective needs a masked copy of the batch: collate it with "
+                         "InteractionCollator(mask_token_id=..., mlm_probability > 0)")
     batch_size = inputs["input_ids"].shape[0]
     # The encoder runs twice on the same input, for the write and for the masked-LM head. Running it once is 29%
     # faster per step and equal to ~1e-6, but the curriculum amplifies that difference into another model (README,
@@ -458,19 +475,19 @@ def _reading_rows(inputs: Mapping[str, torch.Tensor], turn: int, turn_tensors: t
 def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor], bptt_turns: int = 0):
     """Stage 4 (supervised memory-aware training) over whole episodes, turn by turn: the decoder answers turn t
     reading STM_{t-1}, then STM_t = write(STM_{t-1}, interaction t). Gradients of every answer flow back through the
-    earlier writes; with `bptt_turns` = k > 0 the state is detached every k turns (truncated back-propagation).
+    earlier writes; with `bptt_turns` = k > 0 (truncated back-propagation) every k-th write starts from a detached
+    state, so an answer's gradient reaches at most the k writes before it, and every write gets one.
     Only rows whose turn has a positive weight run the decoder, so zero-weight turns (e.g. chat) cost a write only,
     and the last turn is not written at all (nothing would read it).
     Recall probes in the batch (`EpisodeCollator(probe_weight=...)`) are answered from the same STM_{t-1} in the
     same decoder pass and never written: every write is then supervised by every fact it must keep."""
+    _check_int_at_least("bptt_turns", bptt_turns, 0, " (0: no truncation)")
     batch_size, turns = inputs["input_ids"].shape[:2]
     stm = model.model.initial_memory(batch_size)  # (L, B, S, D)
     loss_sum = inputs["turn_weights"].new_zeros(())
     weight_sum = inputs["turn_weights"].new_zeros(())
     aux_terms = []
     for turn in range(turns):
-        if bptt_turns and turn and turn % bptt_turns == 0:
-            stm = stm.detach()
         input_ids, attention_mask, labels = _turn(inputs, turn)
         reading = _reading_rows(inputs, turn, (input_ids, attention_mask, labels))
         if reading is not None:
@@ -479,7 +496,10 @@ def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Ten
             if aux is not None:
                 aux_terms.append(aux)
         if turn + 1 < turns and attention_mask.any():  # the last turn's write would be read by nothing
-            stm = model.model.write_memory(stm, input_ids, attention_mask)
+            # Truncation cuts what a write starts from, not what the decoder reads: every write still learns from
+            # the answers that read it, and a loss reaches at most `bptt_turns` writes back.
+            source = stm.detach() if bptt_turns and turn and turn % bptt_turns == 0 else stm
+            stm = model.model.write_memory(source, input_ids, attention_mask)
     metrics = {"decoder_loss": (loss_sum / weight_sum.clamp(min=1e-8)).detach()}
     aux = torch.stack(aux_terms).mean() if aux_terms else None
     return _add_aux(model, loss_sum, weight_sum, aux, metrics), weight_sum, metrics
@@ -499,6 +519,10 @@ def memory_attention_objective(
     by `weight_decay_per_turn` per turn down to `min_weight` (a full memory should mostly keep what it holds).
     The encoder runs once: the write reads its outputs, the target their detached mean; gradients reach only the
     write (and, through it, the encoder)."""
+    for name, value in (("first_weight", first_weight), ("min_weight", min_weight),
+                        ("weight_decay_per_turn", weight_decay_per_turn)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     batch_size, turns = inputs["input_ids"].shape[:2]
     stm = model.model.initial_memory(batch_size)
     loss_sum = stm.new_zeros(())
@@ -582,16 +606,23 @@ class RxTTrainer(Trainer):
     One optimizer step's gradient is that of `loss_sum / weight_sum`, both summed over the step's micro-batches and
     processes: the same whatever the split into processes and gradient-accumulation steps. The weight of the whole
     step is known only after its last micro-batch, so each micro-batch's backward divides by the first one's weight
-    and the gradients are rescaled once, after the last (before clipping). One objective is exact only without a
-    split: `external_and_memory_aware_objective` mixes its two per-token means within each micro-batch (see there).
-    The metrics (stage losses, the MoE load-balancing loss) of the training batches are averaged over the logging
-    window and logged beside `loss`."""
+    and the gradients are rescaled once, after the last (before clipping). Two objectives are exact only without a
+    split: `external_and_memory_aware_objective` mixes its two per-token means within each micro-batch (see there),
+    and `joint_objective` scales the masked-LM mean of each micro-batch, whose masks `InteractionCollator` draws from
+    that micro-batch's ids. The metrics (stage losses, the MoE load-balancing loss) of the training batches are plain
+    means over the logging window's micro-batches of this process, logged beside `loss` (which is token-weighted
+    over the whole step and all processes)."""
 
     loss_is_scaled_for_ga = True  # `training_step` normalises the whole step; the Trainer must not divide again
 
     def __init__(self, *args, objective: Objective, **kwargs) -> None:
         if not callable(objective):
             raise TypeError(f"`objective` must be callable, got {type(objective).__name__}")
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(training_args, "remove_unused_columns", False):
+            # Trainer would keep only the columns `forward` takes and drop what the collators need (`kinds`, ...).
+            raise ValueError("RxTTrainer's collators read dataset columns that the model's forward does not take: "
+                             "pass TrainingArguments(remove_unused_columns=False)")
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled and self.args.gradient_accumulation_steps > 1:
             raise ValueError(
@@ -607,6 +638,10 @@ class RxTTrainer(Trainer):
         # PEFT's wrapper too: the objectives reach into the RxT model itself (`model.model.write_memory`, ...).
         rxt = unwrap_peft_model(self.accelerator.unwrap_model(model))
         loss_sum, weight, metrics = self.objective(rxt, inputs)
+        if model.training and not loss_sum.requires_grad:
+            # No row of this micro-batch had a weighted answer: a zero loss still joined to the parameters, so that
+            # backward (and, under DDP, the gradient averaging every process must join) runs as for any batch.
+            loss_sum = loss_sum + sum(p.sum() for p in rxt.parameters() if p.requires_grad) * 0.0
         weight, world_size = weight.detach().clone(), _world_size()
         if world_size > 1:
             dist.all_reduce(weight)
@@ -624,6 +659,15 @@ class RxTTrainer(Trainer):
         # DDP (and `_average_gradients`) average over processes: `* world_size` makes that a sum.
         loss = loss_sum / step.scale * world_size
         return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
+        """Evaluation is the objective's loss on the batch, as in training. Trainer's own step would look for a
+        top-level `labels` and, without one (the external-memory batches), call `forward` instead of the objective.
+        No logits are returned: an objective's batch has no single output to compare with labels."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)  # forward and backward of one micro-batch
@@ -657,7 +701,9 @@ def _average_gradients(model: torch.nn.Module) -> None:
     this process (e.g. no row of its share of the batch reached it) joins with zeros if any other process has one,
     so every process reduces the same layout and ends with the same gradients."""
     parameters = [p for p in model.parameters() if p.requires_grad]
-    has_grad = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32)
+    # On the gradients' device: NCCL (multi-GPU DDP) reduces CUDA tensors only.
+    has_grad = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32,
+                            device=parameters[0].device if parameters else None)
     dist.all_reduce(has_grad)
     reduced = [p for p, flag in zip(parameters, has_grad.tolist(), strict=True) if flag > 0]
     if not reduced:

@@ -100,6 +100,26 @@ def test_a_training_step_on_the_gpu_lowers_the_loss():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.skipif(not torch.distributed.is_nccl_available(), reason="needs NCCL")
+def test_gradient_averaging_runs_under_nccl():
+    """`RxTTrainer` averages gradients across processes itself; NCCL, the multi-GPU backend, reduces CUDA tensors
+    only, so every tensor it reduces (the flags of which parameters have a gradient, too) must be on the GPU."""
+    import torch.distributed as dist
+
+    from modeling_rxt.training import _average_gradients
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        layer = torch.nn.Linear(3, 2, device="cuda")
+        layer(torch.ones(1, 3, device="cuda")).sum().backward()
+        layer.bias.grad = None  # a parameter no row of this process reached
+        expected = layer.weight.grad.clone()
+        _average_gradients(layer)
+        assert torch.equal(layer.weight.grad, expected) and layer.bias.grad is None
+    finally:
+        dist.destroy_process_group()
+
+
 def test_the_benchmark_runs_on_the_gpu(tmp_path):
     from modeling_rxt.bench import BenchSettings, run_benchmarks
 

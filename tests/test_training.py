@@ -22,6 +22,8 @@ from modeling_rxt.training import (
     external_and_memory_aware_objective,
     external_memory_objective,
     interaction_objective,
+    joint_objective,
+    memory_attention_objective,
     memory_aware_objective,
     tokenize_episodes,
     tokenize_interactions,
@@ -246,6 +248,9 @@ def test_joint_collator_masks_only_ordinary_tokens(tokenizer):
     assert (batch["mlm_labels"][~masked] == IGNORE_INDEX).all()
     assert not torch.isin(batch["input_ids"][masked], torch.tensor(special)).any()
     assert (batch["labels"] == batch["input_ids"]).all()  # the joint stage's decoder predicts every token
+    # Without the ids given, the collator still spares them (the tokenizers trained here fix them).
+    default = InteractionCollator(tokenizer.pad_token_id, mask_id, 0.5, True)([dataset[i] for i in range(4)])
+    assert torch.equal(default["mlm_input_ids"], batch["mlm_input_ids"])
 
 
 # --- Objectives and collators against their definitions ------------------------------------------------------------
@@ -400,27 +405,34 @@ def test_each_stage_lowers_its_loss_on_a_fixed_batch(stage, extra, tokenizer, tm
     assert after < 0.9 * before, (stage, before, after)
 
 
-def test_memory_aware_loss_reaches_earlier_writes(tokenizer, episodes):
-    """The answer of a later turn must send gradient into the memory write of turn 0 (no truncation), and none with
-    `bptt_turns=1` (the state is detached after every turn)."""
+def test_memory_aware_truncation_limits_how_far_back_a_loss_reaches(tokenizer, episodes):
+    """Without truncation the answer of turn 2 sends gradient into the write of turn 0. With `bptt_turns=1` it
+    reaches only the write of turn 1, while turn 1's answer still trains the write of turn 0: truncation must never
+    leave a write untrained (it once detached what the decoder read, and with k=1 no write learned at all)."""
     dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
-    batch = EpisodeCollator(tokenizer.pad_token_id, {ASK: 1.0, TELL: 0.0, "update": 0.0, CHAT: 0.0})(
+    batch = EpisodeCollator(tokenizer.pad_token_id, {ASK: 1.0, TELL: 1.0, "update": 1.0, CHAT: 1.0})(
         [dataset[i] for i in range(4)]
     )
-    embedding_grads = []
-    for bptt in (0, 1):
+
+    def first_write_gradient(bptt, weighted_turn):
         model = tiny_model(tokenizer)
+        weights = torch.zeros_like(batch["turn_weights"])
+        weights[:, weighted_turn] = 1.0  # only this turn's answers give a loss
         captured = {}
+
         def keep_first(module, args, output):
             captured.setdefault("first_write", output)  # returns None: the output is not replaced
 
         handle = model.model.memory_encoder.layers[0].register_forward_hook(keep_first)
-        loss_sum, weight, _ = memory_aware_objective(model, batch, bptt_turns=bptt)
+        loss_sum, weight, _ = memory_aware_objective(model, {**batch, "turn_weights": weights}, bptt_turns=bptt)
         handle.remove()
         grad = torch.autograd.grad(loss_sum / weight, captured["first_write"], allow_unused=True)[0]
-        embedding_grads.append(0.0 if grad is None else float(grad.abs().sum()))
-    assert embedding_grads[0] > 0
-    assert embedding_grads[1] == 0
+        return 0.0 if grad is None else float(grad.abs().sum())
+
+    assert first_write_gradient(bptt=0, weighted_turn=2) > 0
+    assert first_write_gradient(bptt=1, weighted_turn=2) == 0
+    assert first_write_gradient(bptt=1, weighted_turn=1) > 0
+    assert first_write_gradient(bptt=2, weighted_turn=2) > 0  # two writes back
 
 
 def test_moe_load_balancing_loss_is_logged(tokenizer, episodes, tmp_path):
@@ -567,3 +579,69 @@ def test_collators_reject_untokenised_rows(tokenizer):
         EpisodeCollator(tokenizer.pad_token_id, {ASK: -1.0})
     with pytest.raises(ValueError, match="mask_token_id"):
         InteractionCollator(tokenizer.pad_token_id, None, 0.2)
+
+
+def test_objectives_and_tokenizers_name_bad_settings(tokenizer, episodes):
+    pairs = [("hello", "hi .")]
+    for bad in ("64", 0, True):
+        with pytest.raises(ValueError, match="max_length must be an int"):
+            tokenize_interactions(tokenizer, pairs, bad)
+        with pytest.raises(ValueError, match="max_length must be an int"):
+            tokenize_episodes(tokenizer, episodes, bad)
+    batch = EpisodeCollator(tokenizer.pad_token_id)([tokenize_episodes(tokenizer, episodes, MAX_LENGTH)[0]])
+    model = tiny_model(tokenizer)
+    for bad in (-1, 0.5, True):
+        with pytest.raises(ValueError, match="bptt_turns must be an int"):
+            memory_aware_objective(model, batch, bptt_turns=bad)
+    for name, bad in (("first_weight", 1.5), ("min_weight", -0.1), ("weight_decay_per_turn", "0.1")):
+        with pytest.raises(ValueError, match=f"{name} must be a number in"):
+            memory_attention_objective(model, batch, **{name: bad})
+    plain = InteractionCollator(tokenizer.pad_token_id)([tokenize_interactions(tokenizer, pairs, MAX_LENGTH)[0]])
+    with pytest.raises(ValueError, match="masked copy"):
+        joint_objective(model, plain)
+
+
+# --- RxTTrainer on batches Trainer's defaults do not expect ---------------------------------------------------------
+
+
+def _trainer_args(tmp_path, **extra) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, remove_unused_columns=False, report_to=[],
+                             per_device_train_batch_size=1, per_device_eval_batch_size=4, max_steps=1,
+                             save_strategy="no", disable_tqdm=True, **extra)
+
+
+def test_a_micro_batch_without_a_weighted_answer_is_a_zero_step(tokenizer, tmp_path):
+    """Only chat turns, and chat weighs nothing: the objective's loss has no graph. The step must still run (under
+    DDP every process has to join the gradient averaging) and change nothing."""
+    chat_only = _episode("chat-only", [Turn("hello there", "hi .", CHAT), Turn("how are you ?", "fine .", CHAT)])
+    dataset = tokenize_episodes(tokenizer, [chat_only], MAX_LENGTH)
+    collator = EpisodeCollator(tokenizer.pad_token_id, {ASK: 1.0, TELL: 0.0, "update": 0.0, CHAT: 0.0})
+    model = tiny_model(tokenizer)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path), train_dataset=dataset, data_collator=collator,
+                         objective=memory_aware_objective)
+    assert trainer.train().training_loss == 0.0
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("extra", [{}, {"memory_aware_weight": 1.0}], ids=["external", "mixed"])
+def test_evaluation_computes_the_objective_of_every_stage(tokenizer, tmp_path, extra):
+    """The external-memory batches are nested and hold no top-level `labels`: Trainer's own evaluation step then
+    called `forward` with them. The evaluation loss must be the objective's, as in training."""
+    dataset, collator, objective = stage_components(stage_recipe("external_memory", **extra), tokenizer, MAX_LENGTH,
+                                                    seed=0)
+    model = tiny_model(tokenizer).eval()
+    trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path), eval_dataset=dataset.select(range(4)),
+                         data_collator=collator, objective=objective)
+    with torch.no_grad():
+        loss_sum, weight, _ = objective(model, collator([dataset[i] for i in range(4)]))
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(float(loss_sum / weight), rel=1e-5)
+
+
+def test_trainer_refuses_to_drop_the_columns_its_collators_read(tokenizer, episodes, tmp_path):
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    args = _trainer_args(tmp_path)
+    args.remove_unused_columns = True  # the TrainingArguments default
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=dataset,
+                   data_collator=EpisodeCollator(tokenizer.pad_token_id), objective=memory_aware_objective)
