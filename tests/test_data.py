@@ -117,8 +117,10 @@ def test_episodes_have_the_requested_number_of_turns(episodes):
 
 
 # The held-out values that are words of the dialogue corpus, dropped from their pools ("page's", "fishes.").
-_HELD_OUT_CORPUS_WORDS = {("validation", "dog"): {"page"}, ("validation", "number"): {"201", "404"},
-                          ("test", "sister"): {"fishes"}, ("test", "company"): {"give"}, ("test", "number"): {"100", "401"}}
+_HELD_OUT_CORPUS_WORDS = {
+    ("validation", "dog"): {"page"}, ("validation", "number"): {"201", "404"},
+    ("test", "sister"): {"fishes"}, ("test", "company"): {"give"}, ("test", "number"): {"100", "401"},
+}
 
 
 @pytest.mark.parametrize("split", SPLITS)
