@@ -1,17 +1,22 @@
-# Every target sets itself up: a virtual environment in .venv with the pinned CPU torch first (a newer or unpinned
-# torch would pull a multi-GB CUDA build), then this package with its test and benchmark extras.
+# Every target sets itself up: a virtual environment in .venv with the pinned torch first, then this package with its
+# test and benchmark extras. Which build of torch 2.13.0 comes depends on where pip looks: a CPU wheel where pip's
+# configuration finds one (this project's development and CI machines), otherwise PyPI's, which on Linux is the CUDA
+# build (several GB; it runs on a CPU too). `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu` asks
+# PyTorch's CPU index for torch instead.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
+TORCH_INDEX ?=
+TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple,)
 
 .PHONY: demo demo-external test bench lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet $(TORCH_FROM) $(TORCH)
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $(STAMP)
 

@@ -29,7 +29,7 @@ import torch
 from .data import ASK, make_episodes
 from .evaluation import evaluate_fact_recall, evaluate_recall, plot_recall, write_json_atomic
 from .training_curriculum import (
-    InputError, load_recipe, one_line, run_curriculum, run_curriculum_in_processes, save_model_folder,
+    RECIPES_DIR, InputError, check_output_folder, load_recipe, one_line, run_curriculum, run_curriculum_in_processes, save_model_folder,
 )
 
 # Runs in a fresh interpreter with only the exported folder: the project's own packages are made unimportable, so
@@ -69,8 +69,9 @@ for number, conversation in enumerate(conversations, 1):
           + ("recalled" if recalled else "NOT recalled"))
     if recalled:
         sys.exit(0)
-sys.exit(3)
+sys.exit(3)  # NOT_RECALLED
 """
+NOT_RECALLED = 3  # the conversation script's exit code when no conversation was recalled (a crash gives 1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,7 +97,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         args.recipe_values = load_recipe(args.recipe)  # every field checked before anything trains
     except (TypeError, ValueError) as error:
         parser.error(f"--recipe: {error}")
+    try:
+        check_output_folder(args.output)
+    except ValueError as error:
+        parser.error(f"--output: {error}")
     return args
+
+
+def _can_plot() -> bool:
+    try:
+        import matplotlib  # noqa: F401 (only whether it is installed)
+    except ImportError:
+        return False
+    return True
 
 
 def _stage_summary(logs) -> list[dict]:
@@ -147,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = args.recipe_values
     print(f"[demo] recipe {args.recipe!r}: {len(recipe['stages'])} stages, {args.threads} CPU threads, "
           f"{args.processes} training process(es)")
+    plot = _can_plot()
+    if not plot:
+        print("[demo] matplotlib is not installed: no recall.png (pip install matplotlib, or this package's [bench])")
     try:
         if args.processes > 1:  # trains and saves runs/.../model in the worker processes
             threads_per_process = max(1, args.threads // args.processes)
@@ -187,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["wall_s"]["evaluation"] = round(time.perf_counter() - eval_start, 1)
     write_json_atomic(report, output / "eval.json")
     write_json_atomic({"examples": examples}, output / "eval_examples.json")
-    plot_recall(result, output / "recall.png")
+    if plot:
+        plot_recall(result, output / "recall.png")
     print("[demo] recall by distance (with memory / memory reset), chance {:.1%}:".format(result["chance"]))
     for distance, accuracy in result["recall_by_distance"].items():
         print(f"    {distance} turns back: {accuracy:6.1%} / {result['recall_memory_reset'][distance]:6.1%}"
@@ -197,19 +214,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("[demo] the same by different facts stated before the question: " + ", ".join(
         f"{held}: {accuracy:.0%}" for held, accuracy in result["recall_by_facts_held"].items()))
 
-    recipe_path = Path(args.recipe) if Path(args.recipe).suffix else None
+    recipe_path = Path(args.recipe) if Path(args.recipe).suffix else RECIPES_DIR / f"{args.recipe}.json"
     how = export_hub_folder(model_dir, output / "hub", output / "eval.json", recipe_path)
     print(f"[demo] Hub folder {output / 'hub'}: {how}")
     conversations = _conversations({"examples": examples}, episodes)
-    code = 3
+    code = NOT_RECALLED
     if conversations:
         print("[demo] a conversation with the reloaded model, in a fresh process:")
         code = subprocess.run([sys.executable, "-c", CONVERSATION_SCRIPT, str(output / "hub"),
                                json.dumps(conversations), str(args.threads)]).returncode
     else:
         print("[demo] the evaluation asked no question about a fact 3 or more turns back: nothing to show")
-    if code != 0:
+    if code == NOT_RECALLED:
         print("[demo] the reloaded model did not recall a fact 3 or more turns back (see eval.json for the figures)")
+    elif code != 0:
+        print(f"[demo] the conversation in a fresh process FAILED (exit code {code}): its error is above")
     print(f"[demo] done in {time.perf_counter() - start:.0f} s; results in {output}")
     return 0 if code == 0 else 1
 

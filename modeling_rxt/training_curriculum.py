@@ -612,11 +612,28 @@ def check_same_run(recipe: Mapping, output_dir: Path) -> None:
                 "existed, or stopped before it started): start a fresh run (without `resume`)."
             )
         return
-    if read_json_object(recorded, "the recipe of the run to resume") != _as_json(recipe):
-        raise ValueError(
-            f"`resume`: {str(output_dir)!r} holds a run of another recipe ({recorded}); resume it with that "
-            "recipe, or start a fresh run (without `resume`)."
-        )
+    recorded_recipe = read_json_object(recorded, "the recipe of the run to resume")
+    if _comparable(recorded_recipe) == _comparable(_as_json(recipe)):
+        return
+    # A run in several processes records the recipe of its stages, which continue from `output_dir/initial`.
+    initial = (output_dir / "initial").resolve()
+    in_processes = [_resolved(r.get("init_from")) == initial and "model" not in r for r in (recorded_recipe, recipe)]
+    how = {(True, False): " It was trained in several processes: resume it with the same `--processes` "
+                          "(`run_curriculum_in_processes`).",
+           (False, True): " It was trained in one process: resume it without `--processes`."}.get(tuple(in_processes), "")
+    raise ValueError(
+        f"`resume`: {str(output_dir)!r} holds a run of another recipe ({recorded}); resume it with that "
+        f"recipe, or start a fresh run (without `resume`).{how}"
+    )
+
+
+def _resolved(path) -> Path | None:
+    return Path(path).resolve() if isinstance(path, str) else None
+
+
+def _comparable(recipe: dict) -> dict:
+    """`recipe` with `init_from` as an absolute path: "runs/demo/initial" and its absolute spelling are one run."""
+    return {**recipe, "init_from": str(_resolved(recipe["init_from"]))} if "init_from" in recipe else recipe
 
 
 def last_complete_checkpoint(stage_dir: Path) -> str | None:
@@ -744,6 +761,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = load_recipe(args.recipe)
     except (TypeError, ValueError) as error:
         parser.error(f"--recipe: {error}")
+    try:
+        check_output_folder(args.output)
+    except ValueError as error:
+        parser.error(f"--output: {error}")
     torch.set_num_threads(args.threads)
     try:
         model, tokenizer, logs = run_curriculum(recipe, args.output, progress=_is_rank_zero(), resume=args.resume)
@@ -754,6 +775,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         leave_process_group()
     return 0
+
+
+def check_output_folder(output_dir: str | Path) -> None:
+    """A `ValueError` unless `output_dir` is a folder or can become one: the nearest of it and its parents that
+    exists must be a folder. For the CLIs, which would otherwise fail only after building the model."""
+    existing = next(path for path in (Path(output_dir), *Path(output_dir).parents) if path.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{str(existing)!r} is not a folder")
 
 
 def one_line(error: Exception) -> str:
@@ -780,6 +809,7 @@ __all__ = [
     "build_model",
     "build_tokenizer",
     "check_init_from",
+    "check_output_folder",
     "check_recipe",
     "load_recipe",
     "input_checks",

@@ -188,6 +188,28 @@ def test_an_interrupted_curriculum_resumes_to_the_uninterrupted_result(tokenizer
         run_curriculum(other, tmp_path / "stopped", progress=False, resume=True)
 
 
+def test_resume_tells_a_run_in_processes_from_another_recipe(tmp_path, monkeypatch):
+    """A run in several processes records the recipe of its stages (continuing from `initial/`): resuming it in one
+    process, or a one-process run in several, names the mismatch. The same folder spelled as an absolute path is
+    the same run."""
+    from modeling_rxt.training_curriculum import check_same_run
+
+    monkeypatch.chdir(tmp_path)
+    recipe = {"tokenizer": {"vocab_size": 300}, "model": {"preset": "nano"}, "stages": [stage_recipe("sft")]}
+    stages = {"stages": recipe["stages"], "init_from": "run/initial"}
+    (tmp_path / "run").mkdir()
+    write_json_atomic(stages, tmp_path / "run" / "run_recipe.json")
+    check_same_run({**stages, "init_from": str(tmp_path / "run" / "initial")}, Path("run"))
+    with pytest.raises(ValueError, match="another recipe .* trained in several processes: resume it with the same"):
+        check_same_run(recipe, Path("run"))
+    write_json_atomic(recipe, tmp_path / "run" / "run_recipe.json")
+    with pytest.raises(ValueError, match="another recipe .* trained in one process: resume it without"):
+        check_same_run(stages, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"another recipe \(\S+\); resume it with that recipe, or start a fresh run "
+                                         r"\(without `resume`\)\.$"):
+        check_same_run({**recipe, "seed": 1}, Path("run"))
+
+
 def test_a_recipe_can_continue_a_trained_model(tokenizer, tmp_path):
     """`init_from` replaces "tokenizer" and "model": the stages continue the saved model with its own tokenizer."""
     saved = tmp_path / "trained"
@@ -320,6 +342,11 @@ def test_the_cli_reports_bad_input_found_before_training_as_a_usage_error(tokeni
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "another recipe" in error
     assert error.strip().splitlines()[-1].startswith("python -m modeling_rxt.training_curriculum: error: `resume`")
+
+    (tmp_path / "a_file").write_text("")  # used to fail with FileExistsError once the model was built
+    with pytest.raises(SystemExit) as exit_info:
+        curriculum.main(["--recipe", str(path), "--output", str(tmp_path / "a_file" / "run")])
+    assert exit_info.value.code == 2 and "--output: " in capsys.readouterr().err
 
     def failing_stage(*args, **kwargs):
         raise ValueError("broke while training")

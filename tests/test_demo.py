@@ -20,7 +20,8 @@ def test_demo_trains_evaluates_exports_and_talks_in_a_fresh_process(tmp_path):
         capture_output=True, text=True, timeout=900,
     )
     # The tiny recipe shows the mechanics, not recall: exit 1 says "not recalled", anything else is a crash.
-    assert run.returncode in (0, 1), run.stderr[-3000:]
+    assert run.returncode in (0, 1) and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert "FAILED" not in run.stdout
     report = json.loads((output / "eval.json").read_text())
     assert {"recall_by_distance", "recall_memory_reset", "chance"} <= set(report)
     assert set(report["recall_by_distance"]) == set(report["recall_memory_reset"])
@@ -38,6 +39,17 @@ def test_demo_trains_evaluates_exports_and_talks_in_a_fresh_process(tmp_path):
     # The conversation ran in the fresh process on the exported folder, through the folder's own code.
     assert "remote code: transformers_modules" in run.stdout
     assert "stated" in run.stdout and "turns earlier" in run.stdout
+    # The card of a named recipe holds it (the recipe's file, found by name).
+    assert "No training recipe was given" not in (hub / "README.md").read_text()
+
+    # Resuming the finished run trains nothing again: it evaluates, exports and replays the same model.
+    (output / "eval.json").unlink()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "modeling_rxt.demo", "--recipe", "tiny", "--output", str(output), "--threads", "1",
+         "--resume"], capture_output=True, text=True, timeout=900,
+    )
+    assert resumed.returncode == run.returncode and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+    assert json.loads((output / "eval.json").read_text())["recall_by_distance"] == report["recall_by_distance"]
 
 
 @pytest.mark.parametrize(
@@ -48,6 +60,14 @@ def test_demo_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         _parse(argv)
     assert message in capsys.readouterr().err
+
+
+def test_demo_refuses_an_output_that_is_not_a_folder(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    for output in ("a_file", "a_file/sub"):
+        with pytest.raises(SystemExit) as exit_info:
+            _parse(["--recipe", "tiny", "--output", str(tmp_path / output)])
+        assert exit_info.value.code == 2 and "is not a folder" in capsys.readouterr().err
 
 
 def test_demo_names_an_unknown_recipe(tmp_path):
@@ -134,3 +154,28 @@ def test_demo_keeps_the_previous_model_when_its_save_fails(tmp_path, monkeypatch
         torch.set_num_threads(threads)
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     assert [path.name for path in folder.parent.iterdir()] == ["model"]  # no staging folder left behind
+
+
+def test_demo_tells_a_crashed_conversation_from_one_not_recalled(tmp_path, monkeypatch, capsys):
+    """The fresh process exits 3 when no conversation was recalled; any other failure (a traceback exits 1) must be
+    reported as a failure, not as a model that forgot."""
+    from modeling_rxt import RxTConfig, RxTForCausalLM, demo
+    from modeling_rxt.data import lm_texts, make_episodes
+    from modeling_rxt.tokenization import MIN_VOCAB_SIZE, train_tokenizer
+
+    tokenizer = train_tokenizer(lm_texts(make_episodes(20, turns=4)), vocab_size=MIN_VOCAB_SIZE + 64)
+    model = RxTForCausalLM(RxTConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     memory_slots=4, max_position_embeddings=128)).eval()
+    monkeypatch.setattr(demo, "run_curriculum", lambda *args, **kwargs: (model, tokenizer, []))
+    monkeypatch.setattr(demo, "export_hub_folder", lambda *args: "not exported (test)")
+    monkeypatch.setattr(demo, "_conversations", lambda *args: [{"queries": ["hi"], "expected": "x", "distance": 3}])
+    threads = torch.get_num_threads()
+    try:
+        for script, message in (("import sys; sys.exit(3)", "did not recall"),
+                                ("raise RuntimeError('broken folder')", "FAILED (exit code 1)")):
+            monkeypatch.setattr(demo, "CONVERSATION_SCRIPT", script)
+            assert main(["--recipe", "tiny", "--output", str(tmp_path / "demo"), "--threads", "1"]) == 1
+            assert message in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
