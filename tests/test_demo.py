@@ -156,9 +156,9 @@ def test_demo_keeps_the_previous_model_when_its_save_fails(tmp_path, monkeypatch
     assert [path.name for path in folder.parent.iterdir()] == ["model"]  # no staging folder left behind
 
 
-def test_demo_tells_a_crashed_conversation_from_one_not_recalled(tmp_path, monkeypatch, capsys):
-    """The fresh process exits 3 when no conversation was recalled; any other failure (a traceback exits 1) must be
-    reported as a failure, not as a model that forgot."""
+@pytest.fixture
+def untrained_demo(monkeypatch):
+    """The demo's steps after training, on an untrained tiny model: no training, no export, one conversation."""
     from modeling_rxt import RxTConfig, RxTForCausalLM, demo
     from modeling_rxt.data import lm_texts, make_episodes
     from modeling_rxt.tokenization import MIN_VOCAB_SIZE, train_tokenizer
@@ -170,12 +170,26 @@ def test_demo_tells_a_crashed_conversation_from_one_not_recalled(tmp_path, monke
     monkeypatch.setattr(demo, "run_curriculum", lambda *args, **kwargs: (model, tokenizer, []))
     monkeypatch.setattr(demo, "export_hub_folder", lambda *args: "not exported (test)")
     monkeypatch.setattr(demo, "_conversations", lambda *args: [{"queries": ["hi"], "expected": "x", "distance": 3}])
+    monkeypatch.setattr(demo, "CONVERSATION_SCRIPT", "import sys; sys.exit(3)")  # not recalled
     threads = torch.get_num_threads()
-    try:
-        for script, message in (("import sys; sys.exit(3)", "did not recall"),
-                                ("raise RuntimeError('broken folder')", "FAILED (exit code 1)")):
-            monkeypatch.setattr(demo, "CONVERSATION_SCRIPT", script)
-            assert main(["--recipe", "tiny", "--output", str(tmp_path / "demo"), "--threads", "1"]) == 1
-            assert message in capsys.readouterr().out
-    finally:
-        torch.set_num_threads(threads)
+    yield demo
+    torch.set_num_threads(threads)
+
+
+def test_demo_tells_a_crashed_conversation_from_one_not_recalled(untrained_demo, tmp_path, monkeypatch, capsys):
+    """The fresh process exits 3 when no conversation was recalled; any other failure (a traceback exits 1) must be
+    reported as a failure, not as a model that forgot."""
+    for script, message in (("import sys; sys.exit(3)", "did not recall"),
+                            ("raise RuntimeError('broken folder')", "FAILED (exit code 1)")):
+        monkeypatch.setattr(untrained_demo, "CONVERSATION_SCRIPT", script)
+        assert main(["--recipe", "tiny", "--output", str(tmp_path / "demo"), "--threads", "1"]) == 1
+        assert message in capsys.readouterr().out
+
+
+def test_demo_runs_to_the_end_without_matplotlib(untrained_demo, tmp_path, monkeypatch, capsys):
+    """matplotlib comes with the [bench] extra only: a plain install has no plot, and says so, but does the rest."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert main(["--recipe", "tiny", "--output", str(tmp_path / "demo"), "--threads", "1"]) == 1  # not recalled
+    out = capsys.readouterr().out
+    assert "matplotlib is not installed" in out and "did not recall" in out
+    assert (tmp_path / "demo" / "eval.json").is_file() and not (tmp_path / "demo" / "recall.png").exists()
