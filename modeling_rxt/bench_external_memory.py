@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .evaluation import evaluate_fact_recall
-from .memory_state import write_json_atomic
+from .memory_state import atomic_write, write_json_atomic
 
 DEFAULT_SIZES = (1_000, 3_000, 10_000, 30_000, 100_000)
 PROMPT_TOKENS = 16
@@ -115,7 +115,10 @@ def run_scaling(args) -> list[dict]:
                    "--repeats", str(args.repeats), "--threads", str(args.threads)]
         if args.model:
             command += ["--model", args.model]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:  # with the child's own error: CalledProcessError would name only the exit status
+            tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+            raise RuntimeError(f"the scaling run of {size} memory tokens failed (exit code {done.returncode}):\n{tail}")
         points.append(json.loads(done.stdout.strip().splitlines()[-1]))
         p = points[-1]
         print(f"{size:>7} memory tokens: build {p['build_s']:.1f} s, first token {p['first_token_s'] * 1e3:.0f} ms, "
@@ -124,14 +127,22 @@ def run_scaling(args) -> list[dict]:
     return points
 
 
+def check_chat_model(model_dir: str | None) -> None:
+    """Raises `ValueError` when `model_dir` has no tokenizer.json: the chat benchmark would otherwise measure an
+    untrained model of the preset and record it under `model_dir`."""
+    if model_dir and not (Path(model_dir) / "tokenizer.json").is_file():
+        raise ValueError(f"--model {model_dir!r} has no tokenizer.json, which the chat latency benchmark needs.")
+
+
 def run_chat_latency(model_dir: str | None, preset: str, turns: int, new_tokens: int) -> dict:
     """Time to first token of the next turn, with the previous write finished in the background or not."""
     from .chat import RxTChatSession
     from .data import load_dialogue_corpus
     from .tokenization import train_tokenizer
 
+    check_chat_model(model_dir)
     queries = [q for q, _ in load_dialogue_corpus("test", max_chars=120)][: turns + 1]
-    if model_dir and (Path(model_dir) / "tokenizer.json").is_file():
+    if model_dir:
         from transformers import AutoTokenizer
 
         tokenizer, model = AutoTokenizer.from_pretrained(model_dir), _load_model(model_dir, preset)
@@ -157,11 +168,11 @@ def run_chat_latency(model_dir: str | None, preset: str, turns: int, new_tokens:
             session.send(query, **fixed)
             sends.append(time.perf_counter() - start)
         session.close()
-        timings = session.timings[1:]
+        timings = session.timings[1:]  # not the warm-up turn
         results[mode] = {
             "first_token_s": statistics.median(t.first_token_s for t in timings),
             "wait_s": statistics.median(t.wait_s for t in timings),
-            "write_s": statistics.median(t.write_s for t in session.timings),
+            "write_s": statistics.median(t.write_s for t in timings),
             "send_returns_s": statistics.median(sends),
         }
         print(f"chat {mode:>21}: first token {results[mode]['first_token_s'] * 1e3:.1f} ms, waited "
@@ -188,7 +199,7 @@ def plot(points: list[dict], path: Path) -> None:
     right.set(xscale="log", xlabel="external memory (tokens)", ylabel="MB", title="Memory")
     right.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))  # as bench/report.py
     plt.close(figure)
 
 
@@ -210,8 +221,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=40)
     parser.add_argument("--one-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if any(s < 1 for s in args.sizes) or args.threads < 1 or args.new_tokens < 2:
-        parser.error("--sizes, --threads must be positive and --new-tokens at least 2")
+    for name in ("threads", "repeats", "chat_turns", "episodes"):  # 0 would fail only after minutes of work
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if any(s < 1 for s in args.sizes) or args.new_tokens < 2:
+        parser.error(f"--sizes must be positive and --new-tokens at least 2, got {args.sizes} and {args.new_tokens}")
     torch.set_num_threads(args.threads)
     if args.topk is not None and args.topk < 1:
         parser.error("--topk must be positive")
@@ -230,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         write_json_atomic({"model": args.fact_recall, **result}, out / "external_memory_recall.json")
         print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
         return
+    try:  # before the scaling runs, not after
+        check_chat_model(args.model)
+    except ValueError as error:
+        parser.error(str(error))
     args.topk = scaling_topk  # run_scaling hands it to each subprocess
     points = run_scaling(args)
     setup = {"preset": args.preset, "model": args.model, "prompt_tokens": PROMPT_TOKENS, "new_tokens": args.new_tokens,

@@ -1,9 +1,11 @@
 """The benchmark functions at tiny settings: they run, count tokens and state bytes exactly, and write well-formed JSON
 and plots with the expected keys. Nothing here asserts a timing."""
 
+import argparse
 import importlib.util
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -23,9 +25,11 @@ from modeling_rxt.bench import (
     run_benchmarks,
     write_json,
 )
+from modeling_rxt.bench import train_speed
 from modeling_rxt.bench.__main__ import parse_args
 from modeling_rxt.bench.latency import KV, LLAMA_TURN1, REREAD, llama_turn, _prefilled_cache
 from modeling_rxt.bench.report import crossover_turn, summary_lines
+from modeling_rxt.bench.run import _headline
 from modeling_rxt.bench.systems import LLAMA
 
 TINY_SHAPE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -60,6 +64,24 @@ def models(settings):
 def test_settings_reject_bad_values(bad):
     with pytest.raises(ValueError):
         BenchSettings(**{**TINY_RUN, **bad})
+
+
+@pytest.mark.parametrize("bad, named", [
+    (dict(compile_backend="inductr"), "'inductr'"),
+    (dict(attn_implementation="spda"), "'spda'"),
+    (dict(preset="alpha-nano"), "'alpha-nano'"),
+    (dict(preset="nano", overrides={}), "'nano' has no experts"),  # rxt-moe is asked for
+    (dict(overrides={**TINY_SHAPE, "hiden_size": 32}), "'hiden_size' (did you mean 'hidden_size'?)"),
+])
+def test_settings_name_what_does_not_exist_before_measuring(bad, named):
+    with pytest.raises(ValueError) as error:
+        BenchSettings(**{**TINY_RUN, **bad})
+    assert named in str(error.value)
+
+
+def test_settings_accept_what_exists():
+    assert BenchSettings(**{**TINY_RUN, "compile_backend": "eager", "attn_implementation": "eager"})
+    assert BenchSettings(**{**TINY_RUN, "preset": "nano", "overrides": {}, "rxt_systems": ("rxt-dense",)})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
@@ -103,6 +125,8 @@ def test_llama_has_the_size_of_the_rxt_decoder(models):
     assert llama.max_position_embeddings >= 3 * TURN  # the longest re-read history fits
     described = describe_systems(models)
     assert described["rxt-moe"]["parameters_active_per_token"] < described["rxt-moe"]["parameters"]
+    # the whole model less the unused experts: without experts, every parameter (encoder and memory attention too)
+    assert described["rxt-dense"]["parameters_active_per_token"] == described["rxt-dense"]["parameters"]
     assert described[LLAMA]["class"] == "LlamaForCausalLM"
 
 
@@ -212,6 +236,40 @@ def test_training_throughput_drops_warmup_steps(settings):
         assert table["training_throughput_ratio"]["value"] == pytest.approx(sorted(paired)[1])
 
 
+def test_training_runs_on_the_bench_device_alone(monkeypatch, tmp_path):
+    # A host with two GPUs, faked: transformers would train on cuda:0, with DataParallel over both.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    current_gpu = []
+
+    @contextmanager
+    def device(index):
+        current_gpu.append(torch.device(index))
+        yield
+        current_gpu.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    seen = {}
+
+    class Trainer:  # records what the real one would use
+        def __init__(self, model, args, **kwargs):
+            seen["args"] = args
+
+        def remove_callback(self, callback):
+            pass
+
+        def train(self):
+            seen["current_gpu"] = current_gpu[-1] if current_gpu else None  # where accelerate's "cuda" points
+
+    monkeypatch.setattr(train_speed, "Trainer", Trainer)
+    settings = BenchSettings(**{**TINY_RUN, "device": "cuda:1"})
+    train_speed.train_steps(torch.nn.Linear(1, 1), None, settings, 1, str(tmp_path))
+    args = seen["args"]
+    assert (args.device, args.n_gpu, args.parallel_mode.value) == (torch.device("cuda:1"), 1, "not_parallel")
+    assert seen["current_gpu"] == torch.device("cuda:1")
+
+
 def test_training_peak_memory_runs_in_a_fresh_process(settings):
     result = measure_training_peak_memory(settings, [LLAMA])
     entry = result["systems"][LLAMA]
@@ -239,6 +297,8 @@ def test_crossover_is_interpolated_between_sampled_turns():
     assert crossover_turn(medians, "rxt-moe", REREAD) == pytest.approx(5.0)
     assert crossover_turn(_medians({1: 2.0}, {1: 1.0}), "rxt-moe", REREAD) is None
     assert crossover_turn(_medians({1: 1.0}, {1: 2.0}), "rxt-moe", REREAD) == 1.0
+    # beaten at the first sampled turn, which is not turn 1: the crossover lies somewhere before it
+    assert crossover_turn(_medians({4: 1.0, 8: 1.0}, {4: 2.0, 8: 3.0}), "rxt-moe", REREAD) is None
 
 
 def test_acceptance_ratios_come_from_the_medians():
@@ -263,6 +323,20 @@ def test_acceptance_ratios_come_from_the_medians():
     assert table["training_throughput_ratio"]["value"] is None  # not measured in this run
     text = acceptance_table({"rxt-moe": table})
     assert "MISS" in text and " ok" in text and "n/a" in text
+
+
+def test_acceptance_without_turn_1_gives_the_items_that_do_not_read_it():
+    medians = _medians({16: 2.0, 64: 2.0, 128: 2.2}, {16: 3.0, 64: 8.0, 128: 20.0},
+                       llama_turn1={16: 1.6, 64: 2.0, 128: 1.0})
+    table = acceptance({"turn_latency": {"medians": medians}}, "rxt-moe")
+    assert table["turn128_over_turn1"]["value"] == pytest.approx(2.2 / 2.1)  # the fresh turn 1 beside turn 128
+    assert table["turn_over_llama_turn1"]["value"] == pytest.approx(1.25)  # median of 2.0/1.6, 2.0/2.0, 2.2/1.0
+    assert table["reread_speedup_turn64"]["value"] == pytest.approx(4.0)
+    assert table["kv_speedup_turn128"]["value"] == pytest.approx(1.5 / 2.2)
+    assert table["kv_state_ratio_turn128"]["value"] == pytest.approx(3000 * 128 / 100)
+    for key in ("turn128_over_turn1_apart", "turn_over_llama_turn1_at_turn1", "answer_over_llama_turn1_at_turn1",
+                "reread_crossover_turn"):  # RxT already beats re-reading at turn 16: the crossover lies before it
+        assert table[key]["value"] is None, key
 
 
 def test_write_json_is_atomic(tmp_path):
@@ -292,6 +366,30 @@ def test_run_benchmarks_writes_json_plots_and_summary(tmp_path, settings):
     assert json.loads((tmp_path / "write.json").read_text())["write"]["rxt-moe"]["lengths"] == [TURN, 64]
 
 
+def test_summary_medians_hold_no_raw_samples(tmp_path, settings):
+    run_benchmarks(settings, sections=("decode",), output_dir=tmp_path, log=lambda line: None)
+    medians = json.loads((tmp_path / "summary.json").read_text())["medians"]["decode"]
+    assert "generate_ratio_to_llama" in medians["rxt-moe"] and "generate_tokens_per_s" in medians[LLAMA]
+    assert not [key for entry in medians.values() for key in entry if "samples" in key]
+    training = {"systems": {"rxt-moe": {"tokens_per_s": 9.0, "step_seconds": [1.0], "ratio_to_llama": 0.9,
+                                        "ratio_to_llama_samples": [0.9]}}}
+    assert _headline({"training": training}, "training") == {"rxt-moe": {"tokens_per_s": 9.0, "ratio_to_llama": 0.9}}
+
+
+def test_a_run_that_stops_part_way_leaves_nothing_of_an_earlier_run_beside_its_files(tmp_path, settings):
+    (tmp_path / "summary.json").write_text('{"from": "an earlier run"}')
+    (tmp_path / "latency_vs_turn.png").write_bytes(b"an earlier plot")
+
+    def stop_at_write(line):
+        if line.startswith("[bench] write ..."):
+            raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_benchmarks(settings, sections=("turn_latency", "write"), output_dir=tmp_path, log=stop_at_write)
+    assert {p.name for p in tmp_path.iterdir()} == {"turn_latency.json", "latency_vs_turn.png", "state_vs_turn.png"}
+    assert (tmp_path / "latency_vs_turn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # this run's plot
+
+
 def test_run_benchmarks_checks_its_arguments(settings, tmp_path):
     with pytest.raises(ValueError, match="sections"):
         run_benchmarks(settings, sections=("speed",), output_dir=tmp_path)
@@ -310,22 +408,78 @@ def test_command_line_parses_sections_and_turns():
     assert parse_args([]).compile_backend is None and parse_args(["--compile", "inductor"]).compile_backend == "inductor"
 
 
-def test_command_line_refuses_bad_settings_and_outputs_before_measuring(tmp_path, capsys):
+@pytest.mark.parametrize("argv, named", [
+    (["--threads", "0"], "`threads`"), (["--preset", "bogus"], "'bogus'"), (["--preset", "nano"], "'nano'"),
+    (["--attn", "bogus"], "'bogus'"), (["--compile", "bogus"], "'bogus'"), (["--out", "{blocker}/bench"], "a_file"),
+])
+def test_command_line_refuses_bad_settings_and_outputs_before_measuring(argv, named, tmp_path, capsys):
     from modeling_rxt.bench.__main__ import main
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--quick", "--threads", "0"])
-    assert exit_info.value.code == 2 and "threads" in capsys.readouterr().err
-    blocker = tmp_path / "a_file"
+    blocker = tmp_path / "a_file"  # a file where the output folder's parent should be
     blocker.write_text("")
-    with pytest.raises(ValueError, match="output_dir.*cannot be created"):
-        main(["--quick", "--only", "write", "--out", str(blocker / "bench")])  # refused before building models
+    argv = ["--quick", "--only", "write", "--out", str(tmp_path / "out"), *(a.format(blocker=blocker) for a in argv)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and named in error and error.count("\n") == 1  # one usage line, no traceback
 
 
-@pytest.mark.parametrize("argv", [["--topk", "0"], ["--threads", "0"]])
-def test_external_memory_bench_rejects_bad_arguments(argv, capsys):
+@pytest.mark.parametrize("argv", [["--topk", "0"], ["--threads", "0"], ["--repeats", "0"], ["--chat-turns", "0"],
+                                  ["--episodes", "0"]])
+def test_external_memory_bench_rejects_bad_arguments(argv, tmp_path, capsys):
     from modeling_rxt import bench_external_memory
 
-    with pytest.raises(SystemExit):
-        bench_external_memory.main(argv)
+    with pytest.raises(SystemExit):  # a model folder that does not exist: should the check be missing, it fails fast
+        bench_external_memory.main([*argv, "--fact-recall", str(tmp_path / "no-model"), "--out", str(tmp_path)])
     assert argv[0] in capsys.readouterr().err
+
+
+def test_external_memory_bench_names_the_error_of_a_failed_scaling_run():
+    from modeling_rxt import bench_external_memory
+
+    args = argparse.Namespace(sizes=[1000], preset="bogus", new_tokens=2, topk=8, repeats=1, threads=1, model=None)
+    with pytest.raises(RuntimeError, match="(?s)1000 memory tokens failed.*Unknown models preset 'bogus'"):
+        bench_external_memory.run_scaling(args)  # the child's traceback, not only its exit status
+
+
+def test_external_memory_bench_refuses_a_model_folder_without_tokenizer(tmp_path, capsys):
+    from modeling_rxt import bench_external_memory
+
+    with pytest.raises(SystemExit):  # before the scaling runs, which do not need a tokenizer
+        bench_external_memory.main(["--model", str(tmp_path), "--sizes", "1000", "--out", str(tmp_path / "out")])
+    assert "tokenizer.json" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_chat_latency_leaves_out_the_warm_up_turn(monkeypatch):
+    from modeling_rxt import bench_external_memory, chat
+
+    class SlowFirstWrite(chat.RxTChatSession):
+        def close(self):
+            super().close()
+            self.timings[0].write_s = 1e3  # the warm-up turn's write, which pays for first calls
+
+    monkeypatch.setattr(chat, "RxTChatSession", SlowFirstWrite)
+    result = bench_external_memory.run_chat_latency(None, "nano", turns=1, new_tokens=2)
+    for mode in ("background_finished", "background_immediate", "synchronous"):
+        assert result[mode]["write_s"] < 10, mode  # the one measured turn's write (milliseconds), not (1e3 + it) / 2
+
+
+def test_external_memory_plot_is_written_atomically(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from modeling_rxt import bench_external_memory
+
+    path = tmp_path / "external_memory.png"
+    path.write_bytes(b"an earlier plot")
+
+    def savefig_that_fails_half_way(self, target, **kwargs):
+        with open(target, "wb") as file:
+            file.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", savefig_that_fails_half_way)
+    point = dict(memory_tokens=1000, per_token_s=0.01, baseline_per_token_s=0.01, first_token_s=0.02, peak_rss_mb=500,
+                 memory_mb=1.0)
+    with pytest.raises(OSError, match="disk full"):
+        bench_external_memory.plot([point], path)
+    assert path.read_bytes() == b"an earlier plot" and [p.name for p in tmp_path.iterdir()] == [path.name]

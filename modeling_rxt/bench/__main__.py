@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from .run import QUICK, SECTIONS, run_benchmarks
+from .run import QUICK, SECTIONS, prepare_output_dir, run_benchmarks
 from .systems import BenchSettings
 
 
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         values["repeats"] = args.repeats
     try:
         settings = BenchSettings(**values)
+        prepare_output_dir(args.out)
     except (TypeError, ValueError) as error:  # one usage line naming the option, not a traceback (as argparse)
         print(f"python -m modeling_rxt.bench: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -82,14 +82,15 @@ def over_llama_turn1(medians: dict, system: str, key: str) -> float | None:
 
 def crossover_turn(medians: dict, system: str, other: str) -> float | None:
     """The turn at which `other`'s whole-turn latency reaches `system`'s, interpolated linearly between the sampled
-    turns around it; None if it never does within the sampled turns."""
+    turns around it; None if it never does within the sampled turns, or already does at the first sampled turn when
+    that is not turn 1 (the crossover then lies somewhere before it)."""
     turns = sorted(int(t) for t in medians.get(system, {}) if str(t) in medians.get(other, {}))
     previous = None
     for turn in turns:
         gap = _metric(medians, other, turn, "turn_s") - _metric(medians, system, turn, "turn_s")
         if gap >= 0:
             if previous is None:
-                return float(turn)
+                return 1.0 if turn == 1 else None
             last_turn, last_gap = previous
             return last_turn + (turn - last_turn) * (-last_gap) / (gap - last_gap)
         previous = (turn, gap)
@@ -100,7 +101,7 @@ def acceptance(results: dict, system: str) -> dict:
     """The ratios of the issue's acceptance list for RxT `system`, from the sections present in `results`."""
     values: dict[str, float | None] = {key: None for key, *_ in ACCEPTANCE}
     medians = results.get("turn_latency", {}).get("medians", {})
-    if system in medians and "1" in medians[system]:
+    if system in medians:  # the items read at turn 1 stay None when turn 1 was not sampled (`_ratio` of a None)
         llama_first = _metric(medians, REREAD, 1, "turn_s")
         last = _metric(medians, system, 128, "turn_s")
         values["turn128_over_turn1"] = _ratio(last, _metric(medians, system + TURN1, 128, "turn_s"))

@@ -26,13 +26,7 @@ def run_benchmarks(
     unknown = set(sections) - set(SECTIONS)
     if not sections or unknown:
         raise ValueError(f"`sections` must be a non-empty subset of {SECTIONS}, got {sections!r}.")
-    output_dir = Path(output_dir)
-    try:  # before minutes of measuring, not after
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"`output_dir` {str(output_dir)!r} cannot be created: {error}") from error
-    if not os.access(output_dir, os.W_OK):
-        raise ValueError(f"`output_dir` {str(output_dir)!r} is not writable.")
+    output_dir = prepare_output_dir(output_dir)
     started = time.perf_counter()
     set_threads(settings.threads)
     models = build_systems(settings)
@@ -53,11 +47,11 @@ def run_benchmarks(
         results[section]["seconds"] = time.perf_counter() - section_start
         write_json(output_dir / f"{section}.json", {"machine": results["machine"], "settings": results["settings"],
                                                      section: results[section]})
+        if section == "turn_latency":  # beside its JSON at once: a run that stops later leaves no older plots
+            results["plots"] = plot_turns(results, output_dir)
         log(f"[bench] {section} done in {results[section]['seconds']:.1f} s")
     rxt_systems = [name for name in models if name.startswith("rxt")]
     results["acceptance"] = {system: acceptance(results, system) for system in rxt_systems}
-    if "turn_latency" in results:
-        results["plots"] = plot_turns(results, output_dir)
     results["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     results["seconds"] = time.perf_counter() - started
     summary = {key: results[key] for key in ("machine", "settings", "systems", "acceptance", "seconds")}
@@ -71,13 +65,27 @@ def run_benchmarks(
     return results
 
 
+def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Creates `output_dir` (before minutes of measuring, not after) and removes the summary of an earlier run, which a
+    run that stops part-way would otherwise leave beside its own section files."""
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"`output_dir` {str(output_dir)!r} cannot be created: {error}") from error
+    if not os.access(output_dir, os.W_OK):
+        raise ValueError(f"`output_dir` {str(output_dir)!r} is not writable.")
+    (output_dir / "summary.json").unlink(missing_ok=True)
+    return output_dir
+
+
 def _headline(results: dict, section: str) -> dict:
     """The medians of a section without its raw samples."""
     data = results[section]
     if section == "turn_latency":
         return data["medians"]
     if section in ("decode", "training"):
-        return {name: {k: v for k, v in entry.items() if not k.startswith(("samples", "step_seconds"))}
+        return {name: {k: v for k, v in entry.items() if "samples" not in k and k != "step_seconds"}
                 for name, entry in data["systems"].items()}
     if section == "write":
         return {name: entry["median_s"] for name, entry in data.items() if isinstance(entry, dict) and "median_s" in entry}

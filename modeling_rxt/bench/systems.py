@@ -17,14 +17,31 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from configuration import read_preset
+from configuration import load_preset
 from modeling_rxt import RxTConfig, RxTForCausalLM
 
 RXT_SYSTEMS = ("rxt-moe", "rxt-dense")
 LLAMA = "llama"
 DEFAULT_TURNS = (1, 2, 4, 8, 16, 32, 64, 96, 128)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_compile_backend(backend: str | None) -> None:
+    """Raises `ValueError` unless `backend` is None or a name `torch.compile` knows (debug backends included)."""
+    if backend is None:
+        return
+    if not isinstance(backend, str) or backend not in torch.compiler.list_backends(exclude_tags=()):
+        raise ValueError(f"`compile_backend` must be None or a torch.compile backend ('inductor'), got {backend!r}.")
+
+
+def check_attn_implementation(name: str) -> None:
+    """Raises `ValueError` unless `name` is "eager", a key of transformers' attention registry, or a Hub kernel
+    ("org/repo"). Whether its package is installed is checked when the models are built."""
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if not isinstance(name, str) or not (name in known or "/" in name):
+        raise ValueError(f"`attn_implementation` must be one of {known} or a Hub kernel 'org/repo', got {name!r}.")
 
 
 def check_device(device: str) -> None:
@@ -94,11 +111,11 @@ class BenchSettings:
             raise TypeError(f"`overrides` must be a dict of config fields, got {type(self.overrides).__name__}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
-        backend = self.compile_backend
-        if backend is not None and (not isinstance(backend, str) or not backend):
-            raise ValueError(f"`compile_backend` must be None or a torch.compile backend, got {backend!r}.")
-        if not isinstance(self.attn_implementation, str) or not self.attn_implementation:
-            raise ValueError(f"`attn_implementation` must be a name such as 'sdpa', got {self.attn_implementation!r}.")
+        # A preset, backend or kernel that does not exist would otherwise fail only after minutes of measuring.
+        for system in self.rxt_systems:
+            rxt_config(self, system)
+        check_compile_backend(self.compile_backend)
+        check_attn_implementation(self.attn_implementation)
         check_device(self.device)
         object.__setattr__(self, "turns", turns)
         object.__setattr__(self, "rxt_systems", tuple(self.rxt_systems))
@@ -112,12 +129,13 @@ class BenchSettings:
 
 
 def rxt_config(settings: BenchSettings, system: str) -> RxTConfig:
-    values = {**read_preset(settings.preset), **settings.overrides}
-    if system == "rxt-dense":
-        values["num_local_experts"] = 0
-    elif values.get("num_local_experts", 0) < 1:
+    """The config of RxT `system` from the preset and overrides of `settings`. `load_preset` refuses an unknown preset
+    and a misspelled override (which would otherwise be stored as a new field and change nothing)."""
+    overrides = {**settings.overrides, "num_local_experts": 0} if system == "rxt-dense" else settings.overrides
+    config = load_preset(settings.preset, **overrides)
+    if system == "rxt-moe" and config.num_local_experts < 1:
         raise ValueError(f"Preset {settings.preset!r} has no experts: `rxt-moe` needs `num_local_experts` > 0.")
-    return RxTConfig(**values)
+    return config
 
 
 def llama_config(config: RxTConfig, max_positions: int) -> LlamaConfig:
@@ -172,7 +190,9 @@ def build_systems(settings: BenchSettings) -> dict[str, PreTrainedModel]:
 
 
 def describe_systems(models: dict[str, PreTrainedModel]) -> dict:
-    """Parameter counts and kernels of every system (RxT: total, and what the decoder uses per token)."""
+    """Parameter counts and kernels of every system. RxT's `parameters_active_per_token` is the whole model (encoder and
+    memory attention included) less the experts a token does not use, as `RxTForCausalLM.parameter_counts` counts it;
+    not what its decoder alone uses."""
     described = {}
     for name, model in models.items():
         total = sum(p.numel() for p in model.parameters())

@@ -15,7 +15,8 @@ set just before training.
 
 import multiprocessing
 import tempfile
-from dataclasses import replace
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from queue import Empty
 
 import torch
@@ -55,10 +56,28 @@ class StepClock(TrainerCallback):
         self.seconds.append(now(self.device) - self._start)
 
 
-def train_steps(model: PreTrainedModel, data: RandomTokens, settings: BenchSettings, steps: int, output_dir: str):
-    """Runs `steps` Trainer steps of `model` on `data`; returns the seconds of each step."""
-    arguments = TrainingArguments(
+@dataclass
+class OneDeviceArguments(TrainingArguments):
+    """`TrainingArguments` that train on `bench_device` alone. Without `use_cpu`, transformers 5.23 trains on cuda:0
+    whatever the device, and counts every visible GPU in `n_gpu`, so that the `Trainer` wraps the model in
+    `nn.DataParallel` on a host with several GPUs."""
+
+    bench_device: str = "cpu"
+
+    @property
+    def device(self) -> torch.device:
+        _ = self._setup_devices  # the accelerate process state the Trainer reads (and its own device, here unused)
+        return torch.device(self.bench_device)
+
+    @property
+    def n_gpu(self) -> int:
+        return int(is_cuda(self.bench_device))  # 1 on a GPU: never DataParallel
+
+
+def training_arguments(settings: BenchSettings, steps: int, output_dir: str) -> OneDeviceArguments:
+    return OneDeviceArguments(
         output_dir=output_dir,
+        bench_device=settings.device,
         per_device_train_batch_size=settings.train_batch_size,
         max_steps=steps,
         learning_rate=1e-4,
@@ -71,11 +90,18 @@ def train_steps(model: PreTrainedModel, data: RandomTokens, settings: BenchSetti
         dataloader_num_workers=0,
         seed=settings.seed,
     )
+
+
+def train_steps(model: PreTrainedModel, data: RandomTokens, settings: BenchSettings, steps: int, output_dir: str):
+    """Runs `steps` Trainer steps of `model` on `data`; returns the seconds of each step."""
+    arguments = training_arguments(settings, steps, output_dir)  # makes cuda:0 the current GPU (transformers)
     clock = StepClock(settings.device)
     model.train()
-    trainer = Trainer(model=model, args=arguments, train_dataset=data, callbacks=[clock])
-    trainer.remove_callback(PrinterCallback)  # no metrics dict printed after every run
-    trainer.train()
+    # accelerate places the model and every batch on "cuda", the current GPU: make that the bench's device.
+    with torch.cuda.device(settings.device) if is_cuda(settings.device) else nullcontext():
+        trainer = Trainer(model=model, args=arguments, train_dataset=data, callbacks=[clock])
+        trainer.remove_callback(PrinterCallback)  # no metrics dict printed after every run
+        trainer.train()
     model.eval()
     return clock.seconds
 
