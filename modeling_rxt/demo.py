@@ -29,7 +29,14 @@ import torch
 from .data import ASK, make_episodes
 from .evaluation import evaluate_fact_recall, evaluate_recall, plot_recall, write_json_atomic
 from .training_curriculum import (
-    RECIPES_DIR, InputError, check_output_folder, load_recipe, one_line, run_curriculum, run_curriculum_in_processes, save_model_folder,
+    InputError,
+    check_output_folder,
+    load_recipe,
+    one_line,
+    recipe_file,
+    run_curriculum,
+    run_curriculum_in_processes,
+    save_model_folder,
 )
 
 # Runs in a fresh interpreter with only the exported folder: the project's own packages are made unimportable, so
@@ -214,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("[demo] the same by different facts stated before the question: " + ", ".join(
         f"{held}: {accuracy:.0%}" for held, accuracy in result["recall_by_facts_held"].items()))
 
-    recipe_path = Path(args.recipe) if Path(args.recipe).suffix else RECIPES_DIR / f"{args.recipe}.json"
+    recipe_path = recipe_file(args.recipe)
     how = export_hub_folder(model_dir, output / "hub", output / "eval.json", recipe_path)
     print(f"[demo] Hub folder {output / 'hub'}: {how}")
     conversations = _conversations({"examples": examples}, episodes)

@@ -29,9 +29,10 @@ read from the same memory and never written, so every write learns from every fa
 
 Every stage is an `RxTTrainer` with its own `objective(model, inputs) -> (loss_sum, weight_sum, metrics)`. The
 trainer normalises by the weight summed over all processes, so a DDP run with the same global batch gives the same
-gradients as one process (except for the two objectives that mix per-token means, named in `RxTTrainer`). The objectives call the model several times per batch (one decoder pass and one memory
-write per turn); DDP's reducer only syncs the gradients of one wrapped `forward` call, so `RxTTrainer` averages the
-gradients across processes itself after `backward`.
+gradients as one process (except for the two objectives that mix per-token means: see `RxTTrainer`). The objectives
+call the model several times per batch (one decoder pass and one memory write per turn); DDP's reducer only syncs
+the gradients of one wrapped `forward` call, so `RxTTrainer` averages the gradients across processes itself after
+`backward`.
 """
 
 from __future__ import annotations
@@ -192,8 +193,9 @@ def _check_features(features: Sequence[Mapping], keys: tuple[str, ...]) -> None:
 class InteractionCollator:
     """Pads single interactions (right padding). `full_labels=True` (joint LM stage) makes every real token a label;
     otherwise the rows' answer-only labels are kept. With `mlm_probability` > 0 it also returns `mlm_input_ids`, a
-    copy where that share of the tokens (never the special ones at the turn boundaries) became `[MASK]`, and
-    `mlm_labels` with the original ids at those positions only. The masks are drawn from a generator seeded by the
+    copy where that share of the tokens (never the special ones at the turn boundaries, `special_token_ids`: by
+    default their fixed ids in the tokenizers `train_tokenizer` makes; pass the ids of another tokenizer's) became
+    `[MASK]`, and `mlm_labels` with the original ids at those positions only. The masks are drawn from a generator seeded by the
     batch's own token ids (and `seed`), not from the global RNG: the data loader collates one batch ahead of the
     step, so global-RNG masks would differ between a straight run and one resumed from a checkpoint."""
 
@@ -618,12 +620,11 @@ class RxTTrainer(Trainer):
     def __init__(self, *args, objective: Objective, **kwargs) -> None:
         if not callable(objective):
             raise TypeError(f"`objective` must be callable, got {type(objective).__name__}")
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if getattr(training_args, "remove_unused_columns", False):
-            # Trainer would keep only the columns `forward` takes and drop what the collators need (`kinds`, ...).
-            raise ValueError("RxTTrainer's collators read dataset columns that the model's forward does not take: "
-                             "pass TrainingArguments(remove_unused_columns=False)")
         super().__init__(*args, **kwargs)
+        self._check_columns_are_kept()
+        if self.compute_metrics is not None:
+            raise ValueError("RxTTrainer evaluates the objective's loss only (`eval_loss`): `compute_metrics` would "
+                             "never be called, since an objective's batch has no single output to compare")
         if self.is_deepspeed_enabled and self.args.gradient_accumulation_steps > 1:
             raise ValueError(
                 "RxTTrainer normalises accumulated gradients itself, which DeepSpeed's engine does not let it do: "
@@ -634,14 +635,30 @@ class RxTTrainer(Trainer):
         self._metric_sums: dict[str, float] = {}
         self._metric_count = 0
 
+    def _check_columns_are_kept(self) -> None:
+        """With `remove_unused_columns` (TrainingArguments' default), Trainer keeps only the dataset columns that
+        `forward` takes, and the episode collators need others (`kinds`, the probes): refused here by name, where
+        the collator would fail later blaming untokenised data."""
+        if not self.args.remove_unused_columns:
+            return
+        self._set_signature_columns_if_needed()
+        given = [self.train_dataset]
+        given += list(self.eval_dataset.values()) if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        for dataset in given:
+            dropped = sorted(set(getattr(dataset, "column_names", None) or ()) - set(self._signature_columns))
+            if dropped:
+                raise ValueError(f"Trainer would drop the dataset columns {dropped}, which RxTTrainer's collators "
+                                 "read: pass TrainingArguments(remove_unused_columns=False)")
+
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         # PEFT's wrapper too: the objectives reach into the RxT model itself (`model.model.write_memory`, ...).
         rxt = unwrap_peft_model(self.accelerator.unwrap_model(model))
         loss_sum, weight, metrics = self.objective(rxt, inputs)
-        if model.training and not loss_sum.requires_grad:
-            # No row of this micro-batch had a weighted answer: a zero loss still joined to the parameters, so that
-            # backward (and, under DDP, the gradient averaging every process must join) runs as for any batch.
-            loss_sum = loss_sum + sum(p.sum() for p in rxt.parameters() if p.requires_grad) * 0.0
+        weighted = loss_sum.requires_grad
+        if model.training and not weighted:
+            # No row of this micro-batch had a weighted answer: backward must still run (under DDP every process
+            # joins the gradient averaging), and gives no parameter a gradient, as if the micro-batch were not there.
+            loss_sum = loss_sum.detach().requires_grad_()
         weight, world_size = weight.detach().clone(), _world_size()
         if world_size > 1:
             dist.all_reduce(weight)
@@ -653,9 +670,10 @@ class RxTTrainer(Trainer):
             step.scale = weight.clamp(min=1)  # any positive number would do: the rescaling in training_step corrects it
         step.weight = step.weight + weight
         step.loss_sum = step.loss_sum + loss_sum.detach()
-        for name, value in metrics.items():
-            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + float(value)
-        self._metric_count += 1
+        if weighted:  # a micro-batch without a weighted answer has no loss to log
+            for name, value in metrics.items():
+                self._metric_sums[name] = self._metric_sums.get(name, 0.0) + float(value)
+            self._metric_count += 1
         # DDP (and `_average_gradients`) average over processes: `* world_size` makes that a sum.
         loss = loss_sum / step.scale * world_size
         return (loss, metrics) if return_outputs else loss

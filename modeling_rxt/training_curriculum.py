@@ -97,11 +97,15 @@ _DEFAULT_KIND_WEIGHTS = {ASK: 1.0, TELL: 1.0, UPDATE: 1.0, CHAT: 1.0}
 # --- Recipes --------------------------------------------------------------------------------------------------------
 
 
+def recipe_file(name_or_path: str | Path) -> Path:
+    """The file of a recipe: a name without a suffix is `configuration/training/<name>.json`."""
+    path = Path(name_or_path)
+    return RECIPES_DIR / f"{name_or_path}.json" if not path.suffix else path
+
+
 def load_recipe(name_or_path: str | Path) -> dict:
     """A training recipe by name (`configuration/training/<name>.json`) or path, checked by `check_recipe`."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = RECIPES_DIR / f"{name_or_path}.json"
+    path = recipe_file(name_or_path)
     if not path.is_file():
         available = sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
         raise ValueError(f"no training recipe {str(name_or_path)!r}; available: {available}")
@@ -620,7 +624,8 @@ def check_same_run(recipe: Mapping, output_dir: Path) -> None:
     in_processes = [_resolved(r.get("init_from")) == initial and "model" not in r for r in (recorded_recipe, recipe)]
     how = {(True, False): " It was trained in several processes: resume it with the same `--processes` "
                           "(`run_curriculum_in_processes`).",
-           (False, True): " It was trained in one process: resume it without `--processes`."}.get(tuple(in_processes), "")
+           (False, True): " It was trained in one process: resume it without `--processes`."}
+    how = how.get(tuple(in_processes), "")
     raise ValueError(
         f"`resume`: {str(output_dir)!r} holds a run of another recipe ({recorded}); resume it with that "
         f"recipe, or start a fresh run (without `resume`).{how}"
@@ -812,6 +817,7 @@ __all__ = [
     "check_output_folder",
     "check_recipe",
     "load_recipe",
+    "recipe_file",
     "input_checks",
     "load_trained",
     "leave_process_group",

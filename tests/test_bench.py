@@ -376,9 +376,12 @@ def test_summary_medians_hold_no_raw_samples(tmp_path, settings):
     assert _headline({"training": training}, "training") == {"rxt-moe": {"tokens_per_s": 9.0, "ratio_to_llama": 0.9}}
 
 
-def test_a_run_that_stops_part_way_leaves_nothing_of_an_earlier_run_beside_its_files(tmp_path, settings):
+def test_a_run_that_stops_part_way_leaves_no_earlier_version_of_its_files(tmp_path, settings):
+    """What this run would write goes first (its sections' files, plots, summary); other sections' files stay."""
     (tmp_path / "summary.json").write_text('{"from": "an earlier run"}')
     (tmp_path / "latency_vs_turn.png").write_bytes(b"an earlier plot")
+    (tmp_path / "write.json").write_text('{"from": "an earlier run"}')
+    (tmp_path / "decode.json").write_text('{"from": "an earlier run"}')  # a section this run does not measure
 
     def stop_at_write(line):
         if line.startswith("[bench] write ..."):
@@ -386,7 +389,8 @@ def test_a_run_that_stops_part_way_leaves_nothing_of_an_earlier_run_beside_its_f
 
     with pytest.raises(RuntimeError, match="stopped"):
         run_benchmarks(settings, sections=("turn_latency", "write"), output_dir=tmp_path, log=stop_at_write)
-    assert {p.name for p in tmp_path.iterdir()} == {"turn_latency.json", "latency_vs_turn.png", "state_vs_turn.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"turn_latency.json", "latency_vs_turn.png", "state_vs_turn.png",
+                                                    "decode.json"}
     assert (tmp_path / "latency_vs_turn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # this run's plot
 
 

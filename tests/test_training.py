@@ -612,7 +612,8 @@ def _trainer_args(tmp_path, **extra) -> TrainingArguments:
 
 def test_a_micro_batch_without_a_weighted_answer_is_a_zero_step(tokenizer, tmp_path):
     """Only chat turns, and chat weighs nothing: the objective's loss has no graph. The step must still run (under
-    DDP every process has to join the gradient averaging) and change nothing."""
+    DDP every process has to join the gradient averaging) and give no parameter a gradient: a zero gradient would
+    still move AdamW's weights by their momentum. Nor does it enter the logged stage losses."""
     chat_only = _episode("chat-only", [Turn("hello there", "hi .", CHAT), Turn("how are you ?", "fine .", CHAT)])
     dataset = tokenize_episodes(tokenizer, [chat_only], MAX_LENGTH)
     collator = EpisodeCollator(tokenizer.pad_token_id, {ASK: 1.0, TELL: 0.0, "update": 0.0, CHAT: 0.0})
@@ -620,16 +621,24 @@ def test_a_micro_batch_without_a_weighted_answer_is_a_zero_step(tokenizer, tmp_p
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path), train_dataset=dataset, data_collator=collator,
                          objective=memory_aware_objective)
+    model.train()
+    trainer.compute_loss(model, collator([dataset[0]])).backward()
+    assert all(p.grad is None for p in model.parameters()) and trainer._metric_count == 0
+    trainer._step = type(trainer._step)()  # the micro-batch above was a probe, not part of the run
     assert trainer.train().training_loss == 0.0
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("extra", [{}, {"memory_aware_weight": 1.0}], ids=["external", "mixed"])
-def test_evaluation_computes_the_objective_of_every_stage(tokenizer, tmp_path, extra):
+_STAGES_TO_EVALUATE = [("joint", {}), ("sft", {}), ("memory_attention", {}), ("memory_aware", {}),
+                       ("external_memory", {}), ("external_memory", {"memory_aware_weight": 1.0})]
+
+
+@pytest.mark.parametrize(("stage", "extra"), _STAGES_TO_EVALUATE,
+                         ids=["joint", "sft", "memory_attention", "memory_aware", "external", "mixed"])
+def test_evaluation_computes_the_objective_of_every_stage(tokenizer, tmp_path, stage, extra):
     """The external-memory batches are nested and hold no top-level `labels`: Trainer's own evaluation step then
-    called `forward` with them. The evaluation loss must be the objective's, as in training."""
-    dataset, collator, objective = stage_components(stage_recipe("external_memory", **extra), tokenizer, MAX_LENGTH,
-                                                    seed=0)
+    called `forward` with them. The evaluation loss must be the objective's, as in training, for every stage."""
+    dataset, collator, objective = stage_components(stage_recipe(stage, **extra), tokenizer, MAX_LENGTH, seed=0)
     model = tiny_model(tokenizer).eval()
     trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path), eval_dataset=dataset.select(range(4)),
                          data_collator=collator, objective=objective)
@@ -639,9 +648,23 @@ def test_evaluation_computes_the_objective_of_every_stage(tokenizer, tmp_path, e
 
 
 def test_trainer_refuses_to_drop_the_columns_its_collators_read(tokenizer, episodes, tmp_path):
-    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    """TrainingArguments' default `remove_unused_columns=True` keeps only what `forward` takes: fine for interaction
+    rows (`input_ids`, `labels`), not for episodes, whose collator reads `kinds`. Refused by name, also when the
+    Trainer makes its own arguments."""
+    episode_rows = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
     args = _trainer_args(tmp_path)
-    args.remove_unused_columns = True  # the TrainingArguments default
-    with pytest.raises(ValueError, match="remove_unused_columns=False"):
-        RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=dataset,
-                   data_collator=EpisodeCollator(tokenizer.pad_token_id), objective=memory_aware_objective)
+    args.remove_unused_columns = True
+    for trainer_args in ({"args": args}, {}):
+        with pytest.raises(ValueError, match=r"drop the dataset columns \[.*'kinds'.*remove_unused_columns=False"):
+            RxTTrainer(model=tiny_model(tokenizer), train_dataset=episode_rows,
+                       data_collator=EpisodeCollator(tokenizer.pad_token_id), objective=memory_aware_objective,
+                       **trainer_args)
+    interaction_rows = tokenize_interactions(tokenizer, [("hello", "hi .")], MAX_LENGTH)
+    RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=interaction_rows,
+               data_collator=InteractionCollator(tokenizer.pad_token_id), objective=interaction_objective)
+
+
+def test_trainer_refuses_compute_metrics(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="compute_metrics"):
+        RxTTrainer(model=tiny_model(tokenizer), args=_trainer_args(tmp_path), compute_metrics=lambda p: {},
+                   objective=interaction_objective)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         values["repeats"] = args.repeats
     try:
         settings = BenchSettings(**values)
-        prepare_output_dir(args.out)
+        prepare_output_dir(args.out, args.only)
     except (TypeError, ValueError) as error:  # one usage line naming the option, not a traceback (as argparse)
         print(f"python -m modeling_rxt.bench: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

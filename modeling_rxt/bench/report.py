@@ -30,6 +30,8 @@ ACCEPTANCE = (
     ("training_throughput_ratio", "Trainer tokens/s RxT / Llama", 0.8, "min"),
 )
 
+PLOTS = ("latency_vs_turn.png", "state_vs_turn.png")  # what `plot_turns` writes
+
 
 def machine_info(threads: int, device: str = "cpu") -> dict:
     cpu = platform.processor() or "unknown"
@@ -211,7 +213,7 @@ def plot_turns(results: dict, output_dir: str | os.PathLike) -> list[str]:
     for axis, title in ((left, "latency of one turn"), (right, "time to first token")):
         _turn_axis(axis, "ms (median)", title)
     figure.tight_layout()
-    paths = [_save(figure, output_dir / "latency_vs_turn.png")]
+    paths = [_save(figure, output_dir / PLOTS[0])]
     pyplot.close(figure)
 
     figure, axis = pyplot.subplots(figsize=(6, 4.5))
@@ -222,7 +224,7 @@ def plot_turns(results: dict, output_dir: str | os.PathLike) -> list[str]:
                   label=f"{system}: {what}")
     _turn_axis(axis, "MiB held between turns", "state held after each turn")
     figure.tight_layout()
-    paths.append(_save(figure, output_dir / "state_vs_turn.png"))
+    paths.append(_save(figure, output_dir / PLOTS[1]))
     pyplot.close(figure)
     return paths
 

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from .latency import measure_decode_throughput, measure_turn_latency, measure_write_cost
-from .report import acceptance, acceptance_table, machine_info, plot_turns, summary_lines, write_json
+from .report import PLOTS, acceptance, acceptance_table, machine_info, plot_turns, summary_lines, write_json
 from .systems import BenchSettings, build_systems, describe_systems, set_threads
 from .train_speed import measure_training_peak_memory, measure_training_throughput
 
@@ -26,7 +26,7 @@ def run_benchmarks(
     unknown = set(sections) - set(SECTIONS)
     if not sections or unknown:
         raise ValueError(f"`sections` must be a non-empty subset of {SECTIONS}, got {sections!r}.")
-    output_dir = prepare_output_dir(output_dir)
+    output_dir = prepare_output_dir(output_dir, sections)
     started = time.perf_counter()
     set_threads(settings.threads)
     models = build_systems(settings)
@@ -65,9 +65,10 @@ def run_benchmarks(
     return results
 
 
-def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
-    """Creates `output_dir` (before minutes of measuring, not after) and removes the summary of an earlier run, which a
-    run that stops part-way would otherwise leave beside its own section files."""
+def prepare_output_dir(output_dir: str | os.PathLike, sections: tuple[str, ...] = SECTIONS) -> Path:
+    """Creates `output_dir` (before minutes of measuring, not after) and removes an earlier run's versions of the files
+    this run of `sections` writes (its section files, plots and summary): a run that stops part-way must not leave
+    them beside its own. The files of other sections stay, each with its own date."""
     output_dir = Path(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +76,11 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
         raise ValueError(f"`output_dir` {str(output_dir)!r} cannot be created: {error}") from error
     if not os.access(output_dir, os.W_OK):
         raise ValueError(f"`output_dir` {str(output_dir)!r} is not writable.")
-    (output_dir / "summary.json").unlink(missing_ok=True)
+    written = ["summary.json", *(f"{section}.json" for section in sections)]
+    if "turn_latency" in sections:
+        written += list(PLOTS)
+    for name in written:
+        (output_dir / name).unlink(missing_ok=True)
     return output_dir
 
 
