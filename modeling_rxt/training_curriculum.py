@@ -593,21 +593,30 @@ def input_checks():
 
 
 def start_or_resume(recipe: Mapping, output_dir: Path, resume: bool) -> None:
-    """A fresh run replaces the stages of an earlier one in `output_dir` and records its recipe; a resumed run must
-    be of the recorded recipe (`check_same_run`). Under `torchrun`, rank 0 does the writing (the other ranks read
-    nothing there unless resuming, when nothing is deleted)."""
+    """A fresh run replaces the stages of an earlier one in `output_dir` and records its recipe and its number of
+    processes; a resumed run must be of the same (`check_same_run`). Under `torchrun`, rank 0 does the writing (the
+    other ranks read nothing there unless resuming, when nothing is deleted)."""
     if resume:
         check_same_run(recipe, output_dir)
     if not _is_rank_zero() or (resume and (output_dir / RUN_RECIPE).is_file()):
         return
     if not resume:
         shutil.rmtree(output_dir / "stages", ignore_errors=True)
-    write_json_atomic(_as_json(recipe), output_dir / RUN_RECIPE)
+    write_json_atomic({**_as_json(recipe), PROCESSES_KEY: _processes_of_this_run()}, output_dir / RUN_RECIPE)
 
 
-def check_same_run(recipe: Mapping, output_dir: Path) -> None:
-    """A `ValueError` unless `output_dir` holds nothing yet or a run of `recipe`: resuming another run would take its
-    stages and checkpoints (and their learning-rate schedules) for this one's."""
+PROCESSES_KEY = "_processes"  # in run_recipe.json beside the recipe (runs recorded before it have none)
+
+
+def _processes_of_this_run() -> int:
+    """1, or the number of processes `torchrun` started (its `WORLD_SIZE` is set before the process group exists)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_same_run(recipe: Mapping, output_dir: Path, processes: int | None = None) -> None:
+    """A `ValueError` unless `output_dir` holds nothing yet or a run of `recipe` in as many `processes` (default:
+    this run's): resuming another run would take its stages and checkpoints (and their learning-rate schedules) for
+    this one's, and other processes sum the batch in another order."""
     recorded = output_dir / RUN_RECIPE
     if not recorded.is_file():
         if (output_dir / "stages").is_dir():
@@ -617,9 +626,18 @@ def check_same_run(recipe: Mapping, output_dir: Path) -> None:
             )
         return
     recorded_recipe = read_json_object(recorded, "the recipe of the run to resume")
+    recorded_processes = recorded_recipe.pop(PROCESSES_KEY, None)
+    processes = _processes_of_this_run() if processes is None else processes
+    if recorded_processes is not None and recorded_processes != processes:
+        raise ValueError(
+            f"`resume`: {str(output_dir)!r} holds a run trained in {recorded_processes} process(es), not "
+            f"{processes}: resume it with `--processes {recorded_processes}` (`run_curriculum_in_processes`; "
+            "1: `run_curriculum`), or start a fresh run (without `resume`)."
+        )
     if _comparable(recorded_recipe) == _comparable(_as_json(recipe)):
         return
-    # A run in several processes records the recipe of its stages, which continue from `output_dir/initial`.
+    # A run recorded without its number of processes: one in several processes records the recipe of its stages,
+    # which continue from `output_dir/initial`.
     initial = (output_dir / "initial").resolve()
     in_processes = [_resolved(r.get("init_from")) == initial and "model" not in r for r in (recorded_recipe, recipe)]
     how = {(True, False): " It was trained in several processes: resume it with the same `--processes` "
@@ -721,7 +739,7 @@ def run_curriculum_in_processes(
         stages["init_from"] = str(output / "initial")
     if resume:  # checked here, before `initial/` is reused, with a clear error in this process
         with input_checks():
-            check_same_run(stages, output)
+            check_same_run(stages, output, processes)
             if built_from.is_file() and read_json_object(built_from, str(built_from)) != _as_json(built):
                 raise ValueError(
                     f"`resume`: {str(output)!r} holds a run of another recipe (its `tokenizer` / `model` differ, "

@@ -192,7 +192,7 @@ def test_resume_tells_a_run_in_processes_from_another_recipe(tmp_path, monkeypat
     """A run in several processes records the recipe of its stages (continuing from `initial/`): resuming it in one
     process, or a one-process run in several, names the mismatch. The same folder spelled as an absolute path is
     the same run."""
-    from modeling_rxt.training_curriculum import check_same_run
+    from modeling_rxt.training_curriculum import check_same_run, start_or_resume
 
     monkeypatch.chdir(tmp_path)
     recipe = {"tokenizer": {"vocab_size": 300}, "model": {"preset": "nano"}, "stages": [stage_recipe("sft")]}
@@ -208,6 +208,17 @@ def test_resume_tells_a_run_in_processes_from_another_recipe(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"another recipe \(\S+\); resume it with that recipe, or start a fresh run "
                                          r"\(without `resume`\)\.$"):
         check_same_run({**recipe, "seed": 1}, Path("run"))
+
+    # Runs record their number of processes now, which tells every mismatch apart (2 against 3 processes, too).
+    start_or_resume(stages, Path("run"), resume=False)
+    assert json.loads((tmp_path / "run" / "run_recipe.json").read_text())["_processes"] == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it in each process
+    start_or_resume(stages, Path("run"), resume=False)
+    check_same_run(stages, Path("run"))
+    for processes in (1, 3):
+        with pytest.raises(ValueError, match=f"trained in 2 process\\(es\\), not {processes}: resume it with "
+                                             "`--processes 2`"):
+            check_same_run(stages, Path("run"), processes)
 
 
 def test_a_recipe_can_continue_a_trained_model(tokenizer, tmp_path):
