@@ -27,7 +27,7 @@ from pathlib import Path
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
 from modeling_rxt import RxTForCausalLM
 from modeling_rxt.adapters import AdapterBaseWeightsError, check_adapter_fits

@@ -192,12 +192,13 @@ def _check_features(features: Sequence[Mapping], keys: tuple[str, ...]) -> None:
 @dataclass
 class InteractionCollator:
     """Pads single interactions (right padding). `full_labels=True` (joint LM stage) makes every real token a label;
-    otherwise the rows' answer-only labels are kept. With `mlm_probability` > 0 it also returns `mlm_input_ids`, a
-    copy where that share of the tokens (never the special ones at the turn boundaries, `special_token_ids`: by
-    default their fixed ids in the tokenizers `train_tokenizer` makes; pass the ids of another tokenizer's) became
-    `[MASK]`, and `mlm_labels` with the original ids at those positions only. The masks are drawn from a generator seeded by the
-    batch's own token ids (and `seed`), not from the global RNG: the data loader collates one batch ahead of the
-    step, so global-RNG masks would differ between a straight run and one resumed from a checkpoint."""
+    otherwise the rows' answer-only labels are kept. With `mlm_probability` > 0 it also returns `mlm_input_ids`,
+    a copy where that share of the tokens (never the special ones at the turn boundaries, `special_token_ids`:
+    by default their fixed ids in the tokenizers `train_tokenizer` makes; pass the ids of another tokenizer's)
+    became `[MASK]`, and `mlm_labels` with the original ids at those positions only. The masks are drawn from a
+    generator seeded by the batch's own token ids (and `seed`), not from the global RNG: the data loader
+    collates one batch ahead of the step, so global-RNG masks would differ between a straight run and one
+    resumed from a checkpoint."""
 
     pad_token_id: int
     mask_token_id: int | None = None

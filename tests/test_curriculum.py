@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, TrainerCallback
 
-from modeling_rxt.data import ASK, CHAT, TELL, UPDATE, load_dialogue_corpus, make_episodes
+from modeling_rxt.data import ASK, CHAT, TELL, UPDATE, make_episodes
 from modeling_rxt.evaluation import write_json_atomic
 from modeling_rxt.training import tokenize_episodes
 from modeling_rxt.training_curriculum import (
@@ -19,7 +19,6 @@ from modeling_rxt.training_curriculum import (
     load_recipe,
     run_curriculum,
     run_curriculum_in_processes,
-    run_stage,
     save_trained,
     stage_components,
 )

@@ -11,7 +11,7 @@ import transformers
 
 from ..memory_state import atomic_write, write_json_atomic
 from .latency import KV, LLAMA_TURN1, REREAD, TURN1
-from .systems import LLAMA, is_cuda, median
+from .systems import is_cuda, median
 
 # (key, what, target, direction): "max" means the ratio must not exceed the target, "min" that it must reach it.
 ACCEPTANCE = (
