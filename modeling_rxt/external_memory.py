@@ -377,12 +377,12 @@ def _build_external_memory(decoder, memories, attention_mask, layers, stride, de
     memory = _empty_memory(ids, mask, layers, decoder, device)
     if not layers:  # `external_memory_layers=[]`: retrieval off, nothing to encode
         return memory
-    captured: dict[str, dict[int, torch.Tensor]] = {"k": {}, "v": {}}
-    handles = []
-    for position, layer_idx in enumerate(layers):
-        attention = decoder.layers[layer_idx].self_attn
-        for name, projection in (("k", attention.k_proj), ("v", attention.v_proj)):
-            handles.append(projection.register_forward_hook(_capture(captured[name], position)))
+    # The hidden states entering each retrieval layer; its keys/values are then computed from them as a forward of
+    # the layer, not taken from inside its `forward` by hooks: under FSDP2 the gradients reaching keys/values taken
+    # from inside would find the layer's weights released.
+    entering: dict[int, torch.Tensor] = {}
+    handles = [decoder.layers[layer_idx].register_forward_pre_hook(_capture_input(entering, layer_idx))
+               for layer_idx in layers]
     try:
         per_batch = max(1, TOKENS_PER_ENCODING_BATCH // stride)
         memory_key_values = decoder.project_memory(decoder.memory_tensor(None, 1))  # (1, L, 2, K, S, Dh), once
@@ -396,28 +396,24 @@ def _build_external_memory(decoder, memories, attention_mask, layers, stride, de
                 use_cache=False,
                 memory_key_values=memory_key_values.expand(len(group), *memory_key_values.shape[1:]),
             )
+            keys, values = zip(*(decoder.self_attention_keys_values(i, entering[i]) for i in layers))
+            keys, values = torch.stack(keys), torch.stack(values)  # (Lr, n, K, T, Dh)
             # Written straight into place: the peak stays at the memory itself plus one batch of activations.
             for i, (row, offset, chunk) in enumerate(group):
                 span = slice(offset, offset + chunk.numel())
-                memory.keys[:, row, :, span] = _heads(captured["k"], i, chunk.numel(), decoder.config)
-                memory.values[:, row, :, span] = _heads(captured["v"], i, chunk.numel(), decoder.config)
+                memory.keys[:, row, :, span] = keys[:, i, :, : chunk.numel()]
+                memory.values[:, row, :, span] = values[:, i, :, : chunk.numel()]
     finally:
         for handle in handles:
             handle.remove()
     return memory
 
 
-def _capture(store: dict[int, torch.Tensor], position: int) -> Callable:
-    def hook(module, args, output):
-        store[position] = output  # (n, T, K * Dh), the projection before rotary positions
+def _capture_input(store: dict[int, torch.Tensor], layer_idx: int) -> Callable:
+    def hook(module, args):
+        store[layer_idx] = args[0]  # (n, T, D), the hidden states entering the layer
 
     return hook
-
-
-def _heads(store: dict[int, torch.Tensor], chunk: int, length: int, config) -> torch.Tensor:
-    """(Lr, K, length, Dh) of one chunk from the captured projections."""
-    stacked = torch.stack([store[p][chunk, :length] for p in sorted(store)])  # (Lr, length, K * Dh)
-    return stacked.view(len(store), length, config.num_key_value_heads, config.head_dim).transpose(1, 2)
 
 
 def _empty_memory(ids, mask, layers, decoder, device) -> ExternalMemory:

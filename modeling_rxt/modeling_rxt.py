@@ -47,6 +47,9 @@ Memory write (after the answer, off the user's critical path):
     STM_l'   = (1 - G) * STM_l + G * Update_l
 """
 
+from collections.abc import Callable
+from types import MethodType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +66,11 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, is_torchdynamo_compiling
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+if torch.distributed.is_available():  # FSDP2, for `run_as_forward`; torch builds without distributed have neither
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+else:
+    FSDPModule = register_fsdp_forward_method = None
 
 from .configuration_rxt import RxTConfig
 from .external_memory import (
@@ -229,6 +237,11 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = hidden_states + memory_out
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+    def self_attention_keys_values(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (before rotary positions) and values (B, K, T, Dh) of this layer's self-attention for the hidden
+        states (B, T, D) entering the layer, as `forward` computes them: what an external memory keeps."""
+        return self.self_attn.project_keys_values(self.input_layernorm(hidden_states))
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -399,8 +412,16 @@ class RxTModel(RxTPreTrainedModel):
             return self.project_memory(stm[:, :1]).expand(batch_size, *([-1] * 5))
         # `unbind` rather than `stm[i]`: the backward of indexing would zero-fill the whole STM once per layer.
         layers_and_slots = zip(self.layers, stm.unbind(0), strict=True)
-        projected = [layer.memory_cross_attn.project_memory(slots) for layer, slots in layers_and_slots]
+        projected = [
+            run_as_forward(layer, layer.memory_cross_attn.project_memory, slots) for layer, slots in layers_and_slots
+        ]
         return torch.stack(projected, dim=1)
+
+    def self_attention_keys_values(self, layer_idx: int, hidden_states: torch.Tensor):
+        """`RxTDecoderLayer.self_attention_keys_values` of decoder layer `layer_idx`, run as a forward of that layer
+        (so that under FSDP2 the gradients reaching them reach the layer's weights)."""
+        layer = self.layers[layer_idx]
+        return run_as_forward(layer, layer.self_attention_keys_values, hidden_states)
 
     @merge_with_config_defaults
     @capture_outputs
@@ -564,6 +585,26 @@ class RxTModel(RxTPreTrainedModel):
         return new_stm
 
 
+def run_as_forward(module: nn.Module, function: Callable, *args):
+    """`function(*args)`, run as a forward of `module` where FSDP2 (`fully_shard`, what `Trainer` and accelerate
+    use) shards `module`: FSDP2 gathers a module's weights around `forward` only, and the memory is projected with the
+    weights of each decoder layer outside the layer's `forward` (once per turn), and a training objective runs the
+    model's parts outside its `forward`. Registered once per module; a plain call elsewhere."""
+    if not _is_fsdp_module(module):
+        return function(*args)
+    if _AS_FORWARD not in module.__dict__:
+        setattr(module, _AS_FORWARD, MethodType(lambda self, call, *call_args: call(*call_args), module))
+        register_fsdp_forward_method(module, _AS_FORWARD)
+    return getattr(module, _AS_FORWARD)(function, *args)
+
+
+_AS_FORWARD = "_rxt_run_as_forward"
+
+
+def _is_fsdp_module(module: nn.Module) -> bool:
+    return FSDPModule is not None and isinstance(module, FSDPModule)
+
+
 # What `generate` adds to the model inputs for this model alone: an assistant (assisted decoding) does not get them.
 OWN_GENERATE_INPUTS = ("memory_key_values", "external_memory", "external_memory_rows")
 
@@ -664,11 +705,27 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        if _is_fsdp_module(self):
+            return self._save_sharded_by_fsdp(save_directory, *args, **kwargs)
         # transformers puts only the saved class into `auto_map`; the base model should load through AutoModel too.
         if self._auto_class is not None:
             module = type(self).__module__.split(".")[-1]
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.RxTModel"}
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _save_sharded_by_fsdp(self, save_directory, *args, state_dict=None, **kwargs):
+        """`save_pretrained` of a model that FSDP2 shards (`Trainer.save_model` passes the gathered `state_dict`).
+        `fully_shard` changed the model's class to one of its own, defined in torch: saved as it is, the folder would
+        name that class in `auto_map` and hold torch's source files instead of this model's. So it is saved as this
+        class, and without the tied LM head, which the gathered copy no longer shares with the embedding."""
+        fsdp_class = type(self)
+        if state_dict is not None and self.config.tie_word_embeddings:
+            state_dict = {name: value for name, value in state_dict.items() if name not in self._tied_weights_keys}
+        self.__class__ = next(base for base in fsdp_class.__bases__ if base is not FSDPModule)
+        try:
+            return self.save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        finally:
+            self.__class__ = fsdp_class
 
     # ---- the memory API ----------------------------------------------------------------------------------------------
     def init_memory(self, batch_size: int = 1) -> RxTMemoryState:

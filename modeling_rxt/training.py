@@ -51,7 +51,7 @@ from transformers.trainer_utils import unwrap_peft_model
 
 from .data import ASK, CHAT, TELL, UPDATE, Episode, _check_int_at_least, filter_episodes, recall_probes
 from .external_memory import bind_external_memory
-from .modeling_rxt import RxTForCausalLM, load_balancing_loss
+from .modeling_rxt import RxTForCausalLM, load_balancing_loss, run_as_forward
 from .tokenization import (
     ANSWER_TOKEN,
     BOS_TOKEN,
@@ -654,7 +654,8 @@ class RxTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         # PEFT's wrapper too: the objectives reach into the RxT model itself (`model.model.write_memory`, ...).
         rxt = unwrap_peft_model(self.accelerator.unwrap_model(model))
-        loss_sum, weight, metrics = self.objective(rxt, inputs)
+        # As a forward of the model Trainer holds: under FSDP2 its weights are gathered for the objective.
+        loss_sum, weight, metrics = run_as_forward(model, self.objective, rxt, inputs)
         weighted = loss_sum.requires_grad
         if model.training and not weighted:
             # No row of this micro-batch had a weighted answer: backward must still run (under DDP every process
@@ -695,7 +696,7 @@ class RxTTrainer(Trainer):
         step, self._step = self._step, _AccumulatedStep()
         rxt = self.accelerator.unwrap_model(model)
         world_size = _world_size()
-        if world_size > 1:
+        if world_size > 1 and not self.is_fsdp_enabled:  # FSDP has reduce-scattered the gradients already
             _average_gradients(rxt)
         weight = step.weight.clamp(min=1e-8)
         if not torch.equal(step.scale, weight):  # gradients hold sum(d loss_sum) / scale; make it / weight

@@ -62,12 +62,18 @@ def _run(command: list[str], out_dir: Path) -> tuple[list[float], dict]:
     return losses, torch.load(out_dir / "weights.pt")
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
+def _tokenizer_and_script(tmp_path: Path, text: str) -> tuple[Path, Path]:
+    """A small tokenizer saved for the training script, and the script written beside it."""
     tokenizer_dir = tmp_path / "tokenizer"
     texts = lm_texts(make_episodes(40, turns=4, seed=0), pairs=load_dialogue_corpus("train")[:200])
     train_tokenizer(texts, vocab_size=400).save_pretrained(tokenizer_dir)
     script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
+    script.write_text(text)
+    return tokenizer_dir, script
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    tokenizer_dir, script = _tokenizer_and_script(tmp_path, SCRIPT)
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     arguments = [str(tokenizer_dir), None, str(GLOBAL_BATCH), str(STEPS)]
     single_losses, single_weights = _run([sys.executable, str(script), *_with(arguments, single)], single)
@@ -139,3 +145,124 @@ def test_a_batch_that_does_not_split_over_the_processes_is_named(tmp_path):
     with pytest.raises(ValueError, match="`processes` must be a positive integer"):
         run_curriculum_in_processes(RECIPE, tmp_path, processes=0)
     assert not any(tmp_path.iterdir())  # nothing was built or written before the check
+
+
+# FSDP2 through `Trainer` (`TrainingArguments(fsdp=True)`), each stage's objective on 2 processes against 1. accelerate
+# turns FSDP on only where there are accelerators and otherwise falls back to DDP without a word; the script makes it
+# take the FSDP plugin on 2 CPU processes (gloo) as it does on GPUs. The rest is accelerate's and transformers' own:
+# `fully_shard` of every decoder, encoder and memory-attention layer and of the root, gradient clipping over the
+# shards, the gathered state dict saved by `Trainer.save_model`. SGD, so that a gradient off by a factor would show.
+FSDP_SCRIPT = r"""
+import json, os, sys
+import accelerate.state
+import torch
+from accelerate.utils import DistributedType
+from transformers import AutoTokenizer, TrainingArguments
+from peft import get_peft_model
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.adapters import lora_config
+from modeling_rxt.training import RxTTrainer
+from modeling_rxt.training_curriculum import _frozen_except_memory_attention, stage_components
+
+accelerator_state_init = accelerate.state.AcceleratorState.__init__
+
+
+def fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+    accelerator_state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+        accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+accelerate.state.AcceleratorState.__init__ = fsdp_on_cpu
+torch.set_num_threads(1)
+tokenizer_dir, out_dir = sys.argv[1], sys.argv[2]
+world_size = int(os.environ.get("WORLD_SIZE", "1"))
+tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+losses = {}
+for case, (stage_name, overrides, accumulation) in json.loads(sys.argv[3]).items():
+    stage = {"stage": stage_name, "episodes": 12, "turns": 3, "max_chat_chars": 60, **overrides.pop("stage", {})}
+    lora = overrides.pop("lora", None)
+    dataset, collator, objective = stage_components(stage, tokenizer, 64, seed=5)
+    torch.manual_seed(0)
+    model = RxTForCausalLM(RxTConfig(**{
+        "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "memory_slots": 4, "max_position_embeddings": 64,
+        "initializer_range": 0.1, **overrides}))
+    if lora:  # without dropout, whose masks depend on the split
+        model = get_peft_model(model, lora_config(lora, lora_dropout=0.0))
+    if stage_name == "memory_attention":
+        _frozen_except_memory_attention(model)
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, case), use_cpu=True, fsdp=world_size > 1,
+        ddp_backend="gloo" if world_size > 1 else None, remove_unused_columns=False, report_to=[],
+        per_device_train_batch_size=4 // world_size // accumulation, gradient_accumulation_steps=accumulation,
+        max_steps=3, optim="sgd", learning_rate=0.5, logging_steps=1, save_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, seed=0, data_seed=0)
+    trainer = RxTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, objective=objective)
+    assert trainer.is_fsdp_enabled == (world_size > 1)
+    trainer.train()
+    assert type(trainer.model).__name__.startswith("FSDP") == (world_size > 1)
+    trainer.save_model(os.path.join(out_dir, case, "model"))
+    losses[case] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+if trainer.is_world_process_zero():
+    with open(os.path.join(out_dir, "losses.json"), "w") as handle:
+        json.dump(losses, handle)
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
+"""
+
+# case -> (stage, model overrides (and "stage": stage settings), gradient accumulation steps)
+EXACT_CASES = {
+    "sft": ("sft", {}, 1),
+    "memory_attention": ("memory_attention", {}, 1),
+    "memory_aware": ("memory_aware", {}, 1),
+    "memory_aware_accumulated": ("memory_aware", {}, 2),
+    "external_memory": ("external_memory", {"external_memory_layers": [1]}, 1),
+    "lora": ("memory_aware", {"lora": "full"}, 1),  # a PeftModel is the root FSDP shards; the adapter is saved
+}
+# Split-dependent by design (README, Training): the masked-LM masks of the joint stage, the MoE load-balancing loss
+# and the external_memory stage's memory-aware mix are per micro-batch. These must train, not agree.
+OTHER_CASES = {
+    "joint": ("joint", {}, 1),
+    "moe": ("memory_aware", {"num_local_experts": 4, "num_experts_per_tok": 2}, 1),
+    "external_memory_mixed": (
+        "external_memory", {"external_memory_layers": [1], "stage": {"memory_aware_weight": 0.5}}, 1
+    ),
+}
+
+
+def test_fsdp2_training_matches_one_process_and_saves_a_loadable_model(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tokenizer_dir, script = _tokenizer_and_script(tmp_path, FSDP_SCRIPT)
+    cases = json.dumps({**EXACT_CASES, **OTHER_CASES})
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for command, out_dir in (([sys.executable], single), (torchrun, fsdp)):
+        completed = subprocess.run([*command, str(script), str(tokenizer_dir), str(out_dir), cases],
+                                   capture_output=True, text=True, env=env, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+    single_losses = json.loads((single / "losses.json").read_text())
+    fsdp_losses = json.loads((fsdp / "losses.json").read_text())
+    for case in {**EXACT_CASES, **OTHER_CASES}:
+        assert len(fsdp_losses[case]) == 3 and fsdp_losses[case][-1] < fsdp_losses[case][0], case
+        weights_file = "adapter_model.safetensors" if case == "lora" else "model.safetensors"
+        single_weights = load_file(single / case / "model" / weights_file)
+        fsdp_weights = load_file(fsdp / case / "model" / weights_file)
+        assert fsdp_weights.keys() == single_weights.keys(), case  # the tied LM head is not saved twice
+        if case in EXACT_CASES:
+            assert fsdp_losses[case] == pytest.approx(single_losses[case], rel=1e-6), case
+            for name, weight in single_weights.items():
+                torch.testing.assert_close(fsdp_weights[name], weight, rtol=1e-5, atol=1e-6, msg=f"{case}: {name}")
+    # The folder the sharded model saved holds this model's code and names its class, not torch's FSDP class.
+    saved = fsdp / "memory_aware" / "model"
+    assert sorted(p.name for p in saved.glob("*.py")) == sorted(p.name for p in (single / "sft" / "model").glob("*.py"))
+    assert json.loads((saved / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
+        "modeling_rxt.RxTForCausalLM"
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True)
+    for name, weight in load_file(saved / "model.safetensors").items():
+        assert torch.equal(loaded.state_dict()[name], weight), name
