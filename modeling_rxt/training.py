@@ -696,7 +696,8 @@ class RxTTrainer(Trainer):
         step, self._step = self._step, _AccumulatedStep()
         rxt = self.accelerator.unwrap_model(model)
         world_size = _world_size()
-        if world_size > 1 and not self.is_fsdp_enabled:  # FSDP has reduce-scattered the gradients already
+        # FSDP has reduce-scattered the gradients already, and DeepSpeed's engine averaged them in its backward.
+        if world_size > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             _average_gradients(rxt)
         weight = step.weight.clamp(min=1e-8)
         if not torch.equal(step.scale, weight):  # gradients hold sum(d loss_sum) / scale; make it / weight

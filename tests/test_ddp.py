@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from modeling_rxt.data import lm_texts, load_dialogue_corpus, make_episodes
 from modeling_rxt.tokenization import train_tokenizer
@@ -147,12 +149,16 @@ def test_a_batch_that_does_not_split_over_the_processes_is_named(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was built or written before the check
 
 
-# FSDP2 through `Trainer` (`TrainingArguments(fsdp=True)`), each stage's objective on 2 processes against 1. accelerate
-# turns FSDP on only where there are accelerators and otherwise falls back to DDP without a word; the script makes it
-# take the FSDP plugin on 2 CPU processes (gloo) as it does on GPUs. The rest is accelerate's and transformers' own:
-# `fully_shard` of every decoder, encoder and memory-attention layer and of the root, gradient clipping over the
-# shards, the gathered state dict saved by `Trainer.save_model`. SGD, so that a gradient off by a factor would show.
-FSDP_SCRIPT = r"""
+# Sharded training through `Trainer`, each stage's objective on 2 processes against 1 process. SGD, so that a gradient
+# off by a factor would show.
+# - FSDP2 (`TrainingArguments(fsdp=True)`): accelerate turns FSDP on only where there are accelerators and otherwise
+#   falls back to DDP without a word; the script makes it take the FSDP plugin on 2 CPU processes (gloo) as it does on
+#   GPUs. The rest is accelerate's and transformers' own: `fully_shard` of every decoder, encoder and memory-attention
+#   layer and of the root, gradient clipping over the shards, the gathered state dict saved by `Trainer.save_model`.
+# - DeepSpeed ZeRO-3 (`TrainingArguments(deepspeed=...)`): its parameters are partitioned over the 2 processes, but
+#   accelerate on CPUs does not count DeepSpeed's processes and hands each the whole batch; both then compute the
+#   gradient of the same 4 rows, which DeepSpeed averages: the result is that of one process with those 4 rows.
+SHARDED_SCRIPT = r"""
 import json, os, sys
 import accelerate.state
 import torch
@@ -176,11 +182,13 @@ def fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 
 accelerate.state.AcceleratorState.__init__ = fsdp_on_cpu
 torch.set_num_threads(1)
-tokenizer_dir, out_dir = sys.argv[1], sys.argv[2]
+tokenizer_dir, out_dir, cases, mode = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 world_size = int(os.environ.get("WORLD_SIZE", "1"))
+zero3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
 tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 losses = {}
-for case, (stage_name, overrides, accumulation) in json.loads(sys.argv[3]).items():
+for case, (stage_name, overrides, accumulation) in cases.items():
     stage = {"stage": stage_name, "episodes": 12, "turns": 3, "max_chat_chars": 60, **overrides.pop("stage", {})}
     lora = overrides.pop("lora", None)
     dataset, collator, objective = stage_components(stage, tokenizer, 64, seed=5)
@@ -194,18 +202,21 @@ for case, (stage_name, overrides, accumulation) in json.loads(sys.argv[3]).items
     if stage_name == "memory_attention":
         _frozen_except_memory_attention(model)
     args = TrainingArguments(
-        output_dir=os.path.join(out_dir, case), use_cpu=True, fsdp=world_size > 1,
-        ddp_backend="gloo" if world_size > 1 else None, remove_unused_columns=False, report_to=[],
-        per_device_train_batch_size=4 // world_size // accumulation, gradient_accumulation_steps=accumulation,
-        max_steps=3, optim="sgd", learning_rate=0.5, logging_steps=1, save_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, seed=0, data_seed=0)
+        output_dir=os.path.join(out_dir, case), use_cpu=mode != "deepspeed", fsdp=mode == "fsdp",
+        deepspeed=zero3 if mode == "deepspeed" else None, ddp_backend="gloo" if mode == "fsdp" else None,
+        per_device_train_batch_size=(4 // world_size if mode == "fsdp" else 4) // accumulation,
+        gradient_accumulation_steps=accumulation, max_steps=3, optim="sgd", learning_rate=0.5, logging_steps=1,
+        remove_unused_columns=False, report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        seed=0, data_seed=0)
     trainer = RxTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, objective=objective)
-    assert trainer.is_fsdp_enabled == (world_size > 1)
+    assert (trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled) == (mode == "fsdp", mode == "deepspeed")
     trainer.train()
-    assert type(trainer.model).__name__.startswith("FSDP") == (world_size > 1)
+    assert type(trainer.model).__name__.startswith("FSDP") == (mode == "fsdp")
+    if mode == "deepspeed":
+        assert torch.distributed.get_world_size() == 2 and trainer.model_wrapped.zero_optimization_stage() == 3
     trainer.save_model(os.path.join(out_dir, case, "model"))
     losses[case] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-if trainer.is_world_process_zero():
+if int(os.environ.get("RANK", "0")) == 0:
     with open(os.path.join(out_dir, "losses.json"), "w") as handle:
         json.dump(losses, handle)
 if torch.distributed.is_initialized():
@@ -217,12 +228,12 @@ EXACT_CASES = {
     "sft": ("sft", {}, 1),
     "memory_attention": ("memory_attention", {}, 1),
     "memory_aware": ("memory_aware", {}, 1),
-    "memory_aware_accumulated": ("memory_aware", {}, 2),
+    "memory_aware_accumulated": ("memory_aware", {}, 2),  # not under DeepSpeed, which RxTTrainer refuses it
     "external_memory": ("external_memory", {"external_memory_layers": [1]}, 1),
-    "lora": ("memory_aware", {"lora": "full"}, 1),  # a PeftModel is the root FSDP shards; the adapter is saved
+    "lora": ("memory_aware", {"lora": "full"}, 1),  # a PeftModel is the root that is sharded; the adapter is saved
 }
 # Split-dependent by design (README, Training): the masked-LM masks of the joint stage, the MoE load-balancing loss
-# and the external_memory stage's memory-aware mix are per micro-batch. These must train, not agree.
+# and the external_memory stage's memory-aware mix are per micro-batch. Under FSDP these must train, not agree.
 OTHER_CASES = {
     "joint": ("joint", {}, 1),
     "moe": ("memory_aware", {"num_local_experts": 4, "num_experts_per_tok": 2}, 1),
@@ -232,33 +243,35 @@ OTHER_CASES = {
 }
 
 
-def test_fsdp2_training_matches_one_process_and_saves_a_loadable_model(tmp_path):
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    tokenizer_dir, script = _tokenizer_and_script(tmp_path, FSDP_SCRIPT)
-    cases = json.dumps({**EXACT_CASES, **OTHER_CASES})
-    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def _train_sharded_and_alone(tmp_path: Path, mode: str, cases: dict) -> tuple[Path, dict, Path, dict]:
+    """Runs the cases in one process, then in 2 under `mode`: each run's folder and losses."""
+    tokenizer_dir, script = _tokenizer_and_script(tmp_path, SHARDED_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for command, out_dir in (([sys.executable], single), (torchrun, fsdp)):
-        completed = subprocess.run([*command, str(script), str(tokenizer_dir), str(out_dir), cases],
+    runs = []
+    for command, run_mode in (([sys.executable], "one"), (torchrun, mode)):
+        out_dir = tmp_path / run_mode
+        completed = subprocess.run([*command, str(script), str(tokenizer_dir), str(out_dir), json.dumps(cases), run_mode],
                                    capture_output=True, text=True, env=env, timeout=300)
         assert completed.returncode == 0, completed.stderr[-3000:]
-    single_losses = json.loads((single / "losses.json").read_text())
-    fsdp_losses = json.loads((fsdp / "losses.json").read_text())
-    for case in {**EXACT_CASES, **OTHER_CASES}:
-        assert len(fsdp_losses[case]) == 3 and fsdp_losses[case][-1] < fsdp_losses[case][0], case
+        runs += [out_dir, json.loads((out_dir / "losses.json").read_text())]
+    return tuple(runs)
+
+
+def _check_same_training(single: Path, single_losses: dict, sharded: Path, sharded_losses: dict, exact: set) -> None:
+    for case in single_losses:
+        assert len(sharded_losses[case]) == 3 and sharded_losses[case][-1] < sharded_losses[case][0], case
         weights_file = "adapter_model.safetensors" if case == "lora" else "model.safetensors"
         single_weights = load_file(single / case / "model" / weights_file)
-        fsdp_weights = load_file(fsdp / case / "model" / weights_file)
-        assert fsdp_weights.keys() == single_weights.keys(), case  # the tied LM head is not saved twice
-        if case in EXACT_CASES:
-            assert fsdp_losses[case] == pytest.approx(single_losses[case], rel=1e-6), case
+        sharded_weights = load_file(sharded / case / "model" / weights_file)
+        assert sharded_weights.keys() == single_weights.keys(), case  # the tied LM head is not saved twice
+        if case in exact:
+            assert sharded_losses[case] == pytest.approx(single_losses[case], rel=1e-6), case
             for name, weight in single_weights.items():
-                torch.testing.assert_close(fsdp_weights[name], weight, rtol=1e-5, atol=1e-6, msg=f"{case}: {name}")
-    # The folder the sharded model saved holds this model's code and names its class, not torch's FSDP class.
-    saved = fsdp / "memory_aware" / "model"
+                torch.testing.assert_close(sharded_weights[name], weight, rtol=1e-5, atol=1e-6, msg=f"{case}: {name}")
+    # The folder the sharded model saved holds this model's code and names its class (FSDP2 had made it a class of
+    # torch's own), and loads.
+    saved = sharded / "memory_aware" / "model"
     assert sorted(p.name for p in saved.glob("*.py")) == sorted(p.name for p in (single / "sft" / "model").glob("*.py"))
     assert json.loads((saved / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
         "modeling_rxt.RxTForCausalLM"
@@ -266,3 +279,15 @@ def test_fsdp2_training_matches_one_process_and_saves_a_loadable_model(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True)
     for name, weight in load_file(saved / "model.safetensors").items():
         assert torch.equal(loaded.state_dict()[name], weight), name
+
+
+def test_fsdp2_training_matches_one_process_and_saves_a_loadable_model(tmp_path):
+    runs = _train_sharded_and_alone(tmp_path, "fsdp", {**EXACT_CASES, **OTHER_CASES})
+    _check_same_training(*runs, exact=set(EXACT_CASES))
+
+
+def test_deepspeed_zero3_training_matches_one_process_and_saves_a_loadable_model(tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extra")
+    cases = {name: case for name, case in {**EXACT_CASES, **OTHER_CASES}.items() if case[2] == 1}
+    # Every process has the same rows: nothing here depends on the split, so every case must agree.
+    _check_same_training(*_train_sharded_and_alone(tmp_path, "deepspeed", cases), exact=set(cases))
