@@ -718,8 +718,14 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         `fully_shard` changed the model's class to one of its own, defined in torch: saved as it is, the folder would
         name that class in `auto_map` and hold torch's source files instead of this model's. So it is saved as this
         class, and without the tied LM head, which the gathered copy no longer shares with the embedding."""
+        if state_dict is None:  # its own would hold this process's shards only
+            raise ValueError(
+                "This model is sharded by FSDP: pass `save_pretrained(..., state_dict=...)` the gathered weights "
+                "(`Trainer.save_model` does; or `torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                "options=StateDictOptions(full_state_dict=True, cpu_offload=True))` on every process)."
+            )
         fsdp_class = type(self)
-        if state_dict is not None and self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings:
             state_dict = {name: value for name, value in state_dict.items() if name not in self._tied_weights_keys}
         self.__class__ = next(base for base in fsdp_class.__bases__ if base is not FSDPModule)
         try:

@@ -291,3 +291,39 @@ def test_deepspeed_zero3_training_matches_one_process_and_saves_a_loadable_model
     cases = {name: case for name, case in {**EXACT_CASES, **OTHER_CASES}.items() if case[2] == 1}
     # Every process has the same rows: nothing here depends on the split, so every case must agree.
     _check_same_training(*_train_sharded_and_alone(tmp_path, "deepspeed", cases), exact=set(cases))
+
+
+def test_a_sharded_model_saves_gathered_weights_as_itself_and_refuses_its_shards(tmp_path):
+    """In this process, as a group of one: FSDP2 shards the model (each decoder layer and the root), which then reads
+    and writes memory as before; `save_pretrained` needs the gathered weights and saves the model's own class."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from conftest import make_tiny_model, random_ids, random_state
+
+    model = make_tiny_model()
+    ids, state = random_ids(2, 6), random_state(model, 2)
+    expected_logits = model(ids, memory_state=state).logits
+    expected_memory = model.update_memory(state, ids).stm
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        torch.testing.assert_close(model(ids, memory_state=state).logits, expected_logits)
+        torch.testing.assert_close(model.update_memory(state, ids).stm, expected_memory)
+        with pytest.raises(ValueError, match="sharded by FSDP: pass `save_pretrained\\(..., state_dict=...\\)`"):
+            model.save_pretrained(tmp_path / "shards")
+        assert not (tmp_path / "shards").exists()
+        gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        model.save_pretrained(tmp_path / "saved", state_dict=gathered)
+        assert type(model).__name__ == "FSDPRxTForCausalLM"  # still sharded after saving
+    finally:
+        dist.destroy_process_group()
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
+        "modeling_rxt.RxTForCausalLM"
+    )
+    assert (tmp_path / "saved" / "modeling_rxt.py").is_file() and not list((tmp_path / "saved").glob("_fsdp*"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True).eval()
+    torch.testing.assert_close(loaded(ids, memory_state=state).logits, expected_logits)
