@@ -63,14 +63,17 @@ IGNORE_INDEX = -100
 def _build_chat_template() -> str:
     # Built from the constants so that the template and `format_interaction` cannot drift apart. Every tag strips
     # the whitespace around it (`-`), so the indentation and newlines here are never rendered: the output holds only
-    # the tokens, the contents and the two spaces of the turn format (a test pins the exact string).
+    # the tokens, the contents and the two spaces of the turn format (a test pins the exact string). The space
+    # before an answer is inside the `generation` block, as it is in the labels of `encode_interaction`: it is a token
+    # of its own where the answer's first word has no merge with it. An empty answer (a model that ended at once,
+    # in a chat transcript) renders as `[A][EOS]`, what that model wrote.
     template = """\
 {%- for message in messages -%}
     {%- if message['content'] is not string -%}
         {{ raise_exception('RxT chat template: message ' ~ loop.index0 ~ ' content must be a string') }}
     {%- endif -%}
     {%- set content = message['content'].split() | join(' ') -%}
-    {%- if content == '' -%}
+    {%- if content == '' and message['role'] != 'assistant' -%}
         {{ raise_exception('RxT chat template: message ' ~ loop.index0 ~ ' has empty content') }}
     {%- endif -%}
     {%- set message_index = loop.index0 -%}
@@ -83,7 +86,7 @@ def _build_chat_template() -> str:
     {%- if message['role'] == 'user' and loop.index0 % 2 == 0 -%}
         <BOS><Q> {{ content }}
     {%- elif message['role'] == 'assistant' and loop.index0 % 2 == 1 -%}
-        <A> {% generation %}{{ content }}<EOS>{% endgeneration %}
+        <A>{% generation %}{% if content %} {{ content }}{% endif %}<EOS>{% endgeneration %}
     {%- else -%}
         {{ raise_exception('RxT chat template: roles must alternate user, assistant, user, ... but message '
             ~ loop.index0 ~ ' has role ' ~ message['role']) }}
@@ -147,9 +150,9 @@ def train_tokenizer(
 
     The trained vocabulary can be smaller than `vocab_size` on a small corpus; `len(tokenizer)` is the real size.
     """
-    _check_int("vocab_size", vocab_size, MIN_VOCAB_SIZE, f"len(SPECIAL_TOKENS) + 256 = {MIN_VOCAB_SIZE}")
-    _check_int("min_frequency", min_frequency, 1, "1")
-    _check_int("model_max_length", model_max_length, 2, "2")
+    vocab_size = _check_int("vocab_size", vocab_size, MIN_VOCAB_SIZE, f"len(SPECIAL_TOKENS) + 256 = {MIN_VOCAB_SIZE}")
+    min_frequency = _check_int("min_frequency", min_frequency, 1, "1")
+    model_max_length = _check_int("model_max_length", model_max_length, 2, "2")  # before training, not after
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):  # a str would train on its characters
         raise TypeError(f"texts must be an iterable of str (a list of texts), got {type(texts).__name__}")
     # Every text is trained as it appears after [Q]/[A] in the turn format: with one leading space.
@@ -178,6 +181,7 @@ def wrap_tokenizer(backend: Tokenizer, *, model_max_length: int = DEFAULT_MODEL_
             f"backend must be a `tokenizers.Tokenizer` (a transformers tokenizer's is `.backend_tokenizer`), "
             f"got {type(backend).__name__}"
         )
+    model_max_length = _check_int("model_max_length", model_max_length, 2, "2")
     missing = [token for token in SPECIAL_TOKENS if backend.token_to_id(token) is None]
     if missing:
         raise ValueError(f"backend tokenizer lacks the special tokens {missing}")
@@ -198,11 +202,13 @@ def wrap_tokenizer(backend: Tokenizer, *, model_max_length: int = DEFAULT_MODEL_
     )
 
 
-def _check_int(name: str, value: int, minimum: int, minimum_text: str) -> None:
+def _check_int(name: str, value: int, minimum: int, minimum_text: str) -> int:
+    """`value` as a plain int (a numpy int would not survive the tokenizer's JSON files)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # ints and numpy ints
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum_text}, got {value}")
+    return int(value)
 
 
 def _encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:

@@ -131,6 +131,32 @@ def test_assistant_mask_equals_labels_of_each_interaction(tokenizer):
     assert out["assistant_masks"] == [int(label != IGNORE_INDEX) for label in labels]
 
 
+@pytest.mark.parametrize("answer", ["Zebra crossing .", "\U0001F600 yes .", "\u00c9clair ."])
+def test_assistant_mask_equals_labels_where_the_space_before_the_answer_is_a_token_of_its_own(tokenizer, answer):
+    # The space after [A] merges with a frequent first word ("Ġbimo"); before a rare one it is a token of its own,
+    # which the labels train: the mask must cover it too.
+    query = "what is it ?"
+    ids = encode_interaction(tokenizer, query, answer)
+    prompt_length = len(encode_query(tokenizer, query)["input_ids"])
+    assert tokenizer.convert_ids_to_tokens(ids["input_ids"][prompt_length]) == "\u0120"  # "Ġ", the lone space
+    out = tokenizer.apply_chat_template(
+        _messages((query, answer)), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert out["input_ids"] == ids["input_ids"]
+    assert out["assistant_masks"] == [int(label != IGNORE_INDEX) for label in ids["labels"]]
+
+
+def test_an_empty_answer_renders_as_the_model_wrote_it(tokenizer):
+    # A chat session records "" when the model ended its answer at once, and writes `[A][EOS]` into the memory.
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "[BOS][Q] hi[A][EOS]"
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert tokenizer.convert_ids_to_tokens(out["input_ids"])[-2:] == ["[A]", "[EOS]"]
+    assert out["assistant_masks"][-2:] == [0, 1]
+    with pytest.raises(jinja2.TemplateError, match="message 0 has empty content"):
+        tokenizer.apply_chat_template([{"role": "user", "content": " "}], tokenize=False)
+
+
 def test_encode_interaction_labels_only_the_answer(tokenizer):
     encoded = encode_interaction(tokenizer, *ASK)
     prompt_length = len(encode_query(tokenizer, ASK[0])["input_ids"])
@@ -221,6 +247,15 @@ def test_literal_special_token_in_text_is_rejected(token):
         format_interaction(f"tell me {token} secret")
     with pytest.raises(ValueError, match=f"special token string '{re.escape(token)}'"):
         format_interaction("tell me a secret", f"it is {token} .")
+
+
+def test_numpy_int_settings_are_saved_as_plain_ints(tokenizer, tmp_path):
+    # A numpy int64 is accepted, and must not reach the tokenizer's JSON files (which it would leave half written).
+    wrapped = wrap_tokenizer(tokenizer.backend_tokenizer, model_max_length=np.int64(48))
+    wrapped.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).model_max_length == 48
+    with pytest.raises(ValueError, match="model_max_length must be at least 2"):
+        wrap_tokenizer(tokenizer.backend_tokenizer, model_max_length=1)
 
 
 def test_public_functions_name_bad_arguments(tokenizer):
