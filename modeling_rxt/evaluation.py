@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -79,11 +80,17 @@ def answer_questions(
     one query per conversation of `memory_state`, each reading its own conversation's memory."""
     if len(queries) != memory_state.batch_size:
         raise ValueError(f"got {len(queries)} queries for a memory of {memory_state.batch_size} conversations")
+    _check_max_new_tokens(max_new_tokens)
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    prompts = [encode_query(tokenizer, q, max_length=model.config.max_position_embeddings)["input_ids"] for q in queries]
+    max_position = model.config.max_position_embeddings
+    prompts = [encode_query(tokenizer, q, max_length=max_position)["input_ids"] for q in queries]
     input_ids, attention_mask = _left_pad(prompts, pad_id)
-    max_new = min(max_new_tokens, model.config.max_position_embeddings - input_ids.shape[1])
+    room = max_position - input_ids.shape[1] - 1  # the answer and its [EOS] must fit in the interaction written
+    if room < 1:
+        raise ValueError(f"a query of {input_ids.shape[1]} tokens leaves no room for an answer and [EOS] within "
+                         f"`max_position_embeddings` ({max_position})")
+    max_new = min(max_new_tokens, room)
     generated = model.generate(
         input_ids,
         attention_mask=attention_mask,
@@ -100,6 +107,22 @@ def answer_questions(
     return answers
 
 
+def _check_max_new_tokens(max_new_tokens: int) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _empty_counts() -> dict[str, dict[int, int]]:
     return {"total": {}, "correct": {}, "correct_reset": {}}
 
@@ -113,11 +136,12 @@ def _count(counts: dict[str, dict[int, int]], distance: int, correct: bool, corr
 def _play_batch(model, tokenizer, episodes: Sequence[Episode], counts, examples: list, max_new_tokens: int) -> None:
     """Plays a batch of episodes with the same number of turns, in parallel, updating `counts` and `examples`."""
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    max_position = model.config.max_position_embeddings  # what `validate_episode` checked, not the tokenizer's
     state = model.init_memory(len(episodes))
     for turn in range(len(episodes[0].turns)):
         rows = [i for i, episode in enumerate(episodes) if episode.turns[turn].kind == ASK]
         interactions = [
-            encode_interaction(tokenizer, e.turns[turn].query, e.turns[turn].answer, max_length=None)["input_ids"]
+            encode_interaction(tokenizer, e.turns[turn].query, e.turns[turn].answer, max_position)["input_ids"]
             for e in episodes
         ]
         if rows:
@@ -133,11 +157,9 @@ def _play_batch(model, tokenizer, episodes: Sequence[Episode], counts, examples:
                                  "facts_held": facts_held(episodes[i], turn), "expected": asked.expected,
                                  "answer": answer_value(text), "correct": hit})
                 # The model's own answer goes into its memory, as it would in a real conversation.
-                prompt = encode_query(tokenizer, asked.query)["input_ids"]
-                interactions[i] = prompt + answer
-        input_ids, attention_mask = _right_pad(interactions, pad_id)
-        state = model.update_memory(state, input_ids[:, : model.config.max_position_embeddings],
-                                    attention_mask[:, : model.config.max_position_embeddings])
+                prompt = encode_query(tokenizer, asked.query, max_length=max_position)["input_ids"]
+                interactions[i] = prompt + answer  # fits: `answer_questions` left room for the answer's [EOS]
+        state = model.update_memory(state, *_right_pad(interactions, pad_id))
 
 
 def facts_held(episode: Episode, turn: int) -> int:
@@ -169,9 +191,13 @@ def evaluate_recall(
         raise ValueError("`episodes` is empty")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    _check_max_new_tokens(max_new_tokens)
     for index, episode in enumerate(episodes):
         validate_episode(episode, tokenizer, model.config.max_position_embeddings, index=index)
-    split = episodes[0].split
+    splits = sorted({episode.split for episode in episodes})
+    if len(splits) > 1:  # chance is that of one split's value pools
+        raise ValueError(f"`episodes` come from several splits {splits}: evaluate each split on its own")
+    split = splits[0]
     by_length: dict[int, list[Episode]] = {}
     for episode in episodes:
         by_length.setdefault(len(episode.turns), []).append(episode)
@@ -180,14 +206,10 @@ def evaluate_recall(
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="evaluating recall", unit="batch")
-    was_training = model.training
-    model.eval()
     counts, examples = _empty_counts(), []
-    try:
+    with _eval_mode(model):
         for batch in batches:
             _play_batch(model, tokenizer, batch, counts, examples, max_new_tokens)
-    finally:
-        model.train(was_training)
     return _summarise(counts, examples, chance_accuracy(split, episodes))
 
 
@@ -198,7 +220,15 @@ def evaluate_fact_recall(model, tokenizer, n_episodes: int = 40, turns: int = 8,
     answered from a fresh short-term memory (the learned initial one), once alone and once with the earlier turns of
     its episode, as token ids, for the external memory; exact-match accuracy of both and chance. The question's fact
     exists only in that external memory, so without it the model can only guess."""
-    episodes = make_episodes(n_episodes, turns=turns, split=split, seed=1)
+    if not isinstance(model, RxTForCausalLM):
+        raise TypeError(f"`model` must be an RxTForCausalLM, got {type(model).__name__}")
+    _check_max_new_tokens(max_new_tokens)
+    episodes = make_episodes(n_episodes, turns=turns, split=split, seed=1)  # checks its own arguments
+    with _eval_mode(model):
+        return _external_memory_recall(model, tokenizer, episodes, max_new_tokens, topk)
+
+
+def _external_memory_recall(model, tokenizer, episodes, max_new_tokens: int, topk: int | None) -> dict:
     greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
     scores = {"without_memory": [], "with_external_memory": []}
@@ -226,9 +256,9 @@ def evaluate_fact_recall(model, tokenizer, n_episodes: int = 40, turns: int = 8,
         "questions": questions,
         "accuracy_without_memory": sum(scores["without_memory"]) / max(1, questions),
         "accuracy_with_external_memory": sum(scores["with_external_memory"]) / max(1, questions),
-        "chance": chance_accuracy(split, episodes),
-        "episodes": n_episodes,
-        "turns": turns,
+        "chance": chance_accuracy(episodes[0].split, episodes),
+        "episodes": len(episodes),
+        "turns": len(episodes[0].turns),
         "examples": examples,
     }
 
@@ -244,7 +274,7 @@ def memory_overlap(model: RxTForCausalLM, tokenizer: PreTrainedTokenizerBase, pa
         raise ValueError(f"pairs must be a positive integer, got {pairs!r}")
     rng = random.Random(f"rxt-overlap/{split}/{seed}")
     overlaps, spreads = [], []
-    with torch.no_grad():  # measurement only: no graph through the initial memory or the writes
+    with torch.no_grad(), _eval_mode(model):  # measurement only: no graph, no dropout
         for _ in range(pairs):
             statements = [_fact_turn(TELL, slot, rng.choice(value_pool(slot.name, split)), rng)
                           for slot in rng.sample(SLOTS, 2)]

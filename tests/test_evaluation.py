@@ -208,3 +208,43 @@ def test_external_memory_recall_scores_a_known_case(tokenizer, monkeypatch):
     assert result["questions"] == len(expected) > 0
     assert result["accuracy_with_external_memory"] == 1.0 and result["accuracy_without_memory"] == 0.0
     assert result["chance"] == pytest.approx(0.01, rel=0.02)  # 98-100 held-out values a slot
+
+
+def test_an_answer_that_fills_the_interaction_still_writes_its_eos(tokenizer, monkeypatch):
+    # A query a few tokens short of the model's length, and a model that never ends its answer: the answer is cut
+    # where the interaction still has room for the [EOS] it is written with, as in training.
+    from modeling_rxt.tokenization import encode_interaction, encode_query
+
+    model = tiny_model(tokenizer).eval()
+    query = "what is my cat called ?"
+    while len(encode_interaction(tokenizer, query + " ok", "zub .")["input_ids"]) <= MAX_LENGTH:
+        query += " ok"
+    episode = _episode("long", [Turn("my cat is called zub .", "noted .", TELL, "cat", "zub"),
+                                Turn(query, "zub .", ASK, "cat", expected="zub", fact_distance=1)], split="test")
+    written, update_memory, generate = [], model.update_memory, model.generate
+    monkeypatch.setattr(model, "update_memory", lambda state, ids, mask=None: written.append((ids, mask)) or
+                        update_memory(state, ids, mask))
+    monkeypatch.setattr(model, "generate", lambda *a, **k: generate(*a, suppress_tokens=[tokenizer.eos_token_id], **k))
+    evaluate_recall(model, tokenizer, [episode], max_new_tokens=16)
+    ids, mask = written[-1]
+    length = int(mask[0].sum())
+    assert len(encode_query(tokenizer, query)["input_ids"]) + 16 > MAX_LENGTH  # the room, not 16, cut the answer
+    assert length == MAX_LENGTH and int(ids[0, length - 1]) == tokenizer.eos_token_id
+
+
+def test_episodes_of_several_splits_are_refused(tokenizer):
+    model = tiny_model(tokenizer)
+    mixed = make_episodes(1, turns=4, split="test", seed=0) + make_episodes(1, turns=4, split="train", seed=0)
+    with pytest.raises(ValueError, match=r"several splits \['test', 'train'\]"):
+        evaluate_recall(model, tokenizer, mixed)
+    for bad in (0, 2.5, None, True):
+        with pytest.raises(ValueError, match="`max_new_tokens` must be a positive int"):
+            evaluate_recall(model, tokenizer, mixed[:1], max_new_tokens=bad)
+
+
+def test_fact_recall_and_overlap_measure_without_dropout(tokenizer):
+    model = tiny_model(tokenizer, attention_dropout=0.5).train()
+    first = evaluate_fact_recall(model, tokenizer, n_episodes=2, turns=4, max_new_tokens=3)
+    assert model.training  # given back in the mode it came in
+    assert evaluate_fact_recall(model, tokenizer, n_episodes=2, turns=4, max_new_tokens=3) == first
+    assert memory_overlap(model, tokenizer, pairs=2) == memory_overlap(model, tokenizer, pairs=2)
