@@ -17,6 +17,7 @@ Not exported to the Hub: this module uses the project's tokenizer helpers.
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import shutil
@@ -132,19 +133,22 @@ class RxTChatSession:
         """Blocks until the last turn's memory write has finished; returns the seconds spent waiting. A write that
         failed raises its error here, once: the memory stays as it was before that turn (which remains in
         `messages`, its `write_s` None), and the session goes on."""
-        if self._pending is None:
-            return 0.0
-        start = time.perf_counter()
-        try:
-            state, write_s = self._pending.result()  # re-raises an error of the write
-        except BaseException:
-            self._pending = None
-            raise
-        waited = time.perf_counter() - start
-        self._state, self._pending = state, None
-        if self.timings and self.timings[-1].write_s is None:
-            self.timings[-1].write_s = write_s
-        return waited
+        # Under the session's lock: a reader in another thread must not set the memory of an earlier turn over a
+        # write that a `send` has just scheduled.
+        with self._lock:
+            if self._pending is None:
+                return 0.0
+            start = time.perf_counter()
+            try:
+                state, write_s = self._pending.result()  # re-raises an error of the write
+            except BaseException:
+                self._pending = None
+                raise
+            waited = time.perf_counter() - start
+            self._state, self._pending = state, None
+            if self.timings and self.timings[-1].write_s is None:
+                self.timings[-1].write_s = write_s
+            return waited
 
     @property
     def memory_state(self) -> RxTMemoryState:
@@ -192,7 +196,7 @@ class RxTChatSession:
             )
             generate_s = time.perf_counter() - start
             self._check_open()  # closed by a callback during generation: no writer left to take the write
-            answer_ids = self._answer_ids(output[0, prompt.shape[1] :])
+            answer_ids = self._answer_ids(_sequences(output)[0, prompt.shape[1] :])
             interaction = torch.cat((prompt[0], answer_ids))[None]
             self._pending = self._schedule_write(self._state, interaction, None, self.background_write)
             answer = decode_answer(self.tokenizer, answer_ids.tolist())
@@ -239,13 +243,27 @@ class RxTChatSession:
         the answer may fill the room."""
         room = self.model.config.max_position_embeddings - prompt_length - 1  # [EOS] must fit in the write
         kwargs = dict(given)
+        if "max_new_tokens" not in kwargs and kwargs.get("max_length") is not None:
+            # A `max_length` keyword counts the prompt; as `max_new_tokens` it is checked against the room below
+            # (left beside a default `max_new_tokens`, generate would let that win).
+            max_length = kwargs.pop("max_length")
+            if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
+                raise ValueError(f"`max_length` must be an int, got {max_length!r}")
+            kwargs["max_new_tokens"] = int(max_length) - prompt_length
+            if kwargs["max_new_tokens"] < 1:
+                raise ValueError(f"`max_length` {max_length} leaves no room for an answer after the prompt's "
+                                 f"{prompt_length} tokens.")
         if "max_new_tokens" not in kwargs:
             configured = _generation_setting(self.model, given, "max_new_tokens")
             kwargs["max_new_tokens"] = room if configured is None else max(1, min(configured, room))
         if _generation_setting(self.model, given, "num_return_sequences") not in (None, 1):
             raise ValueError("`num_return_sequences` must be 1 (here or in the generation config): a session "
                              "continues one conversation.")
-        if not isinstance(kwargs["max_new_tokens"], int) or not 1 <= kwargs["max_new_tokens"] <= room:
+        max_new_tokens = kwargs["max_new_tokens"]
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+            raise ValueError(f"`max_new_tokens` must be an int, got {max_new_tokens!r}")
+        kwargs["max_new_tokens"] = int(max_new_tokens)  # numpy ints too
+        if not 1 <= kwargs["max_new_tokens"] <= room:
             raise ValueError(
                 f"`max_new_tokens` must be in [1, {room}]: the prompt has {prompt_length} tokens, an interaction at "
                 f"most {self.model.config.max_position_embeddings} (`max_position_embeddings`) including [EOS]."
@@ -328,7 +346,8 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
     """One turn of several sessions (same model and tokenizer) as one batch: their memories are concatenated, the
     prompts left-padded and answered by one `generate`, and the interactions written by one batched
     `update_memory` (in the background if every session writes in the background); each session then continues
-    with its own row."""
+    with its own row. The room for the answers is that of the longest prompt: with no `max_new_tokens`, a short
+    prompt may get a shorter answer than it would alone."""
     if isinstance(queries, str) or isinstance(sessions, RxTChatSession):
         raise TypeError("`sessions` and `queries` must be lists (one query string per session).")
     sessions, queries = list(sessions), list(queries)
@@ -353,7 +372,7 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
             **_with_clock(clock, first._generation_kwargs(ids.shape[1], generate_kwargs), model),
         )
         generate_s = time.perf_counter() - start
-        answers = [first._answer_ids(row[ids.shape[1] :]) for row in output]
+        answers = [first._answer_ids(row[ids.shape[1] :]) for row in _sequences(output)]
         written, written_mask = _pad([torch.cat(pair) for pair in zip(prompts, answers)], tokenizer.pad_token_id)
         background = all(s.background_write for s in sessions)
         batch_write = first._schedule_write(state, written, written_mask, background)
@@ -369,6 +388,11 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
     finally:
         for lock in reversed(locks):
             lock.release()
+
+
+def _sequences(output) -> torch.Tensor:
+    """The token ids `generate` returned, also under `return_dict_in_generate=True`."""
+    return output if isinstance(output, torch.Tensor) else output.sequences
 
 
 def _generation_setting(model, kwargs: dict, name: str):

@@ -471,3 +471,37 @@ def test_load_rejects_malformed_session_fields(model, tokenizer, tmp_path, field
     (tmp_path / "session.json").write_text(json.dumps({**payload, field: value}))
     with pytest.raises(ValueError, match=field):
         RxTChatSession.load(tmp_path, model, tokenizer)
+
+
+def test_max_length_numpy_ints_and_dict_outputs_work_as_in_generate(model, tokenizer):
+    import numpy as np
+
+    session = RxTChatSession(model, tokenizer, background_write=False)
+    prompt_length = len(encode_query(tokenizer, TEXTS[0])["input_ids"])
+    suppress = WORDS["suppress_tokens"]
+    # `max_length` counts the prompt, as in `generate`; it was ignored for the default `max_new_tokens`.
+    assert _new_tokens(session, TEXTS[0], max_length=prompt_length + 3, suppress_tokens=suppress) == 3
+    assert _new_tokens(session, TEXTS[0], max_new_tokens=np.int64(4), suppress_tokens=suppress) == 4
+    with pytest.raises(ValueError, match="`max_length` 3 leaves no room for an answer"):
+        session.send(TEXTS[0], max_length=3)
+    with pytest.raises(ValueError, match="`max_new_tokens` must be an int, got 2.5"):
+        session.send(TEXTS[0], max_new_tokens=2.5)
+    # `return_dict_in_generate=True` answers as without it.
+    plain = RxTChatSession(model, tokenizer, background_write=False)
+    assert session.send(TEXTS[1], return_dict_in_generate=True, **GREEDY) == plain.send(TEXTS[1], **GREEDY)
+    assert send_batch([session, plain], TEXTS[2:], return_dict_in_generate=True, **GREEDY)
+
+
+def test_reading_the_memory_waits_for_a_turn_in_progress(model, tokenizer):
+    # A reader must not take the memory while a turn holds the session (it would set an older memory over the
+    # write that turn is scheduling).
+    session = RxTChatSession(model, tokenizer)
+    session.send(TEXTS[0], **GREEDY)
+    read = threading.Event()
+    with session._lock:  # as a `send` in progress holds it
+        reader = threading.Thread(target=lambda: (session.memory_state, read.set()))
+        reader.start()
+        assert not read.wait(0.3)
+    assert read.wait(30)
+    reader.join()
+    session.close()
