@@ -621,6 +621,16 @@ def mixed_adapter_rows(module: nn.Module) -> int | None:
     return None
 
 
+def drop_mixed_adapter_hooks(module: nn.Module) -> None:
+    """Removes the hooks of a mixed-adapter batch from `module`. PEFT (0.21) removes them when the call returns but
+    not when it raises: every later call would run with that batch's adapter names, without a word."""
+    for submodule in module.modules():
+        for key, hook in list(submodule._forward_pre_hooks.items()):
+            if "adapter_names" in getattr(hook, "keywords", {}):
+                del submodule._forward_pre_hooks[key]
+                submodule._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
 @auto_docstring
 class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -776,6 +786,13 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         `retrieved_memory_idx`: per forward step, {layer: indices (B, H, Tq, k), -1 where dropped}.
 
         The positional arguments are `GenerationMixin.generate`'s; `memory_state` is keyword-only."""
+        try:
+            return self._generate(inputs, generation_config, *args, memory_state=memory_state, **kwargs)
+        except BaseException:
+            drop_mixed_adapter_hooks(self)  # a no-op outside a mixed-adapter batch
+            raise
+
+    def _generate(self, inputs, generation_config, *args, memory_state, **kwargs):
         if isinstance(generation_config, RxTMemoryState):
             raise TypeError("Pass the memory by keyword: `generate(input_ids, memory_state=state)`.")
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))

@@ -30,6 +30,7 @@ from modeling_rxt.adapters import (
     update_memory_with,
     using_adapter,
 )
+from modeling_rxt.modeling_rxt import mixed_adapter_rows
 from modeling_rxt.data import TELL, UPDATE, interactions_dataset, lm_texts, make_episodes
 from modeling_rxt.tokenization import MIN_VOCAB_SIZE, encode_interaction, train_tokenizer
 
@@ -478,8 +479,13 @@ def test_mixed_batch_external_memories_must_be_built_first(ids):
     settings = dict(memory_state=start, max_new_tokens=3, do_sample=False, external_memory_layers=[0, 1])
     built = rxt_model(model).build_external_memory(memories, layers=[0, 1])
     assert model.generate(input_ids=ids, adapter_names=rows, external_memories=built, **settings).shape == (3, 10)
+    plain = model.generate(input_ids=ids, memory_state=start, max_new_tokens=3, do_sample=False)
     with pytest.raises(ValueError, match="build_external_memory"):
         model.generate(input_ids=ids, adapter_names=rows, external_memories=memories, **settings)
+    # PEFT leaves the refused batch's adapter names on the model; generate removes them, or the next call (no mixed
+    # batch asked) would run with them.
+    assert mixed_adapter_rows(model) is None
+    assert torch.equal(model.generate(input_ids=ids, memory_state=start, max_new_tokens=3, do_sample=False), plain)
 
 
 def test_initial_memory_for_rejects_bad_input():
