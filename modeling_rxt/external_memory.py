@@ -361,16 +361,19 @@ def build_external_memory(
     stride: int,
     device: torch.device | str | None = None,
     differentiable: bool = False,
+    passes: Callable[[int], int] | None = None,
 ) -> ExternalMemory:
     """Runs the decoder (`RxTModel`) over the memories in chunks of `stride` tokens (each chunk on its own: causal,
     positions 0..stride-1, reading the learned initial short-term memory) and keeps, for `layers`, the keys (before
     rotary positions) and values of the self-attention of every memory token. Without gradients unless
-    `differentiable` (training: the loss of an answer then shapes how the decoder encodes the memory it reads)."""
+    `differentiable` (training: the loss of an answer then shapes how the decoder encodes the memory it reads).
+    `passes` maps the number of decoder passes this memory needs to the number to run: processes that train a
+    sharded model must all make the same calls (`training.lockstep`), and the extra passes encode nothing."""
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-        return _build_external_memory(decoder, memories, attention_mask, layers, stride, device)
+        return _build_external_memory(decoder, memories, attention_mask, layers, stride, device, passes)
 
 
-def _build_external_memory(decoder, memories, attention_mask, layers, stride, device) -> ExternalMemory:
+def _build_external_memory(decoder, memories, attention_mask, layers, stride, device, passes) -> ExternalMemory:
     ids, mask = as_padded_ids(memories, attention_mask, decoder.config.vocab_size)
     chunks = split_into_chunks(ids, mask, stride)
     model_device = decoder.embed_tokens.weight.device
@@ -386,8 +389,11 @@ def _build_external_memory(decoder, memories, attention_mask, layers, stride, de
     try:
         per_batch = max(1, TOKENS_PER_ENCODING_BATCH // stride)
         memory_key_values = decoder.project_memory(decoder.memory_tensor(None, 1))  # (1, L, 2, K, S, Dh), once
-        for start in range(0, len(chunks), per_batch):
-            group = chunks[start : start + per_batch]
+        groups = [chunks[start : start + per_batch] for start in range(0, len(chunks), per_batch)]
+        extra = (passes(len(groups)) if passes is not None else len(groups)) - len(groups)
+        for _ in range(extra):
+            _idle_pass(decoder, memory, layers, memory_key_values, entering)
+        for group in groups:
             chunk_ids = nn.utils.rnn.pad_sequence([c for _, _, c in group], batch_first=True).to(model_device)
             chunk_mask = nn.utils.rnn.pad_sequence([torch.ones_like(c) for _, _, c in group], batch_first=True)
             decoder(
@@ -407,6 +413,17 @@ def _build_external_memory(decoder, memories, attention_mask, layers, stride, de
         for handle in handles:
             handle.remove()
     return memory
+
+
+def _idle_pass(decoder, memory: ExternalMemory, layers, memory_key_values, entering) -> None:
+    """A decoder pass that encodes nothing (one padding token), for a process in lockstep with others that have more
+    memory to encode. Its keys/values join the memory times zero, so that its backward runs as theirs does."""
+    token = torch.zeros(1, 1, dtype=torch.long, device=memory_key_values.device)
+    decoder(input_ids=token, attention_mask=torch.ones_like(token), use_cache=False, memory_key_values=memory_key_values)
+    keys_values = [decoder.self_attention_keys_values(i, entering[i]) for i in layers]
+    if torch.is_grad_enabled() and memory.keys.numel():
+        nothing = sum(key.sum() + value.sum() for key, value in keys_values) * 0
+        memory.keys.view(-1)[:1] += nothing.to(memory.keys.device, memory.keys.dtype)
 
 
 def _capture_input(store: dict[int, torch.Tensor], layer_idx: int) -> Callable:

@@ -47,6 +47,7 @@ Memory write (after the answer, off the user's critical path):
     STM_l'   = (1 - G) * STM_l + G * Update_l
 """
 
+import inspect
 from collections.abc import Callable
 from types import MethodType
 
@@ -590,6 +591,7 @@ def run_as_forward(module: nn.Module, function: Callable, *args):
     use) shards `module`: FSDP2 gathers a module's weights around `forward` only, and the memory is projected with the
     weights of each decoder layer outside the layer's `forward` (once per turn), and a training objective runs the
     model's parts outside its `forward`. Registered once per module; a plain call elsewhere."""
+    module = _sharding_unit(module)
     if not _is_fsdp_module(module):
         return function(*args)
     if _AS_FORWARD not in module.__dict__:
@@ -603,6 +605,17 @@ _AS_FORWARD = "_rxt_run_as_forward"
 
 def _is_fsdp_module(module: nn.Module) -> bool:
     return FSDPModule is not None and isinstance(module, FSDPModule)
+
+
+def _sharding_unit(module: nn.Module) -> nn.Module:
+    """The FSDP unit that holds `module`'s weights. Under FSDP's activation checkpointing a layer is a checkpoint
+    wrapper, a unit of its own that holds no weights, around the unit of the layer itself."""
+    inner = module
+    while hasattr(inner, "_checkpoint_wrapped_module"):
+        inner = inner._checkpoint_wrapped_module
+        if _is_fsdp_module(inner):
+            module = inner
+    return module
 
 
 # What `generate` adds to the model inputs for this model alone: an assistant (assisted decoding) does not get them.
@@ -723,11 +736,13 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.RxTModel"}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def _save_sharded_by_fsdp(self, save_directory, *args, state_dict=None, **kwargs):
+    def _save_sharded_by_fsdp(self, *args, **kwargs):
         """`save_pretrained` of a model that FSDP2 shards (`Trainer.save_model` passes the gathered `state_dict`).
         `fully_shard` changed the model's class to one of its own, defined in torch: saved as it is, the folder would
         name that class in `auto_map` and hold torch's source files instead of this model's. So it is saved as this
         class, and without the tied LM head, which the gathered copy no longer shares with the embedding."""
+        arguments = inspect.signature(PreTrainedModel.save_pretrained).bind(self, *args, **kwargs).arguments
+        state_dict = arguments.get("state_dict")
         if state_dict is None:  # its own would hold this process's shards only
             raise ValueError(
                 "This model is sharded by FSDP: pass `save_pretrained(..., state_dict=...)` the gathered weights "
@@ -737,9 +752,11 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         fsdp_class = type(self)
         if self.config.tie_word_embeddings:
             state_dict = {name: value for name, value in state_dict.items() if name not in self._tied_weights_keys}
+        arguments = {**arguments, "state_dict": state_dict}
+        del arguments["self"]
         self.__class__ = next(base for base in fsdp_class.__bases__ if base is not FSDPModule)
         try:
-            return self.save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+            return self.save_pretrained(**{**arguments.pop("kwargs", {}), **arguments})
         finally:
             self.__class__ = fsdp_class
 
@@ -845,15 +862,17 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         stride: int | None = None,
         device: torch.device | str | None = None,
         differentiable: bool = False,
+        passes: Callable[[int], int] | None = None,
     ) -> ExternalMemory:
         """Keys/values of external memories (one row per batch row: a (R, M) tensor with `attention_mask`, or a list
         of 1-D tensors) for the retrieval `layers` (default: the config's), encoded by the decoder in chunks of
         `stride` tokens. Keep it on `device` ("cpu" to spare accelerator memory) and reuse it across calls. Built
-        without gradients unless `differentiable` (the `external_memory` training stage)."""
+        without gradients unless `differentiable` (the `external_memory` training stage); `passes`: see
+        `external_memory.build_external_memory`."""
         layers, stride = resolve_layers(self.config, layers), resolve_stride(self.config, stride)
         return build_external_memory(
             self.model, input_ids, attention_mask, layers=layers, stride=stride, device=device,
-            differentiable=differentiable,
+            differentiable=differentiable, passes=passes,
         )
 
     def _check_generate_prompt(self, prompt: torch.Tensor, generation_config: GenerationConfig, kwargs: dict) -> None:

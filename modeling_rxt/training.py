@@ -39,8 +39,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 
 import datasets
 import torch
@@ -351,6 +354,53 @@ class ExternalAndEpisodeCollator:
 # --- Objectives -----------------------------------------------------------------------------------------------------
 
 
+# ---- processes in lockstep -------------------------------------------------------------------------------------------
+# FSDP2 and DeepSpeed ZeRO-3 gather a sharded module's weights from every process at each call of that module, so
+# the processes that train one model must make the same calls in the same order. An episode objective decides its
+# calls from its own batch (turns, which rows read, how much external memory to encode); in lockstep it runs to the
+# largest count of all processes, with passes that weigh nothing where its own batch has less. `RxTTrainer` turns it
+# on when the model is sharded over several processes; a training loop of one's own wraps its objective calls in it.
+_LOCKSTEP = ContextVar("rxt_lockstep", default=False)
+
+
+@contextmanager
+def lockstep(enabled: bool = True) -> Iterator[None]:
+    """Within the block, the objectives make the same sequence of model calls on every process (see above)."""
+    token = _LOCKSTEP.set(enabled)
+    try:
+        yield
+    finally:
+        _LOCKSTEP.reset(token)
+
+
+def _agreed_max(value: int, device: torch.device) -> int:
+    """`value`, or in lockstep the largest `value` of all processes."""
+    if not _LOCKSTEP.get():
+        return value
+    largest = torch.tensor([value], device=device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return int(largest.item())
+
+
+def _pad_turns(inputs: Mapping[str, torch.Tensor], turns: int) -> Mapping[str, torch.Tensor]:
+    """An episode batch with `turns` turns: the turns it lacks have no tokens and no weight."""
+    missing = turns - inputs["input_ids"].shape[1]
+    if missing <= 0:
+        return inputs
+    padded = dict(inputs)
+    for key, value in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX), ("turn_weights", 0)):
+        tensor = inputs[key]
+        padded[key] = torch.cat((tensor, tensor.new_full((tensor.shape[0], missing, *tensor.shape[2:]), value)), 1)
+    return padded
+
+
+def _idle_read(input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A decoder pass that weighs nothing (one padding token, no label), for a turn where this process reads
+    nothing while others in lockstep do."""
+    token = input_ids.new_zeros(1, 1)
+    return token, torch.ones_like(token), torch.full_like(token, IGNORE_INDEX), token[0], token[0].float()
+
+
 def _is_moe(model: RxTForCausalLM) -> bool:
     return bool(model.config.is_moe)
 
@@ -485,6 +535,8 @@ def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Ten
     Recall probes in the batch (`EpisodeCollator(probe_weight=...)`) are answered from the same STM_{t-1} in the
     same decoder pass and never written: every write is then supervised by every fact it must keep."""
     _check_int_at_least("bptt_turns", bptt_turns, 0, " (0: no truncation)")
+    in_lockstep = _LOCKSTEP.get()
+    inputs = _pad_turns(inputs, _agreed_max(inputs["input_ids"].shape[1], inputs["input_ids"].device))
     batch_size, turns = inputs["input_ids"].shape[:2]
     stm = model.model.initial_memory(batch_size)  # (L, B, S, D)
     loss_sum = inputs["turn_weights"].new_zeros(())
@@ -493,12 +545,17 @@ def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Ten
     for turn in range(turns):
         input_ids, attention_mask, labels = _turn(inputs, turn)
         reading = _reading_rows(inputs, turn, (input_ids, attention_mask, labels))
+        idle = reading is None and in_lockstep
+        if idle:  # others read at this turn: a pass that adds zero to the loss, and whose backward runs as theirs
+            reading = _idle_read(input_ids)
         if reading is not None:
             turn_sum, turn_weight, aux = decoder_loss(model, *reading[:3], stm[:, reading[3]], reading[4])
             loss_sum, weight_sum = loss_sum + turn_sum, weight_sum + turn_weight
-            if aux is not None:
+            if aux is not None and not idle:
                 aux_terms.append(aux)
-        if turn + 1 < turns and attention_mask.any():  # the last turn's write would be read by nothing
+        # The last turn's write would be read by nothing; in lockstep a turn without tokens is written all the same
+        # (rows without tokens keep their memory).
+        if turn + 1 < turns and (in_lockstep or attention_mask.any()):
             # Truncation cuts what a write starts from, not what the decoder reads: every write still learns from
             # the answers that read it, and a loss reaches at most `bptt_turns` writes back.
             source = stm.detach() if bptt_turns and turn and turn % bptt_turns == 0 else stm
@@ -526,6 +583,7 @@ def memory_attention_objective(
                         ("weight_decay_per_turn", weight_decay_per_turn)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    inputs = _pad_turns(inputs, _agreed_max(inputs["input_ids"].shape[1], inputs["input_ids"].device))
     batch_size, turns = inputs["input_ids"].shape[:2]
     stm = model.model.initial_memory(batch_size)
     loss_sum = stm.new_zeros(())
@@ -533,7 +591,7 @@ def memory_attention_objective(
     for turn in range(turns):
         input_ids, attention_mask, _ = _turn(inputs, turn)
         rows = attention_mask.any(dim=-1)  # (B,)
-        if not rows.any():
+        if not rows.any() and not _LOCKSTEP.get():  # in lockstep a turn without tokens runs and weighs nothing
             continue
         encoded, key_mask, rotary = model.model.encode_interaction(input_ids, attention_mask)
         with torch.no_grad():
@@ -558,7 +616,10 @@ def external_memory_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.
     learn to mark each memory token with its context for a look-up to find it (README, External memory)."""
     rows = inputs["input_ids"].shape[0]
     # With gradients: the decoder also learns how to encode what it will look up.
-    memory = model.build_external_memory(inputs["memory_ids"], inputs["memory_attention_mask"], differentiable=True)
+    memory = model.build_external_memory(
+        inputs["memory_ids"], inputs["memory_attention_mask"], differentiable=True,
+        passes=partial(_agreed_max, device=inputs["input_ids"].device),
+    )
     loss_sum, weight, aux = decoder_loss(
         model,
         inputs["input_ids"],
@@ -654,10 +715,20 @@ class RxTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         # PEFT's wrapper too: the objectives reach into the RxT model itself (`model.model.write_memory`, ...).
         rxt = unwrap_peft_model(self.accelerator.unwrap_model(model))
-        # As a forward of the model Trainer holds: under FSDP2 its weights are gathered for the objective.
-        loss_sum, weight, metrics = run_as_forward(model, self.objective, rxt, inputs)
-        weighted = loss_sum.requires_grad
-        if model.training and not weighted:
+        # As a forward of the model Trainer holds: under FSDP2 its weights are gathered for the objective. FSDP's
+        # mixed precision casts the float tensors a forward takes and returns (bf16): the batch goes in through a
+        # closure and the weight and metrics come out beside the loss, so that they stay exact.
+        results = {}
+
+        def run_objective() -> torch.Tensor:
+            results["loss_sum"], results["weight"], results["metrics"] = self.objective(rxt, inputs)
+            return results["loss_sum"]
+
+        with lockstep(self._shards_over_processes()):
+            loss_sum = run_as_forward(model, run_objective)  # the loss's graph, through FSDP's backward hooks
+        weight, metrics = results["weight"], results["metrics"]
+        weighted = loss_sum.requires_grad and bool(weight > 0)  # in lockstep, a pass that weighs nothing has a graph
+        if model.training and not loss_sum.requires_grad:
             # No row of this micro-batch had a weighted answer: backward must still run (under DDP every process
             # joins the gradient averaging), and gives no parameter a gradient, as if the micro-batch were not there.
             loss_sum = loss_sum.detach().requires_grad_()
@@ -671,7 +742,7 @@ class RxTTrainer(Trainer):
         if step.scale is None:
             step.scale = weight.clamp(min=1)  # any positive number would do: the rescaling in training_step corrects it
         step.weight = step.weight + weight
-        step.loss_sum = step.loss_sum + loss_sum.detach()
+        step.loss_sum = step.loss_sum + results["loss_sum"].detach()
         if weighted:  # a micro-batch without a weighted answer has no loss to log
             for name, value in metrics.items():
                 self._metric_sums[name] = self._metric_sums.get(name, 0.0) + float(value)
@@ -679,6 +750,15 @@ class RxTTrainer(Trainer):
         # DDP (and `_average_gradients`) average over processes: `* world_size` makes that a sum.
         loss = loss_sum / step.scale * world_size
         return (loss, metrics) if return_outputs else loss
+
+    def _shards_over_processes(self) -> bool:
+        """Whether several processes gather the model's weights from each other at every module call (FSDP,
+        DeepSpeed ZeRO-3): the objectives must then make the same calls on every process (`lockstep`)."""
+        if _world_size() < 2:
+            return False
+        if self.is_deepspeed_enabled:
+            return self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        return self.is_fsdp_enabled
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
         """Evaluation is the objective's loss on the batch, as in training. Trainer's own step would look for a
@@ -740,6 +820,7 @@ def _average_gradients(model: torch.nn.Module) -> None:
 
 __all__ = [
     "STAGES",
+    "lockstep",
     "EpisodeCollator",
     "ExternalAndEpisodeCollator",
     "ExternalMemoryCollator",

@@ -163,6 +163,7 @@ import json, os, sys
 import accelerate.state
 import torch
 from accelerate.utils import DistributedType
+from datasets import concatenate_datasets
 from transformers import AutoTokenizer, TrainingArguments
 from peft import get_peft_model
 from modeling_rxt import RxTConfig, RxTForCausalLM
@@ -190,8 +191,12 @@ tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 losses = {}
 for case, (stage_name, overrides, accumulation) in cases.items():
     stage = {"stage": stage_name, "episodes": 12, "turns": 3, "max_chat_chars": 60, **overrides.pop("stage", {})}
-    lora = overrides.pop("lora", None)
+    lora, fsdp_config = overrides.pop("lora", None), overrides.pop("fsdp_config", None)
+    more_turns = overrides.pop("more_turns", None)  # longer episodes for the second half of every batch
     dataset, collator, objective = stage_components(stage, tokenizer, 64, seed=5)
+    if more_turns:  # batches [3, 3, 4, 4] turns, in order: the first process gets 3 turns, the second 4
+        longer = stage_components({**stage, "turns": more_turns}, tokenizer, 64, seed=6)[0]
+        dataset = concatenate_datasets([d.select(range(i, i + 2)) for i in range(0, 12, 2) for d in (dataset, longer)])
     torch.manual_seed(0)
     model = RxTForCausalLM(RxTConfig(**{
         "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -201,18 +206,21 @@ for case, (stage_name, overrides, accumulation) in cases.items():
         model = get_peft_model(model, lora_config(lora, lora_dropout=0.0))
     if stage_name == "memory_attention":
         _frozen_except_memory_attention(model)
+    if mode == "deepspeed_own_rows":  # what a GPU run gives each process: rows of its own
+        dataset = dataset.shard(world_size, int(os.environ["RANK"]), contiguous=False)
     args = TrainingArguments(
-        output_dir=os.path.join(out_dir, case), use_cpu=mode != "deepspeed", fsdp=mode == "fsdp",
-        deepspeed=zero3 if mode == "deepspeed" else None, ddp_backend="gloo" if mode == "fsdp" else None,
+        output_dir=os.path.join(out_dir, case), use_cpu=not mode.startswith("deepspeed"), fsdp=mode == "fsdp",
+        fsdp_config=fsdp_config if mode == "fsdp" else None,
+        deepspeed=zero3 if mode.startswith("deepspeed") else None, ddp_backend="gloo" if mode == "fsdp" else None,
         per_device_train_batch_size=(4 // world_size if mode == "fsdp" else 4) // accumulation,
         gradient_accumulation_steps=accumulation, max_steps=3, optim="sgd", learning_rate=0.5, logging_steps=1,
         remove_unused_columns=False, report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        seed=0, data_seed=0)
+        seed=0, data_seed=0, train_sampling_strategy="sequential" if more_turns else "random")
     trainer = RxTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, objective=objective)
-    assert (trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled) == (mode == "fsdp", mode == "deepspeed")
+    assert (trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled) == (mode == "fsdp", mode.startswith("deepspeed"))
     trainer.train()
     assert type(trainer.model).__name__.startswith("FSDP") == (mode == "fsdp")
-    if mode == "deepspeed":
+    if mode.startswith("deepspeed"):
         assert torch.distributed.get_world_size() == 2 and trainer.model_wrapped.zero_optimization_stage() == 3
     trainer.save_model(os.path.join(out_dir, case, "model"))
     losses[case] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -231,6 +239,19 @@ EXACT_CASES = {
     "memory_aware_accumulated": ("memory_aware", {}, 2),  # not under DeepSpeed, which RxTTrainer refuses it
     "external_memory": ("external_memory", {"external_memory_layers": [1]}, 1),
     "lora": ("memory_aware", {"lora": "full"}, 1),  # a PeftModel is the root that is sharded; the adapter is saved
+    # FSDP's own activation checkpointing: each decoder layer is a checkpoint wrapper around the layer's unit.
+    "activation_checkpointing": ("memory_aware", {"fsdp_config": {"activation_checkpointing": True}}, 1),
+}
+# Batches that make the processes' own calls differ, which they must not under sharding (`training.lockstep`):
+# asks only (a turn that one process reads and the other does not), episodes of 3 and 4 turns, and external
+# memories encoded one row per pass (max_position_embeddings = TOKENS_PER_ENCODING_BATCH).
+ASKS_ONLY = {"kind_weights": {"ask": 1.0, "tell": 0.0, "update": 0.0, "chat": 0.0}}
+LOCKSTEP_CASES = {
+    "asks_only": ("memory_aware", {"stage": ASKS_ONLY}, 1),
+    "asks_only_with_probes": ("memory_aware", {"stage": {**ASKS_ONLY, "probe_weight": 1.0}}, 1),
+    "turns_3_and_4": ("memory_aware", {"more_turns": 4}, 1),
+    "memory_attention_turns_3_and_4": ("memory_attention", {"more_turns": 4}, 1),
+    "external_memory_passes": ("external_memory", {"external_memory_layers": [1], "max_position_embeddings": 4096}, 1),
 }
 # Split-dependent by design (README, Training): the masked-LM masks of the joint stage, the MoE load-balancing loss
 # and the external_memory stage's memory-aware mix are per micro-batch. Under FSDP these must train, not agree.
@@ -282,8 +303,8 @@ def _check_same_training(single: Path, single_losses: dict, sharded: Path, shard
 
 
 def test_fsdp2_training_matches_one_process_and_saves_a_loadable_model(tmp_path):
-    runs = _train_sharded_and_alone(tmp_path, "fsdp", {**EXACT_CASES, **OTHER_CASES})
-    _check_same_training(*runs, exact=set(EXACT_CASES))
+    runs = _train_sharded_and_alone(tmp_path, "fsdp", {**EXACT_CASES, **LOCKSTEP_CASES, **OTHER_CASES})
+    _check_same_training(*runs, exact=set(EXACT_CASES) | set(LOCKSTEP_CASES))
 
 
 def test_deepspeed_zero3_training_matches_one_process_and_saves_a_loadable_model(tmp_path):
@@ -293,9 +314,23 @@ def test_deepspeed_zero3_training_matches_one_process_and_saves_a_loadable_model
     _check_same_training(*_train_sharded_and_alone(tmp_path, "deepspeed", cases), exact=set(cases))
 
 
+def test_deepspeed_zero3_processes_with_rows_of_their_own_stay_in_lockstep(tmp_path):
+    # As on GPUs, each process its own rows (against one process on all of them, which sees other batches: the
+    # losses must only fall); the calls of the batches that differ must still match, or gloo stops the run.
+    pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extra")
+    single, single_losses, sharded, sharded_losses = _train_sharded_and_alone(
+        tmp_path, "deepspeed_own_rows", LOCKSTEP_CASES
+    )
+    assert sharded_losses.keys() == single_losses.keys() == LOCKSTEP_CASES.keys()
+    for case, losses in sharded_losses.items():
+        assert len(losses) == 3 and losses[-1] < losses[0], case
+
+
 def test_a_sharded_model_saves_gathered_weights_as_itself_and_refuses_its_shards(tmp_path):
-    """In this process, as a group of one: FSDP2 shards the model (each decoder layer and the root), which then reads
-    and writes memory as before; `save_pretrained` needs the gathered weights and saves the model's own class."""
+    """In this process, as a group of one: FSDP2 shards the model (each decoder layer and the root); a forward and then
+    a memory write give what they gave before (after a forward the root's own weights stay gathered; a sharded model
+    is not meant for `update_memory` or `generate` otherwise); `save_pretrained` needs the gathered weights and saves
+    the model's own class."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
@@ -317,7 +352,7 @@ def test_a_sharded_model_saves_gathered_weights_as_itself_and_refuses_its_shards
             model.save_pretrained(tmp_path / "shards")
         assert not (tmp_path / "shards").exists()
         gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-        model.save_pretrained(tmp_path / "saved", state_dict=gathered)
+        model.save_pretrained(tmp_path / "saved", True, gathered)  # positional, as transformers' signature allows
         assert type(model).__name__ == "FSDPRxTForCausalLM"  # still sharded after saving
     finally:
         dist.destroy_process_group()
@@ -327,3 +362,44 @@ def test_a_sharded_model_saves_gathered_weights_as_itself_and_refuses_its_shards
     assert (tmp_path / "saved" / "modeling_rxt.py").is_file() and not list((tmp_path / "saved").glob("_fsdp*"))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True).eval()
     torch.testing.assert_close(loaded(ids, memory_state=state).logits, expected_logits)
+
+
+def test_under_fsdp_mixed_precision_the_objective_keeps_exact_weights(tmp_path):
+    """FSDP's bf16 policy casts the float tensors a forward takes and returns: `RxTTrainer` runs the objective as the
+    root's forward, but its batch (turn weights of 0.1) and its weight (a count of label tokens above 256) must
+    reach it and come back exactly."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from conftest import make_tiny_model
+    from modeling_rxt.training import RxTTrainer
+
+    model = make_tiny_model().train()
+    seen = {}
+
+    def objective(rxt, inputs):
+        seen["weights"] = inputs["turn_weights"]
+        loss = rxt(inputs["input_ids"]).logits.float().logsumexp(-1).sum()
+        return loss, torch.tensor(465.0), {"decoder_loss": torch.tensor(0.1)}
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.bfloat16)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        fully_shard(model, mp_policy=policy)
+        trainer = RxTTrainer.__new__(RxTTrainer)  # only what compute_loss reads
+        trainer.objective, trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled = objective, True, False
+        trainer.accelerator = type("Accelerator", (), {"unwrap_model": staticmethod(lambda m: m)})()
+        trainer._step, trainer._metric_sums, trainer._metric_count = training_step_state(), {}, 0
+        weights = torch.tensor([[0.1, 1.0]])
+        loss = trainer.compute_loss(model, {"input_ids": torch.randint(4, 100, (1, 6)), "turn_weights": weights})
+    finally:
+        dist.destroy_process_group()
+    assert seen["weights"].dtype == torch.float32 and torch.equal(seen["weights"], weights)
+    assert trainer._step.weight.dtype == torch.float32 and float(trainer._step.weight) == 465.0
+    assert loss.requires_grad and trainer._metric_sums == {"decoder_loss": pytest.approx(0.1)}
+
+
+def training_step_state():
+    from modeling_rxt.training import _AccumulatedStep
+
+    return _AccumulatedStep()
