@@ -776,6 +776,12 @@ class RxTTrainer(Trainer):
         step, self._step = self._step, _AccumulatedStep()
         rxt = self.accelerator.unwrap_model(model)
         world_size = _world_size()
+        if not bool(step.weight > 0):
+            # No process had a weighted answer in this step. In lockstep their passes that weigh nothing gave
+            # gradients of zero, on which AdamW's momentum would still move the weights: as without lockstep, the
+            # step has no gradients at all, and the optimizer leaves the weights alone.
+            rxt.zero_grad(set_to_none=True)
+            return loss.new_zeros(())
         # FSDP has reduce-scattered the gradients already, and DeepSpeed's engine averaged them in its backward.
         if world_size > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             _average_gradients(rxt)

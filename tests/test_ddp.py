@@ -206,8 +206,9 @@ for case, (stage_name, overrides, accumulation) in cases.items():
         model = get_peft_model(model, lora_config(lora, lora_dropout=0.0))
     if stage_name == "memory_attention":
         _frozen_except_memory_attention(model)
-    if mode == "deepspeed_own_rows":  # what a GPU run gives each process: rows of its own
-        dataset = dataset.shard(world_size, int(os.environ["RANK"]), contiguous=False)
+    if mode == "deepspeed_own_rows":  # what a GPU run gives each process: rows of its own, by pairs (3 or 4 turns)
+        rank = int(os.environ["RANK"])
+        dataset = dataset.select([i for i in range(len(dataset)) if (i // 2) % world_size == rank])
     args = TrainingArguments(
         output_dir=os.path.join(out_dir, case), use_cpu=not mode.startswith("deepspeed"), fsdp=mode == "fsdp",
         fsdp_config=fsdp_config if mode == "fsdp" else None,
@@ -403,3 +404,36 @@ def training_step_state():
     from modeling_rxt.training import _AccumulatedStep
 
     return _AccumulatedStep()
+
+
+def test_in_lockstep_a_step_without_answers_leaves_the_weights_alone(tmp_path, monkeypatch):
+    """In lockstep the passes that weigh nothing give zero gradients, on which AdamW's momentum would still move the
+    weights: a step with no weighted answer on any process must not (as without lockstep, where it has none)."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from modeling_rxt import RxTConfig, RxTForCausalLM
+    from modeling_rxt.training import RxTTrainer
+    from modeling_rxt.training_curriculum import stage_components
+
+    tokenizer_dir, _ = _tokenizer_and_script(tmp_path, "")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    stage = {"stage": "memory_aware", "episodes": 8, "turns": 3, "max_chat_chars": 60,
+             "kind_weights": {"ask": 0.0, "tell": 0.0, "update": 0.0, "chat": 0.0}}
+    dataset, collator, objective = stage_components(stage, tokenizer, 64, seed=5)
+    monkeypatch.setattr(RxTTrainer, "_shards_over_processes", lambda self: True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = RxTForCausalLM(RxTConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         memory_slots=4, max_position_embeddings=64))
+        before = {name: weight.clone() for name, weight in model.state_dict().items()}
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, per_device_train_batch_size=4,
+                                 max_steps=2, learning_rate=1e-2, weight_decay=0.1, remove_unused_columns=False,
+                                 report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=1)
+        RxTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, objective=objective).train()
+    finally:
+        dist.destroy_process_group()
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, before[name]), name
