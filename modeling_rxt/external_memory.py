@@ -663,6 +663,10 @@ class ExternalMemoryRetriever:
             raise ValueError(f"`external_memory_rows` must map each of the {batch_size} rows to a memory row.")
         if self.recorder is not None:
             self.recorder.start_step()
+        # The keys' norms are computed once and cached: here, before the layers, not in the first retrieval layer
+        # that reads them, where gradient checkpointing would find them computed in the forward and cached in its
+        # recomputation ("a different number of tensors was saved").
+        _ = self.memory.key_scales
         return dataclasses.replace(self, rows=rows.to(self.memory.device))
 
     def retrieves_at(self, layer_idx: int) -> bool:

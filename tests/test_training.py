@@ -668,3 +668,25 @@ def test_trainer_refuses_compute_metrics(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="compute_metrics"):
         RxTTrainer(model=tiny_model(tokenizer), args=_trainer_args(tmp_path), compute_metrics=lambda p: {},
                    objective=interaction_objective)
+
+
+def test_external_memory_stage_under_gradient_checkpointing_gives_the_same_gradients(tokenizer):
+    # The memory keys' norms were computed (and cached) inside the first retrieval layer: its recomputation found
+    # them cached and saved fewer tensors ("a different number of tensors was saved").
+    stage = {"stage": "external_memory", "episodes": 4, "turns": 3, "max_chat_chars": 60}
+    dataset, collator, objective = stage_components(stage, tokenizer, MAX_LENGTH, seed=5)
+    batch = collator([dataset[i] for i in range(4)])
+    model = tiny_model(tokenizer, external_memory_layers=[1]).train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss_sum, _, _ = objective(model, batch)
+        loss_sum.backward()
+        return loss_sum.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads()
+    model.gradient_checkpointing_enable()
+    checkpointed_loss, checkpointed_grads = loss_and_grads()
+    assert torch.equal(checkpointed_loss, plain_loss) and checkpointed_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
