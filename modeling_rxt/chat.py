@@ -246,10 +246,8 @@ class RxTChatSession:
         if "max_new_tokens" not in kwargs and kwargs.get("max_length") is not None:
             # A `max_length` keyword counts the prompt; as `max_new_tokens` it is checked against the room below
             # (left beside a default `max_new_tokens`, generate would let that win).
-            max_length = kwargs.pop("max_length")
-            if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
-                raise ValueError(f"`max_length` must be an int, got {max_length!r}")
-            kwargs["max_new_tokens"] = int(max_length) - prompt_length
+            max_length = _int_setting("max_length", kwargs.pop("max_length"))
+            kwargs["max_new_tokens"] = max_length - prompt_length
             if kwargs["max_new_tokens"] < 1:
                 raise ValueError(f"`max_length` {max_length} leaves no room for an answer after the prompt's "
                                  f"{prompt_length} tokens.")
@@ -259,10 +257,7 @@ class RxTChatSession:
         if _generation_setting(self.model, given, "num_return_sequences") not in (None, 1):
             raise ValueError("`num_return_sequences` must be 1 (here or in the generation config): a session "
                              "continues one conversation.")
-        max_new_tokens = kwargs["max_new_tokens"]
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
-            raise ValueError(f"`max_new_tokens` must be an int, got {max_new_tokens!r}")
-        kwargs["max_new_tokens"] = int(max_new_tokens)  # numpy ints too
+        kwargs["max_new_tokens"] = _int_setting("max_new_tokens", kwargs["max_new_tokens"])
         if not 1 <= kwargs["max_new_tokens"] <= room:
             raise ValueError(
                 f"`max_new_tokens` must be in [1, {room}]: the prompt has {prompt_length} tokens, an interaction at "
@@ -388,6 +383,13 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
     finally:
         for lock in reversed(locks):
             lock.release()
+
+
+def _int_setting(name: str, value) -> int:
+    """A length setting as a plain int (numpy ints too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"`{name}` must be an int, got {value!r}")
+    return int(value)
 
 
 def _sequences(output) -> torch.Tensor:

@@ -80,7 +80,7 @@ def answer_questions(
     one query per conversation of `memory_state`, each reading its own conversation's memory."""
     if len(queries) != memory_state.batch_size:
         raise ValueError(f"got {len(queries)} queries for a memory of {memory_state.batch_size} conversations")
-    _check_max_new_tokens(max_new_tokens)
+    _check_positive_int("max_new_tokens", max_new_tokens)
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     max_position = model.config.max_position_embeddings
@@ -107,9 +107,9 @@ def answer_questions(
     return answers
 
 
-def _check_max_new_tokens(max_new_tokens: int) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
 
 
 @contextmanager
@@ -189,9 +189,8 @@ def evaluate_recall(
         raise TypeError(f"`model` must be an RxTForCausalLM, got {type(model).__name__}")
     if not episodes:
         raise ValueError("`episodes` is empty")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
-    _check_max_new_tokens(max_new_tokens)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("max_new_tokens", max_new_tokens)
     for index, episode in enumerate(episodes):
         validate_episode(episode, tokenizer, model.config.max_position_embeddings, index=index)
     splits = sorted({episode.split for episode in episodes})
@@ -222,7 +221,7 @@ def evaluate_fact_recall(model, tokenizer, n_episodes: int = 40, turns: int = 8,
     exists only in that external memory, so without it the model can only guess."""
     if not isinstance(model, RxTForCausalLM):
         raise TypeError(f"`model` must be an RxTForCausalLM, got {type(model).__name__}")
-    _check_max_new_tokens(max_new_tokens)
+    _check_positive_int("max_new_tokens", max_new_tokens)
     episodes = make_episodes(n_episodes, turns=turns, split=split, seed=1)  # checks its own arguments
     with _eval_mode(model):
         return _external_memory_recall(model, tokenizer, episodes, max_new_tokens, topk)

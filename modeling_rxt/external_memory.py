@@ -392,18 +392,17 @@ def _build_external_memory(decoder, memories, attention_mask, layers, stride, de
         groups = [chunks[start : start + per_batch] for start in range(0, len(chunks), per_batch)]
         extra = (passes(len(groups)) if passes is not None else len(groups)) - len(groups)
         for _ in range(extra):
-            _idle_pass(decoder, memory, layers, memory_key_values, entering)
+            # A pass that encodes nothing (one padding token), for a process in lockstep with others that have more
+            # memory to encode. Its keys/values join the memory times zero, so that its backward runs as theirs does.
+            token = torch.zeros(1, 1, dtype=torch.long, device=model_device)
+            keys, values = _encode_pass(decoder, token, torch.ones_like(token), memory_key_values, layers, entering)
+            if torch.is_grad_enabled():
+                memory.keys.view(-1)[:1] += (keys.sum() + values.sum()).to(memory.keys.dtype) * 0
         for group in groups:
             chunk_ids = nn.utils.rnn.pad_sequence([c for _, _, c in group], batch_first=True).to(model_device)
             chunk_mask = nn.utils.rnn.pad_sequence([torch.ones_like(c) for _, _, c in group], batch_first=True)
-            decoder(
-                input_ids=chunk_ids,
-                attention_mask=chunk_mask.to(model_device),
-                use_cache=False,
-                memory_key_values=memory_key_values.expand(len(group), *memory_key_values.shape[1:]),
-            )
-            keys, values = zip(*(decoder.self_attention_keys_values(i, entering[i]) for i in layers))
-            keys, values = torch.stack(keys), torch.stack(values)  # (Lr, n, K, T, Dh)
+            keys, values = _encode_pass(decoder, chunk_ids, chunk_mask.to(model_device), memory_key_values, layers,
+                                        entering)
             # Written straight into place: the peak stays at the memory itself plus one batch of activations.
             for i, (row, offset, chunk) in enumerate(group):
                 span = slice(offset, offset + chunk.numel())
@@ -415,15 +414,13 @@ def _build_external_memory(decoder, memories, attention_mask, layers, stride, de
     return memory
 
 
-def _idle_pass(decoder, memory: ExternalMemory, layers, memory_key_values, entering) -> None:
-    """A decoder pass that encodes nothing (one padding token), for a process in lockstep with others that have more
-    memory to encode. Its keys/values join the memory times zero, so that its backward runs as theirs does."""
-    token = torch.zeros(1, 1, dtype=torch.long, device=memory_key_values.device)
-    decoder(input_ids=token, attention_mask=torch.ones_like(token), use_cache=False, memory_key_values=memory_key_values)
-    keys_values = [decoder.self_attention_keys_values(i, entering[i]) for i in layers]
-    if torch.is_grad_enabled() and memory.keys.numel():
-        nothing = sum(key.sum() + value.sum() for key, value in keys_values) * 0
-        memory.keys.view(-1)[:1] += nothing.to(memory.keys.device, memory.keys.dtype)
+def _encode_pass(decoder, chunk_ids, chunk_mask, memory_key_values, layers, entering):
+    """One decoder pass over chunks (n, T): the keys and values (Lr, n, K, T, Dh) of the retrieval `layers`,
+    computed from the hidden states entering them (`entering`, filled during the pass)."""
+    decoder(input_ids=chunk_ids, attention_mask=chunk_mask, use_cache=False,
+            memory_key_values=memory_key_values.expand(chunk_ids.shape[0], *memory_key_values.shape[1:]))
+    keys, values = zip(*(decoder.self_attention_keys_values(i, entering[i]) for i in layers))
+    return torch.stack(keys), torch.stack(values)
 
 
 def _capture_input(store: dict[int, torch.Tensor], layer_idx: int) -> Callable:

@@ -622,26 +622,28 @@ def _sharding_unit(module: nn.Module) -> nn.Module:
 OWN_GENERATE_INPUTS = ("memory_key_values", "external_memory", "external_memory_rows")
 
 
+def _mixed_adapter_hooks(module: nn.Module):
+    """(submodule, hook key, adapter names) of every hook PEFT's mixed-adapter batch put on `module`."""
+    for submodule in module.modules():
+        for key, hook in list(submodule._forward_pre_hooks.items()):
+            names = getattr(hook, "keywords", {}).get("adapter_names")
+            if names is not None:
+                yield submodule, key, names
+
+
 def mixed_adapter_rows(module: nn.Module) -> int | None:
     """The number of rows PEFT's mixed-adapter batch (`generate(..., adapter_names=[...])`) is running with, found
     on the hooks it puts on the LoRA layers of `module` for the call (each row's adapter name, repeated per beam under
     beam search); None when no mixed batch is running there."""
-    for submodule in module.modules():
-        for hook in submodule._forward_pre_hooks.values():
-            names = getattr(hook, "keywords", {}).get("adapter_names")
-            if names is not None:
-                return len(names)
-    return None
+    return next((len(names) for _, _, names in _mixed_adapter_hooks(module)), None)
 
 
 def drop_mixed_adapter_hooks(module: nn.Module) -> None:
     """Removes the hooks of a mixed-adapter batch from `module`. PEFT (0.21) removes them when the call returns but
     not when it raises: every later call would run with that batch's adapter names, without a word."""
-    for submodule in module.modules():
-        for key, hook in list(submodule._forward_pre_hooks.items()):
-            if "adapter_names" in getattr(hook, "keywords", {}):
-                del submodule._forward_pre_hooks[key]
-                submodule._forward_pre_hooks_with_kwargs.pop(key, None)
+    for submodule, key, _ in _mixed_adapter_hooks(module):
+        del submodule._forward_pre_hooks[key]
+        submodule._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 @auto_docstring
@@ -741,8 +743,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         `fully_shard` changed the model's class to one of its own, defined in torch: saved as it is, the folder would
         name that class in `auto_map` and hold torch's source files instead of this model's. So it is saved as this
         class, and without the tied LM head, which the gathered copy no longer shares with the embedding."""
-        arguments = inspect.signature(PreTrainedModel.save_pretrained).bind(self, *args, **kwargs).arguments
-        state_dict = arguments.get("state_dict")
+        arguments = inspect.signature(PreTrainedModel.save_pretrained).bind(self, *args, **kwargs)
+        state_dict = arguments.arguments.get("state_dict")
         if state_dict is None:  # its own would hold this process's shards only
             raise ValueError(
                 "This model is sharded by FSDP: pass `save_pretrained(..., state_dict=...)` the gathered weights "
@@ -752,11 +754,10 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         fsdp_class = type(self)
         if self.config.tie_word_embeddings:
             state_dict = {name: value for name, value in state_dict.items() if name not in self._tied_weights_keys}
-        arguments = {**arguments, "state_dict": state_dict}
-        del arguments["self"]
+        arguments.arguments["state_dict"] = state_dict
         self.__class__ = next(base for base in fsdp_class.__bases__ if base is not FSDPModule)
         try:
-            return self.save_pretrained(**{**arguments.pop("kwargs", {}), **arguments})
+            return self.save_pretrained(*arguments.args[1:], **arguments.kwargs)  # args[0] is `self`
         finally:
             self.__class__ = fsdp_class
 

@@ -373,7 +373,7 @@ def test_under_fsdp_mixed_precision_the_objective_keeps_exact_weights(tmp_path):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from conftest import make_tiny_model
-    from modeling_rxt.training import RxTTrainer
+    from modeling_rxt.training import RxTTrainer, _AccumulatedStep
 
     model = make_tiny_model().train()
     seen = {}
@@ -390,7 +390,7 @@ def test_under_fsdp_mixed_precision_the_objective_keeps_exact_weights(tmp_path):
         trainer = RxTTrainer.__new__(RxTTrainer)  # only what compute_loss reads
         trainer.objective, trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled = objective, True, False
         trainer.accelerator = type("Accelerator", (), {"unwrap_model": staticmethod(lambda m: m)})()
-        trainer._step, trainer._metric_sums, trainer._metric_count = training_step_state(), {}, 0
+        trainer._step, trainer._metric_sums, trainer._metric_count = _AccumulatedStep(), {}, 0
         weights = torch.tensor([[0.1, 1.0]])
         loss = trainer.compute_loss(model, {"input_ids": torch.randint(4, 100, (1, 6)), "turn_weights": weights})
     finally:
@@ -398,12 +398,6 @@ def test_under_fsdp_mixed_precision_the_objective_keeps_exact_weights(tmp_path):
     assert seen["weights"].dtype == torch.float32 and torch.equal(seen["weights"], weights)
     assert trainer._step.weight.dtype == torch.float32 and float(trainer._step.weight) == 465.0
     assert loss.requires_grad and trainer._metric_sums == {"decoder_loss": pytest.approx(0.1)}
-
-
-def training_step_state():
-    from modeling_rxt.training import _AccumulatedStep
-
-    return _AccumulatedStep()
 
 
 def test_in_lockstep_a_step_without_answers_leaves_the_weights_alone(tmp_path, monkeypatch):
