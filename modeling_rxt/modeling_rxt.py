@@ -47,6 +47,7 @@ Memory write (after the answer, off the user's critical path):
     STM_l'   = (1 - G) * STM_l + G * Update_l
 """
 
+import functools
 import inspect
 from collections.abc import Callable
 from types import MethodType
@@ -639,11 +640,26 @@ def mixed_adapter_rows(module: nn.Module) -> int | None:
 
 
 def drop_mixed_adapter_hooks(module: nn.Module) -> None:
-    """Removes the hooks of a mixed-adapter batch from `module`. PEFT (0.21) removes them when the call returns but
-    not when it raises: every later call would run with that batch's adapter names, without a word."""
+    """Removes the hooks of a mixed-adapter batch from `module` (see `drops_mixed_adapter_hooks_on_error`)."""
     for submodule, key, _ in _mixed_adapter_hooks(module):
         del submodule._forward_pre_hooks[key]
         submodule._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def drops_mixed_adapter_hooks_on_error(method: Callable) -> Callable:
+    """Makes a failed call of `method` remove the hooks of a mixed-adapter batch (a no-op outside one): PEFT (0.21)
+    removes them when the call returns but not when it raises, and every later call of the model would run with
+    that batch's adapter names, without a word."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            drop_mixed_adapter_hooks(self)
+            raise
+
+    return wrapper
 
 
 @auto_docstring
@@ -658,6 +674,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @drops_mixed_adapter_hooks_on_error
     @can_return_tuple
     @auto_docstring
     def forward(
@@ -783,6 +800,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         stm = memory_state.stm.to(self.device)
         return RxTMemoryState(self.model.write_memory(stm, input_ids, attention_mask))
 
+    @drops_mixed_adapter_hooks_on_error
     @torch.no_grad()
     def generate(
         self,
@@ -804,13 +822,6 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         `retrieved_memory_idx`: per forward step, {layer: indices (B, H, Tq, k), -1 where dropped}.
 
         The positional arguments are `GenerationMixin.generate`'s; `memory_state` is keyword-only."""
-        try:
-            return self._generate(inputs, generation_config, *args, memory_state=memory_state, **kwargs)
-        except BaseException:
-            drop_mixed_adapter_hooks(self)  # a no-op outside a mixed-adapter batch
-            raise
-
-    def _generate(self, inputs, generation_config, *args, memory_state, **kwargs):
         if isinstance(generation_config, RxTMemoryState):
             raise TypeError("Pass the memory by keyword: `generate(input_ids, memory_state=state)`.")
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))

@@ -606,3 +606,16 @@ def test_trainer_lora_finetune_lowers_heldout_loss_and_keeps_base_bit_identical(
     for name, tensor in rxt_model(model).named_parameters():
         if "lora_" not in name and "modules_to_save" not in name:
             assert torch.equal(tensor, frozen[name.replace(".base_layer", "").replace(".original_module", "")]), name
+
+
+def test_refused_mixed_batch_forward_leaves_no_adapter_names(ids):
+    model = with_roles(make_base(), "decoder")
+    rows = ["critic", BASE_ADAPTER, "actor"]
+    plain = model(input_ids=ids).logits
+    bad = ids.clone()
+    bad[0, 0] = rxt_model(model).config.vocab_size  # refused by name inside the model's forward
+    with pytest.raises(ValueError, match="vocab"):
+        model(input_ids=bad, adapter_names=rows)
+    # PEFT leaves the failed call's adapter names on the model; the next plain call must not run with them.
+    assert mixed_adapter_rows(model) is None
+    assert torch.equal(model(input_ids=ids).logits, plain)
