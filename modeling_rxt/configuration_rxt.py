@@ -153,6 +153,13 @@ class RxTConfig(PreTrainedConfig):
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"`head_dim` must be even for rotary embeddings, got {self.head_dim}.")
+        if (self.rope_parameters or {}).get("rope_type") == "longrope":
+            # transformers' longrope picks short or long frequencies from the largest position of each call: a row's
+            # logits and written memory would depend on the other rows, and a prompt's keys on how it was decoded.
+            raise ValueError(
+                "`rope_parameters` of type 'longrope' is not supported: its frequencies depend on the longest row of "
+                "each call. Use 'default', 'linear', 'yarn' or 'llama3'."
+            )
         if self.num_local_experts < 0 or self.shared_expert_intermediate_size < 0:
             raise ValueError("`num_local_experts` and `shared_expert_intermediate_size` must be >= 0.")
         if self.num_local_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_local_experts:

@@ -92,6 +92,7 @@ from .modeling_rxt_blocks import (
     RxTRMSNorm,
     RxTRotaryEmbedding,
     RxTSelfAttention,
+    at_least_float32,
 )
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 
@@ -109,7 +110,7 @@ class RxTTopKRouter(nn.Module):
         # The k largest softmax probabilities renormalised to sum to one are the softmax of the k largest logits:
         # exp(l_i) / sum_top-k exp(l_j) either way, in two tensor ops instead of four (a decode step is op-bound).
         top_k_logits, top_k_index = torch.topk(router_logits, self.top_k, dim=-1)  # (N, k)
-        top_k_weights = F.softmax(top_k_logits.float(), dim=-1)
+        top_k_weights = F.softmax(at_least_float32(top_k_logits), dim=-1)
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
 
@@ -269,6 +270,19 @@ def can_read_values(tensor: torch.Tensor) -> bool:
     )
 
 
+def default_position_ids(
+    attention_mask: torch.Tensor | None, length: int, past_length: int | torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """Positions of the `length` new tokens when the caller gives none: counted over the tokens of a 2-D
+    `attention_mask` (cached + new tokens), so that a left-padded row gets the positions it has alone. Self-attention
+    would not mind (rotary positions on queries and keys cancel to relative ones), but the memory read puts them on
+    the queries only, against slots without positions: it depends on each token's absolute position. `generate`
+    and the memory write count positions the same way."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return (torch.arange(length, device=device) + past_length).unsqueeze(0)  # (1, T)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:].to(device)  # (B, T)
+
+
 def check_decoder_inputs(
     input_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
@@ -318,7 +332,7 @@ def load_balancing_loss(
 ) -> torch.Tensor:
     """Switch-Transformer load-balancing loss, E * sum_e f_e * P_e (1.0 when routing is uniform): f_e is the share of
     token-to-expert assignments that go to expert e, P_e its mean router probability. Padding tokens are excluded."""
-    logits = torch.cat([layer_logits.float() for layer_logits in router_logits])  # (L*N, E)
+    logits = at_least_float32(torch.cat(list(router_logits)))  # (L*N, E)
     probs = F.softmax(logits, dim=-1)
     selected = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(1).float()  # (L*N, E)
     weights = torch.ones(logits.shape[0], 1, device=logits.device)
@@ -470,7 +484,7 @@ class RxTModel(RxTPreTrainedModel):
         else:
             self.check_memory_key_values(memory_key_values, batch_size)
         if position_ids is None:
-            position_ids = (torch.arange(length, device=inputs_embeds.device) + past_length).unsqueeze(0)
+            position_ids = default_position_ids(attention_mask, length, past_length, inputs_embeds.device)
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -562,7 +576,9 @@ class RxTModel(RxTPreTrainedModel):
     ) -> torch.Tensor:
         """The memory attention half of `write_memory`, from what `encode_interaction` returned for the interaction
         and its `attention_mask`. A training objective that also uses the encoded data (stage 3's target) calls it
-        to run the encoder once."""
+        to run the encoder once. The new memory is computed in the model's dtype and kept in the given one's, so
+        that a state keeps its dtype and the rows without tokens their memory to the bit."""
+        given = stm
         stm = stm.to(encoded[0].dtype)
         slots_mask = None
         # CODEPATH: the usual write attends through the attention registry and needs its mask; models with
@@ -581,9 +597,10 @@ class RxTModel(RxTPreTrainedModel):
         new_stm = torch.stack(
             [layer(slots, stm_mean, ed, slots_mask, rotary, key_mask, init) for layer, slots, ed, init in layers]
         )
+        new_stm = new_stm.to(given.dtype)
         if attention_mask is not None:
             has_tokens = attention_mask.bool().any(dim=-1)  # (B,): rows with no tokens keep their memory
-            new_stm = torch.where(has_tokens[None, :, None, None], new_stm, stm)
+            new_stm = torch.where(has_tokens[None, :, None, None], new_stm, given)
         return new_stm
 
 

@@ -42,6 +42,12 @@ from .configuration_rxt import RxTConfig
 from .external_memory import ExternalMemoryRetriever, repeat_kv
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float32 for softmaxes and sums of half-precision values; a float64 model keeps float64 (`.float()`
+    would round it to float32 there)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 class RxTRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()

@@ -31,7 +31,7 @@ from transformers.utils import TransformersKwargs
 
 from .configuration_rxt import RxTConfig
 from .external_memory import repeat_kv
-from .modeling_rxt_blocks import RxTBidirectionalAttention, RxTMLP, RxTRMSNorm
+from .modeling_rxt_blocks import RxTBidirectionalAttention, RxTMLP, RxTRMSNorm, at_least_float32
 
 
 class RxTEncoderLayer(GradientCheckpointingLayer):
@@ -143,9 +143,9 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         q = attention.project_queries(query)  # (B, H, S, Dh)
         k, v = attention.project_keys_values(encoded, encoded_rotary)  # (B, K, T, Dh), RoPE on keys only
         k, v = repeat_kv(k, attention.num_key_value_groups), repeat_kv(v, attention.num_key_value_groups)
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * attention.scaling  # (B, H, S, T)
+        scores = at_least_float32(torch.matmul(q, k.transpose(-1, -2))) * attention.scaling  # (B, H, S, T)
         if occupancy is not None:
-            scores = scores - (self.occupancy_scale[:, None] * occupancy[:, None, :]).float()[..., None]
+            scores = scores - at_least_float32(self.occupancy_scale[:, None] * occupancy[:, None, :])[..., None]
         share = torch.softmax(scores, dim=-2)  # over slots: each token's shares sum to 1
         if token_mask is not None:
             share = share * token_mask[:, None, None, :].to(share.dtype)  # padding gives nothing

@@ -28,6 +28,15 @@ def test_explicit_head_dim_gives_sparse_query_attention():
     assert model.model.layers[0].self_attn.k_proj.weight.shape == (16, 64)
 
 
+def test_rope_scaling_whose_frequencies_depend_on_the_batch_is_refused():
+    longrope = dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 4, long_factor=[2.0] * 4,
+                    original_max_position_embeddings=16)
+    with pytest.raises(ValueError, match="longrope"):
+        tiny_config(rope_parameters=longrope)
+    yarn = dict(rope_type="yarn", rope_theta=1e4, factor=2.0, original_max_position_embeddings=32)
+    assert tiny_config(rope_parameters=yarn).rope_parameters["rope_type"] == "yarn"
+
+
 def test_save_and_load_is_lossless(tmp_path):
     config = tiny_config("moe", memory_attention_type="self", router_aux_loss_coef=0.05)
     config.save_pretrained(tmp_path)

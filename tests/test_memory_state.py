@@ -145,6 +145,22 @@ def test_a_row_without_tokens_keeps_its_memory_exactly(tiny_model, kind):
     assert not torch.allclose(new[:, 0], state.stm[:, 0])
 
 
+
+@pytest.mark.parametrize("model_dtype, state_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64)])
+def test_a_write_keeps_the_states_dtype(tiny_model, model_dtype, state_dtype):
+    """A state saved from a float32 model, written by a bfloat16 copy: the write is computed in the model's dtype,
+    the state stays in its own, a row without tokens keeps its memory exactly, and the state still joins others."""
+    model = tiny_model("dense").to(model_dtype)
+    state = RxTMemoryState(random_state(model, 2).stm.to(state_dtype))
+    ids, attention_mask = random_ids(2, 6), torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        new = model.update_memory(state, ids, attention_mask=attention_mask)
+        in_model_dtype = model.update_memory(state.to(model_dtype), ids, attention_mask=attention_mask)
+    assert new.dtype == state_dtype
+    assert torch.equal(new.stm[:, 1], state.stm[:, 1])
+    assert torch.equal(new.stm[:, 0], in_model_dtype.stm[:, 0].to(state_dtype))
+    assert RxTMemoryState.concatenate([new, state]).batch_size == 4
+
 # ---- the state object ------------------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from modeling_rxt import RxTForCausalLM
+from modeling_rxt import RxTConfig, RxTForCausalLM, RxTMemoryState
 import modeling_rxt.modeling_rxt as modeling_module
 from modeling_rxt.modeling_rxt_blocks import RxTRMSNorm, apply_rotary
 from modeling_rxt.modeling_rxt import RxTExperts, RxTTopKRouter, load_balancing_loss
@@ -46,6 +46,29 @@ def test_inputs_embeds_and_logits_to_keep_agree_with_input_ids(dense_model):
         last = dense_model(input_ids, memory_state=state, logits_to_keep=1).logits
     assert torch.equal(full, embedded)
     torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)  # a 1-row matmul rounds differently
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["memory_state", "initial_memory"])
+def test_a_padded_row_reads_as_it_does_alone_without_position_ids(tiny_model, kind, with_state):
+    """Queries carry rotary positions and the memory slots none, so the memory read depends on each token's absolute
+    position: a forward given only the mask (a tokenizer padding on the left, a hand-written decoding loop) must count
+    positions over the tokens of the mask, as `generate` and the memory write do."""
+    model = tiny_model(kind)
+    short, long = random_ids(1, 4, seed=7), random_ids(1, 9, seed=8)
+    ids = torch.cat((torch.cat((torch.full((1, 5), model.config.pad_token_id), short), 1), long))
+    mask = (torch.arange(9) >= torch.tensor([[5], [0]])).long()  # row 0: 5 pads, then 4 tokens
+    state = random_state(model, 2) if with_state else None
+    alone_state = state.select([0]) if with_state else None
+    with torch.no_grad():
+        together = model(ids, attention_mask=mask, memory_state=state, use_cache=True)
+        alone = model(short, memory_state=alone_state, use_cache=True)
+        torch.testing.assert_close(together.logits[0, 5:], alone.logits[0], atol=2e-5, rtol=0)
+        # one decoding step through the cache, again without positions: the mask spans cached + new tokens
+        step = random_ids(2, 1, seed=9)
+        step_together = model(step, attention_mask=F.pad(mask, (0, 1), value=1), memory_state=state,
+                              past_key_values=together.past_key_values).logits
+        step_alone = model(step[:1], memory_state=alone_state, past_key_values=alone.past_key_values).logits
+    torch.testing.assert_close(step_together[0], step_alone[0], atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -340,6 +363,27 @@ def test_router_weights_are_the_renormalised_top_k_softmax():
     top_probs, top_index = probs.topk(3, dim=-1)
     assert torch.equal(index, top_index)
     torch.testing.assert_close(weights, top_probs / top_probs.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("part", ["moe router", "competitive write"])
+def test_float64_gradients_match_finite_differences(part):
+    """A float64 model stays in float64 where half-precision values are upcast for a softmax (the router's weights,
+    the competitive write's scores): `.float()` there rounded them to float32 and failed gradcheck."""
+    small = dict(vocab_size=20, hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, memory_slots=3, max_position_embeddings=16, initializer_range=0.3)
+    if part == "moe router":  # torch's grouped_mm has no float64 kernel: the eager experts
+        small.update(num_local_experts=3, num_experts_per_tok=2, experts_implementation="eager")
+    else:
+        small.update(memory_write_competition=True, memory_write_occupancy=0.7)
+    torch.manual_seed(0)
+    model = RxTForCausalLM(RxTConfig(**small)).eval().double()
+    ids, mask = torch.tensor([[5, 7, 9, 11, 13], [0, 0, 6, 8, 10]]), torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    stm = torch.randn(2, 2, 3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    if part == "moe router":
+        function = lambda memory: model(ids, attention_mask=mask, memory_state=RxTMemoryState(memory)).logits
+    else:
+        function = lambda memory: model.update_memory(RxTMemoryState(memory), ids, attention_mask=mask).stm
+    assert torch.autograd.gradcheck(function, (stm,), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 def test_experts_implementations_agree(tmp_path):
