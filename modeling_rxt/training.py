@@ -38,6 +38,7 @@ the gradients of one wrapped `forward` call, so `RxTTrainer` averages the gradie
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -308,7 +309,8 @@ class ExternalMemoryCollator:
     """Turns whole episodes into retrieval examples: every turn t > 0 whose kind has a positive weight becomes one
     row, the interaction of turn t (answer-only labels) with the interactions of turns < t, concatenated in order, as
     that row's external memory. Returns the rows padded to (R, T) and the memories to (R, M) with
-    `memory_attention_mask`. Episodes are the unit of the batch, so the number of rows varies from batch to batch."""
+    `memory_attention_mask`. Episodes are the unit of the batch, so the number of rows varies from batch to batch; a
+    batch without such a turn gives one row that weighs nothing."""
 
     pad_token_id: int
     kind_weights: Mapping[str, float] = field(default_factory=lambda: {ASK: 1.0})
@@ -327,7 +329,11 @@ class ExternalMemoryCollator:
                     rows["weights"].append(weight)
                 history += ids
         if not rows["ids"]:
-            raise ValueError("no turn of this batch has an earlier turn to remember and a positive `kind_weights`")
+            # No turn here has an earlier turn to remember and a weight: one pass that weighs nothing (one padding
+            # token reading a one-token memory), so that the batch is a step without gradients, as in the episode
+            # stages, instead of an error that stops the run (under DDP, one process).
+            pad = [self.pad_token_id]
+            rows = {"ids": [pad], "labels": [[IGNORE_INDEX]], "memory": [pad], "weights": [0.0]}
         return {
             "input_ids": _pad(rows["ids"], self.pad_token_id),  # (R, T)
             "attention_mask": _pad([[1] * len(ids) for ids in rows["ids"]], 0),
@@ -682,11 +688,13 @@ class RxTTrainer(Trainer):
     def __init__(self, *args, objective: Objective, **kwargs) -> None:
         if not callable(objective):
             raise TypeError(f"`objective` must be callable, got {type(objective).__name__}")
+        collator = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs).arguments.get("data_collator")
         super().__init__(*args, **kwargs)
-        self._check_columns_are_kept()
-        if self.compute_metrics is not None:
-            raise ValueError("RxTTrainer evaluates the objective's loss only (`eval_loss`): `compute_metrics` would "
-                             "never be called, since an objective's batch has no single output to compare")
+        self._check_arguments_it_would_ignore()
+        if collator is None:
+            raise ValueError("RxTTrainer needs the stage's `data_collator` (InteractionCollator, EpisodeCollator, "
+                             "ExternalMemoryCollator, ...): Trainer's default one cannot pad its rows")
+        self._check_columns_are_kept(self.train_dataset, self.eval_dataset)
         if self.is_deepspeed_enabled and self.args.gradient_accumulation_steps > 1:
             raise ValueError(
                 "RxTTrainer normalises accumulated gradients itself, which DeepSpeed's engine does not let it do: "
@@ -697,15 +705,33 @@ class RxTTrainer(Trainer):
         self._metric_sums: dict[str, float] = {}
         self._metric_count = 0
 
-    def _check_columns_are_kept(self) -> None:
+    def _check_arguments_it_would_ignore(self) -> None:
+        """Trainer features that act on `forward`'s outputs or on `model.forward` itself: the objective computes its
+        own loss over the model's parts, so they would be skipped without a word."""
+        if self.compute_metrics is not None:
+            raise ValueError("RxTTrainer evaluates the objective's loss only (`eval_loss`): `compute_metrics` would "
+                             "never be called, since an objective's batch has no single output to compare")
+        if self.compute_loss_func is not None:
+            raise ValueError("RxTTrainer's loss is its `objective`: `compute_loss_func` would never be called; "
+                             "pass your loss as `objective=`")
+        if self.args.label_smoothing_factor:
+            raise ValueError("RxTTrainer's objectives do not smooth labels: `label_smoothing_factor` would be ignored")
+        if self.args.torch_compile:
+            raise ValueError("`torch_compile` compiles `model.forward`, which RxTTrainer's objectives do not call "
+                             "(they run the decoder, encoder and memory attention themselves): it would compile "
+                             "nothing")
+
+    def _check_columns_are_kept(self, *datasets) -> None:
         """With `remove_unused_columns` (TrainingArguments' default), Trainer keeps only the dataset columns that
         `forward` takes, and the episode collators need others (`kinds`, the probes): refused here by name, where
-        the collator would fail later blaming untokenised data."""
+        the collator would fail later blaming untokenised data. Run for the datasets given to `__init__` and for
+        those `evaluate` and `predict` are given later."""
         if not self.args.remove_unused_columns:
             return
         self._set_signature_columns_if_needed()
-        given = [self.train_dataset]
-        given += list(self.eval_dataset.values()) if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        given = []
+        for dataset in datasets:
+            given += list(dataset.values()) if isinstance(dataset, dict) else [dataset]
         for dataset in given:
             dropped = sorted(set(getattr(dataset, "column_names", None) or ()) - set(self._signature_columns))
             if dropped:
@@ -724,7 +750,8 @@ class RxTTrainer(Trainer):
             results["loss_sum"], results["weight"], results["metrics"] = self.objective(rxt, inputs)
             return results["loss_sum"]
 
-        with lockstep(self._shards_over_processes()):
+        # accelerate puts mixed precision (`bf16=True`) around `model.forward`, which the objective does not call.
+        with lockstep(self._shards_over_processes()), self.accelerator.autocast():
             loss_sum = run_as_forward(model, run_objective)  # the loss's graph, through FSDP's backward hooks
         weight, metrics = results["weight"], results["metrics"]
         weighted = loss_sum.requires_grad and bool(weight > 0)  # in lockstep, a pass that weighs nothing has a graph
@@ -736,7 +763,9 @@ class RxTTrainer(Trainer):
         if world_size > 1:
             dist.all_reduce(weight)
         if not model.training:  # evaluation: each batch on its own, and kept out of the training metrics
-            loss = loss_sum / weight.clamp(min=1e-8) * world_size
+            # A batch without a weighted answer has no loss: NaN, as a plain Trainer's batch without labels, which
+            # Trainer's `logging_nan_inf_filter` (default on) leaves out of `eval_loss` (a 0 would pull it down).
+            loss = loss_sum / weight * world_size if bool(weight > 0) else loss_sum.new_tensor(float("nan"))
             return (loss, metrics) if return_outputs else loss
         step = self._step
         if step.scale is None:
@@ -750,6 +779,15 @@ class RxTTrainer(Trainer):
         # DDP (and `_average_gradients`) average over processes: `* world_size` makes that a sum.
         loss = loss_sum / step.scale * world_size
         return (loss, metrics) if return_outputs else loss
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if eval_dataset is not None and not isinstance(eval_dataset, str):  # a str names one of `__init__`'s
+            self._check_columns_are_kept(eval_dataset)
+        return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        self._check_columns_are_kept(test_dataset)
+        return super().get_test_dataloader(test_dataset)
 
     def _shards_over_processes(self) -> bool:
         """Whether several processes gather the model's weights from each other at every module call (FSDP,
@@ -781,7 +819,7 @@ class RxTTrainer(Trainer):
             # gradients of zero, on which AdamW's momentum would still move the weights: as without lockstep, the
             # step has no gradients at all, and the optimizer leaves the weights alone.
             rxt.zero_grad(set_to_none=True)
-            return loss.new_zeros(())
+            return loss.new_tensor(float("nan"))  # no loss to log: Trainer's nan filter stands in for it, as above
         # FSDP has reduce-scattered the gradients already, and DeepSpeed's engine averaged them in its backward.
         if world_size > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             _average_gradients(rxt)

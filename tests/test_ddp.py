@@ -3,6 +3,7 @@ gives the losses and weights of the single-process run with the same global batc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -389,7 +390,8 @@ def test_under_fsdp_mixed_precision_the_objective_keeps_exact_weights(tmp_path):
         fully_shard(model, mp_policy=policy)
         trainer = RxTTrainer.__new__(RxTTrainer)  # only what compute_loss reads
         trainer.objective, trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled = objective, True, False
-        trainer.accelerator = type("Accelerator", (), {"unwrap_model": staticmethod(lambda m: m)})()
+        trainer.accelerator = type("Accelerator", (), {"unwrap_model": staticmethod(lambda m: m),
+                                                       "autocast": staticmethod(contextlib.nullcontext)})()
         trainer._step, trainer._metric_sums, trainer._metric_count = _AccumulatedStep(), {}, 0
         weights = torch.tensor([[0.1, 1.0]])
         loss = trainer.compute_loss(model, {"input_ids": torch.randint(4, 100, (1, 6)), "turn_weights": weights})

@@ -4,9 +4,11 @@ definitions, every stage learning, gradient accumulation, exact resumption, bad 
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
+from datasets import concatenate_datasets
 from transformers import TrainingArguments
 
 from modeling_rxt.data import ASK, CHAT, TELL, Turn, recall_probes
@@ -664,10 +666,85 @@ def test_trainer_refuses_to_drop_the_columns_its_collators_read(tokenizer, episo
                data_collator=InteractionCollator(tokenizer.pad_token_id), objective=interaction_objective)
 
 
-def test_trainer_refuses_compute_metrics(tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="compute_metrics"):
-        RxTTrainer(model=tiny_model(tokenizer), args=_trainer_args(tmp_path), compute_metrics=lambda p: {},
-                   objective=interaction_objective)
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"compute_metrics": lambda p: {}}, "compute_metrics"),
+    ({"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: 0.0}, "compute_loss_func"),
+    ({"args": {"label_smoothing_factor": 0.1}}, "label_smoothing_factor"),
+    ({"args": {"torch_compile": True, "torch_compile_backend": "eager"}}, "compile nothing"),
+    ({"data_collator": None}, "data_collator"),
+], ids=["compute_metrics", "compute_loss_func", "label_smoothing", "torch_compile", "no_collator"])
+def test_trainer_refuses_what_it_would_ignore(tokenizer, tmp_path, setting, message):
+    """Trainer features that act on `forward` or its outputs, which the objectives bypass: without a refusal they
+    were skipped without a word (a smoothed loss that was not smoothed, a compiled model that compiled nothing)."""
+    setting = dict(setting)
+    arguments = _trainer_args(tmp_path, **setting.pop("args", {}))
+    kwargs = {"data_collator": InteractionCollator(tokenizer.pad_token_id), **setting}
+    with pytest.raises(ValueError, match=message):
+        RxTTrainer(model=tiny_model(tokenizer), args=arguments, objective=interaction_objective, **kwargs)
+
+
+def test_mixed_precision_reaches_the_objective(tokenizer, tmp_path):
+    """accelerate puts `bf16=True`'s autocast around `model.forward`, which the objectives never call."""
+    seen = []
+
+    def objective(model, inputs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return interaction_objective(model, inputs)
+
+    rows = tokenize_interactions(tokenizer, [("hello", "hi ."), ("how are you ?", "fine .")], MAX_LENGTH)
+    for bf16 in (False, True):
+        trainer = RxTTrainer(model=tiny_model(tokenizer), args=_trainer_args(tmp_path, bf16=bf16), train_dataset=rows,
+                             eval_dataset=rows, data_collator=InteractionCollator(tokenizer.pad_token_id),
+                             objective=objective)
+        trainer.train()
+        trainer.evaluate()
+    assert seen == [False, False, True, True]
+
+
+def test_a_batch_without_a_weighted_answer_stays_out_of_the_losses(tokenizer, episodes, tmp_path):
+    """An evaluation batch (or a training step) without a weighted answer has no loss. It gave 0, which Trainer
+    averaged into `eval_loss` and the logged `loss` as a real value; NaN is what a plain Trainer's batch without
+    labels gives, and Trainer's nan filter leaves it out."""
+    asks_only = {ASK: 1.0, TELL: 0.0, "update": 0.0, CHAT: 0.0}
+    collator = EpisodeCollator(tokenizer.pad_token_id, asks_only)
+    with_asks = tokenize_episodes(tokenizer, episodes, MAX_LENGTH).filter(lambda row: ASK in row["kinds"])
+    with_asks = with_asks.select(range(4))
+    chat = [_episode(f"chat-{i}", [Turn("hello there", "hi .", CHAT), Turn("how are you ?", "fine .", CHAT)])
+            for i in range(4)]
+    evaluated = concatenate_datasets([with_asks, tokenize_episodes(tokenizer, chat, MAX_LENGTH)])
+    model = tiny_model(tokenizer).eval()
+    trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path), eval_dataset=evaluated, data_collator=collator,
+                         objective=memory_aware_objective)
+    with torch.no_grad():
+        loss_sum, weight, _ = memory_aware_objective(model, collator([with_asks[i] for i in range(4)]))
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(float(loss_sum / weight), rel=1e-5)
+
+
+def test_an_external_memory_batch_without_an_ask_is_a_step_without_gradients(tokenizer, tmp_path):
+    """A batch of the user's own episodes with no ask after the first turn has nothing to retrieve: it stopped the
+    run with an error (the episode stages make it a step without gradients)."""
+    chat = [_episode(f"chat-{i}", [Turn("hello there", "hi .", CHAT), Turn("how are you ?", "fine .", CHAT)])
+            for i in range(2)]
+    rows = tokenize_episodes(tokenizer, chat, MAX_LENGTH)
+    collator = ExternalMemoryCollator(tokenizer.pad_token_id)
+    model = tiny_model(tokenizer, external_memory_layers=[1])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path), train_dataset=rows, eval_dataset=rows,
+                         data_collator=collator, objective=external_memory_objective)
+    trainer.train()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert math.isnan(trainer.evaluate()["eval_loss"])  # no batch had a loss
+
+
+def test_datasets_given_to_evaluate_later_are_checked_for_dropped_columns(tokenizer, episodes, tmp_path):
+    rows = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    args = _trainer_args(tmp_path)
+    args.remove_unused_columns = True
+    trainer = RxTTrainer(model=tiny_model(tokenizer), args=args, data_collator=EpisodeCollator(tokenizer.pad_token_id),
+                         objective=memory_aware_objective)
+    for call in (trainer.evaluate, trainer.predict):
+        with pytest.raises(ValueError, match=r"drop the dataset columns \[.*'kinds'"):
+            call(rows)
 
 
 def test_external_memory_stage_under_gradient_checkpointing_gives_the_same_gradients(tokenizer):
