@@ -1,13 +1,20 @@
 """`python -m hub_export SRC DEST [options]`: export a trained RxT model as a Hub folder, verify it, optionally push.
 
 Exit status: 0 done; 2 bad input (the message says which argument); 1 the folder failed verification or the upload
-failed. Errors are one message on stderr, never a traceback.
+failed (or an error the export does not recognise as bad input). Ctrl-C or SIGTERM (`kill`, `timeout`, `docker stop`)
+removes the half-built folder and stops the verification process; then the process dies of that signal (`main`
+returns 130 / 143). Errors are one message on stderr, never a traceback.
 """
 
 import argparse
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +54,52 @@ def _summary(report) -> str:
     return "\n".join(lines)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, like Ctrl-C's KeyboardInterrupt: the staging folder's and the temporary
+    folder's context managers remove them and `subprocess.run` kills the verification child. (SIGTERM's default
+    action ends the process at once and leaves all three behind.) A BaseException: no `except Exception` swallows it."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM (what `kill`, `timeout`, `docker stop` and CI cancellation send) raises
+    `Terminated`. Python lets only the main thread install handlers; elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _unexpected(error: Exception) -> str:
+    """One line for an error that is not one of the export's recognised failures: likely a bug, so it says where it
+    was raised and how to get the whole traceback, and does not claim the input was bad."""
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return (f"error: unexpected {type(error).__name__}: {error} (raised at {frame.filename}:{frame.lineno} in "
+            f"{frame.name}; `hub_export.export_model(...)` in Python shows the full traceback)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with _sigterm_raises():
+        try:
+            return _run(args)
+        except (KeyboardInterrupt, Terminated) as stop:
+            name, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
+            print(f"error: stopped by {name}; DEST is as it was (or complete, if the upload had begun), and no staging "
+                  "folder or verification process is left", file=sys.stderr)
+            return code
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.push and args.repo_id and args.push != args.repo_id:
         print(f"error: --repo-id {args.repo_id!r} and --push {args.push!r} differ", file=sys.stderr)
         return 2
@@ -73,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (VerificationError, OSError) as error:
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+    except Exception as error:  # still one message (the promise), but not "bad input": it may be a bug
+        print(_unexpected(error), file=sys.stderr)
+        return 1
     print(_summary(report))
     if args.push:
         try:  # a separate step: a failed upload leaves a complete, verified DEST to push again later
@@ -84,5 +138,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """`sys.exit(code)`, except after a stop by Ctrl-C or SIGTERM: once cleaned up, the process dies of that signal (its
+    default action restored), as Python does after an unhandled Ctrl-C, so that a shell loop stops and a supervisor
+    (systemd, CI) sees "killed by SIGTERM" rather than a failure with status 143."""
+    stopped_by = {128 + signal.SIGINT: signal.SIGINT, 128 + signal.SIGTERM: signal.SIGTERM}.get(code)
+    if stopped_by is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(stopped_by, signal.SIG_DFL)
+        os.kill(os.getpid(), stopped_by)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

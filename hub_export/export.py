@@ -287,10 +287,13 @@ def copy_adapter(source: Path, target: Path, base_model: str) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def build_folder(staging: Path, model, tokenizer, *, model_id: str, base_model: str, adapters: dict[str, Path],
+def build_folder(staging: Path, model, tokenizer, *, model_id: str, adapters: dict[str, Path],
                  evaluation: Evaluation | None, recipe: dict | None, recipe_name: str | None,
                  datasets: Sequence[str]) -> None:
-    """Writes every file of the Hub folder into `staging` (an empty folder)."""
+    """Writes every file of the Hub folder into `staging` (an empty folder). `model_id` names the model in the card
+    and is the adapters' base: the Hub id, or (exported without one) DEST's name, which PEFT's `AutoPeftModel`, like
+    the card's snippet, resolves from DEST's parent folder. (`"."` resolved against whatever the working folder was,
+    and an absolute path would publish a local path that no Hub user has.)"""
     model.save_pretrained(staging)  # config.json with auto_map, model.safetensors, the code files
     tokenizer.save_pretrained(staging)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
     write_generation_config(staging, model, tokenizer)
@@ -303,12 +306,17 @@ def build_folder(staging: Path, model, tokenizer, *, model_id: str, base_model: 
     for name, source in adapters.items():  # last: a name may not be that of any file above
         if (staging / name).exists():
             raise ValueError(f"Adapter name {name!r} collides with a file of the exported model.")
-        copy_adapter(source, staging / name, base_model)
+        copy_adapter(source, staging / name, model_id)
 
 
 def _check_dest(dest: Path, overwrite: bool, read: Sequence[Path]) -> None:
     """`dest` may be replaced: it is a folder (or absent), empty unless `overwrite`, and neither is nor contains a
-    folder the export reads (`read`: SRC, the checkpoint the weights come from, the adapters)."""
+    folder the export reads (`read`: SRC, the checkpoint the weights come from, the adapters), and not a symbolic link:
+    the new folder is renamed into DEST's place, which would replace the link itself (or fail, for a link to an
+    empty folder) after all the work, rather than the folder it points to."""
+    if dest.is_symlink():  # refused, not followed: the folder replaced is always the one named, never a link's target
+        raise ValueError(f"`dest` {str(dest)!r} is a symbolic link (to {os.readlink(dest)!r}): give the folder it "
+                         "points to instead (the export renames a new folder into DEST's place).")
     if dest.exists() and not dest.is_dir():
         raise ValueError(f"`dest` {str(dest)!r} exists and is not a folder.")
     for folder in read:
@@ -382,11 +390,13 @@ def export_model(
     check_adapters(model, adapters, check_adapter_base_weights)
     model_id = repo_id or dest.name
     with staged_folder(dest) as staging:
-        build_folder(staging, model, tokenizer, model_id=model_id, base_model=repo_id or ".", adapters=adapters,
-                     evaluation=evaluation, recipe=recipe, recipe_name=Path(recipe_json).name if recipe else None,
+        build_folder(staging, model, tokenizer, model_id=model_id, adapters=adapters, evaluation=evaluation,
+                     recipe=recipe, recipe_name=Path(recipe_json).name if recipe else None,
                      datasets=datasets if datasets is not None else recipe_datasets(recipe))
-        logger.info("verifying %s in a fresh process", staging)
-        report = verify_export(staging, model, tokenizer, model_id=model_id) if verify else None
+        report = None
+        if verify:
+            logger.info("verifying %s in a fresh process", staging)
+            report = verify_export(staging, model, tokenizer, model_id=model_id)
         _check_dest(dest, overwrite, read)  # again: another process may have filled `dest` meanwhile
     files = tuple(sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()))
     commit_url = None

@@ -7,10 +7,15 @@ load it back (locally, through `pipeline`, from a local mock of the Hub API) and
 
 import ast
 import json
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -19,7 +24,7 @@ import torch
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -269,6 +274,22 @@ def test_adapter_is_a_peft_subfolder_pointing_at_the_repo(exported, source):
         theirs = PeftModel.from_pretrained(source_model, source / "model" / "adapters" / "persona").eval()(ids).logits
     assert torch.equal(ours, theirs)
     assert not torch.allclose(ours, base_logits)
+
+
+def test_adapters_exported_without_a_repo_id_name_dest_as_their_base(source, tmp_path, monkeypatch):
+    """Without `repo_id` the card's snippet loads DEST by its name from DEST's parent folder; the adapters name the
+    same base, so `AutoPeftModelForCausalLM` finds the exported model from there (`"."` was the working folder)."""
+    src = _copy_model(source, tmp_path / "src")
+    config_path = src / "adapters" / "persona" / "adapter_config.json"
+    config = json.loads(config_path.read_text())  # AutoPeftModelForCausalLM needs the task type to pick a class
+    config_path.write_text(json.dumps({**config, "task_type": "CAUSAL_LM"}))
+    export_model(src, tmp_path / "runs" / "hub", verify=False)
+    assert json.loads((tmp_path / "runs" / "hub" / "persona" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "hub"
+    monkeypatch.chdir(tmp_path / "runs")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local folder: PEFT must not look "hub/persona" up on the Hub
+    model = AutoPeftModelForCausalLM.from_pretrained("hub/persona", trust_remote_code=True)
+    assert model.get_base_model().name_or_path == "hub" and list(model.peft_config) == ["default"]
 
 
 # ---- verification ----------------------------------------------------------------------------------------------------
@@ -641,6 +662,140 @@ def test_a_dest_filled_while_exporting_is_not_replaced(source, tmp_path, monkeyp
     with pytest.raises(ValueError, match="exists and is not empty"):
         export_model(source / "model", dest, verify=False)
     assert _files(dest) == {"theirs.txt"} and [p.name for p in tmp_path.iterdir()] == ["dest"]
+
+
+@pytest.mark.parametrize("target", ["empty", "not_empty", "missing"])
+def test_a_dest_that_is_a_symlink_is_refused_up_front(target, source, tmp_path, capsys):
+    """`runs/hub -> /other-disk/hub`: the folder renamed into DEST's place would replace the link, not fill the folder
+    it points to (or, for a link to an empty folder, fail after the whole export and its verification)."""
+    real, dest = tmp_path / "other_disk" / "hub", tmp_path / "runs" / "hub"
+    real.parent.mkdir()
+    dest.parent.mkdir()
+    if target != "missing":
+        real.mkdir()
+    if target == "not_empty":
+        (real / "old.txt").write_text("previous export")
+    dest.symlink_to(real, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"`dest` .* is a symbolic link \(to .*other_disk/hub'\)"):
+        export_model(source / "model", dest, overwrite=True, verify=False)
+    assert cli_main([str(source / "model"), str(dest), "--overwrite", "--no-verify"]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert dest.is_symlink() and [p.name for p in dest.parent.iterdir()] == ["hub"]  # no staging folder either
+    assert [p.name for p in real.parent.iterdir()] == ([] if target == "missing" else ["hub"])
+    assert target == "missing" or _files(real) == ({"old.txt"} if target == "not_empty" else set())
+
+
+def test_no_verify_logs_no_verification(source, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="hub_export"):
+        export_model(source / "model", tmp_path / "dest", verify=False)
+    assert "loading" in caplog.text and "verifying" not in caplog.text
+
+
+# Stands in for the verification child: reports its pid (written whole, then renamed), then runs on.
+SLOW_CHILD = """
+import os, time
+path = os.environ["SLOW_CHILD_PID_FILE"]
+with open(path + ".tmp", "w") as handle:
+    handle.write(str(os.getpid()))
+os.replace(path + ".tmp", path)
+time.sleep(120)
+"""
+
+
+def _signal_when_child_runs(pid_file: Path, deadline_s: float = 120.0) -> threading.Thread:
+    """A thread that sends SIGTERM to the main thread (where Python runs signal handlers) once `pid_file` exists."""
+    def wait_then_signal():
+        end = time.monotonic() + deadline_s
+        while not pid_file.exists():
+            if time.monotonic() > end:
+                return  # the export never reached the verification: the test's asserts say so
+            time.sleep(0.05)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+    thread = threading.Thread(target=wait_then_signal, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_sigterm_mid_verification_cleans_up_like_ctrl_c(source, tmp_path, monkeypatch, capsys):
+    """`kill`, `timeout`, `docker stop` and CI cancellation send SIGTERM, whose default action ends the process at
+    once: the staging copy, the verification's temporary folder and its child process stayed behind. The CLI turns it
+    into an exception, so the context managers and `subprocess.run` remove all three; DEST is kept."""
+    pid_file, child = tmp_path / "child.pid", tmp_path / "slow_child.py"
+    child.write_text(SLOW_CHILD)
+    monkeypatch.setattr(fresh_process, "__file__", str(child))  # the verification runs this file's text
+    monkeypatch.setenv("SLOW_CHILD_PID_FILE", str(pid_file))  # the child gets the parent's environment
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the rxt-verify-* folder goes
+    dest = tmp_path / "out" / "dest"
+    dest.mkdir(parents=True)
+    (dest / "old.txt").write_text("previous export")
+
+    def not_handled(signum, frame):  # the old CLI installed no handler: fail here rather than kill pytest
+        raise AssertionError("SIGTERM reached the test's handler: the CLI did not handle it")
+
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        thread = _signal_when_child_runs(pid_file)
+        code = cli_main([str(source / "model"), str(dest), "--overwrite"])
+        thread.join()
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # the CLI put the caller's handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and "stopped by SIGTERM" in capsys.readouterr().err
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)  # the child was killed (and reaped)
+    assert [p.name for p in dest.parent.iterdir()] == ["dest"] and _files(dest) == {"old.txt"}
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+# Runs the CLI module's `_exit` alone (its file imports no project code at the top): no model, no torch, fast.
+EXIT_WITH = """import importlib.util, sys
+spec = importlib.util.spec_from_file_location("cli", sys.argv[1])
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+cli._exit(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize(("code", "returncode"), [(130, -signal.SIGINT), (143, -signal.SIGTERM), (2, 2)])
+def test_a_stopped_cli_process_dies_of_the_signal_after_its_clean_up(code, returncode):
+    """As Python does after an unhandled Ctrl-C: a shell loop then stops, and systemd or CI see "killed by SIGTERM",
+    not "failed with status 143"."""
+    done = subprocess.run([sys.executable, "-c", EXIT_WITH, str(REPO_ROOT / "hub_export" / "__main__.py"), str(code)],
+                          timeout=60)
+    assert done.returncode == returncode
+
+
+@pytest.mark.parametrize("corruption", ["bin_not_torch", "unknown_peft_type"])
+def test_cli_a_corrupted_adapter_folder_ends_in_one_message(corruption, source, tmp_path, capsys):
+    src = _copy_model(source, tmp_path / "src")
+    adapter = src / "adapters" / "persona"
+    if corruption == "bin_not_torch":  # say, the HTML error page of a failed download
+        (adapter / "adapter_model.safetensors").unlink()
+        (adapter / "adapter_model.bin").write_bytes(b"<html>404 Not Found</html>")
+    else:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORAX"}))
+    # Returned, not raised: no traceback. 2 where the adapter check names the input error (ValueError); 1 for an
+    # error the export does not recognise, reported as such.
+    assert cli_main([str(src), str(tmp_path / "dest"), "--no-verify"]) in (1, 2)
+    err = capsys.readouterr().err  # transformers' progress bars come before it
+    assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1 and "Traceback" not in err
+    assert not (tmp_path / "dest").exists()
+
+
+def test_cli_reports_an_unrecognised_error_as_such_in_one_line(source, tmp_path, capsys, monkeypatch):
+    """An exception the export does not raise on purpose may be a bug: exit 1, not 2 ("bad input"), with where it
+    came from, and still no traceback."""
+    def export_with_a_bug(*args, **kwargs):
+        raise KeyError("LORAX")
+
+    monkeypatch.setattr(export_module, "export_model", export_with_a_bug)
+    assert cli_main([str(source / "model"), str(tmp_path / "dest")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unexpected KeyError: 'LORAX' (raised at ") and "in export_with_a_bug;" in err
+    assert err.count("\n") == 1
 
 
 def test_cli_exports_pushes_and_reports(source, tmp_path, capsys, monkeypatch):
