@@ -30,15 +30,19 @@ memory. Three things differ from a stateless causal LM, and this module makes ea
   `rxt_base_probe.json`), so an adapter trained on other weights of the same shapes is refused too: its low-rank
   update would be added to weights it was never trained with, and the outputs would be quietly wrong.
 
-Works for a `peft.PeftModel` and for a model with adapters added through transformers (`model.load_adapter`,
-`model.set_adapter`). This file is not part of the Hub export: it needs `peft`, which the modeling code does not.
+Works for a `peft.PeftModel` and for a model with adapters added through transformers (`model.add_adapter`,
+`model.load_adapter`, `model.set_adapter`): `save_adapters` writes the same PEFT folders for both (transformers' own
+`save_pretrained` saves only the active adapter). This file is not part of the Hub export: it needs `peft`, which the
+modeling code does not.
 """
 
 import copy
 import json
 import os
+import pickle
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -46,12 +50,14 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict, i
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from .memory_state import RxTMemoryState, staged_folder
+from .memory_state import RxTMemoryState, atomic_write_files, create_temporary, fsync_path, fsync_tree
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in `adapter_names=`
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."  # PEFT's prefix of the tensor names in an adapter file
 BASE_PROBE_NAME = "rxt_base_probe.json"  # beside adapter_config.json: which base weights the adapter was trained on
 PROBES_PER_TENSOR = 8
 # Probed values compare within bfloat16 rounding (8 significant bits): a base saved in float32 and loaded in bfloat16
@@ -200,8 +206,13 @@ def _saved_shapes(path: Path, adapter_name: str) -> Shapes:
                 with safe_open(str(file), framework="pt") as handle:
                     return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
             tensors = torch.load(file, map_location="cpu", weights_only=True)
+            if not isinstance(tensors, dict) or not all(
+                isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in tensors.items()
+            ):  # a torch file of something else: the shapes below would fail without naming the file
+                raise ValueError(f"it holds a {type(tensors).__name__}, not named tensors")
             return {key: tuple(value.shape) for key, value in tensors.items()}
-        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        # Not a torch file at all (an HTML error page, a plain pickle): torch raises UnpicklingError or EOFError.
+        except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
             raise ValueError(
                 f"Adapter {adapter_name!r}: `{file}` is not readable (corrupted or truncated): {error}"
             ) from error
@@ -314,7 +325,7 @@ def _saved_probe(folder: Path, adapter_name: str) -> dict | None:
         return probe
     except KeyError as error:
         raise ValueError(f"Adapter {adapter_name!r}: `{file}` is invalid: no {error} field") from error
-    except (OSError, TypeError, json.JSONDecodeError) as error:
+    except (OSError, TypeError, ValueError) as error:  # ValueError: invalid JSON, or not UTF-8
         raise ValueError(f"Adapter {adapter_name!r}: `{file}` is invalid: {error}") from error
 
 
@@ -339,14 +350,23 @@ def check_adapter_fits(
     adapter knowingly carried over to a further-trained base; it is skipped too while `model` has an adapter merged
     in. The model is not modified."""
     folder = Path(path)
-    if not (folder / ADAPTER_CONFIG_NAME).is_file():
+    config_file = folder / ADAPTER_CONFIG_NAME
+    if not config_file.is_file():
         raise ValueError(f"Adapter {adapter_name!r}: no {ADAPTER_CONFIG_NAME} in `{folder}`.")
     try:
         config = PeftConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError, json.JSONDecodeError) as error:
-        raise ValueError(f"Adapter {adapter_name!r}: `{folder / ADAPTER_CONFIG_NAME}` is invalid: {error}") from error
-    saved = {key.removeprefix("base_model.model."): shape for key, shape in _saved_shapes(folder, adapter_name).items()}
-    problems = _shape_problems(saved, *_expected_shapes(model, config, adapter_name))
+    except KeyError as error:  # PEFT looks the config class up by `peft_type`
+        raise ValueError(f"Adapter {adapter_name!r}: `{config_file}` is invalid: unknown peft_type {error}") from error
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"Adapter {adapter_name!r}: `{config_file}` is invalid: {error}") from error
+    saved = {key.removeprefix(PEFT_PREFIX): shape for key, shape in _saved_shapes(folder, adapter_name).items()}
+    try:
+        expected = _expected_shapes(model, config, adapter_name)
+    except (TypeError, KeyError, AttributeError) as error:  # a field of the wrong type ("r": "16") fails only here
+        raise ValueError(
+            f"Adapter {adapter_name!r}: `{config_file}` is invalid: {type(error).__name__}: {error}"
+        ) from error
+    problems = _shape_problems(saved, *expected)
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise ValueError(
@@ -366,6 +386,55 @@ def check_adapter_fits(
     return config
 
 
+def _check_new_name(model: torch.nn.Module, adapter_name: str, path: str | os.PathLike) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"`adapter_name` must be a non-empty string, got {adapter_name!r}.")
+    if "." in adapter_name:  # PEFT keeps adapters in torch.nn.ModuleDicts, whose keys cannot hold a dot
+        raise ValueError(
+            f"`adapter_name` {adapter_name!r} (for `{path}`) cannot contain '.', as PyTorch module names cannot: "
+            f"load it under another name, e.g. {adapter_name.replace('.', '_')!r}."
+        )
+    if adapter_name in adapter_names(model):
+        raise ValueError(f"`adapter_name` {adapter_name!r} is already loaded; loaded: {adapter_names(model)}.")
+
+
+@contextmanager
+def _restored_on_error(model: torch.nn.Module) -> Iterator[None]:
+    """Puts `model` back as it was if the block raises. PEFT injects adapters into the caller's model in place, so a
+    load that fails after injecting (a file unreadable past its header, no memory left) would leave them there, and
+    the caller keeps no handle on the new `PeftModel` to remove them."""
+    loaded = adapter_names(model)
+    active = _active_adapter(model) if loaded else None
+    trainable = [(parameter, parameter.requires_grad) for parameter in model.parameters()]  # PEFT freezes the base
+    # A plain model: PEFT only wraps its modules (the originals are kept inside) and adds `peft_config` to it.
+    tree = [] if loaded else [(module, dict(module._modules), set(vars(module))) for module in model.modules()]
+    try:
+        yield
+    except BaseException:
+        if loaded:  # PEFT removes what it added; an emptied LoRA wrapper passes its base layer's output through
+            # Activated first: the active adapter PEFT picks on deleting is then this one, and the initial-memory
+            # wrapper, which transformers' `load_adapter` of a further adapter leaves with no active adapter, gets one
+            # (PEFT's `ModulesToSaveWrapper.delete_adapter` raises IndexError on none).
+            _set_active(model, active)
+            for name in [name for name in adapter_names(model) if name not in loaded]:
+                model.delete_adapter(name)
+        for module, children, attributes in tree:
+            module._modules.clear()
+            module._modules.update(children)
+            for attribute in set(vars(module)) - attributes:
+                delattr(module, attribute)
+        for parameter, flag in trainable:
+            parameter.requires_grad_(flag)
+        raise
+
+
+def _load_checked(model: torch.nn.Module, path: str | os.PathLike, adapter_name: str, is_trainable: bool):
+    if adapter_names(model):  # a PeftModel, or transformers-integrated adapters: both have `load_adapter`
+        model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+        return model
+    return PeftModel.from_pretrained(rxt_model(model), str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+
+
 def load_adapter(
     model: torch.nn.Module,
     path: str | os.PathLike,
@@ -375,58 +444,162 @@ def load_adapter(
     check_base_weights: bool = True,
 ) -> torch.nn.Module:
     """Loads the PEFT folder `path` as `adapter_name` after `check_adapter_fits`. A plain model comes back as a
-    `PeftModel`; a `PeftModel` or a model with transformers-integrated adapters gets the adapter added in place."""
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise ValueError(f"`adapter_name` must be a non-empty string, got {adapter_name!r}.")
-    if adapter_name in adapter_names(model):
-        raise ValueError(f"`adapter_name` {adapter_name!r} is already loaded; loaded: {adapter_names(model)}.")
-    check_adapter_fits(model, path, adapter_name, check_base_weights=check_base_weights)
-    if adapter_names(model):  # a PeftModel, or transformers-integrated adapters: both have `load_adapter`
-        model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
-        return model
-    return PeftModel.from_pretrained(rxt_model(model), str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+    `PeftModel`; a `PeftModel` or a model with transformers-integrated adapters gets the adapter added in place. On
+    any error the model is left as it was."""
+    _check_new_name(model, adapter_name, path)  # before it becomes a dict key: a list would raise a bare TypeError
+    return load_adapters(model, {adapter_name: path}, check_base_weights=check_base_weights, is_trainable=is_trainable)
 
 
 def load_adapters(
-    model: torch.nn.Module, paths: Mapping[str, str | os.PathLike], *, check_base_weights: bool = True
+    model: torch.nn.Module,
+    paths: Mapping[str, str | os.PathLike],
+    *,
+    check_base_weights: bool = True,
+    is_trainable: bool = False,
 ) -> torch.nn.Module:
-    """Loads several adapters `{name: folder}` onto one base (checked, for inference); the first one is active."""
+    """Loads several adapters `{name: folder}` onto one base (checked, for inference unless `is_trainable`); the first
+    one is active. Every folder is checked (`check_adapter_fits`) before any is loaded, and a load that fails part-way
+    removes the adapters this call added: on any error the model is left as it was."""
     if not isinstance(paths, Mapping) or not paths:
         raise TypeError("`paths` must be a non-empty mapping {adapter_name: folder}.")
     for name, path in paths.items():
-        model = load_adapter(model, path, name, check_base_weights=check_base_weights)
+        _check_new_name(model, name, path)
+        check_adapter_fits(model, path, name, check_base_weights=check_base_weights)
+    with _restored_on_error(model):
+        for name, path in paths.items():
+            model = _load_checked(model, path, name, is_trainable)
     return model
 
 
 # ---- saving ----------------------------------------------------------------------------------------------------------
 def save_adapters(
-    model: PeftModel, directory: str | os.PathLike, base_model_name_or_path: str | None = None
+    model: torch.nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None
 ) -> list[str]:
-    """Saves every adapter of `model` as PEFT folders (`default` at the top, others in sub-folders named after them),
-    each pointing at `base_model_name_or_path` (a Hub id or folder of the base; default: what PEFT recorded).
+    """Saves every adapter of `model` (a `PeftModel`, or a model with adapters added through transformers) as PEFT
+    folders in `directory`: `default` at the top, others in sub-folders named after them, each pointing at
+    `base_model_name_or_path` (a Hub id or folder of the base; default: what PEFT recorded).
 
     Each folder also gets `rxt_base_probe.json`, the `base_probe` of the base weights, which `load_adapter` compares
     with the base it loads onto (not while an adapter is merged into the base: its weights are not the base's then).
-    Written into a temporary folder beside `directory`, flushed, then swapped in: a failed save leaves the previous
-    folder intact. Returns the adapter names saved."""
-    if not isinstance(model, PeftModel):
-        raise TypeError(f"`model` must be a PeftModel, got {type(model).__name__}.")
+    Only what this save writes is replaced: other files and adapters in `directory` (a base saved there, adapters of
+    an earlier save) stay, as with PEFT's own `save_pretrained`. Everything is written into a hidden temporary folder
+    in `directory`, flushed, then renamed into place; a failed save leaves the previous files intact (a crash while
+    renaming may leave a hidden `.rxt-adapters-*` folder behind). Returns the adapter names saved."""
     names = adapter_names(model)
-    with staged_folder(directory) as staging:
-        previous = {name: model.peft_config[name].base_model_name_or_path for name in names}
-        try:
-            if base_model_name_or_path is not None:
-                for name in names:
-                    model.peft_config[name].base_model_name_or_path = base_model_name_or_path
-            model.save_pretrained(str(staging))
-        finally:
-            for name, value in previous.items():
-                model.peft_config[name].base_model_name_or_path = value
+    if not names:
+        raise TypeError(
+            "`model` must be a PeftModel or a model with adapters added through transformers (`add_adapter`, "
+            f"`load_adapter`), got {type(model).__name__} without adapters."
+        )
+    directory = Path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = create_temporary(directory, ".rxt-adapters-", directory=True)  # same file system: renamed into place
+    try:
+        if isinstance(model, PeftModel):
+            _save_peft_model(model, staging, directory, base_model_name_or_path)
+        else:
+            _save_integrated(model, staging, names, base_model_name_or_path)
         if not _has_merged_adapter(model):
             probe = json.dumps({"probes_per_tensor": PROBES_PER_TENSOR, "tensors": base_probe(model)}) + "\n"
-            for name in names:  # PEFT saves `default` at the top, every other adapter in a sub-folder of its name
-                (staging if name == "default" else staging / name).joinpath(BASE_PROBE_NAME).write_text(probe, "utf-8")
+            for name in names:
+                _adapter_folder(staging, name).joinpath(BASE_PROBE_NAME).write_text(probe, "utf-8")
+        fsync_tree(staging)
+        _install(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with suppress(OSError):
+                directory.rmdir()  # the folder this call made, if nothing else was put there meanwhile
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return names
+
+
+def _adapter_folder(root: Path, name: str) -> Path:
+    return root if name == "default" else root / name  # PEFT's layout
+
+
+def _save_peft_model(model: PeftModel, staging: Path, directory: Path, base_model_name_or_path: str | None) -> None:
+    readme = directory / "README.md"
+    if readme.is_file():  # PEFT updates an existing model card (adds its metadata), as its save into `directory` would
+        shutil.copyfile(readme, staging / "README.md")
+    previous = {name: config.base_model_name_or_path for name, config in model.peft_config.items()}
+    try:
+        if base_model_name_or_path is not None:
+            for config in model.peft_config.values():
+                config.base_model_name_or_path = base_model_name_or_path
+        model.save_pretrained(str(staging))
+    finally:
+        for name, value in previous.items():
+            model.peft_config[name].base_model_name_or_path = value
+
+
+def _save_integrated(model: torch.nn.Module, staging: Path, names: list[str], base_model: str | None) -> None:
+    """What `PeftModel.save_pretrained` writes for each adapter (but the model card), for adapters added through
+    transformers, whose own `save_pretrained` saves the active adapter only: the tensors under PEFT's names (which
+    both PEFT and transformers load) and the config as PEFT saves it."""
+    for name in names:
+        folder = _adapter_folder(staging, name)
+        folder.mkdir(exist_ok=True)
+        state = model.get_adapter_state_dict(name)  # PEFT's own selection of the adapter's tensors
+        # Cloned: safetensors refuses tensors that share memory (PEFT clones those too) or are not contiguous.
+        contiguous = torch.contiguous_format
+        tensors = {PEFT_PREFIX + key: value.detach().clone(memory_format=contiguous) for key, value in state.items()}
+        save_file(tensors, str(folder / ADAPTER_WEIGHTS_NAMES[0]), metadata={"format": "pt"})
+        config = copy.deepcopy(model.peft_config[name])
+        config.inference_mode = True
+        if base_model is not None:
+            config.base_model_name_or_path = base_model
+        elif config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+        auto_mapping = None
+        if config.task_type is None:  # as PEFT: record the base class so `AutoPeftModel` can build it
+            auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+        config.save_pretrained(str(folder), auto_mapping_dict=auto_mapping)
+
+
+def _install(staging: Path, directory: Path) -> None:
+    """Moves the adapters saved in `staging` into `directory`, leaving everything else there: each sub-folder (one
+    adapter) replaces the folder of its name, the top-level files (the `default` adapter, PEFT's model card) replace
+    theirs together (`atomic_write_files`), and a previous `default` adapter's files this save did not write go (its
+    probe would be taken for the new adapter's). A failing step undoes the steps made before it."""
+    retired = create_temporary(directory, ".rxt-adapters-old-", directory=True)
+    moved = []  # (path in `directory`, where its previous content was put aside, or None)
+    try:
+        for source in sorted(path for path in staging.iterdir() if path.is_dir()):
+            target = directory / source.name
+            moved.append((target, _put_aside(target, retired / str(len(moved)))))
+            os.replace(source, target)  # a folder is renamed into place whole: readers see the old or the new one
+        files = [path for path in staging.iterdir() if path.is_file()]
+        if (staging / ADAPTER_CONFIG_NAME).is_file():  # a new `default` adapter
+            for stale in (directory / name for name in (*ADAPTER_WEIGHTS_NAMES, BASE_PROBE_NAME)):
+                if not (staging / stale.name).exists() and stale.is_file():
+                    moved.append((stale, _put_aside(stale, retired / str(len(moved)))))
+        atomic_write_files({directory / path.name: _moved_from(path) for path in files})
+    except BaseException:
+        for target, kept in reversed(moved):
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)  # a new adapter folder renamed into place
+            if kept is not None:
+                os.replace(kept, target)
+        raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+    fsync_path(directory)  # the folders' renames are durable once `directory` is flushed
+
+
+def _put_aside(path: Path, kept: Path) -> Path | None:
+    """Renames `path`, if there is one, to `kept` and returns that; None if there was nothing to put aside."""
+    if not (path.exists() or path.is_symlink()):
+        return None
+    os.replace(path, kept)
+    return kept
+
+
+def _moved_from(source: Path):
+    """A `write(temporary_path)` for `atomic_write_files` that renames the finished file `source` there."""
+    return lambda temporary: os.replace(source, temporary)
 
 
 __all__ = [

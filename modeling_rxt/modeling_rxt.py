@@ -382,6 +382,25 @@ class RxTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, RxTMemoryAttentionLayer) and module.occupancy_scale is not None:
             init.constant_(module.occupancy_scale, float(self.config.memory_write_occupancy))
 
+    def enable_adapters(self) -> None:
+        """transformers' `disable_adapters` switches off PEFT's LoRA layers and its `modules_to_save` wrappers, but
+        its `enable_adapters` the LoRA layers only: an adapter's own initial memory (a wrapper) stayed off, and the
+        model ran neither the adapter nor the base. Both are switched back on here."""
+        super().enable_adapters()
+        for module in self.modules():
+            if _is_peft_module(module, "ModulesToSaveWrapper"):
+                module.enable_adapters(True)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if _holds_injected_adapters(self):
+            raise ValueError(
+                "This model holds PEFT adapter layers (`get_peft_model` changes the model it is given): its weights "
+                "would be saved under PEFT's names, and the folder would load with freshly initialised weights in "
+                "their place. Save the adapters with the PeftModel's `save_pretrained` (or `save_adapters`), and the "
+                "base from `peft_model.unload()`, or the merged model from `merge_and_unload()`."
+            )
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _grouped_mm_can_dispatch(self) -> bool:
         # torch's grouped_mm needs rows aligned to 16 bytes ("strides should be multiple of 16 bytes"), which
         # transformers does not check: widths that are multiples of 8 are aligned in fp32 and bf16. Raising here makes
@@ -413,6 +432,11 @@ class RxTModel(RxTPreTrainedModel):
     def memory_tensor(self, memory_state: RxTMemoryState | None, batch_size: int) -> torch.Tensor:
         """The STM (L, B, S, D) to read: the given state, checked, or the learned initial memory."""
         if memory_state is None:
+            if mixed_adapter_rows(self.initial_memory) is not None:  # PEFT cannot split this module by row
+                raise ValueError(
+                    "A mixed-adapter batch (`adapter_names=`) over adapters with their own initial memory needs "
+                    "`memory_state=initial_memory_for(model, adapter_names)` (modeling_rxt.adapters)."
+                )
             return self.initial_memory(batch_size)
         if not isinstance(memory_state, RxTMemoryState):
             raise TypeError(f"`memory_state` must be an RxTMemoryState, got {type(memory_state).__name__}.")
@@ -634,6 +658,20 @@ def _sharding_unit(module: nn.Module) -> nn.Module:
         if _is_fsdp_module(inner):
             module = inner
     return module
+
+
+def _is_peft_module(module: nn.Module, *class_names: str) -> bool:
+    """Whether `module` is an instance of one of PEFT's classes `class_names`, known by name: this file is the model's
+    remote code, which must load where PEFT is not installed."""
+    return any(cls.__name__ in class_names and cls.__module__.startswith("peft.") for cls in type(module).__mro__)
+
+
+def _holds_injected_adapters(model: nn.Module) -> bool:
+    """Whether PEFT injected adapter layers into `model` itself (`get_peft_model`, `inject_adapter_in_model`);
+    adapters loaded through transformers' integration (`model.load_adapter`) save as adapters and do not count."""
+    if getattr(model, "_hf_peft_config_loaded", False):
+        return False
+    return any(_is_peft_module(module, "BaseTunerLayer", "ModulesToSaveWrapper") for module in model.modules())
 
 
 # What `generate` adds to the model inputs for this model alone: an assistant (assisted decoding) does not get them.

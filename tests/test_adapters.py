@@ -1,12 +1,17 @@
 """PEFT LoRA adapters on one RxT base: presets, switching, merging, saving, mixed batches, memory under adapters,
 fine-tuning with Trainer. Tiny models; every test builds its own base because PEFT injects into it in place."""
 
+import io
 import json
 import os
+import pickle
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
 
+import peft.peft_model
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -75,6 +80,29 @@ def with_roles(base: RxTForCausalLM, preset: str = "full", **overrides) -> PeftM
                 initial.modules_to_save[role].weight.add_(0.1 * shift)
     model.set_adapter(ROLES[0])
     return model.eval()
+
+
+def in_place_state(model) -> tuple:
+    """What loading an adapter changes in the caller's model in place: the module tree, each module's attributes,
+    the weights and which of them train."""
+    modules = [(name, type(module), sorted(vars(module))) for name, module in model.named_modules()]
+    return modules, {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()}
+
+
+def assert_in_place_state(model, expected: tuple) -> None:
+    modules, parameters = in_place_state(model)
+    assert modules == expected[0]
+    assert parameters.keys() == expected[1].keys()
+    for name, (value, trains) in parameters.items():
+        assert torch.equal(value, expected[1][name][0]) and trains == expected[1][name][1], name
+
+
+def files_under(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def hidden_in(folder) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
 def logits_of(model, ids, role=None, **kwargs) -> torch.Tensor:
@@ -178,6 +206,25 @@ def test_merge_and_unload_gives_the_unmerged_logits(ids):
     assert torch.equal(merged.init_memory(3).stm, critic_memory)  # the merged model keeps the critic's memory
 
 
+def test_the_base_refuses_to_save_with_adapter_layers_injected(tmp_path, ids):
+    """`get_peft_model` changes the base in place: saved as it was, the base's folder held PEFT's names and loaded
+    with fresh weights in their place. The base saves again once the adapters are unloaded."""
+    base = make_base()
+    model = with_roles(base)
+    for saved in (base, model.get_base_model()):
+        with pytest.raises(ValueError, match="PEFT adapter layers.*unload"):
+            saved.save_pretrained(tmp_path / "base")
+    assert not (tmp_path / "base").exists()
+    with model.disable_adapter():
+        base_logits = logits_of(model, ids)
+    unloaded = model.unload()
+    with torch.no_grad():  # unload keeps the active adapter's initial memory (PEFT's rule for modules_to_save)
+        unloaded.model.initial_memory.weight.copy_(make_base().model.initial_memory.weight)
+    unloaded.save_pretrained(tmp_path / "base")
+    torch.testing.assert_close(logits_of(RxTForCausalLM.from_pretrained(tmp_path / "base").eval(), ids), base_logits,
+                               atol=1e-6, rtol=0)
+
+
 def test_per_adapter_initial_memory_is_used_by_init_memory_and_forward(ids):
     model = with_roles(make_base())
     starts = {}
@@ -244,7 +291,12 @@ def test_transformers_load_adapter_and_set_adapter(tmp_path, ids):
         assert torch.equal(logits_of(plain, ids), expected[role])
     with using_adapter(plain, None):
         assert torch.equal(logits_of(plain, ids), reference)
-    # transformers' enable_adapters() forgets the initial-memory wrapper; using_adapter switches it back on too.
+    assert torch.equal(logits_of(plain, ids), expected["regenerator"])
+    # transformers' own switches: its enable_adapters() alone left the initial-memory wrapper off (neither the adapter
+    # nor the base ran); the model switches it back on.
+    plain.disable_adapters()
+    assert torch.equal(logits_of(plain, ids), reference)
+    plain.enable_adapters()
     assert torch.equal(logits_of(plain, ids), expected["regenerator"])
     start = plain.init_memory(3)  # the active (regenerator's) initial memory
     model.set_adapter("regenerator")
@@ -256,6 +308,27 @@ def test_transformers_load_adapter_and_set_adapter(tmp_path, ids):
     # check_adapter_fits guards the transformers path too.
     with pytest.raises(ValueError, match="'actor'.*another shape"):
         check_adapter_fits(make_base(hidden_size=48), tmp_path / "actor", "actor")
+
+
+def test_save_adapters_of_transformers_integrated_adapters_writes_what_it_writes_for_a_peft_model(tmp_path, ids):
+    """transformers' own `save_pretrained` saves only the active adapter, without `rxt_base_probe.json`;
+    `save_adapters` must write the same folders for adapters added through transformers as for a PeftModel."""
+    model = with_roles(make_base())
+    base_folder = str(tmp_path / "rxt-base")  # a local folder: PEFT looks the base up while saving
+    save_adapters(model, tmp_path / "peft", base_model_name_or_path=base_folder)
+    plain = make_base()
+    for role in ROLES:
+        plain.load_adapter(str(tmp_path / "peft" / role), adapter_name=role)
+    assert save_adapters(plain, tmp_path / "transformers", base_model_name_or_path=base_folder) == list(ROLES)
+    for role in ROLES:
+        by_peft, by_transformers = tmp_path / "peft" / role, tmp_path / "transformers" / role
+        saved = load_file(by_transformers / "adapter_model.safetensors")
+        expected = load_file(by_peft / "adapter_model.safetensors")
+        assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+        for name in ("adapter_config.json", "rxt_base_probe.json"):
+            assert json.loads((by_transformers / name).read_text()) == json.loads((by_peft / name).read_text())
+    reloaded = load_adapters(make_base(), {role: tmp_path / "transformers" / role for role in ROLES})
+    assert torch.equal(logits_of(reloaded, ids, "critic"), logits_of(model, ids, "critic"))
 
 
 @pytest.mark.parametrize(
@@ -376,6 +449,137 @@ def test_adapter_targeting_missing_modules_or_unreadable_is_refused(tmp_path):
         load_adapter(model, tmp_path / "dense", "dense")
 
 
+def test_load_adapters_checks_every_folder_first_and_undoes_a_load_that_fails(tmp_path, ids, monkeypatch):
+    """PEFT injects into the caller's model in place, and the caller keeps no handle on a half-built PeftModel: a
+    refused or failed `load_adapters` must leave the model as it was, without the adapters loaded before the bad one."""
+    save_adapters(with_roles(make_base()), tmp_path / "good")
+    folders = {role: tmp_path / "good" / role for role in ROLES}
+    shutil.copytree(folders["critic"], tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    base = make_base()
+    before = in_place_state(base)
+    with pytest.raises(ValueError, match="'critic'.*not readable"):  # refused before the actor is loaded
+        load_adapters(base, {"actor": folders["actor"], "critic": tmp_path / "truncated"})
+    assert_in_place_state(base, before)
+
+    real_read = peft.peft_model.load_peft_weights
+
+    def critic_unreadable(model_id, *args, **kwargs):  # fails after the checks and PEFT's injection, as a disk might
+        if str(model_id).endswith("critic"):
+            raise OSError("read error")
+        return real_read(model_id, *args, **kwargs)
+
+    monkeypatch.setattr(peft.peft_model, "load_peft_weights", critic_unreadable)
+    for order in (("actor", "critic"), ("critic", "actor")):  # part-way, and inside the first PeftModel built
+        with pytest.raises(OSError, match="read error"):
+            load_adapters(base, {role: folders[role] for role in order})
+        assert_in_place_state(base, before)
+    model = load_adapter(make_base(), folders["regenerator"], "regenerator")  # a PeftModel keeps what it had
+    expected, before = logits_of(model, ids), in_place_state(model)
+    with pytest.raises(OSError, match="read error"):
+        load_adapters(model, {"actor": folders["actor"], "critic": folders["critic"]})
+    assert adapter_names(model) == ["regenerator"] and model.active_adapter == "regenerator"
+    assert torch.equal(logits_of(model, ids), expected)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {n: t for n, (_, t) in before[1].items()}
+
+
+def corrupt_bin(payload: bytes):
+    def corrupt(folder):
+        (folder / "adapter_model.safetensors").unlink()
+        (folder / "adapter_model.bin").write_bytes(payload)
+
+    return corrupt
+
+
+def edit_config(**fields):
+    def edit(folder):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **fields}))
+
+    return edit
+
+
+def torch_file_of(value) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+BASE_PROBE = "rxt_base_probe.json"
+CORRUPTIONS = {  # name: (what is done to a good adapter folder, the file the error must name)
+    "bin_not_torch": (corrupt_bin(b"<html>404 Not Found</html>"), "adapter_model.bin"),  # a download's error page
+    "bin_plain_pickle": (corrupt_bin(pickle.dumps({"x": 1})), "adapter_model.bin"),
+    "bin_not_tensors": (corrupt_bin(torch_file_of([1, 2])), "adapter_model.bin"),
+    "unknown_peft_type": (edit_config(peft_type="LORAX"), "adapter_config.json"),
+    "r_a_string": (edit_config(r="16"), "adapter_config.json"),
+    "probe_not_utf8": (lambda folder: (folder / BASE_PROBE).write_bytes(b"\xff\xfe{}"), BASE_PROBE),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch, reading the plain pickle
+def test_corrupted_adapter_folder_is_refused_by_name_leaving_the_model_untouched(tmp_path, corruption):
+    """Every corruption gets a ValueError naming the adapter and the file (hub_export turns ValueErrors into one line
+    of error), not a raw UnpicklingError, KeyError or TypeError from torch or PEFT."""
+    corrupt, file = CORRUPTIONS[corruption]
+    save_adapters(get_peft_model(make_base(), random_lora("attention"), adapter_name="persona"), tmp_path)
+    corrupt(tmp_path / "persona")
+    base = make_base()
+    before = in_place_state(base)
+    with pytest.raises(ValueError, match=rf"Adapter 'persona'.*{re.escape(file)}"):
+        load_adapter(base, tmp_path / "persona", "persona")
+    assert_in_place_state(base, before)
+
+
+def test_adapter_name_with_a_dot_is_refused_by_name(tmp_path):
+    # PEFT keeps adapters in torch ModuleDicts, which raise a bare KeyError, naming neither adapter nor folder, for a
+    # dotted key.
+    save_adapters(get_peft_model(make_base(), random_lora("attention"), adapter_name="persona"), tmp_path)
+    base = make_base()
+    before = in_place_state(base)
+    with pytest.raises(ValueError, match=r"'persona\.v2'.*persona.*cannot contain '\.'"):
+        load_adapter(base, tmp_path / "persona", "persona.v2")
+    assert_in_place_state(base, before)
+
+
+def test_save_adapters_replaces_only_its_own_adapters_in_the_folder(tmp_path, monkeypatch):
+    """A base saved in the run folder, a model card and adapters of earlier saves stay, as with PEFT's own
+    save_pretrained; only this model's adapters (`default` at the top, the others in sub-folders) are replaced."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # stands for the saved base
+    (run / "README.md").write_text("# My run\n")
+    save_adapters(get_peft_model(make_base(), random_lora("attention"), adapter_name="actor"), run)
+    kept = files_under(run)
+    model = get_peft_model(make_base(), random_lora("mlp"))  # `default`, saved at the top
+    model.add_adapter("critic", random_lora("mlp"))
+    assert save_adapters(model, run) == ["default", "critic"]
+    now = files_under(run)
+    assert {name: now[name] for name in kept if name != "README.md"} == {
+        name: data for name, data in kept.items() if name != "README.md"
+    }
+    assert b"# My run" in now["README.md"]  # PEFT adds its metadata to the existing card, as its own save does
+    assert {"adapter_config.json", "rxt_base_probe.json", "critic/adapter_model.safetensors"} < set(now)
+    assert not hidden_in(run)  # no staging folder left
+    model.merge_adapter(["default"])  # saved again without a probe: the earlier default's probe must go with it
+    save_adapters(model, run)
+    assert not (run / "rxt_base_probe.json").exists() and (run / "config.json").read_text() == "{}"
+    before = files_under(run)
+    with torch.no_grad():  # the failing save below writes another `critic/`
+        for name, parameter in model.named_parameters():
+            if "lora_" in name and name.endswith("critic.weight"):
+                parameter.add_(1.0)
+
+    def fail(writes):  # after the sub-folders were renamed into place
+        raise OSError("disk full")
+
+    monkeypatch.setattr("modeling_rxt.adapters.atomic_write_files", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapters(model, run)
+    assert files_under(run) == before and not hidden_in(run)  # `critic/` renamed into place, then put back
+
+
 def test_save_adapters_is_atomic(tmp_path, monkeypatch):
     model = with_roles(make_base())
     save_adapters(model, tmp_path / "adapters")
@@ -392,7 +596,7 @@ def test_save_adapters_is_atomic(tmp_path, monkeypatch):
         save_adapters(model, tmp_path / "adapters", base_model_name_or_path="elsewhere")
     after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "adapters").rglob("*") if p.is_file()}
     assert after == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]  # no staging folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"] and not hidden_in(tmp_path / "adapters")
     assert model.peft_config["actor"].base_model_name_or_path != "elsewhere"
     with pytest.raises(TypeError, match="PeftModel"):
         save_adapters(make_base(), tmp_path / "x")
@@ -486,6 +690,16 @@ def test_mixed_batch_external_memories_must_be_built_first(ids):
     # batch asked) would run with them.
     assert mixed_adapter_rows(model) is None
     assert torch.equal(model.generate(input_ids=ids, memory_state=start, max_new_tokens=3, do_sample=False), plain)
+
+
+def test_mixed_batch_without_a_memory_state_names_initial_memory_for(ids):
+    model = with_roles(make_base())  # each adapter has its own initial memory, which PEFT cannot split by row
+    rows = ["critic", BASE_ADAPTER, "actor"]
+    for call in (lambda: model(input_ids=ids, adapter_names=rows),
+                 lambda: model.generate(input_ids=ids, adapter_names=rows, max_new_tokens=2)):
+        with pytest.raises(ValueError, match="initial_memory_for"):
+            call()
+    assert mixed_adapter_rows(model) is None
 
 
 def test_initial_memory_for_rejects_bad_input():
