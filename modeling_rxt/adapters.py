@@ -492,6 +492,10 @@ def save_adapters(
             f"`load_adapter`), got {type(model).__name__} without adapters."
         )
     directory = Path(directory)
+    for name in names:  # an adapter's folder replaces what has its name there: only another adapter folder
+        target = _adapter_folder(directory, name)
+        if name != "default" and (target.is_symlink() or (target.exists() and not target.is_dir())):
+            raise ValueError(f"`{target}` exists and is not an adapter folder: adapter {name!r} would replace it.")
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     staging = create_temporary(directory, ".rxt-adapters-", directory=True)  # same file system: renamed into place
@@ -570,7 +574,7 @@ def _install(staging: Path, directory: Path) -> None:
         for source in sorted(path for path in staging.iterdir() if path.is_dir()):
             target = directory / source.name
             moved.append((target, _put_aside(target, retired / str(len(moved)))))
-            os.replace(source, target)  # a folder is renamed into place whole: readers see the old or the new one
+            os.replace(source, target)  # whole, by rename (a reader in between finds no folder of that name)
         files = [path for path in staging.iterdir() if path.is_file()]
         if (staging / ADAPTER_CONFIG_NAME).is_file():  # a new `default` adapter
             for stale in (directory / name for name in (*ADAPTER_WEIGHTS_NAMES, BASE_PROBE_NAME)):

@@ -35,7 +35,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .external_memory import generation_setting
 from .memory_state import RxTMemoryState, read_json_object, write_json_atomic
-from .tokenization import ANSWER_TOKEN, EOS_TOKEN, decode_answer, encode_query
+from .tokenization import ANSWER_TOKEN, EOS_TOKEN, check_turn_tokens, decode_answer, encode_query
 
 SESSION_FILE = "session.json"
 MEMORY_DIR = re.compile(r"memory-[0-9a-f]{32}")  # the memory folders `save` names
@@ -110,6 +110,7 @@ class RxTChatSession:
             raise TypeError(f"`tokenizer` must be an RxT tokenizer, got {type(tokenizer).__name__}.")
         if tokenizer.convert_tokens_to_ids(ANSWER_TOKEN) in (None, tokenizer.unk_token_id):
             raise ValueError(f"`tokenizer` is not an RxT tokenizer: it has no {ANSWER_TOKEN} token.")
+        check_turn_tokens(tokenizer)
         if not isinstance(background_write, bool):
             raise TypeError(f"`background_write` must be a bool, got {type(background_write).__name__}.")
         if memory_state is None:
@@ -420,6 +421,9 @@ def _check_batch(sessions: list, queries: list) -> None:
         raise ValueError("`sessions` holds the same session twice; one turn per session per batch.")
     if any(s.model is not sessions[0].model or s.tokenizer is not sessions[0].tokenizer for s in sessions):
         raise ValueError("`sessions` must share one model and one tokenizer to run as a batch.")
+    if sessions[0].tokenizer.pad_token_id is None:
+        raise ValueError("the sessions' tokenizer has no pad token, which a batch needs to pad its prompts: set "
+                         "`tokenizer.pad_token` (the RxT tokenizers have [PAD]).")
 
 
 def _pad(rows: list[torch.Tensor], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

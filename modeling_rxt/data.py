@@ -654,6 +654,8 @@ def _turn_problem(turn: Turn, last_statement: dict[str, tuple[str, int]], positi
     current value and the last position holding it (a statement, or an earlier ask whose answer restated it)."""
     if turn.kind not in KINDS:
         return f"kind must be one of {KINDS}, got {turn.kind!r}"
+    if not isinstance(turn.answer, str):  # None would render the prompt alone: a turn without its answer and [EOS]
+        return f"answer must be a str, got {type(turn.answer).__name__}"
     try:
         format_interaction(turn.query, turn.answer)
     except (TypeError, ValueError) as error:

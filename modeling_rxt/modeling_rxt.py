@@ -278,9 +278,12 @@ def default_position_ids(
     would not mind (rotary positions on queries and keys cancel to relative ones), but the memory read puts them on
     the queries only, against slots without positions: it depends on each token's absolute position. `generate`
     and the memory write count positions the same way."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return (torch.arange(length, device=device) + past_length).unsqueeze(0)  # (1, T)
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:].to(device)  # (B, T)
+    new_positions = (torch.arange(length, device=device) + past_length).unsqueeze(0)  # (1, T)
+    if attention_mask is None or attention_mask.dim() != 2:  # a 4-D mask says nothing of padding: pass position_ids
+        return new_positions
+    counted = (attention_mask.to(device).long().cumsum(-1) - 1).clamp(min=0)  # (B, mask length)
+    # Taken at the new tokens' cache positions, not the mask's last columns: a static cache's mask may be longer.
+    return counted.gather(1, new_positions.expand(counted.shape[0], -1))  # (B, T)
 
 
 def check_decoder_inputs(
@@ -447,7 +450,9 @@ class RxTModel(RxTPreTrainedModel):
         """STM (L, B, S, D) -> memory keys/values (B, L, 2, K, S, Dh) of every decoder layer. Done once per turn;
         batch-first so that `generate` expands it for beams and `num_return_sequences` by itself."""
         batch_size = stm.shape[1]
-        if batch_size > 1 and stm.stride(1) == 0:
+        shared = batch_size > 1 and stm.stride(1) == 0
+        # Not in a mixed-adapter batch, where LoRA on the memory read gives each row its own adapter's keys.
+        if shared and not any(mixed_adapter_rows(layer.memory_cross_attn) for layer in self.layers):
             # Every row reads the same memory (the learned initial one, expanded): project one row, expand the result.
             return self.project_memory(stm[:, :1]).expand(batch_size, *([-1] * 5))
         # `unbind` rather than `stm[i]`: the backward of indexing would zero-fill the whole STM once per layer.

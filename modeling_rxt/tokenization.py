@@ -217,6 +217,25 @@ def _encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+TURN_TOKENS = (BOS_TOKEN, QUERY_TOKEN, ANSWER_TOKEN, EOS_TOKEN)
+
+
+def check_turn_tokens(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Raise `ValueError` unless each token that frames a turn encodes to its own single id. A tokenizer without
+    them as special tokens (or with `split_special_tokens`) encodes "[EOS]" as the text "[", "E", "O", "S", "]": the
+    turn format would hold together, but a model trained on it would learn to write those five tokens and never end
+    an answer."""
+    for token in TURN_TOKENS:
+        ids = _encode(tokenizer, token)  # first: it checks that `tokenizer` is one
+        expected = tokenizer.convert_tokens_to_ids(token)
+        if expected is None or expected == tokenizer.unk_token_id or ids != [expected]:
+            raise ValueError(
+                f"the tokenizer encodes {token!r} as {tokenizer.convert_ids_to_tokens(ids)}, not as one special "
+                f"token: the turn format needs {list(TURN_TOKENS)} as special tokens (`train_tokenizer`, or "
+                "`wrap_tokenizer` for a `tokenizers.Tokenizer` that holds them; `split_special_tokens` off)"
+            )
+
+
 def _check_length(ids: list[int], tokenizer: PreTrainedTokenizerFast, max_length: int | None) -> None:
     if max_length is not None:
         _check_int("max_length", max_length, 1, "1")
@@ -227,6 +246,7 @@ def _check_length(ids: list[int], tokenizer: PreTrainedTokenizerFast, max_length
 
 def encode_query(tokenizer: PreTrainedTokenizerFast, query: str, max_length: int | None = None) -> dict[str, list[int]]:
     """Token ids and attention mask of the prompt `[BOS][Q] query[A]`, ready for `generate()`."""
+    check_turn_tokens(tokenizer)
     ids = _encode(tokenizer, format_interaction(query))
     _check_length(ids, tokenizer, max_length)
     return {"input_ids": ids, "attention_mask": [1] * len(ids)}
@@ -240,6 +260,7 @@ def encode_interaction(
     `max_length` defaults to `tokenizer.model_max_length`; a longer interaction raises `ValueError` rather than
     being truncated, because truncation would cut the `[EOS]` the decoder must learn to emit.
     """
+    check_turn_tokens(tokenizer)
     prompt_ids = _encode(tokenizer, format_interaction(query))
     if answer is None:
         ids, labels = prompt_ids, [IGNORE_INDEX] * len(prompt_ids)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -51,9 +51,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, Trainer
-from transformers.trainer_utils import unwrap_peft_model
+from transformers.trainer_utils import TrainOutput, unwrap_peft_model
 
-from .data import ASK, CHAT, TELL, UPDATE, Episode, _check_int_at_least, filter_episodes, recall_probes
+from .data import (
+    ASK,
+    CHAT,
+    TELL,
+    UPDATE,
+    Episode,
+    _check_int_at_least,
+    episode_from_row,
+    filter_episodes,
+    recall_probes,
+)
 from .external_memory import bind_external_memory
 from .modeling_rxt import RxTForCausalLM, load_balancing_loss, run_as_forward
 from .tokenization import (
@@ -63,6 +73,7 @@ from .tokenization import (
     IGNORE_INDEX,
     QUERY_TOKEN,
     SPECIAL_TOKENS,
+    check_turn_tokens,
     format_interaction,
 )
 
@@ -80,19 +91,20 @@ Objective = Callable[[RxTForCausalLM, Mapping[str, torch.Tensor]], tuple[torch.T
 
 
 def tokenize_interactions(
-    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], max_length: int
+    tokenizer: PreTrainedTokenizerBase, pairs: Iterable[tuple[str, str]], max_length: int
 ) -> datasets.Dataset:
     """One row per (query, answer) pair: `input_ids` of `[BOS][Q] query[A] answer[EOS]` and answer-only `labels`.
-    Pairs with an empty part or a literal special token, or longer than `max_length` tokens, are skipped and
-    counted in one warning."""
+    Pairs with an empty or missing (None) part or a literal special token, or longer than `max_length` tokens, are
+    skipped and counted in one warning. From a `datasets.Dataset`: `zip(dataset["query"], dataset["answer"])`."""
     _check_int_at_least("max_length", max_length, 4, " (the turn's [BOS], [Q], [A] and [EOS])")
-    valid = []
-    for query, answer in pairs:
-        try:
-            format_interaction(query, answer)
-        except (TypeError, ValueError):
-            continue
-        valid.append((query, answer))
+    pairs = list(pairs)
+    for pair in pairs:  # a dict row unpacks into its two keys: every row would train on the column names
+        if isinstance(pair, (str, Mapping)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise TypeError(
+                f"`pairs` must hold (query, answer) pairs, got a {type(pair).__name__}: for the rows of a "
+                "datasets.Dataset (or dicts), pass zip(dataset['query'], dataset['answer'])"
+            )
+    valid = [(query, answer) for query, answer in pairs if _is_valid_pair(query, answer)]
     input_ids, labels = _encode_turns(tokenizer, valid) if valid else ([], [])
     keep = [i for i, ids in enumerate(input_ids) if len(ids) <= max_length]
     skipped = len(pairs) - len(keep)
@@ -102,6 +114,16 @@ def tokenize_interactions(
     if not keep:
         raise ValueError("no interaction is valid and fits `max_length`; nothing to train on")
     return datasets.Dataset.from_dict({"input_ids": [input_ids[i] for i in keep], "labels": [labels[i] for i in keep]})
+
+
+def _is_valid_pair(query, answer) -> bool:
+    if not isinstance(answer, str):  # None would render the prompt alone: a turn without its answer and [EOS]
+        return False
+    try:
+        format_interaction(query, answer)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def tokenize_episodes(
@@ -116,6 +138,8 @@ def tokenize_episodes(
     length check uses the token ids encoded here, so every turn is tokenised once (twice would double the cost of
     preparing a training set)."""
     _check_int_at_least("max_length", max_length, 4, " (the turn's [BOS], [Q], [A] and [EOS])")
+    # Rows of `episodes_to_dataset` (a datasets.Dataset, or its dicts) become the Episodes they hold.
+    episodes = [episode_from_row(row) if isinstance(row, Mapping) else row for row in episodes]
     kept, _ = filter_episodes(episodes)
     probe_lists = [recall_probes(episode) if probes else [] for episode in kept]
     turns = [turn for episode in kept for turn in episode.turns]
@@ -164,6 +188,7 @@ def _encode_turns(
     """`encode_interaction` for many (query, answer) pairs in two batched tokenizer calls (one call per turn would
     dominate the preparation of a training set): ids of the whole interaction, and labels that keep only what
     follows the prompt `[BOS][Q] query[A]`."""
+    check_turn_tokens(tokenizer)
     full = _token_ids(tokenizer, [format_interaction(q, a) for q, a in pairs])
     prompts = _token_ids(tokenizer, [format_interaction(q) for q, _ in pairs])
     labels = []
@@ -650,11 +675,13 @@ def external_and_memory_aware_objective(
     mean of the micro-batches' means, not one mean over the whole step (the external part stays exact)."""
     external_sum, external_weight, external_metrics = external_memory_objective(model, inputs["external"])
     aware_sum, aware_weight, aware_metrics = memory_aware_objective(model, inputs["episodes"])
-    scale = memory_aware_weight * external_weight.detach() / aware_weight.detach().clamp(min=1e-8)
     metrics = {
         **{f"external_{name}": value for name, value in external_metrics.items()},
         **{f"memory_aware_{name}": value for name, value in aware_metrics.items()},
     }
+    if not bool(external_weight > 0):  # no ask to retrieve for: the memory-aware part alone, in its own weight
+        return external_sum + memory_aware_weight * aware_sum, aware_weight, metrics
+    scale = memory_aware_weight * external_weight.detach() / aware_weight.detach().clamp(min=1e-8)
     return external_sum + scale * aware_sum, external_weight, metrics
 
 
@@ -668,6 +695,23 @@ class _AccumulatedStep:
     scale: torch.Tensor | None = None  # what their losses are divided by before backward: the first one's weight
     weight: torch.Tensor | float = 0.0  # their weight, summed over micro-batches and processes
     loss_sum: torch.Tensor | float = 0.0  # this process's loss sum, for the log
+
+
+@dataclass
+class _StepCounts:
+    """Optimizer steps since the last log (`window`) and in this `train` call (`run`), and those with a weighted
+    answer among them."""
+
+    window: int = 0
+    window_weighted: int = 0
+    run: int = 0
+    run_weighted: int = 0
+
+    def count(self, weighted: bool) -> None:
+        self.window += 1
+        self.run += 1
+        self.window_weighted += weighted
+        self.run_weighted += weighted
 
 
 class RxTTrainer(Trainer):
@@ -704,6 +748,7 @@ class RxTTrainer(Trainer):
         self._step = _AccumulatedStep()
         self._metric_sums: dict[str, float] = {}
         self._metric_count = 0
+        self._steps = _StepCounts()
 
     def _check_arguments_it_would_ignore(self) -> None:
         """Trainer features that act on `forward`'s outputs or on `model.forward` itself: the objective computes its
@@ -814,12 +859,13 @@ class RxTTrainer(Trainer):
         step, self._step = self._step, _AccumulatedStep()
         rxt = self.accelerator.unwrap_model(model)
         world_size = _world_size()
+        self._steps.count(weighted=bool(step.weight > 0))
         if not bool(step.weight > 0):
             # No process had a weighted answer in this step. In lockstep their passes that weigh nothing gave
             # gradients of zero, on which AdamW's momentum would still move the weights: as without lockstep, the
             # step has no gradients at all, and the optimizer leaves the weights alone.
             rxt.zero_grad(set_to_none=True)
-            return loss.new_tensor(float("nan"))  # no loss to log: Trainer's nan filter stands in for it, as above
+            return loss.new_zeros(())  # no loss: `log` takes the mean over the other steps
         # FSDP has reduce-scattered the gradients already, and DeepSpeed's engine averaged them in its backward.
         if world_size > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             _average_gradients(rxt)
@@ -830,10 +876,28 @@ class RxTTrainer(Trainer):
                 torch._foreach_mul_(gradients, (step.scale / weight).item())
         return step.loss_sum / weight * world_size
 
+    def train(self, *args, **kwargs) -> TrainOutput:
+        self._steps = _StepCounts()
+        output = super().train(*args, **kwargs)
+        if self._steps.run and not self._steps.run_weighted:
+            logger.warning("no step of this run had a weighted answer, so nothing was trained: do the collator's "
+                           "kind weights give the data's turn kinds a weight?")
+        return TrainOutput(output.global_step, output.metrics["train_loss"], output.metrics)  # as `log` corrected it
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._metric_count and "loss" in logs:
             logs.update({name: total / self._metric_count for name, total in self._metric_sums.items()})
             self._metric_sums, self._metric_count = {}, 0
+        # Trainer averages the losses `training_step` returned over every step; a step without a weighted answer
+        # has none (it returned 0), so the mean is taken over the other steps: NaN where there were none.
+        counts = self._steps
+        if "loss" in logs:
+            weighted = counts.window_weighted
+            logs["loss"] = round(logs["loss"] * counts.window / weighted, 4) if weighted else float("nan")
+            counts.window = counts.window_weighted = 0
+        if "train_loss" in logs:  # at the end of `train`: over the steps of this call
+            weighted = counts.run_weighted
+            logs["train_loss"] = self._total_loss_scalar / weighted if weighted else float("nan")
         super().log(logs, *args, **kwargs)
 
 

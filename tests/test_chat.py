@@ -1,5 +1,6 @@
 """The conversation API (modeling_rxt/chat.py): turns, streaming, background memory writes, saving, batches."""
 
+import copy
 import json
 import threading
 import time
@@ -505,3 +506,12 @@ def test_reading_the_memory_waits_for_a_turn_in_progress(model, tokenizer):
     assert read.wait(30)
     reader.join()
     session.close()
+
+
+def test_a_batch_needs_a_tokenizer_with_a_pad_token(model, tokenizer):
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None  # a user's own tokenizer may have none; one session alone needs no padding
+    sessions = [RxTChatSession(model, no_pad, background_write=False) for _ in range(2)]
+    with pytest.raises(ValueError, match="no pad token"):
+        send_batch(sessions, TEXTS[:2], **GREEDY)
+    assert sessions[0].send(TEXTS[0], **GREEDY)  # was a TypeError from inside torch, for the batch only

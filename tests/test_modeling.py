@@ -6,7 +6,7 @@ parameter counts add up."""
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -69,6 +69,21 @@ def test_a_padded_row_reads_as_it_does_alone_without_position_ids(tiny_model, ki
                               past_key_values=together.past_key_values).logits
         step_alone = model(step[:1], memory_state=alone_state, past_key_values=alone.past_key_values).logits
     torch.testing.assert_close(step_together[0], step_alone[0], atol=2e-5, rtol=0)
+
+
+def test_positions_from_the_mask_of_a_static_cache(dense_model):
+    """A static cache's 2-D mask may run to the cache's full length: positions are taken at the new tokens' cache
+    positions, not from the mask's last columns (which are padding there)."""
+    ids, state = random_ids(2, 8), random_state(dense_model, 2)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0  # row 1 left-padded
+    with torch.no_grad():
+        whole = dense_model(ids, attention_mask=mask, memory_state=state).logits
+        for step_mask in (mask, F.pad(mask, (0, 8))):  # cached + new tokens, or the cache's whole length
+            cache = StaticCache(config=dense_model.config, max_cache_len=16)
+            dense_model(ids[:, :6], attention_mask=mask[:, :6], memory_state=state, past_key_values=cache)
+            step = dense_model(ids[:, 6:], attention_mask=step_mask, memory_state=state, past_key_values=cache).logits
+            torch.testing.assert_close(step, whole[:, 6:], atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import jinja2
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from modeling_rxt import RxTConfig, RxTForCausalLM
 
 from modeling_rxt.tokenization import (
     IGNORE_INDEX,
@@ -281,3 +284,29 @@ def test_public_functions_name_bad_arguments(tokenizer):
     assert decode_answer(tokenizer, list(torch.tensor([40, 41]))) == decode_answer(tokenizer, [40, 41])
     assert decode_answer(tokenizer, [np.int64(40)]) == decode_answer(tokenizer, [40])
     assert encode_query(tokenizer, "hi there", max_length=np.int64(32)) == encode_query(tokenizer, "hi there")
+
+
+def test_a_tokenizer_whose_turn_tokens_are_not_special_is_refused(tokenizer):
+    """Encoded as text, "[EOS]" is "[", "E", "O", "S", "]": the turn format holds together, but a model trained on it
+    learns to write those pieces and never ends an answer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from modeling_rxt.chat import RxTChatSession
+    from modeling_rxt.training import tokenize_interactions
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>"]))
+    plain = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    split = copy.deepcopy(tokenizer)
+    split.split_special_tokens = True
+    for bad in (plain, split):
+        for call in (lambda: encode_interaction(bad, *ASK), lambda: encode_query(bad, ASK[0]),
+                     lambda: tokenize_interactions(bad, [ASK], 64)):
+            with pytest.raises(ValueError, match=r"not as one special token"):
+                call()
+    model = RxTForCausalLM(RxTConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16,
+                                     num_hidden_layers=1, num_attention_heads=2, memory_slots=2))
+    with pytest.raises(ValueError, match=r"not as one special token"):
+        RxTChatSession(model, split)
+    assert encode_interaction(tokenizer, *ASK)["labels"][-1] == tokenizer.convert_tokens_to_ids("[EOS]")

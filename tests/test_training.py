@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 import math
 
+import datasets
 import pytest
 import torch
 from datasets import concatenate_datasets
 from transformers import TrainingArguments
 
-from modeling_rxt.data import ASK, CHAT, TELL, Turn, recall_probes
+from modeling_rxt.data import ASK, CHAT, TELL, Turn, episodes_to_dataset, recall_probes
 from modeling_rxt.evaluation import evaluate_recall
 from modeling_rxt.tokenization import IGNORE_INDEX, format_interaction
 from modeling_rxt.training import (
@@ -574,6 +575,30 @@ def test_evaluation_names_a_bad_episode(tokenizer):
         evaluate_recall(model, tokenizer, [bad])
 
 
+def test_interaction_rows_must_be_pairs_and_a_missing_answer_is_skipped(tokenizer, caplog):
+    """A datasets.Dataset row (a dict) unpacked into its two keys: every row trained on the column names. A None
+    answer rendered the prompt alone, a row without its answer and [EOS]."""
+    rows = datasets.Dataset.from_dict({"query": ["hello", "how are you ?"], "answer": ["hi .", "fine ."]})
+    for bad in (rows, [{"query": "hello", "answer": "hi ."}], ["hi"], [("a", "b", "c")]):
+        with pytest.raises(TypeError, match=r"\(query, answer\) pairs.*zip"):
+            tokenize_interactions(tokenizer, bad, MAX_LENGTH)
+    from_columns = tokenize_interactions(tokenizer, zip(rows["query"], rows["answer"]), MAX_LENGTH)
+    assert from_columns["input_ids"] == tokenize_interactions(tokenizer, [("hello", "hi ."), ("how are you ?", "fine .")],
+                                                              MAX_LENGTH)["input_ids"]
+    with caplog.at_level(logging.WARNING, logger="modeling_rxt.training"):
+        kept = tokenize_interactions(tokenizer, [("hello", None), ("how are you ?", "fine .")], MAX_LENGTH)
+    assert kept.num_rows == 1 and "skipped 1 of 2" in caplog.text
+    missing = _episode("missing", [Turn("hello there", None, CHAT), Turn("how are you ?", "fine .", CHAT)])
+    with pytest.raises(ValueError, match="every episode was rejected"):
+        tokenize_episodes(tokenizer, [missing], MAX_LENGTH)
+
+
+def test_episodes_can_come_as_rows_of_episodes_to_dataset(tokenizer, episodes):
+    as_rows = episodes_to_dataset(episodes)
+    assert tokenize_episodes(tokenizer, as_rows, MAX_LENGTH).to_dict() == \
+        tokenize_episodes(tokenizer, episodes, MAX_LENGTH).to_dict()
+
+
 def test_collators_reject_untokenised_rows(tokenizer):
     with pytest.raises(ValueError, match="input_ids"):
         EpisodeCollator(tokenizer.pad_token_id)([{"queries": ["hi"]}])
@@ -612,7 +637,7 @@ def _trainer_args(tmp_path, **extra) -> TrainingArguments:
                              save_strategy="no", disable_tqdm=True, **extra)
 
 
-def test_a_micro_batch_without_a_weighted_answer_is_a_zero_step(tokenizer, tmp_path):
+def test_a_micro_batch_without_a_weighted_answer_is_a_zero_step(tokenizer, tmp_path, caplog):
     """Only chat turns, and chat weighs nothing: the objective's loss has no graph. The step must still run (under
     DDP every process has to join the gradient averaging) and give no parameter a gradient: a zero gradient would
     still move AdamW's weights by their momentum. Nor does it enter the logged stage losses."""
@@ -627,7 +652,9 @@ def test_a_micro_batch_without_a_weighted_answer_is_a_zero_step(tokenizer, tmp_p
     trainer.compute_loss(model, collator([dataset[0]])).backward()
     assert all(p.grad is None for p in model.parameters()) and trainer._metric_count == 0
     trainer._step = type(trainer._step)()  # the micro-batch above was a probe, not part of the run
-    assert trainer.train().training_loss == 0.0
+    with caplog.at_level(logging.WARNING, logger="modeling_rxt.training"):
+        assert math.isnan(trainer.train().training_loss)  # no step had a loss
+    assert "nothing was trained" in caplog.text
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
@@ -734,6 +761,46 @@ def test_an_external_memory_batch_without_an_ask_is_a_step_without_gradients(tok
     trainer.train()
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     assert math.isnan(trainer.evaluate()["eval_loss"])  # no batch had a loss
+
+
+@pytest.mark.parametrize("nan_filter", [True, False])
+def test_the_logged_training_loss_is_the_mean_over_steps_with_a_weighted_answer(tokenizer, episodes, tmp_path,
+                                                                                 nan_filter):
+    """Steps: chat only (no weight), ask, chat only, ask; logged every 2 steps, learning rate 0. Each window's loss
+    is its ask step's, and the run's the mean of both: the step without an answer had pulled them to a half."""
+    asks_only = {ASK: 1.0, TELL: 0.0, "update": 0.0, CHAT: 0.0}
+    collator = EpisodeCollator(tokenizer.pad_token_id, asks_only)
+    asks = tokenize_episodes(tokenizer, episodes, MAX_LENGTH).filter(lambda row: ASK in row["kinds"]).select([0, 1])
+    chat = tokenize_episodes(tokenizer, [_episode(f"chat-{i}", [Turn("hello there", "hi .", CHAT)] * 2)
+                                         for i in range(2)], MAX_LENGTH)
+    steps = concatenate_datasets([chat.select([0]), asks.select([0]), chat.select([1]), asks.select([1])])
+    model = tiny_model(tokenizer)
+    with torch.no_grad():
+        expected = [float(s / w) for s, w, _ in (memory_aware_objective(model, collator([steps[i]])) for i in (1, 3))]
+    args = _trainer_args(tmp_path, logging_steps=2, learning_rate=0.0, logging_nan_inf_filter=nan_filter)
+    args.max_steps = 4
+    trainer = RxTTrainer(model=model, args=args, train_dataset=steps, data_collator=collator,
+                         objective=memory_aware_objective)
+    trainer._get_train_sampler = lambda *_: torch.utils.data.SequentialSampler(steps)
+    output = trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == pytest.approx(expected, abs=1e-4)
+    assert output.training_loss == pytest.approx(sum(expected) / 2, rel=1e-5)
+
+
+def test_a_mixed_stage_batch_without_an_ask_still_trains_its_memory_aware_part(tokenizer):
+    chat = [_episode(f"chat-{i}", [Turn("hello there", "hi .", CHAT), Turn("how are you ?", "fine .", CHAT)])
+            for i in range(2)]
+    rows = tokenize_episodes(tokenizer, chat, MAX_LENGTH)
+    everything = {ASK: 1.0, TELL: 1.0, "update": 1.0, CHAT: 1.0}
+    collator = ExternalAndEpisodeCollator(ExternalMemoryCollator(tokenizer.pad_token_id),
+                                          EpisodeCollator(tokenizer.pad_token_id, everything))
+    batch = collator([rows[0], rows[1]])
+    model = tiny_model(tokenizer, external_memory_layers=[1])
+    aware_sum, aware_weight, _ = memory_aware_objective(model, batch["episodes"])
+    loss_sum, weight, _ = external_and_memory_aware_objective(model, batch, memory_aware_weight=0.5)
+    assert float(weight) == float(aware_weight) > 0
+    assert float(loss_sum) == pytest.approx(0.5 * float(aware_sum), rel=1e-6)
 
 
 def test_datasets_given_to_evaluate_later_are_checked_for_dropped_columns(tokenizer, episodes, tmp_path):
