@@ -21,6 +21,7 @@ mask. `[T]` is reserved for thinking turns and `[MASK]` for the memory encoder's
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 import operator
 from collections.abc import Iterable
@@ -28,6 +29,8 @@ from collections.abc import Iterable
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
 
 PAD_TOKEN = "[PAD]"
 UNK_TOKEN = "[UNK]"
@@ -185,7 +188,7 @@ def wrap_tokenizer(backend: Tokenizer, *, model_max_length: int = DEFAULT_MODEL_
     missing = [token for token in SPECIAL_TOKENS if backend.token_to_id(token) is None]
     if missing:
         raise ValueError(f"backend tokenizer lacks the special tokens {missing}")
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
@@ -200,6 +203,24 @@ def wrap_tokenizer(backend: Tokenizer, *, model_max_length: int = DEFAULT_MODEL_
         clean_up_tokenization_spaces=False,
         chat_template=CHAT_TEMPLATE,
     )
+    _warn_if_the_assistant_mask_misses_answers(tokenizer)
+    return tokenizer
+
+
+def _warn_if_the_assistant_mask_misses_answers(tokenizer: PreTrainedTokenizerFast) -> None:
+    """The chat template's `{% generation %}` block starts with the space before an answer, which a byte-level BPE may
+    make a token of its own (and `encode_interaction` then labels). transformers finds a block by its first
+    character's token: a tokenizer that gives that space no token at all (WordPiece, whitespace splitting) gets an
+    empty assistant mask. Training labels come from `encode_interaction`, which is right either way."""
+    sample = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi ."}]
+    out = tokenizer.apply_chat_template(sample, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    labels = encode_interaction(tokenizer, "hello there", "hi .", max_length=len(out["input_ids"]) + 1)["labels"]
+    if out["assistant_masks"] != [int(label != IGNORE_INDEX) for label in labels]:
+        logger.warning(
+            "this tokenizer gives the space before an answer no token: the chat template's assistant mask "
+            "(`return_assistant_tokens_mask=True`) misses the answers; take labels from `encode_interaction` or "
+            "`tokenize_interactions` / `tokenize_episodes`, which are right"
+        )
 
 
 def _check_int(name: str, value: int, minimum: int, minimum_text: str) -> int:

@@ -310,3 +310,25 @@ def test_a_tokenizer_whose_turn_tokens_are_not_special_is_refused(tokenizer):
     with pytest.raises(ValueError, match=r"not as one special token"):
         RxTChatSession(model, split)
     assert encode_interaction(tokenizer, *ASK)["labels"][-1] == tokenizer.convert_tokens_to_ids("[EOS]")
+
+
+def test_wrapping_a_tokenizer_whose_assistant_mask_misses_answers_warns(caplog):
+    """WordPiece gives the space before an answer no token, so transformers cannot find the template's generation
+    block and the assistant mask is all zeros; `encode_interaction`'s labels (what training uses) stay right."""
+    import logging
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    backend.train_from_iterator(CORPUS * 5, trainers.WordPieceTrainer(vocab_size=200, special_tokens=list(SPECIAL_TOKENS)))
+    with caplog.at_level(logging.WARNING, logger="modeling_rxt.tokenization"):
+        wordpiece = wrap_tokenizer(backend)
+    assert "assistant mask" in caplog.text
+    assert encode_interaction(wordpiece, *ASK)["labels"][-1] == wordpiece.convert_tokens_to_ids("[EOS]")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="modeling_rxt.tokenization"):
+        train_tokenizer(CORPUS * 5, vocab_size=MIN_VOCAB_SIZE + 64, min_frequency=1)
+    assert "assistant mask" not in caplog.text
