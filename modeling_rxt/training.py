@@ -893,7 +893,7 @@ class RxTTrainer(Trainer):
         counts = self._steps
         if "loss" in logs:
             weighted = counts.window_weighted
-            logs["loss"] = round(logs["loss"] * counts.window / weighted, 4) if weighted else float("nan")
+            logs["loss"] = logs["loss"] * counts.window / weighted if weighted else float("nan")
             counts.window = counts.window_weighted = 0
         if "train_loss" in logs:  # at the end of `train`: over the steps of this call
             weighted = counts.run_weighted

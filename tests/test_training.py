@@ -784,7 +784,7 @@ def test_the_logged_training_loss_is_the_mean_over_steps_with_a_weighted_answer(
     trainer._get_train_sampler = lambda *_: torch.utils.data.SequentialSampler(steps)
     output = trainer.train()
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert logged == pytest.approx(expected, abs=1e-4)
+    assert logged == pytest.approx(expected, rel=1e-6)
     assert output.training_loss == pytest.approx(sum(expected) / 2, rel=1e-5)
 
 
