@@ -257,6 +257,15 @@ def check_turn_tokens(tokenizer: PreTrainedTokenizerFast) -> None:
             )
 
 
+def _check_frame(tokenizer: PreTrainedTokenizerFast, prompt_ids: list[int], ids: list[int]) -> None:
+    """`check_turn_tokens` at the cost of four id lookups: an encoded prompt starts with the ids of [BOS][Q] and ends
+    with [A]'s, an interaction ends with [EOS]'s (or, prompt alone, [A]'s); the full check names what is wrong."""
+    bos, query, answer, eos = frame = [tokenizer.convert_tokens_to_ids(token) for token in TURN_TOKENS]
+    unknown = len(set(frame)) < len(frame) or None in frame or tokenizer.unk_token_id in frame
+    if unknown or prompt_ids[:2] != [bos, query] or prompt_ids[-1:] != [answer] or ids[-1:] not in ([eos], [answer]):
+        check_turn_tokens(tokenizer)
+
+
 def _check_length(ids: list[int], tokenizer: PreTrainedTokenizerFast, max_length: int | None) -> None:
     if max_length is not None:
         _check_int("max_length", max_length, 1, "1")
@@ -267,8 +276,8 @@ def _check_length(ids: list[int], tokenizer: PreTrainedTokenizerFast, max_length
 
 def encode_query(tokenizer: PreTrainedTokenizerFast, query: str, max_length: int | None = None) -> dict[str, list[int]]:
     """Token ids and attention mask of the prompt `[BOS][Q] query[A]`, ready for `generate()`."""
-    check_turn_tokens(tokenizer)
     ids = _encode(tokenizer, format_interaction(query))
+    _check_frame(tokenizer, ids, ids)
     _check_length(ids, tokenizer, max_length)
     return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
@@ -281,15 +290,12 @@ def encode_interaction(
     `max_length` defaults to `tokenizer.model_max_length`; a longer interaction raises `ValueError` rather than
     being truncated, because truncation would cut the `[EOS]` the decoder must learn to emit.
     """
-    check_turn_tokens(tokenizer)
     prompt_ids = _encode(tokenizer, format_interaction(query))
-    if answer is None:
-        ids, labels = prompt_ids, [IGNORE_INDEX] * len(prompt_ids)
-    else:
-        ids = _encode(tokenizer, format_interaction(query, answer))
-        if ids[: len(prompt_ids)] != prompt_ids:
-            raise ValueError(f"tokenizer does not split the text at {ANSWER_TOKEN}: is it a special token of it?")
-        labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
+    ids = prompt_ids if answer is None else _encode(tokenizer, format_interaction(query, answer))
+    _check_frame(tokenizer, prompt_ids, ids)
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"tokenizer does not split the text at {ANSWER_TOKEN}: is it a special token of it?")
+    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
     _check_length(ids, tokenizer, max_length)
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 

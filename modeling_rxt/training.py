@@ -99,7 +99,7 @@ def tokenize_interactions(
     _check_int_at_least("max_length", max_length, 4, " (the turn's [BOS], [Q], [A] and [EOS])")
     pairs = list(pairs)
     for pair in pairs:  # a dict row unpacks into its two keys: every row would train on the column names
-        if isinstance(pair, (str, Mapping)) or not isinstance(pair, Sequence) or len(pair) != 2:
+        if isinstance(pair, (str, bytes, Mapping)) or not hasattr(pair, "__len__") or len(pair) != 2:
             raise TypeError(
                 f"`pairs` must hold (query, answer) pairs, got a {type(pair).__name__}: for the rows of a "
                 "datasets.Dataset (or dicts), pass zip(dataset['query'], dataset['answer'])"
@@ -679,8 +679,8 @@ def external_and_memory_aware_objective(
         **{f"external_{name}": value for name, value in external_metrics.items()},
         **{f"memory_aware_{name}": value for name, value in aware_metrics.items()},
     }
-    if not bool(external_weight > 0):  # no ask to retrieve for: the memory-aware part alone, in its own weight
-        return external_sum + memory_aware_weight * aware_sum, aware_weight, metrics
+    # In the external part's weight: a batch without an ask (weight 0) adds nothing, its memory-aware part included;
+    # counted in its own weight it would dilute the external loss of the step's other micro-batches.
     scale = memory_aware_weight * external_weight.detach() / aware_weight.detach().clamp(min=1e-8)
     return external_sum + scale * aware_sum, external_weight, metrics
 
@@ -877,7 +877,9 @@ class RxTTrainer(Trainer):
         return step.loss_sum / weight * world_size
 
     def train(self, *args, **kwargs) -> TrainOutput:
-        self._steps = _StepCounts()
+        # A run starts from nothing: an earlier call's (or an interrupted one's) step and metrics are not its own.
+        self._steps, self._step = _StepCounts(), _AccumulatedStep()
+        self._metric_sums, self._metric_count = {}, 0
         output = super().train(*args, **kwargs)
         if self._steps.run and not self._steps.run_weighted:
             logger.warning("no step of this run had a weighted answer, so nothing was trained: do the collator's "
