@@ -495,7 +495,9 @@ def save_adapters(
     for name in names:  # an adapter's folder replaces what has its name there: only another adapter folder
         target = _adapter_folder(directory, name)
         if name != "default" and (target.is_symlink() or (target.exists() and not target.is_dir())):
-            raise ValueError(f"`{target}` exists and is not an adapter folder: adapter {name!r} would replace it.")
+            what = "a symbolic link" if target.is_symlink() else "a file"
+            raise ValueError(f"`{target}` is {what}, not a folder: adapter {name!r} would replace it (a save puts a "
+                             "new folder in its place); save into another folder.")
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     staging = create_temporary(directory, ".rxt-adapters-", directory=True)  # same file system: renamed into place

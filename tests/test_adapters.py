@@ -590,7 +590,7 @@ def test_save_adapters_replaces_only_its_own_adapters_in_the_folder(tmp_path, mo
 def test_save_adapters_refuses_to_replace_a_file_named_like_an_adapter(tmp_path):
     model = with_roles(make_base())
     (tmp_path / "critic").write_text("my notes")
-    with pytest.raises(ValueError, match="is not an adapter folder"):
+    with pytest.raises(ValueError, match="is a file, not a folder"):
         save_adapters(model, tmp_path)
     assert (tmp_path / "critic").read_text() == "my notes" and sorted(p.name for p in tmp_path.iterdir()) == ["critic"]
 
