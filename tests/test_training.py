@@ -785,12 +785,18 @@ def test_the_logged_training_loss_is_the_mean_over_steps_with_a_weighted_answer(
     trainer = RxTTrainer(model=model, args=args, train_dataset=steps, data_collator=collator,
                          objective=memory_aware_objective)
     trainer._get_train_sampler = lambda *_: torch.utils.data.SequentialSampler(steps)
-    for _ in range(2):  # a second call starts from nothing: no step or metric of the first carries over
+    output = trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["loss"] for entry in logged] == pytest.approx(expected, rel=1e-6)
+    assert [entry["decoder_loss"] for entry in logged] == pytest.approx(expected, rel=1e-6)
+    assert output.training_loss == pytest.approx(sum(expected) / 2, rel=1e-5)
+    # Logged every 3 steps, the 4th step's metrics are never logged; a second call must not start with them.
+    trainer.args.logging_steps = 3
+    for _ in range(2):
         trainer.state.log_history = []
         output = trainer.train()
         logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-        assert [entry["loss"] for entry in logged] == pytest.approx(expected, rel=1e-6)
-        assert [entry["decoder_loss"] for entry in logged] == pytest.approx(expected, rel=1e-6)
+        assert [(entry["loss"], entry["decoder_loss"]) for entry in logged] == [pytest.approx((expected[0],) * 2)]
         assert output.training_loss == pytest.approx(sum(expected) / 2, rel=1e-5)
 
 
