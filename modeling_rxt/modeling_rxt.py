@@ -97,6 +97,10 @@ from .modeling_rxt_blocks import (
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 
 
+# ---- mixture of experts ---------------------------------------------------------------------------------------------
+# It stays in this file: transformers decides whether a model can switch its experts implementation by reading the
+# source of the model's own module for `@use_experts_implementation` (moved to a file of its own, the experts silently
+# fell back to the eager loop).
 class RxTTopKRouter(nn.Module):
     """Scores the E experts for each token and keeps the top k, their weights renormalised to sum to one."""
 
