@@ -679,10 +679,11 @@ def test_evaluation_computes_the_objective_of_every_stage(tokenizer, tmp_path, s
     assert trainer.evaluate()["eval_loss"] == pytest.approx(float(loss_sum / weight), rel=1e-5)
 
 
-def test_trainer_refuses_to_drop_the_columns_its_collators_read(tokenizer, episodes, tmp_path):
+def test_trainer_refuses_to_drop_the_columns_its_collators_read(tokenizer, episodes, tmp_path, monkeypatch):
     """TrainingArguments' default `remove_unused_columns=True` keeps only what `forward` takes: fine for interaction
     rows (`input_ids`, `labels`), not for episodes, whose collator reads `kinds`. Refused by name, also when the
     Trainer makes its own arguments."""
+    monkeypatch.chdir(tmp_path)  # the Trainer's own arguments name the output folder `tmp_trainer` in the cwd
     episode_rows = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
     args = _trainer_args(tmp_path)
     args.remove_unused_columns = True
