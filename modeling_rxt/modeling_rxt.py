@@ -26,8 +26,8 @@ Notable features:
 
 Files (all exported to the Hub): `modeling_rxt_blocks.py` holds what every part shares (RMSNorm, rotary
 positions, the four kinds of attention, SwiGLU); `modeling_rxt_memory_write.py` the memory encoder, the memory
-attention and the initial memory; this file the mixture of experts, the decoder layer and the models, which tie the
-read and the write together.
+attention and the initial memory; `modeling_rxt_wrappers.py` what running under FSDP2 and PEFT needs; this file the
+mixture of experts, the decoder layer and the models, which tie the read and the write together.
 
 Shape legend: B batch, T tokens of one interaction, L memory layers (= decoder layers), S slots per layer,
 D hidden size, H query heads, K key/value heads, Dh head dim, E experts, k experts per token, N = B * T tokens.
@@ -47,10 +47,8 @@ Memory write (after the answer, off the user's critical path):
     STM_l'   = (1 - G) * STM_l + G * Update_l
 """
 
-import functools
 import inspect
 from collections.abc import Callable
-from types import MethodType
 
 import torch
 import torch.nn.functional as F
@@ -68,11 +66,6 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, is_torchdynamo_compiling
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
-
-if torch.distributed.is_available():  # FSDP2, for `run_as_forward`; torch builds without distributed have neither
-    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
-else:
-    FSDPModule = register_fsdp_forward_method = None
 
 from .configuration_rxt import RxTConfig
 from .external_memory import (
@@ -95,6 +88,15 @@ from .modeling_rxt_blocks import (
     at_least_float32,
 )
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
+from .modeling_rxt_wrappers import (
+    FSDPModule,
+    drops_mixed_adapter_hooks_on_error,
+    holds_injected_adapters,
+    is_fsdp_module,
+    is_peft_module,
+    mixed_adapter_rows,
+    run_as_forward,
+)
 
 
 # ---- mixture of experts ---------------------------------------------------------------------------------------------
@@ -395,11 +397,11 @@ class RxTPreTrainedModel(PreTrainedModel):
         model ran neither the adapter nor the base. Both are switched back on here."""
         super().enable_adapters()
         for module in self.modules():
-            if _is_peft_module(module, "ModulesToSaveWrapper"):
+            if is_peft_module(module, "ModulesToSaveWrapper"):
                 module.enable_adapters(True)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        if _holds_injected_adapters(self):
+        if holds_injected_adapters(self):
             raise ValueError(
                 "This model holds PEFT adapter layers (`get_peft_model` changes the model it is given): its weights "
                 "would be saved under PEFT's names, and the folder would load with freshly initialised weights in "
@@ -637,93 +639,8 @@ class RxTModel(RxTPreTrainedModel):
         return new_stm
 
 
-def run_as_forward(module: nn.Module, function: Callable, *args):
-    """`function(*args)`, run as a forward of `module` where FSDP2 (`fully_shard`, what `Trainer` and accelerate
-    use) shards `module`: FSDP2 gathers a module's weights around `forward` only, and the memory is projected with the
-    weights of each decoder layer outside the layer's `forward` (once per turn), and a training objective runs the
-    model's parts outside its `forward`. Registered once per module; a plain call elsewhere."""
-    module = _sharding_unit(module)
-    if not _is_fsdp_module(module):
-        return function(*args)
-    if _AS_FORWARD not in module.__dict__:
-        setattr(module, _AS_FORWARD, MethodType(lambda self, call, *call_args: call(*call_args), module))
-        register_fsdp_forward_method(module, _AS_FORWARD)
-    return getattr(module, _AS_FORWARD)(function, *args)
-
-
-_AS_FORWARD = "_rxt_run_as_forward"
-
-
-def _is_fsdp_module(module: nn.Module) -> bool:
-    return FSDPModule is not None and isinstance(module, FSDPModule)
-
-
-def _sharding_unit(module: nn.Module) -> nn.Module:
-    """The FSDP unit that holds `module`'s weights. Under FSDP's activation checkpointing a layer is a checkpoint
-    wrapper, a unit of its own that holds no weights, around the unit of the layer itself."""
-    inner = module
-    while hasattr(inner, "_checkpoint_wrapped_module"):
-        inner = inner._checkpoint_wrapped_module
-        if _is_fsdp_module(inner):
-            module = inner
-    return module
-
-
-def _is_peft_module(module: nn.Module, *class_names: str) -> bool:
-    """Whether `module` is an instance of one of PEFT's classes `class_names`, known by name: this file is the model's
-    remote code, which must load where PEFT is not installed."""
-    return any(cls.__name__ in class_names and cls.__module__.startswith("peft.") for cls in type(module).__mro__)
-
-
-def _holds_injected_adapters(model: nn.Module) -> bool:
-    """Whether PEFT injected adapter layers into `model` itself (`get_peft_model`, `inject_adapter_in_model`);
-    adapters loaded through transformers' integration (`model.load_adapter`) save as adapters and do not count."""
-    if getattr(model, "_hf_peft_config_loaded", False):
-        return False
-    return any(_is_peft_module(module, "BaseTunerLayer", "ModulesToSaveWrapper") for module in model.modules())
-
-
 # What `generate` adds to the model inputs for this model alone: an assistant (assisted decoding) does not get them.
 OWN_GENERATE_INPUTS = ("memory_key_values", "external_memory", "external_memory_rows")
-
-
-def _mixed_adapter_hooks(module: nn.Module):
-    """(submodule, hook key, adapter names) of every hook PEFT's mixed-adapter batch put on `module`."""
-    for submodule in module.modules():
-        for key, hook in list(submodule._forward_pre_hooks.items()):
-            names = getattr(hook, "keywords", {}).get("adapter_names")
-            if names is not None:
-                yield submodule, key, names
-
-
-def mixed_adapter_rows(module: nn.Module) -> int | None:
-    """The number of rows PEFT's mixed-adapter batch (`generate(..., adapter_names=[...])`) is running with, found
-    on the hooks it puts on the LoRA layers of `module` for the call (each row's adapter name, repeated per beam under
-    beam search); None when no mixed batch is running there."""
-    return next((len(names) for _, _, names in _mixed_adapter_hooks(module)), None)
-
-
-def drop_mixed_adapter_hooks(module: nn.Module) -> None:
-    """Removes the hooks of a mixed-adapter batch from `module` (see `drops_mixed_adapter_hooks_on_error`)."""
-    for submodule, key, _ in _mixed_adapter_hooks(module):
-        del submodule._forward_pre_hooks[key]
-        submodule._forward_pre_hooks_with_kwargs.pop(key, None)
-
-
-def drops_mixed_adapter_hooks_on_error(method: Callable) -> Callable:
-    """Makes a failed call of `method` remove the hooks of a mixed-adapter batch (a no-op outside one): PEFT (0.21)
-    removes them when the call returns but not when it raises, and every later call of the model would run with
-    that batch's adapter names, without a word."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except BaseException:
-            drop_mixed_adapter_hooks(self)
-            raise
-
-    return wrapper
 
 
 @auto_docstring
@@ -811,7 +728,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        if _is_fsdp_module(self):
+        if is_fsdp_module(self):
             return self._save_sharded_by_fsdp(save_directory, *args, **kwargs)
         # transformers puts only the saved class into `auto_map`; the base model should load through AutoModel too.
         if self._auto_class is not None:

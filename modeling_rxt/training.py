@@ -65,7 +65,8 @@ from .data import (
     recall_probes,
 )
 from .external_memory import bind_external_memory
-from .modeling_rxt import RxTForCausalLM, load_balancing_loss, run_as_forward
+from .modeling_rxt import RxTForCausalLM, load_balancing_loss
+from .modeling_rxt_wrappers import run_as_forward
 from .tokenization import (
     ANSWER_TOKEN,
     BOS_TOKEN,

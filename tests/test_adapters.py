@@ -35,7 +35,7 @@ from modeling_rxt.adapters import (
     update_memory_with,
     using_adapter,
 )
-from modeling_rxt.modeling_rxt import mixed_adapter_rows
+from modeling_rxt.modeling_rxt_wrappers import mixed_adapter_rows
 from modeling_rxt.data import TELL, UPDATE, interactions_dataset, lm_texts, make_episodes
 from modeling_rxt.tokenization import MIN_VOCAB_SIZE, encode_interaction, train_tokenizer
 

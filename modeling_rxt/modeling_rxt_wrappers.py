@@ -1,0 +1,119 @@
+# Copyright 2026 The RxT for Transformers authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""What the model needs to run inside the wrappers of the Hugging Face stack, apart from the architecture.
+
+- FSDP2 (`fully_shard`, what `Trainer` and accelerate use) gathers a module's weights around its `forward` only,
+  and RxT calls its layers' weights outside `forward` (the memory projected once per turn, training objectives that
+  run the model's parts): `run_as_forward`.
+- PEFT: recognising its layers without importing it (this is remote code, which must load where PEFT is not
+  installed), and the forward hooks of a mixed-adapter batch (`generate(..., adapter_names=[...])`), which PEFT leaves
+  behind when a call raises.
+"""
+
+import functools
+from collections.abc import Callable
+from types import MethodType
+
+import torch
+from torch import nn
+
+if torch.distributed.is_available():  # torch builds without distributed have neither
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+else:
+    FSDPModule = register_fsdp_forward_method = None
+
+
+def run_as_forward(module: nn.Module, function: Callable, *args):
+    """`function(*args)`, run as a forward of `module` where FSDP2 (`fully_shard`, what `Trainer` and accelerate
+    use) shards `module`: FSDP2 gathers a module's weights around `forward` only, and the memory is projected with the
+    weights of each decoder layer outside the layer's `forward` (once per turn), and a training objective runs the
+    model's parts outside its `forward`. Registered once per module; a plain call elsewhere."""
+    module = _sharding_unit(module)
+    if not is_fsdp_module(module):
+        return function(*args)
+    if _AS_FORWARD not in module.__dict__:
+        setattr(module, _AS_FORWARD, MethodType(lambda self, call, *call_args: call(*call_args), module))
+        register_fsdp_forward_method(module, _AS_FORWARD)
+    return getattr(module, _AS_FORWARD)(function, *args)
+
+
+_AS_FORWARD = "_rxt_run_as_forward"
+
+
+def is_fsdp_module(module: nn.Module) -> bool:
+    return FSDPModule is not None and isinstance(module, FSDPModule)
+
+
+def _sharding_unit(module: nn.Module) -> nn.Module:
+    """The FSDP unit that holds `module`'s weights. Under FSDP's activation checkpointing a layer is a checkpoint
+    wrapper, a unit of its own that holds no weights, around the unit of the layer itself."""
+    inner = module
+    while hasattr(inner, "_checkpoint_wrapped_module"):
+        inner = inner._checkpoint_wrapped_module
+        if is_fsdp_module(inner):
+            module = inner
+    return module
+
+
+def is_peft_module(module: nn.Module, *class_names: str) -> bool:
+    """Whether `module` is an instance of one of PEFT's classes `class_names`, known by name: this file is the model's
+    remote code, which must load where PEFT is not installed."""
+    return any(cls.__name__ in class_names and cls.__module__.startswith("peft.") for cls in type(module).__mro__)
+
+
+def holds_injected_adapters(model: nn.Module) -> bool:
+    """Whether PEFT injected adapter layers into `model` itself (`get_peft_model`, `inject_adapter_in_model`);
+    adapters loaded through transformers' integration (`model.load_adapter`) save as adapters and do not count."""
+    if getattr(model, "_hf_peft_config_loaded", False):
+        return False
+    return any(is_peft_module(module, "BaseTunerLayer", "ModulesToSaveWrapper") for module in model.modules())
+
+
+def _mixed_adapter_hooks(module: nn.Module):
+    """(submodule, hook key, adapter names) of every hook PEFT's mixed-adapter batch put on `module`."""
+    for submodule in module.modules():
+        for key, hook in list(submodule._forward_pre_hooks.items()):
+            names = getattr(hook, "keywords", {}).get("adapter_names")
+            if names is not None:
+                yield submodule, key, names
+
+
+def mixed_adapter_rows(module: nn.Module) -> int | None:
+    """The number of rows PEFT's mixed-adapter batch (`generate(..., adapter_names=[...])`) is running with, found
+    on the hooks it puts on the LoRA layers of `module` for the call (each row's adapter name, repeated per beam under
+    beam search); None when no mixed batch is running there."""
+    return next((len(names) for _, _, names in _mixed_adapter_hooks(module)), None)
+
+
+def drop_mixed_adapter_hooks(module: nn.Module) -> None:
+    """Removes the hooks of a mixed-adapter batch from `module` (see `drops_mixed_adapter_hooks_on_error`)."""
+    for submodule, key, _ in _mixed_adapter_hooks(module):
+        del submodule._forward_pre_hooks[key]
+        submodule._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def drops_mixed_adapter_hooks_on_error(method: Callable) -> Callable:
+    """Makes a failed call of `method` remove the hooks of a mixed-adapter batch (a no-op outside one): PEFT (0.21)
+    removes them when the call returns but not when it raises, and every later call of the model would run with
+    that batch's adapter names, without a word."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            drop_mixed_adapter_hooks(self)
+            raise
+
+    return wrapper
