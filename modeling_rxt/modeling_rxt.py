@@ -571,12 +571,13 @@ class RxTModel(RxTPreTrainedModel):
     def encode_interaction(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
-        """Runs the memory encoder: the encoded data ED_1..ED_L (B, T, D), the key mask used over them and the
-        rotary embeddings of their positions."""
+        """Runs the memory encoder: the encoded data ED_1..ED_L (B, T, D), the key mask (B, T) bool over them (None
+        without `attention_mask`) and the rotary embeddings of their positions."""
         if can_read_values(input_ids):  # training calls this directly, without `update_memory`'s checks
             check_token_ids(input_ids, self.config.vocab_size)
         inputs_embeds = self.embed_tokens(input_ids)
         self.check_interaction_length(input_ids.shape[1])
+        key_mask = None
         if attention_mask is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         else:
@@ -585,14 +586,12 @@ class RxTModel(RxTPreTrainedModel):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
             # A row with no tokens (a conversation that skips this write) still needs one key to attend to;
             # its result is discarded by `write_memory`.
-            attention_mask = attention_mask.bool()
-            first_key = attention_mask[:, :1] | ~attention_mask.any(dim=-1, keepdim=True)  # out of place
-            attention_mask = torch.cat((first_key, attention_mask[:, 1:]), dim=-1)
+            has_tokens = attention_mask.bool()
+            first_key = has_tokens[:, :1] | ~has_tokens.any(dim=-1, keepdim=True)
+            key_mask = torch.cat((first_key, has_tokens[:, 1:]), dim=-1)  # (B, T)
         rotary = self.rotary_emb(inputs_embeds, position_ids=position_ids)
-        token_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
-        )
-        return self.memory_encoder(inputs_embeds, rotary, token_mask), attention_mask, rotary
+        encoder_mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=key_mask)
+        return self.memory_encoder(inputs_embeds, rotary, encoder_mask), key_mask, rotary
 
     def write_memory(
         self, stm: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
@@ -615,11 +614,11 @@ class RxTModel(RxTPreTrainedModel):
         that a state keeps its dtype and the rows without tokens their memory to the bit."""
         given = stm
         stm = stm.to(encoded[0].dtype)
-        slots_mask = None
+        write_mask = None  # slots x tokens, in the attention implementation's format
         # CODEPATH: the usual write attends through the attention registry and needs its mask; models with
         # `memory_write_competition` share tokens out over slots themselves and read the plain `key_mask`.
         if key_mask is not None and not self.config.memory_write_competition:
-            slots_mask = create_bidirectional_mask(
+            write_mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=stm[0], attention_mask=key_mask, encoder_hidden_states=encoded[0]
             )
         stm_mean = stm.mean(dim=0)  # (B, S, D), what the inter-layer pre-step reads
@@ -629,9 +628,10 @@ class RxTModel(RxTPreTrainedModel):
             initial = self.initial_memory(1)[:, 0].unbind(0)
         # Layers through `unbind` (one `stack` in the backward), not `stm[i]` (a zero-filled STM per layer).
         layers = zip(self.memory_attention, stm.unbind(0), encoded, initial, strict=True)
-        new_stm = torch.stack(
-            [layer(slots, stm_mean, ed, slots_mask, rotary, key_mask, init) for layer, slots, ed, init in layers]
-        )
+        new_stm = torch.stack([
+            layer(slots, stm_mean, ed, rotary, write_mask=write_mask, key_mask=key_mask, initial=init)
+            for layer, slots, ed, init in layers
+        ])  # (L, B, S, D)
         new_stm = new_stm.to(given.dtype)
         if attention_mask is not None:
             has_tokens = attention_mask.bool().any(dim=-1)  # (B,): rows with no tokens keep their memory

@@ -129,8 +129,8 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
             return stm + mix * self_out + (1 - mix) * inter_out
         return stm + (self_out if self_out is not None else inter_out if inter_out is not None else 0)
 
-    def competitive_update(self, query, encoded, token_mask, encoded_rotary, occupancy=None) -> torch.Tensor:
-        """The write with slots competing for tokens: query (B, S, D), encoded (B, T, D), token_mask (B, T) bool or
+    def competitive_update(self, query, encoded, key_mask, encoded_rotary, occupancy=None) -> torch.Tensor:
+        """The write with slots competing for tokens: query (B, S, D), encoded (B, T, D), key_mask (B, T) bool or
         None -> update (B, S, D). Per head, each token's softmax runs over the S slots (its attention is shared out
         among them), and slot s takes sum_t share[s, t] * v_t / (1 + sum_t share[s, t]): the mean of the tokens it
         won, damped by how much it won. A plain mean (as in Slot Attention) would hand a slot that won almost
@@ -147,28 +147,28 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         if occupancy is not None:
             scores = scores - at_least_float32(self.occupancy_scale[:, None] * occupancy[:, None, :])[..., None]
         share = torch.softmax(scores, dim=-2)  # over slots: each token's shares sum to 1
-        if token_mask is not None:
-            share = share * token_mask[:, None, None, :].to(share.dtype)  # padding gives nothing
+        if key_mask is not None:
+            share = share * key_mask[:, None, None, :].to(share.dtype)  # padding gives nothing
         weights = (share / (1.0 + share.sum(dim=-1, keepdim=True))).to(v.dtype)
         out = torch.matmul(weights, v).transpose(1, 2)  # (B, S, H, Dh)
         return attention.o_proj(out.reshape(*query.shape[:2], -1))
 
     def forward(
-        self, stm, stm_mean, encoded, encoded_mask, encoded_rotary, token_mask=None, initial=None
+        self, stm, stm_mean, encoded, encoded_rotary, write_mask=None, key_mask=None, initial=None
     ) -> torch.Tensor:
-        """stm (B, S, D), stm_mean (B, S, D), encoded (B, T, D) -> new stm (B, S, D). `encoded_mask` is the
-        attention mask of the usual write (as the attention implementation wants it), `token_mask` (B, T) the plain
-        token mask that the competitive write uses, `initial` (S, D) this layer's initial memory (what an unused
+        """stm (B, S, D), stm_mean (B, S, D), encoded (B, T, D) -> new stm (B, S, D). `write_mask` is the slots x
+        tokens attention mask of the usual write (as the attention implementation wants it), `key_mask` (B, T) the
+        plain token mask that the competitive write uses, `initial` (S, D) this layer's initial memory (what an unused
         slot holds; read with `memory_write_occupancy`)."""
         query = self.query_norm(self.pre_step(stm, stm_mean))
         if self.competition:  # CODEPATH: `memory_write_competition` models (the demo model); others attend as usual
             occupancy = None
             if self.occupancy_scale is not None:
                 occupancy = 1 - torch.nn.functional.cosine_similarity(stm, initial.to(stm.dtype), dim=-1)  # (B, S)
-            update = self.competitive_update(query, self.encoded_norm(encoded), token_mask, encoded_rotary, occupancy)
+            update = self.competitive_update(query, self.encoded_norm(encoded), key_mask, encoded_rotary, occupancy)
         else:
             update, _ = self.memory_attn(
-                query, self.encoded_norm(encoded), attention_mask=encoded_mask, key_rotary=encoded_rotary
+                query, self.encoded_norm(encoded), attention_mask=write_mask, key_rotary=encoded_rotary
             )
         gate = torch.sigmoid(self.residual_gate(stm + update))
         return (1 - gate) * stm + gate * update

@@ -155,11 +155,11 @@ def test_competitive_write_shares_each_token_out_among_the_slots(tiny_model):
     layer, config = model.model.memory_attention[0], model.config
     batch, slots, length, heads = 2, config.memory_slots, 6, config.num_attention_heads
     query, encoded = torch.randn(batch, slots, config.hidden_size), torch.randn(batch, length, config.hidden_size)
-    token_mask = torch.ones(batch, length, dtype=torch.bool)
-    token_mask[1, 4:] = False
+    key_mask = torch.ones(batch, length, dtype=torch.bool)
+    key_mask[1, 4:] = False
     rotary = model.model.rotary_emb(encoded, torch.arange(length)[None])
     with torch.no_grad():
-        update = layer.competitive_update(query, encoded, token_mask, rotary)
+        update = layer.competitive_update(query, encoded, key_mask, rotary)
         attention = layer.memory_attn
         q = attention.project_queries(query)
         k, v = attention.project_keys_values(encoded, rotary)
@@ -168,8 +168,8 @@ def test_competitive_write_shares_each_token_out_among_the_slots(tiny_model):
         for b in range(batch):
             for h in range(heads):
                 scores = q[b, h] @ k[b, h // group].T * attention.scaling  # (S, T)
-                share = scores.softmax(dim=0) * token_mask[b]  # each real token's shares sum to 1
-                torch.testing.assert_close(share.sum(0)[token_mask[b]], torch.ones(int(token_mask[b].sum())))
+                share = scores.softmax(dim=0) * key_mask[b]  # each real token's shares sum to 1
+                torch.testing.assert_close(share.sum(0)[key_mask[b]], torch.ones(int(key_mask[b].sum())))
                 for s in range(slots):
                     won = share[s]
                     expected[b, s, h] = (won[:, None] * v[b, h // group]).sum(0) / (1 + won.sum())
@@ -178,7 +178,7 @@ def test_competitive_write_shares_each_token_out_among_the_slots(tiny_model):
         # Padding gives nothing: changing the padded tokens leaves row 1's update as it is.
         changed = encoded.clone()
         changed[1, 4:] = torch.randn(2, config.hidden_size)
-        torch.testing.assert_close(layer.competitive_update(query, changed, token_mask, rotary), update)
+        torch.testing.assert_close(layer.competitive_update(query, changed, key_mask, rotary), update)
     state, input_ids = random_state(model, 2), random_ids(2, 7)
     order = torch.randperm(slots)
     with torch.no_grad():
@@ -200,15 +200,15 @@ def test_occupied_slots_compete_less_for_new_tokens(tiny_model):
     torch.testing.assert_close(layer.occupancy_scale.detach(), torch.full((config.num_attention_heads,), 3.0))
     batch, slots, length = 2, config.memory_slots, 6
     query, encoded = torch.randn(batch, slots, config.hidden_size), torch.randn(batch, length, config.hidden_size)
-    token_mask = torch.ones(batch, length, dtype=torch.bool)
+    key_mask = torch.ones(batch, length, dtype=torch.bool)
     rotary = model.model.rotary_emb(encoded, torch.arange(length)[None])
     with torch.no_grad():
-        plain = layer.competitive_update(query, encoded, token_mask, rotary)
+        plain = layer.competitive_update(query, encoded, key_mask, rotary)
         shared = torch.full((batch, slots), 0.7)
-        torch.testing.assert_close(layer.competitive_update(query, encoded, token_mask, rotary, shared), plain)
+        torch.testing.assert_close(layer.competitive_update(query, encoded, key_mask, rotary, shared), plain)
         occupied = torch.zeros(batch, slots)
         occupied[:, 0] = 100.0
-        update = layer.competitive_update(query, encoded, token_mask, rotary, occupied)
+        update = layer.competitive_update(query, encoded, key_mask, rotary, occupied)
         assert update[:, 0].abs().max() < 1e-6  # slot 0 won nothing (o_proj has no bias)
         assert not torch.allclose(update[:, 1:], plain[:, 1:], atol=1e-4)  # its share went to the other slots
     state, input_ids = model.init_memory(batch), random_ids(batch, 7)
