@@ -118,9 +118,9 @@ def eager_attention_forward(
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     elif module.is_causal and query.shape[2] > 1:
-        # Same convention as the SDPA path: no mask + causal module means a plain causal mask.
-        causal = torch.ones(query.shape[2], key_states.shape[2], dtype=torch.bool, device=query.device)
-        causal = causal.tril(key_states.shape[2] - query.shape[2])
+        # As SDPA's `is_causal`, aligned top-left (query i sees keys 0..i): transformers leaves the mask out only
+        # where that rule is right (as many keys as queries; a static cache's prefill, whose later keys are empty).
+        causal = torch.ones(query.shape[2], key_states.shape[2], dtype=torch.bool, device=query.device).tril()
         attn_weights = attn_weights.masked_fill(~causal, torch.finfo(attn_weights.dtype).min)
     attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)

@@ -513,3 +513,17 @@ def test_accumulated_micro_batches_carry_the_aux_loss_once(moe_model):
     torch.testing.assert_close(2 * half.loss, whole.loss)
     lm_loss = F.cross_entropy(whole.logits[:, :-1].reshape(-1, 100), input_ids[:, 1:].reshape(-1))
     torch.testing.assert_close(whole.loss, lm_loss + moe_model.config.router_aux_loss_coef * whole.aux_loss)
+
+
+def test_eager_attention_without_a_mask_follows_sdpa_causal_rule():
+    """transformers leaves the mask out only where SDPA's own `is_causal` rule is right (as many keys as queries, the
+    prefill of a static cache whose keys beyond the queries are empty slots): called without a mask, the eager path
+    must mask as SDPA does, aligned top-left (query i sees keys 0..i)."""
+    from modeling_rxt.modeling_rxt_blocks import eager_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    query, key, value = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    eager, _ = eager_attention_forward(module, query, key, value, None, scaling=8**-0.5)
+    sdpa, _ = sdpa_attention_forward(module, query, key, value, None, scaling=8**-0.5)
+    torch.testing.assert_close(eager, sdpa)
