@@ -296,6 +296,7 @@ def check_decoder_inputs(
     input_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
     config: RxTConfig,
     past_length: int | None,
 ) -> None:
@@ -316,12 +317,17 @@ def check_decoder_inputs(
         batch_size, length = input_ids.shape
     else:
         if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
-            raise TypeError(f"`inputs_embeds` must be a floating-point torch.Tensor, got {type(inputs_embeds)}.")
+            raise TypeError(f"`inputs_embeds` must be a floating-point torch.Tensor, got {_kind(inputs_embeds)}.")
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(f"`inputs_embeds` must have shape (batch, length, {config.hidden_size}).")
+            raise ValueError(f"`inputs_embeds` must have shape (batch, length, {config.hidden_size}), got "
+                             f"{tuple(inputs_embeds.shape)}.")
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError("`inputs_embeds` is empty: an interaction needs at least one token.")
         batch_size, length = inputs_embeds.shape[:2]
     if batch_size == 0:
         raise ValueError("`input_ids` / `inputs_embeds` hold no conversation: the batch size must be at least 1.")
+    if position_ids is not None:
+        check_position_ids(position_ids, batch_size, length)
     if attention_mask is None:
         return
     if not isinstance(attention_mask, torch.Tensor):
@@ -334,6 +340,49 @@ def check_decoder_inputs(
             f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {expected} "
             "(batch, cached + new tokens)."
         )
+
+
+def check_position_ids(position_ids: torch.Tensor, batch_size: int, length: int) -> None:
+    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or position_ids.is_complex():
+        raise TypeError(f"`position_ids` must be an integer torch.Tensor (batch, length), got {_kind(position_ids)}.")
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch_size) or position_ids.shape[1] != length:
+        raise ValueError(f"`position_ids` must have shape ({batch_size} or 1, {length}) (batch, new tokens), got "
+                         f"{tuple(position_ids.shape)}.")
+
+
+IGNORE_INDEX = -100  # transformers' loss ignores these labels
+
+
+def check_labels(labels: torch.Tensor, batch_size: int, length: int, vocab_size: int) -> None:
+    """Labels of the input's shape, each a token id or -100 (ignored): transformers' loss would fail naming neither
+    `labels` nor the vocabulary ("Target 1019 is out of bounds"). Values are read where that costs no wait."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"`labels` must be an integer torch.Tensor (batch, length), got {_kind(labels)}.")
+    if tuple(labels.shape) != (batch_size, length):
+        raise ValueError(f"`labels` must have the shape of the input ({batch_size}, {length}), got "
+                         f"{tuple(labels.shape)}.")
+    if can_read_values(labels):
+        valid = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < vocab_size))
+        if not bool(valid.all()):
+            raise ValueError(f"`labels` must lie in [0, {vocab_size}) (`vocab_size`) or be {IGNORE_INDEX} (ignored); "
+                             f"got {labels[~valid][0].item()}.")
+
+
+def check_mask_values(attention_mask: torch.Tensor) -> None:
+    """A 2-D mask holds 1 for a token and 0 for padding; anything else (0.5, 2) would be read as a token by some
+    parts and not by others. Reads the values: for the entry points that check once per call."""
+    if attention_mask.dtype == torch.bool:
+        return
+    invalid = (attention_mask != 0) & (attention_mask != 1)
+    if bool(invalid.any()):
+        raise ValueError(
+            f"`attention_mask` must hold 0 and 1 (padding and tokens), got {attention_mask[invalid][0].item()}."
+        )
+
+
+def _kind(value) -> str:
+    """What a check names when a value is of the wrong kind: a tensor's dtype, else the type."""
+    return str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def load_balancing_loss(
@@ -509,7 +558,7 @@ class RxTModel(RxTPreTrainedModel):
         # device at every step and break a compiled graph, so the checks that need the cached length run only where
         # it is a plain int (dynamic caches; a static cache is bounded by its own `max_cache_len`).
         known_past_length = None if isinstance(past_length, torch.Tensor) else past_length
-        check_decoder_inputs(input_ids, inputs_embeds, attention_mask, self.config, known_past_length)
+        check_decoder_inputs(input_ids, inputs_embeds, attention_mask, position_ids, self.config, known_past_length)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, length = inputs_embeds.shape[:2]
@@ -688,6 +737,10 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             The external-memory row each batch row reads (default: row b reads row b, or all read a single row);
             batch-first, so `generate` repeats it for beams and `num_return_sequences`.
         """
+        if labels is not None:
+            given = input_ids if input_ids is not None else inputs_embeds
+            if isinstance(given, torch.Tensor) and given.dim() >= 2:  # else the model names the bad input
+                check_labels(labels, *given.shape[:2], self.config.vocab_size)
         if external_memory is not None:  # retrieval from external memories, bound to this batch
             batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             external_memory = bind_external_memory(external_memory, external_memory_rows, self.config, batch_size)
@@ -896,15 +949,14 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             )
 
     def _check_ids(self, input_ids, attention_mask):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError("`input_ids` must be an integer torch.Tensor of shape (batch, length).")
-        if input_ids.dim() != 2 or 0 in input_ids.shape:
-            raise ValueError(f"`input_ids` must have shape (batch >= 1, length >= 1), got {tuple(input_ids.shape)}.")
-        check_token_ids(input_ids, self.config.vocab_size)  # once per call, outside forward: on any device
-        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"`attention_mask` shape {tuple(attention_mask.shape)} != `input_ids` shape.")
+        """The checks of `check_decoder_inputs` for a whole interaction or prompt, plus what is read once per call
+        on any device (outside `forward`): token ids within the vocabulary, a mask of 0 and 1."""
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
+            raise ValueError("`input_ids` is empty: an interaction needs at least one token.")
+        check_decoder_inputs(input_ids, None, attention_mask, None, self.config, past_length=0)
+        check_token_ids(input_ids, self.config.vocab_size)
+        if attention_mask is not None:
+            check_mask_values(attention_mask)
         return input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device)
 
     def encoder_mlm_logits(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):

@@ -233,6 +233,60 @@ def test_attention_mask_of_the_wrong_shape_or_type(model):
         model(ids, attention_mask=[[1] * 5] * 2)
 
 
+def test_attention_mask_values_other_than_zero_and_one(model):
+    """A mask of 0.5 (or 2) is no mask: the write would take it for tokens and the encoder's mask functions for
+    something else. Refused by the entry points that read ids once per call."""
+    ids = random_ids(1, 5)
+    for mask in (torch.full((1, 5), 0.5), torch.tensor([[1, 1, 2, 1, 1]])):
+        with pytest.raises(ValueError, match=r"`attention_mask` must hold 0 and 1.*got 0\.5|`attention_mask` must hold 0 "
+                                             r"and 1.*got 2"):
+            model.update_memory(model.init_memory(1), ids, attention_mask=mask)
+        with pytest.raises(ValueError, match="`attention_mask` must hold 0 and 1"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2)
+    model.update_memory(model.init_memory(1), ids, attention_mask=torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0]]))
+    model.update_memory(model.init_memory(1), ids, attention_mask=torch.ones(1, 5, dtype=torch.bool))
+
+
+def test_labels_of_the_wrong_shape_type_or_values(model):
+    """transformers' loss would fail with "Expected input batch_size (10) to match target batch_size (6)" or
+    "Target 1019 is out of bounds", naming neither `labels` nor the vocabulary."""
+    ids = random_ids(2, 5)
+    with pytest.raises(ValueError, match=r"`labels` must have the shape of the input \(2, 5\), got \(2, 4\)"):
+        model(ids, labels=ids[:, :4])
+    with pytest.raises(TypeError, match="`labels` must be an integer torch.Tensor"):
+        model(ids, labels=ids.float())
+    for bad in (ids + 100, torch.full_like(ids, -5)):
+        with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 100\) \(`vocab_size`\) or be -100"):
+            model(ids, labels=bad)
+    ignored = ids.clone()
+    ignored[:, :2] = -100
+    assert model(ids, labels=ignored).loss.isfinite()
+
+
+def test_position_ids_of_the_wrong_shape_or_type(model):
+    ids = random_ids(2, 5)
+    for bad in (torch.arange(4)[None], torch.arange(5)[None].expand(3, -1), torch.arange(5)):
+        with pytest.raises(ValueError, match=r"`position_ids` must have shape \(2 or 1, 5\)"):
+            model(ids, position_ids=bad)
+    with pytest.raises(TypeError, match="`position_ids` must be an integer torch.Tensor"):
+        model(ids, position_ids=torch.arange(5.0)[None])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, position_ids=torch.arange(5)[None]).logits, model(ids).logits)
+
+
+def test_messages_show_what_was_given(model):
+    with pytest.raises(TypeError, match=r"`inputs_embeds` must be a floating-point torch.Tensor, got torch.int64"):
+        model(inputs_embeds=torch.zeros(1, 4, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`inputs_embeds` must have shape \(batch, length, 32\), got \(1, 4, 16\)"):
+        model(inputs_embeds=torch.zeros(1, 4, 16))
+    with pytest.raises(ValueError, match=r"`inputs_embeds` is empty"):
+        model(inputs_embeds=torch.zeros(1, 0, 32))
+    with pytest.raises(TypeError, match=r"`input_ids` must be an int64 or int32 torch.Tensor .*got torch.float32"):
+        model.update_memory(model.init_memory(1), torch.rand(1, 4))
+    with pytest.raises(ValueError, match=r"`attention_mask` has shape \(1, 4\); expected \(1, 5\)"):
+        model.update_memory(model.init_memory(1), random_ids(1, 5), attention_mask=torch.ones(1, 4))
+
+
 def test_inputs_embeds_of_the_wrong_shape(model):
     with pytest.raises(ValueError, match="inputs_embeds"):
         model(inputs_embeds=torch.zeros(1, 4, 16))

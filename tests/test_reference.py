@@ -163,20 +163,3 @@ def test_forward_in_chunks_through_a_cache_equals_one_forward(attn_implementatio
             for start, end in ((0, 4), (4, 5), (5, 9))
         ]
     torch.testing.assert_close(torch.cat(chunks, dim=1), whole, atol=2e-5, rtol=1e-5)
-
-
-def test_eager_attention_without_a_mask_is_causal_from_the_cached_offset():
-    """`eager_attention_forward` given no mask by a causal module masks as SDPA's `is_causal` convention for a chunk
-    after a cache: query i of 4 (the last 4 of 9 positions) sees keys 0..5 + i."""
-    from modeling_rxt.modeling_rxt_blocks import eager_attention_forward
-
-    model = make_tiny_model("dense", attn_implementation="eager")
-    module = model.model.layers[0].self_attn
-    generator = torch.Generator().manual_seed(0)
-    query = torch.randn(1, 4, 4, 8, generator=generator)  # (B, H, Tq, Dh)
-    key, value = torch.randn(2, 1, 2, 9, 8, generator=generator)  # (B, K, Tk, Dh) each
-    allowed = torch.ones(4, 9, dtype=torch.bool).tril(9 - 4)
-    additive = torch.zeros(4, 9).masked_fill(~allowed, float("-inf"))[None, None]
-    unmasked, _ = eager_attention_forward(module, query, key, value, None, scaling=module.scaling)
-    masked, _ = eager_attention_forward(module, query, key, value, additive, scaling=module.scaling)
-    torch.testing.assert_close(unmasked, masked)
