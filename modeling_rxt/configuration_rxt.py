@@ -42,9 +42,12 @@ class RxTConfig(PreTrainedConfig):
     num_experts_per_tok (`int`, *optional*, defaults to 2):
         Experts each token is routed to (their weights are renormalised to sum to one).
     router_aux_loss_coef (`float`, *optional*, defaults to 0.01):
-        Weight of the load-balancing loss added to the language-modelling loss when `labels` are given.
+        Weight of the load-balancing loss added to the language-modelling loss when `labels` are given and the
+        router logits are output (the training objectives always output them for a mixture of experts).
     output_router_logits (`bool`, *optional*, defaults to `False`):
-        Whether the outputs carry the router logits of every decoder layer.
+        Whether the outputs carry the router logits of every decoder layer and the load-balancing loss (`aux_loss`);
+        the `output_router_logits` keyword of `forward` overrides it. Set it to train a mixture of experts with a
+        plain `Trainer` (as for Mixtral).
     shared_expert_intermediate_size (`int`, *optional*, defaults to 0):
         Width of an always-on shared SwiGLU expert added to the routed experts; 0 means none.
     memory_slots (`int`, *optional*, defaults to 64):

@@ -744,9 +744,13 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         if external_memory is not None:  # retrieval from external memories, bound to this batch
             batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             external_memory = bind_external_memory(external_memory, external_memory_rows, self.config, batch_size)
-        want_router_logits = self.config.is_moe and (labels is not None or self.config.output_router_logits)
-        if want_router_logits:  # CODEPATH: the load-balancing loss needs the router logits
-            kwargs["output_router_logits"] = True
+        # As in transformers' MoE models: the load-balancing loss is computed (and joins the loss given `labels`)
+        # when `output_router_logits` is set, by keyword or by the config; the training objectives set it.
+        output_router_logits = kwargs.pop("output_router_logits", None)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        want_router_logits = self.config.is_moe and bool(output_router_logits)
+        kwargs["output_router_logits"] = want_router_logits  # CODEPATH: the load-balancing loss needs them
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -236,6 +236,24 @@ def test_training_throughput_drops_warmup_steps(settings):
         assert table["training_throughput_ratio"]["value"] == pytest.approx(sorted(paired)[1])
 
 
+def test_the_mixture_of_experts_trains_with_its_balancing_loss(settings, monkeypatch, tmp_path):
+    """The training section times what RxT's objectives do: a MoE's loss includes its load-balancing loss, which
+    the model adds only with `output_router_logits` (as transformers' MoE models); the flag is set for the training
+    steps alone, since decoding would compute the loss at every step."""
+    import modeling_rxt.modeling_rxt as modeling
+
+    calls = []
+    original = modeling.load_balancing_loss
+    monkeypatch.setattr(modeling, "load_balancing_loss", lambda *args: calls.append(1) or original(*args))
+    models = build_systems(settings)
+    data = train_speed.RandomTokens(4, 16, models["rxt-moe"].config.vocab_size, seed=0)
+    train_speed.train_steps(models["rxt-moe"], data, settings, 2, str(tmp_path))
+    assert len(calls) == 2  # one forward per step
+    assert models["rxt-moe"].config.output_router_logits is False
+    train_speed.train_steps(models["rxt-dense"], data, settings, 1, str(tmp_path))
+    assert len(calls) == 2
+
+
 def test_training_runs_on_the_bench_device_alone(monkeypatch, tmp_path):
     # A host with two GPUs, faked: transformers would train on cuda:0, with DataParallel over both.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -440,17 +440,37 @@ def test_aux_loss_ignores_padding():
     assert masked.item() == pytest.approx(load_balancing_loss((kept,), 4, 2, None).item(), rel=1e-6)
 
 
-def test_loss_with_labels_is_lm_loss_plus_weighted_aux_loss(moe_model):
+def test_loss_with_router_logits_is_lm_loss_plus_weighted_aux_loss(moe_model):
     input_ids = random_ids(2, 8)
-    out = moe_model(input_ids, labels=input_ids, memory_state=random_state(moe_model, 2))
+    out = moe_model(input_ids, labels=input_ids, memory_state=random_state(moe_model, 2), output_router_logits=True)
     assert len(out.router_logits) == moe_model.config.num_hidden_layers
     lm_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, 100), input_ids[:, 1:].reshape(-1))
     expected_aux = load_balancing_loss(out.router_logits, 4, 2, None)
     torch.testing.assert_close(out.aux_loss, expected_aux)
     assert out.aux_loss.item() >= 0.99  # the balancing loss is at least ~1 (1 when perfectly balanced)
     torch.testing.assert_close(out.loss, lm_loss + moe_model.config.router_aux_loss_coef * out.aux_loss)
-    dense_out = make_tiny_model("dense")(input_ids, labels=input_ids)
+    dense_out = make_tiny_model("dense")(input_ids, labels=input_ids, output_router_logits=True)
     assert dense_out.aux_loss is None
+
+
+def test_router_logits_and_aux_loss_follow_output_router_logits_as_in_mixtral(moe_model):
+    """As every MoE model of transformers: the load-balancing loss is computed (and joins the loss given `labels`)
+    when `output_router_logits` is set, by keyword or by the config (False by default). With labels alone the loss
+    is the cross-entropy: `eval_loss` and a perplexity are not inflated by it, and `Trainer.predict` gets logits
+    alone, not (aux_loss, logits)."""
+    input_ids = random_ids(2, 8)
+    plain = moe_model(input_ids, labels=input_ids)
+    lm_loss = F.cross_entropy(plain.logits[:, :-1].reshape(-1, 100), input_ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(plain.loss, lm_loss)
+    assert plain.aux_loss is None and not plain.router_logits
+    assert moe_model(input_ids, output_router_logits=True).aux_loss is not None  # without labels too
+    moe_model.config.output_router_logits = True
+    try:
+        assert moe_model(input_ids, labels=input_ids).aux_loss is not None
+        refused = moe_model(input_ids, labels=input_ids, output_router_logits=False)  # the keyword wins
+        assert refused.aux_loss is None and not refused.router_logits
+    finally:
+        moe_model.config.output_router_logits = False
 
 
 # ---- activation checkpointing ----------------------------------------------------------------------------------------
@@ -507,8 +527,9 @@ def test_accumulated_micro_batches_carry_the_aux_loss_once(moe_model):
     of the whole step (`num_items_in_batch`) and the micro-batches' losses are summed: the load-balancing loss must
     be weighted by each micro-batch's share of those tokens, or a step of two micro-batches carries it twice."""
     input_ids, state = random_ids(2, 8), random_state(moe_model, 2)
-    whole = moe_model(input_ids, labels=input_ids, memory_state=state, num_items_in_batch=input_ids[:, 1:].numel())
-    half = moe_model(input_ids, labels=input_ids, memory_state=state, num_items_in_batch=2 * input_ids[:, 1:].numel())
+    step = {"labels": input_ids, "memory_state": state, "output_router_logits": True}
+    whole = moe_model(input_ids, num_items_in_batch=input_ids[:, 1:].numel(), **step)
+    half = moe_model(input_ids, num_items_in_batch=2 * input_ids[:, 1:].numel(), **step)
     # The same batch twice as two micro-batches: the same cross-entropy and balancing loss as the batch once.
     torch.testing.assert_close(2 * half.loss, whole.loss)
     lm_loss = F.cross_entropy(whole.logits[:, :-1].reshape(-1, 100), input_ids[:, 1:].reshape(-1))

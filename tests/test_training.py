@@ -300,14 +300,14 @@ def test_decoder_loss_weighs_rows(tokenizer):
 
 
 def test_interaction_objective_is_the_causal_lm_loss_with_the_balancing_loss(tokenizer):
-    """Stage 2 on a MoE model is what `model(..., labels=...)` computes: the mean answer cross-entropy reading the
-    initial memory plus `router_aux_loss_coef` x the load-balancing loss."""
+    """Stage 2 on a MoE model is what `model(..., labels=..., output_router_logits=True)` computes: the mean answer
+    cross-entropy reading the initial memory plus `router_aux_loss_coef` x the load-balancing loss."""
     model = tiny_model(tokenizer, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5)
     dataset = tokenize_interactions(tokenizer, [("my cat is bimo .", "noted ."), ("where is the cat ?", "bimo")], 64)
     batch = InteractionCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
     with torch.no_grad():
         loss_sum, weight, metrics = interaction_objective(model, batch)
-        expected = model(**batch).loss
+        expected = model(**batch, output_router_logits=True).loss
     assert metrics["aux_loss"] > 0.9
     torch.testing.assert_close(loss_sum / weight, expected, atol=1e-5, rtol=1e-5)
 

@@ -97,12 +97,23 @@ def train_steps(model: PreTrainedModel, data: RandomTokens, settings: BenchSetti
     arguments = training_arguments(settings, steps, output_dir)  # makes cuda:0 the current GPU (transformers)
     clock = StepClock(settings.device)
     model.train()
+    # A mixture of experts trains with its load-balancing loss, as in RxT's training objectives: transformers' MoE
+    # models add it when `output_router_logits` is set (only here: decoding would compute it at every step).
+    config = getattr(model, "config", None)
+    is_moe = bool(getattr(config, "is_moe", False))  # Llama's config has neither field
+    outputs_router_logits = getattr(config, "output_router_logits", None)
+    if is_moe:
+        config.output_router_logits = True
     # accelerate places the model and every batch on "cuda", the current GPU: make that the bench's device.
-    with torch.cuda.device(settings.device) if is_cuda(settings.device) else nullcontext():
-        trainer = Trainer(model=model, args=arguments, train_dataset=data, callbacks=[clock])
-        trainer.remove_callback(PrinterCallback)  # no metrics dict printed after every run
-        trainer.train()
-    model.eval()
+    try:
+        with torch.cuda.device(settings.device) if is_cuda(settings.device) else nullcontext():
+            trainer = Trainer(model=model, args=arguments, train_dataset=data, callbacks=[clock])
+            trainer.remove_callback(PrinterCallback)  # no metrics dict printed after every run
+            trainer.train()
+    finally:
+        if is_moe:
+            config.output_router_logits = outputs_router_logits
+        model.eval()
     return clock.seconds
 
 
