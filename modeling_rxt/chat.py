@@ -7,10 +7,12 @@ starts the write in a background thread; the next `send` waits for it only if it
     send(q1) -> generate(answer 1 | STM_0) -> return answer 1 ---> [thread] STM_1 = write(STM_0, [q1][a1])
     send(q2) -> wait for STM_1 (often already done) -> generate(answer 2 | STM_1) -> return ---> [thread] STM_2 ...
 
-Turns are formatted by the tokenizer module (`[BOS][Q] query[A]`, see `tokenization.py`); the memory is written
-with the ids actually generated (the prompt, the answer tokens and `[EOS]`), so what the model remembers is exactly
-what it said. Sessions save atomically (memory state + transcript JSON) and reload to continue identically; many
-sessions run as one batch with `send_batch` (left-padded prompts, one generate, one batched write).
+A turn's prompt is the query rendered by the tokenizer's chat template (`apply_chat_template` with
+`add_generation_prompt=True`; the project's template gives `[BOS][Q] query[A]`, see `tokenization.py`), so a
+tokenizer's own template is what the model sees. The memory is written with the ids actually used (that prompt, the
+answer tokens and `[EOS]`), so what the model remembers is exactly what it read and said. Sessions save atomically
+(memory state + transcript JSON) and reload to continue identically; many sessions run as one batch with `send_batch`
+(left-padded prompts, one generate, one batched write).
 
 Not exported to the Hub: this module uses the project's tokenizer helpers.
 """
@@ -35,7 +37,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from .external_memory import generation_setting
 from .memory_state import RxTMemoryState, read_json_object, write_json_atomic
-from .tokenization import ANSWER_TOKEN, EOS_TOKEN, check_turn_tokens, decode_answer, encode_query
+from .tokenization import (
+    ANSWER_TOKEN, EOS_TOKEN, check_chat_template, check_turn_tokens, decode_answer, encode_chat_prompt,
+)
 
 SESSION_FILE = "session.json"
 MEMORY_DIR = re.compile(r"memory-[0-9a-f]{32}")  # the memory folders `save` names
@@ -111,6 +115,7 @@ class RxTChatSession:
         if tokenizer.convert_tokens_to_ids(ANSWER_TOKEN) in (None, tokenizer.unk_token_id):
             raise ValueError(f"`tokenizer` is not an RxT tokenizer: it has no {ANSWER_TOKEN} token.")
         check_turn_tokens(tokenizer)
+        check_chat_template(tokenizer)  # at once, not at the first turn (nor on `load` after a whole conversation)
         if not isinstance(background_write, bool):
             raise TypeError(f"`background_write` must be a bool, got {type(background_write).__name__}.")
         if memory_state is None:
@@ -231,10 +236,12 @@ class RxTChatSession:
             raise RuntimeError("This chat session is closed: `close()` stopped its memory writer.")
 
     def _encode_prompt(self, query: str) -> torch.Tensor:
+        """The prompt of one turn as the tokenizer's chat template renders it (the query alone: earlier turns are in
+        the memory, not in the prompt)."""
         if not isinstance(query, str):
             raise TypeError(f"`query` must be a str, got {type(query).__name__}.")
         limit = self.model.config.max_position_embeddings - 2  # room for at least one answer token and [EOS]
-        ids = encode_query(self.tokenizer, query, max_length=limit)["input_ids"]
+        ids = encode_chat_prompt(self.tokenizer, query, max_length=limit)["input_ids"]
         return torch.tensor([ids], dtype=torch.long, device=self.model.device)
 
     def _generation_kwargs(self, prompt_length: int, given: dict) -> dict:

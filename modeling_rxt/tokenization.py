@@ -15,7 +15,9 @@ The tokenizer is a byte-level BPE trained with the `tokenizers` library and wrap
 with `AutoTokenizer.from_pretrained(path)` and no remote code. Its chat template renders a list of
 {"role": "user" | "assistant", "content": ...} messages as one interaction per user/assistant pair and marks each
 answer (with its `[EOS]`) as a `{% generation %}` block, so `return_assistant_tokens_mask=True` gives an answer-only
-mask. `[T]` is reserved for thinking turns and `[MASK]` for the memory encoder's masked-LM pretraining.
+mask. A chat session prompts through the tokenizer's chat template (`encode_chat_prompt`), so a tokenizer given another
+template prompts the model with that template's rendering. `[T]` is reserved for thinking turns and `[MASK]` for the
+memory encoder's masked-LM pretraining.
 """
 
 from __future__ import annotations
@@ -282,6 +284,42 @@ def encode_query(tokenizer: PreTrainedTokenizerFast, query: str, max_length: int
     return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
 
+def check_chat_template(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Raise `ValueError` when `tokenizer` has no chat template. A chat session prompts through it and, like
+    transformers' `apply_chat_template`, refuses to guess a format rather than fall back to one the tokenizer does not
+    declare."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "the tokenizer has no `chat_template`, which renders each turn's prompt: set `tokenizer.chat_template = "
+            "CHAT_TEMPLATE` (from modeling_rxt.tokenization) for the RxT turn format, as `train_tokenizer` does"
+        )
+
+
+def encode_chat_prompt(
+    tokenizer: PreTrainedTokenizerFast, query: str, max_length: int | None = None
+) -> dict[str, list[int]]:
+    """Token ids and attention mask of the prompt for `query` as the tokenizer's chat template renders it (one user
+    message, `add_generation_prompt=True`), the transformers chat idiom. With `CHAT_TEMPLATE` these are exactly
+    `encode_query`'s ids; another template may add to the prompt (a system prefix, say) but must end it with [A],
+    after which the model answers. A prompt longer than `max_length` raises `ValueError`, as in `encode_query`."""
+    # The turn format's rule for user text holds whatever the template: "[EOS]" typed in a query would become the
+    # real token and end the turn the memory is written with.
+    _checked_part("query", query)
+    check_chat_template(tokenizer)
+    messages = [{"role": "user", "content": query}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = list(rendered["input_ids"])
+    _check_frame(tokenizer, ids, ids)  # a template's own prefix only costs the full turn-token check
+    if ids[-1:] != [tokenizer.convert_tokens_to_ids(ANSWER_TOKEN)]:
+        ending = tokenizer.convert_ids_to_tokens(ids[-1:])
+        raise ValueError(
+            f"the tokenizer's `chat_template` ends the prompt (with `add_generation_prompt=True`) with {ending}, not "
+            f"with {ANSWER_TOKEN}, after which the model answers: render the generation prompt as {ANSWER_TOKEN}"
+        )
+    _check_length(ids, tokenizer, max_length)
+    return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+
 def encode_interaction(
     tokenizer: PreTrainedTokenizerFast, query: str, answer: str | None = None, max_length: int | None = None
 ) -> dict[str, list[int]]:
@@ -345,6 +383,7 @@ __all__ = [
     "THINK_TOKEN",
     "UNK_TOKEN",
     "decode_answer",
+    "encode_chat_prompt",
     "encode_interaction",
     "encode_query",
     "find_special_token",

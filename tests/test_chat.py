@@ -13,7 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt import chat
 from modeling_rxt.chat import RxTChatSession, send_batch
-from modeling_rxt.tokenization import MIN_VOCAB_SIZE, encode_query, train_tokenizer
+from modeling_rxt.tokenization import CHAT_TEMPLATE, MIN_VOCAB_SIZE, encode_query, train_tokenizer
 
 TEXTS = ["my cat is called bimo .", "what is my cat called ?", "hello there , how are you ?", "i live in paris ."]
 GREEDY = dict(max_new_tokens=6)
@@ -255,6 +255,7 @@ def test_load_can_change_how_the_session_writes(model, tokenizer, tmp_path):
     "call, error, match",
     [
         (lambda s: s.send("   ", **GREEDY), ValueError, "query"),
+        (lambda s: s.send("what [EOS] is", **GREEDY), ValueError, "query contains the special token"),
         (lambda s: s.send(42), TypeError, "query"),
         (lambda s: s.send(TEXTS[0], num_return_sequences=2, num_beams=2), ValueError, "num_return_sequences"),
         (lambda s: s.send(TEXTS[0], generation_config=GenerationConfig(num_return_sequences=2, num_beams=2)),
@@ -515,3 +516,108 @@ def test_a_batch_needs_a_tokenizer_with_a_pad_token(model, tokenizer):
     with pytest.raises(ValueError, match="no pad token"):
         send_batch(sessions, TEXTS[:2], **GREEDY)
     assert sessions[0].send(TEXTS[0], **GREEDY)  # was a TypeError from inside torch, for the batch only
+
+
+# ---- the prompt is the tokenizer's chat template -------------------------------------------------------------------
+def rendered_prompt(tokenizer, query) -> list[int]:
+    """What transformers' chat idiom gives a model for one user message."""
+    messages = [{"role": "user", "content": query}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+def with_template(tokenizer, template):
+    custom = copy.deepcopy(tokenizer)
+    custom.chat_template = template
+    return custom
+
+
+def record_model_inputs(monkeypatch, model) -> dict[str, list[list[int]]]:
+    """The unpadded rows of every prompt `generate` gets and every interaction `update_memory` writes, in order."""
+    seen = {"prompts": [], "written": []}
+    generate, update_memory = model.generate, model.update_memory
+
+    def rows(ids, mask):
+        return [row[keep.bool()].tolist() for row, keep in zip(ids, torch.ones_like(ids) if mask is None else mask)]
+
+    def recording_generate(ids, attention_mask=None, **kwargs):
+        seen["prompts"] += rows(ids, attention_mask)
+        return generate(ids, attention_mask=attention_mask, **kwargs)
+
+    def recording_update_memory(state, ids, attention_mask=None):
+        seen["written"] += rows(ids, attention_mask)
+        return update_memory(state, ids, attention_mask)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    monkeypatch.setattr(model, "update_memory", recording_update_memory)
+    return seen
+
+
+def take_every_kind_of_turn(model, tokenizer, tmp_path) -> list[str]:
+    """`send`, `stream`, `send_batch` and a turn of a reloaded session, synchronously; returns the queries sent."""
+    session = RxTChatSession(model, tokenizer, background_write=False)
+    session.send(TEXTS[0], **GREEDY)
+    list(session.stream("  what is   my cat\tcalled ? ", **GREEDY))
+    send_batch([session, RxTChatSession(model, tokenizer, background_write=False)], TEXTS[2:], **GREEDY)
+    session.save(tmp_path / "chat")
+    RxTChatSession.load(tmp_path / "chat", model, tokenizer).send(TEXTS[1], **GREEDY)
+    return [TEXTS[0], "  what is   my cat\tcalled ? ", TEXTS[2], TEXTS[3], TEXTS[1]]
+
+
+def test_the_project_template_prompts_with_the_ids_of_encode_query(model, tokenizer, monkeypatch, tmp_path):
+    seen = record_model_inputs(monkeypatch, model)
+    queries = take_every_kind_of_turn(model, tokenizer, tmp_path)
+    expected = [encode_query(tokenizer, query)["input_ids"] for query in queries]
+    assert seen["prompts"] == expected == [rendered_prompt(tokenizer, query) for query in queries]
+    assert [written[: len(prompt)] for written, prompt in zip(seen["written"], expected)] == expected
+
+
+def test_a_tokenizers_own_template_is_what_the_model_sees_and_remembers(model, tokenizer, monkeypatch, tmp_path):
+    """A template with a system prefix: every kind of turn prompts with its rendering and writes that rendering, then
+    the answer, into the memory."""
+    prefixed = with_template(tokenizer, "be brief ." + CHAT_TEMPLATE)
+    seen = record_model_inputs(monkeypatch, model)
+    queries = take_every_kind_of_turn(model, prefixed, tmp_path)
+    expected = [rendered_prompt(prefixed, query) for query in queries]
+    assert expected[0][: -len(encode_query(tokenizer, TEXTS[0])["input_ids"])]  # the prefix is rendered
+    assert seen["prompts"] == expected
+    assert [written[: len(prompt)] for written, prompt in zip(seen["written"], expected)] == expected
+    assert all(written[-1] == tokenizer.eos_token_id for written in seen["written"])
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused(model, tokenizer, tmp_path):
+    """As transformers' own `apply_chat_template` does; at once rather than at the first turn."""
+    bare = with_template(tokenizer, None)
+    with pytest.raises(ValueError, match="`chat_template`"):
+        RxTChatSession(model, bare)
+    RxTChatSession(model, tokenizer).save(tmp_path)
+    with pytest.raises(ValueError, match="`chat_template`"):
+        RxTChatSession.load(tmp_path, model, bare)
+    session = RxTChatSession(model, with_template(tokenizer, CHAT_TEMPLATE))
+    session.tokenizer.chat_template = None  # removed after the session was made
+    with pytest.raises(ValueError, match="chat_template"):
+        session.send(TEXTS[0], **GREEDY)
+    assert session.messages == [] and session.timings == []
+
+
+def test_a_template_whose_generation_prompt_does_not_end_in_the_answer_token_is_refused(model, tokenizer):
+    """The model answers after [A]: without it, it would go on writing the query."""
+    no_prompt = with_template(tokenizer, "{{ bos_token }}[Q] {{ messages[0]['content'] }}")
+    session = RxTChatSession(model, no_prompt)
+    with pytest.raises(ValueError, match=r"`chat_template`.*\[A\]"):
+        session.send(TEXTS[0], **GREEDY)
+    with pytest.raises(ValueError, match=r"`chat_template`.*\[A\]"):
+        send_batch([session, RxTChatSession(model, no_prompt)], TEXTS[:2], **GREEDY)
+    assert session.messages == []
+
+
+def test_the_room_rule_counts_the_rendered_prompt(model, tokenizer, monkeypatch):
+    """The prompt may take `max_position_embeddings - 2` tokens (one answer token and [EOS] must follow): a prefix of
+    the template counts."""
+    fill = model.config.max_position_embeddings - 2 - len(encode_query(tokenizer, TEXTS[0])["input_ids"])
+    at_limit = with_template(tokenizer, "[T]" * fill + CHAT_TEMPLATE)
+    seen = record_model_inputs(monkeypatch, model)
+    RxTChatSession(model, at_limit, background_write=False).send(TEXTS[0], max_new_tokens=1, suppress_tokens=[3])
+    assert len(seen["written"][0]) == model.config.max_position_embeddings
+    over = with_template(tokenizer, "[T]" * (fill + 1) + CHAT_TEMPLATE)
+    with pytest.raises(ValueError, match="47 tokens, more than max_length=46"):
+        RxTChatSession(model, over).send(TEXTS[0], max_new_tokens=1)
