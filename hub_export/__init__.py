@@ -7,7 +7,7 @@ or `python -m hub_export SRC DEST [--overwrite] [--no-verify] [--push REPO_ID] [
 """
 
 from .export import ExportReport, export_model
-from .model_card import build_model_card, read_evaluation, usage_snippet
+from .model_card import build_model_card, read_evaluation, usage_snippet, weights_fingerprint
 from .push import push_folder
 from .verify import VerificationError, VerificationReport, verify_export
 
@@ -21,4 +21,5 @@ __all__ = [
     "read_evaluation",
     "usage_snippet",
     "verify_export",
+    "weights_fingerprint",
 ]

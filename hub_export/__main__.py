@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--push", metavar="REPO_ID", help="upload DEST to this Hub repository after the export")
     parser.add_argument("--private", action="store_true", default=None, help="create the repository as private")
     parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)")
-    parser.add_argument("--eval-json", help="evaluation JSON of the training job (results of the model card)")
+    parser.add_argument("--eval-json", help="evaluation JSON of the training job (results of the model card); "
+                                            "refused if it records the weights_fingerprint of other weights")
     parser.add_argument("--recipe-json", help="training recipe JSON (training section of the model card)")
     parser.add_argument("--dataset", action="append", dest="datasets", metavar="NAME",
                         help="dataset id for the card's metadata (repeat for several)")

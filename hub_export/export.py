@@ -34,7 +34,15 @@ from modeling_rxt.adapters import AdapterBaseWeightsError, check_adapter_fits
 from modeling_rxt.memory_state import create_temporary, staged_folder
 
 from .fresh_process import BLOCKED_PACKAGES
-from .model_card import DEFAULT_DATASETS, Evaluation, build_model_card, read_evaluation, read_recipe
+from .model_card import (
+    DEFAULT_DATASETS,
+    WEIGHT_FILES,
+    Evaluation,
+    build_model_card,
+    read_evaluation,
+    read_recipe,
+    weights_fingerprint,
+)
 from .push import push_folder
 from .verify import VerificationReport, verify_export
 
@@ -78,6 +86,25 @@ def find_model_folder(src: Path) -> Path:
         f"`src` {str(src)!r} is not a model folder: it has no config.json (nor checkpoint-N/config.json of a Trainer "
         "run). Save the model with `model.save_pretrained(folder)` first."
     )
+
+
+def check_evaluated_weights(evaluation: Evaluation, eval_json: str | os.PathLike, model_folder: Path) -> None:
+    """The card publishes the evaluation's figures as this model's results: an evaluation JSON that records the
+    fingerprint of other weights is refused. One that records none (hand-written, or from an older run) cannot be
+    checked: it is exported with a warning, and the card says that its results are not tied to these weights."""
+    recorded = evaluation.weights_fingerprint
+    if recorded is None:
+        logger.warning("`eval_json` %r records no weights_fingerprint: nothing ties its results to the weights of %r; "
+                       "the model card says so", str(eval_json), str(model_folder))
+        return
+    actual = weights_fingerprint(model_folder)
+    if recorded != actual:
+        raise ValueError(
+            f"`eval_json` {str(eval_json)!r} was measured on other weights than those exported: expected "
+            f"weights_fingerprint {actual} (the {WEIGHT_FILES} of {str(model_folder)!r}), found {recorded}. Give "
+            "the evaluation JSON of this model (`hub_export.weights_fingerprint` of the folder it "
+            "evaluated)."
+        )
 
 
 def load_source_model(folder: Path) -> RxTForCausalLM:
@@ -224,6 +251,8 @@ def weights_metadata(model, evaluation: Evaluation | None) -> dict[str, str]:
     }
     if evaluation is not None:
         metadata["evaluation_source"] = evaluation.source
+    if evaluation is not None and evaluation.weights_fingerprint is not None:  # checked against these weights
+        metadata["evaluation_weights_fingerprint"] = evaluation.weights_fingerprint
     return metadata
 
 
@@ -360,7 +389,8 @@ def export_model(
 
     `repo_id` names the Hub repository in the card, the usage snippet and the adapters (default: the name of `dest`);
     `push=True` uploads `dest` there (`endpoint`, `token`, `private` go to `huggingface_hub`). `eval_json` is the
-    evaluation output of the training job, `recipe_json` its recipe; `datasets` the card's dataset ids. Raises
+    evaluation output of the training job (an evaluation JSON that records the `weights_fingerprint` of weights other
+    than those of `src` is refused), `recipe_json` its recipe; `datasets` the card's dataset ids. Raises
     `ValueError` on bad input and `VerificationError` if the folder does not load and compute like the source in a
     fresh process; in both cases `dest` is left as it was and no temporary folder remains. An upload error
     (`huggingface_hub` raises it) comes after `dest` is complete: push it again with `push_folder`.
@@ -381,6 +411,8 @@ def export_model(
     evaluation = read_evaluation(eval_json) if eval_json is not None else None
     recipe = read_recipe(recipe_json) if recipe_json is not None else None
     model_folder = find_model_folder(src)
+    if evaluation is not None:
+        check_evaluated_weights(evaluation, eval_json, model_folder)
     adapters = find_adapters(src, model_folder)
     read = [src, model_folder, *adapters.values()]
     _check_dest(dest, overwrite, read)

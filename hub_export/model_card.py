@@ -15,12 +15,16 @@ JSON object keys; other keys are ignored):
      "recall": 0.87, "recall_reset": 0.011,                       optional: over all distances
      "questions_by_distance": {"1": 120, ...}, "questions": 800,  optional: how many questions
      "split": "test",                                             optional
+     "weights_fingerprint": "sha256:<64 hex digits>",             optional: the weights measured (the export checks it;
+                                                                  `weights_fingerprint`)
      "external_memory_recall": {"accuracy_without_memory": 0.0,  optional: facts only in an external memory
                                 "accuracy_with_external_memory": 0.27, "questions": 285}}
 """
 
+import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ DEFAULT_DATASETS = ("rxt-synthetic-memory-episodes", "chatterbot-corpus")
 EVAL_TASK = "text-generation"
 EVAL_DATASET_TYPE = "rxt-synthetic-memory-episodes"
 EVAL_DATASET_NAME = "RxT synthetic memory episodes (held-out values)"
+WEIGHTS_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")  # as `weights_fingerprint` writes it
 USAGE_HEADING = "## Usage"
 # The conversation of the usage snippet has the shape of the training episodes: two facts, then a question about the
 # first one, asked two turns after it was stated.
@@ -58,6 +63,7 @@ class Evaluation:
     questions: int | None = None
     split: str | None = None
     external_memory: dict[str, float | int] | None = None  # without / with the external memory, questions
+    weights_fingerprint: str | None = None  # of the weights measured; None: not recorded (hand-written, older runs)
 
 
 def _fraction(value: object, where: str) -> float:
@@ -99,6 +105,34 @@ def _external_memory(value: object, where: str) -> dict[str, float | int]:
     }
 
 
+WEIGHT_FILES = "model*.safetensors"  # `save_pretrained`'s weights: model.safetensors, or its shards
+
+
+def weights_fingerprint(folder: str | os.PathLike) -> str:
+    """`sha256:<hex>`: the fingerprint of the weights saved in `folder`, for an evaluation JSON to record what it was
+    measured on (the export checks it against the weights it exports). Read from the files, without loading a
+    model: the SHA-256 of the `sha256sum` lines of its `model*.safetensors` in name order, so that
+    `cd folder && LC_ALL=C sha256sum model*.safetensors | sha256sum` gives the same hex digest. Every byte of every
+    weight file counts; nothing else of the folder (tokenizer, adapters, index) does."""
+    paths = sorted(Path(folder).glob(WEIGHT_FILES), key=lambda path: path.name)
+    if not paths:
+        raise ValueError(f"{str(folder)!r} has no weight files ({WEIGHT_FILES}) to fingerprint.")
+    lines = "".join(f"{_file_sha256(path)}  {path.name}\n" for path in paths)
+    return "sha256:" + hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:  # streamed: weight files can be larger than the memory
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _fingerprint(value: object, where: str) -> str:
+    if not isinstance(value, str) or not WEIGHTS_FINGERPRINT.fullmatch(value):
+        raise ValueError(f"{where} must be 'sha256:' and 64 hex digits (as `hub_export."
+                         f"weights_fingerprint` writes it), got {value!r}.")
+    return value
+
+
 def _optional(data: dict, key: str, read, where: str):
     return read(data[key], f"{where} {key}") if data.get(key) is not None else None
 
@@ -128,6 +162,7 @@ def read_evaluation(path: str | Path) -> Evaluation:
         questions=_optional(data, "questions", _count, where),
         split=split,
         external_memory=_optional(data, "external_memory_recall", _external_memory, where),
+        weights_fingerprint=_optional(data, "weights_fingerprint", _fingerprint, where),
     )
 
 
@@ -201,6 +236,19 @@ def _results_table(evaluation: Evaluation) -> list[str]:
     return rows
 
 
+def _weights_note(evaluation: Evaluation) -> str:
+    """Whether the results are this model's: the export has checked a recorded fingerprint against the weights it
+    exported; without one, nothing ties the figures to these weights, and the reader must be told."""
+    if evaluation.weights_fingerprint is None:
+        return ("**These results are not tied to these weights.** The evaluation JSON records no fingerprint of the "
+                "weights it was measured on (hand-written, or from a run older than the fingerprint), so nothing "
+                "shows that the figures below were measured on this model.")
+    return (f"These results were measured on these weights: the evaluation JSON records the fingerprint of the weights "
+            f"it was measured on, `{evaluation.weights_fingerprint}`, and the export checked it against the weights it "
+            "exported (the fingerprint is `sha256sum model*.safetensors | sha256sum` in the source folder; the "
+            "`model.safetensors` here holds the same tensors with metadata added, so its own checksum differs).")
+
+
 def _results_section(evaluation: Evaluation | None) -> str:
     if evaluation is None:
         return ("## Results\n\nNo evaluation JSON was given to the export, so this card reports no results and has "
@@ -214,6 +262,8 @@ def _results_section(evaluation: Evaluation | None) -> str:
         "or restated by the answer to an earlier question about it), on held-out synthetic episodes whose "
         f"values never occur in training, with the memory carried from turn to turn and with the memory reset "
         f"before the question ({where}).",
+        "",
+        _weights_note(evaluation),
         "",
         *_results_table(evaluation),
     ]

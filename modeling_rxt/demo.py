@@ -3,9 +3,10 @@ remembers.
 
 1. trains the byte-level BPE tokenizer and a model from the recipe (`configuration/training/demo.json`: the nano
    preset, joint LM pretraining, interaction SFT, memory-attention pretraining, memory-aware training);
-2. evaluates exact-match recall on held-out (test split) episodes by turn distance, with the memory and with the
-   memory reset before each question, and writes `runs/demo/eval.json` and `runs/demo/recall.png`;
-3. saves the model and tokenizer (`runs/demo/model`) and exports the Hub folder `runs/demo/hub`;
+2. saves the model and tokenizer (`runs/demo/model`);
+3. evaluates exact-match recall on held-out (test split) episodes by turn distance, with the memory and with the
+   memory reset before each question, writes `runs/demo/eval.json` (with the fingerprint of the saved weights it
+   evaluated, which the export checks) and `runs/demo/recall.png`, and exports the Hub folder `runs/demo/hub`;
 4. reloads `runs/demo/hub` in a FRESH process through `AutoModelForCausalLM.from_pretrained(...,
    trust_remote_code=True)` (the project's package blocked there) and holds a conversation in which the model is asked
    for a fact stated several turns earlier.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from hub_export import export_model, weights_fingerprint
 
 from .data import ASK, make_episodes
 from .evaluation import evaluate_fact_recall, evaluate_recall, plot_recall, write_json_atomic
@@ -146,15 +148,8 @@ def _conversations(result: dict, episodes, min_distance: int = 3, limit: int = 5
 
 
 def export_hub_folder(model_dir: Path, hub_dir: Path, eval_json: Path, recipe_json: Path | None) -> str:
-    """The Hub folder through `hub_export.export_model` (model card, verification) when it is available, else a
-    plain copy of the saved model and tokenizer."""
-    try:
-        from hub_export import export_model
-    except ImportError:
-        if hub_dir.exists():
-            shutil.rmtree(hub_dir)
-        shutil.copytree(model_dir, hub_dir)
-        return "copied the saved model and tokenizer"
+    """The Hub folder through `hub_export.export_model`: model card with the evaluation, verified in a fresh
+    process."""
     export_model(model_dir, hub_dir, overwrite=True, eval_json=eval_json, recipe_json=recipe_json)
     return "exported with hub_export.export_model (verified in a fresh process)"
 
@@ -193,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     examples = result.pop("examples")
     report = {
         **result,
+        # The weights just saved in `model_dir` and evaluated here: the export refuses an eval.json of other weights.
+        "weights_fingerprint": weights_fingerprint(model_dir),
         "split": split,
         "episodes": len(episodes),
         "recipe": args.recipe,

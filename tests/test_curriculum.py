@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -299,6 +300,51 @@ def test_the_saved_tokenizer_declares_the_length_the_model_takes(tokenizer, tmp_
     assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert tokenize_episodes(loaded, episodes, MAX_LENGTH).to_dict() == \
         tokenize_episodes(tokenizer, episodes, MAX_LENGTH).to_dict()
+
+
+def test_the_saved_model_has_the_cache_on_that_the_trainer_turned_off(tokenizer, tmp_path, monkeypatch):
+    """The Trainer writes `use_cache=False` into the config (HF_NOTES 13; here with gradient checkpointing on,
+    `activation_checkpointing` in transformers 5.23): the stage's own save shows it, and the curriculum's model, saved
+    for the export and the demo, must have the cache back on."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    plain_arguments = curriculum.training_arguments
+
+    def with_gradient_checkpointing(*args, **kwargs):  # recipes leave it off: it only costs time on CPU
+        arguments = plain_arguments(*args, **kwargs)
+        arguments.activation_checkpointing = True
+        return arguments
+
+    monkeypatch.setattr(curriculum, "training_arguments", with_gradient_checkpointing)
+    saved = _saved_model(tokenizer, tmp_path / "trained")
+    recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=1)]}
+    model, trained_tokenizer, logs = run_curriculum(recipe, tmp_path / "run", progress=False)
+    assert model.is_activation_checkpointing  # the Trainer did train with it
+    stage_config = json.loads((tmp_path / "run" / "stages" / "00_sft" / "final" / "config.json").read_text())
+    assert stage_config["use_cache"] is False  # the side effect happened: without it this test would prove nothing
+    save_trained(model, trained_tokenizer, logs, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["use_cache"] is True
+
+
+def test_a_run_in_processes_returns_the_model_with_the_cache_on(tokenizer, tmp_path, monkeypatch):
+    """The model the worker processes saved is loaded back and returned (the demo saves and exports it): it has the
+    cache on even where their folder says `use_cache: false`, as a Trainer checkpoint does. (The workers' own
+    curriculum turns it on before saving, so only a stand-in for `torchrun` shows this process's reset.)"""
+    import modeling_rxt.training_curriculum as curriculum
+
+    def torchrun_saving_a_trainer_config(command, env):
+        output = Path(command[command.index("--output") + 1])
+        model = tiny_model(tokenizer)
+        model.config.use_cache = False
+        save_trained(model, tokenizer, [], output)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(curriculum.subprocess, "run", torchrun_saving_a_trainer_config)
+    saved = _saved_model(tokenizer, tmp_path / "trained")
+    recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=1)]}
+    model, _, _ = run_curriculum_in_processes(recipe, tmp_path / "run", processes=2)
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["use_cache"] is False
+    assert model.config.use_cache is True
 
 
 def _full_disk(tensors, filename, metadata=None):

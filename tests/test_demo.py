@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from modeling_rxt.demo import _parse, main
+from hub_export import weights_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,6 +42,9 @@ def test_demo_trains_evaluates_exports_and_talks_in_a_fresh_process(tmp_path):
     assert "stated" in run.stdout and "turns earlier" in run.stdout
     # The card of a named recipe holds it (the recipe's file, found by name).
     assert "No training recipe was given" not in (hub / "README.md").read_text()
+    # The results are those of the exported weights: eval.json names them, and the export checked it.
+    assert report["weights_fingerprint"] == weights_fingerprint(output / "model")
+    assert report["weights_fingerprint"] in (hub / "README.md").read_text()
 
     # Resuming the finished run trains nothing again: it evaluates, exports and replays the same model.
     (output / "eval.json").unlink()
@@ -49,7 +53,9 @@ def test_demo_trains_evaluates_exports_and_talks_in_a_fresh_process(tmp_path):
          "--resume"], capture_output=True, text=True, timeout=900,
     )
     assert resumed.returncode == run.returncode and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
-    assert json.loads((output / "eval.json").read_text())["recall_by_distance"] == report["recall_by_distance"]
+    resumed_report = json.loads((output / "eval.json").read_text())
+    assert resumed_report["recall_by_distance"] == report["recall_by_distance"]
+    assert resumed_report["weights_fingerprint"] == weights_fingerprint(output / "model")
 
 
 @pytest.mark.parametrize(
@@ -193,3 +199,26 @@ def test_demo_runs_to_the_end_without_matplotlib(untrained_demo, tmp_path, monke
     out = capsys.readouterr().out
     assert "matplotlib is not installed" in out and "did not recall" in out
     assert (tmp_path / "demo" / "eval.json").is_file() and not (tmp_path / "demo" / "recall.png").exists()
+
+
+def test_the_demo_exports_the_weights_it_evaluated_with_their_fingerprint(untrained_demo, tmp_path, monkeypatch):
+    """eval.json records the fingerprint of --output/model, the folder saved before the evaluation and the one
+    exported: the export (its fresh-process verification left out here) accepts it, and the card ties the results
+    to these weights."""
+    from hub_export import export_model
+
+    reports = []
+
+    def export_unverified(model_dir, hub_dir, eval_json, recipe_json):
+        reports.append(export_model(model_dir, hub_dir, overwrite=True, verify=False, eval_json=eval_json,
+                                    recipe_json=recipe_json))
+        return "exported (test: not verified)"
+
+    monkeypatch.setattr(untrained_demo, "export_hub_folder", export_unverified)
+    output = tmp_path / "demo"
+    assert main(["--recipe", "tiny", "--output", str(output), "--threads", "1"]) == 1  # not recalled
+    fingerprint = json.loads((output / "eval.json").read_text())["weights_fingerprint"]
+    assert fingerprint == weights_fingerprint(output / "model")
+    assert [report.model_folder for report in reports] == [output / "model"]
+    card = (output / "hub" / "README.md").read_text()
+    assert fingerprint in card and "not tied" not in card

@@ -6,9 +6,11 @@ load it back (locally, through `pipeline`, from a local mock of the Hub API) and
 """
 
 import ast
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,6 +38,7 @@ from hub_export.__main__ import main as cli_main
 from hub_export.export import check_code_files
 from hub_export.model_card import USAGE_QUERIES, extract_usage_snippet, read_evaluation, usage_snippet
 from modeling_rxt import RxTConfig, RxTForCausalLM
+from hub_export import weights_fingerprint
 from modeling_rxt.tokenization import train_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -111,7 +114,8 @@ def source(tmp_path_factory) -> Path:
     # A LoRA adapter with random B (not a no-op), saved the way PEFT saves a named adapter: adapters/persona/.
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(model, lora, adapter_name="persona").save_pretrained(root / "model" / "adapters")
-    (root / "eval.json").write_text(json.dumps(EVAL))
+    # Measured on these weights, as the demo records it: the export checks the fingerprint against SRC's weights.
+    (root / "eval.json").write_text(json.dumps({**EVAL, "weights_fingerprint": weights_fingerprint(root / "model")}))
     (root / "recipe.json").write_text(json.dumps(RECIPE))
     return root
 
@@ -388,6 +392,100 @@ def test_card_body_is_generated_from_the_model(exported, source_model):
     assert "## Limitations" in text
 
 
+# ---- the weights the results were measured on ----------------------------------------------------------------------
+def _sha256sum_of_sha256sums(folder: Path, names: list[str]) -> str:
+    """What `cd folder && sha256sum model*.safetensors | sha256sum` prints (C locale), computed independently."""
+    lines = "".join(f"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}  {name}\n" for name in sorted(names))
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+
+
+def test_the_weights_fingerprint_is_that_of_the_weight_files_alone(source, tmp_path):
+    """Computed from the files, without loading a model: every byte of every `model*.safetensors` (shards in name
+    order) counts, and nothing else of the folder (tokenizer, adapters) does."""
+    src = _copy_model(source, tmp_path / "src")
+    fingerprint = weights_fingerprint(src)
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", fingerprint)
+    assert fingerprint == weights_fingerprint(source / "model") == _sha256sum_of_sha256sums(src, ["model.safetensors"])
+    (src / "tokenizer.json").write_text("{}")
+    shutil.rmtree(src / "adapters")
+    assert weights_fingerprint(src) == fingerprint
+    weights = bytearray((src / "model.safetensors").read_bytes())
+    weights[-1] ^= 1  # one bit of the last tensor
+    (src / "model.safetensors").write_bytes(weights)
+    assert weights_fingerprint(src) != fingerprint
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    for name, content in zip(names, (b"first", b"second"), strict=True):
+        (shards / name).write_bytes(content)
+    (shards / "model.safetensors.index.json").write_text("{}")
+    in_order = weights_fingerprint(shards)
+    assert in_order == _sha256sum_of_sha256sums(shards, names)
+    (shards / names[0]).write_bytes(b"second")
+    (shards / names[1]).write_bytes(b"first")
+    assert weights_fingerprint(shards) != in_order  # the same bytes in other shards are other weights
+    with pytest.raises(ValueError, match=r"no weight files \(model\*\.safetensors\)"):
+        weights_fingerprint(src / "adapters")  # a folder without model weights
+
+
+def test_the_card_says_its_results_were_measured_on_these_weights(exported, source):
+    fingerprint = weights_fingerprint(source / "model")
+    text = (exported.dest / "README.md").read_text()
+    results = text.split("## Results")[1].split("\n## ")[0]
+    assert "measured on these weights" in results and fingerprint in results
+    assert "not tied" not in text
+    with safe_open(exported.dest / "model.safetensors", "pt") as weights:
+        assert weights.metadata()["evaluation_weights_fingerprint"] == fingerprint
+
+
+def test_an_eval_json_of_other_weights_is_refused_before_dest_is_touched(source, tmp_path):
+    """The card would publish another model's results as this one's: refused, naming `eval_json` and both
+    fingerprints, and an existing DEST (even with `overwrite=True`) stays as it was."""
+    other = "sha256:" + "0" * 64
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({**EVAL, "weights_fingerprint": other}))
+    dest = tmp_path / "out" / "dest"
+    dest.mkdir(parents=True)
+    (dest / "keep.txt").write_text("precious")
+    with pytest.raises(ValueError, match=r"`eval_json`") as error:
+        export_model(source / "model", dest, verify=False, overwrite=True, eval_json=path)
+    assert weights_fingerprint(source / "model") in str(error.value) and other in str(error.value)
+    assert [p.name for p in dest.parent.iterdir()] == ["dest"] and _files(dest) == {"keep.txt"}
+
+
+def test_an_eval_json_without_a_fingerprint_is_published_as_not_tied_to_these_weights(source, tmp_path, caplog):
+    """A hand-written evaluation JSON, or one of a run older than the fingerprint, still makes a card with its
+    results, which says plainly that nothing ties them to these weights; the export warns."""
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(EVAL))
+    with caplog.at_level(logging.WARNING, logger="hub_export"):
+        export_model(source / "model", tmp_path / "dest", verify=False, eval_json=path)
+    warnings = [record.getMessage() for record in caplog.records
+                if record.name.startswith("hub_export") and record.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "eval.json" in warnings[0] and "weights_fingerprint" in warnings[0]
+    text = (tmp_path / "dest" / "README.md").read_text()
+    assert "not tied to these weights" in text.split("## Results")[1].split("\n## ")[0]
+    card = ModelCard.load(tmp_path / "dest" / "README.md")
+    assert {r.metric_config: r.metric_value for r in card.data.eval_results}["chance"] == EVAL["chance"]
+    with safe_open(tmp_path / "dest" / "model.safetensors", "pt") as weights:
+        assert "evaluation_weights_fingerprint" not in weights.metadata()
+
+
+def test_a_trainer_run_exports_its_checkpoint_with_the_cache_on(source, tmp_path):
+    """A Trainer output folder: the weights, and so the fingerprint its evaluation records, are those of its latest
+    checkpoint, whose config.json says `use_cache: false` (the Trainer writes it, HF_NOTES 13). Users of the export
+    want the cache: the export turns it back on."""
+    checkpoint = _copy_model(source, tmp_path / "run" / "checkpoint-5")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "use_cache": False}))
+    assert RxTConfig.from_pretrained(checkpoint).use_cache is False  # loaded as saved: the export must reset it
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({**EVAL, "weights_fingerprint": weights_fingerprint(checkpoint)}))
+    export_model(tmp_path / "run", tmp_path / "dest", verify=False, eval_json=path)
+    assert json.loads((tmp_path / "dest" / "config.json").read_text())["use_cache"] is True
+
+
 # ---- upload ----------------------------------------------------------------------------------------------------------
 QUESTION = {"role": "user", "content": "where do i live ?"}
 ANSWER = {"role": "assistant", "content": "oslo ."}
@@ -531,6 +629,7 @@ def _copy_model(source: Path, target: Path, skip: tuple[str, ...] = ()) -> Path:
         ("eval_percentages", r"must be a fraction in \[0, 1\] \(not a percentage\)"),
         ("eval_missing_key", r"lacks the keys \['chance'\]"),
         ("eval_not_json", r"is not valid JSON"),
+        ("eval_bad_fingerprint", r"weights_fingerprint must be 'sha256:' and 64 hex digits"),
         ("bad_repo_id", r"is not a valid Hub repository id"),
         ("push_without_repo", r"needs a `repo_id`"),
         ("dest_is_the_checkpoint", r"would replace .*checkpoint-5.*which the export reads from"),
@@ -565,7 +664,8 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, message, source, tm
     elif case.startswith("eval_"):
         path = tmp_path / "eval.json"
         broken = {"eval_percentages": {**EVAL, "chance": 1.0, "recall_memory_reset": 3.9},
-                  "eval_missing_key": {k: v for k, v in EVAL.items() if k != "chance"}}
+                  "eval_missing_key": {k: v for k, v in EVAL.items() if k != "chance"},
+                  "eval_bad_fingerprint": {**EVAL, "weights_fingerprint": "d41d8cd98f00b204e9800998ecf8427e"}}
         path.write_text(json.dumps(broken[case]) if case in broken else "{not json")
         kwargs["eval_json"] = path
     elif case == "bad_repo_id":
