@@ -863,11 +863,13 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         if isinstance(generation_config, RxTMemoryState):
             raise TypeError("Pass the memory by keyword: `generate(input_ids, memory_state=state)`.")
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if prompt is None and kwargs.get("memory_key_values") is None:
+            # As transformers without a prompt: every row starts from [BOS] (the memory needs the batch size now).
+            inputs = prompt = self._bos_prompt(generation_config, memory_state)
+            kwargs.pop("input_ids", None)
         if prompt is not None:
             self._check_generate_prompt(prompt, generation_config or self.generation_config, kwargs)
         if kwargs.get("memory_key_values") is None:
-            if prompt is None:
-                raise ValueError("`generate` needs `input_ids` (the query) to answer.")
             stm = self.model.memory_tensor(memory_state, prompt.shape[0])
             kwargs["memory_key_values"] = self._project_memory_for_generate(stm.to(self.device))
         batch_size = prompt.shape[0] if prompt is not None else kwargs["memory_key_values"].shape[0]
@@ -881,6 +883,16 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         recorder = prepare_generate_kwargs(self, batch_size, kwargs, generation_config)  # builds it once per call
         outputs = super().generate(inputs, generation_config, *args, **kwargs)
         return attach_retrieved_memory_idx(outputs, recorder)
+
+    def _bos_prompt(self, generation_config: GenerationConfig | None, memory_state: RxTMemoryState | None):
+        """(B, 1) of `bos_token_id`: one row, or one per conversation of `memory_state`."""
+        bos = (generation_config or self.generation_config).bos_token_id
+        if bos is None:
+            bos = self.config.bos_token_id
+        if bos is None:
+            raise ValueError("`generate` needs `input_ids` (the query), or a `bos_token_id` to start from.")
+        batch_size = memory_state.batch_size if isinstance(memory_state, RxTMemoryState) else 1
+        return torch.full((batch_size, 1), bos, dtype=torch.long, device=self.device)
 
     def _project_memory_for_generate(self, stm: torch.Tensor) -> torch.Tensor:
         """`project_memory` of the (L, B, S, D) memory `generate` reads, before it expands rows for beams. A mixed-

@@ -255,3 +255,23 @@ def test_assisted_decoding_with_another_model_gives_the_greedy_answer(tiny_model
     options = dict(memory_state=state, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     assisted = model.generate(input_ids, assistant_model=assistant, **options)
     assert torch.equal(assisted, model.generate(input_ids, **options))
+
+
+def test_generate_without_a_prompt_starts_from_bos_as_llama(dense_model):
+    """No `input_ids`: transformers starts every row from `bos_token_id` (what `pipeline("text-generation")` does
+    with an empty prompt), one row, or one per conversation of the memory state given."""
+    bos = dense_model.config.bos_token_id
+    options = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    alone = dense_model.generate(**options)
+    assert alone.shape == (1, 4) and alone[0, 0].item() == bos
+    assert torch.equal(alone, dense_model.generate(torch.tensor([[bos]]), **options))
+    state = random_state(dense_model, 2)
+    rows = dense_model.generate(memory_state=state, **options)
+    assert torch.equal(rows, dense_model.generate(torch.full((2, 1), bos), memory_state=state, **options))
+    dense_model.generation_config.bos_token_id, config_bos = None, dense_model.config.bos_token_id
+    dense_model.config.bos_token_id = None
+    try:
+        with pytest.raises(ValueError, match="`input_ids`.*`bos_token_id`"):
+            dense_model.generate(**options)
+    finally:
+        dense_model.generation_config.bos_token_id = dense_model.config.bos_token_id = config_bos
