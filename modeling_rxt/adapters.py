@@ -52,7 +52,7 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .memory_state import RxTMemoryState, atomic_write_files, create_temporary, fsync_path, fsync_tree
+from .memory_state import RxTMemoryState, atomic_write_files, create_temporary, fsync_path, fsync_tree, moved_from
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in `adapter_names=`
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -582,7 +582,7 @@ def _install(staging: Path, directory: Path) -> None:
             for stale in (directory / name for name in (*ADAPTER_WEIGHTS_NAMES, BASE_PROBE_NAME)):
                 if not (staging / stale.name).exists() and stale.is_file():
                     moved.append((stale, _put_aside(stale, retired / str(len(moved)))))
-        atomic_write_files({directory / path.name: _moved_from(path) for path in files})
+        atomic_write_files({directory / path.name: moved_from(path) for path in files})
     except BaseException:
         for target, kept in reversed(moved):
             if target.is_dir() and not target.is_symlink():
@@ -601,11 +601,6 @@ def _put_aside(path: Path, kept: Path) -> Path | None:
         return None
     os.replace(path, kept)
     return kept
-
-
-def _moved_from(source: Path):
-    """A `write(temporary_path)` for `atomic_write_files` that renames the finished file `source` there."""
-    return lambda temporary: os.replace(source, temporary)
 
 
 __all__ = [

@@ -25,7 +25,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,6 +336,30 @@ def replace_folder(staging: Path, target: Path) -> None:
         finally:
             shutil.rmtree(retired, ignore_errors=True)
     fsync_path(target.parent)  # the rename itself is durable once the parent folder is flushed
+
+
+def save_files_into(directory: str | os.PathLike, save: Callable[[Path], object], what: str):
+    """Runs `save(staging)`, which writes files into an empty hidden folder inside `directory`, then moves them into
+    `directory` together (`atomic_write_files`): a save that fails part-way leaves `directory` as it was, and the
+    folder's other files stay. Returns `save`'s result and the names of the files it wrote. `what` names
+    `directory` in the error for a path that is a file."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{what} {str(directory)!r} is a file, not a folder.")
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = create_temporary(directory, ".rxt-save-", directory=True)
+    try:
+        result = save(staging)
+        written = sorted(path for path in staging.iterdir() if path.is_file())
+        atomic_write_files({directory / path.name: moved_from(path) for path in written})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result, {path.name for path in written}
+
+
+def moved_from(source: Path):
+    """A `write(temporary_path)` for `atomic_write_files` that renames the finished file `source` there."""
+    return lambda temporary: os.replace(source, temporary)
 
 
 @contextmanager

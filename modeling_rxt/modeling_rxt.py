@@ -48,7 +48,9 @@ Memory write (after the answer, off the user's critical path):
 """
 
 import inspect
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +80,7 @@ from .external_memory import (
     resolve_layers,
     resolve_stride,
 )
-from .memory_state import RxTMemoryState
+from .memory_state import RxTMemoryState, save_files_into
 from .modeling_rxt_blocks import (
     RxTMemoryCrossAttention,
     RxTMLP,
@@ -412,6 +414,10 @@ def aux_loss_share(labels: torch.Tensor, num_items_in_batch: torch.Tensor | int 
     return (labels[..., 1:] != -100).sum() / num_items_in_batch
 
 
+# The files of transformers' safetensors save: one file, or shards and their index.
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
 @auto_docstring
 class RxTPreTrainedModel(PreTrainedModel):
     config: RxTConfig
@@ -450,6 +456,10 @@ class RxTPreTrainedModel(PreTrainedModel):
                 module.enable_adapters(True)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, written atomically: transformers writes `config.json` and then the
+        weights in place, so a save that failed part-way left a new config beside truncated weights. Here it saves
+        into a hidden folder inside `save_directory`, and the files move into place together once all are written;
+        the folder's other files stay, and weight files of an earlier save that this one did not write go."""
         if holds_injected_adapters(self):
             raise ValueError(
                 "This model holds PEFT adapter layers (`get_peft_model` changes the model it is given): its weights "
@@ -457,7 +467,17 @@ class RxTPreTrainedModel(PreTrainedModel):
                 "their place. Save the adapters with the PeftModel's `save_pretrained` (or `save_adapters`), and the "
                 "base from `peft_model.unload()`, or the merged model from `merge_and_unload()`."
             )
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub"):  # transformers names the repository after the folder it writes
+            kwargs.setdefault("repo_id", Path(save_directory).name)
+
+        def save(staging: Path) -> None:
+            super(RxTPreTrainedModel, self).save_pretrained(staging, *args, **kwargs)
+
+        _, written = save_files_into(save_directory, save, "`save_directory`")
+        if any(WEIGHT_FILE.fullmatch(name) for name in written):  # a process that saved nothing removes nothing
+            for path in Path(save_directory).iterdir():
+                if WEIGHT_FILE.fullmatch(path.name) and path.name not in written and path.is_file():
+                    path.unlink()  # e.g. a single `model.safetensors`, which loads before new shards
 
     def _grouped_mm_can_dispatch(self) -> bool:
         # torch's grouped_mm needs rows aligned to 16 bytes ("strides should be multiple of 16 bytes"), which

@@ -180,3 +180,92 @@ def test_local_reload_keeps_the_lm_head_tied_and_the_weights(tmp_path):
             assert torch.equal(value, original[key]), key
         # Non-persistent rotary buffers are recomputed on load (HF_NOTES pitfall 4), not left as garbage.
         assert torch.equal(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+
+
+# ---- saving is atomic (DESIGN.md, bad input: "a failed save leaves the previous file intact") --------------------------
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_a_failed_save_leaves_the_previous_folder_as_it_was(tmp_path, monkeypatch):
+    """transformers writes `config.json`, then the weights, in place: a save that fails while writing the weights
+    (a full disk, an interrupt) left the new config beside a truncated `model.safetensors`, and nothing loaded."""
+    import transformers.modeling_utils
+
+    from conftest import make_tiny_model
+
+    folder = tmp_path / "model"
+    make_tiny_model("dense").save_pretrained(folder)
+    (folder / "tokenizer.json").write_text("{}")  # what else the folder holds stays
+    before = _folder_bytes(folder)
+
+    def fail_half_way(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fail_half_way)
+    changed = make_tiny_model("dense", seed=1, memory_slots=6)
+    with pytest.raises(OSError, match="No space left"):
+        changed.save_pretrained(folder)
+    assert _folder_bytes(folder) == before  # no hidden staging folder left either
+    monkeypatch.undo()
+    RxTForCausalLM.from_pretrained(folder)
+
+
+def test_saving_again_replaces_the_weights_and_keeps_the_other_files(tmp_path):
+    """Sharded, then in one file, then sharded again: each save leaves exactly its own weight files (a stale
+    `model.safetensors` beside new shards would be loaded instead of them), and the folder's other files stay."""
+    from conftest import make_tiny_model
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("{}")
+    for seed, shard in ((0, "20KB"), (1, None), (2, "30KB")):
+        model = make_tiny_model("dense", seed=seed)
+        model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+        weights = sorted(path.name for path in folder.glob("model*.safetensors*"))
+        if shard:
+            assert "model.safetensors" not in weights and "model.safetensors.index.json" in weights
+            assert len(weights) > 2
+        else:
+            assert weights == ["model.safetensors"]
+        assert (folder / "tokenizer.json").read_text() == "{}"
+        assert not [path for path in folder.iterdir() if path.name.startswith(".")]
+        reloaded = RxTForCausalLM.from_pretrained(folder)
+        for name, value in model.state_dict().items():
+            assert torch.equal(reloaded.state_dict()[name], value), name
+
+
+def test_saving_over_a_file_is_refused_by_name(tmp_path):
+    from conftest import make_tiny_model
+
+    path = tmp_path / "model"
+    path.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"`save_directory` .*model.* is a file"):
+        make_tiny_model("dense").save_pretrained(path)
+    assert path.read_text() == "not a folder"
+
+
+def test_save_with_push_to_hub_names_the_repository_after_the_folder(tmp_path, monkeypatch):
+    """`push_to_hub=True` without `repo_id`: transformers names the repository after the folder it writes, which is
+    the hidden staging folder of the atomic save; the repository must still be named after `save_directory`."""
+    import huggingface_hub
+    import transformers.modeling_utils
+    from huggingface_hub import ModelCard
+    from mock_hub import MockHub
+
+    from conftest import make_tiny_model
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # the mock has no Xet storage
+    # transformers reads the repository's current card from huggingface.co (not the mock) before writing its own.
+    monkeypatch.setattr(transformers.modeling_utils, "create_and_tag_model_card",
+                        lambda repo_id, tags=None, token=None: ModelCard("---\nlibrary_name: transformers\n---\n"))
+    with MockHub() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        make_tiny_model("dense").save_pretrained(tmp_path / "my-rxt", push_to_hub=True, token=hub.token)
+        assert list(hub.repos) == ["mock-user/my-rxt"]  # the mock's user
+        pushed = hub.files("mock-user/my-rxt")
+    local = {path.name: path.read_bytes() for path in (tmp_path / "my-rxt").iterdir()}
+    assert {name: local[name] for name in pushed} == pushed and "model.safetensors" in pushed
