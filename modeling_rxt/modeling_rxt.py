@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -454,6 +455,16 @@ class RxTPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if is_peft_module(module, "ModulesToSaveWrapper"):
                 module.enable_adapters(True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:  # neither a ValueError nor naming what it read
+            raise ValueError(
+                f"The weights (model*.safetensors) in {str(pretrained_model_name_or_path)!r} cannot be read: the file "
+                f"is corrupted or truncated ({error})."
+            ) from error
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, written atomically: transformers writes `config.json` and then the

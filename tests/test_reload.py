@@ -269,3 +269,19 @@ def test_save_with_push_to_hub_names_the_repository_after_the_folder(tmp_path, m
         pushed = hub.files("mock-user/my-rxt")
     local = {path.name: path.read_bytes() for path in (tmp_path / "my-rxt").iterdir()}
     assert {name: local[name] for name in pushed} == pushed and "model.safetensors" in pushed
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_weights_file_is_refused_naming_the_folder(tmp_path, damage):
+    """safetensors' own error ("Error while deserializing header: invalid JSON in header") is neither a ValueError
+    nor names the folder (DESIGN.md: a corrupted or truncated safetensors file is bad input)."""
+    from conftest import make_tiny_model
+
+    folder = tmp_path / "model"
+    make_tiny_model("dense").save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x07" * 64)
+    for load in (RxTForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=r"model\*\.safetensors\) in .*model.* cannot be read.*corrupted or truncated"):
+            load(folder)
