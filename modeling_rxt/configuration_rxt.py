@@ -15,6 +15,11 @@
 
 One schema for the whole system (decoder, memory encoder, memory attention, short-term memory). Standard Hugging Face
 names wherever one exists, Mixtral names for the mixture of experts, and a `memory_` prefix for what RxT adds.
+
+`@strict` checks the fields when the config is created, and a model checks its config again when it is built. The
+derived defaults (`head_dim` = hidden_size / heads, `num_key_value_heads` = heads) are set at creation only, as in
+every transformers config: after changing `hidden_size` or the heads of an existing config, set them too (an
+explicit `head_dim` other than hidden_size / heads is allowed: Sparse Query Attention).
 """
 
 import functools
@@ -214,17 +219,18 @@ def _raise_plain_errors(init):
     (invalid value or combination) or `TypeError` (wrong type) that names the field, so unwrap them."""
 
     @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
+    def checked(self, *args, **kwargs):
         try:
-            init(self, *args, **kwargs)
+            return init(self, *args, **kwargs)
         except StrictDataclassError as error:
             cause = error.__cause__
             plain = TypeError if isinstance(cause, TypeError) else ValueError
             raise plain(str(error)) from error
 
-    return __init__
+    return checked
 
 
 RxTConfig.__init__ = _raise_plain_errors(RxTConfig.__init__)
+RxTConfig.validate = _raise_plain_errors(RxTConfig.validate)  # what a model runs again when it is built
 
 __all__ = ["RxTConfig", "MEMORY_ATTENTION_TYPES"]

@@ -505,6 +505,9 @@ class RxTModel(RxTPreTrainedModel):
     attention and the learned initial memory. `forward` runs the decoder over one interaction, reading the memory."""
 
     def __init__(self, config: RxTConfig):
+        # `@strict` checks a config when it is created; a field changed afterwards (configs are mutable) would be
+        # built into a model without a word, or fail later inside `forward`. (RxTForCausalLM builds this model.)
+        config.validate()
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)

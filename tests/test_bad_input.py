@@ -304,3 +304,23 @@ def test_memory_state_methods_refuse_bad_arguments():
         state.reset([7], torch.zeros(2, 4, 8))
     with pytest.raises(TypeError, match="stm"):
         RxTMemoryState(stm=None)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("memory_attention_type", "bogus"),
+    ("num_key_value_heads", 3),
+    ("vocab_size", 0),
+    ("memory_write_occupancy", 2.0),
+])
+def test_a_config_changed_after_creation_is_checked_when_a_model_is_built(field, value):
+    """`@strict` checks the combinations when the config is created; a field changed afterwards was built into a
+    model without a word (a memory type it does not know wrote memory as "simple"), or failed later inside forward."""
+    from modeling_rxt import RxTForCausalLM, RxTModel
+
+    config = RxTConfig(**TINY_DENSE)
+    setattr(config, field, value)
+    for build in (RxTForCausalLM, RxTModel):
+        with pytest.raises(ValueError, match=f"`{field}`"):
+            build(config)
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        config.validate()  # plain errors, not `@strict`'s own exception types
