@@ -275,3 +275,41 @@ def test_generate_without_a_prompt_starts_from_bos_as_llama(dense_model):
             dense_model.generate(**options)
     finally:
         dense_model.generation_config.bos_token_id = dense_model.config.bos_token_id = config_bos
+
+
+def test_a_stopping_criterion_ends_decoding_with_the_memory_read(dense_model):
+    """DESIGN.md lists stopping criteria among the `generate()` features kept with memory: a user's criterion stops
+    the answer where it says, and the tokens before are the greedy answer read from the memory."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class AfterTokens(StoppingCriteria):
+        def __init__(self, length: int):
+            self.length = length
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+    input_ids, state = random_ids(2, 5), random_state(dense_model, 2)
+    stopped = dense_model.generate(input_ids, memory_state=state, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                   stopping_criteria=StoppingCriteriaList([AfterTokens(5 + 3)]))
+    full = greedy_reference(dense_model, input_ids, state, NEW_TOKENS)
+    assert stopped.shape == (2, 5 + 3) and torch.equal(stopped, full[:, : 5 + 3])
+
+
+def test_prompt_lookup_decoding_gives_the_greedy_answer(dense_model):
+    """Prompt-lookup decoding (README: kept with memory) proposes continuations copied from the prompt and verifies
+    them in one forward of several tokens over the cache; the answer is the greedy one, read from the memory."""
+    input_ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    state = random_state(dense_model, 1)
+    lengths = []
+    hook = dense_model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        looked_up = dense_model.generate(input_ids, memory_state=state, max_new_tokens=NEW_TOKENS,
+                                         min_new_tokens=NEW_TOKENS, do_sample=False, prompt_lookup_num_tokens=3)
+    finally:
+        hook.remove()
+    assert max(lengths[1:]) > 1  # candidates from the prompt were verified together
+    plain = dense_model.generate(input_ids, memory_state=state, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 do_sample=False)
+    assert torch.equal(looked_up, plain)
