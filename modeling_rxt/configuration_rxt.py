@@ -32,7 +32,6 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 from transformers.utils import auto_docstring
 
-from .external_memory import check_retrieval_controls
 
 MEMORY_ATTENTION_TYPES = ("simple", "self", "interlayer", "gated-self-interlayer")
 
@@ -212,6 +211,47 @@ class RxTConfig(PreTrainedConfig):
     @property
     def is_moe(self) -> bool:
         return self.num_local_experts > 0
+
+
+# ---- external memory controls: config fields, also given per `generate` call (external_memory.py) -----------
+def default_retrieval_layers(num_layers: int) -> list[int]:
+    """The upper half of the decoder: lower layers build local features, upper layers do long-range look-ups."""
+    return list(range(num_layers // 2, num_layers))
+
+
+def check_retrieval_controls(
+    num_layers: int,
+    max_positions: int,
+    layers: object = None,
+    topk: object = None,
+    sim_threshold: object = None,
+    stride: object = None,
+) -> None:
+    """Raises `ValueError`/`TypeError` naming the control (the same name as the config field and the `generate`
+    keyword) when one is invalid. `None` means "not set" for every control."""
+    if layers is not None:
+        if not isinstance(layers, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+            raise TypeError(f"`external_memory_layers` must be a list of layer indices, got {layers!r}.")
+        if len(set(layers)) != len(layers) or any(not 0 <= i < num_layers for i in layers):
+            raise ValueError(
+                f"`external_memory_layers` must hold distinct layer indices in [0, {num_layers}), got {list(layers)}."
+            )
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"`external_memory_topk` must be a positive integer, got {topk!r}.")
+    if sim_threshold is not None:
+        if isinstance(sim_threshold, bool) or not isinstance(sim_threshold, (int, float)):
+            raise TypeError(f"`external_memory_sim_threshold` must be a float or None, got {sim_threshold!r}.")
+        if not -1.0 <= sim_threshold <= 1.0:
+            raise ValueError(
+                f"`external_memory_sim_threshold` is a cosine similarity and must be in [-1, 1], got {sim_threshold}."
+            )
+    if stride is not None and (
+        isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= max_positions
+    ):
+        raise ValueError(
+            f"`external_memory_stride` must be an integer in [1, {max_positions}] (`max_position_embeddings`), "
+            f"got {stride!r}."
+        )
 
 
 def _raise_plain_errors(init):

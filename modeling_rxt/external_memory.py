@@ -50,7 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig
 
+from .configuration_rxt import check_retrieval_controls, default_retrieval_layers
 from .memory_state import row_index
+from .modeling_rxt_blocks import repeat_kv
 
 SCORE_BLOCK = 16384  # memory tokens scored at a time: bounds the (B, K, G*Tq, block) similarity tensor
 TOKENS_PER_ENCODING_BATCH = 4096  # memory tokens run through the decoder per forward while building a memory
@@ -66,46 +68,6 @@ GENERATE_CONTROLS = (
 
 
 # ---- controls ---------------------------------------------------------------------------------------------------
-def default_retrieval_layers(num_layers: int) -> list[int]:
-    """The upper half of the decoder: lower layers build local features, upper layers do long-range look-ups."""
-    return list(range(num_layers // 2, num_layers))
-
-
-def check_retrieval_controls(
-    num_layers: int,
-    max_positions: int,
-    layers: object = None,
-    topk: object = None,
-    sim_threshold: object = None,
-    stride: object = None,
-) -> None:
-    """Raises `ValueError`/`TypeError` naming the control (the same name as the config field and the `generate`
-    keyword) when one is invalid. `None` means "not set" for every control."""
-    if layers is not None:
-        if not isinstance(layers, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
-            raise TypeError(f"`external_memory_layers` must be a list of layer indices, got {layers!r}.")
-        if len(set(layers)) != len(layers) or any(not 0 <= i < num_layers for i in layers):
-            raise ValueError(
-                f"`external_memory_layers` must hold distinct layer indices in [0, {num_layers}), got {list(layers)}."
-            )
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
-        raise ValueError(f"`external_memory_topk` must be a positive integer, got {topk!r}.")
-    if sim_threshold is not None:
-        if isinstance(sim_threshold, bool) or not isinstance(sim_threshold, (int, float)):
-            raise TypeError(f"`external_memory_sim_threshold` must be a float or None, got {sim_threshold!r}.")
-        if not -1.0 <= sim_threshold <= 1.0:
-            raise ValueError(
-                f"`external_memory_sim_threshold` is a cosine similarity and must be in [-1, 1], got {sim_threshold}."
-            )
-    if stride is not None and (
-        isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= max_positions
-    ):
-        raise ValueError(
-            f"`external_memory_stride` must be an integer in [1, {max_positions}] (`max_position_embeddings`), "
-            f"got {stride!r}."
-        )
-
-
 def resolve_layers(config, layers: Sequence[int] | None = None) -> tuple[int, ...]:
     if layers is None:
         layers = config.external_memory_layers
@@ -529,15 +491,6 @@ def retrieve_for_heads(
         ungroup(index),
         ungroup(valid),
     )
-
-
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, K, N, Dh) -> (B, K * n_rep, N, Dh), for grouped-query attention."""
-    if n_rep == 1:
-        return hidden_states
-    batch, kv_heads, length, head_dim = hidden_states.shape
-    expanded = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, length, head_dim)
-    return expanded.reshape(batch, kv_heads * n_rep, length, head_dim)
 
 
 def local_scores_masked(scores: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:

@@ -24,6 +24,7 @@ Attention, by where queries and keys come from (all go through transformers' att
 """
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +38,9 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from .configuration_rxt import RxTConfig
-# repeat_kv lives in external_memory.py, the one module below this file (the config imports it too), so that
-# retrieval and eager attention share it.
-from .external_memory import ExternalMemoryRetriever, repeat_kv
+
+if TYPE_CHECKING:  # external_memory.py imports `repeat_kv` from here
+    from .external_memory import ExternalMemoryRetriever
 
 
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -100,6 +101,15 @@ def apply_rotary(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> 
     which matters when decoding one token at a time runs three rotations per layer."""
     cos, signed_sin = rotary
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, K, N, Dh) -> (B, K * n_rep, N, Dh), for grouped-query attention."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, length, head_dim = hidden_states.shape
+    expanded = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, length, head_dim)
+    return expanded.reshape(batch, kv_heads * n_rep, length, head_dim)
 
 
 def eager_attention_forward(
@@ -189,7 +199,7 @@ class RxTSelfAttention(RxTAttention):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-        external_memory: ExternalMemoryRetriever | None = None,
+        external_memory: "ExternalMemoryRetriever | None" = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         query = self.project_queries(hidden_states, position_embeddings)

@@ -30,8 +30,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from .configuration_rxt import RxTConfig
-from .external_memory import repeat_kv
-from .modeling_rxt_blocks import RxTBidirectionalAttention, RxTMLP, RxTRMSNorm, at_least_float32
+from .modeling_rxt_blocks import RxTBidirectionalAttention, RxTMLP, RxTRMSNorm, at_least_float32, repeat_kv
 
 
 class RxTEncoderLayer(GradientCheckpointingLayer):
