@@ -111,8 +111,8 @@ def _adapters_disabled(model: torch.nn.Module) -> bool:
 
 
 def _enable_all(model: torch.nn.Module, enabled: bool) -> None:
-    # transformers' `enable_adapters` skips ModulesToSaveWrapper (the per-adapter initial memory would stay disabled),
-    # so every tuner layer and wrapper is switched here.
+    # Every tuner layer and `modules_to_save` wrapper (the per-adapter initial memory), for models loaded by PEFT too:
+    # transformers' `enable_adapters` skips the wrappers (`RxTPreTrainedModel.enable_adapters` mends it on the model).
     for layer in _tuner_layers(model):
         layer.enable_adapters(enabled)
 
@@ -248,8 +248,8 @@ def _shape_problems(saved: Shapes, expected: Shapes, base: Shapes) -> list[str]:
 
 
 def base_probe(model: torch.nn.Module, per_tensor: int = PROBES_PER_TENSOR) -> dict[str, list[float]]:
-    """A fingerprint of the base weights under any adapters: `per_tensor` values of every float32 / float16 /
-    bfloat16 base tensor, at evenly spaced flat positions, keyed by the name the tensor has without adapters (PEFT's
+    """A fingerprint of the base weights under any adapters: `per_tensor` values of every float64 / float32 /
+    float16 / bfloat16 base tensor, at evenly spaced flat positions, keyed by the name the tensor has without adapters (PEFT's
     wrapper levels such as `base_layer` dropped, however deeply nested). LoRA factors, per-adapter copies and
     trainable-token deltas are left out, and so are weights with no values here (meta, offloaded) or stored
     quantised (8-bit floats and integers: their values are not the base's)."""

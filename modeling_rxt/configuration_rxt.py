@@ -14,7 +14,8 @@
 """Configuration of the Reactive Transformer (RxT).
 
 One schema for the whole system (decoder, memory encoder, memory attention, short-term memory). Standard Hugging Face
-names wherever one exists, Mixtral names for the mixture of experts, and a `memory_` prefix for what RxT adds.
+names wherever one exists, Mixtral names for the mixture of experts (Qwen2-MoE's for its shared expert), and a
+`memory_` prefix for what RxT adds.
 
 `@strict` checks the fields when the config is created, and a model checks its config again when it is built. The
 derived defaults (`head_dim` = hidden_size / heads, `num_key_value_heads` = heads) are set at creation only, as in

@@ -24,10 +24,14 @@ Notable features:
 - memory attention: slots query ED_l, then a sigmoid residual gate blends old and new memory per slot and channel;
 - a learned initial memory (a module of its own, so PEFT `modules_to_save` gives one per adapter).
 
-Files (all exported to the Hub): `modeling_rxt_blocks.py` holds what every part shares (RMSNorm, rotary
-positions, the four kinds of attention, SwiGLU); `modeling_rxt_memory_write.py` the memory encoder, the memory
-attention and the initial memory; `modeling_rxt_wrappers.py` what running under FSDP2 and PEFT needs; this file the
-mixture of experts, the decoder layer and the models, which tie the read and the write together.
+Files exported to the Hub with the weights (the model's remote code):
+- `configuration_rxt.py`: `RxTConfig`, the one schema;
+- `modeling_rxt_blocks.py`: what every part shares (RMSNorm, rotary positions, attention for its four uses, SwiGLU);
+- `modeling_rxt_memory_write.py`: the memory encoder, the memory attention and the initial memory;
+- this file: the mixture of experts, the decoder layer and the models, which tie the read and the write together;
+- `memory_state.py`: `RxTMemoryState`, the explicit memory, and the atomic file writes;
+- `external_memory.py`: retrieval from long external memories inside self-attention;
+- `modeling_rxt_wrappers.py`: what running under FSDP2 and PEFT needs.
 
 Shape legend: B batch, T tokens of one interaction, L memory layers (= decoder layers), S slots per layer,
 D hidden size, H query heads, K key/value heads, Dh head dim, E experts, k experts per token, N = B * T tokens.
@@ -127,8 +131,7 @@ class RxTTopKRouter(nn.Module):
 class RxTGroupedExperts(nn.Module):
     """E SwiGLU experts stored fused as 3D tensors (PEFT reaches them with `target_parameters`), for many tokens at a
     time: the forward is dispatched by transformers' experts registry (`grouped_mm` by default); this eager forward is
-    its fallback (`experts_implementation="eager"`). The experts stay in this file: transformers allows
-    `set_experts_implementation` only when `@use_experts_implementation` appears in the model class's own module."""
+    its fallback (`experts_implementation="eager"`)."""
 
     def __init__(self, config: RxTConfig):
         super().__init__()
@@ -256,29 +259,6 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         return self.self_attn.project_keys_values(self.input_layernorm(hidden_states))
 
 
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Token ids outside [0, vocab_size) get a `ValueError` naming them, not the embedding's "index out of range in
-    self" (CPU) or a device-side assert (CUDA). Reads the values: the host waits for the device."""
-    low, high = input_ids.aminmax()
-    if low.item() < 0 or high.item() >= vocab_size:
-        raise ValueError(
-            f"`input_ids` must lie in [0, {vocab_size}) (`vocab_size`); got ids from {low.item()} to {high.item()}."
-        )
-
-
-def can_read_values(tensor: torch.Tensor) -> bool:
-    """Whether a check may read `tensor`'s values inside a forward pass: a plain CPU tensor, where it costs a few us
-    and no wait. On an accelerator it would make the host wait at every decoding step; a compiled graph cannot branch
-    on it, and tensor subclasses (the fake tensors of tracing and export) have no values to read. (`generate`,
-    `update_memory` and `encoder_mlm_logits` check the ids they are given on any device, once per call.)"""
-    return (
-        type(tensor) is torch.Tensor
-        and tensor.device.type == "cpu"
-        and not is_torchdynamo_compiling()
-        and tensor.numel() > 0
-    )
-
-
 def default_position_ids(
     attention_mask: torch.Tensor | None, length: int, past_length: int | torch.Tensor, device: torch.device
 ) -> torch.Tensor:
@@ -293,126 +273,6 @@ def default_position_ids(
     counted = (attention_mask.to(device).long().cumsum(-1) - 1).clamp(min=0)  # (B, mask length)
     # Taken at the new tokens' cache positions, not the mask's last columns: a static cache's mask may be longer.
     return counted.gather(1, new_positions.expand(counted.shape[0], -1))  # (B, T)
-
-
-def check_decoder_inputs(
-    input_ids: torch.Tensor | None,
-    inputs_embeds: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    config: RxTConfig,
-    past_length: int | None,
-) -> None:
-    """Raises `TypeError`/`ValueError` naming the argument for decoder inputs of the wrong type or shape, before they
-    reach a kernel that fails with an opaque error (or, for a mask of the wrong length, silently does not fail).
-    No host synchronisation in the forward pass: shapes always; token id values only where reading them costs no
-    wait (`can_read_values`) and only for input that starts from an empty cache (`past_length` 0: training, a plain
-    forward, a prompt), not for each decoding step, whose ids the model itself produced; `past_length` None: the
-    cache's length is a device tensor, and the mask's length is left to the mask functions."""
-    if input_ids is not None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
-            found = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise TypeError(f"`input_ids` must be an int64 or int32 torch.Tensor (batch, length), got {found}.")
-        if input_ids.dim() != 2:
-            raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
-        if past_length == 0 and can_read_values(input_ids):
-            check_token_ids(input_ids, config.vocab_size)
-        batch_size, length = input_ids.shape
-    else:
-        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
-            raise TypeError(f"`inputs_embeds` must be a floating-point torch.Tensor, got {_kind(inputs_embeds)}.")
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(f"`inputs_embeds` must have shape (batch, length, {config.hidden_size}), got "
-                             f"{tuple(inputs_embeds.shape)}.")
-        if inputs_embeds.shape[1] == 0:
-            raise ValueError("`inputs_embeds` is empty: an interaction needs at least one token.")
-        batch_size, length = inputs_embeds.shape[:2]
-    if batch_size == 0:
-        raise ValueError("`input_ids` / `inputs_embeds` hold no conversation: the batch size must be at least 1.")
-    if position_ids is not None:
-        check_position_ids(position_ids, batch_size, length)
-    if attention_mask is None:
-        return
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
-    if past_length is None or attention_mask.dim() != 2:
-        return
-    expected = (batch_size, past_length + length)
-    if tuple(attention_mask.shape) != expected:
-        raise ValueError(
-            f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {expected} "
-            "(batch, cached + new tokens)."
-        )
-
-
-def check_position_ids(position_ids: torch.Tensor, batch_size: int, length: int) -> None:
-    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or position_ids.is_complex():
-        raise TypeError(f"`position_ids` must be an integer torch.Tensor (batch, length), got {_kind(position_ids)}.")
-    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch_size) or position_ids.shape[1] != length:
-        raise ValueError(f"`position_ids` must have shape ({batch_size} or 1, {length}) (batch, new tokens), got "
-                         f"{tuple(position_ids.shape)}.")
-
-
-IGNORE_INDEX = -100  # transformers' loss ignores these labels
-
-
-def check_labels(labels: torch.Tensor, batch_size: int, length: int, vocab_size: int) -> None:
-    """Labels of the input's shape, each a token id or -100 (ignored): transformers' loss would fail naming neither
-    `labels` nor the vocabulary ("Target 1019 is out of bounds"). Values are read where that costs no wait."""
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise TypeError(f"`labels` must be an integer torch.Tensor (batch, length), got {_kind(labels)}.")
-    if tuple(labels.shape) != (batch_size, length):
-        raise ValueError(f"`labels` must have the shape of the input ({batch_size}, {length}), got "
-                         f"{tuple(labels.shape)}.")
-    if can_read_values(labels):
-        valid = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < vocab_size))
-        if not bool(valid.all()):
-            raise ValueError(f"`labels` must lie in [0, {vocab_size}) (`vocab_size`) or be {IGNORE_INDEX} (ignored); "
-                             f"got {labels[~valid][0].item()}.")
-
-
-def check_mask_values(attention_mask: torch.Tensor) -> None:
-    """A 2-D mask holds 1 for a token and 0 for padding; anything else (0.5, 2) would be read as a token by some
-    parts and not by others. Reads the values: for the entry points that check once per call."""
-    if attention_mask.dtype == torch.bool:
-        return
-    invalid = (attention_mask != 0) & (attention_mask != 1)
-    if bool(invalid.any()):
-        raise ValueError(
-            f"`attention_mask` must hold 0 and 1 (padding and tokens), got {attention_mask[invalid][0].item()}."
-        )
-
-
-def _kind(value) -> str:
-    """What a check names when a value is of the wrong kind: a tensor's dtype, else the type."""
-    return str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def load_balancing_loss(
-    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None
-) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss, E * sum_e f_e * P_e (1.0 when routing is uniform): f_e is the share of
-    token-to-expert assignments that go to expert e, P_e its mean router probability. Padding tokens are excluded."""
-    logits = at_least_float32(torch.cat(list(router_logits)))  # (L*N, E)
-    probs = F.softmax(logits, dim=-1)
-    selected = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(1).float()  # (L*N, E)
-    weights = torch.ones(logits.shape[0], 1, device=logits.device)
-    if attention_mask is not None and attention_mask.numel() * len(router_logits) == logits.shape[0]:
-        weights = attention_mask.reshape(-1, 1).float().repeat(len(router_logits), 1)
-    total = weights.sum().clamp(min=1.0)
-    assignment_share = (selected * weights).sum(0) / (total * top_k)
-    mean_prob = (probs * weights).sum(0) / total
-    return num_experts * (assignment_share * mean_prob).sum()
-
-
-def aux_loss_share(labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | float:
-    """The weight of a batch's load-balancing loss: 1, or under the Trainer's gradient accumulation (which divides
-    the cross-entropy by `num_items_in_batch`, the label tokens of the whole optimizer step, and sums the
-    micro-batches) this micro-batch's share of those tokens, so that a step carries the loss once, not once per
-    micro-batch. Counted as the Trainer counts them: over the shifted labels."""
-    if num_items_in_batch is None:
-        return 1.0
-    return (labels[..., 1:] != -100).sum() / num_items_in_batch
 
 
 # The files of transformers' safetensors save: one file, or shards and their index.
@@ -673,7 +533,9 @@ class RxTModel(RxTPreTrainedModel):
             first_key = has_tokens[:, :1] | ~has_tokens.any(dim=-1, keepdim=True)
             key_mask = torch.cat((first_key, has_tokens[:, 1:]), dim=-1)  # (B, T)
         rotary = self.rotary_emb(inputs_embeds, position_ids=position_ids)
-        encoder_mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=key_mask)
+        encoder_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=key_mask
+        )
         return self.memory_encoder(inputs_embeds, rotary, encoder_mask), key_mask, rotary
 
     def write_memory(
@@ -720,6 +582,35 @@ class RxTModel(RxTPreTrainedModel):
             has_tokens = attention_mask.bool().any(dim=-1)  # (B,): rows with no tokens keep their memory
             new_stm = torch.where(has_tokens[None, :, None, None], new_stm, given)
         return new_stm
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss, E * sum_e f_e * P_e (1.0 when routing is uniform): f_e is the share of
+    token-to-expert assignments that go to expert e, P_e its mean router probability. Padding tokens are excluded
+    where the mask covers exactly the routed tokens; a mask over more (decoding with a cache: cached + new tokens)
+    or a 4-D one is not applied, and every routed token counts."""
+    logits = at_least_float32(torch.cat(list(router_logits)))  # (L*N, E)
+    probs = F.softmax(logits, dim=-1)
+    selected = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(1).float()  # (L*N, E)
+    weights = torch.ones(logits.shape[0], 1, device=logits.device)
+    if attention_mask is not None and attention_mask.numel() * len(router_logits) == logits.shape[0]:
+        weights = attention_mask.reshape(-1, 1).float().repeat(len(router_logits), 1)
+    total = weights.sum().clamp(min=1.0)
+    assignment_share = (selected * weights).sum(0) / (total * top_k)
+    mean_prob = (probs * weights).sum(0) / total
+    return num_experts * (assignment_share * mean_prob).sum()
+
+
+def aux_loss_share(labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | float:
+    """The weight of a batch's load-balancing loss: 1, or under the Trainer's gradient accumulation (which divides
+    the cross-entropy by `num_items_in_batch`, the label tokens of the whole optimizer step, and sums the
+    micro-batches) this micro-batch's share of those tokens, so that a step carries the loss once, not once per
+    micro-batch. Counted as the Trainer counts them: over the shifted labels."""
+    if num_items_in_batch is None:
+        return 1.0
+    return (labels[..., 1:] != -100).sum() / num_items_in_batch
 
 
 # What `generate` adds to the model inputs for this model alone: an assistant (assisted decoding) does not get them.
@@ -1024,6 +915,123 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             share = 1 - self.config.num_experts_per_tok / self.config.num_local_experts
             inactive = round(expert_params * share)
         return {"total": total, "active": total - inactive}
+
+
+# ---- input checks: bad input named before it reaches a kernel ------------------------------------------------
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids outside [0, vocab_size) get a `ValueError` naming them, not the embedding's "index out of range in
+    self" (CPU) or a device-side assert (CUDA). Reads the values: the host waits for the device."""
+    low, high = input_ids.aminmax()
+    if low.item() < 0 or high.item() >= vocab_size:
+        raise ValueError(
+            f"`input_ids` must lie in [0, {vocab_size}) (`vocab_size`); got ids from {low.item()} to {high.item()}."
+        )
+
+
+def can_read_values(tensor: torch.Tensor) -> bool:
+    """Whether a check may read `tensor`'s values inside a forward pass: a plain CPU tensor, where it costs a few us
+    and no wait. On an accelerator it would make the host wait at every decoding step; a compiled graph cannot branch
+    on it, and tensor subclasses (the fake tensors of tracing and export) have no values to read. (`generate`,
+    `update_memory` and `encoder_mlm_logits` check the ids they are given on any device, once per call.)"""
+    return (
+        type(tensor) is torch.Tensor
+        and tensor.device.type == "cpu"
+        and not is_torchdynamo_compiling()
+        and tensor.numel() > 0
+    )
+
+
+def check_decoder_inputs(
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    config: RxTConfig,
+    past_length: int | None,
+) -> None:
+    """Raises `TypeError`/`ValueError` naming the argument for decoder inputs of the wrong type or shape, before they
+    reach a kernel that fails with an opaque error (or, for a mask of the wrong length, silently does not fail).
+    No host synchronisation in the forward pass: shapes always; token id values only where reading them costs no
+    wait (`can_read_values`) and only for input that starts from an empty cache (`past_length` 0: training, a plain
+    forward, a prompt), not for each decoding step, whose ids the model itself produced; `past_length` None: the
+    cache's length is a device tensor, and the mask's length is left to the mask functions."""
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+            found = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise TypeError(f"`input_ids` must be an int64 or int32 torch.Tensor (batch, length), got {found}.")
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
+        if past_length == 0 and can_read_values(input_ids):
+            check_token_ids(input_ids, config.vocab_size)
+        batch_size, length = input_ids.shape
+    else:
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+            raise TypeError(f"`inputs_embeds` must be a floating-point torch.Tensor, got {_kind(inputs_embeds)}.")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(f"`inputs_embeds` must have shape (batch, length, {config.hidden_size}), got "
+                             f"{tuple(inputs_embeds.shape)}.")
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError("`inputs_embeds` is empty: an interaction needs at least one token.")
+        batch_size, length = inputs_embeds.shape[:2]
+    if batch_size == 0:
+        raise ValueError("`input_ids` / `inputs_embeds` hold no conversation: the batch size must be at least 1.")
+    if position_ids is not None:
+        check_position_ids(position_ids, batch_size, length)
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
+    if past_length is None or attention_mask.dim() != 2:
+        return
+    expected = (batch_size, past_length + length)
+    if tuple(attention_mask.shape) != expected:
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {expected} "
+            "(batch, cached + new tokens)."
+        )
+
+
+def check_position_ids(position_ids: torch.Tensor, batch_size: int, length: int) -> None:
+    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or position_ids.is_complex():
+        raise TypeError(f"`position_ids` must be an integer torch.Tensor (batch, length), got {_kind(position_ids)}.")
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch_size) or position_ids.shape[1] != length:
+        raise ValueError(f"`position_ids` must have shape ({batch_size} or 1, {length}) (batch, new tokens), got "
+                         f"{tuple(position_ids.shape)}.")
+
+
+IGNORE_INDEX = -100  # transformers' loss ignores these labels
+
+
+def check_labels(labels: torch.Tensor, batch_size: int, length: int, vocab_size: int) -> None:
+    """Labels of the input's shape, each a token id or -100 (ignored): transformers' loss would fail naming neither
+    `labels` nor the vocabulary ("Target 1019 is out of bounds"). Values are read where that costs no wait."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"`labels` must be an integer torch.Tensor (batch, length), got {_kind(labels)}.")
+    if tuple(labels.shape) != (batch_size, length):
+        raise ValueError(f"`labels` must have the shape of the input ({batch_size}, {length}), got "
+                         f"{tuple(labels.shape)}.")
+    if can_read_values(labels):
+        valid = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < vocab_size))
+        if not bool(valid.all()):
+            raise ValueError(f"`labels` must lie in [0, {vocab_size}) (`vocab_size`) or be {IGNORE_INDEX} (ignored); "
+                             f"got {labels[~valid][0].item()}.")
+
+
+def check_mask_values(attention_mask: torch.Tensor) -> None:
+    """A 2-D mask holds 1 for a token and 0 for padding; anything else (0.5, 2) would be read as a token by some
+    parts and not by others. Reads the values: for the entry points that check once per call."""
+    if attention_mask.dtype == torch.bool:
+        return
+    invalid = (attention_mask != 0) & (attention_mask != 1)
+    if bool(invalid.any()):
+        raise ValueError(
+            f"`attention_mask` must hold 0 and 1 (padding and tokens), got {attention_mask[invalid][0].item()}."
+        )
+
+
+def _kind(value) -> str:
+    """What a check names when a value is of the wrong kind: a tensor's dtype, else the type."""
+    return str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 __all__ = ["RxTPreTrainedModel", "RxTModel", "RxTForCausalLM", "RxTMemoryState"]

@@ -95,7 +95,7 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
     def __init__(self, config: RxTConfig, layer_idx: int):
         super().__init__()
         kind = config.memory_attention_type
-        self.slot_norm = self.self_attn = self.interlayer_attn = self.mix_gate = None
+        self.slot_norm = self.self_attn = self.interlayer_norm = self.interlayer_attn = self.mix_gate = None
         if kind != "simple":  # CODEPATH: the pre-steps read normalised slots ("simple" has none: no unused weights)
             self.slot_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if kind in ("self", "gated-self-interlayer"):  # CODEPATH: slot self-attention pre-step
@@ -126,7 +126,7 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         if self.mix_gate is not None:
             mix = torch.sigmoid(self.mix_gate(stm))
             return stm + mix * self_out + (1 - mix) * inter_out
-        return stm + (self_out if self_out is not None else inter_out if inter_out is not None else 0)
+        return stm + (self_out if self_out is not None else inter_out)  # every kind but "simple" has one of them
 
     def competitive_update(self, query, encoded, key_mask, encoded_rotary, occupancy=None) -> torch.Tensor:
         """The write with slots competing for tokens: query (B, S, D), encoded (B, T, D), key_mask (B, T) bool or
