@@ -240,7 +240,12 @@ def _encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-TURN_TOKENS = (BOS_TOKEN, QUERY_TOKEN, ANSWER_TOKEN, EOS_TOKEN)
+TURN_TOKENS = (BOS_TOKEN, QUERY_TOKEN, ANSWER_TOKEN, EOS_TOKEN)  # in the order they frame a turn
+
+
+def turn_token_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int | None, ...]:
+    """The ids of `TURN_TOKENS` in `tokenizer`, in that order (None for a token it does not know)."""
+    return tuple(tokenizer.convert_tokens_to_ids(token) for token in TURN_TOKENS)
 
 
 def check_turn_tokens(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -262,7 +267,7 @@ def check_turn_tokens(tokenizer: PreTrainedTokenizerFast) -> None:
 def _check_frame(tokenizer: PreTrainedTokenizerFast, prompt_ids: list[int], ids: list[int]) -> None:
     """`check_turn_tokens` at the cost of four id lookups: an encoded prompt starts with the ids of [BOS][Q] and ends
     with [A]'s, an interaction ends with [EOS]'s (or, prompt alone, [A]'s); the full check names what is wrong."""
-    bos, query, answer, eos = frame = [tokenizer.convert_tokens_to_ids(token) for token in TURN_TOKENS]
+    bos, query, answer, eos = frame = turn_token_ids(tokenizer)
     unknown = len(set(frame)) < len(frame) or None in frame or tokenizer.unk_token_id in frame
     if unknown or prompt_ids[:2] != [bos, query] or prompt_ids[-1:] != [answer] or ids[-1:] not in ([eos], [answer]):
         check_turn_tokens(tokenizer)
@@ -390,5 +395,6 @@ __all__ = [
     "format_interaction",
     "normalize_text",
     "train_tokenizer",
+    "turn_token_ids",
     "wrap_tokenizer",
 ]

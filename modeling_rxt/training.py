@@ -45,6 +45,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
+from typing import NamedTuple
 
 import datasets
 import torch
@@ -69,11 +70,9 @@ from .modeling_rxt import RxTForCausalLM, load_balancing_loss
 from .modeling_rxt_wrappers import run_as_forward
 from .tokenization import (
     ANSWER_TOKEN,
-    BOS_TOKEN,
-    EOS_TOKEN,
     IGNORE_INDEX,
-    QUERY_TOKEN,
     SPECIAL_TOKENS,
+    TURN_TOKENS,
     check_turn_tokens,
     format_interaction,
 )
@@ -81,10 +80,9 @@ from .tokenization import (
 logger = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("joint", "sft", "memory_attention", "memory_aware", "external_memory")
-# The tokens at the turn boundaries, which masked-LM never masks: their ids are fixed by `SPECIAL_TOKENS`' order.
-TURN_BOUNDARY_IDS: tuple[int, ...] = tuple(
-    SPECIAL_TOKENS.index(token) for token in (BOS_TOKEN, EOS_TOKEN, QUERY_TOKEN, ANSWER_TOKEN)
-)
+# The tokens at the turn boundaries, which masked-LM never masks: their ids are fixed by `SPECIAL_TOKENS`' order
+# (in the tokenizers `train_tokenizer` makes; `turn_token_ids(tokenizer)` gives those of any tokenizer).
+TURN_BOUNDARY_IDS: tuple[int, ...] = tuple(SPECIAL_TOKENS.index(token) for token in TURN_TOKENS)
 Objective = Callable[[RxTForCausalLM, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
@@ -130,7 +128,8 @@ def _is_valid_pair(query, answer) -> bool:
 def tokenize_episodes(
     tokenizer: PreTrainedTokenizerBase, episodes: Sequence[Episode], max_length: int, probes: bool = False
 ) -> datasets.Dataset:
-    """One row per episode: per turn its `input_ids`, answer-only `labels`, `kind` and `fact_distance` (0 if none).
+    """One row per episode: its `id`, and per turn its `input_ids`, answer-only `labels`, `kinds` and
+    `fact_distances` (0 if none).
     With `probes`, also the episode's `recall_probes`, flattened: `probe_input_ids`, `probe_labels` and
     `probe_turns` (the turn before which each probe reads the memory).
 
@@ -383,10 +382,7 @@ class ExternalAndEpisodeCollator:
         return {"external": self.external(features), "episodes": self.episodes(features)}
 
 
-# --- Objectives -----------------------------------------------------------------------------------------------------
-
-
-# ---- processes in lockstep -------------------------------------------------------------------------------------------
+# --- Processes in lockstep ------------------------------------------------------------------------------------------
 # FSDP2 and DeepSpeed ZeRO-3 gather a sharded module's weights from every process at each call of that module, so
 # the processes that train one model must make the same calls in the same order. An episode objective decides its
 # calls from its own batch (turns, which rows read, how much external memory to encode); in lockstep it runs to the
@@ -426,15 +422,8 @@ def _pad_turns(inputs: Mapping[str, torch.Tensor], turns: int) -> Mapping[str, t
     return padded
 
 
-def _idle_read(input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A decoder pass that weighs nothing (one padding token, no label), for a turn where this process reads
-    nothing while others in lockstep do."""
-    token = input_ids.new_zeros(1, 1)
-    return token, torch.ones_like(token), torch.full_like(token, IGNORE_INDEX), token[0], token[0].float()
-
-
-def _is_moe(model: RxTForCausalLM) -> bool:
-    return bool(model.config.is_moe)
+# --- Objectives -----------------------------------------------------------------------------------------------------
+# One per stage, in the order of `STAGES` (the module docstring's table), after the decoder loss most of them share.
 
 
 def decoder_loss(
@@ -450,11 +439,12 @@ def decoder_loss(
     `external_memory`): (weighted sum over label tokens, summed weight, MoE load-balancing loss or None). Logits are
     computed only where there is a label: answers are a fraction of an interaction, and the LM head is the largest
     matmul of a small model."""
+    is_moe = bool(model.config.is_moe)
     outputs = model.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         memory_key_values=model.model.project_memory(stm),
-        output_router_logits=_is_moe(model),
+        output_router_logits=is_moe,
         external_memory=external_memory,
     )
     targets = labels[:, 1:]  # (B, T-1): token t predicts token t+1
@@ -465,7 +455,7 @@ def decoder_loss(
     if row_weights is not None:
         weights = row_weights[:, None].expand_as(targets)[selected].to(losses.dtype)
     aux = None
-    if _is_moe(model) and outputs.router_logits:
+    if is_moe and outputs.router_logits:
         aux = load_balancing_loss(
             outputs.router_logits, model.config.num_local_experts, model.config.num_experts_per_tok, attention_mask
         )
@@ -478,16 +468,6 @@ def _add_aux(model: RxTForCausalLM, loss_sum: torch.Tensor, weight: torch.Tensor
         return loss_sum
     metrics["aux_loss"] = aux.detach()
     return loss_sum + model.config.router_aux_loss_coef * aux * weight.detach()
-
-
-def interaction_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor]):
-    """Stage 2 (interaction SFT): answer-only decoder loss, reading the learned initial memory."""
-    batch_size = inputs["input_ids"].shape[0]
-    loss_sum, weight, aux = decoder_loss(
-        model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], model.model.initial_memory(batch_size)
-    )
-    metrics = {"decoder_loss": (loss_sum / weight.clamp(min=1)).detach()}
-    return _add_aux(model, loss_sum, weight, aux, metrics), weight, metrics
 
 
 def joint_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor], mlm_weight: float = 1.0):
@@ -520,81 +500,22 @@ def joint_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor], m
     return _add_aux(model, loss_sum, dec_weight, aux, metrics), dec_weight, metrics
 
 
+def interaction_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor]):
+    """The "sft" stage's objective (stage 2, interaction SFT): answer-only decoder loss, reading the learned initial
+    memory."""
+    batch_size = inputs["input_ids"].shape[0]
+    loss_sum, weight, aux = decoder_loss(
+        model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], model.model.initial_memory(batch_size)
+    )
+    metrics = {"decoder_loss": (loss_sum / weight.clamp(min=1)).detach()}
+    return _add_aux(model, loss_sum, weight, aux, metrics), weight, metrics
+
+
 def _turn(inputs: Mapping[str, torch.Tensor], turn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Turn `turn` of every episode, trimmed to the longest interaction of that turn: (B, T_turn) each."""
     mask = inputs["attention_mask"][:, turn]
     length = max(int(mask.sum(dim=-1).max()), 1)
     return inputs["input_ids"][:, turn, :length], mask[:, :length], inputs["labels"][:, turn, :length]
-
-
-def _fit(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
-    """(R, T) -> (R, length): cut or right-padded with `value`."""
-    return F.pad(tensor[:, :length], (0, max(0, length - tensor.shape[1])), value=value)
-
-
-def _reading_rows(inputs: Mapping[str, torch.Tensor], turn: int, turn_tensors: tuple[torch.Tensor, ...]):
-    """What reads STM_{t-1} at `turn`, in one batch: the episodes whose turn has a positive weight and a label, then
-    the recall probes of that turn (if the batch has any). Returns (input_ids, attention_mask, labels) (R, T'), the
-    episode each row reads (R,) and its weight (R,), or None when no row reads. `turn_tensors` is `_turn(inputs, turn)`."""
-    input_ids, attention_mask, labels = turn_tensors
-    rows = (inputs["turn_weights"][:, turn] > 0) & (labels != IGNORE_INDEX).any(dim=-1)
-    parts = [(input_ids[rows], attention_mask[rows], labels[rows], rows.nonzero().squeeze(1),
-              inputs["turn_weights"][rows, turn])]
-    if "probe_turns" in inputs:
-        chosen = inputs["probe_turns"] == turn
-        parts.append(tuple(inputs[key][chosen] for key in
-                           ("probe_input_ids", "probe_attention_mask", "probe_labels", "probe_rows", "probe_weights")))
-    parts = [part for part in parts if len(part[3])]
-    if not parts:
-        return None
-    length = max(int(part[1].sum(dim=-1).max()) for part in parts)
-    return (
-        torch.cat([_fit(part[0], length, 0) for part in parts]),  # padding ids are masked out: any id will do
-        torch.cat([_fit(part[1], length, 0) for part in parts]),
-        torch.cat([_fit(part[2], length, IGNORE_INDEX) for part in parts]),
-        torch.cat([part[3] for part in parts]),
-        torch.cat([part[4] for part in parts]),
-    )
-
-
-def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor], bptt_turns: int = 0):
-    """Stage 4 (supervised memory-aware training) over whole episodes, turn by turn: the decoder answers turn t
-    reading STM_{t-1}, then STM_t = write(STM_{t-1}, interaction t). Gradients of every answer flow back through the
-    earlier writes; with `bptt_turns` = k > 0 (truncated back-propagation) every k-th write starts from a detached
-    state, so an answer's gradient reaches at most the k writes before it, and every write gets one.
-    Only rows whose turn has a positive weight run the decoder, so zero-weight turns (e.g. chat) cost a write only,
-    and the last turn is not written at all (nothing would read it).
-    Recall probes in the batch (`EpisodeCollator(probe_weight=...)`) are answered from the same STM_{t-1} in the
-    same decoder pass and never written: every write is then supervised by every fact it must keep."""
-    _check_int_at_least("bptt_turns", bptt_turns, 0, " (0: no truncation)")
-    in_lockstep = _LOCKSTEP.get()
-    inputs = _pad_turns(inputs, _agreed_max(inputs["input_ids"].shape[1], inputs["input_ids"].device))
-    batch_size, turns = inputs["input_ids"].shape[:2]
-    stm = model.model.initial_memory(batch_size)  # (L, B, S, D)
-    loss_sum = inputs["turn_weights"].new_zeros(())
-    weight_sum = inputs["turn_weights"].new_zeros(())
-    aux_terms = []
-    for turn in range(turns):
-        input_ids, attention_mask, labels = _turn(inputs, turn)
-        reading = _reading_rows(inputs, turn, (input_ids, attention_mask, labels))
-        idle = reading is None and in_lockstep
-        if idle:  # others read at this turn: a pass that adds zero to the loss, and whose backward runs as theirs
-            reading = _idle_read(input_ids)
-        if reading is not None:
-            turn_sum, turn_weight, aux = decoder_loss(model, *reading[:3], stm[:, reading[3]], reading[4])
-            loss_sum, weight_sum = loss_sum + turn_sum, weight_sum + turn_weight
-            if aux is not None and not idle:
-                aux_terms.append(aux)
-        # The last turn's write would be read by nothing; in lockstep a turn without tokens is written all the same
-        # (rows without tokens keep their memory).
-        if turn + 1 < turns and (in_lockstep or attention_mask.any()):
-            # Truncation cuts what a write starts from, not what the decoder reads: every write still learns from
-            # the answers that read it, and a loss reaches at most `bptt_turns` writes back.
-            source = stm.detach() if bptt_turns and turn and turn % bptt_turns == 0 else stm
-            stm = model.model.write_memory(source, input_ids, attention_mask)
-    metrics = {"decoder_loss": (loss_sum / weight_sum.clamp(min=1e-8)).detach()}
-    aux = torch.stack(aux_terms).mean() if aux_terms else None
-    return _add_aux(model, loss_sum, weight_sum, aux, metrics), weight_sum, metrics
 
 
 def memory_attention_objective(
@@ -638,6 +559,98 @@ def memory_attention_objective(
         stm = new_stm.detach()  # each write is its own problem: the target already summarises the past
     metrics = {"cosine_loss": (loss_sum / count.clamp(min=1)).detach()}
     return loss_sum, count, metrics
+
+
+def _fit(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """(R, T) -> (R, length): cut or right-padded with `value`."""
+    return F.pad(tensor[:, :length], (0, max(0, length - tensor.shape[1])), value=value)
+
+
+class _ReadingRows(NamedTuple):
+    """The rows that read STM_{t-1} at one turn of stage 4, answered in one decoder pass: R rows of T' tokens."""
+
+    input_ids: torch.Tensor  # (R, T')
+    attention_mask: torch.Tensor  # (R, T')
+    labels: torch.Tensor  # (R, T')
+    episode_rows: torch.Tensor  # (R,): the episode (row of the batch) whose memory each row reads
+    weights: torch.Tensor  # (R,)
+
+
+def _reading_rows(
+    inputs: Mapping[str, torch.Tensor], turn: int, turn_tensors: tuple[torch.Tensor, ...]
+) -> _ReadingRows | None:
+    """What reads STM_{t-1} at `turn`, in one batch: the episodes whose turn has a positive weight and a label, then
+    the recall probes of that turn (if the batch has any); None when no row reads. `turn_tensors` is
+    `_turn(inputs, turn)`."""
+    input_ids, attention_mask, labels = turn_tensors
+    answering = (inputs["turn_weights"][:, turn] > 0) & (labels != IGNORE_INDEX).any(dim=-1)  # (B,)
+    parts = [_ReadingRows(input_ids[answering], attention_mask[answering], labels[answering],
+                          answering.nonzero().squeeze(1), inputs["turn_weights"][answering, turn])]
+    if "probe_turns" in inputs:
+        chosen = inputs["probe_turns"] == turn
+        probe_keys = ("probe_input_ids", "probe_attention_mask", "probe_labels", "probe_rows", "probe_weights")
+        parts.append(_ReadingRows(*(inputs[key][chosen] for key in probe_keys)))
+    parts = [part for part in parts if len(part.episode_rows)]
+    if not parts:
+        return None
+    length = max(int(part.attention_mask.sum(dim=-1).max()) for part in parts)
+    return _ReadingRows(
+        torch.cat([_fit(part.input_ids, length, 0) for part in parts]),  # padding ids are masked out: any id will do
+        torch.cat([_fit(part.attention_mask, length, 0) for part in parts]),
+        torch.cat([_fit(part.labels, length, IGNORE_INDEX) for part in parts]),
+        torch.cat([part.episode_rows for part in parts]),
+        torch.cat([part.weights for part in parts]),
+    )
+
+
+def _idle_read(input_ids: torch.Tensor) -> _ReadingRows:
+    """A decoder pass that weighs nothing (one padding token, no label), for a turn where this process reads
+    nothing while others in lockstep do."""
+    token = input_ids.new_zeros(1, 1)
+    return _ReadingRows(token, torch.ones_like(token), torch.full_like(token, IGNORE_INDEX), token[0], token[0].float())
+
+
+def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor], bptt_turns: int = 0):
+    """Stage 4 (supervised memory-aware training) over whole episodes, turn by turn: the decoder answers turn t
+    reading STM_{t-1}, then STM_t = write(STM_{t-1}, interaction t). Gradients of every answer flow back through the
+    earlier writes; with `bptt_turns` = k > 0 (truncated back-propagation) every k-th write starts from a detached
+    state, so an answer's gradient reaches at most the k writes before it, and every write gets one.
+    Only rows whose turn has a positive weight run the decoder, so zero-weight turns (e.g. chat) cost a write only,
+    and the last turn is not written at all (nothing would read it).
+    Recall probes in the batch (`EpisodeCollator(probe_weight=...)`) are answered from the same STM_{t-1} in the
+    same decoder pass and never written: every write is then supervised by every fact it must keep."""
+    _check_int_at_least("bptt_turns", bptt_turns, 0, " (0: no truncation)")
+    in_lockstep = _LOCKSTEP.get()
+    inputs = _pad_turns(inputs, _agreed_max(inputs["input_ids"].shape[1], inputs["input_ids"].device))
+    batch_size, turns = inputs["input_ids"].shape[:2]
+    stm = model.model.initial_memory(batch_size)  # (L, B, S, D)
+    loss_sum = inputs["turn_weights"].new_zeros(())
+    weight_sum = inputs["turn_weights"].new_zeros(())
+    aux_terms = []
+    for turn in range(turns):
+        input_ids, attention_mask, labels = _turn(inputs, turn)
+        rows = _reading_rows(inputs, turn, (input_ids, attention_mask, labels))
+        idle = rows is None and in_lockstep
+        if idle:  # others read at this turn: a pass that adds zero to the loss, and whose backward runs as theirs
+            rows = _idle_read(input_ids)
+        if rows is not None:
+            read_stm = stm[:, rows.episode_rows]  # (L, R, S, D): each row reads the memory of its episode
+            turn_sum, turn_weight, aux = decoder_loss(
+                model, rows.input_ids, rows.attention_mask, rows.labels, read_stm, rows.weights
+            )
+            loss_sum, weight_sum = loss_sum + turn_sum, weight_sum + turn_weight
+            if aux is not None and not idle:
+                aux_terms.append(aux)
+        # The last turn's write would be read by nothing; in lockstep a turn without tokens is written all the same
+        # (rows without tokens keep their memory).
+        if turn + 1 < turns and (in_lockstep or attention_mask.any()):
+            # Truncation cuts what a write starts from, not what the decoder reads: every write still learns from
+            # the answers that read it, and a loss reaches at most `bptt_turns` writes back.
+            source = stm.detach() if bptt_turns and turn and turn % bptt_turns == 0 else stm
+            stm = model.model.write_memory(source, input_ids, attention_mask)
+    metrics = {"decoder_loss": (loss_sum / weight_sum.clamp(min=1e-8)).detach()}
+    aux = torch.stack(aux_terms).mean() if aux_terms else None
+    return _add_aux(model, loss_sum, weight_sum, aux, metrics), weight_sum, metrics
 
 
 def external_memory_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor]):

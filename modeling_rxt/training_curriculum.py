@@ -60,7 +60,7 @@ from .external_memory import check_retrieval_controls
 from .memory_state import read_json_object, staged_folder, write_json_atomic
 from .modeling_rxt import RxTForCausalLM
 from .tokenization import (
-    ANSWER_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, MIN_VOCAB_SIZE, PAD_TOKEN, QUERY_TOKEN, train_tokenizer,
+    BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, MIN_VOCAB_SIZE, PAD_TOKEN, train_tokenizer, turn_token_ids,
 )
 from .training import (
     STAGES,
@@ -80,6 +80,64 @@ from .training import (
 )
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configuration" / "training"
+# What a run writes into its output folder and `resume` reads back: the recipe of the run (`RUN_RECIPE`, with its
+# number of processes under `PROCESSES_KEY`; runs recorded before that have none), and for every stage that ended,
+# `stages/NN_<stage>/FINISHED_STAGE` holding the model and its `STAGE_LOG`.
+FINISHED_STAGE, STAGE_LOG, RUN_RECIPE = "final", "stage_log.json", "run_recipe.json"
+PROCESSES_KEY = "_processes"
+
+
+# --- Recipe schema --------------------------------------------------------------------------------------------------
+# What each recipe field accepts (a check and the words of its error), read by `check_recipe`.
+
+
+_DEFAULT_KIND_WEIGHTS = {ASK: 1.0, TELL: 1.0, UPDATE: 1.0, CHAT: 1.0}
+
+
+def _is_int(value, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value, low: float = 0.0, high: float = math.inf, above_low: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return (value > low if above_low else value >= low) and value <= high
+
+
+def _is_kind_weights(value) -> bool:
+    return isinstance(value, Mapping) and all(k in _DEFAULT_KIND_WEIGHTS and _is_number(v) for k, v in value.items())
+
+
+_RECIPE_KEYS = {"seed", "tokenizer", "model", "max_length", "init_from", "stages", "evaluation", "datasets"}
+_TOP_FIELDS = {
+    "seed": (partial(_is_int, low=0), "an int >= 0"),
+    "max_length": (partial(_is_int, low=2), "an int >= 2"),
+    "datasets": (lambda v: isinstance(v, list) and all(isinstance(d, str) and d for d in v), "a list of names"),
+}
+_TOKENIZER_FIELDS = {
+    "vocab_size": (partial(_is_int, low=MIN_VOCAB_SIZE), f"an int >= {MIN_VOCAB_SIZE}"),
+    "episodes": (_is_int, "a positive int"),
+}
+_MODEL_FIELDS = {
+    "preset": (lambda v: isinstance(v, str), "the name of a model preset"),
+    "overrides": (lambda v: isinstance(v, Mapping), "a mapping of config fields"),
+    "gate_bias": (partial(_is_number, low=-math.inf), "a finite number"),
+}
+# `turns`, `ask_ratio` and `max_chat_chars` have the limits of `data.make_episodes` and `data.load_dialogue_corpus`,
+# which run only when a stage (or, after every stage, the evaluation) builds its episodes.
+_TURNS = (partial(_is_int, low=2), "an int >= 2 (a fact and a question about it)")
+_EVALUATION_FIELDS = {
+    "split": (lambda v: v in SPLITS, f"one of {SPLITS}"),
+    "episodes": (_is_int, "a positive int"),
+    "turns": _TURNS,
+    "batch_size": (_is_int, "a positive int"),
+    "seed": (partial(_is_int, low=0), "an int >= 0"),
+    "external_memory_episodes": (_is_int, "a positive int"),
+}
+_POSITIVE_INT, _COUNT = (_is_int, "a positive int"), (partial(_is_int, low=0), "an int >= 0")
+_FRACTION = (partial(_is_number, high=1.0), "a number in [0, 1]")
+_WEIGHT = (_is_number, "a finite number >= 0")
+# The keys a stage may have (those of every stage and those of its own), then the values each key accepts.
 _STAGE_KEYS = {
     "common": {"stage", "max_steps", "batch_size", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
                "episodes", "turns", "max_chat_chars", "ask_ratio", "max_distance", "extra_facts", "save_steps",
@@ -91,7 +149,25 @@ _STAGE_KEYS = {
     "external_memory": {"kind_weights", "memory_aware_weight", "memory_aware_kind_weights", "external_memory_layers",
                         "external_memory_topk"},
 }
-_DEFAULT_KIND_WEIGHTS = {ASK: 1.0, TELL: 1.0, UPDATE: 1.0, CHAT: 1.0}
+_STAGE_FIELDS = {
+    "max_steps": _POSITIVE_INT, "batch_size": _POSITIVE_INT, "episodes": _POSITIVE_INT, "turns": _TURNS,
+    "max_chat_chars": (partial(_is_int, low=2), "an int >= 2"),
+    "ask_ratio": (partial(_is_number, high=1.0, above_low=True), "a number in (0, 1]"),
+    "logging_steps": _POSITIVE_INT, "external_memory_topk": _POSITIVE_INT,
+    "warmup_steps": _COUNT, "save_steps": _COUNT, "bptt_turns": _COUNT,
+    "max_distance": (lambda v: v is None or _is_int(v), "a positive int or null"),
+    "learning_rate": (partial(_is_number, above_low=True), "a finite number > 0"),
+    "weight_decay": _WEIGHT, "mlm_weight": _WEIGHT, "probe_weight": _WEIGHT, "memory_aware_weight": _WEIGHT,
+    "min_lr_ratio": _FRACTION, "extra_facts": _FRACTION, "first_weight": _FRACTION,
+    "weight_decay_per_turn": _FRACTION, "min_weight": _FRACTION,
+    "mlm_probability": (lambda v: _is_number(v, above_low=True) and v < 1, "a number in (0, 1)"),
+    "corpus": (lambda v: isinstance(v, bool), "true or false"),
+    "kind_weights": (_is_kind_weights, f"a mapping from {sorted(_DEFAULT_KIND_WEIGHTS)} to numbers >= 0"),
+    "memory_aware_kind_weights": (_is_kind_weights, f"a mapping from {sorted(_DEFAULT_KIND_WEIGHTS)} to numbers >= 0"),
+    "external_memory_layers": (
+        lambda v: v is None or (isinstance(v, list) and all(_is_int(i, low=0) for i in v)), "a list of layer indices"
+    ),
+}
 
 
 # --- Recipes --------------------------------------------------------------------------------------------------------
@@ -216,77 +292,18 @@ def _check_model_section(model: Mapping, max_length: int) -> int:
     from configuration import load_preset
 
     _check_section(model, _MODEL_FIELDS, "recipe `model`")
-    overrides = {key: value for key, value in model.get("overrides", {}).items() if not key.startswith("_")}
     try:
-        overrides["max_position_embeddings"] = max(max_length, overrides.get("max_position_embeddings", 0))
-        config = load_preset(model.get("preset", "nano"), **overrides)
+        config = load_preset(model.get("preset", "nano"), **_config_overrides(model, max_length))
     except (TypeError, ValueError) as error:
         raise ValueError(f"recipe `model`: {error}") from error
     return config.num_hidden_layers
 
 
-def _is_int(value, low: int = 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _is_number(value, low: float = 0.0, high: float = math.inf, above_low: bool = False) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return False
-    return (value > low if above_low else value >= low) and value <= high
-
-
-def _is_kind_weights(value) -> bool:
-    return isinstance(value, Mapping) and all(k in _DEFAULT_KIND_WEIGHTS and _is_number(v) for k, v in value.items())
-
-
-_RECIPE_KEYS = {"seed", "tokenizer", "model", "max_length", "init_from", "stages", "evaluation", "datasets"}
-_TOP_FIELDS = {
-    "seed": (partial(_is_int, low=0), "an int >= 0"),
-    "max_length": (partial(_is_int, low=2), "an int >= 2"),
-    "datasets": (lambda v: isinstance(v, list) and all(isinstance(d, str) and d for d in v), "a list of names"),
-}
-_TOKENIZER_FIELDS = {
-    "vocab_size": (partial(_is_int, low=MIN_VOCAB_SIZE), f"an int >= {MIN_VOCAB_SIZE}"),
-    "episodes": (_is_int, "a positive int"),
-}
-_MODEL_FIELDS = {
-    "preset": (lambda v: isinstance(v, str), "the name of a model preset"),
-    "overrides": (lambda v: isinstance(v, Mapping), "a mapping of config fields"),
-    "gate_bias": (partial(_is_number, low=-math.inf), "a finite number"),
-}
-# `turns`, `ask_ratio` and `max_chat_chars` have the limits of `data.make_episodes` and `data.load_dialogue_corpus`,
-# which run only when a stage (or, after every stage, the evaluation) builds its episodes.
-_TURNS = (partial(_is_int, low=2), "an int >= 2 (a fact and a question about it)")
-_EVALUATION_FIELDS = {
-    "split": (lambda v: v in SPLITS, f"one of {SPLITS}"),
-    "episodes": (_is_int, "a positive int"),
-    "turns": _TURNS,
-    "batch_size": (_is_int, "a positive int"),
-    "seed": (partial(_is_int, low=0), "an int >= 0"),
-    "external_memory_episodes": (_is_int, "a positive int"),
-}
-_POSITIVE_INT, _COUNT = (_is_int, "a positive int"), (partial(_is_int, low=0), "an int >= 0")
-_FRACTION = (partial(_is_number, high=1.0), "a number in [0, 1]")
-_WEIGHT = (_is_number, "a finite number >= 0")
-_STAGE_FIELDS = {
-    "max_steps": _POSITIVE_INT, "batch_size": _POSITIVE_INT, "episodes": _POSITIVE_INT, "turns": _TURNS,
-    "max_chat_chars": (partial(_is_int, low=2), "an int >= 2"),
-    "ask_ratio": (partial(_is_number, high=1.0, above_low=True), "a number in (0, 1]"),
-    "logging_steps": _POSITIVE_INT, "external_memory_topk": _POSITIVE_INT,
-    "warmup_steps": _COUNT, "save_steps": _COUNT, "bptt_turns": _COUNT,
-    "max_distance": (lambda v: v is None or _is_int(v), "a positive int or null"),
-    "learning_rate": (partial(_is_number, above_low=True), "a finite number > 0"),
-    "weight_decay": _WEIGHT, "mlm_weight": _WEIGHT, "probe_weight": _WEIGHT, "memory_aware_weight": _WEIGHT,
-    "min_lr_ratio": _FRACTION, "extra_facts": _FRACTION, "first_weight": _FRACTION,
-    "weight_decay_per_turn": _FRACTION, "min_weight": _FRACTION,
-    "mlm_probability": (lambda v: _is_number(v, above_low=True) and v < 1, "a number in (0, 1)"),
-    "corpus": (lambda v: isinstance(v, bool), "true or false"),
-    "kind_weights": (_is_kind_weights, f"a mapping from {sorted(_DEFAULT_KIND_WEIGHTS)} to numbers >= 0"),
-    "memory_aware_kind_weights": (_is_kind_weights, f"a mapping from {sorted(_DEFAULT_KIND_WEIGHTS)} to numbers >= 0"),
-    "external_memory_layers": (
-        lambda v: v is None or (isinstance(v, list) and all(_is_int(i, low=0) for i in v)), "a list of layer indices"
-    ),
-}
+def _config_overrides(model: Mapping, max_length: int) -> dict:
+    """The config fields the recipe's `model` section overrides (without `_` comments), with positions for at least
+    `max_length` tokens: the stages keep interactions up to that length."""
+    given = {key: value for key, value in model.get("overrides", {}).items() if not key.startswith("_")}
+    return {**given, "max_position_embeddings": max(max_length, given.get("max_position_embeddings", 0))}
 
 
 # --- Building blocks ------------------------------------------------------------------------------------------------
@@ -305,11 +322,9 @@ def build_model(settings: Mapping, tokenizer: PreTrainedTokenizerBase, max_lengt
     training instead of being halved at every turn."""
     from configuration import load_preset
 
-    given = {key: value for key, value in settings.get("overrides", {}).items() if not key.startswith("_")}
     overrides = {
-        **given,
+        **_config_overrides(settings, max_length),
         "vocab_size": len(tokenizer),
-        "max_position_embeddings": max(max_length, given.get("max_position_embeddings", 0)),
         "pad_token_id": tokenizer.convert_tokens_to_ids(PAD_TOKEN),
         "bos_token_id": tokenizer.convert_tokens_to_ids(BOS_TOKEN),
         "eos_token_id": tokenizer.convert_tokens_to_ids(EOS_TOKEN),
@@ -396,9 +411,12 @@ def stage_components(
         dataset = tokenize_interactions(tokenizer, list(zip(table["query"], table["answer"])), max_length)
         if name == "sft":
             return dataset, InteractionCollator(pad_id), interaction_objective
-        special = tuple(tokenizer.convert_tokens_to_ids(t) for t in (BOS_TOKEN, EOS_TOKEN, QUERY_TOKEN, ANSWER_TOKEN))
         collator = InteractionCollator(
-            pad_id, tokenizer.convert_tokens_to_ids(MASK_TOKEN), stage.get("mlm_probability", 0.15), True, special
+            pad_id,
+            mask_token_id=tokenizer.convert_tokens_to_ids(MASK_TOKEN),
+            mlm_probability=stage.get("mlm_probability", 0.15),
+            full_labels=True,
+            special_token_ids=turn_token_ids(tokenizer),
         )
         return dataset, collator, partial(joint_objective, mlm_weight=stage.get("mlm_weight", 1.0))
     probe_weight = stage.get("probe_weight", 0.0) if name == "memory_aware" else 0.0
@@ -448,7 +466,8 @@ def training_arguments(stage: Mapping, output_dir: str | Path, seed: int, progre
 
 
 def training_processes() -> int:
-    """How many processes train together: `WORLD_SIZE` as set by `torchrun`, else 1."""
+    """How many processes train together: `WORLD_SIZE` as set by `torchrun` (before the process group exists),
+    else 1."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -572,9 +591,6 @@ def run_curriculum(
     return model.eval(), tokenizer, logs
 
 
-FINISHED_STAGE, STAGE_LOG, RUN_RECIPE = "final", "stage_log.json", "run_recipe.json"
-
-
 class InputError(ValueError):
     """Bad input found before anything trains (the recipe, the model of `init_from`, the run to resume): the CLIs
     report it as a usage error (exit code 2, one `error:` line), not as a crash. Errors raised while training keep
@@ -594,23 +610,14 @@ def input_checks():
 
 def start_or_resume(recipe: Mapping, output_dir: Path, resume: bool) -> None:
     """A fresh run replaces the stages of an earlier one in `output_dir` and records its recipe and its number of
-    processes; a resumed run must be of the same (`check_same_run`). Under `torchrun`, rank 0 does the writing (the
-    other ranks read nothing there unless resuming, when nothing is deleted)."""
-    if resume:
-        check_same_run(recipe, output_dir)
+    processes; a resumed run keeps them (`run_curriculum` has checked, before building anything, that they are this
+    run's: `check_same_run`). Under `torchrun`, rank 0 does the writing (the other ranks read nothing there unless
+    resuming, when nothing is deleted)."""
     if not _is_rank_zero() or (resume and (output_dir / RUN_RECIPE).is_file()):
         return
     if not resume:
         shutil.rmtree(output_dir / "stages", ignore_errors=True)
-    write_json_atomic({**_as_json(recipe), PROCESSES_KEY: _processes_of_this_run()}, output_dir / RUN_RECIPE)
-
-
-PROCESSES_KEY = "_processes"  # in run_recipe.json beside the recipe (runs recorded before it have none)
-
-
-def _processes_of_this_run() -> int:
-    """1, or the number of processes `torchrun` started (its `WORLD_SIZE` is set before the process group exists)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    write_json_atomic({**_as_json(recipe), PROCESSES_KEY: training_processes()}, output_dir / RUN_RECIPE)
 
 
 def check_same_run(recipe: Mapping, output_dir: Path, processes: int | None = None) -> None:
@@ -627,7 +634,7 @@ def check_same_run(recipe: Mapping, output_dir: Path, processes: int | None = No
         return
     recorded_recipe = read_json_object(recorded, "the recipe of the run to resume")
     recorded_processes = recorded_recipe.pop(PROCESSES_KEY, None)
-    processes = _processes_of_this_run() if processes is None else processes
+    processes = training_processes() if processes is None else processes
     if recorded_processes is not None and recorded_processes != processes:
         raise ValueError(
             f"`resume`: {str(output_dir)!r} holds a run trained in {recorded_processes} process(es), not "
@@ -746,25 +753,37 @@ def run_curriculum_in_processes(
                     f"{built_from}); resume it with that recipe, or start a fresh run (without `resume`)."
                 )
     if "init_from" not in recipe and not (resume and built_from.is_file()):
-        torch.manual_seed(recipe.get("seed", 0))
-        tokenizer = build_tokenizer(recipe["tokenizer"], recipe.get("seed", 0))
-        model = build_model(recipe["model"], tokenizer, recipe.get("max_length", 128))
-        model.save_pretrained(output / "initial")
-        tokenizer.save_pretrained(output / "initial")
-        write_json_atomic(built, built_from)
+        _save_initial(recipe, output / "initial", built, built_from)
     write_json_atomic(stages, output / "stages_recipe.json")
+    _run_torchrun(output / "stages_recipe.json", output, processes, threads_per_process, resume)
+    model, tokenizer = load_trained(output / "model")
+    logs = [StageLog(**log) for log in json.loads((output / "stages.json").read_text(encoding="utf-8"))["stages"]]
+    model.config.use_cache = True
+    return model.eval(), tokenizer, logs
+
+
+def _save_initial(recipe: Mapping, folder: Path, built: Mapping, built_from: Path) -> None:
+    """The tokenizer and the initial model, built as `run_curriculum` builds them (same seed), saved in `folder`;
+    `built` (their recipe sections) goes to `built_from` last, which marks `folder` complete."""
+    torch.manual_seed(recipe.get("seed", 0))
+    tokenizer = build_tokenizer(recipe["tokenizer"], recipe.get("seed", 0))
+    model = build_model(recipe["model"], tokenizer, recipe.get("max_length", 128))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_json_atomic(built, built_from)
+
+
+def _run_torchrun(recipe_path: Path, output: Path, processes: int, threads_per_process: int, resume: bool) -> None:
+    """Runs this module's `main` on `recipe_path` in `processes` processes under `torchrun`; a `RuntimeError` if
+    they fail (their output has gone to this process's stdout and stderr)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "modeling_rxt.training_curriculum", "--recipe", str(output / "stages_recipe.json"),
+               "-m", "modeling_rxt.training_curriculum", "--recipe", str(recipe_path),
                "--output", str(output), "--threads", str(threads_per_process)] + (["--resume"] if resume else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process), "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(command, env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"training in {processes} processes failed (exit code {completed.returncode}); "
                            f"its output is above. Command: {' '.join(command)}")
-    model, tokenizer = load_trained(output / "model")
-    logs = [StageLog(**log) for log in json.loads((output / "stages.json").read_text(encoding="utf-8"))["stages"]]
-    model.config.use_cache = True
-    return model.eval(), tokenizer, logs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
