@@ -7,7 +7,7 @@ marks the classes for `auto_map`, so `save_pretrained` copies the code files and
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_rxt import MEMORY_ATTENTION_TYPES, RxTConfig
+from .configuration_rxt import MEMORY_ATTENTION_TYPES, MEMORY_WRITE_TYPES, RxTConfig
 from .memory_state import RxTMemoryState
 from .modeling_rxt import RxTForCausalLM, RxTModel, RxTPreTrainedModel
 
@@ -20,6 +20,7 @@ RxTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "MEMORY_ATTENTION_TYPES",
+    "MEMORY_WRITE_TYPES",
     "RxTConfig",
     "RxTForCausalLM",
     "RxTMemoryState",

@@ -35,6 +35,7 @@ from transformers.utils import auto_docstring
 
 
 MEMORY_ATTENTION_TYPES = ("simple", "self", "interlayer", "gated-self-interlayer")
+MEMORY_WRITE_TYPES = ("attention", "competition")
 
 
 @auto_docstring(checkpoint="rxt-hf/rxt-nano")
@@ -62,12 +63,14 @@ class RxTConfig(PreTrainedConfig):
         How the memory is rewritten after each interaction: `"simple"` (slots attend to the encoded interaction),
         `"self"` (slots first attend to the slots of their own layer), `"interlayer"` (slots first attend to the mean
         of all layers) or `"gated-self-interlayer"` (both, mixed by a learned gate).
-    memory_write_competition (`bool`, *optional*, defaults to `False`):
-        Whether the slots compete for the tokens of an interaction when the memory is written: each token's
-        attention is shared out among the slots (a softmax over slots, not over tokens), and a slot takes the mean of
-        what it won damped by how much it won, so a slot that wins little changes little (README, Training).
+    memory_write_type (`str`, *optional*, defaults to `"attention"`):
+        How the slots take in the interaction's tokens in a write: `"attention"` (each slot's attention is a softmax
+        over the tokens) or `"competition"` (the slots compete for the tokens: each token's attention is shared out
+        among the slots, a softmax over slots, and a slot takes the mean of what it won damped by how much it won, so
+        a slot that wins little changes little; README, Training). Configs saved with the boolean
+        `memory_write_competition` it replaced load as before.
     memory_write_occupancy (`float`, *optional*, defaults to 0.0):
-        With `memory_write_competition`: the starting value of a learned per-head scale by which slots that already
+        With `memory_write_type="competition"`: the starting value of a learned per-head scale by which slots that already
         hold something compete less for new tokens (their scores drop by scale x (1 - cos(slot, its initial
         value))), so a new fact goes to free slots instead of blending into an earlier one. 0 turns it off (no
         parameter).
@@ -127,7 +130,7 @@ class RxTConfig(PreTrainedConfig):
     shared_expert_intermediate_size: int = 0
     memory_slots: int = 64
     memory_attention_type: str = "interlayer"
-    memory_write_competition: bool = False
+    memory_write_type: str = "attention"
     memory_write_occupancy: float | int = 0.0
     external_memory_layers: list[int] | None = None
     external_memory_topk: int = 8
@@ -135,6 +138,8 @@ class RxTConfig(PreTrainedConfig):
     external_memory_stride: int | None = None
 
     def __post_init__(self, **kwargs):
+        if "memory_write_competition" in kwargs:  # the boolean `memory_write_type` replaced (configs saved before)
+            self._read_memory_write_competition(kwargs.pop("memory_write_competition"))
         if self.head_dim is None and self.num_attention_heads > 0:
             # An explicit head_dim (e.g. SQA) may differ from hidden_size / heads; a derived one may not be truncated.
             if self.hidden_size % self.num_attention_heads:
@@ -146,6 +151,15 @@ class RxTConfig(PreTrainedConfig):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)
+
+    def _read_memory_write_competition(self, competition) -> None:
+        if not isinstance(competition, bool):
+            raise TypeError(f"`memory_write_competition` must be a bool, got {competition!r}.")
+        if not competition and self.memory_write_type == "competition":
+            raise ValueError("`memory_write_competition=False` and `memory_write_type='competition'` disagree: give "
+                             "`memory_write_type` alone.")
+        if competition:
+            self.memory_write_type = "competition"
 
     def validate_architecture(self):
         """Raises `ValueError` naming the field of any invalid combination (run by `@strict` on creation)."""
@@ -181,8 +195,10 @@ class RxTConfig(PreTrainedConfig):
             )
         if not 0.0 <= self.memory_write_occupancy < float("inf"):  # also refuses NaN
             raise ValueError(f"`memory_write_occupancy` must be a finite number >= 0, got {self.memory_write_occupancy}.")
-        if self.memory_write_occupancy and not self.memory_write_competition:
-            raise ValueError("`memory_write_occupancy` needs `memory_write_competition=True` (it biases that write).")
+        if self.memory_write_type not in MEMORY_WRITE_TYPES:
+            raise ValueError(f"`memory_write_type` must be one of {MEMORY_WRITE_TYPES}, got {self.memory_write_type!r}.")
+        if self.memory_write_occupancy and self.memory_write_type != "competition":
+            raise ValueError("`memory_write_occupancy` needs `memory_write_type='competition'` (it biases that write).")
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}.")
         if not 0 <= self.router_aux_loss_coef < math.inf:  # also refuses NaN
@@ -274,4 +290,4 @@ def _raise_plain_errors(init):
 RxTConfig.__init__ = _raise_plain_errors(RxTConfig.__init__)
 RxTConfig.validate = _raise_plain_errors(RxTConfig.validate)  # what a model runs again when it is built
 
-__all__ = ["RxTConfig", "MEMORY_ATTENTION_TYPES"]
+__all__ = ["RxTConfig", "MEMORY_ATTENTION_TYPES", "MEMORY_WRITE_TYPES"]

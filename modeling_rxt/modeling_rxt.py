@@ -561,8 +561,8 @@ class RxTModel(RxTPreTrainedModel):
         stm = stm.to(encoded[0].dtype)
         write_mask = None  # slots x tokens, in the attention implementation's format
         # CODEPATH: the usual write attends through the attention registry and needs its mask; models with
-        # `memory_write_competition` share tokens out over slots themselves and read the plain `key_mask`.
-        if key_mask is not None and not self.config.memory_write_competition:
+        # `memory_write_type="competition"` share tokens out over slots themselves and read the plain `key_mask`.
+        if key_mask is not None and self.config.memory_write_type == "attention":
             write_mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=stm[0], attention_mask=key_mask, encoder_hidden_states=encoded[0]
             )

@@ -18,7 +18,7 @@ starts. `RxTModel.write_memory` (modeling_rxt.py) runs these modules. Shapes as 
     [query][answer] --memory encoder--> ED_1 .. ED_L (B,T,D)
     STM_l --(self / interlayer pre-step)--> h_l
     Update_l = Attn(q = norm(h_l), k = v = norm(ED_l), RoPE on keys only)          (B,S,D)
-               (with `memory_write_competition`, the softmax runs over slots: see `competitive_update`;
+               (with `memory_write_type="competition"`, the softmax runs over slots: see `competitive_update`;
                 with `memory_write_occupancy` too, slots that already hold something score lower)
     STM_l'   = (1 - G) * STM_l + G * Update_l,   G = sigmoid(W_g (STM_l + Update_l) + b_g)
 """
@@ -109,7 +109,7 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         self.encoded_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.memory_attn = RxTBidirectionalAttention(config, layer_idx)
         self.residual_gate = nn.Linear(config.hidden_size, config.hidden_size)
-        self.competition = config.memory_write_competition
+        self.competition = config.memory_write_type == "competition"
         self.occupancy_scale = None
         if config.memory_write_occupancy:  # CODEPATH: occupied slots compete less (see `competitive_update`)
             self.occupancy_scale = nn.Parameter(torch.empty(config.num_attention_heads))
@@ -160,7 +160,7 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         plain token mask that the competitive write uses, `initial` (S, D) this layer's initial memory (what an unused
         slot holds; read with `memory_write_occupancy`)."""
         query = self.query_norm(self.pre_step(stm, stm_mean))
-        if self.competition:  # CODEPATH: `memory_write_competition` models (the demo model); others attend as usual
+        if self.competition:  # CODEPATH: `memory_write_type="competition"` (the demo model); others attend
             occupancy = None
             if self.occupancy_scale is not None:
                 occupancy = 1 - torch.nn.functional.cosine_similarity(stm, initial.to(stm.dtype), dim=-1)  # (B, S)

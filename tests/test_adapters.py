@@ -241,7 +241,7 @@ def test_per_adapter_initial_memory_is_used_by_init_memory_and_forward(ids):
 def test_occupancy_is_measured_from_the_writing_adapters_initial_memory(ids):
     """With `memory_write_occupancy`, a slot is free while it holds its initial value: the writer's own (per-adapter)
     initial memory, not the base's, so a persona's first write is the plain competitive write."""
-    model = with_roles(make_base(memory_write_competition=True, memory_write_occupancy=4.0))
+    model = with_roles(make_base(memory_write_type="competition", memory_write_occupancy=4.0))
     writes = {}
     for scale in (4.0, 0.0):
         with torch.no_grad():

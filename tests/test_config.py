@@ -102,3 +102,16 @@ def test_nano_preset_builds_and_runs():
         logits = model(torch.tensor([[2, 10, 11]]), memory_state=state).logits
     assert logits.shape == (1, 3, 2048) and torch.isfinite(logits).all()
     assert model.parameter_counts()["active"] == model.parameter_counts()["total"]
+
+
+def test_the_write_rule_is_a_value_of_one_field_and_the_old_boolean_still_loads():
+    """`memory_write_type` ("attention" or "competition") replaced the boolean `memory_write_competition`
+    (STYLE.md: alternatives are values of one field, not booleans). A config saved with the boolean loads as the
+    same model and saves with the field alone."""
+    assert RxTConfig().memory_write_type == "attention"
+    for old, new in ((True, "competition"), (False, "attention")):
+        config = RxTConfig.from_dict({**RxTConfig().to_dict(), "memory_write_competition": old})
+        assert config.memory_write_type == new
+        assert "memory_write_competition" not in config.to_dict()
+    with pytest.raises(ValueError, match="memory_write_competition.*memory_write_type"):
+        RxTConfig(memory_write_competition=False, memory_write_type="competition")  # the two disagree

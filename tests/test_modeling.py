@@ -148,10 +148,10 @@ def test_memory_write_permutes_with_the_slots(tiny_model):
 
 
 def test_competitive_write_shares_each_token_out_among_the_slots(tiny_model):
-    """`memory_write_competition`: the update written out token by token from its definition (each token's attention
+    """`memory_write_type="competition"`: the update written out token by token from its definition (each token's attention
     shared out among the slots by a softmax over slots; each slot takes what it won, divided by 1 + its total
     share), padding tokens giving nothing; the write stays permutation-equivariant over slots."""
-    model = tiny_model("dense", memory_attention_type="self", memory_write_competition=True)
+    model = tiny_model("dense", memory_attention_type="self", memory_write_type="competition")
     layer, config = model.model.memory_attention[0], model.config
     batch, slots, length, heads = 2, config.memory_slots, 6, config.num_attention_heads
     query, encoded = torch.randn(batch, slots, config.hidden_size), torch.randn(batch, length, config.hidden_size)
@@ -195,7 +195,7 @@ def test_occupied_slots_compete_less_for_new_tokens(tiny_model):
     """`memory_write_occupancy`: a slot's scores drop by scale x occupancy (1 - cos(slot, its initial value)). The
     softmax over slots ignores an occupancy all slots share; a slot far more occupied than the others wins nothing; a
     memory at its initial value has no occupancy, so the first write is the plain competitive write."""
-    model = tiny_model("dense", memory_attention_type="self", memory_write_competition=True, memory_write_occupancy=3.0)
+    model = tiny_model("dense", memory_attention_type="self", memory_write_type="competition", memory_write_occupancy=3.0)
     layer, config = model.model.memory_attention[0], model.config
     torch.testing.assert_close(layer.occupancy_scale.detach(), torch.full((config.num_attention_heads,), 3.0))
     batch, slots, length = 2, config.memory_slots, 6
@@ -212,7 +212,7 @@ def test_occupied_slots_compete_less_for_new_tokens(tiny_model):
         assert update[:, 0].abs().max() < 1e-6  # slot 0 won nothing (o_proj has no bias)
         assert not torch.allclose(update[:, 1:], plain[:, 1:], atol=1e-4)  # its share went to the other slots
     state, input_ids = model.init_memory(batch), random_ids(batch, 7)
-    without = tiny_model("dense", memory_attention_type="self", memory_write_competition=True)
+    without = tiny_model("dense", memory_attention_type="self", memory_write_type="competition")
     without.load_state_dict(model.state_dict(), strict=False)  # the same weights, no occupancy scale
     with torch.no_grad():
         first = model.update_memory(state, input_ids)
@@ -389,7 +389,7 @@ def test_float64_gradients_match_finite_differences(part):
     if part == "moe router":  # torch's grouped_mm has no float64 kernel: the eager experts
         small.update(num_local_experts=3, num_experts_per_tok=2, experts_implementation="eager")
     else:
-        small.update(memory_write_competition=True, memory_write_occupancy=0.7)
+        small.update(memory_write_type="competition", memory_write_occupancy=0.7)
     torch.manual_seed(0)
     model = RxTForCausalLM(RxTConfig(**small)).eval().double()
     ids, mask = torch.tensor([[5, 7, 9, 11, 13], [0, 0, 6, 8, 10]]), torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])

@@ -33,7 +33,7 @@ def valid_configs(draw) -> dict:
         max_position_embeddings=draw(st.integers(4, 24)),
         memory_slots=draw(st.integers(1, 6)),
         memory_attention_type=draw(st.sampled_from(MEMORY_ATTENTION_TYPES)),
-        memory_write_competition=competition,
+        memory_write_type="competition" if competition else "attention",
         memory_write_occupancy=draw(st.sampled_from([0.0, 2.0])) if competition else 0.0,
         num_local_experts=experts,
         num_experts_per_tok=draw(st.integers(1, max(experts, 1))),
@@ -77,7 +77,8 @@ BAD_VALUES = st.one_of(
 CORRUPTIBLE = [
     "vocab_size", "hidden_size", "head_dim", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "max_position_embeddings", "memory_slots", "memory_attention_type",
-    "memory_write_competition", "memory_write_occupancy", "num_local_experts", "num_experts_per_tok", "shared_expert_intermediate_size",
+    "memory_write_type", "memory_write_occupancy", "num_local_experts", "num_experts_per_tok",
+    "shared_expert_intermediate_size",
     "rms_norm_eps", "attention_dropout", "router_aux_loss_coef", "initializer_range", "hidden_act",
     "tie_word_embeddings", "use_cache",
 ]

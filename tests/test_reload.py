@@ -26,7 +26,7 @@ VARIANTS = {
     "dense-simple": ("dense", {"memory_attention_type": "simple"}),
     "dense-self": ("dense", {"memory_attention_type": "self"}),
     "dense-interlayer": ("dense", {"memory_attention_type": "interlayer"}),
-    "dense-self-competitive-write": ("dense", {"memory_attention_type": "self", "memory_write_competition": True,
+    "dense-self-competitive-write": ("dense", {"memory_attention_type": "self", "memory_write_type": "competition",
                                               "memory_write_occupancy": 2.0}),
     "moe-gated-self-interlayer": ("moe", {"memory_attention_type": "gated-self-interlayer"}),
 }
