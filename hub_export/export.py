@@ -30,8 +30,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from modeling_rxt import RxTForCausalLM
-from modeling_rxt.adapters import AdapterBaseWeightsError, check_adapter_fits
-from modeling_rxt.memory_state import create_temporary, staged_folder
+from modeling_rxt.adapters import ADAPTER_WEIGHTS_NAMES, AdapterBaseWeightsError, check_adapter_fits
+from modeling_rxt.memory_state import atomic_write, staged_folder
 
 from .fresh_process import BLOCKED_PACKAGES
 from .model_card import (
@@ -213,24 +213,20 @@ def write_generation_config(folder: Path, model, tokenizer) -> None:
 def add_safetensors_metadata(path: Path, metadata: dict[str, str]) -> None:
     """Rewrites the header of a safetensors file with `metadata` added (transformers' `save_pretrained` ignores
     `metadata=`). Header: 8-byte little-endian length, JSON, space padding to a multiple of 8; tensor offsets are
-    relative to the data, so only the header changes. Written through a temporary file and renamed."""
+    relative to the data, so only the header changes. The file is replaced atomically (`atomic_write`)."""
     with open(path, "rb") as source:
         (length,) = struct.unpack("<Q", source.read(8))
         header = json.loads(source.read(length))
         header["__metadata__"] = {**header.get("__metadata__", {}), **metadata}
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)
-        temporary = create_temporary(path.parent, f".{path.name}.")
-        try:
+
+        def write(temporary: str) -> None:  # the new header, then the data as it is (`source` is past the header)
             with open(temporary, "wb") as target:
                 target.write(struct.pack("<Q", len(encoded)) + encoded)
                 shutil.copyfileobj(source, target)
-                target.flush()
-                os.fsync(target.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+
+        atomic_write(path, write)
 
 
 def weights_metadata(model, evaluation: Evaluation | None) -> dict[str, str]:
@@ -306,8 +302,9 @@ def copy_adapter(source: Path, target: Path, base_model: str) -> None:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"Adapter {str(source)!r}: adapter_config.json is not valid JSON: {error}") from error
-    if not any((target / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise ValueError(f"Adapter {str(source)!r} has no adapter_model.safetensors.")
+    if not any((target / name).is_file() for name in ADAPTER_WEIGHTS_NAMES):
+        found = sorted(path.name for path in source.iterdir())
+        raise ValueError(f"Adapter {str(source)!r} has no {' or '.join(ADAPTER_WEIGHTS_NAMES)}; it holds {found}.")
     config["base_model_name_or_path"] = base_model
     # PEFT records where the base class was imported from; this project's packages do not exist for Hub users (and
     # `PeftModel.from_pretrained(model, repo, subfolder=name)` does not need the mapping).
@@ -369,6 +366,19 @@ def _check_repo_id(repo_id: str | None, push: bool) -> None:
         raise ValueError(f"`repo_id` {repo_id!r} is not a valid Hub repository id: {error}") from error
 
 
+def _check_export_arguments(src, dest, repo_id: str | None, datasets: Sequence[str] | None, **flags) -> None:
+    """`export_model`'s arguments, before any work: paths, True/False `flags` (`private` may also be None), a valid
+    `repo_id` (needed by `push`), a list of dataset names."""
+    if not isinstance(src, str | os.PathLike) or not isinstance(dest, str | os.PathLike):
+        raise TypeError("`src` and `dest` must be paths (str or os.PathLike).")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool) and not (name == "private" and flag is None):
+            raise TypeError(f"`{name}` must be True or False, got {flag!r}.")  # "no" would count as True
+    _check_repo_id(repo_id, flags["push"])
+    if datasets is not None and (isinstance(datasets, str) or not all(isinstance(d, str) and d for d in datasets)):
+        raise ValueError(f"`datasets` must be a list of dataset names, got {datasets!r}.")
+
+
 def export_model(
     src: str | os.PathLike,
     dest: str | os.PathLike,
@@ -397,17 +407,9 @@ def export_model(
     `check_adapter_base_weights=False` exports adapters that `save_adapters` recorded on other base weights of the
     same shapes (an adapter knowingly carried over to a base trained further); shapes are always checked.
     """
-    if not isinstance(src, str | os.PathLike) or not isinstance(dest, str | os.PathLike):
-        raise TypeError("`src` and `dest` must be paths (str or os.PathLike).")
+    _check_export_arguments(src, dest, repo_id, datasets, overwrite=overwrite, verify=verify, push=push,
+                            private=private, check_adapter_base_weights=check_adapter_base_weights)
     src, dest = Path(src), Path(dest)
-    flags = (("overwrite", overwrite), ("verify", verify), ("push", push), ("private", private),
-             ("check_adapter_base_weights", check_adapter_base_weights))
-    for name, flag in flags:
-        if not isinstance(flag, bool) and not (name == "private" and flag is None):
-            raise TypeError(f"`{name}` must be True or False, got {flag!r}.")  # "no" would count as True
-    _check_repo_id(repo_id, push)
-    if datasets is not None and (isinstance(datasets, str) or not all(isinstance(d, str) and d for d in datasets)):
-        raise ValueError(f"`datasets` must be a list of dataset names, got {datasets!r}.")
     evaluation = read_evaluation(eval_json) if eval_json is not None else None
     recipe = read_recipe(recipe_json) if recipe_json is not None else None
     model_folder = find_model_folder(src)

@@ -204,13 +204,25 @@ class RxTChatSession:
             self._check_open()  # closed by a callback during generation: no writer left to take the write
             answer_ids = self._answer_ids(_sequences(output)[0, prompt.shape[1] :])
             interaction = torch.cat((prompt[0], answer_ids))[None]
-            self._pending = self._schedule_write(self._state, interaction, None, self.background_write)
-            answer = decode_answer(self.tokenizer, answer_ids.tolist())
-            self.messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
-            self.timings.append(TurnTimings(waited, clock.first_token_s, generate_s))
-            if not self.background_write:
-                self.wait_for_memory()
-            return answer
+            write = self._schedule_write(self._state, interaction, None, self.background_write)
+            timings = TurnTimings(waited, clock.first_token_s, generate_s)
+            return self._record_turn(query, answer_ids, write, timings, self.background_write)
+
+    def _record_turn(
+        self, query: str, answer_ids: torch.Tensor, write: Future | _RowOfBatchWrite, timings: TurnTimings,
+        background: bool,
+    ) -> str:
+        """Books a generated turn in the session (`send` and `send_batch`): `write`, the turn's memory write already
+        scheduled, becomes the pending write; the query and the decoded answer join `messages`, and `timings` joins
+        `self.timings`. A write that did not run in the background (`background` False) is taken into the memory at
+        once. Returns the answer text."""
+        self._pending = write
+        answer = decode_answer(self.tokenizer, answer_ids.tolist())
+        self.messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+        self.timings.append(timings)
+        if not background:
+            self.wait_for_memory()
+        return answer
 
     def stream(self, query: str, **generate_kwargs) -> Iterator[str]:
         """`send` in a worker thread, yielding the answer's text as it is generated (a `TextIteratorStreamer`)."""
@@ -260,9 +272,9 @@ class RxTChatSession:
                 raise ValueError(f"`max_length` {max_length} leaves no room for an answer after the prompt's "
                                  f"{prompt_length} tokens.")
         if "max_new_tokens" not in kwargs:
-            configured = _generation_setting(self.model, given, "max_new_tokens")
+            configured = _generation_setting("max_new_tokens", given, self.model)
             kwargs["max_new_tokens"] = room if configured is None else max(1, min(configured, room))
-        if _generation_setting(self.model, given, "num_return_sequences") not in (None, 1):
+        if _generation_setting("num_return_sequences", given, self.model) not in (None, 1):
             raise ValueError("`num_return_sequences` must be 1 (here or in the generation config): a session "
                              "continues one conversation.")
         kwargs["max_new_tokens"] = _int_setting("max_new_tokens", kwargs["max_new_tokens"])
@@ -381,12 +393,8 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
         batch_write = first._schedule_write(state, written, written_mask, background)
         texts = []
         for row, (session, query, answer) in enumerate(zip(sessions, queries, answers)):
-            session._pending = _RowOfBatchWrite(batch_write, row)
-            texts.append(decode_answer(tokenizer, answer.tolist()))
-            session.messages += [{"role": "user", "content": query}, {"role": "assistant", "content": texts[-1]}]
-            session.timings.append(TurnTimings(waits[row], clock.first_token_s, generate_s))
-            if not background:
-                session.wait_for_memory()
+            timings = TurnTimings(waits[row], clock.first_token_s, generate_s)
+            texts.append(session._record_turn(query, answer, _RowOfBatchWrite(batch_write, row), timings, background))
         return texts
     finally:
         for lock in reversed(locks):
@@ -405,7 +413,7 @@ def _sequences(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.sequences
 
 
-def _generation_setting(model, kwargs: dict, name: str):
+def _generation_setting(name: str, kwargs: dict, model):
     """`generation_setting` for `send`'s keywords, which may hold the `generation_config`."""
     return generation_setting(name, kwargs, kwargs.get("generation_config"), model)
 
@@ -414,7 +422,7 @@ def _with_clock(clock: _FirstTokenClock, kwargs: dict, model) -> dict:
     """`generate` kwargs with the timing streamer, except under beam search (asked for here or in the generation
     config), which takes no streamer: the first-token time then stays None, and a streamer the caller gave meets
     generate's own refusal."""
-    if _generation_setting(model, kwargs, "num_beams") not in (None, 1) and clock.inner is None:
+    if _generation_setting("num_beams", kwargs, model) not in (None, 1) and clock.inner is None:
         return kwargs
     return {**kwargs, "streamer": clock}
 

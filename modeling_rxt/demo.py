@@ -159,26 +159,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     output = Path(args.output)
-    recipe = args.recipe_values
-    print(f"[demo] recipe {args.recipe!r}: {len(recipe['stages'])} stages, {args.threads} CPU threads, "
+    print(f"[demo] recipe {args.recipe!r}: {len(args.recipe_values['stages'])} stages, {args.threads} CPU threads, "
           f"{args.processes} training process(es)")
     plot = _can_plot()
     if not plot:
         print("[demo] matplotlib is not installed: no recall.png (pip install matplotlib, or this package's [bench])")
-    try:
-        if args.processes > 1:  # trains and saves runs/.../model in the worker processes
-            threads_per_process = max(1, args.threads // args.processes)
-            model, tokenizer, logs = run_curriculum_in_processes(
-                recipe, output, args.processes, threads_per_process, resume=args.resume
-            )
-        else:
-            model, tokenizer, logs = run_curriculum(recipe, output, progress=True, resume=args.resume)
-    except InputError as error:  # found before training (`init_from`, --resume): a usage error, as for --recipe
-        _parser().error(one_line(error))
+    model, tokenizer, logs = _train(args, output)
     train_s = time.perf_counter() - start
     model_dir = output / "model"
     save_model_folder(model, tokenizer, model_dir)  # staged and renamed: a failed save keeps the previous model
+    result, examples, episodes = _evaluate_and_report(args, model, tokenizer, logs, model_dir, train_s, plot)
+    _print_recall(result)
+    how = export_hub_folder(model_dir, output / "hub", output / "eval.json", recipe_file(args.recipe))
+    print(f"[demo] Hub folder {output / 'hub'}: {how}")
+    code = _show_conversation(output / "hub", _conversations({"examples": examples}, episodes), args.threads)
+    print(f"[demo] done in {time.perf_counter() - start:.0f} s; results in {output}")
+    return 0 if code == 0 else 1
 
+
+def _train(args: argparse.Namespace, output: Path) -> tuple:
+    """Step 1: the recipe's curriculum, in `--processes` processes (which also save `output`/model) or in this one.
+    Returns the model, its tokenizer and the stage logs. Bad input found before training (`init_from`, --resume) is a
+    usage error, as for --recipe."""
+    try:
+        if args.processes > 1:
+            threads_per_process = max(1, args.threads // args.processes)
+            return run_curriculum_in_processes(
+                args.recipe_values, output, args.processes, threads_per_process, resume=args.resume
+            )
+        return run_curriculum(args.recipe_values, output, progress=True, resume=args.resume)
+    except InputError as error:
+        _parser().error(one_line(error))
+
+
+def _evaluate_and_report(args: argparse.Namespace, model, tokenizer, logs, model_dir: Path, train_s: float,
+                         plot: bool) -> tuple[dict, list, list]:
+    """Step 3: recall on held-out episodes (and from the external memory, for a recipe that trains it), written to
+    eval.json (with the fingerprint of the weights saved in `model_dir`), eval_examples.json and, with `plot`,
+    recall.png. Returns the recall result (without its examples), the examples and the episodes."""
+    output, recipe = Path(args.output), args.recipe_values
     settings = recipe.get("evaluation", {})
     split = settings.get("split", "test")
     episodes = make_episodes(settings.get("episodes", 300), turns=settings.get("turns", 10), split=split,
@@ -198,17 +217,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_s": {"training": round(train_s, 1)},
     }
     if any(stage["stage"] == "external_memory" for stage in recipe["stages"]):
-        external = evaluate_fact_recall(model, tokenizer, n_episodes=settings.get("external_memory_episodes", 100),
-                                        split=split)
-        report["external_memory_recall"] = {k: v for k, v in external.items() if k != "examples"}
-        print("[demo] facts only in the EXTERNAL memory (fresh short-term memory), chance {:.1%}: {:.1%} without, "
-              "{:.1%} with it ({} questions)".format(external["chance"], external["accuracy_without_memory"],
-                                                      external["accuracy_with_external_memory"], external["questions"]))
+        report["external_memory_recall"] = _external_memory_recall(model, tokenizer, settings, split)
     report["wall_s"]["evaluation"] = round(time.perf_counter() - eval_start, 1)
     write_json_atomic(report, output / "eval.json")
     write_json_atomic({"examples": examples}, output / "eval_examples.json")
     if plot:
         plot_recall(result, output / "recall.png")
+    return result, examples, episodes
+
+
+def _external_memory_recall(model, tokenizer, settings: dict, split: str) -> dict:
+    """Recall of facts found only in the external memory (the short-term memory fresh), printed; for eval.json."""
+    external = evaluate_fact_recall(model, tokenizer, n_episodes=settings.get("external_memory_episodes", 100),
+                                    split=split)
+    print("[demo] facts only in the EXTERNAL memory (fresh short-term memory), chance {:.1%}: {:.1%} without, "
+          "{:.1%} with it ({} questions)".format(external["chance"], external["accuracy_without_memory"],
+                                                  external["accuracy_with_external_memory"], external["questions"]))
+    return {k: v for k, v in external.items() if k != "examples"}
+
+
+def _print_recall(result: dict) -> None:
+    """The recall by turn distance (with the memory and with it reset), by memory writes and by facts held."""
     print("[demo] recall by distance (with memory / memory reset), chance {:.1%}:".format(result["chance"]))
     for distance, accuracy in result["recall_by_distance"].items():
         print(f"    {distance} turns back: {accuracy:6.1%} / {result['recall_memory_reset'][distance]:6.1%}"
@@ -218,23 +247,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("[demo] the same by different facts stated before the question: " + ", ".join(
         f"{held}: {accuracy:.0%}" for held, accuracy in result["recall_by_facts_held"].items()))
 
-    recipe_path = recipe_file(args.recipe)
-    how = export_hub_folder(model_dir, output / "hub", output / "eval.json", recipe_path)
-    print(f"[demo] Hub folder {output / 'hub'}: {how}")
-    conversations = _conversations({"examples": examples}, episodes)
+
+def _show_conversation(hub_dir: Path, conversations: list[dict], threads: int) -> int:
+    """Step 4: replays `conversations` with the model reloaded from `hub_dir` in a fresh process, and says how it
+    went. Returns the process's exit code (0: recalled; `NOT_RECALLED`, also when there was nothing to replay)."""
     code = NOT_RECALLED
     if conversations:
         print("[demo] a conversation with the reloaded model, in a fresh process:")
-        code = subprocess.run([sys.executable, "-c", CONVERSATION_SCRIPT, str(output / "hub"),
-                               json.dumps(conversations), str(args.threads)]).returncode
+        code = subprocess.run([sys.executable, "-c", CONVERSATION_SCRIPT, str(hub_dir),
+                               json.dumps(conversations), str(threads)]).returncode
     else:
         print("[demo] the evaluation asked no question about a fact 3 or more turns back: nothing to show")
     if code == NOT_RECALLED:
         print("[demo] the reloaded model did not recall a fact 3 or more turns back (see eval.json for the figures)")
     elif code != 0:
         print(f"[demo] the conversation in a fresh process FAILED (exit code {code}): its error is above")
-    print(f"[demo] done in {time.perf_counter() - start:.0f} s; results in {output}")
-    return 0 if code == 0 else 1
+    return code
 
 
 if __name__ == "__main__":

@@ -101,15 +101,24 @@ class ExternalMemory:
 
     def __post_init__(self):
         if self.keys.dim() != 5 or self.keys.shape != self.values.shape:
-            raise ValueError("`keys` and `values` must both have shape (layers, rows, kv_heads, tokens, head_dim).")
+            raise ValueError(
+                "`keys` and `values` must both have shape (layers, rows, kv_heads, tokens, head_dim), got keys "
+                f"{tuple(self.keys.shape)} and values {tuple(self.values.shape)}."
+            )
         if self.keys.shape[0] != len(self.layers):
             raise ValueError(f"`keys` holds {self.keys.shape[0]} layers but `layers` names {len(self.layers)}.")
-        if self.mask.shape != self.keys.shape[1:2] + self.keys.shape[3:4] or self.token_ids.shape != self.mask.shape:
-            raise ValueError("`mask` and `token_ids` must have shape (rows, tokens) matching `keys`.")
+        rows_tokens = (self.keys.shape[1], self.keys.shape[3])
+        if tuple(self.mask.shape) != rows_tokens or tuple(self.token_ids.shape) != rows_tokens:
+            raise ValueError(
+                f"`mask` and `token_ids` must have shape (rows, tokens) = {rows_tokens} to match `keys` "
+                f"{tuple(self.keys.shape)}, got mask {tuple(self.mask.shape)} and token_ids "
+                f"{tuple(self.token_ids.shape)}."
+            )
 
     # ---- shape ----------------------------------------------------------------------------------------------------
     @property
-    def batch_size(self) -> int:
+    def num_rows(self) -> int:
+        """R, the number of memory rows (not the batch size B of a forward: see `default_rows`)."""
         return self.keys.shape[1]
 
     @property
@@ -162,7 +171,7 @@ class ExternalMemory:
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> "ExternalMemory":
         """The memories of `rows`, in that order (repeats allowed)."""
-        index = row_index(rows, self.batch_size, self.device, "rows")
+        index = row_index(rows, self.num_rows, self.device, "rows")
         return _packed(
             self.keys.index_select(1, index), self.values.index_select(1, index),
             self.token_ids.index_select(0, index), self.mask.index_select(0, index), self.layers,
@@ -183,10 +192,10 @@ class ExternalMemory:
         """Appends `other`'s memories to every row (`other` has one row, shared by all, or one per row). Existing
         indices stay valid; new tokens get the indices after them."""
         _check_same_kind([self, other], "other")
-        if other.batch_size not in (1, self.batch_size):
-            raise ValueError(f"`other` has {other.batch_size} rows; expected 1 or {self.batch_size}.")
-        if other.batch_size == 1 and self.batch_size > 1:
-            other = other.select([0] * self.batch_size)
+        if other.num_rows not in (1, self.num_rows):
+            raise ValueError(f"`other` has {other.num_rows} rows; expected 1 or {self.num_rows}.")
+        if other.num_rows == 1 and self.num_rows > 1:
+            other = other.select([0] * self.num_rows)
         other = other.to(self.device)
         return _packed(
             torch.cat((self.keys, other.keys), dim=3), torch.cat((self.values, other.values), dim=3),
@@ -196,29 +205,37 @@ class ExternalMemory:
 
     def replace(self, rows: Sequence[int] | torch.Tensor, other: "ExternalMemory") -> "ExternalMemory":
         """The memories of `rows` become those of `other` (one row of `other` per entry of `rows`)."""
-        index = row_index(rows, self.batch_size, self.device, "rows")
+        index = row_index(rows, self.num_rows, self.device, "rows")
         _check_same_kind([self, other], "other")
-        if other.batch_size != index.numel():
-            raise ValueError(f"`other` has {other.batch_size} rows but `rows` names {index.numel()}.")
-        source = torch.arange(self.batch_size, device=self.device)
-        source[index] = self.batch_size + torch.arange(index.numel(), device=self.device)
+        if other.num_rows != index.numel():
+            raise ValueError(f"`other` has {other.num_rows} rows but `rows` names {index.numel()}.")
+        source = torch.arange(self.num_rows, device=self.device)
+        source[index] = self.num_rows + torch.arange(index.numel(), device=self.device)
         return ExternalMemory.concatenate([self, other.to(self.device)]).select(source)
 
     def clear(self, rows: Sequence[int] | torch.Tensor | None = None) -> "ExternalMemory":
         """Empties the memories of `rows` (all rows by default); the rows themselves stay."""
-        drop = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
+        drop = torch.ones(self.num_rows, dtype=torch.bool, device=self.device)
         if rows is not None:
             drop = torch.zeros_like(drop)
-            drop[row_index(rows, self.batch_size, self.device, "rows")] = True
+            drop[row_index(rows, self.num_rows, self.device, "rows")] = True
         return _packed(self.keys, self.values, self.token_ids, self.mask & ~drop[:, None], self.layers)
 
 
 def _check_same_kind(memories: Sequence[ExternalMemory], name: str) -> ExternalMemory:
     if not memories or not all(isinstance(m, ExternalMemory) for m in memories):
         raise TypeError(f"`{name}` must be (a non-empty list of) ExternalMemory.")
-    kinds = {(m.layers, m.keys.shape[2], m.keys.shape[4], m.dtype) for m in memories}
-    if len(kinds) != 1:
-        raise ValueError(f"`{name}`: external memories of different layers, heads or dtypes cannot be combined.")
+    kinds = {
+        "layers": [m.layers for m in memories],
+        "kv_heads": [m.keys.shape[2] for m in memories],
+        "head_dim": [m.keys.shape[4] for m in memories],
+        "dtype": [m.dtype for m in memories],
+    }
+    differing = [f"{kind} {values}" for kind, values in kinds.items() if len(set(values)) > 1]
+    if differing:
+        raise ValueError(
+            f"`{name}`: cannot combine external memories that differ in {', '.join(differing)} (one value per memory)."
+        )
     return memories[0]
 
 
@@ -238,6 +255,7 @@ def _packed(keys, values, token_ids, mask, layers) -> ExternalMemory:
     order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)  # (R, M): real tokens first, in order
     width = int(mask.sum(dim=-1).max()) if mask.numel() else 0
     order = order[:, :width]
+    # (Lr, R, K, width, Dh): for each row, the column of keys/values to take at each of its `width` positions
     gather = order[None, :, None, :, None].expand(keys.shape[0], -1, keys.shape[2], -1, keys.shape[4])
     mask = mask.gather(1, order)
     return ExternalMemory(
@@ -315,7 +333,7 @@ def split_into_chunks(ids: torch.Tensor, mask: torch.Tensor, stride: int) -> lis
 
 
 def build_external_memory(
-    decoder: nn.Module,
+    model: nn.Module,
     memories: torch.Tensor | Sequence,
     attention_mask: torch.Tensor | None = None,
     *,
@@ -325,45 +343,46 @@ def build_external_memory(
     differentiable: bool = False,
     passes: Callable[[int], int] | None = None,
 ) -> ExternalMemory:
-    """Runs the decoder (`RxTModel`) over the memories in chunks of `stride` tokens (each chunk on its own: causal,
-    positions 0..stride-1, reading the learned initial short-term memory) and keeps, for `layers`, the keys (before
-    rotary positions) and values of the self-attention of every memory token. Without gradients unless
-    `differentiable` (training: the loss of an answer then shapes how the decoder encodes the memory it reads).
-    `passes` maps the number of decoder passes this memory needs to the number to run: processes that train a
-    sharded model must all make the same calls (`training.lockstep`), and the extra passes encode nothing."""
+    """Runs `model`, the decoder (an `RxTModel`, not the `RxTForCausalLM` around it), over the memories in chunks
+    of `stride` tokens (each chunk on its own: causal, positions 0..stride-1, reading the learned initial short-term
+    memory) and keeps, for `layers`, the keys (before rotary positions) and values of the self-attention of every
+    memory token. Without gradients unless `differentiable` (training: the loss of an answer then shapes how the
+    decoder encodes the memory it reads). `passes` maps the number of decoder passes this memory needs to the number
+    to run: processes that train a sharded model must all make the same calls (`training.lockstep`), and the extra
+    passes encode nothing."""
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-        return _build_external_memory(decoder, memories, attention_mask, layers, stride, device, passes)
+        return _build_external_memory(model, memories, attention_mask, layers, stride, device, passes)
 
 
-def _build_external_memory(decoder, memories, attention_mask, layers, stride, device, passes) -> ExternalMemory:
-    ids, mask = as_padded_ids(memories, attention_mask, decoder.config.vocab_size)
+def _build_external_memory(model, memories, attention_mask, layers, stride, device, passes) -> ExternalMemory:
+    ids, mask = as_padded_ids(memories, attention_mask, model.config.vocab_size)
     chunks = split_into_chunks(ids, mask, stride)
-    model_device = decoder.embed_tokens.weight.device
-    memory = _empty_memory(ids, mask, layers, decoder, device)
+    model_device = model.embed_tokens.weight.device
+    memory = _empty_memory(ids, mask, layers, model, device)
     if not layers:  # `external_memory_layers=[]`: retrieval off, nothing to encode
         return memory
     # The hidden states entering each retrieval layer; its keys/values are then computed from them as a forward of
     # the layer, not taken from inside its `forward` by hooks: under FSDP2 the gradients reaching keys/values taken
     # from inside would find the layer's weights released.
     entering: dict[int, torch.Tensor] = {}
-    handles = [decoder.layers[layer_idx].register_forward_pre_hook(_capture_input(entering, layer_idx))
+    handles = [model.layers[layer_idx].register_forward_pre_hook(_capture_input(entering, layer_idx))
                for layer_idx in layers]
     try:
         per_batch = max(1, TOKENS_PER_ENCODING_BATCH // stride)
-        memory_key_values = decoder.project_memory(decoder.memory_tensor(None, 1))  # (1, L, 2, K, S, Dh), once
+        memory_key_values = model.project_memory(model.memory_tensor(None, 1))  # (1, L, 2, K, S, Dh), once
         groups = [chunks[start : start + per_batch] for start in range(0, len(chunks), per_batch)]
         extra = (passes(len(groups)) if passes is not None else len(groups)) - len(groups)
         for _ in range(extra):
             # A pass that encodes nothing (one padding token), for a process in lockstep with others that have more
             # memory to encode. Its keys/values join the memory times zero, so that its backward runs as theirs does.
             token = torch.zeros(1, 1, dtype=torch.long, device=model_device)
-            keys, values = _encode_pass(decoder, token, torch.ones_like(token), memory_key_values, layers, entering)
+            keys, values = _encode_pass(model, token, torch.ones_like(token), memory_key_values, layers, entering)
             if torch.is_grad_enabled():
                 memory.keys.view(-1)[:1] += (keys.sum() + values.sum()).to(memory.keys.dtype) * 0
         for group in groups:
             chunk_ids = nn.utils.rnn.pad_sequence([c for _, _, c in group], batch_first=True).to(model_device)
             chunk_mask = nn.utils.rnn.pad_sequence([torch.ones_like(c) for _, _, c in group], batch_first=True)
-            keys, values = _encode_pass(decoder, chunk_ids, chunk_mask.to(model_device), memory_key_values, layers,
+            keys, values = _encode_pass(model, chunk_ids, chunk_mask.to(model_device), memory_key_values, layers,
                                         entering)
             # Written straight into place: the peak stays at the memory itself plus one batch of activations.
             for i, (row, offset, chunk) in enumerate(group):
@@ -376,12 +395,12 @@ def _build_external_memory(decoder, memories, attention_mask, layers, stride, de
     return memory
 
 
-def _encode_pass(decoder, chunk_ids, chunk_mask, memory_key_values, layers, entering):
+def _encode_pass(model, chunk_ids, chunk_mask, memory_key_values, layers, entering):
     """One decoder pass over chunks (n, T): the keys and values (Lr, n, K, T, Dh) of the retrieval `layers`,
     computed from the hidden states entering them (`entering`, filled during the pass)."""
-    decoder(input_ids=chunk_ids, attention_mask=chunk_mask, use_cache=False,
-            memory_key_values=memory_key_values.expand(chunk_ids.shape[0], *memory_key_values.shape[1:]))
-    keys, values = zip(*(decoder.self_attention_keys_values(i, entering[i]) for i in layers))
+    model(input_ids=chunk_ids, attention_mask=chunk_mask, use_cache=False,
+          memory_key_values=memory_key_values.expand(chunk_ids.shape[0], *memory_key_values.shape[1:]))
+    keys, values = zip(*(model.self_attention_keys_values(i, entering[i]) for i in layers))
     return torch.stack(keys), torch.stack(values)
 
 
@@ -392,11 +411,11 @@ def _capture_input(store: dict[int, torch.Tensor], layer_idx: int) -> Callable:
     return hook
 
 
-def _empty_memory(ids, mask, layers, decoder, device) -> ExternalMemory:
+def _empty_memory(ids, mask, layers, model, device) -> ExternalMemory:
     """A zero memory in the packed layout of `ids`: row r holds its real tokens at 0..n_r-1, in order."""
-    config = decoder.config
-    device = torch.device(device) if device is not None else decoder.embed_tokens.weight.device
-    dtype = decoder.embed_tokens.weight.dtype
+    config = model.config
+    device = torch.device(device) if device is not None else model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
     lengths = mask.sum(dim=-1)  # (R,)
     width = int(lengths.max()) if lengths.numel() else 0
     shape = (len(layers), ids.shape[0], config.num_key_value_heads, width, config.head_dim)
@@ -458,7 +477,12 @@ def _fold(rows: torch.Tensor, memory_rows: int) -> int | None:
 
 
 def retrieve_for_heads(
-    query: torch.Tensor, memory: ExternalMemory, layer_idx: int, rows: torch.Tensor, topk: int, threshold
+    query: torch.Tensor,
+    memory: ExternalMemory,
+    layer_idx: int,
+    rows: torch.Tensor,
+    topk: int,
+    sim_threshold: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """query (B, H, Tq, Dh) of batch rows reading memory `rows` (B,) -> retrieved keys and values (B, H, Tq, k, Dh),
     their indices (B, H, Tq, k) and whether each is attended to (B, H, Tq, k), on the query's device."""
@@ -468,14 +492,14 @@ def retrieve_for_heads(
     batch, num_heads, length, head_dim = query.shape
     kv_heads = keys.shape[1]
     rows = rows.to(memory.device)
-    n = _fold(rows, memory.batch_size)
+    n = _fold(rows, memory.num_rows)
     if n is None:  # arbitrary row mapping: gather the rows (a copy), one batch row per memory row
         keys, values, scales, mask, n = keys[rows], values[rows], scales[rows], mask[rows], 1
     groups = num_heads // kv_heads
     # (B, H, Tq, Dh) = (R, n, K, G, Tq, Dh) -> (R, K, n * G * Tq, Dh): the queries of one memory row and kv head
     grouped = query.reshape(-1, n, kv_heads, groups, length, head_dim).transpose(1, 2)
     grouped = grouped.reshape(-1, kv_heads, n * groups * length, head_dim)
-    index, _, valid = retrieve_top_k(grouped, keys, scales, mask, topk, threshold)
+    index, _, valid = retrieve_top_k(grouped, keys, scales, mask, topk, sim_threshold)
     k = index.shape[-1]
     flat = index.reshape(*index.shape[:2], -1, 1).expand(-1, -1, -1, head_dim)
     picked_keys, picked_values = keys.gather(2, flat), values.gather(2, flat)  # (R, K, n*G*Tq*k, Dh)
@@ -607,10 +631,13 @@ class ExternalMemoryRetriever:
 
     def bind(self, rows: torch.Tensor | None, batch_size: int) -> "ExternalMemoryRetriever":
         """This retriever for one forward of `batch_size` rows; starts a recorder step."""
-        rows = default_rows(self.memory.batch_size, batch_size) if rows is None else rows
+        rows = default_rows(self.memory.num_rows, batch_size) if rows is None else rows
         rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
-        if rows.numel() != batch_size or (rows.numel() and (rows.min() < 0 or rows.max() >= self.memory.batch_size)):
-            raise ValueError(f"`external_memory_rows` must map each of the {batch_size} rows to a memory row.")
+        if rows.numel() != batch_size or (rows.numel() and (rows.min() < 0 or rows.max() >= self.memory.num_rows)):
+            raise ValueError(
+                f"`external_memory_rows` must give one memory row in [0, {self.memory.num_rows}) for each of the "
+                f"{batch_size} batch rows, got {rows.numel()} row(s): {rows.tolist()}."
+            )
         if self.recorder is not None:
             self.recorder.start_step()
         # The keys' norms are computed once and cached: here, before the layers, not in the first retrieval layer
@@ -635,7 +662,7 @@ class ExternalMemoryRetriever:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Drop-in attention implementation for a retrieval layer: query (B, H, Tq, Dh) against the top-k memories
         of its row and its local keys/values (B, K, Tk, Dh) in one softmax."""
-        rows = self.rows if self.rows is not None else default_rows(self.memory.batch_size, query.shape[0])
+        rows = self.rows if self.rows is not None else default_rows(self.memory.num_rows, query.shape[0])
         memory_keys, memory_values, indices, valid = retrieve_for_heads(
             query, self.memory, module.layer_idx, rows, self.topk, self.sim_threshold
         )
@@ -674,16 +701,7 @@ def prepare_generate_kwargs(
     Returns the recorder when `output_retrieved_memory_idx=True`. `external_memory_rows` (B,), if given, says which
     memory row each batch row reads, as in `forward`; `external_memory` (forward's name) is taken as
     `external_memories` when it is an `ExternalMemory`. `generation_config` is the one given to `generate`."""
-    controls = {name: kwargs.pop(name, None) for name in GENERATE_CONTROLS}
-    rows, retriever = kwargs.pop("external_memory_rows", None), kwargs.pop("external_memory", None)
-    if retriever is not None:
-        if not isinstance(retriever, ExternalMemory) or controls["external_memories"] is not None:
-            raise ValueError(
-                "`generate` takes external memories as `external_memories` (token ids or an ExternalMemory); "
-                f"got `external_memory` of type {type(retriever).__name__}"
-                + (" as well." if controls["external_memories"] is not None else ".")
-            )
-        controls["external_memories"] = retriever
+    controls = _pop_generate_controls(kwargs)
     config = model.config
     check_retrieval_controls(
         config.num_hidden_layers, config.max_position_embeddings, controls["external_memory_layers"],
@@ -692,9 +710,7 @@ def prepare_generate_kwargs(
     want_indices = controls["output_retrieved_memory_idx"]
     if want_indices is not None and not isinstance(want_indices, bool):
         raise TypeError(f"`output_retrieved_memory_idx` must be True or False, got {want_indices!r}.")
-    memories, want_indices = controls["external_memories"], bool(want_indices)
-    if memories is None:
-        controls["external_memory_rows"] = rows
+    if controls["external_memories"] is None:
         given = [f"`{name}`" for name, value in controls.items() if value is not None and value is not False]
         if given:  # a control that would do nothing is a mistake in the call, not a no-op
             raise ValueError(f"Retrieval controls given without `external_memories`: {', '.join(given)}.")
@@ -702,26 +718,51 @@ def prepare_generate_kwargs(
     if want_indices and not generation_setting("return_dict_in_generate", kwargs, generation_config, model):
         raise ValueError("`output_retrieved_memory_idx=True` needs `return_dict_in_generate=True`.")
     layers = resolve_layers(config, controls["external_memory_layers"])
-    if not isinstance(memories, ExternalMemory):
-        stride = resolve_stride(config, controls["external_memory_stride"])
-        memories = build_external_memory(
-            model.model, memories, controls["external_memories_attention_mask"], layers=layers, stride=stride
-        )
-    elif controls["external_memory_stride"] is not None or controls["external_memories_attention_mask"] is not None:
-        raise ValueError(
-            "`external_memory_stride` and `external_memories_attention_mask` apply to token ids; the given "
-            "ExternalMemory is already built."
-        )
+    memory = _memory_to_read(model, controls, layers)
     recorder = RetrievedMemoryRecorder() if want_indices else None
     kwargs["external_memory"] = ExternalMemoryRetriever.from_config(
-        memories, config, layers, controls["external_memory_topk"], controls["external_memory_sim_threshold"], recorder
+        memory, config, layers, controls["external_memory_topk"], controls["external_memory_sim_threshold"], recorder
     )
     # Batch-first: generate repeats it for beams and `num_return_sequences` (and `bind` checks it fits the batch).
-    rows = default_rows(memories.batch_size, batch_size) if rows is None else (
-        row_index(rows, memories.batch_size, "cpu", "external_memory_rows")
+    rows = controls["external_memory_rows"]
+    kwargs["external_memory_rows"] = default_rows(memory.num_rows, batch_size) if rows is None else (
+        row_index(rows, memory.num_rows, "cpu", "external_memory_rows")
     )
-    kwargs["external_memory_rows"] = rows
     return recorder
+
+
+def _pop_generate_controls(kwargs: dict) -> dict:
+    """The external-memory controls of a `generate` call, popped from `kwargs`: `GENERATE_CONTROLS` and
+    `external_memory_rows`, None where not given. An `ExternalMemory` given as `external_memory` (forward's name)
+    becomes `external_memories`."""
+    controls = {name: kwargs.pop(name, None) for name in (*GENERATE_CONTROLS, "external_memory_rows")}
+    built = kwargs.pop("external_memory", None)
+    if built is not None:
+        if not isinstance(built, ExternalMemory) or controls["external_memories"] is not None:
+            raise ValueError(
+                "`generate` takes external memories as `external_memories` (token ids or an ExternalMemory); "
+                f"got `external_memory` of type {type(built).__name__}"
+                + (" as well." if controls["external_memories"] is not None else ".")
+            )
+        controls["external_memories"] = built
+    return controls
+
+
+def _memory_to_read(model: nn.Module, controls: dict, layers: tuple[int, ...]) -> ExternalMemory:
+    """The `external_memories` of a `generate` call as an `ExternalMemory`: built from token ids by `model`'s decoder
+    (with the call's stride and mask), or the given one, already built (which takes neither)."""
+    memories = controls["external_memories"]
+    if isinstance(memories, ExternalMemory):
+        if controls["external_memory_stride"] is not None or controls["external_memories_attention_mask"] is not None:
+            raise ValueError(
+                "`external_memory_stride` and `external_memories_attention_mask` apply to token ids; the given "
+                "ExternalMemory is already built."
+            )
+        return memories
+    stride = resolve_stride(model.config, controls["external_memory_stride"])
+    return build_external_memory(
+        model.model, memories, controls["external_memories_attention_mask"], layers=layers, stride=stride
+    )
 
 
 def generation_setting(name: str, kwargs: dict, given: GenerationConfig | None, model: nn.Module):

@@ -112,8 +112,11 @@ class RxTMemoryState:
         if not isinstance(initial, torch.Tensor) or not initial.is_floating_point():
             found = initial.dtype if isinstance(initial, torch.Tensor) else type(initial).__name__
             raise TypeError(f"`initial` must be a floating-point torch.Tensor, got {found}.")
-        if initial.shape != (self.num_layers, self.num_slots, self.hidden_size):
-            raise ValueError(f"`initial` must have shape {(self.num_layers, self.num_slots, self.hidden_size)}.")
+        expected = (self.num_layers, self.num_slots, self.hidden_size)
+        if initial.shape != expected:
+            raise ValueError(
+                f"`initial` must have shape (layers, slots, hidden) = {expected}, got {tuple(initial.shape)}."
+            )
         row_mask = torch.zeros(self.batch_size, dtype=torch.bool, device=self.stm.device)
         row_mask[row_index(rows, self.batch_size, self.stm.device, "rows", allow_negative=True)] = True
         fresh = initial.to(self.stm)[:, None].expand_as(self.stm)

@@ -43,11 +43,13 @@ INVALID_CONFIGS = [
     (dict(hidden_size=32.0), TypeError, "hidden_size"),
     (dict(memory_slots=None), TypeError, "memory_slots"),
     (dict(memory_attention_type=3), TypeError, "memory_attention_type"),
-    (dict(memory_write_competition="yes"), TypeError, "memory_write_competition"),
+    (dict(memory_write_type="competitive"), ValueError, "memory_write_type"),
+    (dict(memory_write_type=True), TypeError, "memory_write_type"),
+    (dict(memory_write_competition="yes"), TypeError, "memory_write_competition"),  # the old boolean, still read
     (dict(memory_write_occupancy=2.0), ValueError, "memory_write_occupancy"),  # without the competitive write
     (dict(memory_write_occupancy="high"), TypeError, "memory_write_occupancy"),
-    (dict(memory_write_competition=True, memory_write_occupancy=-1.0), ValueError, "memory_write_occupancy"),
-    (dict(memory_write_competition=True, memory_write_occupancy=float("nan")), ValueError, "memory_write_occupancy"),
+    (dict(memory_write_type="competition", memory_write_occupancy=-1.0), ValueError, "memory_write_occupancy"),
+    (dict(memory_write_type="competition", memory_write_occupancy=float("nan")), ValueError, "memory_write_occupancy"),
     (dict(use_cache="yes"), TypeError, "use_cache"),
     (dict(num_hidden_layers=True), TypeError, "num_hidden_layers"),
     # 36 / 8 heads would be truncated to head_dim 4 (32 of 36 channels); an explicit head_dim is SQA, and allowed
@@ -238,8 +240,7 @@ def test_attention_mask_values_other_than_zero_and_one(model):
     something else. Refused by the entry points that read ids once per call."""
     ids = random_ids(1, 5)
     for mask in (torch.full((1, 5), 0.5), torch.tensor([[1, 1, 2, 1, 1]])):
-        with pytest.raises(ValueError, match=r"`attention_mask` must hold 0 and 1.*got 0\.5|`attention_mask` must hold 0 "
-                                             r"and 1.*got 2"):
+        with pytest.raises(ValueError, match=r"`attention_mask` must hold 0 and 1 .*got (0\.5|2)"):
             model.update_memory(model.init_memory(1), ids, attention_mask=mask)
         with pytest.raises(ValueError, match="`attention_mask` must hold 0 and 1"):
             model.generate(ids, attention_mask=mask, max_new_tokens=2)
@@ -285,6 +286,34 @@ def test_messages_show_what_was_given(model):
         model.update_memory(model.init_memory(1), torch.rand(1, 4))
     with pytest.raises(ValueError, match=r"`attention_mask` has shape \(1, 4\); expected \(1, 5\)"):
         model.update_memory(model.init_memory(1), random_ids(1, 5), attention_mask=torch.ones(1, 4))
+
+
+def test_memory_messages_show_what_was_given():
+    """The external memory's and the memory state's errors name what is wrong and show the value given."""
+    from modeling_rxt.external_memory import ExternalMemory, ExternalMemoryRetriever
+
+    def memory(layers=(0,), dtype=torch.float32, rows=2, tokens=3) -> ExternalMemory:
+        keys = torch.zeros(len(layers), rows, 2, tokens, 8, dtype=dtype)
+        mask = torch.ones(rows, tokens, dtype=torch.bool)
+        return ExternalMemory(keys, keys.clone(), torch.zeros(rows, tokens, dtype=torch.long), mask, layers)
+
+    keys, token_ids = torch.zeros(1, 2, 2, 3, 8), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"got keys \(1, 2, 2, 3, 8\) and values \(1, 2, 2, 3\)"):
+        ExternalMemory(keys, keys[..., 0], token_ids, torch.ones(2, 3, dtype=torch.bool), (0,))
+    with pytest.raises(ValueError, match=r"\(2, 3\) to match `keys`.*got mask \(2, 4\) and token_ids \(2, 3\)"):
+        ExternalMemory(keys, keys, token_ids, torch.ones(2, 4, dtype=torch.bool), (0,))
+    with pytest.raises(ValueError, match=r"differ in layers \[\(0,\), \(1,\)\]"):
+        ExternalMemory.concatenate([memory((0,)), memory((1,))])
+    with pytest.raises(ValueError, match=r"differ in dtype \[torch.float32, torch.float16\]"):
+        ExternalMemory.concatenate([memory(), memory(dtype=torch.float16)])
+    retriever = ExternalMemoryRetriever(memory(), layers=(0,), topk=2)
+    with pytest.raises(ValueError, match=r"row in \[0, 2\) for each of the 2 batch rows, got 2 row\(s\): \[0, 5\]"):
+        retriever.bind(torch.tensor([0, 5]), batch_size=2)
+    with pytest.raises(ValueError, match=r"for each of the 2 batch rows, got 1 row\(s\): \[0\]"):
+        retriever.bind(torch.tensor([0]), batch_size=2)
+    state = RxTMemoryState(torch.zeros(2, 3, 4, 8))
+    with pytest.raises(ValueError, match=r"`initial` must have shape .* = \(2, 4, 8\), got \(2, 4, 7\)"):
+        state.reset([0], torch.zeros(2, 4, 7))
 
 
 def test_inputs_embeds_of_the_wrong_shape(model):

@@ -455,7 +455,7 @@ def test_replace_select_concatenate_clear(model, memory_ids):
     assert replaced.lengths.tolist() == [4, 23]
     assert torch.equal(replaced.token_ids[1, :23], memory.token_ids[1, :23])
     joined = ExternalMemory.concatenate([memory, other])
-    assert joined.batch_size == 3 and torch.equal(joined.select([2]).keys, other.keys)
+    assert joined.num_rows == 3 and torch.equal(joined.select([2]).keys, other.keys)
     cleared = memory.clear([1])
     assert cleared.lengths.tolist() == [40, 0]
     recorder = RetrievedMemoryRecorder()

@@ -557,6 +557,35 @@ def test_adapters_are_found_at_the_top_of_adapters_and_in_named_subfolders(tmp_p
                      "actor": model_folder / "adapters" / "actor"}
 
 
+def test_an_adapter_without_weights_names_both_weight_files_and_shows_its_files(tmp_path):
+    source = tmp_path / "persona"
+    source.mkdir()
+    (source / "adapter_config.json").write_text("{}")
+    (source / "notes.txt").write_text("")
+    with pytest.raises(ValueError, match=r"no adapter_model.safetensors or adapter_model.bin; it holds "
+                                         r"\['adapter_config.json', 'notes.txt'\]"):
+        export_module.copy_adapter(source, tmp_path / "out", "rxt-tests/tiny-rxt")
+
+
+def test_safetensors_metadata_is_added_and_the_file_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(5, dtype=torch.int64)}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    export_module.add_safetensors_metadata(path, {"model_type": "rxt"})
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata() == {"format": "pt", "model_type": "rxt"}
+    assert all(torch.equal(load_file(path)[name], tensor) for name, tensor in tensors.items())
+    before = path.read_bytes()
+
+    def failing_replace(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        export_module.add_safetensors_metadata(path, {"model_type": "other"})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
 def test_the_latest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
     for step in (9, 10, 2):
         (tmp_path / f"checkpoint-{step}").mkdir()
