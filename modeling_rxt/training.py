@@ -48,6 +48,8 @@ from functools import partial
 from typing import NamedTuple
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -753,6 +755,7 @@ class RxTTrainer(Trainer):
             raise ValueError("RxTTrainer needs the stage's `data_collator` (InteractionCollator, EpisodeCollator, "
                              "ExternalMemoryCollator, ...): Trainer's default one cannot pad its rows")
         self._check_columns_are_kept(self.train_dataset, self.eval_dataset)
+        self._check_rows_fit(train_dataset=self.train_dataset, eval_dataset=self.eval_dataset)
         if self.is_deepspeed_enabled and self.args.gradient_accumulation_steps > 1:
             raise ValueError(
                 "RxTTrainer normalises accumulated gradients itself, which DeepSpeed's engine does not let it do: "
@@ -796,6 +799,24 @@ class RxTTrainer(Trainer):
             if dropped:
                 raise ValueError(f"Trainer would drop the dataset columns {dropped}, which RxTTrainer's collators "
                                  "read: pass TrainingArguments(remove_unused_columns=False)")
+
+    def _check_rows_fit(self, **named_datasets) -> None:
+        """A row longer than the model's positions (tokenised with a larger `max_length`) would stop training at the
+        batch that holds it, maybe hours in: refused here, naming the column. Read from the Arrow columns of the
+        rows the Trainer will use (a `select` counts), without a pass in Python."""
+        limit = self.model.config.max_position_embeddings
+        for which, dataset in named_datasets.items():
+            given = dataset.items() if isinstance(dataset, dict) else [(which, dataset)]
+            for name, rows in given:
+                if not isinstance(rows, datasets.Dataset):
+                    continue
+                for column in TOKEN_COLUMNS & set(rows.column_names):
+                    longest = _longest_token_list(rows.with_format("arrow")[column])
+                    if longest > limit:
+                        raise ValueError(
+                            f"`{column}` of the {name} holds a row of {longest} tokens, more than the model's {limit} "
+                            f"(`max_position_embeddings`): tokenize with `max_length={limit}` or less"
+                        )
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         # PEFT's wrapper too: the objectives reach into the RxT model itself (`model.model.write_memory`, ...).
@@ -842,10 +863,12 @@ class RxTTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset=None):
         if eval_dataset is not None and not isinstance(eval_dataset, str):  # a str names one of `__init__`'s
             self._check_columns_are_kept(eval_dataset)
+            self._check_rows_fit(eval_dataset=eval_dataset)
         return super().get_eval_dataloader(eval_dataset)
 
     def get_test_dataloader(self, test_dataset):
         self._check_columns_are_kept(test_dataset)
+        self._check_rows_fit(test_dataset=test_dataset)
         return super().get_test_dataloader(test_dataset)
 
     def _shards_over_processes(self) -> bool:
@@ -915,6 +938,24 @@ class RxTTrainer(Trainer):
             weighted = counts.run_weighted
             logs["train_loss"] = self._total_loss_scalar / weighted if weighted else float("nan")
         super().log(logs, *args, **kwargs)
+
+
+# The token-id columns the collators feed to the model: an interaction (B, T), or per turn (B, turns, T).
+TOKEN_COLUMNS = {"input_ids", "probe_input_ids"}
+
+
+def _longest_token_list(column: pa.ChunkedArray | pa.Array) -> int:
+    """The longest innermost list of an Arrow list column (list<int> or list<list<int>>); 0 if it has none (or is no
+    list column: the collator names that)."""
+    if not _is_list(column.type):
+        return 0
+    while _is_list(column.type.value_type):
+        column = pc.list_flatten(column)
+    return pc.max(pc.list_value_length(column)).as_py() or 0
+
+
+def _is_list(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
 
 
 def _world_size() -> int:

@@ -848,3 +848,29 @@ def test_external_memory_stage_under_gradient_checkpointing_gives_the_same_gradi
     assert torch.equal(checkpointed_loss, plain_loss) and checkpointed_grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_rows_longer_than_the_model_are_refused_before_training(tokenizer, episodes, tmp_path):
+    """Tokenised with a `max_length` above the model's positions, a long row stopped training at the batch that
+    held it ("The interaction has 70 tokens, more than the model's maximum"), maybe hours in: refused when the
+    Trainer is made (and by `evaluate` for a dataset given later), naming the column and the limit."""
+    long_pair = ("my cat " * 30 + ".", "noted .")
+    rows = tokenize_interactions(tokenizer, [("hello", "hi ."), long_pair], 4 * MAX_LENGTH)
+    assert max(len(ids) for ids in rows["input_ids"]) > MAX_LENGTH
+    collator, args = InteractionCollator(tokenizer.pad_token_id), _trainer_args(tmp_path)
+    for name in ("train_dataset", "eval_dataset"):
+        with pytest.raises(ValueError, match=rf"`input_ids` of the {name} holds a row of \d+ tokens, more than the "
+                                             rf"model's {MAX_LENGTH} \(`max_position_embeddings`\)"):
+            RxTTrainer(model=tiny_model(tokenizer), args=args, data_collator=collator,
+                       objective=interaction_objective, **{name: rows})
+    fitting = rows.select([0])  # the long row is not selected: only the rows the Trainer will read count
+    trainer = RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=fitting, data_collator=collator,
+                         objective=interaction_objective)
+    with pytest.raises(ValueError, match=r"`input_ids` of the eval_dataset holds a row"):
+        trainer.evaluate(rows)
+    turns = tokenize_episodes(tokenizer, episodes, 4 * MAX_LENGTH)  # (rows, turns, tokens): the longest turn counts
+    longest = max(len(turn) for row in turns["input_ids"] for turn in row)
+    model = tiny_model(tokenizer, max_position_embeddings=longest - 1)
+    with pytest.raises(ValueError, match=rf"holds a row of {longest} tokens, more than the model's {longest - 1}"):
+        RxTTrainer(model=model, args=args, train_dataset=turns, data_collator=EpisodeCollator(tokenizer.pad_token_id),
+                   objective=memory_aware_objective)
