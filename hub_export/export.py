@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 
 from modeling_rxt import RxTForCausalLM
 from modeling_rxt.adapters import ADAPTER_WEIGHTS_NAMES, AdapterBaseWeightsError, check_adapter_fits
-from modeling_rxt.memory_state import atomic_write, staged_folder
+from modeling_rxt.atomic_files import atomic_write, staged_folder
 
 from .fresh_process import BLOCKED_PACKAGES
 from .model_card import (

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from modeling_rxt.memory_state import read_json_object
+from modeling_rxt.atomic_files import read_json_object
 
 LICENSE = "apache-2.0"
 DEFAULT_DATASETS = ("rxt-synthetic-memory-episodes", "chatterbot-corpus")

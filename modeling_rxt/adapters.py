@@ -52,7 +52,8 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .memory_state import RxTMemoryState, atomic_write_files, create_temporary, fsync_path, fsync_tree, moved_from
+from .atomic_files import atomic_write_files, create_temporary, fsync_path, fsync_tree, moved_from
+from .memory_state import RxTMemoryState
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in `adapter_names=`
 ADAPTER_CONFIG_NAME = "adapter_config.json"

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .evaluation import evaluate_fact_recall
-from .memory_state import atomic_write, write_json_atomic
+from .atomic_files import atomic_write, write_json_atomic
 
 DEFAULT_SIZES = (1_000, 3_000, 10_000, 30_000, 100_000)
 PROMPT_TOKENS = 16

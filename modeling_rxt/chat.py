@@ -36,7 +36,8 @@ from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from .external_memory import generation_setting
-from .memory_state import RxTMemoryState, read_json_object, write_json_atomic
+from .atomic_files import read_json_object, write_json_atomic
+from .memory_state import RxTMemoryState
 from .tokenization import (
     ANSWER_TOKEN, EOS_TOKEN, check_chat_template, check_turn_tokens, decode_answer, encode_chat_prompt,
 )

@@ -43,7 +43,8 @@ from .data import (
     validate_episode,
     value_pool,
 )
-from .memory_state import RxTMemoryState, atomic_write, write_json_atomic
+from .atomic_files import atomic_write, write_json_atomic
+from .memory_state import RxTMemoryState
 from .modeling_rxt import RxTForCausalLM
 from .tokenization import EOS_TOKEN, PAD_TOKEN, decode_answer, encode_interaction, encode_query
 

@@ -29,7 +29,8 @@ Files exported to the Hub with the weights (the model's remote code):
 - `modeling_rxt_blocks.py`: what every part shares (RMSNorm, rotary positions, attention for its four uses, SwiGLU);
 - `modeling_rxt_memory_write.py`: the memory encoder, the memory attention and the initial memory;
 - this file: the mixture of experts, the decoder layer and the models, which tie the read and the write together;
-- `memory_state.py`: `RxTMemoryState`, the explicit memory, and the atomic file writes;
+- `memory_state.py`: `RxTMemoryState`, the explicit memory;
+- `atomic_files.py`: atomic file writes (the model's `save_pretrained` and everything else the package writes);
 - `external_memory.py`: retrieval from long external memories inside self-attention;
 - `modeling_rxt_wrappers.py`: what running under FSDP2 and PEFT needs.
 
@@ -85,7 +86,8 @@ from .external_memory import (
     resolve_layers,
     resolve_stride,
 )
-from .memory_state import RxTMemoryState, save_files_into
+from .atomic_files import save_files_into
+from .memory_state import RxTMemoryState
 from .modeling_rxt_blocks import (
     RxTMemoryCrossAttention,
     RxTMLP,

@@ -57,7 +57,7 @@ from .data import (
     ASK, CHAT, SPLITS, TELL, UPDATE, interactions_dataset, lm_texts, load_dialogue_corpus, make_episodes,
 )
 from .external_memory import check_retrieval_controls
-from .memory_state import read_json_object, staged_folder, write_json_atomic
+from .atomic_files import read_json_object, staged_folder, write_json_atomic
 from .modeling_rxt import RxTForCausalLM
 from .tokenization import (
     BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, MIN_VOCAB_SIZE, PAD_TOKEN, train_tokenizer, turn_token_ids,

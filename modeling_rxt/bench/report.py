@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from ..memory_state import atomic_write, write_json_atomic
+from ..atomic_files import atomic_write, write_json_atomic
 from .latency import KV, LLAMA_TURN1, REREAD, TURN1
 from .systems import is_cuda, median
 

@@ -1,0 +1,225 @@
+# Copyright 2026 The RxT for Transformers authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Atomic file writes: readers see a file's (or a folder's) old content or its complete new one, never a half-written
+one, and a failed write leaves no temporary file behind.
+
+Every file this package writes goes through here: the model's `save_pretrained`, memory states, chat sessions,
+adapters, evaluation and benchmark reports, plots, the Hub export. It ships with the model's Hub code (the model and
+the memory state use it), so every writer, exported or not, can import it.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def create_temporary(folder: str | os.PathLike, prefix: str, suffix: str = "", directory: bool = False) -> Path:
+    """A new, empty file (or folder) with a fresh name in `folder`, like `tempfile.mkstemp` / `mkdtemp`, but with the
+    permissions a plain `open()` / `mkdir` gives (the umask applied), not owner-only: it becomes the published file
+    or folder once renamed into place."""
+    for _ in range(100):
+        path = Path(folder) / f"{prefix}{secrets.token_hex(8)}{suffix}"
+        try:
+            if directory:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"No free temporary name for {prefix}* in `{folder}`.")
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Writes `path` through `write(temporary_path)`: a temporary file in the same folder (created if missing),
+    flushed to disk, then renamed over `path`. Readers see either the old file or the complete new one, never a
+    half-written file; a failed `write` leaves no temporary file behind."""
+    atomic_write_files({path: write})
+
+
+def atomic_write_files(writes: dict) -> None:
+    """`atomic_write` for files that belong together ({path: write}): every temporary file is written and flushed
+    first; then each is renamed over its path. Should a rename fail, the files already replaced get their previous
+    content back (kept meanwhile as hard links, or copies where links are not supported), so a failure leaves either
+    all new files or all old ones. (A crash between the renames, a few microseconds, can still leave a mix.)"""
+    staged, installed = [], []  # (temporary, path); (path, its previous content's second name, or None)
+    try:
+        for path, write in writes.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = str(create_temporary(path.parent, f".{path.name}.", ".tmp"))
+            staged.append((temporary, path))
+            write(temporary)
+            with open(temporary, "rb+") as written:
+                os.fsync(written.fileno())
+        for temporary, path in staged:
+            previous = _keep_previous(path) if len(staged) > 1 else None
+            try:
+                os.replace(temporary, path)
+            except BaseException:
+                if previous is not None:
+                    os.remove(previous)  # `path` still holds it
+                raise
+            installed.append((path, previous))
+    except BaseException:
+        for path, previous in reversed(installed):  # put back what this call replaced
+            if previous is not None:
+                os.replace(previous, path)
+            else:
+                os.remove(path)  # there was none before
+        for temporary, _ in staged:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        raise
+    for _, previous in installed:
+        if previous is not None:
+            os.remove(previous)
+    for directory in {path.parent for _, path in staged}:
+        handle = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(handle)  # make the renames themselves durable
+        finally:
+            os.close(handle)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flushes a file, or a folder's entries, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file and folder under `folder`, and itself, flushed to disk: a rename then publishes complete data."""
+    for path in [*folder.rglob("*"), folder]:
+        if not path.is_symlink():
+            fsync_path(path)
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Renames the complete folder `staging` (flushed, `fsync_tree`) to `target`, atomically for readers. A folder
+    cannot be renamed over a non-empty one, so an existing `target` is first renamed aside and removed only once the
+    new folder is in place (put back if that rename fails): a crash in between leaves the old folder in the hidden
+    `.NAME.old-*` beside it, never no folder at all."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        os.replace(staging, target)  # a rename over an empty folder is atomic on POSIX
+    else:
+        retired = create_temporary(target.parent, f".{target.name}.old-", directory=True)
+        os.replace(target, retired / target.name)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            os.replace(retired / target.name, target)
+            raise
+        finally:
+            shutil.rmtree(retired, ignore_errors=True)
+    fsync_path(target.parent)  # the rename itself is durable once the parent folder is flushed
+
+
+def save_files_into(directory: str | os.PathLike, save: Callable[[Path], object], what: str):
+    """Runs `save(staging)`, which writes files into an empty hidden folder inside `directory`, then moves them into
+    `directory` together (`atomic_write_files`): a save that fails part-way leaves `directory` as it was, and the
+    folder's other files stay. Returns `save`'s result and the names of the files it wrote. `what` names
+    `directory` in the error for a path that is a file."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{what} {str(directory)!r} is a file, not a folder.")
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = create_temporary(directory, ".rxt-save-", directory=True)
+    try:
+        result = save(staging)
+        written = sorted(path for path in staging.iterdir() if path.is_file())
+        atomic_write_files({directory / path.name: moved_from(path) for path in written})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result, {path.name for path in written}
+
+
+def moved_from(source: Path):
+    """A `write(temporary_path)` for `atomic_write_files` that renames the finished file `source` there."""
+    return lambda temporary: os.replace(source, temporary)
+
+
+@contextmanager
+def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """A new, empty folder beside `target` to write `target`'s next content into. When the block ends without an
+    error it is flushed and renamed over `target` (`replace_folder`); on an error it is removed. Readers see the old
+    folder or the complete new one, and a failure leaves no temporary folder behind."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = create_temporary(target.parent, f".{target.name}.", directory=True)  # becomes `target`: usual modes
+    try:
+        yield staging
+        fsync_tree(staging)
+        replace_folder(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _keep_previous(path: Path) -> str | None:
+    """A second name for the current content of `path` (None if it has none), which stays in place meanwhile."""
+    if not path.exists():
+        return None
+    handle, keep = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".previous", dir=path.parent)
+    os.close(handle)
+    os.remove(keep)
+    try:
+        os.link(path, keep)
+    except OSError:  # a file system without hard links
+        shutil.copy2(path, keep)
+    return keep
+
+
+def write_json_atomic(payload: dict, path: str | os.PathLike, sort_keys: bool = False) -> None:
+    """`payload` as indented JSON at `path`, written atomically (`atomic_write`)."""
+    atomic_write(path, json_writer(payload, sort_keys))
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """The JSON object in the file `path`; a `ValueError` naming `what` (how the caller calls it, e.g. "`eval_json`")
+    for a missing file, invalid JSON or a JSON value that is not an object."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{what} must be a path to a JSON file (str or os.PathLike), got {type(path).__name__}.")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} is not a file.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON (corrupted or truncated?): {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {str(path)!r} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def json_writer(payload: dict, sort_keys: bool = False):
+    """A `write(temporary_path)` function for `atomic_write` that writes `payload` as indented JSON."""
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=sort_keys)
+            handle.write("\n")
+
+    return write
+
+
+__all__ = ["create_temporary", "atomic_write", "atomic_write_files", "fsync_path", "fsync_tree", "replace_folder", "save_files_into", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer"]
