@@ -136,9 +136,9 @@ def replace_folder(staging: Path, target: Path) -> None:
 
 def save_files_into(directory: str | os.PathLike, save: Callable[[Path], object], what: str):
     """Runs `save(staging)`, which writes files into an empty hidden folder inside `directory`, then moves them into
-    `directory` together (`atomic_write_files`): a save that fails part-way leaves `directory` as it was, and the
-    folder's other files stay. Returns `save`'s result and the names of the files it wrote. `what` names
-    `directory` in the error for a path that is a file."""
+    `directory` together (`atomic_write_files`; a folder it wrote replaces the folder of its name as a whole): a save
+    that fails part-way leaves `directory` as it was, and the folder's other files stay. Returns `save`'s result and
+    the names of the files and folders it wrote. `what` names `directory` in the error for a path that is a file."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{what} {str(directory)!r} is a file, not a folder.")
@@ -146,8 +146,10 @@ def save_files_into(directory: str | os.PathLike, save: Callable[[Path], object]
     staging = create_temporary(directory, ".rxt-save-", directory=True)
     try:
         result = save(staging)
-        written = sorted(path for path in staging.iterdir() if path.is_file())
-        atomic_write_files({directory / path.name: moved_from(path) for path in written})
+        written = sorted(staging.iterdir())
+        atomic_write_files({directory / path.name: moved_from(path) for path in written if path.is_file()})
+        for folder in (path for path in written if path.is_dir()):
+            replace_folder(folder, directory / folder.name)  # each as a whole (`distributed_checkpoint`'s output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result, {path.name for path in written}

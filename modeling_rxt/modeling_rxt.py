@@ -54,6 +54,7 @@ Memory write (after the answer, off the user's critical path):
 
 import inspect
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -277,8 +278,28 @@ def default_position_ids(
     return counted.gather(1, new_positions.expand(counted.shape[0], -1))  # (B, T)
 
 
-# The files of transformers' safetensors save: one file, or shards and their index.
-WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+# The files of transformers' safetensors save: one file, or shards and their index; a `variant` names its own
+# (`model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`, `model.safetensors.index.fp16.json`).
+WEIGHT_FILE = re.compile(
+    r"model(?:\.(?P<variant>[\w-]+?))?(?:-\d{5}-of-\d{5})?\.safetensors"
+    r"|model\.safetensors\.index(?:\.(?P<index_variant>[\w-]+))?\.json"
+)
+
+
+def _weights_variant(name: str) -> str | None:
+    """The variant ("" for none) of a weight file of transformers' save; None for any other file."""
+    match = WEIGHT_FILE.fullmatch(name)
+    return None if match is None else match["variant"] or match["index_variant"] or ""
+
+
+def _remove_stale_weights(folder: Path, written: set[str]) -> None:
+    """Removes the weight files of the variants just saved that this save did not write (transformers' own clean-up
+    ran in the empty staging folder): an old index, old shards, or a single `model.safetensors`, which would load
+    before new shards. A process that saved no weights (not the main one) removes nothing."""
+    saved = {_weights_variant(name) for name in written} - {None}
+    for path in folder.iterdir():
+        if path.name not in written and _weights_variant(path.name) in saved and path.is_file():
+            path.unlink()
 
 
 @auto_docstring
@@ -332,7 +353,9 @@ class RxTPreTrainedModel(PreTrainedModel):
         """transformers' `save_pretrained`, written atomically: transformers writes `config.json` and then the
         weights in place, so a save that failed part-way left a new config beside truncated weights. Here it saves
         into a hidden folder inside `save_directory`, and the files move into place together once all are written;
-        the folder's other files stay, and weight files of an earlier save that this one did not write go."""
+        the folder's other files stay, and weight files of an earlier save (of the same variant) that this one did
+        not write go. With `push_to_hub=True` the same save is then uploaded from a temporary folder of its own, so
+        a failed upload leaves the local save complete."""
         if holds_injected_adapters(self):
             raise ValueError(
                 "This model holds PEFT adapter layers (`get_peft_model` changes the model it is given): its weights "
@@ -340,17 +363,17 @@ class RxTPreTrainedModel(PreTrainedModel):
                 "their place. Save the adapters with the PeftModel's `save_pretrained` (or `save_adapters`), and the "
                 "base from `peft_model.unload()`, or the merged model from `merge_and_unload()`."
             )
-        if kwargs.get("push_to_hub"):  # transformers names the repository after the folder it writes
-            kwargs.setdefault("repo_id", Path(save_directory).name)
+        push_to_hub = kwargs.pop("push_to_hub", False)
 
         def save(staging: Path) -> None:
             super(RxTPreTrainedModel, self).save_pretrained(staging, *args, **kwargs)
 
         _, written = save_files_into(save_directory, save, "`save_directory`")
-        if any(WEIGHT_FILE.fullmatch(name) for name in written):  # a process that saved nothing removes nothing
-            for path in Path(save_directory).iterdir():
-                if WEIGHT_FILE.fullmatch(path.name) and path.name not in written and path.is_file():
-                    path.unlink()  # e.g. a single `model.safetensors`, which loads before new shards
+        _remove_stale_weights(Path(save_directory), written)
+        if push_to_hub:
+            kwargs.setdefault("repo_id", Path(save_directory).name)  # transformers' default: the folder's name
+            with tempfile.TemporaryDirectory() as upload:
+                super().save_pretrained(upload, *args, push_to_hub=True, **kwargs)
 
     def _grouped_mm_can_dispatch(self) -> bool:
         # torch's grouped_mm needs rows aligned to 16 bytes ("strides should be multiple of 16 bytes"), which

@@ -268,7 +268,8 @@ def test_save_with_push_to_hub_names_the_repository_after_the_folder(tmp_path, m
         assert list(hub.repos) == ["mock-user/my-rxt"]  # the mock's user
         pushed = hub.files("mock-user/my-rxt")
     local = {path.name: path.read_bytes() for path in (tmp_path / "my-rxt").iterdir()}
-    assert {name: local[name] for name in pushed} == pushed and "model.safetensors" in pushed
+    pushed.pop("README.md")  # transformers' model card, written into the folder it uploads from
+    assert local == pushed and "model.safetensors" in pushed
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
@@ -285,3 +286,69 @@ def test_a_damaged_weights_file_is_refused_naming_the_folder(tmp_path, damage):
     for load in (RxTForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
         with pytest.raises(ValueError, match=r"model\*\.safetensors\) in .*model.* cannot be read.*corrupted or truncated"):
             load(folder)
+
+
+def test_a_failed_upload_keeps_the_local_save(tmp_path, monkeypatch):
+    """`push_to_hub=True`: the folder is saved (atomically) first and uploaded after, so an upload that fails (the
+    network) loses the push only, as with transformers' own save, not the local files."""
+    import transformers.modeling_utils
+    from huggingface_hub import ModelCard
+
+    from conftest import make_tiny_model
+
+    class Repository:
+        repo_id = "user/my-rxt"
+
+    monkeypatch.setattr(transformers.modeling_utils, "hf_api",
+                        lambda: type("Api", (), {"create_repo": lambda self, repo_id, **kwargs: Repository()})())
+    monkeypatch.setattr(transformers.modeling_utils, "create_and_tag_model_card",
+                        lambda repo_id, tags=None, token=None: ModelCard("---\nlibrary_name: transformers\n---\n"))
+
+    def network_down(self, *args, **kwargs):
+        raise ConnectionError("network down")
+
+    monkeypatch.setattr(transformers.modeling_utils.PreTrainedModel, "_upload_modified_files", network_down)
+    model = make_tiny_model("dense")
+    with pytest.raises(ConnectionError):
+        model.save_pretrained(tmp_path / "my-rxt", push_to_hub=True)
+    reloaded = RxTForCausalLM.from_pretrained(tmp_path / "my-rxt")
+    assert all(torch.equal(reloaded.state_dict()[name], value) for name, value in model.state_dict().items())
+
+
+def test_saving_a_variant_again_replaces_its_shards_and_keeps_the_plain_weights(tmp_path):
+    """transformers names a variant's files `model.fp16-00001-of-00003.safetensors` and
+    `model.safetensors.index.fp16.json`; a save removes the shards of its own variant that it did not write (as
+    transformers does), and leaves the other variants' files."""
+    from conftest import make_tiny_model
+
+    folder = tmp_path / "model"
+    make_tiny_model("dense").save_pretrained(folder)
+    for seed, shard in ((1, "20KB"), (2, "60KB")):
+        make_tiny_model("dense", seed=seed).save_pretrained(folder, variant="fp16", max_shard_size=shard)
+        index = json.loads((folder / "model.safetensors.index.fp16.json").read_text())
+        shards = sorted(path.name for path in folder.glob("model.fp16-*.safetensors"))
+        assert shards == sorted(set(index["weight_map"].values()))
+    assert (folder / "model.safetensors").is_file()
+
+
+def test_folders_a_save_writes_are_moved_into_place_too(tmp_path, monkeypatch):
+    """transformers writes some saves into sub-folders (`distributed_checkpoint=True` writes `consolidated/`): the
+    atomic save moves folders as well as files."""
+    import transformers.modeling_utils
+
+    from conftest import make_tiny_model
+
+    original = transformers.modeling_utils.PreTrainedModel.save_pretrained
+
+    def with_a_folder(self, save_directory, *args, **kwargs):
+        original(self, save_directory, *args, **kwargs)
+        (Path(save_directory) / "consolidated").mkdir()
+        (Path(save_directory) / "consolidated" / "part.txt").write_text("new")
+
+    monkeypatch.setattr(transformers.modeling_utils.PreTrainedModel, "save_pretrained", with_a_folder)
+    folder = tmp_path / "model"
+    (folder / "consolidated").mkdir(parents=True)
+    (folder / "consolidated" / "stale.txt").write_text("old")
+    make_tiny_model("dense").save_pretrained(folder)
+    assert [path.name for path in (folder / "consolidated").iterdir()] == ["part.txt"]
+    assert not [path for path in folder.iterdir() if path.name.startswith(".")]
