@@ -344,9 +344,12 @@ class RxTPreTrainedModel(PreTrainedModel):
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:  # neither a ValueError nor naming what it read
+            folder = str(pretrained_model_name_or_path)
+            if kwargs.get("subfolder"):
+                folder = f"{folder}, subfolder {kwargs['subfolder']!r},"
             raise ValueError(
-                f"The weights (model*.safetensors) in {str(pretrained_model_name_or_path)!r} cannot be read: the file "
-                f"is corrupted or truncated ({error})."
+                f"The weights (model*.safetensors) in {folder!r} cannot be read: the file is corrupted or truncated "
+                f"({error})."
             ) from error
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -812,10 +815,11 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         The positional arguments are `GenerationMixin.generate`'s; `memory_state` is keyword-only."""
         if isinstance(generation_config, RxTMemoryState):
             raise TypeError("Pass the memory by keyword: `generate(input_ids, memory_state=state)`.")
-        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        given = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+        prompt = next((value for value in given if value is not None), None)
         if prompt is None and kwargs.get("memory_key_values") is None:
             # As transformers without a prompt: every row starts from [BOS] (the memory needs the batch size now).
-            inputs = prompt = self._bos_prompt(generation_config, memory_state)
+            inputs = prompt = self._bos_prompt(generation_config, memory_state, kwargs.get("attention_mask"))
             kwargs.pop("input_ids", None)
         if prompt is not None:
             self._check_generate_prompt(prompt, generation_config or self.generation_config, kwargs)
@@ -834,14 +838,21 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         outputs = super().generate(inputs, generation_config, *args, **kwargs)
         return attach_retrieved_memory_idx(outputs, recorder)
 
-    def _bos_prompt(self, generation_config: GenerationConfig | None, memory_state: RxTMemoryState | None):
-        """(B, 1) of `bos_token_id`: one row, or one per conversation of `memory_state`."""
+    def _bos_prompt(
+        self, generation_config: GenerationConfig | None, memory_state: RxTMemoryState | None, attention_mask
+    ) -> torch.Tensor:
+        """(B, 1) of `bos_token_id`: one row per conversation of `memory_state`, else per row of the mask, else one
+        (as transformers takes the batch size from the model inputs given)."""
         bos = (generation_config or self.generation_config).bos_token_id
         if bos is None:
             bos = self.config.bos_token_id
         if bos is None:
             raise ValueError("`generate` needs `input_ids` (the query), or a `bos_token_id` to start from.")
-        batch_size = memory_state.batch_size if isinstance(memory_state, RxTMemoryState) else 1
+        batch_size = 1
+        if isinstance(memory_state, RxTMemoryState):
+            batch_size = memory_state.batch_size
+        elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() > 0:
+            batch_size = attention_mask.shape[0]
         return torch.full((batch_size, 1), bos, dtype=torch.long, device=self.device)
 
     def _project_memory_for_generate(self, stm: torch.Tensor) -> torch.Tensor:
@@ -920,6 +931,9 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
             raise ValueError("`input_ids` is empty: an interaction needs at least one token.")
         check_decoder_inputs(input_ids, None, attention_mask, None, self.config, past_length=0)
+        if attention_mask is not None and attention_mask.dim() != 2:  # (`forward` also takes a 4-D mask)
+            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected "
+                             f"{tuple(input_ids.shape)} (batch, tokens), the mask of the interaction.")
         check_token_ids(input_ids, self.config.vocab_size)
         if attention_mask is not None:
             check_mask_values(attention_mask)
@@ -1030,8 +1044,8 @@ IGNORE_INDEX = -100  # transformers' loss ignores these labels
 def check_labels(labels: torch.Tensor, batch_size: int, length: int, vocab_size: int) -> None:
     """Labels of the input's shape, each a token id or -100 (ignored): transformers' loss would fail naming neither
     `labels` nor the vocabulary ("Target 1019 is out of bounds"). Values are read where that costs no wait."""
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise TypeError(f"`labels` must be an integer torch.Tensor (batch, length), got {_kind(labels)}.")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long:  # what the cross-entropy takes
+        raise TypeError(f"`labels` must be an int64 torch.Tensor (batch, length), got {_kind(labels)}.")
     if tuple(labels.shape) != (batch_size, length):
         raise ValueError(f"`labels` must have the shape of the input ({batch_size}, {length}), got "
                          f"{tuple(labels.shape)}.")

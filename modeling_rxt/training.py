@@ -806,8 +806,9 @@ class RxTTrainer(Trainer):
         rows the Trainer will use (a `select` counts), without a pass in Python."""
         limit = self.model.config.max_position_embeddings
         for which, dataset in named_datasets.items():
-            given = dataset.items() if isinstance(dataset, dict) else [(which, dataset)]
-            for name, rows in given:
+            named = dataset.items() if isinstance(dataset, dict) else [(None, dataset)]  # a dict: several eval sets
+            for key, rows in named:
+                name = which if key is None else f"{which}[{key!r}]"
                 if not isinstance(rows, datasets.Dataset):
                     continue
                 for column in TOKEN_COLUMNS & set(rows.column_names):
@@ -955,7 +956,7 @@ def _longest_token_list(column: pa.ChunkedArray | pa.Array) -> int:
 
 
 def _is_list(arrow_type: pa.DataType) -> bool:
-    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type)
 
 
 def _world_size() -> int:

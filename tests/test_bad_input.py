@@ -254,7 +254,7 @@ def test_labels_of_the_wrong_shape_type_or_values(model):
     ids = random_ids(2, 5)
     with pytest.raises(ValueError, match=r"`labels` must have the shape of the input \(2, 5\), got \(2, 4\)"):
         model(ids, labels=ids[:, :4])
-    with pytest.raises(TypeError, match="`labels` must be an integer torch.Tensor"):
+    with pytest.raises(TypeError, match="`labels` must be an int64 torch.Tensor"):
         model(ids, labels=ids.float())
     for bad in (ids + 100, torch.full_like(ids, -5)):
         with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 100\) \(`vocab_size`\) or be -100"):
@@ -353,3 +353,22 @@ def test_a_config_changed_after_creation_is_checked_when_a_model_is_built(field,
             build(config)
     with pytest.raises(ValueError, match=f"`{field}`"):
         config.validate()  # plain errors, not `@strict`'s own exception types
+
+
+@pytest.mark.parametrize("mask", [torch.ones(2, 1, 6, 6), torch.ones(6), torch.ones(2, 6, 1)], ids=["4d", "1d", "3d"])
+def test_a_mask_that_is_not_the_shape_of_the_ids_is_named(model, mask):
+    """`update_memory`, `encoder_mlm_logits` and `generate` take the interaction's 2-D mask only."""
+    ids = random_ids(2, 6)
+    with pytest.raises(ValueError, match=r"`attention_mask` has shape \(.*\); expected \(2, 6\)"):
+        model.update_memory(model.init_memory(2), ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"`attention_mask` has shape"):
+        model.encoder_mlm_logits(ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"`attention_mask` has shape"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
+def test_labels_must_be_int64(model):
+    ids = random_ids(1, 5)
+    for dtype in (torch.int32, torch.uint8):  # the cross-entropy takes int64 targets only
+        with pytest.raises(TypeError, match=rf"`labels` must be an int64 torch.Tensor.*got {dtype}"):
+            model(ids, labels=ids.to(dtype))

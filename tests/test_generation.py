@@ -313,3 +313,14 @@ def test_prompt_lookup_decoding_gives_the_greedy_answer(dense_model):
     plain = dense_model.generate(input_ids, memory_state=state, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                  do_sample=False)
     assert torch.equal(looked_up, plain)
+
+
+def test_generate_without_ids_takes_embeddings_or_the_batch_of_the_mask(dense_model):
+    """`input_ids=None` given by keyword beside `inputs_embeds` is a prompt of embeddings, not a [BOS] prompt; with a
+    mask alone, the [BOS] rows are as many as the mask's, as transformers does."""
+    options = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    embeds = dense_model.get_input_embeddings()(random_ids(1, 4))
+    torch.testing.assert_close(dense_model.generate(input_ids=None, inputs_embeds=embeds, **options),
+                               dense_model.generate(inputs_embeds=embeds, **options))
+    rows = dense_model.generate(attention_mask=torch.ones(2, 1, dtype=torch.long), **options)
+    assert rows.shape == (2, 4) and (rows[:, 0] == dense_model.config.bos_token_id).all()

@@ -868,6 +868,15 @@ def test_rows_longer_than_the_model_are_refused_before_training(tokenizer, episo
                          objective=interaction_objective)
     with pytest.raises(ValueError, match=r"`input_ids` of the eval_dataset holds a row"):
         trainer.evaluate(rows)
+    with pytest.raises(ValueError, match=r"`input_ids` of the eval_dataset\['long'\] holds a row"):
+        RxTTrainer(model=tiny_model(tokenizer), args=args, eval_dataset={"short": fitting, "long": rows},
+                   data_collator=collator, objective=interaction_objective)
+    fixed = datasets.Dataset.from_dict({"input_ids": [[5] * (MAX_LENGTH + 1)]},
+                                       features=datasets.Features({"input_ids": datasets.Sequence(
+                                           datasets.Value("int64"), length=MAX_LENGTH + 1)}))
+    with pytest.raises(ValueError, match=rf"holds a row of {MAX_LENGTH + 1} tokens"):  # a fixed-size list column
+        RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=fixed, data_collator=collator,
+                   objective=interaction_objective)
     turns = tokenize_episodes(tokenizer, episodes, 4 * MAX_LENGTH)  # (rows, turns, tokens): the longest turn counts
     longest = max(len(turn) for row in turns["input_ids"] for turn in row)
     model = tiny_model(tokenizer, max_position_embeddings=longest - 1)
