@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,25 +106,59 @@ def _external_memory(value: object, where: str) -> dict[str, float | int]:
     }
 
 
-WEIGHT_FILES = "model*.safetensors"  # `save_pretrained`'s weights: model.safetensors, or its shards
+# `save_pretrained`'s weights without a variant: model.safetensors, or its shards.
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+WEIGHT_FILES = "model.safetensors or its shards"  # how messages name them
+READ_CHUNK = 1 << 24  # bytes hashed at a time: weight files can be larger than the memory
 
 
 def weights_fingerprint(folder: str | os.PathLike) -> str:
     """`sha256:<hex>`: the fingerprint of the weights saved in `folder`, for an evaluation JSON to record what it was
     measured on (the export checks it against the weights it exports). Read from the files, without loading a
-    model: the SHA-256 of the `sha256sum` lines of its `model*.safetensors` in name order, so that
-    `cd folder && LC_ALL=C sha256sum model*.safetensors | sha256sum` gives the same hex digest. Every byte of every
-    weight file counts; nothing else of the folder (tokenizer, adapters, index) does."""
-    paths = sorted(Path(folder).glob(WEIGHT_FILES), key=lambda path: path.name)
+    model: the SHA-256 over every tensor in name order, of its name, dtype, shape and bytes. How the weights are
+    split into shards and the files' metadata (the export adds its own) do not count, nor do the folder's other
+    files (tokenizer, adapters), so an exported folder has the fingerprint of its source."""
+    folder = Path(folder)
+    paths = sorted(path for path in folder.iterdir() if WEIGHT_FILE.fullmatch(path.name)) if folder.is_dir() else []
     if not paths:
         raise ValueError(f"{str(folder)!r} has no weight files ({WEIGHT_FILES}) to fingerprint.")
-    lines = "".join(f"{_file_sha256(path)}  {path.name}\n" for path in paths)
-    return "sha256:" + hashlib.sha256(lines.encode("utf-8")).hexdigest()
+    tensors = {}  # name -> (file, dtype, shape, first byte, end byte)
+    for path in paths:
+        for name, entry in _tensor_entries(path).items():
+            if name in tensors:
+                raise ValueError(f"The tensor {name!r} is in both {tensors[name][0].name} and {path.name} of "
+                                 f"{str(folder)!r}: a stale shard of an earlier save?")
+            tensors[name] = (path, *entry)
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        path, dtype, shape, start, end = tensors[name]
+        digest.update(json.dumps([name, dtype, shape]).encode("utf-8"))
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            for offset in range(start, end, READ_CHUNK):
+                digest.update(handle.read(min(READ_CHUNK, end - offset)))
+    return "sha256:" + digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:  # streamed: weight files can be larger than the memory
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+def _tensor_entries(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
+    """{name: (dtype, shape, first byte, end byte)} of a safetensors file, from its header: 8 bytes of header length
+    (little-endian), the JSON header, then the tensors' bytes (offsets counted from there)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        data_start, size = 8 + length, path.stat().st_size
+        entries = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            first, end = (data_start + offset for offset in entry["data_offsets"])
+            if not data_start <= first <= end <= size:
+                raise ValueError(f"tensor {name!r} lies beyond the end of the file")
+            entries[name] = (entry["dtype"], entry["shape"], first, end)
+        return entries
+    except (struct.error, ValueError, KeyError, TypeError, MemoryError, OverflowError) as error:
+        raise ValueError(f"{str(path)!r} cannot be read as safetensors (corrupted or truncated?): {error}") from error
 
 
 def _fingerprint(value: object, where: str) -> str:
@@ -245,8 +280,8 @@ def _weights_note(evaluation: Evaluation) -> str:
                 "shows that the figures below were measured on this model.")
     return (f"These results were measured on these weights: the evaluation JSON records the fingerprint of the weights "
             f"it was measured on, `{evaluation.weights_fingerprint}`, and the export checked it against the weights it "
-            "exported (the fingerprint is `sha256sum model*.safetensors | sha256sum` in the source folder; the "
-            "`model.safetensors` here holds the same tensors with metadata added, so its own checksum differs).")
+            "exported (`hub_export.weights_fingerprint`: a SHA-256 over every tensor's name, dtype, shape and "
+            "bytes, whatever the files' sharding and metadata).")
 
 
 def _results_section(evaluation: Evaluation | None) -> str:

@@ -393,40 +393,37 @@ def test_card_body_is_generated_from_the_model(exported, source_model):
 
 
 # ---- the weights the results were measured on ----------------------------------------------------------------------
-def _sha256sum_of_sha256sums(folder: Path, names: list[str]) -> str:
-    """What `cd folder && sha256sum model*.safetensors | sha256sum` prints (C locale), computed independently."""
-    lines = "".join(f"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}  {name}\n" for name in sorted(names))
-    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
-
-
-def test_the_weights_fingerprint_is_that_of_the_weight_files_alone(source, tmp_path):
-    """Computed from the files, without loading a model: every byte of every `model*.safetensors` (shards in name
-    order) counts, and nothing else of the folder (tokenizer, adapters) does."""
+def test_the_weights_fingerprint_is_that_of_the_tensors_alone(source, source_model, tmp_path):
+    """Computed from the files, without loading a model: every tensor's name, dtype, shape and bytes count; how the
+    weights are split into shards, the files' metadata (the export adds its own) and the folder's other files
+    (tokenizer, adapters) do not. So an exported folder has the fingerprint of its source."""
     src = _copy_model(source, tmp_path / "src")
     fingerprint = weights_fingerprint(src)
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", fingerprint)
-    assert fingerprint == weights_fingerprint(source / "model") == _sha256sum_of_sha256sums(src, ["model.safetensors"])
+    assert fingerprint == weights_fingerprint(source / "model")
     (src / "tokenizer.json").write_text("{}")
     shutil.rmtree(src / "adapters")
     assert weights_fingerprint(src) == fingerprint
+    export_module.add_safetensors_metadata(src / "model.safetensors", {"note": "added by an export"})
+    assert weights_fingerprint(src) == fingerprint
+    shards = tmp_path / "shards"
+    source_model.save_pretrained(shards, max_shard_size="40KB")
+    assert len(list(shards.glob("model-*.safetensors"))) > 1 and weights_fingerprint(shards) == fingerprint
     weights = bytearray((src / "model.safetensors").read_bytes())
     weights[-1] ^= 1  # one bit of the last tensor
     (src / "model.safetensors").write_bytes(weights)
     assert weights_fingerprint(src) != fingerprint
+    (src / "model.safetensors").write_bytes(bytes(weights[:100]))
+    with pytest.raises(ValueError, match=r"model.safetensors.*cannot be read"):
+        weights_fingerprint(src)
+    with pytest.raises(ValueError, match=r"no weight files"):
+        weights_fingerprint(tmp_path / "shards" / "..")  # a folder without model weights
 
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-    for name, content in zip(names, (b"first", b"second"), strict=True):
-        (shards / name).write_bytes(content)
-    (shards / "model.safetensors.index.json").write_text("{}")
-    in_order = weights_fingerprint(shards)
-    assert in_order == _sha256sum_of_sha256sums(shards, names)
-    (shards / names[0]).write_bytes(b"second")
-    (shards / names[1]).write_bytes(b"first")
-    assert weights_fingerprint(shards) != in_order  # the same bytes in other shards are other weights
-    with pytest.raises(ValueError, match=r"no weight files \(model\*\.safetensors\)"):
-        weights_fingerprint(src / "adapters")  # a folder without model weights
+
+def test_an_exported_folder_exports_again_with_its_evaluation(exported, source, tmp_path):
+    """The evaluation JSON of a model fits the folder exported from it (same tensors, other metadata)."""
+    again = export_model(exported.dest, tmp_path / "again", eval_json=source / "eval.json", verify=False)
+    assert again.dest.is_dir()
 
 
 def test_the_card_says_its_results_were_measured_on_these_weights(exported, source):
