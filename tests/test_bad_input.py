@@ -372,3 +372,18 @@ def test_labels_must_be_int64(model):
     for dtype in (torch.int32, torch.uint8):  # the cross-entropy takes int64 targets only
         with pytest.raises(TypeError, match=rf"`labels` must be an int64 torch.Tensor.*got {dtype}"):
             model(ids, labels=ids.to(dtype))
+
+
+def test_label_position_and_embedding_checks_at_their_edges(model):
+    """The edges of the checks: the first id past the vocabulary, bool labels, labels beside `inputs_embeds`, and
+    `position_ids` of the right length but the wrong rank."""
+    ids = random_ids(2, 5)
+    with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 100\).*got 100"):
+        model(ids, labels=torch.full_like(ids, 100))
+    with pytest.raises(TypeError, match="`labels` must be an int64 torch.Tensor.*torch.bool"):
+        model(ids, labels=torch.ones_like(ids, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"`labels` must have the shape of the input \(2, 5\), got \(2, 4\)"):
+        model(inputs_embeds=torch.randn(2, 5, 32), labels=random_ids(2, 4))
+    for bad in (torch.zeros(1, 5, 5, dtype=torch.long), torch.arange(2)):
+        with pytest.raises(ValueError, match=r"`position_ids` must have shape \(2 or 1, 5\)"):
+            model(ids, position_ids=bad)

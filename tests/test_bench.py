@@ -253,6 +253,21 @@ def test_the_mixture_of_experts_trains_with_its_balancing_loss(settings, monkeyp
     train_speed.train_steps(models["rxt-dense"], data, settings, 1, str(tmp_path))
     assert len(calls) == 2
 
+    class FailingTrainer:  # a run that fails part-way still gives the model back as it was
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def remove_callback(self, callback):
+            pass
+
+        def train(self):
+            raise RuntimeError("stopped")
+
+    monkeypatch.setattr(train_speed, "Trainer", FailingTrainer)
+    with pytest.raises(RuntimeError, match="stopped"):
+        train_speed.train_steps(models["rxt-moe"], data, settings, 1, str(tmp_path))
+    assert models["rxt-moe"].config.output_router_logits is False and not models["rxt-moe"].training
+
 
 def test_training_runs_on_the_bench_device_alone(monkeypatch, tmp_path):
     # A host with two GPUs, faked: transformers would train on cuda:0, with DataParallel over both.

@@ -324,3 +324,9 @@ def test_generate_without_ids_takes_embeddings_or_the_batch_of_the_mask(dense_mo
                                dense_model.generate(inputs_embeds=embeds, **options))
     rows = dense_model.generate(attention_mask=torch.ones(2, 1, dtype=torch.long), **options)
     assert rows.shape == (2, 4) and (rows[:, 0] == dense_model.config.bos_token_id).all()
+
+
+def test_without_a_prompt_the_model_config_gives_bos_when_the_generation_config_has_none(dense_model):
+    dense_model.generation_config.bos_token_id = None
+    out = dense_model.generate(max_new_tokens=2, min_new_tokens=2)
+    assert out[0, 0].item() == dense_model.config.bos_token_id

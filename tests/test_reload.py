@@ -361,3 +361,15 @@ def test_damaged_weights_in_a_subfolder_name_it(tmp_path):
     (tmp_path / "repo" / "rxt" / "model.safetensors").write_bytes(b"\x07" * 64)
     with pytest.raises(ValueError, match=r"subfolder 'rxt'.* cannot be read"):
         RxTForCausalLM.from_pretrained(tmp_path / "repo", subfolder="rxt")
+
+
+def test_a_process_that_saves_nothing_removes_nothing(tmp_path):
+    """Under several processes only the main one writes (`is_main_process=False` writes nothing): the others must
+    not take the weights for stale files of an earlier save."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("dense")
+    model.save_pretrained(tmp_path / "model")
+    model.save_pretrained(tmp_path / "model", is_main_process=False)
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    RxTForCausalLM.from_pretrained(tmp_path / "model")

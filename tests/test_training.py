@@ -863,11 +863,21 @@ def test_rows_longer_than_the_model_are_refused_before_training(tokenizer, episo
                                              rf"model's {MAX_LENGTH} \(`max_position_embeddings`\)"):
             RxTTrainer(model=tiny_model(tokenizer), args=args, data_collator=collator,
                        objective=interaction_objective, **{name: rows})
-    fitting = rows.select([0])  # the long row is not selected: only the rows the Trainer will read count
+    rows = datasets.concatenate_datasets([rows, rows.select([0])])  # short, long, short
+    fitting = rows.select([0, 2])  # a row mapping without the long row: only the rows the Trainer will read count
     trainer = RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=fitting, data_collator=collator,
                          objective=interaction_objective)
     with pytest.raises(ValueError, match=r"`input_ids` of the eval_dataset holds a row"):
         trainer.evaluate(rows)
+    with pytest.raises(ValueError, match=r"`input_ids` of the test_dataset holds a row"):
+        trainer.predict(rows)
+    at_the_limit = max(len(ids) for ids in rows["input_ids"])  # a row exactly as long as the positions fits
+    RxTTrainer(model=tiny_model(tokenizer, max_position_embeddings=at_the_limit), args=args, train_dataset=rows,
+               data_collator=collator, objective=interaction_objective)
+    probes = datasets.Dataset.from_dict({"input_ids": [[[5, 6, 7]]], "probe_input_ids": [[[5] * (MAX_LENGTH + 1)]]})
+    with pytest.raises(ValueError, match=r"`probe_input_ids` of the train_dataset holds a row"):
+        RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=probes, data_collator=collator,
+                   objective=interaction_objective)
     with pytest.raises(ValueError, match=r"`input_ids` of the eval_dataset\['long'\] holds a row"):
         RxTTrainer(model=tiny_model(tokenizer), args=args, eval_dataset={"short": fitting, "long": rows},
                    data_collator=collator, objective=interaction_objective)
