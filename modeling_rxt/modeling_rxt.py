@@ -281,8 +281,8 @@ def default_position_ids(
 # The files of transformers' safetensors save: one file, or shards and their index; a `variant` names its own
 # (`model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`, `model.safetensors.index.fp16.json`).
 WEIGHT_FILE = re.compile(
-    r"model(?:\.(?P<variant>[\w-]+?))?(?:-\d{5}-of-\d{5})?\.safetensors"
-    r"|model\.safetensors\.index(?:\.(?P<index_variant>[\w-]+))?\.json"
+    r"model(?:\.(?P<variant>[\w.-]+?))?(?:-\d{5}-of-\d{5})?\.safetensors"
+    r"|model\.safetensors\.index(?:\.(?P<index_variant>[\w.-]+))?\.json"
 )
 
 
@@ -344,11 +344,11 @@ class RxTPreTrainedModel(PreTrainedModel):
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:  # neither a ValueError nor naming what it read
-            folder = str(pretrained_model_name_or_path)
+            where = repr(str(pretrained_model_name_or_path))
             if kwargs.get("subfolder"):
-                folder = f"{folder}, subfolder {kwargs['subfolder']!r},"
+                where += f" (subfolder {kwargs['subfolder']!r})"
             raise ValueError(
-                f"The weights (model*.safetensors) in {folder!r} cannot be read: the file is corrupted or truncated "
+                f"The weights (model*.safetensors) in {where} cannot be read: the file is corrupted or truncated "
                 f"({error})."
             ) from error
 
@@ -366,17 +366,23 @@ class RxTPreTrainedModel(PreTrainedModel):
                 "their place. Save the adapters with the PeftModel's `save_pretrained` (or `save_adapters`), and the "
                 "base from `peft_model.unload()`, or the merged model from `merge_and_unload()`."
             )
-        push_to_hub = kwargs.pop("push_to_hub", False)
+        arguments = inspect.signature(PreTrainedModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
+        options = {name: value for name, value in arguments.arguments.items() if name not in ("self", "kwargs")}
+        options.update(arguments.arguments.get("kwargs", {}))
+        push_to_hub = options.pop("push_to_hub", False)
+        given_state_dict = options.get("state_dict")
 
-        def save(staging: Path) -> None:
-            super(RxTPreTrainedModel, self).save_pretrained(staging, *args, **kwargs)
+        def save(folder, **extra) -> None:
+            if given_state_dict is not None:  # transformers empties the dict it writes: each save gets a copy
+                extra["state_dict"] = dict(given_state_dict)
+            super(RxTPreTrainedModel, self).save_pretrained(**{**options, "save_directory": folder, **extra})
 
         _, written = save_files_into(save_directory, save, "`save_directory`")
         _remove_stale_weights(Path(save_directory), written)
         if push_to_hub:
-            kwargs.setdefault("repo_id", Path(save_directory).name)  # transformers' default: the folder's name
+            options.setdefault("repo_id", Path(save_directory).name)  # transformers' default: the folder's name
             with tempfile.TemporaryDirectory() as upload:
-                super().save_pretrained(upload, *args, push_to_hub=True, **kwargs)
+                save(upload, push_to_hub=True)
 
     def _grouped_mm_can_dispatch(self) -> bool:
         # torch's grouped_mm needs rows aligned to 16 bytes ("strides should be multiple of 16 bytes"), which

@@ -264,6 +264,7 @@ def test_save_with_push_to_hub_names_the_repository_after_the_folder(tmp_path, m
                         lambda repo_id, tags=None, token=None: ModelCard("---\nlibrary_name: transformers\n---\n"))
     with MockHub() as hub:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)  # transformers keeps one client: this mock's
         make_tiny_model("dense").save_pretrained(tmp_path / "my-rxt", push_to_hub=True, token=hub.token)
         assert list(hub.repos) == ["mock-user/my-rxt"]  # the mock's user
         pushed = hub.files("mock-user/my-rxt")
@@ -373,3 +374,43 @@ def test_a_process_that_saves_nothing_removes_nothing(tmp_path):
     model.save_pretrained(tmp_path / "model", is_main_process=False)
     assert (tmp_path / "model" / "model.safetensors").is_file()
     RxTForCausalLM.from_pretrained(tmp_path / "model")
+
+
+def test_push_with_a_state_dict_uploads_the_weights_and_positional_push_is_honoured(tmp_path, monkeypatch):
+    """transformers empties the `state_dict` it is given while writing it: the local save and the upload each get
+    the weights (FSDP's save passes `state_dict=`). `push_to_hub` given by position is the same request."""
+    import huggingface_hub
+    import transformers.modeling_utils
+    from huggingface_hub import ModelCard
+    from mock_hub import MockHub
+
+    from conftest import make_tiny_model
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(transformers.modeling_utils, "create_and_tag_model_card",
+                        lambda repo_id, tags=None, token=None: ModelCard("---\nlibrary_name: transformers\n---\n"))
+    model = make_tiny_model("dense")
+    with MockHub() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)  # transformers keeps one client: this mock's
+        state_dict = model.state_dict()
+        model.save_pretrained(tmp_path / "by-keyword", state_dict=state_dict, push_to_hub=True, token=hub.token)
+        assert len(state_dict) == len(model.state_dict())  # the caller's dict is left as it was
+        model.save_pretrained(tmp_path / "by-position", True, None, True, token=hub.token)
+        for name in ("by-keyword", "by-position"):
+            pushed = hub.files(f"mock-user/{name}")
+            assert pushed["model.safetensors"] == (tmp_path / name / "model.safetensors").read_bytes()
+        assert sorted(hub.repos) == ["mock-user/by-keyword", "mock-user/by-position"]
+    assert not (tmp_path / "by-position" / "README.md").exists()
+
+
+def test_a_variant_with_a_dot_is_replaced_too(tmp_path):
+    from conftest import make_tiny_model
+
+    folder = tmp_path / "model"
+    make_tiny_model("dense").save_pretrained(folder, variant="v1.2")
+    newer = make_tiny_model("dense", seed=1)
+    newer.save_pretrained(folder, variant="v1.2", max_shard_size="20KB")
+    assert not (folder / "model.v1.2.safetensors").exists()
+    reloaded = RxTForCausalLM.from_pretrained(folder, variant="v1.2")
+    assert all(torch.equal(reloaded.state_dict()[name], value) for name, value in newer.state_dict().items())
