@@ -106,9 +106,9 @@ def _external_memory(value: object, where: str) -> dict[str, float | int]:
     }
 
 
-# `save_pretrained`'s weights without a variant: model.safetensors, or its shards.
-WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
-WEIGHT_FILES = "model.safetensors or its shards"  # how messages name them
+# `save_pretrained`'s weights without a variant: model.safetensors, or the shards its index names.
+SINGLE_WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+WEIGHT_FILES = f"{SINGLE_WEIGHTS} or the shards of {WEIGHTS_INDEX}"  # how messages name them
 READ_CHUNK = 1 << 24  # bytes hashed at a time: weight files can be larger than the memory
 
 
@@ -118,10 +118,7 @@ def weights_fingerprint(folder: str | os.PathLike) -> str:
     model: the SHA-256 over every tensor in name order, of its name, dtype, shape and bytes. How the weights are
     split into shards and the files' metadata (the export adds its own) do not count, nor do the folder's other
     files (tokenizer, adapters), so an exported folder has the fingerprint of its source."""
-    folder = Path(folder)
-    paths = sorted(path for path in folder.iterdir() if WEIGHT_FILE.fullmatch(path.name)) if folder.is_dir() else []
-    if not paths:
-        raise ValueError(f"{str(folder)!r} has no weight files ({WEIGHT_FILES}) to fingerprint.")
+    paths = _weight_files(Path(folder))
     tensors = {}  # name -> (file, dtype, shape, first byte, end byte)
     for path in paths:
         for name, entry in _tensor_entries(path).items():
@@ -138,6 +135,22 @@ def weights_fingerprint(folder: str | os.PathLike) -> str:
             for offset in range(start, end, READ_CHUNK):
                 digest.update(handle.read(min(READ_CHUNK, end - offset)))
     return "sha256:" + digest.hexdigest()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The files transformers loads the weights from: `model.safetensors`, else the shards its index names."""
+    if (folder / SINGLE_WEIGHTS).exists() or (folder / SINGLE_WEIGHTS).is_symlink():
+        return [folder / SINGLE_WEIGHTS]
+    if not (folder / WEIGHTS_INDEX).is_file():
+        raise ValueError(f"{str(folder)!r} has no weight files ({WEIGHT_FILES}) to fingerprint.")
+    weight_map = read_json_object(folder / WEIGHTS_INDEX, f"`{WEIGHTS_INDEX}`").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise ValueError(f"`{WEIGHTS_INDEX}` in {str(folder)!r} has no `weight_map` of tensor names to shard files.")
+    shards = sorted(set(weight_map.values()))
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"The shards {missing} that `{WEIGHTS_INDEX}` names are missing from {str(folder)!r}.")
+    return [folder / name for name in shards]
 
 
 def _tensor_entries(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
@@ -157,7 +170,7 @@ def _tensor_entries(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
                 raise ValueError(f"tensor {name!r} lies beyond the end of the file")
             entries[name] = (entry["dtype"], entry["shape"], first, end)
         return entries
-    except (struct.error, ValueError, KeyError, TypeError, MemoryError, OverflowError) as error:
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError, MemoryError, OverflowError) as error:
         raise ValueError(f"{str(path)!r} cannot be read as safetensors (corrupted or truncated?): {error}") from error
 
 

@@ -420,6 +420,30 @@ def test_the_weights_fingerprint_is_that_of_the_tensors_alone(source, source_mod
         weights_fingerprint(tmp_path / "shards" / "..")  # a folder without model weights
 
 
+def test_the_fingerprint_reads_the_shards_the_index_names(source_model, tmp_path):
+    """As transformers loads them: the shards of `model.safetensors.index.json`. A missing shard is named (not "other
+    weights"), a leftover shard the index does not name does not count, and damaged headers are ValueErrors."""
+    shards = tmp_path / "shards"
+    source_model.save_pretrained(shards, max_shard_size="40KB")
+    fingerprint = weights_fingerprint(shards)
+    first, second = sorted(shards.glob("model-0*.safetensors"))[:2]
+    (shards / "model-00099-of-00099.safetensors").write_bytes(first.read_bytes())  # a shard the index does not name
+    assert weights_fingerprint(shards) == fingerprint
+    second.unlink()
+    with pytest.raises(ValueError, match=rf"{second.name}.*missing"):
+        weights_fingerprint(shards)
+    single = tmp_path / "single"
+    single.mkdir()
+    for header in (b"[1, 2]", b"7"):
+        (single / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(ValueError, match=r"model.safetensors.*cannot be read"):
+            weights_fingerprint(single)
+    (single / "model.safetensors").unlink()
+    (single / "model.safetensors").mkdir()
+    with pytest.raises(ValueError, match=r"model.safetensors.*cannot be read"):
+        weights_fingerprint(single)
+
+
 def test_an_exported_folder_exports_again_with_its_evaluation(exported, source, tmp_path):
     """The evaluation JSON of a model fits the folder exported from it (same tensors, other metadata)."""
     again = export_model(exported.dest, tmp_path / "again", eval_json=source / "eval.json", verify=False)
