@@ -857,7 +857,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         batch_size = 1
         if isinstance(memory_state, RxTMemoryState):
             batch_size = memory_state.batch_size
-        elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() > 0:
+        elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             batch_size = attention_mask.shape[0]
         return torch.full((batch_size, 1), bos, dtype=torch.long, device=self.device)
 
@@ -913,6 +913,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
                     f"`inputs_embeds` must have shape (batch >= 1, length >= 1, {self.config.hidden_size}), got "
                     f"{tuple(prompt.shape)}: the query needs at least one token."
                 )
+            self._check_interaction_mask(kwargs.get("attention_mask"), tuple(prompt.shape[:2]))
         else:
             self._check_ids(prompt, kwargs.get("attention_mask"))
         length, max_new_tokens = prompt.shape[1], kwargs.get("max_new_tokens")
@@ -936,14 +937,22 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         on any device (outside `forward`): token ids within the vocabulary, a mask of 0 and 1."""
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
             raise ValueError("`input_ids` is empty: an interaction needs at least one token.")
-        check_decoder_inputs(input_ids, None, attention_mask, None, self.config, past_length=0)
-        if attention_mask is not None and attention_mask.dim() != 2:  # (`forward` also takes a 4-D mask)
-            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected "
-                             f"{tuple(input_ids.shape)} (batch, tokens), the mask of the interaction.")
+        check_decoder_inputs(input_ids, None, None, None, self.config, past_length=0)
         check_token_ids(input_ids, self.config.vocab_size)
-        if attention_mask is not None:
-            check_mask_values(attention_mask)
+        self._check_interaction_mask(attention_mask, tuple(input_ids.shape))
         return input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device)
+
+    @staticmethod
+    def _check_interaction_mask(attention_mask, shape: tuple[int, int]) -> None:
+        """The 2-D mask of a whole interaction or prompt (`forward` also takes 4-D masks), of 0 and 1."""
+        if attention_mask is None:
+            return
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
+        if tuple(attention_mask.shape) != shape:
+            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {shape} (batch, "
+                             "tokens), the mask of the interaction.")
+        check_mask_values(attention_mask)
 
     def encoder_mlm_logits(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
         """Masked-LM logits (B, T, V) of the memory encoder (joint pretraining), through the tied LM head."""
@@ -1026,6 +1035,9 @@ def check_decoder_inputs(
         return
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
+    if attention_mask.dim() not in (2, 4):
+        raise ValueError(f"`attention_mask` must be 2-D (batch, tokens) or 4-D (batch, 1, queries, keys), got shape "
+                         f"{tuple(attention_mask.shape)}.")
     if past_length is None or attention_mask.dim() != 2:
         return
     expected = (batch_size, past_length + length)

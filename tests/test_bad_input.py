@@ -387,3 +387,16 @@ def test_label_position_and_embedding_checks_at_their_edges(model):
     for bad in (torch.zeros(1, 5, 5, dtype=torch.long), torch.arange(2)):
         with pytest.raises(ValueError, match=r"`position_ids` must have shape \(2 or 1, 5\)"):
             model(ids, position_ids=bad)
+
+
+def test_masks_beside_embeddings_and_of_other_ranks_are_named(model):
+    """`generate` with a prompt of embeddings checks its mask as with ids; `forward` takes a 2-D or a 4-D mask."""
+    embeds = torch.randn(2, 3, 32)
+    for bad in (torch.ones(3), torch.ones(2, 5), torch.ones(2, 1, 3)):
+        with pytest.raises(ValueError, match=r"`attention_mask` has shape .*expected \(2, 3\)"):
+            model.generate(inputs_embeds=embeds, attention_mask=bad, max_new_tokens=2)
+    with pytest.raises(ValueError, match="`attention_mask` must hold 0 and 1"):
+        model.generate(inputs_embeds=embeds, attention_mask=torch.full((2, 3), 7), max_new_tokens=2)
+    for bad in (torch.ones(5), torch.ones(2, 1, 5)):
+        with pytest.raises(ValueError, match=r"`attention_mask` must be 2-D \(batch, tokens\) or 4-D"):
+            model(random_ids(2, 5), attention_mask=bad)
