@@ -32,6 +32,7 @@ Files exported to the Hub with the weights (the model's remote code):
 - `memory_state.py`: `RxTMemoryState`, the explicit memory;
 - `atomic_files.py`: atomic file writes (the model's `save_pretrained` and everything else the package writes);
 - `external_memory.py`: retrieval from long external memories inside self-attention;
+- `modeling_rxt_checks.py`: the input checks, which name bad input before it reaches a kernel;
 - `modeling_rxt_wrappers.py`: what running under FSDP2 and PEFT needs.
 
 Shape legend: B batch, T tokens of one interaction, L memory layers (= decoder layers), S slots per layer,
@@ -97,6 +98,7 @@ from .modeling_rxt_blocks import (
     RxTSelfAttention,
     at_least_float32,
 )
+from .modeling_rxt_checks import can_read_values, check_decoder_inputs, check_labels, check_mask_values, check_token_ids
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 from .modeling_rxt_wrappers import (
     FSDPModule,
@@ -969,126 +971,6 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             share = 1 - self.config.num_experts_per_tok / self.config.num_local_experts
             inactive = round(expert_params * share)
         return {"total": total, "active": total - inactive}
-
-
-# ---- input checks: bad input named before it reaches a kernel ------------------------------------------------
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Token ids outside [0, vocab_size) get a `ValueError` naming them, not the embedding's "index out of range in
-    self" (CPU) or a device-side assert (CUDA). Reads the values: the host waits for the device."""
-    low, high = input_ids.aminmax()
-    if low.item() < 0 or high.item() >= vocab_size:
-        raise ValueError(
-            f"`input_ids` must lie in [0, {vocab_size}) (`vocab_size`); got ids from {low.item()} to {high.item()}."
-        )
-
-
-def can_read_values(tensor: torch.Tensor) -> bool:
-    """Whether a check may read `tensor`'s values inside a forward pass: a plain CPU tensor, where it costs a few us
-    and no wait. On an accelerator it would make the host wait at every decoding step; a compiled graph cannot branch
-    on it, and tensor subclasses (the fake tensors of tracing and export) have no values to read. (`generate`,
-    `update_memory` and `encoder_mlm_logits` check the ids they are given on any device, once per call.)"""
-    return (
-        type(tensor) is torch.Tensor
-        and tensor.device.type == "cpu"
-        and not is_torchdynamo_compiling()
-        and tensor.numel() > 0
-    )
-
-
-def check_decoder_inputs(
-    input_ids: torch.Tensor | None,
-    inputs_embeds: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    config: RxTConfig,
-    past_length: int | None,
-) -> None:
-    """Raises `TypeError`/`ValueError` naming the argument for decoder inputs of the wrong type or shape, before they
-    reach a kernel that fails with an opaque error (or, for a mask of the wrong length, silently does not fail).
-    No host synchronisation in the forward pass: shapes always; token id values only where reading them costs no
-    wait (`can_read_values`) and only for input that starts from an empty cache (`past_length` 0: training, a plain
-    forward, a prompt), not for each decoding step, whose ids the model itself produced; `past_length` None: the
-    cache's length is a device tensor, and the mask's length is left to the mask functions."""
-    if input_ids is not None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
-            found = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise TypeError(f"`input_ids` must be an int64 or int32 torch.Tensor (batch, length), got {found}.")
-        if input_ids.dim() != 2:
-            raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
-        if past_length == 0 and can_read_values(input_ids):
-            check_token_ids(input_ids, config.vocab_size)
-        batch_size, length = input_ids.shape
-    else:
-        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
-            raise TypeError(f"`inputs_embeds` must be a floating-point torch.Tensor, got {_kind(inputs_embeds)}.")
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(f"`inputs_embeds` must have shape (batch, length, {config.hidden_size}), got "
-                             f"{tuple(inputs_embeds.shape)}.")
-        if inputs_embeds.shape[1] == 0:
-            raise ValueError("`inputs_embeds` is empty: an interaction needs at least one token.")
-        batch_size, length = inputs_embeds.shape[:2]
-    if batch_size == 0:
-        raise ValueError("`input_ids` / `inputs_embeds` hold no conversation: the batch size must be at least 1.")
-    if position_ids is not None:
-        check_position_ids(position_ids, batch_size, length)
-    if attention_mask is None:
-        return
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
-    if attention_mask.dim() not in (2, 4):
-        raise ValueError(f"`attention_mask` must be 2-D (batch, tokens) or 4-D (batch, 1, queries, keys), got shape "
-                         f"{tuple(attention_mask.shape)}.")
-    if past_length is None or attention_mask.dim() != 2:
-        return
-    expected = (batch_size, past_length + length)
-    if tuple(attention_mask.shape) != expected:
-        raise ValueError(
-            f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {expected} "
-            "(batch, cached + new tokens)."
-        )
-
-
-def check_position_ids(position_ids: torch.Tensor, batch_size: int, length: int) -> None:
-    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or position_ids.is_complex():
-        raise TypeError(f"`position_ids` must be an integer torch.Tensor (batch, length), got {_kind(position_ids)}.")
-    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch_size) or position_ids.shape[1] != length:
-        raise ValueError(f"`position_ids` must have shape ({batch_size} or 1, {length}) (batch, new tokens), got "
-                         f"{tuple(position_ids.shape)}.")
-
-
-IGNORE_INDEX = -100  # transformers' loss ignores these labels
-
-
-def check_labels(labels: torch.Tensor, batch_size: int, length: int, vocab_size: int) -> None:
-    """Labels of the input's shape, each a token id or -100 (ignored): transformers' loss would fail naming neither
-    `labels` nor the vocabulary ("Target 1019 is out of bounds"). Values are read where that costs no wait."""
-    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long:  # what the cross-entropy takes
-        raise TypeError(f"`labels` must be an int64 torch.Tensor (batch, length), got {_kind(labels)}.")
-    if tuple(labels.shape) != (batch_size, length):
-        raise ValueError(f"`labels` must have the shape of the input ({batch_size}, {length}), got "
-                         f"{tuple(labels.shape)}.")
-    if can_read_values(labels):
-        valid = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < vocab_size))
-        if not bool(valid.all()):
-            raise ValueError(f"`labels` must lie in [0, {vocab_size}) (`vocab_size`) or be {IGNORE_INDEX} (ignored); "
-                             f"got {labels[~valid][0].item()}.")
-
-
-def check_mask_values(attention_mask: torch.Tensor) -> None:
-    """A 2-D mask holds 1 for a token and 0 for padding; anything else (0.5, 2) would be read as a token by some
-    parts and not by others. Reads the values: for the entry points that check once per call."""
-    if attention_mask.dtype == torch.bool:
-        return
-    invalid = (attention_mask != 0) & (attention_mask != 1)
-    if bool(invalid.any()):
-        raise ValueError(
-            f"`attention_mask` must hold 0 and 1 (padding and tokens), got {attention_mask[invalid][0].item()}."
-        )
-
-
-def _kind(value) -> str:
-    """What a check names when a value is of the wrong kind: a tensor's dtype, else the type."""
-    return str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 __all__ = ["RxTPreTrainedModel", "RxTModel", "RxTForCausalLM", "RxTMemoryState"]

@@ -236,7 +236,8 @@ def test_safetensors_carry_metadata_and_the_source_tensors(exported, source, sou
 
 def test_code_files_are_exactly_the_modeling_files(exported):
     assert {"configuration_rxt.py", "modeling_rxt.py", "modeling_rxt_blocks.py", "modeling_rxt_memory_write.py",
-            "modeling_rxt_wrappers.py", "memory_state.py", "atomic_files.py", "external_memory.py"} <= CODE_FILES
+            "modeling_rxt_wrappers.py", "memory_state.py", "atomic_files.py", "external_memory.py",
+            "modeling_rxt_checks.py"} <= CODE_FILES
     assert not CODE_FILES & {"data.py", "tokenization.py", "adapters.py", "demo.py", "__init__.py"}
     assert {p.name for p in exported.dest.glob("*.py")} == CODE_FILES
     for name in CODE_FILES:

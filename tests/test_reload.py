@@ -18,7 +18,8 @@ from modeling_rxt import MEMORY_ATTENTION_TYPES, RxTForCausalLM
 from conftest import make_tiny_model, random_ids, random_state
 
 CODE_FILES = {"configuration_rxt.py", "modeling_rxt.py", "modeling_rxt_blocks.py", "modeling_rxt_memory_write.py",
-              "modeling_rxt_wrappers.py", "memory_state.py", "atomic_files.py"}
+              "modeling_rxt_wrappers.py", "memory_state.py", "atomic_files.py",
+              "modeling_rxt_checks.py"}
 
 # Variants saved and reloaded: every memory attention type, on the dense model and on the MoE model (with a shared
 # expert). One MoE variant is enough for the experts; the memory attention types are spread over both.
