@@ -62,13 +62,13 @@ from .modeling_rxt import RxTForCausalLM
 from .tokenization import (
     BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, MIN_VOCAB_SIZE, PAD_TOKEN, train_tokenizer, turn_token_ids,
 )
+from .trainer import RxTTrainer
 from .training import (
     STAGES,
     EpisodeCollator,
     ExternalAndEpisodeCollator,
     ExternalMemoryCollator,
     InteractionCollator,
-    RxTTrainer,
     external_and_memory_aware_objective,
     external_memory_objective,
     interaction_objective,

@@ -28,7 +28,8 @@ import torch
 from transformers import AutoTokenizer, TrainingArguments
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.data import make_episodes
-from modeling_rxt.training import EpisodeCollator, RxTTrainer, memory_aware_objective, tokenize_episodes
+from modeling_rxt.trainer import RxTTrainer
+from modeling_rxt.training import EpisodeCollator, memory_aware_objective, tokenize_episodes
 
 torch.set_num_threads(1)
 tokenizer_dir, out_dir, global_batch, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -169,7 +170,7 @@ from transformers import AutoTokenizer, TrainingArguments
 from peft import get_peft_model
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.adapters import lora_config
-from modeling_rxt.training import RxTTrainer
+from modeling_rxt.trainer import RxTTrainer
 from modeling_rxt.training_curriculum import _frozen_except_memory_attention, stage_components
 
 accelerator_state_init = accelerate.state.AcceleratorState.__init__
@@ -374,7 +375,7 @@ def test_under_fsdp_mixed_precision_the_objective_keeps_exact_weights(tmp_path):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from conftest import make_tiny_model
-    from modeling_rxt.training import RxTTrainer, _AccumulatedStep
+    from modeling_rxt.trainer import RxTTrainer, _AccumulatedStep
 
     model = make_tiny_model().train()
     seen = {}
@@ -409,7 +410,7 @@ def test_in_lockstep_a_step_without_answers_leaves_the_weights_alone(tmp_path, m
     from transformers import AutoTokenizer, TrainingArguments
 
     from modeling_rxt import RxTConfig, RxTForCausalLM
-    from modeling_rxt.training import RxTTrainer
+    from modeling_rxt.trainer import RxTTrainer
     from modeling_rxt.training_curriculum import stage_components
 
     tokenizer_dir, _ = _tokenizer_and_script(tmp_path, "")

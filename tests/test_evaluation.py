@@ -20,7 +20,8 @@ from modeling_rxt.evaluation import (
     plot_recall,
     write_json_atomic,
 )
-from modeling_rxt.training import InteractionCollator, RxTTrainer, interaction_objective, tokenize_interactions
+from modeling_rxt.trainer import RxTTrainer
+from modeling_rxt.training import InteractionCollator, interaction_objective, tokenize_interactions
 
 from training_helpers import (  # noqa: F401 (fixtures are used by name)
     _episode,

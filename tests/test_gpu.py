@@ -106,7 +106,7 @@ def test_gradient_averaging_runs_under_nccl():
     only, so every tensor it reduces (the flags of which parameters have a gradient, too) must be on the GPU."""
     import torch.distributed as dist
 
-    from modeling_rxt.training import _average_gradients
+    from modeling_rxt.trainer import _average_gradients
 
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     try:

@@ -1,0 +1,313 @@
+"""`RxTTrainer`: a Hugging Face `Trainer` whose loss is one of the curriculum's objectives (`training.py`).
+
+An objective returns `(loss_sum, weight_sum, metrics)`. The trainer normalises by the weight summed over all
+processes and gradient-accumulation steps, so a DDP run with the same global batch gives the same gradients as one
+process (except for the two objectives that mix per-token means: see `RxTTrainer`). The objectives call the model
+several times per batch (one decoder pass and one memory write per turn); DDP's reducer only syncs the gradients of
+one wrapped `forward` call, so `RxTTrainer` averages the gradients across processes itself after `backward`.
+
+Also refused here, when the trainer is made, rather than hours into a run: Trainer features that an objective would
+silently skip, dataset columns Trainer would drop, and rows longer than the model's positions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+from transformers.trainer_utils import TrainOutput, unwrap_peft_model
+
+from .modeling_rxt_wrappers import run_as_forward
+from .training import Objective, lockstep
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _AccumulatedStep:
+    """The micro-batches of one optimizer step seen so far (more than one under gradient accumulation)."""
+
+    scale: torch.Tensor | None = None  # what their losses are divided by before backward: the first one's weight
+    weight: torch.Tensor | float = 0.0  # their weight, summed over micro-batches and processes
+    loss_sum: torch.Tensor | float = 0.0  # this process's loss sum, for the log
+
+
+@dataclass
+class _StepCounts:
+    """Optimizer steps since the last log (`window`) and in this `train` call (`run`), and those with a weighted
+    answer among them."""
+
+    window: int = 0
+    window_weighted: int = 0
+    run: int = 0
+    run_weighted: int = 0
+
+    def count(self, weighted: bool) -> None:
+        self.window += 1
+        self.run += 1
+        self.window_weighted += weighted
+        self.run_weighted += weighted
+
+
+class RxTTrainer(Trainer):
+    """A `Trainer` whose loss is `objective(model, inputs) -> (loss_sum, weight_sum, metrics)`.
+
+    One optimizer step's gradient is that of `loss_sum / weight_sum`, both summed over the step's micro-batches and
+    processes: the same whatever the split into processes and gradient-accumulation steps. The weight of the whole
+    step is known only after its last micro-batch, so each micro-batch's backward divides by the first one's weight
+    and the gradients are rescaled once, after the last (before clipping). Two objectives are exact only without a
+    split: `external_and_memory_aware_objective` mixes its two per-token means within each micro-batch (see there),
+    and `joint_objective` scales the masked-LM mean of each micro-batch, whose masks `InteractionCollator` draws from
+    that micro-batch's ids. The metrics (stage losses, the MoE load-balancing loss) of the training batches are plain
+    means over the logging window's micro-batches of this process, logged beside `loss` (which is token-weighted
+    over the whole step and all processes)."""
+
+    loss_is_scaled_for_ga = True  # `training_step` normalises the whole step; the Trainer must not divide again
+
+    def __init__(self, *args, objective: Objective, **kwargs) -> None:
+        if not callable(objective):
+            raise TypeError(f"`objective` must be callable, got {type(objective).__name__}")
+        collator = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs).arguments.get("data_collator")
+        super().__init__(*args, **kwargs)
+        self._check_arguments_it_would_ignore()
+        if collator is None:
+            raise ValueError("RxTTrainer needs the stage's `data_collator` (InteractionCollator, EpisodeCollator, "
+                             "ExternalMemoryCollator, ...): Trainer's default one cannot pad its rows")
+        self._check_columns_are_kept(self.train_dataset, self.eval_dataset)
+        self._check_rows_fit(train_dataset=self.train_dataset, eval_dataset=self.eval_dataset)
+        if self.is_deepspeed_enabled and self.args.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "RxTTrainer normalises accumulated gradients itself, which DeepSpeed's engine does not let it do: "
+                "use `gradient_accumulation_steps=1` with DeepSpeed (a larger per-device batch or more processes)."
+            )
+        self.objective = objective
+        self._step = _AccumulatedStep()
+        self._metric_sums: dict[str, float] = {}
+        self._metric_count = 0
+        self._steps = _StepCounts()
+
+    def _check_arguments_it_would_ignore(self) -> None:
+        """Trainer features that act on `forward`'s outputs or on `model.forward` itself: the objective computes its
+        own loss over the model's parts, so they would be skipped without a word."""
+        if self.compute_metrics is not None:
+            raise ValueError("RxTTrainer evaluates the objective's loss only (`eval_loss`): `compute_metrics` would "
+                             "never be called, since an objective's batch has no single output to compare")
+        if self.compute_loss_func is not None:
+            raise ValueError("RxTTrainer's loss is its `objective`: `compute_loss_func` would never be called; "
+                             "pass your loss as `objective=`")
+        if self.args.label_smoothing_factor:
+            raise ValueError("RxTTrainer's objectives do not smooth labels: `label_smoothing_factor` would be ignored")
+        if self.args.torch_compile:
+            raise ValueError("`torch_compile` compiles `model.forward`, which RxTTrainer's objectives do not call "
+                             "(they run the decoder, encoder and memory attention themselves): it would compile "
+                             "nothing")
+
+    def _check_columns_are_kept(self, *datasets) -> None:
+        """With `remove_unused_columns` (TrainingArguments' default), Trainer keeps only the dataset columns that
+        `forward` takes, and the episode collators need others (`kinds`, the probes): refused here by name, where
+        the collator would fail later blaming untokenised data. Run for the datasets given to `__init__` and for
+        those `evaluate` and `predict` are given later."""
+        if not self.args.remove_unused_columns:
+            return
+        self._set_signature_columns_if_needed()
+        given = []
+        for dataset in datasets:
+            given += list(dataset.values()) if isinstance(dataset, dict) else [dataset]
+        for dataset in given:
+            dropped = sorted(set(getattr(dataset, "column_names", None) or ()) - set(self._signature_columns))
+            if dropped:
+                raise ValueError(f"Trainer would drop the dataset columns {dropped}, which RxTTrainer's collators "
+                                 "read: pass TrainingArguments(remove_unused_columns=False)")
+
+    def _check_rows_fit(self, **named_datasets) -> None:
+        """A row longer than the model's positions (tokenised with a larger `max_length`) would stop training at the
+        batch that holds it, maybe hours in: refused here, naming the column. Read from the Arrow columns of the
+        rows the Trainer will use (a `select` counts), without a pass in Python."""
+        limit = self.model.config.max_position_embeddings
+        for which, dataset in named_datasets.items():
+            named = dataset.items() if isinstance(dataset, dict) else [(None, dataset)]  # a dict: several eval sets
+            for key, rows in named:
+                name = which if key is None else f"{which}[{key!r}]"
+                if not isinstance(rows, datasets.Dataset):
+                    continue
+                for column in TOKEN_COLUMNS & set(rows.column_names):
+                    longest = _longest_token_list(rows.with_format("arrow")[column])
+                    if longest > limit:
+                        raise ValueError(
+                            f"`{column}` of the {name} holds a row of {longest} tokens, more than the model's {limit} "
+                            f"(`max_position_embeddings`): tokenize with `max_length={limit}` or less"
+                        )
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        # PEFT's wrapper too: the objectives reach into the RxT model itself (`model.model.write_memory`, ...).
+        rxt = unwrap_peft_model(self.accelerator.unwrap_model(model))
+        # As a forward of the model Trainer holds: under FSDP2 its weights are gathered for the objective. FSDP's
+        # mixed precision casts the float tensors a forward takes and returns (bf16): the batch goes in through a
+        # closure and the weight and metrics come out beside the loss, so that they stay exact.
+        results = {}
+
+        def run_objective() -> torch.Tensor:
+            results["loss_sum"], results["weight"], results["metrics"] = self.objective(rxt, inputs)
+            return results["loss_sum"]
+
+        # accelerate puts mixed precision (`bf16=True`) around `model.forward`, which the objective does not call.
+        with lockstep(self._shards_over_processes()), self.accelerator.autocast():
+            loss_sum = run_as_forward(model, run_objective)  # the loss's graph, through FSDP's backward hooks
+        weight, metrics = results["weight"], results["metrics"]
+        weighted = loss_sum.requires_grad and bool(weight > 0)  # in lockstep, a pass that weighs nothing has a graph
+        if model.training and not loss_sum.requires_grad:
+            # No row of this micro-batch had a weighted answer: backward must still run (under DDP every process
+            # joins the gradient averaging), and gives no parameter a gradient, as if the micro-batch were not there.
+            loss_sum = loss_sum.detach().requires_grad_()
+        weight, world_size = weight.detach().clone(), _world_size()
+        if world_size > 1:
+            dist.all_reduce(weight)
+        if not model.training:  # evaluation: each batch on its own, and kept out of the training metrics
+            # A batch without a weighted answer has no loss: NaN, as a plain Trainer's batch without labels, which
+            # Trainer's `logging_nan_inf_filter` (default on) leaves out of `eval_loss` (a 0 would pull it down).
+            loss = loss_sum / weight * world_size if bool(weight > 0) else loss_sum.new_tensor(float("nan"))
+            return (loss, metrics) if return_outputs else loss
+        step = self._step
+        if step.scale is None:
+            step.scale = weight.clamp(min=1)  # any positive number would do: the rescaling in training_step corrects it
+        step.weight = step.weight + weight
+        step.loss_sum = step.loss_sum + results["loss_sum"].detach()
+        if weighted:  # a micro-batch without a weighted answer has no loss to log
+            for name, value in metrics.items():
+                self._metric_sums[name] = self._metric_sums.get(name, 0.0) + float(value)
+            self._metric_count += 1
+        # DDP (and `_average_gradients`) average over processes: `* world_size` makes that a sum.
+        loss = loss_sum / step.scale * world_size
+        return (loss, metrics) if return_outputs else loss
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if eval_dataset is not None and not isinstance(eval_dataset, str):  # a str names one of `__init__`'s
+            self._check_columns_are_kept(eval_dataset)
+            self._check_rows_fit(eval_dataset=eval_dataset)
+        return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        self._check_columns_are_kept(test_dataset)
+        self._check_rows_fit(test_dataset=test_dataset)
+        return super().get_test_dataloader(test_dataset)
+
+    def _shards_over_processes(self) -> bool:
+        """Whether several processes gather the model's weights from each other at every module call (FSDP,
+        DeepSpeed ZeRO-3): the objectives must then make the same calls on every process (`lockstep`)."""
+        if _world_size() < 2:
+            return False
+        if self.is_deepspeed_enabled:
+            return self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        return self.is_fsdp_enabled
+
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
+        """Evaluation is the objective's loss on the batch, as in training. Trainer's own step would look for a
+        top-level `labels` and, without one (the external-memory batches), call `forward` instead of the objective.
+        No logits are returned: an objective's batch has no single output to compare with labels."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)  # forward and backward of one micro-batch
+        if not self.accelerator.sync_gradients:  # more micro-batches to come: the log gets the step's loss at the end
+            return loss.new_zeros(())
+        step, self._step = self._step, _AccumulatedStep()
+        rxt = self.accelerator.unwrap_model(model)
+        world_size = _world_size()
+        self._steps.count(weighted=bool(step.weight > 0))
+        if not bool(step.weight > 0):
+            # No process had a weighted answer in this step. In lockstep their passes that weigh nothing gave
+            # gradients of zero, on which AdamW's momentum would still move the weights: as without lockstep, the
+            # step has no gradients at all, and the optimizer leaves the weights alone.
+            rxt.zero_grad(set_to_none=True)
+            return loss.new_zeros(())  # no loss: `log` takes the mean over the other steps
+        # FSDP has reduce-scattered the gradients already, and DeepSpeed's engine averaged them in its backward.
+        if world_size > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            _average_gradients(rxt)
+        weight = step.weight.clamp(min=1e-8)
+        if not torch.equal(step.scale, weight):  # gradients hold sum(d loss_sum) / scale; make it / weight
+            gradients = [p.grad for p in rxt.parameters() if p.grad is not None]
+            if gradients:
+                torch._foreach_mul_(gradients, (step.scale / weight).item())
+        return step.loss_sum / weight * world_size
+
+    def train(self, *args, **kwargs) -> TrainOutput:
+        # A run starts from nothing: an earlier call's (or an interrupted one's) step and metrics are not its own.
+        self._steps, self._step = _StepCounts(), _AccumulatedStep()
+        self._metric_sums, self._metric_count = {}, 0
+        output = super().train(*args, **kwargs)
+        if self._steps.run and not self._steps.run_weighted:
+            logger.warning("no step of this run had a weighted answer, so nothing was trained: do the collator's "
+                           "kind weights give the data's turn kinds a weight?")
+        return TrainOutput(output.global_step, output.metrics["train_loss"], output.metrics)  # as `log` corrected it
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._metric_count and "loss" in logs:
+            logs.update({name: total / self._metric_count for name, total in self._metric_sums.items()})
+            self._metric_sums, self._metric_count = {}, 0
+        # Trainer averages the losses `training_step` returned over every step; a step without a weighted answer
+        # has none (it returned 0), so the mean is taken over the other steps: NaN where there were none.
+        counts = self._steps
+        if "loss" in logs:
+            weighted = counts.window_weighted
+            logs["loss"] = logs["loss"] * counts.window / weighted if weighted else float("nan")
+            counts.window = counts.window_weighted = 0
+        if "train_loss" in logs:  # at the end of `train`: over the steps of this call
+            weighted = counts.run_weighted
+            logs["train_loss"] = self._total_loss_scalar / weighted if weighted else float("nan")
+        super().log(logs, *args, **kwargs)
+
+
+# The token-id columns the collators feed to the model: an interaction (B, T), or per turn (B, turns, T).
+TOKEN_COLUMNS = {"input_ids", "probe_input_ids"}
+
+
+def _longest_token_list(column: pa.ChunkedArray | pa.Array) -> int:
+    """The longest innermost list of an Arrow list column (list<int> or list<list<int>>); 0 if it has none (or is no
+    list column: the collator names that)."""
+    if not _is_list(column.type):
+        return 0
+    while _is_list(column.type.value_type):
+        column = pc.list_flatten(column)
+    return pc.max(pc.list_value_length(column)).as_py() or 0
+
+
+def _is_list(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _average_gradients(model: torch.nn.Module) -> None:
+    """All-reduce (mean) every gradient across processes, in one flat buffer. A parameter that got no gradient on
+    this process (e.g. no row of its share of the batch reached it) joins with zeros if any other process has one,
+    so every process reduces the same layout and ends with the same gradients."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    # On the gradients' device: NCCL (multi-GPU DDP) reduces CUDA tensors only.
+    has_grad = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32,
+                            device=parameters[0].device if parameters else None)
+    dist.all_reduce(has_grad)
+    reduced = [p for p, flag in zip(parameters, has_grad.tolist(), strict=True) if flag > 0]
+    if not reduced:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in reduced])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for parameter in reduced:
+        parameter.grad = flat[offset : offset + parameter.numel()].view_as(parameter).clone()
+        offset += parameter.numel()
+
+
+__all__ = ["RxTTrainer"]

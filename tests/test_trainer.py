@@ -1,0 +1,304 @@
+"""`RxTTrainer` (modeling_rxt/trainer.py) on what Trainer's defaults do not expect: micro-batches and batches without
+a weighted answer, evaluation of every stage's objective, the logged loss, mixed precision, and the settings, columns
+and rows it refuses when it is made."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import datasets
+import pytest
+import torch
+from datasets import concatenate_datasets
+from transformers import TrainingArguments
+
+from modeling_rxt.data import ASK, CHAT, TELL, Turn
+from modeling_rxt.trainer import RxTTrainer
+from modeling_rxt.training import (
+    EpisodeCollator,
+    ExternalAndEpisodeCollator,
+    ExternalMemoryCollator,
+    InteractionCollator,
+    external_and_memory_aware_objective,
+    external_memory_objective,
+    interaction_objective,
+    memory_aware_objective,
+    tokenize_episodes,
+    tokenize_interactions,
+)
+from modeling_rxt.training_curriculum import stage_components
+
+from training_helpers import (  # noqa: F401 (fixtures are used by name)
+    _episode,
+    episodes,
+    MAX_LENGTH,
+    one_thread,
+    stage_recipe,
+    tiny_model,
+    tokenizer,
+)
+
+
+# --- RxTTrainer on batches Trainer's defaults do not expect ---------------------------------------------------------
+
+
+def _trainer_args(tmp_path, **extra) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, remove_unused_columns=False, report_to=[],
+                             per_device_train_batch_size=1, per_device_eval_batch_size=4, max_steps=1,
+                             save_strategy="no", disable_tqdm=True, **extra)
+
+
+def test_a_micro_batch_without_a_weighted_answer_is_a_zero_step(tokenizer, tmp_path, caplog):
+    """Only chat turns, and chat weighs nothing: the objective's loss has no graph. The step must still run (under
+    DDP every process has to join the gradient averaging) and give no parameter a gradient: a zero gradient would
+    still move AdamW's weights by their momentum. Nor does it enter the logged stage losses."""
+    chat_only = _episode("chat-only", [Turn("hello there", "hi .", CHAT), Turn("how are you ?", "fine .", CHAT)])
+    dataset = tokenize_episodes(tokenizer, [chat_only], MAX_LENGTH)
+    collator = EpisodeCollator(tokenizer.pad_token_id, {ASK: 1.0, TELL: 0.0, "update": 0.0, CHAT: 0.0})
+    model = tiny_model(tokenizer)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path), train_dataset=dataset, data_collator=collator,
+                         objective=memory_aware_objective)
+    model.train()
+    trainer.compute_loss(model, collator([dataset[0]])).backward()
+    assert all(p.grad is None for p in model.parameters()) and trainer._metric_count == 0
+    trainer._step = type(trainer._step)()  # the micro-batch above was a probe, not part of the run
+    with caplog.at_level(logging.WARNING, logger="modeling_rxt.trainer"):
+        assert math.isnan(trainer.train().training_loss)  # no step had a loss
+    assert "nothing was trained" in caplog.text
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+_STAGES_TO_EVALUATE = [("joint", {}), ("sft", {}), ("memory_attention", {}), ("memory_aware", {}),
+                       ("external_memory", {}), ("external_memory", {"memory_aware_weight": 1.0})]
+
+
+@pytest.mark.parametrize(("stage", "extra"), _STAGES_TO_EVALUATE,
+                         ids=["joint", "sft", "memory_attention", "memory_aware", "external", "mixed"])
+def test_evaluation_computes_the_objective_of_every_stage(tokenizer, tmp_path, stage, extra):
+    """The external-memory batches are nested and hold no top-level `labels`: Trainer's own evaluation step then
+    called `forward` with them. The evaluation loss must be the objective's, as in training, for every stage."""
+    dataset, collator, objective = stage_components(stage_recipe(stage, **extra), tokenizer, MAX_LENGTH, seed=0)
+    model = tiny_model(tokenizer).eval()
+    trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path), eval_dataset=dataset.select(range(4)),
+                         data_collator=collator, objective=objective)
+    with torch.no_grad():
+        loss_sum, weight, _ = objective(model, collator([dataset[i] for i in range(4)]))
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(float(loss_sum / weight), rel=1e-5)
+
+
+def test_trainer_refuses_to_drop_the_columns_its_collators_read(tokenizer, episodes, tmp_path, monkeypatch):
+    """TrainingArguments' default `remove_unused_columns=True` keeps only what `forward` takes: fine for interaction
+    rows (`input_ids`, `labels`), not for episodes, whose collator reads `kinds`. Refused by name, also when the
+    Trainer makes its own arguments."""
+    monkeypatch.chdir(tmp_path)  # the Trainer's own arguments name the output folder `tmp_trainer` in the cwd
+    episode_rows = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    args = _trainer_args(tmp_path)
+    args.remove_unused_columns = True
+    for trainer_args in ({"args": args}, {}):
+        with pytest.raises(ValueError, match=r"drop the dataset columns \[.*'kinds'.*remove_unused_columns=False"):
+            RxTTrainer(model=tiny_model(tokenizer), train_dataset=episode_rows,
+                       data_collator=EpisodeCollator(tokenizer.pad_token_id), objective=memory_aware_objective,
+                       **trainer_args)
+    interaction_rows = tokenize_interactions(tokenizer, [("hello", "hi .")], MAX_LENGTH)
+    RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=interaction_rows,
+               data_collator=InteractionCollator(tokenizer.pad_token_id), objective=interaction_objective)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"compute_metrics": lambda p: {}}, "compute_metrics"),
+    ({"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: 0.0}, "compute_loss_func"),
+    ({"args": {"label_smoothing_factor": 0.1}}, "label_smoothing_factor"),
+    ({"args": {"torch_compile": True, "torch_compile_backend": "eager"}}, "compile nothing"),
+    ({"data_collator": None}, "data_collator"),
+], ids=["compute_metrics", "compute_loss_func", "label_smoothing", "torch_compile", "no_collator"])
+def test_trainer_refuses_what_it_would_ignore(tokenizer, tmp_path, setting, message):
+    """Trainer features that act on `forward` or its outputs, which the objectives bypass: without a refusal they
+    were skipped without a word (a smoothed loss that was not smoothed, a compiled model that compiled nothing)."""
+    setting = dict(setting)
+    arguments = _trainer_args(tmp_path, **setting.pop("args", {}))
+    kwargs = {"data_collator": InteractionCollator(tokenizer.pad_token_id), **setting}
+    with pytest.raises(ValueError, match=message):
+        RxTTrainer(model=tiny_model(tokenizer), args=arguments, objective=interaction_objective, **kwargs)
+
+
+def test_mixed_precision_reaches_the_objective(tokenizer, tmp_path):
+    """accelerate puts `bf16=True`'s autocast around `model.forward`, which the objectives never call."""
+    seen = []
+
+    def objective(model, inputs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return interaction_objective(model, inputs)
+
+    rows = tokenize_interactions(tokenizer, [("hello", "hi ."), ("how are you ?", "fine .")], MAX_LENGTH)
+    for bf16 in (False, True):
+        trainer = RxTTrainer(model=tiny_model(tokenizer), args=_trainer_args(tmp_path, bf16=bf16), train_dataset=rows,
+                             eval_dataset=rows, data_collator=InteractionCollator(tokenizer.pad_token_id),
+                             objective=objective)
+        trainer.train()
+        trainer.evaluate()
+    assert seen == [False, False, True, True]
+
+
+def test_a_batch_without_a_weighted_answer_stays_out_of_the_losses(tokenizer, episodes, tmp_path):
+    """An evaluation batch (or a training step) without a weighted answer has no loss. It gave 0, which Trainer
+    averaged into `eval_loss` and the logged `loss` as a real value; NaN is what a plain Trainer's batch without
+    labels gives, and Trainer's nan filter leaves it out."""
+    asks_only = {ASK: 1.0, TELL: 0.0, "update": 0.0, CHAT: 0.0}
+    collator = EpisodeCollator(tokenizer.pad_token_id, asks_only)
+    with_asks = tokenize_episodes(tokenizer, episodes, MAX_LENGTH).filter(lambda row: ASK in row["kinds"])
+    with_asks = with_asks.select(range(4))
+    chat = [_episode(f"chat-{i}", [Turn("hello there", "hi .", CHAT), Turn("how are you ?", "fine .", CHAT)])
+            for i in range(4)]
+    evaluated = concatenate_datasets([with_asks, tokenize_episodes(tokenizer, chat, MAX_LENGTH)])
+    model = tiny_model(tokenizer).eval()
+    trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path), eval_dataset=evaluated, data_collator=collator,
+                         objective=memory_aware_objective)
+    with torch.no_grad():
+        loss_sum, weight, _ = memory_aware_objective(model, collator([with_asks[i] for i in range(4)]))
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(float(loss_sum / weight), rel=1e-5)
+
+
+def test_an_external_memory_batch_without_an_ask_is_a_step_without_gradients(tokenizer, tmp_path):
+    """A batch of the user's own episodes with no ask after the first turn has nothing to retrieve: it stopped the
+    run with an error (the episode stages make it a step without gradients)."""
+    chat = [_episode(f"chat-{i}", [Turn("hello there", "hi .", CHAT), Turn("how are you ?", "fine .", CHAT)])
+            for i in range(2)]
+    rows = tokenize_episodes(tokenizer, chat, MAX_LENGTH)
+    collator = ExternalMemoryCollator(tokenizer.pad_token_id)
+    model = tiny_model(tokenizer, external_memory_layers=[1])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path), train_dataset=rows, eval_dataset=rows,
+                         data_collator=collator, objective=external_memory_objective)
+    trainer.train()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert math.isnan(trainer.evaluate()["eval_loss"])  # no batch had a loss
+
+
+@pytest.mark.parametrize("nan_filter", [True, False])
+def test_the_logged_training_loss_is_the_mean_over_steps_with_a_weighted_answer(tokenizer, episodes, tmp_path,
+                                                                                 nan_filter):
+    """Steps: chat only (no weight), ask, chat only, ask; logged every 2 steps, learning rate 0. Each window's loss
+    is its ask step's, and the run's the mean of both: the step without an answer had pulled them to a half."""
+    asks_only = {ASK: 1.0, TELL: 0.0, "update": 0.0, CHAT: 0.0}
+    collator = EpisodeCollator(tokenizer.pad_token_id, asks_only)
+    asks = tokenize_episodes(tokenizer, episodes, MAX_LENGTH).filter(lambda row: ASK in row["kinds"]).select([0, 1])
+    chat = tokenize_episodes(tokenizer, [_episode(f"chat-{i}", [Turn("hello there", "hi .", CHAT)] * 2)
+                                         for i in range(2)], MAX_LENGTH)
+    steps = concatenate_datasets([chat.select([0]), asks.select([0]), chat.select([1]), asks.select([1])])
+    model = tiny_model(tokenizer)
+    with torch.no_grad():
+        expected = [float(s / w) for s, w, _ in (memory_aware_objective(model, collator([steps[i]])) for i in (1, 3))]
+    args = _trainer_args(tmp_path, logging_steps=2, learning_rate=0.0, logging_nan_inf_filter=nan_filter)
+    args.max_steps = 4
+    trainer = RxTTrainer(model=model, args=args, train_dataset=steps, data_collator=collator,
+                         objective=memory_aware_objective)
+    trainer._get_train_sampler = lambda *_: torch.utils.data.SequentialSampler(steps)
+    output = trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["loss"] for entry in logged] == pytest.approx(expected, rel=1e-6)
+    assert [entry["decoder_loss"] for entry in logged] == pytest.approx(expected, rel=1e-6)
+    assert output.training_loss == pytest.approx(sum(expected) / 2, rel=1e-5)
+    # Logged every 3 steps, the 4th step's metrics are never logged; a second call must not start with them.
+    trainer.args.logging_steps = 3
+    for _ in range(2):
+        trainer.state.log_history = []
+        output = trainer.train()
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+        assert [(entry["loss"], entry["decoder_loss"]) for entry in logged] == [pytest.approx((expected[0],) * 2)]
+        assert output.training_loss == pytest.approx(sum(expected) / 2, rel=1e-5)
+
+
+def test_a_mixed_stage_batch_without_an_ask_weighs_nothing(tokenizer):
+    """The memory-aware part is mixed in the external part's weight: a batch without an ask has weight 0 and adds
+    nothing (in its own weight it would dilute the external loss of the step's other micro-batches)."""
+    chat = [_episode(f"chat-{i}", [Turn("hello there", "hi .", CHAT), Turn("how are you ?", "fine .", CHAT)])
+            for i in range(2)]
+    rows = tokenize_episodes(tokenizer, chat, MAX_LENGTH)
+    everything = {ASK: 1.0, TELL: 1.0, "update": 1.0, CHAT: 1.0}
+    collator = ExternalAndEpisodeCollator(ExternalMemoryCollator(tokenizer.pad_token_id),
+                                          EpisodeCollator(tokenizer.pad_token_id, everything))
+    batch = collator([rows[0], rows[1]])
+    model = tiny_model(tokenizer, external_memory_layers=[1])
+    assert float(memory_aware_objective(model, batch["episodes"])[1]) > 0
+    loss_sum, weight, _ = external_and_memory_aware_objective(model, batch, memory_aware_weight=0.5)
+    assert float(weight) == 0 and float(loss_sum) == 0
+
+
+def test_datasets_given_to_evaluate_later_are_checked_for_dropped_columns(tokenizer, episodes, tmp_path):
+    rows = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    args = _trainer_args(tmp_path)
+    args.remove_unused_columns = True
+    trainer = RxTTrainer(model=tiny_model(tokenizer), args=args, data_collator=EpisodeCollator(tokenizer.pad_token_id),
+                         objective=memory_aware_objective)
+    for call in (trainer.evaluate, trainer.predict):
+        with pytest.raises(ValueError, match=r"drop the dataset columns \[.*'kinds'"):
+            call(rows)
+
+
+def test_external_memory_stage_under_gradient_checkpointing_gives_the_same_gradients(tokenizer):
+    # The memory keys' norms were computed (and cached) inside the first retrieval layer: its recomputation found
+    # them cached and saved fewer tensors ("a different number of tensors was saved").
+    stage = {"stage": "external_memory", "episodes": 4, "turns": 3, "max_chat_chars": 60}
+    dataset, collator, objective = stage_components(stage, tokenizer, MAX_LENGTH, seed=5)
+    batch = collator([dataset[i] for i in range(4)])
+    model = tiny_model(tokenizer, external_memory_layers=[1]).train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss_sum, _, _ = objective(model, batch)
+        loss_sum.backward()
+        return loss_sum.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads()
+    model.gradient_checkpointing_enable()
+    checkpointed_loss, checkpointed_grads = loss_and_grads()
+    assert torch.equal(checkpointed_loss, plain_loss) and checkpointed_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_rows_longer_than_the_model_are_refused_before_training(tokenizer, episodes, tmp_path):
+    """Tokenised with a `max_length` above the model's positions, a long row stopped training at the batch that
+    held it ("The interaction has 70 tokens, more than the model's maximum"), maybe hours in: refused when the
+    Trainer is made (and by `evaluate` for a dataset given later), naming the column and the limit."""
+    long_pair = ("my cat " * 30 + ".", "noted .")
+    rows = tokenize_interactions(tokenizer, [("hello", "hi ."), long_pair], 4 * MAX_LENGTH)
+    assert max(len(ids) for ids in rows["input_ids"]) > MAX_LENGTH
+    collator, args = InteractionCollator(tokenizer.pad_token_id), _trainer_args(tmp_path)
+    for name in ("train_dataset", "eval_dataset"):
+        with pytest.raises(ValueError, match=rf"`input_ids` of the {name} holds a row of \d+ tokens, more than the "
+                                             rf"model's {MAX_LENGTH} \(`max_position_embeddings`\)"):
+            RxTTrainer(model=tiny_model(tokenizer), args=args, data_collator=collator,
+                       objective=interaction_objective, **{name: rows})
+    rows = datasets.concatenate_datasets([rows, rows.select([0])])  # short, long, short
+    fitting = rows.select([0, 2])  # a row mapping without the long row: only the rows the Trainer will read count
+    trainer = RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=fitting, data_collator=collator,
+                         objective=interaction_objective)
+    with pytest.raises(ValueError, match=r"`input_ids` of the eval_dataset holds a row"):
+        trainer.evaluate(rows)
+    with pytest.raises(ValueError, match=r"`input_ids` of the test_dataset holds a row"):
+        trainer.predict(rows)
+    at_the_limit = max(len(ids) for ids in rows["input_ids"])  # a row exactly as long as the positions fits
+    RxTTrainer(model=tiny_model(tokenizer, max_position_embeddings=at_the_limit), args=args, train_dataset=rows,
+               data_collator=collator, objective=interaction_objective)
+    probes = datasets.Dataset.from_dict({"input_ids": [[[5, 6, 7]]], "probe_input_ids": [[[5] * (MAX_LENGTH + 1)]]})
+    with pytest.raises(ValueError, match=r"`probe_input_ids` of the train_dataset holds a row"):
+        RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=probes, data_collator=collator,
+                   objective=interaction_objective)
+    with pytest.raises(ValueError, match=r"`input_ids` of the eval_dataset\['long'\] holds a row"):
+        RxTTrainer(model=tiny_model(tokenizer), args=args, eval_dataset={"short": fitting, "long": rows},
+                   data_collator=collator, objective=interaction_objective)
+    fixed = datasets.Dataset.from_dict({"input_ids": [[5] * (MAX_LENGTH + 1)]},
+                                       features=datasets.Features({"input_ids": datasets.Sequence(
+                                           datasets.Value("int64"), length=MAX_LENGTH + 1)}))
+    with pytest.raises(ValueError, match=rf"holds a row of {MAX_LENGTH + 1} tokens"):  # a fixed-size list column
+        RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=fixed, data_collator=collator,
+                   objective=interaction_objective)
+    turns = tokenize_episodes(tokenizer, episodes, 4 * MAX_LENGTH)  # (rows, turns, tokens): the longest turn counts
+    longest = max(len(turn) for row in turns["input_ids"] for turn in row)
+    model = tiny_model(tokenizer, max_position_embeddings=longest - 1)
+    with pytest.raises(ValueError, match=rf"holds a row of {longest} tokens, more than the model's {longest - 1}"):
+        RxTTrainer(model=model, args=args, train_dataset=turns, data_collator=EpisodeCollator(tokenizer.pad_token_id),
+                   objective=memory_aware_objective)
