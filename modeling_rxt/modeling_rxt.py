@@ -856,11 +856,14 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             bos = self.config.bos_token_id
         if bos is None:
             raise ValueError("`generate` needs `input_ids` (the query), or a `bos_token_id` to start from.")
-        batch_size = 1
+        has_rows = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+        mask_rows = attention_mask.shape[0] if has_rows else None
+        batch_size = 1 if mask_rows is None else mask_rows
         if isinstance(memory_state, RxTMemoryState):
             batch_size = memory_state.batch_size
-        elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-            batch_size = attention_mask.shape[0]
+            if mask_rows not in (None, batch_size):
+                raise ValueError(f"`memory_state` holds {batch_size} conversations but `attention_mask` has "
+                                 f"{mask_rows} rows: without a prompt, each conversation starts from one [BOS] row.")
         return torch.full((batch_size, 1), bos, dtype=torch.long, device=self.device)
 
     def _project_memory_for_generate(self, stm: torch.Tensor) -> torch.Tensor:

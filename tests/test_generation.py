@@ -324,6 +324,10 @@ def test_generate_without_ids_takes_embeddings_or_the_batch_of_the_mask(dense_mo
                                dense_model.generate(inputs_embeds=embeds, **options))
     rows = dense_model.generate(attention_mask=torch.ones(2, 1, dtype=torch.long), **options)
     assert rows.shape == (2, 4) and (rows[:, 0] == dense_model.config.bos_token_id).all()
+    # A memory of 2 conversations and a mask of 3 rows: the error names both, not the mask alone.
+    with pytest.raises(ValueError, match=r"`memory_state` holds 2 conversations.*`attention_mask` has 3 rows"):
+        dense_model.generate(attention_mask=torch.ones(3, 1, dtype=torch.long),
+                             memory_state=random_state(dense_model, 2), **options)
 
 
 def test_without_a_prompt_the_model_config_gives_bos_when_the_generation_config_has_none(dense_model):
