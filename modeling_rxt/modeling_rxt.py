@@ -485,10 +485,10 @@ class RxTModel(RxTPreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         # Static caches count their tokens in a device tensor: a Python check of it would make the host wait for the
-        # device at every step and break a compiled graph, so the checks that need the cached length run only where
-        # it is a plain int (dynamic caches; a static cache is bounded by its own `max_cache_len`).
+        # device at every step and break a compiled graph, so the checks that need the cached length run where it
+        # is a plain int (dynamic caches), or where reading it costs nothing (on the CPU, see `can_read_values`).
         known_past_length = None if isinstance(past_length, torch.Tensor) else past_length
-        check_decoder_inputs(input_ids, inputs_embeds, attention_mask, position_ids, self.config, known_past_length)
+        check_decoder_inputs(input_ids, inputs_embeds, attention_mask, position_ids, self.config, past_length)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, length = inputs_embeds.shape[:2]

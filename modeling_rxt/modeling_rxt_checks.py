@@ -50,14 +50,17 @@ def check_decoder_inputs(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     config: RxTConfig,
-    past_length: int | None,
+    past_length: int | torch.Tensor | None,
 ) -> None:
     """Raises `TypeError`/`ValueError` naming the argument for decoder inputs of the wrong type or shape, before they
     reach a kernel that fails with an opaque error (or, for a mask of the wrong length, silently does not fail).
     No host synchronisation in the forward pass: shapes always; token id values only where reading them costs no
     wait (`can_read_values`) and only for input that starts from an empty cache (`past_length` 0: training, a plain
-    forward, a prompt), not for each decoding step, whose ids the model itself produced; `past_length` None: the
-    cache's length is a device tensor, and the mask's length is left to the mask functions."""
+    forward, a prompt), not for each decoding step, whose ids the model itself produced. `past_length` a tensor (a
+    static cache's count): the mask must cover at least the cached and new tokens (it may run to the cache's whole
+    length), checked where reading the count costs no wait; None: not checked."""
+    counted_length = past_length if isinstance(past_length, torch.Tensor) else None
+    past_length = None if counted_length is not None else past_length
     if input_ids is not None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
             found = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -87,13 +90,25 @@ def check_decoder_inputs(
     if attention_mask.dim() not in (2, 4):
         raise ValueError(f"`attention_mask` must be 2-D (batch, tokens) or 4-D (batch, 1, queries, keys), got shape "
                          f"{tuple(attention_mask.shape)}.")
-    if past_length is None or attention_mask.dim() != 2:
+    if attention_mask.dim() != 2:
+        return
+    if counted_length is not None and can_read_values(counted_length):
+        _check_static_cache_mask(attention_mask, batch_size, int(counted_length) + length)
+    if past_length is None:
         return
     expected = (batch_size, past_length + length)
     if tuple(attention_mask.shape) != expected:
         raise ValueError(
             f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {expected} "
             "(batch, cached + new tokens)."
+        )
+
+
+def _check_static_cache_mask(attention_mask: torch.Tensor, batch_size: int, covered: int) -> None:
+    if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < covered:
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected at least {(batch_size, covered)} "
+            "(batch, cached + new tokens; a static cache's mask may run to its whole length)."
         )
 
 

@@ -86,6 +86,17 @@ def test_positions_from_the_mask_of_a_static_cache(dense_model):
             torch.testing.assert_close(step, whole[:, 6:], atol=2e-5, rtol=0)
 
 
+def test_a_static_cache_mask_shorter_than_cached_and_new_tokens_is_named(dense_model):
+    """A static cache counts its tokens in a tensor; on the CPU reading it costs nothing, so a mask that does not
+    cover the cached and new tokens is named (it failed in a gather, "index 5 is out of bounds")."""
+    ids = random_ids(1, 6)
+    cache = StaticCache(config=dense_model.config, max_cache_len=16)
+    with torch.no_grad():
+        dense_model(ids[:, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), past_key_values=cache)
+        with pytest.raises(ValueError, match=r"`attention_mask` has shape \(1, 5\); expected at least \(1, 6\)"):
+            dense_model(ids[:, 5:], attention_mask=torch.ones(1, 5, dtype=torch.long), past_key_values=cache)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_matches_the_textbook_form(dtype):
     norm = RxTRMSNorm(16, eps=1e-5).to(dtype)
