@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import datasets
@@ -186,6 +187,13 @@ class RxTTrainer(Trainer):
         # DDP (and `_average_gradients`) average over processes: `* world_size` makes that a sum.
         loss = loss_sum / step.scale * world_size
         return (loss, metrics) if return_outputs else loss
+
+    def _track_num_input_tokens(self, inputs) -> None:
+        # `include_num_input_tokens_seen` looks for the batch's `input_ids`; the mixed external stage's batch holds
+        # two batches (`ExternalAndEpisodeCollator`), both read by its objective: each is counted.
+        parts = [part for part in inputs.values() if isinstance(part, Mapping)] if "input_ids" not in inputs else []
+        for part in parts or [inputs]:
+            super()._track_num_input_tokens(part)
 
     def get_eval_dataloader(self, eval_dataset=None):
         if eval_dataset is not None and not isinstance(eval_dataset, str):  # a str names one of `__init__`'s

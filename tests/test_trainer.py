@@ -302,3 +302,22 @@ def test_rows_longer_than_the_model_are_refused_before_training(tokenizer, episo
     with pytest.raises(ValueError, match=rf"holds a row of {longest} tokens, more than the model's {longest - 1}"):
         RxTTrainer(model=model, args=args, train_dataset=turns, data_collator=EpisodeCollator(tokenizer.pad_token_id),
                    objective=memory_aware_objective)
+
+
+@pytest.mark.parametrize("counted", ["all", "non_padding"])
+def test_tokens_seen_are_counted_in_every_stage_batch(tokenizer, episodes, tmp_path, counted):
+    """`include_num_input_tokens_seen` counts the batch's `input_ids`; the mixed external stage's batch holds two
+    batches (`ExternalAndEpisodeCollator`), whose tokens are counted both (Trainer found no `input_ids` and counted
+    nothing)."""
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH).select(range(1))
+    _, collator, objective = stage_components(stage_recipe("external_memory", memory_aware_weight=0.5), tokenizer,
+                                              MAX_LENGTH, seed=0)
+    batch = collator([dataset[0]])
+    parts = (batch["external"], batch["episodes"])
+    expected = sum(int(part["attention_mask"].sum()) if counted == "non_padding" else part["input_ids"].numel()
+                   for part in parts)
+    args = _trainer_args(tmp_path, include_num_input_tokens_seen=counted)
+    trainer = RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=dataset, data_collator=collator,
+                         objective=objective)
+    trainer.train()
+    assert trainer.state.num_input_tokens_seen == expected > 0
