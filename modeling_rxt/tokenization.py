@@ -215,8 +215,14 @@ def _warn_if_the_assistant_mask_misses_answers(tokenizer: PreTrainedTokenizerFas
     character's token: a tokenizer that gives that space no token at all (WordPiece, whitespace splitting) gets an
     empty assistant mask. Training labels come from `encode_interaction`, which is right either way."""
     sample = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi ."}]
-    out = tokenizer.apply_chat_template(sample, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    labels = encode_interaction(tokenizer, "hello there", "hi .", max_length=len(out["input_ids"]) + 1)["labels"]
+    # The sample may be longer than a short `model_max_length`: transformers would warn about a text the user never
+    # gave, and only once, so not for the user's own.
+    model_max_length, tokenizer.model_max_length = tokenizer.model_max_length, int(1e30)
+    try:
+        out = tokenizer.apply_chat_template(sample, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        labels = encode_interaction(tokenizer, "hello there", "hi .", max_length=len(out["input_ids"]) + 1)["labels"]
+    finally:
+        tokenizer.model_max_length = model_max_length
     if out["assistant_masks"] != [int(label != IGNORE_INDEX) for label in labels]:
         logger.warning(
             "this tokenizer gives the space before an answer no token: the chat template's assistant mask "

@@ -332,3 +332,14 @@ def test_wrapping_a_tokenizer_whose_assistant_mask_misses_answers_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="modeling_rxt.tokenization"):
         train_tokenizer(CORPUS * 5, vocab_size=MIN_VOCAB_SIZE + 64, min_frequency=1)
     assert "assistant mask" not in caplog.text
+
+
+def test_wrapping_a_short_tokenizer_leaves_transformers_length_warning_for_the_users_text(tokenizer):
+    """The assistant-mask probe encodes a sample interaction; with a `model_max_length` shorter than that sample, it
+    made transformers warn about a sequence the user never gave, and used the warning up (transformers warns once):
+    the user's own over-long text then passed without a word."""
+    short = wrap_tokenizer(tokenizer.backend_tokenizer, model_max_length=4)
+    assert not short.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
+    assert short.model_max_length == 4
+    short("my cat is called bimo and i live in oslo .")
+    assert short.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
