@@ -139,7 +139,8 @@ class RxTChatSession:
     def wait_for_memory(self) -> float:
         """Blocks until the last turn's memory write has finished; returns the seconds spent waiting. A write that
         failed raises its error here, once: the memory stays as it was before that turn (which remains in
-        `messages`, its `write_s` None), and the session goes on."""
+        `messages`, its `write_s` None), and the session goes on. An interrupted wait (Ctrl-C) leaves the write
+        running, and the next wait takes its result."""
         # Under the session's lock: a reader in another thread must not set the memory of an earlier turn over a
         # write that a `send` has just scheduled.
         with self._lock:
@@ -149,7 +150,10 @@ class RxTChatSession:
             try:
                 state, write_s = self._pending.result()  # re-raises an error of the write
             except BaseException:
-                self._pending = None
+                # The write's own error: reported once, and the memory stays as before that turn. Otherwise the
+                # wait was interrupted (Ctrl-C), not the write: the next wait picks it up.
+                if self._pending.done():
+                    self._pending = None
                 raise
             waited = time.perf_counter() - start
             self._state, self._pending = state, None

@@ -369,6 +369,38 @@ def test_a_failed_write_is_reported_once_and_the_session_goes_on(model, tokenize
     assert session._executor._shutdown
 
 
+def test_ctrl_c_while_waiting_for_a_write_keeps_the_write(model, tokenizer):
+    """A KeyboardInterrupt that reaches the thread waiting for a background write interrupts the wait, not the
+    write: the next wait picks the finished write up, and the session is that of a session never interrupted (the
+    write was dropped, and the memory stayed a turn behind for good, in every later `save` too)."""
+    import os
+    import signal
+
+    gate = threading.Event()
+
+    def hold_write(module, args) -> None:  # a pre-hook that returned a value would replace the encoder's input
+        gate.wait(timeout=30)
+
+    handle = model.model.memory_encoder.register_forward_pre_hook(hold_write)
+    try:
+        session = RxTChatSession(model, tokenizer)
+        session.send(TEXTS[0], **GREEDY)
+        # The user presses Ctrl-C while `send` waits (a real SIGINT: it interrupts the wait's lock, as a key would).
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            session.send(TEXTS[1], **GREEDY)
+    finally:
+        gate.set()
+        handle.remove()
+    assert len(session.messages) == 2  # the interrupted turn did not start
+    uninterrupted = RxTChatSession(model, tokenizer, background_write=False)
+    uninterrupted.send(TEXTS[0], **GREEDY)
+    assert torch.equal(session.memory_state.stm, uninterrupted.memory_state.stm)
+    assert session.timings[-1].write_s is not None
+    assert session.send(TEXTS[1], **GREEDY) == uninterrupted.send(TEXTS[1], **GREEDY)
+    assert torch.equal(session.memory_state.stm, uninterrupted.memory_state.stm)
+
+
 def test_a_closed_session_takes_no_turns(model, tokenizer):
     session = RxTChatSession(model, tokenizer)
     session.send(TEXTS[0], **GREEDY)
