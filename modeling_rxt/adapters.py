@@ -458,17 +458,27 @@ def load_adapters(
     check_base_weights: bool = True,
     is_trainable: bool = False,
 ) -> torch.nn.Module:
-    """Loads several adapters `{name: folder}` onto one base (checked, for inference unless `is_trainable`); the first
-    one is active. Every folder is checked (`check_adapter_fits`) before any is loaded, and a load that fails part-way
-    removes the adapters this call added: on any error the model is left as it was."""
+    """Loads several adapters `{name: folder}` onto one base (checked, for inference unless `is_trainable`). On a
+    plain model the first one is active; a model with adapters keeps its active one. Every folder is checked
+    (`check_adapter_fits`) before any is loaded, and a load that fails part-way removes the adapters this call
+    added: on any error the model is left as it was."""
     if not isinstance(paths, Mapping) or not paths:
         raise TypeError("`paths` must be a non-empty mapping {adapter_name: folder}.")
     for name, path in paths.items():
         _check_new_name(model, name, path)
         check_adapter_fits(model, path, name, check_base_weights=check_base_weights)
+    active = _active_adapter(model) if adapter_names(model) else None
     with _restored_on_error(model):
         for name, path in paths.items():
             model = _load_checked(model, path, name, is_trainable)
+    if active is not None:
+        # transformers' `load_adapter` switches the LoRA layers to the new adapter but leaves the initial-memory
+        # wrapper without one (it then reads the base's copy): the model's active adapter is put back everywhere, as
+        # a PeftModel's `load_adapter` keeps it. PEFT's switch also flips `requires_grad`; the flags are kept.
+        trainable = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+        _set_active(model, active)
+        for parameter, flag in trainable:
+            parameter.requires_grad_(flag)
     return model
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from configuration import available_presets
 from modeling_rxt import RxTConfig, RxTForCausalLM, RxTMemoryState
 from modeling_rxt.adapters import (
+    _active_adapter,
     BASE_ADAPTER,
     adapter_names,
     base_probe,
@@ -489,6 +490,29 @@ def test_load_adapters_checks_every_folder_first_and_undoes_a_load_that_fails(tm
     assert adapter_names(model) == ["regenerator"] and model.active_adapter == "regenerator"
     assert torch.equal(logits_of(model, ids), expected)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == {n: t for n, (_, t) in before[1].items()}
+
+
+@pytest.mark.parametrize("kind", ["transformers", "peft"])
+def test_loading_a_further_adapter_keeps_the_active_one_everywhere(tmp_path, ids, kind):
+    """A model with adapters loaded keeps its active adapter when `load_adapters` adds another, as a PeftModel does:
+    with transformers-integrated adapters the LoRA layers switched to the new adapter while the initial memory read
+    the base's copy, a mix no adapter was trained with (init_memory, forward without a memory, new chat sessions)."""
+    save_adapters(with_roles(make_base()), tmp_path)
+    if kind == "transformers":
+        model = make_base()
+        model.load_adapter(str(tmp_path / "actor"), adapter_name="actor")
+    else:
+        model = load_adapter(make_base(), tmp_path / "actor", "actor")
+    expected, memory = logits_of(model, ids), rxt_model(model).init_memory(1).stm
+    trains = {name: p.requires_grad for name, p in model.named_parameters()}
+    model = load_adapters(model, {"regenerator": tmp_path / "regenerator"})
+    assert _active_adapter(model) in ("actor", ["actor"])
+    assert torch.equal(rxt_model(model).init_memory(1).stm, memory)
+    assert torch.equal(logits_of(model, ids), expected)
+    assert {name: p.requires_grad for name, p in model.named_parameters() if name in trains} == trains
+    regenerator = logits_of(model, ids, "regenerator")  # and the new one is there, with its own initial memory
+    assert not torch.equal(regenerator, expected)
+    assert torch.equal(regenerator, logits_of(load_adapter(make_base(), tmp_path / "regenerator", "r"), ids))
 
 
 def corrupt_bin(payload: bytes):
