@@ -267,7 +267,9 @@ class RxTChatSession:
         `max_new_tokens` keyword beyond that is refused, one from a config (a default) is capped, and without either
         the answer may fill the room."""
         room = self.model.config.max_position_embeddings - prompt_length - 1  # [EOS] must fit in the write
-        kwargs = dict(given)
+        # A length given as None is unset, as in `generate` (there it also unsets the config's).
+        lengths = ("max_new_tokens", "max_length")
+        kwargs = {key: value for key, value in given.items() if not (key in lengths and value is None)}
         if "max_new_tokens" not in kwargs and kwargs.get("max_length") is not None:
             # A `max_length` keyword counts the prompt; as `max_new_tokens` it is checked against the room below
             # (left beside a default `max_new_tokens`, generate would let that win).

@@ -98,7 +98,14 @@ from .modeling_rxt_blocks import (
     RxTSelfAttention,
     at_least_float32,
 )
-from .modeling_rxt_checks import can_read_values, check_decoder_inputs, check_labels, check_mask_values, check_token_ids
+from .modeling_rxt_checks import (
+    can_read_values,
+    check_decoder_inputs,
+    check_generation_settings,
+    check_labels,
+    check_mask_values,
+    check_token_ids,
+)
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 from .modeling_rxt_wrappers import (
     FSDPModule,
@@ -912,6 +919,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     def _check_generate_prompt(self, prompt: torch.Tensor, generation_config: GenerationConfig, kwargs: dict) -> None:
         """The query must be valid (non-empty ids, or embeddings) and the answer must fit: query + new tokens within
         `max_position_embeddings`, refused before decoding starts rather than when the limit is hit."""
+        check_generation_settings(kwargs, generation_config)
         if isinstance(prompt, torch.Tensor) and prompt.is_floating_point() and prompt.dim() == 3:  # inputs_embeds
             if 0 in prompt.shape[:2] or prompt.shape[2] != self.config.hidden_size:
                 raise ValueError(

@@ -15,6 +15,8 @@
 given, before it reaches a kernel that fails with an opaque error (or, for some, silently does not fail). Shapes are
 always checked; values only where reading them costs the host no wait (`can_read_values`)."""
 
+import numbers
+
 import torch
 from transformers.utils import is_torchdynamo_compiling
 
@@ -153,3 +155,20 @@ def check_mask_values(attention_mask: torch.Tensor) -> None:
 def _kind(value) -> str:
     """What a check names when a value is of the wrong kind: a tensor's dtype, else the type."""
     return str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+# `GenerationConfig` settings whose type transformers never checks: a wrong one fails deep inside decoding ("'>' not
+# supported between instances of 'int' and 'str'") or decodes a fractional length.
+INT_GENERATION_SETTINGS = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "num_beams",
+                           "num_return_sequences", "top_k", "no_repeat_ngram_size", "prompt_lookup_num_tokens")
+FLOAT_GENERATION_SETTINGS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty")
+
+
+def check_generation_settings(kwargs: dict, generation_config) -> None:
+    """The numeric settings of `generate` (keywords beat the generation config's) are ints or numbers, or None."""
+    for names, kind, expected in ((INT_GENERATION_SETTINGS, "an int", numbers.Integral),
+                                  (FLOAT_GENERATION_SETTINGS, "a number", numbers.Real)):
+        for name in names:
+            value = kwargs[name] if name in kwargs else getattr(generation_config, name, None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
+                raise TypeError(f"`{name}` must be {kind}, got {value!r}.")

@@ -1,8 +1,12 @@
 """Bad input (DESIGN.md, last section): every public entry point refuses it with a `ValueError` or `TypeError` whose
 message names the argument or config field, before any work is done."""
 
+import re
+
+import numpy as np
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from modeling_rxt import RxTConfig, RxTMemoryState
 
@@ -165,6 +169,20 @@ def test_generate_refuses_an_answer_that_cannot_fit_before_decoding(model):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.generate(random_ids(1, 64), max_new_tokens=1)
     assert model.generate(random_ids(1, 60), max_new_tokens=4, min_new_tokens=4).shape == (1, 64)
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("num_beams", "2"), ("max_new_tokens", 2.5), ("top_k", True), ("num_return_sequences", 1.0),
+    ("temperature", "0.5"), ("top_p", [0.9]),
+])
+def test_generate_names_a_generation_setting_of_the_wrong_type(model, setting, value):
+    """transformers does not check the types of the settings: `num_beams="2"` failed deep inside with "'>' not
+    supported between instances of 'int' and 'str'", and `max_new_tokens=2.5` decoded a fractional length."""
+    with pytest.raises(TypeError, match=rf"`{setting}` must be an? (int|number), got {re.escape(repr(value))}"):
+        model.generate(random_ids(1, 4), **{setting: value})
+    with pytest.raises(TypeError, match=rf"`{setting}` must be"):  # in the generation config too
+        model.generate(random_ids(1, 4), generation_config=GenerationConfig(**{setting: value}))
+    assert model.generate(random_ids(1, 4), num_beams=np.int64(2), top_p=np.float32(0.9), max_new_tokens=2).shape
 
 
 def test_empty_query(model):

@@ -520,6 +520,11 @@ def test_max_length_numpy_ints_and_dict_outputs_work_as_in_generate(model, token
         session.send(TEXTS[0], max_length=3)
     with pytest.raises(ValueError, match="`max_new_tokens` must be an int, got 2.5"):
         session.send(TEXTS[0], max_new_tokens=2.5)
+    with pytest.raises(TypeError, match="`num_beams` must be an int, got '2'"):
+        session.send(TEXTS[0], num_beams="2")
+    # None leaves a setting unset, as in `generate`: `max_length` then gives the length (it was refused as no int).
+    other = RxTChatSession(model, tokenizer, background_write=False)
+    assert _new_tokens(other, TEXTS[0], max_new_tokens=None, max_length=prompt_length + 2, suppress_tokens=suppress) == 2
     # `return_dict_in_generate=True` answers as without it.
     plain = RxTChatSession(model, tokenizer, background_write=False)
     assert session.send(TEXTS[1], return_dict_in_generate=True, **GREEDY) == plain.send(TEXTS[1], **GREEDY)
