@@ -51,7 +51,8 @@ from torch import nn
 from transformers import GenerationConfig
 
 from .configuration_rxt import check_retrieval_controls, default_retrieval_layers
-from .memory_state import row_index
+from .modeling_rxt_checks import check_mask_values
+from .memory_state import checked_device, row_index
 from .modeling_rxt_blocks import repeat_kv
 
 SCORE_BLOCK = 16384  # memory tokens scored at a time: bounds the (B, K, G*Tq, block) similarity tensor
@@ -73,7 +74,7 @@ def resolve_layers(config, layers: Sequence[int] | None = None) -> tuple[int, ..
         layers = config.external_memory_layers
     if layers is None:
         layers = default_retrieval_layers(config.num_hidden_layers)
-    check_retrieval_controls(config.num_hidden_layers, config.max_position_embeddings, layers=list(layers))
+    check_retrieval_controls(config.num_hidden_layers, config.max_position_embeddings, layers=layers)
     return tuple(layers)
 
 
@@ -100,6 +101,13 @@ class ExternalMemory:
     layers: tuple[int, ...]
 
     def __post_init__(self):
+        if not (self.keys.is_floating_point() and self.values.is_floating_point()):
+            raise TypeError(f"`keys` and `values` must be floating-point tensors, got {self.keys.dtype} and "
+                            f"{self.values.dtype}.")
+        if self.mask.dtype != torch.bool:
+            raise TypeError(f"`mask` must be a bool tensor (True for a memory token), got {self.mask.dtype}.")
+        if self.token_ids.dtype != torch.long:
+            raise TypeError(f"`token_ids` must be an int64 tensor, got {self.token_ids.dtype}.")
         if self.keys.dim() != 5 or self.keys.shape != self.values.shape:
             raise ValueError(
                 "`keys` and `values` must both have shape (layers, rows, kv_heads, tokens, head_dim), got keys "
@@ -163,8 +171,10 @@ class ExternalMemory:
 
     # ---- new memories from this one -------------------------------------------------------------------------------
     def to(self, *args, **kwargs) -> "ExternalMemory":
-        """Moves (and casts) keys and values; mask and token ids only move."""
+        """Moves (and casts, to a floating-point dtype) keys and values; mask and token ids only move."""
         keys, values = self.keys.to(*args, **kwargs), self.values.to(*args, **kwargs)
+        if not keys.is_floating_point():
+            raise TypeError(f"An external memory's keys and values need a floating-point dtype, got {keys.dtype}.")
         return dataclasses.replace(
             self, keys=keys, values=values, token_ids=self.token_ids.to(keys.device), mask=self.mask.to(keys.device)
         )
@@ -272,7 +282,8 @@ def as_padded_ids(
     if isinstance(memories, torch.Tensor):
         if memories.dim() == 1:
             memories = memories[None]
-        if memories.dim() != 2 or memories.dtype not in (torch.int32, torch.int64):
+        integer = not (memories.is_floating_point() or memories.is_complex() or memories.dtype == torch.bool)
+        if memories.dim() != 2 or not integer:
             raise TypeError("`external_memories` must be integer token ids of shape (rows, tokens).")
         ids = memories.to("cpu", torch.long)
         mask = torch.ones_like(ids, dtype=torch.bool)
@@ -286,7 +297,12 @@ def as_padded_ids(
                     f"`external_memories_attention_mask` has shape {tuple(attention_mask.shape)}, "
                     f"`external_memories` {tuple(ids.shape)}."
                 )
-            mask = attention_mask.to("cpu").bool()
+            mask = attention_mask.to("cpu")
+            try:
+                check_mask_values(mask)
+            except ValueError as error:  # named as the caller gave it
+                raise ValueError(str(error).replace("`attention_mask`", "`external_memories_attention_mask`")) from None
+            mask = mask.bool()
     elif isinstance(memories, (list, tuple)) and memories:
         if attention_mask is not None:
             raise ValueError("`external_memories_attention_mask` is only for a (rows, tokens) tensor of memories.")
@@ -414,7 +430,7 @@ def _capture_input(store: dict[int, torch.Tensor], layer_idx: int) -> Callable:
 def _empty_memory(ids, mask, layers, model, device) -> ExternalMemory:
     """A zero memory in the packed layout of `ids`: row r holds its real tokens at 0..n_r-1, in order."""
     config = model.config
-    device = torch.device(device) if device is not None else model.embed_tokens.weight.device
+    device = torch.device(checked_device(device)) if device is not None else model.embed_tokens.weight.device
     dtype = model.embed_tokens.weight.dtype
     lengths = mask.sum(dim=-1)  # (R,)
     width = int(lengths.max()) if lengths.numel() else 0
@@ -589,7 +605,8 @@ class RetrievedMemoryRecorder:
 def default_rows(memory_rows: int, batch_size: int) -> torch.Tensor:
     """The memory row of each batch row: row b reads memory row b, or every row reads the single memory row."""
     if memory_rows not in (1, batch_size):
-        raise ValueError(f"The external memory has {memory_rows} rows but the input has batch size {batch_size}.")
+        raise ValueError(f"`external_memories` holds {memory_rows} rows for a batch of {batch_size}: give one row per "
+                         "batch row, one row for all, or `external_memory_rows`.")
     return torch.arange(batch_size) if memory_rows == batch_size else torch.zeros(batch_size, dtype=torch.long)
 
 
@@ -631,9 +648,10 @@ class ExternalMemoryRetriever:
 
     def bind(self, rows: torch.Tensor | None, batch_size: int) -> "ExternalMemoryRetriever":
         """This retriever for one forward of `batch_size` rows; starts a recorder step."""
-        rows = default_rows(self.memory.num_rows, batch_size) if rows is None else rows
-        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
-        if rows.numel() != batch_size or (rows.numel() and (rows.min() < 0 or rows.max() >= self.memory.num_rows)):
+        if rows is None:
+            rows = default_rows(self.memory.num_rows, batch_size)
+        rows = row_index(rows, self.memory.num_rows, None, "external_memory_rows")  # ints in range, not cast
+        if rows.numel() != batch_size:
             raise ValueError(
                 f"`external_memory_rows` must give one memory row in [0, {self.memory.num_rows}) for each of the "
                 f"{batch_size} batch rows, got {rows.numel()} row(s): {rows.tolist()}."
@@ -718,6 +736,8 @@ def prepare_generate_kwargs(
     if want_indices and not generation_setting("return_dict_in_generate", kwargs, generation_config, model):
         raise ValueError("`output_retrieved_memory_idx=True` needs `return_dict_in_generate=True`.")
     layers = resolve_layers(config, controls["external_memory_layers"])
+    if controls["external_memory_rows"] is None:  # a batch the token ids cannot serve: refused before encoding them
+        default_rows(_row_count(controls["external_memories"]), batch_size)
     memory = _memory_to_read(model, controls, layers)
     recorder = RetrievedMemoryRecorder() if want_indices else None
     kwargs["external_memory"] = ExternalMemoryRetriever.from_config(
@@ -763,6 +783,15 @@ def _memory_to_read(model: nn.Module, controls: dict, layers: tuple[int, ...]) -
     return build_external_memory(
         model.model, memories, controls["external_memories_attention_mask"], layers=layers, stride=stride
     )
+
+
+def _row_count(memories) -> int:
+    """The rows of `external_memories` as given: an ExternalMemory, a (R, M) or 1-D tensor, or a list of rows."""
+    if isinstance(memories, ExternalMemory):
+        return memories.num_rows
+    if isinstance(memories, torch.Tensor):
+        return memories.shape[0] if memories.dim() > 1 else 1
+    return len(memories) if isinstance(memories, (list, tuple)) else 1  # else building it names what is wrong
 
 
 def generation_setting(name: str, kwargs: dict, given: GenerationConfig | None, model: nn.Module):

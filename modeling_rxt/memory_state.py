@@ -169,7 +169,7 @@ class RxTMemoryState:
     ) -> "RxTMemoryState":
         if not isinstance(directory, str | os.PathLike):
             raise TypeError(f"`directory` must be a path (str or os.PathLike), got {type(directory).__name__}.")
-        device = _checked_device(device)
+        device = checked_device(device)
         path = os.path.join(directory, STATE_WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise ValueError(f"No memory state in `{directory}`: `{STATE_WEIGHTS_NAME}` is missing.")
@@ -214,7 +214,7 @@ def row_index(rows, batch_size: int, device, name: str, allow_negative: bool = F
     return index % max(batch_size, 1)
 
 
-def _checked_device(device) -> str:
+def checked_device(device) -> str:
     """`device` as the string safetensors takes; a `ValueError` naming `device` for one that is not (or not here)."""
     if device is None:
         return "cpu"

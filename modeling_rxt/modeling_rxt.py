@@ -712,6 +712,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         if external_memory is not None:  # retrieval from external memories, bound to this batch
             batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             external_memory = bind_external_memory(external_memory, external_memory_rows, self.config, batch_size)
+        elif external_memory_rows is not None:
+            raise ValueError("`external_memory_rows` given without an `external_memory` to read: it would do nothing.")
         # As in transformers' MoE models: the load-balancing loss is computed (and joins the loss given `labels`)
         # when `output_router_logits` is set, by keyword or by the config; the training objectives set it.
         output_router_logits = kwargs.pop("output_router_logits", None)

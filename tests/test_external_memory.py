@@ -162,6 +162,45 @@ def test_generate_controls_without_memories_and_retrieval_turned_off(model, memo
         memory.select([0.7])
 
 
+def test_rows_masks_layers_and_devices_are_checked_where_the_memory_is_made_and_read(model, memory_ids):
+    """Bad input refused by name, as the prompt's is (a review found each of these taken or failing obscurely)."""
+    memory = model.build_external_memory(memory_ids)
+    ids = prompt()
+    for rows in (torch.tensor([0.9, 1.9]), torch.tensor([True, False])):  # were cast to rows [0, 1] and [1, 0]
+        with pytest.raises(TypeError, match="`external_memory_rows` must hold integer row indices"):
+            model(ids, external_memory=memory, external_memory_rows=rows)
+    with pytest.raises(ValueError, match="`external_memory_rows` .* without an `external_memory`"):  # was ignored
+        model(ids, external_memory_rows=torch.tensor([0, 1]))
+    bad_mask = torch.tensor([[1, 1, 2, 0]])  # a 2 was taken as a token
+    with pytest.raises(ValueError, match="`external_memories_attention_mask` must hold 0 and 1"):
+        model.build_external_memory(torch.tensor([[5, 6, 7, 8]]), attention_mask=bad_mask)
+    with pytest.raises(ValueError, match="`external_memories_attention_mask` must hold 0 and 1"):
+        model.generate(prompt(batch=1), max_new_tokens=2, external_memories=torch.tensor([[5, 6, 7, 8]]),
+                       external_memories_attention_mask=bad_mask)
+    with pytest.raises(TypeError, match="`external_memory_layers` must be a list"):  # 'int' object is not iterable
+        model.build_external_memory(memory_ids, layers=1)
+    for device in ("gpu0", "cuda:0" if not torch.cuda.is_available() else "gpu1"):  # RuntimeError, AssertionError
+        with pytest.raises(ValueError, match="`device`"):
+            model.build_external_memory(memory_ids, device=device)
+    with pytest.raises(TypeError, match="`mask` must be a bool tensor"):  # failed inside forward's masked_fill
+        ExternalMemory(memory.keys, memory.values, memory.token_ids, memory.mask.long(), memory.layers)
+    with pytest.raises(TypeError, match="floating-point dtype"):  # integer keys were read by generate
+        memory.to(torch.int64)
+    assert model.build_external_memory([memory_ids[0]]).keys.shape == model.build_external_memory(
+        memory_ids[0][None].to(torch.int16)).keys.shape  # compact ids in a tensor, as in a list
+
+
+def test_a_memory_of_other_rows_than_the_batch_is_refused_before_it_is_encoded(model, memory_ids):
+    calls = []
+    handle = model.model.register_forward_pre_hook(lambda module, args: calls.append(1) and None)
+    try:
+        with pytest.raises(ValueError, match="`external_memories` holds 3 rows for a batch of 2"):
+            model.generate(prompt(batch=2), max_new_tokens=2, external_memories=[memory_ids[0]] * 3)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
 def test_memory_of_another_model_is_rejected(model, memory_ids):
     other = RxTForCausalLM(tiny_config(num_key_value_heads=4)).eval()
     memory = other.build_external_memory(memory_ids)
