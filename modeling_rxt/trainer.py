@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, unwrap_peft_model
 
 from .modeling_rxt_wrappers import run_as_forward
@@ -89,6 +89,13 @@ class RxTTrainer(Trainer):
                 "use `gradient_accumulation_steps=1` with DeepSpeed (a larger per-device batch or more processes)."
             )
         self.objective = objective
+        self._start_afresh()
+        self._skipped_step_scale: float | None = None  # fp16: the loss scale before a step without gradients
+        self.add_callback(_AroundTheTrainingLoop(self))
+
+    def _start_afresh(self) -> None:
+        """No step, metrics or counts yet: at each start of the training loop (a `train` call, or transformers'
+        retry with a smaller batch after an out-of-memory error, which does not call `train` again)."""
         self._step = _AccumulatedStep()
         self._metric_sums: dict[str, float] = {}
         self._metric_count = 0
@@ -237,6 +244,7 @@ class RxTTrainer(Trainer):
             # gradients of zero, on which AdamW's momentum would still move the weights: as without lockstep, the
             # step has no gradients at all, and the optimizer leaves the weights alone.
             rxt.zero_grad(set_to_none=True)
+            self._skip_in_the_loss_scaler(rxt)
             return loss.new_zeros(())  # no loss: `log` takes the mean over the other steps
         # FSDP has reduce-scattered the gradients already, and DeepSpeed's engine averaged them in its backward.
         if world_size > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
@@ -248,10 +256,18 @@ class RxTTrainer(Trainer):
                 torch._foreach_mul_(gradients, (step.scale / weight).item())
         return step.loss_sum / weight * world_size
 
+    def _skip_in_the_loss_scaler(self, rxt: torch.nn.Module) -> None:
+        """fp16's GradScaler refuses an optimizer step without gradients ("No inf checks were recorded"). The step is
+        given one non-finite gradient instead, which the scaler skips (its documented overflow rule), and its loss
+        scale, which an overflow halves, is put back after the step (`_AroundTheTrainingLoop`)."""
+        scaler = self.accelerator.scaler
+        if scaler is None or not scaler.is_enabled():
+            return
+        self._skipped_step_scale = scaler.get_scale()
+        first = next(p for p in rxt.parameters() if p.requires_grad)
+        first.grad = torch.full_like(first, float("inf"))
+
     def train(self, *args, **kwargs) -> TrainOutput:
-        # A run starts from nothing: an earlier call's (or an interrupted one's) step and metrics are not its own.
-        self._steps, self._step = _StepCounts(), _AccumulatedStep()
-        self._metric_sums, self._metric_count = {}, 0
         output = super().train(*args, **kwargs)
         if self._steps.run and not self._steps.run_weighted:
             logger.warning("no step of this run had a weighted answer, so nothing was trained: do the collator's "
@@ -273,6 +289,22 @@ class RxTTrainer(Trainer):
             weighted = counts.run_weighted
             logs["train_loss"] = self._total_loss_scalar / weighted if weighted else float("nan")
         super().log(logs, *args, **kwargs)
+
+
+class _AroundTheTrainingLoop(TrainerCallback):
+    """What `RxTTrainer` does where transformers' training loop starts and after each optimizer step."""
+
+    def __init__(self, trainer: RxTTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A run starts from nothing: an earlier attempt's (an interrupted one's) step and metrics are not its own.
+        self.trainer._start_afresh()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer._skipped_step_scale is not None:  # the scaler halved it for the step it skipped
+            self.trainer.accelerator.scaler.update(new_scale=self.trainer._skipped_step_scale)
+            self.trainer._skipped_step_scale = None
 
 
 # The token-id columns the collators feed to the model: an interaction (B, T), or per turn (B, turns, T).

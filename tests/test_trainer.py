@@ -44,9 +44,10 @@ from training_helpers import (  # noqa: F401 (fixtures are used by name)
 
 
 def _trainer_args(tmp_path, **extra) -> TrainingArguments:
-    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, remove_unused_columns=False, report_to=[],
-                             per_device_train_batch_size=1, per_device_eval_batch_size=4, max_steps=1,
-                             save_strategy="no", disable_tqdm=True, **extra)
+    defaults = dict(output_dir=str(tmp_path), use_cpu=True, remove_unused_columns=False, report_to=[],
+                    per_device_train_batch_size=1, per_device_eval_batch_size=4, max_steps=1, save_strategy="no",
+                    disable_tqdm=True)
+    return TrainingArguments(**{**defaults, **extra})
 
 
 def test_a_micro_batch_without_a_weighted_answer_is_a_zero_step(tokenizer, tmp_path, caplog):
@@ -321,3 +322,63 @@ def test_tokens_seen_are_counted_in_every_stage_batch(tokenizer, episodes, tmp_p
                          objective=objective)
     trainer.train()
     assert trainer.state.num_input_tokens_seen == expected > 0
+
+
+def _asks_and_a_chat_only_episode(tokenizer, episodes):
+    asks = tokenize_episodes(tokenizer, episodes, MAX_LENGTH).filter(lambda row: ASK in row["kinds"]).select([0])
+    chat = tokenize_episodes(tokenizer, [_episode("chat", [Turn("hello there", "hi .", CHAT)] * 2)], MAX_LENGTH)
+    return asks, chat, EpisodeCollator(tokenizer.pad_token_id, {ASK: 1.0, TELL: 0.0, "update": 0.0, CHAT: 0.0})
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_fp16_loss_scaling_skips_a_step_without_a_weighted_answer(tokenizer, episodes, tmp_path, max_grad_norm):
+    """fp16 on a GPU steps through torch's GradScaler, which refuses a step without gradients ("No inf checks were
+    recorded"): a step without a weighted answer stopped training. It is skipped, and the run ends where the run
+    without that step does, its loss scale included. (The GPU's scaler is given to accelerate on the CPU here.)"""
+    asks, chat, collator = _asks_and_a_chat_only_episode(tokenizer, episodes)
+    results = []
+    for rows in (concatenate_datasets([asks, chat, asks]), concatenate_datasets([asks, asks])):
+        model = tiny_model(tokenizer)
+        args = _trainer_args(tmp_path, max_steps=len(rows), fp16=True, max_grad_norm=max_grad_norm,
+                             lr_scheduler_type="constant", train_sampling_strategy="sequential")
+        trainer = RxTTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                             objective=memory_aware_objective)
+        trainer.accelerator.native_amp, trainer.accelerator.scaler = True, torch.amp.GradScaler("cpu")
+        trainer.train()
+        results.append((model.state_dict(), trainer.accelerator.scaler.get_scale()))
+    (skipped, scale), (plain, plain_scale) = results
+    assert scale == plain_scale
+    assert all(torch.equal(skipped[name], plain[name]) for name in plain)
+
+
+def test_a_batch_size_retried_after_out_of_memory_starts_from_a_clean_step(tokenizer, episodes, tmp_path,
+                                                                           monkeypatch):
+    """`auto_find_batch_size` retries the training loop with a smaller batch after an out-of-memory error, without
+    calling `train` again: the failed attempt's half-accumulated step and metrics carried into the retry."""
+    rows = tokenize_episodes(tokenizer, episodes, MAX_LENGTH).select(range(4))
+    collator = EpisodeCollator(tokenizer.pad_token_id)
+    args = _trainer_args(tmp_path, max_steps=1, gradient_accumulation_steps=2, learning_rate=1e-2)
+    model = tiny_model(tokenizer)
+    trainer = RxTTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                         objective=memory_aware_objective)
+    calls = []
+    real_step = RxTTrainer.training_step
+
+    def out_of_memory_on_the_second_micro_batch(self, *arguments, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return real_step(self, *arguments, **kwargs)
+
+    monkeypatch.setattr(RxTTrainer, "training_step", out_of_memory_on_the_second_micro_batch)
+    from transformers.trainer_utils import find_executable_batch_size
+
+    retried = find_executable_batch_size(trainer._inner_training_loop, 2, auto_find_batch_size=True)
+    retried(args=args)
+    reference = tiny_model(tokenizer)
+    direct = RxTTrainer(model=reference, args=args, train_dataset=rows, data_collator=collator,
+                        objective=memory_aware_objective)
+    direct._train_batch_size = 1
+    monkeypatch.setattr(RxTTrainer, "training_step", real_step)
+    direct._inner_training_loop(batch_size=1, args=args)
+    assert all(torch.equal(p, reference.state_dict()[name]) for name, p in model.state_dict().items())
