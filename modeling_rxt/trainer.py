@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, unwrap_peft_model
 
 from .modeling_rxt_wrappers import run_as_forward
-from .training import Objective, lockstep
+from .training import COLLATOR_COLUMNS, Objective, lockstep
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +119,10 @@ class RxTTrainer(Trainer):
 
     def _check_columns_are_kept(self, *datasets) -> None:
         """With `remove_unused_columns` (TrainingArguments' default), Trainer keeps only the dataset columns that
-        `forward` takes, and the episode collators need others (`kinds`, the probes): refused here by name, where
-        the collator would fail later blaming untokenised data. Run for the datasets given to `__init__` and for
-        those `evaluate` and `predict` are given later."""
+        `forward` takes, and the episode collators read others (`kinds`, the probes): refused here by name, where
+        the collator would fail later blaming untokenised data. The columns are an Arrow dataset's, or the keys of
+        the first row of other indexable datasets (a list of dicts, a torch Dataset), whose keys Trainer drops at
+        collation. Run for the datasets given to `__init__` and for those `evaluate` and `predict` are given later."""
         if not self.args.remove_unused_columns:
             return
         self._set_signature_columns_if_needed()
@@ -129,7 +130,7 @@ class RxTTrainer(Trainer):
         for dataset in datasets:
             given += list(dataset.values()) if isinstance(dataset, dict) else [dataset]
         for dataset in given:
-            dropped = sorted(set(getattr(dataset, "column_names", None) or ()) - set(self._signature_columns))
+            dropped = sorted((_column_names(dataset) & COLLATOR_COLUMNS) - set(self._signature_columns))
             if dropped:
                 raise ValueError(f"Trainer would drop the dataset columns {dropped}, which RxTTrainer's collators "
                                  "read: pass TrainingArguments(remove_unused_columns=False)")
@@ -305,6 +306,18 @@ class _AroundTheTrainingLoop(TrainerCallback):
         if self.trainer._skipped_step_scale is not None:  # the scaler halved it for the step it skipped
             self.trainer.accelerator.scaler.update(new_scale=self.trainer._skipped_step_scale)
             self.trainer._skipped_step_scale = None
+
+
+def _column_names(dataset) -> set[str]:
+    """An Arrow dataset's columns, else the keys of the first row of an indexable one (none for an iterable)."""
+    names = getattr(dataset, "column_names", None)
+    if names is not None:
+        return set(names)
+    try:
+        first = dataset[0] if len(dataset) else None
+    except (TypeError, KeyError, IndexError, NotImplementedError):
+        return set()
+    return set(first) if isinstance(first, Mapping) else set()
 
 
 # The token-id columns the collators feed to the model: an interaction (B, T), or per turn (B, turns, T).

@@ -204,12 +204,17 @@ def _pad(sequences: Sequence[Sequence[int]], value: int, length: int | None = No
     return out
 
 
+# Every row key a collator reads (`RxTTrainer` refuses a dataset whose such columns Trainer would drop).
+COLLATOR_COLUMNS = frozenset({"input_ids", "labels", "kinds", "probe_input_ids", "probe_labels", "probe_turns"})
+
+
 def _check_features(features: Sequence[Mapping], keys: tuple[str, ...]) -> None:
     if not features:
         raise ValueError("the collator got an empty batch")
     missing = [key for key in keys if key not in features[0]]
     if missing:
-        raise ValueError(f"batch rows lack the keys {missing}; tokenize the data with `tokenize_*` first")
+        raise ValueError(f"batch rows lack the keys {missing}; tokenize the data with `tokenize_*` first (or, with "
+                         "`remove_unused_columns=True`, Trainer removed them: pass `remove_unused_columns=False`)")
 
 
 @dataclass

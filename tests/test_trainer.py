@@ -102,9 +102,18 @@ def test_trainer_refuses_to_drop_the_columns_its_collators_read(tokenizer, episo
             RxTTrainer(model=tiny_model(tokenizer), train_dataset=episode_rows,
                        data_collator=EpisodeCollator(tokenizer.pad_token_id), objective=memory_aware_objective,
                        **trainer_args)
+    # Rows of another form (a list of dicts, a torch Dataset): Trainer drops their keys at collation; seen in the
+    # first row, refused the same way (they trained nowhere, the collator blaming untokenised data).
+    with pytest.raises(ValueError, match=r"drop the dataset columns \[.*'kinds'.*remove_unused_columns=False"):
+        RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=list(episode_rows),
+                   data_collator=EpisodeCollator(tokenizer.pad_token_id), objective=memory_aware_objective)
     interaction_rows = tokenize_interactions(tokenizer, [("hello", "hi .")], MAX_LENGTH)
     RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=interaction_rows,
                data_collator=InteractionCollator(tokenizer.pad_token_id), objective=interaction_objective)
+    # A column no collator reads may go, as with a plain Trainer (it was refused as one they read).
+    with_source = interaction_rows.add_column("source", ["mine"])
+    RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=with_source,
+               data_collator=InteractionCollator(tokenizer.pad_token_id), objective=interaction_objective).train()
 
 
 @pytest.mark.parametrize(("setting", "message"), [
