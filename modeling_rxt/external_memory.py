@@ -650,11 +650,16 @@ class ExternalMemoryRetriever:
         """This retriever for one forward of `batch_size` rows; starts a recorder step."""
         if rows is None:
             rows = default_rows(self.memory.num_rows, batch_size)
-        rows = row_index(rows, self.memory.num_rows, None, "external_memory_rows")  # ints in range, not cast
-        if rows.numel() != batch_size:
+        given = rows
+        try:
+            rows = row_index(rows, self.memory.num_rows, None, "external_memory_rows")  # ints (a TypeError), not cast
+        except ValueError:  # out of range: said as below
+            rows = None
+        if rows is None or rows.numel() != batch_size:
+            shown = torch.as_tensor(given).reshape(-1).tolist()
             raise ValueError(
                 f"`external_memory_rows` must give one memory row in [0, {self.memory.num_rows}) for each of the "
-                f"{batch_size} batch rows, got {rows.numel()} row(s): {rows.tolist()}."
+                f"{batch_size} batch rows, got {len(shown)} row(s): {shown}."
             )
         if self.recorder is not None:
             self.recorder.start_step()

@@ -84,8 +84,9 @@ class RxTRotaryEmbedding(nn.Module):
         super()._apply(fn, recurse)
         for name, before in frequencies.items():
             after = getattr(self, name)
-            if after.dtype != before.dtype and not before.is_meta:
-                setattr(self, name, before.to(after.device))
+            if after.dtype != before.dtype:  # on the meta device (no values yet): an empty float32 buffer
+                setattr(self, name, torch.empty_like(before, device=after.device) if before.is_meta else
+                        before.to(after.device))
         return self
 
     @staticmethod

@@ -58,9 +58,9 @@ def check_decoder_inputs(
     reach a kernel that fails with an opaque error (or, for a mask of the wrong length, silently does not fail).
     No host synchronisation in the forward pass: shapes always; token id values only where reading them costs no
     wait (`can_read_values`) and only for input that starts from an empty cache (`past_length` 0: training, a plain
-    forward, a prompt), not for each decoding step, whose ids the model itself produced. `past_length` a tensor (a
-    static cache's count): the mask must cover at least the cached and new tokens (it may run to the cache's whole
-    length), checked where reading the count costs no wait; None: not checked."""
+    forward, a prompt), not for each decoding step, whose ids the model itself produced. `past_length` a tensor (the
+    count of a static cache that holds tokens): the mask must cover at least the cached and new tokens (it may run to
+    the cache's whole length), checked where reading the count costs no wait; None: not checked."""
     counted_length = past_length if isinstance(past_length, torch.Tensor) else None
     past_length = None if counted_length is not None else past_length
     if input_ids is not None:
@@ -110,7 +110,7 @@ def _check_static_cache_mask(attention_mask: torch.Tensor, batch_size: int, cove
     if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < covered:
         raise ValueError(
             f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected at least {(batch_size, covered)} "
-            "(batch, cached + new tokens; a static cache's mask may run to its whole length)."
+            "(batch, cached + new tokens; a static cache's mask may also run to its whole length)."
         )
 
 
@@ -165,10 +165,13 @@ FLOAT_GENERATION_SETTINGS = ("temperature", "top_p", "min_p", "typical_p", "repe
 
 
 def check_generation_settings(kwargs: dict, generation_config) -> None:
-    """The numeric settings of `generate` (keywords beat the generation config's) are ints or numbers, or None."""
+    """The numeric settings of `generate` (keywords beat the generation config's) are ints or numbers (numpy's and
+    0-d tensors too), or None."""
     for names, kind, expected in ((INT_GENERATION_SETTINGS, "an int", numbers.Integral),
                                   (FLOAT_GENERATION_SETTINGS, "a number", numbers.Real)):
         for name in names:
             value = kwargs[name] if name in kwargs else getattr(generation_config, name, None)
+            if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+                value = value.item()
             if value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
                 raise TypeError(f"`{name}` must be {kind}, got {value!r}.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -90,7 +91,7 @@ class RxTTrainer(Trainer):
             )
         self.objective = objective
         self._start_afresh()
-        self._skipped_step_scale: float | None = None  # fp16: the loss scale before a step without gradients
+        self._scaler_before_skipped_step: dict | None = None  # fp16: see `_skip_in_the_loss_scaler`
         self.add_callback(_AroundTheTrainingLoop(self))
 
     def _start_afresh(self) -> None:
@@ -259,13 +260,15 @@ class RxTTrainer(Trainer):
 
     def _skip_in_the_loss_scaler(self, rxt: torch.nn.Module) -> None:
         """fp16's GradScaler refuses an optimizer step without gradients ("No inf checks were recorded"). The step is
-        given one non-finite gradient instead, which the scaler skips (its documented overflow rule), and its loss
-        scale, which an overflow halves, is put back after the step (`_AroundTheTrainingLoop`)."""
+        given one non-finite gradient instead, on a parameter the optimizer holds, which the scaler skips (its
+        documented overflow rule); the scaler's state (the scale, which an overflow halves, and its growth count)
+        is put back after the step (`_AroundTheTrainingLoop`). The step logs a `grad_norm` of inf."""
         scaler = self.accelerator.scaler
         if scaler is None or not scaler.is_enabled():
             return
-        self._skipped_step_scale = scaler.get_scale()
-        first = next(p for p in rxt.parameters() if p.requires_grad)
+        self._scaler_before_skipped_step = scaler.state_dict()
+        held = (p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad)
+        first = next(held)
         first.grad = torch.full_like(first, float("inf"))
 
     def train(self, *args, **kwargs) -> TrainOutput:
@@ -296,16 +299,17 @@ class _AroundTheTrainingLoop(TrainerCallback):
     """What `RxTTrainer` does where transformers' training loop starts and after each optimizer step."""
 
     def __init__(self, trainer: RxTTrainer) -> None:
-        self.trainer = trainer
+        self.trainer = weakref.ref(trainer)  # not a cycle: `del trainer` still frees the model and optimizer at once
 
     def on_train_begin(self, args, state, control, **kwargs):
         # A run starts from nothing: an earlier attempt's (an interrupted one's) step and metrics are not its own.
-        self.trainer._start_afresh()
+        self.trainer()._start_afresh()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer._skipped_step_scale is not None:  # the scaler halved it for the step it skipped
-            self.trainer.accelerator.scaler.update(new_scale=self.trainer._skipped_step_scale)
-            self.trainer._skipped_step_scale = None
+        trainer = self.trainer()
+        if trainer._scaler_before_skipped_step is not None:  # the scaler backed off for the step it skipped
+            trainer.accelerator.scaler.load_state_dict(trainer._scaler_before_skipped_step)
+            trainer._scaler_before_skipped_step = None
 
 
 def _column_names(dataset) -> set[str]:

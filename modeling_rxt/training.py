@@ -205,7 +205,9 @@ def _pad(sequences: Sequence[Sequence[int]], value: int, length: int | None = No
 
 
 # Every row key a collator reads (`RxTTrainer` refuses a dataset whose such columns Trainer would drop).
-COLLATOR_COLUMNS = frozenset({"input_ids", "labels", "kinds", "probe_input_ids", "probe_labels", "probe_turns"})
+COLLATOR_COLUMNS = frozenset(
+    {"input_ids", "labels", "kinds", "fact_distances", "probe_input_ids", "probe_labels", "probe_turns"}
+)
 
 
 def _check_features(features: Sequence[Mapping], keys: tuple[str, ...]) -> None:

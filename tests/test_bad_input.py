@@ -183,6 +183,7 @@ def test_generate_names_a_generation_setting_of_the_wrong_type(model, setting, v
     with pytest.raises(TypeError, match=rf"`{setting}` must be"):  # in the generation config too
         model.generate(random_ids(1, 4), generation_config=GenerationConfig(**{setting: value}))
     assert model.generate(random_ids(1, 4), num_beams=np.int64(2), top_p=np.float32(0.9), max_new_tokens=2).shape
+    assert model.generate(random_ids(1, 4), max_new_tokens=torch.tensor(2), temperature=torch.tensor(0.7)).shape
 
 
 def test_empty_query(model):

@@ -196,6 +196,10 @@ def test_a_model_cast_to_bfloat16_reloads_with_the_same_logits(tmp_path, kind):
     with torch.no_grad():
         assert torch.equal(loaded(ids, memory_state=state).logits, model(ids, memory_state=state).logits)
     assert model.float().model.rotary_emb.inv_freq.dtype == torch.float32  # and back, unchanged
+    with torch.device("meta"):  # built on the meta device, cast, then materialised (FSDP2's and accelerate's way)
+        on_meta = make_tiny_model(kind, seed=3).to(torch.bfloat16)
+    on_meta.to_empty(device="cpu")
+    assert on_meta.model.rotary_emb.inv_freq.dtype == torch.float32
     torch.testing.assert_close(model.model.rotary_emb.inv_freq, make_tiny_model(kind).model.rotary_emb.inv_freq,
                                rtol=0, atol=0)
 

@@ -343,20 +343,23 @@ def _asks_and_a_chat_only_episode(tokenizer, episodes):
 def test_fp16_loss_scaling_skips_a_step_without_a_weighted_answer(tokenizer, episodes, tmp_path, max_grad_norm):
     """fp16 on a GPU steps through torch's GradScaler, which refuses a step without gradients ("No inf checks were
     recorded"): a step without a weighted answer stopped training. It is skipped, and the run ends where the run
-    without that step does, its loss scale included. (The GPU's scaler is given to accelerate on the CPU here.)"""
+    without that step does, its scaler's state (scale and growth count) included, also with an optimizer that holds
+    only some of the parameters. (The GPU's scaler is given to accelerate on the CPU here.)"""
     asks, chat, collator = _asks_and_a_chat_only_episode(tokenizer, episodes)
     results = []
     for rows in (concatenate_datasets([asks, chat, asks]), concatenate_datasets([asks, asks])):
         model = tiny_model(tokenizer)
         args = _trainer_args(tmp_path, max_steps=len(rows), fp16=True, max_grad_norm=max_grad_norm,
                              lr_scheduler_type="constant", train_sampling_strategy="sequential")
+        decoder_only = torch.optim.AdamW(model.model.layers.parameters(), lr=1e-3)  # the embedding is not in it
         trainer = RxTTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
-                             objective=memory_aware_objective)
-        trainer.accelerator.native_amp, trainer.accelerator.scaler = True, torch.amp.GradScaler("cpu")
+                             objective=memory_aware_objective, optimizers=(decoder_only, None))
+        trainer.accelerator.native_amp = True
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", growth_interval=1)  # it grows at every step
         trainer.train()
-        results.append((model.state_dict(), trainer.accelerator.scaler.get_scale()))
-    (skipped, scale), (plain, plain_scale) = results
-    assert scale == plain_scale
+        results.append((model.state_dict(), trainer.accelerator.scaler.state_dict()))
+    (skipped, scaler), (plain, plain_scaler) = results
+    assert scaler == plain_scaler and plain_scaler["scale"] > 65536.0
     assert all(torch.equal(skipped[name], plain[name]) for name in plain)
 
 
@@ -391,3 +394,24 @@ def test_a_batch_size_retried_after_out_of_memory_starts_from_a_clean_step(token
     monkeypatch.setattr(RxTTrainer, "training_step", real_step)
     direct._inner_training_loop(batch_size=1, args=args)
     assert all(torch.equal(p, reference.state_dict()[name]) for name, p in model.state_dict().items())
+
+
+def test_a_trainer_let_go_frees_its_model_at_once(tokenizer, tmp_path):
+    """As with a plain Trainer, dropping the trainer frees the model, its gradients and the optimizer's state without
+    waiting for a garbage-collector pass (RxTTrainer's callback held the trainer in a cycle: on a GPU, memory stayed
+    taken between curriculum stages)."""
+    import gc
+    import weakref
+
+    model = tiny_model(tokenizer)
+    rows = tokenize_interactions(tokenizer, [("hello", "hi .")], MAX_LENGTH)
+    trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path), train_dataset=rows,
+                         data_collator=InteractionCollator(tokenizer.pad_token_id), objective=interaction_objective)
+    freed = weakref.ref(trainer)
+    gc.collect()
+    gc.disable()
+    try:
+        del trainer
+        assert freed() is None
+    finally:
+        gc.enable()
