@@ -508,9 +508,14 @@ def retrieve_for_heads(
     batch, num_heads, length, head_dim = query.shape
     kv_heads = keys.shape[1]
     rows = rows.to(memory.device)
-    n = _fold(rows, memory.num_rows)
-    if n is None:  # arbitrary row mapping: gather the rows (a copy), one batch row per memory row
-        keys, values, scales, mask, n = keys[rows], values[rows], scales[rows], mask[rows], 1
+    n, order = _fold(rows, memory.num_rows), None
+    if n is None:  # batch rows in another order than their memory rows (`select` reordered): sort the queries
+        order = torch.argsort(rows, stable=True)
+        n = _fold(rows[order], memory.num_rows)
+        if n is None:  # any other mapping: gather the rows (a copy), one batch row per memory row
+            keys, values, scales, mask, n, order = keys[rows], values[rows], scales[rows], mask[rows], 1, None
+        else:
+            query = query[order.to(query.device)]
     groups = num_heads // kv_heads
     # (B, H, Tq, Dh) = (R, n, K, G, Tq, Dh) -> (R, K, n * G * Tq, Dh): the queries of one memory row and kv head
     grouped = query.reshape(-1, n, kv_heads, groups, length, head_dim).transpose(1, 2)
@@ -525,12 +530,16 @@ def retrieve_for_heads(
         t = t.reshape(keys.shape[0], kv_heads, n, groups, length, k, *tail).transpose(1, 2)
         return t.reshape(batch, num_heads, length, k, *tail).to(query.device)
 
-    return (
+    retrieved = (
         ungroup(picked_keys, head_dim).to(query.dtype),
         ungroup(picked_values, head_dim).to(query.dtype),
         ungroup(index),
         ungroup(valid),
     )
+    if order is None:
+        return retrieved
+    back = torch.argsort(order).to(query.device)  # the batch rows in their own order again
+    return tuple(t[back] for t in retrieved)
 
 
 def local_scores_masked(scores: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:

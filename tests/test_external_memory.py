@@ -201,6 +201,18 @@ def test_a_memory_of_other_rows_than_the_batch_is_refused_before_it_is_encoded(m
     assert calls == []
 
 
+@pytest.mark.parametrize("rows", [[1, 0], [1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1]])
+def test_a_row_map_reads_what_the_selected_memory_reads(model, memory_ids, rows):
+    """Batch rows mapped to memory rows in another order (read by sorting the queries, without copying the memory)
+    or unevenly (a copy) read what `select` gives them."""
+    memory = model.build_external_memory(memory_ids)
+    ids = prompt(batch=len(rows))
+    with torch.no_grad():
+        mapped = model(ids, external_memory=memory, external_memory_rows=torch.tensor(rows)).logits
+        selected = model(ids, external_memory=memory.select(rows)).logits
+    torch.testing.assert_close(mapped, selected, atol=1e-5, rtol=0)
+
+
 def test_memory_of_another_model_is_rejected(model, memory_ids):
     other = RxTForCausalLM(tiny_config(num_key_value_heads=4)).eval()
     memory = other.build_external_memory(memory_ids)
