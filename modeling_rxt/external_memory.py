@@ -297,12 +297,8 @@ def as_padded_ids(
                     f"`external_memories_attention_mask` has shape {tuple(attention_mask.shape)}, "
                     f"`external_memories` {tuple(ids.shape)}."
                 )
-            mask = attention_mask.to("cpu")
-            try:
-                check_mask_values(mask)
-            except ValueError as error:  # named as the caller gave it
-                raise ValueError(str(error).replace("`attention_mask`", "`external_memories_attention_mask`")) from None
-            mask = mask.bool()
+            check_mask_values(attention_mask, "external_memories_attention_mask")
+            mask = attention_mask.to("cpu").bool()
     elif isinstance(memories, (list, tuple)) and memories:
         if attention_mask is not None:
             raise ValueError("`external_memories_attention_mask` is only for a (rows, tokens) tensor of memories.")

@@ -140,7 +140,7 @@ def check_labels(labels: torch.Tensor, batch_size: int, length: int, vocab_size:
                              f"got {labels[~valid][0].item()}.")
 
 
-def check_mask_values(attention_mask: torch.Tensor) -> None:
+def check_mask_values(attention_mask: torch.Tensor, name: str = "attention_mask") -> None:
     """A 2-D mask holds 1 for a token and 0 for padding; anything else (0.5, 2) would be read as a token by some
     parts and not by others. Reads the values: for the entry points that check once per call."""
     if attention_mask.dtype == torch.bool:
@@ -148,7 +148,7 @@ def check_mask_values(attention_mask: torch.Tensor) -> None:
     invalid = (attention_mask != 0) & (attention_mask != 1)
     if bool(invalid.any()):
         raise ValueError(
-            f"`attention_mask` must hold 0 and 1 (padding and tokens), got {attention_mask[invalid][0].item()}."
+            f"`{name}` must hold 0 and 1 (padding and tokens), got {attention_mask[invalid][0].item()}."
         )
 
 
