@@ -52,7 +52,9 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic_files import atomic_write_files, create_temporary, fsync_path, fsync_tree, moved_from
+from .atomic_files import (
+    atomic_write_files, create_temporary, fsync_path, fsync_tree, moved_from, remove_path, rename_over
+)
 from .memory_state import RxTMemoryState
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in `adapter_names=`
@@ -586,8 +588,7 @@ def _install(staging: Path, directory: Path) -> None:
     try:
         for source in sorted(path for path in staging.iterdir() if path.is_dir()):
             target = directory / source.name
-            moved.append((target, _put_aside(target, retired / str(len(moved)))))
-            os.replace(source, target)  # whole, by rename (a reader in between finds no folder of that name)
+            moved.append((target, rename_over(source, target)))  # whole: on Linux readers see the old or the new
         files = [path for path in staging.iterdir() if path.is_file()]
         if (staging / ADAPTER_CONFIG_NAME).is_file():  # a new `default` adapter
             for stale in (directory / name for name in (*ADAPTER_WEIGHTS_NAMES, BASE_PROBE_NAME)):
@@ -596,11 +597,17 @@ def _install(staging: Path, directory: Path) -> None:
         atomic_write_files({directory / path.name: moved_from(path) for path in files})
     except BaseException:
         for target, kept in reversed(moved):
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)  # a new adapter folder renamed into place
             if kept is not None:
-                os.replace(kept, target)
+                replaced = rename_over(kept, target)  # the previous content back over the new one
+                if replaced is not None:
+                    remove_path(replaced)
+            elif target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)  # a new adapter folder where there was none
         raise
+    else:
+        for _, kept in moved:
+            if kept is not None:
+                remove_path(kept)
     finally:
         shutil.rmtree(retired, ignore_errors=True)
     fsync_path(directory)  # the folders' renames are durable once `directory` is flushed

@@ -19,6 +19,9 @@ adapters, evaluation and benchmark reports, plots, the Hub export. It ships with
 the memory state use it), so every writer, exported or not, can import it.
 """
 
+import ctypes
+import errno
+import functools
 import json
 import os
 import secrets
@@ -115,23 +118,72 @@ def fsync_tree(folder: Path) -> None:
 
 
 def replace_folder(staging: Path, target: Path) -> None:
-    """Renames the complete folder `staging` (flushed, `fsync_tree`) to `target`, atomically for readers. A folder
-    cannot be renamed over a non-empty one, so an existing `target` is first renamed aside and removed only once the
-    new folder is in place (put back if that rename fails): a crash in between leaves the old folder in the hidden
-    `.NAME.old-*` beside it, never no folder at all."""
-    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
-        os.replace(staging, target)  # a rename over an empty folder is atomic on POSIX
-    else:
-        retired = create_temporary(target.parent, f".{target.name}.old-", directory=True)
-        os.replace(target, retired / target.name)
-        try:
-            os.replace(staging, target)
-        except BaseException:
-            os.replace(retired / target.name, target)
-            raise
-        finally:
-            shutil.rmtree(retired, ignore_errors=True)
+    """Renames the complete folder `staging` (flushed, `fsync_tree`) to `target`, atomically for readers, and removes
+    what `target` held before (`rename_over`)."""
+    previous = rename_over(staging, target)
+    if previous is not None:
+        remove_path(previous)
     fsync_path(target.parent)  # the rename itself is durable once the parent folder is flushed
+
+
+def rename_over(source: Path, target: Path) -> Path | None:
+    """Renames `source` to `target`, also where `target` is a non-empty folder, and returns where `target`'s previous
+    content now is (None if there was none or it was an empty folder): the caller removes it, or renames it back.
+
+    On Linux the two swap in one rename (`renameat2` with `RENAME_EXCHANGE`), so a reader of `target` sees the old
+    content or the new one, never no `target`; the previous content ends up at `source`'s path. Elsewhere a folder
+    cannot be renamed over a non-empty one: `target` is first renamed aside to a hidden `.NAME.old-*` name beside it
+    (put back if the second rename fails), and a reader in between finds no `target`."""
+    if not (target.exists() or target.is_symlink()) or (target.is_dir() and not any(target.iterdir())):
+        os.replace(source, target)  # over nothing, or an empty folder: one atomic rename on POSIX
+        return None
+    if _exchange(source, target):
+        return source
+    is_folder = target.is_dir() and not target.is_symlink()
+    aside = create_temporary(target.parent, f".{target.name}.old-", directory=is_folder)  # renamed over: same kind
+    os.replace(target, aside)
+    try:
+        os.replace(source, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    return aside
+
+
+def remove_path(path: Path) -> None:
+    """Removes a file, a symbolic link or a whole folder."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # from Linux's <fcntl.h> and <linux/fs.h>
+
+
+@functools.cache
+def _renameat2():
+    """The C library's `renameat2`, or None where it has none (not Linux, or glibc before 2.28)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # no such function, or no C library to open (Windows)
+        return None
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swaps two existing paths in one atomic rename (Linux `renameat2`, glibc 2.28+). False, having changed nothing,
+    where the system, its C library or the file system has no such rename."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a kernel or file system without the exchange
+        return False
+    raise OSError(code, f"Could not swap {str(first)!r} and {str(second)!r}: {os.strerror(code)}")
 
 
 def save_files_into(directory: str | os.PathLike, save: Callable[[Path], object], what: str):
@@ -224,4 +276,4 @@ def json_writer(payload: dict, sort_keys: bool = False):
     return write
 
 
-__all__ = ["create_temporary", "atomic_write", "atomic_write_files", "fsync_path", "fsync_tree", "replace_folder", "save_files_into", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer"]
+__all__ = ["create_temporary", "atomic_write", "atomic_write_files", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer"]

@@ -19,7 +19,8 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
 
 from configuration import available_presets
-from modeling_rxt import RxTConfig, RxTForCausalLM, RxTMemoryState
+from modeling_rxt import RxTConfig, RxTForCausalLM, RxTMemoryState, atomic_files
+from modeling_rxt import adapters as adapters_module
 from modeling_rxt.adapters import (
     _active_adapter,
     BASE_ADAPTER,
@@ -639,6 +640,41 @@ def test_save_adapters_is_atomic(tmp_path, monkeypatch):
     assert model.peft_config["actor"].base_model_name_or_path != "elsewhere"
     with pytest.raises(TypeError, match="PeftModel"):
         save_adapters(make_base(), tmp_path / "x")
+
+
+@pytest.mark.skipif(atomic_files._renameat2() is None, reason="no renameat2 here: folders are renamed aside")
+def test_a_reader_never_finds_an_adapter_folder_missing_during_a_save(tmp_path, monkeypatch):
+    model = with_roles(make_base())
+    save_adapters(model, tmp_path / "adapters")
+    seen = []
+    for name in ("replace", "rename"):
+        real = getattr(os, name)
+
+        def watched(*args, real=real, **kwargs):
+            real(*args, **kwargs)
+            seen.append(all((tmp_path / "adapters" / role / "adapter_config.json").is_file() for role in ROLES))
+
+        monkeypatch.setattr(os, name, watched)
+    save_adapters(model, tmp_path / "adapters", base_model_name_or_path="elsewhere")
+    assert seen and all(seen)
+    assert json.loads((tmp_path / "adapters" / "critic" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "elsewhere"
+    assert not hidden_in(tmp_path / "adapters")
+
+
+def test_a_save_failing_after_the_folders_moved_puts_them_back(tmp_path, monkeypatch):
+    model = with_roles(make_base())
+    save_adapters(model, tmp_path / "adapters")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "adapters").rglob("*") if p.is_file()}
+
+    def files_fail(writes):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapters_module, "atomic_write_files", files_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapters(model, tmp_path / "adapters", base_model_name_or_path="elsewhere")
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "adapters").rglob("*") if p.is_file()}
+    assert after == before and not hidden_in(tmp_path / "adapters")
 
 
 def test_adapters_of_a_saved_base_load_in_a_fresh_process(tmp_path, ids):

@@ -1,0 +1,111 @@
+"""Folder replacement (`replace_folder`, `rename_over`): a reader of the target sees the old folder or the new one,
+and a failure leaves what was there."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from modeling_rxt import atomic_files
+from modeling_rxt.atomic_files import rename_over, replace_folder, staged_folder
+
+needs_exchange = pytest.mark.skipif(
+    atomic_files._renameat2() is None, reason="no renameat2 here: the target is renamed aside (documented)"
+)
+
+
+def folder_with(path: Path, **files: str) -> Path:
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+def contents(path: Path) -> dict:
+    return {p.name: p.read_text() for p in sorted(path.iterdir())}
+
+
+def watch_renames(monkeypatch, target: Path) -> list:
+    """Records, after every `os.replace` / `os.rename` anywhere, whether `target` exists: a reader at that moment."""
+    seen = []
+    for name in ("replace", "rename"):
+        real = getattr(os, name)
+
+        def watched(*args, real=real, **kwargs):
+            real(*args, **kwargs)
+            seen.append(target.exists())
+
+        monkeypatch.setattr(os, name, watched)
+    return seen
+
+
+@needs_exchange
+def test_a_folder_replaced_is_never_missing(tmp_path, monkeypatch):
+    target = folder_with(tmp_path / "target", a="old", b="old")
+    staging = folder_with(tmp_path / ".staging", a="new")
+    seen = watch_renames(monkeypatch, target)
+    replace_folder(staging, target)
+    assert all(seen) and contents(target) == {"a": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]  # the old folder went, nothing hidden is left
+
+
+@needs_exchange
+def test_a_staged_folder_replaces_a_file_and_a_folder(tmp_path):
+    folder_with(tmp_path / "stage", a="old")
+    with staged_folder(tmp_path / "stage") as staging:
+        (staging / "a").write_text("new")
+    assert contents(tmp_path / "stage") == {"a": "new"}
+    (tmp_path / "file").write_text("a file")
+    with staged_folder(tmp_path / "file") as staging:
+        (staging / "a").write_text("new")
+    assert contents(tmp_path / "file") == {"a": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "stage"]
+
+
+@pytest.mark.parametrize("target_kind", ["folder", "file", "empty folder", "nothing"])
+def test_without_the_exchange_the_target_is_renamed_aside(tmp_path, monkeypatch, target_kind):
+    monkeypatch.setattr(atomic_files, "_exchange", lambda first, second: False)
+    target = tmp_path / "target"
+    if target_kind == "folder":
+        folder_with(target, a="old")
+    elif target_kind == "file":
+        target.write_text("old")
+    elif target_kind == "empty folder":
+        target.mkdir()
+    previous = rename_over(folder_with(tmp_path / ".staging", a="new"), target)
+    assert contents(target) == {"a": "new"}
+    if target_kind in ("folder", "file"):
+        assert previous.name.startswith(".target.old-")
+        assert (contents(previous) if target_kind == "folder" else previous.read_text()) in ({"a": "old"}, "old")
+    else:
+        assert previous is None
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+def test_a_failed_rename_puts_the_target_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic_files, "_exchange", lambda first, second: False)
+    target = folder_with(tmp_path / "target", a="old")
+    staging = folder_with(tmp_path / ".staging", a="new")
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(source, destination):
+        calls.append(source)
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        replace_folder(staging, target)
+    assert contents(target) == {"a": "old"} and contents(staging) == {"a": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staging", "target"]
+
+
+@needs_exchange
+def test_the_exchange_swaps_and_reports_failures_by_name(tmp_path):
+    first = folder_with(tmp_path / "first", a="1")
+    second = folder_with(tmp_path / "second", b="2")
+    assert atomic_files._exchange(first, second)
+    assert contents(first) == {"b": "2"} and contents(second) == {"a": "1"}
+    with pytest.raises(FileNotFoundError, match="missing"):
+        atomic_files._exchange(first, tmp_path / "missing")
