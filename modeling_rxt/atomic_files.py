@@ -186,11 +186,21 @@ def _exchange(first: Path, second: Path) -> bool:
     raise OSError(code, f"Could not swap {str(first)!r} and {str(second)!r}: {os.strerror(code)}")
 
 
-def save_files_into(directory: str | os.PathLike, save: Callable[[Path], object], what: str):
+def save_files_into(
+    directory: str | os.PathLike,
+    save: Callable[[Path], object],
+    what: str,
+    superseded: Callable[[set[str]], list[Path]] | None = None,
+):
     """Runs `save(staging)`, which writes files into an empty hidden folder inside `directory`, then moves them into
     `directory` together (`atomic_write_files`; a folder it wrote replaces the folder of its name as a whole): a save
     that fails part-way leaves `directory` as it was, and the folder's other files stay. Returns `save`'s result and
-    the names of the files and folders it wrote. `what` names `directory` in the error for a path that is a file."""
+    the names of the files and folders it wrote. `what` names `directory` in the error for a path that is a file.
+
+    `superseded(names written)` lists files of `directory` that the new files replace without overwriting them (an
+    earlier save's weight shards). They are moved into the staging folder before the new files move in (back if that
+    fails) and removed with it, so the folder never holds them beside the new files: a crash in between leaves them
+    in the hidden staging folder, and the folder without them."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{what} {str(directory)!r} is a file, not a folder.")
@@ -199,12 +209,35 @@ def save_files_into(directory: str | os.PathLike, save: Callable[[Path], object]
     try:
         result = save(staging)
         written = sorted(staging.iterdir())
-        atomic_write_files({directory / path.name: moved_from(path) for path in written if path.is_file()})
+        put_aside = _put_aside(superseded({path.name for path in written}) if superseded else [], staging)
+        try:
+            atomic_write_files({directory / path.name: moved_from(path) for path in written if path.is_file()})
+        except BaseException:
+            for path, aside in reversed(put_aside):
+                os.replace(aside, path)
+            raise
         for folder in (path for path in written if path.is_dir()):
             replace_folder(folder, directory / folder.name)  # each as a whole (`distributed_checkpoint`'s output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result, {path.name for path in written}
+
+
+def _put_aside(paths: list[Path], staging: Path) -> list[tuple[Path, Path]]:
+    """Renames each file of `paths` into a new folder inside `staging`; returns (path, where it is now) pairs."""
+    if not paths:
+        return []
+    aside = create_temporary(staging, ".superseded-", directory=True)
+    moved = []
+    try:
+        for index, path in enumerate(paths):
+            os.replace(path, aside / str(index))
+            moved.append((path, aside / str(index)))
+    except BaseException:
+        for path, kept in reversed(moved):
+            os.replace(kept, path)
+        raise
+    return moved
 
 
 def moved_from(source: Path):

@@ -53,6 +53,7 @@ Memory write (after the answer, off the user's critical path):
     STM_l'   = (1 - G) * STM_l + G * Update_l
 """
 
+import functools
 import inspect
 import re
 import tempfile
@@ -301,14 +302,15 @@ def _weights_variant(name: str) -> str | None:
     return None if match is None else match["variant"] or match["index_variant"] or ""
 
 
-def _remove_stale_weights(folder: Path, written: set[str]) -> None:
-    """Removes the weight files of the variants just saved that this save did not write (transformers' own clean-up
-    ran in the empty staging folder): an old index, old shards, or a single `model.safetensors`, which would load
-    before new shards. A process that saved no weights (not the main one) removes nothing."""
+def _superseded_weights(folder: Path, written: set[str]) -> list[Path]:
+    """The weight files in `folder` of the variants just saved that this save did not write (transformers' own
+    clean-up ran in the empty staging folder): an old index, old shards, or a single `model.safetensors`, which would
+    load before new shards. A process that saved no weights (not the main one) supersedes nothing."""
     saved = {_weights_variant(name) for name in written} - {None}
-    for path in folder.iterdir():
-        if path.name not in written and _weights_variant(path.name) in saved and path.is_file():
-            path.unlink()
+    return [
+        path for path in sorted(folder.iterdir())
+        if path.name not in written and _weights_variant(path.name) in saved and path.is_file()
+    ]
 
 
 @auto_docstring
@@ -386,8 +388,8 @@ class RxTPreTrainedModel(PreTrainedModel):
                 extra["state_dict"] = dict(given_state_dict)
             super(RxTPreTrainedModel, self).save_pretrained(**{**options, "save_directory": folder, **extra})
 
-        _, written = save_files_into(save_directory, save, "`save_directory`")
-        _remove_stale_weights(Path(save_directory), written)
+        superseded = functools.partial(_superseded_weights, Path(save_directory))
+        save_files_into(save_directory, save, "`save_directory`", superseded)
         if push_to_hub:
             options.setdefault("repo_id", Path(save_directory).name)  # transformers' default: the folder's name
             with tempfile.TemporaryDirectory() as upload:

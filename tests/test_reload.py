@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from modeling_rxt import MEMORY_ATTENTION_TYPES, RxTForCausalLM
+from modeling_rxt import MEMORY_ATTENTION_TYPES, RxTForCausalLM, atomic_files
 
 from conftest import make_tiny_model, random_ids, random_state
 
@@ -258,6 +258,71 @@ def test_saving_again_replaces_the_weights_and_keeps_the_other_files(tmp_path):
         reloaded = RxTForCausalLM.from_pretrained(folder)
         for name, value in model.state_dict().items():
             assert torch.equal(reloaded.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("first, second", [(None, "20KB"), ("20KB", None), ("20KB", "30KB")])
+def test_no_moment_of_a_save_mixes_two_saves_weight_files(tmp_path, monkeypatch, first, second):
+    """Watched after every rename and removal of a save over an earlier one of another layout: the folder holds the
+    earlier save's weight files (or, while they are put aside, part of them) or the new save's, never a mix: an old
+    `model.safetensors` beside a new index would be loaded in its place. Not watched inside `atomic_write_files`,
+    whose renames of the new files one after the other are the documented window of microseconds."""
+    from conftest import make_tiny_model
+
+    folder = tmp_path / "model"
+    make_tiny_model("dense", seed=0).save_pretrained(folder, **({"max_shard_size": first} if first else {}))
+    old = {path.name: path.read_bytes() for path in folder.glob("model*.safetensors*")}
+    model = make_tiny_model("dense", seed=1)
+    staged = tmp_path / "new"
+    model.save_pretrained(staged, **({"max_shard_size": second} if second else {}))
+    new = {path.name: path.read_bytes() for path in staged.glob("model*.safetensors*")}
+    moments = []
+
+    def snapshot():
+        weights = {path.name: path.read_bytes() for path in folder.glob("model*.safetensors*")}
+        from_old = all(old.get(name) == data for name, data in weights.items())
+        from_new = all(new.get(name) == data for name, data in weights.items())
+        moments.append((sorted(weights), from_old, from_new, from_new and weights.keys() == new.keys()))
+
+    installing = []
+    for name in ("replace", "rename", "remove", "unlink"):
+        real = getattr(os, name)
+
+        def watched(*args, real=real, **kwargs):
+            real(*args, **kwargs)
+            if not installing:
+                snapshot()
+
+        monkeypatch.setattr(os, name, watched)
+
+    def install(writes, real=atomic_files.atomic_write_files):
+        installing.append(True)
+        try:
+            real(writes)
+        finally:
+            installing.clear()
+        snapshot()
+
+    monkeypatch.setattr(atomic_files, "atomic_write_files", install)
+    model.save_pretrained(folder, **({"max_shard_size": second} if second else {}))
+    monkeypatch.undo()
+    assert moments and all(from_old or from_new for _, from_old, from_new, _ in moments), moments
+    assert moments[-1][3] and not [path for path in folder.iterdir() if path.name.startswith(".")]
+
+
+def test_a_save_failing_while_its_files_move_in_puts_the_earlier_weights_back(tmp_path, monkeypatch):
+    from conftest import make_tiny_model
+
+    folder = tmp_path / "model"
+    make_tiny_model("dense", seed=0).save_pretrained(folder)
+    before = _folder_bytes(folder)
+
+    def install_fails(writes):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic_files, "atomic_write_files", install_fails)
+    with pytest.raises(OSError, match="No space left"):
+        make_tiny_model("dense", seed=1).save_pretrained(folder, max_shard_size="20KB")
+    assert _folder_bytes(folder) == before
 
 
 def test_saving_over_a_file_is_refused_by_name(tmp_path):
