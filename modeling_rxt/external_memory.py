@@ -43,6 +43,7 @@ query.
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -775,7 +776,20 @@ def _pop_generate_controls(kwargs: dict) -> dict:
                 + (" as well." if controls["external_memories"] is not None else ".")
             )
         controls["external_memories"] = built
+    for name, kind in (("external_memory_topk", numbers.Integral), ("external_memory_stride", numbers.Integral),
+                       ("external_memory_sim_threshold", numbers.Real)):
+        controls[name] = _as_python_number(controls[name], kind)
     return controls
+
+
+def _as_python_number(value, kind: type):
+    """numpy's numbers and 0-d tensors of `kind` as Python's, as `generate` takes its own numeric settings; any
+    other value unchanged (`check_retrieval_controls` names it)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return int(value) if kind is numbers.Integral else float(value)
+    return value
 
 
 def _memory_to_read(model: nn.Module, controls: dict, layers: tuple[int, ...]) -> ExternalMemory:

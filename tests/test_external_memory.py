@@ -144,6 +144,22 @@ def test_build_accepts_compact_and_tokenizer_shaped_rows(model):
         torch.testing.assert_close(model.build_external_memory([row]).keys, reference.keys)
 
 
+def test_generate_takes_numpy_and_tensor_numbers_as_controls(model, memory_ids):
+    """As `generate` takes its own numeric settings: numpy's numbers and 0-d tensors are the Python numbers."""
+    common = dict(max_new_tokens=4, do_sample=False, external_memories=memory_ids)
+    expected = model.generate(prompt(), **common, external_memory_topk=4, external_memory_sim_threshold=0.25,
+                              external_memory_stride=2)
+    for topk, threshold, stride in ((np.int64(4), np.float32(0.25), np.int32(2)),
+                                    (torch.tensor(4), torch.tensor(0.25), torch.tensor(2, dtype=torch.int16))):
+        got = model.generate(prompt(), **common, external_memory_topk=topk, external_memory_sim_threshold=threshold,
+                             external_memory_stride=stride)
+        assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="external_memory_topk"):
+        model.generate(prompt(), **common, external_memory_topk=np.float64(4.0))
+    with pytest.raises(ValueError, match="external_memory_topk"):
+        model.generate(prompt(), **common, external_memory_topk=torch.tensor(True))
+
+
 def test_generate_controls_without_memories_and_retrieval_turned_off(model, memory_ids):
     for control in (dict(external_memory_topk=4), dict(external_memory_stride=4),
                     dict(external_memories_attention_mask=torch.ones(1, 4))):
