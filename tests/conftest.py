@@ -6,11 +6,12 @@ does not.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from modeling_rxt import RxTConfig, RxTForCausalLM, RxTMemoryState
+from modeling_rxt import RxTConfig, RxTForCausalLM, RxTMemoryState, atomic_files
 
 TINY_DENSE = dict(
     vocab_size=100,
@@ -79,3 +80,13 @@ def dense_model() -> RxTForCausalLM:
 @pytest.fixture
 def moe_model() -> RxTForCausalLM:
     return make_tiny_model("moe")
+
+
+def exchange_works(folder: Path) -> bool:
+    """Whether this system and the file system of `folder` swap two folders in one rename."""
+    first, second = folder / ".probe-first", folder / ".probe-second"
+    first.mkdir(), second.mkdir()
+    try:
+        return atomic_files._exchange(first, second)
+    finally:
+        first.rmdir(), second.rmdir()

@@ -9,9 +9,12 @@ import pytest
 from modeling_rxt import atomic_files
 from modeling_rxt.atomic_files import rename_over, replace_folder, staged_folder
 
-needs_exchange = pytest.mark.skipif(
-    atomic_files._renameat2() is None, reason="no renameat2 here: the target is renamed aside (documented)"
-)
+from conftest import exchange_works
+
+@pytest.fixture
+def needs_exchange(tmp_path):
+    if not exchange_works(tmp_path):
+        pytest.skip("no renameat2 exchange here: the target is renamed aside (documented)")
 
 
 def folder_with(path: Path, **files: str) -> Path:
@@ -39,8 +42,7 @@ def watch_renames(monkeypatch, target: Path) -> list:
     return seen
 
 
-@needs_exchange
-def test_a_folder_replaced_is_never_missing(tmp_path, monkeypatch):
+def test_a_folder_replaced_is_never_missing(tmp_path, monkeypatch, needs_exchange):
     target = folder_with(tmp_path / "target", a="old", b="old")
     staging = folder_with(tmp_path / ".staging", a="new")
     seen = watch_renames(monkeypatch, target)
@@ -49,8 +51,7 @@ def test_a_folder_replaced_is_never_missing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]  # the old folder went, nothing hidden is left
 
 
-@needs_exchange
-def test_a_staged_folder_replaces_a_file_and_a_folder(tmp_path):
+def test_a_staged_folder_replaces_a_file_and_a_folder(tmp_path, needs_exchange):
     folder_with(tmp_path / "stage", a="old")
     with staged_folder(tmp_path / "stage") as staging:
         (staging / "a").write_text("new")
@@ -101,8 +102,7 @@ def test_a_failed_rename_puts_the_target_back(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".staging", "target"]
 
 
-@needs_exchange
-def test_the_exchange_swaps_and_reports_failures_by_name(tmp_path):
+def test_the_exchange_swaps_and_reports_failures_by_name(tmp_path, needs_exchange):
     first = folder_with(tmp_path / "first", a="1")
     second = folder_with(tmp_path / "second", b="2")
     assert atomic_files._exchange(first, second)
