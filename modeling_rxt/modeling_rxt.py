@@ -521,7 +521,9 @@ class RxTModel(RxTPreTrainedModel):
         # (B, L, 2, K, S, Dh) memory for every layer (8 ms of zero-filling per training step at `alpha-micro` size);
         # the backward of `unbind` is one `stack`.
         layer_memories = memory_key_values.unbind(1)  # L x (B, 2, K, S, Dh)
-        for decoder_layer, layer_memory in zip(self.layers, layer_memories, strict=True):
+        # The first `num_hidden_layers`, as Llama: an early-exit draft (`assistant_early_exit`) lowers it meanwhile.
+        decoder_layers = self.layers[: self.config.num_hidden_layers]
+        for decoder_layer, layer_memory in zip(decoder_layers, layer_memories[: len(decoder_layers)], strict=True):
             hidden_states = decoder_layer(
                 hidden_states,
                 layer_memory,
@@ -536,8 +538,7 @@ class RxTModel(RxTPreTrainedModel):
 
     def check_memory_key_values(self, memory_key_values: torch.Tensor, batch_size: int) -> None:
         config = self.config
-        expected = (batch_size, config.num_hidden_layers, 2, config.num_key_value_heads, config.memory_slots,
-                    config.head_dim)
+        expected = (batch_size, len(self.layers), 2, config.num_key_value_heads, config.memory_slots, config.head_dim)
         if not isinstance(memory_key_values, torch.Tensor):
             raise TypeError(f"`memory_key_values` must be a torch.Tensor, got {type(memory_key_values).__name__}.")
         if tuple(memory_key_values.shape) != expected:
@@ -854,7 +855,11 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
                 "`build_external_memory` (under the adapter whose keys it should hold) and pass the ExternalMemory."
             )
         recorder = prepare_generate_kwargs(self, batch_size, kwargs, generation_config)  # builds it once per call
-        outputs = super().generate(inputs, generation_config, *args, **kwargs)
+        layers = self.config.num_hidden_layers
+        try:
+            outputs = super().generate(inputs, generation_config, *args, **kwargs)
+        finally:  # transformers' early-exit drafts lower it and set it back without a `finally`
+            self.config.num_hidden_layers = layers
         return attach_retrieved_memory_idx(outputs, recorder)
 
     def _bos_prompt(
@@ -892,12 +897,17 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         per_row = rows // batch_size
         return self.model.project_memory(stm.repeat_interleave(per_row, dim=1))[::per_row]  # (B, L, 2, K, S, Dh)
 
-    def _get_candidate_generator(self, *args, model_kwargs: dict, assistant_model=None, **kwargs):
+    def _get_candidate_generator(self, generation_config, *args, model_kwargs: dict, **kwargs):
         """Assisted decoding: transformers gives the assistant a copy of every model input. This model's projected
-        memory and external-memory retriever fit this model only, so the assistant gets the rest; an RxT assistant
-        then reads its own learned initial memory, a Llama assistant reads none."""
-        shared = {key: value for key, value in model_kwargs.items() if key not in OWN_GENERATE_INPUTS}
-        return super()._get_candidate_generator(*args, model_kwargs=shared, assistant_model=assistant_model, **kwargs)
+        memory and external-memory retriever fit this model only, so another assistant gets the rest: an RxT
+        assistant then reads its own learned initial memory, a Llama assistant none. An early-exit draft
+        (`assistant_early_exit`) is this model's first layers, which read the conversation's memory (no external
+        memory: its retrievals would be recorded as the answer's)."""
+        own = ("external_memory", "external_memory_rows") if generation_config.assistant_early_exit is not None else (
+            OWN_GENERATE_INPUTS
+        )
+        shared = {key: value for key, value in model_kwargs.items() if key not in own}
+        return super()._get_candidate_generator(generation_config, *args, model_kwargs=shared, **kwargs)
 
     def build_external_memory(
         self,

@@ -315,6 +315,44 @@ def test_prompt_lookup_decoding_gives_the_greedy_answer(dense_model):
     assert torch.equal(looked_up, plain)
 
 
+@pytest.mark.parametrize("with_state", [False, True])
+def test_early_exit_self_speculation_gives_the_greedy_answer(tiny_model, kind, with_state):
+    """`assistant_early_exit=n`: transformers drafts with the model itself, its config's `num_hidden_layers` set to
+    n meanwhile, as Llama runs `layers[:num_hidden_layers]`. The draft reads the conversation's memory in those
+    layers; the answer is the greedy one, and the config is whole again afterwards."""
+    model = tiny_model(kind)
+    input_ids = random_ids(1, 5)
+    options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    if with_state:
+        options["memory_state"] = random_state(model, 1)
+    layers, drafts = model.config.num_hidden_layers, []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: drafts.append(module.config.num_hidden_layers < layers), with_kwargs=True)
+    try:
+        drafted = model.generate(input_ids, assistant_early_exit=1, **options)
+    finally:
+        hook.remove()
+    assert any(drafts) and model.config.num_hidden_layers == layers
+    assert torch.equal(drafted, model.generate(input_ids, **options))
+
+
+def test_early_exit_restores_the_config_when_a_draft_fails(dense_model, monkeypatch):
+    """transformers sets `num_hidden_layers` for the draft and restores it without a `finally`: an error inside a
+    draft must not leave the model with fewer layers."""
+    layers = dense_model.config.num_hidden_layers
+    real_forward = type(dense_model.model).forward
+
+    def failing_draft(self, *args, **kwargs):
+        if self.config.num_hidden_layers < layers:
+            raise RuntimeError("draft failed")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(dense_model.model), "forward", failing_draft)
+    with pytest.raises(RuntimeError, match="draft failed"):
+        dense_model.generate(random_ids(1, 5), max_new_tokens=3, assistant_early_exit=1)
+    assert dense_model.config.num_hidden_layers == layers
+
+
 def test_generate_without_ids_takes_embeddings_or_the_batch_of_the_mask(dense_model):
     """`input_ids=None` given by keyword beside `inputs_embeds` is a prompt of embeddings, not a [BOS] prompt; with a
     mask alone, the [BOS] rows are as many as the mask's, as transformers does."""
