@@ -55,6 +55,7 @@ Memory write (after the answer, off the user's critical path):
 
 import functools
 import inspect
+import logging
 import re
 import tempfile
 from collections.abc import Callable
@@ -117,6 +118,8 @@ from .modeling_rxt_wrappers import (
     mixed_adapter_rows,
     run_as_forward,
 )
+
+logger = logging.getLogger(__name__)
 
 
 # ---- mixture of experts ---------------------------------------------------------------------------------------------
@@ -809,6 +812,16 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             raise TypeError(f"`memory_state` must be an RxTMemoryState, got {type(memory_state).__name__}.")
         memory_state.check_compatible(self.config, input_ids.shape[0])
         stm = memory_state.stm.to(self.device)
+        if torch.is_grad_enabled():
+            if stm.is_inference():  # made under `torch.inference_mode()`: autograd cannot save it as it is
+                stm = stm.clone()
+            if stm.grad_fn is not None and not self.training:
+                logger.warning_once(
+                    "`update_memory` runs with autograd on and the model in eval mode, on a state that an earlier "
+                    "write made with autograd on: each new state keeps the graph of every earlier write, and memory "
+                    "grows every turn. At inference, write under `torch.no_grad()` (or `torch.inference_mode()`); "
+                    "in training, `model.train()` silences this."
+                )
         return RxTMemoryState(self.model.write_memory(stm, input_ids, attention_mask))
 
     @drops_mixed_adapter_hooks_on_error

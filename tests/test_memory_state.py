@@ -425,3 +425,42 @@ def test_state_values_paths_and_devices_are_checked_by_name(tmp_path):
         state.save_pretrained(tmp_path / "a_file")
     with pytest.raises(TypeError, match="save_directory"):
         state.save_pretrained(None)
+
+
+def test_chained_writes_with_autograd_on_at_inference_are_warned_once(dense_model, caplog):
+    """`update_memory` is differentiable (memory-aware training backpropagates through writes): a conversation loop
+    in eval mode without `torch.no_grad()` would keep the graph of every earlier write in each new state, memory
+    growing every turn. The second chained write says so, once; training mode and `no_grad` say nothing."""
+    import logging
+
+    logging.Logger.warning_once.cache_clear()
+    model = dense_model.eval()
+    with caplog.at_level(logging.WARNING):
+        state = model.update_memory(model.init_memory(1), random_ids(1, 6, seed=1))  # from a fresh state: silent
+        assert state.stm.grad_fn is not None and not caplog.records
+        for seed in (2, 3):
+            state = model.update_memory(state, random_ids(1, 6, seed=seed))
+    assert [record.getMessage() for record in caplog.records if "torch.no_grad" in record.getMessage()] == [
+        caplog.records[0].getMessage()]
+    assert "graph of every earlier write" in caplog.records[0].getMessage()
+    caplog.clear()
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        model.train()
+        try:
+            model.update_memory(state, random_ids(1, 6, seed=4))
+        finally:
+            model.eval()
+        with torch.no_grad():
+            model.update_memory(model.update_memory(state.detach(), random_ids(1, 6)), random_ids(1, 6))
+    assert not caplog.records
+
+
+def test_a_state_from_inference_mode_is_written_with_autograd_on(dense_model):
+    with torch.inference_mode():
+        state = dense_model.update_memory(dense_model.init_memory(1), random_ids(1, 6, seed=1))
+    written = dense_model.update_memory(state, random_ids(1, 6, seed=2))
+    with torch.no_grad():
+        expected = dense_model.update_memory(state.clone(), random_ids(1, 6, seed=2))
+    assert written.stm.grad_fn is not None and torch.equal(written.stm.detach(), expected.stm)
+
