@@ -119,7 +119,7 @@ class RxTConfig(PreTrainedConfig):
     use_cache: bool = True
     tie_word_embeddings: bool = True
     rope_parameters: RopeParameters | dict | None = None
-    attention_dropout: float = 0.0
+    attention_dropout: int | float = 0.0
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: int | list[int] | None = 3

@@ -115,3 +115,13 @@ def test_the_write_rule_is_a_value_of_one_field_and_the_old_boolean_still_loads(
         assert "memory_write_competition" not in config.to_dict()
     with pytest.raises(ValueError, match="memory_write_competition.*memory_write_type"):
         RxTConfig(memory_write_competition=False, memory_write_type="competition")  # the two disagree
+
+
+def test_attention_dropout_takes_an_int_as_llama_does(tmp_path):
+    """Llama, Mixtral and Qwen2-MoE declare `attention_dropout: int | float`: `0` in a config.json loads."""
+    from transformers import LlamaConfig
+
+    assert LlamaConfig(attention_dropout=0).attention_dropout == 0
+    assert RxTConfig(attention_dropout=0).attention_dropout == 0
+    (tmp_path / "config.json").write_text(json.dumps({**RxTConfig().to_dict(), "attention_dropout": 0}))
+    assert RxTConfig.from_pretrained(tmp_path).attention_dropout == 0
