@@ -176,14 +176,12 @@ class RxTTrainer(Trainer):
             # No row of this micro-batch had a weighted answer: backward must still run (under DDP every process
             # joins the gradient averaging), and gives no parameter a gradient, as if the micro-batch were not there.
             loss_sum = loss_sum.detach().requires_grad_()
+        if not model.training:  # evaluation: each batch on its own, and kept out of the training metrics
+            loss = self._evaluation_loss(loss_sum.detach(), weight.detach())
+            return (loss, metrics) if return_outputs else loss
         weight, world_size = weight.detach().clone(), _world_size()
         if world_size > 1:
             dist.all_reduce(weight)
-        if not model.training:  # evaluation: each batch on its own, and kept out of the training metrics
-            # A batch without a weighted answer has no loss: NaN, as a plain Trainer's batch without labels, which
-            # Trainer's `logging_nan_inf_filter` (default on) leaves out of `eval_loss` (a 0 would pull it down).
-            loss = loss_sum / weight * world_size if bool(weight > 0) else loss_sum.new_tensor(float("nan"))
-            return (loss, metrics) if return_outputs else loss
         step = self._step
         if step.scale is None:
             step.scale = weight.clamp(min=1)  # any positive number would do: the rescaling in training_step corrects it
@@ -196,6 +194,25 @@ class RxTTrainer(Trainer):
         # DDP (and `_average_gradients`) average over processes: `* world_size` makes that a sum.
         loss = loss_sum / step.scale * world_size
         return (loss, metrics) if return_outputs else loss
+
+    def _evaluation_loss(self, loss_sum: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The loss of an evaluation batch over the rows of every process, the same on each: Trainer repeats a
+        process's loss for each of its rows and, in the last, short global batch, drops the rows accelerate filled it
+        with (taken from the start of the set; they come last, so a process's batch beyond that count is filling).
+        A process whose whole batch is filling counts nothing, which makes the loss that of one process over the same
+        rows; filling inside a batch (a short batch of more than one row per process) still counts, as in a plain
+        Trainer. A batch without a weighted answer has no loss: NaN, as a plain Trainer's batch without labels,
+        which Trainer's `logging_nan_inf_filter` (default on) leaves out of `eval_loss` (a 0 would pull it down)."""
+        totals = torch.stack((loss_sum.float(), weight.float()))
+        if _world_size() > 1:
+            state = self.accelerator.gradient_state
+            if state.end_of_dataloader and state.remainder > 0:
+                rows = state.active_dataloader.total_batch_size // self.accelerator.num_processes  # per process
+                if self.accelerator.process_index * rows >= state.remainder:
+                    totals = totals * 0  # every row of this batch is filling
+            dist.all_reduce(totals)
+        loss_sum, weight = totals.unbind()
+        return loss_sum / weight if bool(weight > 0) else loss_sum.new_tensor(float("nan"))
 
     def _track_num_input_tokens(self, inputs) -> None:
         # `include_num_input_tokens_seen` looks for the batch's `input_ids`; the mixed external stage's batch holds

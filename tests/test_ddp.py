@@ -93,6 +93,58 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert single_losses[-1] != single_losses[0]
 
 
+# Evaluation only: `rows` episodes, `per_device` of them per process and batch.
+EVAL_SCRIPT = r"""
+import json, os, sys
+import torch
+from transformers import AutoTokenizer, TrainingArguments
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.data import make_episodes
+from modeling_rxt.trainer import RxTTrainer
+from modeling_rxt.training import EpisodeCollator, memory_aware_objective, tokenize_episodes
+
+torch.set_num_threads(1)
+tokenizer_dir, out_dir, rows, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+world_size = int(os.environ.get("WORLD_SIZE", "1"))
+tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+dataset = tokenize_episodes(tokenizer, make_episodes(rows, turns=3, seed=7, max_chat_chars=60), 64)
+torch.manual_seed(0)
+model = RxTForCausalLM(RxTConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, memory_slots=4,
+                                 max_position_embeddings=64, initializer_range=0.1))
+args = TrainingArguments(output_dir=out_dir, use_cpu=True, ddp_backend="gloo" if world_size > 1 else None,
+                         remove_unused_columns=False, report_to=[], per_device_eval_batch_size=per_device,
+                         disable_tqdm=True, dataloader_num_workers=0, seed=0)
+trainer = RxTTrainer(model=model, args=args, eval_dataset=dataset, data_collator=EpisodeCollator(tokenizer.pad_token_id),
+                     objective=memory_aware_objective)
+metrics = trainer.evaluate()
+if trainer.is_world_process_zero():
+    with open(os.path.join(out_dir, "eval.json"), "w") as handle:
+        json.dump(metrics, handle)
+if torch.distributed.is_initialized():
+    from modeling_rxt.training_curriculum import leave_process_group
+    leave_process_group()
+"""
+
+
+@pytest.mark.parametrize("rows, per_device", [(3, 1), (10, 2)])
+def test_two_process_evaluation_of_a_set_that_ends_in_a_short_batch_matches_one_process(tmp_path, rows, per_device):
+    """The last global batch is short: accelerate fills it with rows from the start of the set, and drops their
+    losses when it gathers them. A process whose whole batch is such filling counts nothing, and every process
+    reports its batch's loss over the rows of all processes, so the rows kept give the single-process loss."""
+    tokenizer_dir, script = _tokenizer_and_script(tmp_path, EVAL_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    losses = {}
+    for name, launch, batch in (("single", [sys.executable], 2 * per_device), ("ddp", torchrun, per_device)):
+        out_dir = tmp_path / name
+        command = [*launch, str(script), str(tokenizer_dir), str(out_dir), str(rows), str(batch)]
+        completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        losses[name] = json.loads((out_dir / "eval.json").read_text())["eval_loss"]
+    assert losses["ddp"] == pytest.approx(losses["single"], rel=1e-5)
+
+
 def _with(arguments: list, out_dir: Path) -> list[str]:
     return [str(out_dir) if a is None else a for a in arguments]
 
