@@ -441,7 +441,7 @@ def training_arguments(stage: Mapping, output_dir: str | Path, seed: int, progre
     reporting integrations, no activation checkpointing (it only costs time on CPU). Under `torchrun` the stage's
     `batch_size` is the global batch, split evenly between the processes (gloo DDP)."""
     processes = training_processes()
-    check_batch_sizes([stage], processes)
+    _check_batch_size(stage, processes, f"stage {stage['stage']}")  # `run_curriculum` checked the whole recipe
     return TrainingArguments(
         output_dir=str(output_dir),
         use_cpu=True,
@@ -474,9 +474,13 @@ def training_processes() -> int:
 def check_batch_sizes(stages: Sequence[Mapping], processes: int) -> None:
     """Raises `ValueError` naming the first stage whose global `batch_size` does not split evenly over `processes`."""
     for index, stage in enumerate(stages):
-        if stage["batch_size"] % processes:
-            raise ValueError(f"recipe stage {index} ({stage['stage']}): `batch_size` {stage['batch_size']} does not "
-                             f"split evenly over {processes} training processes")
+        _check_batch_size(stage, processes, f"recipe stage {index} ({stage['stage']})")
+
+
+def _check_batch_size(stage: Mapping, processes: int, name: str) -> None:
+    if stage["batch_size"] % processes:
+        raise ValueError(f"{name}: `batch_size` {stage['batch_size']} does not split evenly over {processes} training "
+                         "processes")
 
 
 # --- Running --------------------------------------------------------------------------------------------------------
@@ -557,6 +561,7 @@ def run_curriculum(
         raise TypeError(f"`resume` must be True or False, got {resume!r}")
     with input_checks():
         check_recipe(recipe)
+        check_batch_sizes(recipe["stages"], training_processes())  # under torchrun: before any stage trains
         if "init_from" in recipe:
             check_init_from(recipe)
         if resume:
@@ -638,8 +643,10 @@ def check_same_run(recipe: Mapping, output_dir: Path, processes: int | None = No
     if recorded_processes is not None and recorded_processes != processes:
         raise ValueError(
             f"`resume`: {str(output_dir)!r} holds a run trained in {recorded_processes} process(es), not "
-            f"{processes}: resume it with `--processes {recorded_processes}` (`run_curriculum_in_processes`; "
-            "1: `run_curriculum`), or start a fresh run (without `resume`)."
+            f"{processes}: resume it in {recorded_processes} processes (`torchrun --nproc_per_node "
+            f"{recorded_processes} -m modeling_rxt.training_curriculum`, `demo --processes {recorded_processes}`, "
+            "`run_curriculum_in_processes`; 1 process: plain `python -m`, `run_curriculum`), or start a fresh run "
+            "(without `resume`)."
         )
     if _comparable(recorded_recipe) == _comparable(_as_json(recipe)):
         return

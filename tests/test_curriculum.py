@@ -216,9 +216,25 @@ def test_resume_tells_a_run_in_processes_from_another_recipe(tmp_path, monkeypat
     start_or_resume(stages, Path("run"), resume=False)
     check_same_run(stages, Path("run"))
     for processes in (1, 3):
-        with pytest.raises(ValueError, match=f"trained in 2 process\\(es\\), not {processes}: resume it with "
-                                             "`--processes 2`"):
+        with pytest.raises(ValueError, match=f"trained in 2 process\\(es\\), not {processes}: resume it in 2 "
+                                             r"processes \(`torchrun --nproc_per_node 2 -m "
+                                             r"modeling_rxt.training_curriculum`, `demo --processes 2`"):
             check_same_run(stages, Path("run"), processes)
+
+
+def test_under_torchrun_a_batch_that_does_not_split_is_named_by_its_stage_before_anything_trains(tmp_path,
+                                                                                              monkeypatch):
+    """The curriculum CLI under `torchrun`: every stage's batch is checked against the processes at the start, and
+    the stage named is the recipe's (not the first of a one-stage list)."""
+    from modeling_rxt.training_curriculum import InputError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it in each process
+    recipe = {"seed": 0, "tokenizer": {"vocab_size": 400, "episodes": 20}, "model": {"preset": "nano"},
+              "stages": [stage_recipe("sft", max_steps=1, batch_size=4),
+                         stage_recipe("memory_attention", max_steps=1, batch_size=5)]}
+    with pytest.raises(InputError, match=r"recipe stage 1 \(memory_attention\): `batch_size` 5 does not split"):
+        run_curriculum(recipe, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_recipe_can_continue_a_trained_model(tokenizer, tmp_path):
