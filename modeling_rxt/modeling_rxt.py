@@ -53,6 +53,7 @@ Memory write (after the answer, off the user's critical path):
     STM_l'   = (1 - G) * STM_l + G * Update_l
 """
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -86,6 +87,7 @@ from .external_memory import (
     attach_retrieved_memory_idx,
     bind_external_memory,
     build_external_memory,
+    generation_setting,
     prepare_generate_kwargs,
     resolve_layers,
     resolve_stride,
@@ -103,9 +105,9 @@ from .modeling_rxt_blocks import (
 from .modeling_rxt_checks import (
     can_read_values,
     check_decoder_inputs,
-    check_generation_settings,
+    check_generate_prompt,
+    check_interaction_ids,
     check_labels,
-    check_mask_values,
     check_token_ids,
 )
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
@@ -664,6 +666,17 @@ def aux_loss_share(labels: torch.Tensor, num_items_in_batch: torch.Tensor | int 
     return (labels[..., 1:] != -100).sum() / num_items_in_batch
 
 
+@contextlib.contextmanager
+def _num_hidden_layers_restored(config: RxTConfig):
+    """transformers' early-exit drafts (`assistant_early_exit`) lower `config.num_hidden_layers` and set it back
+    without a `finally`: an error inside a draft would leave the model running fewer layers in every later call."""
+    layers = config.num_hidden_layers
+    try:
+        yield
+    finally:
+        config.num_hidden_layers = layers
+
+
 # What `generate` adds to the model inputs for this model alone: an assistant (assisted decoding) does not get them.
 OWN_GENERATE_INPUTS = ("memory_key_values", "external_memory", "external_memory_rows")
 
@@ -857,7 +870,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             inputs = prompt = self._bos_prompt(generation_config, memory_state, kwargs.get("attention_mask"))
             kwargs.pop("input_ids", None)
         if prompt is not None:
-            self._check_generate_prompt(prompt, generation_config or self.generation_config, kwargs)
+            check_generate_prompt(prompt, self.config, generation_config or self.generation_config, kwargs)
         if kwargs.get("memory_key_values") is None:
             stm = self.model.memory_tensor(memory_state, prompt.shape[0])
             kwargs["memory_key_values"] = self._project_memory_for_generate(stm.to(self.device))
@@ -870,11 +883,9 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
                 "`build_external_memory` (under the adapter whose keys it should hold) and pass the ExternalMemory."
             )
         recorder = prepare_generate_kwargs(self, batch_size, kwargs, generation_config)  # builds it once per call
-        layers = self.config.num_hidden_layers
-        try:
+        early_exit = generation_setting("assistant_early_exit", kwargs, generation_config, self) is not None
+        with _num_hidden_layers_restored(self.config) if early_exit else contextlib.nullcontext():
             outputs = super().generate(inputs, generation_config, *args, **kwargs)
-        finally:  # transformers' early-exit drafts lower it and set it back without a `finally`
-            self.config.num_hidden_layers = layers
         return attach_retrieved_memory_idx(outputs, recorder)
 
     def _bos_prompt(
@@ -945,56 +956,10 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             differentiable=differentiable, passes=passes,
         )
 
-    def _check_generate_prompt(self, prompt: torch.Tensor, generation_config: GenerationConfig, kwargs: dict) -> None:
-        """The query must be valid (non-empty ids, or embeddings) and the answer must fit: query + new tokens within
-        `max_position_embeddings`, refused before decoding starts rather than when the limit is hit."""
-        check_generation_settings(kwargs, generation_config)
-        if isinstance(prompt, torch.Tensor) and prompt.is_floating_point() and prompt.dim() == 3:  # inputs_embeds
-            if 0 in prompt.shape[:2] or prompt.shape[2] != self.config.hidden_size:
-                raise ValueError(
-                    f"`inputs_embeds` must have shape (batch >= 1, length >= 1, {self.config.hidden_size}), got "
-                    f"{tuple(prompt.shape)}: the query needs at least one token."
-                )
-            self._check_interaction_mask(kwargs.get("attention_mask"), tuple(prompt.shape[:2]))
-        else:
-            self._check_ids(prompt, kwargs.get("attention_mask"))
-        length, max_new_tokens = prompt.shape[1], kwargs.get("max_new_tokens")
-        if max_new_tokens is None:
-            max_new_tokens = generation_config.max_new_tokens
-        if max_new_tokens is not None:
-            total, name = length + max_new_tokens, "max_new_tokens"
-        else:
-            max_length = kwargs.get("max_length") or generation_config.max_length
-            if max_length is None:  # transformers' default: 20 new tokens, capped at `max_position_embeddings`
-                return
-            total, name = max(max_length, length + 1), "max_length"
-        if total > self.config.max_position_embeddings:
-            raise ValueError(
-                f"The query ({length} tokens) and its answer (`{name}`) would reach {total} tokens, more than the "
-                f"model's maximum of {self.config.max_position_embeddings} (`max_position_embeddings`)."
-            )
-
     def _check_ids(self, input_ids, attention_mask):
-        """The checks of `check_decoder_inputs` for a whole interaction or prompt, plus what is read once per call
-        on any device (outside `forward`): token ids within the vocabulary, a mask of 0 and 1."""
-        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
-            raise ValueError("`input_ids` is empty: an interaction needs at least one token.")
-        check_decoder_inputs(input_ids, None, None, None, self.config, past_length=0)
-        check_token_ids(input_ids, self.config.vocab_size)
-        self._check_interaction_mask(attention_mask, tuple(input_ids.shape))
+        """`check_interaction_ids`, then the ids and mask on the model's device."""
+        check_interaction_ids(input_ids, attention_mask, self.config)
         return input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device)
-
-    @staticmethod
-    def _check_interaction_mask(attention_mask, shape: tuple[int, int]) -> None:
-        """The 2-D mask of a whole interaction or prompt (`forward` also takes 4-D masks), of 0 and 1."""
-        if attention_mask is None:
-            return
-        if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
-        if tuple(attention_mask.shape) != shape:
-            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {shape} (batch, "
-                             "tokens), the mask of the interaction.")
-        check_mask_values(attention_mask)
 
     def encoder_mlm_logits(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
         """Masked-LM logits (B, T, V) of the memory encoder (joint pretraining), through the tied LM head."""

@@ -175,3 +175,55 @@ def check_generation_settings(kwargs: dict, generation_config) -> None:
                 value = value.item()
             if value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
                 raise TypeError(f"`{name}` must be {kind}, got {value!r}.")
+
+
+def check_generate_prompt(prompt: torch.Tensor, config: RxTConfig, generation_config, kwargs: dict) -> None:
+    """The query of a `generate` call must be valid (non-empty ids, or embeddings) and the answer must fit: query +
+    new tokens within `max_position_embeddings`, refused before decoding starts rather than when the limit is hit."""
+    check_generation_settings(kwargs, generation_config)
+    if isinstance(prompt, torch.Tensor) and prompt.is_floating_point() and prompt.dim() == 3:  # inputs_embeds
+        if 0 in prompt.shape[:2] or prompt.shape[2] != config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch >= 1, length >= 1, {config.hidden_size}), got "
+                f"{tuple(prompt.shape)}: the query needs at least one token."
+            )
+        check_interaction_mask(kwargs.get("attention_mask"), tuple(prompt.shape[:2]))
+    else:
+        check_interaction_ids(prompt, kwargs.get("attention_mask"), config)
+    length, max_new_tokens = prompt.shape[1], kwargs.get("max_new_tokens")
+    if max_new_tokens is None:
+        max_new_tokens = generation_config.max_new_tokens
+    if max_new_tokens is not None:
+        total, name = length + max_new_tokens, "max_new_tokens"
+    else:
+        max_length = kwargs.get("max_length") or generation_config.max_length
+        if max_length is None:  # transformers' default: 20 new tokens, capped at `max_position_embeddings`
+            return
+        total, name = max(max_length, length + 1), "max_length"
+    if total > config.max_position_embeddings:
+        raise ValueError(
+            f"The query ({length} tokens) and its answer (`{name}`) would reach {total} tokens, more than the "
+            f"model's maximum of {config.max_position_embeddings} (`max_position_embeddings`)."
+        )
+
+
+def check_interaction_ids(input_ids, attention_mask, config: RxTConfig) -> None:
+    """The checks of `check_decoder_inputs` for a whole interaction or prompt, plus what is read once per call on any
+    device (outside `forward`): token ids within the vocabulary, a mask of 0 and 1."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
+        raise ValueError("`input_ids` is empty: an interaction needs at least one token.")
+    check_decoder_inputs(input_ids, None, None, None, config, past_length=0)
+    check_token_ids(input_ids, config.vocab_size)
+    check_interaction_mask(attention_mask, tuple(input_ids.shape))
+
+
+def check_interaction_mask(attention_mask, shape: tuple[int, int]) -> None:
+    """The 2-D mask of a whole interaction or prompt (`forward` also takes 4-D masks), of 0 and 1."""
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
+    if tuple(attention_mask.shape) != shape:
+        raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {shape} (batch, "
+                         "tokens), the mask of the interaction.")
+    check_mask_values(attention_mask)
