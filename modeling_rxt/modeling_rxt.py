@@ -529,7 +529,7 @@ class RxTModel(RxTPreTrainedModel):
         # The first `num_hidden_layers`, as Llama: an early-exit draft (`assistant_early_exit`) lowers it meanwhile.
         # (Counted, not sliced: slicing a ModuleList builds a new one, ~40 us at every decoding step.)
         for index, (decoder_layer, layer_memory) in enumerate(zip(self.layers, layer_memories, strict=True)):
-            if index == self.config.num_hidden_layers:
+            if index == self.config.num_hidden_layers:  # CODEPATH: early-exit drafts only; checkpoints run every layer
                 break
             hidden_states = decoder_layer(
                 hidden_states,
