@@ -178,6 +178,31 @@ def update_memory_with(
         return rxt_model(model).update_memory(memory_state, input_ids, attention_mask)
 
 
+def update_memory_per_row(
+    model: torch.nn.Module,
+    memory_state: RxTMemoryState,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    adapters: Sequence[str],
+) -> RxTMemoryState:
+    """`update_memory_with` for a batch whose rows were answered by different adapters (the `adapter_names` of a
+    mixed-adapter `generate`, `"__base__"` for the base): each row is written by its own adapter, the rows of one
+    adapter together. Returns a NEW state, rows in the given order."""
+    if isinstance(adapters, str) or len(adapters) != input_ids.shape[0]:
+        raise ValueError(f"`adapters` must name one adapter per row ({input_ids.shape[0]}), got {adapters!r}.")
+    rows_of: dict[str, list[int]] = {}
+    for row, name in enumerate(adapters):
+        rows_of.setdefault(name, []).append(row)
+    parts, order = [], []
+    for name, rows in rows_of.items():
+        index = torch.tensor(rows, device=input_ids.device)
+        mask = None if attention_mask is None else attention_mask[index]
+        writer = None if name == BASE_ADAPTER else name
+        parts.append(update_memory_with(model, memory_state.select(rows), input_ids[index], mask, adapter=writer))
+        order += rows
+    return RxTMemoryState.concatenate(parts).select([order.index(row) for row in range(len(order))])
+
+
 def initial_memory_for(model: torch.nn.Module, adapters: Sequence[str]) -> RxTMemoryState:
     """The starting memory of one conversation per entry of `adapters` (`"__base__"` for the base model): each row
     gets that adapter's learned initial memory, or the base one if the adapter has none. Pass it as `memory_state=`
@@ -633,6 +658,7 @@ __all__ = [
     "lora_config",
     "rxt_model",
     "save_adapters",
+    "update_memory_per_row",
     "update_memory_with",
     "using_adapter",
 ]

@@ -36,8 +36,9 @@ from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from .external_memory import generation_setting
+from .adapters import adapter_names, update_memory_per_row
 from .atomic_files import read_json_object, write_json_atomic
-from .memory_state import RxTMemoryState
+from .memory_state import RxTMemoryState, as_memory_state
 from .tokenization import (
     ANSWER_TOKEN, EOS_TOKEN, check_chat_template, check_turn_tokens, decode_answer, encode_chat_prompt,
 )
@@ -121,8 +122,7 @@ class RxTChatSession:
             raise TypeError(f"`background_write` must be a bool, got {type(background_write).__name__}.")
         if memory_state is None:
             memory_state = model.init_memory(1)
-        if not isinstance(memory_state, RxTMemoryState):
-            raise TypeError(f"`memory_state` must be an RxTMemoryState, got {type(memory_state).__name__}.")
+        memory_state = as_memory_state(memory_state)
         memory_state.check_compatible(model.config, 1)
         self.model, self.tokenizer, self.background_write = model, tokenizer, background_write
         self.messages: list[dict[str, str]] = []
@@ -172,19 +172,27 @@ class RxTChatSession:
         """Whether a memory write is still running in the background."""
         return self._pending is not None and not self._pending.done()
 
+    def _writes_in_background(self) -> bool:
+        # Which adapter is active is state of the whole model: a write left to the background would take whatever
+        # adapter is active when it runs, not the one the turn was answered with. With adapters it runs in the turn.
+        return self.background_write and not adapter_names(self.model)
+
     def _write(
-        self, state: RxTMemoryState, ids: torch.Tensor, mask: torch.Tensor | None
+        self, state: RxTMemoryState, ids: torch.Tensor, mask: torch.Tensor | None, writers: list[str] | None
     ) -> tuple[RxTMemoryState, float]:
         start = time.perf_counter()
         with torch.no_grad():  # grad mode is per thread: a worker thread starts with it enabled
-            new_state = self.model.update_memory(state, ids, mask)
+            if writers is None:
+                new_state = self.model.update_memory(state, ids, mask)
+            else:  # a mixed-adapter turn: each row written by the adapter that answered it
+                new_state = update_memory_per_row(self.model, state, ids, mask, writers)
         return new_state, time.perf_counter() - start
 
-    def _schedule_write(self, state, ids, mask, background: bool) -> Future:
+    def _schedule_write(self, state, ids, mask, background: bool, writers: list[str] | None = None) -> Future:
         if background:
-            return self._executor.submit(self._write, state, ids, mask)
+            return self._executor.submit(self._write, state, ids, mask, writers)
         done: Future = Future()
-        done.set_result(self._write(state, ids, mask))
+        done.set_result(self._write(state, ids, mask, writers))
         return done
 
     # ---- turns ---------------------------------------------------------------------------------------------------
@@ -209,9 +217,10 @@ class RxTChatSession:
             self._check_open()  # closed by a callback during generation: no writer left to take the write
             answer_ids = self._answer_ids(_sequences(output)[0, prompt.shape[1] :])
             interaction = torch.cat((prompt[0], answer_ids))[None]
-            write = self._schedule_write(self._state, interaction, None, self.background_write)
+            background, writers = self._writes_in_background(), generate_kwargs.get("adapter_names")
+            write = self._schedule_write(self._state, interaction, None, background, writers)
             timings = TurnTimings(waited, clock.first_token_s, generate_s)
-            return self._record_turn(query, answer_ids, write, timings, self.background_write)
+            return self._record_turn(query, answer_ids, write, timings, background)
 
     def _record_turn(
         self, query: str, answer_ids: torch.Tensor, write: Future | _RowOfBatchWrite, timings: TurnTimings,
@@ -367,8 +376,9 @@ class RxTChatSession:
 def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **generate_kwargs) -> list[str]:
     """One turn of several sessions (same model and tokenizer) as one batch: their memories are concatenated, the
     prompts left-padded and answered by one `generate`, and the interactions written by one batched
-    `update_memory` (in the background if every session writes in the background); each session then continues
-    with its own row. The room for the answers is that of the longest prompt: with no `max_new_tokens`, a short
+    `update_memory` (in the background if every session writes in the background, and the model holds no
+    adapters); each session then continues with its own row. With `adapter_names` (a mixed-adapter batch) each row
+    is also written by its own adapter. The room for the answers is that of the longest prompt: with no `max_new_tokens`, a short
     prompt may get a shorter answer than it would alone."""
     if isinstance(queries, str) or isinstance(sessions, RxTChatSession):
         raise TypeError("`sessions` and `queries` must be lists (one query string per session).")
@@ -396,8 +406,8 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
         generate_s = time.perf_counter() - start
         answers = [first._answer_ids(row[ids.shape[1] :]) for row in _sequences(output)]
         written, written_mask = _pad([torch.cat(pair) for pair in zip(prompts, answers)], tokenizer.pad_token_id)
-        background = all(s.background_write for s in sessions)
-        batch_write = first._schedule_write(state, written, written_mask, background)
+        background = all(s._writes_in_background() for s in sessions)
+        batch_write = first._schedule_write(state, written, written_mask, background, generate_kwargs.get("adapter_names"))
         texts = []
         for row, (session, query, answer) in enumerate(zip(sessions, queries, answers)):
             timings = TurnTimings(waits[row], clock.first_token_s, generate_s)

@@ -122,12 +122,12 @@ class RxTMemoryState:
     @classmethod
     def concatenate(cls, states: Sequence["RxTMemoryState"]) -> "RxTMemoryState":
         """One batch from several states (for running many sessions together)."""
-        if isinstance(states, RxTMemoryState) or not isinstance(states, Iterable):
+        if is_memory_state(states) or not isinstance(states, Iterable):
             raise TypeError(f"`states` must be a list of RxTMemoryState, got {type(states).__name__}.")
         states = list(states)  # a generator is read once
         if not states:
             raise ValueError("`states` is empty.")
-        if not all(isinstance(state, RxTMemoryState) for state in states):
+        if not all(is_memory_state(state) for state in states):
             raise TypeError(f"`states` must all be RxTMemoryState, got {[type(s).__name__ for s in states]}.")
         shapes = {(s.num_layers, s.num_slots, s.hidden_size) for s in states}
         if len(shapes) != 1:
@@ -227,4 +227,23 @@ def checked_device(device) -> str:
     return str(parsed)
 
 
-__all__ = ["RxTMemoryState", "STATE_WEIGHTS_NAME", "STATE_CONFIG_NAME"]
+def is_memory_state(value) -> bool:
+    """Whether `value` is an RxTMemoryState of this code or of another copy of it: a model loaded with
+    `trust_remote_code` runs the copy in its folder (a `transformers_modules` module) beside the installed package,
+    and the two classes differ though they are the same code."""
+    return isinstance(value, RxTMemoryState) or (
+        type(value).__name__ == "RxTMemoryState" and isinstance(getattr(value, "stm", None), torch.Tensor)
+    )
+
+
+def as_memory_state(value, name: str = "memory_state") -> RxTMemoryState:
+    """`value` as this copy's RxTMemoryState (one of another copy is re-wrapped around the same tensor); anything
+    else is a TypeError naming `name`."""
+    if isinstance(value, RxTMemoryState):
+        return value
+    if is_memory_state(value):
+        return RxTMemoryState(value.stm)
+    raise TypeError(f"`{name}` must be an RxTMemoryState, got {type(value).__name__}.")
+
+
+__all__ = ["RxTMemoryState", "STATE_WEIGHTS_NAME", "STATE_CONFIG_NAME", "as_memory_state", "is_memory_state"]

@@ -93,7 +93,7 @@ from .external_memory import (
     resolve_stride,
 )
 from .atomic_files import save_files_into
-from .memory_state import RxTMemoryState
+from .memory_state import RxTMemoryState, as_memory_state, is_memory_state
 from .modeling_rxt_blocks import (
     RxTMemoryCrossAttention,
     RxTMLP,
@@ -440,8 +440,7 @@ class RxTModel(RxTPreTrainedModel):
                     "`memory_state=initial_memory_for(model, adapter_names)` (modeling_rxt.adapters)."
                 )
             return self.initial_memory(batch_size)
-        if not isinstance(memory_state, RxTMemoryState):
-            raise TypeError(f"`memory_state` must be an RxTMemoryState, got {type(memory_state).__name__}.")
+        memory_state = as_memory_state(memory_state)
         memory_state.check_compatible(self.config, batch_size)
         return memory_state.stm.to(self.embed_tokens.weight.dtype)
 
@@ -823,8 +822,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         """Writes one whole interaction `[query][answer]` (B, T) into the memory and returns a NEW state; the given
         state is left unchanged. Gradients flow when called with grad enabled (memory-aware training)."""
         input_ids, attention_mask = self._check_ids(input_ids, attention_mask)
-        if not isinstance(memory_state, RxTMemoryState):
-            raise TypeError(f"`memory_state` must be an RxTMemoryState, got {type(memory_state).__name__}.")
+        memory_state = as_memory_state(memory_state)
         memory_state.check_compatible(self.config, input_ids.shape[0])
         stm = memory_state.stm.to(self.device)
         if torch.is_grad_enabled():
@@ -861,8 +859,10 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         `retrieved_memory_idx`: per forward step, {layer: indices (B, H, Tq, k), -1 where dropped}.
 
         The positional arguments are `GenerationMixin.generate`'s; `memory_state` is keyword-only."""
-        if isinstance(generation_config, RxTMemoryState):
+        if is_memory_state(generation_config):
             raise TypeError("Pass the memory by keyword: `generate(input_ids, memory_state=state)`.")
+        if memory_state is not None:
+            memory_state = as_memory_state(memory_state)
         given = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
         prompt = next((value for value in given if value is not None), None)
         if prompt is None and kwargs.get("memory_key_values") is None:

@@ -658,3 +658,73 @@ def test_the_room_rule_counts_the_rendered_prompt(model, tokenizer, monkeypatch)
     over = with_template(tokenizer, "[T]" * (fill + 1) + CHAT_TEMPLATE)
     with pytest.raises(ValueError, match="47 tokens, more than max_length=46"):
         RxTChatSession(model, over).send(TEXTS[0], max_new_tokens=1)
+
+
+# ---- adapters and other copies of the code ---------------------------------------------------------------------------
+def _with_writer_adapters(model):
+    """A PeftModel over a copy of `model` with two LoRA adapters on the memory write (which changes the memory each
+    writes), initialised away from zero so that they differ."""
+    from peft import LoraConfig, get_peft_model
+
+    def writer_config():
+        return LoraConfig(r=4, lora_alpha=8, target_modules=r".*memory_attention.*_proj", init_lora_weights=False)
+
+    peft_model = get_peft_model(copy.deepcopy(model), writer_config(), adapter_name="first")
+    torch.manual_seed(1)
+    peft_model.add_adapter("second", writer_config())
+    return peft_model.eval()
+
+
+def test_a_session_writes_with_the_adapter_its_turn_was_answered_with(model, tokenizer):
+    """Which adapter is active is state of the whole model: a write left to the background would take whatever
+    adapter is active when it runs. A session on a model with adapters writes in the turn's own call."""
+    from modeling_rxt.adapters import using_adapter
+
+    peft_model = _with_writer_adapters(model)
+    peft_model.set_adapter("first")
+    written = {}
+    for background in (True, False):
+        session = RxTChatSession(peft_model, tokenizer, background_write=background)
+        with using_adapter(peft_model, "second"):
+            session.send(TEXTS[0], **GREEDY)
+        written[background] = session.memory_state.stm
+    with using_adapter(peft_model, "second"):
+        expected = expected_turn(peft_model, tokenizer, peft_model.init_memory(1), TEXTS[0], **GREEDY)
+    assert torch.equal(written[True], expected.stm) and torch.equal(written[False], expected.stm)
+
+
+def test_send_batch_writes_each_row_with_its_own_adapter(model, tokenizer):
+    """`send_batch(..., adapter_names=[...])` answers each row with its adapter, and writes each row's memory with it
+    too (`"__base__"`: the base model), whatever adapter is active."""
+    from modeling_rxt.adapters import BASE_ADAPTER, using_adapter
+
+    peft_model = _with_writer_adapters(model)
+    peft_model.set_adapter("first")
+    rows = ["second", BASE_ADAPTER, "first"]
+    sessions = [RxTChatSession(peft_model, tokenizer) for _ in rows]
+    send_batch(sessions, [TEXTS[0], TEXTS[1], TEXTS[2]], adapter_names=rows, **GREEDY)
+    for session, name, query in zip(sessions, rows, (TEXTS[0], TEXTS[1], TEXTS[2])):
+        with using_adapter(peft_model, None if name == BASE_ADAPTER else name):
+            expected = expected_turn(peft_model, tokenizer, peft_model.init_memory(1), query, **GREEDY)
+        torch.testing.assert_close(session.memory_state.stm, expected.stm, rtol=1e-4, atol=1e-5)
+    assert peft_model.active_adapter == "first"
+
+
+def test_a_model_of_a_saved_folders_own_code_runs_sessions(model, tokenizer, tmp_path):
+    """A model loaded through its folder's code (`trust_remote_code`) has its own copy of `RxTMemoryState`: the
+    sessions, their batches and the package's states work with it."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    model.save_pretrained(tmp_path)
+    folder_class = get_class_from_dynamic_module("modeling_rxt.RxTForCausalLM", str(tmp_path))
+    assert folder_class is not RxTForCausalLM
+    folder_model = folder_class.from_pretrained(tmp_path).eval()
+    assert type(folder_model.init_memory(1)) is not type(model.init_memory(1))
+    ours, theirs = RxTChatSession(model, tokenizer), RxTChatSession(folder_model, tokenizer)
+    assert ours.send(TEXTS[0], **GREEDY) == theirs.send(TEXTS[0], **GREEDY)
+    others = [RxTChatSession(folder_model, tokenizer) for _ in range(2)]
+    assert send_batch(others, [TEXTS[1], TEXTS[2]], **GREEDY) == [
+        RxTChatSession(model, tokenizer).send(query, **GREEDY) for query in (TEXTS[1], TEXTS[2])]
+    torch.testing.assert_close(theirs.memory_state.stm, ours.memory_state.stm, rtol=0, atol=0)
+    assert torch.equal(folder_model.generate(torch.tensor([[5, 6]]), memory_state=ours.memory_state, max_new_tokens=3),
+                       model.generate(torch.tensor([[5, 6]]), memory_state=theirs.memory_state, max_new_tokens=3))
