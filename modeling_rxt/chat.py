@@ -397,6 +397,10 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
         waits = [s.wait_for_memory() for s in sessions]
         prompts = [s._encode_prompt(q)[0] for s, q in zip(sessions, queries)]
         ids, mask = _pad(prompts, tokenizer.pad_token_id, left=True)
+        dtypes = sorted({str(s._state.dtype) for s in sessions})
+        if len(dtypes) > 1:  # a batch has one memory tensor
+            raise ValueError(f"`sessions` hold memories of different dtypes ({', '.join(dtypes)}): send them one by "
+                             "one, or give their states one dtype (`session.memory_state.to(...)` into a new session).")
         state = RxTMemoryState.concatenate([s._state.to(model.device) for s in sessions])
         clock = _FirstTokenClock(None, start)
         output = model.generate(

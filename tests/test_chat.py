@@ -728,3 +728,11 @@ def test_a_model_of_a_saved_folders_own_code_runs_sessions(model, tokenizer, tmp
     torch.testing.assert_close(theirs.memory_state.stm, ours.memory_state.stm, rtol=0, atol=0)
     assert torch.equal(folder_model.generate(torch.tensor([[5, 6]]), memory_state=ours.memory_state, max_new_tokens=3),
                        model.generate(torch.tensor([[5, 6]]), memory_state=theirs.memory_state, max_new_tokens=3))
+
+
+def test_a_batch_of_sessions_with_memories_of_other_dtypes_is_refused_by_name(model, tokenizer):
+    half = RxTChatSession(model, tokenizer, memory_state=model.init_memory(1).to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"`sessions` hold memories of different dtypes \(torch.bfloat16, "
+                                         r"torch.float32\)"):
+        send_batch([half, RxTChatSession(model, tokenizer)], [TEXTS[0], TEXTS[1]], **GREEDY)
+    assert half.messages == []
