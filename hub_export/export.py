@@ -82,9 +82,12 @@ def find_model_folder(src: Path) -> Path:
                    and (p / "config.json").is_file()]
     if checkpoints:
         return max(checkpoints, key=_checkpoint_step)
+    adapter_only = next(src.rglob("adapter_config.json"), None) is not None
     raise ValueError(
         f"`src` {str(src)!r} is not a model folder: it has no config.json (nor checkpoint-N/config.json of a Trainer "
         "run). Save the model with `model.save_pretrained(folder)` first."
+        + (" It holds PEFT adapters only (a Trainer run of a PeftModel saves those): export the base model's folder, "
+           "with the adapters in its `adapters/<name>` sub-folders." if adapter_only else "")
     )
 
 

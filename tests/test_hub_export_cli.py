@@ -53,6 +53,7 @@ def source_model_config(folder: Path) -> dict:
     [
         ("missing_src", r"is not a folder"),
         ("not_a_model_folder", r"is not a model folder: it has no config.json"),
+        ("adapters_only", r"is not a model folder: .* It holds PEFT adapters only .* `adapters/<name>` sub-folders"),
         ("other_model_type", r"holds a 'llama' model, not an RxT model"),
         ("no_weights", r"the model cannot be loaded"),
         ("truncated_weights", r"the model cannot be loaded: .*header"),
@@ -79,6 +80,10 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, message, source, tm
     elif case == "not_a_model_folder":
         src = tmp_path / "empty"
         src.mkdir()
+    elif case == "adapters_only":  # a Trainer run of a PeftModel: its checkpoints hold the adapter alone
+        src = tmp_path / "peft_run"
+        (src / "checkpoint-4" / "persona").mkdir(parents=True)
+        (src / "checkpoint-4" / "persona" / "adapter_config.json").write_text("{}")
     elif case == "other_model_type":
         src = _copy_model(source, tmp_path / "llama")
         config = json.loads((src / "config.json").read_text())
