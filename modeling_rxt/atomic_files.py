@@ -56,11 +56,12 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     atomic_write_files({path: write})
 
 
-def atomic_write_files(writes: dict) -> None:
+def atomic_write_files(writes: dict, before_renames: Callable[[], None] | None = None) -> None:
     """`atomic_write` for files that belong together ({path: write}): every temporary file is written and flushed
-    first; then each is renamed over its path. Should a rename fail, the files already replaced get their previous
-    content back (kept meanwhile as hard links, or copies where links are not supported), so a failure leaves either
-    all new files or all old ones. (A crash between the renames, a few microseconds, can still leave a mix.)"""
+    first (then `before_renames()` runs, if given); then each is renamed over its path. Should a rename fail, the
+    files already replaced get their previous content back (kept meanwhile as hard links, or copies where links are
+    not supported), so a failure leaves either all new files or all old ones. (A crash between the renames, a few
+    microseconds, can still leave a mix.)"""
     staged, installed = [], []  # (temporary, path); (path, its previous content's second name, or None)
     try:
         for path, write in writes.items():
@@ -71,6 +72,8 @@ def atomic_write_files(writes: dict) -> None:
             write(temporary)
             with open(temporary, "rb+") as written:
                 os.fsync(written.fileno())
+        if before_renames is not None:
+            before_renames()
         for temporary, path in staged:
             previous = _keep_previous(path) if len(staged) > 1 else None
             try:
@@ -128,14 +131,15 @@ def replace_folder(staging: Path, target: Path) -> None:
 
 def rename_over(source: Path, target: Path) -> Path | None:
     """Renames `source` to `target`, also where `target` is a non-empty folder, and returns where `target`'s previous
-    content now is (None if there was none or it was an empty folder): the caller removes it, or renames it back.
+    content now is (None if there was none): the caller removes it, or renames it back.
 
     On Linux the two swap in one rename (`renameat2` with `RENAME_EXCHANGE`), so a reader of `target` sees the old
-    content or the new one, never no `target`; the previous content ends up at `source`'s path. Elsewhere a folder
+    content or the new one, never no `target`; the previous content (an empty folder too) ends up at `source`'s
+    path. Elsewhere a folder
     cannot be renamed over a non-empty one: `target` is first renamed aside to a hidden `.NAME.old-*` name beside it
     (put back if the second rename fails), and a reader in between finds no `target`."""
-    if not (target.exists() or target.is_symlink()) or (target.is_dir() and not any(target.iterdir())):
-        os.replace(source, target)  # over nothing, or an empty folder: one atomic rename on POSIX
+    if not (target.exists() or target.is_symlink()):
+        os.replace(source, target)  # over nothing: one atomic rename
         return None
     if _exchange(source, target):
         return source
@@ -198,9 +202,10 @@ def save_files_into(
     the names of the files and folders it wrote. `what` names `directory` in the error for a path that is a file.
 
     `superseded(names written)` lists files of `directory` that the new files replace without overwriting them (an
-    earlier save's weight shards). They are moved into the staging folder before the new files move in (back if that
-    fails) and removed with it, so the folder never holds them beside the new files: a crash in between leaves them
-    in the hidden staging folder, and the folder without them."""
+    earlier save's weight shards). Once the new files are flushed to disk, the superseded ones are moved into the
+    staging folder, just before the new files move in (back if that fails), and removed with it: the folder never
+    holds them beside the new files. A crash in those few renames leaves them, under their names, in the hidden
+    `.rxt-save-*/.superseded-*` folder."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{what} {str(directory)!r} is a file, not a folder.")
@@ -209,9 +214,14 @@ def save_files_into(
     try:
         result = save(staging)
         written = sorted(staging.iterdir())
-        put_aside = _put_aside(superseded({path.name for path in written}) if superseded else [], staging)
+        put_aside: list[tuple[Path, Path]] = []
+
+        def move_superseded_aside() -> None:  # once the new files are flushed, right before they are renamed in
+            put_aside.extend(_put_aside(superseded({path.name for path in written}) if superseded else [], staging))
+
         try:
-            atomic_write_files({directory / path.name: moved_from(path) for path in written if path.is_file()})
+            atomic_write_files({directory / path.name: moved_from(path) for path in written if path.is_file()},
+                               before_renames=move_superseded_aside)
         except BaseException:
             for path, aside in reversed(put_aside):
                 os.replace(aside, path)
@@ -224,15 +234,16 @@ def save_files_into(
 
 
 def _put_aside(paths: list[Path], staging: Path) -> list[tuple[Path, Path]]:
-    """Renames each file of `paths` into a new folder inside `staging`; returns (path, where it is now) pairs."""
+    """Renames each file of `paths` (of one folder) into a new folder inside `staging`, under its name; returns
+    (path, where it is now) pairs."""
     if not paths:
         return []
     aside = create_temporary(staging, ".superseded-", directory=True)
     moved = []
     try:
-        for index, path in enumerate(paths):
-            os.replace(path, aside / str(index))
-            moved.append((path, aside / str(index)))
+        for path in paths:
+            os.replace(path, aside / path.name)
+            moved.append((path, aside / path.name))
     except BaseException:
         for path, kept in reversed(moved):
             os.replace(kept, path)

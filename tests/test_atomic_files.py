@@ -75,12 +75,12 @@ def test_without_the_exchange_the_target_is_renamed_aside(tmp_path, monkeypatch,
         target.mkdir()
     previous = rename_over(folder_with(tmp_path / ".staging", a="new"), target)
     assert contents(target) == {"a": "new"}
-    if target_kind in ("folder", "file"):
-        assert previous.name.startswith(".target.old-")
-        assert (contents(previous) if target_kind == "folder" else previous.read_text()) in ({"a": "old"}, "old")
+    if target_kind == "nothing":
+        assert previous is None and sorted(p.name for p in tmp_path.iterdir()) == ["target"]
     else:
-        assert previous is None
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+        assert previous.name.startswith(".target.old-")
+        expected = {"folder": {"a": "old"}, "empty folder": {}, "file": "old"}[target_kind]
+        assert (previous.read_text() if target_kind == "file" else contents(previous)) == expected
 
 
 def test_a_failed_rename_puts_the_target_back(tmp_path, monkeypatch):
@@ -109,3 +109,22 @@ def test_the_exchange_swaps_and_reports_failures_by_name(tmp_path, needs_exchang
     assert contents(first) == {"b": "2"} and contents(second) == {"a": "1"}
     with pytest.raises(FileNotFoundError, match="missing"):
         atomic_files._exchange(first, tmp_path / "missing")
+
+
+@pytest.mark.parametrize("target_kind", ["empty folder", "link to an empty folder", "link to a folder"])
+def test_an_empty_folder_or_a_link_is_swapped_and_can_be_put_back(tmp_path, needs_exchange, target_kind):
+    """An empty folder is content too: a save that fails later puts it back. A link is replaced as a link (the folder
+    it points to stays as it was)."""
+    target = tmp_path / "target"
+    if target_kind == "empty folder":
+        target.mkdir()
+    else:
+        pointed = folder_with(tmp_path / "pointed", **({} if "empty" in target_kind else {"a": "kept"}))
+        target.symlink_to(pointed, target_is_directory=True)
+    previous = rename_over(folder_with(tmp_path / ".staging", a="new"), target)
+    assert not target.is_symlink() and contents(target) == {"a": "new"}
+    assert previous == tmp_path / ".staging" and (previous.is_symlink() == (target_kind != "empty folder"))
+    rename_over(previous, target)  # put back, as a failed save does
+    assert target.is_symlink() == (target_kind != "empty folder")
+    if target_kind == "link to a folder":
+        assert contents(tmp_path / "pointed") == {"a": "kept"}

@@ -294,10 +294,10 @@ def test_no_moment_of_a_save_mixes_two_saves_weight_files(tmp_path, monkeypatch,
 
         monkeypatch.setattr(os, name, watched)
 
-    def install(writes, real=atomic_files.atomic_write_files):
+    def install(writes, real=atomic_files.atomic_write_files, **kwargs):
         installing.append(True)
         try:
-            real(writes)
+            real(writes, **kwargs)
         finally:
             installing.clear()
         snapshot()
@@ -309,6 +309,29 @@ def test_no_moment_of_a_save_mixes_two_saves_weight_files(tmp_path, monkeypatch,
     assert moments[-1][3] and not [path for path in folder.iterdir() if path.name.startswith(".")]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc")
+def test_while_a_save_flushes_its_files_the_folder_keeps_the_earlier_weights(tmp_path, monkeypatch):
+    """Flushing the new weights to disk takes seconds for a large model: a crash then must find the earlier save's
+    weight files in the folder, not put aside already (sharded, then one file)."""
+    from conftest import make_tiny_model
+
+    folder = tmp_path / "model"
+    make_tiny_model("dense", seed=0).save_pretrained(folder, max_shard_size="20KB")
+    old = {path.name: path.read_bytes() for path in folder.glob("model*.safetensors*")}
+    flushes, real_fsync = [], os.fsync
+
+    def watched_fsync(descriptor):
+        if Path(os.readlink(f"/proc/self/fd/{descriptor}")).is_file():  # a file's data, not a folder's entries
+            flushes.append({path.name: path.read_bytes() for path in folder.glob("model*.safetensors*")} == old)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    make_tiny_model("dense", seed=1).save_pretrained(folder)
+    monkeypatch.undo()
+    assert flushes and all(flushes)
+    assert sorted(path.name for path in folder.glob("model*.safetensors*")) == ["model.safetensors"]
+
+
 def test_a_save_failing_while_its_files_move_in_puts_the_earlier_weights_back(tmp_path, monkeypatch):
     from conftest import make_tiny_model
 
@@ -316,7 +339,8 @@ def test_a_save_failing_while_its_files_move_in_puts_the_earlier_weights_back(tm
     make_tiny_model("dense", seed=0).save_pretrained(folder)
     before = _folder_bytes(folder)
 
-    def install_fails(writes):
+    def install_fails(writes, before_renames=None):
+        before_renames()  # the earlier weights are put aside, then a rename fails
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(atomic_files, "atomic_write_files", install_fails)
