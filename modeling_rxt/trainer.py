@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
+from accelerate.data_loader import DataLoaderShard
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, unwrap_peft_model
 
@@ -205,14 +206,22 @@ class RxTTrainer(Trainer):
         which Trainer's `logging_nan_inf_filter` (default on) leaves out of `eval_loss` (a 0 would pull it down)."""
         totals = torch.stack((loss_sum.float(), weight.float()))
         if _world_size() > 1:
-            state = self.accelerator.gradient_state
-            if state.end_of_dataloader and state.remainder > 0:
-                rows = state.active_dataloader.total_batch_size // self.accelerator.num_processes  # per process
-                if self.accelerator.process_index * rows >= state.remainder:
-                    totals = totals * 0  # every row of this batch is filling
+            if self._batch_is_all_filling():
+                totals = totals * 0
             dist.all_reduce(totals)
         loss_sum, weight = totals.unbind()
         return loss_sum / weight if bool(weight > 0) else loss_sum.new_tensor(float("nan"))
+
+    def _batch_is_all_filling(self) -> bool:
+        """Whether every row of this process's evaluation batch is accelerate's filling of the last, short batch.
+        Known where each process reads its own shard of the set (`DataLoaderShard`): the real rows come first in
+        process order. Batches handed out by the main process (`dispatch_batches`) are split otherwise: their
+        filling is counted, as in a plain Trainer."""
+        state, loader = self.accelerator.gradient_state, self.accelerator.gradient_state.active_dataloader
+        if not (isinstance(loader, DataLoaderShard) and state.end_of_dataloader and state.remainder > 0):
+            return False
+        rows = loader.total_batch_size // self.accelerator.num_processes  # per process
+        return self.accelerator.process_index * rows >= state.remainder
 
     def _track_num_input_tokens(self, inputs) -> None:
         # `include_num_input_tokens_seen` looks for the batch's `input_ids`; the mixed external stage's batch holds

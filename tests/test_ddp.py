@@ -105,6 +105,7 @@ from modeling_rxt.training import EpisodeCollator, memory_aware_objective, token
 
 torch.set_num_threads(1)
 tokenizer_dir, out_dir, rows, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+dispatch = sys.argv[5:] == ["dispatch"]  # the main process hands out halves of each batch
 world_size = int(os.environ.get("WORLD_SIZE", "1"))
 tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 dataset = tokenize_episodes(tokenizer, make_episodes(rows, turns=3, seed=7, max_chat_chars=60), 64)
@@ -114,7 +115,8 @@ model = RxTForCausalLM(RxTConfig(vocab_size=len(tokenizer), hidden_size=32, inte
                                  max_position_embeddings=64, initializer_range=0.1))
 args = TrainingArguments(output_dir=out_dir, use_cpu=True, ddp_backend="gloo" if world_size > 1 else None,
                          remove_unused_columns=False, report_to=[], per_device_eval_batch_size=per_device,
-                         disable_tqdm=True, dataloader_num_workers=0, seed=0)
+                         disable_tqdm=True, dataloader_num_workers=0, seed=0,
+                         accelerator_config={"dispatch_batches": True, "split_batches": True} if dispatch else None)
 trainer = RxTTrainer(model=model, args=args, eval_dataset=dataset, data_collator=EpisodeCollator(tokenizer.pad_token_id),
                      objective=memory_aware_objective)
 metrics = trainer.evaluate()
@@ -127,18 +129,26 @@ if torch.distributed.is_initialized():
 """
 
 
-@pytest.mark.parametrize("rows, per_device", [(3, 1), (10, 2)])
-def test_two_process_evaluation_of_a_set_that_ends_in_a_short_batch_matches_one_process(tmp_path, rows, per_device):
+@pytest.mark.parametrize("rows, per_device, how", [(3, 1, "shards"), (10, 2, "shards"), (4, 4, "dispatch")])
+def test_two_process_evaluation_of_a_set_that_ends_in_a_short_batch_matches_one_process(tmp_path, rows, per_device,
+                                                                                     how):
     """The last global batch is short: accelerate fills it with rows from the start of the set, and drops their
     losses when it gathers them. A process whose whole batch is such filling counts nothing, and every process
-    reports its batch's loss over the rows of all processes, so the rows kept give the single-process loss."""
+    reports its batch's loss over the rows of all processes, so the rows kept give the single-process loss.
+    Batches the main process hands out (`dispatch_batches` with `split_batches`, what accelerate asks for with an
+    iterable set) are split otherwise, and evaluate too. One batch here: with two (8 rows), Trainer's gathering kept
+    2 of the last batch's 4 rows, which weighs the two batches otherwise than one process does (each process's
+    loss of each batch was the one-process loss of that batch)."""
     tokenizer_dir, script = _tokenizer_and_script(tmp_path, EVAL_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     losses = {}
-    for name, launch, batch in (("single", [sys.executable], 2 * per_device), ("ddp", torchrun, per_device)):
+    split = how == "dispatch"  # the batch size is the global one
+    for name, launch, batch in (("single", [sys.executable], per_device if split else 2 * per_device),
+                                ("ddp", torchrun, per_device)):
         out_dir = tmp_path / name
-        command = [*launch, str(script), str(tokenizer_dir), str(out_dir), str(rows), str(batch)]
+        extra = ["dispatch"] if split and name == "ddp" else []
+        command = [*launch, str(script), str(tokenizer_dir), str(out_dir), str(rows), str(batch), *extra]
         completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert completed.returncode == 0, completed.stderr[-3000:]
         losses[name] = json.loads((out_dir / "eval.json").read_text())["eval_loss"]
