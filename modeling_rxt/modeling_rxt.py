@@ -666,14 +666,15 @@ def aux_loss_share(labels: torch.Tensor, num_items_in_batch: torch.Tensor | int 
 
 
 @contextlib.contextmanager
-def _num_hidden_layers_restored(config: RxTConfig):
-    """transformers' early-exit drafts (`assistant_early_exit`) lower `config.num_hidden_layers` and set it back
-    without a `finally`: an error inside a draft would leave the model running fewer layers in every later call."""
-    layers = config.num_hidden_layers
+def _all_layers_afterwards(model: "RxTForCausalLM"):
+    """transformers' early-exit drafts (`assistant_early_exit`) lower `config.num_hidden_layers` and set it back to
+    what it was when the draft began, without a `finally`: an error inside a draft, or a draft that began while
+    another thread's draft had lowered it, would leave the model running fewer layers in every later call. A model
+    runs every layer it has outside a draft (its memory is checked against them), so that is what is set back."""
     try:
         yield
     finally:
-        config.num_hidden_layers = layers
+        model.config.num_hidden_layers = len(model.model.layers)
 
 
 # What `generate` adds to the model inputs for this model alone: an assistant (assisted decoding) does not get them.
@@ -884,7 +885,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             )
         recorder = prepare_generate_kwargs(self, batch_size, kwargs, generation_config)  # builds it once per call
         early_exit = generation_setting("assistant_early_exit", kwargs, generation_config, self) is not None
-        with _num_hidden_layers_restored(self.config) if early_exit else contextlib.nullcontext():
+        with _all_layers_afterwards(self) if early_exit else contextlib.nullcontext():
             outputs = super().generate(inputs, generation_config, *args, **kwargs)
         return attach_retrieved_memory_idx(outputs, recorder)
 

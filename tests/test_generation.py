@@ -353,6 +353,49 @@ def test_early_exit_restores_the_config_when_a_draft_fails(dense_model, monkeypa
     assert dense_model.config.num_hidden_layers == layers
 
 
+def test_an_early_exit_call_beside_another_threads_draft_leaves_every_layer_running(dense_model):
+    """Thread B starts an early-exit `generate` while thread A's draft has lowered `num_hidden_layers` (transformers
+    changes the config the threads share): B's call fails, its cache built for the lowered count, and its drafts
+    would take the lowered value as the one to set back. Once both are done the model runs every layer again."""
+    import threading
+
+    layers, input_ids = dense_model.config.num_hidden_layers, random_ids(1, 5)
+    lowered, b_started, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen_by_b = []
+
+    def interleave(module, args, kwargs):
+        name = threading.current_thread().name
+        if name == "A" and module.config.num_hidden_layers < layers and not lowered.is_set():
+            lowered.set()
+            b_started.wait(10)  # A's draft holds the lowered value until B has started
+        if name == "B" and not seen_by_b:
+            seen_by_b.append(module.config.num_hidden_layers)
+            b_started.set()
+            a_done.wait(10)  # B goes on once A has finished (and set the value back)
+
+    def run_a():
+        dense_model.generate(input_ids, max_new_tokens=4, do_sample=False, assistant_early_exit=1)
+        a_done.set()
+
+    def run_b():
+        lowered.wait(10)
+        try:
+            dense_model.generate(input_ids, max_new_tokens=3, do_sample=False, assistant_early_exit=1)
+        except IndexError:  # transformers' cache of B, sized while A's draft had lowered the count
+            seen_by_b.append("failed")
+
+    hook = dense_model.model.register_forward_pre_hook(interleave, with_kwargs=True)
+    try:
+        threads = [threading.Thread(target=run_a, name="A"), threading.Thread(target=run_b, name="B")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        hook.remove()
+    assert seen_by_b[0] == 1 and dense_model.config.num_hidden_layers == layers
+
+
 def test_generate_without_ids_takes_embeddings_or_the_batch_of_the_mask(dense_model):
     """`input_ids=None` given by keyword beside `inputs_embeds` is a prompt of embeddings, not a [BOS] prompt; with a
     mask alone, the [BOS] rows are as many as the mask's, as transformers does."""
