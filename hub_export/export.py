@@ -82,7 +82,9 @@ def find_model_folder(src: Path) -> Path:
                    and (p / "config.json").is_file()]
     if checkpoints:
         return max(checkpoints, key=_checkpoint_step)
-    adapter_only = next(src.rglob("adapter_config.json"), None) is not None
+    adapter_only = any(next(src.glob(pattern), None) for pattern in (  # a Trainer run of a PeftModel, or its checkpoint
+        "adapter_config.json", "*/adapter_config.json", "checkpoint-*/adapter_config.json",
+        "checkpoint-*/*/adapter_config.json"))
     raise ValueError(
         f"`src` {str(src)!r} is not a model folder: it has no config.json (nor checkpoint-N/config.json of a Trainer "
         "run). Save the model with `model.save_pretrained(folder)` first."

@@ -55,7 +55,8 @@ from safetensors.torch import save_file
 from .atomic_files import (
     atomic_write_files, create_temporary, fsync_path, fsync_tree, moved_from, remove_path, rename_over
 )
-from .memory_state import RxTMemoryState
+from .memory_state import RxTMemoryState, as_memory_state
+from .modeling_rxt_checks import check_interaction_ids
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in `adapter_names=`
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -188,7 +189,11 @@ def update_memory_per_row(
     """`update_memory_with` for a batch whose rows were answered by different adapters (the `adapter_names` of a
     mixed-adapter `generate`, `"__base__"` for the base): each row is written by its own adapter, the rows of one
     adapter together. Returns a NEW state, rows in the given order."""
-    if isinstance(adapters, str) or len(adapters) != input_ids.shape[0]:
+    model_itself = rxt_model(model)
+    check_interaction_ids(input_ids, attention_mask, model_itself.config)
+    memory_state = as_memory_state(memory_state)
+    memory_state.check_compatible(model_itself.config, input_ids.shape[0])
+    if isinstance(adapters, str) or not isinstance(adapters, Sequence) or len(adapters) != input_ids.shape[0]:
         raise ValueError(f"`adapters` must name one adapter per row ({input_ids.shape[0]}), got {adapters!r}.")
     rows_of: dict[str, list[int]] = {}
     for row, name in enumerate(adapters):

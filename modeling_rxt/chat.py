@@ -19,13 +19,16 @@ Not exported to the Hub: this module uses the project's tokenizer helpers.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -36,9 +39,9 @@ from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from .external_memory import generation_setting
-from .adapters import adapter_names, update_memory_per_row
+from .adapters import adapter_names, rxt_model, update_memory_per_row
 from .atomic_files import read_json_object, write_json_atomic
-from .memory_state import RxTMemoryState, as_memory_state
+from .memory_state import RxTMemoryState, is_memory_state
 from .tokenization import (
     ANSWER_TOKEN, EOS_TOKEN, check_chat_template, check_turn_tokens, decode_answer, encode_chat_prompt,
 )
@@ -122,7 +125,9 @@ class RxTChatSession:
             raise TypeError(f"`background_write` must be a bool, got {type(background_write).__name__}.")
         if memory_state is None:
             memory_state = model.init_memory(1)
-        memory_state = as_memory_state(memory_state)
+        if not is_memory_state(memory_state):
+            raise TypeError(f"`memory_state` must be an RxTMemoryState, got {type(memory_state).__name__}.")
+        memory_state = _as_model_state(model, memory_state)
         memory_state.check_compatible(model.config, 1)
         self.model, self.tokenizer, self.background_write = model, tokenizer, background_write
         self.messages: list[dict[str, str]] = []
@@ -185,7 +190,7 @@ class RxTChatSession:
             if writers is None:
                 new_state = self.model.update_memory(state, ids, mask)
             else:  # a mixed-adapter turn: each row written by the adapter that answered it
-                new_state = update_memory_per_row(self.model, state, ids, mask, writers)
+                new_state = _as_model_state(self.model, update_memory_per_row(self.model, state, ids, mask, writers))
         return new_state, time.perf_counter() - start
 
     def _schedule_write(self, state, ids, mask, background: bool, writers: list[str] | None = None) -> Future:
@@ -208,17 +213,19 @@ class RxTChatSession:
             waited = self.wait_for_memory()
             prompt = self._encode_prompt(query)
             kwargs = self._generation_kwargs(prompt.shape[1], generate_kwargs)
+            writers = _adapter_rows(generate_kwargs, 1)
             clock = _FirstTokenClock(streamer, start)
-            output = self.model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), memory_state=self._state,
-                **_with_clock(clock, kwargs, self.model),
-            )
-            generate_s = time.perf_counter() - start
-            self._check_open()  # closed by a callback during generation: no writer left to take the write
-            answer_ids = self._answer_ids(_sequences(output)[0, prompt.shape[1] :])
-            interaction = torch.cat((prompt[0], answer_ids))[None]
-            background, writers = self._writes_in_background(), generate_kwargs.get("adapter_names")
-            write = self._schedule_write(self._state, interaction, None, background, writers)
+            with _turn_lock(self.model):
+                output = self.model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), memory_state=self._state,
+                    **_with_clock(clock, kwargs, self.model),
+                )
+                generate_s = time.perf_counter() - start
+                self._check_open()  # closed by a callback during generation: no writer left to take the write
+                answer_ids = self._answer_ids(_sequences(output)[0, prompt.shape[1] :])
+                interaction = torch.cat((prompt[0], answer_ids))[None]
+                background = self._writes_in_background()
+                write = self._schedule_write(self._state, interaction, None, background, writers)
             timings = TurnTimings(waited, clock.first_token_s, generate_s)
             return self._record_turn(query, answer_ids, write, timings, background)
 
@@ -401,17 +408,19 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
         if len(dtypes) > 1:  # a batch has one memory tensor
             raise ValueError(f"`sessions` hold memories of different dtypes ({', '.join(dtypes)}): send them one by "
                              "one, or give their states one dtype (`session.memory_state.to(...)` into a new session).")
-        state = RxTMemoryState.concatenate([s._state.to(model.device) for s in sessions])
+        state = _as_model_state(model, RxTMemoryState.concatenate([s._state.to(model.device) for s in sessions]))
+        writers = _adapter_rows(generate_kwargs, len(sessions))
         clock = _FirstTokenClock(None, start)
-        output = model.generate(
-            ids, attention_mask=mask, memory_state=state,
-            **_with_clock(clock, first._generation_kwargs(ids.shape[1], generate_kwargs), model),
-        )
-        generate_s = time.perf_counter() - start
-        answers = [first._answer_ids(row[ids.shape[1] :]) for row in _sequences(output)]
-        written, written_mask = _pad([torch.cat(pair) for pair in zip(prompts, answers)], tokenizer.pad_token_id)
-        background = all(s._writes_in_background() for s in sessions)
-        batch_write = first._schedule_write(state, written, written_mask, background, generate_kwargs.get("adapter_names"))
+        with _turn_lock(model):
+            output = model.generate(
+                ids, attention_mask=mask, memory_state=state,
+                **_with_clock(clock, first._generation_kwargs(ids.shape[1], generate_kwargs), model),
+            )
+            generate_s = time.perf_counter() - start
+            answers = [first._answer_ids(row[ids.shape[1] :]) for row in _sequences(output)]
+            written, written_mask = _pad([torch.cat(pair) for pair in zip(prompts, answers)], tokenizer.pad_token_id)
+            background = all(s._writes_in_background() for s in sessions)
+            batch_write = first._schedule_write(state, written, written_mask, background, writers)
         texts = []
         for row, (session, query, answer) in enumerate(zip(sessions, queries, answers)):
             timings = TurnTimings(waits[row], clock.first_token_s, generate_s)
@@ -420,6 +429,36 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
     finally:
         for lock in reversed(locks):
             lock.release()
+
+
+_TURN_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TURN_LOCKS_GUARD = threading.Lock()
+
+
+def _turn_lock(model):
+    """The turns of every session on a model with adapters run one at a time: which adapter is active is state of
+    the whole model, and a per-row write switches it (`update_memory_per_row`), which a turn of another thread would
+    otherwise answer or write under. A model without adapters takes no lock."""
+    if not adapter_names(model):
+        return contextlib.nullcontext()
+    with _TURN_LOCKS_GUARD:
+        return _TURN_LOCKS.setdefault(model, threading.RLock())
+
+
+def _adapter_rows(generate_kwargs: dict, rows: int) -> list[str] | None:
+    """The `adapter_names` of a mixed-adapter turn (one per session), checked before anything is generated."""
+    names = generate_kwargs.get("adapter_names")
+    if names is not None and (isinstance(names, str) or len(names) != rows):
+        raise ValueError(f"`adapter_names` must name one adapter per session ({rows}), got {names!r}.")
+    return None if names is None else list(names)
+
+
+def _as_model_state(model, state) -> RxTMemoryState:
+    """`state` as an RxTMemoryState of the model's own code: a model loaded with `trust_remote_code` runs its folder's
+    copy of the code, whose checks (in folders exported before 2026-12-06) take only their own class."""
+    module = sys.modules.get(type(rxt_model(model)).__module__)
+    state_class = getattr(module, "RxTMemoryState", RxTMemoryState)
+    return state if isinstance(state, state_class) else state_class(state.stm)
 
 
 def _int_setting(name: str, value) -> int:

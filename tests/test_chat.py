@@ -726,6 +726,10 @@ def test_a_model_of_a_saved_folders_own_code_runs_sessions(model, tokenizer, tmp
     assert send_batch(others, [TEXTS[1], TEXTS[2]], **GREEDY) == [
         RxTChatSession(model, tokenizer).send(query, **GREEDY) for query in (TEXTS[1], TEXTS[2])]
     torch.testing.assert_close(theirs.memory_state.stm, ours.memory_state.stm, rtol=0, atol=0)
+    # The folder model gets states of its own class, which the checks of a folder exported earlier also take.
+    folder_state_class = type(folder_model.init_memory(1))
+    assert all(type(session.memory_state) is folder_state_class for session in (theirs, *others))
+    assert type(RxTChatSession(folder_model, tokenizer, memory_state=model.init_memory(1))._state) is folder_state_class
     assert torch.equal(folder_model.generate(torch.tensor([[5, 6]]), memory_state=ours.memory_state, max_new_tokens=3),
                        model.generate(torch.tensor([[5, 6]]), memory_state=theirs.memory_state, max_new_tokens=3))
 
@@ -736,3 +740,73 @@ def test_a_batch_of_sessions_with_memories_of_other_dtypes_is_refused_by_name(mo
                                          r"torch.float32\)"):
         send_batch([half, RxTChatSession(model, tokenizer)], [TEXTS[0], TEXTS[1]], **GREEDY)
     assert half.messages == []
+
+
+def test_turns_of_threads_on_a_model_with_adapters_run_one_at_a_time(model, tokenizer, monkeypatch):
+    """A mixed-adapter batch writes each row under its adapter by switching the model's active adapter: a turn of
+    another thread waits until that is over, and is answered and written by the adapter active for it."""
+    from modeling_rxt import adapters as adapters_module
+    from modeling_rxt.adapters import BASE_ADAPTER
+
+    peft_model = _with_writer_adapters(model)
+    peft_model.set_adapter("first")
+    expected_answer = RxTChatSession(peft_model, tokenizer).send(TEXTS[2], **GREEDY)
+    expected = expected_turn(peft_model, tokenizer, peft_model.init_memory(1), TEXTS[2], **GREEDY)
+    events, writing = [], threading.Event()
+    real_write, real_generate = adapters_module.update_memory_with, peft_model.generate
+
+    def slow_write(*args, **kwargs):
+        writing.set()
+        time.sleep(0.3)  # a turn that did not wait would generate now, under the switched adapter
+        result = real_write(*args, **kwargs)
+        events.append(("write", threading.current_thread().name))
+        return result
+
+    def recorded_generate(*args, **kwargs):
+        events.append(("generate", threading.current_thread().name))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(adapters_module, "update_memory_with", slow_write)
+    monkeypatch.setattr(peft_model, "generate", recorded_generate)
+    batch, other, answers = [RxTChatSession(peft_model, tokenizer) for _ in range(2)], None, {}
+    other = RxTChatSession(peft_model, tokenizer)
+
+    def run_batch():
+        send_batch(batch, [TEXTS[0], TEXTS[1]], adapter_names=[BASE_ADAPTER, "second"], **GREEDY)
+
+    def run_other():
+        writing.wait(10)
+        answers["other"] = other.send(TEXTS[2], **GREEDY)
+
+    threads = [threading.Thread(target=run_batch, name="batch"), threading.Thread(target=run_other, name="other")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert events == [("generate", "batch"), ("write", "batch"), ("write", "batch"), ("generate", "other")]
+    assert answers["other"] == expected_answer
+    torch.testing.assert_close(other.memory_state.stm, expected.stm, rtol=0, atol=0)
+    assert peft_model.active_adapter == "first"
+
+
+def test_wrong_adapter_rows_are_named_before_anything_is_generated(model, tokenizer):
+    peft_model = _with_writer_adapters(model)
+    sessions = [RxTChatSession(peft_model, tokenizer) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"`adapter_names` must name one adapter per session \(2\), got \['first'\]"):
+        send_batch(sessions, [TEXTS[0], TEXTS[1]], adapter_names=["first"], **GREEDY)
+    with pytest.raises(ValueError, match=r"`adapter_names` must name one adapter per session \(1\)"):
+        sessions[0].send(TEXTS[0], adapter_names="first", **GREEDY)
+    assert all(session.messages == [] for session in sessions)
+
+
+def test_a_per_row_write_checks_its_rows_as_update_memory_does(model):
+    from modeling_rxt.adapters import update_memory_per_row
+
+    peft_model = _with_writer_adapters(model)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with pytest.raises(ValueError, match="`memory_state` holds 3 conversation"):
+        update_memory_per_row(peft_model, model.init_memory(3), ids, None, ["first", "second"])
+    with pytest.raises(ValueError, match="`attention_mask` has shape"):
+        update_memory_per_row(peft_model, model.init_memory(2), ids, torch.ones(3, 3), ["first", "second"])
+    with pytest.raises(ValueError, match="`adapters` must name one adapter per row"):
+        update_memory_per_row(peft_model, model.init_memory(2), ids, None, ["first"])
