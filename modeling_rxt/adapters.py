@@ -191,8 +191,7 @@ def update_memory_per_row(
     adapter together. Returns a NEW state, rows in the given order."""
     model_itself = rxt_model(model)
     check_interaction_ids(input_ids, attention_mask, model_itself.config)
-    memory_state = as_memory_state(memory_state)
-    memory_state.check_compatible(model_itself.config, input_ids.shape[0])
+    as_memory_state(memory_state).check_compatible(model_itself.config, input_ids.shape[0])
     if isinstance(adapters, str) or not isinstance(adapters, Sequence) or len(adapters) != input_ids.shape[0]:
         raise ValueError(f"`adapters` must name one adapter per row ({input_ids.shape[0]}), got {adapters!r}.")
     rows_of: dict[str, list[int]] = {}
@@ -205,7 +204,8 @@ def update_memory_per_row(
         writer = None if name == BASE_ADAPTER else name
         parts.append(update_memory_with(model, memory_state.select(rows), input_ids[index], mask, adapter=writer))
         order += rows
-    return RxTMemoryState.concatenate(parts).select([order.index(row) for row in range(len(order))])
+    written = RxTMemoryState.concatenate(parts).select([order.index(row) for row in range(len(order))])
+    return type(memory_state)(written.stm)  # the caller's class: a model of a folder's own code takes its own
 
 
 def initial_memory_for(model: torch.nn.Module, adapters: Sequence[str]) -> RxTMemoryState:

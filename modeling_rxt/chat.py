@@ -29,19 +29,21 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from .external_memory import generation_setting
-from .adapters import adapter_names, rxt_model, update_memory_per_row
+from .adapters import adapter_names, update_memory_per_row
 from .atomic_files import read_json_object, write_json_atomic
 from .memory_state import RxTMemoryState, is_memory_state
+from .modeling_rxt_wrappers import holds_injected_adapters
 from .tokenization import (
     ANSWER_TOKEN, EOS_TOKEN, check_chat_template, check_turn_tokens, decode_answer, encode_chat_prompt,
 )
@@ -180,7 +182,7 @@ class RxTChatSession:
     def _writes_in_background(self) -> bool:
         # Which adapter is active is state of the whole model: a write left to the background would take whatever
         # adapter is active when it runs, not the one the turn was answered with. With adapters it runs in the turn.
-        return self.background_write and not adapter_names(self.model)
+        return self.background_write and not _has_adapters(self.model)
 
     def _write(
         self, state: RxTMemoryState, ids: torch.Tensor, mask: torch.Tensor | None, writers: list[str] | None
@@ -207,7 +209,9 @@ class RxTChatSession:
         `background_write`). `generate_kwargs` go to `model.generate` (sampling, beams, max_new_tokens, ...)."""
         if streamer is not None and not isinstance(streamer, BaseStreamer):
             raise TypeError(f"`streamer` must be a transformers BaseStreamer, got {type(streamer).__name__}.")
-        with self._lock:
+        # The model's turn lock first (see `_turn_lock`), then the session's: a streamer's callback may then take
+        # another session's lock without meeting a thread that holds that lock and waits for the model's.
+        with _turn_lock(self.model), self._lock:
             self._check_open()
             start = time.perf_counter()
             waited = self.wait_for_memory()
@@ -215,17 +219,16 @@ class RxTChatSession:
             kwargs = self._generation_kwargs(prompt.shape[1], generate_kwargs)
             writers = _adapter_rows(generate_kwargs, 1)
             clock = _FirstTokenClock(streamer, start)
-            with _turn_lock(self.model):
-                output = self.model.generate(
-                    prompt, attention_mask=torch.ones_like(prompt), memory_state=self._state,
-                    **_with_clock(clock, kwargs, self.model),
-                )
-                generate_s = time.perf_counter() - start
-                self._check_open()  # closed by a callback during generation: no writer left to take the write
-                answer_ids = self._answer_ids(_sequences(output)[0, prompt.shape[1] :])
-                interaction = torch.cat((prompt[0], answer_ids))[None]
-                background = self._writes_in_background()
-                write = self._schedule_write(self._state, interaction, None, background, writers)
+            output = self.model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), memory_state=self._state,
+                **_with_clock(clock, kwargs, self.model),
+            )
+            generate_s = time.perf_counter() - start
+            self._check_open()  # closed by a callback during generation: no writer left to take the write
+            answer_ids = self._answer_ids(_sequences(output)[0, prompt.shape[1] :])
+            interaction = torch.cat((prompt[0], answer_ids))[None]
+            background = self._writes_in_background()
+            write = self._schedule_write(self._state, interaction, None, background, writers)
             timings = TurnTimings(waited, clock.first_token_s, generate_s)
             return self._record_turn(query, answer_ids, write, timings, background)
 
@@ -393,10 +396,11 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
     _check_batch(sessions, queries)
     first = sessions[0]
     model, tokenizer = first.model, first.tokenizer
-    # One global order (by id), so that two batches over the same sessions in different orders cannot deadlock.
-    locks = [s._lock for s in sorted(sessions, key=id)]
+    # The model's turn lock, then the sessions' in one global order (by id), so that two batches over the same
+    # sessions in different orders cannot deadlock.
+    locks = [_turn_lock(model), *(s._lock for s in sorted(sessions, key=id))]
     for lock in locks:
-        lock.acquire()
+        lock.__enter__()
     try:
         for session in sessions:
             session._check_open()
@@ -411,16 +415,15 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
         state = _as_model_state(model, RxTMemoryState.concatenate([s._state.to(model.device) for s in sessions]))
         writers = _adapter_rows(generate_kwargs, len(sessions))
         clock = _FirstTokenClock(None, start)
-        with _turn_lock(model):
-            output = model.generate(
-                ids, attention_mask=mask, memory_state=state,
-                **_with_clock(clock, first._generation_kwargs(ids.shape[1], generate_kwargs), model),
-            )
-            generate_s = time.perf_counter() - start
-            answers = [first._answer_ids(row[ids.shape[1] :]) for row in _sequences(output)]
-            written, written_mask = _pad([torch.cat(pair) for pair in zip(prompts, answers)], tokenizer.pad_token_id)
-            background = all(s._writes_in_background() for s in sessions)
-            batch_write = first._schedule_write(state, written, written_mask, background, writers)
+        output = model.generate(
+            ids, attention_mask=mask, memory_state=state,
+            **_with_clock(clock, first._generation_kwargs(ids.shape[1], generate_kwargs), model),
+        )
+        generate_s = time.perf_counter() - start
+        answers = [first._answer_ids(row[ids.shape[1] :]) for row in _sequences(output)]
+        written, written_mask = _pad([torch.cat(pair) for pair in zip(prompts, answers)], tokenizer.pad_token_id)
+        background = all(s._writes_in_background() for s in sessions)
+        batch_write = first._schedule_write(state, written, written_mask, background, writers)
         texts = []
         for row, (session, query, answer) in enumerate(zip(sessions, queries, answers)):
             timings = TurnTimings(waits[row], clock.first_token_s, generate_s)
@@ -428,35 +431,48 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
         return texts
     finally:
         for lock in reversed(locks):
-            lock.release()
+            lock.__exit__(None, None, None)
 
 
 _TURN_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TURN_LOCKS_GUARD = threading.Lock()
 
 
+def _model_itself(model):
+    """The model under a `PeftModel` (the same layers, LoRA in place), else `model`."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _has_adapters(model) -> bool:
+    """Adapters through PEFT (on the PeftModel or on its base, which holds the same layers) or transformers."""
+    return bool(adapter_names(model)) or holds_injected_adapters(_model_itself(model))
+
+
 def _turn_lock(model):
     """The turns of every session on a model with adapters run one at a time: which adapter is active is state of
     the whole model, and a per-row write switches it (`update_memory_per_row`), which a turn of another thread would
-    otherwise answer or write under. A model without adapters takes no lock."""
-    if not adapter_names(model):
+    otherwise answer or write under. One lock per model under any wrapper; a model without adapters takes none."""
+    if not _has_adapters(model):
         return contextlib.nullcontext()
     with _TURN_LOCKS_GUARD:
-        return _TURN_LOCKS.setdefault(model, threading.RLock())
+        return _TURN_LOCKS.setdefault(_model_itself(model), threading.RLock())
 
 
 def _adapter_rows(generate_kwargs: dict, rows: int) -> list[str] | None:
     """The `adapter_names` of a mixed-adapter turn (one per session), checked before anything is generated."""
     names = generate_kwargs.get("adapter_names")
-    if names is not None and (isinstance(names, str) or len(names) != rows):
+    if names is None:
+        return None
+    names = list(names) if isinstance(names, Iterable) and not isinstance(names, str) else names
+    if not isinstance(names, list) or len(names) != rows:
         raise ValueError(f"`adapter_names` must name one adapter per session ({rows}), got {names!r}.")
-    return None if names is None else list(names)
+    return names
 
 
 def _as_model_state(model, state) -> RxTMemoryState:
     """`state` as an RxTMemoryState of the model's own code: a model loaded with `trust_remote_code` runs its folder's
     copy of the code, whose checks (in folders exported before 2026-12-06) take only their own class."""
-    module = sys.modules.get(type(rxt_model(model)).__module__)
+    module = sys.modules.get(type(_model_itself(model)).__module__)
     state_class = getattr(module, "RxTMemoryState", RxTMemoryState)
     return state if isinstance(state, state_class) else state_class(state.stm)
 

@@ -810,3 +810,71 @@ def test_a_per_row_write_checks_its_rows_as_update_memory_does(model):
         update_memory_per_row(peft_model, model.init_memory(2), ids, torch.ones(3, 3), ["first", "second"])
     with pytest.raises(ValueError, match="`adapters` must name one adapter per row"):
         update_memory_per_row(peft_model, model.init_memory(2), ids, None, ["first"])
+
+
+def test_a_per_row_write_hands_back_states_of_the_callers_class(model, tokenizer, tmp_path):
+    """A model of a folder's own code takes states of its own class (folders exported earlier take no other)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from modeling_rxt.adapters import update_memory_per_row
+
+    model.save_pretrained(tmp_path)
+    folder_model = get_class_from_dynamic_module("modeling_rxt.RxTForCausalLM", str(tmp_path)).from_pretrained(tmp_path)
+    config = LoraConfig(r=4, target_modules=r".*memory_attention.*_proj", init_lora_weights=False)
+    peft_model = get_peft_model(folder_model.eval(), config, adapter_name="first").eval()
+    state = peft_model.init_memory(2)
+    written = update_memory_per_row(peft_model, state, torch.tensor([[5, 6, 7], [8, 9, 10]]), None,
+                                    ["first", "__base__"])
+    assert type(written) is type(state) is not type(model.init_memory(1))
+
+
+def test_a_streamer_callback_may_touch_another_session_of_an_adapter_model(model, tokenizer):
+    """Turn locks are taken model first, then session: a callback inside one session's turn reading another
+    session, whose own turn waits for the model, does not deadlock."""
+    peft_model = _with_writer_adapters(model)
+    first, second = RxTChatSession(peft_model, tokenizer), RxTChatSession(peft_model, tokenizer)
+    second_waits, read = threading.Event(), []
+
+    class ReadsTheOtherSession(BaseStreamer):
+        def put(self, value):
+            if not read:
+                second_waits.wait(10)
+                time.sleep(0.2)  # the other thread is now inside `send`, waiting for the model
+                read.append(second.memory_state.batch_size)
+
+        def end(self):
+            pass
+
+    def run_second():
+        second_waits.set()
+        second.send(TEXTS[1], **GREEDY)
+
+    threads = [threading.Thread(target=lambda: first.send(TEXTS[0], streamer=ReadsTheOtherSession(), **GREEDY),
+                                daemon=True),  # a deadlock fails the test instead of hanging the run
+               threading.Thread(target=run_second, daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "deadlock"
+    assert read == [1] and len(first.messages) == len(second.messages) == 2
+
+
+def test_sessions_take_an_rxt_subclass_and_lock_a_peft_base_with_its_peft_model(model, tokenizer):
+    from modeling_rxt import chat as chat_module
+
+    class MyConfig(RxTConfig):
+        model_type = "my-rxt"
+
+    class MyModel(RxTForCausalLM):
+        config_class = MyConfig
+
+    mine = MyModel(MyConfig(**{k: v for k, v in model.config.to_dict().items() if k in RxTConfig().to_dict()})).eval()
+    session = RxTChatSession(mine, tokenizer)
+    session.send(TEXTS[0], **GREEDY)
+    assert len(session.messages) == 2
+    peft_model = _with_writer_adapters(model)
+    base = peft_model.get_base_model()
+    assert chat_module._turn_lock(base) is chat_module._turn_lock(peft_model)
+    assert not RxTChatSession(base, tokenizer)._writes_in_background()
