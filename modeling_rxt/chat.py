@@ -388,50 +388,52 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
     prompts left-padded and answered by one `generate`, and the interactions written by one batched
     `update_memory` (in the background if every session writes in the background, and the model holds no
     adapters); each session then continues with its own row. With `adapter_names` (a mixed-adapter batch) each row
-    is also written by its own adapter. The room for the answers is that of the longest prompt: with no `max_new_tokens`, a short
-    prompt may get a shorter answer than it would alone."""
+    is also written by its own adapter. The room for the answers is that of the longest prompt: with no
+    `max_new_tokens`, a short prompt may get a shorter answer than it would alone."""
     if isinstance(queries, str) or isinstance(sessions, RxTChatSession):
         raise TypeError("`sessions` and `queries` must be lists (one query string per session).")
     sessions, queries = list(sessions), list(queries)
     _check_batch(sessions, queries)
-    first = sessions[0]
-    model, tokenizer = first.model, first.tokenizer
+    model = sessions[0].model
     # The model's turn lock, then the sessions' in one global order (by id), so that two batches over the same
     # sessions in different orders cannot deadlock.
-    locks = [_turn_lock(model), *(s._lock for s in sorted(sessions, key=id))]
-    for lock in locks:
-        lock.__enter__()
-    try:
-        for session in sessions:
-            session._check_open()
-        start = time.perf_counter()
-        waits = [s.wait_for_memory() for s in sessions]
-        prompts = [s._encode_prompt(q)[0] for s, q in zip(sessions, queries)]
-        ids, mask = _pad(prompts, tokenizer.pad_token_id, left=True)
-        dtypes = sorted({str(s._state.dtype) for s in sessions})
-        if len(dtypes) > 1:  # a batch has one memory tensor
-            raise ValueError(f"`sessions` hold memories of different dtypes ({', '.join(dtypes)}): send them one by "
-                             "one, or give their states one dtype (`session.memory_state.to(...)` into a new session).")
-        state = _as_model_state(model, RxTMemoryState.concatenate([s._state.to(model.device) for s in sessions]))
-        writers = _adapter_rows(generate_kwargs, len(sessions))
-        clock = _FirstTokenClock(None, start)
-        output = model.generate(
-            ids, attention_mask=mask, memory_state=state,
-            **_with_clock(clock, first._generation_kwargs(ids.shape[1], generate_kwargs), model),
-        )
-        generate_s = time.perf_counter() - start
-        answers = [first._answer_ids(row[ids.shape[1] :]) for row in _sequences(output)]
-        written, written_mask = _pad([torch.cat(pair) for pair in zip(prompts, answers)], tokenizer.pad_token_id)
-        background = all(s._writes_in_background() for s in sessions)
-        batch_write = first._schedule_write(state, written, written_mask, background, writers)
-        texts = []
-        for row, (session, query, answer) in enumerate(zip(sessions, queries, answers)):
-            timings = TurnTimings(waits[row], clock.first_token_s, generate_s)
-            texts.append(session._record_turn(query, answer, _RowOfBatchWrite(batch_write, row), timings, background))
-        return texts
-    finally:
-        for lock in reversed(locks):
-            lock.__exit__(None, None, None)
+    with contextlib.ExitStack() as held:
+        for lock in (_turn_lock(model), *(s._lock for s in sorted(sessions, key=id))):
+            held.enter_context(lock)
+        return _send_batch_holding_locks(sessions, queries, generate_kwargs)
+
+
+def _send_batch_holding_locks(sessions: list[RxTChatSession], queries: list[str], generate_kwargs: dict) -> list[str]:
+    """`send_batch`'s turn, once its locks are held."""
+    first = sessions[0]
+    model, tokenizer = first.model, first.tokenizer
+    for session in sessions:
+        session._check_open()
+    start = time.perf_counter()
+    waits = [s.wait_for_memory() for s in sessions]
+    prompts = [s._encode_prompt(q)[0] for s, q in zip(sessions, queries)]
+    ids, mask = _pad(prompts, tokenizer.pad_token_id, left=True)
+    dtypes = sorted({str(s._state.dtype) for s in sessions})
+    if len(dtypes) > 1:  # a batch has one memory tensor
+        raise ValueError(f"`sessions` hold memories of different dtypes ({', '.join(dtypes)}): send them one by "
+                         "one, or give their states one dtype (`session.memory_state.to(...)` into a new session).")
+    state = _as_model_state(model, RxTMemoryState.concatenate([s._state.to(model.device) for s in sessions]))
+    writers = _adapter_rows(generate_kwargs, len(sessions))
+    clock = _FirstTokenClock(None, start)
+    output = model.generate(
+        ids, attention_mask=mask, memory_state=state,
+        **_with_clock(clock, first._generation_kwargs(ids.shape[1], generate_kwargs), model),
+    )
+    generate_s = time.perf_counter() - start
+    answers = [first._answer_ids(row[ids.shape[1] :]) for row in _sequences(output)]
+    written, written_mask = _pad([torch.cat(pair) for pair in zip(prompts, answers)], tokenizer.pad_token_id)
+    background = all(s._writes_in_background() for s in sessions)
+    batch_write = first._schedule_write(state, written, written_mask, background, writers)
+    texts = []
+    for row, (session, query, answer) in enumerate(zip(sessions, queries, answers)):
+        timings = TurnTimings(waits[row], clock.first_token_s, generate_s)
+        texts.append(session._record_turn(query, answer, _RowOfBatchWrite(batch_write, row), timings, background))
+    return texts
 
 
 _TURN_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
