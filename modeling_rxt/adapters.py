@@ -93,7 +93,9 @@ def rxt_model(model: torch.nn.Module) -> torch.nn.Module:
     """The RxT causal LM that carries the memory API (`init_memory`, `update_memory`, ...): `model` itself, or the
     base of a `PeftModel` with its LoRA layers in place (so calls on it use the active adapter)."""
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
-    if getattr(getattr(inner, "config", None), "model_type", None) != "rxt" or not hasattr(inner, "update_memory"):
+    # By what it can do, not by `model_type`: subclasses of another model type and a folder's own copy of the code
+    # (`trust_remote_code`) are RxT models too.
+    if not all(callable(getattr(inner, method, None)) for method in ("init_memory", "update_memory", "generate")):
         raise TypeError(f"`model` must be an RxT causal LM or a PeftModel around one, got {type(model).__name__}.")
     return inner
 

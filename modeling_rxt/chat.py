@@ -216,8 +216,8 @@ class RxTChatSession:
             start = time.perf_counter()
             waited = self.wait_for_memory()
             prompt = self._encode_prompt(query)
+            generate_kwargs, writers = _with_adapter_rows(generate_kwargs, 1)
             kwargs = self._generation_kwargs(prompt.shape[1], generate_kwargs)
-            writers = _adapter_rows(generate_kwargs, 1)
             clock = _FirstTokenClock(streamer, start)
             output = self.model.generate(
                 prompt, attention_mask=torch.ones_like(prompt), memory_state=self._state,
@@ -418,7 +418,7 @@ def _send_batch_holding_locks(sessions: list[RxTChatSession], queries: list[str]
         raise ValueError(f"`sessions` hold memories of different dtypes ({', '.join(dtypes)}): send them one by "
                          "one, or give their states one dtype (`session.memory_state.to(...)` into a new session).")
     state = _as_model_state(model, RxTMemoryState.concatenate([s._state.to(model.device) for s in sessions]))
-    writers = _adapter_rows(generate_kwargs, len(sessions))
+    generate_kwargs, writers = _with_adapter_rows(generate_kwargs, len(sessions))
     clock = _FirstTokenClock(None, start)
     output = model.generate(
         ids, attention_mask=mask, memory_state=state,
@@ -460,15 +460,16 @@ def _turn_lock(model):
         return _TURN_LOCKS.setdefault(_model_itself(model), threading.RLock())
 
 
-def _adapter_rows(generate_kwargs: dict, rows: int) -> list[str] | None:
-    """The `adapter_names` of a mixed-adapter turn (one per session), checked before anything is generated."""
+def _with_adapter_rows(generate_kwargs: dict, rows: int) -> tuple[dict, list[str] | None]:
+    """The `adapter_names` of a mixed-adapter turn (one per session), checked before anything is generated, as a
+    list both for `generate` (PEFT slices it) and for the write; and `generate_kwargs` holding that list."""
     names = generate_kwargs.get("adapter_names")
     if names is None:
-        return None
+        return generate_kwargs, None
     names = list(names) if isinstance(names, Iterable) and not isinstance(names, str) else names
     if not isinstance(names, list) or len(names) != rows:
         raise ValueError(f"`adapter_names` must name one adapter per session ({rows}), got {names!r}.")
-    return names
+    return {**generate_kwargs, "adapter_names": names}, names
 
 
 def _as_model_state(model, state) -> RxTMemoryState:

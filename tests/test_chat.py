@@ -870,10 +870,14 @@ def test_sessions_take_an_rxt_subclass_and_lock_a_peft_base_with_its_peft_model(
     class MyModel(RxTForCausalLM):
         config_class = MyConfig
 
-    mine = MyModel(MyConfig(**{k: v for k, v in model.config.to_dict().items() if k in RxTConfig().to_dict()})).eval()
+    settings = {k: v for k, v in model.config.to_dict().items() if k in RxTConfig().to_dict() and k != "model_type"}
+    mine = MyModel(MyConfig(**settings)).eval()
+    assert mine.config.model_type == "my-rxt"
     session = RxTChatSession(mine, tokenizer)
     session.send(TEXTS[0], **GREEDY)
-    assert len(session.messages) == 2
+    mixed = RxTChatSession(_with_writer_adapters(mine), tokenizer)
+    mixed.send(TEXTS[0], adapter_names=iter(["second"]), **GREEDY)  # any iterable, as a list to PEFT
+    assert len(session.messages) == len(mixed.messages) == 2
     peft_model = _with_writer_adapters(model)
     base = peft_model.get_base_model()
     assert chat_module._turn_lock(base) is chat_module._turn_lock(peft_model)
