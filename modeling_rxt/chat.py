@@ -39,9 +39,9 @@ from peft import PeftModel
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from .external_memory import generation_setting
 from .adapters import adapter_names, update_memory_per_row
 from .atomic_files import read_json_object, write_json_atomic
+from .external_memory import generation_setting
 from .memory_state import RxTMemoryState, is_memory_state
 from .modeling_rxt_wrappers import holds_injected_adapters
 from .tokenization import (
