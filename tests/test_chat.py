@@ -882,3 +882,29 @@ def test_sessions_take_an_rxt_subclass_and_lock_a_peft_base_with_its_peft_model(
     base = peft_model.get_base_model()
     assert chat_module._turn_lock(base) is chat_module._turn_lock(peft_model)
     assert not RxTChatSession(base, tokenizer)._writes_in_background()
+
+
+def test_an_interrupt_while_send_batch_takes_its_locks_releases_those_taken(model, tokenizer):
+    """Ctrl-C while `send_batch` waits for a session's lock: the locks it took already (the model's turn lock on a
+    model with adapters) are released, so other sessions go on."""
+    from modeling_rxt import chat as chat_module
+
+    peft_model = _with_writer_adapters(model)
+    sessions = [RxTChatSession(peft_model, tokenizer) for _ in range(2)]
+
+    class InterruptedLock:
+        def __enter__(self):
+            raise KeyboardInterrupt
+
+        def __exit__(self, *exc):
+            return False
+
+    for session in sessions:
+        session._lock = InterruptedLock()
+    with pytest.raises(KeyboardInterrupt):
+        send_batch(sessions, [TEXTS[0], TEXTS[1]], **GREEDY)
+    taken = []
+    other = threading.Thread(target=lambda: taken.append(chat_module._turn_lock(peft_model).acquire(timeout=5)))
+    other.start()
+    other.join(10)
+    assert taken == [True]
