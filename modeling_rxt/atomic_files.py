@@ -135,9 +135,8 @@ def rename_over(source: Path, target: Path) -> Path | None:
 
     On Linux the two swap in one rename (`renameat2` with `RENAME_EXCHANGE`), so a reader of `target` sees the old
     content or the new one, never no `target`; the previous content (an empty folder too) ends up at `source`'s
-    path. Elsewhere a folder
-    cannot be renamed over a non-empty one: `target` is first renamed aside to a hidden `.NAME.old-*` name beside it
-    (put back if the second rename fails), and a reader in between finds no `target`."""
+    path. Elsewhere a folder cannot be renamed over a non-empty one: `target` is first renamed aside to a hidden
+    `.NAME.old-*` name beside it (put back if the second rename fails), and a reader in between finds no `target`."""
     if not (target.exists() or target.is_symlink()):
         os.replace(source, target)  # over nothing: one atomic rename
         return None

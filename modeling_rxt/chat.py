@@ -427,7 +427,7 @@ def _send_batch_holding_locks(sessions: list[RxTChatSession], queries: list[str]
     generate_s = time.perf_counter() - start
     answers = [first._answer_ids(row[ids.shape[1] :]) for row in _sequences(output)]
     written, written_mask = _pad([torch.cat(pair) for pair in zip(prompts, answers)], tokenizer.pad_token_id)
-    background = all(s._writes_in_background() for s in sessions)
+    background = all(s.background_write for s in sessions) and first._writes_in_background()  # one model
     batch_write = first._schedule_write(state, written, written_mask, background, writers)
     texts = []
     for row, (session, query, answer) in enumerate(zip(sessions, queries, answers)):

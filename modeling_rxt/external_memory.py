@@ -52,7 +52,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from .configuration_rxt import check_retrieval_controls, default_retrieval_layers
-from .modeling_rxt_checks import check_mask_values
+from .modeling_rxt_checks import as_python_number, check_mask_values
 from .memory_state import checked_device, row_index
 from .modeling_rxt_blocks import repeat_kv
 
@@ -778,18 +778,8 @@ def _pop_generate_controls(kwargs: dict) -> dict:
         controls["external_memories"] = built
     for name, kind in (("external_memory_topk", numbers.Integral), ("external_memory_stride", numbers.Integral),
                        ("external_memory_sim_threshold", numbers.Real)):
-        controls[name] = _as_python_number(controls[name], kind)
+        controls[name] = as_python_number(controls[name], kind)
     return controls
-
-
-def _as_python_number(value, kind: type):
-    """numpy's numbers and 0-d tensors of `kind` as Python's, as `generate` takes its own numeric settings; any
-    other value unchanged (`check_retrieval_controls` names it)."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
-        value = value.item()
-    if isinstance(value, kind) and not isinstance(value, bool):
-        return int(value) if kind is numbers.Integral else float(value)
-    return value
 
 
 def _memory_to_read(model: nn.Module, controls: dict, layers: tuple[int, ...]) -> ExternalMemory:

@@ -527,8 +527,9 @@ class RxTModel(RxTPreTrainedModel):
         layer_memories = memory_key_values.unbind(1)  # L x (B, 2, K, S, Dh)
         # The first `num_hidden_layers`, as Llama: an early-exit draft (`assistant_early_exit`) lowers it meanwhile.
         # (Counted, not sliced: slicing a ModuleList builds a new one, ~40 us at every decoding step.)
+        layers_to_run = self.config.num_hidden_layers
         for index, (decoder_layer, layer_memory) in enumerate(zip(self.layers, layer_memories, strict=True)):
-            if index == self.config.num_hidden_layers:  # CODEPATH: early-exit drafts only; checkpoints run every layer
+            if index == layers_to_run:  # CODEPATH: early-exit drafts only; checkpoints run every layer
                 break
             hidden_states = decoder_layer(
                 hidden_states,

@@ -164,6 +164,16 @@ INT_GENERATION_SETTINGS = ("max_new_tokens", "min_new_tokens", "max_length", "mi
 FLOAT_GENERATION_SETTINGS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty")
 
 
+def as_python_number(value, kind: type):
+    """numpy's numbers and 0-d tensors of `kind` (`numbers.Integral` or `numbers.Real`) as Python's int or float,
+    as `generate` takes its numeric settings; any other value unchanged, for the caller to name."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return int(value) if kind is numbers.Integral else float(value)
+    return value
+
+
 def check_generation_settings(kwargs: dict, generation_config) -> None:
     """The numeric settings of `generate` (keywords beat the generation config's) are ints or numbers (numpy's and
     0-d tensors too), or None."""
@@ -171,8 +181,7 @@ def check_generation_settings(kwargs: dict, generation_config) -> None:
                                   (FLOAT_GENERATION_SETTINGS, "a number", numbers.Real)):
         for name in names:
             value = kwargs[name] if name in kwargs else getattr(generation_config, name, None)
-            if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
-                value = value.item()
+            value = as_python_number(value, expected)
             if value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
                 raise TypeError(f"`{name}` must be {kind}, got {value!r}.")
 
