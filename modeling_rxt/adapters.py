@@ -52,9 +52,7 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic_files import (
-    atomic_write_files, create_temporary, fsync_path, fsync_tree, moved_from, remove_path, rename_over
-)
+from .atomic_files import create_temporary, fsync_tree, move_into
 from .memory_state import RxTMemoryState, as_memory_state
 from .modeling_rxt_checks import check_interaction_ids
 
@@ -613,44 +611,14 @@ def _save_integrated(model: torch.nn.Module, staging: Path, names: list[str], ba
 def _install(staging: Path, directory: Path) -> None:
     """Moves the adapters saved in `staging` into `directory`, leaving everything else there: each sub-folder (one
     adapter) replaces the folder of its name, the top-level files (the `default` adapter, PEFT's model card) replace
-    theirs together (`atomic_write_files`), and a previous `default` adapter's files this save did not write go (its
-    probe would be taken for the new adapter's). A failing step undoes the steps made before it."""
-    retired = create_temporary(directory, ".rxt-adapters-old-", directory=True)
-    moved = []  # (path in `directory`, where its previous content was put aside, or None)
-    try:
-        for source in sorted(path for path in staging.iterdir() if path.is_dir()):
-            target = directory / source.name
-            moved.append((target, rename_over(source, target)))  # whole: on Linux readers see the old or the new
-        files = [path for path in staging.iterdir() if path.is_file()]
-        if (staging / ADAPTER_CONFIG_NAME).is_file():  # a new `default` adapter
-            for stale in (directory / name for name in (*ADAPTER_WEIGHTS_NAMES, BASE_PROBE_NAME)):
-                if not (staging / stale.name).exists() and stale.is_file():
-                    moved.append((stale, _put_aside(stale, retired / str(len(moved)))))
-        atomic_write_files({directory / path.name: moved_from(path) for path in files})
-    except BaseException:
-        for target, kept in reversed(moved):
-            if kept is not None:
-                replaced = rename_over(kept, target)  # the previous content back over the new one
-                if replaced is not None:
-                    remove_path(replaced)
-            elif target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)  # a new adapter folder where there was none
-        raise
-    else:
-        for _, kept in moved:
-            if kept is not None:
-                remove_path(kept)
-    finally:
-        shutil.rmtree(retired, ignore_errors=True)
-    fsync_path(directory)  # the folders' renames are durable once `directory` is flushed
-
-
-def _put_aside(path: Path, kept: Path) -> Path | None:
-    """Renames `path`, if there is one, to `kept` and returns that; None if there was nothing to put aside."""
-    if not (path.exists() or path.is_symlink()):
-        return None
-    os.replace(path, kept)
-    return kept
+    theirs together, and a previous `default` adapter's files this save did not write go (its probe would be taken
+    for the new adapter's). A failing step undoes the steps made before it (`move_into`)."""
+    entries = sorted(staging.iterdir())
+    stale = []
+    if (staging / ADAPTER_CONFIG_NAME).is_file():  # a new `default` adapter
+        names = (*ADAPTER_WEIGHTS_NAMES, BASE_PROBE_NAME)
+        stale = [directory / name for name in names if not (staging / name).exists() and (directory / name).is_file()]
+    move_into(directory, entries, staging, lambda: stale)
 
 
 __all__ = [

@@ -120,23 +120,29 @@ def fsync_tree(folder: Path) -> None:
             fsync_path(path)
 
 
-def replace_folder(staging: Path, target: Path) -> None:
+def replace_folder(staging: str | os.PathLike, target: str | os.PathLike) -> None:
     """Renames the complete folder `staging` (flushed, `fsync_tree`) to `target`, atomically for readers, and removes
     what `target` held before (`rename_over`)."""
+    target = Path(target)
     previous = rename_over(staging, target)
     if previous is not None:
         remove_path(previous)
     fsync_path(target.parent)  # the rename itself is durable once the parent folder is flushed
 
 
-def rename_over(source: Path, target: Path) -> Path | None:
+def rename_over(source: str | os.PathLike, target: str | os.PathLike) -> Path | None:
     """Renames `source` to `target`, also where `target` is a non-empty folder, and returns where `target`'s previous
     content now is (None if there was none): the caller removes it, or renames it back.
 
     On Linux the two swap in one rename (`renameat2` with `RENAME_EXCHANGE`), so a reader of `target` sees the old
     content or the new one, never no `target`; the previous content (an empty folder too) ends up at `source`'s
     path. Elsewhere a folder cannot be renamed over a non-empty one: `target` is first renamed aside to a hidden
-    `.NAME.old-*` name beside it (put back if the second rename fails), and a reader in between finds no `target`."""
+    `.NAME.old-*` name beside it (put back if the second rename fails), and a reader in between finds no `target`.
+
+    The same path twice, or one inside the other, is refused: Linux swaps a path with itself without a word, and
+    its "previous content" would then be the new one."""
+    source, target = Path(source), Path(target)
+    _check_apart(source, target)
     if not (target.exists() or target.is_symlink()):
         os.replace(source, target)  # over nothing: one atomic rename
         return None
@@ -153,8 +159,22 @@ def rename_over(source: Path, target: Path) -> Path | None:
     return aside
 
 
-def remove_path(path: Path) -> None:
+def _check_apart(source: Path, target: Path) -> None:
+    first, second = _entry_path(source), _entry_path(target)
+    if first == second or first in second.parents or second in first.parents:
+        relation = "itself" if first == second else "a folder inside the other"
+        raise ValueError(f"Cannot rename {str(source)!r} over {str(target)!r}: it is {relation}.")
+
+
+def _entry_path(path: Path) -> Path:
+    """`path` absolute, its folder's links resolved and `.` / `..` applied, but not a link `path` itself is: that
+    link is what a rename moves."""
+    return Path(os.path.normpath(os.path.join(os.path.realpath(path.parent), path.name)))
+
+
+def remove_path(path: str | os.PathLike) -> None:
     """Removes a file, a symbolic link or a whole folder."""
+    path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -196,8 +216,8 @@ def save_files_into(
     superseded: Callable[[set[str]], list[Path]] | None = None,
 ):
     """Runs `save(staging)`, which writes files into an empty hidden folder inside `directory`, then moves them into
-    `directory` together (`atomic_write_files`; a folder it wrote replaces the folder of its name as a whole): a save
-    that fails part-way leaves `directory` as it was, and the folder's other files stay. Returns `save`'s result and
+    `directory` together (`move_into`; a folder it wrote replaces the folder of its name as a whole): a save that
+    fails part-way, or a move that fails, leaves `directory` as it was, and the folder's other files stay. Returns `save`'s result and
     the names of the files and folders it wrote. `what` names `directory` in the error for a path that is a file.
 
     `superseded(names written)` lists files of `directory` that the new files replace without overwriting them (an
@@ -213,23 +233,48 @@ def save_files_into(
     try:
         result = save(staging)
         written = sorted(staging.iterdir())
-        put_aside: list[tuple[Path, Path]] = []
-
-        def move_superseded_aside() -> None:  # once the new files are flushed, right before they are renamed in
-            put_aside.extend(_put_aside(superseded({path.name for path in written}) if superseded else [], staging))
-
-        try:
-            atomic_write_files({directory / path.name: moved_from(path) for path in written if path.is_file()},
-                               before_renames=move_superseded_aside)
-        except BaseException:
-            for path, aside in reversed(put_aside):
-                os.replace(aside, path)
-            raise
-        for folder in (path for path in written if path.is_dir()):
-            replace_folder(folder, directory / folder.name)  # each as a whole (`distributed_checkpoint`'s output)
+        names = {path.name for path in written}
+        move_into(directory, written, staging, lambda: superseded(names) if superseded else [])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return result, {path.name for path in written}
+    return result, names
+
+
+def move_into(
+    directory: Path, entries: list[Path], aside_in: Path, superseded: Callable[[], list[Path]] = lambda: []
+) -> None:
+    """Moves the complete files and folders `entries` (flushed, on `directory`'s file system) into `directory`, each
+    replacing what has its name there (a folder as a whole, `rename_over`; the files together,
+    `atomic_write_files`). `superseded()` lists files of `directory` that go without being overwritten: once the new
+    files are flushed they are moved into a new folder inside `aside_in` (which the caller removes), just before the
+    files are renamed in. A failing move puts back everything moved before it, so `directory` is as it was."""
+    folders = [path for path in entries if path.is_dir() and not path.is_symlink()]
+    files = [path for path in entries if path not in folders]
+    replaced: list[tuple[Path, Path | None]] = []  # (target, where its previous content is now, or None)
+    put_aside: list[tuple[Path, Path]] = []
+
+    def move_superseded_aside() -> None:  # once the new files are flushed, right before they are renamed in
+        put_aside.extend(_put_aside(superseded(), aside_in))
+
+    try:
+        for folder in folders:
+            fsync_tree(folder)
+            replaced.append((directory / folder.name, rename_over(folder, directory / folder.name)))
+        atomic_write_files({directory / path.name: moved_from(path) for path in files},
+                           before_renames=move_superseded_aside)
+    except BaseException:
+        for path, aside in reversed(put_aside):
+            os.replace(aside, path)
+        for target, previous in reversed(replaced):
+            if previous is None:
+                remove_path(target)  # a new folder where there was none
+            else:
+                remove_path(rename_over(previous, target))  # the previous content back, the new one out
+        raise
+    for _, previous in replaced:
+        if previous is not None:
+            remove_path(previous)
+    fsync_path(directory)  # the renames themselves are durable once the folder is flushed
 
 
 def _put_aside(paths: list[Path], staging: Path) -> list[tuple[Path, Path]]:
@@ -319,4 +364,4 @@ def json_writer(payload: dict, sort_keys: bool = False):
     return write
 
 
-__all__ = ["create_temporary", "atomic_write", "atomic_write_files", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer"]
+__all__ = ["create_temporary", "atomic_write", "atomic_write_files", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "move_into", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer"]

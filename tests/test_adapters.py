@@ -603,10 +603,10 @@ def test_save_adapters_replaces_only_its_own_adapters_in_the_folder(tmp_path, mo
             if "lora_" in name and name.endswith("critic.weight"):
                 parameter.add_(1.0)
 
-    def fail(writes):  # after the sub-folders were renamed into place
+    def fail(writes, before_renames=None):  # after the sub-folders were renamed into place
         raise OSError("disk full")
 
-    monkeypatch.setattr("modeling_rxt.adapters.atomic_write_files", fail)
+    monkeypatch.setattr("modeling_rxt.atomic_files.atomic_write_files", fail)
     with pytest.raises(OSError, match="disk full"):
         save_adapters(model, run)
     assert files_under(run) == before and not hidden_in(run)  # `critic/` renamed into place, then put back
@@ -670,10 +670,10 @@ def test_a_save_failing_after_the_folders_moved_puts_them_back(tmp_path, monkeyp
     save_adapters(model, tmp_path / "adapters")
     before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "adapters").rglob("*") if p.is_file()}
 
-    def files_fail(writes):
+    def files_fail(writes, before_renames=None):
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapters_module, "atomic_write_files", files_fail)
+    monkeypatch.setattr("modeling_rxt.atomic_files.atomic_write_files", files_fail)
     with pytest.raises(OSError, match="disk full"):
         save_adapters(model, tmp_path / "adapters", base_model_name_or_path="elsewhere")
     after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "adapters").rglob("*") if p.is_file()}

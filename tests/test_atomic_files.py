@@ -128,3 +128,65 @@ def test_an_empty_folder_or_a_link_is_swapped_and_can_be_put_back(tmp_path, need
     assert target.is_symlink() == (target_kind != "empty folder")
     if target_kind == "link to a folder":
         assert contents(tmp_path / "pointed") == {"a": "kept"}
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+@pytest.mark.parametrize("pair", ["same folder", "target inside source", "source inside target"])
+def test_a_folder_is_never_renamed_over_itself_or_its_own_parent(tmp_path, monkeypatch, exchange, pair):
+    """Linux swaps a path with itself without a word: `replace_folder(a, a)` then removed `a` as its own previous
+    content. Refused, before anything moves, with every nesting of the two."""
+    if not exchange:
+        monkeypatch.setattr(atomic_files, "_exchange", lambda first, second: False)
+    outer = folder_with(tmp_path / "outer", a="kept")
+    inner = folder_with(outer / "inner", b="kept")
+    source, target = {"same folder": (inner / "..", outer),  # another spelling of the same path is caught too
+                      "target inside source": (outer, inner), "source inside target": (inner, outer)}[pair]
+    with pytest.raises(ValueError, match="itself|inside"):
+        replace_folder(source, target)
+    assert contents(inner) == {"b": "kept"} and sorted(p.name for p in outer.iterdir()) == ["a", "inner"]
+
+
+def test_paths_may_be_given_as_strings(tmp_path):
+    staging = folder_with(tmp_path / ".staging", a="new")
+    replace_folder(str(staging), str(tmp_path / "target"))
+    assert contents(tmp_path / "target") == {"a": "new"}
+    atomic_files.remove_path(str(tmp_path / "target"))
+    assert not (tmp_path / "target").exists()
+
+
+@pytest.mark.parametrize("failing", ["second folder", "files"])
+def test_a_save_failing_while_moving_in_puts_every_folder_and_file_back(tmp_path, monkeypatch, failing):
+    """`save_files_into` moves the folders and files a save wrote into place: one failing move puts back those moved
+    before it, so the folder is as it was."""
+    directory = folder_with(tmp_path / "saved", **{"x.txt": "old"})
+    folder_with(directory / "d1", v="old1")
+    folder_with(directory / "d2", v="old2")
+
+    def save(staging: Path) -> None:
+        (staging / "x.txt").write_text("new")
+        folder_with(staging / "d1", v="new1")
+        folder_with(staging / "d2", v="new2")
+
+    real_rename_over = atomic_files.rename_over
+
+    def fails_on_d2(source, target):
+        if Path(target).name == "d2":
+            raise OSError("disk gone")
+        return real_rename_over(source, target)
+
+    if failing == "second folder":
+        monkeypatch.setattr(atomic_files, "rename_over", fails_on_d2)
+    else:
+        real_replace = os.replace
+
+        def fails_on_files(source, destination):
+            if Path(destination).name == "x.txt":
+                raise OSError("disk gone")
+            real_replace(source, destination)
+
+        monkeypatch.setattr(os, "replace", fails_on_files)
+    with pytest.raises(OSError, match="disk gone"):
+        atomic_files.save_files_into(directory, save, "`directory`")
+    assert sorted(p.name for p in directory.iterdir()) == ["d1", "d2", "x.txt"]
+    assert (directory / "x.txt").read_text() == "old"
+    assert contents(directory / "d1") == {"v": "old1"} and contents(directory / "d2") == {"v": "old2"}
