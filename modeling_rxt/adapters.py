@@ -194,6 +194,7 @@ def update_memory_per_row(
     as_memory_state(memory_state).check_compatible(model_itself.config, input_ids.shape[0])
     if isinstance(adapters, str) or not isinstance(adapters, Sequence) or len(adapters) != input_ids.shape[0]:
         raise ValueError(f"`adapters` must name one adapter per row ({input_ids.shape[0]}), got {adapters!r}.")
+    _check_row_adapters(model, adapters)  # all, before any row is written
     rows_of: dict[str, list[int]] = {}
     for row, name in enumerate(adapters):
         rows_of.setdefault(name, []).append(row)
@@ -208,16 +209,21 @@ def update_memory_per_row(
     return type(memory_state)(written.stm)  # the caller's class: a model of a folder's own code takes its own
 
 
+def _check_row_adapters(model: torch.nn.Module, adapters: Sequence[str]) -> None:
+    loaded = adapter_names(model)
+    for name in adapters:
+        if not isinstance(name, str) or (name != BASE_ADAPTER and name not in loaded):
+            raise ValueError(f"`adapters` holds {name!r}, not a loaded adapter's name (loaded: {loaded}; "
+                             f"{BASE_ADAPTER!r} for the base model).")
+
+
 def initial_memory_for(model: torch.nn.Module, adapters: Sequence[str]) -> RxTMemoryState:
     """The starting memory of one conversation per entry of `adapters` (`"__base__"` for the base model): each row
     gets that adapter's learned initial memory, or the base one if the adapter has none. Pass it as `memory_state=`
     with `adapter_names=adapters` for mixed-adapter batches: PEFT cannot split the initial-memory module by row."""
     if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
         raise TypeError("`adapters` must be a non-empty list of adapter names, one per row.")
-    loaded = adapter_names(model)
-    unknown = sorted({name for name in adapters if name != BASE_ADAPTER and name not in loaded})
-    if unknown:
-        raise ValueError(f"`adapters` names {unknown}, not loaded on the model; loaded: {loaded}.")
+    _check_row_adapters(model, adapters)
     module = rxt_model(model).model.initial_memory
     rows = []
     for name in adapters:
@@ -419,9 +425,20 @@ def check_adapter_fits(
     return config
 
 
+def _check_name_is_plain(adapter_name: str, what: str) -> None:
+    """An adapter's name becomes its folder's name (`save_adapters`) and a row's name in `adapter_names=`."""
+    if "/" in adapter_name or "\\" in adapter_name or adapter_name in ("", "."):
+        raise ValueError(f"{what} {adapter_name!r} is not a plain folder name: an adapter is saved in a folder of "
+                         "its name, which must not name another place (no '/' or '\\').")
+    if adapter_name == BASE_ADAPTER:
+        raise ValueError(f"{what} {adapter_name!r} is PEFT's name for the base model in `adapter_names=`: rows meant "
+                         "for this adapter would run on the base. Use another name.")
+
+
 def _check_new_name(model: torch.nn.Module, adapter_name: str, path: str | os.PathLike) -> None:
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"`adapter_name` must be a non-empty string, got {adapter_name!r}.")
+    _check_name_is_plain(adapter_name, "`adapter_name`")
     if "." in adapter_name:  # PEFT keeps adapters in torch.nn.ModuleDicts, whose keys cannot hold a dot
         raise ValueError(
             f"`adapter_name` {adapter_name!r} (for `{path}`) cannot contain '.', as PyTorch module names cannot: "
@@ -536,11 +553,15 @@ def save_adapters(
         )
     directory = Path(directory)
     for name in names:  # an adapter's folder replaces what has its name there: only another adapter folder
+        _check_name_is_plain(name, "The adapter name")
         target = _adapter_folder(directory, name)
         if name != "default" and (target.is_symlink() or (target.exists() and not target.is_dir())):
             what = "a symbolic link" if target.is_symlink() else "a file"
             raise ValueError(f"`{target}` is {what}, not a folder: adapter {name!r} would replace it (a save puts a "
                              "new folder in its place); save into another folder.")
+        if name != "default" and target.is_dir() and any(target.iterdir()) and not (target / ADAPTER_CONFIG_NAME).is_file():
+            raise ValueError(f"`{target}` holds no adapter (no {ADAPTER_CONFIG_NAME}): adapter {name!r} would replace "
+                             "that folder whole; move its files, or save into another folder.")
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     staging = create_temporary(directory, ".rxt-adapters-", directory=True)  # same file system: renamed into place

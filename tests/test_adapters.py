@@ -923,3 +923,43 @@ def test_refused_mixed_batch_forward_leaves_no_adapter_names(ids):
     # PEFT leaves the failed call's adapter names on the model; the next plain call must not run with them.
     assert mixed_adapter_rows(model) is None
     assert torch.equal(model(input_ids=ids).logits, plain)
+
+
+def test_save_adapters_refuses_to_replace_a_folder_that_holds_no_adapter(tmp_path):
+    """An adapter's folder replaces the folder of its name whole: only another adapter's folder (or an empty one)."""
+    model = with_roles(make_base())
+    (tmp_path / "critic").mkdir()
+    (tmp_path / "critic" / "notes.txt").write_text("my notes")
+    with pytest.raises(ValueError, match=r"critic.*holds no adapter"):
+        save_adapters(model, tmp_path)
+    assert files_under(tmp_path) == {"critic/notes.txt": b"my notes"}
+
+
+@pytest.mark.parametrize("name", ["sub/inner", "/absolute/folder", "back\\slash", "__base__"])
+def test_adapter_names_that_are_paths_or_the_base_are_refused(tmp_path, name):
+    """A name with a path separator would put an adapter's folder outside `directory` (PEFT writes an absolute name
+    in place, not atomically) or replace a whole sub-folder; `"__base__"` is PEFT's name for the base model in
+    `adapter_names=`, so rows meant for that adapter would run on the base."""
+    save_adapters(get_peft_model(make_base(), random_lora("attention"), adapter_name="persona"), tmp_path / "saved")
+    base = make_base()
+    before = in_place_state(base)
+    with pytest.raises(ValueError, match=re.escape(repr(name))):
+        load_adapter(base, tmp_path / "saved" / "persona", name)
+    assert_in_place_state(base, before)
+    if name == "__base__":
+        return
+    model = get_peft_model(make_base(), random_lora("attention"), adapter_name=name)
+    with pytest.raises(ValueError, match=re.escape(repr(name))):
+        save_adapters(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry", [None, ["critic"], "nope"])
+def test_update_memory_per_row_names_a_bad_entry_of_adapters_before_writing(entry, ids, monkeypatch):
+    model = with_roles(make_base())
+    state = rxt_model(model).init_memory(2)
+    writes = []
+    monkeypatch.setattr(adapters_module, "update_memory_with", lambda *args, **kwargs: writes.append(args))
+    with pytest.raises(ValueError, match=r"`adapters`.*" + re.escape(repr(entry))):
+        adapters_module.update_memory_per_row(model, state, ids[:2], None, ["critic", entry])
+    assert writes == []
