@@ -297,6 +297,14 @@ class RxTTrainer(Trainer):
         first = next(held)
         first.grad = torch.full_like(first, float("inf"))
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        # transformers 5.23 resumes a checkpoint saved at `max_steps` inside an epoch by running one step more: it
+        # checks the step count only after a step. No batches there: the epoch ends, and the run, with no step.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
     def train(self, *args, **kwargs) -> TrainOutput:
         output = super().train(*args, **kwargs)
         if self._steps.run and not self._steps.run_weighted:

@@ -415,3 +415,28 @@ def test_a_trainer_let_go_frees_its_model_at_once(tokenizer, tmp_path):
         assert freed() is None
     finally:
         gc.enable()
+
+
+def test_resuming_from_a_checkpoint_at_max_steps_trains_no_further_step(tokenizer, tmp_path):
+    """transformers 5.23 resumes a checkpoint saved at `max_steps` inside an epoch by running one step more (it
+    checks the count only after a step): a run killed after its last checkpoint then ended with other weights than
+    the run never stopped (the curriculum's cosine schedule has not reached a learning rate of 0 there)."""
+    pairs = [(f"question {i} ?", f"answer {i} .") for i in range(8)]
+    rows = tokenize_interactions(tokenizer, pairs, MAX_LENGTH)  # 8 steps an epoch
+    collator = InteractionCollator(tokenizer.pad_token_id)
+
+    def trainer() -> RxTTrainer:
+        args = _trainer_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, lr_scheduler_type="cosine",
+                             learning_rate=1e-3, warmup_steps=0, logging_steps=1)
+        return RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=rows, data_collator=collator,
+                          objective=interaction_objective)
+
+    straight = trainer()
+    straight.train()
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert resumed.state.global_step == 4
+    assert [entry["step"] for entry in resumed.state.log_history if "loss" in entry] == [
+        entry["step"] for entry in straight.state.log_history if "loss" in entry]
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
