@@ -335,7 +335,6 @@ class RxTChatSession:
         if not folder.exists():  # a conversation is private: a folder made here is its owner's only
             folder.parent.mkdir(parents=True, exist_ok=True)
             folder.mkdir(mode=0o700)
-        previous = _previous_memory_dir(folder)
         state = self.memory_state
         memory_dir = f"memory-{uuid.uuid4().hex}"
         state.save_pretrained(folder / memory_dir)
@@ -347,11 +346,11 @@ class RxTChatSession:
             "timings": [asdict(t) for t in self.timings],
         }
         write_json_atomic(payload, folder / SESSION_FILE)
-        # Only folders this class writes: the one the previous session.json named, and any left by a save that
-        # crashed before its rename (`memory-` + 32 hex digits). Anything else in `folder` is the user's.
+        # Only folders this class writes (`memory-` + 32 hex digits, its only naming ever): the previous save's and
+        # any left by a save that crashed before its rename. Not whatever an old session.json names: a copied or
+        # edited one may name a folder of the user's ("data"). Anything else in `folder` is the user's.
         for stale in folder.iterdir():
-            ours = stale.name == previous or MEMORY_DIR.fullmatch(stale.name)
-            if ours and stale.name != memory_dir and stale.is_dir():
+            if MEMORY_DIR.fullmatch(stale.name) and stale.name != memory_dir and stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
 
     @classmethod
@@ -559,14 +558,6 @@ def _read_session_file(folder: Path) -> dict:
     if not isinstance(payload.get("background_write", True), bool):
         raise ValueError(f"`{file}`: `background_write` must be true or false.")
     return payload
-
-
-def _previous_memory_dir(folder: Path) -> str | None:
-    """The memory folder that `folder`'s current session.json names, if it has a readable one."""
-    try:
-        return _read_session_file(folder)["memory_dir"]
-    except ValueError:
-        return None
 
 
 __all__ = ["RxTChatSession", "TurnTimings", "send_batch"]

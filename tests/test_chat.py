@@ -494,6 +494,19 @@ def test_save_removes_only_its_own_memory_folders(model, tokenizer, tmp_path):
     assert not (tmp_path / first).exists() and (tmp_path / second).is_dir()
 
 
+def test_save_keeps_a_folder_of_the_users_that_an_old_session_file_names(model, tokenizer, tmp_path):
+    """A session.json copied or edited by hand may name any folder as `memory_dir`: save deleted it ("data" with the
+    user's files) because the old session.json named it."""
+    RxTChatSession(model, tokenizer).save(tmp_path)
+    payload = json.loads((tmp_path / "session.json").read_text())
+    (tmp_path / "session.json").write_text(json.dumps({**payload, "memory_dir": "data"}))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("keep me")
+    RxTChatSession(model, tokenizer).save(tmp_path)
+    assert (tmp_path / "data" / "notes.txt").read_text() == "keep me"
+    assert len(list(tmp_path.glob("memory-*"))) == 1  # the first save's memory folder went, as before
+
+
 @pytest.mark.parametrize(
     "field, value",
     [("messages", [1, 2]), ("messages", [{"role": "user", "content": 1}]), ("timings", [{"bogus": 1}]),
