@@ -27,6 +27,7 @@ import shutil
 import sys
 import threading
 import time
+import typing
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -555,9 +556,24 @@ def _read_session_file(folder: Path) -> dict:
     timings = payload.get("timings", [])
     if not isinstance(timings, list) or not all(isinstance(t, dict) and required <= set(t) <= names for t in timings):
         raise ValueError(f"`{file}`: `timings` must be a list of {{{', '.join(sorted(names))}}} records.")
+    for record in timings:
+        _check_timing_values(record, file)
     if not isinstance(payload.get("background_write", True), bool):
         raise ValueError(f"`{file}`: `background_write` must be true or false.")
     return payload
+
+
+
+def _check_timing_values(record: dict, file: Path) -> None:
+    """Each value of a `timings` record is seconds (a number, not a bool), or null where `TurnTimings` allows None:
+    a string or a list loaded silently and failed only where the timings were used."""
+    for name, hint in typing.get_type_hints(TurnTimings).items():
+        nullable = type(None) in typing.get_args(hint)
+        if name not in record or (record[name] is None and nullable):
+            continue  # a field with a default left out (the required ones are checked by the caller), or null
+        if isinstance(record[name], bool) or not isinstance(record[name], (int, float)):
+            allowed = "a number or null" if nullable else "a number"
+            raise ValueError(f"`{file}`: `timings` field `{name}` must be {allowed}, got {record[name]!r}.")
 
 
 __all__ = ["RxTChatSession", "TurnTimings", "send_batch"]

@@ -510,14 +510,27 @@ def test_save_keeps_a_folder_of_the_users_that_an_old_session_file_names(model, 
 @pytest.mark.parametrize(
     "field, value",
     [("messages", [1, 2]), ("messages", [{"role": "user", "content": 1}]), ("timings", [{"bogus": 1}]),
-     ("background_write", "false")],
+     ("background_write", "false"),
+     # values of the wrong types loaded silently: each field is seconds, null only where TurnTimings allows None
+     ("timings", [{"wait_s": "abc", "first_token_s": [1], "generate_s": None}]),
+     ("timings", [{"wait_s": 0.1, "first_token_s": None, "generate_s": None}]),
+     ("timings", [{"wait_s": True, "first_token_s": 0.2, "generate_s": 0.3}]),
+     ("timings", [{"wait_s": 0.1, "first_token_s": 0.2, "generate_s": 0.3, "write_s": "0.4"}])],
 )
 def test_load_rejects_malformed_session_fields(model, tokenizer, tmp_path, field, value):
     RxTChatSession(model, tokenizer).save(tmp_path)
     payload = json.loads((tmp_path / "session.json").read_text())
     (tmp_path / "session.json").write_text(json.dumps({**payload, field: value}))
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"session\.json`.*`{field}`"):  # the file and the field
         RxTChatSession.load(tmp_path, model, tokenizer)
+
+
+def test_load_takes_timings_of_whole_seconds_and_nulls_where_allowed(model, tokenizer, tmp_path):
+    RxTChatSession(model, tokenizer).save(tmp_path)
+    payload = json.loads((tmp_path / "session.json").read_text())
+    record = {"wait_s": 0, "first_token_s": None, "generate_s": 1.5, "write_s": None}
+    (tmp_path / "session.json").write_text(json.dumps({**payload, "timings": [record]}))
+    assert RxTChatSession.load(tmp_path, model, tokenizer).timings == [chat.TurnTimings(**record)]
 
 
 def test_max_length_numpy_ints_and_dict_outputs_work_as_in_generate(model, tokenizer):
