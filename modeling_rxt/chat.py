@@ -115,9 +115,7 @@ class RxTChatSession:
     """
 
     def __init__(self, model, tokenizer, memory_state: RxTMemoryState | None = None, background_write: bool = True):
-        for method in ("generate", "update_memory", "init_memory"):
-            if not callable(getattr(model, method, None)):
-                raise TypeError(f"`model` must be an RxT model (it lacks `{method}`), got {type(model).__name__}.")
+        _check_model(model)
         if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
             raise TypeError(f"`tokenizer` must be an RxT tokenizer, got {type(tokenizer).__name__}.")
         if tokenizer.convert_tokens_to_ids(ANSWER_TOKEN) in (None, tokenizer.unk_token_id):
@@ -357,6 +355,7 @@ class RxTChatSession:
     @classmethod
     def load(cls, path: str | os.PathLike, model, tokenizer, background_write: bool | None = None) -> RxTChatSession:
         """A session saved by `save`, ready to continue where it stopped."""
+        _check_model(model)  # before its device is read for the memory
         payload = _read_session_file(Path(path))
         state = RxTMemoryState.from_pretrained(Path(path) / payload["memory_dir"], device=model.device)
         if background_write is None:
@@ -470,6 +469,12 @@ def _with_adapter_rows(generate_kwargs: dict, rows: int) -> tuple[dict, list[str
     if not isinstance(names, list) or len(names) != rows:
         raise ValueError(f"`adapter_names` must name one adapter per session ({rows}), got {names!r}.")
     return {**generate_kwargs, "adapter_names": names}, names
+
+
+def _check_model(model) -> None:
+    for method in ("generate", "update_memory", "init_memory"):
+        if not callable(getattr(model, method, None)):
+            raise TypeError(f"`model` must be an RxT model (it lacks `{method}`), got {type(model).__name__}.")
 
 
 def _as_model_state(model, state) -> RxTMemoryState:

@@ -286,6 +286,14 @@ def test_bad_construction_is_rejected(model, tokenizer):
         RxTChatSession(model, tokenizer, background_write="yes")
 
 
+def test_load_names_a_model_that_is_not_one(model, tokenizer, tmp_path):
+    """load read `model.device` first: AttributeError ('NoneType' object has no attribute 'device')."""
+    RxTChatSession(model, tokenizer).save(tmp_path)
+    for bad in (None, object()):
+        with pytest.raises(TypeError, match="`model` must be an RxT model"):
+            RxTChatSession.load(tmp_path, bad, tokenizer)
+
+
 def test_beam_search_answers_through_the_session(model, tokenizer):
     session = RxTChatSession(model, tokenizer, background_write=False)
     answer = session.send(TEXTS[0], num_beams=2, do_sample=False, max_new_tokens=6)
