@@ -204,9 +204,36 @@ def _pad(sequences: Sequence[Sequence[int]], value: int, length: int | None = No
     return out
 
 
+def _unpadded(ids: Sequence[int], labels: Sequence[int], mask: Sequence[int] | None) -> tuple[list, list]:
+    """A row's (or a turn's) tokens and labels without the padding its own `attention_mask` marks: rows padded when
+    they were tokenised (`padding="max_length"`, left or right) carry one. The collators pad each batch themselves,
+    and padding counted as text would be trained on, written into the memory, and shift the positions."""
+    ids, labels = _as_list(ids), _as_list(labels)
+    if mask is None:
+        return ids, labels
+    mask = _as_list(mask)
+    if len(mask) != len(ids):
+        raise ValueError(f"a row's `attention_mask` has {len(mask)} entries for its {len(ids)} `input_ids`")
+    return [t for t, m in zip(ids, mask) if m], [t for t, m in zip(labels, mask) if m]
+
+
+def _as_list(values) -> list:
+    return values.tolist() if hasattr(values, "tolist") else list(values)  # rows in the numpy or torch format too
+
+
+def _turns(feature: Mapping) -> list[tuple[list, list]]:
+    """An episode row's turns as (ids, labels), padding left out (`_unpadded`)."""
+    masks = feature.get("attention_mask")
+    if masks is None:
+        masks = [None] * len(feature["input_ids"])
+    return [_unpadded(ids, labels, mask)
+            for ids, labels, mask in zip(feature["input_ids"], feature["labels"], masks, strict=True)]
+
+
 # Every row key a collator reads (`RxTTrainer` refuses a dataset whose such columns Trainer would drop).
 COLLATOR_COLUMNS = frozenset(
-    {"input_ids", "labels", "kinds", "fact_distances", "probe_input_ids", "probe_labels", "probe_turns"}
+    {"input_ids", "labels", "attention_mask", "kinds", "fact_distances", "probe_input_ids", "probe_labels",
+     "probe_turns"}
 )
 
 
@@ -245,12 +272,13 @@ class InteractionCollator:
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         _check_features(features, ("input_ids", "labels"))
-        input_ids = _pad([f["input_ids"] for f in features], self.pad_token_id)  # (B, T)
-        attention_mask = _pad([[1] * len(f["input_ids"]) for f in features], 0)
+        rows = [_unpadded(f["input_ids"], f["labels"], f.get("attention_mask")) for f in features]
+        input_ids = _pad([ids for ids, _ in rows], self.pad_token_id)  # (B, T)
+        attention_mask = _pad([[1] * len(ids) for ids, _ in rows], 0)
         if self.full_labels:
             labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         else:
-            labels = _pad([f["labels"] for f in features], IGNORE_INDEX)
+            labels = _pad([row_labels for _, row_labels in rows], IGNORE_INDEX)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if self.mlm_probability > 0:
             maskable = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(self.special_token_ids))
@@ -304,16 +332,17 @@ class EpisodeCollator:
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         _check_features(features, ("input_ids", "labels", "kinds"))
-        turns = max(len(f["input_ids"]) for f in features)
-        length = max(len(ids) for f in features for ids in f["input_ids"])
+        episodes = [_turns(f) for f in features]
+        turns = max(len(episode) for episode in episodes)
+        length = max(len(ids) for episode in episodes for ids, _ in episode)
         batch_size = len(features)
         input_ids = torch.full((batch_size, turns, length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch_size, turns, length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((batch_size, turns, length), dtype=torch.long)
         turn_weights = torch.zeros((batch_size, turns))
         fact_distances = torch.zeros((batch_size, turns), dtype=torch.long)
-        for row, feature in enumerate(features):
-            for turn, (ids, turn_labels) in enumerate(zip(feature["input_ids"], feature["labels"], strict=True)):
+        for row, (feature, episode) in enumerate(zip(features, episodes)):
+            for turn, (ids, turn_labels) in enumerate(episode):
                 input_ids[row, turn, : len(ids)] = torch.as_tensor(ids)
                 labels[row, turn, : len(ids)] = torch.as_tensor(turn_labels)
                 attention_mask[row, turn, : len(ids)] = 1
@@ -346,7 +375,7 @@ class ExternalMemoryCollator:
         rows: dict[str, list] = {"ids": [], "labels": [], "memory": [], "weights": []}
         for feature in features:
             history: list[int] = []
-            for ids, labels, kind in zip(feature["input_ids"], feature["labels"], feature["kinds"], strict=True):
+            for (ids, labels), kind in zip(_turns(feature), feature["kinds"], strict=True):
                 weight = float(self.kind_weights.get(kind, 0.0))
                 if history and weight > 0:
                     rows["ids"].append(ids)

@@ -627,3 +627,55 @@ def test_objectives_and_tokenizers_name_bad_settings(tokenizer, episodes):
     plain = InteractionCollator(tokenizer.pad_token_id)([tokenize_interactions(tokenizer, pairs, MAX_LENGTH)[0]])
     with pytest.raises(ValueError, match="masked copy"):
         joint_objective(model, plain)
+
+
+def _padded(ids: list, labels: list, length: int, pad: int, side: str) -> dict:
+    """A row padded when tokenised, the usual way (`padding="max_length"`): pad ids, -100 labels, a 0 mask."""
+    filler = length - len(ids)
+    if side == "right":
+        return {"input_ids": ids + [pad] * filler, "labels": labels + [IGNORE_INDEX] * filler,
+                "attention_mask": [1] * len(ids) + [0] * filler}
+    return {"input_ids": [pad] * filler + ids, "labels": [IGNORE_INDEX] * filler + labels,
+            "attention_mask": [0] * filler + [1] * len(ids)}
+
+
+def _same_batch(a: dict, b: dict) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_batch(a[key], b[key]) for key in a)
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collators_leave_out_the_padding_a_rows_attention_mask_marks(tokenizer, episodes, side):
+    """Rows padded when tokenised carry an `attention_mask`: their padding is not text. The collators counted it as
+    tokens (labels for the joint stage, tokens written into the memory, shifted positions with left padding)."""
+    pad = tokenizer.pad_token_id
+    interactions = tokenize_interactions(tokenizer, [("hello there", "hi ."), ("how are you ?", "fine .")], MAX_LENGTH)
+    plain = [interactions[i] for i in range(2)]
+    padded = [_padded(row["input_ids"], row["labels"], MAX_LENGTH, pad, side) for row in plain]
+    for collator in (InteractionCollator(pad), InteractionCollator(pad, tokenizer.mask_token_id, 0.3, True)):
+        assert _same_batch(collator(padded), collator(plain))
+
+    rows = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    plain = [rows[i] for i in range(3)]
+    padded = []
+    for row in plain:
+        turns = [_padded(ids, labels, MAX_LENGTH, pad, side) for ids, labels in zip(row["input_ids"], row["labels"])]
+        padded.append({**row, **{key: [turn[key] for turn in turns] for key in ("input_ids", "labels",
+                                                                                  "attention_mask")}})
+    episode_collator = EpisodeCollator(pad)
+    for collator in (episode_collator, ExternalMemoryCollator(pad),
+                     ExternalAndEpisodeCollator(ExternalMemoryCollator(pad), episode_collator)):
+        assert _same_batch(collator(padded), collator(plain))
+    with pytest.raises(ValueError, match="attention_mask"):  # not the row's length
+        InteractionCollator(pad)([{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "attention_mask": [1, 1]}])
+
+
+def test_collators_take_rows_in_numpy_and_torch_formats(tokenizer, episodes):
+    rows = tokenize_episodes(tokenizer, episodes, MAX_LENGTH).select(range(3))
+    pad = tokenizer.pad_token_id
+    for collator in (EpisodeCollator(pad), ExternalMemoryCollator(pad)):
+        expected = collator([rows[i] for i in range(3)])
+        for form in ("numpy", "torch"):
+            formatted = rows.with_format(form)
+            assert _same_batch(collator([formatted[i] for i in range(3)]), expected), (type(collator).__name__, form)
