@@ -327,10 +327,12 @@ class RxTChatSession:
         then `session.json` (which names it) replaces the old one in one rename, then old memory folders are
         removed. A crash at any point leaves a `session.json` that names a complete memory. A folder that does not
         exist yet is made readable by its owner only (the transcript is private); an existing one keeps its modes."""
+        folder = _folder_path(path)
         with self._lock:  # no turn may change the memory or the transcript half-way through the save
-            self._save(Path(path))
+            self._save(folder)
 
     def _save(self, folder: Path) -> None:
+        _check_not_under_a_file(folder)
         if not folder.exists():  # a conversation is private: a folder made here is its owner's only
             folder.parent.mkdir(parents=True, exist_ok=True)
             folder.mkdir(mode=0o700)
@@ -355,9 +357,10 @@ class RxTChatSession:
     @classmethod
     def load(cls, path: str | os.PathLike, model, tokenizer, background_write: bool | None = None) -> RxTChatSession:
         """A session saved by `save`, ready to continue where it stopped."""
+        folder = _folder_path(path)
         _check_model(model)  # before its device is read for the memory
-        payload = _read_session_file(Path(path))
-        state = RxTMemoryState.from_pretrained(Path(path) / payload["memory_dir"], device=model.device)
+        payload = _read_session_file(folder)
+        state = RxTMemoryState.from_pretrained(folder / payload["memory_dir"], device=model.device)
         if background_write is None:
             background_write = payload.get("background_write", True)
         session = cls(model, tokenizer, memory_state=state, background_write=background_write)
@@ -389,8 +392,9 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
     adapters); each session then continues with its own row. With `adapter_names` (a mixed-adapter batch) each row
     is also written by its own adapter. The room for the answers is that of the longest prompt: with no
     `max_new_tokens`, a short prompt may get a shorter answer than it would alone."""
-    if isinstance(queries, str) or isinstance(sessions, RxTChatSession):
-        raise TypeError("`sessions` and `queries` must be lists (one query string per session).")
+    for name, given in (("sessions", sessions), ("queries", queries)):
+        if isinstance(given, (str, RxTChatSession)) or not isinstance(given, Iterable):
+            raise TypeError(f"`{name}` must be a list (one query string per session), got {type(given).__name__}.")
     sessions, queries = list(sessions), list(queries)
     _check_batch(sessions, queries)
     model = sessions[0].model
@@ -538,6 +542,21 @@ def _pad(rows: list[torch.Tensor], pad_id: int, left: bool = False) -> tuple[tor
 
 
 # ---- files ---------------------------------------------------------------------------------------------------------
+def _folder_path(path) -> Path:
+    """The `path` of `save` / `load` as a Path (pathlib's own error names no argument)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a folder's path (str or os.PathLike), got {type(path).__name__}.")
+    return Path(path)
+
+
+def _check_not_under_a_file(folder: Path) -> None:
+    """`save` makes `folder` (and its parents) where missing: the nearest one that exists must be a folder, or the
+    save would fail half-way with NotADirectoryError / FileExistsError."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"`path` {str(folder)!r} cannot be a session folder: {str(existing)!r} is a file.")
+
+
 def _read_session_file(folder: Path) -> dict:
     file = folder / SESSION_FILE
     if not file.is_file():

@@ -268,6 +268,12 @@ def test_load_can_change_how_the_session_writes(model, tokenizer, tmp_path):
         (lambda s: send_batch([s], TEXTS[:2]), ValueError, "queries"),
         (lambda s: send_batch([s], "ab"), TypeError, "queries"),  # a string is not one query per session
         (lambda s: s.send(TEXTS[0], streamer="abc"), TypeError, "streamer"),
+        # these failed in pathlib or in list(): "'NoneType' object is not iterable", naming no argument
+        (lambda s: send_batch(None, [TEXTS[0]]), TypeError, "`sessions` must be a list"),
+        (lambda s: send_batch([s], None), TypeError, "`queries` must be a list"),
+        (lambda s: s.save(None), TypeError, "`path` must be a folder's path"),
+        (lambda s: s.save(123), TypeError, "`path` must be a folder's path.*int"),
+        (lambda s: RxTChatSession.load(None, s.model, s.tokenizer), TypeError, "`path` must be a folder's path"),
     ],
 )
 def test_bad_input_is_rejected(model, tokenizer, call, error, match):
@@ -284,6 +290,16 @@ def test_bad_construction_is_rejected(model, tokenizer):
         RxTChatSession(model, tokenizer, memory_state=model.init_memory(2))
     with pytest.raises(TypeError, match="background_write"):
         RxTChatSession(model, tokenizer, background_write="yes")
+
+
+def test_save_into_a_file_or_under_one_is_refused_and_writes_nothing(model, tokenizer, tmp_path):
+    """It failed half-way with NotADirectoryError (into a file) or FileExistsError (under one)."""
+    (tmp_path / "notes.txt").write_text("mine")
+    session = RxTChatSession(model, tokenizer)
+    for path in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "chat"):
+        with pytest.raises(ValueError, match="`path` .* is a file"):
+            session.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_load_names_a_model_that_is_not_one(model, tokenizer, tmp_path):
