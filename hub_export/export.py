@@ -341,19 +341,35 @@ def build_folder(staging: Path, model, tokenizer, *, model_id: str, adapters: di
 
 
 def _check_dest(dest: Path, overwrite: bool, read: Sequence[Path]) -> None:
-    """`dest` may be replaced: it is a folder (or absent), empty unless `overwrite`, and neither is nor contains a
-    folder the export reads (`read`: SRC, the checkpoint the weights come from, the adapters), and not a symbolic link:
-    the new folder is renamed into DEST's place, which would replace the link itself (or fail, for a link to an
-    empty folder) after all the work, rather than the folder it points to."""
+    """`dest` may be replaced: it is a folder (or absent), empty unless `overwrite`; it neither is, contains nor lies
+    inside a folder the export reads (`read`: SRC, the checkpoint the weights come from, the adapters: a later export
+    of SRC would read the Hub folder back, a `checkpoint-N` one as the latest checkpoint); it is not the working folder
+    nor one that contains it, and does not end in `..` (the new folder is renamed into DEST's place, which cannot
+    replace a folder containing itself: that failed after all the work, and `.` named the model ''); and it is not a
+    symbolic link: the rename would replace the link itself (or fail, for a link to an empty folder) after all the
+    work, rather than the folder it points to."""
     if dest.is_symlink():  # refused, not followed: the folder replaced is always the one named, never a link's target
         raise ValueError(f"`dest` {str(dest)!r} is a symbolic link (to {os.readlink(dest)!r}): give the folder it "
                          "points to instead (the export renames a new folder into DEST's place).")
+    resolved, working = dest.resolve(), Path.cwd().resolve()
+    if resolved == working or resolved in working.parents:
+        raise ValueError(f"`dest` {str(dest)!r} is the current folder or one that contains it ({str(resolved)!r}): "
+                         "the export renames a new folder into DEST's place; give a new or empty folder's path, such "
+                         "as 'hub'.")
+    if dest.name == "..":  # `Path` keeps it: the model would be named '..', and DEST's sibling is not beside it
+        raise ValueError(f"`dest` {str(dest)!r} ends in '..': give the folder's own path ({str(resolved)!r}).")
     if dest.exists() and not dest.is_dir():
         raise ValueError(f"`dest` {str(dest)!r} exists and is not a folder.")
     for folder in read:
-        if dest.resolve() == folder.resolve() or dest.resolve() in folder.resolve().parents:
+        if resolved == folder.resolve() or resolved in folder.resolve().parents:
             raise ValueError(f"`dest` {str(dest)!r} would replace {str(folder)!r}, which the export reads from "
                              "(`src`, its checkpoint or an adapter), or a folder that contains it.")
+    holders = [folder for folder in read if folder.resolve() in resolved.parents]  # after the check above
+    if holders:
+        folder = max(holders, key=lambda holder: len(holder.resolve().parts))  # the checkpoint rather than SRC
+        raise ValueError(f"`dest` {str(dest)!r} is inside {str(folder)!r}, which the export reads from (`src`, its "
+                         "checkpoint or an adapter): a later export would read the Hub folder back; give a folder "
+                         "outside it.")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
         raise ValueError(
             f"`dest` {str(dest)!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it."
@@ -376,6 +392,8 @@ def _check_export_arguments(src, dest, repo_id: str | None, datasets: Sequence[s
     `repo_id` (needed by `push`), a list of dataset names."""
     if not isinstance(src, str | os.PathLike) or not isinstance(dest, str | os.PathLike):
         raise TypeError("`src` and `dest` must be paths (str or os.PathLike).")
+    if not os.fspath(dest):  # `Path("")` is the working folder
+        raise ValueError("`dest` must name a folder, got '' (an empty path).")
     for name, flag in flags.items():
         if not isinstance(flag, bool) and not (name == "private" and flag is None):
             raise TypeError(f"`{name}` must be True or False, got {flag!r}.")  # "no" would count as True

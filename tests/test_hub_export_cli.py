@@ -5,6 +5,7 @@ and nothing lost (DEST written atomically, signals cleaned up like Ctrl-C). The 
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -67,6 +68,8 @@ def source_model_config(folder: Path) -> dict:
         ("push_without_repo", r"needs a `repo_id`"),
         ("dest_is_the_checkpoint", r"would replace .*checkpoint-5.*which the export reads from"),
         ("dest_is_an_adapter", r"would replace .*persona.*which the export reads from"),
+        ("dest_inside_src", r"is inside .*src.*which the export reads from.*a later export would read"),
+        ("dest_inside_a_checkpoint", r"is inside .*checkpoint-5.*which the export reads from"),
         ("adapter_of_another_base", r"Adapter 'persona' .* was made for a base of another shape"),
         ("adapter_truncated", r"Adapter 'persona': .*adapter_model.safetensors. cannot be read"),
         ("adapter_config_not_an_object", r"Adapter 'persona': .*adapter_config.json. is invalid"),
@@ -117,6 +120,13 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, message, source, tm
     elif case == "dest_is_an_adapter":
         src = _copy_model(source, tmp_path / "src")
         dest, kwargs["overwrite"] = src / "adapters" / "persona", True
+    elif case == "dest_inside_src":  # a later export of SRC would find it (as `checkpoint-N/`: as the latest weights)
+        src = _copy_model(source, tmp_path / "src")
+        dest = src / "hub"
+    elif case == "dest_inside_a_checkpoint":
+        src = tmp_path / "run"
+        _copy_model(source, src / "checkpoint-5")
+        dest = src / "checkpoint-5" / "hub"
     elif case.startswith("adapter_"):
         src = _copy_model(source, tmp_path / "src")
         adapter = src / "adapters" / "persona"
@@ -140,6 +150,32 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, message, source, tm
     assert after == before  # nothing written, no staging folder left behind
     if case == "dest_not_empty":
         assert (dest / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("dest", ["", ".", "..", "{cwd}", "{outer}", "sub/../..", "{other}/x/.."])
+def test_a_dest_that_is_or_holds_the_working_folder_is_refused_up_front(dest, source, tmp_path, monkeypatch, capsys):
+    """DEST '' or '.' (or the working folder's path, or a folder containing it): the export loaded and built the
+    model, then failed on `model_id` '' (an argument the CLI user never gave) or, with a repo id, after the whole
+    export, on renaming the new folder over the folder that holds it. Refused before any work, by the Python API and
+    by the CLI (exit 2, one `error:` line naming `dest`); a DEST ending in '..' is refused as well."""
+    working = tmp_path / "outer" / "cwd"
+    working.mkdir(parents=True)
+    (working / "precious.txt").write_text("keep")
+    monkeypatch.chdir(working)
+    (tmp_path / "other").mkdir()
+    dest = dest.format(cwd=working, outer=tmp_path / "outer", other=tmp_path / "other")
+    message = (r"`dest` must name a folder, got ''" if dest == "" else r"`dest` .* ends in '\.\.': give the folder's "
+               "own path" if dest.endswith("x/..") else r"`dest` .* is the current folder or one that contains it")
+    loads = []
+    monkeypatch.setattr(export_module, "load_source_model", lambda *args: loads.append(args))  # no work may start
+    with pytest.raises(ValueError, match=message):
+        export_model(source / "model", dest, overwrite=True, repo_id="a/b", verify=False)
+    assert cli_main([str(source / "model"), dest, "--overwrite", "--repo-id", "a/b", "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: `dest` ") and err.count("\n") == 1 and re.search(message, err)
+    assert loads == []
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["cwd", "other", "outer", "precious.txt"]  # no staging
+    assert [p.name for p in working.iterdir()] == ["precious.txt"]
 
 
 def test_eval_json_must_be_a_path(source, tmp_path):
