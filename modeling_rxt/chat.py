@@ -44,6 +44,7 @@ from .adapters import adapter_names, update_memory_per_row
 from .atomic_files import read_json_object, write_json_atomic
 from .external_memory import generation_setting
 from .memory_state import RxTMemoryState, is_memory_state
+from .modeling_rxt_checks import generation_number
 from .modeling_rxt_wrappers import holds_injected_adapters
 from .tokenization import (
     ANSWER_TOKEN, EOS_TOKEN, check_chat_template, check_turn_tokens, decode_answer, encode_chat_prompt,
@@ -490,10 +491,8 @@ def _as_model_state(model, state) -> RxTMemoryState:
 
 
 def _int_setting(name: str, value) -> int:
-    """A length setting as a plain int (numpy ints too)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"`{name}` must be an int, got {value!r}")
-    return int(value)
+    """A length setting as a plain int, taken as `generate` takes it (numpy ints and 0-d tensors too)."""
+    return generation_number(name, value, numbers.Integral)
 
 
 def _sequences(output) -> torch.Tensor:

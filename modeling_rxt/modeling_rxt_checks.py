@@ -174,16 +174,22 @@ def as_python_number(value, kind: type):
     return value
 
 
+def generation_number(name: str, value, kind: type):
+    """The numeric generation setting `name` as Python's int or float (`as_python_number`; `kind` is
+    `numbers.Integral` or `numbers.Real`), or None; a `TypeError` naming it for any other value. `generate` and the
+    chat sessions' length settings take the same values this way."""
+    value = as_python_number(value, kind)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+        raise TypeError(f"`{name}` must be {'an int' if kind is numbers.Integral else 'a number'}, got {value!r}.")
+    return value
+
+
 def check_generation_settings(kwargs: dict, generation_config) -> None:
     """The numeric settings of `generate` (keywords beat the generation config's) are ints or numbers (numpy's and
     0-d tensors too), or None."""
-    for names, kind, expected in ((INT_GENERATION_SETTINGS, "an int", numbers.Integral),
-                                  (FLOAT_GENERATION_SETTINGS, "a number", numbers.Real)):
+    for names, kind in ((INT_GENERATION_SETTINGS, numbers.Integral), (FLOAT_GENERATION_SETTINGS, numbers.Real)):
         for name in names:
-            value = kwargs[name] if name in kwargs else getattr(generation_config, name, None)
-            value = as_python_number(value, expected)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
-                raise TypeError(f"`{name}` must be {kind}, got {value!r}.")
+            generation_number(name, kwargs[name] if name in kwargs else getattr(generation_config, name, None), kind)
 
 
 def check_generate_prompt(prompt: torch.Tensor, config: RxTConfig, generation_config, kwargs: dict) -> None:

@@ -568,8 +568,17 @@ def test_max_length_numpy_ints_and_dict_outputs_work_as_in_generate(model, token
     assert _new_tokens(session, TEXTS[0], max_new_tokens=np.int64(4), suppress_tokens=suppress) == 4
     with pytest.raises(ValueError, match="`max_length` 3 leaves no room for an answer"):
         session.send(TEXTS[0], max_length=3)
-    with pytest.raises(ValueError, match="`max_new_tokens` must be an int, got 2.5"):
-        session.send(TEXTS[0], max_new_tokens=2.5)
+    # The length settings are taken as `generate` takes them: 0-d tensors too (they were refused as no int), and
+    # the same TypeError for a fraction (a ValueError here, a TypeError in generate).
+    tensors = RxTChatSession(model, tokenizer, background_write=False)
+    assert _new_tokens(tensors, TEXTS[0], max_new_tokens=torch.tensor(3), suppress_tokens=suppress) == 3
+    assert _new_tokens(tensors, TEXTS[0], max_length=torch.tensor(prompt_length + 2), suppress_tokens=suppress) == 2
+    assert len(send_batch([tensors], [TEXTS[0]], max_new_tokens=torch.tensor(2))) == 1
+    for name, fraction in (("max_new_tokens", 2.5), ("max_length", 20.0)):
+        with pytest.raises(TypeError, match=f"`{name}` must be an int, got {fraction}."):
+            tensors.send(TEXTS[0], **{name: fraction})
+        with pytest.raises(TypeError, match=f"`{name}` must be an int, got {fraction}."):
+            model.generate(torch.tensor([encode_query(tokenizer, TEXTS[0])["input_ids"]]), **{name: fraction})
     with pytest.raises(TypeError, match="`num_beams` must be an int, got '2'"):
         session.send(TEXTS[0], num_beams="2")
     # None leaves a setting unset, as in `generate`: `max_length` then gives the length (it was refused as no int).
