@@ -146,6 +146,9 @@ class RxTMemoryState:
             raise TypeError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
         if os.path.exists(save_directory) and not os.path.isdir(save_directory):
             raise ValueError(f"`save_directory` {str(save_directory)!r} exists and is not a folder.")
+        if self.stm.is_meta:  # refused before the folder is made: copying the tensor out would fail inside the save
+            raise ValueError("This memory state is on the meta device: it holds no values to save.")
+        tensors = {"stm": self.stm.detach().to("cpu").contiguous()}
         os.makedirs(save_directory, exist_ok=True)
         info = {
             "format_version": STATE_FORMAT_VERSION,
@@ -156,7 +159,6 @@ class RxTMemoryState:
             "dtype": str(self.dtype).removeprefix("torch."),
         }
         metadata = {key: str(value) for key, value in info.items()}
-        tensors = {"stm": self.stm.detach().to("cpu").contiguous()}
         directory = Path(save_directory)
         atomic_write_files({
             directory / STATE_CONFIG_NAME: json_writer(info, sort_keys=True),
@@ -173,15 +175,18 @@ class RxTMemoryState:
         path = os.path.join(directory, STATE_WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise ValueError(f"No memory state in `{directory}`: `{STATE_WEIGHTS_NAME}` is missing.")
-        try:
-            tensors = load_file(path, device=device)
+        try:  # read on the CPU, then moved: every device problem is `device`'s (checked above), not the file's
+            tensors = load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"`{path}` is not a readable memory state (corrupted or truncated): {error}") from error
         if set(tensors) != {"stm"}:
             raise ValueError(f"`{path}` holds tensors {sorted(tensors)}, expected exactly ['stm'].")
-        state = cls(tensors["stm"])
+        try:
+            state = cls(tensors["stm"])
+        except (TypeError, ValueError) as error:  # a readable file of another tensor: the file is wrong, not a call
+            raise ValueError(f"`{path}` does not hold a memory state: {error}") from error
         state._check_recorded(read_json_object(os.path.join(directory, STATE_CONFIG_NAME), f"`{STATE_CONFIG_NAME}`"))
-        return state
+        return state.to(device)
 
     def _check_recorded(self, info: dict) -> None:
         """`memory_state.json`, written with the tensor, must be of this format and describe this tensor: a
@@ -199,32 +204,53 @@ class RxTMemoryState:
 
 def row_index(rows, batch_size: int, device, name: str, allow_negative: bool = False) -> torch.Tensor:
     """`rows` (a sequence or tensor of row indices) as a 1-D long tensor in [0, batch_size), negative rows counting
-    from the end where `allow_negative`; a `TypeError`/`ValueError` naming `name` otherwise (floats and bools are
-    refused, not cast)."""
-    try:
-        index = torch.as_tensor(rows, device=device).reshape(-1)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise TypeError(f"`{name}` must be a sequence of integer row indices, got {rows!r}.") from error
-    if index.numel() and (index.dtype == torch.bool or index.is_floating_point() or index.is_complex()):
-        raise TypeError(f"`{name}` must hold integer row indices, got dtype {index.dtype}.")
-    index = index.long()
+    from the end where `allow_negative`; a `TypeError`/`ValueError` naming `name` otherwise (see `integer_index`)."""
+    index = integer_index(rows, device, name)
     lowest = -batch_size if allow_negative else 0
     if index.numel() and (index.min() < lowest or index.max() >= batch_size):
         raise ValueError(f"`{name}` {index.tolist()} out of range for a batch of {batch_size}.")
     return index % max(batch_size, 1)
 
 
-def checked_device(device) -> str:
-    """`device` as the string safetensors takes; a `ValueError` naming `device` for one that is not (or not here)."""
+def integer_index(rows, device, name: str) -> torch.Tensor:
+    """`rows` (one index, or a flat sequence or 1-D tensor of them) as a 1-D long tensor, not yet range-checked;
+    a `TypeError`/`ValueError` naming `name` otherwise: floats and bools are refused, not cast, and nested rows
+    refused, not flattened (a (2, 2) index would select 4 rows)."""
+    try:
+        index = torch.as_tensor(rows, device=device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        if isinstance(rows, list | tuple) and all(type(row) is int for row in rows):  # Python ints past int64
+            raise ValueError(f"`{name}` {list(rows)} out of range: a row index must fit in int64.") from error
+        raise TypeError(f"`{name}` must be a sequence of integer row indices, got {rows!r}.") from error
+    if index.dim() > 1:
+        raise ValueError(f"`{name}` must be a flat (1-D) sequence of row indices, got shape {tuple(index.shape)}.")
+    if index.numel() and (index.dtype == torch.bool or index.is_floating_point() or index.is_complex()):
+        raise TypeError(f"`{name}` must hold integer row indices, got dtype {index.dtype}.")
+    return index.long().reshape(-1)
+
+
+def checked_device(device) -> torch.device:
+    """`device` (None: the CPU) as a torch.device that can hold values here; a `ValueError` naming `device` for one
+    that is not a device, keeps no values (meta) or is not on this machine."""
     if device is None:
-        return "cpu"
+        return torch.device("cpu")
     try:
         parsed = torch.device(device)
     except (TypeError, RuntimeError) as error:
         raise ValueError(f"`device` {device!r} is not a torch device: {error}") from error
+    if parsed.type == "meta":  # a tensor there has a shape and no values: what was loaded or built would be lost
+        raise ValueError(f"`device` {device!r} keeps no values; give a device such as 'cpu' or 'cuda'.")
+    if parsed.type == "cpu" and parsed.index not in (None, 0):  # torch would take any index as the one CPU
+        raise ValueError(f"`device` {device!r}: there is one CPU device, 'cpu' (index 0).")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device` {device!r}: no CUDA GPU is available here.")
-    return str(parsed)
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"`device` {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
+    try:  # any other backend (mps, xpu, ...): whether this build and machine have it
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError, ImportError) as error:
+        raise ValueError(f"`device` {device!r} is not available here: {error}") from error
+    return parsed
 
 
 def is_memory_state(value) -> bool:

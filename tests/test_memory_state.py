@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import modeling_rxt.memory_state as memory_state_module
 from modeling_rxt import MEMORY_ATTENTION_TYPES, RxTMemoryState
@@ -192,6 +193,18 @@ def test_select_takes_rows_in_order_with_repeats_and_negative_indices():
             state.select(bad)
 
 
+def test_nested_rows_are_refused_not_flattened_and_huge_ones_are_out_of_range():
+    state = numbered_state()
+    for nested in (torch.tensor([[0, 1], [2, 0]]), [[0], [1]]):  # were flattened: 4 and 2 rows
+        with pytest.raises(ValueError, match=r"`indices` must be a flat \(1-D\) sequence"):
+            state.select(nested)
+        with pytest.raises(ValueError, match=r"`rows` must be a flat \(1-D\) sequence"):
+            state.reset(nested, torch.zeros(2, 3, 8))
+    with pytest.raises(ValueError, match="`indices` .* out of range"):  # was "must be a sequence of integer..."
+        state.select([2**70])
+    assert row_values(state.select(2)) == [2.0]  # one index: one row
+
+
 def test_clone_is_independent():
     state = numbered_state()
     copy = state.clone()
@@ -348,6 +361,28 @@ def test_the_json_written_with_the_tensor_must_describe_it(tmp_path, sidecar, me
         path.write_text(json.dumps({**json.loads(path.read_text()), **sidecar}))
     with pytest.raises(ValueError, match=message):
         RxTMemoryState.from_pretrained(tmp_path)
+
+
+def test_a_readable_file_of_another_tensor_is_refused_naming_the_file(tmp_path):
+    numbered_state().save_pretrained(tmp_path)
+    for stm in (torch.zeros(2, 4, 3, 8, dtype=torch.long), torch.zeros(2, 3, 8), torch.zeros(2, 4, 3, 8).bool()):
+        save_file({"stm": stm}, str(tmp_path / STATE_WEIGHTS_NAME))  # was the constructor's error, no file named
+        with pytest.raises(ValueError, match=STATE_WEIGHTS_NAME.replace(".", r"\.") + "` does not hold a memory"):
+            RxTMemoryState.from_pretrained(tmp_path)
+
+
+def test_a_bad_load_device_is_named_not_blamed_on_the_file(tmp_path):
+    numbered_state().save_pretrained(tmp_path)
+    for device, reason in (("meta", "keeps no values"), ("cpu:5", "one CPU device")):  # were "corrupted or truncated"
+        with pytest.raises(ValueError, match=f"`device` '{device}'.*{reason}"):
+            RxTMemoryState.from_pretrained(tmp_path, device=device)
+    assert row_values(RxTMemoryState.from_pretrained(tmp_path, device=torch.device("cpu", 0))) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_meta_state_is_refused_before_its_folder_is_made(tmp_path):
+    with pytest.raises(ValueError, match="meta device"):  # was torch's NotImplementedError, after the mkdir
+        numbered_state().to("meta").save_pretrained(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_failed_save_keeps_the_previous_files_and_leaves_no_temporary(tmp_path, monkeypatch):
