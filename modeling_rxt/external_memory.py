@@ -44,7 +44,7 @@ query.
 import dataclasses
 import functools
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ from transformers import GenerationConfig
 
 from .configuration_rxt import check_retrieval_controls, default_retrieval_layers
 from .modeling_rxt_checks import as_python_number, check_mask_values
-from .memory_state import checked_device, row_index
+from .memory_state import checked_device, integer_index, row_index
 from .modeling_rxt_blocks import repeat_kv
 
 SCORE_BLOCK = 16384  # memory tokens scored at a time: bounds the (B, K, G*Tq, block) similarity tensor
@@ -102,6 +102,10 @@ class ExternalMemory:
     layers: tuple[int, ...]
 
     def __post_init__(self):
+        for name in ("keys", "values", "token_ids", "mask"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"`{name}` must be a torch.Tensor, got {type(getattr(self, name)).__name__}.")
+        object.__setattr__(self, "layers", _layer_tuple(self.layers))  # frozen: set once, here
         if not (self.keys.is_floating_point() and self.values.is_floating_point()):
             raise TypeError(f"`keys` and `values` must be floating-point tensors, got {self.keys.dtype} and "
                             f"{self.values.dtype}.")
@@ -191,6 +195,9 @@ class ExternalMemory:
     @classmethod
     def concatenate(cls, memories: Sequence["ExternalMemory"]) -> "ExternalMemory":
         """One memory of all the rows of `memories` (row-wise, for batching independent conversations)."""
+        if isinstance(memories, ExternalMemory) or not isinstance(memories, Iterable):
+            raise TypeError(f"`memories` must be a list of ExternalMemory, got {type(memories).__name__}.")
+        memories = list(memories)  # a generator is read once
         first = _check_same_kind(memories, "memories")
         width = max(m.mask.shape[1] for m in memories)
         padded = [_pad_to(m, width) for m in memories]
@@ -231,6 +238,16 @@ class ExternalMemory:
             drop = torch.zeros_like(drop)
             drop[row_index(rows, self.num_rows, self.device, "rows")] = True
         return _packed(self.keys, self.values, self.token_ids, self.mask & ~drop[:, None], self.layers)
+
+
+def _layer_tuple(layers) -> tuple[int, ...]:
+    """An external memory's `layers` as a tuple (a list would not hash where memories are compared); a string, a
+    number or repeated or negative indices are refused by name."""
+    if not isinstance(layers, list | tuple) or any(type(i) is not int for i in layers):
+        raise TypeError(f"`layers` must be a tuple of decoder layer indices, got {layers!r}.")
+    if len(set(layers)) != len(layers) or min(layers, default=0) < 0:
+        raise ValueError(f"`layers` must name distinct decoder layers (indices from 0), got {layers!r}.")
+    return tuple(layers)
 
 
 def _check_same_kind(memories: Sequence[ExternalMemory], name: str) -> ExternalMemory:
@@ -363,6 +380,10 @@ def build_external_memory(
     decoder encodes the memory it reads). `passes` maps the number of decoder passes this memory needs to the number
     to run: processes that train a sharded model must all make the same calls (`training.lockstep`), and the extra
     passes encode nothing."""
+    if not isinstance(differentiable, bool):  # any truthy value would have turned gradients on
+        raise TypeError(f"`differentiable` must be True or False, got {differentiable!r}.")
+    if passes is not None and not callable(passes):
+        raise TypeError(f"`passes` must be a function from the passes needed to the passes to run, got {passes!r}.")
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         return _build_external_memory(model, memories, attention_mask, layers, stride, device, passes)
 
@@ -384,8 +405,7 @@ def _build_external_memory(model, memories, attention_mask, layers, stride, devi
         per_batch = max(1, TOKENS_PER_ENCODING_BATCH // stride)
         memory_key_values = model.project_memory(model.memory_tensor(None, 1))  # (1, L, 2, K, S, Dh), once
         groups = [chunks[start : start + per_batch] for start in range(0, len(chunks), per_batch)]
-        extra = (passes(len(groups)) if passes is not None else len(groups)) - len(groups)
-        for _ in range(extra):
+        for _ in range(_extra_passes(passes, len(groups))):
             # A pass that encodes nothing (one padding token), for a process in lockstep with others that have more
             # memory to encode. Its keys/values join the memory times zero, so that its backward runs as theirs does.
             token = torch.zeros(1, 1, dtype=torch.long, device=model_device)
@@ -408,6 +428,14 @@ def _build_external_memory(model, memories, attention_mask, layers, stride, devi
     return memory
 
 
+def _extra_passes(passes: Callable[[int], int] | None, needed: int) -> int:
+    """How many passes that encode nothing to run besides the `needed` ones: `passes(needed)` may add, never drop."""
+    wanted = passes(needed) if passes is not None else needed
+    if type(wanted) is not int or wanted < needed:  # fewer passes would leave memory tokens unencoded
+        raise ValueError(f"`passes` must return an int of at least the {needed} passes needed, got {wanted!r}.")
+    return wanted - needed
+
+
 def _encode_pass(model, chunk_ids, chunk_mask, memory_key_values, layers, entering):
     """One decoder pass over chunks (n, T): the keys and values (Lr, n, K, T, Dh) of the retrieval `layers`,
     computed from the hidden states entering them (`entering`, filled during the pass)."""
@@ -427,7 +455,7 @@ def _capture_input(store: dict[int, torch.Tensor], layer_idx: int) -> Callable:
 def _empty_memory(ids, mask, layers, model, device) -> ExternalMemory:
     """A zero memory in the packed layout of `ids`: row r holds its real tokens at 0..n_r-1, in order."""
     config = model.config
-    device = torch.device(checked_device(device)) if device is not None else model.embed_tokens.weight.device
+    device = checked_device(device) if device is not None else model.embed_tokens.weight.device
     dtype = model.embed_tokens.weight.dtype
     lengths = mask.sum(dim=-1)  # (R,)
     width = int(lengths.max()) if lengths.numel() else 0
@@ -656,16 +684,11 @@ class ExternalMemoryRetriever:
         """This retriever for one forward of `batch_size` rows; starts a recorder step."""
         if rows is None:
             rows = default_rows(self.memory.num_rows, batch_size)
-        given = rows
-        try:
-            rows = row_index(rows, self.memory.num_rows, None, "external_memory_rows")  # ints (a TypeError), not cast
-        except ValueError:  # out of range: said as below
-            rows = None
-        if rows is None or rows.numel() != batch_size:
-            shown = torch.as_tensor(given).reshape(-1).tolist()
+        rows = integer_index(rows, None, "external_memory_rows")  # ints (a TypeError), flat, not cast
+        if rows.numel() != batch_size or (rows.numel() and not 0 <= rows.min() <= rows.max() < self.memory.num_rows):
             raise ValueError(
                 f"`external_memory_rows` must give one memory row in [0, {self.memory.num_rows}) for each of the "
-                f"{batch_size} batch rows, got {len(shown)} row(s): {shown}."
+                f"{batch_size} batch rows, got {rows.numel()} row(s): {rows.tolist()}."
             )
         if self.recorder is not None:
             self.recorder.start_step()

@@ -206,6 +206,42 @@ def test_rows_masks_layers_and_devices_are_checked_where_the_memory_is_made_and_
         memory_ids[0][None].to(torch.int16)).keys.shape  # compact ids in a tensor, as in a list
 
 
+def test_memory_parts_and_build_options_are_checked_by_name(model, memory_ids):
+    memory = model.build_external_memory(memory_ids)
+    parts = (memory.keys, memory.values, memory.token_ids, memory.mask)
+    with pytest.raises(TypeError, match="`keys` must be a torch.Tensor"):  # was an AttributeError
+        ExternalMemory(None, *parts[1:], memory.layers)
+    for layers, error in (("01", TypeError), (1, TypeError), ((1, 1), ValueError)):  # "01" was taken as 2 layers
+        with pytest.raises(error, match="`layers`"):
+            ExternalMemory(*parts, layers)
+    listed = ExternalMemory(*parts, list(memory.layers))
+    assert listed.layers == memory.layers and ExternalMemory.concatenate([listed, memory]).num_rows == 4
+    with pytest.raises(TypeError, match="`passes` must be a function"):  # was "'int' object is not callable"
+        model.build_external_memory(memory_ids, passes=5)
+    with pytest.raises(ValueError, match="`passes` must return an int of at least"):  # was taken: tokens unencoded
+        model.build_external_memory(memory_ids, passes=lambda needed: 0)
+    with pytest.raises(TypeError, match="`differentiable` must be True or False"):
+        model.build_external_memory(memory_ids, differentiable="yes")
+
+
+def test_concatenate_takes_any_iterable_of_memories(model, memory_ids):
+    memory = model.build_external_memory(memory_ids)
+    joined = ExternalMemory.concatenate(m for m in (memory, memory))  # was "'generator' object is not subscriptable"
+    assert joined.num_rows == 4 and torch.equal(joined.select([2, 3]).keys, memory.keys)
+    with pytest.raises(TypeError, match="`memories` must be a list of ExternalMemory"):
+        ExternalMemory.concatenate(memory)
+
+
+def test_nested_row_maps_are_refused_not_flattened(model, memory_ids):
+    memory = model.build_external_memory(memory_ids)
+    with pytest.raises(ValueError, match=r"`external_memory_rows` must be a flat \(1-D\)"):  # was read as [0]
+        model.generate(prompt(batch=1), max_new_tokens=2, external_memories=memory_ids, external_memory_rows=[[0]])
+    with pytest.raises(ValueError, match=r"`external_memory_rows` must be a flat \(1-D\)"):
+        model(prompt(), external_memory=memory, external_memory_rows=torch.tensor([[0], [1]]))
+    with pytest.raises(ValueError, match="`external_memory_rows` .* out of range"):
+        model(prompt(batch=1), external_memory=memory, external_memory_rows=[2**70])
+
+
 def test_a_memory_of_other_rows_than_the_batch_is_refused_before_it_is_encoded(model, memory_ids):
     calls = []
     handle = model.model.register_forward_pre_hook(lambda module, args: calls.append(1) and None)
