@@ -162,6 +162,10 @@ def _kind(value) -> str:
 INT_GENERATION_SETTINGS = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "num_beams",
                            "num_return_sequences", "top_k", "no_repeat_ngram_size", "prompt_lookup_num_tokens")
 FLOAT_GENERATION_SETTINGS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty")
+# Counts whose values transformers never checks (its `GenerationConfig.validate` checks `max_new_tokens` only):
+# `num_beams=0` divided by zero deep inside decoding, -1 made a tensor of negative size, and `num_return_sequences=0`
+# returned one sequence anyway.
+COUNT_GENERATION_SETTINGS = ("num_beams", "num_return_sequences")
 
 
 def as_python_number(value, kind: type):
@@ -186,10 +190,18 @@ def generation_number(name: str, value, kind: type):
 
 def check_generation_settings(kwargs: dict, generation_config) -> None:
     """The numeric settings of `generate` (keywords beat the generation config's) are ints or numbers (numpy's and
-    0-d tensors too), or None."""
+    0-d tensors too), or None; the counts among them at least 1."""
+
+    def setting(name):
+        return kwargs[name] if name in kwargs else getattr(generation_config, name, None)
+
     for names, kind in ((INT_GENERATION_SETTINGS, numbers.Integral), (FLOAT_GENERATION_SETTINGS, numbers.Real)):
         for name in names:
-            generation_number(name, kwargs[name] if name in kwargs else getattr(generation_config, name, None), kind)
+            generation_number(name, setting(name), kind)
+    for name in COUNT_GENERATION_SETTINGS:
+        value = generation_number(name, setting(name), numbers.Integral)
+        if value is not None and value < 1:
+            raise ValueError(f"`{name}` must be at least 1, got {value}.")
 
 
 def check_generate_prompt(prompt: torch.Tensor, config: RxTConfig, generation_config, kwargs: dict) -> None:

@@ -186,6 +186,18 @@ def test_generate_names_a_generation_setting_of_the_wrong_type(model, setting, v
     assert model.generate(random_ids(1, 4), max_new_tokens=torch.tensor(2), temperature=torch.tensor(0.7)).shape
 
 
+@pytest.mark.parametrize(("setting", "value"), [
+    ("num_beams", 0), ("num_beams", -1), ("num_return_sequences", 0), ("num_return_sequences", -2),
+])
+def test_generate_names_a_count_below_one(model, setting, value):
+    """`num_beams=0` raised ZeroDivisionError deep inside transformers, -1 a RuntimeError about a negative dimension;
+    `num_return_sequences=0` returned one sequence."""
+    with pytest.raises(ValueError, match=rf"`{setting}` must be at least 1, got {value}\."):
+        model.generate(random_ids(1, 4), max_new_tokens=2, **{setting: value})
+    with pytest.raises(ValueError, match=rf"`{setting}` must be at least 1"):  # in the generation config too
+        model.generate(random_ids(1, 4), generation_config=GenerationConfig(max_new_tokens=2, **{setting: value}))
+
+
 def test_empty_query(model):
     empty = torch.zeros(1, 0, dtype=torch.long)
     with pytest.raises(ValueError, match="input_ids"):

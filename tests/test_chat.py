@@ -264,6 +264,7 @@ def test_load_can_change_how_the_session_writes(model, tokenizer, tmp_path):
                               generation_config=GenerationConfig(num_return_sequences=2, num_beams=2)),
          ValueError, "num_return_sequences"),  # row i of the output would be another session's answer
         (lambda s: s.send(TEXTS[0], max_new_tokens=500), ValueError, "max_new_tokens"),
+        (lambda s: s.send(TEXTS[0], num_beams=0, **GREEDY), ValueError, "`num_beams` must be at least 1"),
         (lambda s: send_batch([s, s], TEXTS[:2]), ValueError, "same session"),
         (lambda s: send_batch([s], TEXTS[:2]), ValueError, "queries"),
         (lambda s: send_batch([s], "ab"), TypeError, "queries"),  # a string is not one query per session
