@@ -23,8 +23,9 @@ A recipe:
     }
 
 A stage may appear more than once (e.g. memory-aware training on short episodes, then on long ones). Every stage
-has a linear warmup and a cosine decay of its learning rate (`warmup_steps`, `min_lr_ratio`). A stage's episodes
-follow `episodes`, `turns`, `ask_ratio`, `max_distance`, `max_chat_chars` and `extra_facts` (`data.make_episodes`).
+has a linear warmup and a cosine decay of its learning rate (`warmup_steps`, by default a tenth of the steps, none
+under 10; `min_lr_ratio`). A stage's episodes follow `episodes`, `turns`, `ask_ratio`, `max_distance`,
+`max_chat_chars` and `extra_facts` (`data.make_episodes`).
 
 Every stage that ends saves the model in `stages/NN_<stage>/final` with its log, so a run that stopped part-way goes on
 with `resume=True` (`--resume`): finished stages are loaded, the stage that was running resumes from its latest
@@ -109,9 +110,11 @@ def _is_kind_weights(value) -> bool:
 
 
 _RECIPE_KEYS = {"seed", "tokenizer", "model", "max_length", "init_from", "stages", "evaluation", "datasets"}
+_SEED_LIMIT = 2**32 - 1  # numpy's
+_SEED = (lambda v: _is_int(v, low=0) and v <= _SEED_LIMIT, "an int in [0, 2**32 - 1]")
 _TOP_FIELDS = {
-    "seed": (partial(_is_int, low=0), "an int >= 0"),
-    "max_length": (partial(_is_int, low=2), "an int >= 2"),
+    "seed": _SEED,
+    "max_length": (partial(_is_int, low=4), "an int >= 4 (a turn's [BOS], [Q], [A] and [EOS])"),
     "datasets": (lambda v: isinstance(v, list) and all(isinstance(d, str) and d for d in v), "a list of names"),
 }
 _TOKENIZER_FIELDS = {
@@ -131,7 +134,7 @@ _EVALUATION_FIELDS = {
     "episodes": (_is_int, "a positive int"),
     "turns": _TURNS,
     "batch_size": (_is_int, "a positive int"),
-    "seed": (partial(_is_int, low=0), "an int >= 0"),
+    "seed": _SEED,
     "external_memory_episodes": (_is_int, "a positive int"),
 }
 _POSITIVE_INT, _COUNT = (_is_int, "a positive int"), (partial(_is_int, low=0), "an int >= 0")
@@ -220,6 +223,9 @@ def check_recipe(recipe: Mapping) -> None:
     _check_section(recipe.get("evaluation", {}), _EVALUATION_FIELDS, "recipe `evaluation`")
     if not isinstance(recipe["stages"], list) or not recipe["stages"]:
         raise ValueError("recipe `stages` must be a non-empty list")
+    if recipe.get("seed", 0) + len(recipe["stages"]) - 1 > _SEED_LIMIT:
+        raise ValueError(f"recipe `seed`: stage i is seeded with `seed` + i, which must stay at most 2**32 - 1 (numpy's "
+                         f"limit): at most {_SEED_LIMIT - len(recipe['stages']) + 1} for {len(recipe['stages'])} stages")
     for index, stage in enumerate(recipe["stages"]):
         if not isinstance(stage, Mapping):
             raise ValueError(f"recipe stage {index} must be a mapping with a `stage` name, got {stage!r}")
@@ -452,7 +458,9 @@ def training_arguments(stage: Mapping, output_dir: str | Path, seed: int, progre
         max_steps=stage["max_steps"],
         learning_rate=stage["learning_rate"],
         weight_decay=stage.get("weight_decay", 0.0),
-        warmup_steps=stage.get("warmup_steps", max(1, stage["max_steps"] // 10)),
+        # A warmup's first step runs at a learning rate of 0: none by default under 10 steps (a 1-step stage trained
+        # nothing).
+        warmup_steps=stage.get("warmup_steps", stage["max_steps"] // 10),
         lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": stage.get("min_lr_ratio", 0.1)},
         logging_steps=stage.get("logging_steps", max(1, stage["max_steps"] // 10)),

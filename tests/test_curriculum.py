@@ -21,6 +21,7 @@ from modeling_rxt.training_curriculum import (
     run_curriculum,
     run_curriculum_in_processes,
     save_trained,
+    run_stage,
     stage_components,
 )
 
@@ -77,6 +78,11 @@ def test_the_shipped_recipes_are_valid():
         ({"evaluation": {"split": "tset"}}, "split"),
         ({"stagess": []}, "unknown keys"),
         ({"seed": "x"}, "seed"),
+        # Found only once a stage ran: numpy takes seeds below 2**32 (stage i is seeded `seed + i`), a turn needs 4
+        # tokens of its own ([BOS], [Q], [A], [EOS]).
+        ({"seed": 2**32 - 1, "stages": [stage_recipe("sft"), stage_recipe("sft")]}, r"`seed`.*2\*\*32"),
+        ({"evaluation": {"seed": 2**32}}, "recipe `evaluation`: `seed`"),
+        ({"max_length": 3}, "`max_length` must be an int >= 4"),
         ({"model": {"overrides": {"max_position_embeddings": "256"}}}, "recipe `model`"),  # a TypeError inside
         # The limits of the code that runs later (make_episodes, load_dialogue_corpus, the collators, backward):
         ({"evaluation": {"turns": 1}}, "recipe `evaluation`: `turns` must be an int >= 2"),
@@ -426,3 +432,14 @@ def test_the_cli_reports_bad_input_found_before_training_as_a_usage_error(tokeni
     monkeypatch.setattr(curriculum, "run_stage", failing_stage)
     with pytest.raises(ValueError, match="broke while training"):
         curriculum.main(["--recipe", str(path), "--output", str(tmp_path / "run")])
+
+
+def test_a_one_step_stage_trains(tokenizer, tmp_path):
+    """A warmup's first step runs at a learning rate of 0, so the default warmup of 1 step left a 1-step stage (the
+    schema's smallest) untrained without a word."""
+    model = tiny_model(tokenizer)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    stage = stage_recipe("sft", max_steps=1)
+    del stage["warmup_steps"]  # the default
+    run_stage(model, tokenizer, stage, tmp_path, max_length=MAX_LENGTH, progress=False)
+    assert any(not torch.equal(before[name], value) for name, value in model.state_dict().items())
