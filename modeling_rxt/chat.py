@@ -209,6 +209,7 @@ class RxTChatSession:
         `background_write`). `generate_kwargs` go to `model.generate` (sampling, beams, max_new_tokens, ...)."""
         if streamer is not None and not isinstance(streamer, BaseStreamer):
             raise TypeError(f"`streamer` must be a transformers BaseStreamer, got {type(streamer).__name__}.")
+        _check_turn_keywords(generate_kwargs)
         # The model's turn lock first (see `_turn_lock`), then the session's: a streamer's callback may then take
         # another session's lock without meeting a thread that holds that lock and waits for the model's.
         with _turn_lock(self.model), self._lock:
@@ -250,6 +251,9 @@ class RxTChatSession:
 
     def stream(self, query: str, **generate_kwargs) -> Iterator[str]:
         """`send` in a worker thread, yielding the answer's text as it is generated (a `TextIteratorStreamer`)."""
+        if "streamer" in generate_kwargs:  # send's own argument: it would be given twice
+            raise TypeError("`streamer`: `stream` yields the answer through a streamer of its own; give yours to "
+                            "`send` instead.")
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
 
@@ -398,6 +402,7 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
             raise TypeError(f"`{name}` must be a list (one query string per session), got {type(given).__name__}.")
     sessions, queries = list(sessions), list(queries)
     _check_batch(sessions, queries)
+    _check_turn_keywords(generate_kwargs, batch=True)
     model = sessions[0].model
     # The model's turn lock, then the sessions' in one global order (by id), so that two batches over the same
     # sessions in different orders cannot deadlock.
@@ -464,6 +469,24 @@ def _turn_lock(model):
         return _TURN_LOCKS.setdefault(_model_itself(model), threading.RLock())
 
 
+# `generate` keywords that a turn gives itself (given again, Python said "got multiple values for keyword argument").
+_TURN_KEYWORDS = {
+    "memory_state": "the session's own memory (a new session takes one: `RxTChatSession(..., memory_state=...)`)",
+    "inputs": "the prompt, which the session renders from the query",
+    "input_ids": "the prompt, which the session renders from the query",
+    "inputs_embeds": "the prompt, which the session renders from the query",
+    "attention_mask": "the prompt's mask, which the session makes",
+}
+
+
+def _check_turn_keywords(generate_kwargs: dict, batch: bool = False) -> None:
+    """Refuses the keywords that the session owns; in a batch also `streamer` (a streamer takes one row)."""
+    owned = {**_TURN_KEYWORDS, "streamer": "one row's tokens: a batch streams nothing"} if batch else _TURN_KEYWORDS
+    for name, what in owned.items():
+        if name in generate_kwargs:
+            raise TypeError(f"`{name}` cannot be given to a turn: it is {what}.")
+
+
 def _with_adapter_rows(generate_kwargs: dict, rows: int) -> tuple[dict, list[str] | None]:
     """The `adapter_names` of a mixed-adapter turn (one per session), checked before anything is generated, as a
     list both for `generate` (PEFT slices it) and for the write; and `generate_kwargs` holding that list."""
@@ -473,6 +496,8 @@ def _with_adapter_rows(generate_kwargs: dict, rows: int) -> tuple[dict, list[str
     names = list(names) if isinstance(names, Iterable) and not isinstance(names, str) else names
     if not isinstance(names, list) or len(names) != rows:
         raise ValueError(f"`adapter_names` must name one adapter per session ({rows}), got {names!r}.")
+    if not all(isinstance(name, str) for name in names):  # PEFT: "sequence item 0: expected str instance"
+        raise TypeError(f"`adapter_names` must hold adapter names (str), got {names!r}.")
     return {**generate_kwargs, "adapter_names": names}, names
 
 

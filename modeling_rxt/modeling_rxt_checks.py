@@ -202,6 +202,19 @@ def check_generation_settings(kwargs: dict, generation_config) -> None:
         value = generation_number(name, setting(name), numbers.Integral)
         if value is not None and value < 1:
             raise ValueError(f"`{name}` must be at least 1, got {value}.")
+    eos_token_id = setting("eos_token_id")
+    if eos_token_id is not None and not _are_token_ids(eos_token_id):
+        raise TypeError(f"`eos_token_id` must be an int or a list of ints, got {eos_token_id!r}.")
+
+
+def _are_token_ids(value) -> bool:
+    """One token id or several (a list, or an integer tensor), as transformers makes a tensor of them: a string failed
+    there with "new(): invalid data type 'str'", and a float was cut to an int."""
+    if isinstance(value, torch.Tensor):
+        dtype = value.dtype
+        return value.dim() <= 1 and not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    ids = value if isinstance(value, (list, tuple)) else [value]
+    return len(ids) > 0 and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids)
 
 
 def check_generate_prompt(prompt: torch.Tensor, config: RxTConfig, generation_config, kwargs: dict) -> None:

@@ -198,6 +198,17 @@ def test_generate_names_a_count_below_one(model, setting, value):
         model.generate(random_ids(1, 4), generation_config=GenerationConfig(max_new_tokens=2, **{setting: value}))
 
 
+def test_generate_names_an_eos_token_id_that_is_no_token_id(model):
+    """transformers makes a tensor of it: "new(): invalid data type 'str'" for a string, a float cut to an int."""
+    for bad in ("x", 1.5, [1, "x"], [], True, torch.tensor([1.0])):
+        with pytest.raises(TypeError, match=r"`eos_token_id` must be an int or a list of ints"):
+            model.generate(random_ids(1, 4), max_new_tokens=2, eos_token_id=bad)
+    with pytest.raises(TypeError, match=r"`eos_token_id` must be"):  # in the generation config too
+        model.generate(random_ids(1, 4), generation_config=GenerationConfig(max_new_tokens=2, eos_token_id="x"))
+    for good in (3, np.int64(3), [3, 4], (3,), torch.tensor(3), torch.tensor([3, 4])):
+        assert model.generate(random_ids(1, 4), max_new_tokens=2, eos_token_id=good).shape[0] == 1
+
+
 def test_empty_query(model):
     empty = torch.zeros(1, 0, dtype=torch.long)
     with pytest.raises(ValueError, match="input_ids"):

@@ -265,6 +265,13 @@ def test_load_can_change_how_the_session_writes(model, tokenizer, tmp_path):
          ValueError, "num_return_sequences"),  # row i of the output would be another session's answer
         (lambda s: s.send(TEXTS[0], max_new_tokens=500), ValueError, "max_new_tokens"),
         (lambda s: s.send(TEXTS[0], num_beams=0, **GREEDY), ValueError, "`num_beams` must be at least 1"),
+        # keywords the turn gives generate itself: "got multiple values for keyword argument"
+        (lambda s: s.send(TEXTS[0], memory_state=s.model.init_memory(1)), TypeError, "`memory_state` cannot be given"),
+        (lambda s: s.send(TEXTS[0], attention_mask=torch.ones(1, 3)), TypeError, "`attention_mask` cannot be given"),
+        (lambda s: send_batch([s], TEXTS[:1], memory_state=s.model.init_memory(1)), TypeError, "`memory_state`"),
+        (lambda s: send_batch([s], TEXTS[:1], streamer=CountNewTokens()), TypeError, "`streamer` cannot be given"),
+        (lambda s: list(s.stream(TEXTS[0], streamer=None)), TypeError, "`streamer`: `stream` yields"),
+        (lambda s: s.send(TEXTS[0], eos_token_id="x"), TypeError, "`eos_token_id` must be an int or a list of ints"),
         (lambda s: send_batch([s, s], TEXTS[:2]), ValueError, "same session"),
         (lambda s: send_batch([s], TEXTS[:2]), ValueError, "queries"),
         (lambda s: send_batch([s], "ab"), TypeError, "queries"),  # a string is not one query per session
@@ -278,8 +285,10 @@ def test_load_can_change_how_the_session_writes(model, tokenizer, tmp_path):
     ],
 )
 def test_bad_input_is_rejected(model, tokenizer, call, error, match):
+    session = RxTChatSession(model, tokenizer)
     with pytest.raises(error, match=match):
-        call(RxTChatSession(model, tokenizer))
+        call(session)
+    assert session.messages == [] and session.timings == []
 
 
 def test_bad_construction_is_rejected(model, tokenizer):
@@ -856,6 +865,8 @@ def test_wrong_adapter_rows_are_named_before_anything_is_generated(model, tokeni
         send_batch(sessions, [TEXTS[0], TEXTS[1]], adapter_names=["first"], **GREEDY)
     with pytest.raises(ValueError, match=r"`adapter_names` must name one adapter per session \(1\)"):
         sessions[0].send(TEXTS[0], adapter_names="first", **GREEDY)
+    with pytest.raises(TypeError, match=r"`adapter_names` must hold adapter names \(str\), got \[None\]"):
+        sessions[0].send(TEXTS[0], adapter_names=[None], **GREEDY)  # PEFT: "sequence item 0: expected str instance"
     assert all(session.messages == [] for session in sessions)
 
 
