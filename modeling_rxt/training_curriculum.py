@@ -284,7 +284,11 @@ def _check_section(section, fields: Mapping, where: str) -> None:
 
 def _keys(values: Mapping) -> set[str]:
     """The keys of a recipe mapping, without `_`-prefixed ones (comments, at every level)."""
-    return {key for key in values if not (isinstance(key, str) and key.startswith("_"))}
+    return {key for key in values if not _is_comment(key)}
+
+
+def _is_comment(key) -> bool:
+    return isinstance(key, str) and key.startswith("_")
 
 
 def _check_fields(values: Mapping, fields: Mapping, where: str) -> None:
@@ -666,10 +670,30 @@ def check_same_run(recipe: Mapping, output_dir: Path, processes: int | None = No
                           "(`run_curriculum_in_processes`).",
            (False, True): " It was trained in one process: resume it without `--processes`."}
     how = how.get(tuple(in_processes), "")
+    differences = ", ".join(_differences(_comparable(recorded_recipe), _comparable(_as_json(recipe)))[:5])
     raise ValueError(
-        f"`resume`: {str(output_dir)!r} holds a run of another recipe ({recorded}); resume it with that "
-        f"recipe, or start a fresh run (without `resume`).{how}"
+        f"`resume`: {str(output_dir)!r} holds a run of another recipe ({recorded}): it differs in {differences}; "
+        f"resume it with that recipe, or start a fresh run (without `resume`).{how}"
     )
+
+
+def _differences(recorded, given, where: str = "") -> list[str]:
+    """Where two recipes differ, as "`path` (value in the run, value here)" entries."""
+    if isinstance(recorded, dict) and isinstance(given, dict):
+        found = []
+        for key in sorted(set(recorded) | set(given)):
+            path = f"{where}.{key}" if where else key
+            if key not in recorded or key not in given:
+                there, here = (repr(d[key]) if key in d else "absent" for d in (recorded, given))
+                found.append(f"`{path}` ({there} in the run, {here} here)")
+            else:
+                found += _differences(recorded[key], given[key], path)
+        return found
+    if isinstance(recorded, list) and isinstance(given, list):
+        if len(recorded) != len(given):
+            return [f"`{where}` ({len(recorded)} entries in the run, {len(given)} here)"]
+        return [found for i, (a, b) in enumerate(zip(recorded, given)) for found in _differences(a, b, f"{where}[{i}]")]
+    return [] if recorded == given else [f"`{where}` ({recorded!r} in the run, {given!r} here)"]
 
 
 def _resolved(path) -> Path | None:
@@ -677,8 +701,18 @@ def _resolved(path) -> Path | None:
 
 
 def _comparable(recipe: dict) -> dict:
-    """`recipe` with `init_from` as an absolute path: "runs/demo/initial" and its absolute spelling are one run."""
+    """`recipe` without its comments (`_` keys, at every level) and with `init_from` as an absolute path:
+    "runs/demo/initial" and its absolute spelling are one run."""
+    recipe = _without_comments(recipe)
     return {**recipe, "init_from": str(_resolved(recipe["init_from"]))} if "init_from" in recipe else recipe
+
+
+def _without_comments(value):
+    if isinstance(value, dict):
+        return {key: _without_comments(item) for key, item in value.items() if not _is_comment(key)}
+    if isinstance(value, list):
+        return [_without_comments(item) for item in value]
+    return value
 
 
 def last_complete_checkpoint(stage_dir: Path) -> str | None:
@@ -762,10 +796,12 @@ def run_curriculum_in_processes(
     if resume:  # checked here, before `initial/` is reused, with a clear error in this process
         with input_checks():
             check_same_run(stages, output, processes)
-            if built_from.is_file() and read_json_object(built_from, str(built_from)) != _as_json(built):
+            recorded_built = _without_comments(read_json_object(built_from, str(built_from))) if built_from.is_file() else None
+            if recorded_built is not None and recorded_built != _without_comments(_as_json(built)):
+                differences = ", ".join(_differences(recorded_built, _without_comments(_as_json(built)))[:5])
                 raise ValueError(
-                    f"`resume`: {str(output)!r} holds a run of another recipe (its `tokenizer` / `model` differ, "
-                    f"{built_from}); resume it with that recipe, or start a fresh run (without `resume`)."
+                    f"`resume`: {str(output)!r} holds a run of another recipe ({built_from}): it differs in "
+                    f"{differences}; resume it with that recipe, or start a fresh run (without `resume`)."
                 )
     if "init_from" not in recipe and not (resume and built_from.is_file()):
         _save_initial(recipe, output / "initial", built, built_from)

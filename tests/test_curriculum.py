@@ -211,9 +211,18 @@ def test_resume_tells_a_run_in_processes_from_another_recipe(tmp_path, monkeypat
     write_json_atomic(recipe, tmp_path / "run" / "run_recipe.json")
     with pytest.raises(ValueError, match="another recipe .* trained in one process: resume it without"):
         check_same_run(stages, tmp_path / "run")
-    with pytest.raises(ValueError, match=r"another recipe \(\S+\); resume it with that recipe, or start a fresh run "
-                                         r"\(without `resume`\)\.$"):
+    with pytest.raises(ValueError, match=r"another recipe \(\S+\): it differs in `seed` \(absent in the run, 1 "
+                                         r"here\); resume it with that recipe, or start a fresh run \(without "
+                                         r"`resume`\)\.$"):
         check_same_run({**recipe, "seed": 1}, Path("run"))
+    changed = {**recipe, "stages": [{**stage_recipe("sft"), "max_steps": 9, "batch_size": 2}]}
+    with pytest.raises(ValueError, match=r"differs in `stages\[0\]\.batch_size` \(8 in the run, 2 here\), "
+                                         r"`stages\[0\]\.max_steps` \(8 in the run, 9 here\);"):
+        check_same_run(changed, Path("run"))
+    with pytest.raises(ValueError, match=r"differs in `stages` \(1 entries in the run, 2 here\)"):
+        check_same_run({**recipe, "stages": recipe["stages"] * 2}, Path("run"))
+    # Comments (`_` keys, at every level) are not the recipe: a run resumes with them edited.
+    check_same_run({**recipe, "_comment": "new", "stages": [{**stage_recipe("sft"), "_why": "edited"}]}, Path("run"))
 
     # Runs record their number of processes now, which tells every mismatch apart (2 against 3 processes, too).
     start_or_resume(stages, Path("run"), resume=False)
