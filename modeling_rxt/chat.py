@@ -611,7 +611,6 @@ def _read_session_file(folder: Path) -> dict:
     return payload
 
 
-
 def _check_timing_values(record: dict, file: Path) -> None:
     """Each value of a `timings` record is seconds (a number, not a bool), or null where `TurnTimings` allows None:
     a string or a list loaded silently and failed only where the timings were used."""
