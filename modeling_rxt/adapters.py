@@ -559,7 +559,8 @@ def save_adapters(
             what = "a symbolic link" if target.is_symlink() else "a file"
             raise ValueError(f"`{target}` is {what}, not a folder: adapter {name!r} would replace it (a save puts a "
                              "new folder in its place); save into another folder.")
-        if name != "default" and target.is_dir() and any(target.iterdir()) and not (target / ADAPTER_CONFIG_NAME).is_file():
+        holds_other_files = target.is_dir() and any(target.iterdir()) and not (target / ADAPTER_CONFIG_NAME).is_file()
+        if name != "default" and holds_other_files:
             raise ValueError(f"`{target}` holds no adapter (no {ADAPTER_CONFIG_NAME}): adapter {name!r} would replace "
                              "that folder whole; move its files, or save into another folder.")
     created = not directory.exists()

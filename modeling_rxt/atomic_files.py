@@ -217,8 +217,9 @@ def save_files_into(
 ):
     """Runs `save(staging)`, which writes files into an empty hidden folder inside `directory`, then moves them into
     `directory` together (`move_into`; a folder it wrote replaces the folder of its name as a whole): a save that
-    fails part-way, or a move that fails, leaves `directory` as it was, and the folder's other files stay. Returns `save`'s result and
-    the names of the files and folders it wrote. `what` names `directory` in the error for a path that is a file.
+    fails part-way, or a move that fails, leaves `directory` as it was, and the folder's other files stay. Returns
+    `save`'s result and the names of the files and folders it wrote. `what` names `directory` in the error for a
+    path that is a file.
 
     `superseded(names written)` lists files of `directory` that the new files replace without overwriting them (an
     earlier save's weight shards). Once the new files are flushed to disk, the superseded ones are moved into the

@@ -796,13 +796,7 @@ def run_curriculum_in_processes(
     if resume:  # checked here, before `initial/` is reused, with a clear error in this process
         with input_checks():
             check_same_run(stages, output, processes)
-            recorded_built = _without_comments(read_json_object(built_from, str(built_from))) if built_from.is_file() else None
-            if recorded_built is not None and recorded_built != _without_comments(_as_json(built)):
-                differences = ", ".join(_differences(recorded_built, _without_comments(_as_json(built)))[:5])
-                raise ValueError(
-                    f"`resume`: {str(output)!r} holds a run of another recipe ({built_from}): it differs in "
-                    f"{differences}; resume it with that recipe, or start a fresh run (without `resume`)."
-                )
+            _check_same_initial(built, built_from, output)
     if "init_from" not in recipe and not (resume and built_from.is_file()):
         _save_initial(recipe, output / "initial", built, built_from)
     write_json_atomic(stages, output / "stages_recipe.json")
@@ -811,6 +805,19 @@ def run_curriculum_in_processes(
     logs = [StageLog(**log) for log in json.loads((output / "stages.json").read_text(encoding="utf-8"))["stages"]]
     model.config.use_cache = True
     return model.eval(), tokenizer, logs
+
+
+def _check_same_initial(built: Mapping, built_from: Path, output: Path) -> None:
+    """A `ValueError` unless `initial/` (if complete) was built from these `tokenizer` / `model` sections."""
+    if not built_from.is_file():
+        return
+    recorded, wanted = (_without_comments(v) for v in (read_json_object(built_from, str(built_from)), _as_json(built)))
+    if recorded != wanted:
+        raise ValueError(
+            f"`resume`: {str(output)!r} holds a run of another recipe ({built_from}): it differs in "
+            f"{', '.join(_differences(recorded, wanted)[:5])}; resume it with that recipe, or start a fresh run "
+            "(without `resume`)."
+        )
 
 
 def _save_initial(recipe: Mapping, folder: Path, built: Mapping, built_from: Path) -> None:
