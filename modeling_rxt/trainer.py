@@ -112,6 +112,9 @@ class RxTTrainer(Trainer):
         if self.compute_loss_func is not None:
             raise ValueError("RxTTrainer's loss is its `objective`: `compute_loss_func` would never be called; "
                              "pass your loss as `objective=`")
+        if self.args.include_for_metrics:
+            raise ValueError("RxTTrainer has no `compute_metrics` to give them to: `include_for_metrics` would keep "
+                             "every evaluation batch's inputs, and episode batches of other shapes cannot be joined")
         if self.args.label_smoothing_factor:
             raise ValueError("RxTTrainer's objectives do not smooth labels: `label_smoothing_factor` would be ignored")
         if self.args.torch_compile:

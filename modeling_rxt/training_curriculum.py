@@ -717,13 +717,21 @@ def _without_comments(value):
 
 def last_complete_checkpoint(stage_dir: Path) -> str | None:
     """The newest `checkpoint-N` of a stage that the Trainer finished writing (its `trainer_state.json`, written
-    last, is there): a run killed while saving leaves a newer, incomplete one."""
+    last, is there and whole): a run killed while saving leaves a newer, incomplete one."""
     if not stage_dir.is_dir():
         return None
     numbered = [(re.fullmatch(r"checkpoint-(\d+)", path.name), path) for path in stage_dir.iterdir()]
     steps = sorted((int(match[1]), path) for match, path in numbered if match)
-    complete = [path for _, path in steps if (path / "trainer_state.json").is_file()]
+    complete = [path for _, path in steps if _is_json_file(path / "trainer_state.json")]
     return str(complete[-1]) if complete else None
+
+
+def _is_json_file(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, cut off
+        return False
+    return True
 
 
 def _as_json(value):

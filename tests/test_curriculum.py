@@ -452,3 +452,14 @@ def test_a_one_step_stage_trains(tokenizer, tmp_path):
     del stage["warmup_steps"]  # the default
     run_stage(model, tokenizer, stage, tmp_path, max_length=MAX_LENGTH, progress=False)
     assert any(not torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_a_checkpoint_whose_state_file_was_cut_off_is_passed_over(tmp_path):
+    """The Trainer writes `trainer_state.json` last, so its presence marks a complete checkpoint; a file cut off
+    half-way (a full disk, a kill during the write) made the resume crash on it instead of going back one."""
+    from modeling_rxt.training_curriculum import last_complete_checkpoint
+
+    for step, state in ((2, '{"global_step": 2}'), (4, '{"global_st')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")

@@ -440,3 +440,13 @@ def test_resuming_from_a_checkpoint_at_max_steps_trains_no_further_step(tokenize
         entry["step"] for entry in straight.state.log_history if "loss" in entry]
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_trainer_refuses_inputs_kept_for_metrics(tokenizer, tmp_path):
+    """`include_for_metrics` keeps inputs for `compute_metrics`, which RxTTrainer refuses; with episode batches of
+    several shapes the evaluation then failed at its end, concatenating them."""
+    rows = tokenize_interactions(tokenizer, [("hello", "hi .")], MAX_LENGTH)
+    with pytest.raises(ValueError, match="include_for_metrics"):
+        RxTTrainer(model=tiny_model(tokenizer), args=_trainer_args(tmp_path, include_for_metrics=["inputs"]),
+                   train_dataset=rows, data_collator=InteractionCollator(tokenizer.pad_token_id),
+                   objective=interaction_objective)
