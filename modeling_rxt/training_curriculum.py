@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -446,6 +447,29 @@ def stage_components(
     return dataset, collator, partial(memory_aware_objective, bptt_turns=stage.get("bptt_turns", 0))
 
 
+DATA_CHECK_EPISODES = 8
+
+
+def check_stage_data(stages: Sequence[Mapping], tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int):
+    """Builds every stage's data from its first few episodes (without the dialogue corpus), before any stage
+    trains: data that cannot fit `max_length` (every episode has a longer turn) would otherwise stop the run when
+    its stage starts, after the stages before it trained, and the recipe change that fixes it cannot resume them.
+    A `ValueError` naming the stage."""
+    quiet = logging.getLogger("modeling_rxt.training")  # its counts of skipped rows come again when the stage runs
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        for index, stage in enumerate(stages):
+            sample = {**stage, "episodes": min(stage.get("episodes", 1000), DATA_CHECK_EPISODES), "corpus": False}
+            try:
+                stage_components(sample, tokenizer, max_length, seed + index)
+            except ValueError as error:
+                raise ValueError(f"recipe stage {index} ({stage['stage']}): {error} (its first {sample['episodes']} "
+                                 f"episodes, at `max_length` {max_length})") from error
+    finally:
+        quiet.setLevel(level)
+
+
 def training_arguments(stage: Mapping, output_dir: str | Path, seed: int, progress: bool = True) -> TrainingArguments:
     """`TrainingArguments` of one stage: CPU, warmup + cosine decay, no column pruning (custom collators), no
     reporting integrations, no activation checkpointing (it only costs time on CPU). Under `torchrun` the stage's
@@ -590,6 +614,8 @@ def run_curriculum(
     # Saved with the model: `tokenizer(..., truncation=True)` and `encode_query` then fit what the model takes.
     # (Training passes `max_length` explicitly, so no token id changes.)
     tokenizer.model_max_length = model.config.max_position_embeddings
+    with input_checks():
+        check_stage_data(recipe["stages"], tokenizer, max_length, seed)
     start_or_resume(recipe, Path(output_dir), resume)
     logs = []
     for index, stage in enumerate(recipe["stages"]):

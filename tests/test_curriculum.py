@@ -463,3 +463,20 @@ def test_a_checkpoint_whose_state_file_was_cut_off_is_passed_over(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+
+
+def test_a_stage_whose_data_cannot_fit_is_named_before_any_stage_trains(tokenizer, tmp_path, monkeypatch):
+    """Every episode of the memory-aware stage has a turn longer than `max_length` (its chat turns run to 160
+    characters): found when that stage built its data, after the stages before it had trained, and the recipe
+    change that fixes it then cannot resume them. Each stage's data is now built from a few episodes first."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    stages_run = []
+    monkeypatch.setattr(curriculum, "run_stage", lambda model, tokenizer, stage, *args, **kwargs: stages_run.append(1))
+    recipe = {"init_from": str(_saved_model(tokenizer, tmp_path / "initial")), "max_length": 32, "stages": [
+        stage_recipe("sft", max_steps=1, max_chat_chars=8, turns=2),
+        stage_recipe("memory_aware", max_steps=1, max_chat_chars=160, turns=10),
+    ]}
+    with pytest.raises(ValueError, match=r"recipe stage 1 \(memory_aware\): every episode was rejected.*max_length"):
+        run_curriculum(recipe, tmp_path / "run", progress=False)
+    assert stages_run == []
