@@ -35,6 +35,7 @@ with `resume=True` (`--resume`): finished stages are loaded, the stage that was 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -83,10 +84,11 @@ from .training import (
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configuration" / "training"
 # What a run writes into its output folder and `resume` reads back: the recipe of the run (`RUN_RECIPE`, with its
-# number of processes under `PROCESSES_KEY`; runs recorded before that have none), and for every stage that ended,
-# `stages/NN_<stage>/FINISHED_STAGE` holding the model and its `STAGE_LOG`.
+# number of processes under `PROCESSES_KEY` and the digest of the `init_from` model's files under `INIT_FROM_KEY`;
+# runs recorded before those have none), and for every stage that ended, `stages/NN_<stage>/FINISHED_STAGE` holding
+# the model and its `STAGE_LOG`.
 FINISHED_STAGE, STAGE_LOG, RUN_RECIPE = "final", "stage_log.json", "run_recipe.json"
-PROCESSES_KEY = "_processes"
+PROCESSES_KEY, INIT_FROM_KEY = "_processes", "_init_from_sha256"
 
 
 # --- Recipe schema --------------------------------------------------------------------------------------------------
@@ -660,7 +662,10 @@ def start_or_resume(recipe: Mapping, output_dir: Path, resume: bool) -> None:
         return
     if not resume:
         shutil.rmtree(output_dir / "stages", ignore_errors=True)
-    write_json_atomic({**_as_json(recipe), PROCESSES_KEY: training_processes()}, output_dir / RUN_RECIPE)
+    record = {**_as_json(recipe), PROCESSES_KEY: training_processes()}
+    if "init_from" in recipe and Path(recipe["init_from"]).is_dir():
+        record[INIT_FROM_KEY] = _model_folder_digest(Path(recipe["init_from"]))
+    write_json_atomic(record, output_dir / RUN_RECIPE)
 
 
 def check_same_run(recipe: Mapping, output_dir: Path, processes: int | None = None) -> None:
@@ -677,6 +682,7 @@ def check_same_run(recipe: Mapping, output_dir: Path, processes: int | None = No
         return
     recorded_recipe = read_json_object(recorded, "the recipe of the run to resume")
     recorded_processes = recorded_recipe.pop(PROCESSES_KEY, None)
+    recorded_init_from = recorded_recipe.pop(INIT_FROM_KEY, None)
     processes = training_processes() if processes is None else processes
     if recorded_processes is not None and recorded_processes != processes:
         raise ValueError(
@@ -687,6 +693,12 @@ def check_same_run(recipe: Mapping, output_dir: Path, processes: int | None = No
             "(without `resume`)."
         )
     if _comparable(recorded_recipe) == _comparable(_as_json(recipe)):
+        if recorded_init_from is not None and _model_folder_digest(Path(recipe["init_from"])) != recorded_init_from:
+            raise ValueError(
+                f"`resume`: the model of `init_from` ({recipe['init_from']!r}) changed since the run began (its "
+                "weights, config or tokenizer files): the stages trained so far started from the old one. Put that "
+                "model back, or start a fresh run (without `resume`)."
+            )
         return
     # A run recorded without its number of processes: one in several processes records the recipe of its stages,
     # which continue from `output_dir/initial`.
@@ -720,6 +732,23 @@ def _differences(recorded, given, where: str = "") -> list[str]:
             return [f"`{where}` ({len(recorded)} entries in the run, {len(given)} here)"]
         return [found for i, (a, b) in enumerate(zip(recorded, given)) for found in _differences(a, b, f"{where}[{i}]")]
     return [] if recorded == given else [f"`{where}` ({recorded!r} in the run, {given!r} here)"]
+
+
+def _model_folder_digest(folder: Path) -> str | None:
+    """SHA-256 over what training reads from a saved model folder: its config, weights and tokenizer files (None
+    for a folder that is not there)."""
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    read = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    for path in sorted(folder.iterdir()):
+        is_weights = path.name.startswith("model") and "safetensors" in path.name  # shards and their index too
+        if path.is_file() and (path.name in read or is_weights):
+            digest.update(path.name.encode() + b"\0")
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def _resolved(path) -> Path | None:

@@ -480,3 +480,15 @@ def test_a_stage_whose_data_cannot_fit_is_named_before_any_stage_trains(tokenize
     with pytest.raises(ValueError, match=r"recipe stage 1 \(memory_aware\): every episode was rejected.*max_length"):
         run_curriculum(recipe, tmp_path / "run", progress=False)
     assert stages_run == []
+
+
+def test_resume_refuses_an_init_from_model_changed_since_the_run_began(tokenizer, tmp_path):
+    """The recipe names `init_from` by its path: a model saved there again (another tokenizer, other weights) after
+    the run began was resumed without a word, the stages trained before on the old one, those after on the new."""
+    initial = _saved_model(tokenizer, tmp_path / "initial")
+    recipe = {"init_from": str(initial), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=1)]}
+    run_curriculum(recipe, tmp_path / "run", progress=False)
+    run_curriculum(recipe, tmp_path / "run", progress=False, resume=True)  # the same model: resumes
+    tiny_model(tokenizer, seed=1).save_pretrained(initial)
+    with pytest.raises(ValueError, match=r"`resume`: .*`init_from` .*initial.* changed since the run began"):
+        run_curriculum(recipe, tmp_path / "run", progress=False, resume=True)
