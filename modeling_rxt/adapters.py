@@ -52,7 +52,7 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic_files import create_temporary, fsync_tree, move_into
+from .atomic_files import IncompleteRollback, create_temporary, fsync_tree, move_into
 from .memory_state import RxTMemoryState, as_memory_state
 from .modeling_rxt_checks import check_interaction_ids
 
@@ -577,6 +577,8 @@ def save_adapters(
                 _adapter_folder(staging, name).joinpath(BASE_PROBE_NAME).write_text(probe, "utf-8")
         fsync_tree(staging)
         _install(staging, directory)
+    except IncompleteRollback:
+        raise  # `staging` holds what the save replaced: kept
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created:

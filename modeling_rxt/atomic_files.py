@@ -231,13 +231,18 @@ def save_files_into(
         raise ValueError(f"{what} {str(directory)!r} is a file, not a folder.")
     directory.mkdir(parents=True, exist_ok=True)
     staging = create_temporary(directory, ".rxt-save-", directory=True)
+    keep_staging = False
     try:
         result = save(staging)
         written = sorted(staging.iterdir())
         names = {path.name for path in written}
         move_into(directory, written, staging, lambda: superseded(names) if superseded else [])
+    except IncompleteRollback:
+        keep_staging = True  # it holds the previous content
+        raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not keep_staging:
+            shutil.rmtree(staging, ignore_errors=True)
     return result, names
 
 
@@ -248,7 +253,8 @@ def move_into(
     replacing what has its name there (a folder as a whole, `rename_over`; the files together,
     `atomic_write_files`). `superseded()` lists files of `directory` that go without being overwritten: once the new
     files are flushed they are moved into a new folder inside `aside_in` (which the caller removes), just before the
-    files are renamed in. A failing move puts back everything moved before it, so `directory` is as it was."""
+    files are renamed in. A failing move puts back everything moved before it, so `directory` is as it was; where
+    putting back fails too, `IncompleteRollback` says where the previous content is kept (`aside_in` among them)."""
     folders = [path for path in entries if path.is_dir() and not path.is_symlink()]
     files = [path for path in entries if path not in folders]
     replaced: list[tuple[Path, Path | None]] = []  # (target, where its previous content is now, or None)
@@ -263,19 +269,47 @@ def move_into(
             replaced.append((directory / folder.name, rename_over(folder, directory / folder.name)))
         atomic_write_files({directory / path.name: moved_from(path) for path in files},
                            before_renames=move_superseded_aside)
-    except BaseException:
-        for path, aside in reversed(put_aside):
-            os.replace(aside, path)
-        for target, previous in reversed(replaced):
-            if previous is None:
-                remove_path(target)  # a new folder where there was none
-            else:
-                remove_path(rename_over(previous, target))  # the previous content back, the new one out
+    except BaseException as error:
+        failures = _put_back(put_aside, replaced)
+        if failures:
+            raise IncompleteRollback(aside_in, failures) from error
         raise
     for _, previous in replaced:
         if previous is not None:
             remove_path(previous)
     fsync_path(directory)  # the renames themselves are durable once the folder is flushed
+
+
+class IncompleteRollback(OSError):
+    """A move into a folder failed, and so did putting back what it had replaced (a disk gone read-only): the
+    previous content is kept in `kept` (the caller must not remove it) or, for folders renamed aside where Linux
+    cannot swap them, in a hidden `.NAME.old-*` folder beside its place."""
+
+    def __init__(self, kept: Path, failures: list[str]) -> None:
+        self.kept = kept
+        super().__init__(f"Moving the new files into place failed, and so did putting back what they replaced "
+                         f"({'; '.join(failures)}): the previous content is kept in {str(kept)!r} (and in any hidden "
+                         "`.NAME.old-*` folder beside its place); move it back by hand.")
+
+
+def _put_back(put_aside: list[tuple[Path, Path]], replaced: list[tuple[Path, Path | None]]) -> list[str]:
+    """Undoes `move_into`'s steps, each on its own (one that fails does not stop the others); returns the failures.
+    Whatever could not be put back stays where it was put aside."""
+    failures = []
+    for path, aside in reversed(put_aside):
+        try:
+            os.replace(aside, path)
+        except OSError as error:
+            failures.append(f"{path.name}: {error}")
+    for target, previous in reversed(replaced):
+        try:
+            if previous is None:
+                remove_path(target)  # a new folder where there was none
+            else:
+                remove_path(rename_over(previous, target))  # the previous content back, the new one out
+        except OSError as error:
+            failures.append(f"{target.name}: {error}")
+    return failures
 
 
 def _put_aside(paths: list[Path], staging: Path) -> list[tuple[Path, Path]]:
@@ -365,4 +399,4 @@ def json_writer(payload: dict, sort_keys: bool = False):
     return write
 
 
-__all__ = ["create_temporary", "atomic_write", "atomic_write_files", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "move_into", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer"]
+__all__ = ["create_temporary", "atomic_write", "atomic_write_files", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "move_into", "IncompleteRollback", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer"]

@@ -190,3 +190,39 @@ def test_a_save_failing_while_moving_in_puts_every_folder_and_file_back(tmp_path
     assert sorted(p.name for p in directory.iterdir()) == ["d1", "d2", "x.txt"]
     assert (directory / "x.txt").read_text() == "old"
     assert contents(directory / "d1") == {"v": "old1"} and contents(directory / "d2") == {"v": "old2"}
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+@pytest.mark.parametrize("first_failing", range(1, 9))
+def test_a_disk_that_keeps_failing_loses_no_previous_content(tmp_path, monkeypatch, exchange, first_failing):
+    """Every rename from the n-th on fails (a disk gone read-only): the moves back fail too. The previous content
+    must still be on disk: in place, or in the kept staging folder that the error names."""
+    directory = folder_with(tmp_path / "saved", **{"x.txt": "old x", "old.bin": "old weights"})
+    folder_with(directory / "f1", v="old f1")
+
+    def save(staging: Path) -> None:
+        (staging / "x.txt").write_text("new x")
+        folder_with(staging / "f1", v="new f1")
+
+    renames = []
+    real_replace, real_exchange = os.replace, atomic_files._exchange
+
+    def counted(real):
+        def rename(*args, **kwargs):
+            renames.append(args)
+            if len(renames) >= first_failing:
+                raise OSError("read-only file system")
+            return real(*args, **kwargs)
+        return rename
+
+    monkeypatch.setattr(os, "replace", counted(real_replace))
+    monkeypatch.setattr(atomic_files, "_exchange", counted(real_exchange) if exchange else lambda a, b: False)
+    try:
+        atomic_files.save_files_into(directory, save, "`directory`", lambda names: [directory / "old.bin"])
+    except OSError as error:
+        kept = [p for p in tmp_path.rglob("*") if p.is_file() and p.read_text() in ("old x", "old f1", "old weights")]
+        assert sorted(p.read_text() for p in kept) == ["old f1", "old weights", "old x"], (str(error), kept)
+        if isinstance(error, atomic_files.IncompleteRollback):
+            assert str(error.kept) in str(error) and error.kept.is_dir()
+    else:  # fewer renames than `first_failing`: the save went through
+        assert (directory / "x.txt").read_text() == "new x" and contents(directory / "f1") == {"v": "new f1"}
