@@ -586,13 +586,16 @@ def _read_session_file(folder: Path) -> dict:
     if not file.is_file():
         raise ValueError(f"No chat session in `{folder}`: `{SESSION_FILE}` is missing.")
     payload = read_json_object(file, "chat session file")
-    if payload.get("format_version") != SESSION_FORMAT_VERSION:
-        raise ValueError(f"`{file}` has an unknown format (expected format_version {SESSION_FORMAT_VERSION}).")
+    version = payload.get("format_version")
+    if type(version) is not int or version != SESSION_FORMAT_VERSION:  # `==` alone took true for 1
+        raise ValueError(f"`{file}` has an unknown format (format_version {version!r}, expected "
+                         f"{SESSION_FORMAT_VERSION}).")
     messages = payload.get("messages")
     if not isinstance(messages, list) or not isinstance(payload.get("memory_dir"), str):
         raise ValueError(f"`{file}` lacks `messages` or `memory_dir`.")
-    if "/" in payload["memory_dir"] or payload["memory_dir"].startswith("."):
-        raise ValueError(f"`{file}` names an invalid memory folder {payload['memory_dir']!r}.")
+    if not MEMORY_DIR.fullmatch(payload["memory_dir"]):  # `save` has named it so since the first version
+        raise ValueError(f"`{file}`: `memory_dir` {payload['memory_dir']!r} is not a memory folder of a saved "
+                         "session (memory- and 32 hex digits, a folder beside session.json).")
     if not all(
         isinstance(m, dict) and {"role", "content"} <= set(m) and isinstance(m["role"], str) and m["role"]
         and isinstance(m["content"], str)

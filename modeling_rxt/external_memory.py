@@ -67,6 +67,7 @@ GENERATE_CONTROLS = (
     "external_memory_stride",
     "output_retrieved_memory_idx",
 )
+MEMORY_ROWS = "an external memory of {} row(s)"  # what a memory's row count is, in `row_index`'s out-of-range message
 
 
 # ---- controls ---------------------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ class ExternalMemory:
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> "ExternalMemory":
         """The memories of `rows`, in that order (repeats allowed)."""
-        index = row_index(rows, self.num_rows, self.device, "rows")
+        index = row_index(rows, self.num_rows, self.device, "rows", of=MEMORY_ROWS)
         return _packed(
             self.keys.index_select(1, index), self.values.index_select(1, index),
             self.token_ids.index_select(0, index), self.mask.index_select(0, index), self.layers,
@@ -223,7 +224,7 @@ class ExternalMemory:
 
     def replace(self, rows: Sequence[int] | torch.Tensor, other: "ExternalMemory") -> "ExternalMemory":
         """The memories of `rows` become those of `other` (one row of `other` per entry of `rows`)."""
-        index = row_index(rows, self.num_rows, self.device, "rows")
+        index = row_index(rows, self.num_rows, self.device, "rows", of=MEMORY_ROWS)
         _check_same_kind([self, other], "other")
         if other.num_rows != index.numel():
             raise ValueError(f"`other` has {other.num_rows} rows but `rows` names {index.numel()}.")
@@ -236,7 +237,7 @@ class ExternalMemory:
         drop = torch.ones(self.num_rows, dtype=torch.bool, device=self.device)
         if rows is not None:
             drop = torch.zeros_like(drop)
-            drop[row_index(rows, self.num_rows, self.device, "rows")] = True
+            drop[row_index(rows, self.num_rows, self.device, "rows", of=MEMORY_ROWS)] = True
         return _packed(self.keys, self.values, self.token_ids, self.mask & ~drop[:, None], self.layers)
 
 
@@ -780,7 +781,7 @@ def prepare_generate_kwargs(
     # Batch-first: generate repeats it for beams and `num_return_sequences` (and `bind` checks it fits the batch).
     rows = controls["external_memory_rows"]
     kwargs["external_memory_rows"] = default_rows(memory.num_rows, batch_size) if rows is None else (
-        row_index(rows, memory.num_rows, "cpu", "external_memory_rows")
+        row_index(rows, memory.num_rows, "cpu", "external_memory_rows", of=MEMORY_ROWS)
     )
     return recorder
 

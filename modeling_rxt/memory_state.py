@@ -34,6 +34,7 @@ from .atomic_files import atomic_write_files, json_writer, read_json_object
 STATE_WEIGHTS_NAME = "memory_state.safetensors"
 STATE_CONFIG_NAME = "memory_state.json"
 STATE_FORMAT_VERSION = 1
+INT64_MIN, INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max  # what a row index may be
 
 
 @dataclass(frozen=True, eq=False)  # identity equality: `==` on the tensor would not give one bool
@@ -146,6 +147,11 @@ class RxTMemoryState:
             raise TypeError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
         if os.path.exists(save_directory) and not os.path.isdir(save_directory):
             raise ValueError(f"`save_directory` {str(save_directory)!r} exists and is not a folder.")
+        # The nearest folder that exists must be one: under a file, makedirs failed with a bare NotADirectoryError.
+        existing = next((path for path in Path(save_directory).parents if path.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ValueError(f"`save_directory` {str(save_directory)!r} cannot be a folder: {str(existing)!r} is a "
+                             "file.")
         if self.stm.is_meta:  # refused before the folder is made: copying the tensor out would fail inside the save
             raise ValueError("This memory state is on the meta device: it holds no values to save.")
         tensors = {"stm": self.stm.detach().to("cpu").contiguous()}
@@ -191,42 +197,69 @@ class RxTMemoryState:
     def _check_recorded(self, info: dict) -> None:
         """`memory_state.json`, written with the tensor, must be of this format and describe this tensor: a
         mismatch means the two files do not belong together (or the format is newer than this code)."""
-        if info.get("format_version") != STATE_FORMAT_VERSION:
-            raise ValueError(f"`{STATE_CONFIG_NAME}` has format_version {info.get('format_version')!r}; this code "
-                             f"reads version {STATE_FORMAT_VERSION}.")
+        # The numbers are JSON integers as written: `==` alone took true for 1 and 2.0 for 2.
+        version = info.get("format_version")
+        if type(version) is not int or version != STATE_FORMAT_VERSION:
+            raise ValueError(f"`{STATE_CONFIG_NAME}` has format_version {version!r}; this code reads version "
+                             f"{STATE_FORMAT_VERSION}.")
         found = {"num_layers": self.num_layers, "batch_size": self.batch_size, "num_slots": self.num_slots,
                  "hidden_size": self.hidden_size, "dtype": str(self.dtype).removeprefix("torch.")}
+        for key, value in found.items():
+            if key in info and type(info[key]) is not type(value):
+                kind = "an integer" if type(value) is int else "a string"
+                raise ValueError(f"`{STATE_CONFIG_NAME}`: `{key}` must be {kind}, got {info[key]!r}.")
         differ = {key: (info.get(key), value) for key, value in found.items() if info.get(key) != value}
         if differ:
             raise ValueError(f"`{STATE_CONFIG_NAME}` does not describe `{STATE_WEIGHTS_NAME}` "
                              f"(recorded, found): {differ}; the two files do not belong together.")
 
 
-def row_index(rows, batch_size: int, device, name: str, allow_negative: bool = False) -> torch.Tensor:
+def row_index(
+    rows, batch_size: int, device, name: str, allow_negative: bool = False, of: str = "a batch of {}"
+) -> torch.Tensor:
     """`rows` (a sequence or tensor of row indices) as a 1-D long tensor in [0, batch_size), negative rows counting
-    from the end where `allow_negative`; a `TypeError`/`ValueError` naming `name` otherwise (see `integer_index`)."""
+    from the end where `allow_negative`; a `TypeError`/`ValueError` naming `name` otherwise (see `integer_index`).
+    `of` says what `batch_size` counts in the message ("a batch of {}"; an external memory's rows are no batch)."""
     index = integer_index(rows, device, name)
     lowest = -batch_size if allow_negative else 0
     if index.numel() and (index.min() < lowest or index.max() >= batch_size):
-        raise ValueError(f"`{name}` {index.tolist()} out of range for a batch of {batch_size}.")
+        raise ValueError(f"`{name}` {index.tolist()} out of range for {of.format(batch_size)}.")
     return index % max(batch_size, 1)
 
 
 def integer_index(rows, device, name: str) -> torch.Tensor:
     """`rows` (one index, or a flat sequence or 1-D tensor of them) as a 1-D long tensor, not yet range-checked;
     a `TypeError`/`ValueError` naming `name` otherwise: floats and bools are refused, not cast, and nested rows
-    refused, not flattened (a (2, 2) index would select 4 rows)."""
+    refused, not flattened (a (2, 2) index would select 4 rows). An index past int64 is out of range, not wrapped
+    (numpy's uint64 2**64 - 1 became -1, the last row)."""
     try:
         index = torch.as_tensor(rows, device=device)
     except (TypeError, ValueError, RuntimeError) as error:
-        if isinstance(rows, list | tuple) and all(type(row) is int for row in rows):  # Python ints past int64
-            raise ValueError(f"`{name}` {list(rows)} out of range: a row index must fit in int64.") from error
-        raise TypeError(f"`{name}` must be a sequence of integer row indices, got {rows!r}.") from error
+        # Python ints past int64, or numpy uint64 scalars, which torch takes in no list (not even small ones)
+        values = _plain_ints(rows)
+        if values is None:
+            raise TypeError(f"`{name}` must be a sequence of integer row indices, got {rows!r}.") from error
+        if any(not INT64_MIN <= value <= INT64_MAX for value in values):
+            raise ValueError(f"`{name}` {values} out of range: a row index must fit in int64.") from error
+        index = torch.tensor(values, dtype=torch.long, device=device)
     if index.dim() > 1:
         raise ValueError(f"`{name}` must be a flat (1-D) sequence of row indices, got shape {tuple(index.shape)}.")
     if index.numel() and (index.dtype == torch.bool or index.is_floating_point() or index.is_complex()):
         raise TypeError(f"`{name}` must hold integer row indices, got dtype {index.dtype}.")
+    if index.dtype == torch.uint64 and bool((index.view(torch.int64) < 0).any()):  # 2**63 and up: negative in int64
+        raise ValueError(f"`{name}` {index.reshape(-1).tolist()} out of range: a row index must fit in int64.")
     return index.long().reshape(-1)
+
+
+def _plain_ints(rows) -> list[int] | None:
+    """`rows` (one integer or a flat list/tuple of them: Python's or numpy's, not bools) as Python ints; else None."""
+    values = list(rows) if isinstance(rows, list | tuple) else [rows]
+    if any(isinstance(value, bool) or not hasattr(type(value), "__index__") for value in values):
+        return None
+    try:
+        return [value.__index__() for value in values]
+    except TypeError:  # a float tensor of one element has `__index__` and refuses it
+        return None
 
 
 def checked_device(device) -> torch.device:

@@ -205,6 +205,10 @@ def check_generation_settings(kwargs: dict, generation_config) -> None:
     eos_token_id = setting("eos_token_id")
     if eos_token_id is not None and not _are_token_ids(eos_token_id):
         raise TypeError(f"`eos_token_id` must be an int or a list of ints, got {eos_token_id!r}.")
+    for name in ("pad_token_id", "bos_token_id"):  # one id each (bos starts a call without a prompt)
+        token_id = setting(name)
+        if token_id is not None and not _is_one_token_id(token_id):
+            raise TypeError(f"`{name}` must be an int (one token id) or None, got {token_id!r}.")
 
 
 def _are_token_ids(value) -> bool:
@@ -215,6 +219,14 @@ def _are_token_ids(value) -> bool:
         return value.dim() <= 1 and not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
     ids = value if isinstance(value, (list, tuple)) else [value]
     return len(ids) > 0 and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids)
+
+
+def _is_one_token_id(value) -> bool:
+    """One token id: an int (numpy's too) or a 0-d integer tensor. A string failed in transformers with "'<' not
+    supported between instances of 'str' and 'int'" (pad) or "new(): invalid data type 'str'" (bos), a float passed."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and _are_token_ids(value)
+    return not isinstance(value, (list, tuple)) and _are_token_ids(value)
 
 
 def check_generate_prompt(prompt: torch.Tensor, config: RxTConfig, generation_config, kwargs: dict) -> None:

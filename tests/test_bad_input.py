@@ -209,6 +209,23 @@ def test_generate_names_an_eos_token_id_that_is_no_token_id(model):
         assert model.generate(random_ids(1, 4), max_new_tokens=2, eos_token_id=good).shape[0] == 1
 
 
+@pytest.mark.parametrize("setting", ["pad_token_id", "bos_token_id"])
+def test_generate_names_a_pad_or_bos_token_id_that_is_no_token_id(model, setting):
+    """A string failed in transformers ("'<' not supported between instances of 'str' and 'int'" for pad, "new():
+    invalid data type 'str'" for bos), a float was taken; bos also starts a call without a prompt."""
+    for bad in ("x", 1.5, True, [1, 2], torch.tensor([1]), torch.tensor(1.0)):
+        with pytest.raises(TypeError, match=rf"`{setting}` must be an int \(one token id\) or None"):
+            model.generate(random_ids(1, 4), max_new_tokens=2, **{setting: bad})
+        with pytest.raises(TypeError, match=rf"`{setting}` must be an int"):  # no prompt: starts from [BOS]
+            model.generate(max_new_tokens=2, memory_state=model.init_memory(1), **{setting: bad})
+    config = GenerationConfig(max_new_tokens=2)
+    setattr(config, setting, "x")  # GenerationConfig(pad_token_id="x") itself fails in transformers' validate
+    with pytest.raises(TypeError, match=rf"`{setting}` must be"):  # in the generation config too
+        model.generate(random_ids(1, 4), generation_config=config)
+    for good in (0, np.int64(1), torch.tensor(1), None):
+        assert model.generate(random_ids(1, 4), max_new_tokens=2, **{setting: good}).shape[0] == 1
+
+
 def test_empty_query(model):
     empty = torch.zeros(1, 0, dtype=torch.long)
     with pytest.raises(ValueError, match="input_ids"):

@@ -272,6 +272,10 @@ def test_load_can_change_how_the_session_writes(model, tokenizer, tmp_path):
         (lambda s: send_batch([s], TEXTS[:1], streamer=CountNewTokens()), TypeError, "`streamer` cannot be given"),
         (lambda s: list(s.stream(TEXTS[0], streamer=None)), TypeError, "`streamer`: `stream` yields"),
         (lambda s: s.send(TEXTS[0], eos_token_id="x"), TypeError, "`eos_token_id` must be an int or a list of ints"),
+        # failed in transformers: "'<' not supported between instances of 'str' and 'int'", "new(): invalid data type"
+        (lambda s: s.send(TEXTS[0], pad_token_id="x"), TypeError, "`pad_token_id` must be an int"),
+        (lambda s: s.send(TEXTS[0], bos_token_id="x"), TypeError, "`bos_token_id` must be an int"),
+        (lambda s: send_batch([s], TEXTS[:1], pad_token_id=1.5), TypeError, "`pad_token_id` must be an int"),
         (lambda s: send_batch([s, s], TEXTS[:2]), ValueError, "same session"),
         (lambda s: send_batch([s], TEXTS[:2]), ValueError, "queries"),
         (lambda s: send_batch([s], "ab"), TypeError, "queries"),  # a string is not one query per session
@@ -556,6 +560,24 @@ def test_load_rejects_malformed_session_fields(model, tokenizer, tmp_path, field
     payload = json.loads((tmp_path / "session.json").read_text())
     (tmp_path / "session.json").write_text(json.dumps({**payload, field: value}))
     with pytest.raises(ValueError, match=rf"session\.json`.*`{field}`"):  # the file and the field
+        RxTChatSession.load(tmp_path, model, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [("format_version", True, "format_version True"),  # `==` took true for 1
+     ("format_version", 1.0, "format_version 1.0"),
+     # these said "No memory state in ...", naming no field of the file
+     ("memory_dir", "", "`memory_dir` ''"), ("memory_dir", "session.json", "`memory_dir` 'session.json'"),
+     ("memory_dir", ".", "`memory_dir` '.'"), ("memory_dir", "..", "`memory_dir` '..'"),
+     ("memory_dir", "data", "`memory_dir` 'data'"), ("memory_dir", "a\\b", "`memory_dir`"),
+     ("memory_dir", "memory-" + "0" * 31, "`memory_dir`"), ("memory_dir", "memory-" + "A" * 32, "`memory_dir`")],
+)
+def test_load_names_a_bad_format_version_or_memory_dir(model, tokenizer, tmp_path, field, value, match):
+    RxTChatSession(model, tokenizer).save(tmp_path)
+    payload = json.loads((tmp_path / "session.json").read_text())
+    (tmp_path / "session.json").write_text(json.dumps({**payload, field: value}))
+    with pytest.raises(ValueError, match=rf"session\.json`.*{match}"):  # the file and the field
         RxTChatSession.load(tmp_path, model, tokenizer)
 
 

@@ -242,6 +242,17 @@ def test_nested_row_maps_are_refused_not_flattened(model, memory_ids):
         model(prompt(batch=1), external_memory=memory, external_memory_rows=[2**70])
 
 
+def test_a_row_map_out_of_range_names_the_memory_rows_not_a_batch(model, memory_ids):
+    """It said "out of range for a batch of 1" where 1 was the number of memory rows (the batch had 2 rows)."""
+    with pytest.raises(ValueError, match=r"`external_memory_rows` \[0, 3\] out of range for an external memory of 1 "
+                                         r"row\(s\)\."):
+        model.generate(prompt(batch=2), max_new_tokens=2, external_memories=memory_ids[:1], external_memory_rows=[0, 3])
+    memory = model.build_external_memory(memory_ids)
+    for call in (lambda: memory.select([2]), lambda: memory.clear([-1]), lambda: memory.replace([5], memory)):
+        with pytest.raises(ValueError, match=r"`rows` \[-?\d\] out of range for an external memory of 2 row\(s\)"):
+            call()
+
+
 def test_a_memory_of_other_rows_than_the_batch_is_refused_before_it_is_encoded(model, memory_ids):
     calls = []
     handle = model.model.register_forward_pre_hook(lambda module, args: calls.append(1) and None)

@@ -5,6 +5,7 @@ other, and the state object itself (select, clone, to, reset, concatenate, files
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -205,6 +206,21 @@ def test_nested_rows_are_refused_not_flattened_and_huge_ones_are_out_of_range():
     assert row_values(state.select(2)) == [2.0]  # one index: one row
 
 
+def test_unsigned_indices_past_int64_are_out_of_range_not_wrapped():
+    """numpy's uint64 2**64 - 1 became -1 when cast to int64: select returned the last row without a word."""
+    state = numbered_state()
+    for huge in (np.array([2**64 - 1], dtype=np.uint64), np.array([0, 2**63], dtype=np.uint64),
+                 torch.tensor([2**63], dtype=torch.uint64), np.uint64(2**64 - 1), [np.uint64(2**63)]):
+        with pytest.raises(ValueError, match=r"`indices` \[.*\] out of range: a row index must fit in int64"):
+            state.select(huge)
+        with pytest.raises(ValueError, match="`rows` .* out of range"):
+            state.reset(huge, torch.zeros(2, 3, 8))
+    # unsigned indices that fit are rows like any other (a list of numpy uint64 was "must be a sequence of ...")
+    assert row_values(state.select(np.array([3, 1], dtype=np.uint64))) == [3.0, 1.0]
+    assert row_values(state.select([np.uint64(2), np.uint64(0)])) == [2.0, 0.0]
+    assert row_values(state.select(np.uint64(1))) == [1.0]
+
+
 def test_clone_is_independent():
     state = numbered_state()
     copy = state.clone()
@@ -348,6 +364,12 @@ def test_truncated_or_corrupted_file_is_refused_naming_it(tmp_path):
         ({"hidden_size": 999}, "does not describe"),
         ({"num_layers": 7}, "does not describe"),
         ({"dtype": "bfloat16"}, "does not describe"),
+        # JSON true and 2.0 were taken: `==` finds True == 1 and 2.0 == 2
+        ({"format_version": True}, "format_version True"),
+        ({"format_version": 1.0}, "format_version 1.0"),
+        ({"num_layers": 2.0}, "`num_layers` must be an integer, got 2.0"),
+        ({"batch_size": True}, "`batch_size` must be an integer, got True"),
+        ({"dtype": 32}, "`dtype` must be a string"),
     ],
 )
 def test_the_json_written_with_the_tensor_must_describe_it(tmp_path, sidecar, message):
@@ -458,6 +480,10 @@ def test_state_values_paths_and_devices_are_checked_by_name(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="exists and is not a folder"):
         state.save_pretrained(tmp_path / "a_file")
+    for under in (tmp_path / "a_file" / "state", tmp_path / "a_file" / "deeper" / "state"):  # NotADirectoryError
+        with pytest.raises(ValueError, match=r"`save_directory` .*state.* cannot be a folder: .*a_file.* is a file"):
+            state.save_pretrained(under)
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "ok"] and (tmp_path / "a_file").read_text() == ""
     with pytest.raises(TypeError, match="save_directory"):
         state.save_pretrained(None)
 
