@@ -137,7 +137,7 @@ _EVALUATION_FIELDS = {
     "episodes": (_is_int, "a positive int"),
     "turns": _TURNS,
     "batch_size": (_is_int, "a positive int"),
-    "seed": _SEED,
+    "seed": (partial(_is_int, low=0), "an int >= 0"),  # names the episodes (`make_episodes`): no numpy limit
     "external_memory_episodes": (_is_int, "a positive int"),
 }
 _POSITIVE_INT, _COUNT = (_is_int, "a positive int"), (partial(_is_int, low=0), "an int >= 0")
