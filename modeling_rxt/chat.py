@@ -472,6 +472,7 @@ def _turn_lock(model):
 # `generate` keywords that a turn gives itself (given again, Python said "got multiple values for keyword argument").
 _TURN_KEYWORDS = {
     "memory_state": "the session's own memory (a new session takes one: `RxTChatSession(..., memory_state=...)`)",
+    "memory_key_values": "the session's memory, projected (`generate` would read it in place of the session's)",
     "inputs": "the prompt, which the session renders from the query",
     "input_ids": "the prompt, which the session renders from the query",
     "inputs_embeds": "the prompt, which the session renders from the query",

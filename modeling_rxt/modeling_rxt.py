@@ -106,6 +106,7 @@ from .modeling_rxt_checks import (
     can_read_values,
     check_decoder_inputs,
     check_generate_prompt,
+    check_generation_settings,
     check_interaction_ids,
     check_labels,
     check_token_ids,
@@ -869,7 +870,9 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         prompt = next((value for value in given if value is not None), None)
         if prompt is None and kwargs.get("memory_key_values") is None:
             # As transformers without a prompt: every row starts from [BOS] (the memory needs the batch size now).
-            inputs = prompt = self._bos_prompt(generation_config, memory_state, kwargs.get("attention_mask"))
+            check_generation_settings(kwargs, generation_config or self.generation_config)  # bos among them
+            bos = generation_setting("bos_token_id", kwargs, generation_config, self)
+            inputs = prompt = self._bos_prompt(bos, memory_state, kwargs.get("attention_mask"))
             kwargs.pop("input_ids", None)
         if prompt is not None:
             check_generate_prompt(prompt, self.config, generation_config or self.generation_config, kwargs)
@@ -890,12 +893,9 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             outputs = super().generate(inputs, generation_config, *args, **kwargs)
         return attach_retrieved_memory_idx(outputs, recorder)
 
-    def _bos_prompt(
-        self, generation_config: GenerationConfig | None, memory_state: RxTMemoryState | None, attention_mask
-    ) -> torch.Tensor:
-        """(B, 1) of `bos_token_id`: one row per conversation of `memory_state`, else per row of the mask, else one
-        (as transformers takes the batch size from the model inputs given)."""
-        bos = (generation_config or self.generation_config).bos_token_id
+    def _bos_prompt(self, bos: int | None, memory_state: RxTMemoryState | None, attention_mask) -> torch.Tensor:
+        """(B, 1) of `bos` (the call's `bos_token_id`): one row per conversation of `memory_state`, else per row of
+        the mask, else one (as transformers takes the batch size from the model inputs given)."""
         if bos is None:
             bos = self.config.bos_token_id
         if bos is None:

@@ -212,21 +212,30 @@ def check_generation_settings(kwargs: dict, generation_config) -> None:
 
 
 def _are_token_ids(value) -> bool:
-    """One token id or several (a list, or an integer tensor), as transformers makes a tensor of them: a string failed
-    there with "new(): invalid data type 'str'", and a float was cut to an int."""
+    """One token id or several (a list, possibly empty, of ints or 0-d integer tensors; an integer tensor or numpy
+    array), as transformers makes a tensor of them: a string failed there with "new(): invalid data type 'str'", and
+    a float was cut to an int."""
+    value = _numpy_as_tensor(value)
     if isinstance(value, torch.Tensor):
         dtype = value.dtype
         return value.dim() <= 1 and not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
-    ids = value if isinstance(value, (list, tuple)) else [value]
-    return len(ids) > 0 and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids)
+    if isinstance(value, (list, tuple)):
+        return all(_is_one_token_id(i) for i in value)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_one_token_id(value) -> bool:
     """One token id: an int (numpy's too) or a 0-d integer tensor. A string failed in transformers with "'<' not
     supported between instances of 'str' and 'int'" (pad) or "new(): invalid data type 'str'" (bos), a float passed."""
+    value = _numpy_as_tensor(value)
     if isinstance(value, torch.Tensor):
         return value.dim() == 0 and _are_token_ids(value)
     return not isinstance(value, (list, tuple)) and _are_token_ids(value)
+
+
+def _numpy_as_tensor(value):
+    """A numpy array or scalar as a tensor (numpy is not imported here: the file ships with the model)."""
+    return torch.as_tensor(value) if hasattr(value, "__array__") and not isinstance(value, torch.Tensor) else value
 
 
 def check_generate_prompt(prompt: torch.Tensor, config: RxTConfig, generation_config, kwargs: dict) -> None:

@@ -200,12 +200,14 @@ def test_generate_names_a_count_below_one(model, setting, value):
 
 def test_generate_names_an_eos_token_id_that_is_no_token_id(model):
     """transformers makes a tensor of it: "new(): invalid data type 'str'" for a string, a float cut to an int."""
-    for bad in ("x", 1.5, [1, "x"], [], True, torch.tensor([1.0])):
+    for bad in ("x", 1.5, [1, "x"], True, torch.tensor([1.0]), np.array([1.5])):
         with pytest.raises(TypeError, match=r"`eos_token_id` must be an int or a list of ints"):
             model.generate(random_ids(1, 4), max_new_tokens=2, eos_token_id=bad)
     with pytest.raises(TypeError, match=r"`eos_token_id` must be"):  # in the generation config too
         model.generate(random_ids(1, 4), generation_config=GenerationConfig(max_new_tokens=2, eos_token_id="x"))
-    for good in (3, np.int64(3), [3, 4], (3,), torch.tensor(3), torch.tensor([3, 4])):
+    # What transformers takes: an empty list (no end), numpy arrays, lists of 0-d tensors.
+    for good in (3, np.int64(3), [3, 4], (3,), [], torch.tensor(3), torch.tensor([3, 4]), np.array([3, 4]),
+                 [torch.tensor(3), torch.tensor(4)]):
         assert model.generate(random_ids(1, 4), max_new_tokens=2, eos_token_id=good).shape[0] == 1
 
 
@@ -213,7 +215,7 @@ def test_generate_names_an_eos_token_id_that_is_no_token_id(model):
 def test_generate_names_a_pad_or_bos_token_id_that_is_no_token_id(model, setting):
     """A string failed in transformers ("'<' not supported between instances of 'str' and 'int'" for pad, "new():
     invalid data type 'str'" for bos), a float was taken; bos also starts a call without a prompt."""
-    for bad in ("x", 1.5, True, [1, 2], torch.tensor([1]), torch.tensor(1.0)):
+    for bad in ("x", 1.5, True, [1, 2], torch.tensor([1]), torch.tensor(1.0), np.array([1])):
         with pytest.raises(TypeError, match=rf"`{setting}` must be an int \(one token id\) or None"):
             model.generate(random_ids(1, 4), max_new_tokens=2, **{setting: bad})
         with pytest.raises(TypeError, match=rf"`{setting}` must be an int"):  # no prompt: starts from [BOS]
@@ -224,6 +226,9 @@ def test_generate_names_a_pad_or_bos_token_id_that_is_no_token_id(model, setting
         model.generate(random_ids(1, 4), generation_config=config)
     for good in (0, np.int64(1), torch.tensor(1), None):
         assert model.generate(random_ids(1, 4), max_new_tokens=2, **{setting: good}).shape[0] == 1
+    if setting == "bos_token_id":  # without a prompt the keyword's [BOS] starts the row, as the config's does
+        started = model.generate(max_new_tokens=1, memory_state=model.init_memory(1), bos_token_id=7)
+        assert started[0, 0].item() == 7
 
 
 def test_empty_query(model):

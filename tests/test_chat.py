@@ -267,6 +267,8 @@ def test_load_can_change_how_the_session_writes(model, tokenizer, tmp_path):
         (lambda s: s.send(TEXTS[0], num_beams=0, **GREEDY), ValueError, "`num_beams` must be at least 1"),
         # keywords the turn gives generate itself: "got multiple values for keyword argument"
         (lambda s: s.send(TEXTS[0], memory_state=s.model.init_memory(1)), TypeError, "`memory_state` cannot be given"),
+        # generate reads these in place of `memory_state`: the turn would answer from another memory
+        (lambda s: s.send(TEXTS[0], memory_key_values=torch.zeros(1)), TypeError, "`memory_key_values` cannot be"),
         (lambda s: s.send(TEXTS[0], attention_mask=torch.ones(1, 3)), TypeError, "`attention_mask` cannot be given"),
         (lambda s: send_batch([s], TEXTS[:1], memory_state=s.model.init_memory(1)), TypeError, "`memory_state`"),
         (lambda s: send_batch([s], TEXTS[:1], streamer=CountNewTokens()), TypeError, "`streamer` cannot be given"),
