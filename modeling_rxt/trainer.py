@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -151,8 +152,12 @@ class RxTTrainer(Trainer):
                 name = which if key is None else f"{which}[{key!r}]"
                 if not isinstance(rows, datasets.Dataset):
                     continue
+                arrow = rows.with_format("arrow")
                 for column in TOKEN_COLUMNS & set(rows.column_names):
-                    longest = _longest_token_list(rows.with_format("arrow")[column])
+                    if column == "input_ids" and "attention_mask" in rows.column_names:  # the collators drop padding
+                        longest = _longest_token_list(arrow["attention_mask"], count_nonzero=True)
+                    else:
+                        longest = _longest_token_list(arrow[column])
                     if longest > limit:
                         raise ValueError(
                             f"`{column}` of the {name} holds a row of {longest} tokens, more than the model's {limit} "
@@ -365,14 +370,21 @@ def _column_names(dataset) -> set[str]:
 TOKEN_COLUMNS = {"input_ids", "probe_input_ids"}
 
 
-def _longest_token_list(column: pa.ChunkedArray | pa.Array) -> int:
-    """The longest innermost list of an Arrow list column (list<int> or list<list<int>>); 0 if it has none (or is no
-    list column: the collator names that)."""
+def _longest_token_list(column: pa.ChunkedArray | pa.Array, count_nonzero: bool = False) -> int:
+    """The longest innermost list of an Arrow list column (list<int> or list<list<int>>), or with `count_nonzero`
+    the most non-zero values of one (a mask's kept tokens); 0 if it has none (or is no list column: the collator
+    names that)."""
     if not _is_list(column.type):
         return 0
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
     while _is_list(column.type.value_type):
         column = pc.list_flatten(column)
-    return pc.max(pc.list_value_length(column)).as_py() or 0
+    if not count_nonzero:
+        return pc.max(pc.list_value_length(column)).as_py() or 0
+    kept = pc.not_equal(pc.list_flatten(column), 0).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+    return int(np.bincount(parents[kept], minlength=1).max())
 
 
 def _is_list(arrow_type: pa.DataType) -> bool:

@@ -273,6 +273,8 @@ class InteractionCollator:
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         _check_features(features, ("input_ids", "labels"))
         rows = [_unpadded(f["input_ids"], f["labels"], f.get("attention_mask")) for f in features]
+        if not all(ids for ids, _ in rows):
+            raise ValueError("a row has no tokens (its `attention_mask` marks every token as padding)")
         input_ids = _pad([ids for ids, _ in rows], self.pad_token_id)  # (B, T)
         attention_mask = _pad([[1] * len(ids) for ids, _ in rows], 0)
         if self.full_labels:

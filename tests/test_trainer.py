@@ -450,3 +450,28 @@ def test_trainer_refuses_inputs_kept_for_metrics(tokenizer, tmp_path):
         RxTTrainer(model=tiny_model(tokenizer), args=_trainer_args(tmp_path, include_for_metrics=["inputs"]),
                    train_dataset=rows, data_collator=InteractionCollator(tokenizer.pad_token_id),
                    objective=interaction_objective)
+
+
+def test_rows_padded_when_tokenised_are_measured_by_their_attention_mask(tokenizer, tmp_path):
+    """The collators leave out the padding a row's `attention_mask` marks, so the length check counts the tokens
+    the mask keeps: rows padded to 80 for a 64-position model were refused though every batch of them fits."""
+    pad = tokenizer.pad_token_id
+    pairs = tokenize_interactions(tokenizer, [("hello", "hi ."), ("how are you ?", "fine .")], MAX_LENGTH)
+    width = MAX_LENGTH + 16
+
+    def padded(row, keep=None):
+        real = len(row["input_ids"]) if keep is None else keep
+        return {"input_ids": row["input_ids"] + [pad] * (width - len(row["input_ids"])),
+                "labels": row["labels"] + [-100] * (width - len(row["labels"])),
+                "attention_mask": [1] * real + [0] * (width - real)}
+
+    rows = datasets.Dataset.from_list([padded(row) for row in pairs])
+    collator, args = InteractionCollator(pad), _trainer_args(tmp_path)
+    RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=rows, data_collator=collator,
+               objective=interaction_objective)
+    too_long = datasets.Dataset.from_list([padded(pairs[0], keep=MAX_LENGTH + 1)])
+    with pytest.raises(ValueError, match=rf"holds a row of {MAX_LENGTH + 1} tokens"):
+        RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=too_long, data_collator=collator,
+                   objective=interaction_objective)
+    with pytest.raises(ValueError, match="no tokens.*attention_mask"):  # all padding: nothing to train on
+        collator([padded(pairs[0], keep=0)])
