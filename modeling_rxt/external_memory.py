@@ -244,11 +244,15 @@ class ExternalMemory:
 def _layer_tuple(layers) -> tuple[int, ...]:
     """An external memory's `layers` as a tuple (a list would not hash where memories are compared); a string, a
     number or repeated or negative indices are refused by name."""
-    if not isinstance(layers, list | tuple) or any(type(i) is not int for i in layers):
+    indices = isinstance(layers, list | tuple | range) and all(  # numpy's ints too
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers
+    )
+    if not indices:
         raise TypeError(f"`layers` must be a tuple of decoder layer indices, got {layers!r}.")
+    layers = tuple(int(i) for i in layers)
     if len(set(layers)) != len(layers) or min(layers, default=0) < 0:
         raise ValueError(f"`layers` must name distinct decoder layers (indices from 0), got {layers!r}.")
-    return tuple(layers)
+    return layers
 
 
 def _check_same_kind(memories: Sequence[ExternalMemory], name: str) -> ExternalMemory:

@@ -216,6 +216,10 @@ def test_memory_parts_and_build_options_are_checked_by_name(model, memory_ids):
             ExternalMemory(*parts, layers)
     listed = ExternalMemory(*parts, list(memory.layers))
     assert listed.layers == memory.layers and ExternalMemory.concatenate([listed, memory]).num_rows == 4
+    for other_spelling in (range(memory.layers[0], memory.layers[0] + len(memory.layers)),
+                           [np.int64(i) for i in memory.layers]):  # as the config's layers may be given
+        if list(other_spelling) == list(memory.layers):
+            assert ExternalMemory(*parts, other_spelling).layers == memory.layers
     with pytest.raises(TypeError, match="`passes` must be a function"):  # was "'int' object is not callable"
         model.build_external_memory(memory_ids, passes=5)
     with pytest.raises(ValueError, match="`passes` must return an int of at least"):  # was taken: tokens unencoded
