@@ -110,9 +110,19 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("hub_export").setLevel(logging.INFO)  # progress: the verification takes a while
     from .export import export_model
-    from .push import push_folder
+    from .push import check_visibility, push_folder
     from .verify import VerificationError
 
+    if args.push:  # before the export: --private for an existing public repository would be refused after all of it
+        try:
+            check_visibility(args.push, args.private, endpoint=args.endpoint)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except Exception as error:  # HTTP or network: nothing was exported
+            print(f"error: the Hub repository {args.push!r} cannot be checked (nothing was exported): "
+                  f"{type(error).__name__}: {error}", file=sys.stderr)
+            return 1
     try:
         report = export_model(
             args.src, args.dest, overwrite=args.overwrite, verify=args.verify, repo_id=args.push or args.repo_id,
@@ -133,7 +143,8 @@ def _run(args: argparse.Namespace) -> int:
         try:  # a separate step: a failed upload leaves a complete, verified DEST to push again later
             print(f"pushed: {push_folder(report.dest, args.push, private=args.private, endpoint=args.endpoint)}")
         except Exception as error:  # HTTP, network or file errors alike: report them, keep DEST
-            print(f"error: the upload to {args.push!r} failed ({report.dest} is complete and verified): "
+            state = "complete and verified" if report.verification is not None else "complete, not verified"
+            print(f"error: the upload to {args.push!r} failed ({report.dest} is {state}): "
                   f"{type(error).__name__}: {error}", file=sys.stderr)
             return 1
     return 0

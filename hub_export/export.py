@@ -43,7 +43,7 @@ from .model_card import (
     read_recipe,
     weights_fingerprint,
 )
-from .push import push_folder
+from .push import check_visibility, push_folder
 from .verify import VerificationReport, verify_export
 
 logger = logging.getLogger(__name__)
@@ -326,6 +326,9 @@ def build_folder(staging: Path, model, tokenizer, *, model_id: str, adapters: di
     the card's snippet, resolves from DEST's parent folder. (`"."` resolved against whatever the working folder was,
     and an absolute path would publish a local path that no Hub user has.)"""
     model.save_pretrained(staging)  # config.json with auto_map, model.safetensors, the code files
+    # Batched `generate` needs prompts padded on the left (answers follow the last token of each row); this project's
+    # code pads its own batches (chat, collators, the verification) and relies on no tokenizer's side.
+    tokenizer.padding_side = "left"
     tokenizer.save_pretrained(staging)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
     write_generation_config(staging, model, tokenizer)
     for path in sorted(staging.glob("*.safetensors")):
@@ -340,10 +343,24 @@ def build_folder(staging: Path, model, tokenizer, *, model_id: str, adapters: di
         copy_adapter(source, staging / name, model_id)
 
 
+def _read_back_by(dest: Path, src: Path, model_folder: Path) -> Path | None:
+    """The folder through which a later export of SRC would read the folder `dest` (resolved) back, if any: an
+    `adapters` folder of SRC or of its model folder (its sub-folders are adapters), or a `checkpoint-N` folder of SRC
+    (the latest one holds the weights). Other folders inside SRC (`SRC/hub`) are never read."""
+    for root in dict.fromkeys((src.resolve(), model_folder.resolve())):
+        if root not in dest.parents:
+            continue
+        first = root / dest.relative_to(root).parts[0]
+        if first.name == "adapters" or (root == src.resolve() and re.fullmatch(r"checkpoint-\d+", first.name)):
+            return first
+    return None
+
+
 def _check_dest(dest: Path, overwrite: bool, read: Sequence[Path]) -> None:
-    """`dest` may be replaced: it is a folder (or absent), empty unless `overwrite`; it neither is, contains nor lies
-    inside a folder the export reads (`read`: SRC, the checkpoint the weights come from, the adapters: a later export
-    of SRC would read the Hub folder back, a `checkpoint-N` one as the latest checkpoint); it is not the working folder
+    """`dest` may be replaced: it is a folder (or absent), empty unless `overwrite`; it neither is nor contains a
+    folder the export reads (`read`: SRC, then the folder the weights come from, then the adapters), and does not lie
+    inside one that a later export of SRC reads: its `adapters` folders and `checkpoint-N` folders (one named so would
+    be read as the latest checkpoint); elsewhere inside SRC is fine (`SRC/hub`); it is not the working folder
     nor one that contains it, and does not end in `..` (the new folder is renamed into DEST's place, which cannot
     replace a folder containing itself: that failed after all the work, and `.` named the model ''); and it is not a
     symbolic link: the rename would replace the link itself (or fail, for a link to an empty folder) after all the
@@ -364,12 +381,11 @@ def _check_dest(dest: Path, overwrite: bool, read: Sequence[Path]) -> None:
         if resolved == folder.resolve() or resolved in folder.resolve().parents:
             raise ValueError(f"`dest` {str(dest)!r} would replace {str(folder)!r}, which the export reads from "
                              "(`src`, its checkpoint or an adapter), or a folder that contains it.")
-    holders = [folder for folder in read if folder.resolve() in resolved.parents]  # after the check above
-    if holders:
-        folder = max(holders, key=lambda holder: len(holder.resolve().parts))  # the checkpoint rather than SRC
-        raise ValueError(f"`dest` {str(dest)!r} is inside {str(folder)!r}, which the export reads from (`src`, its "
-                         "checkpoint or an adapter): a later export would read the Hub folder back; give a folder "
-                         "outside it.")
+    folder = _read_back_by(resolved, read[0], read[1])
+    if folder is not None:
+        raise ValueError(f"`dest` {str(dest)!r} is inside {str(folder)!r}, which the export reads from (the "
+                         "adapters of `src`, or its `checkpoint-N` folders): a later export would read the Hub "
+                         "folder back; give a folder outside it (`src`/hub is fine).")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
         raise ValueError(
             f"`dest` {str(dest)!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it."
@@ -425,8 +441,10 @@ def export_model(
     evaluation output of the training job (an evaluation JSON that records the `weights_fingerprint` of weights other
     than those of `src` is refused), `recipe_json` its recipe; `datasets` the card's dataset ids. Raises
     `ValueError` on bad input and `VerificationError` if the folder does not load and compute like the source in a
-    fresh process; in both cases `dest` is left as it was and no temporary folder remains. An upload error
-    (`huggingface_hub` raises it) comes after `dest` is complete: push it again with `push_folder`.
+    fresh process; in both cases `dest` is left as it was and no temporary folder remains. With `push=True` and
+    `private=True`, a repository that exists and is public is refused (`ValueError`) before any work, as the Hub
+    would keep it public. An upload error (`huggingface_hub` raises it) comes after `dest` is complete and replaced:
+    push it again with `push_folder`. The exported tokenizer pads on the left, as batched generation needs.
     `check_adapter_base_weights=False` exports adapters that `save_adapters` recorded on other base weights of the
     same shapes (an adapter knowingly carried over to a base trained further); shapes are always checked.
     """
@@ -441,6 +459,8 @@ def export_model(
     adapters = find_adapters(src, model_folder)
     read = [src, model_folder, *adapters.values()]
     _check_dest(dest, overwrite, read)
+    if push:  # before any work: the Hub keeps an existing public repository public
+        check_visibility(repo_id, private, endpoint=endpoint, token=token)
     logger.info("loading %s", model_folder)
     model = load_source_model(model_folder)
     tokenizer = load_source_tokenizer(model_folder, src, model.config)
@@ -465,11 +485,18 @@ def export_model(
 
 
 def recipe_datasets(recipe: dict | None) -> tuple[str, ...]:
-    """The recipe's `datasets` list when it has one, else the project's training data."""
+    """The card's dataset ids as the recipe shows them: its `datasets` list when it has one; for a recipe of this
+    project's curriculum (stages named by `stage`), the synthetic episodes every stage trains on, and the chatterbot
+    corpus where a stage sets `corpus`. None without a recipe, or for a recipe of another shape: the card names no
+    training data it was not told of."""
     value = (recipe or {}).get("datasets")
     if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
         return tuple(value)
-    return DEFAULT_DATASETS
+    stages = (recipe or {}).get("stages")
+    if not (isinstance(stages, list) and stages and all(isinstance(s, dict) and "stage" in s for s in stages)):
+        return ()
+    episodes, corpus = DEFAULT_DATASETS
+    return (episodes, corpus) if any(stage.get("corpus") is True for stage in stages) else (episodes,)
 
 
 __all__ = [

@@ -214,16 +214,29 @@ def read_evaluation(path: str | Path) -> Evaluation:
     )
 
 
+def without_comments(value: object) -> object:
+    """`value` without the keys starting with `_` (comments, as `check_recipe` reads them) at every level."""
+    if isinstance(value, Mapping):
+        return {key: without_comments(item) for key, item in value.items()
+                if not (isinstance(key, str) and key.startswith("_"))}
+    if isinstance(value, list):
+        return [without_comments(item) for item in value]
+    return value
+
+
 def read_recipe(path: str | Path) -> dict:
-    """Reads the training recipe JSON at `path` (any JSON object; rendered as tables in the card)."""
-    data = read_json_object(path, "`recipe_json`")
+    """Reads the training recipe JSON at `path` (any JSON object; rendered as tables in the card), without its
+    comments (`_` keys, at every level): a comment is prose nobody measured, not part of the recipe."""
+    data = without_comments(read_json_object(path, "`recipe_json`"))
     if not data:
-        raise ValueError(f"`recipe_json` {str(path)!r} must hold a non-empty JSON object.")
+        raise ValueError(f"`recipe_json` {str(path)!r} must hold a non-empty JSON object (`_` keys are comments).")
     return data
 
 
 def eval_results(evaluation: Evaluation) -> list[EvalResult]:
-    """One `model-index` entry per measured number: recall at each distance, with the memory reset, and chance."""
+    """One `model-index` entry per measured result of the model: recall at each distance, with the memory reset, and
+    from an external memory. Chance level is a property of the task, not a result of the model: the Results section
+    states it, the `model-index` does not."""
     common = {
         "task_type": EVAL_TASK,
         "dataset_type": EVAL_DATASET_TYPE,
@@ -253,8 +266,6 @@ def eval_results(evaluation: Evaluation) -> list[EvalResult]:
         results.append(EvalResult(**common, metric_value=evaluation.recall_reset,
                                   metric_name="recall with the memory reset, all distances",
                                   metric_config="all,memory=reset"))
-    results.append(EvalResult(**common, metric_value=evaluation.chance, metric_name="chance level (uniform guess)",
-                              metric_config="chance"))
     if evaluation.external_memory is not None:
         for key, name in (("without", "fresh memory, no external memory"), ("with", "fresh memory + external memory")):
             results.append(EvalResult(**common, metric_value=evaluation.external_memory[key],
@@ -269,7 +280,7 @@ def _percent(value: float) -> str:
 
 
 def _results_table(evaluation: Evaluation) -> list[str]:
-    """Every figure the `model-index` reports, by distance (those measured with or without the memory) and overall."""
+    """Every recall the `model-index` reports, by distance (those measured with or without the memory) and overall."""
     reset, counts = evaluation.recall_memory_reset, evaluation.questions_by_distance or {}
     reset = reset if isinstance(reset, dict) else {}
     rows = ["| distance *d* (turns) | recall | recall, memory reset | questions |", "|---|---|---|---|"]
@@ -393,7 +404,8 @@ def _usage_section(model_id: str, max_new_tokens: int) -> str:
         f"{USAGE_HEADING}\n\n"
         "Needs only `torch` and `transformers` (the model code ships in this repository, hence "
         "`trust_remote_code=True`). The memory is an explicit object: `generate` reads it and never changes it, "
-        "`update_memory` returns a new one after each turn.\n\n"
+        "`update_memory` returns a new one after each turn. The tokenizer pads on the left, as batched `generate` "
+        "needs.\n\n"
         f"```python\n{usage_snippet(model_id, max_new_tokens)}\n```\n\n"
         "Without `memory_state`, `forward` and `generate` read the learned initial memory, so "
         f'`pipeline("text-generation", model="{model_id}", trust_remote_code=True)` works as for any causal LM.'
@@ -420,6 +432,7 @@ def _recipe_value(value: object) -> str:
 def _recipe_section(recipe: Mapping | None, recipe_name: str | None) -> str:
     if recipe is None:
         return "## Training\n\nNo training recipe was given to the export."
+    recipe = without_comments(recipe)
     scalars = [(key, value) for key, value in recipe.items() if not isinstance(value, dict | list)]
     lines = ["## Training", "", f"The recipe, as read from `{recipe_name}`:"]
     if scalars:
@@ -434,15 +447,40 @@ def _recipe_section(recipe: Mapping | None, recipe_name: str | None) -> str:
     return "\n".join(lines)
 
 
-LIMITATIONS = """## Limitations
+def _recall_by_distance(evaluation: Evaluation) -> str:
+    """What the Results say about recall and distance, read from them: the nearest and farthest distances measured,
+    and nothing about distances that were not."""
+    recall = evaluation.recall_by_distance
+    near, far = min(recall), max(recall)
+    if near == far:
+        return f"Recall was measured {near} turn(s) after the fact only ({_percent(recall[near])}, Results)."
+    return (f"Measured recall (Results) is {_percent(recall[near])} for a fact {near} turn(s) back and "
+            f"{_percent(recall[far])} for one {far} turns back; farther back was not measured.")
 
-- A small research model: it is trained to keep facts of a conversation in its short-term memory, not to be a
-  general assistant. Expect wrong or empty answers outside the format it was trained on (`[Q] query [A] answer`).
-- The memory has a fixed number of slots: older facts are overwritten as the conversation goes on, and recall falls
-  with the distance to the fact (see Results).
-- The reported results come from synthetic episodes; they say nothing about open-domain quality, safety or bias.
-- One interaction (query and answer) must fit in the maximum interaction length above; longer input raises an error.
-- The remote code targets `transformers` 5.23 and `torch` >= 2.13; other versions may need changes."""
+
+def _limitations_section(evaluation: Evaluation | None, recipe: Mapping | None) -> str:
+    """Only what the export was given can be claimed: training only with a recipe, results only with an evaluation."""
+    items = []
+    if evaluation is None and recipe is None:
+        items.append("**No training or evaluation information was given to the export**: this card does not say "
+                     "whether, how or on what data this model was trained, nor how well it recalls anything.")
+    trained = "trained with the recipe under Training, " if recipe is not None else ""
+    items.append(f"A research model, {trained}not a general assistant. Expect wrong or empty answers outside the "
+                 "format of its chat template (`chat_template.jinja`).")
+    memory = ("The memory has a fixed number of slots: what the model keeps of a conversation is bounded by them, "
+              "and older facts may be overwritten as the conversation goes on.")
+    items.append(memory + (" " + _recall_by_distance(evaluation) if evaluation is not None else ""))
+    if evaluation is not None:
+        items.append("The reported results come from synthetic episodes; they say nothing about open-domain quality, "
+                     "safety or bias.")
+    else:
+        items.append("No evaluation was given to the export: nothing in this card measures its recall, open-domain "
+                     "quality, safety or bias.")
+    items += ["One interaction (query and answer) must fit in the maximum interaction length above; longer input "
+              "raises an error.",
+              "The remote code targets `transformers` 5.23 and `torch` >= 2.13; other versions may need changes."]
+    return "## Limitations\n\n" + "\n".join(f"- {item}" for item in items)
+
 
 LICENCE_NOTICE = """## Licence and patent notice
 
@@ -460,10 +498,11 @@ def build_model_card(
     evaluation: Evaluation | None = None,
     recipe: Mapping | None = None,
     recipe_name: str | None = None,
-    datasets: Sequence[str] = DEFAULT_DATASETS,
+    datasets: Sequence[str] = (),
     adapters: Sequence[str] = (),
 ) -> ModelCard:
-    """The model card of `model` (an RxT causal LM) as it will be published under `model_id`."""
+    """The model card of `model` (an RxT causal LM) as it will be published under `model_id`. `datasets` are the
+    card's dataset ids (none by default: the card names no training data it was not told of)."""
     if not isinstance(model_id, str) or not model_id:
         raise ValueError(f"`model_id` must be a non-empty string, got {model_id!r}.")
     config = model.config
@@ -479,7 +518,7 @@ def build_model_card(
         license=LICENSE,
         language=["en"],
         tags=tags,
-        datasets=list(datasets),
+        datasets=list(datasets) or None,
         metrics=["exact_match"] if evaluation is not None else None,
         eval_results=eval_results(evaluation) if evaluation is not None else None,
     )
@@ -493,7 +532,7 @@ def build_model_card(
         _usage_section(model_id, min(32, config.max_position_embeddings // 2)),
         _adapters_section(model_id, list(adapters)),
         _recipe_section(recipe, recipe_name),
-        LIMITATIONS,
+        _limitations_section(evaluation, recipe),
         LICENCE_NOTICE,
     ]
     body = "\n\n".join(section for section in sections if section)

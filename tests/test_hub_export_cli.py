@@ -17,7 +17,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-from huggingface_hub import ModelCard
+from huggingface_hub import HfApi, ModelCard
 from peft import LoraConfig, get_peft_model
 
 from hub_export import VerificationError, export_model
@@ -68,8 +68,10 @@ def source_model_config(folder: Path) -> dict:
         ("push_without_repo", r"needs a `repo_id`"),
         ("dest_is_the_checkpoint", r"would replace .*checkpoint-5.*which the export reads from"),
         ("dest_is_an_adapter", r"would replace .*persona.*which the export reads from"),
-        ("dest_inside_src", r"is inside .*src.*which the export reads from.*a later export would read"),
+        ("dest_inside_the_adapters", r"is inside .*src/adapters'.*which the export reads from.*a later export would "
+                                     r"read"),
         ("dest_inside_a_checkpoint", r"is inside .*checkpoint-5.*which the export reads from"),
+        ("dest_named_like_a_checkpoint", r"is inside .*run/checkpoint-9'.*which the export reads from"),
         ("adapter_of_another_base", r"Adapter 'persona' .* was made for a base of another shape"),
         ("adapter_truncated", r"Adapter 'persona': .*adapter_model.safetensors. cannot be read"),
         ("adapter_config_not_an_object", r"Adapter 'persona': .*adapter_config.json. is invalid"),
@@ -120,13 +122,17 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, message, source, tm
     elif case == "dest_is_an_adapter":
         src = _copy_model(source, tmp_path / "src")
         dest, kwargs["overwrite"] = src / "adapters" / "persona", True
-    elif case == "dest_inside_src":  # a later export of SRC would find it (as `checkpoint-N/`: as the latest weights)
+    elif case == "dest_inside_the_adapters":  # a later export of SRC would find its adapter folders as adapters
         src = _copy_model(source, tmp_path / "src")
-        dest = src / "hub"
+        dest = src / "adapters" / "hub"
     elif case == "dest_inside_a_checkpoint":
         src = tmp_path / "run"
         _copy_model(source, src / "checkpoint-5")
         dest = src / "checkpoint-5" / "hub"
+    elif case == "dest_named_like_a_checkpoint":  # a later export would take it for the latest checkpoint
+        src = tmp_path / "run"
+        _copy_model(source, src / "checkpoint-5")
+        dest = src / "checkpoint-9"
     elif case.startswith("adapter_"):
         src = _copy_model(source, tmp_path / "src")
         adapter = src / "adapters" / "persona"
@@ -426,3 +432,51 @@ def test_read_evaluation_accepts_the_minimal_form(tmp_path):
     assert evaluation.recall_memory_reset == 0.015625
     assert (evaluation.recall, evaluation.questions, evaluation.split) == (None, None, None)
     assert evaluation.external_memory is None
+
+
+def test_a_dest_inside_src_that_no_export_reads_is_allowed(source, tmp_path, monkeypatch):
+    """A later export reads only SRC's own files, `SRC/adapters/**` and `SRC/checkpoint-N/`: 'SRC/hub',
+    'SRC/eval-hub' and '../model/hub' from a sibling folder are fine (ee7d1ae refused every folder inside SRC), and
+    SRC exports again, from its own weights, with the Hub folder inside it."""
+    src = _copy_model(source, tmp_path / "model")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    read = [src, src, src / "adapters" / "persona"]
+    for dest in (src / "hub", src / "eval-hub", Path("../model/hub")):
+        export_module._check_dest(dest, True, read)
+    export_model(src, src / "hub", verify=False)
+    again = export_model(src, Path("../model/hub"), verify=False, overwrite=True)
+    assert again.model_folder == src and again.adapters == ("persona",)
+    assert sorted(p.name for p in src.iterdir() if p.is_dir()) == ["adapters", "hub"]
+
+
+def test_cli_a_failed_upload_says_only_what_is_true_of_dest(source, tmp_path, capsys, monkeypatch):
+    """Under --no-verify DEST was not verified: the message must not say it was."""
+    from hub_export import push as push_module
+
+    report = export_module.ExportReport(dest=tmp_path / "dest", files=(), model_folder=source / "model", adapters=(),
+                                        verification=None, commit_url=None)
+    monkeypatch.setattr(export_module, "export_model", lambda *args, **kwargs: report)
+
+    def failing_push(*args, **kwargs):
+        raise ConnectionError("the Hub is down")
+
+    monkeypatch.setattr(push_module, "push_folder", failing_push)
+    assert cli_main([str(source / "model"), str(tmp_path / "dest"), "--no-verify", "--push", REPO_ID]) == 1
+    err = capsys.readouterr().err
+    assert "is complete, not verified): ConnectionError: the Hub is down" in err and "verified)" not in err.replace(
+        "not verified)", "")
+
+
+def test_cli_private_push_to_a_public_repo_is_refused_before_the_export(source, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    loads = []
+    monkeypatch.setattr(export_module, "load_source_model", lambda *args: loads.append(args))
+    with MockHub(lfs_suffixes=()) as hub:
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        HfApi(endpoint=hub.endpoint, token=hub.token).create_repo("user/public")  # public
+        code = cli_main([str(source / "model"), str(tmp_path / "dest"), "--push", "user/public", "--private",
+                         "--endpoint", hub.endpoint])
+    assert code == 2 and loads == [] and not (tmp_path / "dest").exists()
+    err = capsys.readouterr().err
+    assert err.startswith("error: `private=True`, but the repository 'user/public' exists and is public")
