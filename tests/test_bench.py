@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers import StaticCache
 
 from modeling_rxt.bench import (
     BenchSettings,
@@ -27,8 +28,17 @@ from modeling_rxt.bench import (
 )
 from modeling_rxt.bench import train_speed
 from modeling_rxt.bench.__main__ import parse_args
-from modeling_rxt.bench.latency import KV, LLAMA_TURN1, REREAD, llama_turn, _prefilled_cache
-from modeling_rxt.bench.report import crossover_turn, summary_lines
+from modeling_rxt.bench.latency import (
+    KV,
+    LLAMA_CACHES,
+    LLAMA_TURN1,
+    REREAD,
+    _eager_forced_length,
+    _medians as turn_medians,
+    llama_generate,
+    static_cache,
+)
+from modeling_rxt.bench.report import crossover_turn, plot_turns, summary_lines
 from modeling_rxt.bench.run import _headline
 from modeling_rxt.bench.systems import LLAMA
 
@@ -163,19 +173,32 @@ def test_turn_latency_counts_tokens_and_state_exactly(turns):
         assert medians["rxt-dense"][str(turn)]["state_bytes"] == LAYERS * SLOTS * HIDDEN * 4
         assert medians["rxt-dense@turn1"][str(turn)]["tokens_processed"] == (TURN - 1) + TURN
         assert medians[KV][str(turn)]["state_bytes"] == LAYERS * 2 * KV_HEADS * HEAD_DIM * 4 * (history + TURN - 1)
+        # beside it, what its StaticCache preallocated: room for the history, the query and the answer
+        assert medians[KV][str(turn)]["state_capacity_bytes"] == LAYERS * 2 * KV_HEADS * HEAD_DIM * 4 * (history + TURN)
         assert medians[REREAD][str(turn)]["state_bytes"] == (history + TURN) * 8  # the transcript, int64 ids
         assert medians[LLAMA_TURN1][str(turn)]["tokens_processed"] == TURN - 1  # the query alone, no history
         assert medians[LLAMA_TURN1][str(turn)]["state_bytes"] == TURN * 8
+    assert turns["llama_caches"] == LLAMA_CACHES and "StaticCache" in turns["llama_caches"][KV]
 
 
 def test_kv_turn_gives_the_reread_answer_and_restores_the_cache(models, settings):
     llama = models[LLAMA]
-    prompt = torch.randint(4, 128, (1, 2 * TURN + 4))
-    cache = _prefilled_cache(llama, prompt[:, : 2 * TURN])
-    llama_turn(llama, prompt, settings, cache)
-    assert cache.get_seq_length() == 2 * TURN  # cut back to the history for the next repeat
-    arguments = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    assert torch.equal(llama.generate(prompt, past_key_values=cache, **arguments), llama.generate(prompt, **arguments))
+    prompt = torch.randint(4, 128, (1, 2 * TURN + 4), generator=torch.Generator().manual_seed(5))
+    cache = static_cache(llama, prompt[:, : 2 * TURN], TURN)  # preallocated: history + query + answer
+    assert isinstance(cache, StaticCache) and all(layer.max_cache_len == 3 * TURN for layer in cache.layers)
+    prefilled = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    _, reread = llama_generate(llama, prompt, settings, None)
+    for _ in range(2):  # every repeat starts from the same cache, and answers as re-reading the history does
+        sample, answered = llama_generate(llama, prompt, settings, cache)
+        assert torch.equal(answered, reread) and answered.shape[1] == 2 * TURN + 4 + 3
+        assert int(cache.get_seq_length()) == 2 * TURN  # put back to the history for the next repeat
+        for layer, (keys, values) in zip(cache.layers, prefilled, strict=True):
+            assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    with torch.no_grad():  # the restored cache holds the history's keys and values: the query reads them
+        cached = llama(prompt[:, 2 * TURN:], past_key_values=cache, use_cache=True).logits
+        assert torch.allclose(cached, llama(prompt).logits[:, 2 * TURN:], atol=1e-5)
+    # on a GPU transformers would compile a static cache's decoding step by itself: every system runs eager
+    assert _eager_forced_length(3)["generation_config"].disable_compile is True
 
 
 # ---- decode, write, training ---------------------------------------------------------------------------------------
@@ -313,15 +336,24 @@ def test_training_peak_memory_runs_in_a_fresh_process(settings):
 # ---- report ---------------------------------------------------------------------------------------------------------
 
 
-def _medians(rxt: dict[int, float], reread: dict[int, float], llama_turn1: dict[int, float] | None = None) -> dict:
-    medians = {"rxt-moe": {}, "rxt-moe@turn1": {}, REREAD: {}, KV: {}, LLAMA_TURN1: {}}
+def _turn_latency(rxt: dict[int, list[float] | float], reread: dict[int, list[float] | float],
+                  llama_turn1: dict[int, float] | None = None) -> dict:
+    """A turn benchmark's samples (one run per repeat; a number is one repeat) and their medians."""
+    samples = {"rxt-moe": {}, "rxt-moe@turn1": {}, REREAD: {}, KV: {}, LLAMA_TURN1: {}}
     for turn in rxt:
-        medians["rxt-moe"][str(turn)] = {"turn_s": rxt[turn], "answer_s": rxt[turn] * 0.8, "state_bytes": 100}
-        medians["rxt-moe@turn1"][str(turn)] = {"turn_s": 2.1, "answer_s": 1.7, "state_bytes": 100}
-        medians[REREAD][str(turn)] = {"turn_s": reread[turn], "state_bytes": 8 * turn}
-        medians[KV][str(turn)] = {"turn_s": 1.5, "state_bytes": 3000 * turn}
-        medians[LLAMA_TURN1][str(turn)] = {"turn_s": (llama_turn1 or reread)[turn], "state_bytes": 8}
-    return medians
+        rxt_runs, reread_runs = (value if isinstance(value, list) else [value] for value in (rxt[turn], reread[turn]))
+        samples["rxt-moe"][str(turn)] = [{"turn_s": t, "answer_s": t * 0.8, "state_bytes": 100} for t in rxt_runs]
+        samples[REREAD][str(turn)] = [{"turn_s": t, "state_bytes": 8 * turn} for t in reread_runs]
+        for name, entry in (("rxt-moe@turn1", {"turn_s": 2.1, "answer_s": 1.7, "state_bytes": 100}),
+                            (KV, {"turn_s": 1.5, "state_bytes": 3000 * turn, "state_capacity_bytes": 3100 * turn})):
+            samples[name][str(turn)] = [dict(entry) for _ in rxt_runs]
+        samples[LLAMA_TURN1][str(turn)] = [{"turn_s": llama_turn1[turn] if llama_turn1 else t, "state_bytes": 8}
+                                           for t in reread_runs]
+    return {"samples": samples, "medians": turn_medians(samples)}
+
+
+def _medians(rxt: dict[int, float], reread: dict[int, float], llama_turn1: dict[int, float] | None = None) -> dict:
+    return _turn_latency(rxt, reread, llama_turn1)["medians"]
 
 
 def test_crossover_is_interpolated_between_sampled_turns():
@@ -334,9 +366,46 @@ def test_crossover_is_interpolated_between_sampled_turns():
     assert crossover_turn(_medians({4: 1.0, 8: 1.0}, {4: 2.0, 8: 3.0}), "rxt-moe", REREAD) is None
 
 
+def test_crossover_is_against_rxt_median_turn_over_all_sampled_turns():
+    """RxT's cost is flat by design: one noisy RxT median (turn 4 here) must not move the crossover. Against the
+    median of RxT's turns (2.0), re-reading is still below at turn 8 (1.5) and above at 16 (3.5): turn 10. The
+    first turn where re-reading passes RxT's own median at that turn would be 3.5."""
+    medians = _medians({1: 2.0, 4: 1.0, 8: 2.0, 16: 2.0}, {1: 1.0, 4: 1.2, 8: 1.5, 16: 3.5})
+    assert crossover_turn(medians, "rxt-moe", REREAD) == pytest.approx(10.0)
+    # a noisy re-read sample above RxT (turn 4) before the curve has really crossed: the last crossing counts
+    medians = _medians({1: 2.0, 4: 2.0, 8: 2.0, 16: 2.0}, {1: 1.0, 4: 2.5, 8: 1.5, 16: 3.5})
+    assert crossover_turn(medians, "rxt-moe", REREAD) == pytest.approx(10.0)
+    # still below at the last sampled turn: not reached
+    assert crossover_turn(_medians({1: 2.0, 8: 2.0}, {1: 1.0, 8: 1.9}), "rxt-moe", REREAD) is None
+    table = acceptance({"turn_latency": _turn_latency({1: 2.0, 4: 1.0, 8: 2.0, 16: 2.0},
+                                                      {1: 1.0, 4: 1.2, 8: 1.5, 16: 3.5})}, "rxt-moe")
+    entry = table["reread_crossover_turn"]
+    assert entry["value"] == pytest.approx(10.0) and entry["rxt_median_turn_s"] == pytest.approx(2.0)
+    assert "median whole turn over all sampled turns" in entry["how"]
+
+
+def test_turn_speedups_are_medians_of_ratios_paired_within_each_repeat():
+    # repeat 2 ran while the host was slow: both systems took twice as long, and the paired ratio cancels it
+    turn_latency = _turn_latency({64: [1.0, 2.0, 1.1], 128: [1.0, 2.0, 1.1]},
+                                 {64: [4.0, 8.0, 4.6], 128: [10.0, 20.0, 12.0]})
+    table = acceptance({"turn_latency": turn_latency}, "rxt-moe")
+    assert table["reread_speedup_turn128"]["value"] == pytest.approx(10.0)  # median of 10, 10, 10.9
+    assert table["reread_speedup_turn128"]["ratio_of_medians"] == pytest.approx(12.0 / 1.1)  # the old figure
+    assert table["reread_speedup_turn64"]["value"] == pytest.approx(4.0)
+    assert table["reread_speedup_turn64"]["ratio_of_medians"] == pytest.approx(4.6 / 1.1)
+    assert table["kv_speedup_turn128"]["value"] == pytest.approx(1.5 / 1.1)  # median of 1.5, 0.75, 1.36
+    assert table["kv_speedup_turn128"]["ratio_of_medians"] == pytest.approx(1.5 / 1.1)
+    assert table["turn128_over_turn1"]["value"] == pytest.approx(1.1 / 2.1)  # median of 1/2.1, 2/2.1, 1.1/2.1
+    assert "within one repeat" in table["kv_speedup_turn128"]["how"]
+    assert table["kv_state_ratio_turn128"]["capacity_ratio"] == pytest.approx(3100 * 128 / 100)
+    assert all(entry["how"] for entry in table.values())
+    assert "paired within each repeat" in acceptance_table({"rxt-moe": table})
+
+
 def test_acceptance_ratios_come_from_the_medians():
-    medians = _medians({1: 2.0, 64: 2.0, 128: 2.2}, {1: 1.6, 64: 8.0, 128: 20.0}, llama_turn1={1: 1.6, 64: 2.0, 128: 1.0})
-    results = {"turn_latency": {"medians": medians},
+    turn_latency = _turn_latency({1: 2.0, 64: 2.0, 128: 2.2}, {1: 1.6, 64: 8.0, 128: 20.0},
+                                 llama_turn1={1: 1.6, 64: 2.0, 128: 1.0})
+    results = {"turn_latency": turn_latency,
                # the paired ratio, not the ratio of the medians (90 / 100)
                "decode": {"systems": {"rxt-moe": {"generate_tokens_per_s": 90.0, "generate_ratio_to_llama": 0.95},
                                       LLAMA: {"generate_tokens_per_s": 100.0}}}}
@@ -359,9 +428,9 @@ def test_acceptance_ratios_come_from_the_medians():
 
 
 def test_acceptance_without_turn_1_gives_the_items_that_do_not_read_it():
-    medians = _medians({16: 2.0, 64: 2.0, 128: 2.2}, {16: 3.0, 64: 8.0, 128: 20.0},
-                       llama_turn1={16: 1.6, 64: 2.0, 128: 1.0})
-    table = acceptance({"turn_latency": {"medians": medians}}, "rxt-moe")
+    turn_latency = _turn_latency({16: 2.0, 64: 2.0, 128: 2.2}, {16: 3.0, 64: 8.0, 128: 20.0},
+                                 llama_turn1={16: 1.6, 64: 2.0, 128: 1.0})
+    table = acceptance({"turn_latency": turn_latency}, "rxt-moe")
     assert table["turn128_over_turn1"]["value"] == pytest.approx(2.2 / 2.1)  # the fresh turn 1 beside turn 128
     assert table["turn_over_llama_turn1"]["value"] == pytest.approx(1.25)  # median of 2.0/1.6, 2.0/2.0, 2.2/1.0
     assert table["reread_speedup_turn64"]["value"] == pytest.approx(4.0)
@@ -370,6 +439,38 @@ def test_acceptance_without_turn_1_gives_the_items_that_do_not_read_it():
     for key in ("turn128_over_turn1_apart", "turn_over_llama_turn1_at_turn1", "answer_over_llama_turn1_at_turn1",
                 "reread_crossover_turn"):  # RxT already beats re-reading at turn 16: the crossover lies before it
         assert table[key]["value"] is None, key
+
+
+def test_latency_plot_draws_the_bound_and_state_plot_the_preallocated_cache(turns, tmp_path, monkeypatch):
+    from matplotlib import pyplot
+
+    figures = []
+    monkeypatch.setattr(pyplot, "close", figures.append)
+    plot_turns({"turn_latency": turns}, tmp_path)
+    latency, state = figures
+    labels = latency.axes[0].get_legend_handles_labels()[1]
+    assert any(label.startswith(LLAMA_TURN1) and "bound" in label for label in labels)
+    bound = next(line for line in latency.axes[0].get_lines() if line.get_label().startswith(LLAMA_TURN1))
+    assert list(bound.get_xdata()) == [1, 3]
+    assert list(bound.get_ydata()) == pytest.approx([turns["medians"][LLAMA_TURN1][t]["turn_s"] * 1e3 for t in "13"])
+    assert f"{KV}: preallocated capacity" in state.axes[0].get_legend_handles_labels()[1]
+    monkeypatch.undo()
+    for figure in figures:
+        pyplot.close(figure)
+
+
+def test_summary_lines_give_parameter_counts_and_peak_training_memory(models):
+    memory = {"steps": 3, "systems": {
+        "rxt-moe": {"training_peak_increase_mib": 120.4, "peak_rss_kib": 700 * 1024, "peak_reset": True},
+        LLAMA: {"training_peak_increase_mib": None, "peak_rss_kib": 650 * 1024, "peak_reset": False}}}
+    lines = summary_lines({"systems": describe_systems(models), "training_memory": memory})
+    described = describe_systems(models)
+    parameters = next(line for line in lines if line.startswith("parameters"))
+    for name, entry in described.items():
+        assert f"{name} {entry['parameters'] / 1e6:.2f}M" in parameters
+    assert f"{described['rxt-moe']['parameters_active_per_token'] / 1e6:.2f}M active/token" in parameters
+    peak = next(line for line in lines if line.startswith("train peak MiB"))
+    assert "(CPU, 3 steps" in peak and "rxt-moe +120 (peak RSS 700)" in peak and f"{LLAMA} n/a (peak RSS 650)" in peak
 
 
 def test_write_json_is_atomic(tmp_path):
@@ -397,6 +498,11 @@ def test_run_benchmarks_writes_json_plots_and_summary(tmp_path, settings):
     assert summary["acceptance"]["rxt-dense"]["turn_over_llama_turn1"]["value"] > 0
     assert summary["acceptance"]["rxt-dense"]["decode_throughput_ratio"]["value"] is None  # decode not run
     assert json.loads((tmp_path / "write.json").read_text())["write"]["rxt-moe"]["lengths"] == [TURN, 64]
+    turn_latency = json.loads((tmp_path / "turn_latency.json").read_text())["turn_latency"]
+    assert turn_latency["llama_caches"] == LLAMA_CACHES
+    # what is printed, kept for the README: parameter counts first, the acceptance table with how it is computed
+    assert summary["report"][0].startswith("parameters") and summary["report"][-1].startswith("against RxT's median")
+    assert summary["acceptance"]["rxt-moe"]["kv_speedup_turn128"]["how"]
 
 
 def test_summary_medians_hold_no_raw_samples(tmp_path, settings):

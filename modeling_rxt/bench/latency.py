@@ -7,6 +7,17 @@ How a turn is measured (query of Q tokens, answer of A tokens, exactly A generat
     llama-reread  generate([history of (t-1)(Q+A) tokens][query]), empty cache: re-reads the whole conversation
     llama-kv      generate([history][query], past_key_values=cache of the history): only the new tokens run
 
+Llama's caches: re-reading uses `generate`'s default, a DynamicCache made anew for each turn (nothing is kept between
+turns but the transcript). The KV-carrying Llama uses a StaticCache preallocated for the history, the query and the
+answer (a DynamicCache copies itself, torch.cat, at every decode step: ~25 MB per generated token at turn 128 with
+the alpha-micro dims), filled with the history by one untimed forward pass; after each repeat the cache is put back as
+it was (its length set back to the history, the slots past it zeroed), untimed, so every repeat starts from the same
+cache. On short histories (the first turns) a DynamicCache is a little faster instead (a StaticCache masks its whole
+capacity at every step); the acceptance compares with the KV-carrying Llama at turn 128, where the StaticCache is the
+faster one. Its `state_bytes` are the keys and values of the tokens it holds; `state_capacity_bytes` the preallocated
+tensors. Every `generate` runs eager (`disable_compile`: on a GPU transformers would otherwise compile the decoding
+step of a static cache by itself; the decode section measures compiled decoding apart).
+
 RxT runs the real conversation, every turn from 1 to the last (its cost cannot depend on the turn, and this shows it
 does). Llama is measured at the sampled turns only: its history of (t-1)(Q+A) tokens is built synthetically (random
 ids; the cost of attention does not depend on which tokens they are), and the KV cache of that history is filled by
@@ -19,7 +30,7 @@ turn 1 and RxT / Llama's turn 1 are then ratios of neighbouring measurements, wh
 import time
 
 import torch
-from transformers import CompileConfig, DynamicCache, PreTrainedModel
+from transformers import CompileConfig, DynamicCache, PreTrainedModel, StaticCache
 
 from modeling_rxt import RxTForCausalLM, RxTMemoryState
 
@@ -30,9 +41,31 @@ TURN1 = "@turn1"  # suffix of a system run with no conversation behind it at eve
 LLAMA_TURN1 = LLAMA + TURN1
 
 
-def cache_bytes(cache: DynamicCache) -> int:
-    """Bytes of the keys and values a cache holds (its logical size, not the storage a cropped view points into)."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+# What each Llama variant of the turn benchmark keeps its keys and values in (recorded in the JSON).
+LLAMA_CACHES = {
+    REREAD: "DynamicCache (generate's default), made anew each turn: re-reads [history][query]",
+    KV: "StaticCache preallocated for history + query + answer, prefilled untimed with the history, put back to the "
+        "history (untimed) after each repeat",
+    LLAMA_TURN1: "DynamicCache (generate's default), made anew each turn: the query alone",
+}
+
+
+def cache_bytes(cache: DynamicCache | StaticCache, tokens: int | None = None) -> int:
+    """Bytes of the keys and values of the first `tokens` positions of a cache (default: all it holds, its length);
+    not the storage it has allocated (a StaticCache's capacity, a cropped view's base): see `cache_capacity_bytes`."""
+    tokens = int(cache.get_seq_length()) if tokens is None else tokens
+    total = 0
+    for layer in cache.layers:
+        for tensor in (layer.keys, layer.values):
+            if tensor is not None and tensor.numel():  # [batch, heads, positions, head_dim]
+                total += tensor[:, :, :tokens].numel() * tensor.element_size()
+    return total
+
+
+def cache_capacity_bytes(cache: DynamicCache | StaticCache) -> int:
+    """Bytes of the key and value tensors a cache has allocated (a StaticCache's whole preallocated length)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
 
 
 def rxt_turn(model: RxTForCausalLM, state: RxTMemoryState, query: torch.Tensor, settings: BenchSettings):
@@ -51,24 +84,60 @@ def rxt_turn(model: RxTForCausalLM, state: RxTMemoryState, query: torch.Tensor, 
     return sample, new_state
 
 
-def llama_turn(model: PreTrainedModel, prompt: torch.Tensor, settings: BenchSettings, cache: DynamicCache | None):
-    """One Llama turn over `prompt` = [history][query]; with `cache` (holding the history) only the query and the
-    answer run, and the cache is cut back to the history afterwards so the next repeat starts from the same state."""
-    history = cache.get_seq_length() if cache is not None else 0
+def llama_turn(model: PreTrainedModel, prompt: torch.Tensor, settings: BenchSettings,
+               cache: StaticCache | None) -> dict:
+    """One Llama turn over `prompt` = [history][query]; with `cache` (a `static_cache`, holding the history) only the
+    query and the answer run, and the cache is put back to the history afterwards (untimed) so the next repeat starts
+    from the same state."""
+    return llama_generate(model, prompt, settings, cache)[0]
+
+
+def llama_generate(model: PreTrainedModel, prompt: torch.Tensor, settings: BenchSettings,
+                   cache: StaticCache | None) -> tuple[dict, torch.Tensor]:
+    """`llama_turn`, also returning the token ids `generate` gave back ([prompt][answer])."""
+    history = int(cache.get_seq_length()) if cache is not None else 0
     clock = TokenClock()
     extra = {} if cache is None else {"past_key_values": cache}
     with quiet_gc():
         start = now(prompt.device)
-        output = model.generate(prompt, streamer=clock, **extra, **forced_length(settings.answer_tokens))
+        output = model.generate(prompt, streamer=clock, **extra, **_eager_forced_length(settings.answer_tokens))
         finished = now(prompt.device)
     sample = clock.split(start, settings.answer_tokens)
     sample.update(turn_s=finished - start, tokens_processed=prompt.shape[1] - history + settings.answer_tokens - 1)
     if cache is None:  # a stateless model keeps only the transcript (token ids) between turns
         sample["state_bytes"] = output.numel() * output.element_size()
-    else:
+    else:  # the keys and values of the tokens held; beside them, what the preallocated tensors take
         sample["state_bytes"] = cache_bytes(cache)
-        cache.crop(history - cache.get_seq_length())
-    return sample
+        sample["state_capacity_bytes"] = cache_capacity_bytes(cache)
+        restore_cache(cache, history)
+    return sample, output
+
+
+def _eager_forced_length(tokens: int) -> dict:
+    """`forced_length`, with transformers' automatic compilation of a static cache's decoding step turned off."""
+    config = forced_length(tokens)["generation_config"]
+    config.disable_compile = True
+    return {"generation_config": config}
+
+
+def static_cache(model: PreTrainedModel, history: torch.Tensor, new_tokens: int) -> StaticCache:
+    """A StaticCache with room for `history` and `new_tokens` more, filled with `history` by one forward pass."""
+    cache = StaticCache(config=model.config, max_cache_len=history.shape[1] + new_tokens)
+    if history.shape[1]:
+        with torch.no_grad():
+            model(history, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+def restore_cache(cache: StaticCache, history: int) -> None:
+    """Puts a StaticCache back to its first `history` positions: its length set back, the positions past it zeroed
+    (as they were after the prefill; attention never reads them, the mask stops at each query's position)."""
+    for layer in cache.layers:
+        if not layer.is_initialized:  # nothing was ever written (an empty history and no turn yet)
+            continue
+        layer.keys[:, :, history:].zero_()
+        layer.values[:, :, history:].zero_()
+        layer.cumulative_length.fill_(history)
 
 
 def _state_bytes(state: RxTMemoryState) -> int:
@@ -79,14 +148,6 @@ def _rxt_tokens(settings: BenchSettings) -> int:
     decoder = settings.turn_tokens - 1  # the last answer token is never fed back
     encoder = settings.turn_tokens
     return decoder + encoder
-
-
-def _prefilled_cache(model: PreTrainedModel, history: torch.Tensor) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
-    if history.shape[1]:
-        with torch.no_grad():
-            model(history, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return cache
 
 
 def measure_turn_latency(models: dict[str, PreTrainedModel], settings: BenchSettings, log=print) -> dict:
@@ -120,7 +181,7 @@ def measure_turn_latency(models: dict[str, PreTrainedModel], settings: BenchSett
             f"{name} {median([s['turn_s'] for s in runs]) * 1e3:8.1f} ms" for name, runs in measured.items()
         ) + f"   ({time.perf_counter() - started:.1f} s)")
     return {"samples": _by_turn_key(samples), "medians": _medians(samples), "rxt_every_turn_s": every_turn,
-            "method": __doc__.strip()}
+            "llama_caches": dict(LLAMA_CACHES), "method": __doc__.strip()}
 
 
 def _sampled_turn(models: dict[str, PreTrainedModel], states: dict, prompt: torch.Tensor, settings: BenchSettings):
@@ -130,7 +191,7 @@ def _sampled_turn(models: dict[str, PreTrainedModel], states: dict, prompt: torc
     Llama also answers the query alone (`llama@turn1`). Advances `states` to STM_t (the last repeat's write)."""
     history_length = prompt.shape[1] - settings.query_tokens
     query = prompt[:, history_length:]
-    cache = _prefilled_cache(models[LLAMA], prompt[:, :history_length])
+    cache = static_cache(models[LLAMA], prompt[:, :history_length], settings.turn_tokens)
     rxt_names = [name for name in models if name != LLAMA]
     fresh = {name: models[name].init_memory(1) for name in rxt_names}
     systems = [*rxt_names, *(name + TURN1 for name in rxt_names), REREAD, KV, LLAMA_TURN1]

@@ -1,5 +1,6 @@
 """What a benchmark run leaves behind: JSON files (written atomically), PNG plots, and the acceptance table of the
-benchmark issue, every ratio computed from figures measured in the same run."""
+benchmark issue, every ratio computed from figures measured in the same run, and every ratio of two systems the same
+way: the median of the ratios paired within each repeat (or training round), whose systems ran side by side."""
 
 import datetime
 import os
@@ -11,7 +12,7 @@ import transformers
 
 from ..atomic_files import atomic_write, write_json_atomic
 from .latency import KV, LLAMA_TURN1, REREAD, TURN1
-from .systems import is_cuda, median
+from .systems import is_cuda, median, paired_ratios
 
 # (key, what, target, direction): "max" means the ratio must not exceed the target, "min" that it must reach it.
 ACCEPTANCE = (
@@ -23,12 +24,34 @@ ACCEPTANCE = (
     ("answer_over_llama_turn1_at_turn1", "  same, at turn 1 only", None, None),
     ("reread_speedup_turn64", "Llama re-read / RxT whole turn, turn 64", 3.0, "min"),
     ("reread_speedup_turn128", "Llama re-read / RxT whole turn, turn 128", 8.0, "min"),
-    ("reread_crossover_turn", "turn from which RxT beats re-reading Llama", None, None),
+    ("reread_crossover_turn", "turn from which re-reading Llama > RxT's median turn", None, None),
     ("kv_speedup_turn128", "Llama KV cache / RxT whole turn, turn 128", 1.3, "min"),
     ("kv_state_ratio_turn128", "Llama KV bytes / RxT STM bytes, turn 128", 10.0, "min"),
     ("decode_throughput_ratio", "decode tokens/s RxT / Llama (generate)", 0.85, "min"),
     ("training_throughput_ratio", "Trainer tokens/s RxT / Llama", 0.8, "min"),
 )
+
+# How each acceptance value is computed (recorded beside it in the JSON).
+PAIRED = ("median over the repeats of the ratio of the two systems' runs within one repeat (side by side, "
+          "interleaved)")
+HOW = {
+    "turn128_over_turn1": f"{PAIRED}; RxT from a fresh memory beside turn 128",
+    "turn128_over_turn1_apart": "ratio of the two medians (turn 1 ran at the start of the run: nothing to pair with)",
+    "turn_over_llama_turn1": f"at each sampled turn the {PAIRED}; then the median over the sampled turns",
+    "turn_over_llama_turn1_at_turn1": f"{PAIRED}; Llama re-reading at turn 1 (no history)",
+    "answer_over_llama_turn1": f"at each sampled turn the {PAIRED}; then the median over the sampled turns",
+    "answer_over_llama_turn1_at_turn1": f"{PAIRED}; Llama re-reading at turn 1 (no history)",
+    "reread_speedup_turn64": PAIRED,
+    "reread_speedup_turn128": PAIRED,
+    "reread_crossover_turn": "the turn from which Llama re-reading's median whole turn (interpolated linearly between "
+                             "sampled turns) stays above RxT's median whole turn over all sampled turns (RxT's cost "
+                             "does not depend on the turn, so one figure for it, not one noisy median per turn)",
+    "kv_speedup_turn128": PAIRED,
+    "kv_state_ratio_turn128": "ratio of the medians (bytes held do not vary between repeats); Llama's keys and values "
+                              "of the tokens its cache holds, not its preallocated capacity",
+    "decode_throughput_ratio": PAIRED,
+    "training_throughput_ratio": "median over the training rounds of the ratio within each round (systems interleaved)",
+}
 
 PLOTS = ("latency_vs_turn.png", "state_vs_turn.png")  # what `plot_turns` writes
 
@@ -72,53 +95,87 @@ def _metric(medians: dict, system: str, turn: int, key: str) -> float | None:
     return medians.get(system, {}).get(str(turn), {}).get(key)
 
 
-def over_llama_turn1(medians: dict, system: str, key: str) -> float | None:
+def _runs(samples: dict, system: str, turn: int, key: str) -> list[float] | None:
+    runs = samples.get(system, {}).get(str(turn))
+    if not runs or any(run.get(key) is None for run in runs):
+        return None
+    return [run[key] for run in runs]
+
+
+def paired_turn_ratio(samples: dict, numerator: str, denominator: str, turn: int, key: str = "turn_s",
+                      denominator_key: str = "turn_s") -> float | None:
+    """`numerator`'s `key` / `denominator`'s `denominator_key` at sampled `turn`: the median of the ratios of the runs
+    of one repeat (the systems of a repeat run back to back, so the host's changes of speed between repeats cancel).
+    `samples` is the turn benchmark's {system: {turn: [run of each repeat]}}. None without both systems' runs."""
+    top, bottom = _runs(samples, numerator, turn, key), _runs(samples, denominator, turn, denominator_key)
+    if top is None or bottom is None or len(top) != len(bottom) or not all(bottom):
+        return None
+    return paired_ratios(top, bottom)[1]
+
+
+def over_llama_turn1(samples: dict, system: str, key: str) -> float | None:
     """RxT's `key` at each sampled turn over Llama's turn 1 measured beside it (`llama@turn1`, the query with no
-    history), median over the sampled turns: the issue's bound holds "at every turn", and neighbouring measurements
-    cancel the machine's drift over the run. None without side-by-side Llama figures."""
-    ratios = [_ratio(_metric(medians, system, int(turn), key), _metric(medians, LLAMA_TURN1, int(turn), "turn_s"))
-              for turn in medians.get(system, {})]
+    history), paired within each repeat, then the median over the sampled turns: the issue's bound holds "at every
+    turn", and neighbouring measurements cancel the machine's drift over the run. None without side-by-side Llama
+    figures."""
+    ratios = [paired_turn_ratio(samples, system, LLAMA_TURN1, int(turn), key) for turn in samples.get(system, {})]
     ratios = [ratio for ratio in ratios if ratio is not None]
     return median(ratios) if ratios else None
 
 
 def crossover_turn(medians: dict, system: str, other: str) -> float | None:
-    """The turn at which `other`'s whole-turn latency reaches `system`'s, interpolated linearly between the sampled
-    turns around it; None if it never does within the sampled turns, or already does at the first sampled turn when
-    that is not turn 1 (the crossover then lies somewhere before it)."""
-    turns = sorted(int(t) for t in medians.get(system, {}) if str(t) in medians.get(other, {}))
-    previous = None
-    for turn in turns:
-        gap = _metric(medians, other, turn, "turn_s") - _metric(medians, system, turn, "turn_s")
-        if gap >= 0:
-            if previous is None:
-                return 1.0 if turn == 1 else None
-            last_turn, last_gap = previous
-            return last_turn + (turn - last_turn) * (-last_gap) / (gap - last_gap)
-        previous = (turn, gap)
-    return None
+    """The turn from which `other`'s whole-turn latency (its median at each sampled turn, interpolated linearly
+    between them) stays above `system`'s median whole turn over all its sampled turns. RxT's cost does not depend on
+    the turn by design, so it is one figure, not one median per turn: comparing two noisy curves, a single noisy
+    sample could move the crossing by tens of turns. None if `other` is still below at the last sampled turn, or
+    already above at the first sampled turn when that is not turn 1 (the crossover then lies somewhere before it)."""
+    reference = rxt_median_turn_s(medians, system)
+    turns = sorted(int(t) for t in medians.get(other, {}))
+    if reference is None or not turns:
+        return None
+    gaps = [_metric(medians, other, turn, "turn_s") - reference for turn in turns]
+    below = [index for index, gap in enumerate(gaps) if gap < 0]
+    if not below:
+        return 1.0 if turns[0] == 1 else None
+    last = below[-1]
+    if last == len(turns) - 1:
+        return None
+    (turn, gap), (next_turn, next_gap) = (turns[last], gaps[last]), (turns[last + 1], gaps[last + 1])
+    return turn + (next_turn - turn) * (-gap) / (next_gap - gap)
+
+
+def rxt_median_turn_s(medians: dict, system: str) -> float | None:
+    """`system`'s median whole-turn time over all its sampled turns (the median of the per-turn medians)."""
+    times = [entry["turn_s"] for entry in medians.get(system, {}).values() if entry.get("turn_s") is not None]
+    return median(times) if times else None
 
 
 def acceptance(results: dict, system: str) -> dict:
-    """The ratios of the issue's acceptance list for RxT `system`, from the sections present in `results`."""
+    """The ratios of the issue's acceptance list for RxT `system`, from the sections present in `results`. Every
+    ratio of two systems is a median of ratios paired within a repeat (HOW says how each value is computed); the
+    turn speedups' ratio of two separate medians is kept beside as `ratio_of_medians`."""
     values: dict[str, float | None] = {key: None for key, *_ in ACCEPTANCE}
-    medians = results.get("turn_latency", {}).get("medians", {})
-    if system in medians:  # the items read at turn 1 stay None when turn 1 was not sampled (`_ratio` of a None)
-        llama_first = _metric(medians, REREAD, 1, "turn_s")
-        last = _metric(medians, system, 128, "turn_s")
-        values["turn128_over_turn1"] = _ratio(last, _metric(medians, system + TURN1, 128, "turn_s"))
-        values["turn128_over_turn1_apart"] = _ratio(last, _metric(medians, system, 1, "turn_s"))
-        values["turn_over_llama_turn1"] = over_llama_turn1(medians, system, "turn_s")
-        values["turn_over_llama_turn1_at_turn1"] = _ratio(_metric(medians, system, 1, "turn_s"), llama_first)
-        values["answer_over_llama_turn1"] = over_llama_turn1(medians, system, "answer_s")
-        values["answer_over_llama_turn1_at_turn1"] = _ratio(_metric(medians, system, 1, "answer_s"), llama_first)
-        for turn in (64, 128):
-            values[f"reread_speedup_turn{turn}"] = _ratio(_metric(medians, REREAD, turn, "turn_s"),
-                                                         _metric(medians, system, turn, "turn_s"))
+    extra: dict[str, dict] = {key: {} for key, *_ in ACCEPTANCE}
+    turn_latency = results.get("turn_latency", {})
+    medians, samples = turn_latency.get("medians", {}), turn_latency.get("samples", {})
+    if system in medians:  # the items read at turn 1 stay None when turn 1 was not sampled
+        values["turn128_over_turn1"] = paired_turn_ratio(samples, system, system + TURN1, 128)
+        values["turn128_over_turn1_apart"] = _ratio(_metric(medians, system, 128, "turn_s"),
+                                                    _metric(medians, system, 1, "turn_s"))
+        for key in ("turn", "answer"):
+            values[f"{key}_over_llama_turn1"] = over_llama_turn1(samples, system, f"{key}_s")
+            values[f"{key}_over_llama_turn1_at_turn1"] = paired_turn_ratio(samples, system, REREAD, 1, f"{key}_s")
+        for name, llama, turn in (("reread_speedup_turn64", REREAD, 64), ("reread_speedup_turn128", REREAD, 128),
+                                  ("kv_speedup_turn128", KV, 128)):
+            values[name] = paired_turn_ratio(samples, llama, system, turn)
+            extra[name]["ratio_of_medians"] = _ratio(_metric(medians, llama, turn, "turn_s"),
+                                                     _metric(medians, system, turn, "turn_s"))
         values["reread_crossover_turn"] = crossover_turn(medians, system, REREAD)
-        values["kv_speedup_turn128"] = _ratio(_metric(medians, KV, 128, "turn_s"), _metric(medians, system, 128, "turn_s"))
+        extra["reread_crossover_turn"]["rxt_median_turn_s"] = rxt_median_turn_s(medians, system)
         values["kv_state_ratio_turn128"] = _ratio(_metric(medians, KV, 128, "state_bytes"),
                                                  _metric(medians, system, 128, "state_bytes"))
+        extra["kv_state_ratio_turn128"]["capacity_ratio"] = _ratio(_metric(medians, KV, 128, "state_capacity_bytes"),
+                                                                   _metric(medians, system, 128, "state_bytes"))
     decode = results.get("decode", {}).get("systems", {})
     if system in decode:  # the median of the ratios paired within each repeat (latency.py)
         values["decode_throughput_ratio"] = decode[system].get("generate_ratio_to_llama")
@@ -126,7 +183,8 @@ def acceptance(results: dict, system: str) -> dict:
     if system in training:  # the median of the ratios paired within each round (train_speed.py)
         values["training_throughput_ratio"] = training[system].get("ratio_to_llama")
     return {key: {"what": what, "target": target, "direction": direction, "value": values[key],
-                  "met": _met(values[key], target, direction)} for key, what, target, direction in ACCEPTANCE}
+                  "met": _met(values[key], target, direction), "how": HOW[key], **extra[key]}
+            for key, what, target, direction in ACCEPTANCE}
 
 
 def _met(value: float | None, target: float | None, direction: str | None) -> bool | None:
@@ -149,12 +207,20 @@ def acceptance_table(tables: dict[str, dict]) -> str:
             mark = {True: " ok", False: " MISS", None: ""}[entry["met"]]
             cells.append(f"{value + mark:>16s}")
         lines.append(f"{what:52s} {bound:>8s} " + " ".join(cells))
+    lines.append("Ratios of two systems: medians of the ratios paired within each repeat (training: round). Crossover:")
+    lines.append("against RxT's median whole turn over all sampled turns, Llama's re-read curve interpolated.")
     return "\n".join(lines)
 
 
 def summary_lines(results: dict) -> list[str]:
-    """The headline medians of every section that ran, one line each."""
+    """The parameter counts of the systems, then the headline medians of every section that ran, one line each."""
     lines = []
+    if results.get("systems"):
+        lines.append("parameters     " + "  ".join(
+            f"{name} {entry['parameters'] / 1e6:.2f}M"
+            + (f" ({entry['parameters_active_per_token'] / 1e6:.2f}M active/token)"
+               if entry.get("parameters_active_per_token", entry["parameters"]) != entry["parameters"] else "")
+            for name, entry in results["systems"].items()))
     if "turn_latency" in results:
         medians = results["turn_latency"]["medians"]
         for system, by_turn in medians.items():
@@ -178,17 +244,26 @@ def summary_lines(results: dict) -> list[str]:
         lines.append("train tok/s    " + "  ".join(
             f"{name} {entry['tokens_per_s']:.0f}" for name, entry in results["training"]["systems"].items()))
     if "training_memory" in results:
-        lines.append("train peak MiB " + "  ".join(
-            f"{name} +{entry['training_peak_increase_mib']:.0f}"
-            for name, entry in results["training_memory"]["systems"].items()
-            if entry["training_peak_increase_mib"] is not None))
+        memory = results["training_memory"]
+        gpu = any("gpu_peak_allocated_mib" in entry for entry in memory["systems"].values())
+        cells = []
+        for name, entry in memory["systems"].items():
+            increase = entry.get("training_peak_increase_mib")
+            cell = f"{name} " + ("n/a" if increase is None else f"+{increase:.0f}")
+            if gpu and entry.get("gpu_peak_allocated_mib") is not None:
+                cell += f" (GPU peak allocated {entry['gpu_peak_allocated_mib']:.0f})"
+            elif entry.get("peak_rss_kib") is not None:
+                cell += f" (peak RSS {entry['peak_rss_kib'] / 1024:.0f})"
+            cells.append(cell)
+        what = "GPU" if gpu else "CPU"
+        lines.append(f"train peak MiB ({what}, {memory.get('steps', '?')} steps, above the model) " + "  ".join(cells))
     return lines
 
 
 def plot_turns(results: dict, output_dir: str | os.PathLike) -> list[str]:
     """Latency vs turn (whole turn and time to first token) and state bytes vs turn, as PNG files; returns the paths.
     Solid lines are medians at the sampled turns; RxT's answer-only time is dashed, its single-shot time of every
-    turn a faint line."""
+    turn a faint line; the bound (`llama@turn1`, Llama's turn with no history) a dotted black line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,6 +285,13 @@ def plot_turns(results: dict, output_dir: str | os.PathLike) -> list[str]:
             every = turn_latency.get("rxt_every_turn_s", {}).get(system, [])
             left.plot(range(1, len(every) + 1), [t * 1e3 for t in every], color=color, alpha=0.25, linewidth=0.8)
         right.plot(turns, [by_turn[str(t)]["ttft_s"] * 1e3 for t in turns], marker="o", color=color, label=system)
+    bound = turn_latency["medians"].get(LLAMA_TURN1, {})
+    if bound:  # the issue's bound: Llama's turn with no history, measured beside every sampled turn
+        turns = sorted(int(t) for t in bound)
+        left.plot(turns, [bound[str(t)]["turn_s"] * 1e3 for t in turns], color="black", linestyle=":", marker="x",
+                  label=f"{LLAMA_TURN1}: Llama, no history (the bound)")
+        right.plot(turns, [bound[str(t)]["ttft_s"] * 1e3 for t in turns], color="black", linestyle=":", marker="x",
+                   label=LLAMA_TURN1)
     for axis, title in ((left, "latency of one turn"), (right, "time to first token")):
         _turn_axis(axis, "ms (median)", title)
     figure.tight_layout()
@@ -221,7 +303,10 @@ def plot_turns(results: dict, output_dir: str | os.PathLike) -> list[str]:
         turns = sorted(int(t) for t in by_turn)
         what = {REREAD: "token ids of the transcript", KV: "KV cache"}.get(system, "short-term memory")
         axis.plot(turns, [by_turn[str(t)]["state_bytes"] / 2**20 for t in turns], marker="o", color=colors[system],
-                  label=f"{system}: {what}")
+                  label=f"{system}: {what}" + (" (tokens held)" if system == KV else ""))
+        if all("state_capacity_bytes" in by_turn[str(t)] for t in turns):
+            axis.plot(turns, [by_turn[str(t)]["state_capacity_bytes"] / 2**20 for t in turns], linestyle="--",
+                      color=colors[system], label=f"{system}: preallocated capacity")
     _turn_axis(axis, "MiB held between turns", "state held after each turn")
     figure.tight_layout()
     paths.append(_save(figure, output_dir / PLOTS[1]))

@@ -57,10 +57,11 @@ def run_benchmarks(
     summary = {key: results[key] for key in ("machine", "settings", "systems", "acceptance", "seconds")}
     summary["plots"] = results.get("plots", [])
     summary["medians"] = {section: _headline(results, section) for section in sections}
+    table = acceptance_table(results["acceptance"])
+    summary["report"] = [*summary_lines(results), *table.splitlines()]  # what is printed below, for the README
     write_json(output_dir / "summary.json", summary)
-    for line in summary_lines(results):
+    for line in summary["report"]:
         log(line)
-    log(acceptance_table(results["acceptance"]))
     log(f"[bench] wrote {output_dir}/ in {results['seconds']:.1f} s")
     return results
 
