@@ -112,6 +112,67 @@ def check_evaluated_weights(evaluation: Evaluation, eval_json: str | os.PathLike
         )
 
 
+# Set from the tokenizer, not by the recipe's `model` section: not compared with it.
+TOKENIZER_CONFIG_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+CURRICULUM_MODEL_KEYS = frozenset({"preset", "overrides", "gate_bias"})  # `training_curriculum`'s `model` section
+
+
+def _recipe_config_mismatches(recipe: dict, config) -> list[str]:
+    """Where the config that the recipe's `model` section implies differs from `config`. A section of this project's
+    curriculum (`preset`, `overrides`, `gate_bias`) builds the config as the curriculum does (the preset, then the
+    overrides, with positions for `max_length`), and the fields the preset or the overrides set are compared; any
+    other mapping is taken as config fields (`RxTConfig(**recipe["model"])`), and those that are config fields are
+    compared. Fields set from the tokenizer are not."""
+    model, actual = recipe["model"], config.to_dict()
+    if not isinstance(model, dict):
+        return []  # nothing that names config fields
+    if model and set(model) <= CURRICULUM_MODEL_KEYS:
+        from configuration import load_preset, read_preset
+        from modeling_rxt.training_curriculum import _config_overrides
+
+        preset = model.get("preset", "nano")
+        try:
+            overrides = _config_overrides(model, recipe.get("max_length", 128))
+            implied = load_preset(preset, **overrides).to_dict()
+            fields = [*read_preset(preset), *overrides]
+        except (AttributeError, TypeError, ValueError) as error:
+            raise ValueError(f"`recipe_json`: its `model` section does not build a config: {error}") from error
+    else:
+        implied, fields = model, [field for field in model if field in actual]
+    return [f"`{field}` ({implied.get(field)!r} in the recipe, {actual.get(field)!r} in config.json)"
+            for field in dict.fromkeys(fields)
+            if field not in TOKENIZER_CONFIG_FIELDS and implied.get(field) != actual.get(field)]
+
+
+def _recipe_stage_mismatches(recipe: dict, evaluation: Evaluation) -> list[str]:
+    """Where the recipe's stages (`stage`, `max_steps`) differ from those the evaluation JSON records as run."""
+    stages = recipe.get("stages")
+    if not (isinstance(stages, list) and all(isinstance(stage, dict) and "stage" in stage for stage in stages)):
+        return []  # not this project's curriculum: nothing to compare
+    ours = [(stage["stage"], stage.get("max_steps")) for stage in stages]
+    theirs = list(evaluation.stages)
+    if len(ours) != len(theirs):
+        return [f"{len(ours)} stages in the recipe, {len(theirs)} run ({[name for name, _ in theirs]})"]
+    return [f"stage {index}: {ours[index][0]} for {ours[index][1]} steps in the recipe, {theirs[index][0]} for "
+            f"{theirs[index][1]} steps run" for index in range(len(ours)) if ours[index] != theirs[index]]
+
+
+def check_recipe_fits(recipe: dict, recipe_json: str | os.PathLike, config, evaluation: Evaluation | None) -> None:
+    """The card renders the recipe as how these weights were trained: a recipe whose `model` section builds another
+    config than `config` (the exported model's), or whose stages are not those the evaluation JSON records as run,
+    is refused, naming the fields. A recipe without a `model` section (`init_from`) is checked on its stages only."""
+    problems = _recipe_config_mismatches(recipe, config) if "model" in recipe else []
+    if evaluation is not None and evaluation.stages is not None:
+        problems += _recipe_stage_mismatches(recipe, evaluation)
+    if problems:
+        run = f" (the evaluation JSON records the recipe {evaluation.recipe!r})" if evaluation and evaluation.recipe \
+            else ""
+        raise ValueError(f"`recipe_json` {str(recipe_json)!r} is not the recipe of the exported model{run}: "
+                         + "; ".join(problems) + ". Give the recipe this model was trained with.")
+
+
 def load_source_model(folder: Path) -> RxTForCausalLM:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -463,6 +524,8 @@ def export_model(
         check_visibility(repo_id, private, endpoint=endpoint, token=token)
     logger.info("loading %s", model_folder)
     model = load_source_model(model_folder)
+    if recipe is not None:
+        check_recipe_fits(recipe, recipe_json, model.config, evaluation)
     tokenizer = load_source_tokenizer(model_folder, src, model.config)
     check_adapters(model, adapters, check_adapter_base_weights)
     model_id = repo_id or dest.name

@@ -18,7 +18,10 @@ JSON object keys; other keys are ignored):
      "weights_fingerprint": "sha256:<64 hex digits>",             optional: the weights measured (the export checks it;
                                                                   `weights_fingerprint`)
      "external_memory_recall": {"accuracy_without_memory": 0.0,  optional: facts only in an external memory
-                                "accuracy_with_external_memory": 0.27, "questions": 285}}
+                                "accuracy_with_external_memory": 0.27, "questions": 285},
+     "recipe": "demo",                                            optional: the training recipe's name, and the
+     "stages": [{"stage": "joint", "steps": 200, ...}, ...]}      stages it ran (the export checks `recipe_json`
+                                                                  against them)
 """
 
 import hashlib
@@ -65,6 +68,8 @@ class Evaluation:
     split: str | None = None
     external_memory: dict[str, float | int] | None = None  # without / with the external memory, questions
     weights_fingerprint: str | None = None  # of the weights measured; None: not recorded (hand-written, older runs)
+    recipe: str | None = None  # the name (or path) of the recipe the model was trained with, as the training job wrote
+    stages: tuple[tuple[str, int], ...] | None = None  # (stage, steps) of each stage the training job ran
 
 
 def _fraction(value: object, where: str) -> float:
@@ -181,6 +186,18 @@ def _fingerprint(value: object, where: str) -> str:
     return value
 
 
+def _stages(value: object, where: str) -> tuple[tuple[str, int], ...]:
+    """The `stages` a training job records: [{"stage": name, "steps": count, ...}, ...] (other keys ignored)."""
+    if not isinstance(value, list) or not all(isinstance(item, Mapping) for item in value):
+        raise ValueError(f"{where} must be a list of objects with `stage` and `steps`, got {value!r}.")
+    stages = []
+    for index, item in enumerate(value):
+        if not isinstance(item.get("stage"), str):
+            raise ValueError(f"{where}[{index}] stage must be a string, got {item.get('stage')!r}.")
+        stages.append((item["stage"], _count(item.get("steps"), f"{where}[{index}] steps")))
+    return tuple(stages)
+
+
 def _optional(data: dict, key: str, read, where: str):
     return read(data[key], f"{where} {key}") if data.get(key) is not None else None
 
@@ -194,9 +211,11 @@ def read_evaluation(path: str | Path) -> Evaluation:
         raise ValueError(f"`eval_json` {str(path)!r} lacks the keys {missing}.")
     where = f"`eval_json` {path.name!r}"
     reset = data["recall_memory_reset"]
-    split = data.get("split")
+    split, recipe = data.get("split"), data.get("recipe")
     if split is not None and not isinstance(split, str):
         raise ValueError(f"{where} split must be a string, got {split!r}.")
+    if recipe is not None and not isinstance(recipe, str):
+        raise ValueError(f"{where} recipe must be a string (the recipe's name or path), got {recipe!r}.")
     return Evaluation(
         recall_by_distance=_by_distance(data["recall_by_distance"], f"{where} recall_by_distance"),
         recall_memory_reset=(_by_distance if isinstance(reset, Mapping) else _fraction)(
@@ -211,6 +230,8 @@ def read_evaluation(path: str | Path) -> Evaluation:
         split=split,
         external_memory=_optional(data, "external_memory_recall", _external_memory, where),
         weights_fingerprint=_optional(data, "weights_fingerprint", _fingerprint, where),
+        recipe=recipe,
+        stages=_optional(data, "stages", _stages, where),
     )
 
 

@@ -165,15 +165,16 @@ def test_demo_keeps_the_previous_model_when_its_save_fails(tmp_path, monkeypatch
 @pytest.fixture
 def untrained_demo(monkeypatch):
     """The demo's steps after training, on an untrained tiny model: no training, no export, one conversation."""
-    from modeling_rxt import RxTConfig, RxTForCausalLM, demo
-    from modeling_rxt.data import lm_texts, make_episodes
-    from modeling_rxt.tokenization import MIN_VOCAB_SIZE, train_tokenizer
+    from modeling_rxt import demo
+    from modeling_rxt.training_curriculum import StageLog, build_model, build_tokenizer, load_recipe
 
-    tokenizer = train_tokenizer(lm_texts(make_episodes(20, turns=4)), vocab_size=MIN_VOCAB_SIZE + 64)
-    model = RxTForCausalLM(RxTConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                     memory_slots=4, max_position_embeddings=128)).eval()
-    monkeypatch.setattr(demo, "run_curriculum", lambda *args, **kwargs: (model, tokenizer, []))
+    # The tokenizer and model the tiny recipe builds, with a log per stage (none trained): the export checks the
+    # recipe it publishes against the weights.
+    recipe = load_recipe("tiny")
+    tokenizer = build_tokenizer(recipe["tokenizer"])
+    model = build_model(recipe["model"], tokenizer, recipe["max_length"]).eval()
+    logs = [StageLog(stage["stage"], stage["max_steps"], 0.0) for stage in recipe["stages"]]
+    monkeypatch.setattr(demo, "run_curriculum", lambda *args, **kwargs: (model, tokenizer, logs))
     monkeypatch.setattr(demo, "export_hub_folder", lambda *args: "not exported (test)")
     monkeypatch.setattr(demo, "_conversations", lambda *args: [{"queries": ["hi"], "expected": "x", "distance": 3}])
     monkeypatch.setattr(demo, "CONVERSATION_SCRIPT", "import sys; sys.exit(3)")  # not recalled

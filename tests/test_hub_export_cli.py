@@ -450,6 +450,55 @@ def test_a_dest_inside_src_that_no_export_reads_is_allowed(source, tmp_path, mon
     assert sorted(p.name for p in src.iterdir() if p.is_dir()) == ["adapters", "hub"]
 
 
+def _recipe_of(folder: Path, **changes) -> dict:
+    """A curriculum recipe whose `model` section builds the config saved in `folder` (preset `nano`, overrides)."""
+    from configuration import read_preset
+
+    config = RxTConfig.from_pretrained(folder).to_dict()
+    fields = [*read_preset("nano"), "num_local_experts", "num_experts_per_tok"]
+    overrides = {key: config[key] for key in fields if key != "vocab_size"}
+    return {"_comment": "fits", "seed": 0, "tokenizer": {"vocab_size": 300},
+            "model": {"preset": "nano", "overrides": {**overrides, **changes}},
+            "max_length": config["max_position_embeddings"],
+            "stages": [{"stage": "joint", "max_steps": 3, "batch_size": 2, "learning_rate": 0.01},
+                       {"stage": "memory_aware", "max_steps": 2, "batch_size": 2, "learning_rate": 0.005}]}
+
+
+def test_a_recipe_of_another_model_is_refused(source, tmp_path, capsys):
+    """The card renders the recipe beside an architecture table: the recipe's `model` section must build the exported
+    config, and its stages must be those the evaluation JSON records as run. Refused naming the fields, before
+    anything is written; the tiny recipe for the demo model was rendered as its training."""
+    recipe_path, eval_path, dest = tmp_path / "recipe.json", tmp_path / "eval.json", tmp_path / "out" / "dest"
+    dest.parent.mkdir()
+    recipe_path.write_text(json.dumps(_recipe_of(source / "model", memory_slots=8, hidden_size=64)))
+    with pytest.raises(ValueError, match=r"`recipe_json` .*recipe.json' is not the recipe of the exported model: "
+                                         r"`hidden_size` \(64 in the recipe, 32 in config.json\); `memory_slots` "
+                                         r"\(8 in the recipe, 4 in config.json\)\. Give the recipe"):
+        export_model(source / "model", dest, verify=False, recipe_json=recipe_path)
+    assert cli_main([str(source / "model"), str(dest), "--no-verify", "--recipe-json",
+                     str(REPO_ROOT / "configuration" / "training" / "tiny.json")]) == 2
+    assert re.search(r"\nerror: `recipe_json` .*tiny.json' is not the recipe .*`max_position_embeddings` \(96 in the "
+                     r"recipe, 64 in config.json\)", capsys.readouterr().err)
+    flat = {"steps": 3, "model": {**source_model_config(source / "model"), "memory_slots": 16}}  # RxTConfig(**model)
+    recipe_path.write_text(json.dumps(flat))
+    with pytest.raises(ValueError, match=r"is not the recipe .*: `memory_slots` \(16 in the recipe, 4 in config.json\)\."):
+        export_model(source / "model", dest, verify=False, recipe_json=recipe_path)
+    recipe_path.write_text(json.dumps(_recipe_of(source / "model")))
+    stages = [{"stage": "joint", "steps": 3}, {"stage": "memory_aware", "steps": 20}]
+    eval_path.write_text(json.dumps({**EVAL, "recipe": "demo", "stages": stages}))
+    with pytest.raises(ValueError, match=r"\(the evaluation JSON records the recipe 'demo'\): stage 1: memory_aware "
+                                         r"for 2 steps in the recipe, memory_aware for 20 steps run\."):
+        export_model(source / "model", dest, verify=False, recipe_json=recipe_path, eval_json=eval_path)
+    assert list(dest.parent.iterdir()) == []
+    stages[1]["steps"] = 2
+    eval_path.write_text(json.dumps({**EVAL, "recipe": "demo", "stages": stages}))
+    export_model(source / "model", dest, verify=False, recipe_json=recipe_path, eval_json=eval_path)
+    training = (dest / "README.md").read_text().split("## Training")[1].split("\n## ")[0]
+    assert "| memory_aware | 2 | 2 | 0.005 |" in training and "fits" not in training
+    card = ModelCard.load(dest / "README.md")
+    assert card.data.datasets == ["rxt-synthetic-memory-episodes"]  # no stage sets `corpus`
+
+
 def test_cli_a_failed_upload_says_only_what_is_true_of_dest(source, tmp_path, capsys, monkeypatch):
     """Under --no-verify DEST was not verified: the message must not say it was."""
     from hub_export import push as push_module
