@@ -453,10 +453,11 @@ DATA_CHECK_EPISODES = 8
 
 
 def check_stage_data(stages: Sequence[Mapping], tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int):
-    """Builds every stage's data from its first few episodes (without the dialogue corpus), before any stage
-    trains: data that cannot fit `max_length` (every episode has a longer turn) would otherwise stop the run when
-    its stage starts, after the stages before it trained, and the recipe change that fixes it cannot resume them.
-    A `ValueError` naming the stage."""
+    """Builds every stage's data before any stage trains: data that cannot fit `max_length` (every episode has a
+    longer turn) would otherwise stop the run when its stage starts, after the stages before it trained, and the
+    recipe change that fixes it cannot resume them. First from the stage's first few episodes (without the dialogue
+    corpus); only if none of those fits, the whole stage as it will run (some may fit: no refusal on a sample). A
+    `ValueError` naming the stage."""
     quiet = logging.getLogger("modeling_rxt.training")  # its counts of skipped rows come again when the stage runs
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -465,9 +466,12 @@ def check_stage_data(stages: Sequence[Mapping], tokenizer: PreTrainedTokenizerBa
             sample = {**stage, "episodes": min(stage.get("episodes", 1000), DATA_CHECK_EPISODES), "corpus": False}
             try:
                 stage_components(sample, tokenizer, max_length, seed + index)
-            except ValueError as error:
-                raise ValueError(f"recipe stage {index} ({stage['stage']}): {error} (its first {sample['episodes']} "
-                                 f"episodes, at `max_length` {max_length})") from error
+            except ValueError:
+                try:
+                    stage_components(stage, tokenizer, max_length, seed + index)
+                except ValueError as error:
+                    raise ValueError(f"recipe stage {index} ({stage['stage']}): {error} (at `max_length` "
+                                     f"{max_length})") from error
     finally:
         quiet.setLevel(level)
 
@@ -862,12 +866,21 @@ def run_curriculum_in_processes(
             _check_same_initial(built, built_from, output)
     if "init_from" not in recipe and not (resume and built_from.is_file()):
         _save_initial(recipe, output / "initial", built, built_from)
+    with input_checks():  # here, not only in the workers, whose usage error would end as a failed launch
+        check_stage_data(recipe["stages"], _saved_tokenizer(Path(stages["init_from"])), recipe.get("max_length", 128),
+                         recipe.get("seed", 0))
     write_json_atomic(stages, output / "stages_recipe.json")
     _run_torchrun(output / "stages_recipe.json", output, processes, threads_per_process, resume)
     model, tokenizer = load_trained(output / "model")
     logs = [StageLog(**log) for log in json.loads((output / "stages.json").read_text(encoding="utf-8"))["stages"]]
     model.config.use_cache = True
     return model.eval(), tokenizer, logs
+
+
+def _saved_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _check_same_initial(built: Mapping, built_from: Path, output: Path) -> None:

@@ -498,3 +498,35 @@ def test_resume_refuses_an_init_from_model_changed_since_the_run_began(tokenizer
     tiny_model(tokenizer, seed=1).save_pretrained(initial)
     with pytest.raises(ValueError, match=r"`resume`: .*`init_from` .*initial.* changed since the run began"):
         run_curriculum(recipe, tmp_path / "run", progress=False, resume=True)
+
+
+def test_the_data_check_refuses_no_stage_on_its_sample_alone(tokenizer, monkeypatch):
+    """Only the stage's first episodes are built first; when none of them fits, the whole stage is built before
+    refusing it (episodes further on may fit, and the stage would train on those)."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    built = []
+
+    def sample_misfits(stage, *args):
+        built.append(stage["episodes"])
+        if stage["episodes"] == curriculum.DATA_CHECK_EPISODES:
+            raise ValueError("every episode was rejected as bad data; nothing to train on")
+
+    monkeypatch.setattr(curriculum, "stage_components", sample_misfits)
+    curriculum.check_stage_data([stage_recipe("memory_aware", episodes=500)], tokenizer, MAX_LENGTH, seed=0)
+    assert built == [curriculum.DATA_CHECK_EPISODES, 500]
+
+
+def test_a_run_in_processes_names_a_stage_whose_data_cannot_fit_before_launching(tokenizer, tmp_path, monkeypatch):
+    """The workers find it too, but their usage error reached the caller as "training in 2 processes failed" under
+    their tracebacks: checked in this process, before launching them."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    launched = []
+    monkeypatch.setattr(curriculum, "_run_torchrun", lambda *args: launched.append(args))
+    recipe = {"init_from": str(_saved_model(tokenizer, tmp_path / "initial")), "max_length": 32, "stages": [
+        stage_recipe("memory_aware", max_steps=2, batch_size=2, max_chat_chars=160, turns=10),
+    ]}
+    with pytest.raises(curriculum.InputError, match=r"recipe stage 0 \(memory_aware\): every episode was rejected"):
+        run_curriculum_in_processes(recipe, tmp_path / "run", processes=2)
+    assert launched == []
