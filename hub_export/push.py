@@ -46,7 +46,8 @@ def check_recorded_model_id(folder: str | os.PathLike, repo_id: str) -> None:
     """Refuses a folder whose card or adapters name another model than `repo_id`: on the Hub, the card's usage
     snippet and `PeftModel.from_pretrained` / `AutoPeftModel` would load that other name (for a folder exported
     without a repo id, DEST's folder name, which no Hub user has)."""
-    other = {where: model_id for where, model_id in recorded_model_ids(folder).items() if model_id != repo_id}
+    recorded = recorded_model_ids(folder).items()  # the Hub resolves a repository id whatever its case
+    other = {where: model_id for where, model_id in recorded if model_id.casefold() != repo_id.casefold()}
     if other:
         named = ", ".join(f"{model_id!r} in {where}" for where, model_id in other.items())
         raise ValueError(f"`folder` {str(folder)!r} was exported for another model id than `repo_id` {repo_id!r} "

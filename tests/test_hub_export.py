@@ -29,6 +29,7 @@ from hub_export import VerificationError, export_model, push_folder, verify_expo
 from hub_export import export as export_module
 from hub_export import fresh_process
 from hub_export.export import check_code_files
+from hub_export.push import check_recorded_model_id
 from hub_export.model_card import USAGE_QUERIES, extract_usage_snippet, read_evaluation, usage_snippet
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from hub_export import weights_fingerprint
@@ -575,6 +576,7 @@ def test_a_folder_exported_for_another_model_id_is_not_pushed(exported, tmp_path
     before any request, naming both ids and how to export again."""
     folder = tmp_path / "hub"
     shutil.copytree(exported.dest, folder)
+    check_recorded_model_id(folder, REPO_ID.upper())  # the Hub resolves ids whatever their case: the same repo
     with MockHub(lfs_suffixes=()) as hub:
         with pytest.raises(ValueError, match=rf"another model id than `repo_id` 'user/name' \('{REPO_ID}' in "
                                              r"README.md usage snippet, '.*' in persona/adapter_config.json\).*"
