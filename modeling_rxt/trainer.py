@@ -155,7 +155,10 @@ class RxTTrainer(Trainer):
                 arrow = rows.with_format("arrow")
                 for column in TOKEN_COLUMNS & set(rows.column_names):
                     if column == "input_ids" and "attention_mask" in rows.column_names:  # the collators drop padding
-                        longest = _longest_token_list(arrow["attention_mask"], count_nonzero=True)
+                        masks = arrow["attention_mask"]
+                        unmasked = pc.is_null(masks)  # rows without a mask keep all their tokens
+                        longest = max(_longest_token_list(masks, count_nonzero=True),
+                                      _longest_token_list(arrow[column].filter(unmasked)))
                     else:
                         longest = _longest_token_list(arrow[column])
                     if longest > limit:

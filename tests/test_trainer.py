@@ -475,3 +475,7 @@ def test_rows_padded_when_tokenised_are_measured_by_their_attention_mask(tokeniz
                    objective=interaction_objective)
     with pytest.raises(ValueError, match="no tokens.*attention_mask"):  # all padding: nothing to train on
         collator([padded(pairs[0], keep=0)])
+    unmasked = {"input_ids": [5] * (MAX_LENGTH + 1), "labels": [5] * (MAX_LENGTH + 1), "attention_mask": None}
+    with pytest.raises(ValueError, match=rf"holds a row of {MAX_LENGTH + 1} tokens"):  # no mask: every token counts
+        RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=datasets.Dataset.from_list(
+            [padded(pairs[0]), unmasked]), data_collator=collator, objective=interaction_objective)
