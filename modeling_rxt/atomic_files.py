@@ -28,7 +28,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -83,15 +83,21 @@ def atomic_write_files(writes: dict, before_renames: Callable[[], None] | None =
                     os.remove(previous)  # `path` still holds it
                 raise
             installed.append((path, previous))
-    except BaseException:
-        for path, previous in reversed(installed):  # put back what this call replaced
-            if previous is not None:
-                os.replace(previous, path)
-            else:
-                os.remove(path)  # there was none before
+    except BaseException as error:
+        failures = []
+        for path, previous in reversed(installed):  # put back what this call replaced, each on its own
+            try:
+                if previous is not None:
+                    os.replace(previous, path)
+                else:
+                    os.remove(path)  # there was none before
+            except OSError as undo_error:
+                failures.append(f"{path.name}: {undo_error}")
         for temporary, _ in staged:
-            if os.path.exists(temporary):
+            with suppress(OSError):
                 os.remove(temporary)
+        if failures:  # the previous content is in the hidden `.NAME.*.previous` files beside each
+            raise IncompleteRollback(sorted({str(path.parent) for path, _ in installed}), failures) from error
         raise
     for _, previous in installed:
         if previous is not None:
@@ -153,8 +159,11 @@ def rename_over(source: str | os.PathLike, target: str | os.PathLike) -> Path | 
     os.replace(target, aside)
     try:
         os.replace(source, target)
-    except BaseException:
-        os.replace(aside, target)
+    except BaseException as error:
+        try:
+            os.replace(aside, target)
+        except OSError as undo_error:  # `target`'s content stays at `aside`
+            raise IncompleteRollback([str(target.parent)], [f"{target.name}: {undo_error}"]) from error
         raise
     return aside
 
@@ -271,8 +280,10 @@ def move_into(
                            before_renames=move_superseded_aside)
     except BaseException as error:
         failures = _put_back(put_aside, replaced)
-        if failures:
-            raise IncompleteRollback(aside_in, failures) from error
+        if failures or isinstance(error, IncompleteRollback):
+            kept = [str(aside_in), str(directory), *(error.kept if isinstance(error, IncompleteRollback) else [])]
+            earlier = error.failures if isinstance(error, IncompleteRollback) else []
+            raise IncompleteRollback(sorted(set(kept)), earlier + failures) from error
         raise
     for _, previous in replaced:
         if previous is not None:
@@ -281,15 +292,15 @@ def move_into(
 
 
 class IncompleteRollback(OSError):
-    """A move into a folder failed, and so did putting back what it had replaced (a disk gone read-only): the
-    previous content is kept in `kept` (the caller must not remove it) or, for folders renamed aside where Linux
-    cannot swap them, in a hidden `.NAME.old-*` folder beside its place."""
+    """A write into a folder failed, and so did putting back what it had replaced (a disk gone read-only): the
+    previous content is kept in the folders `kept` (the caller must not remove them), under hidden names: a staging
+    folder, `.NAME.old-*` folders renamed aside where Linux cannot swap them, `.NAME.*.previous` files."""
 
-    def __init__(self, kept: Path, failures: list[str]) -> None:
-        self.kept = kept
+    def __init__(self, kept: list[str], failures: list[str]) -> None:
+        self.kept, self.failures = kept, failures
         super().__init__(f"Moving the new files into place failed, and so did putting back what they replaced "
-                         f"({'; '.join(failures)}): the previous content is kept in {str(kept)!r} (and in any hidden "
-                         "`.NAME.old-*` folder beside its place); move it back by hand.")
+                         f"({'; '.join(failures)}): the previous content is kept in {', '.join(map(repr, kept))} "
+                         "(under hidden `.NAME.*` names there); move it back by hand.")
 
 
 def _put_back(put_aside: list[tuple[Path, Path]], replaced: list[tuple[Path, Path | None]]) -> list[str]:
