@@ -143,7 +143,7 @@ def check_labels(labels: torch.Tensor, batch_size: int, length: int, vocab_size:
 def check_mask_values(attention_mask: torch.Tensor, name: str = "attention_mask") -> None:
     """A 2-D mask holds 1 for a token and 0 for padding; anything else (0.5, 2) would be read as a token by some
     parts and not by others. Reads the values: for the entry points that check once per call."""
-    if attention_mask.dtype == torch.bool:
+    if attention_mask.dtype == torch.bool or is_torchdynamo_compiling():  # compiled: no branch on values
         return
     invalid = (attention_mask != 0) & (attention_mask != 1)
     if bool(invalid.any()):
@@ -274,7 +274,8 @@ def check_interaction_ids(input_ids, attention_mask, config: RxTConfig) -> None:
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
         raise ValueError("`input_ids` is empty: an interaction needs at least one token.")
     check_decoder_inputs(input_ids, None, None, None, config, past_length=0)
-    check_token_ids(input_ids, config.vocab_size)
+    if not is_torchdynamo_compiling():  # a compiled graph cannot branch on values (`model.model` checks none)
+        check_token_ids(input_ids, config.vocab_size)
     check_interaction_mask(attention_mask, tuple(input_ids.shape))
 
 

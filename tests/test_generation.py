@@ -77,6 +77,17 @@ def test_static_cache_and_a_compiled_decode_step_give_the_dynamic_cache_answer(t
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really was traced
 
 
+def test_update_memory_compiles_as_one_graph(tiny_model, kind):
+    # `update_memory` checks ids and mask values once per call; a compiled graph cannot branch on values, so the
+    # checks stand aside under dynamo (fullgraph: any break fails), as the forward's do.
+    model = tiny_model(kind)
+    state, ids, mask = random_state(model, 2), random_ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model.update_memory, fullgraph=True, backend="eager")(state, ids, mask)
+        assert torch.equal(compiled.stm, model.update_memory(state, ids, mask).stm)
+
+
 def test_forward_traces_with_fake_tensors_and_exports(dense_model):
     # Tracing runs the forward on tensors without values (fake tensors): the CPU value checks must stand aside.
     # (Dense: on CPU, torch's fake grouped_mm kernel of the MoE's many-token path accepts bfloat16 only.)
