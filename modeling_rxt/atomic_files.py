@@ -156,7 +156,11 @@ def rename_over(source: str | os.PathLike, target: str | os.PathLike) -> Path | 
         return source
     is_folder = target.is_dir() and not target.is_symlink()
     aside = create_temporary(target.parent, f".{target.name}.old-", directory=is_folder)  # renamed over: same kind
-    os.replace(target, aside)
+    try:
+        os.replace(target, aside)
+    except BaseException:
+        remove_path(aside)  # the empty placeholder
+        raise
     try:
         os.replace(source, target)
     except BaseException as error:
@@ -334,9 +338,15 @@ def _put_aside(paths: list[Path], staging: Path) -> list[tuple[Path, Path]]:
         for path in paths:
             os.replace(path, aside / path.name)
             moved.append((path, aside / path.name))
-    except BaseException:
-        for path, kept in reversed(moved):
-            os.replace(kept, path)
+    except BaseException as error:
+        failures = []
+        for path, kept in reversed(moved):  # each on its own: what stays aside is named
+            try:
+                os.replace(kept, path)
+            except OSError as undo_error:
+                failures.append(f"{path.name}: {undo_error}")
+        if failures:
+            raise IncompleteRollback([str(staging)], failures) from error
         raise
     return moved
 

@@ -229,3 +229,51 @@ def test_a_disk_that_keeps_failing_loses_no_previous_content(tmp_path, monkeypat
             assert all(repr(folder) in str(error) and Path(folder).is_dir() for folder in error.kept)
     else:  # fewer renames than `first_failing`: the save went through
         assert (directory / "x.txt").read_text() == "new x" and contents(directory / "f1") == {"v": "new f1"}
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+@pytest.mark.parametrize("first_failing", range(1, 10))
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("with_folder", [True, False])
+def test_superseded_files_survive_a_failing_disk_and_a_one_off_failure_leaves_nothing(tmp_path, monkeypatch, exchange,
+                                                                                      first_failing, persistent,
+                                                                                      with_folder):
+    """Two earlier weight files superseded by a save of files only: a disk that keeps failing loses neither (the
+    second one's move aside fails, and so does putting the first back); a failure of one rename leaves the folder
+    exactly as it was, hidden placeholders included."""
+    directory = folder_with(tmp_path / "saved", **{"x.txt": "old x", "old.bin": "old w1", "old2.bin": "old w2"})
+    before = contents(directory)
+    folder_with(directory / "f1", v="old f1")
+    renames = []
+    real_replace, real_exchange = os.replace, atomic_files._exchange
+
+    def counted(real):
+        def rename(*args, **kwargs):
+            renames.append(args)
+            if len(renames) == first_failing or (persistent and len(renames) > first_failing):
+                raise OSError("read-only file system")
+            return real(*args, **kwargs)
+        return rename
+
+    def save(staging: Path) -> None:
+        for name in ("x.txt", "new.bin"):
+            (staging / name).write_text("new")
+        if with_folder:
+            folder_with(staging / "f1", v="new f1")
+
+    monkeypatch.setattr(os, "replace", counted(real_replace))
+    monkeypatch.setattr(atomic_files, "_exchange", counted(real_exchange) if exchange else lambda a, b: False)
+    superseded = lambda names: [directory / "old.bin", directory / "old2.bin"]  # noqa: E731
+    try:
+        atomic_files.save_files_into(directory, save, "`directory`", superseded)
+    except OSError as error:
+        monkeypatch.undo()
+        olds = {"old x", "old w1", "old w2", "old f1"}
+        kept = [p for p in tmp_path.rglob("*") if p.is_file() and p.read_text() in olds]
+        assert sorted(p.read_text() for p in kept) == sorted(olds), (str(error), kept)
+        if not persistent:  # as it was, nothing hidden left
+            assert sorted(p.name for p in directory.iterdir()) == ["f1", "old.bin", "old2.bin", "x.txt"]
+            assert {p.name: p.read_text() for p in directory.iterdir() if p.is_file()} == before
+            assert contents(directory / "f1") == {"v": "old f1"}
+        elif not all(p.parent in (directory, directory / "f1") and not p.name.startswith(".") for p in kept):
+            assert isinstance(error, atomic_files.IncompleteRollback), (str(error), kept)
