@@ -155,10 +155,7 @@ class RxTTrainer(Trainer):
                 arrow = rows.with_format("arrow")
                 for column in TOKEN_COLUMNS & set(rows.column_names):
                     if column == "input_ids" and "attention_mask" in rows.column_names:  # the collators drop padding
-                        masks = arrow["attention_mask"]
-                        unmasked = pc.is_null(masks)  # rows without a mask keep all their tokens
-                        longest = max(_longest_token_list(masks, count_nonzero=True),
-                                      _longest_token_list(arrow[column].filter(unmasked)))
+                        longest = _longest_kept(rows, arrow["attention_mask"])
                     else:
                         longest = _longest_token_list(arrow[column])
                     if longest > limit:
@@ -371,6 +368,37 @@ def _column_names(dataset) -> set[str]:
 
 # The token-id columns the collators feed to the model: an interaction (B, T), or per turn (B, turns, T).
 TOKEN_COLUMNS = {"input_ids", "probe_input_ids"}
+
+
+def _longest_kept(rows: datasets.Dataset, masks: pa.ChunkedArray) -> int:
+    """The most tokens of one row (or turn) the collators keep: those its `attention_mask` marks 1, all of them where
+    a row's or a turn's mask is null. Read from the Arrow mask column, or row by row where it holds nulls."""
+    if not _holds_nulls(masks):
+        return _longest_token_list(masks, count_nonzero=True)
+    plain = rows.select_columns(["input_ids", "attention_mask"]).with_format(None)  # Python lists
+    return max((n for row in plain for n in _kept_lengths(row)),
+               default=0)
+
+
+def _holds_nulls(column: pa.ChunkedArray | pa.Array) -> bool:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    while True:
+        if column.null_count:
+            return True
+        if not _is_list(column.type):
+            return False
+        column = pc.list_flatten(column)
+
+
+def _kept_lengths(row: Mapping) -> list[int]:
+    """Each interaction's (or turn's) token count as the collators keep it (`training._unpadded`)."""
+    ids, mask = row["input_ids"], row["attention_mask"]
+    if ids and isinstance(ids[0], list):  # an episode: one list per turn
+        masks = mask if mask is not None else [None] * len(ids)
+        return [n for turn, turn_mask in zip(ids, masks) for n in _kept_lengths({"input_ids": turn,
+                                                                                  "attention_mask": turn_mask})]
+    return [len(ids) if mask is None else sum(1 for m in mask if m)]
 
 
 def _longest_token_list(column: pa.ChunkedArray | pa.Array, count_nonzero: bool = False) -> int:

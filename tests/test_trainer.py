@@ -475,6 +475,12 @@ def test_rows_padded_when_tokenised_are_measured_by_their_attention_mask(tokeniz
                    objective=interaction_objective)
     with pytest.raises(ValueError, match="no tokens.*attention_mask"):  # all padding: nothing to train on
         collator([padded(pairs[0], keep=0)])
+    turns = datasets.Dataset.from_list([{"input_ids": [[5, 6, 7], [5] * (MAX_LENGTH + 1)],
+                                         "labels": [[5, 6, 7], [5] * (MAX_LENGTH + 1)],
+                                         "attention_mask": [[1, 1, 1], None]}])  # one turn's mask is null
+    with pytest.raises(ValueError, match=rf"holds a row of {MAX_LENGTH + 1} tokens"):
+        RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=turns, data_collator=collator,
+                   objective=interaction_objective)
     unmasked = {"input_ids": [5] * (MAX_LENGTH + 1), "labels": [5] * (MAX_LENGTH + 1), "attention_mask": None}
     with pytest.raises(ValueError, match=rf"holds a row of {MAX_LENGTH + 1} tokens"):  # no mask: every token counts
         RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=datasets.Dataset.from_list(
