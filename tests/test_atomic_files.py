@@ -192,6 +192,24 @@ def test_a_save_failing_while_moving_in_puts_every_folder_and_file_back(tmp_path
     assert contents(directory / "d1") == {"v": "old1"} and contents(directory / "d2") == {"v": "old2"}
 
 
+def renames_fail(monkeypatch, exchange: bool, first_failing: int, persistent: bool) -> None:
+    """Makes the `first_failing`-th rename fail (`os.replace` and the Linux swap counted together), and every later
+    one if `persistent` (a disk gone read-only). Without `exchange` the swap is not available."""
+    renames = []
+    real_replace, real_exchange = os.replace, atomic_files._exchange
+
+    def counted(real):
+        def rename(*args, **kwargs):
+            renames.append(args)
+            if len(renames) == first_failing or (persistent and len(renames) > first_failing):
+                raise OSError("read-only file system")
+            return real(*args, **kwargs)
+        return rename
+
+    monkeypatch.setattr(os, "replace", counted(real_replace))
+    monkeypatch.setattr(atomic_files, "_exchange", counted(real_exchange) if exchange else lambda a, b: False)
+
+
 @pytest.mark.parametrize("exchange", [True, False])
 @pytest.mark.parametrize("first_failing", range(1, 9))
 def test_a_disk_that_keeps_failing_loses_no_previous_content(tmp_path, monkeypatch, exchange, first_failing):
@@ -204,19 +222,7 @@ def test_a_disk_that_keeps_failing_loses_no_previous_content(tmp_path, monkeypat
         (staging / "x.txt").write_text("new x")
         folder_with(staging / "f1", v="new f1")
 
-    renames = []
-    real_replace, real_exchange = os.replace, atomic_files._exchange
-
-    def counted(real):
-        def rename(*args, **kwargs):
-            renames.append(args)
-            if len(renames) >= first_failing:
-                raise OSError("read-only file system")
-            return real(*args, **kwargs)
-        return rename
-
-    monkeypatch.setattr(os, "replace", counted(real_replace))
-    monkeypatch.setattr(atomic_files, "_exchange", counted(real_exchange) if exchange else lambda a, b: False)
+    renames_fail(monkeypatch, exchange, first_failing, persistent=True)
     try:
         atomic_files.save_files_into(directory, save, "`directory`", lambda names: [directory / "old.bin"])
     except OSError as error:
@@ -244,25 +250,13 @@ def test_superseded_files_survive_a_failing_disk_and_a_one_off_failure_leaves_no
     directory = folder_with(tmp_path / "saved", **{"x.txt": "old x", "old.bin": "old w1", "old2.bin": "old w2"})
     before = contents(directory)
     folder_with(directory / "f1", v="old f1")
-    renames = []
-    real_replace, real_exchange = os.replace, atomic_files._exchange
-
-    def counted(real):
-        def rename(*args, **kwargs):
-            renames.append(args)
-            if len(renames) == first_failing or (persistent and len(renames) > first_failing):
-                raise OSError("read-only file system")
-            return real(*args, **kwargs)
-        return rename
-
     def save(staging: Path) -> None:
         for name in ("x.txt", "new.bin"):
             (staging / name).write_text("new")
         if with_folder:
             folder_with(staging / "f1", v="new f1")
 
-    monkeypatch.setattr(os, "replace", counted(real_replace))
-    monkeypatch.setattr(atomic_files, "_exchange", counted(real_exchange) if exchange else lambda a, b: False)
+    renames_fail(monkeypatch, exchange, first_failing, persistent)
     superseded = lambda names: [directory / "old.bin", directory / "old2.bin"]  # noqa: E731
     try:
         atomic_files.save_files_into(directory, save, "`directory`", superseded)
