@@ -130,7 +130,7 @@ def _recipe_config_mismatches(recipe: dict, config) -> list[str]:
         return []  # nothing that names config fields
     if model and set(model) <= CURRICULUM_MODEL_KEYS:
         from configuration import load_preset, read_preset
-        from modeling_rxt.training_curriculum import _config_overrides
+        from modeling_rxt.training_recipe import _config_overrides
 
         preset = model.get("preset", "nano")
         try:
