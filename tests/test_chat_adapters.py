@@ -1,0 +1,272 @@
+"""Chat sessions on models with PEFT adapters (which adapter writes each turn, one turn at a time per model) and on
+models of other copies of the code (a saved folder's own code, subclasses)."""
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.chat import RxTChatSession, send_batch
+
+from chat_helpers import (  # noqa: F401 (fixtures are used by name)
+    GREEDY,
+    TEXTS,
+    expected_turn,
+    model,
+    tokenizer,
+)
+
+
+def _with_writer_adapters(model):
+    """A PeftModel over a copy of `model` with two LoRA adapters on the memory write (which changes the memory each
+    writes), initialised away from zero so that they differ."""
+    from peft import LoraConfig, get_peft_model
+
+    def writer_config():
+        return LoraConfig(r=4, lora_alpha=8, target_modules=r".*memory_attention.*_proj", init_lora_weights=False)
+
+    peft_model = get_peft_model(copy.deepcopy(model), writer_config(), adapter_name="first")
+    torch.manual_seed(1)
+    peft_model.add_adapter("second", writer_config())
+    return peft_model.eval()
+
+
+def test_a_session_writes_with_the_adapter_its_turn_was_answered_with(model, tokenizer):
+    """Which adapter is active is state of the whole model: a write left to the background would take whatever
+    adapter is active when it runs. A session on a model with adapters writes in the turn's own call."""
+    from modeling_rxt.adapters import using_adapter
+
+    peft_model = _with_writer_adapters(model)
+    peft_model.set_adapter("first")
+    written = {}
+    for background in (True, False):
+        session = RxTChatSession(peft_model, tokenizer, background_write=background)
+        with using_adapter(peft_model, "second"):
+            session.send(TEXTS[0], **GREEDY)
+        written[background] = session.memory_state.stm
+    with using_adapter(peft_model, "second"):
+        expected = expected_turn(peft_model, tokenizer, peft_model.init_memory(1), TEXTS[0], **GREEDY)
+    assert torch.equal(written[True], expected.stm) and torch.equal(written[False], expected.stm)
+
+
+def test_send_batch_writes_each_row_with_its_own_adapter(model, tokenizer):
+    """`send_batch(..., adapter_names=[...])` answers each row with its adapter, and writes each row's memory with it
+    too (`"__base__"`: the base model), whatever adapter is active."""
+    from modeling_rxt.adapters import BASE_ADAPTER, using_adapter
+
+    peft_model = _with_writer_adapters(model)
+    peft_model.set_adapter("first")
+    rows = ["second", BASE_ADAPTER, "first"]
+    sessions = [RxTChatSession(peft_model, tokenizer) for _ in rows]
+    send_batch(sessions, [TEXTS[0], TEXTS[1], TEXTS[2]], adapter_names=rows, **GREEDY)
+    for session, name, query in zip(sessions, rows, (TEXTS[0], TEXTS[1], TEXTS[2])):
+        with using_adapter(peft_model, None if name == BASE_ADAPTER else name):
+            expected = expected_turn(peft_model, tokenizer, peft_model.init_memory(1), query, **GREEDY)
+        torch.testing.assert_close(session.memory_state.stm, expected.stm, rtol=1e-4, atol=1e-5)
+    assert peft_model.active_adapter == "first"
+
+
+def test_a_model_of_a_saved_folders_own_code_runs_sessions(model, tokenizer, tmp_path):
+    """A model loaded through its folder's code (`trust_remote_code`) has its own copy of `RxTMemoryState`: the
+    sessions, their batches and the package's states work with it."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    model.save_pretrained(tmp_path)
+    folder_class = get_class_from_dynamic_module("modeling_rxt.RxTForCausalLM", str(tmp_path))
+    assert folder_class is not RxTForCausalLM
+    folder_model = folder_class.from_pretrained(tmp_path).eval()
+    assert type(folder_model.init_memory(1)) is not type(model.init_memory(1))
+    ours, theirs = RxTChatSession(model, tokenizer), RxTChatSession(folder_model, tokenizer)
+    assert ours.send(TEXTS[0], **GREEDY) == theirs.send(TEXTS[0], **GREEDY)
+    others = [RxTChatSession(folder_model, tokenizer) for _ in range(2)]
+    assert send_batch(others, [TEXTS[1], TEXTS[2]], **GREEDY) == [
+        RxTChatSession(model, tokenizer).send(query, **GREEDY) for query in (TEXTS[1], TEXTS[2])]
+    torch.testing.assert_close(theirs.memory_state.stm, ours.memory_state.stm, rtol=0, atol=0)
+    # The folder model gets states of its own class, which the checks of a folder exported earlier also take.
+    folder_state_class = type(folder_model.init_memory(1))
+    assert all(type(session.memory_state) is folder_state_class for session in (theirs, *others))
+    assert type(RxTChatSession(folder_model, tokenizer, memory_state=model.init_memory(1))._state) is folder_state_class
+    assert torch.equal(folder_model.generate(torch.tensor([[5, 6]]), memory_state=ours.memory_state, max_new_tokens=3),
+                       model.generate(torch.tensor([[5, 6]]), memory_state=theirs.memory_state, max_new_tokens=3))
+
+
+def test_a_batch_of_sessions_with_memories_of_other_dtypes_is_refused_by_name(model, tokenizer):
+    half = RxTChatSession(model, tokenizer, memory_state=model.init_memory(1).to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"`sessions` hold memories of different dtypes \(torch.bfloat16, "
+                                         r"torch.float32\)"):
+        send_batch([half, RxTChatSession(model, tokenizer)], [TEXTS[0], TEXTS[1]], **GREEDY)
+    assert half.messages == []
+
+
+def test_turns_of_threads_on_a_model_with_adapters_run_one_at_a_time(model, tokenizer, monkeypatch):
+    """A mixed-adapter batch writes each row under its adapter by switching the model's active adapter: a turn of
+    another thread waits until that is over, and is answered and written by the adapter active for it."""
+    from modeling_rxt import adapters as adapters_module
+    from modeling_rxt.adapters import BASE_ADAPTER
+
+    peft_model = _with_writer_adapters(model)
+    peft_model.set_adapter("first")
+    expected_answer = RxTChatSession(peft_model, tokenizer).send(TEXTS[2], **GREEDY)
+    expected = expected_turn(peft_model, tokenizer, peft_model.init_memory(1), TEXTS[2], **GREEDY)
+    events, writing = [], threading.Event()
+    real_write, real_generate = adapters_module.update_memory_with, peft_model.generate
+
+    def slow_write(*args, **kwargs):
+        writing.set()
+        time.sleep(0.3)  # a turn that did not wait would generate now, under the switched adapter
+        result = real_write(*args, **kwargs)
+        events.append(("write", threading.current_thread().name))
+        return result
+
+    def recorded_generate(*args, **kwargs):
+        events.append(("generate", threading.current_thread().name))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(adapters_module, "update_memory_with", slow_write)
+    monkeypatch.setattr(peft_model, "generate", recorded_generate)
+    batch, other, answers = [RxTChatSession(peft_model, tokenizer) for _ in range(2)], None, {}
+    other = RxTChatSession(peft_model, tokenizer)
+
+    def run_batch():
+        send_batch(batch, [TEXTS[0], TEXTS[1]], adapter_names=[BASE_ADAPTER, "second"], **GREEDY)
+
+    def run_other():
+        writing.wait(10)
+        answers["other"] = other.send(TEXTS[2], **GREEDY)
+
+    threads = [threading.Thread(target=run_batch, name="batch"), threading.Thread(target=run_other, name="other")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert events == [("generate", "batch"), ("write", "batch"), ("write", "batch"), ("generate", "other")]
+    assert answers["other"] == expected_answer
+    torch.testing.assert_close(other.memory_state.stm, expected.stm, rtol=0, atol=0)
+    assert peft_model.active_adapter == "first"
+
+
+def test_wrong_adapter_rows_are_named_before_anything_is_generated(model, tokenizer):
+    peft_model = _with_writer_adapters(model)
+    sessions = [RxTChatSession(peft_model, tokenizer) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"`adapter_names` must name one adapter per session \(2\), got \['first'\]"):
+        send_batch(sessions, [TEXTS[0], TEXTS[1]], adapter_names=["first"], **GREEDY)
+    with pytest.raises(ValueError, match=r"`adapter_names` must name one adapter per session \(1\)"):
+        sessions[0].send(TEXTS[0], adapter_names="first", **GREEDY)
+    with pytest.raises(TypeError, match=r"`adapter_names` must hold adapter names \(str\), got \[None\]"):
+        sessions[0].send(TEXTS[0], adapter_names=[None], **GREEDY)  # PEFT: "sequence item 0: expected str instance"
+    assert all(session.messages == [] for session in sessions)
+
+
+def test_a_per_row_write_checks_its_rows_as_update_memory_does(model):
+    from modeling_rxt.adapters import update_memory_per_row
+
+    peft_model = _with_writer_adapters(model)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with pytest.raises(ValueError, match="`memory_state` holds 3 conversation"):
+        update_memory_per_row(peft_model, model.init_memory(3), ids, None, ["first", "second"])
+    with pytest.raises(ValueError, match="`attention_mask` has shape"):
+        update_memory_per_row(peft_model, model.init_memory(2), ids, torch.ones(3, 3), ["first", "second"])
+    with pytest.raises(ValueError, match="`adapters` must name one adapter per row"):
+        update_memory_per_row(peft_model, model.init_memory(2), ids, None, ["first"])
+
+
+def test_a_per_row_write_hands_back_states_of_the_callers_class(model, tokenizer, tmp_path):
+    """A model of a folder's own code takes states of its own class (folders exported earlier take no other)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from modeling_rxt.adapters import update_memory_per_row
+
+    model.save_pretrained(tmp_path)
+    folder_model = get_class_from_dynamic_module("modeling_rxt.RxTForCausalLM", str(tmp_path)).from_pretrained(tmp_path)
+    config = LoraConfig(r=4, target_modules=r".*memory_attention.*_proj", init_lora_weights=False)
+    peft_model = get_peft_model(folder_model.eval(), config, adapter_name="first").eval()
+    state = peft_model.init_memory(2)
+    written = update_memory_per_row(peft_model, state, torch.tensor([[5, 6, 7], [8, 9, 10]]), None,
+                                    ["first", "__base__"])
+    assert type(written) is type(state) is not type(model.init_memory(1))
+
+
+def test_a_streamer_callback_may_touch_another_session_of_an_adapter_model(model, tokenizer):
+    """Turn locks are taken model first, then session: a callback inside one session's turn reading another
+    session, whose own turn waits for the model, does not deadlock."""
+    peft_model = _with_writer_adapters(model)
+    first, second = RxTChatSession(peft_model, tokenizer), RxTChatSession(peft_model, tokenizer)
+    second_waits, read = threading.Event(), []
+
+    class ReadsTheOtherSession(BaseStreamer):
+        def put(self, value):
+            if not read:
+                second_waits.wait(10)
+                time.sleep(0.2)  # the other thread is now inside `send`, waiting for the model
+                read.append(second.memory_state.batch_size)
+
+        def end(self):
+            pass
+
+    def run_second():
+        second_waits.set()
+        second.send(TEXTS[1], **GREEDY)
+
+    threads = [threading.Thread(target=lambda: first.send(TEXTS[0], streamer=ReadsTheOtherSession(), **GREEDY),
+                                daemon=True),  # a deadlock fails the test instead of hanging the run
+               threading.Thread(target=run_second, daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "deadlock"
+    assert read == [1] and len(first.messages) == len(second.messages) == 2
+
+
+def test_sessions_take_an_rxt_subclass_and_lock_a_peft_base_with_its_peft_model(model, tokenizer):
+    from modeling_rxt import chat as chat_module
+
+    class MyConfig(RxTConfig):
+        model_type = "my-rxt"
+
+    class MyModel(RxTForCausalLM):
+        config_class = MyConfig
+
+    settings = {k: v for k, v in model.config.to_dict().items() if k in RxTConfig().to_dict() and k != "model_type"}
+    mine = MyModel(MyConfig(**settings)).eval()
+    assert mine.config.model_type == "my-rxt"
+    session = RxTChatSession(mine, tokenizer)
+    session.send(TEXTS[0], **GREEDY)
+    mixed = RxTChatSession(_with_writer_adapters(mine), tokenizer)
+    mixed.send(TEXTS[0], adapter_names=iter(["second"]), **GREEDY)  # any iterable, as a list to PEFT
+    assert len(session.messages) == len(mixed.messages) == 2
+    peft_model = _with_writer_adapters(model)
+    base = peft_model.get_base_model()
+    assert chat_module._turn_lock(base) is chat_module._turn_lock(peft_model)
+    assert not RxTChatSession(base, tokenizer)._writes_in_background()
+
+
+def test_an_interrupt_while_send_batch_takes_its_locks_releases_those_taken(model, tokenizer):
+    """Ctrl-C while `send_batch` waits for a session's lock: the locks it took already (the model's turn lock on a
+    model with adapters) are released, so other sessions go on."""
+    from modeling_rxt import chat as chat_module
+
+    peft_model = _with_writer_adapters(model)
+    sessions = [RxTChatSession(peft_model, tokenizer) for _ in range(2)]
+
+    class InterruptedLock:
+        def __enter__(self):
+            raise KeyboardInterrupt
+
+        def __exit__(self, *exc):
+            return False
+
+    for session in sessions:
+        session._lock = InterruptedLock()
+    with pytest.raises(KeyboardInterrupt):
+        send_batch(sessions, [TEXTS[0], TEXTS[1]], **GREEDY)
+    taken = []
+    other = threading.Thread(target=lambda: taken.append(chat_module._turn_lock(peft_model).acquire(timeout=5)))
+    other.start()
+    other.join(10)
+    assert taken == [True]
