@@ -866,11 +866,11 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             raise TypeError("Pass the memory by keyword: `generate(input_ids, memory_state=state)`.")
         if memory_state is not None:
             memory_state = as_memory_state(memory_state)
+        check_generation_settings(kwargs, generation_config or self.generation_config)
         given = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
         prompt = next((value for value in given if value is not None), None)
         if prompt is None and kwargs.get("memory_key_values") is None:
             # As transformers without a prompt: every row starts from [BOS] (the memory needs the batch size now).
-            check_generation_settings(kwargs, generation_config or self.generation_config)  # bos among them
             bos = generation_setting("bos_token_id", kwargs, generation_config, self)
             inputs = prompt = self._bos_prompt(bos, memory_state, kwargs.get("attention_mask"))
             kwargs.pop("input_ids", None)

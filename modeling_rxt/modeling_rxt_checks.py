@@ -240,8 +240,8 @@ def _numpy_as_tensor(value):
 
 def check_generate_prompt(prompt: torch.Tensor, config: RxTConfig, generation_config, kwargs: dict) -> None:
     """The query of a `generate` call must be valid (non-empty ids, or embeddings) and the answer must fit: query +
-    new tokens within `max_position_embeddings`, refused before decoding starts rather than when the limit is hit."""
-    check_generation_settings(kwargs, generation_config)
+    new tokens within `max_position_embeddings`, refused before decoding starts rather than when the limit is hit.
+    (`generate` checks its settings first, `check_generation_settings`.)"""
     if isinstance(prompt, torch.Tensor) and prompt.is_floating_point() and prompt.dim() == 3:  # inputs_embeds
         if 0 in prompt.shape[:2] or prompt.shape[2] != config.hidden_size:
             raise ValueError(
