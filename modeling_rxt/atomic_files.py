@@ -49,6 +49,16 @@ def create_temporary(folder: str | os.PathLike, prefix: str, suffix: str = "", d
     raise FileExistsError(f"No free temporary name for {prefix}* in `{folder}`.")
 
 
+def check_not_under_a_file(folder: str | os.PathLike, name: str, kind: str = "a folder") -> None:
+    """`folder` is to be made where missing, with its parents: the nearest of them that exists must be a folder, or
+    the write would fail half-way with NotADirectoryError / FileExistsError. A `ValueError` naming the argument
+    `name` otherwise."""
+    folder = Path(folder)
+    existing = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"`{name}` {str(folder)!r} cannot be {kind}: {str(existing)!r} is a file.")
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Writes `path` through `write(temporary_path)`: a temporary file in the same folder (created if missing),
     flushed to disk, then renamed over `path`. Readers see either the old file or the complete new one, never a
@@ -420,4 +430,4 @@ def json_writer(payload: dict, sort_keys: bool = False):
     return write
 
 
-__all__ = ["create_temporary", "atomic_write", "atomic_write_files", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "move_into", "IncompleteRollback", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer"]
+__all__ = ["check_not_under_a_file", "create_temporary", "atomic_write", "atomic_write_files", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "move_into", "IncompleteRollback", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer"]

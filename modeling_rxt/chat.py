@@ -41,7 +41,7 @@ from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from .adapters import adapter_names, update_memory_per_row
-from .atomic_files import read_json_object, write_json_atomic
+from .atomic_files import check_not_under_a_file, read_json_object, write_json_atomic
 from .external_memory import generation_setting
 from .memory_state import RxTMemoryState, is_memory_state
 from .modeling_rxt_checks import generation_number
@@ -337,7 +337,7 @@ class RxTChatSession:
             self._save(folder)
 
     def _save(self, folder: Path) -> None:
-        _check_not_under_a_file(folder)
+        check_not_under_a_file(folder, "path", "a session folder")  # `save` makes it and its parents
         if not folder.exists():  # a conversation is private: a folder made here is its owner's only
             folder.parent.mkdir(parents=True, exist_ok=True)
             folder.mkdir(mode=0o700)
@@ -572,14 +572,6 @@ def _folder_path(path) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` must be a folder's path (str or os.PathLike), got {type(path).__name__}.")
     return Path(path)
-
-
-def _check_not_under_a_file(folder: Path) -> None:
-    """`save` makes `folder` (and its parents) where missing: the nearest one that exists must be a folder, or the
-    save would fail half-way with NotADirectoryError / FileExistsError."""
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ValueError(f"`path` {str(folder)!r} cannot be a session folder: {str(existing)!r} is a file.")
 
 
 def _read_session_file(folder: Path) -> dict:

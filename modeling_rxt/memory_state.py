@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic_files import atomic_write_files, json_writer, read_json_object
+from .atomic_files import atomic_write_files, check_not_under_a_file, json_writer, read_json_object
 
 STATE_WEIGHTS_NAME = "memory_state.safetensors"
 STATE_CONFIG_NAME = "memory_state.json"
@@ -147,11 +147,7 @@ class RxTMemoryState:
             raise TypeError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
         if os.path.exists(save_directory) and not os.path.isdir(save_directory):
             raise ValueError(f"`save_directory` {str(save_directory)!r} exists and is not a folder.")
-        # The nearest folder that exists must be one: under a file, makedirs failed with a bare NotADirectoryError.
-        existing = next((path for path in Path(save_directory).parents if path.exists()), None)
-        if existing is not None and not existing.is_dir():
-            raise ValueError(f"`save_directory` {str(save_directory)!r} cannot be a folder: {str(existing)!r} is a "
-                             "file.")
+        check_not_under_a_file(save_directory, "save_directory")  # makedirs failed with a bare NotADirectoryError
         if self.stm.is_meta:  # refused before the folder is made: copying the tensor out would fail inside the save
             raise ValueError("This memory state is on the meta device: it holds no values to save.")
         tensors = {"stm": self.stm.detach().to("cpu").contiguous()}
