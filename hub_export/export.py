@@ -146,10 +146,18 @@ def _recipe_config_mismatches(recipe: dict, config) -> list[str]:
             if field not in TOKENIZER_CONFIG_FIELDS and implied.get(field) != actual.get(field)]
 
 
+def _curriculum_stages(recipe: dict) -> list[dict] | None:
+    """The recipe's stages if it is one of this project's curriculum (a list of stages named by `stage`), else None."""
+    stages = recipe.get("stages")
+    if isinstance(stages, list) and all(isinstance(stage, dict) and "stage" in stage for stage in stages):
+        return stages
+    return None
+
+
 def _recipe_stage_mismatches(recipe: dict, evaluation: Evaluation) -> list[str]:
     """Where the recipe's stages (`stage`, `max_steps`) differ from those the evaluation JSON records as run."""
-    stages = recipe.get("stages")
-    if not (isinstance(stages, list) and all(isinstance(stage, dict) and "stage" in stage for stage in stages)):
+    stages = _curriculum_stages(recipe)
+    if stages is None:
         return []  # not this project's curriculum: nothing to compare
     ours = [(stage["stage"], stage.get("max_steps")) for stage in stages]
     theirs = list(evaluation.stages)
@@ -555,8 +563,8 @@ def recipe_datasets(recipe: dict | None) -> tuple[str, ...]:
     value = (recipe or {}).get("datasets")
     if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
         return tuple(value)
-    stages = (recipe or {}).get("stages")
-    if not (isinstance(stages, list) and stages and all(isinstance(s, dict) and "stage" in s for s in stages)):
+    stages = _curriculum_stages(recipe or {})
+    if not stages:
         return ()
     episodes, corpus = DEFAULT_DATASETS
     return (episodes, corpus) if any(stage.get("corpus") is True for stage in stages) else (episodes,)
