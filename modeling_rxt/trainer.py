@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, unwrap_peft_model
 
 from .modeling_rxt_wrappers import run_as_forward
-from .training import COLLATOR_COLUMNS, Objective, lockstep
+from .training import COLLATOR_COLUMNS, Objective, _turns, _unpadded, lockstep
 
 logger = logging.getLogger(__name__)
 
@@ -392,13 +392,11 @@ def _holds_nulls(column: pa.ChunkedArray | pa.Array) -> bool:
 
 
 def _kept_lengths(row: Mapping) -> list[int]:
-    """Each interaction's (or turn's) token count as the collators keep it (`training._unpadded`)."""
-    ids, mask = row["input_ids"], row["attention_mask"]
-    if ids and isinstance(ids[0], list):  # an episode: one list per turn
-        masks = mask if mask is not None else [None] * len(ids)
-        return [n for turn, turn_mask in zip(ids, masks) for n in _kept_lengths({"input_ids": turn,
-                                                                                  "attention_mask": turn_mask})]
-    return [len(ids) if mask is None else sum(1 for m in mask if m)]
+    """Each interaction's (or turn's) token count, by the collators' own rule (`_unpadded`, `_turns`)."""
+    row = {**row, "labels": row["input_ids"]}  # the rule keeps labels beside the ids; these are not read
+    if row["input_ids"] and isinstance(row["input_ids"][0], list):  # an episode: one list per turn
+        return [len(ids) for ids, _ in _turns(row)]
+    return [len(_unpadded(row["input_ids"], row["labels"], row["attention_mask"])[0])]
 
 
 def _longest_token_list(column: pa.ChunkedArray | pa.Array, count_nonzero: bool = False) -> int:
