@@ -8,6 +8,9 @@ ratios of the benchmark issue, all from one run):
                      processed and bytes of state held per turn; plots latency_vs_turn.png and state_vs_turn.png
     decode           single-turn decode throughput, through `generate` and through a bare forward loop
     write            the cost of one memory write
+    profile          where RxT's extra cost goes: aten operators of a decoding step by part of the model, of a
+                     training step and of a write; a decoding step with the memory read removed; a write split into
+                     encoder and memory attention; generate's per-step signature check of remote-code models
     training         Trainer tokens/s (systems interleaved)
     training_memory  peak resident memory of a short training run, one fresh process per system
 
@@ -18,6 +21,7 @@ This package is benchmark code: the modeling files never import it, so it never 
 """
 
 from .latency import measure_decode_throughput, measure_turn_latency, measure_write_cost
+from .profile import measure_profile
 from .report import acceptance, acceptance_table, machine_info, plot_turns, write_json
 from .run import QUICK, SECTIONS, run_benchmarks
 from .systems import BenchSettings, build_systems, describe_systems
@@ -33,6 +37,7 @@ __all__ = [
     "describe_systems",
     "machine_info",
     "measure_decode_throughput",
+    "measure_profile",
     "measure_training_peak_memory",
     "measure_training_throughput",
     "measure_turn_latency",

@@ -5,11 +5,12 @@ import time
 from pathlib import Path
 
 from .latency import measure_decode_throughput, measure_turn_latency, measure_write_cost
+from .profile import measure_profile, profile_lines
 from .report import PLOTS, acceptance, acceptance_table, machine_info, plot_turns, summary_lines, write_json
 from .systems import BenchSettings, build_systems, describe_systems, set_threads
 from .train_speed import measure_training_peak_memory, measure_training_throughput
 
-SECTIONS = ("turn_latency", "decode", "write", "training", "training_memory")
+SECTIONS = ("turn_latency", "decode", "write", "profile", "training", "training_memory")
 
 # A dry run at the real model size: a few turns and repeats, to check the pipeline and to profile.
 QUICK = dict(turns=(1, 2, 4, 8), repeats=2, decode_tokens=32, decode_repeats=2, write_repeats=3, train_steps=3,
@@ -37,6 +38,7 @@ def run_benchmarks(
         "turn_latency": lambda: measure_turn_latency(models, settings, log=log),
         "decode": lambda: measure_decode_throughput(models, settings),
         "write": lambda: measure_write_cost(models, settings),
+        "profile": lambda: measure_profile(models, settings),
         "training": lambda: measure_training_throughput(models, settings),
         "training_memory": lambda: measure_training_peak_memory(settings, list(models)),
     }
@@ -58,7 +60,8 @@ def run_benchmarks(
     summary["plots"] = results.get("plots", [])
     summary["medians"] = {section: _headline(results, section) for section in sections}
     table = acceptance_table(results["acceptance"])
-    summary["report"] = [*summary_lines(results), *table.splitlines()]  # what is printed below, for the README
+    profile = profile_lines(results["profile"]) if "profile" in results else []
+    summary["report"] = [*summary_lines(results), *profile, *table.splitlines()]  # what is printed below, for the README
     write_json(output_dir / "summary.json", summary)
     for line in summary["report"]:
         log(line)
@@ -95,6 +98,8 @@ def _headline(results: dict, section: str) -> dict:
                 for name, entry in data["systems"].items()}
     if section == "write":
         return {name: entry["median_s"] for name, entry in data.items() if isinstance(entry, dict) and "median_s" in entry}
+    if section == "profile":
+        return {key: value for key, value in data.items() if not key.startswith("samples")}
     return data.get("systems", {})
 
 

@@ -1,0 +1,287 @@
+"""The `profile` section: where RxT's extra cost against Llama goes, measured in the same run as the ratios.
+
+At `alpha-micro` size (hidden 128) a decoded token is bound by how many operators run, not by arithmetic: each
+aten operator costs a few microseconds of dispatch on a CPU and is one kernel launch on a GPU. So the section
+- counts the aten operators of one decoding step, attributed to the part of the model that runs them (the memory
+  read: a layer's memory norm and memory cross-attention; self-attention with its norm; feed-forward with its norm;
+  the LM head; the rest: embedding, rotary positions, final norm, glue), and of one training step (forward and
+  backward) and one memory write;
+- times a decoding step (a bare forward loop with a cache) of each RxT system as it is and with its memory read
+  removed (`memory_read_removed`), paired with Llama's step in every repeat: what the memory read costs, in units of
+  Llama's step, and what the rest of an RxT layer costs against Llama's;
+- splits a memory write into the memory encoder and the memory attention (hooks around the encoder);
+- times what `generate` adds per step for a model registered for the Auto classes, as every `trust_remote_code`
+  model is: transformers calls `inspect.signature(model.forward)` at every step to look for a `cache_position`
+  argument (`GenerationMixin.prepare_inputs_for_generation`); Llama, built into transformers, skips it.
+"""
+
+import inspect
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import DynamicCache, PreTrainedModel
+
+from modeling_rxt import RxTForCausalLM
+
+from .systems import LLAMA, BenchSettings, median, now, paired_ratios, quiet_gc, rotated
+
+# Which part of a decoder layer a module belongs to, by the last component of its name. RxT and Llama name their
+# self-attention and feed-forward modules the same way (`self_attn`, `mlp`, `input_layernorm`, ...).
+PARTS = {
+    "memory_layernorm": "memory read",
+    "memory_cross_attn": "memory read",
+    "input_layernorm": "self-attention",
+    "self_attn": "self-attention",
+    "post_attention_layernorm": "feed-forward",
+    "mlp": "feed-forward",
+    "lm_head": "lm head",
+}
+REST = "rest"
+WITHOUT_READ = " without memory read"  # suffix of an RxT system timed with `memory_read_removed`
+
+
+class _OperatorCounter(TorchDispatchMode):
+    """Counts every aten operator dispatched, under the part of the model whose module is running (`parts`, a stack
+    pushed and popped by module hooks; "rest" when none is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+        self.parts = [REST]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[self.parts[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def part_of(module_name: str) -> str | None:
+    """The part (`PARTS`) of the nearest module on the path `module_name` (itself included) that has one: a
+    submodule counts with the part it serves, e.g. `layers.0.memory_cross_attn.k_proj` with the memory read."""
+    for component in reversed(module_name.split(".")):
+        if component in PARTS:
+            return PARTS[component]
+    return None
+
+
+@contextmanager
+def counting_operators(model: nn.Module) -> Iterator[Counter]:
+    """Counts the aten operators run inside the block, by part. Every module with a part is hooked, submodules
+    included: the memory keys/values are projected by a memory cross-attention's submodules outside its `forward`
+    (`RxTModel.project_memory`). A backward pass runs outside any module's forward: it counts under "rest"."""
+    counter = _OperatorCounter()
+    handles = []
+    for name, module in model.named_modules():
+        part = part_of(name)
+        if part is None:
+            continue
+        handles.append(module.register_forward_pre_hook(lambda *_, part=part: counter.parts.append(part)))
+        handles.append(module.register_forward_hook(lambda *_: counter.parts.pop() and None))  # None: output kept
+    try:
+        with counter:
+            yield counter.counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _NoMemoryRead(nn.Module):
+    """Stands in for a layer's memory cross-attention: reads nothing and adds a 0-d zero to the residual stream. The
+    memory is still projected (once per forward, by the original module's `project_memory`) where a caller passes
+    none: only the per-token read is removed."""
+
+    def __init__(self, read: nn.Module, reference: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("zero", torch.zeros((), dtype=reference.dtype, device=reference.device))
+        self.project_memory = read.project_memory  # a bound method, not a submodule: the read's weights stay out
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        return self.zero, None
+
+
+@contextmanager
+def memory_read_removed(model: RxTForCausalLM) -> Iterator[RxTForCausalLM]:
+    """`model` with every decoder layer's memory norm and memory cross-attention taken out of the forward (an
+    ablation; the answer changes). What remains of the read is one add of a 0-d tensor per layer. The modules are put
+    back on exit, whatever happened inside."""
+    if not isinstance(model, RxTForCausalLM):
+        raise TypeError(f"`model` must be an RxTForCausalLM, got {type(model).__name__}.")
+    kept = [(layer.memory_layernorm, layer.memory_cross_attn) for layer in model.model.layers]
+    try:
+        for layer, (_, read) in zip(model.model.layers, kept, strict=True):
+            layer.memory_layernorm = nn.Identity()
+            layer.memory_cross_attn = _NoMemoryRead(read, model.lm_head.weight)
+        yield model
+    finally:
+        for layer, (norm, read) in zip(model.model.layers, kept, strict=True):
+            layer.memory_layernorm, layer.memory_cross_attn = norm, read
+
+
+def _memory_inputs(model: PreTrainedModel) -> dict:
+    """RxT's memory keys/values projected once, as `generate` does per turn; nothing for Llama."""
+    if not isinstance(model, RxTForCausalLM):
+        return {}
+    with torch.no_grad():
+        return {"memory_key_values": model.model.project_memory(model.model.initial_memory(1))}
+
+
+@torch.no_grad()
+def decode_step_operators(model: PreTrainedModel, query: torch.Tensor) -> dict[str, int]:
+    """Aten operators of one decoding step (one new token after `query`), by part, and their total."""
+    extra = _memory_inputs(model)
+    cache = DynamicCache(config=model.config)
+    logits = model(query, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits
+    token = logits[:, -1:].argmax(-1)
+    with counting_operators(model) as counts:
+        model(token, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+    return {**dict(sorted(counts.items())), "total": sum(counts.values())}
+
+
+def training_step_operators(model: PreTrainedModel, ids: torch.Tensor) -> dict[str, int]:
+    """Aten operators of the forward (by part) and the backward of one language-model loss on `ids` (RxT reads its
+    initial memory, as in the `training` section), gradients cleared after."""
+    was_training = model.training
+    model.train()
+    try:
+        with counting_operators(model) as forward_counts:
+            loss = model(ids, labels=ids).loss
+        with counting_operators(model) as backward_counts:
+            loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {"forward": sum(forward_counts.values()), "backward": sum(backward_counts.values()),
+            "forward_by_part": dict(sorted(forward_counts.items()))}
+
+
+@torch.no_grad()
+def write_operators(model: RxTForCausalLM, interaction: torch.Tensor) -> int:
+    """Aten operators of one memory write of `interaction` from the initial memory."""
+    state = model.init_memory(interaction.shape[0])
+    with counting_operators(model) as counts:
+        model.update_memory(state, interaction)
+    return sum(counts.values())
+
+
+@torch.no_grad()
+def timed_write_parts(model: RxTForCausalLM, interaction: torch.Tensor) -> dict[str, float]:
+    """Seconds of one memory write, and of the memory encoder inside it (hooks around the encoder's forward); the
+    rest is the memory attention and the write's own glue."""
+    device = interaction.device
+    marks = {}
+    encoder = model.model.memory_encoder
+    handles = [encoder.register_forward_pre_hook(lambda *_: marks.__setitem__("encoder_start", now(device))),
+               encoder.register_forward_hook(lambda *_: marks.__setitem__("encoder_end", now(device)))]
+    state = model.init_memory(interaction.shape[0])
+    try:
+        with quiet_gc():
+            start = now(device)
+            model.update_memory(state, interaction)
+            total = now(device) - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    encoder_s = marks["encoder_end"] - marks["encoder_start"]
+    return {"write_s": total, "encoder_s": encoder_s, "memory_attention_s": total - encoder_s}
+
+
+@torch.no_grad()
+def decode_step_seconds(model: PreTrainedModel, query: torch.Tensor, new_tokens: int, extra: dict) -> float:
+    """Seconds per decoding step of a bare greedy loop of forward calls with a cache (no `generate` machinery);
+    `extra`: the model's memory inputs (`_memory_inputs`, projected before any ablation)."""
+    cache = DynamicCache(config=model.config)
+    with quiet_gc():
+        token = model(query, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1:].argmax(-1)
+        start = now(query.device)
+        for _ in range(new_tokens - 1):
+            logits = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits
+            token = logits[:, -1:].argmax(-1)
+        return (now(query.device) - start) / (new_tokens - 1)
+
+
+def generate_signature_check_seconds(model: PreTrainedModel, calls: int = 2000) -> float:
+    """What `generate` spends per step on `inspect.signature(model.forward)`, which it runs only for models
+    registered for the Auto classes (`is_remote_code()`); 0.0 for the others."""
+    if not type(model).is_remote_code():
+        return 0.0
+    for _ in range(100):
+        inspect.signature(model.forward)
+    start = time.perf_counter()
+    for _ in range(calls):
+        inspect.signature(model.forward)
+    return (time.perf_counter() - start) / calls
+
+
+def measure_profile(models: dict[str, PreTrainedModel], settings: BenchSettings) -> dict:
+    """The `profile` section (see the module docstring). Timings use `settings.decode_tokens` tokens per loop and
+    `settings.decode_repeats` repeats, every variant measured back to back within a repeat in rotating order."""
+    generator = torch.Generator().manual_seed(settings.seed + 3)
+    llama = models[LLAMA]
+    query = torch.randint(4, llama.config.vocab_size, (1, settings.query_tokens), generator=generator)
+    query = query.to(settings.device)
+    rxt_names = [name for name in models if name != LLAMA]
+    train_ids = torch.randint(4, llama.config.vocab_size, (2, min(64, settings.train_seq_len)), generator=generator)
+    interaction = torch.randint(4, llama.config.vocab_size, (1, settings.turn_tokens), generator=generator)
+    result = {
+        "decode_step_operators": {name: decode_step_operators(model, query) for name, model in models.items()},
+        "training_step_operators": {
+            name: training_step_operators(model, train_ids.to(settings.device)) for name, model in models.items()
+        },
+        "training_step_batch": list(train_ids.shape),
+        "write_operators": {name: write_operators(models[name], interaction.to(settings.device)) for name in rxt_names},
+        "generate_signature_check_s": {name: generate_signature_check_seconds(model) for name, model in models.items()},
+        "decode_tokens": settings.decode_tokens,
+    }
+    variants = [*models, *(name + WITHOUT_READ for name in rxt_names)]
+    samples = {variant: [] for variant in variants}
+    memory_inputs = {name: _memory_inputs(model) for name, model in models.items()}
+    write_samples = {name: [] for name in rxt_names}
+    for repeat in range(settings.decode_repeats):
+        for variant in rotated(variants, repeat):
+            name = variant.removesuffix(WITHOUT_READ)
+            if variant == name:
+                samples[variant].append(decode_step_seconds(models[name], query, settings.decode_tokens,
+                                                             memory_inputs[name]))
+                if name != LLAMA:
+                    write_samples[name].append(timed_write_parts(models[name], interaction.to(settings.device)))
+            else:
+                with memory_read_removed(models[name]) as ablated:
+                    samples[variant].append(decode_step_seconds(ablated, query, settings.decode_tokens, memory_inputs[name]))
+    result["decode_step_s"] = {variant: median(times) for variant, times in samples.items()}
+    result["samples_decode_step_s"] = samples
+    result["memory_read_over_llama_step"] = {}
+    result["without_memory_read_over_llama_step"] = {}
+    for name in rxt_names:
+        read_share = [(full - ablated) / base for full, ablated, base in
+                      zip(samples[name], samples[name + WITHOUT_READ], samples[LLAMA], strict=True)]
+        result["memory_read_over_llama_step"][name] = median(read_share)
+        _, result["without_memory_read_over_llama_step"][name] = paired_ratios(samples[name + WITHOUT_READ],
+                                                                              samples[LLAMA])
+    result["write_s"] = {name: {part: median([sample[part] for sample in parts]) for part in parts[0]}
+                         for name, parts in write_samples.items()}
+    return result
+
+
+def profile_lines(profile: dict) -> list[str]:
+    """The section's headline, a few lines for the printed report."""
+    lines = []
+    for name, counts in profile["decode_step_operators"].items():
+        parts = ", ".join(f"{part} {count}" for part, count in counts.items() if part != "total")
+        lines.append(f"decode-step ops {name:10s} {counts['total']:4d} ({parts})")
+    lines.append("train-step ops  " + "  ".join(
+        f"{name} {entry['forward']} + {entry['backward']}" for name, entry in profile["training_step_operators"].items()))
+    steps = profile["decode_step_s"]
+    lines.append("decode step us " + "  ".join(f"{variant} {seconds * 1e6:.0f}" for variant, seconds in steps.items()))
+    for name, share in profile["memory_read_over_llama_step"].items():
+        rest = profile["without_memory_read_over_llama_step"][name]
+        signature = profile["generate_signature_check_s"][name] * 1e6
+        write = profile["write_s"][name]
+        lines.append(f"{name}: memory read = {share:.2f} of Llama's step, the rest {rest:.2f} of it; generate's "
+                     f"signature check {signature:.0f} us/step; write {write['write_s'] * 1e3:.1f} ms (encoder "
+                     f"{write['encoder_s'] * 1e3:.1f}, memory attention {write['memory_attention_s'] * 1e3:.1f}), "
+                     f"{profile['write_operators'][name]} ops")
+    return lines
