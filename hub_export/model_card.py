@@ -533,7 +533,8 @@ def build_model_card(
     if adapters:
         tags.append("peft")
     card_data = ModelCardData(
-        model_name=model_id.split("/")[-1],
+        # The name of the model-index that holds the results; without results the Hub's metadata has no such key.
+        model_name=model_id.split("/")[-1] if evaluation is not None else None,
         library_name="transformers",
         pipeline_tag="text-generation",
         license=LICENSE,

@@ -601,6 +601,8 @@ def test_a_card_without_recipe_or_evaluation_claims_no_training(source, tmp_path
     export_model(source / "model", tmp_path / "dest", verify=False)
     text = (tmp_path / "dest" / "README.md").read_text()
     assert ModelCard.load(tmp_path / "dest" / "README.md").data.datasets is None
+    # `model_name` names the model in a model-index; without results there is none, and the Hub knows no such key
+    assert "model_name" not in text.split("---")[1] and "model-index" not in text.split("---")[1]
     limitations = text.split("## Limitations")[1].split("\n## ")[0]
     assert "No training or evaluation information was given to the export" in limitations
     assert "trained" not in limitations.replace("was trained", "") and "Results" not in limitations
