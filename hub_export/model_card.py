@@ -417,7 +417,12 @@ for query in [
         # After answering, write the whole interaction (query and answer) into a new memory state.
         memory = model.update_memory(memory, ids)
     answer = tokenizer.decode(ids[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    print(f"Q: {{query}}\\nA: {{answer}}")'''
+    print(f"Q: {{query}}\\nA: {{answer}}")
+
+# The memory is the conversation so far: save it, and go on from it later (in another process, on another day).
+memory.save_pretrained("conversation-memory")
+memory = type(memory).from_pretrained("conversation-memory")
+print("memory saved and reloaded:", tuple(memory.stm.shape))'''
 
 
 def _usage_section(model_id: str, max_new_tokens: int) -> str:

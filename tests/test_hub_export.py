@@ -238,6 +238,8 @@ def test_the_card_snippet_ran_as_written(exported, source, source_model):
         answer = tokenizer.decode(ids[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         expected.append(f"A: {answer}")
     assert [line for line in printed if line.startswith("A: ")] == expected
+    # then it saves the conversation's memory and loads it back, with nothing but torch and transformers
+    assert printed[-1] == f"memory saved and reloaded: {tuple(memory.stm.shape)}"
 
 
 def test_verification_fails_when_the_code_imports_the_project(exported, source_model, source, tmp_path):
