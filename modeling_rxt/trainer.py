@@ -104,6 +104,16 @@ class RxTTrainer(Trainer):
         self._metric_count = 0
         self._steps = _StepCounts()
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Trainer warns of every key a checkpoint lacks, but the model saves a tied weight (the LM head, which is
+        the embedding) once, under its source's name: those are tied again here, not missing. Other keys warn."""
+        # `load_result` names keys of `self.model`, whose state dict Trainer loaded (a PEFT model loads otherwise)
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or ())
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        if len(missing) < len(load_result.missing_keys):
+            self.model.tie_weights()
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _check_arguments_it_would_ignore(self) -> None:
         """Trainer features that act on `forward`'s outputs or on `model.forward` itself: the objective computes its
         own loss over the model's parts, so they would be skipped without a word."""

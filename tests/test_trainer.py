@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 
 import datasets
 import pytest
 import torch
 from datasets import concatenate_datasets
+from torch.nn.modules.module import _IncompatibleKeys
 from transformers import TrainingArguments
 
 from modeling_rxt.data import ASK, CHAT, TELL, Turn
@@ -417,6 +419,20 @@ def test_a_trainer_let_go_frees_its_model_at_once(tokenizer, tmp_path):
         gc.enable()
 
 
+@contextmanager
+def _transformers_warnings():
+    """The warnings transformers logs inside the block (its loggers do not propagate to pytest's caplog)."""
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)
+
+
 def test_resuming_from_a_checkpoint_at_max_steps_trains_no_further_step(tokenizer, tmp_path):
     """transformers 5.23 resumes a checkpoint saved at `max_steps` inside an epoch by running one step more (it
     checks the count only after a step): a run killed after its last checkpoint then ended with other weights than
@@ -434,7 +450,14 @@ def test_resuming_from_a_checkpoint_at_max_steps_trains_no_further_step(tokenize
     straight = trainer()
     straight.train()
     resumed = trainer()
-    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    with _transformers_warnings() as warnings:
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    # The checkpoint holds the tied LM head once, as the embedding: tied again on loading, not "missing"
+    assert not [line for line in warnings if "missing keys" in line], warnings
+    assert resumed.model.lm_head.weight is resumed.model.model.embed_tokens.weight
+    with _transformers_warnings() as warnings:  # a key that is really missing still warns, alone
+        resumed._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight", "model.norm.weight"], []))
+    assert warnings == ["There were missing keys in the checkpoint model loaded: ['model.norm.weight']."]
     assert resumed.state.global_step == 4
     assert [entry["step"] for entry in resumed.state.log_history if "loss" in entry] == [
         entry["step"] for entry in straight.state.log_history if "loss" in entry]
