@@ -206,13 +206,17 @@ class RxTChatSession:
     def send(self, query: str, streamer: BaseStreamer | None = None, **generate_kwargs) -> str:
         """Answers `query` from the memory of the previous turns and returns the answer text; tokens go to
         `streamer` as they are generated. The memory write of this turn runs afterwards (in the background when
-        `background_write`). `generate_kwargs` go to `model.generate` (sampling, beams, max_new_tokens, ...)."""
+        `background_write`). `generate_kwargs` go to `model.generate` (sampling, beams, max_new_tokens, ...).
+
+        Called from inside a turn running in this thread (from its streamer's callback), it raises a RuntimeError at
+        once if that turn is this session's, or another session's on the same model with adapters."""
         if streamer is not None and not isinstance(streamer, BaseStreamer):
             raise TypeError(f"`streamer` must be a transformers BaseStreamer, got {type(streamer).__name__}.")
         _check_turn_keywords(generate_kwargs)
-        # The model's turn lock first (see `_turn_lock`), then the session's: a streamer's callback may then take
-        # another session's lock without meeting a thread that holds that lock and waits for the model's.
-        with _turn_lock(self.model), self._lock:
+        # Refused before any lock is taken if this thread is inside a turn (see `_turn_in_this_thread`). Then the
+        # model's turn lock (see `_turn_lock`), then the session's: a streamer's callback may then take another
+        # session's lock without meeting a thread that holds that lock and waits for the model's.
+        with _turn_in_this_thread(self.model, [self], "`send`"), _turn_lock(self.model), self._lock:
             self._check_open()
             start = time.perf_counter()
             waited = self.wait_for_memory()
@@ -250,7 +254,11 @@ class RxTChatSession:
         return answer
 
     def stream(self, query: str, **generate_kwargs) -> Iterator[str]:
-        """`send` in a worker thread, yielding the answer's text as it is generated (a `TextIteratorStreamer`)."""
+        """`send` in a worker thread, yielding the answer's text as it is generated (a `TextIteratorStreamer`). Refused
+        from inside a turn as `send` is (checked when the iteration starts)."""
+        # Here, in the caller's thread: from inside a turn (a streamer's callback) the worker's `send` would wait for
+        # a lock that this thread holds while it waits for the worker.
+        _check_not_inside_a_turn(self.model, [self], "`stream`")
         if "streamer" in generate_kwargs:  # send's own argument: it would be given twice
             raise TypeError("`streamer`: `stream` yields the answer through a streamer of its own; give yours to "
                             "`send` instead.")
@@ -407,6 +415,7 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
     # The model's turn lock, then the sessions' in one global order (by id), so that two batches over the same
     # sessions in different orders cannot deadlock.
     with contextlib.ExitStack() as held:
+        held.enter_context(_turn_in_this_thread(model, sessions, f"`send_batch` of {len(sessions)} session(s)"))
         for lock in (_turn_lock(model), *(s._lock for s in sorted(sessions, key=id))):
             held.enter_context(lock)
         return _send_batch_holding_locks(sessions, queries, generate_kwargs)
@@ -467,6 +476,49 @@ def _turn_lock(model):
         return contextlib.nullcontext()
     with _TURN_LOCKS_GUARD:
         return _TURN_LOCKS.setdefault(_model_itself(model), threading.RLock())
+
+
+# The turns running in each thread, innermost last: a turn's streamer (and any other callback of its `generate`) runs
+# in the turn's own thread, inside it.
+_RUNNING_TURNS = threading.local()
+
+
+def _check_not_inside_a_turn(model, sessions: Sequence[RxTChatSession], call: str) -> None:
+    """Refuses, at once and before anything changes, a turn started from inside a turn generating in this thread (from
+    its streamer's callback) of one of the same sessions, or of any session on the same model with adapters. Such a
+    turn cannot run correctly: `stream` waited forever (its worker thread waits for the session's lock, or the
+    model's turn lock, which this thread holds while it waits for the worker), and `send` ran inside the other turn:
+    in a session writing in the background the outer turn's write replaced the inner one's (the transcript held a
+    turn the memory did not), and on a model with adapters the inner turn ran under the outer one's adapter rows
+    (PEFT's `adapter_names` hooks stay on the model for its whole generate)."""
+    for running_model, running_sessions, running_call in getattr(_RUNNING_TURNS, "stack", ()):
+        if any(session is running for session in sessions for running in running_sessions):
+            whose = "its own turn" if len(sessions) == 1 else "the turn of one of its sessions"
+            raise RuntimeError(
+                f"{call} cannot run from inside {whose}, which is generating in this thread ({running_call}; "
+                "this call comes from that turn's streamer or another callback of its generate): a session answers "
+                "one query at a time. Call it after that turn has returned; no session was changed."
+            )
+        if running_model is _model_itself(model) and _has_adapters(model):
+            raise RuntimeError(
+                f"{call} cannot start a turn on this model from inside another session's turn, which is generating "
+                f"on it in this thread ({running_call}; this call comes from that turn's streamer or another callback "
+                "of its generate): on a model with adapters the turns of all sessions run one at a time, and one "
+                "started inside another would run under that turn's adapter settings, or wait for it forever. "
+                "Start it after that turn has returned (keep the query, then send it); no session was changed."
+            )
+
+
+@contextlib.contextmanager
+def _turn_in_this_thread(model, sessions: Sequence[RxTChatSession], call: str):
+    """Marks a turn of `sessions` on `model` as running in this thread, after `_check_not_inside_a_turn`."""
+    _check_not_inside_a_turn(model, sessions, call)
+    stack = _RUNNING_TURNS.__dict__.setdefault("stack", [])
+    stack.append((_model_itself(model), tuple(sessions), call))
+    try:
+        yield
+    finally:
+        stack.pop()
 
 
 # `generate` keywords that a turn gives itself (given again, Python said "got multiple values for keyword argument").

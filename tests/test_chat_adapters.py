@@ -270,3 +270,128 @@ def test_an_interrupt_while_send_batch_takes_its_locks_releases_those_taken(mode
     other.start()
     other.join(10)
     assert taken == [True]
+
+
+# ---- a turn started from inside another turn (a streamer's callback) -------------------------------------------------
+def _in_a_thread(call, timeout=60):
+    """Runs `call` in a daemon thread and returns what it returned or raised; a hang fails the test instead of the
+    run."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["returned"] = call()
+        except BaseException as error:
+            outcome["raised"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "hang: the call did not return"
+    return outcome
+
+
+class _CallsOnce(BaseStreamer):
+    """A streamer whose `put` makes `call` once, at the first generated token, and keeps what it raised (or lets it
+    through with `reraise`)."""
+
+    def __init__(self, call, reraise=False):
+        self.call, self.reraise, self.puts, self.raised = call, reraise, 0, []
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:  # generate puts the prompt first
+            try:
+                self.call()
+            except RuntimeError as error:
+                self.raised.append(error)
+                if self.reraise:
+                    raise
+
+    def end(self):
+        pass
+
+
+_INNER_TURNS = {
+    "stream": lambda session: "".join(session.stream(TEXTS[1], **GREEDY)),  # hung: its worker waited for the model
+    "send": lambda session: session.send(TEXTS[1], **GREEDY),
+    "send_batch": lambda session: send_batch([session], [TEXTS[1]], **GREEDY),
+}
+
+
+@pytest.mark.parametrize("inner", sorted(_INNER_TURNS))
+def test_a_turn_started_inside_another_turn_on_an_adapter_model_is_refused_at_once(model, tokenizer, inner):
+    """A streamer's callback inside one session's turn starting another session's turn on the same adapter model:
+    `stream` waited forever (its worker thread waited for the model's turn lock, held by the callback's thread, which
+    waited for the worker), `send` ran inside the other turn under its adapter settings. Now a RuntimeError at once,
+    and neither session changes."""
+    peft_model = _with_writer_adapters(model)
+    first, second = RxTChatSession(peft_model, tokenizer), RxTChatSession(peft_model, tokenizer)
+    expected_answer = RxTChatSession(peft_model, tokenizer).send(TEXTS[0], **GREEDY)
+    start = second.memory_state.stm.clone()
+    callback = _CallsOnce(lambda: _INNER_TURNS[inner](second))
+    outcome = _in_a_thread(lambda: first.send(TEXTS[0], streamer=callback, **GREEDY))
+    assert len(callback.raised) == 1, outcome
+    assert "from inside another session's turn" in str(callback.raised[0]) and "adapters" in str(callback.raised[0])
+    # The callback went on: the outer turn is whole, and answered as without it.
+    assert outcome == {"returned": expected_answer} and len(first.messages) == 2
+    assert second.messages == [] and torch.equal(second.memory_state.stm, start)
+
+
+def test_a_refused_inner_turn_that_fails_the_outer_one_leaves_both_sessions_as_they_were(model, tokenizer):
+    peft_model = _with_writer_adapters(model)
+    first, second = RxTChatSession(peft_model, tokenizer), RxTChatSession(peft_model, tokenizer)
+    first.send(TEXTS[2], **GREEDY)
+    messages, memory = copy.deepcopy(first.messages), first.memory_state.stm.clone()
+    callback = _CallsOnce(lambda: "".join(second.stream(TEXTS[1], **GREEDY)), reraise=True)
+    outcome = _in_a_thread(lambda: first.send(TEXTS[0], streamer=callback, **GREEDY))
+    assert isinstance(outcome.get("raised"), RuntimeError), outcome
+    assert first.messages == messages and torch.equal(first.memory_state.stm, memory)
+    assert second.messages == [] and len(first.timings) == 1
+    # Both go on, under the adapter active before.
+    assert peft_model.active_adapter == "first"
+    assert first.send(TEXTS[0], **GREEDY) and second.send(TEXTS[1], **GREEDY)
+
+
+@pytest.mark.parametrize("inner", sorted(_INNER_TURNS))
+def test_a_callback_cannot_start_a_turn_of_its_own_session(model, tokenizer, inner):
+    """On any model: `stream` of the session whose turn is running hung (its worker waited for the session's lock),
+    `send` ran a turn inside the turn, and the outer one then wrote its memory over the inner one's."""
+    session = RxTChatSession(model, tokenizer)
+    callback = _CallsOnce(lambda: _INNER_TURNS[inner](session))
+    outcome = _in_a_thread(lambda: session.send(TEXTS[0], streamer=callback, **GREEDY))
+    assert "returned" in outcome and len(callback.raised) == 1
+    assert "its own turn" in str(callback.raised[0])
+    expected = expected_turn(model, tokenizer, model.init_memory(1), TEXTS[0], **GREEDY)
+    assert len(session.messages) == 2 and torch.equal(session.memory_state.stm, expected.stm)
+
+
+def test_without_adapters_a_callback_may_run_another_sessions_turn(model, tokenizer):
+    """Only a model with adapters runs one turn at a time: on another model a callback may stream another session."""
+    first, second = RxTChatSession(model, tokenizer), RxTChatSession(model, tokenizer)
+    inner = []
+    callback = _CallsOnce(lambda: inner.append("".join(second.stream(TEXTS[1], **GREEDY))))
+    outcome = _in_a_thread(lambda: first.send(TEXTS[0], streamer=callback, **GREEDY))
+    assert "returned" in outcome and callback.raised == [] and len(inner) == 1
+    assert len(first.messages) == len(second.messages) == 2
+
+
+def test_the_loop_over_a_stream_may_send_to_another_session_of_an_adapter_model(model, tokenizer):
+    """The loop body of `stream()` runs in the caller's thread, not inside the turn (that runs in the stream's
+    worker): another session's turn there waits for the streamed one, then runs."""
+    peft_model = _with_writer_adapters(model)
+    first, second = RxTChatSession(peft_model, tokenizer), RxTChatSession(peft_model, tokenizer)
+    expected = RxTChatSession(peft_model, tokenizer).send(TEXTS[1], **GREEDY)
+
+    def converse():
+        answers = []
+        for _ in first.stream(TEXTS[0], **GREEDY):
+            if not answers:
+                answers.append("".join(second.stream(TEXTS[1], **GREEDY)))
+                answers.append(second.send(TEXTS[2], **GREEDY))
+        return answers
+
+    outcome = _in_a_thread(converse)
+    assert "returned" in outcome, outcome
+    assert second.messages[1]["content"] == expected and outcome["returned"][1] == second.messages[3]["content"]
+    assert len(first.messages) == 2 and len(second.messages) == 4
