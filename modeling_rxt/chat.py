@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
@@ -224,6 +225,7 @@ class RxTChatSession:
             generate_kwargs, writers = _with_adapter_rows(generate_kwargs, 1)
             kwargs = self._generation_kwargs(prompt.shape[1], generate_kwargs)
             clock = _FirstTokenClock(streamer, start)
+            setting = _adapter_setting(self.model)
             output = self.model.generate(
                 prompt, attention_mask=torch.ones_like(prompt), memory_state=self._state,
                 **_with_clock(clock, kwargs, self.model),
@@ -234,6 +236,7 @@ class RxTChatSession:
             interaction = torch.cat((prompt[0], answer_ids))[None]
             background = self._writes_in_background()
             write = self._schedule_write(self._state, interaction, None, background, writers)
+            _check_adapter_setting_kept(self.model, setting)  # else the turn is dropped, before it is booked
             timings = TurnTimings(waited, clock.first_token_s, generate_s)
             return self._record_turn(query, answer_ids, write, timings, background)
 
@@ -438,6 +441,7 @@ def _send_batch_holding_locks(sessions: list[RxTChatSession], queries: list[str]
     state = _as_model_state(model, RxTMemoryState.concatenate([s._state.to(model.device) for s in sessions]))
     generate_kwargs, writers = _with_adapter_rows(generate_kwargs, len(sessions))
     clock = _FirstTokenClock(None, start)
+    setting = _adapter_setting(model)
     output = model.generate(
         ids, attention_mask=mask, memory_state=state,
         **_with_clock(clock, first._generation_kwargs(ids.shape[1], generate_kwargs), model),
@@ -447,6 +451,7 @@ def _send_batch_holding_locks(sessions: list[RxTChatSession], queries: list[str]
     written, written_mask = _pad([torch.cat(pair) for pair in zip(prompts, answers)], tokenizer.pad_token_id)
     background = all(s.background_write for s in sessions) and first._writes_in_background()  # one model
     batch_write = first._schedule_write(state, written, written_mask, background, writers)
+    _check_adapter_setting_kept(model, setting)
     texts = []
     for row, (session, query, answer) in enumerate(zip(sessions, queries, answers)):
         timings = TurnTimings(waits[row], clock.first_token_s, generate_s)
@@ -519,6 +524,41 @@ def _turn_in_this_thread(model, sessions: Sequence[RxTChatSession], call: str):
         yield
     finally:
         stack.pop()
+
+
+def _adapter_setting(model) -> tuple | None:
+    """What decides which adapter the model's LoRA layers run (besides a call's `adapter_names`): each layer's active
+    adapters and whether it is disabled. None for a model without adapters."""
+    if not _has_adapters(model):
+        return None
+    return tuple(
+        (tuple(layer.active_adapters), bool(layer.disable_adapters))
+        for layer in _model_itself(model).modules() if isinstance(layer, BaseTunerLayer)
+    )
+
+
+def _check_adapter_setting_kept(model, before: tuple | None) -> None:
+    """Fails a turn during which the model's adapter setting changed: `set_adapter` (or `disable_adapters`, ...) is
+    not guarded by the turn lock, and a switch made meanwhile from another thread (or from a callback of the turn)
+    gave an answer generated partly under one adapter and partly under another, and its memory written under the
+    second. Only a switch still in place at the end of the turn is seen; one switched back before is not."""
+    after = _adapter_setting(model)
+    if after == before:
+        return
+
+    def described(setting) -> str:
+        if setting is None:  # adapters added during the turn
+            return "no adapters"
+        names = sorted({name for active, _ in setting for name in active})
+        return f"active {names}" + (", disabled" if any(disabled for _, disabled in setting) else "")
+
+    raise RuntimeError(
+        f"The model's adapter setting changed while this turn ran ({described(before)} -> {described(after)}): "
+        "`set_adapter`, `enable_adapters` / `disable_adapters` or `using_adapter` was called meanwhile, from another "
+        "thread or from a callback of this turn, so its answer came partly from another adapter. The turn was "
+        "dropped: the session is as it was before it. Switch adapters only while no turn runs on the model "
+        "(between turns, in the thread that runs them), then send it again."
+    )
 
 
 # `generate` keywords that a turn gives itself (given again, Python said "got multiple values for keyword argument").

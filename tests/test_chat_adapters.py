@@ -395,3 +395,27 @@ def test_the_loop_over_a_stream_may_send_to_another_session_of_an_adapter_model(
     assert "returned" in outcome, outcome
     assert second.messages[1]["content"] == expected and outcome["returned"][1] == second.messages[3]["content"]
     assert len(first.messages) == 2 and len(second.messages) == 4
+
+
+# ---- adapters switched while a turn runs -----------------------------------------------------------------------------
+def test_an_adapter_switched_while_a_turn_runs_fails_that_turn_and_keeps_the_session(model, tokenizer):
+    """`set_adapter` from another thread in the middle of a turn would give an answer generated partly under one
+    adapter and partly under another (and its memory written under the second): the turn fails with a RuntimeError
+    naming the switch, and the session is as before it."""
+    peft_model = _with_writer_adapters(model)
+    peft_model.set_adapter("first")
+    session = RxTChatSession(peft_model, tokenizer)
+    session.send(TEXTS[2], **GREEDY)
+    messages, memory = copy.deepcopy(session.messages), session.memory_state.stm.clone()
+
+    def switch():
+        switcher = threading.Thread(target=peft_model.set_adapter, args=("second",), daemon=True)
+        switcher.start()
+        switcher.join(30)
+
+    outcome = _in_a_thread(lambda: session.send(TEXTS[0], streamer=_CallsOnce(switch), **GREEDY))
+    assert isinstance(outcome.get("raised"), RuntimeError), outcome
+    assert "changed while this turn ran" in str(outcome["raised"])
+    assert session.messages == messages and torch.equal(session.memory_state.stm, memory)
+    # Switched between turns, the next turn runs under the new adapter.
+    assert session.send(TEXTS[0], **GREEDY) and len(session.messages) == 4
