@@ -210,14 +210,16 @@ class RxTChatSession:
         `background_write`). `generate_kwargs` go to `model.generate` (sampling, beams, max_new_tokens, ...).
 
         Called from inside a turn running in this thread (from its streamer's callback), it raises a RuntimeError at
-        once if that turn is this session's, or another session's on the same model with adapters."""
+        once if that turn is this session's, or another session's on the same model with adapters where either turn
+        passes per-row `adapter_names` (see `_check_not_inside_a_turn`)."""
         if streamer is not None and not isinstance(streamer, BaseStreamer):
             raise TypeError(f"`streamer` must be a transformers BaseStreamer, got {type(streamer).__name__}.")
         _check_turn_keywords(generate_kwargs)
         # Refused before any lock is taken if this thread is inside a turn (see `_turn_in_this_thread`). Then the
         # model's turn lock (see `_turn_lock`), then the session's: a streamer's callback may then take another
         # session's lock without meeting a thread that holds that lock and waits for the model's.
-        with _turn_in_this_thread(self.model, [self], "`send`"), _turn_lock(self.model), self._lock:
+        rows = generate_kwargs.get("adapter_names") is not None
+        with _turn_in_this_thread(self.model, [self], "`send`", rows), _turn_lock(self.model), self._lock:
             self._check_open()
             start = time.perf_counter()
             waited = self.wait_for_memory()
@@ -261,7 +263,8 @@ class RxTChatSession:
         from inside a turn as `send` is (checked when the iteration starts)."""
         # Here, in the caller's thread: from inside a turn (a streamer's callback) the worker's `send` would wait for
         # a lock that this thread holds while it waits for the worker.
-        _check_not_inside_a_turn(self.model, [self], "`stream`")
+        _check_not_inside_a_turn(self.model, [self], "`stream`",
+                                 adapter_rows=generate_kwargs.get("adapter_names") is not None, in_a_worker=True)
         if "streamer" in generate_kwargs:  # send's own argument: it would be given twice
             raise TypeError("`streamer`: `stream` yields the answer through a streamer of its own; give yours to "
                             "`send` instead.")
@@ -418,7 +421,8 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
     # The model's turn lock, then the sessions' in one global order (by id), so that two batches over the same
     # sessions in different orders cannot deadlock.
     with contextlib.ExitStack() as held:
-        held.enter_context(_turn_in_this_thread(model, sessions, f"`send_batch` of {len(sessions)} session(s)"))
+        call, rows = f"`send_batch` of {len(sessions)} session(s)", generate_kwargs.get("adapter_names") is not None
+        held.enter_context(_turn_in_this_thread(model, sessions, call, rows))
         for lock in (_turn_lock(model), *(s._lock for s in sorted(sessions, key=id))):
             held.enter_context(lock)
         return _send_batch_holding_locks(sessions, queries, generate_kwargs)
@@ -488,15 +492,19 @@ def _turn_lock(model):
 _RUNNING_TURNS = threading.local()
 
 
-def _check_not_inside_a_turn(model, sessions: Sequence[RxTChatSession], call: str) -> None:
-    """Refuses, at once and before anything changes, a turn started from inside a turn generating in this thread (from
-    its streamer's callback) of one of the same sessions, or of any session on the same model with adapters. Such a
-    turn cannot run correctly: `stream` waited forever (its worker thread waits for the session's lock, or the
-    model's turn lock, which this thread holds while it waits for the worker), and `send` ran inside the other turn:
-    in a session writing in the background the outer turn's write replaced the inner one's (the transcript held a
-    turn the memory did not), and on a model with adapters the inner turn ran under the outer one's adapter rows
-    (PEFT's `adapter_names` hooks stay on the model for its whole generate)."""
-    for running_model, running_sessions, running_call in getattr(_RUNNING_TURNS, "stack", ()):
+def _check_not_inside_a_turn(
+    model, sessions: Sequence[RxTChatSession], call: str, *, adapter_rows: bool, in_a_worker: bool = False
+) -> None:
+    """Refuses, at once and before anything changes, a turn that cannot run from inside a turn generating in this
+    thread (from its streamer's callback):
+    - a turn of one of the same sessions, on any model: a session answers one query at a time (`send` there ran a
+      turn inside the turn, and in a session writing in the background the outer write replaced the inner one's);
+    - on a model with adapters, whose turns share one lock held by this thread: a turn run by a worker thread
+      (`stream`), which would wait for that lock forever while this thread waits for it; and a turn inside or
+      around one with per-row `adapter_names`, whose PEFT hooks stay on the model for the whole `generate` (the
+      inner turn answered under the outer one's rows). A plain `send` of another session runs there as it would
+      after the turn: the lock lets this thread in, and the model's adapter setting is the same."""
+    for running_model, running_sessions, running_call, running_rows in getattr(_RUNNING_TURNS, "stack", ()):
         if any(session is running for session in sessions for running in running_sessions):
             whose = "its own turn" if len(sessions) == 1 else "the turn of one of its sessions"
             raise RuntimeError(
@@ -504,22 +512,31 @@ def _check_not_inside_a_turn(model, sessions: Sequence[RxTChatSession], call: st
                 "this call comes from that turn's streamer or another callback of its generate): a session answers "
                 "one query at a time. Call it after that turn has returned; no session was changed."
             )
-        if running_model is _model_itself(model) and _has_adapters(model):
-            raise RuntimeError(
-                f"{call} cannot start a turn on this model from inside another session's turn, which is generating "
-                f"on it in this thread ({running_call}; this call comes from that turn's streamer or another callback "
-                "of its generate): on a model with adapters the turns of all sessions run one at a time, and one "
-                "started inside another would run under that turn's adapter settings, or wait for it forever. "
-                "Start it after that turn has returned (keep the query, then send it); no session was changed."
-            )
+        if running_model is not _model_itself(model) or not _has_adapters(model):
+            continue
+        if in_a_worker:
+            why = ("its worker thread would wait forever for the model's turn lock, which this thread holds while it "
+                   "waits for the worker (use `send` here, or stream after that turn)")
+        elif running_rows or adapter_rows:
+            why = ("one of the two passes per-row `adapter_names`, whose PEFT hooks stay on the model for that whole "
+                   "generate, so the inner turn would answer under the outer one's adapters")
+        else:
+            continue
+        raise RuntimeError(
+            f"{call} cannot start a turn on this model with adapters from inside another session's turn, which is "
+            f"generating on it in this thread ({running_call}; this call comes from that turn's streamer or another "
+            f"callback of its generate): {why}. Start it after that turn has returned (keep the query, then send "
+            "it); no session was changed."
+        )
 
 
 @contextlib.contextmanager
-def _turn_in_this_thread(model, sessions: Sequence[RxTChatSession], call: str):
-    """Marks a turn of `sessions` on `model` as running in this thread, after `_check_not_inside_a_turn`."""
-    _check_not_inside_a_turn(model, sessions, call)
+def _turn_in_this_thread(model, sessions: Sequence[RxTChatSession], call: str, adapter_rows: bool):
+    """Marks a turn of `sessions` on `model` as running in this thread (with per-row `adapter_names` or not), after
+    `_check_not_inside_a_turn`."""
+    _check_not_inside_a_turn(model, sessions, call, adapter_rows=adapter_rows)
     stack = _RUNNING_TURNS.__dict__.setdefault("stack", [])
-    stack.append((_model_itself(model), tuple(sessions), call))
+    stack.append((_model_itself(model), tuple(sessions), call, adapter_rows))
     try:
         yield
     finally:
@@ -527,14 +544,14 @@ def _turn_in_this_thread(model, sessions: Sequence[RxTChatSession], call: str):
 
 
 def _adapter_setting(model) -> tuple | None:
-    """What decides which adapter the model's LoRA layers run (besides a call's `adapter_names`): each layer's active
-    adapters and whether it is disabled. None for a model without adapters."""
+    """What decides which adapter the model's LoRA layers run (besides a call's `adapter_names`): the adapters
+    active in any of its layers and whether any layer is disabled. None for a model without adapters. Taken over the
+    whole model, not layer by layer: adding an adapter adds layers without changing what runs."""
     if not _has_adapters(model):
         return None
-    return tuple(
-        (tuple(layer.active_adapters), bool(layer.disable_adapters))
-        for layer in _model_itself(model).modules() if isinstance(layer, BaseTunerLayer)
-    )
+    layers = [layer for layer in _model_itself(model).modules() if isinstance(layer, BaseTunerLayer)]
+    active = sorted({name for layer in layers for name in layer.active_adapters})
+    return tuple(active), any(bool(layer.disable_adapters) for layer in layers)
 
 
 def _check_adapter_setting_kept(model, before: tuple | None) -> None:
@@ -549,8 +566,8 @@ def _check_adapter_setting_kept(model, before: tuple | None) -> None:
     def described(setting) -> str:
         if setting is None:  # adapters added during the turn
             return "no adapters"
-        names = sorted({name for active, _ in setting for name in active})
-        return f"active {names}" + (", disabled" if any(disabled for _, disabled in setting) else "")
+        active, disabled = setting
+        return f"active {list(active)}" + (", disabled" if disabled else "")
 
     raise RuntimeError(
         f"The model's adapter setting changed while this turn ran ({described(before)} -> {described(after)}): "

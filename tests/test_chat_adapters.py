@@ -319,23 +319,59 @@ _INNER_TURNS = {
 }
 
 
-@pytest.mark.parametrize("inner", sorted(_INNER_TURNS))
-def test_a_turn_started_inside_another_turn_on_an_adapter_model_is_refused_at_once(model, tokenizer, inner):
+_INNER_WITH_ROWS = {
+    "send": lambda session: session.send(TEXTS[1], adapter_names=["second"], **GREEDY),
+    "send_batch": lambda session: send_batch([session], [TEXTS[1]], adapter_names=["second"], **GREEDY),
+}
+
+
+@pytest.mark.parametrize(("inner", "outer_rows", "inner_rows"), [
+    ("stream", False, False), ("stream", True, False),  # stream hung: its worker waited for the model's turn lock
+    ("send", True, False), ("send_batch", True, False),  # ran under the outer turn's adapter_names hooks
+    ("send", False, True), ("send_batch", False, True),  # its own hooks, inside the outer turn's generate
+])
+def test_a_turn_started_inside_another_turn_on_an_adapter_model_is_refused_at_once(
+    model, tokenizer, inner, outer_rows, inner_rows
+):
     """A streamer's callback inside one session's turn starting another session's turn on the same adapter model:
     `stream` waited forever (its worker thread waited for the model's turn lock, held by the callback's thread, which
-    waited for the worker), `send` ran inside the other turn under its adapter settings. Now a RuntimeError at once,
-    and neither session changes."""
+    waited for the worker), and a turn with per-row `adapter_names` inside or around the other ran under the other's
+    adapter hooks. Now a RuntimeError at once, and neither session changes."""
     peft_model = _with_writer_adapters(model)
     first, second = RxTChatSession(peft_model, tokenizer), RxTChatSession(peft_model, tokenizer)
-    expected_answer = RxTChatSession(peft_model, tokenizer).send(TEXTS[0], **GREEDY)
+    rows = {"adapter_names": ["second"]} if outer_rows else {}
+    expected_answer = RxTChatSession(peft_model, tokenizer).send(TEXTS[0], **rows, **GREEDY)
     start = second.memory_state.stm.clone()
-    callback = _CallsOnce(lambda: _INNER_TURNS[inner](second))
-    outcome = _in_a_thread(lambda: first.send(TEXTS[0], streamer=callback, **GREEDY))
+    callback = _CallsOnce(lambda: (_INNER_WITH_ROWS if inner_rows else _INNER_TURNS)[inner](second))
+    outcome = _in_a_thread(lambda: first.send(TEXTS[0], streamer=callback, **rows, **GREEDY))
     assert len(callback.raised) == 1, outcome
-    assert "from inside another session's turn" in str(callback.raised[0]) and "adapters" in str(callback.raised[0])
+    message = str(callback.raised[0])
+    assert "from inside another session's turn" in message and "with adapters" in message
+    assert ("worker thread would wait forever" if inner == "stream" else "per-row `adapter_names`") in message
     # The callback went on: the outer turn is whole, and answered as without it.
     assert outcome == {"returned": expected_answer} and len(first.messages) == 2
     assert second.messages == [] and torch.equal(second.memory_state.stm, start)
+
+
+@pytest.mark.parametrize("inner", ["send", "send_batch"])
+def test_a_plain_turn_inside_another_sessions_plain_turn_on_an_adapter_model_runs_as_after_it(
+    model, tokenizer, inner
+):
+    """Neither turn passes `adapter_names`: the inner one runs in the callback's thread (the turn lock lets it in)
+    under the same active adapter, and both sessions end as if the turns had run one after the other."""
+    peft_model = _with_writer_adapters(model)
+    first, second = RxTChatSession(peft_model, tokenizer), RxTChatSession(peft_model, tokenizer)
+    inner_answers = []
+    callback = _CallsOnce(lambda: inner_answers.append(_INNER_TURNS[inner](second)))
+    outcome = _in_a_thread(lambda: first.send(TEXTS[0], streamer=callback, **GREEDY))
+    assert "returned" in outcome and callback.raised == [], outcome
+    alone_first, alone_second = RxTChatSession(peft_model, tokenizer), RxTChatSession(peft_model, tokenizer)
+    assert outcome["returned"] == alone_first.send(TEXTS[0], **GREEDY)
+    assert len(second.messages) == 2 and len(first.messages) == 2
+    assert second.messages[1]["content"] == inner_answers[0][0] if inner == "send_batch" else inner_answers[0]
+    assert second.messages[1]["content"] == alone_second.send(TEXTS[1], **GREEDY)
+    torch.testing.assert_close(first.memory_state.stm, alone_first.memory_state.stm, rtol=0, atol=0)
+    torch.testing.assert_close(second.memory_state.stm, alone_second.memory_state.stm, rtol=0, atol=0)
 
 
 def test_a_refused_inner_turn_that_fails_the_outer_one_leaves_both_sessions_as_they_were(model, tokenizer):
@@ -419,3 +455,18 @@ def test_an_adapter_switched_while_a_turn_runs_fails_that_turn_and_keeps_the_ses
     assert session.messages == messages and torch.equal(session.memory_state.stm, memory)
     # Switched between turns, the next turn runs under the new adapter.
     assert session.send(TEXTS[0], **GREEDY) and len(session.messages) == 4
+
+
+def test_an_adapter_added_while_a_turn_runs_changes_nothing_that_runs(model, tokenizer):
+    """Adding an adapter adds LoRA layers but leaves the active one: the turn is kept (it failed, naming a change
+    from "active ['first']" to "active ['first']")."""
+    from peft import LoraConfig
+
+    peft_model = _with_writer_adapters(model)
+    peft_model.set_adapter("first")
+    session = RxTChatSession(peft_model, tokenizer)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*self_attn.*_proj", init_lora_weights=False)
+    callback = _CallsOnce(lambda: peft_model.add_adapter("third", config))
+    outcome = _in_a_thread(lambda: session.send(TEXTS[0], streamer=callback, **GREEDY))
+    assert "returned" in outcome, outcome
+    assert "third" in peft_model.peft_config and len(session.messages) == 2
