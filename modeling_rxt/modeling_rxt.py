@@ -109,6 +109,7 @@ from .modeling_rxt_checks import (
     check_generation_settings,
     check_interaction_ids,
     check_labels,
+    check_no_memory_for_continuous_batching,
     check_token_ids,
 )
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
@@ -867,6 +868,10 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         if memory_state is not None:
             memory_state = as_memory_state(memory_state)
         check_generation_settings(kwargs, generation_config or self.generation_config)
+        if kwargs.get("cache_implementation") == "paged":  # the keyword (not the config's) switches to `generate_batch`
+            check_no_memory_for_continuous_batching({**kwargs, "memory_state": memory_state}, "`generate(cache_"
+                                                    "implementation='paged')`")
+            return super().generate(inputs, generation_config, *args, **kwargs)
         given = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
         prompt = next((value for value in given if value is not None), None)
         if prompt is None and kwargs.get("memory_key_values") is None:
@@ -892,6 +897,12 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         with _all_layers_afterwards(self) if early_exit else contextlib.nullcontext():
             outputs = super().generate(inputs, generation_config, *args, **kwargs)
         return attach_retrieved_memory_idx(outputs, recorder)
+
+    def generate_batch(self, inputs, *args, **kwargs):
+        """transformers' continuous batching: every request reads the learned initial memory (it passes the model
+        only the prompts), so a conversation's memory is refused here rather than dropped."""
+        check_no_memory_for_continuous_batching(kwargs, "`generate_batch`")
+        return super().generate_batch(inputs, *args, **kwargs)
 
     def _bos_prompt(self, bos: int | None, memory_state: RxTMemoryState | None, attention_mask) -> torch.Tensor:
         """(B, 1) of `bos` (the call's `bos_token_id`): one row per conversation of `memory_state`, else per row of

@@ -211,6 +211,23 @@ def check_generation_settings(kwargs: dict, generation_config) -> None:
             raise TypeError(f"`{name}` must be an int (one token id) or None, got {token_id!r}.")
 
 
+# What a conversation's memory reaches `generate` as: the state, its projection, or external memories.
+MEMORY_INPUTS = ("memory_state", "memory_key_values", "external_memories", "external_memory", "external_memory_rows")
+
+
+def check_no_memory_for_continuous_batching(kwargs: dict, call: str) -> None:
+    """Continuous batching (`generate_batch`, or `generate` with `cache_implementation="paged"`) passes the model
+    nothing but the prompts, so every request reads the learned initial memory: a memory given to it would be
+    dropped without a word (the answers were those of a conversation's first turn). Refused by name."""
+    given = [name for name in MEMORY_INPUTS if kwargs.get(name) is not None]
+    if given:
+        raise ValueError(
+            f"{call} runs continuous batching, which gives the model only the prompts: every request reads the "
+            f"learned initial memory, and {', '.join(f'`{name}`' for name in given)} would be ignored. Generate with "
+            "another cache (the default, or `cache_implementation='static'`) to read a conversation's memory."
+        )
+
+
 def _are_token_ids(value) -> bool:
     """One token id or several (a list, possibly empty, of ints or 0-d integer tensors; an integer tensor or numpy
     array), as transformers makes a tensor of them: a string failed there with "new(): invalid data type 'str'", and

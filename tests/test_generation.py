@@ -77,6 +77,27 @@ def test_static_cache_and_a_compiled_decode_step_give_the_dynamic_cache_answer(t
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really was traced
 
 
+@pytest.mark.parametrize("memory", ["memory_state", "memory_key_values", "external_memories"])
+def test_continuous_batching_refuses_a_memory_it_would_drop(tiny_model, memory):
+    """`cache_implementation="paged"` switches `generate` to continuous batching (`generate_batch`), which passes the
+    model nothing but the prompts: every request read the learned initial memory, the conversation's was dropped
+    without a word. Refused by name; without a memory it still runs (and reads the initial memory, as documented)."""
+    model = tiny_model("dense")
+    input_ids, state = random_ids(2, 5), random_state(model, 2)
+    given = {
+        "memory_state": state,
+        "memory_key_values": model.model.project_memory(state.stm),
+        "external_memories": random_ids(2, 12, seed=3),
+    }[memory]
+    common = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    with pytest.raises(ValueError, match=f"continuous batching.*`{memory}`"):
+        model.generate(input_ids, cache_implementation="paged", **{memory: given}, **common)
+    with pytest.raises(ValueError, match=f"continuous batching.*`{memory}`"):
+        model.generate_batch(input_ids.tolist(), **{memory: given}, max_new_tokens=NEW_TOKENS)
+    paged = model.generate(input_ids, cache_implementation="paged", **common)  # (1, B, T): transformers' own shape
+    assert torch.equal(paged[0], model.generate(input_ids, **common))
+
+
 def test_update_memory_compiles_as_one_graph(tiny_model, kind):
     # `update_memory` checks ids and mask values once per call; a compiled graph cannot branch on values, so the
     # checks stand aside under dynamo (fullgraph: any break fails), as the forward's do.
