@@ -190,7 +190,7 @@ def generation_number(name: str, value, kind: type):
 
 def check_generation_settings(kwargs: dict, generation_config) -> None:
     """The numeric settings of `generate` (keywords beat the generation config's) are ints or numbers (numpy's and
-    0-d tensors too), or None; the counts among them at least 1."""
+    0-d tensors too), or None; the counts among them at least 1; no token healing (see there)."""
 
     def setting(name):
         return kwargs[name] if name in kwargs else getattr(generation_config, name, None)
@@ -202,6 +202,10 @@ def check_generation_settings(kwargs: dict, generation_config) -> None:
         value = generation_number(name, setting(name), numbers.Integral)
         if value is not None and value < 1:
             raise ValueError(f"`{name}` must be at least 1, got {value}.")
+    if setting("token_healing"):
+        raise ValueError("`token_healing` is not supported: transformers re-encodes the prompt without its special "
+                         "tokens (the [BOS][Q] ... [A] frame an RxT turn needs) and heals it with a `generate` that "
+                         "reads no memory.")
     eos_token_id = setting("eos_token_id")
     if eos_token_id is not None and not _are_token_ids(eos_token_id):
         raise TypeError(f"`eos_token_id` must be an int or a list of ints, got {eos_token_id!r}.")

@@ -98,6 +98,15 @@ def test_continuous_batching_refuses_a_memory_it_would_drop(tiny_model, memory):
     assert torch.equal(paged[0], model.generate(input_ids, **common))
 
 
+def test_token_healing_is_refused_by_name(tiny_model):
+    """transformers' token healing re-encodes the prompt without its special tokens (the [BOS][Q] ... [A] frame of
+    an RxT turn) and heals it with an inner `generate` that reads no memory: the answer lost both."""
+    model = tiny_model("dense")
+    for settings in ({"token_healing": True}, {"generation_config": GenerationConfig(token_healing=True)}):
+        with pytest.raises(ValueError, match="`token_healing`.*special tokens"):
+            model.generate(random_ids(1, 5), memory_state=random_state(model, 1), max_new_tokens=2, **settings)
+
+
 def test_update_memory_compiles_as_one_graph(tiny_model, kind):
     # `update_memory` checks ids and mask values once per call; a compiled graph cannot branch on values, so the
     # checks stand aside under dynamo (fullgraph: any break fails), as the forward's do.
