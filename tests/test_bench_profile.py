@@ -3,12 +3,16 @@ ablation removes the memory read and puts it back, the section's figures hang to
 
 import inspect
 import json
+import statistics
+from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 from modeling_rxt.bench import BenchSettings, build_systems, measure_profile, run_benchmarks
+from modeling_rxt.bench import profile as profile_module
 from modeling_rxt.bench.profile import (
     REST,
     WITHOUT_READ,
@@ -116,7 +120,8 @@ def test_a_training_step_counts_forward_and_backward_and_clears_gradients(models
 
 
 def test_generate_inspects_the_forward_of_a_remote_code_model_at_every_step(models, query, monkeypatch):
-    """What the signature-check figure stands for: transformers' per-step check for registered (remote) models."""
+    """What the signature-check figure stands for: transformers' per-step check for registered (remote) models,
+    counted as the calls that n more tokens add (generate also inspects the forward a few times per call)."""
     model, calls = models["rxt-dense"], []
     real_signature = inspect.signature
 
@@ -126,25 +131,46 @@ def test_generate_inspects_the_forward_of_a_remote_code_model_at_every_step(mode
         return real_signature(target, *args, **kwargs)
 
     monkeypatch.setattr(inspect, "signature", counting_signature)
-    model.generate(query, memory_state=model.init_memory(1), **forced_length(4))
-    assert len(calls) >= 4
+    per_call = []
+    for tokens in (4, 8):
+        calls.clear()
+        model.generate(query, memory_state=model.init_memory(1), **forced_length(tokens))
+        per_call.append(len(calls))
+    assert per_call[1] - per_call[0] == 4
     monkeypatch.undo()
     assert generate_signature_check_seconds(model, calls=20) > 0
     assert generate_signature_check_seconds(models[LLAMA]) == 0.0
 
 
-def test_the_profile_section_hangs_together(models, settings):
-    result = measure_profile(models, settings)
+def test_the_profile_section_hangs_together(models, settings, monkeypatch):
+    ablations = []
+    real_removed = profile_module.memory_read_removed
+
+    @contextmanager
+    def counted_removal(model):
+        with real_removed(model) as ablated:
+            ablations.append(model)
+            yield ablated
+
+    monkeypatch.setattr(profile_module, "memory_read_removed", counted_removal)
+    result = measure_profile(models, replace(settings, decode_repeats=3))
     variants = {*models, *(name + WITHOUT_READ for name in RXT)}
     assert set(result["decode_step_s"]) == set(result["samples_decode_step_s"]) == variants
-    assert all(len(times) == settings.decode_repeats for times in result["samples_decode_step_s"].values())
+    assert all(len(times) == 3 for times in result["samples_decode_step_s"].values())
+    # the timings without the read ran on the ablated model: once per repeat and system, besides the operator count
+    assert [ablations.count(models[name]) for name in RXT] == [3 + 1, 3 + 1]
     samples = result["samples_decode_step_s"]
     for name in RXT:
-        shares = sorted((full - ablated) / base for full, ablated, base in
-                        zip(samples[name], samples[name + WITHOUT_READ], samples[LLAMA], strict=True))
-        assert result["memory_read_over_llama_step"][name] == pytest.approx(sum(shares) / 2)
+        shares = [(full - ablated) / base for full, ablated, base in
+                  zip(samples[name], samples[name + WITHOUT_READ], samples[LLAMA], strict=True)]
+        assert result["memory_read_over_llama_step"][name] == pytest.approx(statistics.median(shares))
+        low, middle, high = result["memory_read_over_llama_step_quartiles"][name]
+        assert low <= middle <= high and middle == result["memory_read_over_llama_step"][name]
+        full, ablated = result["decode_step_operators"][name], result["decode_step_operators_without_memory_read"][name]
+        # the residual add of the read stays (of a 0-d zero), counted with the rest in both
+        assert ablated["total"] == full["total"] - full["memory read"] and ablated["rest"] == full["rest"]
         write = result["write_s"][name]
-        assert write["encoder_s"] > 0 and write["encoder_s"] + write["memory_attention_s"] == pytest.approx(
+        assert write["encoder_s"] > 0 and write["encoder_s"] + write["after_encoder_s"] == pytest.approx(
             write["write_s"])
         assert result["write_operators"][name] > 0
     assert result["training_step_operators"][LLAMA]["forward"] > 0

@@ -9,13 +9,15 @@ aten operator costs a few microseconds of dispatch on a CPU and is one kernel la
 - times a decoding step (a bare forward loop with a cache) of each RxT system as it is and with its memory read
   removed (`memory_read_removed`), paired with Llama's step in every repeat: what the memory read costs, in units of
   Llama's step, and what the rest of an RxT layer costs against Llama's;
-- splits a memory write into the memory encoder and the memory attention (hooks around the encoder);
+- splits a memory write into the memory encoder and what follows it, the memory attention with the write's glue
+  (hooks around the encoder);
 - times what `generate` adds per step for a model registered for the Auto classes, as every `trust_remote_code`
   model is: transformers calls `inspect.signature(model.forward)` at every step to look for a `cache_position`
   argument (`GenerationMixin.prepare_inputs_for_generation`); Llama, built into transformers, skips it.
 """
 
 import inspect
+import statistics
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -169,8 +171,8 @@ def write_operators(model: RxTForCausalLM, interaction: torch.Tensor) -> int:
 
 @torch.no_grad()
 def timed_write_parts(model: RxTForCausalLM, interaction: torch.Tensor) -> dict[str, float]:
-    """Seconds of one memory write, and of the memory encoder inside it (hooks around the encoder's forward); the
-    rest is the memory attention and the write's own glue."""
+    """Seconds of one memory write, of the memory encoder inside it (hooks around the encoder's forward), and of
+    what comes after the encoder: the memory attention, with the write's own glue (checks, stacking the layers)."""
     device = interaction.device
     marks = {}
     encoder = model.model.memory_encoder
@@ -186,7 +188,7 @@ def timed_write_parts(model: RxTForCausalLM, interaction: torch.Tensor) -> dict[
         for handle in handles:
             handle.remove()
     encoder_s = marks["encoder_end"] - marks["encoder_start"]
-    return {"write_s": total, "encoder_s": encoder_s, "memory_attention_s": total - encoder_s}
+    return {"write_s": total, "encoder_s": encoder_s, "after_encoder_s": total - encoder_s}
 
 
 @torch.no_grad()
@@ -218,7 +220,9 @@ def generate_signature_check_seconds(model: PreTrainedModel, calls: int = 2000) 
 
 def measure_profile(models: dict[str, PreTrainedModel], settings: BenchSettings) -> dict:
     """The `profile` section (see the module docstring). Timings use `settings.decode_tokens` tokens per loop and
-    `settings.decode_repeats` repeats, every variant measured back to back within a repeat in rotating order."""
+    `settings.decode_repeats` repeats. Within a repeat each RxT system runs as it is and without its memory read
+    back to back (which goes first alternates), since their difference is the figure; the systems and Llama in a
+    rotating order. The writes are timed after, `settings.write_repeats` times, the systems interleaved."""
     generator = torch.Generator().manual_seed(settings.seed + 3)
     llama = models[LLAMA]
     query = torch.randint(4, llama.config.vocab_size, (1, settings.query_tokens), generator=generator)
@@ -226,44 +230,73 @@ def measure_profile(models: dict[str, PreTrainedModel], settings: BenchSettings)
     rxt_names = [name for name in models if name != LLAMA]
     train_ids = torch.randint(4, llama.config.vocab_size, (2, min(64, settings.train_seq_len)), generator=generator)
     interaction = torch.randint(4, llama.config.vocab_size, (1, settings.turn_tokens), generator=generator)
+    interaction = interaction.to(settings.device)
     result = {
         "decode_step_operators": {name: decode_step_operators(model, query) for name, model in models.items()},
+        "decode_step_operators_without_memory_read": {},
         "training_step_operators": {
             name: training_step_operators(model, train_ids.to(settings.device)) for name, model in models.items()
         },
         "training_step_batch": list(train_ids.shape),
-        "write_operators": {name: write_operators(models[name], interaction.to(settings.device)) for name in rxt_names},
+        "write_operators": {name: write_operators(models[name], interaction) for name in rxt_names},
         "generate_signature_check_s": {name: generate_signature_check_seconds(model) for name, model in models.items()},
         "decode_tokens": settings.decode_tokens,
     }
-    variants = [*models, *(name + WITHOUT_READ for name in rxt_names)]
-    samples = {variant: [] for variant in variants}
-    memory_inputs = {name: _memory_inputs(model) for name, model in models.items()}
-    write_samples = {name: [] for name in rxt_names}
-    for repeat in range(settings.decode_repeats):
-        for variant in rotated(variants, repeat):
-            name = variant.removesuffix(WITHOUT_READ)
-            if variant == name:
-                samples[variant].append(decode_step_seconds(models[name], query, settings.decode_tokens,
-                                                             memory_inputs[name]))
-                if name != LLAMA:
-                    write_samples[name].append(timed_write_parts(models[name], interaction.to(settings.device)))
-            else:
-                with memory_read_removed(models[name]) as ablated:
-                    samples[variant].append(decode_step_seconds(ablated, query, settings.decode_tokens, memory_inputs[name]))
+    for name in rxt_names:
+        with memory_read_removed(models[name]) as ablated:
+            result["decode_step_operators_without_memory_read"][name] = decode_step_operators(ablated, query)
+    samples = _decode_step_samples(models, query, settings)
     result["decode_step_s"] = {variant: median(times) for variant, times in samples.items()}
     result["samples_decode_step_s"] = samples
-    result["memory_read_over_llama_step"] = {}
-    result["without_memory_read_over_llama_step"] = {}
+    for key in ("memory_read_over_llama_step", "memory_read_over_llama_step_quartiles",
+                "without_memory_read_over_llama_step"):
+        result[key] = {}
     for name in rxt_names:
         read_share = [(full - ablated) / base for full, ablated, base in
                       zip(samples[name], samples[name + WITHOUT_READ], samples[LLAMA], strict=True)]
         result["memory_read_over_llama_step"][name] = median(read_share)
+        result["memory_read_over_llama_step_quartiles"][name] = quartiles(read_share)
         _, result["without_memory_read_over_llama_step"][name] = paired_ratios(samples[name + WITHOUT_READ],
                                                                               samples[LLAMA])
+    write_samples = {name: [] for name in rxt_names}
+    for repeat in range(settings.write_repeats):
+        for name in rotated(rxt_names, repeat):
+            write_samples[name].append(timed_write_parts(models[name], interaction))
     result["write_s"] = {name: {part: median([sample[part] for sample in parts]) for part in parts[0]}
                          for name, parts in write_samples.items()}
     return result
+
+
+def _decode_step_samples(models: dict[str, PreTrainedModel], query: torch.Tensor, settings: BenchSettings) -> dict:
+    """Seconds per decoding step of every system, and of each RxT system without its memory read, per repeat."""
+    rxt_names = [name for name in models if name != LLAMA]
+    samples = {variant: [] for variant in [*models, *(name + WITHOUT_READ for name in rxt_names)]}
+    memory_inputs = {name: _memory_inputs(model) for name, model in models.items()}  # projected before any ablation
+
+    def time_step(name: str, without_read: bool) -> None:
+        if not without_read:
+            samples[name].append(decode_step_seconds(models[name], query, settings.decode_tokens, memory_inputs[name]))
+            return
+        with memory_read_removed(models[name]) as ablated:
+            step = decode_step_seconds(ablated, query, settings.decode_tokens, memory_inputs[name])
+        samples[name + WITHOUT_READ].append(step)
+
+    for repeat in range(settings.decode_repeats):
+        for name in rotated(list(models), repeat):
+            if name == LLAMA:
+                time_step(name, without_read=False)
+                continue
+            for without_read in (False, True) if repeat % 2 == 0 else (True, False):
+                time_step(name, without_read)
+    return samples
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """First quartile, median and third quartile (the spread of a paired figure on a noisy host)."""
+    if len(values) == 1:
+        return [values[0]] * 3
+    first, _, third = statistics.quantiles(values, n=4, method="inclusive")
+    return [first, median(values), third]
 
 
 def profile_lines(profile: dict) -> list[str]:
@@ -277,11 +310,12 @@ def profile_lines(profile: dict) -> list[str]:
     steps = profile["decode_step_s"]
     lines.append("decode step us " + "  ".join(f"{variant} {seconds * 1e6:.0f}" for variant, seconds in steps.items()))
     for name, share in profile["memory_read_over_llama_step"].items():
+        low, _, high = profile["memory_read_over_llama_step_quartiles"][name]
         rest = profile["without_memory_read_over_llama_step"][name]
         signature = profile["generate_signature_check_s"][name] * 1e6
         write = profile["write_s"][name]
-        lines.append(f"{name}: memory read = {share:.2f} of Llama's step, the rest {rest:.2f} of it; generate's "
-                     f"signature check {signature:.0f} us/step; write {write['write_s'] * 1e3:.1f} ms (encoder "
-                     f"{write['encoder_s'] * 1e3:.1f}, memory attention {write['memory_attention_s'] * 1e3:.1f}), "
-                     f"{profile['write_operators'][name]} ops")
+        lines.append(f"{name}: memory read = {share:.2f} of Llama's step (quartiles {low:.2f}-{high:.2f}), the rest "
+                     f"{rest:.2f} of it; generate's signature check {signature:.0f} us/step; write "
+                     f"{write['write_s'] * 1e3:.1f} ms (encoder {write['encoder_s'] * 1e3:.1f}, after it "
+                     f"{write['after_encoder_s'] * 1e3:.1f}; the whole write {profile['write_operators'][name]} ops)")
     return lines
