@@ -56,8 +56,9 @@ class RxTRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # torch's fused kernel: weight * x / sqrt(mean(x^2) + eps), accumulated in float32 for half-precision inputs.
-        # One op instead of seven; a decoded token runs three norms per layer, so the op count is what costs.
+        # torch's rms_norm: weight * x / sqrt(mean(x^2) + eps), accumulated in float32 for half-precision inputs. On
+        # CPU it dispatches the same six operators as the written-out form, a little faster (13 against 15 us for a
+        # 128-wide row); fused where the device has a kernel for it.
         return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
 
 
