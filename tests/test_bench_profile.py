@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from modeling_rxt.bench import BenchSettings, build_systems, measure_profile, run_benchmarks
+from modeling_rxt.bench import measure_profile, run_benchmarks
 from modeling_rxt.bench import profile as profile_module
 from modeling_rxt.bench.profile import (
     REST,
@@ -26,20 +26,9 @@ from modeling_rxt.bench.profile import (
 )
 from modeling_rxt.bench.systems import LLAMA, forced_length
 
-from test_bench import TINY_RUN
+from test_bench import models, settings  # noqa: F401 (the tiny systems and settings, fixtures used by name)
 
 RXT = ("rxt-moe", "rxt-dense")
-
-
-@pytest.fixture(scope="module")
-def settings() -> BenchSettings:
-    torch.set_num_threads(1)
-    return BenchSettings(**TINY_RUN)
-
-
-@pytest.fixture(scope="module")
-def models(settings):
-    return build_systems(settings)
 
 
 @pytest.fixture(scope="module")
