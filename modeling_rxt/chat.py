@@ -216,10 +216,11 @@ class RxTChatSession:
             raise TypeError(f"`streamer` must be a transformers BaseStreamer, got {type(streamer).__name__}.")
         _check_turn_keywords(generate_kwargs)
         # Refused before any lock is taken if this thread is inside a turn (see `_turn_in_this_thread`). Then the
-        # model's turn lock (see `_turn_lock`), then the session's: a streamer's callback may then take another
-        # session's lock without meeting a thread that holds that lock and waits for the model's.
+        # model's turn lock (see `_turn_lock`), then the session's; a turn nested in another of this thread never
+        # waits for them (`_holding`): on a model without adapters there is no turn lock to order the sessions'.
         rows = generate_kwargs.get("adapter_names") is not None
-        with _turn_in_this_thread(self.model, [self], "`send`", rows), _turn_lock(self.model), self._lock:
+        with _turn_in_this_thread(self.model, [self], "`send`", rows) as nested, \
+                _holding(_turn_lock(self.model), nested, "`send`"), _holding(self._lock, nested, "`send`"):
             self._check_open()
             start = time.perf_counter()
             waited = self.wait_for_memory()
@@ -422,9 +423,9 @@ def send_batch(sessions: Sequence[RxTChatSession], queries: Sequence[str], **gen
     # sessions in different orders cannot deadlock.
     with contextlib.ExitStack() as held:
         call, rows = f"`send_batch` of {len(sessions)} session(s)", generate_kwargs.get("adapter_names") is not None
-        held.enter_context(_turn_in_this_thread(model, sessions, call, rows))
+        nested = held.enter_context(_turn_in_this_thread(model, sessions, call, rows))
         for lock in (_turn_lock(model), *(s._lock for s in sorted(sessions, key=id))):
-            held.enter_context(lock)
+            held.enter_context(_holding(lock, nested, call))
         return _send_batch_holding_locks(sessions, queries, generate_kwargs)
 
 
@@ -533,14 +534,36 @@ def _check_not_inside_a_turn(
 @contextlib.contextmanager
 def _turn_in_this_thread(model, sessions: Sequence[RxTChatSession], call: str, adapter_rows: bool):
     """Marks a turn of `sessions` on `model` as running in this thread (with per-row `adapter_names` or not), after
-    `_check_not_inside_a_turn`."""
+    `_check_not_inside_a_turn`. Yields whether it is nested in another turn of this thread."""
     _check_not_inside_a_turn(model, sessions, call, adapter_rows=adapter_rows)
     stack = _RUNNING_TURNS.__dict__.setdefault("stack", [])
+    nested = bool(stack)
     stack.append((_model_itself(model), tuple(sessions), call, adapter_rows))
+    try:
+        yield nested
+    finally:
+        stack.pop()
+
+
+@contextlib.contextmanager
+def _holding(lock, nested: bool, call: str):
+    """`lock` held for the block. A turn nested in another turn of this thread (started from its callback) does not
+    wait for a lock another thread holds: that thread may be waiting for a lock the outer turn holds (e.g. a
+    `send_batch` that locked this session and waits for the outer one's), and both would wait forever."""
+    if not nested or isinstance(lock, contextlib.nullcontext):
+        with lock:
+            yield
+        return
+    if not lock.acquire(blocking=False):
+        raise RuntimeError(
+            f"{call} was started from inside another turn running in this thread (its streamer or another callback "
+            "of its generate), and a session or model it needs is in a turn of another thread. Waiting for it there "
+            "could wait forever; no session was changed. Send it after the outer turn has returned."
+        )
     try:
         yield
     finally:
-        stack.pop()
+        lock.release()
 
 
 def _adapter_setting(model) -> tuple | None:

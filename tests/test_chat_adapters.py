@@ -368,7 +368,7 @@ def test_a_plain_turn_inside_another_sessions_plain_turn_on_an_adapter_model_run
     alone_first, alone_second = RxTChatSession(peft_model, tokenizer), RxTChatSession(peft_model, tokenizer)
     assert outcome["returned"] == alone_first.send(TEXTS[0], **GREEDY)
     assert len(second.messages) == 2 and len(first.messages) == 2
-    assert second.messages[1]["content"] == inner_answers[0][0] if inner == "send_batch" else inner_answers[0]
+    assert second.messages[1]["content"] == (inner_answers[0][0] if inner == "send_batch" else inner_answers[0])
     assert second.messages[1]["content"] == alone_second.send(TEXTS[1], **GREEDY)
     torch.testing.assert_close(first.memory_state.stm, alone_first.memory_state.stm, rtol=0, atol=0)
     torch.testing.assert_close(second.memory_state.stm, alone_second.memory_state.stm, rtol=0, atol=0)
@@ -410,6 +410,31 @@ def test_without_adapters_a_callback_may_run_another_sessions_turn(model, tokeni
     outcome = _in_a_thread(lambda: first.send(TEXTS[0], streamer=callback, **GREEDY))
     assert "returned" in outcome and callback.raised == [] and len(inner) == 1
     assert len(first.messages) == len(second.messages) == 2
+
+
+def test_nested_turns_of_two_threads_never_wait_for_each_other(model, tokenizer):
+    """On a model without adapters (no turn lock orders the sessions'), thread 1's callback, inside a turn of `hi`,
+    sent to `lo` while thread 2's callback, inside a turn of `lo`, sent to `hi`: each waited for the other's session
+    forever. A turn nested in a turn does not wait for a lock another thread holds: both are refused at once, and
+    both outer turns end as without them."""
+    hi, lo = RxTChatSession(model, tokenizer), RxTChatSession(model, tokenizer)
+    in_hi, in_lo = threading.Event(), threading.Event()
+
+    def meet_then_send(mine, other, session):
+        mine.set()
+        other.wait(30)
+        session.send(TEXTS[1], **GREEDY)
+
+    first = _CallsOnce(lambda: meet_then_send(in_hi, in_lo, lo))
+    second = _CallsOnce(lambda: meet_then_send(in_lo, in_hi, hi))
+    thread = threading.Thread(target=lambda: lo.send(TEXTS[2], streamer=second, **GREEDY), daemon=True)
+    thread.start()
+    outcome = _in_a_thread(lambda: hi.send(TEXTS[0], streamer=first, **GREEDY))
+    thread.join(60)
+    assert not thread.is_alive() and "returned" in outcome, "hang: the nested sends waited for each other"
+    for refused in (first.raised, second.raised):
+        assert len(refused) == 1 and "in a turn of another thread" in str(refused[0])
+    assert len(hi.messages) == len(lo.messages) == 2
 
 
 def test_the_loop_over_a_stream_may_send_to_another_session_of_an_adapter_model(model, tokenizer):
