@@ -82,6 +82,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_rxt import RxTConfig
 from .external_memory import (
+    GENERATE_CONTROLS,
     ExternalMemory,
     ExternalMemoryRetriever,
     attach_retrieved_memory_idx,
@@ -682,6 +683,8 @@ def _all_layers_afterwards(model: "RxTForCausalLM"):
 
 # What `generate` adds to the model inputs for this model alone: an assistant (assisted decoding) does not get them.
 OWN_GENERATE_INPUTS = ("memory_key_values", "external_memory", "external_memory_rows")
+# `generate` settings that reach the forward as model inputs, which continuous batching does not pass.
+CONTINUOUS_BATCHING_IGNORES = ("adapter_names", *GENERATE_CONTROLS)
 
 
 @auto_docstring
@@ -868,10 +871,6 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         if memory_state is not None:
             memory_state = as_memory_state(memory_state)
         check_generation_settings(kwargs, generation_config or self.generation_config)
-        if kwargs.get("cache_implementation") == "paged":  # the keyword (not the config's) switches to `generate_batch`
-            check_no_memory_for_continuous_batching({**kwargs, "memory_state": memory_state}, "`generate(cache_"
-                                                    "implementation='paged')`")
-            return super().generate(inputs, generation_config, *args, **kwargs)
         given = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
         prompt = next((value for value in given if value is not None), None)
         if prompt is None and kwargs.get("memory_key_values") is None:
@@ -881,6 +880,10 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             kwargs.pop("input_ids", None)
         if prompt is not None:
             check_generate_prompt(prompt, self.config, generation_config or self.generation_config, kwargs)
+        if kwargs.get("cache_implementation") == "paged":  # the keyword (not the config's) switches to `generate_batch`
+            check_no_memory_for_continuous_batching({**kwargs, "memory_state": memory_state}, "`generate(cache_"
+                                                    "implementation='paged')`", CONTINUOUS_BATCHING_IGNORES)
+            return super().generate(inputs, generation_config, *args, **kwargs)
         if kwargs.get("memory_key_values") is None:
             stm = self.model.memory_tensor(memory_state, prompt.shape[0])
             kwargs["memory_key_values"] = self._project_memory_for_generate(stm.to(self.device))
@@ -901,7 +904,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     def generate_batch(self, inputs, *args, **kwargs):
         """transformers' continuous batching: every request reads the learned initial memory (it passes the model
         only the prompts), so a conversation's memory is refused here rather than dropped."""
-        check_no_memory_for_continuous_batching(kwargs, "`generate_batch`")
+        check_no_memory_for_continuous_batching(kwargs, "`generate_batch`", CONTINUOUS_BATCHING_IGNORES)
         return super().generate_batch(inputs, *args, **kwargs)
 
     def _bos_prompt(self, bos: int | None, memory_state: RxTMemoryState | None, attention_mask) -> torch.Tensor:

@@ -16,6 +16,7 @@ given, before it reaches a kernel that fails with an opaque error (or, for some,
 always checked; values only where reading them costs the host no wait (`can_read_values`)."""
 
 import numbers
+from collections.abc import Sequence
 
 import torch
 from transformers.utils import is_torchdynamo_compiling
@@ -219,10 +220,11 @@ def check_generation_settings(kwargs: dict, generation_config) -> None:
 MEMORY_INPUTS = ("memory_state", "memory_key_values", "external_memories", "external_memory", "external_memory_rows")
 
 
-def check_no_memory_for_continuous_batching(kwargs: dict, call: str) -> None:
+def check_no_memory_for_continuous_batching(kwargs: dict, call: str, settings: Sequence[str] = ()) -> None:
     """Continuous batching (`generate_batch`, or `generate` with `cache_implementation="paged"`) passes the model
     nothing but the prompts, so every request reads the learned initial memory: a memory given to it would be
-    dropped without a word (the answers were those of a conversation's first turn). Refused by name."""
+    dropped without a word (the answers were those of a conversation's first turn). Refused by name, as are the
+    `settings` that would reach the model as inputs (PEFT's `adapter_names`, the external memory's controls)."""
     given = [name for name in MEMORY_INPUTS if kwargs.get(name) is not None]
     if given:
         raise ValueError(
@@ -230,6 +232,11 @@ def check_no_memory_for_continuous_batching(kwargs: dict, call: str) -> None:
             f"learned initial memory, and {', '.join(f'`{name}`' for name in given)} would be ignored. Generate with "
             "another cache (the default, or `cache_implementation='static'`) to read a conversation's memory."
         )
+    ignored = [name for name in settings if kwargs.get(name) is not None]
+    if ignored:
+        raise ValueError(f"{call} runs continuous batching, which passes the model only the prompts: "
+                         f"{', '.join(f'`{name}`' for name in ignored)} would be ignored. Generate without "
+                         "`cache_implementation='paged'`.")
 
 
 def _are_token_ids(value) -> bool:

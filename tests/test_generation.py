@@ -98,6 +98,21 @@ def test_continuous_batching_refuses_a_memory_it_would_drop(tiny_model, memory):
     assert torch.equal(paged[0], model.generate(input_ids, **common))
 
 
+@pytest.mark.parametrize("setting", [{"adapter_names": ["a", "b"]}, {"external_memory_topk": 2},
+                                     {"output_retrieved_memory_idx": True}])
+def test_continuous_batching_refuses_settings_it_would_drop_and_checks_the_prompt(tiny_model, setting):
+    """Settings that reach the forward as model inputs were dropped too; a prompt of ids outside the vocabulary
+    failed inside the batching worker, which only logs, and `generate` returned the prompt with no new token."""
+    model = tiny_model("dense")
+    input_ids = random_ids(2, 5)
+    with pytest.raises(ValueError, match=f"continuous batching.*`{next(iter(setting))}`"):
+        model.generate(input_ids, cache_implementation="paged", max_new_tokens=2, **setting)
+    with pytest.raises(ValueError, match=f"continuous batching.*`{next(iter(setting))}`"):
+        model.generate_batch(input_ids.tolist(), max_new_tokens=2, **setting)
+    with pytest.raises(ValueError, match="vocab"):
+        model.generate(input_ids + model.config.vocab_size, cache_implementation="paged", max_new_tokens=2)
+
+
 def test_token_healing_is_refused_by_name(tiny_model):
     """transformers' token healing re-encodes the prompt without its special tokens (the [BOS][Q] ... [A] frame of
     an RxT turn) and heals it with an inner `generate` that reads no memory: the answer lost both."""
