@@ -142,7 +142,7 @@ def test_the_profile_section_hangs_together(models, settings, monkeypatch):
             yield ablated
 
     monkeypatch.setattr(profile_module, "memory_read_removed", counted_removal)
-    result = measure_profile(models, replace(settings, decode_repeats=3))
+    result = measure_profile(models, replace(settings, decode_repeats=3, write_repeats=3))
     variants = {*models, *(name + WITHOUT_READ for name in RXT)}
     assert set(result["decode_step_s"]) == set(result["samples_decode_step_s"]) == variants
     assert all(len(times) == 3 for times in result["samples_decode_step_s"].values())

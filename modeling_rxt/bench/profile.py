@@ -262,9 +262,15 @@ def measure_profile(models: dict[str, PreTrainedModel], settings: BenchSettings)
     for repeat in range(settings.write_repeats):
         for name in rotated(rxt_names, repeat):
             write_samples[name].append(timed_write_parts(models[name], interaction))
-    result["write_s"] = {name: {part: median([sample[part] for sample in parts]) for part in parts[0]}
-                         for name, parts in write_samples.items()}
+    result["write_s"] = {name: _write_medians(parts) for name, parts in write_samples.items()}
     return result
+
+
+def _write_medians(samples: list[dict[str, float]]) -> dict[str, float]:
+    """The median write and encoder; what follows the encoder as their difference, so that the parts add up to the
+    whole (three separate medians need not)."""
+    write, encoder = median([s["write_s"] for s in samples]), median([s["encoder_s"] for s in samples])
+    return {"write_s": write, "encoder_s": encoder, "after_encoder_s": write - encoder}
 
 
 def _decode_step_samples(models: dict[str, PreTrainedModel], query: torch.Tensor, settings: BenchSettings) -> dict:
