@@ -123,14 +123,22 @@ def _enable_all(model: torch.nn.Module, enabled: bool) -> None:
 
 def _active_adapter(model: torch.nn.Module) -> str | list[str]:
     if isinstance(model, PeftModel):
-        return model.active_adapter
+        # `PeftModel.active_adapter` names only the first where its tuner model runs several at once.
+        active = list(model.base_model.active_adapters)
+        return active[0] if len(active) == 1 else active
     return model.active_adapters()
 
 
 def _set_active(model: torch.nn.Module, adapter: str | list[str]) -> None:
     if isinstance(model, PeftModel):
-        # PEFT's set_adapter makes the adapter trainable unless told otherwise; keep what it was loaded as.
-        model.set_adapter(adapter, inference_mode=model.peft_config[adapter].inference_mode)
+        # PEFT's set_adapter makes the adapter trainable unless told otherwise; keep what it was loaded as
+        # (`using_adapter` puts every `requires_grad` back anyway). Only the tuner model takes several at once.
+        names = [adapter] if isinstance(adapter, str) else adapter
+        inference = all(model.peft_config[name].inference_mode for name in names)
+        if isinstance(adapter, str):
+            model.set_adapter(adapter, inference_mode=inference)
+        else:
+            model.base_model.set_adapter(adapter, inference_mode=inference)
     else:
         model.set_adapter(adapter)
 

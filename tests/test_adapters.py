@@ -197,6 +197,26 @@ def test_switching_adapters_back_and_forth_is_exact(ids):
     assert model.active_adapter == "critic"  # using_adapter restores the adapter active before it
 
 
+def test_using_an_adapter_restores_several_active_adapters(ids):
+    """PEFT's tuner model can run several adapters at once (`base_model.set_adapter([...])`); `using_adapter`
+    restored only the first of them (`PeftModel.active_adapter`), so the model came back changed (and a chat turn
+    with per-row adapters then failed, blaming another thread)."""
+    from peft import LoraConfig, get_peft_model
+
+    def config():  # LoRA only: PEFT runs one `modules_to_save` copy at a time
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+    model = get_peft_model(make_base(), config(), adapter_name="actor")
+    for name in ("critic", "regenerator"):
+        model.add_adapter(name, config())
+    model.base_model.set_adapter(["actor", "critic"])
+    both = logits_of(model, ids)
+    with using_adapter(model, "regenerator"):
+        assert not torch.equal(logits_of(model, ids), both)
+    assert list(model.base_model.active_adapters) == ["actor", "critic"]
+    assert torch.equal(logits_of(model, ids), both)
+
+
 def test_merge_and_unload_gives_the_unmerged_logits(ids):
     model = with_roles(make_base())
     model.set_adapter("critic")
