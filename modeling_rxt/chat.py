@@ -271,8 +271,11 @@ class RxTChatSession:
                             "`send` instead.")
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
+        inside_a_turn = bool(getattr(_RUNNING_TURNS, "stack", ()))  # this thread waits for the worker meanwhile
 
         def run():
+            # The worker's turn is nested in the caller's: it must not wait for locks either (see `_holding`).
+            _RUNNING_TURNS.inherited = inside_a_turn
             try:
                 self.send(query, streamer=streamer, **generate_kwargs)
             except BaseException as error:  # surfaced in the caller's thread below
@@ -537,7 +540,7 @@ def _turn_in_this_thread(model, sessions: Sequence[RxTChatSession], call: str, a
     `_check_not_inside_a_turn`. Yields whether it is nested in another turn of this thread."""
     _check_not_inside_a_turn(model, sessions, call, adapter_rows=adapter_rows)
     stack = _RUNNING_TURNS.__dict__.setdefault("stack", [])
-    nested = bool(stack)
+    nested = bool(stack) or getattr(_RUNNING_TURNS, "inherited", False)  # `stream`'s worker for a nested caller
     stack.append((_model_itself(model), tuple(sessions), call, adapter_rows))
     try:
         yield nested

@@ -412,7 +412,8 @@ def test_without_adapters_a_callback_may_run_another_sessions_turn(model, tokeni
     assert len(first.messages) == len(second.messages) == 2
 
 
-def test_nested_turns_of_two_threads_never_wait_for_each_other(model, tokenizer):
+@pytest.mark.parametrize("inner", ["send", "stream"])
+def test_nested_turns_of_two_threads_never_wait_for_each_other(model, tokenizer, inner):
     """On a model without adapters (no turn lock orders the sessions'), thread 1's callback, inside a turn of `hi`,
     sent to `lo` while thread 2's callback, inside a turn of `lo`, sent to `hi`: each waited for the other's session
     forever. A turn nested in a turn does not wait for a lock another thread holds: both are refused at once, and
@@ -423,7 +424,7 @@ def test_nested_turns_of_two_threads_never_wait_for_each_other(model, tokenizer)
     def meet_then_send(mine, other, session):
         mine.set()
         other.wait(30)
-        session.send(TEXTS[1], **GREEDY)
+        _INNER_TURNS[inner](session)  # stream: its worker thread's turn is nested too
 
     first = _CallsOnce(lambda: meet_then_send(in_hi, in_lo, lo))
     second = _CallsOnce(lambda: meet_then_send(in_lo, in_hi, hi))
