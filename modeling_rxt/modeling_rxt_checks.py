@@ -232,7 +232,7 @@ def check_no_memory_for_continuous_batching(kwargs: dict, call: str, settings: S
             f"learned initial memory, and {', '.join(f'`{name}`' for name in given)} would be ignored. Generate with "
             "another cache (the default, or `cache_implementation='static'`) to read a conversation's memory."
         )
-    ignored = [name for name in settings if kwargs.get(name) is not None]
+    ignored = [name for name in settings if kwargs.get(name) is not None and kwargs.get(name) is not False]
     if ignored:
         raise ValueError(f"{call} runs continuous batching, which passes the model only the prompts: "
                          f"{', '.join(f'`{name}`' for name in ignored)} would be ignored. Generate without "

@@ -111,6 +111,26 @@ def test_continuous_batching_refuses_settings_it_would_drop_and_checks_the_promp
         model.generate_batch(input_ids.tolist(), max_new_tokens=2, **setting)
     with pytest.raises(ValueError, match="vocab"):
         model.generate(input_ids + model.config.vocab_size, cache_implementation="paged", max_new_tokens=2)
+    with pytest.raises(ValueError, match="vocab"):  # it returned no token for either prompt, and said nothing
+        model.generate_batch((input_ids + model.config.vocab_size).tolist(), max_new_tokens=2)
+    # a control set to its "off" value is not a setting that would be dropped
+    model.generate(input_ids, cache_implementation="paged", max_new_tokens=2, output_retrieved_memory_idx=False)
+
+
+def test_continuous_batching_refuses_a_peft_models_adapter_rows(tiny_model):
+    """PeftModel.generate takes `adapter_names` out of the keywords and hooks the LoRA layers per row: with
+    continuous batching the hooks met one request at a time and every request failed inside the worker, which only
+    logs, so `generate` returned the prompts."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(tiny_model("dense"), config, adapter_name="a").eval()
+    peft_model.add_adapter("b", config)
+    input_ids = random_ids(2, 5)
+    with pytest.raises(ValueError, match="continuous batching.*per-row `adapter_names`"):
+        peft_model.generate(input_ids=input_ids, adapter_names=["a", "b"], cache_implementation="paged",
+                            max_new_tokens=2)
+    assert peft_model.generate(input_ids=input_ids, adapter_names=["a", "b"], max_new_tokens=2).shape == (2, 7)
 
 
 def test_token_healing_is_refused_by_name(tiny_model):
