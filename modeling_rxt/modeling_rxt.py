@@ -881,9 +881,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         if prompt is not None:
             check_generate_prompt(prompt, self.config, generation_config or self.generation_config, kwargs)
         if kwargs.get("cache_implementation") == "paged":  # the keyword (not the config's) switches to `generate_batch`
-            self._check_continuous_batching({**kwargs, "memory_state": memory_state},
-                                            "`generate(cache_implementation='paged')`")
-            return super().generate(inputs, generation_config, *args, **kwargs)
+            check_no_memory_for_continuous_batching({"memory_state": memory_state}, "`generate` with a paged cache")
+            return super().generate(inputs, generation_config, *args, **kwargs)  # `generate_batch` checks the rest
         if kwargs.get("memory_key_values") is None:
             stm = self.model.memory_tensor(memory_state, prompt.shape[0])
             kwargs["memory_key_values"] = self._project_memory_for_generate(stm.to(self.device))
@@ -904,17 +903,11 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     def generate_batch(self, inputs, *args, **kwargs):
         """transformers' continuous batching: every request reads the learned initial memory (it passes the model
         only the prompts), so a conversation's memory is refused here rather than dropped."""
-        self._check_continuous_batching(kwargs, "`generate_batch`")
+        rows = mixed_adapter_rows(self.model.layers) is not None  # a PeftModel's `adapter_names`, hooked per row
+        check_no_memory_for_continuous_batching(kwargs, "`generate_batch`", CONTINUOUS_BATCHING_IGNORES, rows)
         for prompt in inputs or ():  # a bad prompt failed inside the batching worker, which only logs it
             check_token_ids(torch.as_tensor(prompt, dtype=torch.long), self.config.vocab_size)
         return super().generate_batch(inputs, *args, **kwargs)
-
-    def _check_continuous_batching(self, kwargs: dict, call: str) -> None:
-        check_no_memory_for_continuous_batching(kwargs, call, CONTINUOUS_BATCHING_IGNORES)
-        # PeftModel.generate takes `adapter_names` out of the keywords and puts per-row hooks on the layers instead
-        if mixed_adapter_rows(self.model.layers) is not None:
-            raise ValueError(f"{call} runs continuous batching, which passes the model only the prompts: the "
-                             "per-row `adapter_names` would be ignored. Generate without `cache_implementation='paged'`.")
 
     def _bos_prompt(self, bos: int | None, memory_state: RxTMemoryState | None, attention_mask) -> torch.Tensor:
         """(B, 1) of `bos` (the call's `bos_token_id`): one row per conversation of `memory_state`, else per row of

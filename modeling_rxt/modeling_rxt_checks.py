@@ -220,11 +220,14 @@ def check_generation_settings(kwargs: dict, generation_config) -> None:
 MEMORY_INPUTS = ("memory_state", "memory_key_values", "external_memories", "external_memory", "external_memory_rows")
 
 
-def check_no_memory_for_continuous_batching(kwargs: dict, call: str, settings: Sequence[str] = ()) -> None:
+def check_no_memory_for_continuous_batching(
+    kwargs: dict, call: str, settings: Sequence[str] = (), adapter_rows: bool = False
+) -> None:
     """Continuous batching (`generate_batch`, or `generate` with `cache_implementation="paged"`) passes the model
     nothing but the prompts, so every request reads the learned initial memory: a memory given to it would be
     dropped without a word (the answers were those of a conversation's first turn). Refused by name, as are the
-    `settings` that would reach the model as inputs (PEFT's `adapter_names`, the external memory's controls)."""
+    `settings` that would reach the model as inputs (PEFT's `adapter_names`, the external memory's controls), and
+    `adapter_rows` (a PeftModel's per-row adapters, hooked on the layers by the time the model's `generate` runs)."""
     given = [name for name in MEMORY_INPUTS if kwargs.get(name) is not None]
     if given:
         raise ValueError(
@@ -233,6 +236,7 @@ def check_no_memory_for_continuous_batching(kwargs: dict, call: str, settings: S
             "another cache (the default, or `cache_implementation='static'`) to read a conversation's memory."
         )
     ignored = [name for name in settings if kwargs.get(name) is not None and kwargs.get(name) is not False]
+    ignored += ["adapter_names"] if adapter_rows and "adapter_names" not in ignored else []  # a PeftModel's hooks
     if ignored:
         raise ValueError(f"{call} runs continuous batching, which passes the model only the prompts: "
                          f"{', '.join(f'`{name}`' for name in ignored)} would be ignored. Generate without "
