@@ -139,6 +139,7 @@ def _set_active(model: torch.nn.Module, adapter: str | list[str]) -> None:
             model.set_adapter(adapter, inference_mode=inference)
         else:
             model.base_model.set_adapter(adapter, inference_mode=inference)
+            model.active_adapter = adapter[0]  # PeftModel's own record (its config), which the tuner's call leaves
     else:
         model.set_adapter(adapter)
 

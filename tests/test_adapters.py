@@ -214,6 +214,7 @@ def test_using_an_adapter_restores_several_active_adapters(ids):
     with using_adapter(model, "regenerator"):
         assert not torch.equal(logits_of(model, ids), both)
     assert list(model.base_model.active_adapters) == ["actor", "critic"]
+    assert model.active_adapter == "actor"  # PeftModel's own record, as `base_model.set_adapter` left it
     assert torch.equal(logits_of(model, ids), both)
 
 
