@@ -26,8 +26,7 @@ from transformers import (
 )
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
-from modeling_rxt.tokenization import MIN_VOCAB_SIZE, train_tokenizer
-
+from chat_helpers import TEXTS, tokenizer  # noqa: F401 (a small trained tokenizer, a fixture used by name)
 from conftest import random_ids, random_state
 
 NEW_TOKENS = 6
@@ -104,8 +103,14 @@ def test_beam_search_over_a_left_padded_batch_equals_each_row_alone(tiny_model, 
     out = model.generate(input_ids, attention_mask=attention_mask, memory_state=state, output_scores=True,
                          return_dict_in_generate=True, **options)
     assert_rows_equal_alone(model, out.sequences, queries, state, per_row=2, **options)
-    for index in range(4):
-        row, answer = index // 2, out.sequences[index, WIDTH:]
+    assert_beam_scores_read_their_rows_memory(model, out, queries, state, per_row=2)
+
+
+def assert_beam_scores_read_their_rows_memory(model, out, queries, state, per_row):
+    """Every returned beam's score is its log-probability (over NEW_TOKENS, length penalty 1) under its own row's
+    memory, not under the other row's."""
+    for index in range(out.sequences.shape[0]):
+        row, answer = index // per_row, out.sequences[index, WIDTH:]
 
         def log_prob(memory):
             return F.log_softmax(step_logits(model, queries[row], answer, memory), -1).gather(-1, answer[:, None]).sum()
@@ -132,16 +137,8 @@ def test_beam_sampling_scores_each_beam_with_its_own_conversation(dense_model):
     greedy_beams = model.generate(input_ids, attention_mask=attention_mask, memory_state=state,
                                   **{**options, "do_sample": False})
     assert not torch.equal(out.sequences, greedy_beams.sequences)  # it did sample
-    for index in range(6):
-        row, answer = index // 3, out.sequences[index, WIDTH:]
-
-        def log_prob(memory):
-            return F.log_softmax(step_logits(model, queries[row], answer, memory), -1).gather(-1, answer[:, None]).sum()
-
-        torch.testing.assert_close(out.sequences_scores[index], log_prob(state.select([row])) / NEW_TOKENS,
-                                   atol=1e-4, rtol=0)
-        assert not torch.isclose(out.sequences_scores[index], log_prob(state.select([1 - row])) / NEW_TOKENS,
-                                 atol=1e-3)
+    assert out.sequences.shape[0] == 6
+    assert_beam_scores_read_their_rows_memory(model, out, queries, state, per_row=3)
 
 
 # ---- logits processors ---------------------------------------------------------------------------------------------
@@ -374,14 +371,6 @@ def test_continuing_from_a_returned_cache_equals_a_fresh_run(dense_model):
 
 
 # ---- with a tokenizer: stop strings, pipeline, universal assisted decoding -----------------------------------------
-
-TEXTS = ["my cat is called bimo .", "what is my cat called ?", "hello there , how are you ?", "i live in paris ."]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(TEXTS * 5, vocab_size=MIN_VOCAB_SIZE + 40)
-
 
 @pytest.fixture(scope="module")
 def text_model(tokenizer):
