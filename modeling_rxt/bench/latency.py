@@ -293,22 +293,31 @@ def _generate_rate(model: PreTrainedModel, query: torch.Tensor, new_tokens: int,
     return 1.0 / clock.split(start, new_tokens)["decode_per_token_s"]
 
 
+def memory_inputs(model: PreTrainedModel) -> dict:
+    """RxT's memory keys/values, projected once as `generate` does per turn; nothing for Llama."""
+    if not isinstance(model, RxTForCausalLM):
+        return {}
+    with torch.no_grad():
+        return {"memory_key_values": model.model.project_memory(model.model.initial_memory(1))}
+
+
 @torch.no_grad()
-def _forward_loop_rate(model: PreTrainedModel, query: torch.Tensor, new_tokens: int) -> float:
-    """Decode tokens per second of a plain loop: one forward per token, greedy, no generation machinery."""
-    extra = {}
-    if isinstance(model, RxTForCausalLM):  # projected once per turn, as `generate` does
-        extra["memory_key_values"] = model.model.project_memory(model.model.initial_memory(1))
+def decode_step_seconds(model: PreTrainedModel, query: torch.Tensor, new_tokens: int, extra: dict) -> float:
+    """Seconds per decoding step of a bare greedy loop of forward calls with a cache (no `generate` machinery);
+    `extra`: the model's memory inputs (`memory_inputs`, taken before any change to the model)."""
     cache = DynamicCache(config=model.config)
     with quiet_gc():
-        logits = model(query, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits
-        token = logits[:, -1:].argmax(-1)
+        token = model(query, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1:].argmax(-1)
         start = now(query.device)
         for _ in range(new_tokens - 1):  # no host sync inside: on a GPU the steps queue up back to back
             logits = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits
             token = logits[:, -1:].argmax(-1)
-        elapsed = now(query.device) - start
-    return (new_tokens - 1) / elapsed
+        return (now(query.device) - start) / (new_tokens - 1)
+
+
+def _forward_loop_rate(model: PreTrainedModel, query: torch.Tensor, new_tokens: int) -> float:
+    """Decode tokens per second of a plain loop: one forward per token, greedy, no generation machinery."""
+    return 1.0 / decode_step_seconds(model, query, new_tokens, memory_inputs(model))
 
 
 def measure_write_cost(models: dict[str, PreTrainedModel], settings: BenchSettings) -> dict:

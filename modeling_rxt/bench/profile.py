@@ -30,6 +30,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from modeling_rxt import RxTForCausalLM
 
+from .latency import decode_step_seconds, memory_inputs
 from .systems import LLAMA, BenchSettings, median, now, paired_ratios, quiet_gc, rotated
 
 # Which part of a decoder layer a module belongs to, by the last component of its name. RxT and Llama name their
@@ -123,18 +124,10 @@ def memory_read_removed(model: RxTForCausalLM) -> Iterator[RxTForCausalLM]:
             layer.memory_layernorm, layer.memory_cross_attn = norm, read
 
 
-def _memory_inputs(model: PreTrainedModel) -> dict:
-    """RxT's memory keys/values projected once, as `generate` does per turn; nothing for Llama."""
-    if not isinstance(model, RxTForCausalLM):
-        return {}
-    with torch.no_grad():
-        return {"memory_key_values": model.model.project_memory(model.model.initial_memory(1))}
-
-
 @torch.no_grad()
 def decode_step_operators(model: PreTrainedModel, query: torch.Tensor) -> dict[str, int]:
     """Aten operators of one decoding step (one new token after `query`), by part, and their total."""
-    extra = _memory_inputs(model)
+    extra = memory_inputs(model)
     cache = DynamicCache(config=model.config)
     logits = model(query, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits
     token = logits[:, -1:].argmax(-1)
@@ -189,20 +182,6 @@ def timed_write_parts(model: RxTForCausalLM, interaction: torch.Tensor) -> dict[
             handle.remove()
     encoder_s = marks["encoder_end"] - marks["encoder_start"]
     return {"write_s": total, "encoder_s": encoder_s, "after_encoder_s": total - encoder_s}
-
-
-@torch.no_grad()
-def decode_step_seconds(model: PreTrainedModel, query: torch.Tensor, new_tokens: int, extra: dict) -> float:
-    """Seconds per decoding step of a bare greedy loop of forward calls with a cache (no `generate` machinery);
-    `extra`: the model's memory inputs (`_memory_inputs`, projected before any ablation)."""
-    cache = DynamicCache(config=model.config)
-    with quiet_gc():
-        token = model(query, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1:].argmax(-1)
-        start = now(query.device)
-        for _ in range(new_tokens - 1):
-            logits = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits
-            token = logits[:, -1:].argmax(-1)
-        return (now(query.device) - start) / (new_tokens - 1)
 
 
 def generate_signature_check_seconds(model: PreTrainedModel, calls: int = 2000) -> float:
@@ -277,14 +256,14 @@ def _decode_step_samples(models: dict[str, PreTrainedModel], query: torch.Tensor
     """Seconds per decoding step of every system, and of each RxT system without its memory read, per repeat."""
     rxt_names = [name for name in models if name != LLAMA]
     samples = {variant: [] for variant in [*models, *(name + WITHOUT_READ for name in rxt_names)]}
-    memory_inputs = {name: _memory_inputs(model) for name, model in models.items()}  # projected before any ablation
+    memory = {name: memory_inputs(model) for name, model in models.items()}  # projected before any ablation
 
     def time_step(name: str, without_read: bool) -> None:
         if not without_read:
-            samples[name].append(decode_step_seconds(models[name], query, settings.decode_tokens, memory_inputs[name]))
+            samples[name].append(decode_step_seconds(models[name], query, settings.decode_tokens, memory[name]))
             return
         with memory_read_removed(models[name]) as ablated:
-            step = decode_step_seconds(ablated, query, settings.decode_tokens, memory_inputs[name])
+            step = decode_step_seconds(ablated, query, settings.decode_tokens, memory[name])
         samples[name + WITHOUT_READ].append(step)
 
     for repeat in range(settings.decode_repeats):
