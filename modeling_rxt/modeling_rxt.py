@@ -105,6 +105,7 @@ from .modeling_rxt_blocks import (
 )
 from .modeling_rxt_checks import (
     can_read_values,
+    check_cache_memory,
     check_decoder_inputs,
     check_generate_prompt,
     check_generation_settings,
@@ -513,6 +514,7 @@ class RxTModel(RxTPreTrainedModel):
             memory_key_values = self.project_memory(self.memory_tensor(memory_state, batch_size))
         else:
             self.check_memory_key_values(memory_key_values, batch_size)
+        check_cache_memory(past_key_values, memory_key_values, past_length)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, length, past_length, inputs_embeds.device)
         causal_mask = create_causal_mask(
@@ -583,8 +585,7 @@ class RxTModel(RxTPreTrainedModel):
             # Positions count the tokens only, so a left-padded interaction is written as the same one unpadded:
             # the memory attention puts rotary positions on the encoded keys and none on the slots.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-            # A row with no tokens (a conversation that skips this write) still needs one key to attend to;
-            # its result is discarded by `write_memory`.
+            # A row with no tokens (a conversation skipping this write) still needs a key; `write_memory` drops it.
             has_tokens = attention_mask.bool()
             first_key = has_tokens[:, :1] | ~has_tokens.any(dim=-1, keepdim=True)
             key_mask = torch.cat((first_key, has_tokens[:, 1:]), dim=-1)  # (B, T)

@@ -107,6 +107,38 @@ def check_decoder_inputs(
         )
 
 
+def check_cache_memory(cache, memory_key_values: torch.Tensor, past_length) -> None:
+    """A cache holds the keys/values of tokens that read one memory. Continued under another (the memory written after
+    the turn, as a Llama chat loop carries its cache across turns), the answer would read partly from each, without a
+    word: refused, before anything is appended. The cache keeps a detached view of the memory it was filled with
+    (`rxt_memory_key_values`); the same tensor passes on its storage alone (every decoding step of `generate`), the
+    same memory projected anew (a later `generate` call) on its values, and an empty cache (a static one emptied by
+    `reset` for the next conversation) takes any. Skipped inside a compiled graph, and for a static cache on an
+    accelerator, whose length only a host wait would tell."""
+    if cache is None or is_torchdynamo_compiling() or type(memory_key_values) is not torch.Tensor:
+        return
+    kept = getattr(cache, "rxt_memory_key_values", None)
+    if kept is not None and _same_view(kept, memory_key_values):
+        return
+    if kept is not None and isinstance(past_length, torch.Tensor):
+        past_length = int(past_length) if can_read_values(past_length) else None
+    if kept is not None and past_length and not (
+        kept.shape == memory_key_values.shape and torch.equal(kept, memory_key_values.to(kept.device, kept.dtype))
+    ):
+        raise ValueError(
+            f"`past_key_values` holds {past_length} tokens that read another memory than this call's (RxT carries a "
+            "conversation in its memory, not in a cache: start each turn without `past_key_values`, or continue a "
+            "cache with the `memory_state` it was filled with)."
+        )
+    cache.rxt_memory_key_values = memory_key_values.detach()
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same elements of the same storage (held alive by `a`, so no other tensor can have taken its address)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            and a.device == b.device)
+
+
 def _check_static_cache_mask(attention_mask: torch.Tensor, batch_size: int, covered: int) -> None:
     if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < covered:
         raise ValueError(

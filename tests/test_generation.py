@@ -5,7 +5,7 @@ projected to keys/values once per call, not once per token."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from transformers import CompileConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import CompileConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_rxt import RxTMemoryState
@@ -491,3 +491,53 @@ def test_without_a_prompt_the_model_config_gives_bos_when_the_generation_config_
     dense_model.generation_config.bos_token_id = None
     out = dense_model.generate(max_new_tokens=2, min_new_tokens=2)
     assert out[0, 0].item() == dense_model.config.bos_token_id
+
+
+# ---- a cache belongs to the memory its tokens read -----------------------------------------------------------------
+
+def test_a_cache_continued_under_another_memory_is_refused(dense_model):
+    """The keys/values a cache holds were computed by tokens that read one memory. Continuing it under another (say
+    the memory written after the turn, as a Llama chat loop carries its cache) gave an answer read partly from each,
+    without a word: `generate` and `forward` now refuse it by name and change nothing. The same memory projected
+    anew continues as before."""
+    model = dense_model
+    query, state = random_ids(1, 5), random_state(model, 1)
+    first = model.generate(query, memory_state=state, max_new_tokens=3, return_dict_in_generate=True)
+    written = model.update_memory(state, input_ids=first.sequences)
+    extended = torch.cat((first.sequences, random_ids(1, 2, seed=5)), dim=1)
+    cached_length = first.past_key_values.get_seq_length()
+    with pytest.raises(ValueError, match="`past_key_values`.*another memory"):
+        model.generate(extended, memory_state=written, past_key_values=first.past_key_values, max_new_tokens=2)
+    with pytest.raises(ValueError, match="`past_key_values`.*another memory"):
+        model(extended[:, cached_length:], memory_state=written, past_key_values=first.past_key_values)
+    assert first.past_key_values.get_seq_length() == cached_length  # nothing was appended
+    continued = model.generate(extended, memory_state=state, past_key_values=first.past_key_values, max_new_tokens=2,
+                               do_sample=False)
+    assert torch.equal(continued, model.generate(extended, memory_state=state, max_new_tokens=2, do_sample=False))
+
+
+def test_forward_refuses_a_cache_of_another_memory_and_an_empty_cache_takes_any(dense_model):
+    model = dense_model
+    ids, state, other = random_ids(2, 6), random_state(model, 2), random_state(model, 2, seed=9)
+    with torch.no_grad():
+        out = model(ids[:, :4], memory_state=state, use_cache=True)
+        with pytest.raises(ValueError, match="`past_key_values`.*another memory"):
+            model(ids[:, 4:], memory_state=other, past_key_values=out.past_key_values)
+        with pytest.raises(ValueError, match="`past_key_values`.*another memory"):  # the learned initial memory
+            model(ids[:, 4:], past_key_values=out.past_key_values)
+        logits = model(ids[:, 4:], memory_state=state, past_key_values=out.past_key_values).logits
+        torch.testing.assert_close(logits, model(ids, memory_state=state).logits[:, 4:], atol=1e-5, rtol=1e-5)
+
+
+def test_a_cache_emptied_for_another_conversation_is_not_refused(dense_model):
+    """A static cache preallocated once and emptied (`reset`) between calls, as transformers' documentation shows
+    for reusing one: the next call, with another conversation's memory, starts from no cached tokens and answers as
+    a fresh call does."""
+    model = dense_model
+    query = random_ids(1, 5)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    for seed in (1, 9, 1):
+        state = random_state(model, 1, seed)
+        answer = model.generate(query, memory_state=state, past_key_values=cache, max_new_tokens=4, do_sample=False)
+        assert torch.equal(answer, greedy_reference(model, query, state, 4))
+        cache.reset()
