@@ -111,8 +111,10 @@ from .modeling_rxt_checks import (
     check_generation_settings,
     check_interaction_ids,
     check_labels,
+    check_memory_key_values,
     check_no_memory_for_continuous_batching,
     check_token_ids,
+    note_cache_filled,
 )
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 from .modeling_rxt_wrappers import (
@@ -513,7 +515,7 @@ class RxTModel(RxTPreTrainedModel):
         if memory_key_values is None:
             memory_key_values = self.project_memory(self.memory_tensor(memory_state, batch_size))
         else:
-            self.check_memory_key_values(memory_key_values, batch_size)
+            check_memory_key_values(memory_key_values, self.config, len(self.layers), batch_size)
         check_cache_memory(past_key_values, memory_key_values, past_length)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, length, past_length, inputs_embeds.device)
@@ -546,18 +548,8 @@ class RxTModel(RxTPreTrainedModel):
                 external_memory=external_memory,
                 **kwargs,
             )
+        note_cache_filled(past_key_values)
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
-
-    def check_memory_key_values(self, memory_key_values: torch.Tensor, batch_size: int) -> None:
-        config = self.config
-        expected = (batch_size, len(self.layers), 2, config.num_key_value_heads, config.memory_slots, config.head_dim)
-        if not isinstance(memory_key_values, torch.Tensor):
-            raise TypeError(f"`memory_key_values` must be a torch.Tensor, got {type(memory_key_values).__name__}.")
-        if tuple(memory_key_values.shape) != expected:
-            raise ValueError(
-                f"`memory_key_values` must have shape (B, L, 2, K, S, Dh) = {expected} (what `project_memory` gives "
-                f"for this batch), got {tuple(memory_key_values.shape)}."
-            )
 
     def check_interaction_length(self, length: int) -> None:
         if length == 0:

@@ -107,36 +107,99 @@ def check_decoder_inputs(
         )
 
 
+def check_memory_key_values(memory_key_values, config: RxTConfig, num_layers: int, batch_size: int) -> None:
+    """`memory_key_values` given to the forward: what `project_memory` gives for this batch and every layer."""
+    expected = (batch_size, num_layers, 2, config.num_key_value_heads, config.memory_slots, config.head_dim)
+    if not isinstance(memory_key_values, torch.Tensor):
+        raise TypeError(f"`memory_key_values` must be a torch.Tensor, got {type(memory_key_values).__name__}.")
+    if tuple(memory_key_values.shape) != expected:
+        raise ValueError(
+            f"`memory_key_values` must have shape (B, L, 2, K, S, Dh) = {expected} (what `project_memory` gives "
+            f"for this batch), got {tuple(memory_key_values.shape)}."
+        )
+
+
 def check_cache_memory(cache, memory_key_values: torch.Tensor, past_length) -> None:
     """A cache holds the keys/values of tokens that read one memory. Continued under another (the memory written after
     the turn, as a Llama chat loop carries its cache across turns), the answer would read partly from each, without a
-    word: refused, before anything is appended. The cache keeps a detached view of the memory it was filled with
-    (`rxt_memory_key_values`); the same tensor passes on its storage alone (every decoding step of `generate`), the
-    same memory projected anew (a later `generate` call) on its values, and an empty cache (a static one emptied by
-    `reset` for the next conversation) takes any. Skipped inside a compiled graph, and for a static cache on an
-    accelerator, whose length only a host wait would tell."""
+    word: refused, before anything is appended. The cache remembers the memory it was filled with (`rxt_memory`):
+    the same tensor, unchanged, passes at once (every decoding step of `generate`), the same memory projected anew (a
+    later call) by its values, and an empty cache (a static one emptied by `reset`) takes any. Only a cache as this
+    model's last forward left it is judged: one whose rows were selected, repeated or reordered since
+    (`batch_select_indices`, `reorder_cache`, ...) no longer lines up with the remembered rows. Skipped inside a
+    compiled graph, and for a static cache on an accelerator, whose length only a host wait would tell."""
     if cache is None or is_torchdynamo_compiling() or type(memory_key_values) is not torch.Tensor:
         return
-    kept = getattr(cache, "rxt_memory_key_values", None)
-    if kept is not None and _same_view(kept, memory_key_values):
+    kept = getattr(cache, "rxt_memory", None)
+    if kept is not None and kept.is_unchanged(memory_key_values):
         return
-    if kept is not None and isinstance(past_length, torch.Tensor):
-        past_length = int(past_length) if can_read_values(past_length) else None
-    if kept is not None and past_length and not (
-        kept.shape == memory_key_values.shape and torch.equal(kept, memory_key_values.to(kept.device, kept.dtype))
-    ):
+    if kept is not None and kept.keys_left is not None and kept.keys_left is _first_layer_keys(cache):
+        _refuse_another_memory(kept, memory_key_values, past_length)
+    cache.rxt_memory = _CacheMemory(memory_key_values)
+
+
+def note_cache_filled(cache) -> None:
+    """End of a forward: what the cache looks like as this model left it (see `check_cache_memory`)."""
+    kept = getattr(cache, "rxt_memory", None)
+    if kept is not None and not is_torchdynamo_compiling():
+        kept.keys_left = _first_layer_keys(cache)
+
+
+class _CacheMemory:
+    """The projected memory a cache's tokens read, and the first layer's keys as this model's last forward left
+    them (a dynamic cache replaces that tensor at every update; batch operations replace it too)."""
+
+    def __init__(self, memory: torch.Tensor) -> None:
+        self.memory, self.version, self.keys_left = memory.detach(), _version(memory), None
+
+    def is_unchanged(self, memory: torch.Tensor) -> bool:
+        """The very tensor kept, not written in place since (inference tensors keep no version: trusted)."""
+        kept = self.memory
+        return (kept.data_ptr() == memory.data_ptr() and kept.shape == memory.shape and kept.stride() == memory.stride()
+                and kept.dtype == memory.dtype and kept.device == memory.device and _version(memory) == self.version)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    return None if tensor.is_inference() else tensor._version
+
+
+def _first_layer_keys(cache) -> torch.Tensor | None:
+    layers = getattr(cache, "layers", None)
+    return getattr(layers[0], "keys", None) if layers else None
+
+
+def _refuse_another_memory(kept: _CacheMemory, memory: torch.Tensor, past_length) -> None:
+    if isinstance(past_length, torch.Tensor):
+        if not can_read_values(past_length):
+            return
+        past_length = int(past_length)
+    if not past_length:
+        return
+    if kept.memory.data_ptr() == memory.data_ptr() and kept.version != _version(memory):
         raise ValueError(
-            f"`past_key_values` holds {past_length} tokens that read another memory than this call's (RxT carries a "
-            "conversation in its memory, not in a cache: start each turn without `past_key_values`, or continue a "
-            "cache with the `memory_state` it was filled with)."
+            f"`past_key_values` holds {past_length} tokens that read this call's memory tensor before it was written "
+            "in place: what they read is gone. Pass a new tensor for a new memory, and start its turn without "
+            "`past_key_values`."
         )
-    cache.rxt_memory_key_values = memory_key_values.detach()
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The same elements of the same storage (held alive by `a`, so no other tensor can have taken its address)."""
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-            and a.device == b.device)
+    kept = kept.memory
+    if kept.shape != memory.shape:
+        raise ValueError(
+            f"`past_key_values` holds a batch of {kept.shape[0]} rows and this call's memory has {memory.shape[0]} "
+            "(`num_beams` and `num_return_sequences` do not expand a cache given to `generate`)."
+        )
+    if kept.stride(0) == 0 and memory.stride(0) == 0:  # one memory shared by every row (the learned initial one)
+        kept, memory = kept[:1], memory[:1]
+    # Tolerant: the same memory projected under autocast, in another dtype or with other threads differs by rounding;
+    # a write changes it by far more.
+    tolerance = max(1e-4, 4 * max(torch.finfo(kept.dtype).eps, torch.finfo(memory.dtype).eps))
+    kept, memory = kept.float(), memory.to(kept.device).float()
+    if (kept - memory).abs().max() > tolerance * kept.abs().max():
+        raise ValueError(
+            f"`past_key_values` holds {past_length} tokens that read another memory than this call's (or the same one "
+            "through other weights, such as another adapter). RxT carries a conversation in its memory, not in a "
+            "cache: start each turn without `past_key_values`, or continue a cache with the `memory_state` (or "
+            "`memory_key_values`) it was filled with."
+        )
 
 
 def _check_static_cache_mask(attention_mask: torch.Tensor, batch_size: int, covered: int) -> None:

@@ -529,6 +529,62 @@ def test_forward_refuses_a_cache_of_another_memory_and_an_empty_cache_takes_any(
         torch.testing.assert_close(logits, model(ids, memory_state=state).logits[:, 4:], atol=1e-5, rtol=1e-5)
 
 
+def test_a_cache_whose_rows_were_selected_repeated_or_reordered_continues_with_their_memories(dense_model):
+    """Rows dropped from a batch (`batch_select_indices`), repeated (`batch_repeat_interleave`) or reordered
+    (`reorder_cache`) since the model filled the cache no longer line up with the memory it remembers: the call is
+    not judged, and answers as a fresh forward over the whole sequence does with the rows' memories."""
+    model = dense_model
+    ids, state, last = random_ids(2, 5), random_state(model, 2), random_ids(2, 1, seed=7)
+    operations = {
+        "select": (lambda cache: cache.batch_select_indices(torch.tensor([1])), [1]),
+        "repeat": (lambda cache: cache.batch_repeat_interleave(2), [0, 0, 1, 1]),
+        "reorder": (lambda cache: cache.reorder_cache(torch.tensor([1, 0])), [1, 0]),
+    }
+    with torch.no_grad():
+        for name, (operation, rows) in operations.items():
+            cache = model(ids, memory_state=state, use_cache=True).past_key_values
+            operation(cache)
+            whole = torch.cat((ids[rows], last[rows]), dim=1)
+            logits = model(last[rows], memory_state=state.select(rows), past_key_values=cache).logits[:, -1]
+            expected = model(whole, memory_state=state.select(rows)).logits[:, -1]
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_the_memory_comparison_tolerates_rounding_and_sees_writes_in_place(dense_model):
+    """The same memory projected another way differs by rounding (under bfloat16 autocast, in another dtype, with
+    other threads): it continues. A change of the size a write makes is refused, and so is the very tensor the cache
+    read, written in place since (what its tokens read is gone)."""
+    model = dense_model
+    ids, state, other = random_ids(1, 5), random_state(model, 1), random_state(model, 1, seed=9)
+    with torch.no_grad():
+        memory = model.model.project_memory(state.stm)
+        noise = torch.randn(memory.shape, generator=torch.Generator().manual_seed(3))
+        scale = memory.abs().max()
+        for change, refused in ((1e-6, False), (0.05, True)):
+            cache = model(ids, memory_key_values=memory, use_cache=True).past_key_values
+            if refused:
+                with pytest.raises(ValueError, match="`past_key_values`.*another memory"):
+                    model(ids[:, :1], memory_key_values=memory + change * scale * noise, past_key_values=cache)
+            else:
+                model(ids[:, :1], memory_key_values=memory + change * scale * noise, past_key_values=cache)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cache = model(ids, memory_state=state, use_cache=True).past_key_values
+        model(ids[:, :1], memory_state=state, past_key_values=cache)
+        cache = model(ids, memory_key_values=memory, use_cache=True).past_key_values
+        memory.copy_(model.model.project_memory(other.stm))
+        with pytest.raises(ValueError, match="`past_key_values`.*written in place"):
+            model(ids[:, :1], memory_key_values=memory, past_key_values=cache)
+
+
+def test_a_cache_continued_with_more_rows_names_the_batch(dense_model):
+    model = dense_model
+    query, state = random_ids(1, 5), random_state(model, 1)
+    first = model.generate(query, memory_state=state, max_new_tokens=2, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="batch of 1 rows and this call's memory has 2.*num_return_sequences"):
+        model.generate(first.sequences, memory_state=state, past_key_values=first.past_key_values, max_new_tokens=2,
+                       do_sample=True, num_return_sequences=2)
+
+
 def test_a_cache_emptied_for_another_conversation_is_not_refused(dense_model):
     """A static cache preallocated once and emptied (`reset`) between calls, as transformers' documentation shows
     for reusing one: the next call, with another conversation's memory, starts from no cached tokens and answers as
