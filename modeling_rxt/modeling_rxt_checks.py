@@ -119,87 +119,101 @@ def check_memory_key_values(memory_key_values, config: RxTConfig, num_layers: in
         )
 
 
-def check_cache_memory(cache, memory_key_values: torch.Tensor, past_length) -> None:
+def check_cache_memory(cache, memory_key_values: torch.Tensor, past_length, reads_initial_memory: bool) -> None:
     """A cache holds the keys/values of tokens that read one memory. Continued under another (the memory written after
     the turn, as a Llama chat loop carries its cache across turns), the answer would read partly from each, without a
-    word: refused, before anything is appended. The cache remembers the memory it was filled with (`rxt_memory`):
-    the same tensor, unchanged, passes at once (every decoding step of `generate`), the same memory projected anew (a
-    later call) by its values, and an empty cache (a static one emptied by `reset`) takes any. Only a cache as this
-    model's last forward left it is judged: one whose rows were selected, repeated or reordered since
-    (`batch_select_indices`, `reorder_cache`, ...) no longer lines up with the remembered rows. Skipped inside a
-    compiled graph, and for a static cache on an accelerator, whose length only a host wait would tell."""
-    if cache is None or is_torchdynamo_compiling() or type(memory_key_values) is not torch.Tensor:
-        return
+    word: refused, before anything runs. The cache remembers the memory its last forward read (`note_cache_filled`).
+    The same tensor, not written since, passes at once (every decoding step of `generate`), as does the learned
+    initial memory read again; the same memory projected anew (a later call) passes by its values: every row of this
+    call's memory must be one of the remembered rows, so rows selected, repeated, reordered or cropped since pass
+    with their memories (a permutation of the rows alone is not seen). An empty cache (a static one emptied by
+    `reset`) takes any. Skipped inside a compiled graph, and for a static cache on an accelerator, whose length only
+    a host wait would tell."""
     kept = getattr(cache, "rxt_memory", None)
-    if kept is not None and kept.is_unchanged(memory_key_values):
+    if kept is None or is_torchdynamo_compiling() or type(memory_key_values) is not torch.Tensor:
         return
-    if kept is not None and kept.keys_left is not None and kept.keys_left is _first_layer_keys(cache):
-        _refuse_another_memory(kept, memory_key_values, past_length)
-    cache.rxt_memory = _CacheMemory(memory_key_values)
-
-
-def note_cache_filled(cache) -> None:
-    """End of a forward: what the cache looks like as this model left it (see `check_cache_memory`)."""
-    kept = getattr(cache, "rxt_memory", None)
-    if kept is not None and not is_torchdynamo_compiling():
-        kept.keys_left = _first_layer_keys(cache)
-
-
-class _CacheMemory:
-    """The projected memory a cache's tokens read, and the first layer's keys as this model's last forward left
-    them (a dynamic cache replaces that tensor at every update; batch operations replace it too)."""
-
-    def __init__(self, memory: torch.Tensor) -> None:
-        self.memory, self.version, self.keys_left = memory.detach(), _version(memory), None
-
-    def is_unchanged(self, memory: torch.Tensor) -> bool:
-        """The very tensor kept, not written in place since (inference tensors keep no version: trusted)."""
-        kept = self.memory
-        return (kept.data_ptr() == memory.data_ptr() and kept.shape == memory.shape and kept.stride() == memory.stride()
-                and kept.dtype == memory.dtype and kept.device == memory.device and _version(memory) == self.version)
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    return None if tensor.is_inference() else tensor._version
-
-
-def _first_layer_keys(cache) -> torch.Tensor | None:
-    layers = getattr(cache, "layers", None)
-    return getattr(layers[0], "keys", None) if layers else None
-
-
-def _refuse_another_memory(kept: _CacheMemory, memory: torch.Tensor, past_length) -> None:
+    if kept.is_same_tensor(memory_key_values) or (kept.is_initial_memory and reads_initial_memory):
+        return
     if isinstance(past_length, torch.Tensor):
-        if not can_read_values(past_length):
-            return
-        past_length = int(past_length)
+        past_length = int(past_length) if can_read_values(past_length) else None
     if not past_length:
         return
-    if kept.memory.data_ptr() == memory.data_ptr() and kept.version != _version(memory):
+    if kept.memory.data_ptr() == memory_key_values.data_ptr() and kept.version != _version(memory_key_values):
         raise ValueError(
             f"`past_key_values` holds {past_length} tokens that read this call's memory tensor before it was written "
             "in place: what they read is gone. Pass a new tensor for a new memory, and start its turn without "
             "`past_key_values`."
         )
-    kept = kept.memory
-    if kept.shape != memory.shape:
+    rows = _first_layer_rows(cache)
+    if rows is not None and rows != memory_key_values.shape[0]:
         raise ValueError(
-            f"`past_key_values` holds a batch of {kept.shape[0]} rows and this call's memory has {memory.shape[0]} "
-            "(`num_beams` and `num_return_sequences` do not expand a cache given to `generate`)."
+            f"`past_key_values` holds {rows} rows and this call's memory {memory_key_values.shape[0]} (`generate` "
+            "does not expand a cache it is given for `num_beams` or `num_return_sequences`)."
         )
-    if kept.stride(0) == 0 and memory.stride(0) == 0:  # one memory shared by every row (the learned initial one)
-        kept, memory = kept[:1], memory[:1]
-    # Tolerant: the same memory projected under autocast, in another dtype or with other threads differs by rounding;
-    # a write changes it by far more.
-    tolerance = max(1e-4, 4 * max(torch.finfo(kept.dtype).eps, torch.finfo(memory.dtype).eps))
-    kept, memory = kept.float(), memory.to(kept.device).float()
-    if (kept - memory).abs().max() > tolerance * kept.abs().max():
+    if not kept.has_every_row_of(memory_key_values):
         raise ValueError(
             f"`past_key_values` holds {past_length} tokens that read another memory than this call's (or the same one "
             "through other weights, such as another adapter). RxT carries a conversation in its memory, not in a "
             "cache: start each turn without `past_key_values`, or continue a cache with the `memory_state` (or "
             "`memory_key_values`) it was filled with."
         )
+
+
+def note_cache_filled(cache, memory_key_values: torch.Tensor, reads_initial_memory: bool) -> None:
+    """End of a forward that appended to `cache`: it remembers the memory its new tokens read."""
+    if cache is None or is_torchdynamo_compiling() or type(memory_key_values) is not torch.Tensor:
+        return
+    kept = getattr(cache, "rxt_memory", None)
+    if kept is None or not kept.is_same_tensor(memory_key_values):
+        cache.rxt_memory = _CacheMemory(memory_key_values, reads_initial_memory)
+
+
+class _CacheMemory:
+    """The projected memory (B, L, 2, K, S, Dh) a cache's tokens read, kept as a detached view."""
+
+    def __init__(self, memory: torch.Tensor, is_initial_memory: bool) -> None:
+        self.memory, self.version, self.is_initial_memory = memory.detach(), _version(memory), is_initial_memory
+
+    def is_same_tensor(self, memory: torch.Tensor) -> bool:
+        """The very tensor kept, not written in place since (inference tensors keep no version count: trusted)."""
+        kept = self.memory
+        return (kept.data_ptr() == memory.data_ptr() and kept.shape == memory.shape and kept.stride() == memory.stride()
+                and kept.dtype == memory.dtype and kept.device == memory.device and _version(memory) == self.version)
+
+    def has_every_row_of(self, memory: torch.Tensor) -> bool:
+        kept = self.memory
+        if kept.shape == memory.shape and _same_values(kept, memory):  # row by row, the usual case
+            return True
+        kept_rows = _rows(kept)
+        return all(any(_same_values(row, kept_row) for kept_row in kept_rows) for row in _rows(memory))
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    return None if tensor.is_inference() else tensor._version
+
+
+def _first_layer_rows(cache) -> int | None:
+    layers = getattr(cache, "layers", None)
+    keys = getattr(layers[0], "keys", None) if layers else None
+    return keys.shape[0] if isinstance(keys, torch.Tensor) and keys.dim() == 4 else None
+
+
+def _rows(memory: torch.Tensor) -> list[torch.Tensor]:
+    """The rows of a memory; one for a memory every row shares (the learned initial one, expanded)."""
+    return [memory[0]] if memory.stride(0) == 0 else list(memory.unbind(0))
+
+
+def _same_values(kept: torch.Tensor, memory: torch.Tensor) -> bool:
+    """Exact in one dtype (a projection repeats itself bit for bit); across dtypes (autocast, a bfloat16 memory of a
+    float32 model) within two rounding steps of the coarser one, element by element."""
+    if kept.stride(0) == 0 and memory.stride(0) == 0:  # one memory shared by every row
+        kept, memory = kept[:1], memory[:1]
+    memory = memory.to(kept.device)
+    if kept.dtype == memory.dtype:
+        return torch.equal(kept, memory)
+    tolerance = 2 * max(torch.finfo(kept.dtype).eps, torch.finfo(memory.dtype).eps)
+    kept, memory = kept.double(), memory.double()
+    return torch.allclose(kept, memory, rtol=tolerance, atol=tolerance * float(kept.abs().max()))
 
 
 def _check_static_cache_mask(attention_mask: torch.Tensor, batch_size: int, covered: int) -> None:
