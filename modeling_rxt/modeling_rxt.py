@@ -512,12 +512,11 @@ class RxTModel(RxTPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, length = inputs_embeds.shape[:2]
         self.check_interaction_length(length if known_past_length is None else known_past_length + length)
-        reads_initial_memory = memory_key_values is None and memory_state is None
         if memory_key_values is None:
             memory_key_values = self.project_memory(self.memory_tensor(memory_state, batch_size))
         else:
             check_memory_key_values(memory_key_values, self.config, len(self.layers), batch_size)
-        check_cache_memory(past_key_values, memory_key_values, past_length, reads_initial_memory)
+        check_cache_memory(past_key_values, memory_key_values, past_length)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, length, past_length, inputs_embeds.device)
         causal_mask = create_causal_mask(
@@ -549,7 +548,7 @@ class RxTModel(RxTPreTrainedModel):
                 external_memory=external_memory,
                 **kwargs,
             )
-        note_cache_filled(past_key_values, memory_key_values, reads_initial_memory)
+        note_cache_filled(past_key_values)
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
 
     def check_interaction_length(self, length: int) -> None:

@@ -119,60 +119,45 @@ def check_memory_key_values(memory_key_values, config: RxTConfig, num_layers: in
         )
 
 
-def check_cache_memory(cache, memory_key_values: torch.Tensor, past_length, reads_initial_memory: bool) -> None:
+def check_cache_memory(cache, memory_key_values: torch.Tensor, past_length) -> None:
     """A cache holds the keys/values of tokens that read one memory. Continued under another (the memory written after
     the turn, as a Llama chat loop carries its cache across turns), the answer would read partly from each, without a
-    word: refused, before anything runs. The cache remembers the memory its last forward read (`note_cache_filled`).
-    The same tensor, not written since, passes at once (every decoding step of `generate`), as does the learned
-    initial memory read again; the same memory projected anew (a later call) passes by its values: every row of this
-    call's memory must be one of the remembered rows, so rows selected, repeated, reordered or cropped since pass
-    with their memories (a permutation of the rows alone is not seen). An empty cache (a static one emptied by
+    word: refused, before anything runs. The cache remembers the memory it was last given (`rxt_memory`).
+
+    The same tensor, not written since, passes at once (every decoding step of `generate`). Otherwise each row of the
+    cache is matched to the remembered row it came from, by the keys of its first token in the last layer (which
+    depend on the memory that token read; `note_cache_filled` takes them), so rows selected, repeated, reordered or
+    cropped since are judged against their own memories; the values must be equal, exactly in one dtype (a projection
+    repeats itself bit for bit) and within rounding across dtypes (autocast). An empty cache (a static one emptied by
     `reset`) takes any. Skipped inside a compiled graph, and for a static cache on an accelerator, whose length only
     a host wait would tell."""
-    kept = getattr(cache, "rxt_memory", None)
-    if kept is None or is_torchdynamo_compiling() or type(memory_key_values) is not torch.Tensor:
-        return
-    if kept.is_same_tensor(memory_key_values) or (kept.is_initial_memory and reads_initial_memory):
-        return
-    if isinstance(past_length, torch.Tensor):
-        past_length = int(past_length) if can_read_values(past_length) else None
-    if not past_length:
-        return
-    if kept.memory.data_ptr() == memory_key_values.data_ptr() and kept.version != _version(memory_key_values):
-        raise ValueError(
-            f"`past_key_values` holds {past_length} tokens that read this call's memory tensor before it was written "
-            "in place: what they read is gone. Pass a new tensor for a new memory, and start its turn without "
-            "`past_key_values`."
-        )
-    rows = _first_layer_rows(cache)
-    if rows is not None and rows != memory_key_values.shape[0]:
-        raise ValueError(
-            f"`past_key_values` holds {rows} rows and this call's memory {memory_key_values.shape[0]} (`generate` "
-            "does not expand a cache it is given for `num_beams` or `num_return_sequences`)."
-        )
-    if not kept.has_every_row_of(memory_key_values):
-        raise ValueError(
-            f"`past_key_values` holds {past_length} tokens that read another memory than this call's (or the same one "
-            "through other weights, such as another adapter). RxT carries a conversation in its memory, not in a "
-            "cache: start each turn without `past_key_values`, or continue a cache with the `memory_state` (or "
-            "`memory_key_values`) it was filled with."
-        )
-
-
-def note_cache_filled(cache, memory_key_values: torch.Tensor, reads_initial_memory: bool) -> None:
-    """End of a forward that appended to `cache`: it remembers the memory its new tokens read."""
     if cache is None or is_torchdynamo_compiling() or type(memory_key_values) is not torch.Tensor:
         return
     kept = getattr(cache, "rxt_memory", None)
-    if kept is None or not kept.is_same_tensor(memory_key_values):
-        cache.rxt_memory = _CacheMemory(memory_key_values, reads_initial_memory)
+    if kept is not None and kept.is_same_tensor(memory_key_values):
+        return
+    if isinstance(past_length, torch.Tensor):
+        past_length = int(past_length) if can_read_values(past_length) else None
+    if kept is not None and past_length:
+        kept.check_continued_with(memory_key_values, cache, past_length)
+    # Remembered before the layers append: a forward that fails part-way leaves tokens that read this memory.
+    cache.rxt_memory = _CacheMemory(memory_key_values)
+
+
+def note_cache_filled(cache) -> None:
+    """End of a forward: the first token's keys of every row, once the cache holds them (see `check_cache_memory`)."""
+    kept = getattr(cache, "rxt_memory", None)
+    if kept is not None and kept.first_token_keys is None and not is_torchdynamo_compiling():
+        keys = _first_token_keys(cache)
+        kept.first_token_keys = None if keys is None else keys.clone()
 
 
 class _CacheMemory:
-    """The projected memory (B, L, 2, K, S, Dh) a cache's tokens read, kept as a detached view."""
+    """The projected memory (B, L, 2, K, S, Dh) a cache's tokens read (a detached view), and the last layer's keys of
+    each row's first token (B, K, Dh), which tell which row a cache row came from."""
 
-    def __init__(self, memory: torch.Tensor, is_initial_memory: bool) -> None:
-        self.memory, self.version, self.is_initial_memory = memory.detach(), _version(memory), is_initial_memory
+    def __init__(self, memory: torch.Tensor) -> None:
+        self.memory, self.version, self.first_token_keys = memory.detach(), _version(memory), None
 
     def is_same_tensor(self, memory: torch.Tensor) -> bool:
         """The very tensor kept, not written in place since (inference tensors keep no version count: trusted)."""
@@ -180,34 +165,56 @@ class _CacheMemory:
         return (kept.data_ptr() == memory.data_ptr() and kept.shape == memory.shape and kept.stride() == memory.stride()
                 and kept.dtype == memory.dtype and kept.device == memory.device and _version(memory) == self.version)
 
-    def has_every_row_of(self, memory: torch.Tensor) -> bool:
-        kept = self.memory
-        if kept.shape == memory.shape and _same_values(kept, memory):  # row by row, the usual case
-            return True
-        kept_rows = _rows(kept)
-        return all(any(_same_values(row, kept_row) for kept_row in kept_rows) for row in _rows(memory))
+    def check_continued_with(self, memory: torch.Tensor, cache, past_length: int) -> None:
+        if self.memory.data_ptr() == memory.data_ptr() and self.version != _version(memory):
+            raise ValueError(
+                f"`past_key_values` holds {past_length} tokens that read this call's memory tensor, and that tensor (or "
+                "a buffer it is a view of) was written in place since. Pass a new tensor for a new memory, and start "
+                "its turn without `past_key_values`."
+            )
+        keys = _first_token_keys(cache)
+        rows = memory.shape[0]
+        if keys is not None and keys.shape[0] != rows:
+            raise ValueError(
+                f"`past_key_values` holds {keys.shape[0]} rows and this call's memory {rows} (`generate` does not "
+                "expand a cache it is given for `num_beams` or `num_return_sequences`)."
+            )
+        for row in range(rows):
+            sources = self.rows_matching(None if keys is None else keys[row])
+            if not any(_same_values(self.memory[source], memory[row]) for source in sources):
+                raise ValueError(
+                    f"`past_key_values` holds {past_length} tokens that read another memory than this call's (row "
+                    f"{row}; or the same one through other weights, such as another adapter). RxT carries a "
+                    "conversation in its memory, not in a cache: start each turn without `past_key_values`, or "
+                    "continue a cache with the `memory_state` (or `memory_key_values`) it was filled with."
+                )
+
+    def rows_matching(self, first_token_keys: torch.Tensor | None) -> list[int]:
+        """The remembered rows a cache row may have come from: those whose first token has its keys; every row where
+        that cannot be told (keys never taken, or the cache changed otherwise)."""
+        rows = range(self.memory.shape[0]) if self.memory.stride(0) else range(1)  # a shared memory: one row
+        if first_token_keys is not None and self.first_token_keys is not None:
+            matching = [row for row in range(self.first_token_keys.shape[0])
+                        if torch.equal(self.first_token_keys[row], first_token_keys.to(self.first_token_keys.device))]
+            if matching:
+                return matching
+        return list(rows)
 
 
 def _version(tensor: torch.Tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version
 
 
-def _first_layer_rows(cache) -> int | None:
+def _first_token_keys(cache) -> torch.Tensor | None:
+    """(B, K, Dh): the last layer's keys at the first position, or None where the cache holds no such tensor."""
     layers = getattr(cache, "layers", None)
-    keys = getattr(layers[0], "keys", None) if layers else None
-    return keys.shape[0] if isinstance(keys, torch.Tensor) and keys.dim() == 4 else None
-
-
-def _rows(memory: torch.Tensor) -> list[torch.Tensor]:
-    """The rows of a memory; one for a memory every row shares (the learned initial one, expanded)."""
-    return [memory[0]] if memory.stride(0) == 0 else list(memory.unbind(0))
+    keys = getattr(layers[-1], "keys", None) if layers else None
+    return keys[:, :, 0] if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[2] > 0 else None
 
 
 def _same_values(kept: torch.Tensor, memory: torch.Tensor) -> bool:
-    """Exact in one dtype (a projection repeats itself bit for bit); across dtypes (autocast, a bfloat16 memory of a
-    float32 model) within two rounding steps of the coarser one, element by element."""
-    if kept.stride(0) == 0 and memory.stride(0) == 0:  # one memory shared by every row
-        kept, memory = kept[:1], memory[:1]
+    """Exact in one dtype; across dtypes (autocast, a bfloat16 memory of a float32 model) within two rounding steps of
+    the coarser one, element by element."""
     memory = memory.to(kept.device)
     if kept.dtype == memory.dtype:
         return torch.equal(kept, memory)

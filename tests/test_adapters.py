@@ -984,3 +984,17 @@ def test_update_memory_per_row_names_a_bad_entry_of_adapters_before_writing(entr
     with pytest.raises(ValueError, match=r"`adapters`.*" + re.escape(repr(entry))):
         adapters_module.update_memory_per_row(model, state, ids[:2], None, ["critic", entry])
     assert writes == []
+
+
+def test_a_cache_continued_under_another_adapters_initial_memory_is_refused(ids):
+    """Each adapter here has its own initial memory: a cache filled reading the actor's, continued after switching to
+    the critic (no `memory_state` either time), would mix the two; refused, and continued under the actor again."""
+    model = with_roles(make_base())
+    with torch.no_grad():
+        model.set_adapter("actor")
+        cache = model(ids, use_cache=True).past_key_values
+        model.set_adapter("critic")
+        with pytest.raises(ValueError, match="`past_key_values`.*another memory"):
+            model(ids[:, :1], past_key_values=cache)
+        model.set_adapter("actor")
+        model(ids[:, :1], past_key_values=cache)

@@ -5,7 +5,7 @@ projected to keys/values once per call, not once per token."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from transformers import CompileConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import CompileConfig, DynamicCache, GenerationConfig, LlamaConfig, LlamaForCausalLM, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_rxt import RxTMemoryState
@@ -621,9 +621,9 @@ def test_a_forward_that_failed_after_the_check_leaves_the_cache_judged(dense_mod
 
 
 def test_decoding_steps_compare_no_memory_values(dense_model, monkeypatch):
-    """Every decoding step passes the check on the tensor itself (or, in the unconditional branch of
-    classifier-free guidance, as the learned initial memory read again): values are compared only where a call
-    starts from a cache it was given, never per token."""
+    """Every decoding step passes the check on the tensor itself: values are compared only where a call starts from
+    a cache it was given, never per token. (Not so in the unconditional branch of classifier-free guidance, which
+    projects the learned initial memory anew at every step: one comparison a step there.)"""
     from modeling_rxt import modeling_rxt_checks
 
     compared = []
@@ -631,11 +631,45 @@ def test_decoding_steps_compare_no_memory_values(dense_model, monkeypatch):
     monkeypatch.setattr(modeling_rxt_checks, "_same_values", lambda *a: compared.append(1) or original(*a))
     model = dense_model
     query, state = random_ids(2, 5), random_state(model, 2)
-    for options in (dict(), dict(num_beams=2), dict(guidance_scale=1.5), dict(prompt_lookup_num_tokens=2)):
+    for options in (dict(), dict(num_beams=2), dict(prompt_lookup_num_tokens=2)):
         rows = query[:1] if "prompt_lookup_num_tokens" in options else query  # one row at a time (transformers)
         model.generate(rows, memory_state=state.select(list(range(rows.shape[0]))), max_new_tokens=6,
                        do_sample=False, **options)
         assert compared == [], options
+
+
+def test_a_cache_row_is_judged_against_the_memory_it_read_not_any_remembered_row(dense_model):
+    """After rows are selected or repeated, each cache row is matched to the row it came from (by its first token's
+    keys in the last layer, which depend on the memory it read): another conversation's memory is refused there,
+    even one the cache read in another row."""
+    model = dense_model
+    ids, state, last = random_ids(2, 5), random_state(model, 2), random_ids(2, 1, seed=7)
+    with torch.no_grad():
+        for operation, rows, wrong in (("select", [1], [0]), ("repeat", [0, 0, 1, 1], [0, 0, 0, 0]),
+                                        ("reorder", [1, 0], [1, 1])):
+            cache = model(ids, memory_state=state, use_cache=True).past_key_values
+            {"select": lambda: cache.batch_select_indices(torch.tensor(rows)),
+             "repeat": lambda: cache.batch_repeat_interleave(2),
+             "reorder": lambda: cache.reorder_cache(torch.tensor(rows))}[operation]()
+            with pytest.raises(ValueError, match="`past_key_values`.*another memory"):
+                model(last[rows], memory_state=state.select(wrong), past_key_values=cache)
+            model(last[rows], memory_state=state.select(rows), past_key_values=cache)
+
+
+def test_a_first_forward_that_failed_part_way_leaves_the_cache_judged(dense_model, monkeypatch):
+    """A cache's first forward failing after some layers appended: those tokens read that call's memory, and another
+    memory is refused for them."""
+    model = dense_model
+    ids, state, other = random_ids(1, 5), random_state(model, 1), random_state(model, 1, seed=9)
+    cache = DynamicCache(config=model.config)
+    monkeypatch.setattr(model.model.layers[-1], "forward",
+                        lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("stop")))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="stop"):
+        model(ids, memory_state=state, past_key_values=cache)
+    monkeypatch.undo()
+    assert cache.get_seq_length() == 5  # the first layer holds the 5 tokens
+    with torch.no_grad(), pytest.raises(ValueError, match="`past_key_values`.*another memory"):
+        model(ids[:, :1], memory_state=other, past_key_values=cache)
 
 
 def test_a_cache_emptied_for_another_conversation_is_not_refused(dense_model):
