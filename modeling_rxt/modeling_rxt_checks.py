@@ -126,18 +126,20 @@ def check_cache_memory(cache, memory_key_values: torch.Tensor, past_length) -> N
 
     The same tensor, not written since, passes at once (every decoding step of `generate`). Otherwise each row of the
     cache is matched to the remembered row it came from, by the keys of its first token in the last layer (which
-    depend on the memory that token read; `note_cache_filled` takes them), so rows selected, repeated, reordered or
-    cropped since are judged against their own memories; the values must be equal, exactly in one dtype (a projection
-    repeats itself bit for bit) and within rounding across dtypes (autocast). An empty cache (a static one emptied by
-    `reset`) takes any. Skipped inside a compiled graph, and for a static cache on an accelerator, whose length only
-    a host wait would tell."""
+    depend on the memory that token read, given more than one layer; `note_cache_filled` takes them), so rows
+    selected, repeated, reordered or cropped since are judged against their own memories; the values must be equal,
+    exactly in one dtype (a projection repeats itself bit for bit) and within rounding across dtypes (autocast; see
+    `_same_values`). An empty cache (a static one emptied by `reset`) takes any. Skipped inside a compiled graph, and
+    for a static cache on an accelerator, whose length only a host wait would tell."""
     if cache is None or is_torchdynamo_compiling() or type(memory_key_values) is not torch.Tensor:
         return
     kept = getattr(cache, "rxt_memory", None)
-    if kept is not None and kept.is_same_tensor(memory_key_values):
-        return
-    if isinstance(past_length, torch.Tensor):
+    if isinstance(past_length, torch.Tensor):  # a static cache: read where it costs no host wait
         past_length = int(past_length) if can_read_values(past_length) else None
+    if kept is not None and kept.is_same_tensor(memory_key_values):
+        if past_length == 0:  # emptied (a static cache's `reset`) and filled again: other first tokens
+            kept.first_token_keys = None
+        return
     if kept is not None and past_length:
         kept.check_continued_with(memory_key_values, cache, past_length)
     # Remembered before the layers append: a forward that fails part-way leaves tokens that read this memory.
@@ -149,7 +151,7 @@ def note_cache_filled(cache) -> None:
     kept = getattr(cache, "rxt_memory", None)
     if kept is not None and kept.first_token_keys is None and not is_torchdynamo_compiling():
         keys = _first_token_keys(cache)
-        kept.first_token_keys = None if keys is None else keys.clone()
+        kept.first_token_keys = None if keys is None else keys.detach().clone()
 
 
 class _CacheMemory:
@@ -179,9 +181,15 @@ class _CacheMemory:
                 f"`past_key_values` holds {keys.shape[0]} rows and this call's memory {rows} (`generate` does not "
                 "expand a cache it is given for `num_beams` or `num_return_sequences`)."
             )
+        if self.memory.stride(0) == 0 and memory.stride(0) == 0:  # one memory shared by every row, on both sides
+            sources, memory, rows = [[0]], memory[:1], 1
+        else:
+            sources = self.rows_matching(keys, rows)
+            first = torch.tensor([candidates[0] for candidates in sources], device=self.memory.device)
+            if _same_values(self.memory.index_select(0, first), memory):  # the usual case, in one comparison
+                return
         for row in range(rows):
-            sources = self.rows_matching(None if keys is None else keys[row])
-            if not any(_same_values(self.memory[source], memory[row]) for source in sources):
+            if not any(_same_values(self.memory[source], memory[row]) for source in sources[row]):
                 raise ValueError(
                     f"`past_key_values` holds {past_length} tokens that read another memory than this call's (row "
                     f"{row}; or the same one through other weights, such as another adapter). RxT carries a "
@@ -189,16 +197,16 @@ class _CacheMemory:
                     "continue a cache with the `memory_state` (or `memory_key_values`) it was filled with."
                 )
 
-    def rows_matching(self, first_token_keys: torch.Tensor | None) -> list[int]:
-        """The remembered rows a cache row may have come from: those whose first token has its keys; every row where
-        that cannot be told (keys never taken, or the cache changed otherwise)."""
-        rows = range(self.memory.shape[0]) if self.memory.stride(0) else range(1)  # a shared memory: one row
-        if first_token_keys is not None and self.first_token_keys is not None:
-            matching = [row for row in range(self.first_token_keys.shape[0])
-                        if torch.equal(self.first_token_keys[row], first_token_keys.to(self.first_token_keys.device))]
-            if matching:
-                return matching
-        return list(rows)
+    def rows_matching(self, keys: torch.Tensor | None, rows: int) -> list[list[int]]:
+        """For each cache row, the remembered rows it may have come from: those whose first token has its keys
+        (compared all at once, one host read); every row where that cannot be told (keys never taken, or the cache
+        changed otherwise)."""
+        everyone = list(range(self.memory.shape[0]))
+        if keys is None or self.first_token_keys is None:
+            return [everyone] * rows
+        kept = self.first_token_keys
+        equal = (keys.to(kept.device)[:, None] == kept[None]).flatten(2).all(-1).tolist()  # (rows, remembered rows)
+        return [[source for source, same in enumerate(row) if same] or everyone for row in equal]
 
 
 def _version(tensor: torch.Tensor) -> int | None:
@@ -213,14 +221,16 @@ def _first_token_keys(cache) -> torch.Tensor | None:
 
 
 def _same_values(kept: torch.Tensor, memory: torch.Tensor) -> bool:
-    """Exact in one dtype; across dtypes (autocast, a bfloat16 memory of a float32 model) within two rounding steps of
-    the coarser one, element by element."""
+    """Exact in one dtype; across dtypes (autocast, a bfloat16 memory of a float32 model) each element within two
+    rounding steps of the coarser one, counted on the largest value of its head vector (a sum rounds on the scale of
+    its terms, so a small element may carry a larger rounding of its own)."""
     memory = memory.to(kept.device)
     if kept.dtype == memory.dtype:
         return torch.equal(kept, memory)
     tolerance = 2 * max(torch.finfo(kept.dtype).eps, torch.finfo(memory.dtype).eps)
     kept, memory = kept.double(), memory.double()
-    return torch.allclose(kept, memory, rtol=tolerance, atol=tolerance * float(kept.abs().max()))
+    scale = kept.abs().amax(dim=-1, keepdim=True)  # (..., 1): per head vector of Dh values
+    return bool(((kept - memory).abs() <= tolerance * (kept.abs() + scale)).all())
 
 
 def _check_static_cache_mask(attention_mask: torch.Tensor, batch_size: int, covered: int) -> None:

@@ -636,6 +636,8 @@ def test_decoding_steps_compare_no_memory_values(dense_model, monkeypatch):
         model.generate(rows, memory_state=state.select(list(range(rows.shape[0]))), max_new_tokens=6,
                        do_sample=False, **options)
         assert compared == [], options
+    model.generate(query, memory_state=state, max_new_tokens=6, do_sample=False, guidance_scale=1.5)
+    assert len(compared) <= 6  # one comparison a step, of one row of the shared initial memory, whatever the batch
 
 
 def test_a_cache_row_is_judged_against_the_memory_it_read_not_any_remembered_row(dense_model):
@@ -670,6 +672,42 @@ def test_a_first_forward_that_failed_part_way_leaves_the_cache_judged(dense_mode
     assert cache.get_seq_length() == 5  # the first layer holds the 5 tokens
     with torch.no_grad(), pytest.raises(ValueError, match="`past_key_values`.*another memory"):
         model(ids[:, :1], memory_state=other, past_key_values=cache)
+
+
+def test_across_dtypes_each_head_vector_is_compared_on_its_own_scale(dense_model):
+    """A cache filled under bfloat16 autocast, continued in float32: rounding passes, but a head vector moved by 10%
+    of its own largest value is refused, however small that vector is beside the memory's largest value."""
+    model = dense_model
+    ids, state = random_ids(1, 5), random_state(model, 1)
+    with torch.no_grad():
+        memory = model.model.project_memory(state.stm).clone()
+        memory[0, 0, 0, 0, 0] *= 0.01  # one small head vector (Dh values) among the others
+        moved = memory.clone()
+        moved[0, 0, 0, 0, 0] += 0.1 * memory[0, 0, 0, 0, 0].abs().max()
+        for continued_with, refused in ((memory, False), (moved, True)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                cache = model(ids, memory_key_values=memory.to(torch.bfloat16), use_cache=True).past_key_values
+            if refused:
+                with pytest.raises(ValueError, match="`past_key_values`.*another memory"):
+                    model(ids[:, :1], memory_key_values=continued_with, past_key_values=cache)
+            else:
+                model(ids[:, :1], memory_key_values=continued_with, past_key_values=cache)
+
+
+def test_a_static_cache_emptied_and_filled_again_with_the_same_memory_matches_its_new_rows(dense_model):
+    """`reset` and a new fill with the same memory tensor: the rows' first tokens are taken again, so a memory with
+    its rows swapped against the new cache rows is refused, and the right one continues."""
+    model = dense_model
+    ids, state = random_ids(2, 5), random_state(model, 2)
+    with torch.no_grad():
+        memory = model.model.project_memory(state.stm)
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        model(ids, memory_key_values=memory, past_key_values=cache)
+        cache.reset()
+        model(ids.flip(0), memory_key_values=memory, past_key_values=cache)
+        with pytest.raises(ValueError, match="`past_key_values`.*another memory"):
+            model(ids[:, :1], memory_key_values=memory.flip(0).clone(), past_key_values=cache)
+        model(ids[:, :1], memory_key_values=memory.clone(), past_key_values=cache)
 
 
 def test_a_cache_emptied_for_another_conversation_is_not_refused(dense_model):
