@@ -57,6 +57,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 torch.set_num_threads(int(sys.argv[3]))
+torch.set_grad_enabled(False)  # inference: each memory write would otherwise keep the graph of every earlier one
 folder, conversations = sys.argv[1], json.loads(sys.argv[2])
 tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()

@@ -40,6 +40,7 @@ def test_demo_trains_evaluates_exports_and_talks_in_a_fresh_process(tmp_path):
     # The conversation ran in the fresh process on the exported folder, through the folder's own code.
     assert "remote code: transformers_modules" in run.stdout
     assert "stated" in run.stdout and "turns earlier" in run.stdout
+    assert "runs with autograd on" not in run.stdout + run.stderr  # the replay writes its memory without a graph
     # The card of a named recipe holds it (the recipe's file, found by name).
     assert "No training recipe was given" not in (hub / "README.md").read_text()
     # The results are those of the exported weights: eval.json names them, and the export checked it.
