@@ -476,6 +476,7 @@ def decoder_loss(
         input_ids=input_ids,
         attention_mask=attention_mask,
         memory_key_values=model.model.project_memory(stm),
+        use_cache=False,  # a training forward continues no cache: none is built (nor its memory recorded)
         output_router_logits=is_moe,
         external_memory=external_memory,
     )
