@@ -7,7 +7,8 @@ or `python -m hub_export SRC DEST [--overwrite] [--no-verify] [--push REPO_ID] [
 """
 
 from .export import ExportReport, export_model
-from .model_card import build_model_card, read_evaluation, usage_snippet, weights_fingerprint
+from .model_card import build_model_card, read_evaluation, usage_snippet
+from .provenance import code_fingerprint, project_revision, weights_fingerprint
 from .push import push_folder
 from .verify import VerificationError, VerificationReport, verify_export
 
@@ -16,7 +17,9 @@ __all__ = [
     "VerificationError",
     "VerificationReport",
     "build_model_card",
+    "code_fingerprint",
     "export_model",
+    "project_revision",
     "push_folder",
     "read_evaluation",
     "usage_snippet",

@@ -34,15 +34,8 @@ from modeling_rxt.adapters import ADAPTER_WEIGHTS_NAMES, AdapterBaseWeightsError
 from modeling_rxt.atomic_files import atomic_write, staged_folder
 
 from .fresh_process import BLOCKED_PACKAGES
-from .model_card import (
-    DEFAULT_DATASETS,
-    WEIGHT_FILES,
-    Evaluation,
-    build_model_card,
-    read_evaluation,
-    read_recipe,
-    weights_fingerprint,
-)
+from .model_card import DEFAULT_DATASETS, Evaluation, ExportedCode, build_model_card, read_evaluation, read_recipe
+from .provenance import WEIGHT_FILES, code_fingerprint, project_revision, weights_fingerprint
 from .push import check_visibility, push_folder
 from .verify import VerificationReport, verify_export
 
@@ -110,6 +103,16 @@ def check_evaluated_weights(evaluation: Evaluation, eval_json: str | os.PathLike
             "the evaluation JSON of this model (`hub_export.weights_fingerprint` of the folder it "
             "evaluated)."
         )
+
+
+def check_evaluated_code(evaluation: Evaluation | None, code: ExportedCode) -> None:
+    """Warns when the evaluation recorded other model code than the code exported (the package changed since the
+    evaluation). Not refused: a comment may be all that changed. The card says it either way."""
+    if evaluation is None or evaluation.code_fingerprint in (None, code.fingerprint):
+        return
+    logger.warning("`eval_json` %r was measured with other model code (code_fingerprint %s%s) than the code exported "
+                   "(%s): the model card says so", evaluation.source, evaluation.code_fingerprint,
+                   f", revision {evaluation.code_revision}" if evaluation.code_revision else "", code.fingerprint)
 
 
 # Set from the tokenizer, not by the recipe's `model` section: not compared with it.
@@ -403,8 +406,10 @@ def build_folder(staging: Path, model, tokenizer, *, model_id: str, adapters: di
     for path in sorted(staging.glob("*.safetensors")):
         add_safetensors_metadata(path, weights_metadata(model, evaluation))
     check_code_files(staging, json.loads((staging / "config.json").read_text(encoding="utf-8"))["auto_map"])
+    code = ExportedCode(code_fingerprint(staging), project_revision())
+    check_evaluated_code(evaluation, code)
     card = build_model_card(model, model_id=model_id, evaluation=evaluation, recipe=recipe, recipe_name=recipe_name,
-                            datasets=datasets, adapters=list(adapters))
+                            datasets=datasets, adapters=list(adapters), code=code)
     card.save(staging / "README.md")
     for name, source in adapters.items():  # last: a name may not be that of any file above
         if (staging / name).exists():

@@ -17,6 +17,9 @@ JSON object keys; other keys are ignored):
      "split": "test",                                             optional
      "weights_fingerprint": "sha256:<64 hex digits>",             optional: the weights measured (the export checks it;
                                                                   `weights_fingerprint`)
+     "code_fingerprint": "sha256:<64 hex digits>",                optional: the model code that measured them (the
+                                                                  card says if it is the code exported)
+     "code_revision": "<40 hex digits>[-dirty]",                  optional: the project's commit then
      "external_memory_recall": {"accuracy_without_memory": 0.0,  optional: facts only in an external memory
                                 "accuracy_with_external_memory": 0.27, "questions": 285},
      "recipe": "demo",                                            optional: the training recipe's name, and the
@@ -24,12 +27,9 @@ JSON object keys; other keys are ignored):
                                                                   against them)
 """
 
-import hashlib
 import json
 import math
-import os
 import re
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +38,13 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from modeling_rxt.atomic_files import read_json_object
 
+from .provenance import FINGERPRINT, REVISION
+
 LICENSE = "apache-2.0"
 DEFAULT_DATASETS = ("rxt-synthetic-memory-episodes", "chatterbot-corpus")
 EVAL_TASK = "text-generation"
 EVAL_DATASET_TYPE = "rxt-synthetic-memory-episodes"
 EVAL_DATASET_NAME = "RxT synthetic memory episodes (held-out values)"
-WEIGHTS_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")  # as `weights_fingerprint` writes it
 USAGE_HEADING = "## Usage"
 # The conversation of the usage snippet has the shape of the training episodes: two facts, then a question about the
 # first one, asked two turns after it was stated.
@@ -68,8 +69,19 @@ class Evaluation:
     split: str | None = None
     external_memory: dict[str, float | int] | None = None  # without / with the external memory, questions
     weights_fingerprint: str | None = None  # of the weights measured; None: not recorded (hand-written, older runs)
+    code_fingerprint: str | None = None  # of the model code that measured them; None: not recorded
+    code_revision: str | None = None  # the project's git commit when they were measured; None: not recorded
     recipe: str | None = None  # the name (or path) of the recipe the model was trained with, as the training job wrote
     stages: tuple[tuple[str, int], ...] | None = None  # (stage, steps) of each stage the training job ran
+
+
+@dataclass(frozen=True)
+class ExportedCode:
+    """The model code a card publishes: its `code_fingerprint`, and the project revision that exported it (None
+    outside a git checkout)."""
+
+    fingerprint: str
+    revision: str | None
 
 
 def _fraction(value: object, where: str) -> float:
@@ -111,78 +123,18 @@ def _external_memory(value: object, where: str) -> dict[str, float | int]:
     }
 
 
-# `save_pretrained`'s weights without a variant: model.safetensors, or the shards its index names.
-SINGLE_WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
-WEIGHT_FILES = f"{SINGLE_WEIGHTS} or the shards of {WEIGHTS_INDEX}"  # how messages name them
-READ_CHUNK = 1 << 24  # bytes hashed at a time: weight files can be larger than the memory
-
-
-def weights_fingerprint(folder: str | os.PathLike) -> str:
-    """`sha256:<hex>`: the fingerprint of the weights saved in `folder`, for an evaluation JSON to record what it was
-    measured on (the export checks it against the weights it exports). Read from the files, without loading a
-    model: the SHA-256 over every tensor in name order, of its name, dtype, shape and bytes. How the weights are
-    split into shards and the files' metadata (the export adds its own) do not count, nor do the folder's other
-    files (tokenizer, adapters), so an exported folder has the fingerprint of its source."""
-    paths = _weight_files(Path(folder))
-    tensors = {}  # name -> (file, dtype, shape, first byte, end byte)
-    for path in paths:
-        for name, entry in _tensor_entries(path).items():
-            if name in tensors:
-                raise ValueError(f"The tensor {name!r} is in both {tensors[name][0].name} and {path.name} of "
-                                 f"{str(folder)!r}: a stale shard of an earlier save?")
-            tensors[name] = (path, *entry)
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        path, dtype, shape, start, end = tensors[name]
-        digest.update(json.dumps([name, dtype, shape]).encode("utf-8"))
-        with open(path, "rb") as handle:
-            handle.seek(start)
-            for offset in range(start, end, READ_CHUNK):
-                digest.update(handle.read(min(READ_CHUNK, end - offset)))
-    return "sha256:" + digest.hexdigest()
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    """The files transformers loads the weights from: `model.safetensors`, else the shards its index names."""
-    if (folder / SINGLE_WEIGHTS).exists() or (folder / SINGLE_WEIGHTS).is_symlink():
-        return [folder / SINGLE_WEIGHTS]
-    if not (folder / WEIGHTS_INDEX).is_file():
-        raise ValueError(f"{str(folder)!r} has no weight files ({WEIGHT_FILES}) to fingerprint.")
-    weight_map = read_json_object(folder / WEIGHTS_INDEX, f"`{WEIGHTS_INDEX}`").get("weight_map")
-    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
-        raise ValueError(f"`{WEIGHTS_INDEX}` in {str(folder)!r} has no `weight_map` of tensor names to shard files.")
-    shards = sorted(set(weight_map.values()))
-    missing = [name for name in shards if not (folder / name).is_file()]
-    if missing:
-        raise ValueError(f"The shards {missing} that `{WEIGHTS_INDEX}` names are missing from {str(folder)!r}.")
-    return [folder / name for name in shards]
-
-
-def _tensor_entries(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
-    """{name: (dtype, shape, first byte, end byte)} of a safetensors file, from its header: 8 bytes of header length
-    (little-endian), the JSON header, then the tensors' bytes (offsets counted from there)."""
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        data_start, size = 8 + length, path.stat().st_size
-        entries = {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            first, end = (data_start + offset for offset in entry["data_offsets"])
-            if not data_start <= first <= end <= size:
-                raise ValueError(f"tensor {name!r} lies beyond the end of the file")
-            entries[name] = (entry["dtype"], entry["shape"], first, end)
-        return entries
-    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError, MemoryError, OverflowError) as error:
-        raise ValueError(f"{str(path)!r} cannot be read as safetensors (corrupted or truncated?): {error}") from error
-
-
 def _fingerprint(value: object, where: str) -> str:
-    if not isinstance(value, str) or not WEIGHTS_FINGERPRINT.fullmatch(value):
-        raise ValueError(f"{where} must be 'sha256:' and 64 hex digits (as `hub_export."
-                         f"weights_fingerprint` writes it), got {value!r}.")
+    if not isinstance(value, str) or not FINGERPRINT.fullmatch(value):
+        writer = "code_fingerprint" if "code_fingerprint" in where else "weights_fingerprint"
+        raise ValueError(f"{where} must be 'sha256:' and 64 hex digits (as `hub_export.{writer}` writes it), got "
+                         f"{value!r}.")
+    return value
+
+
+def _revision(value: object, where: str) -> str:
+    if not isinstance(value, str) or not REVISION.fullmatch(value):
+        raise ValueError(f"{where} must be a git commit (40 hex digits), with '-dirty' when the checkout had changes "
+                         f"(as `hub_export.project_revision` writes it), got {value!r}.")
     return value
 
 
@@ -230,6 +182,8 @@ def read_evaluation(path: str | Path) -> Evaluation:
         split=split,
         external_memory=_optional(data, "external_memory_recall", _external_memory, where),
         weights_fingerprint=_optional(data, "weights_fingerprint", _fingerprint, where),
+        code_fingerprint=_optional(data, "code_fingerprint", _fingerprint, where),
+        code_revision=_optional(data, "code_revision", _revision, where),
         recipe=recipe,
         stages=_optional(data, "stages", _stages, where),
     )
@@ -329,7 +283,32 @@ def _weights_note(evaluation: Evaluation) -> str:
             "bytes, whatever the files' sharding and metadata).")
 
 
-def _results_section(evaluation: Evaluation | None) -> str:
+def _revision_words(revision: str) -> str:
+    """`revision` as a reader takes it: git's `-dirty` mark spelled out."""
+    commit, dirty, _ = revision.partition("-dirty")
+    return f"revision `{commit}`" + (" with uncommitted changes" if dirty else "")
+
+
+def _code_note(evaluation: Evaluation, code: ExportedCode | None) -> str:
+    """Whether the results were measured with the code the card publishes. Not refused when they were not (a
+    comment may be all that changed), but said in the card, where a reader weighs the figures."""
+    if code is None:
+        return ""
+    if evaluation.code_fingerprint is None:
+        return ("The evaluation JSON records no fingerprint of the model code it ran with (hand-written, or from an "
+                "older run), so nothing shows whether that code is the code in this repository.")
+    revision = f", at {_revision_words(evaluation.code_revision)} of the project" if evaluation.code_revision else ""
+    if evaluation.code_fingerprint == code.fingerprint:
+        return (f"They were measured with the model code in this repository{revision}: the evaluation JSON records "
+                f"its fingerprint, `{code.fingerprint}` (`hub_export.code_fingerprint`: a SHA-256 over the names and "
+                "bytes of the folder's `.py` files).")
+    return (f"**They were measured with other model code than the code in this repository**: the evaluation JSON "
+            f"records the code fingerprint `{evaluation.code_fingerprint}`{revision}; this repository's code has "
+            f"`{code.fingerprint}`. The code changed between the evaluation and the export, and this code may not "
+            "give the same figures.")
+
+
+def _results_section(evaluation: Evaluation | None, code: ExportedCode | None) -> str:
     if evaluation is None:
         return ("## Results\n\nNo evaluation JSON was given to the export, so this card reports no results and has "
                 "no `model-index`.")
@@ -343,7 +322,7 @@ def _results_section(evaluation: Evaluation | None) -> str:
         f"values never occur in training, with the memory carried from turn to turn and with the memory reset "
         f"before the question ({where}).",
         "",
-        _weights_note(evaluation),
+        " ".join(note for note in (_weights_note(evaluation), _code_note(evaluation, code)) if note),
         "",
         *_results_table(evaluation),
     ]
@@ -384,14 +363,23 @@ def architecture_rows(config, parameter_counts: Mapping[str, int]) -> list[tuple
     ]
 
 
-def _architecture_section(config, parameter_counts: Mapping[str, int]) -> str:
+def _code_line(code: ExportedCode | None) -> str:
+    if code is None:
+        return ""
+    where = (f"exported from {_revision_words(code.revision)} of the rxt-transformers project" if code.revision else
+             "exported from a copy of the rxt-transformers project outside git (no revision known)")
+    return (f"\n\nThe model code (the `.py` files here) has the fingerprint `{code.fingerprint}` "
+            f"(`hub_export.code_fingerprint`); {where}.")
+
+
+def _architecture_section(config, parameter_counts: Mapping[str, int], code: ExportedCode | None) -> str:
     rows = "\n".join(f"| {name} | {value} |" for name, value in architecture_rows(config, parameter_counts))
     return (
         "## Architecture\n\n"
         "A Reactive Transformer (RxT, arXiv 2510.03561): a decoder that reads a fixed-size short-term memory (STM) "
         "through memory cross-attention while it answers, and a memory encoder plus memory attention that rewrite "
         "the memory from the whole interaction after the answer. The cost of a turn does not grow with the length "
-        "of the conversation.\n\n| | |\n|---|---|\n" + rows
+        "of the conversation.\n\n| | |\n|---|---|\n" + rows + _code_line(code)
     )
 
 
@@ -526,9 +514,11 @@ def build_model_card(
     recipe_name: str | None = None,
     datasets: Sequence[str] = (),
     adapters: Sequence[str] = (),
+    code: ExportedCode | None = None,
 ) -> ModelCard:
     """The model card of `model` (an RxT causal LM) as it will be published under `model_id`. `datasets` are the
-    card's dataset ids (none by default: the card names no training data it was not told of)."""
+    card's dataset ids (none by default: the card names no training data it was not told of). `code`: the model
+    code published beside it (the export passes it; without it the card says nothing about the code)."""
     if not isinstance(model_id, str) or not model_id:
         raise ValueError(f"`model_id` must be a non-empty string, got {model_id!r}.")
     config = model.config
@@ -553,8 +543,8 @@ def build_model_card(
         f"# {model_id.split('/')[-1]}",
         "A Reactive Transformer (RxT) for Hugging Face Transformers: a stateful language model that processes one "
         "interaction at a time and carries the conversation in a fixed-size short-term memory.",
-        _results_section(evaluation),
-        _architecture_section(config, model.parameter_counts()),
+        _results_section(evaluation, code),
+        _architecture_section(config, model.parameter_counts(), code),
         # Prompt and answer must fit in one interaction: answers of at most half of it.
         _usage_section(model_id, min(32, config.max_position_embeddings // 2)),
         _adapters_section(model_id, list(adapters)),

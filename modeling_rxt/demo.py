@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from hub_export import export_model, weights_fingerprint
+from hub_export import code_fingerprint, export_model, project_revision, weights_fingerprint
 
 from .data import ASK, make_episodes
 from .evaluation import evaluate_fact_recall, evaluate_recall, plot_recall, write_json_atomic
@@ -210,6 +210,10 @@ def _evaluate_and_report(args: argparse.Namespace, model, tokenizer, logs, model
         **result,
         # The weights just saved in `model_dir` and evaluated here: the export refuses an eval.json of other weights.
         "weights_fingerprint": weights_fingerprint(model_dir),
+        # The code that measured them (copied beside the weights by `save_pretrained`): the card says whether the
+        # export publishes the same code.
+        "code_fingerprint": code_fingerprint(model_dir),
+        "code_revision": project_revision(),
         "split": split,
         "episodes": len(episodes),
         "recipe": args.recipe,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from hub_export import export_model, fresh_process, weights_fingerprint
+from hub_export import code_fingerprint, export_model, fresh_process, project_revision, weights_fingerprint
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization import train_tokenizer
 
@@ -85,8 +85,11 @@ def source(tmp_path_factory) -> Path:
     # A LoRA adapter with random B (not a no-op), saved the way PEFT saves a named adapter: adapters/persona/.
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(model, lora, adapter_name="persona").save_pretrained(root / "model" / "adapters")
-    # Measured on these weights, as the demo records it: the export checks the fingerprint against SRC's weights.
-    (root / "eval.json").write_text(json.dumps({**EVAL, "weights_fingerprint": weights_fingerprint(root / "model")}))
+    # Measured on these weights with this code, as the demo records it: the export checks the weights' fingerprint
+    # against SRC's weights, and the card says whether the code is the code it exports.
+    measured = {"weights_fingerprint": weights_fingerprint(root / "model"),
+                "code_fingerprint": code_fingerprint(root / "model"), "code_revision": project_revision()}
+    (root / "eval.json").write_text(json.dumps({**EVAL, **measured}))
     (root / "recipe.json").write_text(json.dumps(RECIPE))
     return root
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modeling_rxt.demo import _parse, main
-from hub_export import weights_fingerprint
+from hub_export import code_fingerprint, weights_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,6 +46,9 @@ def test_demo_trains_evaluates_exports_and_talks_in_a_fresh_process(tmp_path):
     # The results are those of the exported weights: eval.json names them, and the export checked it.
     assert report["weights_fingerprint"] == weights_fingerprint(output / "model")
     assert report["weights_fingerprint"] in (hub / "README.md").read_text()
+    # ... with the code it publishes: eval.json names the code that measured it, and the card says it is the same.
+    assert report["code_fingerprint"] == code_fingerprint(output / "model") == code_fingerprint(hub)
+    assert "measured with the model code in this repository" in (hub / "README.md").read_text()
 
     # Resuming the finished run trains nothing again: it evaluates, exports and replays the same model.
     (output / "eval.json").unlink()

@@ -32,7 +32,7 @@ from hub_export.export import check_code_files
 from hub_export.push import check_recorded_model_id
 from hub_export.model_card import USAGE_QUERIES, extract_usage_snippet, read_evaluation, usage_snippet
 from modeling_rxt import RxTConfig, RxTForCausalLM
-from hub_export import weights_fingerprint
+from hub_export import code_fingerprint, project_revision, weights_fingerprint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mock_hub import MockHub  # noqa: E402
@@ -409,6 +409,95 @@ def test_an_eval_json_without_a_fingerprint_is_published_as_not_tied_to_these_we
     assert {r.metric_config: r.metric_value for r in card.data.eval_results}["all"] == EVAL["recall"]
     with safe_open(tmp_path / "dest" / "model.safetensors", "pt") as weights:
         assert "evaluation_weights_fingerprint" not in weights.metadata()
+
+
+def test_the_card_names_its_code_and_says_the_results_were_measured_with_it(exported, source):
+    """The evaluation recorded the fingerprint of the code that measured it (as the demo does); the export publishes
+    that same code, and the card says so, naming its fingerprint and the revision that exported it."""
+    fingerprint = code_fingerprint(exported.dest)
+    assert fingerprint == code_fingerprint(source / "model")  # the exported `.py` files are the source's
+    text = (exported.dest / "README.md").read_text()
+    results = text.split("## Results")[1].split("\n## ")[0]
+    assert "measured with the model code in this repository" in results and fingerprint in results
+    architecture = text.split("## Architecture")[1].split("\n## ")[0]
+    assert f"The model code (the `.py` files here) has the fingerprint `{fingerprint}`" in architecture
+    revision = project_revision()
+    if revision is None:
+        assert "outside git (no revision known)" in architecture
+    else:
+        dirty = " with uncommitted changes" if revision.endswith("-dirty") else ""
+        assert f"exported from revision `{revision.removesuffix('-dirty')}`{dirty} of the" in architecture
+
+
+def test_results_of_other_code_are_published_as_such_with_a_warning(source, tmp_path, caplog):
+    """An evaluation run with other model code than the code exported (the package changed since): not refused, as
+    a comment may be all that changed, but the export warns and the card says it plainly, with both fingerprints."""
+    other, commit = "sha256:" + "1" * 64, "ab" * 20
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({**EVAL, "weights_fingerprint": weights_fingerprint(source / "model"),
+                                "code_fingerprint": other, "code_revision": commit + "-dirty"}))
+    with caplog.at_level(logging.WARNING, logger="hub_export"):
+        export_model(source / "model", tmp_path / "dest", verify=False, eval_json=path)
+    warnings = [record.getMessage() for record in caplog.records
+                if record.name.startswith("hub_export") and record.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "other model code" in warnings[0] and other in warnings[0]
+    results = (tmp_path / "dest" / "README.md").read_text().split("## Results")[1].split("\n## ")[0]
+    assert "measured with other model code than the code in this repository" in results
+    assert other in results and f"revision `{commit}` with uncommitted changes" in results
+    assert code_fingerprint(tmp_path / "dest") in results
+    assert "measured with the model code in this repository" not in results
+
+
+def test_results_without_a_code_fingerprint_say_nothing_ties_them_to_the_code(source, tmp_path, caplog):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({**EVAL, "weights_fingerprint": weights_fingerprint(source / "model")}))
+    with caplog.at_level(logging.WARNING, logger="hub_export"):
+        export_model(source / "model", tmp_path / "dest", verify=False, eval_json=path)
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    results = (tmp_path / "dest" / "README.md").read_text().split("## Results")[1].split("\n## ")[0]
+    assert "records no fingerprint of the model code" in results and "measured on these weights" in results
+
+
+def test_the_code_fingerprint_is_that_of_the_py_files_alone(source, tmp_path):
+    src = _copy_model(source, tmp_path / "model")
+    fingerprint = code_fingerprint(src)
+    (src / "notes.txt").write_text("not code")
+    shutil.rmtree(src / "adapters")
+    assert code_fingerprint(src) == fingerprint  # other files do not count
+    (src / "modeling_rxt.py").write_text((src / "modeling_rxt.py").read_text() + "\n")
+    assert code_fingerprint(src) != fingerprint  # one byte more
+    (src / "modeling_rxt.py").write_bytes((source / "model" / "modeling_rxt.py").read_bytes())
+    assert code_fingerprint(src) == fingerprint
+    (src / "modeling_rxt.py").rename(src / "modeling_rxt_renamed.py")
+    assert code_fingerprint(src) != fingerprint  # the names count
+    (tmp_path / "no_code").mkdir()
+    with pytest.raises(ValueError, match="has no code files"):
+        code_fingerprint(tmp_path / "no_code")
+    with pytest.raises(ValueError, match="is not a folder"):
+        code_fingerprint(src / "config.json")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_the_project_revision_is_the_commit_checked_out_and_whether_it_changed(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+    repo = tmp_path / "project"
+    (repo / "package").mkdir(parents=True)
+    (repo / "package" / "code.py").write_text("x = 1\n")
+    assert project_revision(repo) is None  # not a git checkout
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "empty")
+    git("add", "package/code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "code")
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert project_revision(repo) == head
+    (repo / "untracked.py").write_text("y = 2\n")
+    assert project_revision(repo) == head  # untracked files do not count
+    (repo / "package" / "code.py").write_text("x = 2\n")
+    assert project_revision(repo) == head + "-dirty"
+    # A folder inside a checkout is not one (an installed package inside some repository's virtual environment).
+    assert project_revision(repo / "package") is None
 
 
 def test_a_trainer_run_exports_its_checkpoint_with_the_cache_on(source, tmp_path):

@@ -64,6 +64,9 @@ def source_model_config(folder: Path) -> dict:
         ("eval_missing_key", r"lacks the keys \['chance'\]"),
         ("eval_not_json", r"is not valid JSON"),
         ("eval_bad_fingerprint", r"weights_fingerprint must be 'sha256:' and 64 hex digits"),
+        ("eval_bad_code_fingerprint", r"code_fingerprint must be 'sha256:' and 64 hex digits \(as `hub_export"
+                                      r"\.code_fingerprint` writes it\)"),
+        ("eval_bad_code_revision", r"code_revision must be a git commit \(40 hex digits\), with '-dirty'"),
         ("bad_repo_id", r"is not a valid Hub repository id"),
         ("push_without_repo", r"needs a `repo_id`"),
         ("dest_is_the_checkpoint", r"would replace .*checkpoint-5.*which the export reads from"),
@@ -107,7 +110,9 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, message, source, tm
         path = tmp_path / "eval.json"
         broken = {"eval_percentages": {**EVAL, "chance": 1.0, "recall_memory_reset": 3.9},
                   "eval_missing_key": {k: v for k, v in EVAL.items() if k != "chance"},
-                  "eval_bad_fingerprint": {**EVAL, "weights_fingerprint": "d41d8cd98f00b204e9800998ecf8427e"}}
+                  "eval_bad_fingerprint": {**EVAL, "weights_fingerprint": "d41d8cd98f00b204e9800998ecf8427e"},
+                  "eval_bad_code_fingerprint": {**EVAL, "code_fingerprint": "sha256:" + "A" * 64},
+                  "eval_bad_code_revision": {**EVAL, "code_revision": "3ebefcc+local"}}
         path.write_text(json.dumps(broken[case]) if case in broken else "{not json")
         kwargs["eval_json"] = path
     elif case == "bad_repo_id":
