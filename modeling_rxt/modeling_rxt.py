@@ -515,7 +515,7 @@ class RxTModel(RxTPreTrainedModel):
         if memory_key_values is None:
             memory_key_values = self.project_memory(self.memory_tensor(memory_state, batch_size))
         else:
-            check_memory_key_values(memory_key_values, self.config, len(self.layers), batch_size)
+            check_memory_key_values(memory_key_values, self.config, len(self.layers), inputs_embeds)
         check_cache_memory(past_key_values, memory_key_values, past_length)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, length, past_length, inputs_embeds.device)
@@ -604,8 +604,9 @@ class RxTModel(RxTPreTrainedModel):
     ) -> torch.Tensor:
         """The memory attention half of `write_memory`, from what `encode_interaction` returned for the interaction
         and its `attention_mask`. A training objective that also uses the encoded data (stage 3's target) calls it
-        to run the encoder once. The new memory is computed in the model's dtype and kept in the given one's, so
-        that a state keeps its dtype and the rows without tokens their memory to the bit."""
+        to run the encoder once. The new memory is computed in the model's dtype and blended by the gates in the
+        given one's, so that a state keeps its dtype (and, if finer, the precision of what its gates keep), and the
+        rows without tokens their memory to the bit."""
         given = stm
         stm = stm.to(encoded[0].dtype)
         write_mask = None  # slots x tokens, in the attention implementation's format
@@ -621,10 +622,13 @@ class RxTModel(RxTPreTrainedModel):
             # (L, S, D), through the module, so that a PEFT adapter's own initial memory (`modules_to_save`) is used
             initial = self.initial_memory(1)[:, 0].unbind(0)
         # Layers through `unbind` (one `stack` in the backward), not `stm[i]` (a zero-filled STM per layer).
-        layers = zip(self.memory_attention, stm.unbind(0), encoded, initial, strict=True)
+        # A state finer than the model's dtype (float32 written by a bfloat16 model) takes the gates' blend in its own.
+        finer = torch.finfo(given.dtype).eps < torch.finfo(stm.dtype).eps
+        given_layers = given.unbind(0) if finer else [None] * len(self.memory_attention)
+        layers = zip(self.memory_attention, stm.unbind(0), encoded, initial, given_layers, strict=True)
         new_stm = torch.stack([
-            layer(slots, stm_mean, ed, rotary, write_mask=write_mask, key_mask=key_mask, initial=init)
-            for layer, slots, ed, init in layers
+            layer(slots, stm_mean, ed, rotary, write_mask=write_mask, key_mask=key_mask, initial=init, kept=kept)
+            for layer, slots, ed, init, kept in layers
         ])  # (L, B, S, D)
         new_stm = new_stm.to(given.dtype)
         if attention_mask is not None:

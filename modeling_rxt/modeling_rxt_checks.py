@@ -107,15 +107,26 @@ def check_decoder_inputs(
         )
 
 
-def check_memory_key_values(memory_key_values, config: RxTConfig, num_layers: int, batch_size: int) -> None:
-    """`memory_key_values` given to the forward: what `project_memory` gives for this batch and every layer."""
-    expected = (batch_size, num_layers, 2, config.num_key_value_heads, config.memory_slots, config.head_dim)
+def check_memory_key_values(memory_key_values, config: RxTConfig, num_layers: int, hidden_states: torch.Tensor) -> None:
+    """`memory_key_values` given to the forward: what `project_memory` gives for this batch and every layer, on the
+    device and in the dtype the queries will have (`hidden_states`, (B, T, D); any dtype under autocast)."""
+    expected = (hidden_states.shape[0], num_layers, 2, config.num_key_value_heads, config.memory_slots, config.head_dim)
     if not isinstance(memory_key_values, torch.Tensor):
         raise TypeError(f"`memory_key_values` must be a torch.Tensor, got {type(memory_key_values).__name__}.")
     if tuple(memory_key_values.shape) != expected:
         raise ValueError(
             f"`memory_key_values` must have shape (B, L, 2, K, S, Dh) = {expected} (what `project_memory` gives "
             f"for this batch), got {tuple(memory_key_values.shape)}."
+        )
+    if memory_key_values.device != hidden_states.device:
+        raise ValueError(f"`memory_key_values` is on {memory_key_values.device}, the model's input on "
+                         f"{hidden_states.device}: move it there (`.to(...)`).")
+    autocast = torch.is_autocast_enabled(hidden_states.device.type)
+    if memory_key_values.dtype != hidden_states.dtype and not autocast:
+        raise ValueError(
+            f"`memory_key_values` is {memory_key_values.dtype}, the model computes in {hidden_states.dtype}: project "
+            f"the memory with this model as it runs now (`project_memory`; one made under autocast is in autocast's "
+            f"dtype), or cast it (`.to({hidden_states.dtype})`)."
         )
 
 

@@ -153,12 +153,14 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         return attention.o_proj(out.reshape(*query.shape[:2], -1))
 
     def forward(
-        self, stm, stm_mean, encoded, encoded_rotary, write_mask=None, key_mask=None, initial=None
+        self, stm, stm_mean, encoded, encoded_rotary, write_mask=None, key_mask=None, initial=None, kept=None
     ) -> torch.Tensor:
         """stm (B, S, D), stm_mean (B, S, D), encoded (B, T, D) -> new stm (B, S, D). `write_mask` is the slots x
         tokens attention mask of the usual write (as the attention implementation wants it), `key_mask` (B, T) the
         plain token mask that the competitive write uses, `initial` (S, D) this layer's initial memory (what an unused
-        slot holds; read with `memory_write_occupancy`)."""
+        slot holds; read with `memory_write_occupancy`). `kept`: `stm` in the state's own dtype where that is finer
+        than the model's; the gate blends into it there (in bfloat16, 1 - G rounds to 1 for a slot the gate keeps,
+        and a small G * update rounds away), and the new memory comes in that dtype."""
         query = self.query_norm(self.pre_step(stm, stm_mean))
         if self.competition:  # CODEPATH: `memory_write_type="competition"` (the demo model); others attend
             occupancy = None
@@ -170,7 +172,10 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
                 query, self.encoded_norm(encoded), attention_mask=write_mask, key_rotary=encoded_rotary
             )
         gate = torch.sigmoid(self.residual_gate(stm + update))
-        return (1 - gate) * stm + gate * update
+        # Blended in the dtype of what it keeps (under autocast the gate comes in bfloat16 beside a float32 memory).
+        base = stm if kept is None else kept
+        gate, update = gate.to(base.dtype), update.to(base.dtype)
+        return (1 - gate) * base + gate * update
 
 
 class RxTInitialMemory(nn.Module):

@@ -120,6 +120,22 @@ def test_projected_memory_of_the_wrong_shape_or_type(model):
         model.generate(ids, memory_key_values=projected[:, :-1], max_new_tokens=2)
 
 
+def test_projected_memory_on_another_device_or_in_another_dtype(model):
+    """Keys/values the queries cannot attend to (another dtype outside autocast, another device) are named, where
+    the attention kernel raised its own error; `memory_state` in another dtype is cast, as before."""
+    ids = random_ids(1, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        projected = model.model.project_memory(model.init_memory(1).stm)  # in autocast's dtype
+        assert projected.dtype == torch.bfloat16 and model(ids, memory_key_values=projected).logits.isfinite().all()
+    with pytest.raises(ValueError, match=r"`memory_key_values` is torch.bfloat16, the model computes in torch.float32"):
+        model(ids, memory_key_values=projected)
+    with pytest.raises(ValueError, match=r"`memory_key_values` is torch.bfloat16"):
+        model.generate(ids, memory_key_values=projected, max_new_tokens=2)
+    assert model(ids, memory_key_values=projected.float()).logits.isfinite().all()
+    with pytest.raises(ValueError, match=r"`memory_key_values` is on meta, the model's input on cpu"):
+        model(ids, memory_key_values=projected.float().to("meta"))
+
+
 @pytest.mark.parametrize("bad", [torch.zeros(2, 1, 8, 32), "state", None], ids=["tensor", "str", "none"])
 def test_memory_state_of_the_wrong_type(model, bad):
     if bad is not None:  # forward and generate take None as "the learned initial memory"

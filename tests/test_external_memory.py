@@ -45,6 +45,18 @@ def prompt(batch: int = 2, length: int = 6, seed: int = 2) -> torch.Tensor:
     return torch.randint(5, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def test_a_bfloat16_memory_finds_its_own_keys_at_similarity_one(memory_ids):
+    """Cosine similarities are taken in float32 with 1/|k| kept in float32: rounded to bfloat16, a key's similarity
+    with itself came out 0.997-1.004, and a threshold near 1 dropped a quarter of the exact matches."""
+    torch.manual_seed(0)
+    memory = RxTForCausalLM(tiny_config()).eval().to(torch.bfloat16).build_external_memory(memory_ids, layers=[1])
+    assert memory.keys.dtype == torch.bfloat16 and memory.key_scales.dtype == torch.float32
+    keys = memory.keys[0]  # (R, K, M, Dh)
+    _, sims, valid = retrieve_top_k(keys, keys, memory.key_scales[0], memory.mask, topk=1, sim_threshold=0.9999)
+    real = memory.mask[:, None, :, None].expand_as(valid)  # queries that are real memory tokens
+    assert torch.allclose(sims[real], torch.ones(()), atol=1e-5) and valid[real].all()
+
+
 def layer_inputs(model, length: int = 6):
     attention = model.model.layers[1].self_attn
     hidden = torch.randn(2, length, model.config.hidden_size, generator=torch.Generator().manual_seed(3))

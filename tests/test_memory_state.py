@@ -160,8 +160,42 @@ def test_a_write_keeps_the_states_dtype(tiny_model, model_dtype, state_dtype):
         in_model_dtype = model.update_memory(state.to(model_dtype), ids, attention_mask=attention_mask)
     assert new.dtype == state_dtype
     assert torch.equal(new.stm[:, 1], state.stm[:, 1])
-    assert torch.equal(new.stm[:, 0], in_model_dtype.stm[:, 0].to(state_dtype))
+    # The write computes in the model's dtype; the gates blend in the state's (finer) one: within the model dtype's
+    # rounding of the write made wholly in it.
+    scale = 4 * torch.finfo(model_dtype).eps * in_model_dtype.stm[:, 0].abs().max().item()
+    assert torch.allclose(new.stm[:, 0], in_model_dtype.stm[:, 0].to(state_dtype), rtol=0, atol=scale)
     assert RxTMemoryState.concatenate([new, state]).batch_size == 4
+
+
+def slow_gates(model):
+    """Every slot's gate at sigmoid(-8) = 3.4e-4: a write moves the memory a little, as a gate that keeps a slot does."""
+    with torch.no_grad():
+        for layer in model.model.memory_attention:
+            layer.residual_gate.weight.zero_()
+            layer.residual_gate.bias.fill_(-8.0)
+    return model
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bfloat16 model", "float32 model under autocast"])
+def test_a_float32_state_keeps_what_its_gates_keep(tiny_model, autocast):
+    """A float32 state written by a bfloat16 model (or under bfloat16 autocast) is blended by the gates in float32:
+    in bfloat16 1 - G rounds to 1 and G * update rounds away, so a slot its gate keeps would stop moving (or stop
+    decaying) however many turns go by."""
+    reference = slow_gates(tiny_model("dense"))
+    model = reference if autocast else slow_gates(tiny_model("dense")).to(torch.bfloat16)
+    start = reference.init_memory(1)
+    exact, written, rounded = start, start, start.to(torch.bfloat16)
+    with torch.no_grad():
+        for turn in range(30):
+            ids = random_ids(1, 8, seed=turn)
+            exact = reference.update_memory(exact, ids)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                written = model.update_memory(written, ids)
+                rounded = model.update_memory(rounded, ids)
+    assert written.dtype == torch.float32
+    moved = (exact.stm - start.stm).norm()
+    assert (written.stm - exact.stm).norm() < 0.05 * moved
+    assert (rounded.stm.float() - exact.stm).norm() > 0.3 * moved  # the same writes with a bfloat16 state
 
 # ---- the state object ------------------------------------------------------------------------------------------------
 
