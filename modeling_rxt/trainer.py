@@ -69,7 +69,8 @@ class RxTTrainer(Trainer):
     and the gradients are rescaled once, after the last (before clipping). Two objectives are exact only without a
     split: `external_and_memory_aware_objective` mixes its two per-token means within each micro-batch (see there),
     and `joint_objective` scales the masked-LM mean of each micro-batch, whose masks `InteractionCollator` draws from
-    that micro-batch's ids. The metrics (stage losses, the MoE load-balancing loss) of the training batches are plain
+    that micro-batch's ids; and a mixture of experts' load-balancing loss comes from each micro-batch's routing (as in
+    transformers' MoE models). The metrics (stage losses, the MoE load-balancing loss) of the training batches are plain
     means over the logging window's micro-batches of this process, logged beside `loss` (which is token-weighted
     over the whole step and all processes)."""
 

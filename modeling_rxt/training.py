@@ -255,7 +255,8 @@ class InteractionCollator:
     became `[MASK]`, and `mlm_labels` with the original ids at those positions only. The masks are drawn from a
     generator seeded by the batch's own token ids (and `seed`), not from the global RNG: the data loader
     collates one batch ahead of the step, so global-RNG masks would differ between a straight run and one
-    resumed from a checkpoint."""
+    resumed from a checkpoint. The price: a batch that comes again (one row, or sequential sampling) is masked the
+    same way every epoch."""
 
     pad_token_id: int
     mask_token_id: int | None = None
