@@ -998,3 +998,19 @@ def test_a_cache_continued_under_another_adapters_initial_memory_is_refused(ids)
             model(ids[:, :1], past_key_values=cache)
         model.set_adapter("actor")
         model(ids[:, :1], past_key_values=cache)
+
+
+def test_update_memory_per_row_hands_each_row_its_own_write_whatever_the_grouping():
+    """Rows are written grouped by adapter and put back in order. With [A, B, B, A] the grouping [0, 3, 1, 2] is not
+    its own inverse (unlike any order of 3 rows with two adapters), so rows handed back wrongly would show."""
+    model = with_roles(make_base())
+    names = ["actor", "critic", "critic", "actor"]
+    ids = torch.randint(4, 64, (4, 7), generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(4)
+    stm = rxt_model(model).init_memory(4).stm
+    state = RxTMemoryState(stm + 0.1 * torch.randn(stm.shape, generator=generator))  # rows that differ
+    with torch.no_grad():
+        written = adapters_module.update_memory_per_row(model, state, ids, None, names)
+        for row, name in enumerate(names):
+            alone = update_memory_with(model, state.select([row]), ids[row:row + 1], adapter=name)
+            assert torch.allclose(written.stm[:, row], alone.stm[:, 0], atol=1e-6), (row, name)

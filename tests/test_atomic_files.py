@@ -1,6 +1,7 @@
 """Folder replacement (`replace_folder`, `rename_over`): a reader of the target sees the old folder or the new one,
 and a failure leaves what was there."""
 
+import json
 import os
 from pathlib import Path
 
@@ -271,3 +272,14 @@ def test_superseded_files_survive_a_failing_disk_and_a_one_off_failure_leaves_no
             assert contents(directory / "f1") == {"v": "old f1"}
         elif not all(p.parent in (directory, directory / "f1") and not p.name.startswith(".") for p in kept):
             assert isinstance(error, atomic_files.IncompleteRollback), (str(error), kept)
+
+
+def test_write_json_atomic_keeps_the_old_file_when_the_dump_fails_part_way(tmp_path):
+    """`session.json`, `eval.json` and the run logs are written with it: a value json cannot encode (or a crash)
+    half-way through the dump must leave the previous file whole, and no temporary file behind."""
+    path = tmp_path / "state.json"
+    atomic_files.write_json_atomic({"turns": 1}, path)
+    with pytest.raises(TypeError):
+        atomic_files.write_json_atomic({"turns": 2, "later": object()}, path)  # fails after "turns" is written
+    assert json.loads(path.read_text()) == {"turns": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]

@@ -216,6 +216,27 @@ def test_a_batch_with_a_synchronous_session_writes_synchronously(model, tokenize
     assert not synchronous.write_pending and synchronous.timings[-1].write_s is not None
 
 
+def test_turns_write_the_memory_without_an_autograd_graph(model, tokenizer):
+    """A background worker thread starts with autograd on: a write there without `no_grad` would chain every earlier
+    write's graph into the state, turn after turn. Whoever writes (worker, the turn itself, a batch), none is kept."""
+    background, synchronous = RxTChatSession(model, tokenizer), RxTChatSession(model, tokenizer, background_write=False)
+    with torch.enable_grad():  # the caller's thread too may have autograd on
+        for query in TEXTS[:2]:
+            background.send(query, **GREEDY)
+            synchronous.send(query, **GREEDY)
+        send_batch([background, synchronous], [TEXTS[2], TEXTS[3]], **GREEDY)
+    for session in (background, synchronous):
+        state = session.memory_state.stm
+        assert state.grad_fn is None and not state.requires_grad
+
+
+def test_load_keeps_how_the_saved_session_wrote(model, tokenizer, tmp_path):
+    session = RxTChatSession(model, tokenizer, background_write=False)
+    session.send(TEXTS[0], **GREEDY)
+    session.save(tmp_path / "chat")
+    assert RxTChatSession.load(tmp_path / "chat", model, tokenizer).background_write is False
+
+
 def test_load_can_change_how_the_session_writes(model, tokenizer, tmp_path):
     session = RxTChatSession(model, tokenizer)  # background writes
     session.send(TEXTS[0], **GREEDY)

@@ -57,6 +57,19 @@ def test_a_bfloat16_memory_finds_its_own_keys_at_similarity_one(memory_ids):
     assert torch.allclose(sims[real], torch.ones(()), atol=1e-5) and valid[real].all()
 
 
+def test_memory_keys_are_those_of_a_forward_reading_the_learned_initial_memory(model, memory_ids):
+    """A memory token's keys/values in a retrieval layer are what that layer computes for it in a plain forward over
+    its chunk, which reads the learned initial memory (so a layer past the first depends on it)."""
+    ids = memory_ids[1][:16]  # one chunk
+    memory = model.build_external_memory([ids], layers=[0, 1])
+    with torch.no_grad():
+        hidden = model(ids[None], output_hidden_states=True).hidden_states  # [l]: what enters layer l
+        for position, layer_idx in enumerate(memory.layers):
+            keys, values = model.model.self_attention_keys_values(layer_idx, hidden[layer_idx])  # (1, K, T, Dh)
+            assert torch.allclose(memory.keys[position, 0, :, : len(ids)], keys[0], atol=1e-6), layer_idx
+            assert torch.allclose(memory.values[position, 0, :, : len(ids)], values[0], atol=1e-6), layer_idx
+
+
 def layer_inputs(model, length: int = 6):
     attention = model.model.layers[1].self_attn
     hidden = torch.randn(2, length, model.config.hidden_size, generator=torch.Generator().manual_seed(3))

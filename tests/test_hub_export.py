@@ -263,6 +263,26 @@ def test_verification_fails_when_the_weights_differ(exported, source_model, sour
         verify_export(folder, source_model, tokenizer, model_id="perturbed", run_snippet=False)
 
 
+def test_verification_compares_every_output_and_refuses_nan(source_model, source):
+    """What the fresh process computed, held against the source's: equal outputs pass; a NaN (which compares false
+    with any tolerance) and other greedy tokens are refused, each by name."""
+    from hub_export import verify
+
+    tokenizer = AutoTokenizer.from_pretrained(source / "model")
+    job = {"conversations": [list(c) for c in verify.CONVERSATIONS], "prompt": list(verify.PROMPT),
+           "max_length": source_model.config.max_position_embeddings}
+    child = fresh_process.model_outputs(source_model, *fresh_process.tokenize(tokenizer, job), verify.MAX_NEW_TOKENS)
+    assert set(verify._compare(source_model, tokenizer, child, atol=1e-5).values()) == {0.0}
+    nan_logits = child["logits_memory"].clone()
+    nan_logits[0, 0, 0] = float("nan")
+    with pytest.raises(VerificationError, match=r"Logits \(written memory\) differ.*nan"):
+        verify._compare(source_model, tokenizer, {**child, "logits_memory": nan_logits}, atol=1e-5)
+    other = child["generated"].clone()
+    other[0, -1] = (other[0, -1] + 1) % source_model.config.vocab_size
+    with pytest.raises(VerificationError, match="Greedy generation differs"):
+        verify._compare(source_model, tokenizer, {**child, "generated": other}, atol=1e-5)
+
+
 # ---- the model card --------------------------------------------------------------------------------------------------
 def test_card_metadata_validates_and_results_are_the_eval_json(exported):
     text = (exported.dest / "README.md").read_text()

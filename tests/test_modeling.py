@@ -559,3 +559,22 @@ def test_eager_attention_without_a_mask_follows_sdpa_causal_rule():
     eager, _ = eager_attention_forward(module, query, key, value, None, scaling=8**-0.5)
     sdpa, _ = sdpa_attention_forward(module, query, key, value, None, scaling=8**-0.5)
     torch.testing.assert_close(eager, sdpa)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_memory_read_drops_attention_in_training_only(implementation):
+    """`attention_dropout` applies to the memory read in training under every implementation (the sdpa read calls
+    torch's kernel itself), and not at all in eval mode."""
+    model = make_tiny_model("dense", attention_dropout=0.5)
+    model.set_attn_implementation(implementation)
+    read = model.model.layers[0].memory_cross_attn
+    hidden = torch.randn(1, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    rotary = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    memory = model.model.project_memory(model.init_memory(1).stm)[:, 0]  # layer 0's keys/values (B, 2, K, S, Dh)
+    with torch.no_grad():
+        model.train()
+        first, second = (read(hidden, memory, rotary)[0] for _ in range(2))
+        assert not torch.allclose(first, second)
+        model.eval()
+        first, second = (read(hidden, memory, rotary)[0] for _ in range(2))
+        assert torch.equal(first, second)
