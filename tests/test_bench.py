@@ -626,3 +626,11 @@ def test_external_memory_plot_is_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         bench_external_memory.plot([point], path)
     assert path.read_bytes() == b"an earlier plot" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_figure_exactly_on_its_bound_meets_it():
+    """The acceptance bounds read "within 1.10x", "at least 3x": equality meets them."""
+    from modeling_rxt.bench.report import _met
+
+    assert _met(1.10, 1.10, "max") and _met(3.0, 3.0, "min")
+    assert not _met(1.11, 1.10, "max") and not _met(2.99, 3.0, "min") and _met(None, 1.0, "max") is None

@@ -76,6 +76,7 @@ def test_the_shipped_recipes_are_valid():
         ({"stages": [{**stage_recipe("joint"), "mlm_probability": 7}]}, "mlm_probability"),
         ({"stages": [{**stage_recipe("joint"), "mlm_probability": 1.0}]}, "mlm_probability"),  # the collator's bound
         ({"stages": [{**stage_recipe("sft"), "learning_rate": float("inf")}]}, "learning_rate"),
+        ({"stages": [{**stage_recipe("sft"), "learning_rate": 0}]}, "`learning_rate` must be a finite number > 0"),
         ({"stages": [{**stage_recipe("memory_aware"), "kind_weights": {"asks": 1.0}}]}, "`kind_weights` must be"),
         ({"stages": [{"stage": "external_memory", "max_steps": 1, "batch_size": 1, "learning_rate": 1,
                       "external_memory_layers": [9]}]}, r"stage 0 \(external_memory\).*external_memory_layers"),
@@ -530,3 +531,52 @@ def test_a_run_in_processes_names_a_stage_whose_data_cannot_fit_before_launching
     with pytest.raises(curriculum.InputError, match=r"recipe stage 0 \(memory_aware\): every episode was rejected"):
         run_curriculum_in_processes(recipe, tmp_path / "run", processes=2)
     assert launched == []
+
+
+def test_each_stage_gets_the_recipes_settings(tokenizer):
+    """What a recipe sets for a stage reaches its data and objective: the sft stage has no asks (they need the memory
+    of earlier turns; the joint stage has them), stage 3 its target weights, stage 4 its truncation."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    turns = [turn for episode in curriculum._episodes(stage_recipe("sft"), 0) for turn in episode.turns]
+    sft = stage_components(stage_recipe("sft"), tokenizer, MAX_LENGTH, seed=0)[0]
+    joint = stage_components(stage_recipe("joint"), tokenizer, MAX_LENGTH, seed=0)[0]
+    assert any(turn.kind == ASK for turn in turns)
+    assert len(sft) == sum(turn.kind != ASK for turn in turns) and len(joint) == len(turns)
+    weights = dict(first_weight=0.6, weight_decay_per_turn=0.1, min_weight=0.3)
+    objective = stage_components(stage_recipe("memory_attention", **weights), tokenizer, MAX_LENGTH, seed=0)[2]
+    assert objective.keywords == weights
+    objective = stage_components(stage_recipe("memory_aware", bptt_turns=2), tokenizer, MAX_LENGTH, seed=0)[2]
+    assert objective.keywords == {"bptt_turns": 2}
+
+
+def test_the_memory_attention_stage_trains_it_alone_and_unfreezes_the_rest(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    before = {name: value.clone() for name, value in model.named_parameters()}
+    run_stage(model, tokenizer, stage_recipe("memory_attention", max_steps=2, batch_size=2), tmp_path,
+              max_length=MAX_LENGTH, progress=False)
+    changed = {name for name, value in model.named_parameters() if not torch.equal(before[name], value)}
+    assert changed and all(name.startswith("model.memory_attention.") for name in changed)
+    assert all(parameter.requires_grad for parameter in model.parameters())  # the next stage trains everything
+
+
+def test_repeated_stages_are_seeded_apart(tokenizer, tmp_path, monkeypatch):
+    """Stage i runs with `seed + i`: a stage given twice trains on other episodes the second time."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    saved = tmp_path / "initial"
+    tiny_model(tokenizer).save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    seeds, plain_run_stage = [], curriculum.run_stage
+
+    def recorded(model, tokenizer, stage, output_dir, **kwargs):
+        seeds.append(kwargs["seed"])
+        return plain_run_stage(model, tokenizer, stage, output_dir, **kwargs)
+
+    monkeypatch.setattr(curriculum, "run_stage", recorded)
+    stage = stage_recipe("sft", max_steps=1, batch_size=2)
+    run_curriculum({"init_from": str(saved), "max_length": MAX_LENGTH, "seed": 5, "stages": [stage, stage]},
+                   tmp_path / "run", progress=False)
+    assert seeds == [5, 6]
+    first, second = (stage_components(stage, tokenizer, MAX_LENGTH, seed)[0] for seed in seeds)
+    assert first["input_ids"] != second["input_ids"]

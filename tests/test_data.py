@@ -484,6 +484,16 @@ def test_interactions_dataset_rejects_unknown_kinds(episodes):
         interactions_dataset(episodes[:1], kinds=("question",))
 
 
+def test_lm_texts_take_the_train_split_of_the_corpus_by_default():
+    """The tokenizer is trained on these texts: held-out dialogue must stay unseen words."""
+    from modeling_rxt.data import load_dialogue_corpus, normalize_text
+
+    texts = set(lm_texts())
+    held_out = {normalize_text(f"{q} {a}") for split in ("validation", "test") for q, a in load_dialogue_corpus(split)}
+    train = {normalize_text(f"{q} {a}") for q, a in load_dialogue_corpus("train")}
+    assert held_out - train and texts == train and not (held_out - train) & texts
+
+
 def test_lm_texts_cover_corpus_and_episodes(episodes):
     pairs = [("hi", "hello there")]
     texts = lm_texts(episodes[:2], pairs=pairs)

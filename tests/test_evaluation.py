@@ -85,6 +85,8 @@ def test_recall_scores_a_known_case(tokenizer, tmp_path):
     result = evaluate_recall(model, tokenizer, [right, wrong, told_late], batch_size=2)
     assert result["recall_by_distance"] == {1: 1.0, 2: 0.5}
     assert result["recall_memory_reset"] == {1: 1.0, 2: 0.5}  # its answer never depended on memory
+    # Over all questions (2 of 3 right), not the mean of the distances' recalls (0.75).
+    assert result["recall"] == pytest.approx(2 / 3) and result["recall_reset"] == pytest.approx(2 / 3)
     assert result["questions_by_distance"] == {1: 1, 2: 2}
     assert result["recall_by_writes"] == {2: pytest.approx(2 / 3)}  # every question comes after two writes
     assert result["questions_by_writes"] == {2: 3}

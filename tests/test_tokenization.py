@@ -343,3 +343,12 @@ def test_wrapping_a_short_tokenizer_leaves_transformers_length_warning_for_the_u
     assert short.model_max_length == 4
     short("my cat is called bimo and i live in oslo .")
     assert short.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
+
+
+def test_the_first_word_after_a_turn_token_is_the_word_as_trained(tokenizer):
+    """Texts are trained as they appear after [Q] and [A], with their leading space: the first word of a query or
+    answer is then the same token as anywhere else in a text (" my", " noted"), not a space token and the word."""
+    ids = encode_interaction(tokenizer, *TELL)["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    after_query, after_answer = tokens[tokens.index("[Q]") + 1], tokens[tokens.index("[A]") + 1]
+    assert after_query == "Ġmy" and after_answer.startswith("Ġn")  # "Ġ" alone: the word trained without its space

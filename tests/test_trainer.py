@@ -13,7 +13,7 @@ import pytest
 import torch
 from datasets import concatenate_datasets
 from torch.nn.modules.module import _IncompatibleKeys
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from modeling_rxt.data import ASK, CHAT, TELL, Turn
 from modeling_rxt.trainer import RxTTrainer
@@ -186,6 +186,31 @@ def test_an_external_memory_batch_without_an_ask_is_a_step_without_gradients(tok
     trainer.train()
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     assert math.isnan(trainer.evaluate()["eval_loss"])  # no batch had a loss
+
+
+def test_a_step_without_an_ask_after_one_with_leaves_the_weights_alone(tokenizer, episodes, tmp_path):
+    """The external-memory stage: a step whose batch has no ask weighs nothing, but its graph still gives zero
+    gradients; AdamW would move every weight by the momentum of the step before. No gradient at all, no move."""
+    asks = tokenize_episodes(tokenizer, episodes, MAX_LENGTH).filter(lambda row: ASK in row["kinds"][1:]).select([0])
+    chat = tokenize_episodes(tokenizer, [_episode("chat", [Turn("hello there", "hi .", CHAT),
+                                                           Turn("how are you ?", "fine .", CHAT)])], MAX_LENGTH)
+    steps = concatenate_datasets([asks, chat])
+    model = tiny_model(tokenizer, external_memory_layers=[1])
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    after_first = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                after_first.update({name: p.detach().clone() for name, p in model.named_parameters()})
+
+    args = _trainer_args(tmp_path, learning_rate=1e-2, weight_decay=0.1, max_steps=2)
+    trainer = RxTTrainer(model=model, args=args, train_dataset=steps, data_collator=ExternalMemoryCollator(
+        tokenizer.pad_token_id), objective=external_memory_objective, callbacks=[Snapshot()])
+    trainer._get_train_sampler = lambda *_: torch.utils.data.SequentialSampler(steps)
+    trainer.train()
+    assert any(not torch.equal(initial[name], p) for name, p in after_first.items())  # the ask step trained
+    assert all(torch.equal(p, after_first[name]) for name, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("nan_filter", [True, False])

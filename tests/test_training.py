@@ -376,6 +376,41 @@ def test_memory_attention_objective_pulls_the_write_towards_its_pseudo_target(to
         torch.testing.assert_close(gradient, expected[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_memory_attention_objective_over_turns_of_episodes_of_different_lengths(tokenizer, episodes):
+    """Stage 3 over several turns, written out row by row: the memory carried from write to write, the new data's
+    weight falling by `weight_decay_per_turn` a turn down to `min_weight`, and a shorter episode's empty turns neither
+    scored nor counted."""
+    from modeling_rxt.training import memory_attention_objective
+
+    model = tiny_model(tokenizer, memory_attention_type="simple")
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    batch = EpisodeCollator(tokenizer.pad_token_id)([dataset[i] for i in range(2)])
+    batch = {name: batch[name][:, :4].clone() for name in ("input_ids", "attention_mask", "labels")}
+    batch["attention_mask"][1, 2:] = 0  # the second episode ends after two turns
+    batch["input_ids"][1, 2:] = tokenizer.pad_token_id
+    weights = dict(first_weight=0.9, weight_decay_per_turn=0.2, min_weight=0.5)  # 0.9, 0.7, 0.5, 0.5 (the floor)
+    with torch.no_grad():
+        loss_sum, count, _ = memory_attention_objective(model, batch, **weights)
+        expected_sum, expected_count = 0.0, 0
+        for row in range(2):
+            stm = model.model.initial_memory(1)
+            for turn in range(4):
+                mask = batch["attention_mask"][row, turn]
+                if not mask.any():
+                    continue
+                ids = batch["input_ids"][row, turn, : int(mask.sum())][None]
+                encoded, _, _ = model.model.encode_interaction(ids)
+                pooled = torch.stack(encoded).mean(2)  # (L, 1, D)
+                w = max(0.9 - 0.2 * turn, 0.5)
+                target = w * pooled[:, :, None] + (1 - w) * stm
+                stm = model.model.write_memory(stm, ids)  # the next turn's target starts from this write
+                cosine = torch.nn.functional.cosine_similarity(stm, target, dim=-1)  # (L, 1, S)
+                expected_sum += (1 - cosine).sum().item()
+                expected_count += cosine.numel()
+    assert int(count) == expected_count == (4 + 2) * model.config.num_hidden_layers * model.config.memory_slots
+    assert float(loss_sum) == pytest.approx(expected_sum, rel=1e-4)
+
+
 # --- Every stage learns ---------------------------------------------------------------------------------------------
 
 
