@@ -1014,3 +1014,19 @@ def test_update_memory_per_row_hands_each_row_its_own_write_whatever_the_groupin
         for row, name in enumerate(names):
             alone = update_memory_with(model, state.select([row]), ids[row:row + 1], adapter=name)
             assert torch.allclose(written.stm[:, row], alone.stm[:, 0], atol=1e-6), (row, name)
+
+
+def test_a_model_with_adapters_loaded_by_transformers_saves_them_as_transformers_does(tmp_path, ids):
+    """`save_pretrained` refuses a model that `get_peft_model` injected layers into (its weights would be saved under
+    PEFT's names), not one whose adapters transformers' own `load_adapter` manages: that saves the adapters."""
+    from modeling_rxt.modeling_rxt_wrappers import holds_injected_adapters
+
+    model = with_roles(make_base())
+    save_adapters(model, tmp_path / "adapters")
+    assert holds_injected_adapters(rxt_model(model))
+    plain = make_base()
+    plain.load_adapter(str(tmp_path / "adapters" / "critic"), adapter_name="critic")
+    assert not holds_injected_adapters(plain)
+    plain.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "adapter_config.json").is_file()
+    assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()

@@ -39,6 +39,7 @@ INVALID_CONFIGS = [
     (dict(hidden_size=36), ValueError, "head_dim"),  # 36 / 4 heads = 9: odd, no rotary pairs
     (dict(shared_expert_intermediate_size=-2), ValueError, "shared_expert_intermediate_size"),
     (dict(attention_dropout=1.0), ValueError, "attention_dropout"),
+    (dict(attention_dropout=-0.1), ValueError, "attention_dropout"),
     (dict(router_aux_loss_coef=-0.1), ValueError, "router_aux_loss_coef"),
     (dict(rms_norm_eps=0.0), ValueError, "rms_norm_eps"),
     (dict(initializer_range=-0.02), ValueError, "initializer_range"),
@@ -54,12 +55,16 @@ INVALID_CONFIGS = [
     (dict(memory_write_occupancy="high"), TypeError, "memory_write_occupancy"),
     (dict(memory_write_type="competition", memory_write_occupancy=-1.0), ValueError, "memory_write_occupancy"),
     (dict(memory_write_type="competition", memory_write_occupancy=float("nan")), ValueError, "memory_write_occupancy"),
+    # inf x an unused slot's occupancy 0 made the whole memory NaN at the first write
+    (dict(memory_write_type="competition", memory_write_occupancy=float("inf")), ValueError, "memory_write_occupancy"),
     (dict(use_cache="yes"), TypeError, "use_cache"),
     (dict(num_hidden_layers=True), TypeError, "num_hidden_layers"),
     # 36 / 8 heads would be truncated to head_dim 4 (32 of 36 channels); an explicit head_dim is SQA, and allowed
     (dict(hidden_size=36, num_attention_heads=8, num_key_value_heads=2), ValueError, "multiple of `num_attention_heads`"),
     (dict(pad_token_id=10_000), ValueError, "pad_token_id"),
     (dict(pad_token_id=-1), ValueError, "pad_token_id"),
+    (dict(bos_token_id=100), ValueError, "bos_token_id"),  # TINY_DENSE's vocab_size: one past the last id
+    (dict(bos_token_id=-1), ValueError, "bos_token_id"),
     (dict(eos_token_id=[3, 10_000]), ValueError, "eos_token_id"),
     (dict(router_aux_loss_coef=float("nan")), ValueError, "router_aux_loss_coef"),
     (dict(router_aux_loss_coef=float("inf")), ValueError, "router_aux_loss_coef"),
@@ -291,7 +296,8 @@ def test_int32_ids_are_accepted(model):
 
 
 def test_token_ids_outside_the_vocabulary(model):
-    for bad in (random_ids(1, 4) + 100, torch.tensor([[5, -1]])):
+    vocab_size = model.config.vocab_size
+    for bad in (random_ids(1, 4) + 100, torch.tensor([[5, -1]]), torch.tensor([[5, vocab_size]])):
         with pytest.raises(ValueError, match="input_ids.*vocab_size"):
             model(bad)  # forward checks values on the CPU (embedding: "index out of range in self")
         with pytest.raises(ValueError, match="input_ids.*vocab_size"):

@@ -125,3 +125,13 @@ def test_attention_dropout_takes_an_int_as_llama_does(tmp_path):
     assert RxTConfig(attention_dropout=0).attention_dropout == 0
     (tmp_path / "config.json").write_text(json.dumps({**RxTConfig().to_dict(), "attention_dropout": 0}))
     assert RxTConfig.from_pretrained(tmp_path).attention_dropout == 0
+
+
+def test_a_config_without_the_memory_fields_builds_the_documented_model():
+    """A hand-written config.json that leaves them out gets these (the inter-layer memory attention the RxT paper
+    reports best, the attention write, 64 slots, a dense feed-forward): a change of default would change such
+    models without a word."""
+    config = RxTConfig()
+    memory = (config.memory_attention_type, config.memory_write_type, config.memory_slots)
+    assert memory == ("interlayer", "attention", 64)
+    assert (config.num_local_experts, config.memory_write_occupancy, config.tie_word_embeddings) == (0, 0.0, True)

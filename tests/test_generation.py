@@ -516,6 +516,18 @@ def test_a_cache_continued_under_another_memory_is_refused(dense_model):
     assert torch.equal(continued, model.generate(extended, memory_state=state, max_new_tokens=2, do_sample=False))
 
 
+def test_a_cache_of_a_row_with_its_own_memory_is_refused_under_the_shared_initial_memory(dense_model):
+    """Row 0 read the learned initial memory, row 1 a conversation's: continued without `memory_state` (the initial
+    memory, shared by every row), row 1 would read another memory than its cached tokens did."""
+    model = dense_model
+    ids = random_ids(2, 6)
+    state = RxTMemoryState(torch.cat((model.init_memory(1).stm, random_state(model, 1).stm), dim=1))
+    with torch.no_grad():
+        out = model(ids[:, :4], memory_state=state, use_cache=True)
+        with pytest.raises(ValueError, match="`past_key_values`.*another memory"):
+            model(ids[:, 4:], past_key_values=out.past_key_values)
+
+
 def test_forward_refuses_a_cache_of_another_memory_and_an_empty_cache_takes_any(dense_model):
     model = dense_model
     ids, state, other = random_ids(2, 6), random_state(model, 2), random_state(model, 2, seed=9)

@@ -322,6 +322,16 @@ def test_card_body_is_generated_from_the_model(exported, source_model):
     assert f"| parameters, active per token | {counts['active']:,} |" in text
     assert "| short-term memory (layers x slots x dims) | 2 x 4 x 32 |" in text
     assert "mixture of experts: 4 experts, 2 active per token" in text
+    config = source_model.config  # every row of the architecture table, read from the config
+    for row in (f"| hidden size | {config.hidden_size} |",
+                f"| decoder layers (= memory encoder layers = memory layers) | {config.num_hidden_layers} |",
+                f"| attention heads (query / key-value), head dim | {config.num_attention_heads} / "
+                f"{config.num_key_value_heads}, {config.head_dim} |",
+                f"| memory attention | `{config.memory_attention_type}` |",
+                f"| max interaction length (tokens) | {config.max_position_embeddings} |",
+                f"| vocabulary | {config.vocab_size} |", "| tied input / output embeddings | yes |",
+                "| weights dtype | float32 |"):
+        assert row in text, row
     assert "| 4 | 56.2% | 3.1% | 32 |" in text and "| all | 53.1% | 2.3% | 80 |" in text
     assert "Chance level (a uniform guess among the held-out values): 1.0%." in text
     assert "25.0% recalled with that memory, 0.0% without it (40 questions)" in text
@@ -795,3 +805,26 @@ def test_a_private_push_to_a_public_repo_is_refused_before_the_export(exported, 
         assert loads == [] and not (tmp_path / "dest").exists()
         export_module.check_visibility("user/new", True, endpoint=hub.endpoint, token=hub.token)  # not there yet
         assert hub.unknown_requests == []
+
+
+def test_the_weights_fingerprint_counts_dtype_and_shape(tmp_path):
+    """The same bytes read as another dtype, or with another shape, are other weights."""
+    values = torch.arange(12, dtype=torch.float16)
+    variants = {"half": values, "bfloat16": values.view(torch.bfloat16), "reshaped": values.reshape(3, 4)}
+    fingerprints = set()
+    for name, tensor in variants.items():
+        (tmp_path / name).mkdir()
+        save_file({"w": tensor.contiguous()}, tmp_path / name / "model.safetensors")
+        fingerprints.add(weights_fingerprint(tmp_path / name))
+    assert len(fingerprints) == 3
+
+
+def test_the_usage_snippet_asks_for_an_answer_that_fits_the_model(source_model):
+    """Prompt and answer share one interaction: the snippet asks for at most half of it (32 tokens at most)."""
+    from hub_export import build_model_card
+    from hub_export.model_card import extract_usage_snippet
+
+    small = RxTForCausalLM(RxTConfig(**{**source_model.config.to_diff_dict(), "max_position_embeddings": 40}))
+    for model, expected in ((source_model, 32), (small, 20)):
+        card = build_model_card(model, model_id="user/tiny")
+        assert f"max_new_tokens={expected}," in extract_usage_snippet(str(card)), expected

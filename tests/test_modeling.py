@@ -97,6 +97,18 @@ def test_a_static_cache_mask_shorter_than_cached_and_new_tokens_is_named(dense_m
             dense_model(ids[:, 5:], attention_mask=torch.ones(1, 5, dtype=torch.long), past_key_values=cache)
 
 
+def test_a_static_cache_mask_of_another_batch_is_named(dense_model):
+    """A step's mask for another number of rows than the cache holds (it failed in an index or a size mismatch)."""
+    ids = random_ids(2, 6)
+    cache = StaticCache(config=dense_model.config, max_cache_len=16)
+    with torch.no_grad():
+        dense_model(ids[:, :5], attention_mask=torch.ones(2, 5, dtype=torch.long), past_key_values=cache)
+        for rows in (1, 3):
+            with pytest.raises(ValueError, match=rf"`attention_mask` has shape \({rows}, 16\); expected at least "
+                                                 r"\(2, 6\)"):
+                dense_model(ids[:, 5:], attention_mask=torch.ones(rows, 16, dtype=torch.long), past_key_values=cache)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_matches_the_textbook_form(dtype):
     norm = RxTRMSNorm(16, eps=1e-5).to(dtype)
