@@ -32,6 +32,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -123,9 +124,8 @@ def _external_memory(value: object, where: str) -> dict[str, float | int]:
     }
 
 
-def _fingerprint(value: object, where: str) -> str:
+def _fingerprint(value: object, where: str, writer: str = "weights_fingerprint") -> str:
     if not isinstance(value, str) or not FINGERPRINT.fullmatch(value):
-        writer = "code_fingerprint" if "code_fingerprint" in where else "weights_fingerprint"
         raise ValueError(f"{where} must be 'sha256:' and 64 hex digits (as `hub_export.{writer}` writes it), got "
                          f"{value!r}.")
     return value
@@ -182,7 +182,7 @@ def read_evaluation(path: str | Path) -> Evaluation:
         split=split,
         external_memory=_optional(data, "external_memory_recall", _external_memory, where),
         weights_fingerprint=_optional(data, "weights_fingerprint", _fingerprint, where),
-        code_fingerprint=_optional(data, "code_fingerprint", _fingerprint, where),
+        code_fingerprint=_optional(data, "code_fingerprint", partial(_fingerprint, writer="code_fingerprint"), where),
         code_revision=_optional(data, "code_revision", _revision, where),
         recipe=recipe,
         stages=_optional(data, "stages", _stages, where),
