@@ -2,6 +2,7 @@
 
 import copy
 import json
+import sys
 import threading
 import time
 
@@ -422,8 +423,23 @@ def test_ctrl_c_while_waiting_for_a_write_keeps_the_write(model, tokenizer):
     try:
         session = RxTChatSession(model, tokenizer)
         session.send(TEXTS[0], **GREEDY)
-        # The user presses Ctrl-C while `send` waits (a real SIGINT: it interrupts the wait's lock, as a key would).
-        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        # The user presses Ctrl-C while `send` waits (a real SIGINT: it interrupts the wait's lock, as a key would),
+        # sent once this thread is seen inside the wait, not after a fixed delay that a loaded machine could outrun.
+        main = threading.get_ident()
+
+        def press_ctrl_c_once_waiting() -> None:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                frame = sys._current_frames().get(main)
+                while frame is not None and frame.f_code.co_name != "wait_for_memory":
+                    frame = frame.f_back
+                if frame is not None:
+                    break
+                time.sleep(0.01)
+            time.sleep(0.05)  # into the blocking `result()` itself
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=press_ctrl_c_once_waiting, daemon=True).start()
         with pytest.raises(KeyboardInterrupt):
             session.send(TEXTS[1], **GREEDY)
     finally:
