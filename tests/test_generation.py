@@ -5,7 +5,15 @@ projected to keys/values once per call, not once per token."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from transformers import CompileConfig, DynamicCache, GenerationConfig, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import (
+    CompileConfig,
+    ContinuousBatchingConfig,
+    DynamicCache,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    StaticCache,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_rxt import RxTMemoryState
@@ -13,6 +21,9 @@ from modeling_rxt import RxTMemoryState
 from conftest import random_ids, random_state
 
 NEW_TOKENS = 6
+# A paged cache sized for these tiny prompts: left to itself, continuous batching sizes it from the device's free
+# memory (80-90% of it), which on a CPU is the host's RAM (14.9 GB resident for one test here).
+SMALL_PAGED_CACHE = ContinuousBatchingConfig(num_blocks=4, max_batch_tokens=64)
 
 
 def greedy_reference(model, input_ids: torch.Tensor, state: RxTMemoryState, new_tokens: int) -> torch.Tensor:
@@ -94,7 +105,8 @@ def test_continuous_batching_refuses_a_memory_it_would_drop(tiny_model, memory):
         model.generate(input_ids, cache_implementation="paged", **{memory: given}, **common)
     with pytest.raises(ValueError, match=f"continuous batching.*`{memory}`"):
         model.generate_batch(input_ids.tolist(), **{memory: given}, max_new_tokens=NEW_TOKENS)
-    paged = model.generate(input_ids, cache_implementation="paged", **common)  # (1, B, T): transformers' own shape
+    paged = model.generate(input_ids, cache_implementation="paged", continuous_batching_config=SMALL_PAGED_CACHE,
+                           **common)  # (1, B, T): transformers' own shape
     assert torch.equal(paged[0], model.generate(input_ids, **common))
 
 
@@ -114,7 +126,8 @@ def test_continuous_batching_refuses_settings_it_would_drop_and_checks_the_promp
     with pytest.raises(ValueError, match="vocab"):  # it returned no token for either prompt, and said nothing
         model.generate_batch((input_ids + model.config.vocab_size).tolist(), max_new_tokens=2)
     # a control set to its "off" value is not a setting that would be dropped
-    model.generate(input_ids, cache_implementation="paged", max_new_tokens=2, output_retrieved_memory_idx=False)
+    model.generate(input_ids, cache_implementation="paged", max_new_tokens=2, output_retrieved_memory_idx=False,
+                   continuous_batching_config=SMALL_PAGED_CACHE)
 
 
 def test_continuous_batching_refuses_a_peft_models_adapter_rows(tiny_model):
