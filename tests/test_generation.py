@@ -701,7 +701,9 @@ def test_a_first_forward_that_failed_part_way_leaves_the_cache_judged(dense_mode
 
 def test_across_dtypes_each_head_vector_is_compared_on_its_own_scale(dense_model):
     """A cache filled under bfloat16 autocast, continued in float32: rounding passes, but a head vector moved by 10%
-    of its own largest value is refused, however small that vector is beside the memory's largest value."""
+    of its own largest value is refused, however small that vector is beside the memory's largest value. The bound
+    is two of the coarser dtype's rounding steps: one value moved by six of them is refused (a bound twice as wide
+    would let it through)."""
     model = dense_model
     ids, state = random_ids(1, 5), random_state(model, 1)
     with torch.no_grad():
@@ -709,7 +711,10 @@ def test_across_dtypes_each_head_vector_is_compared_on_its_own_scale(dense_model
         memory[0, 0, 0, 0, 0] *= 0.01  # one small head vector (Dh values) among the others
         moved = memory.clone()
         moved[0, 0, 0, 0, 0] += 0.1 * memory[0, 0, 0, 0, 0].abs().max()
-        for continued_with, refused in ((memory, False), (moved, True)):
+        nudged = memory.clone()
+        largest = nudged[0, 0, 0, 0, 1].abs().argmax()  # of an ordinary head vector
+        nudged[0, 0, 0, 0, 1, largest] *= 1 + 6 * torch.finfo(torch.bfloat16).eps
+        for continued_with, refused in ((memory, False), (moved, True), (nudged, True)):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 cache = model(ids, memory_key_values=memory.to(torch.bfloat16), use_cache=True).past_key_values
             if refused:
