@@ -707,6 +707,10 @@ def test_a_folder_exported_for_another_model_id_is_not_pushed(exported, tmp_path
         config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": "hub"}))
         with pytest.raises(ValueError, match=r"\('hub' in persona/adapter_config.json\)"):
             push_folder(folder, REPO_ID, endpoint=hub.endpoint, token=hub.token)
+        for broken in ("[1, 2]", "{not json"):  # edited by hand after the export: named, not a raw AttributeError
+            config_path.write_text(broken)
+            with pytest.raises(ValueError, match=r"persona/adapter_config.json is not a JSON object"):
+                push_folder(folder, REPO_ID, endpoint=hub.endpoint, token=hub.token)
         assert hub.requests == [] and hub.repos == {}
 
 
