@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny dense and mixture-of-experts configurations, a seeded model factory and random memories.
+"""Shared fixtures: tiny dense and mixture-of-experts configurations, a seeded model factory, random memories, and
+the token ids the adapter tests run on.
 
 The tiny models use `initializer_range=0.2` (not the 0.02 of a real model) so that attention is far from uniform and a
 memory state visibly changes logits and greedy tokens: tests that say "the memory matters" then fail loudly if it
@@ -80,6 +81,12 @@ def dense_model() -> RxTForCausalLM:
 @pytest.fixture
 def moe_model() -> RxTForCausalLM:
     return make_tiny_model("moe")
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    """The token ids of the adapter tests (tests/adapters_helpers.py's vocabulary of 64): three rows of seven."""
+    return torch.randint(4, 64, (3, 7), generator=torch.Generator().manual_seed(1))
 
 
 def exchange_works(folder: Path) -> bool:
