@@ -507,3 +507,48 @@ def test_adapters_of_a_saved_base_load_in_a_fresh_process(tmp_path, ids):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_save_adapters_refuses_to_replace_a_folder_that_holds_no_adapter(tmp_path):
+    """An adapter's folder replaces the folder of its name whole: only another adapter's folder (or an empty one)."""
+    model = with_roles(make_base())
+    (tmp_path / "critic").mkdir()
+    (tmp_path / "critic" / "notes.txt").write_text("my notes")
+    with pytest.raises(ValueError, match=r"critic.*holds no adapter"):
+        save_adapters(model, tmp_path)
+    assert files_under(tmp_path) == {"critic/notes.txt": b"my notes"}
+
+
+@pytest.mark.parametrize("name", ["sub/inner", "/absolute/folder", "back\\slash", "__base__"])
+def test_adapter_names_that_are_paths_or_the_base_are_refused(tmp_path, name):
+    """A name with a path separator would put an adapter's folder outside `directory` (PEFT writes an absolute name
+    in place, not atomically) or replace a whole sub-folder; `"__base__"` is PEFT's name for the base model in
+    `adapter_names=`, so rows meant for that adapter would run on the base."""
+    save_adapters(get_peft_model(make_base(), random_lora("attention"), adapter_name="persona"), tmp_path / "saved")
+    base = make_base()
+    before = in_place_state(base)
+    with pytest.raises(ValueError, match=re.escape(repr(name))):
+        load_adapter(base, tmp_path / "saved" / "persona", name)
+    assert_in_place_state(base, before)
+    if name == "__base__":
+        return
+    model = get_peft_model(make_base(), random_lora("attention"), adapter_name=name)
+    with pytest.raises(ValueError, match=re.escape(repr(name))):
+        save_adapters(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_adapters_loaded_by_transformers_saves_them_as_transformers_does(tmp_path, ids):
+    """`save_pretrained` refuses a model that `get_peft_model` injected layers into (its weights would be saved under
+    PEFT's names), not one whose adapters transformers' own `load_adapter` manages: that saves the adapters."""
+    from modeling_rxt.modeling_rxt_wrappers import holds_injected_adapters
+
+    model = with_roles(make_base())
+    save_adapters(model, tmp_path / "adapters")
+    assert holds_injected_adapters(rxt_model(model))
+    plain = make_base()
+    plain.load_adapter(str(tmp_path / "adapters" / "critic"), adapter_name="critic")
+    assert not holds_injected_adapters(plain)
+    plain.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "adapter_config.json").is_file()
+    assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()
