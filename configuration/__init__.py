@@ -1,4 +1,5 @@
-"""Presets as data: model sizes (`models/*.json`), and later LoRA presets and training recipes.
+"""Presets as data: model sizes (`models/*.json`), LoRA presets (`lora/*.json`) and training recipes
+(`training/*.json`).
 
 A diff of a preset is a diff of numbers; the schema they fill is `modeling_rxt.RxTConfig`.
 """
