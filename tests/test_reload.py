@@ -183,6 +183,30 @@ def test_local_reload_keeps_the_lm_head_tied_and_the_weights(tmp_path):
         assert torch.equal(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
 
 
+def test_a_grown_vocabulary_reaches_the_head_the_encoder_and_the_id_checks_and_reloads(tmp_path):
+    """`resize_token_embeddings` (new tokens for a fine-tune): the LM head stays tied and grows with the embedding that
+    the memory encoder shares, the old tokens' logits and memory writes do not move, a new token's id passes the
+    vocabulary checks of `generate` and `update_memory`, and the folder reloads with the same logits."""
+    model = make_tiny_model("dense").eval()
+    ids, state = random_ids(2, 6), random_state(model, 2)
+    old_vocab = model.config.vocab_size
+    with torch.no_grad():
+        logits, written = model(ids, memory_state=state).logits, model.update_memory(state, ids).stm
+        model.resize_token_embeddings(old_vocab + 8, mean_resizing=False)
+        assert model.config.vocab_size == old_vocab + 8
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        grown = model(ids, memory_state=state).logits
+        assert grown.shape[-1] == old_vocab + 8 and torch.equal(grown[..., :old_vocab], logits)
+        assert torch.equal(model.update_memory(state, ids).stm, written)
+        new_token = torch.tensor([[old_vocab + 7, 5, 6]])
+        assert model.generate(new_token, max_new_tokens=2, do_sample=False).shape == (1, 5)
+        assert not torch.equal(model.update_memory(model.init_memory(1), new_token).stm,
+                               model.update_memory(model.init_memory(1), new_token.clamp(max=old_vocab - 1)).stm)
+        model.save_pretrained(tmp_path)
+        reloaded = RxTForCausalLM.from_pretrained(tmp_path).eval()
+        assert torch.equal(reloaded(ids, memory_state=state).logits, grown)
+
+
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_a_model_cast_to_bfloat16_reloads_with_the_same_logits(tmp_path, kind):
     """`.to(torch.bfloat16)` rounded the rotary frequencies, which are not saved: a reload (which computes them in
