@@ -43,9 +43,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from .adapters import adapter_names, update_memory_per_row
 from .atomic_files import check_not_under_a_file, read_json_object, write_json_atomic
-from .external_memory import generation_setting
 from .memory_state import RxTMemoryState, is_memory_state
-from .modeling_rxt_checks import generation_number
+from .modeling_rxt_checks import generation_number, generation_setting
 from .modeling_rxt_wrappers import holds_injected_adapters
 from .tokenization import (
     ANSWER_TOKEN, EOS_TOKEN, check_chat_template, check_turn_tokens, decode_answer, encode_chat_prompt,

@@ -52,7 +52,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from .configuration_rxt import check_retrieval_controls, default_retrieval_layers
-from .modeling_rxt_checks import as_python_number, check_mask_values
+from .modeling_rxt_checks import as_python_number, check_mask_values, generation_setting
 from .memory_state import checked_device, integer_index, row_index
 from .modeling_rxt_blocks import repeat_kv
 
@@ -835,16 +835,6 @@ def _row_count(memories) -> int:
     if isinstance(memories, torch.Tensor):
         return memories.shape[0] if memories.dim() > 1 else 1
     return len(memories) if isinstance(memories, (list, tuple)) else 1  # else building it names what is wrong
-
-
-def generation_setting(name: str, kwargs: dict, given: GenerationConfig | None, model: nn.Module):
-    """The value `generate` uses for the field `name`, by its precedence: the keyword in `kwargs`, else the
-    `generation_config` passed to it (`given`) where that sets the field (transformers 5 leaves unset fields None),
-    else the model's own generation config."""
-    for value in (kwargs.get(name), getattr(given, name, None)):
-        if value is not None:
-            return value
-    return getattr(model.generation_config, name, None)
 
 
 def attach_retrieved_memory_idx(outputs, recorder: RetrievedMemoryRecorder | None):

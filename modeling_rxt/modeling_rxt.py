@@ -88,7 +88,6 @@ from .external_memory import (
     attach_retrieved_memory_idx,
     bind_external_memory,
     build_external_memory,
-    generation_setting,
     prepare_generate_kwargs,
     resolve_layers,
     resolve_stride,
@@ -114,6 +113,7 @@ from .modeling_rxt_checks import (
     check_memory_key_values,
     check_no_memory_for_continuous_batching,
     check_token_ids,
+    generation_setting,
     note_cache_filled,
 )
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
@@ -876,7 +876,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             inputs = prompt = self._bos_prompt(bos, memory_state, kwargs.get("attention_mask"))
             kwargs.pop("input_ids", None)
         if prompt is not None:
-            check_generate_prompt(prompt, self.config, generation_config or self.generation_config, kwargs)
+            check_generate_prompt(prompt, self, generation_config, kwargs)
         if kwargs.get("cache_implementation") == "paged":  # the keyword (not the config's) switches to `generate_batch`
             check_no_memory_for_continuous_batching({"memory_state": memory_state}, "`generate` with a paged cache")
             return super().generate(inputs, generation_config, *args, **kwargs)  # `generate_batch` checks the rest

@@ -407,10 +407,23 @@ def _numpy_as_tensor(value):
     return torch.as_tensor(value) if hasattr(value, "__array__") and not isinstance(value, torch.Tensor) else value
 
 
-def check_generate_prompt(prompt: torch.Tensor, config: RxTConfig, generation_config, kwargs: dict) -> None:
+def generation_setting(name: str, kwargs: dict, given, model):
+    """The value `generate` uses for the field `name`, by its precedence: the keyword in `kwargs`, else the
+    `generation_config` passed to it (`given`) where that sets the field (transformers 5 leaves unset fields None),
+    else the model's own generation config."""
+    for value in (kwargs.get(name), getattr(given, name, None)):
+        if value is not None:
+            return value
+    return getattr(model.generation_config, name, None)
+
+
+def check_generate_prompt(prompt: torch.Tensor, model, given, kwargs: dict) -> None:
     """The query of a `generate` call must be valid (non-empty ids, or embeddings) and the answer must fit: query +
     new tokens within `max_position_embeddings`, refused before decoding starts rather than when the limit is hit.
-    (`generate` checks its settings first, `check_generation_settings`.)"""
+    The length settings are read as `generate` merges them (`generation_setting`): a `generation_config` passed
+    without `max_new_tokens` still takes the model's. (`generate` checks its settings first,
+    `check_generation_settings`.)"""
+    config = model.config
     if isinstance(prompt, torch.Tensor) and prompt.is_floating_point() and prompt.dim() == 3:  # inputs_embeds
         if 0 in prompt.shape[:2] or prompt.shape[2] != config.hidden_size:
             raise ValueError(
@@ -420,20 +433,22 @@ def check_generate_prompt(prompt: torch.Tensor, config: RxTConfig, generation_co
         check_interaction_mask(kwargs.get("attention_mask"), tuple(prompt.shape[:2]))
     else:
         check_interaction_ids(prompt, kwargs.get("attention_mask"), config)
-    length, max_new_tokens = prompt.shape[1], kwargs.get("max_new_tokens")
-    if max_new_tokens is None:
-        max_new_tokens = generation_config.max_new_tokens
+    length = prompt.shape[1]
+    # `max_new_tokens`, wherever it is set, wins over `max_length` (transformers' `_prepare_generated_length`).
+    max_new_tokens = generation_setting("max_new_tokens", kwargs, given, model)
     if max_new_tokens is not None:
         total, name = length + max_new_tokens, "max_new_tokens"
     else:
-        max_length = kwargs.get("max_length") or generation_config.max_length
+        max_length = generation_setting("max_length", kwargs, given, model)
         if max_length is None:  # transformers' default: 20 new tokens, capped at `max_position_embeddings`
             return
         total, name = max(max_length, length + 1), "max_length"
     if total > config.max_position_embeddings:
+        given_here = kwargs.get(name) is not None or getattr(given, name, None) is not None
+        where = "" if given_here else ", from the model's `generation_config`"
         raise ValueError(
-            f"The query ({length} tokens) and its answer (`{name}`) would reach {total} tokens, more than the "
-            f"model's maximum of {config.max_position_embeddings} (`max_position_embeddings`)."
+            f"The query ({length} tokens) and its answer (`{name}`{where}) would reach {total} tokens, more than "
+            f"the model's maximum of {config.max_position_embeddings} (`max_position_embeddings`)."
         )
 
 

@@ -1,6 +1,7 @@
 """Bad input (DESIGN.md, last section): every public entry point refuses it with a `ValueError` or `TypeError` whose
 message names the argument or config field, before any work is done."""
 
+import copy
 import re
 
 import numpy as np
@@ -190,6 +191,26 @@ def test_generate_refuses_an_answer_that_cannot_fit_before_decoding(model):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.generate(random_ids(1, 64), max_new_tokens=1)
     assert model.generate(random_ids(1, 60), max_new_tokens=4, min_new_tokens=4).shape == (1, 64)
+
+
+def test_an_answer_length_from_the_models_generation_config_is_checked_as_generate_merges_it(model, monkeypatch):
+    """A `generation_config` passed without `max_new_tokens` takes the model's (transformers fills its unset fields
+    from the model's), and that wins over the `max_length` it sets: it was checked against `max_length` alone and
+    failed 35 steps into decoding. Refused up front, naming where the length came from."""
+    monkeypatch.setattr(model, "generation_config", copy.deepcopy(model.generation_config))  # a shared model
+    model.generation_config.max_new_tokens = 40
+    too_long = "`max_new_tokens`, from the model's `generation_config`.*reach 70 tokens"
+    with pytest.raises(ValueError, match=too_long):
+        model.generate(random_ids(1, 30), GenerationConfig(max_length=35))
+    with pytest.raises(ValueError, match=too_long):
+        model.generate(random_ids(1, 30), max_length=35)
+    with pytest.raises(ValueError, match=r"\(`max_new_tokens`\) would reach 70"):  # given here: no origin named
+        model.generate(random_ids(1, 30), GenerationConfig(max_new_tokens=40))
+    model.generation_config.max_new_tokens = None
+    model.generation_config.max_length = 70
+    with pytest.raises(ValueError, match="`max_length`, from the model's `generation_config`.*reach 70 tokens"):
+        model.generate(random_ids(1, 30), GenerationConfig(do_sample=False))
+    assert model.generate(random_ids(1, 30), GenerationConfig(max_new_tokens=4, min_new_tokens=4)).shape == (1, 34)
 
 
 @pytest.mark.parametrize(("setting", "value"), [
