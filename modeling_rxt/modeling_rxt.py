@@ -115,6 +115,7 @@ from .modeling_rxt_checks import (
     check_token_ids,
     generation_setting,
     note_cache_filled,
+    padding_mask,
 )
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 from .modeling_rxt_wrappers import (
@@ -824,8 +825,11 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
     ) -> RxTMemoryState:
         """Writes one whole interaction `[query][answer]` (B, T) into the memory and returns a NEW state; the given
-        state is left unchanged. Gradients flow when called with grad enabled (memory-aware training)."""
+        state is left unchanged. Gradients flow when called with grad enabled (memory-aware training). Without an
+        `attention_mask`, pad tokens are padding, as `generate` takes them (`padding_mask`)."""
         input_ids, attention_mask = self._check_ids(input_ids, attention_mask)
+        if attention_mask is None:  # a batched `generate` output, passed as it came, writes no pads
+            attention_mask = padding_mask(input_ids, self.generation_config)
         memory_state = as_memory_state(memory_state)
         memory_state.check_compatible(self.config, input_ids.shape[0])
         stm = memory_state.stm.to(self.device)

@@ -407,6 +407,17 @@ def _numpy_as_tensor(value):
     return torch.as_tensor(value) if hasattr(value, "__array__") and not isinstance(value, torch.Tensor) else value
 
 
+def padding_mask(input_ids: torch.Tensor, generation_config) -> torch.Tensor | None:
+    """`generate`'s rule for a missing attention mask, for ids such as a batched `generate` returns (short prompts
+    padded on the left, pads after the EOS of answers that ended early): where the pad token occurs and is not an EOS
+    token, 0 at the pads. None otherwise (no pad, or a pad that cannot be told from EOS), as when none was given."""
+    pad, eos = generation_config.pad_token_id, generation_config.eos_token_id
+    if pad is None or pad in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        return None
+    padding = input_ids == pad
+    return (~padding).long() if bool(padding.any()) else None  # one host read per call (a write per turn)
+
+
 def generation_setting(name: str, kwargs: dict, given, model):
     """The value `generate` uses for the field `name`, by its precedence: the keyword in `kwargs`, else the
     `generation_config` passed to it (`given`) where that sets the field (transformers 5 leaves unset fields None),

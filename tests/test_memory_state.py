@@ -126,6 +126,29 @@ def test_update_memory_rows_are_isolated(tiny_model, kind, side):
             torch.testing.assert_close(together[:, i : i + 1], alone, atol=1e-5, rtol=0)
 
 
+def test_a_batched_generate_output_writes_no_pads_without_a_mask(dense_model):
+    """`update_memory(state, generate(...))`, as the README's loop passes it: the output carries no mask, and its
+    short prompts are padded on the left and answers that ended early padded after their EOS. The pads are padding,
+    as `generate` takes them; each row is written as it would be alone (a written pad moved slots by ~0.7)."""
+    model, pad, eos = dense_model, dense_model.config.pad_token_id, dense_model.config.eos_token_id
+    state = random_state(model, 3)
+    input_ids, attention_mask, rows = padded_batch(pad, "left")
+    output = torch.cat((input_ids[:1], random_ids(1, 4, seed=31)), 1).repeat(2, 1)  # a query and a 4-token answer
+    output[0, -3:] = torch.tensor([eos, pad, pad])  # row 0's answer ended early
+    with torch.no_grad():
+        unmasked = model.update_memory(state, input_ids).stm
+        assert torch.equal(unmasked, model.update_memory(state, input_ids, attention_mask=attention_mask).stm)
+        written = model.update_memory(state.select([0, 1]), output).stm
+        alone = model.update_memory(state.select([0]), output[:1, :-2]).stm
+        torch.testing.assert_close(written[:, :1], alone, atol=1e-5, rtol=0)
+        # Without pads, or with a pad id that is also EOS (transformers cannot tell them apart either): no mask.
+        assert torch.equal(model.update_memory(state.select([1]), output[1:]).stm,
+                           model.model.write_memory(state.select([1]).stm, output[1:]))
+        model.generation_config.eos_token_id = [eos, pad]
+        assert torch.equal(model.update_memory(state.select([0]), output[:1]).stm,
+                           model.model.write_memory(state.select([0]).stm, output[:1]))
+
+
 def test_forward_rows_are_isolated(tiny_model, kind):
     model = tiny_model(kind)
     state = random_state(model, 3)
