@@ -33,6 +33,11 @@ from modeling_rxt.training import EpisodeCollator, memory_aware_objective, token
 
 torch.set_num_threads(1)
 tokenizer_dir, out_dir, global_batch, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+# AdamW (the default) or plain SGD, whose step is proportional to the gradient: only it shows a gradient of the
+# wrong scale (AdamW divides the scale away; gradient clipping would too, so SGD runs without it).
+optimizer = dict(learning_rate=1e-2)
+if sys.argv[5:] == ["sgd"]:
+    optimizer = dict(optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
 world_size = int(os.environ.get("WORLD_SIZE", "1"))
 tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 dataset = tokenize_episodes(tokenizer, make_episodes(global_batch * steps, turns=4, seed=5, max_chat_chars=60), 64)
@@ -42,8 +47,8 @@ model = RxTForCausalLM(RxTConfig(vocab_size=len(tokenizer), hidden_size=32, inte
                                  max_position_embeddings=64, initializer_range=0.1))
 args = TrainingArguments(output_dir=out_dir, use_cpu=True, ddp_backend="gloo" if world_size > 1 else None,
                          remove_unused_columns=False, report_to=[], per_device_train_batch_size=global_batch // world_size,
-                         max_steps=steps, learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True,
-                         dataloader_num_workers=0, seed=0)
+                         max_steps=steps, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                         dataloader_num_workers=0, seed=0, **optimizer)
 trainer = RxTTrainer(model=model, args=args, train_dataset=dataset, data_collator=EpisodeCollator(tokenizer.pad_token_id),
                      objective=memory_aware_objective)
 trainer.train()
@@ -76,10 +81,12 @@ def _tokenizer_and_script(tmp_path: Path, text: str) -> tuple[Path, Path]:
     return tokenizer_dir, script
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_two_process_ddp_matches_one_process(tmp_path, optimizer):
+    """With SGD too: the processes' gradients averaged, not summed (AdamW alone would not tell the two apart)."""
     tokenizer_dir, script = _tokenizer_and_script(tmp_path, SCRIPT)
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    arguments = [str(tokenizer_dir), None, str(GLOBAL_BATCH), str(STEPS)]
+    arguments = [str(tokenizer_dir), None, str(GLOBAL_BATCH), str(STEPS), optimizer]
     single_losses, single_weights = _run([sys.executable, str(script), *_with(arguments, single)], single)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     ddp_losses, ddp_weights = _run([*torchrun, str(script), *_with(arguments, ddp)], ddp)
@@ -466,7 +473,7 @@ def test_under_fsdp_mixed_precision_the_objective_keeps_exact_weights(tmp_path):
     assert loss.requires_grad and trainer._metric_sums == {"decoder_loss": pytest.approx(0.1)}
 
 
-def test_in_lockstep_a_step_without_answers_leaves_the_weights_alone(tmp_path, monkeypatch):
+def test_in_lockstep_a_step_without_answers_leaves_the_weights_and_the_logged_losses_alone(tmp_path, monkeypatch):
     """In lockstep the passes that weigh nothing give zero gradients, on which AdamW's momentum would still move the
     weights: a step with no weighted answer on any process must not (as without lockstep, where it has none)."""
     import torch.distributed as dist
@@ -492,8 +499,11 @@ def test_in_lockstep_a_step_without_answers_leaves_the_weights_alone(tmp_path, m
         args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, per_device_train_batch_size=4,
                                  max_steps=2, learning_rate=1e-2, weight_decay=0.1, remove_unused_columns=False,
                                  report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=1)
-        RxTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, objective=objective).train()
+        trainer = RxTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, objective=objective)
+        trainer.train()
     finally:
         dist.destroy_process_group()
     for name, weight in model.state_dict().items():
         assert torch.equal(weight, before[name]), name
+    # Nor do its passes enter the logged stage losses (as 0: they would pull the logged means down).
+    assert [entry for entry in trainer.state.log_history if "decoder_loss" in entry] == []
