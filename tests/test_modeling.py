@@ -244,6 +244,40 @@ def test_occupied_slots_compete_less_for_new_tokens(tiny_model):
         assert not torch.allclose(second, without.update_memory(first, input_ids).stm, atol=1e-4)
 
 
+def test_the_write_measures_occupancy_as_one_minus_the_cosine_to_the_initial_memory(tiny_model, monkeypatch):
+    """Through `update_memory`, what the competitive write receives: 0 for a slot at its initial value, 2 for one
+    opposite it (so occupied slots compete less; the cosine itself would make them compete more)."""
+    model = tiny_model("dense", memory_attention_type="self", memory_write_type="competition", memory_write_occupancy=3.0)
+    received = []
+    competitive_update = type(model.model.memory_attention[0]).competitive_update
+
+    def recording(layer, query, encoded, key_mask, rotary, occupancy=None):
+        received.append(occupancy)
+        return competitive_update(layer, query, encoded, key_mask, rotary, occupancy)
+
+    monkeypatch.setattr(type(model.model.memory_attention[0]), "competitive_update", recording)
+    stm = model.init_memory(1).stm.clone()
+    stm[:, 0, 1:] = -stm[:, 0, 1:]  # slot 0 as it started, the others turned around
+    with torch.no_grad():
+        model.update_memory(RxTMemoryState(stm), random_ids(1, 5))
+    assert len(received) == model.config.num_hidden_layers
+    expected = torch.tensor([[0.0] + [2.0] * (model.config.memory_slots - 1)])
+    for occupancy in received:
+        torch.testing.assert_close(occupancy, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.2])
+def test_new_weights_follow_initializer_range(std):
+    """The parameters transformers' own init does not know (fused experts, router, learned initial memory) are drawn
+    with `initializer_range` as its linear layers are: a MoE started with experts 50x too large, or zero, passed."""
+    model = make_tiny_model("moe", seed=0, initializer_range=std, num_local_experts=8)
+    block = model.model.layers[0].mlp
+    for name, weight in (("gate_up_proj", block.experts.gate_up_proj), ("down_proj", block.experts.down_proj),
+                         ("router", block.gate.weight), ("initial_memory", model.model.initial_memory.weight),
+                         ("q_proj", model.model.layers[0].self_attn.q_proj.weight)):
+        assert weight.std().item() == pytest.approx(std, rel=0.15), name
+
+
 # ---- attention kernels -----------------------------------------------------------------------------------------------
 
 
