@@ -1,5 +1,6 @@
 """Folder replacement (`replace_folder`, `rename_over`): a reader of the target sees the old folder or the new one,
-and a failure leaves what was there."""
+and a failure leaves what was there. Durability: what a write publishes is flushed to disk before its rename, and
+the renames after it."""
 
 import json
 import os
@@ -283,3 +284,85 @@ def test_write_json_atomic_keeps_the_old_file_when_the_dump_fails_part_way(tmp_p
         atomic_files.write_json_atomic({"turns": 2, "later": object()}, path)  # fails after "turns" is written
     assert json.loads(path.read_text()) == {"turns": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+# ---- durability: data flushed before it is published, renames flushed after -----------------------------------------
+
+
+@pytest.fixture
+def disk_log(monkeypatch) -> list[tuple[str, str, str]]:
+    """Records ("flushed", path, "") for every `os.fsync` (the path of its descriptor) and ("renamed", source,
+    target) for every `os.replace` and `rename_over`, in order: what a crash could find on disk."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name a descriptor's file")
+    events = []
+    real_fsync, real_replace, real_rename_over = os.fsync, os.replace, atomic_files.rename_over
+
+    def fsync(descriptor):
+        events.append(("flushed", os.readlink(f"/proc/self/fd/{descriptor}"), ""))
+        return real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("renamed", str(Path(source).resolve()), str(Path(target).resolve())))
+        return real_replace(source, target)
+
+    def rename_over(source, target):
+        events.append(("renamed", str(Path(source).resolve()), str(Path(target).resolve())))
+        return real_rename_over(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(atomic_files, "rename_over", rename_over)
+    return events
+
+
+def flushed_before(events, index: int) -> set[str]:
+    return {path for kind, path, _ in events[:index] if kind == "flushed"}
+
+
+def last_rename(events) -> int:
+    return max(index for index, (kind, *_) in enumerate(events) if kind == "renamed")
+
+
+def test_files_are_flushed_before_their_renames_and_the_folder_after(tmp_path, disk_log):
+    """Without the first flush a crash could publish an empty file under the new name; without the last the renames
+    could be lost, and a save reported done would be gone after a power cut."""
+    folder = tmp_path.resolve()
+    atomic_files.atomic_write_files({folder / name: lambda temporary: Path(temporary).write_text("data")
+                                     for name in ("a.json", "b.json")})
+    renames = [(index, source) for index, (kind, source, _) in enumerate(disk_log) if kind == "renamed"]
+    assert len(renames) == 2
+    for index, source in renames:
+        assert source in flushed_before(disk_log, index)
+    assert ("flushed", str(folder), "") in disk_log[last_rename(disk_log):]
+
+
+def test_a_staged_folder_is_flushed_whole_before_it_replaces_its_target_and_the_parent_after(tmp_path, disk_log):
+    target = tmp_path.resolve() / "model"
+    with staged_folder(target) as staging:
+        (staging / "sub").mkdir()
+        (staging / "sub" / "weights.bin").write_bytes(b"x" * 10)
+        (staging / "config.json").write_text("{}")
+        staging = staging.resolve()
+    published = last_rename(disk_log)
+    assert {str(staging / "sub" / "weights.bin"), str(staging / "config.json"), str(staging / "sub"),
+            str(staging)} <= flushed_before(disk_log, published)
+    assert ("flushed", str(target.parent), "") in disk_log[published:]
+
+
+@pytest.mark.parametrize("with_a_file", [True, False])  # a folder alone: no file write flushes the folder for it
+def test_a_save_into_a_folder_flushes_what_it_moves_in_first_and_the_folder_last(tmp_path, disk_log, with_a_file):
+    directory = tmp_path.resolve() / "saved"
+
+    def save(staging: Path) -> None:
+        (staging / "adapter").mkdir()
+        (staging / "adapter" / "weights.bin").write_bytes(b"x" * 10)
+        if with_a_file:
+            (staging / "config.json").write_text("{}")
+
+    atomic_files.save_files_into(directory, save, "`directory`")
+    adapter_moved = next(index for index, (kind, _, target) in enumerate(disk_log)
+                         if kind == "renamed" and target == str(directory / "adapter"))
+    assert any(path.endswith("/adapter/weights.bin") for path in flushed_before(disk_log, adapter_moved))
+    assert ("flushed", str(directory), "") in disk_log[last_rename(disk_log):]
+    assert (directory / "adapter" / "weights.bin").read_bytes() == b"x" * 10
