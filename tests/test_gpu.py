@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt import RxTConfig, RxTForCausalLM, RxTMemoryState
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,7 +49,7 @@ def test_kernel_matches_eager_attention_through_a_memory_write_and_a_read(kernel
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_generate_carries_the_memory_on_the_gpu(dtype):
+def test_generate_carries_the_memory_on_the_gpu(dtype, tmp_path):
     model = build("sdpa", dtype)
     ids = interaction(8)
     state = model.init_memory(2)
@@ -61,6 +61,9 @@ def test_generate_carries_the_memory_on_the_gpu(dtype):
     assert state.stm.device.type == "cuda" and state.stm.dtype == dtype and torch.isfinite(state.stm).all()
     fresh = model.generate(ids, memory_state=model.init_memory(2), max_new_tokens=6, do_sample=False)
     assert fresh.shape == output.shape  # the same query from another memory still decodes on the device
+    state.save_pretrained(tmp_path / "state")  # and a saved conversation comes back onto the device asked for
+    loaded = RxTMemoryState.from_pretrained(tmp_path / "state", device="cuda")
+    assert loaded.stm.device.type == "cuda" and torch.equal(loaded.stm, state.stm)
 
 
 @pytest.mark.parametrize("experts", [0, 4])

@@ -464,6 +464,16 @@ def test_a_bad_load_device_is_named_not_blamed_on_the_file(tmp_path):
     assert row_values(RxTMemoryState.from_pretrained(tmp_path, device=torch.device("cpu", 0))) == [0.0, 1.0, 2.0, 3.0]
 
 
+def test_a_state_is_loaded_onto_the_device_asked_for(tmp_path, monkeypatch):
+    """Read on the CPU, then moved to `device` (tests/test_gpu.py loads one onto a GPU): here the move is watched."""
+    numbered_state().save_pretrained(tmp_path)
+    moves = []
+    move = RxTMemoryState.to
+    monkeypatch.setattr(RxTMemoryState, "to", lambda state, device: moves.append(device) or move(state, device))
+    RxTMemoryState.from_pretrained(tmp_path, device="cpu")
+    assert moves == [torch.device("cpu")]
+
+
 def test_a_meta_state_is_refused_before_its_folder_is_made(tmp_path):
     with pytest.raises(ValueError, match="meta device"):  # was torch's NotImplementedError, after the mkdir
         numbered_state().to("meta").save_pretrained(tmp_path / "new")
