@@ -153,11 +153,13 @@ def test_mixed_precision_reaches_the_objective(tokenizer, tmp_path):
     assert seen == [False, False, True, True]
 
 
-def test_a_batch_without_a_weighted_answer_stays_out_of_the_losses(tokenizer, episodes, tmp_path):
+@pytest.mark.parametrize("ask_weight", [1.0, 1e-3])  # 1e-3: a batch whose answers weigh less than 1 in all
+def test_a_batch_without_a_weighted_answer_stays_out_of_the_losses(tokenizer, episodes, tmp_path, ask_weight):
     """An evaluation batch (or a training step) without a weighted answer has no loss. It gave 0, which Trainer
     averaged into `eval_loss` and the logged `loss` as a real value; NaN is what a plain Trainer's batch without
-    labels gives, and Trainer's nan filter leaves it out."""
-    asks_only = {ASK: 1.0, TELL: 0.0, "update": 0.0, CHAT: 0.0}
+    labels gives, and Trainer's nan filter leaves it out. A batch with answers gives its weighted mean, whatever
+    their total weight."""
+    asks_only = {ASK: ask_weight, TELL: 0.0, "update": 0.0, CHAT: 0.0}
     collator = EpisodeCollator(tokenizer.pad_token_id, asks_only)
     with_asks = tokenize_episodes(tokenizer, episodes, MAX_LENGTH).filter(lambda row: ASK in row["kinds"])
     with_asks = with_asks.select(range(4))
