@@ -411,40 +411,44 @@ def test_ctrl_c_while_waiting_for_a_write_keeps_the_write(model, tokenizer):
     """A KeyboardInterrupt that reaches the thread waiting for a background write interrupts the wait, not the
     write: the next wait picks the finished write up, and the session is that of a session never interrupted (the
     write was dropped, and the memory stayed a turn behind for good, in every later `save` too)."""
-    import os
     import signal
 
-    gate = threading.Event()
+    gate, holding = threading.Event(), threading.Event()
 
     def hold_write(module, args) -> None:  # a pre-hook that returned a value would replace the encoder's input
+        holding.set()
         gate.wait(timeout=30)
 
+    def press_ctrl_c_once_waiting(main: int, stop: threading.Event) -> None:
+        # A real SIGINT (it interrupts the wait's lock, as a key would), sent to the main thread itself once it is
+        # seen inside the wait: not after a fixed delay that a loaded machine could outrun, and not to the process,
+        # which the kernel may hand to another thread (the main thread then sleeps on until the write ends).
+        while not stop.is_set():
+            frame = sys._current_frames().get(main)
+            while frame is not None and frame.f_code.co_name != "wait_for_memory":
+                frame = frame.f_back
+            if frame is not None:
+                time.sleep(0.05)  # into the blocking `result()` itself
+                signal.pthread_kill(main, signal.SIGINT)
+                return
+            time.sleep(0.01)
+
     handle = model.model.memory_encoder.register_forward_pre_hook(hold_write)
+    stop = threading.Event()
     try:
         session = RxTChatSession(model, tokenizer)
         session.send(TEXTS[0], **GREEDY)
-        # The user presses Ctrl-C while `send` waits (a real SIGINT: it interrupts the wait's lock, as a key would),
-        # sent once this thread is seen inside the wait, not after a fixed delay that a loaded machine could outrun.
-        main = threading.get_ident()
-
-        def press_ctrl_c_once_waiting() -> None:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                frame = sys._current_frames().get(main)
-                while frame is not None and frame.f_code.co_name != "wait_for_memory":
-                    frame = frame.f_back
-                if frame is not None:
-                    break
-                time.sleep(0.01)
-            time.sleep(0.05)  # into the blocking `result()` itself
-            os.kill(os.getpid(), signal.SIGINT)
-
-        threading.Thread(target=press_ctrl_c_once_waiting, daemon=True).start()
+        assert holding.wait(timeout=20), "the turn's background write never reached the memory encoder"
+        assert session.write_pending
+        watcher = threading.Thread(target=press_ctrl_c_once_waiting, args=(threading.get_ident(), stop), daemon=True)
+        watcher.start()
         with pytest.raises(KeyboardInterrupt):
             session.send(TEXTS[1], **GREEDY)
     finally:
+        stop.set()
         gate.set()
         handle.remove()
+    watcher.join()
     assert len(session.messages) == 2  # the interrupted turn did not start
     uninterrupted = RxTChatSession(model, tokenizer, background_write=False)
     uninterrupted.send(TEXTS[0], **GREEDY)
