@@ -301,7 +301,8 @@ if int(os.environ.get("RANK", "0")) == 0:
     with open(os.path.join(out_dir, "losses.json"), "w") as handle:
         json.dump(losses, handle)
 if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()
+    from modeling_rxt.training_curriculum import leave_process_group
+    leave_process_group()  # gloo's threads can abort the interpreter's finalization after a clean destroy
 """
 
 # case -> (stage, model overrides (and "stage": stage settings), gradient accumulation steps)
