@@ -2,12 +2,9 @@
 
 import copy
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -410,76 +407,59 @@ def test_a_failed_write_is_reported_once_and_the_session_goes_on(model, tokenize
     assert session._executor._shutdown
 
 
-# Run in a process of its own: the interrupt must reach a main thread that nothing else in a long test run has
-# touched (it failed twice in fresh-clone CI runs of the whole suite, "DID NOT RAISE", and never alone).
-CTRL_C_SCRIPT = r"""
-import signal, sys, threading, time
-import torch
-from chat_helpers import GREEDY, TEXTS
-from modeling_rxt import RxTConfig, RxTForCausalLM
-from modeling_rxt.chat import RxTChatSession
-from modeling_rxt.tokenization import MIN_VOCAB_SIZE, train_tokenizer
-
-tokenizer = train_tokenizer(TEXTS * 5, vocab_size=MIN_VOCAB_SIZE + 40)
-torch.manual_seed(0)
-model = RxTForCausalLM(RxTConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, memory_slots=4,
-                                 max_position_embeddings=48)).eval()
-gate, holding, main = threading.Event(), threading.Event(), threading.get_ident()
-
-
-def hold_write(module, args):  # a pre-hook that returned a value would replace the encoder's input
-    holding.set()
-    gate.wait(timeout=30)
-
-
-def press_ctrl_c_once_waiting():
-    # A real SIGINT (it interrupts the wait's lock, as a key would) to the main thread once it is seen inside the
-    # wait: not after a fixed delay that a loaded machine could outrun.
-    while True:
-        frame = sys._current_frames().get(main)
-        while frame is not None and frame.f_code.co_name != "wait_for_memory":
-            frame = frame.f_back
-        if frame is not None:
-            time.sleep(0.05)  # into the blocking `result()` itself
-            signal.pthread_kill(main, signal.SIGINT)
-            return
-        time.sleep(0.01)
-
-
-handle = model.model.memory_encoder.register_forward_pre_hook(hold_write)
-session = RxTChatSession(model, tokenizer)
-session.send(TEXTS[0], **GREEDY)
-assert holding.wait(timeout=20) and session.write_pending, "the turn's write is not held in the background"
-threading.Thread(target=press_ctrl_c_once_waiting, daemon=True).start()
-try:
-    session.send(TEXTS[1], **GREEDY)
-except KeyboardInterrupt:
-    pass
-else:
-    raise AssertionError("the Ctrl-C while waiting for the write did not interrupt `send`")
-finally:
-    gate.set()
-    handle.remove()
-assert len(session.messages) == 2  # the interrupted turn did not start
-uninterrupted = RxTChatSession(model, tokenizer, background_write=False)
-uninterrupted.send(TEXTS[0], **GREEDY)
-assert torch.equal(session.memory_state.stm, uninterrupted.memory_state.stm), "the interrupted write was dropped"
-assert session.timings[-1].write_s is not None
-assert session.send(TEXTS[1], **GREEDY) == uninterrupted.send(TEXTS[1], **GREEDY)
-assert torch.equal(session.memory_state.stm, uninterrupted.memory_state.stm)
-print("interrupted the wait, kept the write")
-"""
-
-
-def test_ctrl_c_while_waiting_for_a_write_keeps_the_write():
+def test_ctrl_c_while_waiting_for_a_write_keeps_the_write(model, tokenizer):
     """A KeyboardInterrupt that reaches the thread waiting for a background write interrupts the wait, not the
     write: the next wait picks the finished write up, and the session is that of a session never interrupted (the
     write was dropped, and the memory stayed a turn behind for good, in every later `save` too)."""
-    tests, root = Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(root), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", CTRL_C_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0 and "kept the write" in done.stdout, done.stderr[-3000:]
+    import signal
+
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold_write(module, args) -> None:  # a pre-hook that returned a value would replace the encoder's input
+        holding.set()
+        gate.wait(timeout=30)
+
+    def press_ctrl_c_once_waiting(main: int, stop: threading.Event) -> None:
+        # A real SIGINT (it interrupts the wait's lock, as a key would), sent to the main thread itself once it is
+        # seen inside the wait: not after a fixed delay that a loaded machine could outrun, and not to the process,
+        # which the kernel may hand to another thread (the main thread then sleeps on until the write ends).
+        while not stop.is_set():
+            frame = sys._current_frames().get(main)
+            while frame is not None and frame.f_code.co_name != "wait_for_memory":
+                frame = frame.f_back
+            if frame is not None:
+                time.sleep(0.05)  # into the blocking `result()` itself
+                signal.pthread_kill(main, signal.SIGINT)
+                return
+            time.sleep(0.01)
+
+    handle = model.model.memory_encoder.register_forward_pre_hook(hold_write)
+    stop = threading.Event()
+    # Ctrl-C raises KeyboardInterrupt, as in an interactive Python: a test run started in the background by a shell
+    # without job control inherits SIGINT ignored (Python then installs no handler) and the wait was never interrupted.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        session = RxTChatSession(model, tokenizer)
+        session.send(TEXTS[0], **GREEDY)
+        assert holding.wait(timeout=20), "the turn's background write never reached the memory encoder"
+        assert session.write_pending
+        watcher = threading.Thread(target=press_ctrl_c_once_waiting, args=(threading.get_ident(), stop), daemon=True)
+        watcher.start()
+        with pytest.raises(KeyboardInterrupt):
+            session.send(TEXTS[1], **GREEDY)
+    finally:
+        stop.set()
+        gate.set()
+        handle.remove()
+        signal.signal(signal.SIGINT, handler)
+    watcher.join()
+    assert len(session.messages) == 2  # the interrupted turn did not start
+    uninterrupted = RxTChatSession(model, tokenizer, background_write=False)
+    uninterrupted.send(TEXTS[0], **GREEDY)
+    assert torch.equal(session.memory_state.stm, uninterrupted.memory_state.stm)
+    assert session.timings[-1].write_s is not None
+    assert session.send(TEXTS[1], **GREEDY) == uninterrupted.send(TEXTS[1], **GREEDY)
+    assert torch.equal(session.memory_state.stm, uninterrupted.memory_state.stm)
 
 
 def test_a_closed_session_takes_no_turns(model, tokenizer):
