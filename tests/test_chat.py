@@ -420,9 +420,9 @@ def test_ctrl_c_while_waiting_for_a_write_keeps_the_write(model, tokenizer):
         gate.wait(timeout=30)
 
     def press_ctrl_c_once_waiting(main: int, stop: threading.Event) -> None:
-        # A real SIGINT (it interrupts the wait's lock, as a key would), sent to the main thread itself once it is
-        # seen inside the wait: not after a fixed delay that a loaded machine could outrun, and not to the process,
-        # which the kernel may hand to another thread (the main thread then sleeps on until the write ends).
+        # A real SIGINT (it interrupts the wait's lock, as a key would), sent to the main thread, where Python runs
+        # its handler, once that thread is seen inside the wait: not after a fixed delay that a loaded machine could
+        # outrun.
         while not stop.is_set():
             frame = sys._current_frames().get(main)
             while frame is not None and frame.f_code.co_name != "wait_for_memory":
