@@ -83,6 +83,7 @@ def test_static_cache_and_a_compiled_decode_step_give_the_dynamic_cache_answer(t
     compile_config = CompileConfig(backend="eager", fullgraph=True)
     compile_config._compile_all_devices = True  # generate compiles on GPUs only, unless told
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # `reset` keeps them: an earlier test's graphs would count below
     compiled = model.generate(input_ids, cache_implementation="static", compile_config=compile_config, **common)
     assert torch.equal(compiled, dynamic)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really was traced

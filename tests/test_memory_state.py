@@ -86,15 +86,23 @@ def test_update_memory_is_differentiable(tiny_model, memory_attention_type):
 
 def test_memory_write_gradients_reach_earlier_turns(dense_model):
     """Truncated back-propagation through turns: the loss of turn 3 reaches the interaction of turn 1 and the learned
-    initial memory (read through the module: `init_memory` hands out a detached copy for inference)."""
-    embeddings = dense_model.model.embed_tokens.weight
+    initial memory (read through the module: `init_memory` hands out a detached copy for inference). Turn 1 is
+    watched where its embeddings enter the write: the embedding matrix itself is tied to the LM head, whose gradient
+    reaches every row of it whatever the writes do."""
     assert not dense_model.init_memory(1).stm.requires_grad
     state = RxTMemoryState(dense_model.model.initial_memory(1))
-    first = random_ids(1, 6, seed=11)
-    state = dense_model.update_memory(state, first)
+    first_turn_embeddings = []
+    hook = dense_model.model.embed_tokens.register_forward_hook(
+        lambda module, args, output: first_turn_embeddings.append(output) or output.retain_grad()
+    )
+    try:
+        state = dense_model.update_memory(state, random_ids(1, 6, seed=11))
+    finally:
+        hook.remove()
     state = dense_model.update_memory(state, random_ids(1, 6, seed=12))
     dense_model(random_ids(1, 4, seed=13), memory_state=state).logits.sum().backward()
-    assert embeddings.grad[first[0]].abs().sum() > 0
+    (embedded,) = first_turn_embeddings  # (1, 6, D): turn 1 as the memory encoder took it in
+    assert embedded.grad is not None and embedded.grad.abs().sum(-1).gt(0).all()
     assert dense_model.model.initial_memory.weight.grad.abs().sum() > 0
 
 
@@ -112,9 +120,13 @@ def padded_batch(pad: int, side: str = "right") -> tuple[torch.Tensor, torch.Ten
     return input_ids, attention_mask, rows
 
 
+WRITES = {"attention": {}, "competition": {"memory_write_type": "competition", "memory_write_occupancy": 2.0}}
+
+
+@pytest.mark.parametrize("write", sorted(WRITES))  # the competitive write (the demo's) takes its own masking path
 @pytest.mark.parametrize("side", ["right", "left"])  # left: what a batched `generate` returns
-def test_update_memory_rows_are_isolated(tiny_model, kind, side):
-    model = tiny_model(kind)
+def test_update_memory_rows_are_isolated(tiny_model, kind, side, write):
+    model = tiny_model(kind, **WRITES[write])
     state = random_state(model, 3)
     input_ids, attention_mask, rows = padded_batch(model.config.pad_token_id, side)
     with torch.no_grad():

@@ -296,7 +296,16 @@ def test_a_memory_shared_by_all_rows_is_projected_once_with_the_same_result_and_
     keys/values expanded: same values and same gradients as projecting every row."""
     stm = dense_model.model.initial_memory(3)
     assert stm.stride(1) == 0
-    shared = dense_model.model.project_memory(stm)
+    projected_rows = []
+    hooks = [layer.memory_cross_attn.k_proj.register_forward_hook(lambda m, args, out: projected_rows.append(len(out)))
+             for layer in dense_model.model.layers]
+    try:
+        shared = dense_model.model.project_memory(stm)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert projected_rows == [1] * len(dense_model.model.layers)  # one row projected in each layer, not three
+    assert shared.stride(0) == 0  # the keys/values expanded over the batch
     per_row = dense_model.model.project_memory(stm.contiguous())
     assert shared.shape == per_row.shape == (3, *per_row.shape[1:])
     torch.testing.assert_close(shared, per_row, rtol=0, atol=0)
