@@ -42,7 +42,7 @@ lint:
 	.venv-lint/bin/pip install --quiet transformers-mlinter
 	.venv-lint/bin/mlinter --no-progress modeling_rxt/configuration_rxt.py modeling_rxt/modeling_rxt.py modeling_rxt/modeling_rxt_blocks.py \
 		modeling_rxt/modeling_rxt_memory_write.py modeling_rxt/modeling_rxt_wrappers.py modeling_rxt/modeling_rxt_checks.py modeling_rxt/memory_state.py \
-		modeling_rxt/atomic_files.py
+		modeling_rxt/atomic_files.py modeling_rxt/external_memory.py
 
 clean:
 	rm -rf $(VENV) .venv-lint runs

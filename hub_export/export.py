@@ -133,11 +133,11 @@ def _recipe_config_mismatches(recipe: dict, config) -> list[str]:
         return []  # nothing that names config fields
     if model and set(model) <= CURRICULUM_MODEL_KEYS:
         from configuration import load_preset, read_preset
-        from modeling_rxt.training_recipe import _config_overrides
+        from modeling_rxt.training_recipe import config_overrides
 
         preset = model.get("preset", "nano")
         try:
-            overrides = _config_overrides(model, recipe.get("max_length", 128))
+            overrides = config_overrides(model, recipe.get("max_length", 128))
             implied = load_preset(preset, **overrides).to_dict()
             fields = [*read_preset(preset), *overrides]
         except (AttributeError, TypeError, ValueError) as error:
@@ -563,7 +563,7 @@ def export_model(
 def recipe_datasets(recipe: dict | None) -> tuple[str, ...]:
     """The card's dataset ids as the recipe shows them: its `datasets` list when it has one; for a recipe of this
     project's curriculum (stages named by `stage`), the synthetic episodes every stage trains on, and the chatterbot
-    corpus where a stage sets `corpus`. None without a recipe, or for a recipe of another shape: the card names no
+    corpus where a stage sets `corpus`. Empty without a recipe, or for a recipe of another shape: the card names no
     training data it was not told of."""
     value = (recipe or {}).get("datasets")
     if isinstance(value, list) and value and all(isinstance(item, str) for item in value):

@@ -6,8 +6,9 @@
 - The training recipe, rendered from the recipe JSON when one is given.
 - Limitations, the licence / patent notice of the project, and a usage snippet that the export runs as written.
 
-The evaluation JSON, as `modeling_rxt.evaluation.evaluate_recall` writes it (fractions in [0, 1], distances as
-JSON object keys; other keys are ignored):
+The evaluation JSON, as the training job writes it (`modeling_rxt.demo`: what `modeling_rxt.evaluation.evaluate_recall`
+returns, plus the fingerprints and the run's description; fractions in [0, 1], distances as JSON object keys; other
+keys are ignored):
 
     {"recall_by_distance": {"1": 0.93, "4": 0.91, "8": 0.72},    exact-match recall of a fact d turns back
      "recall_memory_reset": {"1": 0.01, ...} | 0.012,             the same questions, memory reset before them

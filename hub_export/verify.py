@@ -51,7 +51,7 @@ class VerificationReport:
     seconds: float
 
 
-def _job(folder: Path, work: Path, tokenizer, model, model_id: str, run_snippet: bool) -> dict:
+def _job(folder: Path, work: Path, model, model_id: str, run_snippet: bool) -> dict:
     snippet_cwd = work / "snippet"
     link = snippet_cwd / model_id  # `from_pretrained(model_id)` finds this folder before looking at the Hub
     link.parent.mkdir(parents=True, exist_ok=True)
@@ -103,9 +103,9 @@ def _max_diff(name: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float) 
     return diff
 
 
-def _compare(model, tokenizer, child: dict[str, torch.Tensor], atol: float) -> dict[str, float]:
-    job = {"conversations": [list(c) for c in CONVERSATIONS], "prompt": list(PROMPT),
-           "max_length": model.config.max_position_embeddings}
+def _compare(model, tokenizer, job: dict, child: dict[str, torch.Tensor], atol: float) -> dict[str, float]:
+    """The source's tokens and outputs for the child's `job`, against the child's (`VerificationError` where they
+    differ); the max differences of the compared floats."""
     ids, mask, prompt_ids = fresh_process.tokenize(tokenizer, job)
     for name, ours in (("input_ids", ids), ("attention_mask", mask), ("prompt_ids", prompt_ids)):
         if not torch.equal(ours, child[name]):
@@ -142,12 +142,13 @@ def verify_export(
     model.eval()
     with tempfile.TemporaryDirectory(prefix="rxt-verify-") as work_dir:
         work = Path(work_dir)
-        stdout = _run_child(_job(folder, work, tokenizer, model, model_id, run_snippet), work, timeout_s)
+        job = _job(folder, work, model, model_id, run_snippet)
+        stdout = _run_child(job, work, timeout_s)
         child = load_file(work / "outputs.safetensors")
         info = json.loads((work / "info.json").read_text(encoding="utf-8"))
     if info["leaked"]:
         raise VerificationError(f"The fresh process imported project modules: {info['leaked']}.")
-    diffs = _compare(model, tokenizer, child, atol)
+    diffs = _compare(model, tokenizer, job, child, atol)
     return VerificationReport(
         model_class=info["model_class"],
         blocked=tuple(info["blocked"]),

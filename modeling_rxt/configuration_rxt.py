@@ -38,7 +38,9 @@ MEMORY_ATTENTION_TYPES = ("simple", "self", "interlayer", "gated-self-interlayer
 MEMORY_WRITE_TYPES = ("attention", "competition")
 
 
-@auto_docstring(checkpoint="rxt-hf/rxt-nano")
+@auto_docstring(custom_intro="""Configuration of an RxT model ([`RxTForCausalLM`], [`RxTModel`]): decoder, memory
+    encoder, memory attention and short-term memory. The defaults give a small dense model (hidden size 128, 4 layers,
+    64 memory slots); the presets in `configuration/models/` give the project's sizes.""")
 @strict
 class RxTConfig(PreTrainedConfig):
     r"""

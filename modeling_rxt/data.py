@@ -440,7 +440,7 @@ def _realise(grid: list[_Event | None], rng: random.Random, split: str, chats: S
     return turns
 
 
-def _check_int_at_least(name: str, value: object, minimum: int, why: str = "") -> None:
+def check_int_at_least(name: str, value: object, minimum: int, why: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int of at least {minimum}{why}, got {value!r}")
 
@@ -454,10 +454,10 @@ def _check_episode_args(
     extra_facts: float,
 ) -> int:
     """Check the arguments of `make_episodes`; return the effective maximum distance."""
-    _check_int_at_least("n_episodes", n_episodes, 0)
-    _check_int_at_least("turns", turns, 2, " (a fact and a question)")
+    check_int_at_least("n_episodes", n_episodes, 0)
+    check_int_at_least("turns", turns, 2, " (a fact and a question)")
     if max_distance is not None:
-        _check_int_at_least("max_distance", max_distance, 1)
+        check_int_at_least("max_distance", max_distance, 1)
     if not ask_ratio > 0:
         raise ValueError(f"ask_ratio must be positive, got {ask_ratio!r}")
     if not 0.0 <= update_probability <= 1.0:

@@ -141,10 +141,6 @@ class ExternalMemory:
         return self.mask.sum(dim=-1)
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.mask.sum())
-
-    @property
     def device(self) -> torch.device:
         return self.keys.device
 

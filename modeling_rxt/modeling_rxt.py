@@ -171,16 +171,16 @@ class RxTGroupedExperts(nn.Module):
         gate_up_proj, down_proj = self.gate_up_proj, self.down_proj  # read once (a PEFT parametrization recomputes)
         flat_experts = top_k_index.reshape(-1)  # (N*k,)
         order = torch.argsort(flat_experts, stable=True)
-        token_index = order // top_k
+        token_index = order // top_k  # (N*k,): the token of each assignment, in expert order
         # The group sizes decide tensor shapes, so they must reach the host: one sync per layer, never per token.
         # trf-ignore: TRF056 (this eager fallback is not the compiled path; `grouped_mm` is the default kernel)
         group_sizes = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         outputs = []
         for expert, group in enumerate(hidden_states[token_index].split(group_sizes)):
             if group_sizes[expert]:
-                gate, up = F.linear(group, gate_up_proj[expert]).chunk(2, dim=-1)
+                gate, up = F.linear(group, gate_up_proj[expert]).chunk(2, dim=-1)  # (n_e, I) each
                 outputs.append(F.linear(self.act_fn(gate) * up, down_proj[expert]))
-        expert_out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
+        expert_out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]  # (N*k, D)
         return torch.zeros_like(hidden_states).index_add_(0, token_index, expert_out.to(hidden_states.dtype))
 
 
@@ -196,7 +196,7 @@ class RxTExperts(RxTGroupedExperts):
         gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
         if hidden_states.device.type != "cpu" or is_torchdynamo_compiling():
             # On an accelerator (or in a compiled graph): gather each token's expert weights and batch them, so the
-            # step never syncs the host and has no data-dependent control flow.
+            # step never syncs the host and has no data-dependent control flow. gate, up (N, k, I); expert_out (N, k, D)
             gate, up = torch.einsum("nd,nkod->nko", hidden_states, gate_up_proj[top_k_index]).chunk(2, dim=-1)
             expert_out = torch.einsum("nki,nkdi->nkd", self.act_fn(gate) * up, down_proj[top_k_index])
             return (expert_out * top_k_weights[..., None]).sum(dim=1)
@@ -416,10 +416,10 @@ class RxTPreTrainedModel(PreTrainedModel):
         return super()._grouped_mm_can_dispatch()
 
 
-@auto_docstring
+@auto_docstring(custom_intro="""The whole RxT system without the LM head: shared embedding, generator-decoder, memory
+    encoder, memory attention and the learned initial memory. `forward` runs the decoder over one interaction, reading
+    the memory.""")
 class RxTModel(RxTPreTrainedModel):
-    """The whole RxT system without the LM head: shared embedding, generator-decoder, memory encoder, memory
-    attention and the learned initial memory. `forward` runs the decoder over one interaction, reading the memory."""
 
     def __init__(self, config: RxTConfig):
         # `@strict` checks a config when it is created; a field changed afterwards (configs are mutable) would be
@@ -459,7 +459,7 @@ class RxTModel(RxTPreTrainedModel):
         # Not in a mixed-adapter batch, where LoRA on the memory read gives each row its own adapter's keys.
         if shared and not any(mixed_adapter_rows(layer.memory_cross_attn) for layer in self.layers):
             # Every row reads the same memory (the learned initial one, expanded): project one row, expand the result.
-            return self.project_memory(stm[:, :1]).expand(batch_size, *([-1] * 5))
+            return self.project_memory(stm[:, :1]).expand(batch_size, *([-1] * 5))  # (B, L, 2, K, S, Dh), stride 0
         # `unbind` rather than `stm[i]`: the backward of indexing would zero-fill the whole STM once per layer.
         layers_and_slots = zip(self.layers, stm.unbind(0), strict=True)
         projected = [
@@ -648,7 +648,7 @@ def load_balancing_loss(
     logits = at_least_float32(torch.cat(list(router_logits)))  # (L*N, E)
     probs = F.softmax(logits, dim=-1)
     selected = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(1).float()  # (L*N, E)
-    weights = torch.ones(logits.shape[0], 1, device=logits.device)
+    weights = torch.ones(logits.shape[0], 1, device=logits.device)  # (L*N, 1): which routed tokens count
     if attention_mask is not None and attention_mask.numel() * len(router_logits) == logits.shape[0]:
         weights = attention_mask.reshape(-1, 1).float().repeat(len(router_logits), 1)
     total = weights.sum().clamp(min=1.0)
@@ -685,7 +685,7 @@ OWN_GENERATE_INPUTS = ("memory_key_values", "external_memory", "external_memory_
 CONTINUOUS_BATCHING_IGNORES = ("adapter_names", *GENERATE_CONTROLS)
 
 
-@auto_docstring
+@auto_docstring(custom_intro="RxT with its LM head: `generate` answers reading the memory, `update_memory` writes it.")
 class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}

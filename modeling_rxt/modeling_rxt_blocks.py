@@ -267,7 +267,7 @@ class RxTMemoryCrossAttention(RxTAttention):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         query = self.project_queries(hidden_states, position_embeddings)
-        key, value = memory_key_value.unbind(1)
+        key, value = memory_key_value.unbind(1)  # (B, K, S, Dh) each
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         if interface is not sdpa_attention_forward or self.head_dim > 256:  # eager, flash-attention, a user's own
             return self.attend(query, key, value, None, attention_interface=interface, **kwargs)

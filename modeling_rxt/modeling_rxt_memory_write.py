@@ -68,6 +68,7 @@ class RxTMemoryEncoder(nn.Module):
         self.norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, inputs_embeds, position_embeddings, attention_mask=None) -> list[torch.Tensor]:
+        """The interaction's embeddings (B, T, D) -> the output of every encoder layer, ED_l (B, T, D) each."""
         encoded, hidden_states = [], inputs_embeds
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, attention_mask)
@@ -82,7 +83,7 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         simple:                h_l = STM_l
         self:                  h_l = STM_l + SelfAttn(norm(STM_l))                   slots read their own layer
         interlayer:            h_l = STM_l + Attn(norm(STM_l), norm(mean_j STM_j))    slots read all layers
-        gated-self-interlayer: h_l = STM_l + g * SelfAttn(..) + (1 - g) * Interlayer(..),  g = sigmoid(W_m STM_l)
+        gated-self-interlayer: h_l = STM_l + g * SelfAttn(..) + (1 - g) * Interlayer(..),  g = sigmoid(W_m STM_l + b_m)
     Write:
         Update_l = Attn(q = norm(h_l), k = v = norm(ED_l)), RoPE on the ED keys only
                    (competitive: softmax over slots; occupancy: slot scores - scale_h * (1 - cos(STM_l, STM_init)))
@@ -148,7 +149,7 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         share = torch.softmax(scores, dim=-2)  # over slots: each token's shares sum to 1
         if key_mask is not None:
             share = share * key_mask[:, None, None, :].to(share.dtype)  # padding gives nothing
-        weights = (share / (1.0 + share.sum(dim=-1, keepdim=True))).to(v.dtype)
+        weights = (share / (1.0 + share.sum(dim=-1, keepdim=True))).to(v.dtype)  # (B, H, S, T)
         out = torch.matmul(weights, v).transpose(1, 2)  # (B, S, H, Dh)
         return attention.o_proj(out.reshape(*query.shape[:2], -1))
 

@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, unwrap_peft_model
 
 from .modeling_rxt_wrappers import run_as_forward
-from .training import COLLATOR_COLUMNS, Objective, _turns, _unpadded, lockstep
+from .training import COLLATOR_COLUMNS, Objective, episode_turns, lockstep, unpadded
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class RxTTrainer(Trainer):
             # gradients of zero, on which AdamW's momentum would still move the weights: as without lockstep, the
             # step has no gradients at all, and the optimizer leaves the weights alone.
             rxt.zero_grad(set_to_none=True)
-            self._skip_in_the_loss_scaler(rxt)
+            self._skip_in_the_loss_scaler()
             return loss.new_zeros(())  # no loss: `log` takes the mean over the other steps
         # FSDP has reduce-scattered the gradients already, and DeepSpeed's engine averaged them in its backward.
         if world_size > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
@@ -303,7 +303,7 @@ class RxTTrainer(Trainer):
                 torch._foreach_mul_(gradients, (step.scale / weight).item())
         return step.loss_sum / weight * world_size
 
-    def _skip_in_the_loss_scaler(self, rxt: torch.nn.Module) -> None:
+    def _skip_in_the_loss_scaler(self) -> None:
         """fp16's GradScaler refuses an optimizer step without gradients ("No inf checks were recorded"). The step is
         given one non-finite gradient instead, on a parameter the optimizer holds, which the scaler skips (its
         documented overflow rule); the scaler's state (the scale, which an overflow halves, and its growth count)
@@ -403,11 +403,11 @@ def _holds_nulls(column: pa.ChunkedArray | pa.Array) -> bool:
 
 
 def _kept_lengths(row: Mapping) -> list[int]:
-    """Each interaction's (or turn's) token count, by the collators' own rule (`_unpadded`, `_turns`)."""
+    """Each interaction's (or turn's) token count, by the collators' own rule (`unpadded`, `episode_turns`)."""
     row = {**row, "labels": row["input_ids"]}  # the rule keeps labels beside the ids; these are not read
     if row["input_ids"] and isinstance(row["input_ids"][0], list):  # an episode: one list per turn
-        return [len(ids) for ids, _ in _turns(row)]
-    return [len(_unpadded(row["input_ids"], row["labels"], row["attention_mask"])[0])]
+        return [len(ids) for ids, _ in episode_turns(row)]
+    return [len(unpadded(row["input_ids"], row["labels"], row["attention_mask"])[0])]
 
 
 def _longest_token_list(column: pa.ChunkedArray | pa.Array, count_nonzero: bool = False) -> int:

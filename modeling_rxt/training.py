@@ -55,7 +55,7 @@ from .data import (
     TELL,
     UPDATE,
     Episode,
-    _check_int_at_least,
+    check_int_at_least,
     episode_from_row,
     filter_episodes,
     recall_probes,
@@ -89,7 +89,7 @@ def tokenize_interactions(
     """One row per (query, answer) pair: `input_ids` of `[BOS][Q] query[A] answer[EOS]` and answer-only `labels`.
     Pairs with an empty or missing (None) part or a literal special token, or longer than `max_length` tokens, are
     skipped and counted in one warning. From a `datasets.Dataset`: `zip(dataset["query"], dataset["answer"])`."""
-    _check_int_at_least("max_length", max_length, 4, " (the turn's [BOS], [Q], [A] and [EOS])")
+    check_int_at_least("max_length", max_length, 4, " (the turn's [BOS], [Q], [A] and [EOS])")
     pairs = list(pairs)
     for pair in pairs:  # a dict row unpacks into its two keys: every row would train on the column names
         if isinstance(pair, (str, bytes, Mapping)) or not hasattr(pair, "__len__") or len(pair) != 2:
@@ -131,7 +131,7 @@ def tokenize_episodes(
     `max_length` tokens) are dropped and counted in one warning. The content checks are `filter_episodes`'; the
     length check uses the token ids encoded here, so every turn is tokenised once (twice would double the cost of
     preparing a training set)."""
-    _check_int_at_least("max_length", max_length, 4, " (the turn's [BOS], [Q], [A] and [EOS])")
+    check_int_at_least("max_length", max_length, 4, " (the turn's [BOS], [Q], [A] and [EOS])")
     # Rows of `episodes_to_dataset` (a datasets.Dataset, or its dicts) become the Episodes they hold.
     episodes = [episode_from_row(row) if isinstance(row, Mapping) else row for row in episodes]
     kept, _ = filter_episodes(episodes)
@@ -204,7 +204,7 @@ def _pad(sequences: Sequence[Sequence[int]], value: int, length: int | None = No
     return out
 
 
-def _unpadded(ids: Sequence[int], labels: Sequence[int], mask: Sequence[int] | None) -> tuple[list, list]:
+def unpadded(ids: Sequence[int], labels: Sequence[int], mask: Sequence[int] | None) -> tuple[list, list]:
     """A row's (or a turn's) tokens and labels without the padding its own `attention_mask` marks: rows padded when
     they were tokenised (`padding="max_length"`, left or right) carry one. The collators pad each batch themselves,
     and padding counted as text would be trained on, written into the memory, and shift the positions."""
@@ -221,12 +221,12 @@ def _as_list(values) -> list:
     return values.tolist() if hasattr(values, "tolist") else list(values)  # rows in the numpy or torch format too
 
 
-def _turns(feature: Mapping) -> list[tuple[list, list]]:
-    """An episode row's turns as (ids, labels), padding left out (`_unpadded`)."""
+def episode_turns(feature: Mapping) -> list[tuple[list, list]]:
+    """An episode row's turns as (ids, labels), padding left out (`unpadded`)."""
     masks = feature.get("attention_mask")
     if masks is None:
         masks = [None] * len(feature["input_ids"])
-    return [_unpadded(ids, labels, mask)
+    return [unpadded(ids, labels, mask)
             for ids, labels, mask in zip(feature["input_ids"], feature["labels"], masks, strict=True)]
 
 
@@ -273,7 +273,7 @@ class InteractionCollator:
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         _check_features(features, ("input_ids", "labels"))
-        rows = [_unpadded(f["input_ids"], f["labels"], f.get("attention_mask")) for f in features]
+        rows = [unpadded(f["input_ids"], f["labels"], f.get("attention_mask")) for f in features]
         if not all(ids for ids, _ in rows):
             raise ValueError("a row has no tokens (its `attention_mask` marks every token as padding)")
         input_ids = _pad([ids for ids, _ in rows], self.pad_token_id)  # (B, T)
@@ -335,7 +335,7 @@ class EpisodeCollator:
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         _check_features(features, ("input_ids", "labels", "kinds"))
-        episodes = [_turns(f) for f in features]
+        episodes = [episode_turns(f) for f in features]
         turns = max(len(episode) for episode in episodes)
         length = max(len(ids) for episode in episodes for ids, _ in episode)
         batch_size = len(features)
@@ -378,7 +378,7 @@ class ExternalMemoryCollator:
         rows: dict[str, list] = {"ids": [], "labels": [], "memory": [], "weights": []}
         for feature in features:
             history: list[int] = []
-            for (ids, labels), kind in zip(_turns(feature), feature["kinds"], strict=True):
+            for (ids, labels), kind in zip(episode_turns(feature), feature["kinds"], strict=True):
                 weight = float(self.kind_weights.get(kind, 0.0))
                 if history and weight > 0:
                     rows["ids"].append(ids)
@@ -514,8 +514,8 @@ def joint_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor], m
                          "InteractionCollator(mask_token_id=..., mlm_probability > 0)")
     batch_size = inputs["input_ids"].shape[0]
     # The encoder runs twice on the same input, for the write and for the masked-LM head. Running it once is 29%
-    # faster per step and equal to ~1e-6, but the curriculum amplifies that difference into another model (README,
-    # "Training speed"), and the demo's figures were measured with this one.
+    # faster per step and equal to ~1e-6, but the curriculum amplifies that difference into another model
+    # (docs/training/HISTORY.md), and the demo's figures were measured with this one.
     stm = model.model.write_memory(
         model.model.initial_memory(batch_size), inputs["mlm_input_ids"], inputs["attention_mask"]
     )
@@ -545,7 +545,7 @@ def interaction_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tens
     return _add_aux(model, loss_sum, weight, aux, metrics), weight, metrics
 
 
-def _turn(inputs: Mapping[str, torch.Tensor], turn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_turn(inputs: Mapping[str, torch.Tensor], turn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Turn `turn` of every episode, trimmed to the longest interaction of that turn: (B, T_turn) each."""
     mask = inputs["attention_mask"][:, turn]
     length = max(int(mask.sum(dim=-1).max()), 1)
@@ -576,7 +576,7 @@ def memory_attention_objective(
     loss_sum = stm.new_zeros(())
     count = stm.new_zeros(())
     for turn in range(turns):
-        input_ids, attention_mask, _ = _turn(inputs, turn)
+        input_ids, attention_mask, _ = batch_turn(inputs, turn)
         rows = attention_mask.any(dim=-1)  # (B,)
         if not rows.any() and not _LOCKSTEP.get():  # in lockstep a turn without tokens runs and weighs nothing
             continue
@@ -615,7 +615,7 @@ def _reading_rows(
 ) -> _ReadingRows | None:
     """What reads STM_{t-1} at `turn`, in one batch: the episodes whose turn has a positive weight and a label, then
     the recall probes of that turn (if the batch has any); None when no row reads. `turn_tensors` is
-    `_turn(inputs, turn)`."""
+    `batch_turn(inputs, turn)`."""
     input_ids, attention_mask, labels = turn_tensors
     answering = (inputs["turn_weights"][:, turn] > 0) & (labels != IGNORE_INDEX).any(dim=-1)  # (B,)
     parts = [_ReadingRows(input_ids[answering], attention_mask[answering], labels[answering],
@@ -653,7 +653,7 @@ def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Ten
     and the last turn is not written at all (nothing would read it).
     Recall probes in the batch (`EpisodeCollator(probe_weight=...)`) are answered from the same STM_{t-1} in the
     same decoder pass and never written: every write is then supervised by every fact it must keep."""
-    _check_int_at_least("bptt_turns", bptt_turns, 0, " (0: no truncation)")
+    check_int_at_least("bptt_turns", bptt_turns, 0, " (0: no truncation)")
     in_lockstep = _LOCKSTEP.get()
     inputs = _pad_turns(inputs, _agreed_max(inputs["input_ids"].shape[1], inputs["input_ids"].device))
     batch_size, turns = inputs["input_ids"].shape[:2]
@@ -662,7 +662,7 @@ def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Ten
     weight_sum = inputs["turn_weights"].new_zeros(())
     aux_terms = []
     for turn in range(turns):
-        input_ids, attention_mask, labels = _turn(inputs, turn)
+        input_ids, attention_mask, labels = batch_turn(inputs, turn)
         rows = _reading_rows(inputs, turn, (input_ids, attention_mask, labels))
         idle = rows is None and in_lockstep
         if idle:  # others read at this turn: a pass that adds zero to the loss, and whose backward runs as theirs
@@ -717,7 +717,7 @@ def external_and_memory_aware_objective(
 ):
     """Stage 5 with stage 4 mixed in: the external-memory loss of the batch's asks plus `memory_aware_weight` x the
     memory-aware loss of the same episodes. Trained alone, retrieval took over the decoder and the short-term recall
-    one turn back fell from 47% to 0-7% (README, External memory); both losses keep both memories working. Each
+    one turn back fell from 47% to 0-8% (README, External memory); both losses keep both memories working. Each
     loss is its own per-token mean; the sum is expressed in the external part's weight so `RxTTrainer` can normalise.
     The mix is taken per micro-batch: with gradient accumulation or several processes, the memory-aware part is a
     mean of the micro-batches' means, not one mean over the whole step (the external part stays exact)."""

@@ -66,7 +66,7 @@ from .tokenization import (
 )
 from .trainer import RxTTrainer
 from .training_recipe import (
-    _DEFAULT_KIND_WEIGHTS, RECIPES_DIR, _config_overrides, _is_comment, check_recipe, check_stage_layers, load_recipe,
+    DEFAULT_KIND_WEIGHTS, RECIPES_DIR, check_recipe, check_stage_layers, config_overrides, is_comment, load_recipe,
     recipe_file,
 )
 from .training import (
@@ -109,7 +109,7 @@ def build_model(settings: Mapping, tokenizer: PreTrainedTokenizerBase, max_lengt
     from configuration import load_preset
 
     overrides = {
-        **_config_overrides(settings, max_length),
+        **config_overrides(settings, max_length),
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.convert_tokens_to_ids(PAD_TOKEN),
         "bos_token_id": tokenizer.convert_tokens_to_ids(BOS_TOKEN),
@@ -214,10 +214,10 @@ def stage_components(
         external = ExternalMemoryCollator(pad_id, stage.get("kind_weights", {ASK: 1.0}))
         if not stage.get("memory_aware_weight"):
             return dataset, external, external_memory_objective
-        episodes = EpisodeCollator(pad_id, {**_DEFAULT_KIND_WEIGHTS, **stage.get("memory_aware_kind_weights", {})})
+        episodes = EpisodeCollator(pad_id, {**DEFAULT_KIND_WEIGHTS, **stage.get("memory_aware_kind_weights", {})})
         objective = partial(external_and_memory_aware_objective, memory_aware_weight=stage["memory_aware_weight"])
         return dataset, ExternalAndEpisodeCollator(external, episodes), objective
-    weights = {**_DEFAULT_KIND_WEIGHTS, **stage.get("kind_weights", {})}
+    weights = {**DEFAULT_KIND_WEIGHTS, **stage.get("kind_weights", {})}
     collator = EpisodeCollator(pad_id, weights, probe_weight)
     return dataset, collator, partial(memory_aware_objective, bptt_turns=stage.get("bptt_turns", 0))
 
@@ -541,7 +541,7 @@ def _comparable(recipe: dict) -> dict:
 
 def _without_comments(value):
     if isinstance(value, dict):
-        return {key: _without_comments(item) for key, item in value.items() if not _is_comment(key)}
+        return {key: _without_comments(item) for key, item in value.items() if not is_comment(key)}
     if isinstance(value, list):
         return [_without_comments(item) for item in value]
     return value

@@ -21,7 +21,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "configuration" / "traini
 # What each recipe field accepts (a check and the words of its error), read by `check_recipe`.
 
 
-_DEFAULT_KIND_WEIGHTS = {ASK: 1.0, TELL: 1.0, UPDATE: 1.0, CHAT: 1.0}
+DEFAULT_KIND_WEIGHTS = {ASK: 1.0, TELL: 1.0, UPDATE: 1.0, CHAT: 1.0}
 
 
 def _is_int(value, low: int = 1) -> bool:
@@ -35,7 +35,7 @@ def _is_number(value, low: float = 0.0, high: float = math.inf, above_low: bool 
 
 
 def _is_kind_weights(value) -> bool:
-    return isinstance(value, Mapping) and all(k in _DEFAULT_KIND_WEIGHTS and _is_number(v) for k, v in value.items())
+    return isinstance(value, Mapping) and all(k in DEFAULT_KIND_WEIGHTS and _is_number(v) for k, v in value.items())
 
 
 _RECIPE_KEYS = {"seed", "tokenizer", "model", "max_length", "init_from", "stages", "evaluation", "datasets"}
@@ -94,8 +94,8 @@ _STAGE_FIELDS = {
     "weight_decay_per_turn": _FRACTION, "min_weight": _FRACTION,
     "mlm_probability": (lambda v: _is_number(v, above_low=True) and v < 1, "a number in (0, 1)"),
     "corpus": (lambda v: isinstance(v, bool), "true or false"),
-    "kind_weights": (_is_kind_weights, f"a mapping from {sorted(_DEFAULT_KIND_WEIGHTS)} to numbers >= 0"),
-    "memory_aware_kind_weights": (_is_kind_weights, f"a mapping from {sorted(_DEFAULT_KIND_WEIGHTS)} to numbers >= 0"),
+    "kind_weights": (_is_kind_weights, f"a mapping from {sorted(DEFAULT_KIND_WEIGHTS)} to numbers >= 0"),
+    "memory_aware_kind_weights": (_is_kind_weights, f"a mapping from {sorted(DEFAULT_KIND_WEIGHTS)} to numbers >= 0"),
     "external_memory_layers": (
         lambda v: v is None or (isinstance(v, list) and all(_is_int(i, low=0) for i in v)), "a list of layer indices"
     ),
@@ -194,7 +194,7 @@ def _check_stage_weights(stage: Mapping, where: str) -> None:
             raise ValueError(f"{where}: `kind_weights` must give some kind a weight > 0 (the stage answers only "
                              f"those turns from the external memory), got {stage['kind_weights']!r}")
     if stage["stage"] == "memory_aware":
-        weights = {**_DEFAULT_KIND_WEIGHTS, **stage.get("kind_weights", {})}
+        weights = {**DEFAULT_KIND_WEIGHTS, **stage.get("kind_weights", {})}
         # An episode of 2 turns states one fact and asks for it: no other fact is left for a probe to ask.
         probes = stage.get("probe_weight", 0) > 0 and stage.get("turns", 10) > 2
         if not any(weight > 0 for weight in weights.values()) and not probes:
@@ -213,10 +213,10 @@ def _check_section(section, fields: Mapping, where: str) -> None:
 
 def _keys(values: Mapping) -> set[str]:
     """The keys of a recipe mapping, without `_`-prefixed ones (comments, at every level)."""
-    return {key for key in values if not _is_comment(key)}
+    return {key for key in values if not is_comment(key)}
 
 
-def _is_comment(key) -> bool:
+def is_comment(key) -> bool:
     return isinstance(key, str) and key.startswith("_")
 
 
@@ -232,13 +232,13 @@ def _check_model_section(model: Mapping, max_length: int) -> int:
 
     _check_section(model, _MODEL_FIELDS, "recipe `model`")
     try:
-        config = load_preset(model.get("preset", "nano"), **_config_overrides(model, max_length))
+        config = load_preset(model.get("preset", "nano"), **config_overrides(model, max_length))
     except (TypeError, ValueError) as error:
         raise ValueError(f"recipe `model`: {error}") from error
     return config.num_hidden_layers
 
 
-def _config_overrides(model: Mapping, max_length: int) -> dict:
+def config_overrides(model: Mapping, max_length: int) -> dict:
     """The config fields the recipe's `model` section overrides (without `_` comments), with positions for at least
     `max_length` tokens: the stages keep interactions up to that length."""
     given = {key: value for key, value in model.get("overrides", {}).items() if not key.startswith("_")}

@@ -272,15 +272,15 @@ def test_verification_compares_every_output_and_refuses_nan(source_model, source
     job = {"conversations": [list(c) for c in verify.CONVERSATIONS], "prompt": list(verify.PROMPT),
            "max_length": source_model.config.max_position_embeddings}
     child = fresh_process.model_outputs(source_model, *fresh_process.tokenize(tokenizer, job), verify.MAX_NEW_TOKENS)
-    assert set(verify._compare(source_model, tokenizer, child, atol=1e-5).values()) == {0.0}
+    assert set(verify._compare(source_model, tokenizer, job, child, atol=1e-5).values()) == {0.0}
     nan_logits = child["logits_memory"].clone()
     nan_logits[0, 0, 0] = float("nan")
     with pytest.raises(VerificationError, match=r"Logits \(written memory\) differ.*nan"):
-        verify._compare(source_model, tokenizer, {**child, "logits_memory": nan_logits}, atol=1e-5)
+        verify._compare(source_model, tokenizer, job, {**child, "logits_memory": nan_logits}, atol=1e-5)
     other = child["generated"].clone()
     other[0, -1] = (other[0, -1] + 1) % source_model.config.vocab_size
     with pytest.raises(VerificationError, match="Greedy generation differs"):
-        verify._compare(source_model, tokenizer, {**child, "generated": other}, atol=1e-5)
+        verify._compare(source_model, tokenizer, job, {**child, "generated": other}, atol=1e-5)
 
 
 # ---- the model card --------------------------------------------------------------------------------------------------
