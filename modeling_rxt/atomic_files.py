@@ -24,6 +24,7 @@ import errno
 import functools
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -430,4 +431,29 @@ def json_writer(payload: dict, sort_keys: bool = False):
     return write
 
 
-__all__ = ["check_not_under_a_file", "create_temporary", "atomic_write", "atomic_write_files", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "move_into", "IncompleteRollback", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer"]
+# The files of transformers' safetensors save: one file, or shards and their index; a `variant` names its own
+# (`model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`, `model.safetensors.index.fp16.json`).
+WEIGHT_FILE = re.compile(
+    r"model(?:\.(?P<variant>[\w.-]+?))?(?:-\d{5}-of-\d{5})?\.safetensors"
+    r"|model\.safetensors\.index(?:\.(?P<index_variant>[\w.-]+))?\.json"
+)
+
+
+def weights_variant(name: str) -> str | None:
+    """The variant ("" for none) of a weight file of transformers' save; None for any other file."""
+    match = WEIGHT_FILE.fullmatch(name)
+    return None if match is None else match["variant"] or match["index_variant"] or ""
+
+
+def superseded_weight_files(folder: Path, written: set[str]) -> list[Path]:
+    """The weight files in `folder` of the variants just saved that this save did not write (transformers' own
+    clean-up ran in the empty staging folder): an old index, old shards, or a single `model.safetensors`, which would
+    load before new shards. A process that saved no weights (not the main one) supersedes nothing."""
+    saved = {weights_variant(name) for name in written} - {None}
+    return [
+        path for path in sorted(folder.iterdir())
+        if path.name not in written and weights_variant(path.name) in saved and path.is_file()
+    ]
+
+
+__all__ = ["check_not_under_a_file", "create_temporary", "atomic_write", "atomic_write_files", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "move_into", "IncompleteRollback", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer", "superseded_weight_files"]

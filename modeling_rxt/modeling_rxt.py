@@ -57,7 +57,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -92,7 +91,7 @@ from .external_memory import (
     resolve_layers,
     resolve_stride,
 )
-from .atomic_files import save_files_into
+from .atomic_files import save_files_into, superseded_weight_files
 from .memory_state import RxTMemoryState, as_memory_state, is_memory_state
 from .modeling_rxt_blocks import (
     RxTMemoryCrossAttention,
@@ -300,31 +299,6 @@ def default_position_ids(
     return counted.gather(1, new_positions.expand(counted.shape[0], -1))  # (B, T)
 
 
-# The files of transformers' safetensors save: one file, or shards and their index; a `variant` names its own
-# (`model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`, `model.safetensors.index.fp16.json`).
-WEIGHT_FILE = re.compile(
-    r"model(?:\.(?P<variant>[\w.-]+?))?(?:-\d{5}-of-\d{5})?\.safetensors"
-    r"|model\.safetensors\.index(?:\.(?P<index_variant>[\w.-]+))?\.json"
-)
-
-
-def _weights_variant(name: str) -> str | None:
-    """The variant ("" for none) of a weight file of transformers' save; None for any other file."""
-    match = WEIGHT_FILE.fullmatch(name)
-    return None if match is None else match["variant"] or match["index_variant"] or ""
-
-
-def _superseded_weights(folder: Path, written: set[str]) -> list[Path]:
-    """The weight files in `folder` of the variants just saved that this save did not write (transformers' own
-    clean-up ran in the empty staging folder): an old index, old shards, or a single `model.safetensors`, which would
-    load before new shards. A process that saved no weights (not the main one) supersedes nothing."""
-    saved = {_weights_variant(name) for name in written} - {None}
-    return [
-        path for path in sorted(folder.iterdir())
-        if path.name not in written and _weights_variant(path.name) in saved and path.is_file()
-    ]
-
-
 @auto_docstring
 class RxTPreTrainedModel(PreTrainedModel):
     config: RxTConfig
@@ -400,7 +374,7 @@ class RxTPreTrainedModel(PreTrainedModel):
                 extra["state_dict"] = dict(given_state_dict)
             super(RxTPreTrainedModel, self).save_pretrained(**{**options, "save_directory": folder, **extra})
 
-        superseded = functools.partial(_superseded_weights, Path(save_directory))
+        superseded = functools.partial(superseded_weight_files, Path(save_directory))
         save_files_into(save_directory, save, "`save_directory`", superseded)
         if push_to_hub:
             options.setdefault("repo_id", Path(save_directory).name)  # transformers' default: the folder's name
@@ -710,6 +684,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
         memory_state: RxTMemoryState | None = None,
         memory_key_values: torch.Tensor | None = None,
         external_memory: ExternalMemory | ExternalMemoryRetriever | None = None,
@@ -741,7 +716,6 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             raise ValueError("`external_memory_rows` given without an `external_memory` to read: it would do nothing.")
         # As in transformers' MoE models: the load-balancing loss is computed (and joins the loss given `labels`)
         # when `output_router_logits` is set, by keyword or by the config; the training objectives set it.
-        output_router_logits = kwargs.pop("output_router_logits", None)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         want_router_logits = self.config.is_moe and bool(output_router_logits)
