@@ -394,7 +394,6 @@ class RxTPreTrainedModel(PreTrainedModel):
     encoder, memory attention and the learned initial memory. `forward` runs the decoder over one interaction, reading
     the memory.""")
 class RxTModel(RxTPreTrainedModel):
-
     def __init__(self, config: RxTConfig):
         # `@strict` checks a config when it is created; a field changed afterwards (configs are mutable) would be
         # built into a model without a word, or fail later inside `forward`. (RxTForCausalLM builds this model.)
