@@ -379,6 +379,7 @@ def run_curriculum(
         check_batch_sizes(recipe["stages"], training_processes())  # under torchrun: before any stage trains
         if "init_from" in recipe:
             check_init_from(recipe)
+        check_run_output(output_dir, resume)
         if resume:
             check_same_run(recipe, Path(output_dir))
     seed = recipe.get("seed", 0)
@@ -443,6 +444,27 @@ def start_or_resume(recipe: Mapping, output_dir: Path, resume: bool) -> None:
     if "init_from" in recipe and Path(recipe["init_from"]).is_dir():
         record[INIT_FROM_KEY] = _model_folder_digest(Path(recipe["init_from"]))
     write_json_atomic(record, output_dir / RUN_RECIPE)
+
+
+def check_run_output(output_dir: str | Path, resume: bool) -> None:
+    """`output_dir` names a folder (`check_output_folder`), and a fresh run replaces nothing of the user's there."""
+    try:
+        check_output_folder(output_dir)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"`output_dir`: {error}") from error
+    if not resume:
+        check_fresh_output(Path(output_dir))
+
+
+def check_fresh_output(output_dir: Path, replaced: Sequence[str] = ("stages", "model")) -> None:
+    """A `ValueError` where a fresh run would replace (`replaced`) what no run recorded in `output_dir` (no
+    `run_recipe.json`): a folder of the user's own named `model`, say. An earlier run's outputs are replaced."""
+    found = [name for name in replaced if (output_dir / name).exists()]
+    if found and not (output_dir / RUN_RECIPE).is_file():
+        raise ValueError(
+            f"{str(output_dir)!r} holds {', '.join(found)}, which no training run recorded (no {RUN_RECIPE}): a fresh "
+            "run would replace them. Give another output folder, or move them away."
+        )
 
 
 def check_same_run(recipe: Mapping, output_dir: Path, processes: int | None = None) -> None:
@@ -627,6 +649,7 @@ def run_curriculum_in_processes(
         check_batch_sizes(recipe["stages"], processes)
         if "init_from" in recipe:
             check_init_from(recipe)
+        check_run_output(output_dir, resume)
     output = Path(output_dir)
     stages = {key: value for key, value in recipe.items() if key not in ("tokenizer", "model")}
     built = {"tokenizer": recipe.get("tokenizer"), "model": recipe.get("model")}  # what `initial/` is built from
@@ -728,7 +751,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check_output_folder(output_dir: str | Path) -> None:
     """A `ValueError` unless `output_dir` is a folder or can become one: the nearest of it and its parents that
-    exists must be a folder. For the CLIs, which would otherwise fail only after building the model."""
+    exists must be a folder. Checked before the model is built (the CLIs, `run_curriculum`). The empty path, which
+    `Path` takes for the current folder, is refused: a run replaces `stages/` and `model/` where it writes."""
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"must be a path (str or os.PathLike), got {type(output_dir).__name__}")
+    if not str(output_dir):
+        raise ValueError("the empty path would be the current folder: name the folder to write into (`.` for that one)")
     existing = next(path for path in (Path(output_dir), *Path(output_dir).parents) if path.exists())
     if not existing.is_dir():
         raise ValueError(f"{str(existing)!r} is not a folder")

@@ -450,6 +450,37 @@ def test_the_cli_reports_bad_input_found_before_training_as_a_usage_error(tokeni
         curriculum.main(["--recipe", str(path), "--output", str(tmp_path / "run")])
 
 
+def test_a_fresh_run_replaces_nothing_it_did_not_write(tokenizer, tmp_path, monkeypatch, capsys):
+    """A fresh run replaces `stages/` and `model/` in its output folder: refused, before anything is built, where
+    they are not an earlier run's (no run_recipe.json), and for the empty path, which would be the current folder
+    (`--output ""` once trained there, deleting the user's `stages/` and replacing `model/`)."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    recipe = {"init_from": str(_saved_model(tokenizer, tmp_path / "trained")), "max_length": MAX_LENGTH,
+              "stages": [stage_recipe("sft", max_steps=1)]}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    mine = tmp_path / "mine"
+    (mine / "stages").mkdir(parents=True)
+    (mine / "stages" / "notes.txt").write_text("precious")
+    monkeypatch.setattr(curriculum, "load_trained", lambda *a: pytest.fail("built a model for a refused run"))
+    with pytest.raises(ValueError, match=r"holds stages, which no training run recorded"):
+        curriculum.run_curriculum(recipe, mine, progress=False)
+    with pytest.raises(ValueError, match=r"holds stages, which no training run recorded"):
+        curriculum.run_curriculum_in_processes(recipe, mine, processes=2)
+    (mine / "model").mkdir()
+    with pytest.raises(ValueError, match=r"holds stages, model"):
+        curriculum.run_curriculum(recipe, mine, progress=False)
+    for output in ("", b"bytes"):
+        with pytest.raises((TypeError, ValueError), match=r"`output_dir`: "):
+            curriculum.run_curriculum(recipe, output, progress=False)
+    monkeypatch.chdir(mine)
+    with pytest.raises(SystemExit) as exit_info:
+        curriculum.main(["--recipe", str(path), "--output", ""])
+    assert exit_info.value.code == 2 and "--output: the empty path would be the current folder" in capsys.readouterr().err
+    assert (mine / "stages" / "notes.txt").read_text() == "precious" and (mine / "model").is_dir()
+
+
 def test_a_one_step_stage_trains(tokenizer, tmp_path):
     """A warmup's first step runs at a learning rate of 0, so the default warmup of 1 step left a 1-step stage (the
     schema's smallest) untrained without a word."""
