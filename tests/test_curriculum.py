@@ -477,7 +477,7 @@ def test_a_fresh_run_replaces_nothing_it_did_not_write(tokenizer, tmp_path, monk
     monkeypatch.chdir(mine)
     with pytest.raises(SystemExit) as exit_info:
         curriculum.main(["--recipe", str(path), "--output", ""])
-    assert exit_info.value.code == 2 and "--output: the empty path would be the current folder" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--output: the empty path would be" in capsys.readouterr().err
     assert (mine / "stages" / "notes.txt").read_text() == "precious" and (mine / "model").is_dir()
 
 

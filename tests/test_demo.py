@@ -80,7 +80,7 @@ def test_demo_refuses_an_output_that_is_not_a_folder(tmp_path, capsys):
         assert exit_info.value.code == 2 and "is not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # the current folder, where a run replaces stages/ and model/
         _parse(["--recipe", "tiny", "--output", ""])
-    assert exit_info.value.code == 2 and "--output: the empty path would be the current folder" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--output: the empty path would be" in capsys.readouterr().err
 
 
 def test_demo_names_an_unknown_recipe(tmp_path):
