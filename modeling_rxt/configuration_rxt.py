@@ -30,7 +30,7 @@ from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.modeling_rope_utils import RopeParameters
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 from transformers.utils import auto_docstring
 
 
@@ -184,6 +184,7 @@ class RxTConfig(PreTrainedConfig):
                 "`rope_parameters` of type 'longrope' is not supported: its frequencies depend on the longest row of "
                 "each call. Use 'default', 'linear', 'yarn' or 'llama3'."
             )
+        self._validate_rope_basics()
         if self.num_local_experts < 0 or self.shared_expert_intermediate_size < 0:
             raise ValueError("`num_local_experts` and `shared_expert_intermediate_size` must be >= 0.")
         if self.num_local_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
@@ -226,6 +227,17 @@ class RxTConfig(PreTrainedConfig):
             sim_threshold=self.external_memory_sim_threshold,
             stride=self.external_memory_stride,
         )
+
+    def _validate_rope_basics(self) -> None:
+        # transformers only warns for an unknown type (the model then fails to build with a KeyError), and takes any
+        # theta: a negative or zero one gives NaN frequencies, and the model runs on with wrong logits.
+        rope = self.rope_parameters or {}
+        if rope.get("rope_type", "default") not in ("default", *ROPE_INIT_FUNCTIONS):
+            raise ValueError(f"`rope_parameters['rope_type']` must be 'default' or one of "
+                             f"{sorted(ROPE_INIT_FUNCTIONS)}, got {rope['rope_type']!r}.")
+        theta = rope.get("rope_theta")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+            raise ValueError(f"`rope_theta` must be a finite number > 0, got {theta!r}.")
 
     @property
     def is_moe(self) -> bool:

@@ -37,6 +37,21 @@ def test_rope_scaling_whose_frequencies_depend_on_the_batch_is_refused():
     assert tiny_config(rope_parameters=yarn).rope_parameters["rope_type"] == "yarn"
 
 
+@pytest.mark.parametrize("theta", [-1.0, 0, float("nan"), float("inf"), "1e4", True])
+def test_a_rope_theta_that_gives_no_frequencies_is_refused(theta):
+    """A theta <= 0 gave NaN frequencies, and the model ran on with wrong logits (transformers takes any theta)."""
+    with pytest.raises(ValueError, match=r"`rope_theta` must be a finite number > 0"):
+        tiny_config(rope_theta=theta)
+    with pytest.raises(ValueError, match=r"`rope_theta` must be a finite number > 0"):
+        tiny_config(rope_parameters={"rope_type": "default", "rope_theta": theta})
+
+
+def test_an_unknown_rope_type_is_refused_when_the_config_is_made():
+    """transformers only warns, and the model then failed to build with a KeyError."""
+    with pytest.raises(ValueError, match=r"`rope_parameters\['rope_type'\]` must be 'default' or one of"):
+        tiny_config(rope_parameters={"rope_type": "bogus", "rope_theta": 1e4})
+
+
 def test_save_and_load_is_lossless(tmp_path):
     config = tiny_config("moe", memory_attention_type="self", router_aux_loss_coef=0.05)
     config.save_pretrained(tmp_path)
