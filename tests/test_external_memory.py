@@ -212,6 +212,8 @@ def test_rows_masks_layers_and_devices_are_checked_where_the_memory_is_made_and_
             model(ids, external_memory=memory, external_memory_rows=rows)
     with pytest.raises(ValueError, match="`external_memory_rows` .* without an `external_memory`"):  # was ignored
         model(ids, external_memory_rows=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"\['external_memories'\] are `generate`'s arguments"):  # was read as nothing
+        model(ids, external_memories=memory_ids)
     bad_mask = torch.tensor([[1, 1, 2, 0]])  # a 2 was taken as a token
     with pytest.raises(ValueError, match="`external_memories_attention_mask` must hold 0 and 1"):
         model.build_external_memory(torch.tensor([[5, 6, 7, 8]]), attention_mask=bad_mask)
