@@ -112,6 +112,7 @@ from .modeling_rxt_checks import (
     check_memory_key_values,
     check_no_memory_for_continuous_batching,
     check_token_ids,
+    checked_batch_prompts,
     generation_setting,
     note_cache_filled,
     padding_mask,
@@ -877,14 +878,14 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             outputs = super().generate(inputs, generation_config, *args, **kwargs)
         return attach_retrieved_memory_idx(outputs, recorder)
 
-    def generate_batch(self, inputs, *args, **kwargs):
+    def generate_batch(self, inputs, generation_config=None, *args, **kwargs):
         """transformers' continuous batching: every request reads the learned initial memory (it passes the model
-        only the prompts), so a conversation's memory is refused here rather than dropped."""
+        only the prompts), so a conversation's memory is refused here rather than dropped. The prompts and settings
+        are checked as `generate` checks them: the batching worker only logs a prompt that fails."""
         rows = mixed_adapter_rows(self.model.layers) is not None  # a PeftModel's `adapter_names`, hooked per row
         check_no_memory_for_continuous_batching(kwargs, "`generate_batch`", CONTINUOUS_BATCHING_IGNORES, rows)
-        for prompt in inputs or ():  # a bad prompt failed inside the batching worker, which only logs it
-            check_token_ids(torch.as_tensor(prompt, dtype=torch.long), self.config.vocab_size)
-        return super().generate_batch(inputs, *args, **kwargs)
+        prompts = checked_batch_prompts(inputs, self, generation_config, kwargs)
+        return super().generate_batch(prompts, generation_config, *args, **kwargs)
 
     def _bos_prompt(self, bos: int | None, memory_state: RxTMemoryState | None, attention_mask) -> torch.Tensor:
         """(B, 1) of `bos` (the call's `bos_token_id`): one row per conversation of `memory_state`, else per row of

@@ -463,6 +463,31 @@ def check_generate_prompt(prompt: torch.Tensor, model, given, kwargs: dict) -> N
         )
 
 
+def checked_batch_prompts(inputs, model, given, kwargs: dict) -> list[list[int]]:
+    """`generate_batch`'s prompts, checked as `generate` checks its query and settings before anything runs (its
+    batching worker only logs a prompt that fails and returns it FAILED, and runs past `max_position_embeddings`),
+    as the lists of ints transformers sorts them by (a tensor row among lists failed there). `inputs` is a list of
+    prompts, each a list (or a 1-D tensor or array) of token ids: ints, not bools or floats, which torch converts."""
+    if isinstance(inputs, (torch.Tensor, str)) or not isinstance(inputs, Sequence):
+        raise TypeError(f"`inputs` must be a list of prompts, each a list of token ids, got {type(inputs).__name__}.")
+    check_generation_settings(kwargs, given if given is not None else model.generation_config)
+    max_new_tokens = generation_setting("max_new_tokens", kwargs, given, model)
+    if max_new_tokens is not None and max_new_tokens < 1:  # `generate` refuses it; the batching worker ran on
+        raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}.")
+    prompts = []
+    for index, prompt in enumerate(inputs):
+        if hasattr(prompt, "tolist") and not isinstance(prompt, (list, tuple)):  # a tensor or numpy row
+            prompt = prompt.tolist()
+        if not isinstance(prompt, Sequence) or isinstance(prompt, str) or not _are_token_ids(list(prompt)):
+            raise TypeError(f"`inputs[{index}]` must be a list of token ids (ints), got {prompt!r}.")
+        prompts.append([int(token) for token in prompt])
+        try:
+            check_generate_prompt(torch.tensor([prompts[-1]], dtype=torch.long), model, given, kwargs)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"`inputs[{index}]`: {error}") from error
+    return prompts
+
+
 def check_interaction_ids(input_ids, attention_mask, config: RxTConfig) -> None:
     """The checks of `check_decoder_inputs` for a whole interaction or prompt, plus what is read once per call on any
     device (outside `forward`): token ids within the vocabulary, a mask of 0 and 1."""
