@@ -95,6 +95,8 @@ def push_folder(
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
         raise ValueError(f"`folder` {str(folder)!r} lacks {missing}: is it a folder written by export_model?")
+    if not isinstance(repo_id, str):
+        raise TypeError(f"`repo_id` must be a Hub repository id (str), got {type(repo_id).__name__}.")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:

@@ -138,6 +138,10 @@ def verify_export(
         raise ValueError(f"`folder` {str(folder)!r} is not a model folder (no config.json).")
     if not isinstance(model_id, str) or not model_id or Path(model_id).is_absolute() or ".." in Path(model_id).parts:
         raise ValueError(f"`model_id` must be a Hub id or a relative folder name, got {model_id!r}.")
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"`model` must be the source model (a transformers model), got {type(model).__name__}.")
+    if not callable(tokenizer):
+        raise TypeError(f"`tokenizer` must be the source model's tokenizer, got {type(tokenizer).__name__}.")
     started = time.perf_counter()
     model.eval()
     with tempfile.TemporaryDirectory(prefix="rxt-verify-") as work_dir:

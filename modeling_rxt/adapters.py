@@ -52,7 +52,7 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic_files import IncompleteRollback, create_temporary, fsync_tree, move_into
+from .atomic_files import IncompleteRollback, check_not_under_a_file, create_temporary, fsync_tree, move_into
 from .memory_state import RxTMemoryState, as_memory_state
 from .modeling_rxt_checks import check_interaction_ids
 
@@ -301,6 +301,8 @@ def base_probe(model: torch.nn.Module, per_tensor: int = PROBES_PER_TENSOR) -> d
     wrapper levels such as `base_layer` dropped, however deeply nested). LoRA factors, per-adapter copies and
     trainable-token deltas are left out, and so are weights with no values here (meta, offloaded) or stored
     quantised (8-bit floats and integers: their values are not the base's)."""
+    if isinstance(per_tensor, bool) or not isinstance(per_tensor, int) or per_tensor < 1:
+        raise ValueError(f"`per_tensor` must be a positive int (values read per tensor), got {per_tensor!r}.")
     probes = {}
     for name, parameter in rxt_model(model).named_parameters():
         plain_name = _plain_name(name)
@@ -560,6 +562,12 @@ def save_adapters(
             "`model` must be a PeftModel or a model with adapters added through transformers (`add_adapter`, "
             f"`load_adapter`), got {type(model).__name__} without adapters."
         )
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"`directory` must be a folder path (str or os.PathLike), got {type(directory).__name__}.")
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, (str, os.PathLike)):
+        raise TypeError("`base_model_name_or_path` must be a Hub id or a folder path, or None, got "
+                        f"{type(base_model_name_or_path).__name__}.")
+    check_not_under_a_file(directory, "directory")  # FileExistsError from deep inside otherwise
     directory = Path(directory)
     for name in names:  # an adapter's folder replaces what has its name there: only another adapter folder
         _check_name_is_plain(name, "The adapter name")

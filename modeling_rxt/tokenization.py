@@ -240,9 +240,13 @@ def _check_int(name: str, value: int, minimum: int, minimum_text: str) -> int:
     return int(value)
 
 
-def _encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+def _check_tokenizer(tokenizer) -> None:
     if not callable(tokenizer) or not hasattr(tokenizer, "convert_tokens_to_ids"):
         raise TypeError(f"tokenizer must be a transformers tokenizer (train_tokenizer), got {type(tokenizer).__name__}")
+
+
+def _encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    _check_tokenizer(tokenizer)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -251,6 +255,7 @@ TURN_TOKENS = (BOS_TOKEN, QUERY_TOKEN, ANSWER_TOKEN, EOS_TOKEN)  # in the order 
 
 def turn_token_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int | None, ...]:
     """The ids of `TURN_TOKENS` in `tokenizer`, in that order (None for a token it does not know)."""
+    _check_tokenizer(tokenizer)
     return tuple(tokenizer.convert_tokens_to_ids(token) for token in TURN_TOKENS)
 
 
@@ -352,6 +357,7 @@ def encode_interaction(
 def decode_answer(tokenizer: PreTrainedTokenizerFast, token_ids: Iterable[int]) -> str:
     """The normalised text of generated answer tokens, up to the first `[EOS]` (exclusive). Ids past the tokenizer's
     vocabulary (a model's padded vocabulary) have no text."""
+    _check_tokenizer(tokenizer)
     if isinstance(token_ids, torch.Tensor):
         if token_ids.dim() != 1 or token_ids.is_floating_point() or token_ids.dtype == torch.bool:
             raise TypeError(f"token_ids must be a 1-D integer tensor, got {token_ids.dtype} {tuple(token_ids.shape)}")
@@ -360,6 +366,8 @@ def decode_answer(tokenizer: PreTrainedTokenizerFast, token_ids: Iterable[int]) 
         raise TypeError(f"token_ids must be a list of token ids, got {type(token_ids).__name__}")
     ids = [_token_id(value) for value in token_ids]
     # Ids past the tokenizer's size are allowed and decode to nothing: a model's vocabulary may be padded beyond it.
+    # (Left out here: the tokenizer's decoder takes 32-bit ids, and a larger one failed with an OverflowError.)
+    ids = [token for token in ids if token < len(tokenizer)]
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     if eos_id in ids:
         ids = ids[: ids.index(eos_id)]

@@ -552,3 +552,21 @@ def test_a_model_with_adapters_loaded_by_transformers_saves_them_as_transformers
     plain.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "adapter_config.json").is_file()
     assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()
+
+
+def test_save_adapters_and_base_probe_name_their_bad_arguments(tmp_path):
+    """A file where the folder should be failed with a bare FileExistsError, a directory or base id of another type
+    with pathlib's TypeError, and a `per_tensor` of 0 with an IndexError from indexing."""
+    model = with_roles(make_base())
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(ValueError, match=r"`directory` .* cannot be a folder: .* is a file"):
+        save_adapters(model, tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "mine"
+    with pytest.raises(TypeError, match=r"`directory` must be a folder path"):
+        save_adapters(model, None)
+    with pytest.raises(TypeError, match=r"`base_model_name_or_path` must be a Hub id or a folder path"):
+        save_adapters(model, tmp_path / "adapters", base_model_name_or_path=5)
+    assert not (tmp_path / "adapters").exists()
+    for per_tensor in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match=r"`per_tensor` must be a positive int"):
+            base_probe(model, per_tensor=per_tensor)

@@ -681,9 +681,15 @@ def test_a_push_makes_an_existing_repo_hold_exactly_the_folder(exported, tmp_pat
         assert hub.unknown_requests == []
 
 
-def test_push_refuses_bad_input_and_a_wrong_token(exported, tmp_path):
+def test_push_refuses_bad_input_and_a_wrong_token(exported, tmp_path, source_model):
     with pytest.raises(ValueError, match="is not a valid Hub repository id"):
         push_folder(exported.dest, "not a repo id!")
+    with pytest.raises(TypeError, match=r"`repo_id` must be a Hub repository id \(str\), got NoneType"):
+        push_folder(exported.dest, None)  # was an AttributeError ('casefold')
+    with pytest.raises(TypeError, match="`model` must be the source model"):
+        verify_export(exported.dest, None, None, model_id="x")  # was an AttributeError ('eval')
+    with pytest.raises(TypeError, match="`tokenizer` must be the source model's tokenizer"):
+        verify_export(exported.dest, source_model, None, model_id="x")
     with pytest.raises(ValueError, match=r"lacks \['config.json', 'README.md'\]"):
         push_folder(tmp_path, REPO_ID)
     with MockHub() as hub, pytest.raises(HfHubHTTPError) as error:

@@ -22,6 +22,7 @@ from modeling_rxt.tokenization import (
     encode_query,
     format_interaction,
     train_tokenizer,
+    turn_token_ids,
     wrap_tokenizer,
 )
 
@@ -352,3 +353,15 @@ def test_the_first_word_after_a_turn_token_is_the_word_as_trained(tokenizer):
     tokens = tokenizer.convert_ids_to_tokens(ids)
     after_query, after_answer = tokens[tokens.index("[Q]") + 1], tokens[tokens.index("[A]") + 1]
     assert after_query == "Ġmy" and after_answer.startswith("Ġn")  # "Ġ" alone: the word trained without its space
+
+
+def test_decoding_names_a_missing_tokenizer_and_drops_ids_too_large_for_it(tokenizer):
+    """`decode_answer(None, ...)` and `turn_token_ids(None)` failed with AttributeError; an id past 2**32 with the
+    tokenizer's OverflowError, where smaller ids past the vocabulary decode to nothing."""
+    with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer"):
+        decode_answer(None, [40])
+    with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer"):
+        turn_token_ids(None)
+    ids = encode_query(tokenizer, "my cat is called bimo")["input_ids"][2:-1]
+    text = decode_answer(tokenizer, ids)
+    assert text and decode_answer(tokenizer, [*ids, 2**70]) == decode_answer(tokenizer, [*ids, len(tokenizer)]) == text
