@@ -38,6 +38,7 @@ modeling code does not.
 
 import copy
 import json
+import math
 import os
 import pickle
 import shutil
@@ -80,6 +81,16 @@ def lora_config(name: str, **overrides) -> LoraConfig:
     if not isinstance(name, str):
         raise TypeError(f"`name` must be the name of a LoRA preset (str), got {type(name).__name__}.")
     fields = {**read_preset(name, kind="lora"), **overrides}
+    # PEFT takes these as they come: a NaN scale gave NaN logits, a rank "x" or 2.5 failed later in torch or PEFT.
+    # (Defaults: PEFT's.)
+    rank, alpha, dropout = fields.get("r", 8), fields.get("lora_alpha", 8), fields.get("lora_dropout", 0.0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA preset {name!r}: `r` must be a positive int, got {rank!r}.")
+    for field, value in (("lora_alpha", alpha), ("lora_dropout", dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"LoRA preset {name!r}: `{field}` must be a finite number, got {value!r}.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"LoRA preset {name!r}: `lora_dropout` must be in [0, 1), got {dropout!r}.")
     try:
         return LoraConfig(**fields)
     except TypeError as error:  # an unknown field name

@@ -87,6 +87,12 @@ def test_lora_config_applies_overrides_and_rejects_bad_input():
         lora_config("attention", not_a_field=1)
     with pytest.raises(TypeError, match="name"):
         lora_config(3)
+    # PEFT took these: a NaN alpha gave NaN logits, a rank "x", 2.5 or True failed later in torch or PEFT.
+    for bad in ({"r": "x"}, {"r": 2.5}, {"r": True}, {"r": 0}, {"lora_alpha": float("nan")}, {"lora_alpha": "8"},
+                {"lora_dropout": 1.0}):
+        field = next(iter(bad))
+        with pytest.raises(ValueError, match=f"LoRA preset 'attention': `{field}` must be"):
+            lora_config("attention", **bad)
 
 
 # ---- one base, several adapters ----------------------------------------------------------------------------------
