@@ -28,6 +28,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import math
 import random
 import re
 from collections import Counter
@@ -266,8 +267,8 @@ def load_dialogue_corpus(split: str | None = None, *, max_chars: int | None = No
     statement and reply together have at most that many characters."""
     if split is not None:
         _check_split(split)
-    if max_chars is not None and max_chars < 2:
-        raise ValueError(f"max_chars must be at least 2, got {max_chars}")
+    if max_chars is not None:
+        check_int_at_least("max_chars", max_chars, 2)
     return [
         pair
         for pair in _all_dialogue_pairs()
@@ -445,6 +446,13 @@ def check_int_at_least(name: str, value: object, minimum: int, why: str = "") ->
         raise ValueError(f"{name} must be an int of at least {minimum}{why}, got {value!r}")
 
 
+def check_number(name: str, value: object, what: str = "a finite number >= 0", within=lambda v: v >= 0) -> None:
+    """Refuse what is not a finite real number `within` its range. A bare comparison lets NaN through (every
+    comparison with it is False) and fails on a str without naming the argument; a bool is an int, not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not within(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 def _check_episode_args(
     n_episodes: int,
     turns: int,
@@ -458,12 +466,9 @@ def _check_episode_args(
     check_int_at_least("turns", turns, 2, " (a fact and a question)")
     if max_distance is not None:
         check_int_at_least("max_distance", max_distance, 1)
-    if not ask_ratio > 0:
-        raise ValueError(f"ask_ratio must be positive, got {ask_ratio!r}")
-    if not 0.0 <= update_probability <= 1.0:
-        raise ValueError(f"update_probability must be in [0, 1], got {update_probability!r}")
-    if isinstance(extra_facts, bool) or not isinstance(extra_facts, (int, float)) or not 0.0 <= extra_facts <= 1.0:
-        raise ValueError(f"extra_facts must be a probability in [0, 1], got {extra_facts!r}")
+    check_number("ask_ratio", ask_ratio, "a finite number > 0", lambda v: v > 0)
+    check_number("update_probability", update_probability, "a probability in [0, 1]", lambda v: 0 <= v <= 1)
+    check_number("extra_facts", extra_facts, "a probability in [0, 1]", lambda v: 0 <= v <= 1)
     return turns - 1 if max_distance is None else min(max_distance, turns - 1)
 
 
@@ -491,7 +496,11 @@ def make_episodes(
     """
     _check_split(split)
     max_distance = _check_episode_args(n_episodes, turns, max_distance, ask_ratio, update_probability, extra_facts)
+    check_int_at_least("max_chat_chars", max_chat_chars, 2)
     chats = list(dialogue) if dialogue is not None else load_dialogue_corpus(split, max_chars=max_chat_chars)
+    for pair in chats:  # a chat turn of None would only fail later, in tokenising or validating the episode
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(text, str) for text in pair)):
+            raise TypeError(f"dialogue must hold (statement, reply) pairs of strings, got {pair!r}")
     base = max(1, round(ask_ratio * turns))
     episodes = []
     for index in range(n_episodes):

@@ -505,9 +505,25 @@ def test_lm_texts_cover_corpus_and_episodes(episodes):
 @pytest.mark.parametrize(
     "kwargs",
     [{"turns": 1}, {"split": "dev"}, {"max_distance": 0}, {"update_probability": 1.5}, {"extra_facts": -0.1},
-     {"extra_facts": "0.5"}],
-    ids=["one-turn", "unknown-split", "zero-distance", "bad-probability", "negative-extra-facts", "text-extra-facts"],
+     {"extra_facts": "0.5"}, {"ask_ratio": float("inf")}, {"ask_ratio": float("nan")}, {"ask_ratio": "0.4"},
+     {"update_probability": "x"}, {"update_probability": float("nan")}, {"max_chat_chars": "x"},
+     {"max_chat_chars": 1.5}],
+    ids=["one-turn", "unknown-split", "zero-distance", "bad-probability", "negative-extra-facts", "text-extra-facts",
+         "infinite-ask-ratio", "nan-ask-ratio", "text-ask-ratio", "text-probability", "nan-probability",
+         "text-max-chat-chars", "float-max-chat-chars"],
 )
 def test_make_episodes_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         make_episodes(1, **kwargs)
+
+
+@pytest.mark.parametrize("dialogue", [[(None, None)], [("hi", None)], ["hi there"], [("a", "b", "c")]])
+def test_make_episodes_needs_dialogue_pairs_of_strings(dialogue):
+    with pytest.raises(TypeError, match="dialogue must hold"):
+        make_episodes(1, dialogue=dialogue)
+
+
+def test_dialogue_corpus_names_a_bad_max_chars():
+    for bad in ("40", 1, 2.5):
+        with pytest.raises(ValueError, match="max_chars must be an int"):
+            load_dialogue_corpus(max_chars=bad)
