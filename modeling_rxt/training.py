@@ -56,6 +56,7 @@ from .data import (
     UPDATE,
     Episode,
     check_int_at_least,
+    check_number,
     episode_from_row,
     filter_episodes,
     recall_probes,
@@ -509,6 +510,7 @@ def joint_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor], m
     the decoder predicts every token of the interaction while reading a memory written from the MASKED interaction.
     Reading the memory teaches the decoder to use its memory cross-attention and the encoder + memory attention to
     write token content the decoder can read; the masking keeps the decoder from copying everything."""
+    check_number("mlm_weight", mlm_weight)  # NaN gave a NaN loss, a negative weight trained the encoder to unlearn
     if "mlm_input_ids" not in inputs:
         raise ValueError("joint_objective needs a masked copy of the batch: collate it with "
                          "InteractionCollator(mask_token_id=..., mlm_probability > 0)")
@@ -721,6 +723,7 @@ def external_and_memory_aware_objective(
     loss is its own per-token mean; the sum is expressed in the external part's weight so `RxTTrainer` can normalise.
     The mix is taken per micro-batch: with gradient accumulation or several processes, the memory-aware part is a
     mean of the micro-batches' means, not one mean over the whole step (the external part stays exact)."""
+    check_number("memory_aware_weight", memory_aware_weight)
     external_sum, external_weight, external_metrics = external_memory_objective(model, inputs["external"])
     aware_sum, aware_weight, aware_metrics = memory_aware_objective(model, inputs["episodes"])
     metrics = {

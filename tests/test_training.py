@@ -664,6 +664,21 @@ def test_objectives_and_tokenizers_name_bad_settings(tokenizer, episodes):
         joint_objective(model, plain)
 
 
+def test_objectives_name_a_loss_weight_that_is_not_a_finite_number_at_least_zero(tokenizer, episodes):
+    # NaN gave a NaN loss, a negative weight subtracted its loss (and trained towards a worse one).
+    model = tiny_model(tokenizer)
+    interactions = tokenize_interactions(tokenizer, [("hello", "hi ."), ("how are you ?", "fine .")], MAX_LENGTH)
+    masked = InteractionCollator(tokenizer.pad_token_id, tokenizer.mask_token_id, 0.5)(list(interactions))
+    rows = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    both = ExternalAndEpisodeCollator(ExternalMemoryCollator(tokenizer.pad_token_id),
+                                      EpisodeCollator(tokenizer.pad_token_id))([rows[0], rows[1]])
+    for bad in (float("nan"), float("inf"), -1.0, True, "1"):
+        with pytest.raises(ValueError, match="mlm_weight must be a finite number >= 0"):
+            joint_objective(model, masked, mlm_weight=bad)
+        with pytest.raises(ValueError, match="memory_aware_weight must be a finite number >= 0"):
+            external_and_memory_aware_objective(model, both, memory_aware_weight=bad)
+
+
 def _padded(ids: list, labels: list, length: int, pad: int, side: str) -> dict:
     """A row padded when tokenised, the usual way (`padding="max_length"`): pad ids, -100 labels, a 0 mask."""
     filler = length - len(ids)
