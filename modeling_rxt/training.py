@@ -505,6 +505,19 @@ def _add_aux(model: RxTForCausalLM, loss_sum: torch.Tensor, weight: torch.Tensor
     return loss_sum + model.config.router_aux_loss_coef * aux * weight.detach()
 
 
+_EPISODES = "EpisodeCollator (whole episodes, (B, N, T))"
+
+
+def _check_batch(inputs: Mapping, objective: str, collator: str, keys: tuple[str, ...], rank: int | None) -> None:
+    """Names the collator an objective's batch comes from: another stage's batch failed deep inside, with a KeyError
+    (a key only that collator makes) or an IndexError (interactions (B, T) where episodes (B, N, T) were read)."""
+    missing = [key for key in keys if key not in inputs]
+    if missing or (rank is not None and inputs["input_ids"].dim() != rank):
+        shape = tuple(inputs["input_ids"].shape) if "input_ids" in inputs else None
+        raise ValueError(f"{objective} needs a batch from {collator}; got one with the keys {sorted(inputs)} and "
+                         f"`input_ids` of shape {shape}")
+
+
 def joint_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Tensor], mlm_weight: float = 1.0):
     """Stage 1 (joint LM pretraining): the encoder predicts the masked tokens (masked LM, through the tied LM head);
     the decoder predicts every token of the interaction while reading a memory written from the MASKED interaction.
@@ -572,6 +585,7 @@ def memory_attention_objective(
                         ("weight_decay_per_turn", weight_decay_per_turn)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    _check_batch(inputs, "memory_attention_objective", _EPISODES, ("input_ids", "attention_mask"), 3)
     inputs = _pad_turns(inputs, _agreed_max(inputs["input_ids"].shape[1], inputs["input_ids"].device))
     batch_size, turns = inputs["input_ids"].shape[:2]
     stm = model.model.initial_memory(batch_size)
@@ -656,6 +670,8 @@ def memory_aware_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.Ten
     Recall probes in the batch (`EpisodeCollator(probe_weight=...)`) are answered from the same STM_{t-1} in the
     same decoder pass and never written: every write is then supervised by every fact it must keep."""
     check_int_at_least("bptt_turns", bptt_turns, 0, " (0: no truncation)")
+    keys = ("input_ids", "attention_mask", "labels", "turn_weights")
+    _check_batch(inputs, "memory_aware_objective", _EPISODES, keys, 3)
     in_lockstep = _LOCKSTEP.get()
     inputs = _pad_turns(inputs, _agreed_max(inputs["input_ids"].shape[1], inputs["input_ids"].device))
     batch_size, turns = inputs["input_ids"].shape[:2]
@@ -695,6 +711,8 @@ def external_memory_objective(model: RxTForCausalLM, inputs: Mapping[str, torch.
     `generate(external_memories=...)` builds it but with gradients, and read with the config's controls (layers,
     top-k, threshold). A memory built without gradients taught nothing to the layers below retrieval, which must
     learn to mark each memory token with its context for a look-up to find it (README, External memory)."""
+    keys = ("input_ids", "attention_mask", "labels", "memory_ids", "memory_attention_mask", "row_weights")
+    _check_batch(inputs, "external_memory_objective", "ExternalMemoryCollator", keys, 2)
     rows = inputs["input_ids"].shape[0]
     # With gradients: the decoder also learns how to encode what it will look up.
     memory = model.build_external_memory(
@@ -724,6 +742,8 @@ def external_and_memory_aware_objective(
     The mix is taken per micro-batch: with gradient accumulation or several processes, the memory-aware part is a
     mean of the micro-batches' means, not one mean over the whole step (the external part stays exact)."""
     check_number("memory_aware_weight", memory_aware_weight)
+    _check_batch(inputs, "external_and_memory_aware_objective", "ExternalAndEpisodeCollator", ("external", "episodes"),
+                 None)
     external_sum, external_weight, external_metrics = external_memory_objective(model, inputs["external"])
     aware_sum, aware_weight, aware_metrics = memory_aware_objective(model, inputs["episodes"])
     metrics = {

@@ -679,6 +679,25 @@ def test_objectives_name_a_loss_weight_that_is_not_a_finite_number_at_least_zero
             external_and_memory_aware_objective(model, both, memory_aware_weight=bad)
 
 
+def test_episode_and_external_objectives_name_a_batch_of_another_stage(tokenizer, episodes):
+    # Each failed deep inside with a KeyError ('turn_weights', 'memory_ids', 'external') or an IndexError.
+    model = tiny_model(tokenizer)
+    pad = tokenizer.pad_token_id
+    rows = [tokenize_episodes(tokenizer, episodes, MAX_LENGTH)[i] for i in (0, 1)]
+    interactions = InteractionCollator(pad)(list(tokenize_interactions(tokenizer, [("hello", "hi .")], MAX_LENGTH)))
+    episode_batch, external_batch = EpisodeCollator(pad)(rows), ExternalMemoryCollator(pad)(rows)
+    cases = [(memory_attention_objective, interactions, "EpisodeCollator"),
+             (memory_attention_objective, external_batch, "EpisodeCollator"),
+             (memory_aware_objective, interactions, "EpisodeCollator"),
+             (memory_aware_objective, external_batch, "EpisodeCollator"),
+             (external_memory_objective, episode_batch, "ExternalMemoryCollator"),
+             (external_memory_objective, interactions, "ExternalMemoryCollator"),
+             (external_and_memory_aware_objective, episode_batch, "ExternalAndEpisodeCollator")]
+    for objective, batch, collator in cases:
+        with pytest.raises(ValueError, match=f"{objective.__name__} needs a batch from {collator}"):
+            objective(model, batch)
+
+
 def _padded(ids: list, labels: list, length: int, pad: int, side: str) -> dict:
     """A row padded when tokenised, the usual way (`padding="max_length"`): pad ids, -100 labels, a 0 mask."""
     filler = length - len(ids)
