@@ -52,6 +52,7 @@ from transformers import PreTrainedTokenizerBase
 from .data import (
     ASK,
     CHAT,
+    KINDS,
     TELL,
     UPDATE,
     Episode,
@@ -238,6 +239,18 @@ COLLATOR_COLUMNS = frozenset(
 )
 
 
+def _check_kind_weights(kind_weights: Mapping[str, float]) -> None:
+    """A weight per turn kind, each a finite number >= 0: a negative one drops the kind's turns (it counts as 0),
+    NaN or an infinity poisons the loss, and a misspelt kind has no turns, so that its weight is never used."""
+    if not isinstance(kind_weights, Mapping):
+        raise ValueError(f"`kind_weights` must map turn kinds to weights, got {kind_weights!r}")
+    unknown = sorted(set(kind_weights) - set(KINDS), key=str)
+    if unknown:
+        raise ValueError(f"`kind_weights` has unknown turn kinds {unknown}; the kinds are {list(KINDS)}")
+    for kind, weight in kind_weights.items():
+        check_number(f"`kind_weights`[{kind!r}]", weight)
+
+
 def _check_features(features: Sequence[Mapping], keys: tuple[str, ...]) -> None:
     if not features:
         raise ValueError("the collator got an empty batch")
@@ -267,10 +280,12 @@ class InteractionCollator:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.mlm_probability < 1.0:
-            raise ValueError(f"`mlm_probability` must be in [0, 1), got {self.mlm_probability}")
+        check_int_at_least("`pad_token_id`", self.pad_token_id, 0)
+        check_number("`mlm_probability`", self.mlm_probability, "a number in [0, 1)", lambda v: 0 <= v < 1)
         if self.mlm_probability > 0 and self.mask_token_id is None:
             raise ValueError("`mask_token_id` is needed when `mlm_probability` > 0")
+        if self.mask_token_id is not None:
+            check_int_at_least("`mask_token_id`", self.mask_token_id, 0)
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         _check_features(features, ("input_ids", "labels"))
@@ -310,11 +325,9 @@ class EpisodeCollator:
     probe_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        bad = {kind: w for kind, w in self.kind_weights.items() if not (isinstance(w, (int, float)) and w >= 0)}
-        if bad:
-            raise ValueError(f"`kind_weights` must be non-negative numbers, got {bad}")
-        if isinstance(self.probe_weight, bool) or not isinstance(self.probe_weight, (int, float)) or self.probe_weight < 0:
-            raise ValueError(f"`probe_weight` must be a number >= 0, got {self.probe_weight!r}")
+        check_int_at_least("`pad_token_id`", self.pad_token_id, 0)
+        _check_kind_weights(self.kind_weights)
+        check_number("`probe_weight`", self.probe_weight)
 
     def probes(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         """The recall probes of a batch, flattened to rows (see the class docstring)."""
@@ -373,6 +386,10 @@ class ExternalMemoryCollator:
 
     pad_token_id: int
     kind_weights: Mapping[str, float] = field(default_factory=lambda: {ASK: 1.0})
+
+    def __post_init__(self) -> None:
+        check_int_at_least("`pad_token_id`", self.pad_token_id, 0)
+        _check_kind_weights(self.kind_weights)
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         _check_features(features, ("input_ids", "labels", "kinds"))

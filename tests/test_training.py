@@ -644,6 +644,32 @@ def test_collators_reject_untokenised_rows(tokenizer):
         InteractionCollator(tokenizer.pad_token_id, None, 0.2)
 
 
+def test_collators_name_bad_constructor_arguments(tokenizer):
+    # NaN passed the `< 0` checks; the external collator did not check its weights (-1 silently dropped every row);
+    # a str probability and a None pad id failed in a comparison or in torch without naming the argument.
+    pad = tokenizer.pad_token_id
+    for collator in (EpisodeCollator, ExternalMemoryCollator):
+        for bad in ({ASK: float("nan")}, {ASK: float("inf")}, {ASK: -1}, {ASK: "x"}, {ASK: True}):
+            with pytest.raises(ValueError, match=r"`kind_weights`\['ask'\] must be a finite number >= 0"):
+                collator(pad, bad)
+        with pytest.raises(ValueError, match=r"`kind_weights` has unknown turn kinds \['asks'\]"):
+            collator(pad, {"asks": 1.0})
+        with pytest.raises(ValueError, match="`kind_weights` must map"):
+            collator(pad, [ASK])
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="`probe_weight` must be a finite number >= 0"):
+            EpisodeCollator(pad, probe_weight=bad)
+    for bad in ("0.5", None, float("nan"), 1.0):
+        with pytest.raises(ValueError, match="`mlm_probability` must be a number in"):
+            InteractionCollator(pad, tokenizer.mask_token_id, mlm_probability=bad)
+    with pytest.raises(ValueError, match="`mask_token_id` must be an int"):
+        InteractionCollator(pad, "[MASK]", 0.2)
+    for collator in (InteractionCollator, EpisodeCollator, ExternalMemoryCollator):
+        for bad in (None, -1, 1.0, "0"):
+            with pytest.raises(ValueError, match="`pad_token_id` must be an int"):
+                collator(bad)
+
+
 def test_objectives_and_tokenizers_name_bad_settings(tokenizer, episodes):
     pairs = [("hello", "hi .")]
     for bad in ("64", 0, True):
