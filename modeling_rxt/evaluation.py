@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from .data import (
 from .atomic_files import atomic_write, write_json_atomic
 from .memory_state import RxTMemoryState
 from .modeling_rxt import RxTForCausalLM
-from .tokenization import EOS_TOKEN, PAD_TOKEN, decode_answer, encode_interaction, encode_query
+from .tokenization import EOS_TOKEN, PAD_TOKEN, check_turn_tokens, decode_answer, encode_interaction, encode_query
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +171,7 @@ def facts_held(episode: Episode, turn: int) -> int:
 def evaluate_recall(
     model: RxTForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
-    episodes: Sequence[Episode],
+    episodes: Iterable[Episode],
     *,
     batch_size: int = 64,
     max_new_tokens: int = 16,
@@ -188,6 +188,10 @@ def evaluate_recall(
     questions."""
     if not isinstance(model, RxTForCausalLM):
         raise TypeError(f"`model` must be an RxTForCausalLM, got {type(model).__name__}")
+    check_turn_tokens(tokenizer)  # a TypeError naming `tokenizer` for what is none, before anything runs
+    if not isinstance(episodes, Iterable):  # one Episode, or None
+        raise TypeError(f"`episodes` must be an iterable of Episodes, got {type(episodes).__name__}")
+    episodes = list(episodes)  # an iterator would be used up by the checks below, leaving nothing to play
     if not episodes:
         raise ValueError("`episodes` is empty")
     _check_positive_int("batch_size", batch_size)
@@ -222,6 +226,8 @@ def evaluate_fact_recall(model, tokenizer, n_episodes: int = 40, turns: int = 8,
     exists only in that external memory, so without it the model can only guess."""
     if not isinstance(model, RxTForCausalLM):
         raise TypeError(f"`model` must be an RxTForCausalLM, got {type(model).__name__}")
+    check_turn_tokens(tokenizer)
+    _check_positive_int("n_episodes", n_episodes)  # no episode left `_external_memory_recall` nothing to score
     _check_positive_int("max_new_tokens", max_new_tokens)
     episodes = make_episodes(n_episodes, turns=turns, split=split, seed=1)  # checks its own arguments
     with _eval_mode(model):

@@ -245,6 +245,30 @@ def test_episodes_of_several_splits_are_refused(tokenizer):
             evaluate_recall(model, tokenizer, mixed[:1], max_new_tokens=bad)
 
 
+def test_recall_takes_episodes_from_any_iterable(tokenizer):
+    # An iterator was used up by the episode checks, and the evaluation then failed with an IndexError.
+    model = tiny_model(tokenizer)
+    episodes = make_episodes(2, turns=4, split="test", seed=0)
+    assert evaluate_recall(model, tokenizer, iter(episodes)) == evaluate_recall(model, tokenizer, episodes)
+    for bad in (None, episodes[0]):
+        with pytest.raises(TypeError, match="`episodes` must be an iterable of Episodes"):
+            evaluate_recall(model, tokenizer, bad)
+
+
+def test_recall_evaluations_name_a_bad_tokenizer_or_episode_count(tokenizer):
+    # No tokenizer failed with an AttributeError inside, no episode with an IndexError.
+    model = tiny_model(tokenizer)
+    episodes = make_episodes(1, turns=4, split="test", seed=0)
+    for bad in (None, "tokenizer"):
+        with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer"):
+            evaluate_recall(model, bad, episodes)
+        with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer"):
+            evaluate_fact_recall(model, bad, n_episodes=1)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="`n_episodes` must be a positive int"):
+            evaluate_fact_recall(model, tokenizer, n_episodes=bad)
+
+
 def test_fact_recall_and_overlap_measure_without_dropout(tokenizer):
     model = tiny_model(tokenizer, attention_dropout=0.5).train()
     first = evaluate_fact_recall(model, tokenizer, n_episodes=2, turns=4, max_new_tokens=3)
