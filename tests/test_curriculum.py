@@ -89,6 +89,8 @@ def test_the_shipped_recipes_are_valid():
         # Found only once a stage ran: numpy takes seeds below 2**32 (stage i is seeded `seed + i`), a turn needs 4
         # tokens of its own ([BOS], [Q], [A], [EOS]).
         ({"seed": 2**32 - 1, "stages": [stage_recipe("sft"), stage_recipe("sft")]}, r"`seed`.*2\*\*32"),
+        # Found only when the stage ran, after the earlier stages had trained: a KeyError.
+        ({"stages": [{k: v for k, v in stage_recipe("sft").items() if k != "learning_rate"}]}, "`learning_rate`"),
         ({"max_length": 3}, "`max_length` must be an int >= 4"),
         ({"model": {"overrides": {"max_position_embeddings": "256"}}}, "recipe `model`"),  # a TypeError inside
         # The limits of the code that runs later (make_episodes, load_dialogue_corpus, the collators, backward):
@@ -108,6 +110,15 @@ def test_bad_recipes_raise_naming_the_field(change, message):
     recipe = {"tokenizer": {}, "model": {}, "stages": [stage_recipe("sft")], **change}
     with pytest.raises(ValueError, match=message):
         check_recipe(recipe)
+
+
+def test_the_largest_seed_numpy_takes_is_valid_and_positions_cover_max_length():
+    """`seed` + i stays at most 2**32 - 1 (what the refusal's own message says), and a model override of fewer
+    positions than the recipe's `max_length` gets `max_length` (fewer failed in the middle of training)."""
+    from modeling_rxt.training_recipe import config_overrides
+
+    check_recipe({"tokenizer": {}, "model": {}, "stages": [stage_recipe("sft")], "seed": 2**32 - 1})
+    assert config_overrides({"overrides": {"max_position_embeddings": 64}}, 128)["max_position_embeddings"] == 128
 
 
 def test_a_recipe_refuses_to_continue_a_model_with_missing_weights(tokenizer, tmp_path):

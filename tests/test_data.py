@@ -527,3 +527,14 @@ def test_dialogue_corpus_names_a_bad_max_chars():
     for bad in ("40", 1, 2.5):
         with pytest.raises(ValueError, match="max_chars must be an int"):
             load_dialogue_corpus(max_chars=bad)
+
+
+def test_a_max_distance_past_the_episode_is_the_episode_length():
+    """A fact can be asked at most `turns` - 1 turns after it was stated: a larger `max_distance` means that, and
+    does not change the episodes (uncapped, asks past the end were dropped and the episodes changed)."""
+    def texts(episodes):
+        return [[(turn.query, turn.answer) for turn in episode.turns] for episode in episodes]
+
+    dialogue = [("hi", "hello")]
+    assert texts(make_episodes(20, turns=4, max_distance=50, dialogue=dialogue)) == texts(
+        make_episodes(20, turns=4, max_distance=3, dialogue=dialogue))

@@ -13,6 +13,8 @@ from transformers import TrainingArguments
 from modeling_rxt import RxTForCausalLM
 from modeling_rxt.data import ASK, CHAT, TELL, UPDATE, Episode, Turn, make_episodes
 from modeling_rxt.evaluation import (
+    _summarise,
+    answer_questions,
     evaluate_fact_recall,
     evaluate_recall,
     facts_held,
@@ -275,3 +277,52 @@ def test_fact_recall_and_overlap_measure_without_dropout(tokenizer):
     assert model.training  # given back in the mode it came in
     assert evaluate_fact_recall(model, tokenizer, n_episodes=2, turns=4, max_new_tokens=3) == first
     assert memory_overlap(model, tokenizer, pairs=2) == memory_overlap(model, tokenizer, pairs=2)
+
+
+# ---- a mutation audit's survivors: each test fails on the mutant named in its docstring ---------------------------
+def _told_then_asked() -> Episode:
+    return _episode("e", [Turn("my cat is called zub .", "noted : your cat is called zub .", TELL, "cat", "zub"),
+                          Turn("hello", "hi", CHAT),
+                          Turn("what is my cat called ?", "zub .", ASK, "cat", expected="zub", fact_distance=2)],
+                    "test")
+
+
+def test_batched_answers_are_the_answers_of_each_query_alone(tokenizer):
+    """Questions are answered in left-padded batches (right padding put [PAD]s between a prompt and its answer, and
+    a score depended on which other questions shared its batch)."""
+    model = tiny_model(tokenizer, seed=5).eval()
+    queries = ["what is my cat called ?", "what is the name of my best friend , please tell me now ?"]
+    batch = answer_questions(model, tokenizer, queries, model.init_memory(2), max_new_tokens=6)
+    alone = [answer_questions(model, tokenizer, [q], model.init_memory(1), max_new_tokens=6)[0] for q in queries]
+    assert batch == alone
+
+
+def test_the_overall_memory_reset_control_counts_the_answers_after_the_reset():
+    """The card's reset control came out equal to recall when it summed the answers with memory."""
+    summary = _summarise({"total": {1: 2}, "correct": {1: 2}, "correct_reset": {1: 0}}, [], 0.01)
+    assert summary["recall"] == 1.0 and summary["recall_reset"] == 0.0
+
+
+def test_an_evaluated_model_is_left_in_the_mode_it_came_in(tokenizer):
+    model = tiny_model(tokenizer).eval()
+    evaluate_recall(model, tokenizer, [_told_then_asked()], max_new_tokens=2)
+    assert not model.training
+    evaluate_recall(model.train(), tokenizer, [_told_then_asked()], max_new_tokens=2)
+    assert model.training
+
+
+def test_the_answer_written_to_memory_ends_at_its_first_eos(tokenizer, monkeypatch):
+    """What follows an answer's [EOS] (padding of a batched `generate`) is not written: a second [EOS] could run
+    the interaction past `max_position_embeddings`."""
+    model = tiny_model(tokenizer).eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    answer = tokenizer(" zub .", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(model, "generate", lambda ids, **kwargs: torch.cat(
+        (ids, torch.tensor([answer + [eos, pad]] * ids.shape[0])), dim=1))
+    written, update = [], model.update_memory
+    monkeypatch.setattr(model, "update_memory",
+                        lambda state, ids, mask=None: written.append((ids, mask)) or update(state, ids, mask))
+    assert evaluate_recall(model, tokenizer, [_told_then_asked()], max_new_tokens=8)["recall"] == 1.0
+    ids, mask = written[-1]
+    row = ids[0][mask[0].bool()].tolist()
+    assert row.count(eos) == 1 and row[-1] == eos

@@ -686,3 +686,17 @@ def test_interleaved_row_map_reads_the_right_rows(model, memory_ids):
     for row in range(4):
         alone = model(ids[row : row + 1], external_memory=memory.select([int(rows[row])])).logits
         torch.testing.assert_close(together[row : row + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_row_maps_layers_and_cleared_rows_at_their_edges(model, memory_ids):
+    """At the edges a mutation audit found unchecked: a row map naming row R of an R-row memory (an IndexError, a
+    device assert on CUDA), a memory holding a layer one past the decoder, and a cleared row's token ids (which the
+    retrieved-memory record cites: all 0)."""
+    memory = model.build_external_memory(memory_ids)
+    with pytest.raises(ValueError, match="`external_memory_rows`"):
+        model(prompt(), external_memory=memory, external_memory_rows=torch.tensor([0, len(memory_ids)]))
+    layers = (0, model.config.num_hidden_layers)
+    past = ExternalMemory(memory.keys, memory.values, memory.token_ids, memory.mask, layers)
+    with pytest.raises(ValueError, match="outside this model's decoder"):
+        model.generate(prompt(), max_new_tokens=1, external_memories=past, external_memory_layers=[0])
+    assert (memory.clear([1]).token_ids[1] == 0).all() and (memory.token_ids[1] != 0).any()

@@ -838,3 +838,24 @@ def test_the_usage_snippet_asks_for_an_answer_that_fits_the_model(source_model):
     for model, expected in ((source_model, 32), (small, 20)):
         card = build_model_card(model, model_id="user/tiny")
         assert f"max_new_tokens={expected}," in extract_usage_snippet(str(card)), expected
+
+
+def test_the_exports_checks_of_the_evaluation_and_recipe_at_their_edges(tmp_path, caplog):
+    """Where a mutation audit found them unchecked: a distance of 0 turns is no distance the card can report; a
+    recipe missing a stage that ran is not the recipe of this model; the same code on both sides is no warning."""
+    import dataclasses
+
+    from hub_export.export import check_evaluated_code, check_recipe_fits
+    from hub_export.model_card import Evaluation, ExportedCode
+
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"recall_by_distance": {"0": 0.5}, "recall_memory_reset": 0.0, "chance": 0.01}))
+    with pytest.raises(ValueError, match="turn distances"):
+        read_evaluation(path)
+    ran = Evaluation({1: 0.5}, 0.0, 0.01, "eval.json", stages=(("joint", 10), ("sft", 5)))
+    with pytest.raises(ValueError, match="stages in the recipe"):
+        check_recipe_fits({"stages": [{"stage": "joint", "max_steps": 10}]}, "recipe.json", None, ran)
+    fingerprint = "sha256:" + "a" * 64
+    with caplog.at_level(logging.WARNING):
+        check_evaluated_code(dataclasses.replace(ran, code_fingerprint=fingerprint), ExportedCode(fingerprint, None))
+    assert not caplog.records

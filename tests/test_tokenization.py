@@ -17,6 +17,7 @@ from modeling_rxt.tokenization import (
     IGNORE_INDEX,
     MIN_VOCAB_SIZE,
     SPECIAL_TOKENS,
+    check_turn_tokens,
     decode_answer,
     encode_interaction,
     encode_query,
@@ -365,3 +366,22 @@ def test_decoding_names_a_missing_tokenizer_and_drops_ids_too_large_for_it(token
     ids = encode_query(tokenizer, "my cat is called bimo")["input_ids"][2:-1]
     text = decode_answer(tokenizer, ids)
     assert text and decode_answer(tokenizer, [*ids, 2**70]) == decode_answer(tokenizer, [*ids, len(tokenizer)]) == text
+
+
+def test_a_tokenizer_without_eos_is_refused_and_no_answer_prompt_follows_an_answer(tokenizer):
+    """A tokenizer with no [EOS] passed `check_turn_tokens` where it mapped the token to [UNK] (a model trained with
+    it never ends an answer); the chat template adds the [A] that asks for an answer only after a user's turn."""
+    from tokenizers import Tokenizer as Backend, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(["[UNK]", "[PAD]", "[BOS]", "[Q]", "[A]", "hello"])}
+    backend = Backend(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    without_eos = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                          bos_token="[BOS]", additional_special_tokens=["[Q]", "[A]"])
+    with pytest.raises(ValueError, match="EOS"):
+        check_turn_tokens(without_eos)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello ."}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        tokenizer.apply_chat_template(chat, tokenize=False)
+    with pytest.raises(ValueError, match="non-negative"):  # -1 too, not only below it
+        decode_answer(tokenizer, [5, -1])
