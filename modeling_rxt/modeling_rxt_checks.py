@@ -470,10 +470,18 @@ def checked_batch_prompts(inputs, model, given, kwargs: dict) -> list[list[int]]
     prompts, each a list (or a 1-D tensor or array) of token ids: ints, not bools or floats, which torch converts."""
     if isinstance(inputs, (torch.Tensor, str)) or not isinstance(inputs, Sequence):
         raise TypeError(f"`inputs` must be a list of prompts, each a list of token ids, got {type(inputs).__name__}.")
-    check_generation_settings(kwargs, given if given is not None else model.generation_config)
-    max_new_tokens = generation_setting("max_new_tokens", kwargs, given, model)
-    if max_new_tokens is not None and max_new_tokens < 1:  # `generate` refuses it; the batching worker ran on
+    config = given if given is not None else model.generation_config  # replaced, not merged, by `generate_batch`
+    check_generation_settings(kwargs, config)
+    # Continuous batching reads `max_new_tokens` alone (the keyword, else the config's): without it an answer ran on
+    # past `max_position_embeddings` (`max_length`, which `generate` would use, is ignored there).
+    max_new_tokens = kwargs.get("max_new_tokens")
+    max_new_tokens = config.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if max_new_tokens is None:
+        raise ValueError("Continuous batching needs `max_new_tokens` (it ignores `max_length`): without it the answers "
+                         "run on past the model's `max_position_embeddings`.")
+    if max_new_tokens < 1:  # `generate` refuses it; the batching worker ran on
         raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}.")
+    length = {"max_new_tokens": max_new_tokens}
     prompts = []
     for index, prompt in enumerate(inputs):
         if hasattr(prompt, "tolist") and not isinstance(prompt, (list, tuple)):  # a tensor or numpy row
@@ -482,7 +490,7 @@ def checked_batch_prompts(inputs, model, given, kwargs: dict) -> list[list[int]]
             raise TypeError(f"`inputs[{index}]` must be a list of token ids (ints), got {prompt!r}.")
         prompts.append([int(token) for token in prompt])
         try:
-            check_generate_prompt(torch.tensor([prompts[-1]], dtype=torch.long), model, given, kwargs)
+            check_generate_prompt(torch.tensor([prompts[-1]], dtype=torch.long), model, config, length)
         except (TypeError, ValueError) as error:
             raise type(error)(f"`inputs[{index}]`: {error}") from error
     return prompts

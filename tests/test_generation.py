@@ -133,19 +133,22 @@ def test_continuous_batching_refuses_settings_it_would_drop_and_checks_the_promp
 
 def test_generate_batch_checks_its_prompts_and_length_as_generate_does(tiny_model):
     """The batching worker only logs a prompt that fails (returned FAILED, with no token), ran past
-    `max_position_embeddings`, and took floats, bools and `max_new_tokens` of 0 or less; an empty prompt or a tensor
-    of prompts failed with torch's own messages."""
+    `max_position_embeddings` (with no `max_new_tokens` it ignores `max_length` and runs on), and took floats, bools
+    and `max_new_tokens` of 0 or less; an empty prompt or a tensor of prompts failed with torch's own messages."""
     model = tiny_model("dense")
     limit = model.config.max_position_embeddings
+    two = {"max_new_tokens": 2}
     refused = [
         ([[5] * (limit - 1)], {"max_new_tokens": 5}, ValueError, r"`inputs\[0\]`: The query .* 68 tokens"),
-        ([[5] * (limit + 6)], {"max_new_tokens": 2}, ValueError, r"`inputs\[0\]`: The query"),
-        ([[5, 6], []], {}, ValueError, r"`inputs\[1\]`: `input_ids` is empty"),
-        (random_ids(2, 4), {}, TypeError, r"`inputs` must be a list of prompts"),
+        ([[5] * (limit + 6)], two, ValueError, r"`inputs\[0\]`: The query"),
+        ([[5, 6]], {}, ValueError, r"Continuous batching needs `max_new_tokens` \(it ignores `max_length`\)"),
+        ([[5, 6]], {"generation_config": GenerationConfig(max_length=8)}, ValueError, "needs `max_new_tokens`"),
+        ([[5, 6], []], two, ValueError, r"`inputs\[1\]`: `input_ids` is empty"),
+        (random_ids(2, 4), two, TypeError, r"`inputs` must be a list of prompts"),
         ([[5]], {"max_new_tokens": 0}, ValueError, r"`max_new_tokens` must be at least 1"),
-        ([[5.5, 6]], {}, TypeError, r"`inputs\[0\]` must be a list of token ids"),
-        ([[True, 6]], {}, TypeError, r"`inputs\[0\]` must be a list of token ids"),
-        ([["a"]], {}, TypeError, r"`inputs\[0\]` must be a list of token ids"),
+        ([[5.5, 6]], two, TypeError, r"`inputs\[0\]` must be a list of token ids"),
+        ([[True, 6]], two, TypeError, r"`inputs\[0\]` must be a list of token ids"),
+        ([["a"]], two, TypeError, r"`inputs\[0\]` must be a list of token ids"),
     ]
     for inputs, settings, error, message in refused:
         with pytest.raises(error, match=message):
@@ -153,6 +156,9 @@ def test_generate_batch_checks_its_prompts_and_length_as_generate_does(tiny_mode
     answers = model.generate_batch([[5] * (limit - 2), torch.tensor([7, 8])], max_new_tokens=2,
                                    continuous_batching_config=SMALL_PAGED_CACHE)  # fills the positions exactly
     assert sorted(len(answer.generated_tokens) for answer in answers.values()) == [2, 2]
+    answers = model.generate_batch([[7, 8]], GenerationConfig(max_new_tokens=3, do_sample=False),
+                                   continuous_batching_config=SMALL_PAGED_CACHE)  # the length from a config
+    assert [len(answer.generated_tokens) for answer in answers.values()] == [3]
 
 
 def test_continuous_batching_refuses_a_peft_models_adapter_rows(tiny_model):
