@@ -39,6 +39,7 @@ modeling code does not.
 import copy
 import json
 import math
+import numbers
 import os
 import pickle
 import shutil
@@ -84,13 +85,14 @@ def lora_config(name: str, **overrides) -> LoraConfig:
     # PEFT takes these as they come: a NaN scale gave NaN logits, a rank "x" or 2.5 failed later in torch or PEFT.
     # (Defaults: PEFT's.)
     rank, alpha, dropout = fields.get("r", 8), fields.get("lora_alpha", 8), fields.get("lora_dropout", 0.0)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"LoRA preset {name!r}: `r` must be a positive int, got {rank!r}.")
+    where = f"LoRA preset {name!r}" + (f" with overrides {sorted(overrides)}" if overrides else "")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(f"{where}: `r` must be a positive int, got {rank!r}.")
     for field, value in (("lora_alpha", alpha), ("lora_dropout", dropout)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"LoRA preset {name!r}: `{field}` must be a finite number, got {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{where}: `{field}` must be a finite number, got {value!r}.")
     if not 0 <= dropout < 1:
-        raise ValueError(f"LoRA preset {name!r}: `lora_dropout` must be in [0, 1), got {dropout!r}.")
+        raise ValueError(f"{where}: `lora_dropout` must be in [0, 1), got {dropout!r}.")
     try:
         return LoraConfig(**fields)
     except TypeError as error:  # an unknown field name

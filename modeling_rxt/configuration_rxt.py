@@ -232,9 +232,10 @@ class RxTConfig(PreTrainedConfig):
         # transformers only warns for an unknown type (the model then fails to build with a KeyError), and takes any
         # theta: a negative or zero one gives NaN frequencies, and the model runs on with wrong logits.
         rope = self.rope_parameters or {}
-        if rope.get("rope_type", "default") not in ("default", *ROPE_INIT_FUNCTIONS):
-            raise ValueError(f"`rope_parameters['rope_type']` must be 'default' or one of "
-                             f"{sorted(ROPE_INIT_FUNCTIONS)}, got {rope['rope_type']!r}.")
+        supported = sorted(set(ROPE_INIT_FUNCTIONS) - {"longrope"})  # refused above
+        if rope.get("rope_type", "default") not in ("default", *supported):
+            raise ValueError(f"`rope_parameters['rope_type']` must be 'default' or one of {supported}, got "
+                             f"{rope['rope_type']!r}.")
         theta = rope.get("rope_theta")
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
             raise ValueError(f"`rope_theta` must be a finite number > 0, got {theta!r}.")

@@ -462,8 +462,9 @@ def check_fresh_output(output_dir: Path, replaced: Sequence[str] = ("stages", "m
     found = [name for name in replaced if (output_dir / name).exists()]
     if found and not (output_dir / RUN_RECIPE).is_file():
         raise ValueError(
-            f"{str(output_dir)!r} holds {', '.join(found)}, which no training run recorded (no {RUN_RECIPE}): a fresh "
-            "run would replace them. Give another output folder, or move them away."
+            f"{str(output_dir)!r} holds {', '.join(found)} without a {RUN_RECIPE}: not a run of this project (or one "
+            "made before 2026-12-05, which recorded none), and a fresh run would replace them. Give another output "
+            "folder, or move them away."
         )
 
 

@@ -4,6 +4,7 @@ Saving and loading: tests/test_adapters_saving.py."""
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from peft import get_peft_model
@@ -89,10 +90,11 @@ def test_lora_config_applies_overrides_and_rejects_bad_input():
         lora_config(3)
     # PEFT took these: a NaN alpha gave NaN logits, a rank "x", 2.5 or True failed later in torch or PEFT.
     for bad in ({"r": "x"}, {"r": 2.5}, {"r": True}, {"r": 0}, {"lora_alpha": float("nan")}, {"lora_alpha": "8"},
-                {"lora_dropout": 1.0}):
+                {"lora_alpha": True}, {"lora_dropout": 1.0}, {"lora_dropout": -0.1}):
         field = next(iter(bad))
-        with pytest.raises(ValueError, match=f"LoRA preset 'attention': `{field}` must be"):
+        with pytest.raises(ValueError, match=f"'attention' with overrides \\['{field}'\\]: `{field}` must be"):
             lora_config("attention", **bad)
+    assert lora_config("attention", r=np.int64(4)).r == 4  # numpy's ints, as elsewhere
 
 
 # ---- one base, several adapters ----------------------------------------------------------------------------------

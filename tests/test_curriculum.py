@@ -475,9 +475,9 @@ def test_a_fresh_run_replaces_nothing_it_did_not_write(tokenizer, tmp_path, monk
     (mine / "stages").mkdir(parents=True)
     (mine / "stages" / "notes.txt").write_text("precious")
     monkeypatch.setattr(curriculum, "load_trained", lambda *a: pytest.fail("built a model for a refused run"))
-    with pytest.raises(ValueError, match=r"holds stages, which no training run recorded"):
+    with pytest.raises(ValueError, match=r"holds stages without a run_recipe.json: not a run of this project"):
         curriculum.run_curriculum(recipe, mine, progress=False)
-    with pytest.raises(ValueError, match=r"holds stages, which no training run recorded"):
+    with pytest.raises(ValueError, match=r"holds stages without a run_recipe.json"):
         curriculum.run_curriculum_in_processes(recipe, mine, processes=2)
     (mine / "model").mkdir()
     with pytest.raises(ValueError, match=r"holds stages, model"):

@@ -712,7 +712,10 @@ def test_episode_and_external_objectives_name_a_batch_of_another_stage(tokenizer
     rows = [tokenize_episodes(tokenizer, episodes, MAX_LENGTH)[i] for i in (0, 1)]
     interactions = InteractionCollator(pad)(list(tokenize_interactions(tokenizer, [("hello", "hi .")], MAX_LENGTH)))
     episode_batch, external_batch = EpisodeCollator(pad)(rows), ExternalMemoryCollator(pad)(rows)
-    cases = [(memory_attention_objective, interactions, "EpisodeCollator"),
+    flattened = {**episode_batch, "input_ids": episode_batch["input_ids"][:, 0]}  # every key, interactions' rank
+    cases = [(memory_aware_objective, flattened, "EpisodeCollator"),
+             (memory_attention_objective, flattened, "EpisodeCollator"),
+             (memory_attention_objective, interactions, "EpisodeCollator"),
              (memory_attention_objective, external_batch, "EpisodeCollator"),
              (memory_aware_objective, interactions, "EpisodeCollator"),
              (memory_aware_objective, external_batch, "EpisodeCollator"),
