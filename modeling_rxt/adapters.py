@@ -64,6 +64,7 @@ ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."  # PEFT's prefix of the tensor names in an adapter file
 BASE_PROBE_NAME = "rxt_base_probe.json"  # beside adapter_config.json: which base weights the adapter was trained on
 PROBES_PER_TENSOR = 8
+MAX_PROBES_PER_TENSOR = 1024  # what a probe file may ask for (`_saved_probe`)
 # Probed values compare within bfloat16 rounding (8 significant bits): a base saved in float32 and loaded in bfloat16
 # is the same base; one initialised or trained apart differs by far more.
 PROBE_RTOL, PROBE_ATOL = 1e-2, 1e-6
@@ -361,6 +362,8 @@ def _base_mismatches(model: torch.nn.Module, probe: dict, replaced: tuple[str, .
     """Names of the tensors whose probed values differ between the saved `probe` and `model`'s base, leaving out those
     the adapter replaces on loading (`replaced` name prefixes)."""
     current = base_probe(model, probe["probes_per_tensor"])
+    if current and not set(probe["tensors"]) & set(current):  # else nothing would be compared, and all would pass
+        return [f"none of the {len(probe['tensors'])} probed tensor names is a tensor of this base"]
     return sorted(
         name
         for name, values in probe["tensors"].items()
@@ -373,13 +376,18 @@ def _base_mismatches(model: torch.nn.Module, probe: dict, replaced: tuple[str, .
 def _saved_probe(folder: Path, adapter_name: str) -> dict | None:
     """The probe file of an adapter folder, checked: {"probes_per_tensor": n, "tensors": {name: [n floats]}}."""
     file = folder / BASE_PROBE_NAME
-    if not file.is_file():
+    if not os.path.lexists(file):
         return None  # saved by PEFT itself: nothing records the base weights
     try:
+        if not file.is_file():  # a folder, a broken link: unreadable, not absent (which would skip the check)
+            raise ValueError("it is not a file")
         probe = json.loads(file.read_text(encoding="utf-8"))
         count, tensors = probe["probes_per_tensor"], probe["tensors"]
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise TypeError(f"`probes_per_tensor` must be a positive integer, got {count!r}")
+        # Bounded: the base is probed `count` times a tensor, and a count of 10**7 ran for minutes in 16 GB.
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_PROBES_PER_TENSOR:
+            raise TypeError(f"`probes_per_tensor` must be an integer in [1, {MAX_PROBES_PER_TENSOR}], got {count!r}")
+        if not tensors:
+            raise TypeError("`tensors` is empty: it records no base weights to compare")
         if not isinstance(tensors, dict) or not all(
             isinstance(values, list) and len(values) == count and all(_is_number(v) for v in values)
             for values in tensors.values()
@@ -388,7 +396,7 @@ def _saved_probe(folder: Path, adapter_name: str) -> dict | None:
         return probe
     except KeyError as error:
         raise ValueError(f"Adapter {adapter_name!r}: `{file}` is invalid: no {error} field") from error
-    except (OSError, TypeError, ValueError) as error:  # ValueError: invalid JSON, or not UTF-8
+    except (OSError, TypeError, ValueError, RecursionError) as error:  # ValueError: invalid JSON, or not UTF-8
         raise ValueError(f"Adapter {adapter_name!r}: `{file}` is invalid: {error}") from error
 
 

@@ -174,10 +174,22 @@ def test_adapter_trained_on_other_base_weights_of_the_same_shapes_is_refused(tmp
     name = next(iter(good["tensors"]))
     for bad in ("{not json", json.dumps({"tensors": good["tensors"]}),  # not JSON, no count
                 json.dumps({**good, "tensors": {**good["tensors"], name: ["a"] * 8}}),  # not numbers
-                json.dumps({**good, "tensors": {**good["tensors"], name: [0.5] * 3}})):  # not 8 of them
+                json.dumps({**good, "tensors": {**good["tensors"], name: [0.5] * 3}}),  # not 8 of them
+                # A count of 10**7 probed the base for minutes in 16 GB; no tensors (or a folder, below) skipped the
+                # comparison, as for an adapter saved without a probe.
+                json.dumps({"probes_per_tensor": 10**7, "tensors": {}}), json.dumps({**good, "tensors": {}}),
+                "[" * 100_000 + "]" * 100_000):  # a RecursionError in the parser
         probe_file.write_text(bad)
         with pytest.raises(ValueError, match="'critic'.*rxt_base_probe.json.*invalid"):
             load_adapter(make_base(seed=0), tmp_path / "critic", "critic")
+    probe_file.unlink()
+    probe_file.mkdir()
+    with pytest.raises(ValueError, match="'critic'.*rxt_base_probe.json.*invalid: it is not a file"):
+        load_adapter(make_base(seed=1), tmp_path / "critic", "critic")
+    probe_file.rmdir()
+    probe_file.write_text(json.dumps({**good, "tensors": {"not.a.tensor": good["tensors"][name]}}))
+    with pytest.raises(ValueError, match="none of the 1 probed tensor names is a tensor of this base"):
+        load_adapter(make_base(seed=1), tmp_path / "critic", "critic")
 
 
 def test_probe_positions_are_exact_for_large_tensors():
