@@ -309,6 +309,22 @@ class StageLog:
     losses: list[dict] = field(default_factory=list)
 
 
+def read_stage_log(path: Path, stage: str) -> StageLog:
+    """A finished stage's log (`stage_log.json`), checked: a damaged or hand-edited one failed with a bare TypeError
+    (a field missing) or was taken as it was (a step count "twenty", another stage's name)."""
+    values = read_json_object(path, "a stage log")
+    valid = (
+        set(values) <= {"stage", "steps", "wall_s", "losses"} and values.get("stage") == stage
+        and isinstance(values.get("steps"), int) and not isinstance(values["steps"], bool) and values["steps"] >= 0
+        and isinstance(values.get("wall_s"), (int, float)) and not isinstance(values["wall_s"], bool)
+        and isinstance(values.get("losses", []), list) and all(isinstance(x, dict) for x in values.get("losses", []))
+    )
+    if not valid:
+        raise ValueError(f"{str(path)!r} is not the log of a finished {stage!r} stage (stage, steps, wall_s, losses): "
+                         f"got {values!r:.200}. Delete the stage's `final` folder to train it again.")
+    return StageLog(**values)
+
+
 def _frozen_except_memory_attention(model: RxTForCausalLM) -> list[torch.nn.Parameter]:
     """Freezes all but the memory attention (stage 3 trains the write alone); returns what was frozen."""
     trainable = {id(p) for p in model.model.memory_attention.parameters()}
@@ -403,7 +419,7 @@ def run_curriculum(
         finished = stage_dir / FINISHED_STAGE
         if resume and (finished / STAGE_LOG).is_file():
             model = load_complete_model(finished, f"finished stage {stage_dir.name}")
-            logs.append(StageLog(**read_json_object(finished / STAGE_LOG, f"the log of stage {stage_dir.name}")))
+            logs.append(read_stage_log(finished / STAGE_LOG, stage["stage"]))
             continue
         checkpoint = last_complete_checkpoint(stage_dir) if resume else None
         log = run_stage(model, tokenizer, stage, stage_dir, seed=seed + index, max_length=max_length,

@@ -622,3 +622,18 @@ def test_repeated_stages_are_seeded_apart(tokenizer, tmp_path, monkeypatch):
     assert seeds == [5, 6]
     first, second = (stage_components(stage, tokenizer, MAX_LENGTH, seed)[0] for seed in seeds)
     assert first["input_ids"] != second["input_ids"]
+
+
+def test_a_resumed_run_refuses_a_damaged_stage_log(tmp_path):
+    """A finished stage's log is read back on resume: a field missing failed with a bare TypeError, and a step count
+    "twenty" or another stage's name was taken as it was."""
+    recipe = load_recipe("tiny")
+    run_curriculum(recipe, tmp_path, progress=False)
+    log_file = next((tmp_path / "stages").glob("00_*")) / "final" / "stage_log.json"
+    good = json.loads(log_file.read_text())
+    assert run_curriculum(recipe, tmp_path, progress=False, resume=True)[2][0].steps == good["steps"]
+    for bad in ({**good, "steps": "twenty"}, {**good, "stage": "sft" if good["stage"] != "sft" else "joint"},
+                {k: v for k, v in good.items() if k != "steps"}, {**good, "extra": 1}, {}):
+        log_file.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"stage_log.json' is not the log of a finished"):
+            run_curriculum(recipe, tmp_path, progress=False, resume=True)
