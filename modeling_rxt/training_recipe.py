@@ -233,7 +233,7 @@ def _check_model_section(model: Mapping, max_length: int) -> int:
     _check_section(model, _MODEL_FIELDS, "recipe `model`")
     try:
         config = load_preset(model.get("preset", "nano"), **config_overrides(model, max_length))
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, AttributeError) as error:  # AttributeError: a `dtype` torch does not have
         raise ValueError(f"recipe `model`: {error}") from error
     return config.num_hidden_layers
 

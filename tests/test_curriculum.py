@@ -93,6 +93,7 @@ def test_the_shipped_recipes_are_valid():
         ({"stages": [{k: v for k, v in stage_recipe("sft").items() if k != "learning_rate"}]}, "`learning_rate`"),
         ({"max_length": 3}, "`max_length` must be an int >= 4"),
         ({"model": {"overrides": {"max_position_embeddings": "256"}}}, "recipe `model`"),  # a TypeError inside
+        ({"model": {"overrides": {"dtype": "float33"}}}, "recipe `model`.*float33"),  # an AttributeError inside
         # The limits of the code that runs later (make_episodes, load_dialogue_corpus, the collators, backward):
         ({"evaluation": {"turns": 1}}, "recipe `evaluation`: `turns` must be an int >= 2"),
         ({"stages": [{**stage_recipe("memory_aware"), "turns": 1}]}, r"stage 0 \(memory_aware\): `turns`"),
