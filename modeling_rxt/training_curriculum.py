@@ -162,7 +162,10 @@ def check_init_from(recipe: Mapping) -> None:
 def load_complete_model(folder: Path, what: str) -> RxTForCausalLM:
     """The model saved in `folder`, in training mode; a `ValueError` naming `what` if its weights do not match its
     config (transformers only warns, and training would go on from freshly initialised tensors)."""
-    model, info = RxTForCausalLM.from_pretrained(folder, output_loading_info=True)
+    try:
+        model, info = RxTForCausalLM.from_pretrained(folder, output_loading_info=True)
+    except RuntimeError as error:  # transformers raises for tensors of other sizes before it reports them
+        raise ValueError(f"{what}: the weights in {str(folder)!r} do not match its config: {error}") from error
     problems = {key: value for key, value in info.items() if value}  # missing, unexpected, mismatched keys, errors
     if problems:
         raise ValueError(f"{what}: the weights in {str(folder)!r} do not match its config: {problems}")

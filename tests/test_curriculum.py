@@ -137,6 +137,12 @@ def test_a_recipe_refuses_to_continue_a_model_with_missing_weights(tokenizer, tm
     with pytest.raises(ValueError, match="init_from.*model.layers.0.mlp.up_proj.weight"):
         run_curriculum(recipe, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.safetensors"))
+    # A config of another size than its weights: transformers raises a RuntimeError naming no folder.
+    tiny_model(tokenizer).save_pretrained(saved)
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "memory_slots": config["memory_slots"] + 1}))
+    with pytest.raises(ValueError, match=r"init_from.*trained.* do not match its config"):
+        run_curriculum(recipe, tmp_path / "run", progress=False)
 
 
 class Interrupted(Exception):
