@@ -64,6 +64,7 @@ ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."  # PEFT's prefix of the tensor names in an adapter file
 BASE_PROBE_NAME = "rxt_base_probe.json"  # beside adapter_config.json: which base weights the adapter was trained on
 PROBES_PER_TENSOR = 8
+SAFETENSORS_FLOATS = ("F16", "BF16", "F32", "F64")  # and the 8-bit floats, "F8_*"
 MAX_PROBES_PER_TENSOR = 1024  # what a probe file may ask for (`_saved_probe`)
 # Probed values compare within bfloat16 rounding (8 significant bits): a base saved in float32 and loaded in bfloat16
 # is the same base; one initialised or trained apart differs by far more.
@@ -266,18 +267,28 @@ def _saved_shapes(path: Path, adapter_name: str) -> Shapes:
         try:
             if filename.endswith(".safetensors"):
                 with safe_open(str(file), framework="pt") as handle:
-                    return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-            tensors = torch.load(file, map_location="cpu", weights_only=True)
-            if not isinstance(tensors, dict) or not all(
-                isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in tensors.items()
-            ):  # a torch file of something else: the shapes below would fail without naming the file
-                raise ValueError(f"it holds a {type(tensors).__name__}, not named tensors")
-            return {key: tuple(value.shape) for key, value in tensors.items()}
+                    slices = {key: handle.get_slice(key) for key in handle.keys()}
+                    shapes = {key: tuple(piece.get_shape()) for key, piece in slices.items()}
+                    dtypes = {key: piece.get_dtype() for key, piece in slices.items()}
+                    not_float = {key: kind for key, kind in dtypes.items()
+                                 if kind not in SAFETENSORS_FLOATS and not kind.startswith("F8")}
+            else:
+                tensors = torch.load(file, map_location="cpu", weights_only=True)
+                if not isinstance(tensors, dict) or not all(
+                    isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in tensors.items()
+                ):  # a torch file of something else: the shapes below would fail without naming the file
+                    raise ValueError(f"it holds a {type(tensors).__name__}, not named tensors")
+                shapes = {key: tuple(value.shape) for key, value in tensors.items()}
+                not_float = {key: str(value.dtype) for key, value in tensors.items() if not value.is_floating_point()}
         # Not a torch file at all (an HTML error page, a plain pickle): torch raises UnpicklingError or EOFError.
         except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
             raise ValueError(
                 f"Adapter {adapter_name!r}: `{file}` is not readable (corrupted or truncated): {error}"
             ) from error
+        if not_float:  # PEFT would load them converted to floats, as other numbers than were trained
+            raise ValueError(f"Adapter {adapter_name!r}: `{file}` holds tensors that are not floating point: "
+                             f"{dict(list(not_float.items())[:3])}")
+        return shapes
     raise ValueError(f"Adapter {adapter_name!r}: no {' or '.join(ADAPTER_WEIGHTS_NAMES)} in `{path}`.")
 
 

@@ -256,6 +256,10 @@ def test_adapter_targeting_missing_modules_or_unreadable_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Adapter 'dense' does not fit"):
         load_adapter(make_moe_base(), tmp_path / "dense", "dense")  # an MoE base has no dense mlp projections
     weights = tmp_path / "dense" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({**tensors, next(iter(tensors)): next(iter(tensors.values())).to(torch.int8)}, weights)
+    with pytest.raises(ValueError, match="'dense'.*holds tensors that are not floating point: .*I8"):
+        load_adapter(make_base(), tmp_path / "dense", "dense")  # PEFT loaded them converted, as other numbers
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="'dense'.*not readable"):
         load_adapter(make_base(), tmp_path / "dense", "dense")
