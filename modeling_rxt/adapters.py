@@ -419,6 +419,22 @@ def _has_merged_adapter(model: torch.nn.Module) -> bool:
     return any(getattr(layer, "merged", False) for layer in _tuner_layers(model))
 
 
+def _lora_field_problem(config: PeftConfig) -> str | None:
+    """What PEFT takes from a saved LoRA config as it comes, though wrong: a `bias` it fails on later without naming
+    the file, a string where a flag belongs (read as true), a scale of 0 or less (0 switches the adapter off)."""
+    if not isinstance(config, LoraConfig):
+        return None
+    if config.bias not in ("none", "all", "lora_only"):
+        return f"`bias` must be 'none', 'all' or 'lora_only', got {config.bias!r}"
+    flags = {name: getattr(config, name) for name in ("use_rslora", "use_dora", "inference_mode")}
+    if wrong := {name: value for name, value in flags.items() if not isinstance(value, bool)}:
+        return f"flags must be true or false, got {wrong}"
+    alpha = config.lora_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
+        return f"`lora_alpha` must be a finite number > 0, got {alpha!r}"
+    return None
+
+
 class AdapterBaseWeightsError(ValueError):
     """An adapter was trained on other base weights of the same shapes (`check_adapter_fits`)."""
 
@@ -441,6 +457,8 @@ def check_adapter_fits(
         raise ValueError(f"Adapter {adapter_name!r}: `{config_file}` is invalid: unknown peft_type {error}") from error
     except (OSError, ValueError, TypeError) as error:
         raise ValueError(f"Adapter {adapter_name!r}: `{config_file}` is invalid: {error}") from error
+    if problem := _lora_field_problem(config):
+        raise ValueError(f"Adapter {adapter_name!r}: `{config_file}` is invalid: {problem}")
     saved = {key.removeprefix(PEFT_PREFIX): shape for key, shape in _saved_shapes(folder, adapter_name).items()}
     try:
         expected = _expected_shapes(model, config, adapter_name)
