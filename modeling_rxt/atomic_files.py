@@ -413,7 +413,7 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
         raise ValueError(f"{what} {str(path)!r} is not a file.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
         raise ValueError(f"{what} {str(path)!r} is not valid JSON (corrupted or truncated?): {error}") from error
     if not isinstance(data, dict):
         raise ValueError(f"{what} {str(path)!r} must hold a JSON object, got {type(data).__name__}.")

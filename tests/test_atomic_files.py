@@ -366,3 +366,13 @@ def test_a_save_into_a_folder_flushes_what_it_moves_in_first_and_the_folder_last
     assert any(path.endswith("/adapter/weights.bin") for path in flushed_before(disk_log, adapter_moved))
     assert ("flushed", str(directory), "") in disk_log[last_rename(disk_log):]
     assert (directory / "adapter" / "weights.bin").read_bytes() == b"x" * 10
+
+
+def test_a_json_file_nested_too_deep_is_invalid_json_naming_the_file(tmp_path):
+    """Python's parser raised a bare RecursionError (no file named) for nesting a damaged or hostile file can hold."""
+    from modeling_rxt.atomic_files import read_json_object
+
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"a recipe '.*deep.json' is not valid JSON"):
+        read_json_object(path, "a recipe")
