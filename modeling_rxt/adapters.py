@@ -421,7 +421,8 @@ def _has_merged_adapter(model: torch.nn.Module) -> bool:
 
 def _lora_field_problem(config: PeftConfig) -> str | None:
     """What PEFT takes from a saved LoRA config as it comes, though wrong: a `bias` it fails on later without naming
-    the file, a string where a flag belongs (read as true), a scale of 0 or less (0 switches the adapter off)."""
+    the file, a string where a flag belongs (read as true), a scale that is 0 (the adapter switched off) or not a
+    finite number. (A negative one is allowed: it subtracts the adapter, which is a use.)"""
     if not isinstance(config, LoraConfig):
         return None
     if config.bias not in ("none", "all", "lora_only"):
@@ -430,8 +431,8 @@ def _lora_field_problem(config: PeftConfig) -> str | None:
     if wrong := {name: value for name, value in flags.items() if not isinstance(value, bool)}:
         return f"flags must be true or false, got {wrong}"
     alpha = config.lora_alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
-        return f"`lora_alpha` must be a finite number > 0, got {alpha!r}"
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha == 0:
+        return f"`lora_alpha` must be a finite number other than 0, got {alpha!r}"
     return None
 
 

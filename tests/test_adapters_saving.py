@@ -591,11 +591,11 @@ def test_save_adapters_and_base_probe_name_their_bad_arguments(tmp_path):
 def test_a_saved_lora_config_with_values_peft_takes_as_they_come_is_refused(tmp_path):
     """A damaged-file review: `bias` "Bias" failed in PEFT without naming the file, `use_rslora` "yes" was read as
     true, and a `lora_alpha` of 0 switched the adapter off; each is refused naming adapter_config.json, before the
-    base is touched."""
+    base is touched. (A negative alpha, which subtracts the adapter, loads.)"""
     save_adapters(get_peft_model(make_base(), random_lora("attention")), tmp_path / "good")
     good = json.loads((tmp_path / "good" / "adapter_config.json").read_text())
     for change, message in (({"bias": "Bias"}, "`bias` must be"), ({"use_rslora": "yes"}, "flags must be true"),
-                            ({"lora_alpha": 0}, "`lora_alpha` must be"), ({"lora_alpha": -8}, "`lora_alpha` must be")):
+                            ({"lora_alpha": 0}, "`lora_alpha` must be"), ({"lora_alpha": "8"}, "`lora_alpha` must be")):
         shutil.copytree(tmp_path / "good", tmp_path / "bad", dirs_exist_ok=True)
         (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps({**good, **change}))
         base = make_base()
@@ -603,3 +603,5 @@ def test_a_saved_lora_config_with_values_peft_takes_as_they_come_is_refused(tmp_
         with pytest.raises(ValueError, match=f"adapter_config.json` is invalid: {message}"):
             load_adapter(base, tmp_path / "bad", "x")
         assert_in_place_state(base, before)
+    (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps({**good, "lora_alpha": -8}))
+    load_adapter(make_base(), tmp_path / "bad", "x")
