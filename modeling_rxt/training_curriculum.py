@@ -501,6 +501,10 @@ def check_same_run(recipe: Mapping, output_dir: Path, processes: int | None = No
         return
     recorded_recipe = read_json_object(recorded, "the recipe of the run to resume")
     recorded_processes = recorded_recipe.pop(PROCESSES_KEY, None)
+    if recorded_processes is not None and (isinstance(recorded_processes, bool) or
+                                           not isinstance(recorded_processes, int) or recorded_processes < 1):
+        raise ValueError(f"`resume`: {str(recorded)!r} is damaged: its `{PROCESSES_KEY}` must be a positive int, got "
+                         f"{recorded_processes!r} (a run writes the number of its processes there).")
     recorded_init_from = recorded_recipe.pop(INIT_FROM_KEY, None)
     processes = training_processes() if processes is None else processes
     if recorded_processes is not None and recorded_processes != processes:

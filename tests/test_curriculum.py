@@ -248,6 +248,10 @@ def test_resume_tells_a_run_in_processes_from_another_recipe(tmp_path, monkeypat
         check_same_run({**recipe, "stages": recipe["stages"] * 2}, Path("run"))
     # Comments (`_` keys, at every level) are not the recipe: a run resumes with them edited.
     check_same_run({**recipe, "_comment": "new", "stages": [{**stage_recipe("sft"), "_why": "edited"}]}, Path("run"))
+    for damaged in ("1", 0, True):  # "1" gave "trained in 1 process(es), not 1"
+        write_json_atomic({**recipe, "_processes": damaged}, tmp_path / "run" / "run_recipe.json")
+        with pytest.raises(ValueError, match=r"run_recipe.json' is damaged: its `_processes` must be a positive int"):
+            check_same_run(recipe, Path("run"), processes=1)
 
     # Runs record their number of processes now, which tells every mismatch apart (2 against 3 processes, too).
     start_or_resume(stages, Path("run"), resume=False)
