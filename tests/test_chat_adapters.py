@@ -420,11 +420,17 @@ def test_nested_turns_of_two_threads_never_wait_for_each_other(model, tokenizer,
     both outer turns end as without them."""
     hi, lo = RxTChatSession(model, tokenizer), RxTChatSession(model, tokenizer)
     in_hi, in_lo = threading.Event(), threading.Event()
+    both_tried = threading.Barrier(2, timeout=30)
 
     def meet_then_send(mine, other, session):
         mine.set()
         other.wait(30)
-        _INNER_TURNS[inner](session)  # stream: its worker thread's turn is nested too
+        try:
+            _INNER_TURNS[inner](session)  # stream: its worker thread's turn is nested too
+        finally:
+            # Both outer turns still run (and hold their sessions) until both nested turns were tried: on a loaded
+            # machine one thread could otherwise finish its turn first, and the other's nested turn then ran.
+            both_tried.wait()
 
     first = _CallsOnce(lambda: meet_then_send(in_hi, in_lo, lo))
     second = _CallsOnce(lambda: meet_then_send(in_lo, in_hi, hi))
