@@ -714,8 +714,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             external_memory = bind_external_memory(external_memory, external_memory_rows, self.config, batch_size)
         elif external_memory_rows is not None:
             raise ValueError("`external_memory_rows` given without an `external_memory` to read: it would do nothing.")
-        if misplaced := [name for name in GENERATE_CONTROLS if name in kwargs]:  # else swallowed by `kwargs`, unread
-            raise ValueError(f"{misplaced} are `generate`'s arguments: `forward` reads an `external_memory` (an "
+        if kwargs and (misplaced := kwargs.keys() & GENERATE_CONTROLS):  # else swallowed by `kwargs`, unread
+            raise ValueError(f"{sorted(misplaced)} are `generate`'s arguments: `forward` reads an `external_memory` (an "
                              "`ExternalMemory` from `build_external_memory`, or a retriever).")
         # As in transformers' MoE models: the load-balancing loss is computed (and joins the loss given `labels`)
         # when `output_router_logits` is set, by keyword or by the config; the training objectives set it.
