@@ -503,6 +503,32 @@ def test_a_fresh_run_replaces_nothing_it_did_not_write(tokenizer, tmp_path, monk
     assert (mine / "stages" / "notes.txt").read_text() == "precious" and (mine / "model").is_dir()
 
 
+def test_a_fresh_run_in_processes_replaces_no_initial_folder_it_did_not_write(tmp_path, monkeypatch):
+    """A run in several processes built from a recipe's `tokenizer` / `model` saves them in `initial/` (over what is
+    there): a folder of the user's own named `initial` is refused before anything is built. One holding the
+    `built_from.json` such a run writes last is a run's, stopped before its workers recorded the run (a refused
+    stage, a failed launch), and is built again."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    class Built(Exception):
+        pass
+
+    def save_initial(*args):
+        raise Built
+
+    recipe = curriculum.load_recipe("tiny")  # builds its tokenizer and model: no `init_from`
+    mine = tmp_path / "mine"
+    (mine / "initial").mkdir(parents=True)
+    (mine / "initial" / "notes.txt").write_text("precious")
+    monkeypatch.setattr(curriculum, "_save_initial", save_initial)
+    with pytest.raises(ValueError, match=r"holds initial without a run_recipe.json: not a run of this project"):
+        curriculum.run_curriculum_in_processes(recipe, mine, processes=2)
+    assert (mine / "initial" / "notes.txt").read_text() == "precious"
+    (mine / "initial" / "built_from.json").write_text("{}")
+    with pytest.raises(Built):
+        curriculum.run_curriculum_in_processes(recipe, mine, processes=2)
+
+
 def test_a_one_step_stage_trains(tokenizer, tmp_path):
     """A warmup's first step runs at a learning rate of 0, so the default warmup of 1 step left a 1-step stage (the
     schema's smallest) untrained without a word."""
