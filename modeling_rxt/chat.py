@@ -20,6 +20,7 @@ Not exported to the Hub: this module uses the project's tokenizer helpers.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import os
 import re
@@ -742,14 +743,16 @@ def _read_session_file(folder: Path) -> dict:
 
 
 def _check_timing_values(record: dict, file: Path) -> None:
-    """Each value of a `timings` record is seconds (a number, not a bool), or null where `TurnTimings` allows None:
-    a string or a list loaded silently and failed only where the timings were used."""
+    """Each value of a `timings` record is seconds (a finite number >= 0, not a bool), or null where `TurnTimings`
+    allows None: a string or a list loaded silently and failed only where the timings were used, and a negative or
+    NaN time went on into the user's sums."""
     for name, hint in typing.get_type_hints(TurnTimings).items():
         nullable = type(None) in typing.get_args(hint)
         if name not in record or (record[name] is None and nullable):
             continue  # a field with a default left out (the required ones are checked by the caller), or null
-        if isinstance(record[name], bool) or not isinstance(record[name], (int, float)):
-            allowed = "a number or null" if nullable else "a number"
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            allowed = "seconds (a finite number >= 0) or null" if nullable else "seconds (a finite number >= 0)"
             raise ValueError(f"`{file}`: `timings` field `{name}` must be {allowed}, got {record[name]!r}.")
 
 

@@ -576,7 +576,12 @@ def test_save_keeps_a_folder_of_the_users_that_an_old_session_file_names(model, 
      ("timings", [{"wait_s": "abc", "first_token_s": [1], "generate_s": None}]),
      ("timings", [{"wait_s": 0.1, "first_token_s": None, "generate_s": None}]),
      ("timings", [{"wait_s": True, "first_token_s": 0.2, "generate_s": 0.3}]),
-     ("timings", [{"wait_s": 0.1, "first_token_s": 0.2, "generate_s": 0.3, "write_s": "0.4"}])],
+     ("timings", [{"wait_s": 0.1, "first_token_s": 0.2, "generate_s": 0.3, "write_s": "0.4"}]),
+     # numbers that are no time a turn took, which went on into the user's sums
+     ("timings", [{"wait_s": -0.1, "first_token_s": 0.2, "generate_s": 0.3}]),
+     ("timings", [{"wait_s": 0.1, "first_token_s": 0.2, "generate_s": float("nan")}]),
+     ("timings", [{"wait_s": 0.1, "first_token_s": float("-inf"), "generate_s": 0.3}]),
+     ("timings", [{"wait_s": 0.1, "first_token_s": 0.2, "generate_s": 0.3, "write_s": float("inf")}])],
 )
 def test_load_rejects_malformed_session_fields(model, tokenizer, tmp_path, field, value):
     RxTChatSession(model, tokenizer).save(tmp_path)
