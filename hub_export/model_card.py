@@ -105,8 +105,11 @@ def _by_distance(value: object, where: str, read=_fraction) -> dict[int, float]:
         raise ValueError(f"{where} must be a non-empty object mapping turn distance -> value, got {value!r}.")
     result = {}
     for key, item in value.items():
-        if not re.fullmatch(r"[1-9][0-9]*", str(key)):
-            raise ValueError(f"{where} has the key {key!r}; keys must be turn distances (integers >= 1).")
+        # at most 9 digits: a key of thousands failed in `int` (Python's limit on digits) naming no file
+        if not re.fullmatch(r"[1-9][0-9]{0,8}", str(key)):
+            shown = repr(key) if len(str(key)) <= 40 else f"{str(key)[:20]!r}... ({len(str(key))} characters)"
+            raise ValueError(f"{where} has the key {shown}; keys must be turn distances (integers from 1 to "
+                             "999,999,999).")
         result[int(key)] = read(item, f"{where}[{key!r}]")
     return dict(sorted(result.items()))
 

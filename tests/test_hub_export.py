@@ -852,6 +852,10 @@ def test_the_exports_checks_of_the_evaluation_and_recipe_at_their_edges(tmp_path
     path.write_text(json.dumps({"recall_by_distance": {"0": 0.5}, "recall_memory_reset": 0.0, "chance": 0.01}))
     with pytest.raises(ValueError, match="turn distances"):
         read_evaluation(path)
+    # a key of 5,000 digits failed in `int` (Python's limit on digits), naming no file
+    path.write_text(json.dumps({"recall_by_distance": {"9" * 5000: 0.5}, "recall_memory_reset": 0.0, "chance": 0.01}))
+    with pytest.raises(ValueError, match=r"eval\.json.*'9{20}'\.\.\. \(5000 characters\).*turn distances"):
+        read_evaluation(path)
     ran = Evaluation({1: 0.5}, 0.0, 0.01, "eval.json", stages=(("joint", 10), ("sft", 5)))
     with pytest.raises(ValueError, match="stages in the recipe"):
         check_recipe_fits({"stages": [{"stage": "joint", "max_steps": 10}]}, "recipe.json", None, ran)
