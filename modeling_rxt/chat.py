@@ -151,7 +151,7 @@ class RxTChatSession:
         running, and the next wait takes its result."""
         # Under the session's lock: a reader in another thread must not set the memory of an earlier turn over a
         # write that a `send` has just scheduled.
-        with self._lock:
+        with _holding(self._lock, _inside_a_turn(), "`memory_state` (`wait_for_memory`)"):
             if self._pending is None:
                 return 0.0
             start = time.perf_counter()
@@ -351,7 +351,8 @@ class RxTChatSession:
         removed. A crash at any point leaves a `session.json` that names a complete memory. A folder that does not
         exist yet is made readable by its owner only (the transcript is private); an existing one keeps its modes."""
         folder = _folder_path(path)
-        with self._lock:  # no turn may change the memory or the transcript half-way through the save
+        # No turn may change the memory or the transcript half-way through the save.
+        with _holding(self._lock, _inside_a_turn(), "`save`"):
             self._save(folder)
 
     def _save(self, folder: Path) -> None:
@@ -393,7 +394,7 @@ class RxTChatSession:
 
     def close(self) -> None:
         """Finishes the pending write and stops the writer thread; the session takes no more turns."""
-        with self._lock:
+        with _holding(self._lock, _inside_a_turn(), "`close`"):
             try:
                 self.wait_for_memory()
             finally:  # closed even when the last write failed (its error is raised after)
@@ -539,8 +540,8 @@ def _turn_in_this_thread(model, sessions: Sequence[RxTChatSession], call: str, a
     """Marks a turn of `sessions` on `model` as running in this thread (with per-row `adapter_names` or not), after
     `_check_not_inside_a_turn`. Yields whether it is nested in another turn of this thread."""
     _check_not_inside_a_turn(model, sessions, call, adapter_rows=adapter_rows)
+    nested = _inside_a_turn()
     stack = _RUNNING_TURNS.__dict__.setdefault("stack", [])
-    nested = bool(stack) or getattr(_RUNNING_TURNS, "inherited", False)  # `stream`'s worker for a nested caller
     stack.append((_model_itself(model), tuple(sessions), call, adapter_rows))
     try:
         yield nested
@@ -548,20 +549,29 @@ def _turn_in_this_thread(model, sessions: Sequence[RxTChatSession], call: str, a
         stack.pop()
 
 
+def _inside_a_turn() -> bool:
+    """Whether this thread runs inside a turn: in a callback of its `generate`, or in the worker of a `stream` started
+    there."""
+    return bool(getattr(_RUNNING_TURNS, "stack", ())) or getattr(_RUNNING_TURNS, "inherited", False)
+
+
 @contextlib.contextmanager
 def _holding(lock, nested: bool, call: str):
-    """`lock` held for the block. A turn nested in another turn of this thread (started from its callback) does not
-    wait for a lock another thread holds: that thread may be waiting for a lock the outer turn holds (e.g. a
-    `send_batch` that locked this session and waits for the outer one's), and both would wait forever."""
+    """`lock` held for the block. A call nested in a turn of this thread (a turn, `memory_state`, `save` or `close`
+    started from its callback) does not wait for a lock another thread holds: that thread may be waiting for a lock
+    the outer turn holds (e.g. a `send_batch` that locked this session and waits for the outer one's, or a callback
+    of its own that reads the outer turn's session), and both would wait forever. A lock this thread holds already
+    (the session's own, re-entrant: `close` from its turn's callback) is taken."""
     if not nested or isinstance(lock, contextlib.nullcontext):
         with lock:
             yield
         return
     if not lock.acquire(blocking=False):
         raise RuntimeError(
-            f"{call} was started from inside another turn running in this thread (its streamer or another callback "
-            "of its generate), and a session or model it needs is in a turn of another thread. Waiting for it there "
-            "could wait forever; no session was changed. Send it after the outer turn has returned."
+            f"{call} was started from inside a turn running in this thread (its streamer or another callback of its "
+            "generate), and a session or model it needs is in a turn of another thread (or being saved or closed "
+            "there). Waiting for it there could wait forever; no session was changed. Call it after the outer turn "
+            "has returned."
         )
     try:
         yield

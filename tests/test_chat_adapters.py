@@ -444,6 +444,39 @@ def test_nested_turns_of_two_threads_never_wait_for_each_other(model, tokenizer,
     assert len(hi.messages) == len(lo.messages) == 2
 
 
+@pytest.mark.parametrize("inner", ["memory_state", "save", "close"])
+def test_a_callback_never_waits_for_a_session_of_another_threads_turn(model, tokenizer, inner, tmp_path):
+    """The same two threads, whose callbacks read (`memory_state`), save or close each other's session instead of
+    sending to it: each waited for the other's session lock forever. Refused at once as a nested turn is, and both
+    sessions go on as without them."""
+    call = {"memory_state": lambda session: session.memory_state, "close": lambda session: session.close(),
+            "save": lambda session: session.save(tmp_path / str(id(session)))}[inner]
+    hi, lo = RxTChatSession(model, tokenizer), RxTChatSession(model, tokenizer)
+    in_hi, in_lo = threading.Event(), threading.Event()
+    both_tried = threading.Barrier(2, timeout=30)
+
+    def meet_then_call(mine, other, session):
+        mine.set()
+        other.wait(30)
+        try:
+            call(session)
+        finally:
+            both_tried.wait()  # both outer turns hold their sessions until both calls were tried
+
+    first = _CallsOnce(lambda: meet_then_call(in_hi, in_lo, lo))
+    second = _CallsOnce(lambda: meet_then_call(in_lo, in_hi, hi))
+    thread = threading.Thread(target=lambda: lo.send(TEXTS[2], streamer=second, **GREEDY), daemon=True)
+    thread.start()
+    outcome = _in_a_thread(lambda: hi.send(TEXTS[0], streamer=first, **GREEDY))
+    thread.join(60)
+    assert not thread.is_alive() and "returned" in outcome, f"hang: the callbacks' {inner} waited for each other"
+    for refused in (first.raised, second.raised):
+        assert len(refused) == 1 and f"`{inner}" in str(refused[0]) and "of another thread" in str(refused[0])
+    assert len(hi.messages) == len(lo.messages) == 2
+    assert hi.send(TEXTS[1], **GREEDY) and lo.send(TEXTS[1], **GREEDY)  # neither was closed
+    assert not any(tmp_path.iterdir())  # nothing saved
+
+
 def test_the_loop_over_a_stream_may_send_to_another_session_of_an_adapter_model(model, tokenizer):
     """The loop body of `stream()` runs in the caller's thread, not inside the turn (that runs in the stream's
     worker): another session's turn there waits for the streamed one, then runs."""
