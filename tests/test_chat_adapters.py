@@ -412,33 +412,42 @@ def test_without_adapters_a_callback_may_run_another_sessions_turn(model, tokeni
     assert len(first.messages) == len(second.messages) == 2
 
 
+def _two_turns_whose_callbacks_call_each_others_session(model, tokenizer, call):
+    """Thread 1 runs a turn of `hi` whose callback makes `call(lo)`, while thread 2 runs a turn of `lo` whose callback
+    makes `call(hi)`: the two sessions and the two callbacks' streamers (with what they raised), after both turns
+    ended (a hang fails)."""
+    hi, lo = RxTChatSession(model, tokenizer), RxTChatSession(model, tokenizer)
+    in_hi, in_lo = threading.Event(), threading.Event()
+    both_tried = threading.Barrier(2, timeout=30)
+
+    def meet_then_call(mine, other, session):
+        mine.set()
+        other.wait(30)
+        try:
+            call(session)
+        finally:
+            # Both outer turns still run (and hold their sessions) until both calls were tried: on a loaded machine
+            # one thread could otherwise finish its turn first, and the other's call then ran after it.
+            both_tried.wait()
+
+    first = _CallsOnce(lambda: meet_then_call(in_hi, in_lo, lo))
+    second = _CallsOnce(lambda: meet_then_call(in_lo, in_hi, hi))
+    thread = threading.Thread(target=lambda: lo.send(TEXTS[2], streamer=second, **GREEDY), daemon=True)
+    thread.start()
+    outcome = _in_a_thread(lambda: hi.send(TEXTS[0], streamer=first, **GREEDY))
+    thread.join(60)
+    assert not thread.is_alive() and "returned" in outcome, "hang: the callbacks' calls waited for each other"
+    return hi, lo, first, second
+
+
 @pytest.mark.parametrize("inner", ["send", "stream"])
 def test_nested_turns_of_two_threads_never_wait_for_each_other(model, tokenizer, inner):
     """On a model without adapters (no turn lock orders the sessions'), thread 1's callback, inside a turn of `hi`,
     sent to `lo` while thread 2's callback, inside a turn of `lo`, sent to `hi`: each waited for the other's session
     forever. A turn nested in a turn does not wait for a lock another thread holds: both are refused at once, and
     both outer turns end as without them."""
-    hi, lo = RxTChatSession(model, tokenizer), RxTChatSession(model, tokenizer)
-    in_hi, in_lo = threading.Event(), threading.Event()
-    both_tried = threading.Barrier(2, timeout=30)
-
-    def meet_then_send(mine, other, session):
-        mine.set()
-        other.wait(30)
-        try:
-            _INNER_TURNS[inner](session)  # stream: its worker thread's turn is nested too
-        finally:
-            # Both outer turns still run (and hold their sessions) until both nested turns were tried: on a loaded
-            # machine one thread could otherwise finish its turn first, and the other's nested turn then ran.
-            both_tried.wait()
-
-    first = _CallsOnce(lambda: meet_then_send(in_hi, in_lo, lo))
-    second = _CallsOnce(lambda: meet_then_send(in_lo, in_hi, hi))
-    thread = threading.Thread(target=lambda: lo.send(TEXTS[2], streamer=second, **GREEDY), daemon=True)
-    thread.start()
-    outcome = _in_a_thread(lambda: hi.send(TEXTS[0], streamer=first, **GREEDY))
-    thread.join(60)
-    assert not thread.is_alive() and "returned" in outcome, "hang: the nested sends waited for each other"
+    # stream: its worker thread's turn is nested too
+    hi, lo, first, second = _two_turns_whose_callbacks_call_each_others_session(model, tokenizer, _INNER_TURNS[inner])
     for refused in (first.raised, second.raised):
         assert len(refused) == 1 and "in a turn of another thread" in str(refused[0])
     assert len(hi.messages) == len(lo.messages) == 2
@@ -451,25 +460,7 @@ def test_a_callback_never_waits_for_a_session_of_another_threads_turn(model, tok
     sessions go on as without them."""
     call = {"memory_state": lambda session: session.memory_state, "close": lambda session: session.close(),
             "save": lambda session: session.save(tmp_path / str(id(session)))}[inner]
-    hi, lo = RxTChatSession(model, tokenizer), RxTChatSession(model, tokenizer)
-    in_hi, in_lo = threading.Event(), threading.Event()
-    both_tried = threading.Barrier(2, timeout=30)
-
-    def meet_then_call(mine, other, session):
-        mine.set()
-        other.wait(30)
-        try:
-            call(session)
-        finally:
-            both_tried.wait()  # both outer turns hold their sessions until both calls were tried
-
-    first = _CallsOnce(lambda: meet_then_call(in_hi, in_lo, lo))
-    second = _CallsOnce(lambda: meet_then_call(in_lo, in_hi, hi))
-    thread = threading.Thread(target=lambda: lo.send(TEXTS[2], streamer=second, **GREEDY), daemon=True)
-    thread.start()
-    outcome = _in_a_thread(lambda: hi.send(TEXTS[0], streamer=first, **GREEDY))
-    thread.join(60)
-    assert not thread.is_alive() and "returned" in outcome, f"hang: the callbacks' {inner} waited for each other"
+    hi, lo, first, second = _two_turns_whose_callbacks_call_each_others_session(model, tokenizer, call)
     for refused in (first.raised, second.raised):
         assert len(refused) == 1 and f"`{inner}" in str(refused[0]) and "of another thread" in str(refused[0])
     assert len(hi.messages) == len(lo.messages) == 2
