@@ -46,7 +46,7 @@ from .adapters import adapter_names, update_memory_per_row
 from .atomic_files import check_not_under_a_file, read_json_object, write_json_atomic
 from .memory_state import RxTMemoryState, is_memory_state
 from .modeling_rxt_checks import generation_number, generation_setting
-from .modeling_rxt_wrappers import holds_injected_adapters
+from .modeling_rxt_wrappers import execution_device, holds_injected_adapters
 from .tokenization import (
     ANSWER_TOKEN, EOS_TOKEN, check_chat_template, check_turn_tokens, decode_answer, encode_chat_prompt,
 )
@@ -300,7 +300,7 @@ class RxTChatSession:
             raise TypeError(f"`query` must be a str, got {type(query).__name__}.")
         limit = self.model.config.max_position_embeddings - 2  # room for at least one answer token and [EOS]
         ids = encode_chat_prompt(self.tokenizer, query, max_length=limit)["input_ids"]
-        return torch.tensor([ids], dtype=torch.long, device=self.model.device)
+        return torch.tensor([ids], dtype=torch.long, device=_model_device(self.model))
 
     def _generation_kwargs(self, prompt_length: int, given: dict) -> dict:
         """`generate`'s keywords for one turn. As in `generate`, a keyword beats the `generation_config` passed,
@@ -384,7 +384,7 @@ class RxTChatSession:
         folder = _folder_path(path)
         _check_model(model)  # before its device is read for the memory
         payload = _read_session_file(folder)
-        state = RxTMemoryState.from_pretrained(folder / payload["memory_dir"], device=model.device)
+        state = RxTMemoryState.from_pretrained(folder / payload["memory_dir"], device=_model_device(model))
         if background_write is None:
             background_write = payload.get("background_write", True)
         session = cls(model, tokenizer, memory_state=state, background_write=background_write)
@@ -447,7 +447,7 @@ def _send_batch_holding_locks(sessions: list[RxTChatSession], queries: list[str]
     if len(dtypes) > 1:  # a batch has one memory tensor
         raise ValueError(f"`sessions` hold memories of different dtypes ({', '.join(dtypes)}): send them one by "
                          "one, or give their states one dtype (`session.memory_state.to(...)` into a new session).")
-    state = _as_model_state(model, RxTMemoryState.concatenate([s._state.to(model.device) for s in sessions]))
+    state = _as_model_state(model, RxTMemoryState.concatenate([s._state.to(_model_device(model)) for s in sessions]))
     generate_kwargs, writers = _with_adapter_rows(generate_kwargs, len(sessions))
     clock = _FirstTokenClock(None, start)
     setting = _adapter_setting(model)
@@ -475,6 +475,11 @@ _TURN_LOCKS_GUARD = threading.Lock()
 def _model_itself(model):
     """The model under a `PeftModel` (the same layers, LoRA in place), else `model`."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _model_device(model) -> torch.device:
+    """Where the model computes (`execution_device`: also with accelerate's offloading)."""
+    return execution_device(_model_itself(model))
 
 
 def _has_adapters(model) -> bool:

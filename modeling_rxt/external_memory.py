@@ -55,6 +55,7 @@ from .configuration_rxt import check_retrieval_controls, default_retrieval_layer
 from .modeling_rxt_checks import as_python_number, check_mask_values, generation_setting
 from .memory_state import checked_device, integer_index, row_index
 from .modeling_rxt_blocks import repeat_kv
+from .modeling_rxt_wrappers import execution_device
 
 SCORE_BLOCK = 16384  # memory tokens scored at a time: bounds the (B, K, G*Tq, block) similarity tensor
 TOKENS_PER_ENCODING_BATCH = 4096  # memory tokens run through the decoder per forward while building a memory
@@ -393,7 +394,7 @@ def build_external_memory(
 def _build_external_memory(model, memories, attention_mask, layers, stride, device, passes) -> ExternalMemory:
     ids, mask = as_padded_ids(memories, attention_mask, model.config.vocab_size)
     chunks = split_into_chunks(ids, mask, stride)
-    model_device = model.embed_tokens.weight.device
+    model_device = execution_device(model)
     memory = _empty_memory(ids, mask, layers, model, device)
     if not layers:  # `external_memory_layers=[]`: retrieval off, nothing to encode
         return memory
@@ -457,7 +458,7 @@ def _capture_input(store: dict[int, torch.Tensor], layer_idx: int) -> Callable:
 def _empty_memory(ids, mask, layers, model, device) -> ExternalMemory:
     """A zero memory in the packed layout of `ids`: row r holds its real tokens at 0..n_r-1, in order."""
     config = model.config
-    device = checked_device(device) if device is not None else model.embed_tokens.weight.device
+    device = checked_device(device) if device is not None else execution_device(model)
     dtype = model.embed_tokens.weight.dtype
     lengths = mask.sum(dim=-1)  # (R,)
     width = int(lengths.max()) if lengths.numel() else 0

@@ -121,6 +121,7 @@ from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer
 from .modeling_rxt_wrappers import (
     FSDPModule,
     drops_mixed_adapter_hooks_on_error,
+    execution_device,
     holds_injected_adapters,
     is_fsdp_module,
     is_peft_module,
@@ -809,7 +810,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             attention_mask = padding_mask(input_ids, self.generation_config)
         memory_state = as_memory_state(memory_state)
         memory_state.check_compatible(self.config, input_ids.shape[0])
-        stm = memory_state.stm.to(self.device)
+        stm = memory_state.stm.to(execution_device(self))
         if torch.is_grad_enabled():
             if stm.is_inference():  # made under `torch.inference_mode()`: autograd cannot save it as it is
                 stm = stm.clone()
@@ -863,7 +864,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             return super().generate(inputs, generation_config, *args, **kwargs)  # `generate_batch` checks the rest
         if kwargs.get("memory_key_values") is None:
             stm = self.model.memory_tensor(memory_state, prompt.shape[0])
-            kwargs["memory_key_values"] = self._project_memory_for_generate(stm.to(self.device))
+            kwargs["memory_key_values"] = self._project_memory_for_generate(stm.to(execution_device(self)))
         batch_size = prompt.shape[0] if prompt is not None else kwargs["memory_key_values"].shape[0]
         memories = kwargs.get("external_memories", kwargs.get("external_memory"))
         if memories is not None and not isinstance(memories, ExternalMemory) and mixed_adapter_rows(self.model.layers):
@@ -902,7 +903,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             if mask_rows not in (None, batch_size):
                 raise ValueError(f"`memory_state` holds {batch_size} conversations but `attention_mask` has "
                                  f"{mask_rows} rows: without a prompt, each conversation starts from one [BOS] row.")
-        return torch.full((batch_size, 1), bos, dtype=torch.long, device=self.device)
+        return torch.full((batch_size, 1), bos, dtype=torch.long, device=execution_device(self))
 
     def _project_memory_for_generate(self, stm: torch.Tensor) -> torch.Tensor:
         """`project_memory` of the (L, B, S, D) memory `generate` reads, before it expands rows for beams. A mixed-
@@ -953,9 +954,10 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         )
 
     def _check_ids(self, input_ids, attention_mask):
-        """`check_interaction_ids`, then the ids and mask on the model's device."""
+        """`check_interaction_ids`, then the ids and mask on the device the model computes on."""
         check_interaction_ids(input_ids, attention_mask, self.config)
-        return input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device)
+        device = execution_device(self)
+        return input_ids.to(device), None if attention_mask is None else attention_mask.to(device)
 
     def encoder_mlm_logits(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
         """Masked-LM logits (B, T, V) of the memory encoder (joint pretraining), through the tied LM head."""

@@ -16,6 +16,8 @@
 - FSDP2 (`fully_shard`, what `Trainer` and accelerate use) gathers a module's weights around its `forward` only,
   and RxT calls its layers' weights outside `forward` (the memory projected once per turn, training objectives that
   run the model's parts): `run_as_forward`.
+- accelerate's offloading (`device_map` with "cpu" / "disk" entries on an accelerator, or all on "disk"): the
+  parameters of an offloaded module are on "meta", and the device it computes on is its hook's: `execution_device`.
 - PEFT: recognising its layers without importing it (this is remote code, which must load where PEFT is not
   installed), and the forward hooks of a mixed-adapter batch (`generate(..., adapter_names=[...])`), which PEFT leaves
   behind when a call raises.
@@ -32,6 +34,17 @@ if torch.distributed.is_available():  # torch builds without distributed have ne
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 else:
     FSDPModule = register_fsdp_forward_method = None
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device `module` computes on: its parameters' (`module.device` of a transformers model), or, where
+    accelerate offloads them (parameters on "meta", loaded around each forward), the execution device of its hook.
+    The memory and the ids that the model moves to its device itself go there."""
+    device = next(module.parameters()).device
+    hook = getattr(module, "_hf_hook", None)
+    if device.type == "meta" and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)  # an int is an accelerator index, as accelerate takes it
+    return device
 
 
 def run_as_forward(module: nn.Module, function: Callable, *args):

@@ -11,7 +11,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from modeling_rxt import chat
+from modeling_rxt import RxTForCausalLM, chat
 from modeling_rxt.chat import RxTChatSession, send_batch
 from modeling_rxt.tokenization import CHAT_TEMPLATE, encode_query
 
@@ -229,6 +229,22 @@ def test_turns_write_the_memory_without_an_autograd_graph(model, tokenizer):
     for session in (background, synchronous):
         state = session.memory_state.stm
         assert state.grad_fn is None and not state.requires_grad
+
+
+def test_a_session_on_a_model_offloaded_by_accelerate_converses_as_on_the_model(model, tokenizer, tmp_path):
+    """With its weights offloaded (`device_map` to disk) the model's parameters are on "meta": the prompt, a loaded
+    memory and a batch's memories went there, where nothing computes. They go where accelerate's hook computes."""
+    model.save_pretrained(tmp_path / "model")
+    offloaded = RxTForCausalLM.from_pretrained(tmp_path / "model", device_map={"": "disk"},
+                                               offload_folder=tmp_path / "offload").eval()
+    sessions = [RxTChatSession(m, tokenizer) for m in (model, offloaded)]
+    answers = [session.send(TEXTS[0], **GREEDY) for session in sessions]
+    sessions[1].save(tmp_path / "saved")
+    sessions[1] = RxTChatSession.load(tmp_path / "saved", offloaded, tokenizer)
+    answers += [session.send(TEXTS[1], **GREEDY) for session in sessions]
+    answers += send_batch([sessions[0]], [TEXTS[2]], **GREEDY) + send_batch([sessions[1]], [TEXTS[2]], **GREEDY)
+    assert answers[0::2] == answers[1::2]
+    assert torch.equal(sessions[0].memory_state.stm, sessions[1].memory_state.stm)
 
 
 def test_load_keeps_how_the_saved_session_wrote(model, tokenizer, tmp_path):

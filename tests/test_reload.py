@@ -228,6 +228,32 @@ def test_a_model_cast_to_bfloat16_reloads_with_the_same_logits(tmp_path, kind):
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_a_model_offloaded_by_accelerate_writes_answers_and_reads_external_memory_as_loaded(tmp_path, kind):
+    """`from_pretrained(..., device_map=...)` with the weights offloaded (here all to disk, what `device_map="auto"`
+    gives where `max_memory` leaves no room) puts the parameters on "meta" and loads them around each forward.
+    `forward` worked, but `generate`, `update_memory` and `build_external_memory` moved the memory and the ids to
+    the parameters' device, "meta", and failed. They go where accelerate's hook computes."""
+    model = make_tiny_model(kind, seed=4)
+    model.save_pretrained(tmp_path / "model")
+    offloaded = RxTForCausalLM.from_pretrained(tmp_path / "model", device_map={"": "disk"},
+                                               offload_folder=tmp_path / "offload").eval()
+    assert offloaded.device.type == "meta"
+    ids, state = random_ids(2, 7), random_state(model, 2)
+    with torch.no_grad():
+        written = offloaded.update_memory(state, ids)
+        assert torch.equal(written.stm, model.update_memory(state, ids).stm) and written.stm.device.type == "cpu"
+        for prompt in (ids, None):  # None: from [BOS], made on the device the model computes on
+            answers = [m.generate(prompt, memory_state=written, max_new_tokens=4, do_sample=False)
+                       for m in (offloaded, model)]
+            assert torch.equal(*answers)
+        memories = [m.build_external_memory(ids) for m in (offloaded, model)]
+        assert torch.equal(memories[0].keys, memories[1].keys) and memories[0].keys.device.type == "cpu"
+        answers = [m.generate(ids, memory_state=written, external_memory=memory, max_new_tokens=4, do_sample=False)
+                   for m, memory in zip((offloaded, model), memories)]
+        assert torch.equal(*answers)
+
+
 # ---- saving is atomic (DESIGN.md, bad input: "a failed save leaves the previous file intact") --------------------------
 
 
