@@ -606,8 +606,10 @@ def memory_attention_objective(
     inputs = _pad_turns(inputs, _agreed_max(inputs["input_ids"].shape[1], inputs["input_ids"].device))
     batch_size, turns = inputs["input_ids"].shape[:2]
     stm = model.model.initial_memory(batch_size)
-    loss_sum = stm.new_zeros(())
-    count = stm.new_zeros(())
+    # Summed in float32 whatever the model's dtype, as the other objectives' cross-entropy is: a float16 count
+    # overflows at 65,504 memory rows (6 layers x 256 slots x 43 row-turns) and a bfloat16 one rounds from 256 on.
+    loss_sum = stm.new_zeros((), dtype=torch.float32)
+    count = stm.new_zeros((), dtype=torch.float32)
     for turn in range(turns):
         input_ids, attention_mask, _ = batch_turn(inputs, turn)
         rows = attention_mask.any(dim=-1)  # (B,)
@@ -620,7 +622,7 @@ def memory_attention_objective(
             w = max(first_weight - weight_decay_per_turn * turn, min_weight)
             target = w * pooled[:, :, None] + (1 - w) * stm.detach()  # (L, B, S, D)
         new_stm = model.model.write_encoded(stm, encoded, key_mask, rotary, attention_mask)
-        cosine = F.cosine_similarity(new_stm, target, dim=-1)  # (L, B, S)
+        cosine = F.cosine_similarity(new_stm.float(), target.float(), dim=-1)  # (L, B, S), float32 as the sums
         loss_sum = loss_sum + ((1 - cosine) * rows[None, :, None]).sum()
         count = count + rows.sum() * cosine.shape[0] * cosine.shape[2]
         stm = new_stm.detach()  # each write is its own problem: the target already summarises the past

@@ -376,6 +376,26 @@ def test_memory_attention_objective_pulls_the_write_towards_its_pseudo_target(to
         torch.testing.assert_close(gradient, expected[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("dtype, layers, slots", [(torch.float16, 2, 4096), (torch.bfloat16, 3, 7)])
+def test_memory_attention_objective_sums_in_float32_in_a_half_precision_model(tokenizer, episodes, dtype, layers,
+                                                                                slots):
+    """The loss and the count of stage 3 were summed in the model's dtype: in float16 a count past 65,504 memory rows
+    was inf (the loss NaN, and a training step changed no weight); in bfloat16 a count of 315 was 316. They are
+    float32 sums, as the cross-entropy of the other stages is, and the loss stays that of the float32 model."""
+    from modeling_rxt.training import memory_attention_objective
+
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH)
+    batch = EpisodeCollator(tokenizer.pad_token_id)([dataset[i] for i in range(5)])
+    batch = {name: batch[name][:, :3] for name in ("input_ids", "attention_mask", "labels")}
+    assert batch["attention_mask"].any(-1).all()  # 5 rows x 3 turns, every one written
+    model = tiny_model(tokenizer, memory_attention_type="simple", num_hidden_layers=layers, memory_slots=slots)
+    with torch.no_grad():
+        full_loss, full_count, _ = memory_attention_objective(model, batch)
+        loss_sum, count, metrics = memory_attention_objective(model.to(dtype), batch)
+    assert loss_sum.dtype == count.dtype == torch.float32 and count.item() == full_count.item() == 15 * layers * slots
+    torch.testing.assert_close(metrics["cosine_loss"], full_loss / full_count, rtol=2e-2, atol=0)
+
+
 def test_memory_attention_objective_over_turns_of_episodes_of_different_lengths(tokenizer, episodes):
     """Stage 3 over several turns, written out row by row: the memory carried from write to write, the new data's
     weight falling by `weight_decay_per_turn` a turn down to `min_weight`, and a shorter episode's empty turns neither
