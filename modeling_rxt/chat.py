@@ -186,10 +186,12 @@ class RxTChatSession:
         return self.background_write and not _has_adapters(self.model)
 
     def _write(
-        self, state: RxTMemoryState, ids: torch.Tensor, mask: torch.Tensor | None, writers: list[str] | None
+        self, state: RxTMemoryState, ids: torch.Tensor, mask: torch.Tensor | None, writers: list[str] | None,
+        autocast: tuple[tuple[str, torch.dtype], ...] = (),
     ) -> tuple[RxTMemoryState, float]:
         start = time.perf_counter()
-        with torch.no_grad():  # grad mode is per thread: a worker thread starts with it enabled
+        # Grad mode and autocast are per thread: a worker thread starts with grad enabled and no autocast.
+        with torch.no_grad(), _autocast(autocast):
             if writers is None:
                 new_state = self.model.update_memory(state, ids, mask)
             else:  # a mixed-adapter turn: each row written by the adapter that answered it
@@ -198,7 +200,8 @@ class RxTChatSession:
 
     def _schedule_write(self, state, ids, mask, background: bool, writers: list[str] | None = None) -> Future:
         if background:
-            return self._executor.submit(self._write, state, ids, mask, writers)
+            # written under the autocast of the turn's thread, as a write in the turn would be
+            return self._executor.submit(self._write, state, ids, mask, writers, _autocast_here(self.model))
         done: Future = Future()
         done.set_result(self._write(state, ids, mask, writers))
         return done
@@ -272,12 +275,14 @@ class RxTChatSession:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
         inside_a_turn = bool(getattr(_RUNNING_TURNS, "stack", ()))  # this thread waits for the worker meanwhile
+        autocast = _autocast_here(self.model)  # the caller's, which `send` in this thread would answer under
 
         def run():
             # The worker's turn is nested in the caller's: it must not wait for locks either (see `_holding`).
             _RUNNING_TURNS.inherited = inside_a_turn
             try:
-                self.send(query, streamer=streamer, **generate_kwargs)
+                with _autocast(autocast):
+                    self.send(query, streamer=streamer, **generate_kwargs)
             except BaseException as error:  # surfaced in the caller's thread below
                 errors.append(error)
                 streamer.end()
@@ -480,6 +485,20 @@ def _model_itself(model):
 def _model_device(model) -> torch.device:
     """Where the model computes (`execution_device`: also with accelerate's offloading)."""
     return execution_device(_model_itself(model))
+
+
+def _autocast_here(model) -> tuple[tuple[str, torch.dtype], ...]:
+    """The autocast this thread runs under, for the model's device type and the CPU: (device type, dtype) pairs."""
+    device_types = dict.fromkeys(("cpu", _model_device(model).type))
+    return tuple((kind, torch.get_autocast_dtype(kind)) for kind in device_types if torch.is_autocast_enabled(kind))
+
+
+def _autocast(settings: tuple[tuple[str, torch.dtype], ...]) -> contextlib.ExitStack:
+    """`settings` (from `_autocast_here`) entered in another thread."""
+    stack = contextlib.ExitStack()
+    for kind, dtype in settings:
+        stack.enter_context(torch.autocast(kind, dtype=dtype))
+    return stack
 
 
 def _has_adapters(model) -> bool:

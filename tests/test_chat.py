@@ -231,6 +231,23 @@ def test_turns_write_the_memory_without_an_autograd_graph(model, tokenizer):
         assert state.grad_fn is None and not state.requires_grad
 
 
+def test_turns_under_autocast_write_one_memory_however_they_run(model, tokenizer):
+    """Autocast is per thread: a write in the background and a turn that `stream` runs in its worker ran without the
+    caller's `torch.autocast`, so the same turns under autocast wrote another memory than with `background_write`
+    off (0.03 apart here). They run under the autocast of the thread that sent the turn."""
+    def converse(background, how):
+        session = RxTChatSession(model, tokenizer, background_write=background)
+        for text in TEXTS:
+            session.send(text, **GREEDY, **WORDS) if how == "send" else list(session.stream(text, **GREEDY, **WORDS))
+        return session.messages, session.memory_state.stm
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        runs = [converse(background, how) for background, how in ((False, "send"), (True, "send"), (True, "stream"))]
+    assert not torch.equal(converse(False, "send")[1], runs[0][1])  # autocast changes the memory written
+    for answers, memory in runs[1:]:
+        assert answers == runs[0][0] and torch.equal(memory, runs[0][1])
+
+
 def test_a_session_on_a_model_offloaded_by_accelerate_converses_as_on_the_model(model, tokenizer, tmp_path):
     """With its weights offloaded (`device_map` to disk) the model's parameters are on "meta": the prompt, a loaded
     memory and a batch's memories went there, where nothing computes. They go where accelerate's hook computes."""
