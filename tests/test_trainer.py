@@ -25,6 +25,7 @@ from modeling_rxt.training import (
     external_and_memory_aware_objective,
     external_memory_objective,
     interaction_objective,
+    memory_attention_objective,
     memory_aware_objective,
     tokenize_episodes,
     tokenize_interactions,
@@ -151,6 +152,29 @@ def test_mixed_precision_reaches_the_objective(tokenizer, tmp_path):
         trainer.train()
         trainer.evaluate()
     assert seen == [False, False, True, True]
+
+
+def test_neftune_noises_what_the_memory_encoder_reads_as_well(tokenizer, episodes, tmp_path):
+    """Trainer's NEFTune noises the output of `get_input_embeddings()`, which the memory encoder shares with the
+    decoder: in a memory-attention step (no decoder call) every interaction written was noised (README, Training)."""
+    def read_by_the_encoder(neftune_noise_alpha):
+        model, reads = tiny_model(tokenizer), []
+        encode = model.model.encode_interaction
+
+        def spy(input_ids, *args, **kwargs):
+            embeddings = model.get_input_embeddings()
+            reads.append(not torch.equal(embeddings(input_ids), torch.nn.functional.embedding(input_ids,
+                                                                                                embeddings.weight)))
+            return encode(input_ids, *args, **kwargs)
+
+        model.model.encode_interaction = spy
+        RxTTrainer(model=model, args=_trainer_args(tmp_path, neftune_noise_alpha=neftune_noise_alpha),
+                   train_dataset=tokenize_episodes(tokenizer, episodes, MAX_LENGTH),
+                   data_collator=EpisodeCollator(tokenizer.pad_token_id), objective=memory_attention_objective).train()
+        return reads
+
+    assert (noised := read_by_the_encoder(5.0)) and all(noised)
+    assert (clean := read_by_the_encoder(None)) and not any(clean)
 
 
 @pytest.mark.parametrize("ask_weight", [1.0, 1e-3])  # 1e-3: a batch whose answers weigh less than 1 in all
