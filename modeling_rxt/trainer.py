@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from accelerate.data_loader import DataLoaderShard
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import TrainOutput, unwrap_peft_model
+from transformers.trainer_utils import EvalLoopOutput, TrainOutput, unwrap_peft_model
 
 from .modeling_rxt_wrappers import run_as_forward
 from .training import COLLATOR_COLUMNS, Objective, episode_turns, lockstep, unpadded
@@ -60,6 +60,30 @@ class _StepCounts:
         self.run_weighted += weighted
 
 
+class _MetricMeans:
+    """Plain means of the objective's metrics over batches (those with a weighted answer: the others have no loss)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, metrics: Mapping[str, torch.Tensor | float], weighted: bool) -> None:
+        for name, value in metrics.items():  # every name, so that each process holds the same ones
+            self.sums[name] = self.sums.get(name, 0.0) + (float(value) if weighted else 0.0)
+        self.count += int(weighted)
+
+    def means(self, across_processes_on: torch.device | None = None) -> dict[str, float]:
+        """The means of this process's batches, or, given the device the processes reduce on, of every process's
+        (all of them must call)."""
+        names, count = sorted(self.sums), self.count
+        totals = [self.sums[name] for name in names]
+        if across_processes_on is not None and _world_size() > 1:
+            reduced = torch.tensor([*totals, count], dtype=torch.float64, device=across_processes_on)
+            dist.all_reduce(reduced)
+            *totals, count = reduced.tolist()
+        return {name: total / count for name, total in zip(names, totals, strict=True)} if count else {}
+
+
 class RxTTrainer(Trainer):
     """A `Trainer` whose loss is `objective(model, inputs) -> (loss_sum, weight_sum, metrics)`.
 
@@ -72,7 +96,8 @@ class RxTTrainer(Trainer):
     that micro-batch's ids; and a mixture of experts' load-balancing loss comes from each micro-batch's routing (as in
     transformers' MoE models). The metrics (stage losses, the MoE load-balancing loss) of the training batches are plain
     means over the logging window's micro-batches of this process, logged beside `loss` (which is token-weighted
-    over the whole step and all processes)."""
+    over the whole step and all processes). Evaluation reports them as well, beside `eval_loss` (`eval_<metric>`,
+    plain means over the evaluation batches of every process), so that `metric_for_best_model` can name one."""
 
     loss_is_scaled_for_ga = True  # `training_step` normalises the whole step; the Trainer must not divide again
 
@@ -101,8 +126,8 @@ class RxTTrainer(Trainer):
         """No step, metrics or counts yet: at each start of the training loop (a `train` call, or transformers'
         retry with a smaller batch after an out-of-memory error, which does not call `train` again)."""
         self._step = _AccumulatedStep()
-        self._metric_sums: dict[str, float] = {}
-        self._metric_count = 0
+        self._metrics = _MetricMeans()  # of the training batches, until the next log
+        self._eval_metrics = _MetricMeans()  # of the evaluation batches (`evaluation_loop` starts it afresh)
         self._steps = _StepCounts()
 
     def _issue_warnings_after_load(self, load_result) -> None:
@@ -198,6 +223,9 @@ class RxTTrainer(Trainer):
             loss_sum = loss_sum.detach().requires_grad_()
         if not model.training:  # evaluation: each batch on its own, and kept out of the training metrics
             loss = self._evaluation_loss(loss_sum.detach(), weight.detach())
+            # a batch of accelerate's filling only (see `_evaluation_loss`) is no batch of the set
+            filling = _world_size() > 1 and self._batch_is_all_filling()
+            self._eval_metrics.add(metrics, weighted=bool(weight > 0) and not filling)
             return (loss, metrics) if return_outputs else loss
         weight, world_size = weight.detach().clone(), _world_size()
         if world_size > 1:
@@ -207,10 +235,7 @@ class RxTTrainer(Trainer):
             step.scale = weight.clamp(min=1)  # any positive number would do: the rescaling in training_step corrects it
         step.weight = step.weight + weight
         step.loss_sum = step.loss_sum + results["loss_sum"].detach()
-        if weighted:  # a micro-batch without a weighted answer has no loss to log
-            for name, value in metrics.items():
-                self._metric_sums[name] = self._metric_sums.get(name, 0.0) + float(value)
-            self._metric_count += 1
+        self._metrics.add(metrics, weighted)  # a micro-batch without a weighted answer has no loss to log
         # DDP (and `_average_gradients`) average over processes: `* world_size` makes that a sum.
         loss = loss_sum / step.scale * world_size
         return (loss, metrics) if return_outputs else loss
@@ -331,10 +356,19 @@ class RxTTrainer(Trainer):
                            "kind weights give the data's turn kinds a weight?")
         return TrainOutput(output.global_step, output.metrics["train_loss"], output.metrics)  # as `log` corrected it
 
+    def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> EvalLoopOutput:
+        """Trainer's loop, with the objective's metrics of its batches (`eval_decoder_loss`, ...) beside its loss."""
+        self._eval_metrics = _MetricMeans()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        means = self._eval_metrics.means(across_processes_on=self.args.device)
+        output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in means.items()})
+        return output
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._metric_count and "loss" in logs:
-            logs.update({name: total / self._metric_count for name, total in self._metric_sums.items()})
-            self._metric_sums, self._metric_count = {}, 0
+        if "loss" in logs:
+            logs.update(self._metrics.means())
+            self._metrics = _MetricMeans()
         # Trainer averages the losses `training_step` returned over every step; a step without a weighted answer
         # has none (it returned 0), so the mean is taken over the other steps: NaN where there were none.
         counts = self._steps

@@ -128,9 +128,8 @@ args = TrainingArguments(output_dir=out_dir, use_cpu=True, ddp_backend="gloo" if
 trainer = RxTTrainer(model=model, args=args, eval_dataset=dataset, data_collator=EpisodeCollator(tokenizer.pad_token_id),
                      objective=memory_aware_objective)
 metrics = trainer.evaluate()
-if trainer.is_world_process_zero():
-    with open(os.path.join(out_dir, "eval.json"), "w") as handle:
-        json.dump(metrics, handle)
+with open(os.path.join(out_dir, f"eval-{trainer.args.process_index}.json"), "w") as handle:
+    json.dump(metrics, handle)
 if torch.distributed.is_initialized():
     from modeling_rxt.training_curriculum import leave_process_group
     leave_process_group()
@@ -159,8 +158,18 @@ def test_two_process_evaluation_of_a_set_that_ends_in_a_short_batch_matches_one_
         command = [*launch, str(script), str(tokenizer_dir), str(out_dir), str(rows), str(batch), *extra]
         completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert completed.returncode == 0, completed.stderr[-3000:]
-        losses[name] = json.loads((out_dir / "eval.json").read_text())["eval_loss"]
+        losses[name] = json.loads((out_dir / "eval-0.json").read_text())["eval_loss"]
     assert losses["ddp"] == pytest.approx(losses["single"], rel=1e-5)
+    # The objective's metrics, plain means over every process's batches (not over one process's): the same on both
+    # processes, so that a `metric_for_best_model` naming one picks the same checkpoint on each.
+    reported = [json.loads((tmp_path / "ddp" / f"eval-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [{key: value for key, value in metrics.items() if key.endswith("_loss")} for metrics in reported] == [
+        {"eval_loss": losses["ddp"], "eval_decoder_loss": reported[0]["eval_decoder_loss"]}] * 2
+    if (rows, per_device) == (3, 1):  # batches of one row: r0 | r1, then r2 | accelerate's filling, which is left out
+        command = [sys.executable, str(script), str(tokenizer_dir), str(tmp_path / "rows"), "3", "1"]
+        assert subprocess.run(command, capture_output=True, text=True, env=env, timeout=300).returncode == 0
+        one_by_one = json.loads((tmp_path / "rows" / "eval-0.json").read_text())["eval_decoder_loss"]
+        assert reported[0]["eval_decoder_loss"] == pytest.approx(one_by_one, rel=1e-5)
 
 
 def _with(arguments: list, out_dir: Path) -> list[str]:
@@ -455,7 +464,7 @@ def test_under_fsdp_mixed_precision_the_objective_keeps_exact_weights(tmp_path):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from conftest import make_tiny_model
-    from modeling_rxt.trainer import RxTTrainer, _AccumulatedStep
+    from modeling_rxt.trainer import RxTTrainer
 
     model = make_tiny_model().train()
     seen = {}
@@ -473,14 +482,14 @@ def test_under_fsdp_mixed_precision_the_objective_keeps_exact_weights(tmp_path):
         trainer.objective, trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled = objective, True, False
         trainer.accelerator = type("Accelerator", (), {"unwrap_model": staticmethod(lambda m: m),
                                                        "autocast": staticmethod(contextlib.nullcontext)})()
-        trainer._step, trainer._metric_sums, trainer._metric_count = _AccumulatedStep(), {}, 0
+        trainer._start_afresh()
         weights = torch.tensor([[0.1, 1.0]])
         loss = trainer.compute_loss(model, {"input_ids": torch.randint(4, 100, (1, 6)), "turn_weights": weights})
     finally:
         dist.destroy_process_group()
     assert seen["weights"].dtype == torch.float32 and torch.equal(seen["weights"], weights)
     assert trainer._step.weight.dtype == torch.float32 and float(trainer._step.weight) == 465.0
-    assert loss.requires_grad and trainer._metric_sums == {"decoder_loss": pytest.approx(0.1)}
+    assert loss.requires_grad and trainer._metrics.means() == {"decoder_loss": pytest.approx(0.1)}
 
 
 def test_in_lockstep_a_step_without_answers_leaves_the_weights_and_the_logged_losses_alone(tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def test_a_micro_batch_without_a_weighted_answer_is_a_zero_step(tokenizer, tmp_p
                          objective=memory_aware_objective)
     model.train()
     trainer.compute_loss(model, collator([dataset[0]])).backward()
-    assert all(p.grad is None for p in model.parameters()) and trainer._metric_count == 0
+    assert all(p.grad is None for p in model.parameters()) and trainer._metrics.means() == {}
     trainer._step = type(trainer._step)()  # the micro-batch above was a probe, not part of the run
     with caplog.at_level(logging.WARNING, logger="modeling_rxt.trainer"):
         assert math.isnan(trainer.train().training_loss)  # no step had a loss
@@ -82,14 +82,36 @@ _STAGES_TO_EVALUATE = [("joint", {}), ("sft", {}), ("memory_attention", {}), ("m
                          ids=["joint", "sft", "memory_attention", "memory_aware", "external", "mixed"])
 def test_evaluation_computes_the_objective_of_every_stage(tokenizer, tmp_path, stage, extra):
     """The external-memory batches are nested and hold no top-level `labels`: Trainer's own evaluation step then
-    called `forward` with them. The evaluation loss must be the objective's, as in training, for every stage."""
+    called `forward` with them. The evaluation loss must be the objective's, as in training, for every stage; its
+    metrics (the stage's losses, which training logs) are reported beside it, so that `metric_for_best_model` may
+    name one (only `eval_loss` was)."""
     dataset, collator, objective = stage_components(stage_recipe(stage, **extra), tokenizer, MAX_LENGTH, seed=0)
     model = tiny_model(tokenizer).eval()
     trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path), eval_dataset=dataset.select(range(4)),
                          data_collator=collator, objective=objective)
     with torch.no_grad():
-        loss_sum, weight, _ = objective(model, collator([dataset[i] for i in range(4)]))
-    assert trainer.evaluate()["eval_loss"] == pytest.approx(float(loss_sum / weight), rel=1e-5)
+        loss_sum, weight, metrics = objective(model, collator([dataset[i] for i in range(4)]))
+    evaluated, predicted = trainer.evaluate(), trainer.predict(dataset.select(range(4))).metrics
+    assert evaluated["eval_loss"] == pytest.approx(float(loss_sum / weight), rel=1e-5)
+    assert metrics and {f"eval_{name}": float(value) for name, value in metrics.items()} == pytest.approx(
+        {key: value for key, value in evaluated.items() if key.removeprefix("eval_") in metrics}, rel=1e-5)
+    assert all(predicted[f"test_{name}"] == pytest.approx(float(value), rel=1e-5) for name, value in metrics.items())
+
+
+def test_the_best_checkpoint_may_be_chosen_by_a_metric_of_the_objective(tokenizer, tmp_path):
+    """`metric_for_best_model="mlm_loss"` (the joint stage's masked-LM part) raised transformers' KeyError: only
+    `eval_loss` was reported."""
+    dataset, collator, objective = stage_components(stage_recipe("joint"), tokenizer, MAX_LENGTH, seed=0)
+    arguments = _trainer_args(tmp_path, max_steps=3, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                              save_steps=1, load_best_model_at_end=True, metric_for_best_model="mlm_loss",
+                              learning_rate=0.05)
+    trainer = RxTTrainer(model=tiny_model(tokenizer), args=arguments, train_dataset=dataset,
+                         eval_dataset=dataset.select(range(4)), data_collator=collator, objective=objective)
+    trainer.train()
+    evaluations = [entry for entry in trainer.state.log_history if "eval_mlm_loss" in entry]
+    best = min(evaluations, key=lambda entry: entry["eval_mlm_loss"])
+    assert len(evaluations) == 3 and trainer.state.best_metric == best["eval_mlm_loss"]
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
 
 
 def test_trainer_refuses_to_drop_the_columns_its_collators_read(tokenizer, episodes, tmp_path, monkeypatch):
