@@ -398,36 +398,25 @@ def _build_external_memory(model, memories, attention_mask, layers, stride, devi
     memory = _empty_memory(ids, mask, layers, model, device)
     if not layers:  # `external_memory_layers=[]`: retrieval off, nothing to encode
         return memory
-    # The hidden states entering each retrieval layer; its keys/values are then computed from them as a forward of
-    # the layer, not taken from inside its `forward` by hooks: under FSDP2 the gradients reaching keys/values taken
-    # from inside would find the layer's weights released.
-    entering: dict[int, torch.Tensor] = {}
-    handles = [model.layers[layer_idx].register_forward_pre_hook(_capture_input(entering, layer_idx))
-               for layer_idx in layers]
-    try:
-        per_batch = max(1, TOKENS_PER_ENCODING_BATCH // stride)
-        memory_key_values = model.project_memory(model.memory_tensor(None, 1))  # (1, L, 2, K, S, Dh), once
-        groups = [chunks[start : start + per_batch] for start in range(0, len(chunks), per_batch)]
-        for _ in range(_extra_passes(passes, len(groups))):
-            # A pass that encodes nothing (one padding token), for a process in lockstep with others that have more
-            # memory to encode. Its keys/values join the memory times zero, so that its backward runs as theirs does.
-            token = torch.zeros(1, 1, dtype=torch.long, device=model_device)
-            keys, values = _encode_pass(model, token, torch.ones_like(token), memory_key_values, layers, entering)
-            if torch.is_grad_enabled():
-                memory.keys.view(-1)[:1] += (keys.sum() + values.sum()).to(memory.keys.dtype) * 0
-        for group in groups:
-            chunk_ids = nn.utils.rnn.pad_sequence([c for _, _, c in group], batch_first=True).to(model_device)
-            chunk_mask = nn.utils.rnn.pad_sequence([torch.ones_like(c) for _, _, c in group], batch_first=True)
-            keys, values = _encode_pass(model, chunk_ids, chunk_mask.to(model_device), memory_key_values, layers,
-                                        entering)
-            # Written straight into place: the peak stays at the memory itself plus one batch of activations.
-            for i, (row, offset, chunk) in enumerate(group):
-                span = slice(offset, offset + chunk.numel())
-                memory.keys[:, row, :, span] = keys[:, i, :, : chunk.numel()]
-                memory.values[:, row, :, span] = values[:, i, :, : chunk.numel()]
-    finally:
-        for handle in handles:
-            handle.remove()
+    per_batch = max(1, TOKENS_PER_ENCODING_BATCH // stride)
+    memory_key_values = model.project_memory(model.memory_tensor(None, 1))  # (1, L, 2, K, S, Dh), once
+    groups = [chunks[start : start + per_batch] for start in range(0, len(chunks), per_batch)]
+    for _ in range(_extra_passes(passes, len(groups))):
+        # A pass that encodes nothing (one padding token), for a process in lockstep with others that have more
+        # memory to encode. Its keys/values join the memory times zero, so that its backward runs as theirs does.
+        token = torch.zeros(1, 1, dtype=torch.long, device=model_device)
+        keys, values = _encode_pass(model, token, torch.ones_like(token), memory_key_values, layers)
+        if torch.is_grad_enabled():
+            memory.keys.view(-1)[:1] += (keys.sum() + values.sum()).to(memory.keys.dtype) * 0
+    for group in groups:
+        chunk_ids = nn.utils.rnn.pad_sequence([c for _, _, c in group], batch_first=True).to(model_device)
+        chunk_mask = nn.utils.rnn.pad_sequence([torch.ones_like(c) for _, _, c in group], batch_first=True)
+        keys, values = _encode_pass(model, chunk_ids, chunk_mask.to(model_device), memory_key_values, layers)
+        # Written straight into place: the peak stays at the memory itself plus one batch of activations.
+        for i, (row, offset, chunk) in enumerate(group):
+            span = slice(offset, offset + chunk.numel())
+            memory.keys[:, row, :, span] = keys[:, i, :, : chunk.numel()]
+            memory.values[:, row, :, span] = values[:, i, :, : chunk.numel()]
     return memory
 
 
@@ -439,20 +428,18 @@ def _extra_passes(passes: Callable[[int], int] | None, needed: int) -> int:
     return wanted - needed
 
 
-def _encode_pass(model, chunk_ids, chunk_mask, memory_key_values, layers, entering):
+def _encode_pass(model, chunk_ids, chunk_mask, memory_key_values, layers):
     """One decoder pass over chunks (n, T): the keys and values (Lr, n, K, T, Dh) of the retrieval `layers`,
-    computed from the hidden states entering them (`entering`, filled during the pass)."""
-    model(input_ids=chunk_ids, attention_mask=chunk_mask, use_cache=False,
-          memory_key_values=memory_key_values.expand(chunk_ids.shape[0], *memory_key_values.shape[1:]))
+    computed from the hidden states entering them. Those come from `output_hidden_states` (entry l enters layer l),
+    which transformers collects for this call alone: hooks of this call on the shared layers took another thread's
+    hidden states as well. The keys/values are computed as a forward of the layer, not taken from inside its
+    `forward`: under FSDP2 the gradients reaching keys/values taken from inside would find the layer's weights
+    released."""
+    entering = model(input_ids=chunk_ids, attention_mask=chunk_mask, use_cache=False, output_hidden_states=True,
+                     memory_key_values=memory_key_values.expand(chunk_ids.shape[0], *memory_key_values.shape[1:]),
+                     ).hidden_states  # (n, T, D) each
     keys, values = zip(*(model.self_attention_keys_values(i, entering[i]) for i in layers))
     return torch.stack(keys), torch.stack(values)
-
-
-def _capture_input(store: dict[int, torch.Tensor], layer_idx: int) -> Callable:
-    def hook(module, args):
-        store[layer_idx] = args[0]  # (n, T, D), the hidden states entering the layer
-
-    return hook
 
 
 def _empty_memory(ids, mask, layers, model, device) -> ExternalMemory:

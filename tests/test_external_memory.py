@@ -700,3 +700,42 @@ def test_row_maps_layers_and_cleared_rows_at_their_edges(model, memory_ids):
     with pytest.raises(ValueError, match="outside this model's decoder"):
         model.generate(prompt(), max_new_tokens=1, external_memories=past, external_memory_layers=[0])
     assert (memory.clear([1]).token_ids[1] == 0).all() and (memory.token_ids[1] != 0).any()
+
+
+def test_a_build_takes_no_hidden_states_of_another_threads_forward(model, memory_ids):
+    """The build took the hidden states entering each retrieval layer from hooks on the shared layers, which every
+    forward fired, from any thread: a forward of another thread during a build (a web server's other request) gave
+    the memory that forward's keys, under this memory's token ids, without an error. Here the other forward runs
+    (same shape) while the build waits between its decoder pass and its keys/values."""
+    import threading
+
+    # The shape of the build's one pass (its memory gave another forward's keys without an error): chunks of
+    # `max_position_embeddings` (the default stride), 40 + 23 tokens in 32 + 8 and 23.
+    others = torch.randint(5, VOCAB, (3, model.config.max_position_embeddings))
+    with torch.no_grad():
+        expected = model.build_external_memory(memory_ids, layers=[0, 1])
+    paused, resume, built = threading.Event(), threading.Event(), {}
+    keys_values = model.model.self_attention_keys_values
+
+    def pausing(layer_idx, hidden_states):
+        if threading.current_thread().name == "builder" and not paused.is_set():
+            paused.set()
+            resume.wait(30)
+        return keys_values(layer_idx, hidden_states)
+
+    def build():
+        with torch.no_grad():
+            built["memory"] = model.build_external_memory(memory_ids, layers=[0, 1])
+
+    model.model.self_attention_keys_values = pausing
+    try:
+        builder = threading.Thread(target=build, name="builder", daemon=True)
+        builder.start()
+        assert paused.wait(30)
+        with torch.no_grad():
+            model(others)
+        resume.set()
+        builder.join(60)
+    finally:
+        del model.model.self_attention_keys_values
+    assert torch.equal(built["memory"].keys, expected.keys) and torch.equal(built["memory"].values, expected.values)
