@@ -24,6 +24,9 @@
 """
 
 import functools
+import logging
+import threading
+import weakref
 from collections.abc import Callable
 from types import MethodType
 
@@ -34,6 +37,8 @@ if torch.distributed.is_available():  # torch builds without distributed have ne
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 else:
     FSDPModule = register_fsdp_forward_method = None
+
+logger = logging.getLogger(__name__)
 
 
 def execution_device(module: nn.Module) -> torch.device:
@@ -116,17 +121,43 @@ def drop_mixed_adapter_hooks(module: nn.Module) -> None:
         submodule._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
+# The calls of `drops_mixed_adapter_hooks_on_error` methods running on each model: {model: {thread id: depth}}.
+_CALLS_RUNNING: "weakref.WeakKeyDictionary[nn.Module, dict[int, int]]" = weakref.WeakKeyDictionary()
+_CALLS_RUNNING_LOCK = threading.Lock()
+
+
 def drops_mixed_adapter_hooks_on_error(method: Callable) -> Callable:
     """Makes a failed call of `method` remove the hooks of a mixed-adapter batch (a no-op outside one): PEFT (0.21)
     removes them when the call returns but not when it raises, and every later call of the model would run with
-    that batch's adapter names, without a word."""
+    that batch's adapter names, without a word. The hooks name no call, so while a call of another thread runs on
+    the model they may be its own: they are left (with a warning), and that call goes on as it began."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # a compiled forward: nothing to count (dynamo cannot trace the thread id)
+            return method(self, *args, **kwargs)
+        thread = threading.get_ident()
+        with _CALLS_RUNNING_LOCK:
+            depths = _CALLS_RUNNING.setdefault(self, {})
+            depths[thread] = depths.get(thread, 0) + 1
         try:
             return method(self, *args, **kwargs)
         except BaseException:
-            drop_mixed_adapter_hooks(self)
+            with _CALLS_RUNNING_LOCK:
+                others_running = any(depth for other, depth in depths.items() if other != thread)
+            if not others_running:
+                drop_mixed_adapter_hooks(self)
+            elif mixed_adapter_rows(self) is not None:
+                logger.warning(
+                    "A call of this model failed while a call of another thread was running on it: the hooks of a "
+                    "mixed-adapter batch (`adapter_names`) on the model may be that call's, and were left. PEFT's "
+                    "hooks are model-wide: a call with `adapter_names` must not overlap other calls of the model."
+                )
             raise
+        finally:
+            with _CALLS_RUNNING_LOCK:
+                depths[thread] -= 1
+                if not depths[thread]:
+                    del depths[thread]
 
     return wrapper
