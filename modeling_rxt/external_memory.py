@@ -77,11 +77,21 @@ def resolve_layers(config, layers: Sequence[int] | None = None) -> tuple[int, ..
         layers = config.external_memory_layers
     if layers is None:
         layers = default_retrieval_layers(config.num_hidden_layers)
+    layers = layer_indices(layers)
     check_retrieval_controls(config.num_hidden_layers, config.max_position_embeddings, layers=layers)
     return tuple(layers)
 
 
+def layer_indices(layers):
+    """A list, tuple or range of layer indices (numpy's ints too, as `ExternalMemory(layers=...)` takes them) as a
+    list of Python ints; any other value unchanged, for `check_retrieval_controls` to name."""
+    if isinstance(layers, list | tuple | range):
+        return [as_python_number(index, numbers.Integral) for index in layers]
+    return layers
+
+
 def resolve_stride(config, stride: int | None = None) -> int:
+    stride = as_python_number(stride, numbers.Integral)  # numpy's ints, as `generate` takes them
     stride = stride if stride is not None else config.external_memory_stride
     stride = stride if stride is not None else config.max_position_embeddings
     check_retrieval_controls(config.num_hidden_layers, config.max_position_embeddings, stride=stride)
@@ -129,6 +139,14 @@ class ExternalMemory:
                 f"{tuple(self.keys.shape)}, got mask {tuple(self.mask.shape)} and token_ids "
                 f"{tuple(self.token_ids.shape)}."
             )
+        devices = {name: getattr(self, name).device for name in ("keys", "values", "token_ids", "mask")}
+        if len(set(devices.values())) > 1:
+            raise ValueError(f"`keys`, `values`, `token_ids` and `mask` must be on one device, got {devices}.")
+        # Each row's tokens first, then its padding: `add` keeps a row's indices only so (the mask is checked on the
+        # CPU, where reading it costs nothing; memories on an accelerator come from this module's own operations).
+        if self.mask.device.type == "cpu" and bool((self.mask[:, 1:] & ~self.mask[:, :-1]).any()):
+            raise ValueError("`mask` must hold each row's memory tokens first, then its padding (True before False), "
+                             "as `build_external_memory` writes it.")
 
     # ---- shape ----------------------------------------------------------------------------------------------------
     @property
@@ -226,6 +244,8 @@ class ExternalMemory:
         _check_same_kind([self, other], "other")
         if other.num_rows != index.numel():
             raise ValueError(f"`other` has {other.num_rows} rows but `rows` names {index.numel()}.")
+        if index.unique().numel() != index.numel():  # the last of a row's memories won, the others were dropped
+            raise ValueError(f"`rows` names a row twice ({rows!r:.60}): each row takes one of `other`'s memories.")
         source = torch.arange(self.num_rows, device=self.device)
         source[index] = self.num_rows + torch.arange(index.numel(), device=self.device)
         return ExternalMemory.concatenate([self, other.to(self.device)]).select(source)
@@ -323,7 +343,7 @@ def as_padded_ids(
     elif isinstance(memories, (list, tuple)) and memories:
         if attention_mask is not None:
             raise ValueError("`external_memories_attention_mask` is only for a (rows, tokens) tensor of memories.")
-        rows = [_id_row(row) for row in memories]
+        rows = [_id_row(row, index) for index, row in enumerate(memories)]
         ids = nn.utils.rnn.pad_sequence(rows, batch_first=True) if any(r.numel() for r in rows) else None
         ids = ids if ids is not None else torch.zeros(len(rows), 0, dtype=torch.long)
         mask = torch.arange(ids.shape[1])[None, :] < torch.tensor([r.numel() for r in rows])[:, None]
@@ -338,12 +358,17 @@ def as_padded_ids(
     return ids, mask
 
 
-def _id_row(row) -> torch.Tensor:
+def _id_row(row, index: int) -> torch.Tensor:
     """One memory row (a 1-D tensor or a list of ints) as int64 ids; floats, bools and text are refused, not cast."""
     try:
         tensor = torch.as_tensor(row)
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"`external_memories` rows must be token ids (ints), got {row!r:.60}: {error}") from error
+    if tensor.dim() == 0:  # a flat list of ids (what a tokenizer gives for one text) made one row per token
+        raise TypeError(
+            f"`external_memories` is a list of rows (one sequence of token ids per memory), but its entry {index} is a "
+            f"single id ({row!r:.20}): for one document, pass a list holding its ids (`[ids]`), or a 1-D tensor."
+        )
     if tensor.numel() == 0 and tensor.dim() <= 1:  # an empty row (`[]` reads as float32)
         return torch.zeros(0, dtype=torch.long)
     integer = not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
@@ -792,6 +817,8 @@ def _pop_generate_controls(kwargs: dict) -> dict:
     for name, kind in (("external_memory_topk", numbers.Integral), ("external_memory_stride", numbers.Integral),
                        ("external_memory_sim_threshold", numbers.Real)):
         controls[name] = as_python_number(controls[name], kind)
+    if controls["external_memory_layers"] is not None:
+        controls["external_memory_layers"] = layer_indices(controls["external_memory_layers"])
     return controls
 
 

@@ -739,3 +739,43 @@ def test_a_build_takes_no_hidden_states_of_another_threads_forward(model, memory
     finally:
         del model.model.self_attention_keys_values
     assert torch.equal(built["memory"].keys, expected.keys) and torch.equal(built["memory"].values, expected.values)
+
+
+def test_a_flat_list_of_ids_is_refused_not_read_as_one_memory_per_token(model, memory_ids):
+    """A flat list of ints (what a tokenizer gives for one text) was read as one row per token: six one-token
+    memories, which a batch of six read without an error."""
+    flat = memory_ids[0][:6].tolist()
+    with pytest.raises(TypeError, match=r"entry 0 is a single id .*pass a list holding its ids \(`\[ids\]`\)"):
+        model.build_external_memory(flat)
+    with pytest.raises(TypeError, match=r"single id"):
+        model.generate(prompt(6), external_memories=flat, max_new_tokens=1)
+    assert torch.equal(model.build_external_memory([flat]).keys, model.build_external_memory(memory_ids[0][:6]).keys)
+
+
+def test_memories_are_checked_where_a_method_would_move_or_drop_tokens(model, memory_ids):
+    """`replace` with a row named twice kept the last of its memories and dropped the other; a hand-built memory
+    whose mask is not packed to the left had its indices moved by `add` ("existing indices stay valid"); keys and
+    values on two devices failed only when read."""
+    memory = model.build_external_memory(memory_ids)
+    with pytest.raises(ValueError, match=r"`rows` names a row twice"):
+        memory.replace([0, 0], memory)
+    holes = memory.mask.clone()
+    holes[0, 1] = False
+    with pytest.raises(ValueError, match=r"`mask` must hold each row's memory tokens first"):
+        ExternalMemory(memory.keys, memory.values, memory.token_ids * holes, holes, memory.layers)
+    with pytest.raises(ValueError, match=r"must be on one device"):
+        ExternalMemory(memory.keys, memory.values.to("meta"), memory.token_ids, memory.mask, memory.layers)
+    swapped = memory.replace([0, 1], memory.select([1, 0]))
+    assert torch.equal(swapped.token_ids, memory.token_ids[[1, 0]])
+
+
+def test_numpy_ints_and_ranges_of_layers_and_strides_are_taken_as_ints(model, memory_ids):
+    """`stride=np.int64(8)` was refused as not "an integer in [1, 32]", `layers=[np.int64(1)]` and `range(2)` as not
+    "a list of layer indices", where `generate`'s stride and `ExternalMemory(layers=...)` take them."""
+    expected = model.build_external_memory(memory_ids, layers=[0, 1], stride=8)
+    for layers, stride in (([np.int64(0), np.int32(1)], np.int64(8)), (range(2), 8), ((0, 1), torch.tensor(8))):
+        built = model.build_external_memory(memory_ids, layers=layers, stride=stride)
+        assert built.layers == (0, 1) and torch.equal(built.keys, expected.keys)
+    settings = dict(external_memories=memory_ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(prompt(), external_memory_layers=range(1, 2), **settings),
+                       model.generate(prompt(), external_memory_layers=[1], **settings))
