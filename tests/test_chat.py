@@ -810,3 +810,26 @@ def test_the_room_rule_counts_the_rendered_prompt(model, tokenizer, monkeypatch)
     over = with_template(tokenizer, "[T]" * (fill + 1) + CHAT_TEMPLATE)
     with pytest.raises(ValueError, match="47 tokens, more than max_length=46"):
         RxTChatSession(model, over).send(TEXTS[0], max_new_tokens=1)
+
+
+def test_write_pending_turns_false_once_the_background_write_finished(model, tokenizer):
+    """`write_pending` is False once the write finished, before anything waits for it (a mutation audit: it stayed
+    True until then)."""
+    session = RxTChatSession(model, tokenizer)
+    session.send(TEXTS[0], **GREEDY)
+    deadline = time.monotonic() + 10
+    while session.write_pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not session.write_pending  # finished, not yet collected: nothing is running any more
+    session.close()
+
+
+def test_max_new_tokens_one_past_the_room_is_refused(model, tokenizer):
+    """One token past the room would leave none for [EOS] within `max_position_embeddings` (a mutation audit: it
+    was accepted)."""
+    prompt = len(encode_query(tokenizer, TEXTS[0])["input_ids"])
+    room = model.config.max_position_embeddings - prompt - 1
+    session = RxTChatSession(model, tokenizer, background_write=False)
+    with pytest.raises(ValueError, match=rf"`max_new_tokens` must be in \[1, {room}\]"):
+        session.send(TEXTS[0], max_new_tokens=room + 1)
+    assert session.messages == []

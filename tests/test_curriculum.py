@@ -674,3 +674,106 @@ def test_a_resumed_run_refuses_a_damaged_stage_log(tmp_path):
         log_file.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=r"stage_log.json' is not the log of a finished"):
             run_curriculum(recipe, tmp_path, progress=False, resume=True)
+
+
+def _checkpoints(folder, steps):
+    for step in steps:
+        (folder / f"checkpoint-{step}").mkdir()
+        (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+def test_the_newest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
+    """Steps sorted as numbers and the last taken ("checkpoint-10" sorts before "checkpoint-9" as text; the oldest
+    of several would restart most of the stage). A mutation audit found both unchecked."""
+    from modeling_rxt.training_curriculum import last_complete_checkpoint
+
+    _checkpoints(tmp_path, (5, 9, 10))
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+
+
+def test_a_negative_step_count_is_a_damaged_stage_log(tmp_path):
+    """A stage log of -1 steps was read as valid in a mutation audit."""
+    from modeling_rxt.training_curriculum import read_stage_log
+
+    path = tmp_path / "stage_log.json"
+    path.write_text(json.dumps({"stage": "sft", "steps": -1, "wall_s": 1.0, "losses": []}))
+    with pytest.raises(ValueError, match="is not the log of a finished 'sft' stage"):
+        read_stage_log(path, "sft")
+    path.write_text(json.dumps({"stage": "sft", "steps": 0, "wall_s": 1.0, "losses": []}))
+    assert read_stage_log(path, "sft").steps == 0
+
+
+def test_a_final_folder_without_its_log_is_trained_again_on_resume(tmp_path):
+    """A stage counts as finished by its `final/stage_log.json`, not by the folder (a mutation audit: counted by the
+    folder, the resume failed on the missing log instead of training the stage again)."""
+    from modeling_rxt.training_curriculum import load_recipe, run_curriculum
+
+    recipe = load_recipe("tiny")
+    recipe = {**recipe, "stages": [{**recipe["stages"][0], "max_steps": 2, "episodes": 16}]}
+    run_curriculum(recipe, tmp_path, progress=False)
+    final = next((tmp_path / "stages").glob("00_*")) / "final"
+    (final / "stage_log.json").unlink()
+    _, _, logs = run_curriculum(recipe, tmp_path, progress=False, resume=True)
+    assert logs[0].steps == recipe["stages"][0]["max_steps"] and (final / "stage_log.json").is_file()
+
+
+def test_a_resumed_run_into_an_empty_folder_records_its_recipe(tmp_path):
+    """`resume` into a folder with no recorded run starts one, and must record it
+    (a mutation audit: nothing written; the next `resume` then refused the stages as those of a run with no recipe)."""
+    from modeling_rxt.training_curriculum import RUN_RECIPE, check_same_run, start_or_resume
+
+    recipe = {"tokenizer": {"vocab_size": 300}, "model": {"preset": "nano"},
+              "stages": [{"stage": "sft", "max_steps": 1, "batch_size": 2, "learning_rate": 1e-3}]}
+    tmp_path.mkdir(exist_ok=True)
+    start_or_resume(recipe, tmp_path, resume=True)
+    assert json.loads((tmp_path / RUN_RECIPE).read_text())["stages"] == recipe["stages"]
+    (tmp_path / "stages").mkdir()
+    check_same_run(recipe, tmp_path, processes=1)  # the stages are this run's
+
+
+def test_an_interrupted_stage_save_leaves_no_final_folder(tmp_path, monkeypatch):
+    """`staged_folder`: a save that fails part-way must leave no `final/` (resume would
+    take a half-written one, without its log, for a finished stage)."""
+    import modeling_rxt.training_curriculum as curriculum
+    from conftest import make_tiny_model
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(curriculum, "write_json_atomic", broken)
+    final = tmp_path / "stages" / "00_sft" / "final"
+    with pytest.raises(OSError, match="disk full"):
+        curriculum.save_finished_stage(make_tiny_model(), curriculum.StageLog("sft", 1, 0.1), final)
+    assert not final.exists()
+
+
+def test_resuming_in_processes_refuses_an_initial_model_built_from_other_sections(tmp_path):
+    """`_check_same_initial` (a mutation audit: any recorded `built_from.json` passed)."""
+    from modeling_rxt.training_curriculum import _check_same_initial
+
+    built_from = tmp_path / "initial" / "built_from.json"
+    built_from.parent.mkdir()
+    built_from.write_text(json.dumps({"tokenizer": {"vocab_size": 300}, "model": {"preset": "nano"}}))
+    _check_same_initial({"tokenizer": {"vocab_size": 300}, "model": {"preset": "nano", "_note": "x"}}, built_from,
+                        tmp_path)
+    with pytest.raises(ValueError, match=r"another recipe .*`tokenizer.vocab_size` \(300 in the run, 400 here\)"):
+        _check_same_initial({"tokenizer": {"vocab_size": 400}, "model": {"preset": "nano"}}, built_from, tmp_path)
+
+
+def test_resuming_in_processes_into_a_folder_without_initial_builds_it(tmp_path, monkeypatch):
+    """`initial/` is reused on resume only where it is complete (`built_from.json`);
+    a resume into a fresh folder (or one stopped before `initial/` was complete) builds it (a mutation audit: never on
+    resume, and the run failed reading a tokenizer that is not there)."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    class Launched(Exception):
+        pass
+
+    def launched(*args, **kwargs):
+        raise Launched
+
+    monkeypatch.setattr(curriculum, "_run_torchrun", launched)
+    recipe = curriculum.load_recipe("tiny")
+    with pytest.raises(Launched):
+        curriculum.run_curriculum_in_processes(recipe, tmp_path / "run", processes=1, resume=True)
+    assert (tmp_path / "run" / "initial" / "built_from.json").is_file()

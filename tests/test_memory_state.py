@@ -620,3 +620,51 @@ def test_a_non_contiguous_state_saves_and_loads(tmp_path):
     assert not state.stm.is_contiguous()
     state.save_pretrained(tmp_path / "state")
     assert torch.equal(RxTMemoryState.from_pretrained(tmp_path / "state").stm, stm)
+
+
+def test_a_file_with_extra_tensors_beside_stm_is_refused(tmp_path):
+    """Only `stm` may be in the file (a mutation audit: a file with another tensor beside it loaded)."""
+    numbered_state().save_pretrained(tmp_path)
+    stm = numbered_state().stm
+    save_file({"stm": stm, "extra": torch.zeros(1)}, str(tmp_path / STATE_WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=r"expected exactly \['stm'\]"):
+        RxTMemoryState.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["num_layers", "batch_size", "num_slots", "hidden_size", "dtype"])
+def test_a_json_missing_a_recorded_field_does_not_describe_the_tensor(tmp_path, key):
+    """A `memory_state.json` missing a field it records does not describe the tensor (a mutation audit: a missing
+    field passed)."""
+    numbered_state().save_pretrained(tmp_path)
+    path = tmp_path / STATE_CONFIG_NAME
+    info = json.loads(path.read_text())
+    del info[key]
+    path.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="does not describe"):
+        RxTMemoryState.from_pretrained(tmp_path)
+
+
+def test_bools_beside_numpy_unsigned_indices_are_refused_not_taken_as_rows():
+    """Bools are refused as indices also where torch cannot make one tensor of the list (bool + uint64), which a
+    mutation audit found unchecked (True taken as row 1)."""
+    state = numbered_state()
+    for rows in ([True, np.uint64(1)], [np.uint64(0), False]):
+        with pytest.raises(TypeError, match="indices"):
+            state.select(rows)
+
+
+def test_a_state_of_another_copy_of_the_code_is_rewrapped():
+    """`is_memory_state` duck-types the class of a `trust_remote_code` copy (a mutation audit removed it unseen)."""
+    from dataclasses import dataclass
+
+    from modeling_rxt.memory_state import as_memory_state
+
+
+    @dataclass(frozen=True, eq=False)
+    class RxTMemoryState_:  # noqa: N801
+        stm: torch.Tensor
+
+    RxTMemoryState_.__name__ = "RxTMemoryState"
+    other = RxTMemoryState_(numbered_state().stm)
+    wrapped = as_memory_state(other)
+    assert isinstance(wrapped, RxTMemoryState) and wrapped.stm is other.stm

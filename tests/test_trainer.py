@@ -581,3 +581,45 @@ def test_rows_padded_when_tokenised_are_measured_by_their_attention_mask(tokeniz
     with pytest.raises(ValueError, match=rf"holds a row of {MAX_LENGTH + 1} tokens"):  # no mask: every token counts
         RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=datasets.Dataset.from_list(
             [padded(pairs[0]), unmasked]), data_collator=collator, objective=interaction_objective)
+
+
+def test_a_weightless_pass_with_a_graph_stays_out_of_the_logged_metrics(tokenizer, tmp_path):
+    """In lockstep (FSDP / ZeRO-3) a pass that weighs nothing still has a graph: its metrics must not enter the
+    logged stage losses (a mutation audit: `weighted` taken from the graph alone let them in)."""
+    def lockstep_like(model, inputs):  # what an objective returns for such a pass in lockstep
+        loss_sum, weight, metrics = memory_aware_objective(model, inputs)
+        if not loss_sum.requires_grad:
+            loss_sum = loss_sum + 0 * sum(p.sum() for p in model.parameters())
+        return loss_sum, weight, {**metrics, "probe": 123.0}
+
+    chat_only = _episode("chat-only", [Turn("hello there", "hi .", CHAT), Turn("how are you ?", "fine .", CHAT)])
+    dataset = tokenize_episodes(tokenizer, [chat_only], MAX_LENGTH)
+    collator = EpisodeCollator(tokenizer.pad_token_id, {ASK: 1.0, TELL: 0.0, "update": 0.0, CHAT: 0.0})
+    model = tiny_model(tokenizer)
+    trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path), train_dataset=dataset, data_collator=collator,
+                         objective=lockstep_like)
+    model.train()
+    loss = trainer.compute_loss(model, collator([dataset[0]]))
+    assert loss.requires_grad
+    assert trainer._metrics.means() == {}
+
+
+def test_each_logging_window_scales_by_its_own_steps_with_a_weighted_answer(tokenizer, episodes, tmp_path):
+    """The window counts restart after each logged loss. Steps: chat only, ask, ask, ask; logged
+    every 2 steps at learning rate 0: the first window is its ask's loss, the second the mean of its two asks (the
+    counts never restarted in a mutation audit, scaling the second window by the run's 4 steps / 3 weighted)."""
+
+    asks_only = {ASK: 1.0, TELL: 0.0, "update": 0.0, CHAT: 0.0}
+    collator = EpisodeCollator(tokenizer.pad_token_id, asks_only)
+    asks = tokenize_episodes(tokenizer, episodes, MAX_LENGTH).filter(lambda row: ASK in row["kinds"]).select([0, 1, 2])
+    chat = tokenize_episodes(tokenizer, [_episode("chat", [Turn("hello there", "hi .", CHAT)] * 2)], MAX_LENGTH)
+    steps = concatenate_datasets([chat, asks])
+    model = tiny_model(tokenizer)
+    with torch.no_grad():
+        losses = [float(s / w) for s, w, _ in (memory_aware_objective(model, collator([steps[i]])) for i in (1, 2, 3))]
+    trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path, logging_steps=2, learning_rate=0.0, max_steps=4),
+                         train_dataset=steps, data_collator=collator, objective=memory_aware_objective)
+    trainer._get_train_sampler = lambda *_: torch.utils.data.SequentialSampler(steps)
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == pytest.approx([losses[0], (losses[1] + losses[2]) / 2], rel=1e-5)
