@@ -43,12 +43,17 @@ logger = logging.getLogger(__name__)
 
 def execution_device(module: nn.Module) -> torch.device:
     """The device `module` computes on: its parameters' (`module.device` of a transformers model), or, where
-    accelerate offloads them (parameters on "meta", loaded around each forward), the execution device of its hook.
-    The memory and the ids that the model moves to its device itself go there."""
+    accelerate offloads them (parameters on "meta", loaded around each forward), the execution device of its hooks:
+    of `module` itself, else of the first of its submodules that has one (a device map finer than the model's parts
+    hooks only those). The memory and the ids that the model moves to its device itself go there."""
     device = next(module.parameters()).device
-    hook = getattr(module, "_hf_hook", None)
-    if device.type == "meta" and getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)  # an int is an accelerator index, as accelerate takes it
+    if device.type != "meta":
+        return device
+    for submodule in module.modules():
+        hook = getattr(submodule, "_hf_hook", None)
+        for part in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+            if getattr(part, "execution_device", None) is not None:
+                return torch.device(part.execution_device)  # an int is an accelerator index, as accelerate takes it
     return device
 
 

@@ -228,15 +228,23 @@ def test_a_model_cast_to_bfloat16_reloads_with_the_same_logits(tmp_path, kind):
                                rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_a_model_offloaded_by_accelerate_writes_answers_and_reads_external_memory_as_loaded(tmp_path, kind):
-    """`from_pretrained(..., device_map=...)` with the weights offloaded (here all to disk, what `device_map="auto"`
-    gives where `max_memory` leaves no room) puts the parameters on "meta" and loads them around each forward.
-    `forward` worked, but `generate`, `update_memory` and `build_external_memory` moved the memory and the ids to
-    the parameters' device, "meta", and failed. They go where accelerate's hook computes."""
+# All to disk (what `device_map="auto"` gives where `max_memory` leaves no room), and a map finer than the model's
+# parts, whose inner model has no hook of its own and an embedding on disk.
+_OFFLOADED = {"all": {"": "disk"},
+              "parts": {"model.embed_tokens": "disk", "model.layers": "cpu", "model.norm": "cpu",
+                        "model.rotary_emb": "cpu", "model.memory_encoder": "cpu", "model.memory_attention": "disk",
+                        "model.initial_memory": "cpu", "lm_head": "disk"}}
+
+
+@pytest.mark.parametrize("kind, device_map", [("dense", "all"), ("moe", "all"), ("dense", "parts")])
+def test_a_model_offloaded_by_accelerate_writes_answers_and_reads_external_memory_as_loaded(tmp_path, kind,
+                                                                                            device_map):
+    """`from_pretrained(..., device_map=...)` with weights offloaded puts those parameters on "meta" and loads them
+    around each forward. `forward` worked, but `generate`, `update_memory` and `build_external_memory` moved the
+    memory and the ids to the parameters' device, "meta", and failed. They go where accelerate's hooks compute."""
     model = make_tiny_model(kind, seed=4)
     model.save_pretrained(tmp_path / "model")
-    offloaded = RxTForCausalLM.from_pretrained(tmp_path / "model", device_map={"": "disk"},
+    offloaded = RxTForCausalLM.from_pretrained(tmp_path / "model", device_map=_OFFLOADED[device_map],
                                                offload_folder=tmp_path / "offload").eval()
     assert offloaded.device.type == "meta"
     ids, state = random_ids(2, 7), random_state(model, 2)
