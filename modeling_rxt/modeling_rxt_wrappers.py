@@ -119,15 +119,19 @@ def mixed_adapter_rows(module: nn.Module) -> int | None:
     return next((len(names) for _, _, names in _mixed_adapter_hooks(module)), None)
 
 
-def drop_mixed_adapter_hooks(module: nn.Module) -> None:
-    """Removes the hooks of a mixed-adapter batch from `module` (see `drops_mixed_adapter_hooks_on_error`)."""
+def drop_mixed_adapter_hooks(module: nn.Module, only: list | None = None) -> None:
+    """Removes the hooks of a mixed-adapter batch from `module` (see `drops_mixed_adapter_hooks_on_error`), or only
+    those of `only` (hook objects) still there."""
     for submodule, key, _ in _mixed_adapter_hooks(module):
-        del submodule._forward_pre_hooks[key]
-        submodule._forward_pre_hooks_with_kwargs.pop(key, None)
+        if only is None or any(submodule._forward_pre_hooks[key] is hook for hook in only):
+            del submodule._forward_pre_hooks[key]
+            submodule._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
-# The calls of `drops_mixed_adapter_hooks_on_error` methods running on each model: {model: {thread id: depth}}.
+# The calls of `drops_mixed_adapter_hooks_on_error` methods running on each model ({thread id: depth}), and the hooks
+# a failed call found there while another thread's call ran (removed when no call runs any more).
 _CALLS_RUNNING: "weakref.WeakKeyDictionary[nn.Module, dict[int, int]]" = weakref.WeakKeyDictionary()
+_HOOKS_TO_DROP: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 _CALLS_RUNNING_LOCK = threading.Lock()
 
 
@@ -135,11 +139,12 @@ def drops_mixed_adapter_hooks_on_error(method: Callable) -> Callable:
     """Makes a failed call of `method` remove the hooks of a mixed-adapter batch (a no-op outside one): PEFT (0.21)
     removes them when the call returns but not when it raises, and every later call of the model would run with
     that batch's adapter names, without a word. The hooks name no call, so while a call of another thread runs on
-    the model they may be its own: they are left (with a warning), and that call goes on as it began."""
+    the model they may be its own: the hooks found then are removed when the last running call ends (a batch
+    started later has hooks of its own, left alone), so that call goes on as it began."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        if torch.compiler.is_compiling():  # a compiled forward: nothing to count (dynamo cannot trace the thread id)
+        if torch.compiler.is_compiling():  # compiled: dynamo cannot trace the thread id (`generate` still counts)
             return method(self, *args, **kwargs)
         thread = threading.get_ident()
         with _CALLS_RUNNING_LOCK:
@@ -149,14 +154,16 @@ def drops_mixed_adapter_hooks_on_error(method: Callable) -> Callable:
             return method(self, *args, **kwargs)
         except BaseException:
             with _CALLS_RUNNING_LOCK:
-                others_running = any(depth for other, depth in depths.items() if other != thread)
-            if not others_running:
-                drop_mixed_adapter_hooks(self)
-            elif mixed_adapter_rows(self) is not None:
+                if any(depth for other, depth in depths.items() if other != thread):
+                    hooks = [submodule._forward_pre_hooks[key] for submodule, key, _ in _mixed_adapter_hooks(self)]
+                    _HOOKS_TO_DROP.setdefault(self, []).extend(hooks)
+                else:
+                    drop_mixed_adapter_hooks(self)
+            if _HOOKS_TO_DROP.get(self):
                 logger.warning(
                     "A call of this model failed while a call of another thread was running on it: the hooks of a "
-                    "mixed-adapter batch (`adapter_names`) on the model may be that call's, and were left. PEFT's "
-                    "hooks are model-wide: a call with `adapter_names` must not overlap other calls of the model."
+                    "mixed-adapter batch (`adapter_names`) on the model stay until that call ends. PEFT's hooks are "
+                    "model-wide: a call with `adapter_names` must not overlap other calls of the model."
                 )
             raise
         finally:
@@ -164,5 +171,7 @@ def drops_mixed_adapter_hooks_on_error(method: Callable) -> Callable:
                 depths[thread] -= 1
                 if not depths[thread]:
                     del depths[thread]
+                if not depths and self in _HOOKS_TO_DROP:  # no call runs: what a failed call left goes
+                    drop_mixed_adapter_hooks(self, only=_HOOKS_TO_DROP.pop(self))
 
     return wrapper

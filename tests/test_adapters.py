@@ -303,6 +303,52 @@ def test_a_call_failing_in_another_thread_leaves_a_running_mixed_batch_its_adapt
     assert "must not overlap other calls" in caplog.text
 
 
+def test_a_mixed_batch_failing_while_another_thread_runs_leaves_no_hooks_once_both_end(ids):
+    """The other way round: the failing call is the mixed batch, while a plain call of another thread runs. Its hooks
+    stay while that call runs (they might be its own), and go when it ends: they stayed for good, and every later
+    call ran with that batch's adapter names (a later plain answer changed, a 2-row batch was refused)."""
+    import threading
+
+    from transformers.generation.streamers import BaseStreamer
+
+    model = with_roles(make_base(), "decoder")
+    rows = ["critic", BASE_ADAPTER, "actor"]
+    plain = dict(max_new_tokens=4, do_sample=False)
+    before = model.generate(input_ids=ids, **plain)
+    paused, resume = threading.Event(), threading.Event()
+
+    class Pauses(BaseStreamer):
+        puts = 0
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2:
+                paused.set()
+                resume.wait(30)
+
+        def end(self):
+            pass
+
+    class Fails(BaseStreamer):
+        def put(self, value):
+            raise KeyboardInterrupt  # any error inside the mixed batch's generate
+
+        def end(self):
+            pass
+
+    running = threading.Thread(target=lambda: model.generate(input_ids=ids, streamer=Pauses(), **plain), daemon=True)
+    running.start()
+    assert paused.wait(30)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(input_ids=ids, adapter_names=rows, memory_state=initial_memory_for(model, rows),
+                       streamer=Fails(), **plain)
+    assert mixed_adapter_rows(model) == 3  # left while the other call runs
+    resume.set()
+    running.join(60)
+    assert mixed_adapter_rows(model) is None and torch.equal(model.generate(input_ids=ids, **plain), before)
+    assert model.generate(input_ids=ids[:2], **plain).shape == (2, ids.shape[1] + 4)
+
+
 def test_mixed_batch_without_a_memory_state_names_initial_memory_for(ids):
     model = with_roles(make_base())  # each adapter has its own initial memory, which PEFT cannot split by row
     rows = ["critic", BASE_ADAPTER, "actor"]
