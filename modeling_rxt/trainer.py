@@ -61,27 +61,35 @@ class _StepCounts:
 
 
 class _MetricMeans:
-    """Plain means of the objective's metrics over batches (those with a weighted answer: the others have no loss)."""
+    """Plain means of the objective's metrics over batches (those with a weighted answer: the others have no loss),
+    each over the batches that report it (a MoE's `aux_loss` only where a row read the memory)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
 
     def add(self, metrics: Mapping[str, torch.Tensor | float], weighted: bool) -> None:
-        for name, value in metrics.items():  # every name, so that each process holds the same ones
-            self.sums[name] = self.sums.get(name, 0.0) + (float(value) if weighted else 0.0)
-        self.count += int(weighted)
+        if not weighted:
+            return
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+            self.counts[name] = self.counts.get(name, 0) + 1
 
     def means(self, across_processes_on: torch.device | None = None) -> dict[str, float]:
         """The means of this process's batches, or, given the device the processes reduce on, of every process's
         (all of them must call)."""
-        names, count = sorted(self.sums), self.count
-        totals = [self.sums[name] for name in names]
+        names = sorted(self.sums)
+        totals = [self.sums[name] for name in names] + [self.counts[name] for name in names]
         if across_processes_on is not None and _world_size() > 1:
-            reduced = torch.tensor([*totals, count], dtype=torch.float64, device=across_processes_on)
+            gathered: list[list[str]] = [[] for _ in range(_world_size())]
+            dist.all_gather_object(gathered, names)  # the processes may have seen different metrics
+            names = sorted({name for names_of_one in gathered for name in names_of_one})
+            totals = [self.sums.get(name, 0.0) for name in names] + [self.counts.get(name, 0) for name in names]
+            reduced = torch.tensor(totals, dtype=torch.float64, device=across_processes_on)
             dist.all_reduce(reduced)
-            *totals, count = reduced.tolist()
-        return {name: total / count for name, total in zip(names, totals, strict=True)} if count else {}
+            totals = reduced.tolist()
+        sums, counts = totals[: len(names)], totals[len(names) :]
+        return {name: total / count for name, total, count in zip(names, sums, counts, strict=True) if count}
 
 
 class RxTTrainer(Trainer):

@@ -526,3 +526,32 @@ def test_in_lockstep_a_step_without_answers_leaves_the_weights_and_the_logged_lo
         assert torch.equal(weight, before[name]), name
     # Nor do its passes enter the logged stage losses (as 0: they would pull the logged means down).
     assert [entry for entry in trainer.state.log_history if "decoder_loss" in entry] == []
+
+
+def _metric_means_of_one_process(rank: int, store: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from modeling_rxt.trainer import _MetricMeans
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        means = _MetricMeans()
+        # A MoE batch where a row read the memory reports `aux_loss`; this process's other batches do not.
+        means.add({"decoder_loss": 2.0, "aux_loss": 0.5} if rank == 0 else {"decoder_loss": 4.0}, weighted=True)
+        means.add({"decoder_loss": 9.0}, weighted=False)  # no weighted answer: no loss to count
+        with open(os.path.join(out_dir, f"means-{rank}.json"), "w") as handle:
+            json.dump(means.means(across_processes_on=torch.device("cpu")), handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluation_metrics_are_merged_across_processes_that_saw_different_ones(tmp_path):
+    """The processes' metrics were all-reduced one float per name each had seen: a name only one process had (a
+    MoE's `aux_loss`) made tensors of different lengths (gloo raised, NCCL would hang or mix values), and a metric
+    missing from some batches was divided by every batch. Each metric is the mean over the batches that report it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_metric_means_of_one_process, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        means = json.loads((tmp_path / f"means-{rank}.json").read_text())
+        assert means == {"decoder_loss": pytest.approx(3.0), "aux_loss": pytest.approx(0.5)}
