@@ -455,14 +455,15 @@ def _extra_passes(passes: Callable[[int], int] | None, needed: int) -> int:
 
 def _encode_pass(model, chunk_ids, chunk_mask, memory_key_values, layers):
     """One decoder pass over chunks (n, T): the keys and values (Lr, n, K, T, Dh) of the retrieval `layers`,
-    computed from the hidden states entering them. Those come from `output_hidden_states` (entry l enters layer l),
-    which transformers collects for this call alone: hooks of this call on the shared layers took another thread's
-    hidden states as well. The keys/values are computed as a forward of the layer, not taken from inside its
-    `forward`: under FSDP2 the gradients reaching keys/values taken from inside would find the layer's weights
-    released."""
-    entering = model(input_ids=chunk_ids, attention_mask=chunk_mask, use_cache=False, output_hidden_states=True,
-                     memory_key_values=memory_key_values.expand(chunk_ids.shape[0], *memory_key_values.shape[1:]),
-                     ).hidden_states  # (n, T, D) each
+    computed from the hidden states entering them. Those come from `output_hidden_states`, which transformers
+    collects for this call alone (hooks of this call on the shared layers took another thread's hidden states as
+    well); given the retrieval layers' indices it keeps only theirs (entry l enters layer l, None elsewhere). The
+    keys/values are computed as a forward of the layer, not taken from inside its `forward`: under FSDP2 the
+    gradients reaching keys/values taken from inside would find the layer's weights released."""
+    memory_key_values = memory_key_values.expand(chunk_ids.shape[0], *memory_key_values.shape[1:])
+    entering = model(input_ids=chunk_ids, attention_mask=chunk_mask, use_cache=False,
+                     memory_key_values=memory_key_values, output_hidden_states=list(layers),
+                     ).hidden_states  # (n, T, D) where selected
     keys, values = zip(*(model.self_attention_keys_values(i, entering[i]) for i in layers))
     return torch.stack(keys), torch.stack(values)
 
