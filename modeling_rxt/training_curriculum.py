@@ -674,10 +674,11 @@ def run_curriculum_in_processes(
         if "init_from" in recipe:
             check_init_from(recipe)
         check_run_output(output_dir, resume)
-        # `initial/` is written where the recipe names no `init_from`; one holding its `built_from.json` is a run's
-        # (stopped, maybe, before its workers recorded the run: a refused stage, a failed launch)
+        # `initial/` is written where the recipe names no `init_from` (also by a resume that finds none complete);
+        # one holding its `built_from.json` is a run's (stopped, maybe, before its workers recorded the run: a
+        # refused stage, a failed launch)
         initial = Path(output_dir) / "initial"
-        if "init_from" not in recipe and not resume and not (initial / "built_from.json").is_file():
+        if "init_from" not in recipe and not (initial / "built_from.json").is_file():
             check_fresh_output(Path(output_dir), ("initial",))
     output = Path(output_dir)
     stages = {key: value for key, value in recipe.items() if key not in ("tokenizer", "model")}

@@ -521,8 +521,9 @@ def test_a_fresh_run_in_processes_replaces_no_initial_folder_it_did_not_write(tm
     (mine / "initial").mkdir(parents=True)
     (mine / "initial" / "notes.txt").write_text("precious")
     monkeypatch.setattr(curriculum, "_save_initial", save_initial)
-    with pytest.raises(ValueError, match=r"holds initial without a run_recipe.json: not a run of this project"):
-        curriculum.run_curriculum_in_processes(recipe, mine, processes=2)
+    for resume in (False, True):  # a resume finding no complete `initial/` builds it too
+        with pytest.raises(ValueError, match=r"holds initial without a run_recipe.json: not a run of this project"):
+            curriculum.run_curriculum_in_processes(recipe, mine, processes=2, resume=resume)
     assert (mine / "initial" / "notes.txt").read_text() == "precious"
     (mine / "initial" / "built_from.json").write_text("{}")
     with pytest.raises(Built):
