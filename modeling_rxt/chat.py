@@ -274,7 +274,7 @@ class RxTChatSession:
                             "`send` instead.")
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
-        inside_a_turn = bool(getattr(_RUNNING_TURNS, "stack", ()))  # this thread waits for the worker meanwhile
+        inside_a_turn = _inside_a_turn()  # this thread waits for the worker meanwhile
         autocast = _autocast_here(self.model)  # the caller's, which `send` in this thread would answer under
 
         def run():
@@ -493,12 +493,13 @@ def _autocast_here(model) -> tuple[tuple[str, torch.dtype], ...]:
     return tuple((kind, torch.get_autocast_dtype(kind)) for kind in device_types if torch.is_autocast_enabled(kind))
 
 
-def _autocast(settings: tuple[tuple[str, torch.dtype], ...]) -> contextlib.ExitStack:
+@contextlib.contextmanager
+def _autocast(settings: tuple[tuple[str, torch.dtype], ...]):
     """`settings` (from `_autocast_here`) entered in another thread."""
-    stack = contextlib.ExitStack()
-    for kind, dtype in settings:
-        stack.enter_context(torch.autocast(kind, dtype=dtype))
-    return stack
+    with contextlib.ExitStack() as stack:
+        for kind, dtype in settings:
+            stack.enter_context(torch.autocast(kind, dtype=dtype))
+        yield
 
 
 def _has_adapters(model) -> bool:

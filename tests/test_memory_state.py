@@ -182,7 +182,6 @@ def test_a_row_without_tokens_keeps_its_memory_exactly(tiny_model, kind):
     assert not torch.allclose(new[:, 0], state.stm[:, 0])
 
 
-
 @pytest.mark.parametrize("masked", [True, False], ids=["with a mask", "without a mask"])
 @pytest.mark.parametrize("model_dtype, state_dtype", [
     (torch.bfloat16, torch.float32), (torch.float32, torch.float64), (torch.float32, torch.bfloat16)])
@@ -609,7 +608,6 @@ def test_a_state_from_inference_mode_is_written_with_autograd_on(dense_model):
     with torch.no_grad():
         expected = dense_model.update_memory(state.clone(), random_ids(1, 6, seed=2))
     assert written.stm.grad_fn is not None and torch.equal(written.stm.detach(), expected.stm)
-
 
 
 def test_a_non_contiguous_state_saves_and_loads(tmp_path):
