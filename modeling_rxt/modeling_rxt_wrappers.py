@@ -32,6 +32,7 @@ from types import MethodType
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 if torch.distributed.is_available():  # torch builds without distributed have neither
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
@@ -104,33 +105,35 @@ def holds_injected_adapters(model: nn.Module) -> bool:
 
 
 def _mixed_adapter_hooks(module: nn.Module):
-    """(submodule, hook key, adapter names) of every hook PEFT's mixed-adapter batch put on `module`."""
+    """(submodule, hook key, hook) of every hook PEFT's mixed-adapter batch put on `module`. The key is the hook's
+    handle id, which torch counts up across all hooks: a higher key was registered later."""
     for submodule in module.modules():
         for key, hook in list(submodule._forward_pre_hooks.items()):
-            names = getattr(hook, "keywords", {}).get("adapter_names")
-            if names is not None:
-                yield submodule, key, names
+            if getattr(hook, "keywords", {}).get("adapter_names") is not None:
+                yield submodule, key, hook
 
 
 def mixed_adapter_rows(module: nn.Module) -> int | None:
     """The number of rows PEFT's mixed-adapter batch (`generate(..., adapter_names=[...])`) is running with, found
     on the hooks it puts on the LoRA layers of `module` for the call (each row's adapter name, repeated per beam under
     beam search); None when no mixed batch is running there."""
-    return next((len(names) for _, _, names in _mixed_adapter_hooks(module)), None)
+    return next((len(hook.keywords["adapter_names"]) for _, _, hook in _mixed_adapter_hooks(module)), None)
 
 
 def drop_mixed_adapter_hooks(module: nn.Module, only: list | None = None) -> None:
     """Removes the hooks of a mixed-adapter batch from `module` (see `drops_mixed_adapter_hooks_on_error`), or only
-    those of `only` (hook objects) still there."""
-    for submodule, key, _ in _mixed_adapter_hooks(module):
-        if only is None or any(submodule._forward_pre_hooks[key] is hook for hook in only):
-            del submodule._forward_pre_hooks[key]
+    those of `only` (hook objects) still there. A hook that PEFT removed meanwhile (another thread's call ending) is
+    passed over."""
+    for submodule, key, hook in _mixed_adapter_hooks(module):
+        if only is None or any(hook is dropped for dropped in only):
+            submodule._forward_pre_hooks.pop(key, None)
             submodule._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
-# The calls of `drops_mixed_adapter_hooks_on_error` methods running on each model ({thread id: depth}), and the hooks
-# a failed call found there while another thread's call ran (removed when no call runs any more).
-_CALLS_RUNNING: "weakref.WeakKeyDictionary[nn.Module, dict[int, int]]" = weakref.WeakKeyDictionary()
+# The calls of `drops_mixed_adapter_hooks_on_error` methods running on each model ({thread id: [depth, the next hook
+# key when its outermost call began]}), and the hooks a failed call left there because they might be a running
+# call's (removed when no call runs any more).
+_CALLS_RUNNING: "weakref.WeakKeyDictionary[nn.Module, dict[int, list[int]]]" = weakref.WeakKeyDictionary()
 _HOOKS_TO_DROP: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 _CALLS_RUNNING_LOCK = threading.Lock()
 
@@ -138,9 +141,9 @@ _CALLS_RUNNING_LOCK = threading.Lock()
 def drops_mixed_adapter_hooks_on_error(method: Callable) -> Callable:
     """Makes a failed call of `method` remove the hooks of a mixed-adapter batch (a no-op outside one): PEFT (0.21)
     removes them when the call returns but not when it raises, and every later call of the model would run with
-    that batch's adapter names, without a word. The hooks name no call, so while a call of another thread runs on
-    the model they may be its own: the hooks found then are removed when the last running call ends (a batch
-    started later has hooks of its own, left alone), so that call goes on as it began."""
+    that batch's adapter names, without a word. While calls of other threads run on the model, a hook may be one of
+    theirs only if it was registered before that call began (PEFT registers a batch's hooks, then calls the model):
+    those stay until the last running call ends, the others go at once, so a running call goes on as it began."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -148,30 +151,30 @@ def drops_mixed_adapter_hooks_on_error(method: Callable) -> Callable:
             return method(self, *args, **kwargs)
         thread = threading.get_ident()
         with _CALLS_RUNNING_LOCK:
-            depths = _CALLS_RUNNING.setdefault(self, {})
-            depths[thread] = depths.get(thread, 0) + 1
+            calls = _CALLS_RUNNING.setdefault(self, {})
+            calls.setdefault(thread, [0, RemovableHandle.next_id])[0] += 1
         try:
             return method(self, *args, **kwargs)
         except BaseException:
             with _CALLS_RUNNING_LOCK:
-                if any(depth for other, depth in depths.items() if other != thread):
-                    hooks = [submodule._forward_pre_hooks[key] for submodule, key, _ in _mixed_adapter_hooks(self)]
-                    _HOOKS_TO_DROP.setdefault(self, []).extend(hooks)
-                else:
-                    drop_mixed_adapter_hooks(self)
-            if _HOOKS_TO_DROP.get(self):
+                others_began = max((began for other, (_, began) in calls.items() if other != thread), default=None)
+                found = list(_mixed_adapter_hooks(self))
+                maybe_theirs = [hook for _, key, hook in found if others_began is not None and key < others_began]
+                drop_mixed_adapter_hooks(self, only=[hook for _, key, hook in found if hook not in maybe_theirs])
+                _HOOKS_TO_DROP.setdefault(self, []).extend(maybe_theirs)
+            if maybe_theirs:
                 logger.warning(
-                    "A call of this model failed while a call of another thread was running on it: the hooks of a "
-                    "mixed-adapter batch (`adapter_names`) on the model stay until that call ends. PEFT's hooks are "
-                    "model-wide: a call with `adapter_names` must not overlap other calls of the model."
+                    "A call of this model failed while a call of another thread was running on it: hooks of a "
+                    "mixed-adapter batch (`adapter_names`) that may be that call's stay until it ends. PEFT's hooks "
+                    "are model-wide: a call with `adapter_names` must not overlap other calls of the model."
                 )
             raise
         finally:
             with _CALLS_RUNNING_LOCK:
-                depths[thread] -= 1
-                if not depths[thread]:
-                    del depths[thread]
-                if not depths and self in _HOOKS_TO_DROP:  # no call runs: what a failed call left goes
+                calls[thread][0] -= 1
+                if not calls[thread][0]:
+                    del calls[thread]
+                if not calls and self in _HOOKS_TO_DROP:  # no call runs: what a failed call left goes
                     drop_mixed_adapter_hooks(self, only=_HOOKS_TO_DROP.pop(self))
 
     return wrapper

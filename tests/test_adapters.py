@@ -303,50 +303,84 @@ def test_a_call_failing_in_another_thread_leaves_a_running_mixed_batch_its_adapt
     assert "must not overlap other calls" in caplog.text
 
 
-def test_a_mixed_batch_failing_while_another_thread_runs_leaves_no_hooks_once_both_end(ids):
-    """The other way round: the failing call is the mixed batch, while a plain call of another thread runs. Its hooks
-    stay while that call runs (they might be its own), and go when it ends: they stayed for good, and every later
-    call ran with that batch's adapter names (a later plain answer changed, a 2-row batch was refused)."""
+def _paused_call(call):
+    """Runs `call(streamer)` in a thread, paused after its first new token until the returned `resume` is set; returns
+    (thread, resume, outcome)."""
     import threading
 
     from transformers.generation.streamers import BaseStreamer
 
-    model = with_roles(make_base(), "decoder")
-    rows = ["critic", BASE_ADAPTER, "actor"]
-    plain = dict(max_new_tokens=4, do_sample=False)
-    before = model.generate(input_ids=ids, **plain)
-    paused, resume = threading.Event(), threading.Event()
+    paused, resume, outcome = threading.Event(), threading.Event(), {}
 
     class Pauses(BaseStreamer):
         puts = 0
 
         def put(self, value):
             self.puts += 1
-            if self.puts == 2:
+            if self.puts == 2:  # the prompt, then the first new token
                 paused.set()
                 resume.wait(30)
 
         def end(self):
             pass
 
-    class Fails(BaseStreamer):
-        def put(self, value):
-            raise KeyboardInterrupt  # any error inside the mixed batch's generate
-
-        def end(self):
-            pass
-
-    running = threading.Thread(target=lambda: model.generate(input_ids=ids, streamer=Pauses(), **plain), daemon=True)
-    running.start()
+    thread = threading.Thread(target=lambda: outcome.setdefault("ids", call(Pauses())), daemon=True)
+    thread.start()
     assert paused.wait(30)
+    return thread, resume, outcome
+
+
+class _Fails:
+    """A streamer that raises at the first token it gets: any error inside a call's generate."""
+
+    def put(self, value):
+        raise KeyboardInterrupt
+
+    def end(self):
+        pass
+
+
+def test_a_mixed_batch_failing_while_another_thread_runs_leaves_it_its_answer(ids):
+    """The other way round: the failing call is the mixed batch, while a plain call of another thread runs. Its hooks
+    were registered after that call began, so they are not its own and go at once: they stayed (for good, in a first
+    fix, and every later call ran with that batch's adapter names; in a second, until the plain call ended, which
+    answered under them)."""
+    model = with_roles(make_base(), "decoder")
+    rows = ["critic", BASE_ADAPTER, "actor"]
+    plain = dict(max_new_tokens=4, do_sample=False)
+    before = model.generate(input_ids=ids, **plain)
+    running, resume, outcome = _paused_call(lambda streamer: model.generate(input_ids=ids, streamer=streamer, **plain))
     with pytest.raises(KeyboardInterrupt):
         model.generate(input_ids=ids, adapter_names=rows, memory_state=initial_memory_for(model, rows),
-                       streamer=Fails(), **plain)
-    assert mixed_adapter_rows(model) == 3  # left while the other call runs
+                       streamer=_Fails(), **plain)
+    assert mixed_adapter_rows(model) is None
     resume.set()
     running.join(60)
-    assert mixed_adapter_rows(model) is None and torch.equal(model.generate(input_ids=ids, **plain), before)
-    assert model.generate(input_ids=ids[:2], **plain).shape == (2, ids.shape[1] + 4)
+    assert torch.equal(outcome["ids"], before) and torch.equal(model.generate(input_ids=ids, **plain), before)
+
+
+def test_hooks_registered_before_a_running_call_began_go_when_it_ends(ids):
+    """Hooks of a mixed batch registered before another thread's call began may be that call's: a failed call leaves
+    them until that call ends, then they go; a batch's hooks registered later are not touched."""
+    import functools
+
+    model = with_roles(make_base(), "decoder")
+    lora_layer = next(module for module in model.modules() if hasattr(module, "lora_A"))
+
+    def mixed_batch_hook():  # what PEFT registers for `adapter_names`, doing nothing here
+        hook = functools.partial(lambda module, args, kwargs, adapter_names: None, adapter_names=["critic"])
+        return lora_layer.register_forward_pre_hook(hook, with_kwargs=True), hook
+
+    _, earlier = mixed_batch_hook()
+    plain = dict(max_new_tokens=4, do_sample=False)
+    running, resume, _ = _paused_call(lambda streamer: model.generate(input_ids=ids, streamer=streamer, **plain))
+    with pytest.raises(ValueError):
+        model.generate(input_ids=ids[:1], max_new_tokens=2, num_beams=0)  # refused by name
+    assert earlier in lora_layer._forward_pre_hooks.values()  # might be the running call's
+    _, later = mixed_batch_hook()  # a batch started after the failure
+    resume.set()
+    running.join(60)
+    assert earlier not in lora_layer._forward_pre_hooks.values() and later in lora_layer._forward_pre_hooks.values()
 
 
 def test_mixed_batch_without_a_memory_state_names_initial_memory_for(ids):
