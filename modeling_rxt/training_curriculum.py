@@ -723,14 +723,16 @@ def _check_same_initial(built: Mapping, built_from: Path, output: Path) -> None:
 
 
 def _save_initial(recipe: Mapping, folder: Path, built: Mapping, built_from: Path) -> None:
-    """The tokenizer and the initial model, built as `run_curriculum` builds them (same seed), saved in `folder`;
-    `built` (their recipe sections) goes to `built_from` last, which marks `folder` complete."""
+    """The tokenizer and the initial model, built as `run_curriculum` builds them (same seed), saved in `folder`
+    with `built` (their recipe sections) in `built_from`, which marks it complete. Written through `staged_folder`:
+    a run stopped while saving leaves no `initial/` (one without `built_from.json` is refused as the user's)."""
     torch.manual_seed(recipe.get("seed", 0))
     tokenizer = build_tokenizer(recipe["tokenizer"], recipe.get("seed", 0))
     model = build_model(recipe["model"], tokenizer, recipe.get("max_length", 128))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    write_json_atomic(built, built_from)
+    with staged_folder(folder) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_json_atomic(built, staging / built_from.relative_to(folder))
 
 
 def _run_torchrun(recipe_path: Path, output: Path, processes: int, threads_per_process: int, resume: bool) -> None:

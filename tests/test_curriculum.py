@@ -530,6 +530,31 @@ def test_a_fresh_run_in_processes_replaces_no_initial_folder_it_did_not_write(tm
         curriculum.run_curriculum_in_processes(recipe, mine, processes=2)
 
 
+def test_a_run_in_processes_stopped_while_saving_its_initial_model_can_start_again(tmp_path, monkeypatch):
+    """A run stopped while saving `initial/` (before its `built_from.json`) left a folder that the guard above took
+    for the user's: neither a fresh run nor a resume would go on. It is saved through a staging folder, so it is
+    there only complete."""
+    import modeling_rxt.training_curriculum as curriculum
+
+    class Launched(Exception):
+        pass
+
+    def stopped(payload, path, *args, **kwargs):
+        raise KeyboardInterrupt  # a kill, after the model and tokenizer were written
+
+    recipe = curriculum.load_recipe("tiny")
+    with monkeypatch.context() as patched:
+        patched.setattr(curriculum, "write_json_atomic", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            curriculum.run_curriculum_in_processes(recipe, tmp_path / "run", processes=2)
+    assert not (tmp_path / "run" / "initial").exists()
+    monkeypatch.setattr(curriculum, "_run_torchrun", lambda *args: (_ for _ in ()).throw(Launched()))
+    for resume in (True, False):
+        with pytest.raises(Launched):
+            curriculum.run_curriculum_in_processes(recipe, tmp_path / "run", processes=2, resume=resume)
+        assert (tmp_path / "run" / "initial" / "built_from.json").is_file()
+
+
 def test_a_one_step_stage_trains(tokenizer, tmp_path):
     """A warmup's first step runs at a learning rate of 0, so the default warmup of 1 step left a 1-step stage (the
     schema's smallest) untrained without a word."""
