@@ -261,48 +261,6 @@ def test_mixed_batch_external_memories_must_be_built_first(ids):
     assert torch.equal(model.generate(input_ids=ids, memory_state=start, max_new_tokens=3, do_sample=False), plain)
 
 
-def test_a_call_failing_in_another_thread_leaves_a_running_mixed_batch_its_adapters(ids, caplog):
-    """A failed call removed every mixed-adapter hook on the model, also those of another thread's mixed batch still
-    generating, which then went on under the active adapter alone, without an error (a review's stress run: 9 of 15
-    runs). While another thread's call runs, the hooks are left, with a warning."""
-    import logging
-    import threading
-
-    from transformers.generation.streamers import BaseStreamer
-
-    model = with_roles(make_base(), "decoder")
-    rows = ["critic", BASE_ADAPTER, "actor"]
-    settings = dict(memory_state=initial_memory_for(model, rows), max_new_tokens=6, do_sample=False)
-    expected = model.generate(input_ids=ids, adapter_names=rows, **settings)
-    paused, resume, generated = threading.Event(), threading.Event(), {}
-
-    class PausesAfterTheFirstToken(BaseStreamer):
-        puts = 0
-
-        def put(self, value):
-            self.puts += 1
-            if self.puts == 2:  # the prompt, then the first new token
-                paused.set()
-                resume.wait(30)
-
-        def end(self):
-            pass
-
-    def mixed_batch():
-        generated["ids"] = model.generate(input_ids=ids, adapter_names=rows, streamer=PausesAfterTheFirstToken(),
-                                          **settings)
-
-    thread = threading.Thread(target=mixed_batch, daemon=True)
-    thread.start()
-    assert paused.wait(30)
-    with caplog.at_level(logging.WARNING, logger="modeling_rxt"), pytest.raises(ValueError):
-        model.generate(input_ids=ids[:1], max_new_tokens=2, num_beams=0)  # refused by name
-    resume.set()
-    thread.join(60)
-    assert torch.equal(generated["ids"], expected) and mixed_adapter_rows(model) is None
-    assert "must not overlap other calls" in caplog.text
-
-
 def _paused_call(call):
     """Runs `call(streamer)` in a thread, paused after its first new token until the returned `resume` is set; returns
     (thread, resume, outcome)."""
@@ -338,6 +296,26 @@ class _Fails:
 
     def end(self):
         pass
+
+
+def test_a_call_failing_in_another_thread_leaves_a_running_mixed_batch_its_adapters(ids, caplog):
+    """A failed call removed every mixed-adapter hook on the model, also those of another thread's mixed batch still
+    generating, which then went on under the active adapter alone, without an error (a review's stress run: 9 of 15
+    runs). While another thread's call runs, the hooks are left, with a warning."""
+    import logging
+
+    model = with_roles(make_base(), "decoder")
+    rows = ["critic", BASE_ADAPTER, "actor"]
+    settings = dict(memory_state=initial_memory_for(model, rows), max_new_tokens=6, do_sample=False)
+    expected = model.generate(input_ids=ids, adapter_names=rows, **settings)
+    thread, resume, generated = _paused_call(
+        lambda streamer: model.generate(input_ids=ids, adapter_names=rows, streamer=streamer, **settings))
+    with caplog.at_level(logging.WARNING, logger="modeling_rxt"), pytest.raises(ValueError):
+        model.generate(input_ids=ids[:1], max_new_tokens=2, num_beams=0)  # refused by name
+    resume.set()
+    thread.join(60)
+    assert torch.equal(generated["ids"], expected) and mixed_adapter_rows(model) is None
+    assert "must not overlap other calls" in caplog.text
 
 
 def test_a_mixed_batch_failing_while_another_thread_runs_leaves_it_its_answer(ids):
