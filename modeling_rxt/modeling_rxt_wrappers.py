@@ -141,9 +141,10 @@ _CALLS_RUNNING_LOCK = threading.Lock()
 def drops_mixed_adapter_hooks_on_error(method: Callable) -> Callable:
     """Makes a failed call of `method` remove the hooks of a mixed-adapter batch (a no-op outside one): PEFT (0.21)
     removes them when the call returns but not when it raises, and every later call of the model would run with
-    that batch's adapter names, without a word. While calls of other threads run on the model, a hook may be one of
-    theirs only if it was registered before that call began (PEFT registers a batch's hooks, then calls the model):
-    those stay until the last running call ends, the others go at once, so a running call goes on as it began."""
+    that batch's adapter names, without a word. PEFT registers a batch's hooks, then calls the model, and torch
+    numbers hooks in order: a hook registered after this call began is another call's, and is left to it; one
+    registered before another running call began may be that call's, and stays until the last running call ends;
+    the others go at once. So a running call goes on as it began."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -157,10 +158,12 @@ def drops_mixed_adapter_hooks_on_error(method: Callable) -> Callable:
             return method(self, *args, **kwargs)
         except BaseException:
             with _CALLS_RUNNING_LOCK:
-                others_began = max((began for other, (_, began) in calls.items() if other != thread), default=None)
-                found = list(_mixed_adapter_hooks(self))
-                maybe_theirs = [hook for _, key, hook in found if others_began is not None and key < others_began]
-                drop_mixed_adapter_hooks(self, only=[hook for _, key, hook in found if hook not in maybe_theirs])
+                # Hooks registered after this call began are another call's, started since: left to that call.
+                began = calls[thread][1]
+                others_began = max((began for other, (_, began) in calls.items() if other != thread), default=-1)
+                found = [(key, hook) for _, key, hook in _mixed_adapter_hooks(self) if key < began]
+                maybe_theirs = [hook for key, hook in found if key < others_began]
+                drop_mixed_adapter_hooks(self, only=[hook for key, hook in found if key >= others_began])
                 _HOOKS_TO_DROP.setdefault(self, []).extend(maybe_theirs)
             if maybe_theirs:
                 logger.warning(

@@ -361,6 +361,49 @@ def test_hooks_registered_before_a_running_call_began_go_when_it_ends(ids):
     assert earlier not in lora_layer._forward_pre_hooks.values() and later in lora_layer._forward_pre_hooks.values()
 
 
+def test_a_failed_call_leaves_the_hooks_of_a_batch_registered_after_it_began(ids):
+    """PEFT registers a batch's hooks before calling the model: hooks registered while a call ran belong to a batch
+    started since, which may not be counted yet. A failing call dropped them, and that batch answered without its
+    adapters (1 of 120 stress runs)."""
+    import functools
+    import threading
+
+    from transformers.generation.streamers import BaseStreamer
+
+    model = with_roles(make_base(), "decoder")
+    lora_layer = next(module for module in model.modules() if hasattr(module, "lora_A"))
+    paused, resume, raised = threading.Event(), threading.Event(), []
+
+    class PausesThenFails(BaseStreamer):
+        puts = 0
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2:
+                paused.set()
+                resume.wait(30)
+                raise KeyboardInterrupt
+
+        def end(self):
+            pass
+
+    def failing_call():
+        try:
+            model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, streamer=PausesThenFails())
+        except KeyboardInterrupt as error:
+            raised.append(error)
+
+    failing = threading.Thread(target=failing_call, daemon=True)
+    failing.start()
+    assert paused.wait(30)
+    hook = functools.partial(lambda module, args, kwargs, adapter_names: None, adapter_names=["critic"])
+    handle = lora_layer.register_forward_pre_hook(hook, with_kwargs=True)  # a batch started meanwhile
+    resume.set()
+    failing.join(60)
+    assert raised and hook in lora_layer._forward_pre_hooks.values()
+    handle.remove()
+
+
 def test_mixed_batch_without_a_memory_state_names_initial_memory_for(ids):
     model = with_roles(make_base())  # each adapter has its own initial memory, which PEFT cannot split by row
     rows = ["critic", BASE_ADAPTER, "actor"]
