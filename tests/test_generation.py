@@ -783,3 +783,57 @@ def test_a_cache_emptied_for_another_conversation_is_not_refused(dense_model):
         answer = model.generate(query, memory_state=state, past_key_values=cache, max_new_tokens=4, do_sample=False)
         assert torch.equal(answer, greedy_reference(model, query, state, 4))
         cache.reset()
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_calls_from_several_threads_give_what_they_give_one_by_one(tiny_model, kind):
+    """What the README says a server may do with one model: `generate` (beams with an external memory, a streamer, a
+    static cache), `update_memory`, `forward` with an external memory and `build_external_memory`, each in its own
+    thread, five times over four inputs, give bit for bit what they give run one by one."""
+    import sys
+    import threading
+
+    class Sink(BaseStreamer):
+        def put(self, value):
+            pass
+
+        def end(self):
+            pass
+
+    model = tiny_model(kind, external_memory_layers=[0, 1])
+    generator = torch.Generator().manual_seed(1)
+    memory = model.build_external_memory([torch.randint(5, 100, (n,), generator=generator) for n in (40, 23)])
+    inputs, state = [random_ids(2, 6 + i, seed=i) for i in range(4)], random_state(model, 2)
+    answer = dict(max_new_tokens=6, do_sample=False)
+    calls = [
+        lambda ids: model.generate(ids, memory_state=state, external_memories=memory, num_beams=2, **answer),
+        lambda ids: model.generate(ids[:1], memory_state=state.select([0]), streamer=Sink(), **answer),
+        lambda ids: model.generate(ids, memory_state=state, cache_implementation="static", **answer),
+        lambda ids: model.update_memory(state, ids).stm,
+        lambda ids: model(ids, memory_state=state, external_memory=memory).logits,
+        lambda ids: model.build_external_memory(list(ids)).keys,
+    ]
+    with torch.no_grad():
+        expected = [[call(ids) for ids in inputs] for call in calls]
+    differing, failed = [], []
+
+    def run(index):
+        try:
+            with torch.no_grad():
+                for _ in range(5):
+                    differing.extend((index, i) for i, ids in enumerate(inputs)
+                                     if not torch.equal(calls[index](ids), expected[index][i]))
+        except Exception as error:  # reported below, with the call that raised
+            failed.append((index, error))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, inside the calls
+    try:
+        threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(len(calls))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(thread.is_alive() for thread in threads) and failed == [] and differing == []
