@@ -420,7 +420,7 @@ def _build_external_memory(model, memories, attention_mask, layers, stride, devi
     ids, mask = as_padded_ids(memories, attention_mask, model.config.vocab_size)
     chunks = split_into_chunks(ids, mask, stride)
     model_device = execution_device(model)
-    memory = _empty_memory(ids, mask, layers, model, device)
+    memory = _empty_memory(ids, mask, layers, model, model_device if device is None else checked_device(device))
     if not layers:  # `external_memory_layers=[]`: retrieval off, nothing to encode
         return memory
     per_batch = max(1, TOKENS_PER_ENCODING_BATCH // stride)
@@ -471,7 +471,6 @@ def _encode_pass(model, chunk_ids, chunk_mask, memory_key_values, layers):
 def _empty_memory(ids, mask, layers, model, device) -> ExternalMemory:
     """A zero memory in the packed layout of `ids`: row r holds its real tokens at 0..n_r-1, in order."""
     config = model.config
-    device = checked_device(device) if device is not None else execution_device(model)
     dtype = model.embed_tokens.weight.dtype
     lengths = mask.sum(dim=-1)  # (R,)
     width = int(lengths.max()) if lengths.numel() else 0

@@ -79,12 +79,13 @@ class _MetricMeans:
         """The means of this process's batches, or, given the device the processes reduce on, of every process's
         (all of them must call)."""
         names = sorted(self.sums)
-        totals = [self.sums[name] for name in names] + [self.counts[name] for name in names]
-        if across_processes_on is not None and _world_size() > 1:
+        across_processes = across_processes_on is not None and _world_size() > 1
+        if across_processes:
             gathered: list[list[str]] = [[] for _ in range(_world_size())]
             dist.all_gather_object(gathered, names)  # the processes may have seen different metrics
             names = sorted({name for names_of_one in gathered for name in names_of_one})
-            totals = [self.sums.get(name, 0.0) for name in names] + [self.counts.get(name, 0) for name in names]
+        totals = [self.sums.get(name, 0.0) for name in names] + [self.counts.get(name, 0) for name in names]
+        if across_processes:
             reduced = torch.tensor(totals, dtype=torch.float64, device=across_processes_on)
             dist.all_reduce(reduced)
             totals = reduced.tolist()

@@ -600,8 +600,7 @@ def memory_attention_objective(
     write (and, through it, the encoder)."""
     for name, value in (("first_weight", first_weight), ("min_weight", min_weight),
                         ("weight_decay_per_turn", weight_decay_per_turn)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        check_number(name, value, "a number in [0, 1]", lambda v: 0 <= v <= 1)
     _check_batch(inputs, "memory_attention_objective", _EPISODES, ("input_ids", "attention_mask"), 3)
     inputs = _pad_turns(inputs, _agreed_max(inputs["input_ids"].shape[1], inputs["input_ids"].device))
     batch_size, turns = inputs["input_ids"].shape[:2]

@@ -674,16 +674,15 @@ def run_curriculum_in_processes(
         if "init_from" in recipe:
             check_init_from(recipe)
         check_run_output(output_dir, resume)
+        output = Path(output_dir)
+        built_from = output / "initial" / "built_from.json"  # saved with `initial/`: it is complete
         # `initial/` is written where the recipe names no `init_from` (also by a resume that finds none complete);
         # one holding its `built_from.json` is a run's (stopped, maybe, before its workers recorded the run: a
         # refused stage, a failed launch)
-        initial = Path(output_dir) / "initial"
-        if "init_from" not in recipe and not (initial / "built_from.json").is_file():
-            check_fresh_output(Path(output_dir), ("initial",))
-    output = Path(output_dir)
+        if "init_from" not in recipe and not built_from.is_file():
+            check_fresh_output(output, ("initial",))
     stages = {key: value for key, value in recipe.items() if key not in ("tokenizer", "model")}
     built = {"tokenizer": recipe.get("tokenizer"), "model": recipe.get("model")}  # what `initial/` is built from
-    built_from = output / "initial" / "built_from.json"  # written last: `initial/` is complete
     if "init_from" not in recipe:
         stages["init_from"] = str(output / "initial")
     if resume:  # checked here, before `initial/` is reused, with a clear error in this process
