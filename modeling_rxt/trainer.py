@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass
 
 import datasets
@@ -32,6 +33,7 @@ from .modeling_rxt_wrappers import run_as_forward
 from .training import COLLATOR_COLUMNS, Objective, episode_turns, lockstep, unpadded
 
 logger = logging.getLogger(__name__)
+_INITIAL_MEMORY = re.compile(r"(^|\.)initial_memory\.")  # its parameter, or PEFT's copies of it
 
 
 @dataclass
@@ -116,6 +118,7 @@ class RxTTrainer(Trainer):
         collator = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs).arguments.get("data_collator")
         super().__init__(*args, **kwargs)
         self._check_arguments_it_would_ignore()
+        self._warn_if_grouped_by_turns()
         if collator is None:
             raise ValueError("RxTTrainer needs the stage's `data_collator` (InteractionCollator, EpisodeCollator, "
                              "ExternalMemoryCollator, ...): Trainer's default one cannot pad its rows")
@@ -167,6 +170,28 @@ class RxTTrainer(Trainer):
             raise ValueError("`torch_compile` compiles `model.forward`, which RxTTrainer's objectives do not call "
                              "(they run the decoder, encoder and memory attention themselves): it would compile "
                              "nothing")
+        if self.preprocess_logits_for_metrics is not None:
+            raise ValueError("RxTTrainer's evaluation returns no logits (an objective's batch has no single output): "
+                             "`preprocess_logits_for_metrics` would never be called")
+        if not self.args.average_tokens_across_devices and self.args.world_size > 1:
+            raise ValueError("RxTTrainer divides a step's loss by the weight of the tokens of every process (the "
+                             "same gradients as one process with the whole batch): "
+                             "`average_tokens_across_devices=False` would be ignored")
+
+    def _warn_if_grouped_by_turns(self) -> None:
+        """Length grouping (`group_by_length`, `batch_rebalance`) measures a row's `input_ids`, which for an episode
+        row (a list of turns) is its number of turns, not of tokens, unless `length_column_name` names a column."""
+        strategy, rows = self.args.train_sampling_strategy, self.train_dataset
+        if strategy not in ("group_by_length", "batch_rebalance") or not isinstance(rows, Sized) or not len(rows):
+            return
+        if isinstance(rows, datasets.Dataset) and self.args.length_column_name in rows.column_names:
+            return
+        first = rows[0]
+        ids = first.get("input_ids") if isinstance(first, Mapping) else None
+        if getattr(ids, "ndim", None) == 2 or (isinstance(ids, list | tuple) and ids and not np.isscalar(ids[0])):
+            logger.warning(f"`train_sampling_strategy={strategy!r}` measures episode rows by their number of turns: "
+                           f"for their tokens, add a column of token counts and name it in `length_column_name` "
+                           f"(now {self.args.length_column_name!r})")
 
     def _check_columns_are_kept(self, *datasets) -> None:
         """With `remove_unused_columns` (TrainingArguments' default), Trainer keeps only the dataset columns that
@@ -278,10 +303,20 @@ class RxTTrainer(Trainer):
 
     def _track_num_input_tokens(self, inputs) -> None:
         # `include_num_input_tokens_seen` looks for the batch's `input_ids`; the mixed external stage's batch holds
-        # two batches (`ExternalAndEpisodeCollator`), both read by its objective: each is counted.
+        # two batches (`ExternalAndEpisodeCollator`), both read by its objective: each is counted. So are an episode
+        # batch's recall probes, which the decoder reads beside the turns (not the filler row of turn -1: none does).
         parts = [part for part in inputs.values() if isinstance(part, Mapping)] if "input_ids" not in inputs else []
         for part in parts or [inputs]:
             super()._track_num_input_tokens(part)
+            if "probe_input_ids" in part:
+                read = part["probe_turns"] >= 0
+                super()._track_num_input_tokens({"input_ids": part["probe_input_ids"][read],
+                                                 "attention_mask": part["probe_attention_mask"][read]})
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # The learned initial memory is a state the decoder reads, not a weight matrix: AdamW's weight decay would
+        # pull the memory every conversation starts from towards zero. Kept out, as norms and biases are.
+        return [name for name in super().get_decay_parameter_names(model) if not _INITIAL_MEMORY.search(name)]
 
     def get_eval_dataloader(self, eval_dataset=None):
         if eval_dataset is not None and not isinstance(eval_dataset, str):  # a str names one of `__init__`'s

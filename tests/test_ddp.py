@@ -555,3 +555,42 @@ def test_evaluation_metrics_are_merged_across_processes_that_saw_different_ones(
     for rank in (0, 1):
         means = json.loads((tmp_path / f"means-{rank}.json").read_text())
         assert means == {"decoder_loss": pytest.approx(3.0), "aux_loss": pytest.approx(0.5)}
+
+
+AVERAGE_TOKENS_SCRIPT = r"""
+import os, sys
+from transformers import AutoTokenizer, TrainingArguments
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.trainer import RxTTrainer
+from modeling_rxt.training import InteractionCollator, interaction_objective
+
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+model = RxTForCausalLM(RxTConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, memory_slots=4, max_position_embeddings=64))
+several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+args = TrainingArguments(output_dir=sys.argv[2], use_cpu=True, ddp_backend="gloo" if several else None, report_to=[],
+                         save_strategy="no", average_tokens_across_devices=sys.argv[3] == "True")
+try:
+    RxTTrainer(model=model, args=args, data_collator=InteractionCollator(tokenizer.pad_token_id),
+               objective=interaction_objective)
+    print(f"rank {args.process_index} of {args.world_size}: made")
+except ValueError as error:
+    print(f"rank {args.process_index} of {args.world_size}: {error}")
+"""
+
+
+def test_average_tokens_across_devices_off_is_refused_in_several_processes(tmp_path):
+    """RxTTrainer always weighs a step's tokens over every process; `average_tokens_across_devices=False` was ignored
+    without a word (a plain Trainer then averages the processes' per-token means). One process: no difference."""
+    tokenizer_dir, script = _tokenizer_and_script(tmp_path, AVERAGE_TOKENS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for launch, average, expected in ((torchrun, "False", "`average_tokens_across_devices=False` would be ignored"),
+                                      (torchrun, "True", "made"), ([sys.executable], "False", "made")):
+        completed = subprocess.run([*launch, str(script), str(tokenizer_dir), str(tmp_path / "out"), average],
+                                   capture_output=True, text=True, env=env, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        processes = 2 if launch is torchrun else 1
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("rank ")]
+        assert sorted(line.split(":")[0] for line in lines) == [f"rank {r} of {processes}" for r in range(processes)]
+        assert all(expected in line for line in lines), completed.stdout

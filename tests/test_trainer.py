@@ -147,7 +147,8 @@ def test_trainer_refuses_to_drop_the_columns_its_collators_read(tokenizer, episo
     ({"args": {"label_smoothing_factor": 0.1}}, "label_smoothing_factor"),
     ({"args": {"torch_compile": True, "torch_compile_backend": "eager"}}, "compile nothing"),
     ({"data_collator": None}, "data_collator"),
-], ids=["compute_metrics", "compute_loss_func", "label_smoothing", "torch_compile", "no_collator"])
+    ({"preprocess_logits_for_metrics": lambda logits, labels: logits}, "preprocess_logits_for_metrics"),
+], ids=["compute_metrics", "compute_loss_func", "label_smoothing", "torch_compile", "no_collator", "preprocess_logits"])
 def test_trainer_refuses_what_it_would_ignore(tokenizer, tmp_path, setting, message):
     """Trainer features that act on `forward` or its outputs, which the objectives bypass: without a refusal they
     were skipped without a word (a smoothed loss that was not smoothed, a compiled model that compiled nothing)."""
@@ -406,6 +407,70 @@ def test_tokens_seen_are_counted_in_every_stage_batch(tokenizer, episodes, tmp_p
                          objective=objective)
     trainer.train()
     assert trainer.state.num_input_tokens_seen == expected > 0
+
+
+def test_tokens_seen_count_the_recall_probes_the_decoder_reads(tokenizer, episodes, tmp_path):
+    """Stage 4's recall probes are decoder inputs beside the turns (they were left out of the count); the filler
+    probe row of a batch without a stated fact (turn -1) is read by no turn and is not counted."""
+    dataset = tokenize_episodes(tokenizer, episodes, MAX_LENGTH, probes=True).select(range(2))
+    collator = EpisodeCollator(tokenizer.pad_token_id, probe_weight=0.5)
+    batch = collator([dataset[0], dataset[1]])
+    read = batch["probe_turns"] >= 0
+    assert read.any()
+    expected = int(batch["attention_mask"].sum()) + int(batch["probe_attention_mask"][read].sum())
+    args = _trainer_args(tmp_path, include_num_input_tokens_seen="non_padding", per_device_train_batch_size=2,
+                         train_sampling_strategy="sequential")
+    trainer = RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=dataset, data_collator=collator,
+                         objective=memory_aware_objective)
+    trainer.train()
+    assert trainer.state.num_input_tokens_seen == expected
+    filler = collator([{**dataset[0], "probe_input_ids": [], "probe_labels": [], "probe_turns": []}])
+    assert filler["probe_turns"].tolist() == [-1]
+    trainer.state.num_input_tokens_seen = 0
+    trainer._track_num_input_tokens(filler)
+    assert trainer.state.num_input_tokens_seen == int(filler["attention_mask"].sum())
+
+
+@pytest.mark.parametrize("strategy", ["group_by_length", "batch_rebalance"])
+def test_length_grouping_of_episode_rows_warns_that_it_counts_turns(tokenizer, episodes, tmp_path, caplog, strategy):
+    """Trainer measures a row by its `input_ids`: an episode row's are its turns. Said, unless a column of lengths
+    is named (interaction rows are measured in tokens, as for Llama)."""
+    episode_rows = tokenize_episodes(tokenizer, episodes, MAX_LENGTH).select(range(4))
+    counted = episode_rows.map(lambda row: {"tokens": sum(map(len, row["input_ids"]))})
+    interactions = tokenize_interactions(tokenizer, [("hello", "hi ."), ("how are you ?", "fine .")], MAX_LENGTH)
+    cases = [(episode_rows, {}, EpisodeCollator, True), (list(episode_rows), {}, EpisodeCollator, True),
+             (counted, {"length_column_name": "tokens"}, EpisodeCollator, False),
+             (interactions, {}, InteractionCollator, False)]
+    for rows, extra, collator, warned in cases:
+        caplog.clear()
+        args = _trainer_args(tmp_path, train_sampling_strategy=strategy, **extra)
+        with caplog.at_level(logging.WARNING, logger="modeling_rxt.trainer"):
+            RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=rows,
+                       data_collator=collator(tokenizer.pad_token_id), objective=memory_aware_objective)
+        assert ("by their number of turns" in caplog.text) is warned, (type(rows), extra)
+
+
+def test_weight_decay_leaves_the_initial_memory_alone(tokenizer, tmp_path):
+    """The learned initial memory is the state every conversation starts from: decaying it, as Trainer decays every
+    weight but norms and biases, pulled it towards zero. PEFT's copy per adapter is kept out too."""
+    from peft import get_peft_model
+
+    from modeling_rxt.adapters import lora_config
+
+    with_adapter = get_peft_model(tiny_model(tokenizer), lora_config("attention", modules_to_save=["initial_memory"]))
+    for model in (tiny_model(tokenizer), with_adapter):
+        trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path, weight_decay=0.1),
+                             data_collator=InteractionCollator(tokenizer.pad_token_id),
+                             objective=interaction_objective)
+        decayed = trainer.get_decay_parameter_names(model)
+        names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+        memory = [name for name in names if "initial_memory" in name]
+        assert memory and not set(memory) & set(decayed)
+        assert any("q_proj" in name for name in decayed)  # the other weights still decay
+        groups = trainer.create_optimizer().param_groups
+        memory_ids = {id(p) for name, p in model.named_parameters() if name in memory}
+        assert all(group["weight_decay"] == 0.0 for group in groups
+                   if memory_ids & {id(p) for p in group["params"]})
 
 
 def _asks_and_a_chat_only_episode(tokenizer, episodes):
