@@ -49,9 +49,11 @@ class RxTConfig(PreTrainedConfig):
         experts with top-`num_experts_per_tok` routing.
     num_experts_per_tok (`int`, *optional*, defaults to 2):
         Experts each token is routed to (their weights are renormalised to sum to one).
-    router_aux_loss_coef (`float`, *optional*, defaults to 0.01):
+    router_aux_loss_coef (`float`, *optional*):
         Weight of the load-balancing loss added to the language-modelling loss when `labels` are given and the
-        router logits are output (the training objectives always output them for a mixture of experts).
+        router logits are output (the training objectives always output them for a mixture of experts). Defaults to
+        0.01 with experts and 0.0 without (a dense model has no router, and trainers that read it, as TRL's do,
+        would look for one).
     output_router_logits (`bool`, *optional*, defaults to `False`):
         Whether the outputs carry the router logits of every decoder layer and the load-balancing loss (`aux_loss`);
         the `output_router_logits` keyword of `forward` overrides it. Set it to train a mixture of experts with a
@@ -96,6 +98,7 @@ class RxTConfig(PreTrainedConfig):
     ```"""
 
     model_type = "rxt"
+    attribute_map = {"num_experts": "num_local_experts"}  # Mixtral's alias, which trainers (TRL) read
     keys_to_ignore_at_inference = ["past_key_values", "router_logits"]
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
@@ -127,7 +130,7 @@ class RxTConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 3
     num_local_experts: int = 0
     num_experts_per_tok: int = 2
-    router_aux_loss_coef: float = 0.01
+    router_aux_loss_coef: float | int | None = None
     output_router_logits: bool = False
     shared_expert_intermediate_size: int = 0
     memory_slots: int = 64
@@ -152,7 +155,9 @@ class RxTConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        super().__post_init__(**kwargs)
+        super().__post_init__(**kwargs)  # sets Mixtral's `num_experts`, if given, as `num_local_experts`
+        if self.router_aux_loss_coef is None:
+            self.router_aux_loss_coef = 0.01 if self.num_local_experts > 0 else 0.0
 
     def _read_memory_write_competition(self, competition) -> None:
         if not isinstance(competition, bool):

@@ -621,6 +621,39 @@ def episode_from_row(row: dict[str, object]) -> Episode:
     return Episode(id=str(row["id"]), split=str(row["split"]), turns=turns)
 
 
+def episodes_from_messages(conversations: Iterable[Sequence[dict]], split: str = "train") -> list[Episode]:
+    """Chat-format conversations (each a list of `{"role", "content"}` messages, as TRL and the chat template take
+    them) as `Episode`s of kind "chat" turns, one per user message and the assistant answer after it, for memory-aware
+    training (`tokenize_episodes`, `EpisodeCollator(pad_id, kind_weights={"chat": 1.0})`). Rendered as one sequence, a
+    conversation would teach the decoder to read its history from the prompt, which it never has.
+
+    Roles must alternate user, assistant, ... and end with an answer; an RxT turn has no place for "system" or tool
+    messages, so they are refused by name, as the chat template refuses them."""
+    _check_split(split)
+    if isinstance(conversations, str | bytes | dict):
+        raise TypeError(f"`conversations` must be a list of conversations (lists of messages), got "
+                        f"{type(conversations).__name__}.")
+    episodes = []
+    for index, messages in enumerate(conversations):
+        where = f"conversation {index}"
+        if isinstance(messages, str | bytes | dict) or not isinstance(messages, Sequence) or not messages:
+            raise ValueError(f"{where}: must be a non-empty list of messages, got {messages!r}.")
+        roles = []
+        for message in messages:
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise ValueError(f"{where}: each message must be a dict with a str `role` and `content`, got "
+                                 f"{message!r}.")
+            roles.append(message["role"])
+        expected = ["user", "assistant"] * (len(messages) // 2 + 1)
+        if roles != expected[: len(roles)] or len(roles) % 2:
+            raise ValueError(f"{where}: roles must alternate user, assistant, ... and end with an assistant answer "
+                             f"(an RxT turn has no system or tool message), got {roles}.")
+        turns = [Turn(query["content"], answer["content"], CHAT) for query, answer in zip(messages[::2], messages[1::2])]
+        episodes.append(Episode(id=f"messages-{index}", split=split, turns=turns))
+    return episodes
+
+
 def interactions_dataset(
     episodes: Iterable[Episode] = (),
     *,

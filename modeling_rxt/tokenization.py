@@ -73,6 +73,9 @@ def _build_chat_template() -> str:
     # of its own where the answer's first word has no merge with it. An empty answer (a model that ended at once,
     # in a chat transcript) renders as `[A][EOS]`, what that model wrote.
     template = """\
+{%- if tools or documents -%}
+    {{ raise_exception('RxT chat template: tools and documents have no place in a turn (a query and its answer)') }}
+{%- endif -%}
 {%- for message in messages -%}
     {%- if message['content'] is not string -%}
         {{ raise_exception('RxT chat template: message ' ~ loop.index0 ~ ' content must be a string') }}

@@ -24,6 +24,7 @@ from modeling_rxt.data import (
     ask_distance_counts,
     chance_accuracy,
     episode_from_row,
+    episodes_from_messages,
     episodes_to_dataset,
     exact_match,
     filter_episodes,
@@ -538,3 +539,45 @@ def test_a_max_distance_past_the_episode_is_the_episode_length():
     dialogue = [("hi", "hello")]
     assert texts(make_episodes(20, turns=4, max_distance=50, dialogue=dialogue)) == texts(
         make_episodes(20, turns=4, max_distance=3, dialogue=dialogue))
+
+
+def _message(role: str, content) -> dict:
+    return {"role": role, "content": content}
+
+
+def test_chat_conversations_become_episodes_of_chat_turns():
+    """Chat-format rows (TRL's, the chat template's) as episodes, one turn per user message and its answer; from a
+    `datasets.Dataset` column too, whose rows carry the keys of every message (None where a message has none)."""
+    import datasets
+
+    conversations = [[_message("user", "my cat is bimo ."), _message("assistant", "noted ."),
+                      _message("user", "my cat ?"), _message("assistant", "bimo .")],
+                     [_message("user", "hello"), _message("assistant", "hi .")]]
+    episodes = episodes_from_messages(conversations, split="validation")
+    assert episodes == [
+        Episode("messages-0", "validation", [Turn("my cat is bimo .", "noted .", CHAT), Turn("my cat ?", "bimo .", CHAT)]),
+        Episode("messages-1", "validation", [Turn("hello", "hi .", CHAT)]),
+    ]
+    rows = datasets.Dataset.from_list([{"messages": [{**m, "name": None} for m in c]} for c in conversations])
+    assert episodes_from_messages(rows["messages"], split="validation") == episodes
+
+
+@pytest.mark.parametrize(("conversations", "error", "message"), [
+    ("hello", TypeError, "list of conversations"),
+    ({"messages": []}, TypeError, "list of conversations"),
+    ([[]], ValueError, "conversation 0: must be a non-empty list"),
+    (["hi"], ValueError, "conversation 0: must be a non-empty list"),
+    ([[_message("user", "a"), "b"]], ValueError, "conversation 0: each message must be a dict"),
+    ([[_message("user", None), _message("assistant", "b")]], ValueError, "str `role` and `content`"),
+    ([[_message("system", "be brief"), _message("user", "a"), _message("assistant", "b")]], ValueError,
+     r"alternate user, assistant.*got \['system', 'user', 'assistant'\]"),
+    ([[_message("user", "a"), _message("assistant", "b")], [_message("user", "a")]], ValueError,
+     r"conversation 1: roles must alternate.*end with an assistant answer"),
+    ([[_message("user", "a"), _message("user", "b")]], ValueError, "alternate"),
+    ([[_message("user", "a"), _message("tool", "b")]], ValueError, "no system or tool message"),
+])
+def test_chat_conversations_that_are_no_episodes_are_refused_by_name(conversations, error, message):
+    with pytest.raises(error, match=message):
+        episodes_from_messages(conversations)
+    with pytest.raises(ValueError, match="split must be one of"):
+        episodes_from_messages([], split="dev")

@@ -118,6 +118,18 @@ def test_chat_template_rejects_invalid_conversations(tokenizer, messages):
         tokenizer.apply_chat_template(messages, tokenize=False)
 
 
+@pytest.mark.parametrize("extra", [
+    {"tools": [{"type": "function", "function": {"name": "clock", "description": "the time",
+                                                 "parameters": {"type": "object", "properties": {}}}}]},
+    {"documents": [{"title": "notes", "text": "bimo is a cat"}]},
+], ids=["tools", "documents"])
+def test_chat_template_refuses_tools_and_documents(tokenizer, extra):
+    """A turn is a query and its answer: tools and documents were dropped without a word."""
+    with pytest.raises(jinja2.exceptions.TemplateError, match="tools and documents have no place in a turn"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "what time is it ?"}], tokenize=False,
+                                      add_generation_prompt=True, **extra)
+
+
 def test_assistant_mask_covers_exactly_answer_and_eos(tokenizer):
     out = tokenizer.apply_chat_template(
         _messages(TELL), tokenize=True, return_dict=True, return_assistant_tokens_mask=True

@@ -473,6 +473,28 @@ def test_weight_decay_leaves_the_initial_memory_alone(tokenizer, tmp_path):
                    if memory_ids & {id(p) for p in group["params"]})
 
 
+def test_chat_conversations_train_the_memory_as_episodes(tokenizer, tmp_path):
+    """A chat dataset's conversations (`episodes_from_messages`) train turn by turn through the memory: the memory
+    encoder and memory attention learn, which one sequence per conversation (TRL's SFT) leaves untouched."""
+    from modeling_rxt.data import episodes_from_messages
+
+    def pair(query, answer):
+        return [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+
+    conversations = [pair("my cat is bimo .", "noted .") + pair("what is my cat ?", "bimo ."),
+                     pair("i live in oslo .", "noted .") + pair("where do i live ?", "oslo .")]
+    rows = tokenize_episodes(tokenizer, episodes_from_messages(conversations), MAX_LENGTH)
+    model = tiny_model(tokenizer)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = RxTTrainer(model=model, args=_trainer_args(tmp_path, per_device_train_batch_size=2), train_dataset=rows,
+                         data_collator=EpisodeCollator(tokenizer.pad_token_id, kind_weights={CHAT: 1.0}),
+                         objective=memory_aware_objective)
+    trainer.train()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    for part in ("model.memory_encoder.", "model.memory_attention.", "model.layers."):
+        assert any(name.startswith(part) for name in moved), part
+
+
 def _asks_and_a_chat_only_episode(tokenizer, episodes):
     asks = tokenize_episodes(tokenizer, episodes, MAX_LENGTH).filter(lambda row: ASK in row["kinds"]).select([0])
     chat = tokenize_episodes(tokenizer, [_episode("chat", [Turn("hello there", "hi .", CHAT)] * 2)], MAX_LENGTH)
