@@ -471,7 +471,7 @@ def _encode_pass(model, chunk_ids, chunk_mask, memory_key_values, layers):
 def _empty_memory(ids, mask, layers, model, device) -> ExternalMemory:
     """A zero memory in the packed layout of `ids`: row r holds its real tokens at 0..n_r-1, in order."""
     config = model.config
-    dtype = model.embed_tokens.weight.dtype
+    dtype = model.dtype  # the compute dtype (an embedding may hold no `.weight`: quantized)
     lengths = mask.sum(dim=-1)  # (R,)
     width = int(lengths.max()) if lengths.numel() else 0
     shape = (len(layers), ids.shape[0], config.num_key_value_heads, width, config.head_dim)

@@ -424,7 +424,7 @@ class RxTModel(RxTPreTrainedModel):
             return self.initial_memory(batch_size)
         memory_state = as_memory_state(memory_state)
         memory_state.check_compatible(self.config, batch_size)
-        return memory_state.stm.to(self.embed_tokens.weight.dtype)
+        return memory_state.stm.to(self.dtype)  # the compute dtype (an embedding may hold no `.weight`: quantized)
 
     def project_memory(self, stm: torch.Tensor) -> torch.Tensor:
         """STM (L, B, S, D) -> memory keys/values (B, L, 2, K, S, Dh) of every decoder layer. Done once per turn;

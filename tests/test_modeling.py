@@ -27,6 +27,39 @@ def test_lm_head_is_tied_to_the_shared_embedding(tiny_model, kind):
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
 
 
+def test_an_input_embedding_without_a_weight_still_reads_and_builds_memories(tiny_model, kind):
+    """Quantized (`quantize_dynamic` of `nn.Embedding` keeps packed weights, not a `.weight` tensor) or wrapped, the
+    input embedding has no `.weight`: reading a memory state and building an external memory failed on it (Llama
+    runs), since the memory's dtype came from that weight. The compute dtype is the model's."""
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return self.inner(ids)
+
+    model = tiny_model(kind).eval()
+    ids, state = random_ids(2, 6), random_state(model, 2)
+    with torch.no_grad():
+        expected = model(ids, memory_state=state).logits
+        expected_tokens = model.generate(ids, memory_state=state, max_new_tokens=3, do_sample=False)
+        expected_memory = model.build_external_memory(ids)
+        model.set_input_embeddings(Wrapped(model.get_input_embeddings()))
+        assert not hasattr(model.get_input_embeddings(), "weight")
+        torch.testing.assert_close(model(ids, memory_state=state).logits, expected, rtol=0, atol=0)
+        assert torch.equal(model.generate(ids, memory_state=state, max_new_tokens=3, do_sample=False),
+                           expected_tokens)
+        assert torch.equal(model.build_external_memory(ids).keys, expected_memory.keys)
+        quantized = torch.ao.quantization.quantize_dynamic(
+            tiny_model(kind).eval(), {torch.nn.Embedding: torch.ao.quantization.float_qparams_weight_only_qconfig},
+            dtype=torch.quint8)
+        assert quantized(ids, memory_state=state).logits.dtype == torch.float32
+        quantized.generate(ids, memory_state=state, max_new_tokens=2, do_sample=False)
+        assert quantized.build_external_memory(ids).keys.dtype == torch.float32
+
+
 def test_output_shapes(tiny_model, kind):
     model = tiny_model(kind)
     config = model.config
