@@ -52,11 +52,14 @@ def test_an_input_embedding_without_a_weight_still_reads_and_builds_memories(tin
         assert torch.equal(model.generate(ids, memory_state=state, max_new_tokens=3, do_sample=False),
                            expected_tokens)
         assert torch.equal(model.build_external_memory(ids).keys, expected_memory.keys)
-        quantized = torch.ao.quantization.quantize_dynamic(
-            tiny_model(kind).eval(), {torch.nn.Embedding: torch.ao.quantization.float_qparams_weight_only_qconfig},
-            dtype=torch.quint8)
+        quantization = torch.ao.quantization
+        quantized = quantization.quantize_dynamic(tiny_model(kind).eval(), {  # int8 linear layers, 8-bit embedding
+            torch.nn.Linear: quantization.default_dynamic_qconfig,
+            torch.nn.Embedding: quantization.float_qparams_weight_only_qconfig,
+        })
         assert quantized(ids, memory_state=state).logits.dtype == torch.float32
-        quantized.generate(ids, memory_state=state, max_new_tokens=2, do_sample=False)
+        answer = quantized.generate(ids, memory_state=state, max_new_tokens=2, do_sample=False)
+        assert quantized.update_memory(state, input_ids=answer).stm.shape == state.stm.shape
         assert quantized.build_external_memory(ids).keys.dtype == torch.float32
 
 
