@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict, inject_adapter_in_model
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
@@ -166,6 +167,13 @@ def using_adapter(model: torch.nn.Module, adapter: str | None) -> Iterator[torch
     names = adapter_names(model)
     if adapter is not None and adapter not in names:
         raise ValueError(f"`adapter` {adapter!r} is not loaded on the model; loaded: {names} (or None for the base).")
+    prompt_learning = [name for name, config in getattr(model, "peft_config", {}).items() if config.is_prompt_learning]
+    if prompt_learning:
+        raise ValueError(
+            f"{prompt_learning} are prompt-learning adapters (prompt, prefix or P-tuning), which add virtual tokens to "
+            "the decoder's input and never reach the memory write: the PeftModel's own `update_memory` writes as "
+            "the base does. These helpers choose among adapters in the model's layers (LoRA, IA3, LoHa, ...)."
+        )
     if not names:  # a plain model: only the base exists
         yield model
         return
@@ -290,6 +298,12 @@ def _saved_shapes(path: Path, adapter_name: str) -> Shapes:
                              f"{dict(list(not_float.items())[:3])}")
         return shapes
     raise ValueError(f"Adapter {adapter_name!r}: no {' or '.join(ADAPTER_WEIGHTS_NAMES)} in `{path}`.")
+
+
+def _injectable(config: PeftConfig) -> bool:
+    """Whether PEFT's `inject_adapter_in_model`, which `_expected_shapes` uses, takes adapters of this kind."""
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(config.peft_type)
+    return not (config.is_prompt_learning or config.is_adaption_prompt or tuner is None or tuner.uses_shared_state)
 
 
 def _expected_shapes(model: torch.nn.Module, config: PeftConfig, adapter_name: str) -> tuple[Shapes, Shapes]:
@@ -460,6 +474,12 @@ def check_adapter_fits(
         raise ValueError(f"Adapter {adapter_name!r}: `{config_file}` is invalid: {error}") from error
     if problem := _lora_field_problem(config):
         raise ValueError(f"Adapter {adapter_name!r}: `{config_file}` is invalid: {problem}")
+    if not _injectable(config):
+        raise ValueError(
+            f"Adapter {adapter_name!r} is a {config.peft_type.value} adapter, which PEFT cannot inject into a model's "
+            f"layers on its own (prompt learning, or state shared over the model): this check, and `load_adapter`, "
+            f"cannot test it against the model. `peft.PeftModel.from_pretrained(model, path)` loads it, unchecked."
+        )
     saved = {key.removeprefix(PEFT_PREFIX): shape for key, shape in _saved_shapes(folder, adapter_name).items()}
     try:
         expected = _expected_shapes(model, config, adapter_name)

@@ -137,7 +137,9 @@ def check_cache_memory(cache, memory_key_values: torch.Tensor, past_length) -> N
 
     The same tensor, not written since, passes at once (every decoding step of `generate`). Otherwise each row of the
     cache is matched to the remembered row it came from, by the keys of its first token in the last layer (which
-    depend on the memory that token read, given more than one layer; `note_cache_filled` takes them), so rows
+    depend on the memory that token read, given more than one layer; `note_cache_filled` takes them; the first token
+    this model wrote: a cache may start with tokens written otherwise, as PEFT's prefix tuning fills it with virtual
+    tokens that are the same in every row), so rows
     selected, repeated, reordered or cropped since are judged against their own memories; the values must be equal,
     exactly in one dtype (a projection repeats itself bit for bit) and within rounding across dtypes (autocast; see
     `_same_values`). An empty cache (a static one emptied by `reset`) takes any. Skipped inside a compiled graph, and
@@ -149,28 +151,33 @@ def check_cache_memory(cache, memory_key_values: torch.Tensor, past_length) -> N
         past_length = int(past_length) if can_read_values(past_length) else None
     if kept is not None and kept.is_same_tensor(memory_key_values):
         if past_length == 0:  # emptied (a static cache's `reset`) and filled again: other first tokens
-            kept.first_token_keys = None
+            kept.first_token_keys, kept.first_position = None, 0
         return
-    if kept is not None and past_length:
+    continued = kept is not None and bool(past_length)
+    if continued:
         kept.check_continued_with(memory_key_values, cache, past_length)
-    # Remembered before the layers append: a forward that fails part-way leaves tokens that read this memory.
-    cache.rxt_memory = _CacheMemory(memory_key_values)
+    # Remembered before the layers append: a forward that fails part-way leaves tokens that read this memory. The
+    # first token that reads it comes after what the cache holds already (none, or a prefix written otherwise).
+    first_position = kept.first_position if continued else past_length or 0
+    cache.rxt_memory = _CacheMemory(memory_key_values, first_position)
 
 
 def note_cache_filled(cache) -> None:
     """End of a forward: the first token's keys of every row, once the cache holds them (see `check_cache_memory`)."""
     kept = getattr(cache, "rxt_memory", None)
     if kept is not None and kept.first_token_keys is None and not is_torchdynamo_compiling():
-        keys = _first_token_keys(cache)
+        keys = _first_token_keys(cache, kept.first_position)
         kept.first_token_keys = None if keys is None else keys.detach().clone()
 
 
 class _CacheMemory:
-    """The projected memory (B, L, 2, K, S, Dh) a cache's tokens read (a detached view), and the last layer's keys of
-    each row's first token (B, K, Dh), which tell which row a cache row came from."""
+    """The projected memory (B, L, 2, K, S, Dh) a cache's tokens read (a detached view), the position of the first of
+    them, and the last layer's keys of each row's first token (B, K, Dh), which tell which row a cache row came
+    from."""
 
-    def __init__(self, memory: torch.Tensor) -> None:
+    def __init__(self, memory: torch.Tensor, first_position: int) -> None:
         self.memory, self.version, self.first_token_keys = memory.detach(), _version(memory), None
+        self.first_position = first_position
 
     def is_same_tensor(self, memory: torch.Tensor) -> bool:
         """The very tensor kept, not written in place since (inference tensors keep no version count: trusted)."""
@@ -185,7 +192,7 @@ class _CacheMemory:
                 "a buffer it is a view of) was written in place since. Pass a new tensor for a new memory, and start "
                 "its turn without `past_key_values`."
             )
-        keys = _first_token_keys(cache)
+        keys = _first_token_keys(cache, self.first_position)
         rows = memory.shape[0]
         if keys is not None and keys.shape[0] != rows:
             raise ValueError(
@@ -224,11 +231,12 @@ def _version(tensor: torch.Tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version
 
 
-def _first_token_keys(cache) -> torch.Tensor | None:
-    """(B, K, Dh): the last layer's keys at the first position, or None where the cache holds no such tensor."""
+def _first_token_keys(cache, position: int) -> torch.Tensor | None:
+    """(B, K, Dh): the last layer's keys at `position`, or None where the cache holds no such tensor."""
     layers = getattr(cache, "layers", None)
     keys = getattr(layers[-1], "keys", None) if layers else None
-    return keys[:, :, 0] if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[2] > 0 else None
+    held = isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[2] > position
+    return keys[:, :, position] if held else None
 
 
 def _same_values(kept: torch.Tensor, memory: torch.Tensor) -> bool:

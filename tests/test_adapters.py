@@ -598,3 +598,26 @@ def test_update_memory_per_row_hands_each_row_its_own_write_whatever_the_groupin
         for row, name in enumerate(names):
             alone = update_memory_with(model, state.select([row]), ids[row:row + 1], adapter=name)
             assert torch.allclose(written.stm[:, row], alone.stm[:, 0], atol=1e-6), (row, name)
+
+
+def test_the_adapter_helpers_name_prompt_learning_adapters(ids):
+    """Prompt, prefix and P-tuning add virtual tokens to the decoder's input and never reach the write: the helpers
+    that choose a writer failed on them with a bare TypeError ("'method' object is not iterable"). Refused by name;
+    the PeftModel's own `update_memory` writes as the base."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    from modeling_rxt.adapters import update_memory_per_row
+
+    for config in (PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"),
+                   PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"),
+                   PromptEncoderConfig(num_virtual_tokens=2, encoder_hidden_size=8, task_type="CAUSAL_LM")):
+        model = get_peft_model(make_base(), config)
+        state = model.init_memory(ids.shape[0])
+        for call in (lambda: update_memory_with(model, state, ids, adapter=None),
+                     lambda: update_memory_with(model, state, ids, adapter="default"),
+                     lambda: update_memory_per_row(model, state, ids, None, ["default"] * ids.shape[0]),
+                     lambda: using_adapter(model, None).__enter__()):
+            with pytest.raises(ValueError, match=r"\['default'\] are prompt-learning adapters.*own `update_memory`"):
+                call()
+        written = model.update_memory(state, ids)
+        assert torch.equal(written.stm, make_base().update_memory(state, ids).stm)

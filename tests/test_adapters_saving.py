@@ -605,3 +605,21 @@ def test_a_saved_lora_config_with_values_peft_takes_as_they_come_is_refused(tmp_
         assert_in_place_state(base, before)
     (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps({**good, "lora_alpha": -8}))
     load_adapter(make_base(), tmp_path / "bad", "x")
+
+
+def test_adapters_peft_cannot_inject_are_named_not_called_misfits(tmp_path):
+    """Prompt-learning adapters and VeRA (state shared over the model) cannot be injected into a weightless copy,
+    which the fit check does: they were refused as adapters that "do not fit" (PeftModel.from_pretrained loads them).
+    Said as what it is, naming the loader that takes them."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, VeraConfig
+
+    for name, config in (("prompt", PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM")),
+                         ("prefix", PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM")),
+                         ("vera", VeraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))):
+        get_peft_model(make_base(), config).save_pretrained(tmp_path / name)
+        base = make_base()
+        with pytest.raises(ValueError, match=rf"'{name}' is a \w+ adapter, which PEFT cannot inject.*"
+                                             r"PeftModel\.from_pretrained"):
+            load_adapter(base, tmp_path / name, name)
+        assert not adapter_names(base)  # untouched
+        PeftModel.from_pretrained(make_base(), tmp_path / name)  # what the message names does load it

@@ -714,6 +714,28 @@ def test_a_cache_row_is_judged_against_the_memory_it_read_not_any_remembered_row
             model(last[rows], memory_state=state.select(rows), past_key_values=cache)
 
 
+def test_a_cache_that_starts_with_a_prefix_tuning_prefix_is_judged_by_the_first_token_that_read_a_memory(
+        dense_model):
+    """PEFT's prefix tuning hands the first forward a cache holding its virtual tokens, the same in every row. Rows
+    were told apart by the keys at position 0, those virtual tokens': rows continued with each other's memories were
+    accepted. They are told apart by the first token this model wrote."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = dense_model
+    prefixed = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")).eval()
+    with torch.no_grad():
+        for parameter in prefixed.prompt_encoder.parameters():
+            parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+        state = random_state(model, 2)
+        out = prefixed.generate(input_ids=random_ids(2, 5), memory_state=state, max_new_tokens=2, do_sample=False,
+                                return_dict_in_generate=True, eos_token_id=None)
+        cache, last = out.past_key_values, out.sequences[:, -1:]
+        mask = torch.ones(2, cache.get_seq_length() + 1, dtype=torch.long)
+        with pytest.raises(ValueError, match="`past_key_values`.*another memory.*row 0"):
+            model(last, memory_state=state.select([1, 0]), past_key_values=cache, attention_mask=mask)
+        model(last, memory_state=state, past_key_values=cache, attention_mask=mask)  # their own: continued
+
+
 def test_a_first_forward_that_failed_part_way_leaves_the_cache_judged(dense_model, monkeypatch):
     """A cache's first forward failing after some layers appended: those tokens read that call's memory, and another
     memory is refused for them."""
