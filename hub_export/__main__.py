@@ -50,7 +50,8 @@ def _summary(report) -> str:
         lines.append(
             f"verified in a fresh process without {', '.join(v.blocked)} ({v.seconds:.1f} s): {v.model_class}; "
             f"max |logits diff| {v.max_abs_diff_initial:.3g} (initial memory), {v.max_abs_diff_memory:.3g} "
-            f"(written memory); {v.generated_tokens} greedy tokens identical; usage snippet ran"
+            f"(written memory); {v.generated_tokens} greedy tokens identical, decoded with the cache as without it "
+            f"(max |diff| {v.max_abs_diff_cache:.3g}); usage snippet ran"
         )
     return "\n".join(lines)
 

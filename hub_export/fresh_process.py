@@ -11,8 +11,9 @@ JSON job file written by the parent. The child
 2. loads the tokenizer and the model from the folder with `trust_remote_code=True` and checks that the model class
    comes from the folder's own code (a `transformers_modules.*` module);
 3. tokenizes the job's conversations, runs a forward pass with the learned initial memory, writes the memory with
-   the conversations, runs a forward pass reading that memory and a greedy `generate`, and saves every tensor for
-   the parent to compare with the source model;
+   the conversations, runs a forward pass reading that memory and a greedy `generate` (each step's logits, and
+   those of one forward over the same tokens without a cache), and saves every tensor for the parent to compare
+   with the source model;
 4. runs the model card's usage snippet as written, in a working directory where its `model_id` names the folder.
 """
 
@@ -76,10 +77,16 @@ def model_outputs(model, ids, mask, prompt_ids, max_new_tokens: int) -> dict:
         logits_initial = model(ids, attention_mask=mask).logits  # (B, T, V), learned initial memory
         state = model.update_memory(model.init_memory(ids.shape[0]), ids, attention_mask=mask)
         logits_memory = model(ids, attention_mask=mask, memory_state=state).logits  # (B, T, V), written memory
-        generated = model.generate(prompt_ids, memory_state=state.select([0]), max_new_tokens=max_new_tokens,
-                                   do_sample=False)
+        decoded = model.generate(prompt_ids, memory_state=state.select([0]), max_new_tokens=max_new_tokens,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+        generated = decoded.sequences  # (1, P + N)
+        # Each step's logits, decoded with the cache, and the same positions from one forward without a cache: they
+        # differ where the cache is dropped or misread (transformers 5.24 renamed the argument that carries it).
+        logits_decoded = torch.stack(decoded.logits, dim=1)  # (1, N, V)
+        logits_full = model(generated[:, :-1], memory_state=state.select([0])).logits[:, prompt_ids.shape[1] - 1:]
     return {"input_ids": ids, "attention_mask": mask, "prompt_ids": prompt_ids, "logits_initial": logits_initial,
-            "logits_memory": logits_memory, "stm": state.stm, "generated": generated}
+            "logits_memory": logits_memory, "stm": state.stm, "generated": generated,
+            "logits_decoded": logits_decoded, "logits_full": logits_full}
 
 
 def run_snippet(job: dict) -> None:

@@ -496,7 +496,9 @@ def _limitations_section(evaluation: Evaluation | None, recipe: Mapping | None) 
                      "quality, safety or bias.")
     items += ["One interaction (query and answer) must fit in the maximum interaction length above; longer input "
               "raises an error.",
-              "The remote code targets `transformers` 5.23 and `torch` >= 2.13; other versions may need changes."]
+              "The remote code needs `torch` >= 2.13 and `transformers` >= 5.4: from 5.4 to 5.25 this project's "
+              "version check (`python -m hub_export.versions`, 2026-12-07) found the same numbers as under 5.23, which "
+              "the project pins; 5.0 to 5.3 cannot load its config, and later versions are unchecked."]
     return "## Limitations\n\n" + "\n".join(f"- {item}" for item in items)
 
 

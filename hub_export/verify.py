@@ -3,7 +3,7 @@
 The child process (see `fresh_process.py`) cannot import this project's packages, loads the folder with
 `trust_remote_code=True`, and runs the same computations as the parent does here on the source model: tokenization
 of fixed conversations, logits with the learned initial memory, a memory write, logits reading the written memory,
-and a greedy `generate`. Then it runs the model card's usage snippet as written, with the Hub offline.
+and a greedy `generate`, whose steps decoded with the cache must give what one forward without it gives. Then it runs the model card's usage snippet as written, with the Hub offline.
 """
 
 import json
@@ -33,6 +33,9 @@ SNIPPET_MARKER = "----- README.md usage snippet -----"
 # Same weights and code on the same machine give the same numbers; the tolerance only absorbs a different order of
 # floating-point reductions, should the child's kernels pick one.
 DEFAULT_ATOL = 1e-5
+# Decoding with a cache and one forward without sum in another order: ~1e-6 apart. A cache dropped or misread moves
+# the logits by tenths.
+CACHE_ATOL = 1e-4
 
 
 class VerificationError(RuntimeError):
@@ -46,6 +49,8 @@ class VerificationReport:
     max_abs_diff_initial: float  # logits with the learned initial memory, child vs source
     max_abs_diff_memory: float  # logits reading the memory written in the child vs in the source
     max_abs_diff_stm: float  # the written memory itself
+    max_abs_diff_decoded: float  # each greedy step's logits, child vs source
+    max_abs_diff_cache: float  # in the child: each step's logits decoded with the cache vs one forward without
     generated_tokens: int  # tokens of the greedy generation, identical in child and source
     snippet_output: str  # what the card's usage snippet printed
     seconds: float
@@ -79,12 +84,12 @@ def _child_env(work: Path) -> dict[str, str]:
     return env
 
 
-def _run_child(job: dict, work: Path, timeout_s: float) -> str:
+def _run_child(job: dict, work: Path, timeout_s: float, python: str) -> str:
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job), encoding="utf-8")
     source = Path(fresh_process.__file__).read_text(encoding="utf-8")
     try:
-        done = subprocess.run([sys.executable, "-c", source, str(job_path)], cwd=work, env=_child_env(work),
+        done = subprocess.run([python, "-c", source, str(job_path)], cwd=work, env=_child_env(work),
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as error:
         raise VerificationError(f"The verification process did not finish within {timeout_s:.0f} s.") from error
@@ -117,6 +122,10 @@ def _compare(model, tokenizer, job: dict, child: dict[str, torch.Tensor], atol: 
     diffs = {key: _max_diff(label, ours[name], child[name], atol) for key, label, name in compared}
     if not torch.equal(ours["generated"], child["generated"]):
         raise VerificationError("Greedy generation differs between the export and the source model.")
+    diffs["max_abs_diff_decoded"] = _max_diff("Logits of the greedy steps", ours["logits_decoded"],
+                                              child["logits_decoded"], atol)
+    diffs["max_abs_diff_cache"] = _max_diff("In the export, logits decoded with the cache and without one",
+                                            child["logits_full"], child["logits_decoded"], CACHE_ATOL)
     return diffs
 
 
@@ -129,10 +138,12 @@ def verify_export(
     run_snippet: bool = True,
     atol: float = DEFAULT_ATOL,
     timeout_s: float = 600.0,
+    python: str | os.PathLike = sys.executable,
 ) -> VerificationReport:
     """Checks that `folder` loads in a fresh process without this project, tokenizes like `tokenizer` and computes
-    what `model` (the source) computes, then runs the card's usage snippet with `model_id` resolving to `folder`.
-    Raises `VerificationError` on any difference."""
+    what `model` (the source) computes, decoding with its cache what one forward without it gives, then runs the
+    card's usage snippet with `model_id` resolving to `folder`. `python` runs the fresh process (another environment:
+    another transformers, as `hub_export.versions` checks). Raises `VerificationError` on any difference."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"`folder` {str(folder)!r} is not a model folder (no config.json).")
@@ -147,7 +158,7 @@ def verify_export(
     with tempfile.TemporaryDirectory(prefix="rxt-verify-") as work_dir:
         work = Path(work_dir)
         job = _job(folder, work, model, model_id, run_snippet)
-        stdout = _run_child(job, work, timeout_s)
+        stdout = _run_child(job, work, timeout_s, str(python))
         child = load_file(work / "outputs.safetensors")
         info = json.loads((work / "info.json").read_text(encoding="utf-8"))
     if info["leaked"]:

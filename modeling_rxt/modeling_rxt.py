@@ -33,7 +33,8 @@ Files exported to the Hub with the weights (the model's remote code):
 - `atomic_files.py`: atomic file writes (the model's `save_pretrained` and everything else the package writes);
 - `external_memory.py`: retrieval from long external memories inside self-attention;
 - `modeling_rxt_checks.py`: the input checks, which name bad input before it reaches a kernel;
-- `modeling_rxt_wrappers.py`: what running under FSDP2 and PEFT needs.
+- `modeling_rxt_wrappers.py`: what running under FSDP2 and PEFT needs;
+- `modeling_rxt_compat.py`: what differs between the transformers versions the exported code runs under.
 
 Shape legend: B batch, T tokens of one interaction, L memory layers (= decoder layers), S slots per layer,
 D hidden size, H query heads, K key/value heads, Dh head dim, E experts, k experts per token, N = B * T tokens.
@@ -73,7 +74,7 @@ from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, is_torchdynamo_compiling
 from transformers.utils.generic import merge_with_config_defaults
@@ -100,6 +101,13 @@ from .modeling_rxt_blocks import (
     RxTRotaryEmbedding,
     RxTSelfAttention,
     at_least_float32,
+)
+from .modeling_rxt_compat import (
+    MASK_CACHE_NAME,
+    OUTPUT_CACHE_NAME,
+    cache_argument,
+    output_cache,
+    slice_logits_to_keep,
 )
 from .modeling_rxt_checks import (
     can_read_values,
@@ -465,6 +473,9 @@ class RxTModel(RxTPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
         r"""
+        past_key_values (`Cache`, *optional*):
+            Keys and values of the tokens before these, which read the same memory (transformers >= 5.24 passes it
+            as `cache`, which is taken too).
         memory_state (`RxTMemoryState`, *optional*):
             Short-term memory of the B conversations, read only. Defaults to the learned initial memory.
         memory_key_values (`torch.Tensor` of shape `(B, L, 2, K, S, Dh)`, *optional*):
@@ -474,6 +485,7 @@ class RxTModel(RxTPreTrainedModel):
             External memories retrieved inside the self-attention of the retrieval layers, bound to this batch
             (`RxTForCausalLM.forward` builds it from an `ExternalMemory`).
         """
+        past_key_values = cache_argument(past_key_values, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
         if use_cache and past_key_values is None:
@@ -499,8 +511,8 @@ class RxTModel(RxTPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{MASK_CACHE_NAME: past_key_values},
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -525,7 +537,8 @@ class RxTModel(RxTPreTrainedModel):
                 **kwargs,
             )
         note_cache_filled(past_key_values)
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        hidden_states = self.norm(hidden_states)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{OUTPUT_CACHE_NAME: past_key_values})
 
     def check_interaction_length(self, length: int) -> None:
         if length == 0:
@@ -693,6 +706,9 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
         r"""
+        past_key_values (`Cache`, *optional*):
+            Keys and values of the tokens before these, which read the same memory (transformers >= 5.24 passes it
+            as `cache`, which is taken too).
         memory_state (`RxTMemoryState`, *optional*):
             Short-term memory of the B conversations, read only (never mutated). Defaults to the learned initial
             memory, so callers that know nothing of memory work as with any causal LM.
@@ -706,6 +722,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             The external-memory row each batch row reads (default: row b reads row b, or all read a single row);
             batch-first, so `generate` repeats it for beams and `num_return_sequences`.
         """
+        past_key_values = cache_argument(past_key_values, kwargs)
         if labels is not None:
             given = input_ids if input_ids is not None else inputs_embeds
             if isinstance(given, torch.Tensor) and given.dim() >= 2:  # else the model names the bad input
@@ -751,10 +768,10 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            **{OUTPUT_CACHE_NAME: output_cache(outputs)},
         )
 
     def save_pretrained(self, save_directory, *args, **kwargs):

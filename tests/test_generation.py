@@ -71,6 +71,29 @@ def test_cached_decoding_equals_uncached(tiny_model, kind, num_beams):
         torch.testing.assert_close(with_cache, without_cache, atol=1e-5, rtol=1e-5)
 
 
+def test_forward_takes_the_cache_under_the_name_transformers_5_24_gives_it(tiny_model, kind):
+    """transformers 5.24 renamed `past_key_values` to `cache` and its `generate` passes `cache=`: the exported code
+    left it unread in `**kwargs` and decoded every token without the cache, answering otherwise without an error.
+    Both names are taken (the model's own and the causal LM's forward); two different caches are refused."""
+    from transformers import DynamicCache
+
+    model = tiny_model(kind)
+    ids, state = random_ids(2, 7), random_state(model, 2)
+    with torch.no_grad():
+        whole = model(ids, memory_state=state).logits[:, -1]
+        for call in (model, model.model):
+            cache = DynamicCache(config=model.config)
+            call(ids[:, :-1], memory_state=state, cache=cache, use_cache=True)
+            assert cache.get_seq_length() == 6
+            out = call(ids[:, -1:], memory_state=state, cache=cache, use_cache=True)
+            last = out.logits[:, -1] if call is model else model.lm_head(out.last_hidden_state[:, -1])
+            torch.testing.assert_close(last, whole, atol=1e-5, rtol=1e-5)
+            assert out.past_key_values is cache
+        with pytest.raises(ValueError, match="`past_key_values` and `cache` are the same argument"):
+            model(ids, memory_state=state, cache=DynamicCache(config=model.config),
+                  past_key_values=DynamicCache(config=model.config))
+
+
 def test_static_cache_and_a_compiled_decode_step_give_the_dynamic_cache_answer(tiny_model, kind):
     # A static cache counts its tokens in a tensor: the forward must not branch on it in Python (a host sync per step
     # on a GPU, a graph break under torch.compile). The "eager" backend traces with dynamo (fullgraph: any break

@@ -217,6 +217,7 @@ def test_fresh_process_gives_identical_logits_without_the_project(exported):
     assert report.blocked == ("modeling_rxt", "configuration", "hub_export")
     assert report.model_class.startswith("transformers_modules.") and report.model_class.endswith(".RxTForCausalLM")
     assert report.max_abs_diff_initial == report.max_abs_diff_memory == report.max_abs_diff_stm == 0.0
+    assert report.max_abs_diff_decoded == 0.0 and report.max_abs_diff_cache < 1e-5
     assert report.generated_tokens == 8
 
 
@@ -272,7 +273,8 @@ def test_verification_compares_every_output_and_refuses_nan(source_model, source
     job = {"conversations": [list(c) for c in verify.CONVERSATIONS], "prompt": list(verify.PROMPT),
            "max_length": source_model.config.max_position_embeddings}
     child = fresh_process.model_outputs(source_model, *fresh_process.tokenize(tokenizer, job), verify.MAX_NEW_TOKENS)
-    assert set(verify._compare(source_model, tokenizer, job, child, atol=1e-5).values()) == {0.0}
+    diffs = verify._compare(source_model, tokenizer, job, child, atol=1e-5)
+    assert diffs.pop("max_abs_diff_cache") < 1e-5 and set(diffs.values()) == {0.0}
     nan_logits = child["logits_memory"].clone()
     nan_logits[0, 0, 0] = float("nan")
     with pytest.raises(VerificationError, match=r"Logits \(written memory\) differ.*nan"):
@@ -281,6 +283,48 @@ def test_verification_compares_every_output_and_refuses_nan(source_model, source
     other[0, -1] = (other[0, -1] + 1) % source_model.config.vocab_size
     with pytest.raises(VerificationError, match="Greedy generation differs"):
         verify._compare(source_model, tokenizer, job, {**child, "generated": other}, atol=1e-5)
+    # A cache dropped at every step (what transformers 5.24's renamed argument did to the exported code): each token
+    # saw only itself and the memory. Its logits are those of one-token forwards, not of the whole prefix.
+    generated, prompt_length = child["generated"], child["prompt_ids"].shape[1]
+    with torch.no_grad():
+        cacheless = torch.cat([source_model(generated[:, :prompt_length]).logits[:, -1:]] + [
+            source_model(generated[:, i:i + 1]).logits for i in range(prompt_length, generated.shape[1] - 1)], dim=1)
+    with pytest.raises(VerificationError, match="In the export, logits decoded with the cache and without one differ"):
+        verify._compare(source_model, tokenizer, job, {**child, "logits_decoded": cacheless}, atol=1.0)
+
+
+def test_the_versions_check_verifies_the_folder_with_each_environments_python(exported, monkeypatch, tmp_path):
+    """`python -m hub_export.versions` runs the export's verification with another environment's Python (made by
+    pip; here this one's, which needs no network): a line per version, exit 0 only when every one gives the same
+    numbers; an environment pip could not make, or a Python that cannot load the folder, is a failing line."""
+    from hub_export import versions
+
+    output = tmp_path / "versions.json"
+    monkeypatch.setattr(versions, "environment", lambda version, envs: Path(sys.executable))
+    assert versions.main([str(exported.dest), "--transformers", "5.23.0", "--output", str(output)]) == 0
+    [line] = json.loads(output.read_text())["versions"]
+    assert line["result"] == "same" and line["snippet_ran"] is True
+    assert line["max_abs_diff_decoded"] == 0.0 and line["max_abs_diff_cache"] < 1e-5
+
+    broken = tmp_path / "python"  # an environment whose transformers cannot load the folder
+    broken.write_text("#!/bin/sh\necho 'ImportError: cannot import name slice_logits_to_keep' >&2\nexit 1\n")
+    broken.chmod(0o755)
+
+    def not_installed(version, envs):
+        raise versions.InstallError("`transformers==9.9.9` failed: no matching distribution")
+
+    for environment, result, detail in ((lambda version, envs: broken, "differs or fails", "slice_logits_to_keep"),
+                                        (not_installed, "not installed", "no matching distribution")):
+        monkeypatch.setattr(versions, "environment", environment)
+        assert versions.main([str(exported.dest), "--transformers", "5.23.0", "--output", str(output)]) == 1
+        [line] = json.loads(output.read_text())["versions"]
+        assert line["result"] == result and detail in line["detail"], line
+    for bad in (["--transformers", "5.x"], ["--transformers", "5.23.0", "--output", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_status:
+            versions.main([str(exported.dest), *bad])
+        assert exit_status.value.code == 2
+    with pytest.raises(SystemExit):
+        versions.main([str(tmp_path), "--transformers", "5.23.0"])  # no config.json
 
 
 # ---- the model card --------------------------------------------------------------------------------------------------
