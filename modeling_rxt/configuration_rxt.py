@@ -38,6 +38,21 @@ MEMORY_ATTENTION_TYPES = ("simple", "self", "interlayer", "gated-self-interlayer
 MEMORY_WRITE_TYPES = ("attention", "competition")
 
 
+ATTENTION_TP_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+}
+DENSE_MLP_TP_PLAN = {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise",
+                     "layers.*.mlp.down_proj": "rowwise"}
+MOE_TP_PLAN = {"layers.*.mlp.experts.gate_up_proj": "packed_colwise", "layers.*.mlp.experts.down_proj": "rowwise",
+               "layers.*.mlp.experts": "moe_tp_experts"}
+MOE_SHARED_EXPERT_TP_PLAN = {"layers.*.mlp.shared_expert.gate_proj": "colwise",
+                             "layers.*.mlp.shared_expert.up_proj": "colwise",
+                             "layers.*.mlp.shared_expert.down_proj": "rowwise"}
+
+
 @auto_docstring(custom_intro="""Configuration of an RxT model ([`RxTForCausalLM`], [`RxTModel`]): decoder, memory
     encoder, memory attention and short-term memory. The defaults give a small dense model (hidden size 128, 4 layers,
     64 memory slots); the presets in `configuration/models/` give the project's sizes.""")
@@ -100,15 +115,9 @@ class RxTConfig(PreTrainedConfig):
     model_type = "rxt"
     attribute_map = {"num_experts": "num_local_experts"}  # Mixtral's alias, which trainers (TRL) read
     keys_to_ignore_at_inference = ["past_key_values", "router_logits"]
-    base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
-        "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.gate_proj": "colwise",
-        "layers.*.mlp.up_proj": "colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-    }
+    # Tensor parallelism (`tp_plan="auto"`) splits the decoder's self-attention and feed-forward, as Llama's and
+    # Mixtral's plans do; the memory read, the memory write and the initial memory stay whole on every process.
+    base_model_tp_plan = {**ATTENTION_TP_PLAN, **DENSE_MLP_TP_PLAN}  # a mixture of experts gets its own (below)
 
     vocab_size: int = 8192
     hidden_size: int = 128
@@ -158,6 +167,9 @@ class RxTConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)  # sets Mixtral's `num_experts`, if given, as `num_local_experts`
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = 0.01 if self.num_local_experts > 0 else 0.0
+        if self.num_local_experts > 0:  # the class's MLP rules match nothing here: the experts are split as Mixtral's
+            shared = MOE_SHARED_EXPERT_TP_PLAN if self.shared_expert_intermediate_size > 0 else {}
+            self.base_model_tp_plan = {**ATTENTION_TP_PLAN, **MOE_TP_PLAN, **shared}
 
     def _read_memory_write_competition(self, competition) -> None:
         if not isinstance(competition, bool):

@@ -119,6 +119,8 @@ from .modeling_rxt_checks import (
     check_labels,
     check_memory_key_values,
     check_no_memory_for_continuous_batching,
+    check_no_pipeline_stages,
+    check_not_tensor_parallel,
     check_token_ids,
     checked_batch_prompts,
     generation_setting,
@@ -128,9 +130,9 @@ from .modeling_rxt_checks import (
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 from .modeling_rxt_wrappers import (
     FSDPModule,
+    check_no_injected_adapters,
     drops_mixed_adapter_hooks_on_error,
     execution_device,
-    holds_injected_adapters,
     is_fsdp_module,
     is_peft_module,
     mixed_adapter_rows,
@@ -325,6 +327,11 @@ class RxTPreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(RxTTopKRouter, index=0),
     }
 
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, *args, **kwargs):
+        check_no_pipeline_stages(distributed_config)  # before transformers splits the layers over the processes
+        return super().maybe_distribute_model(model, distributed_config, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -366,13 +373,7 @@ class RxTPreTrainedModel(PreTrainedModel):
         the folder's other files stay, and weight files of an earlier save (of the same variant) that this one did
         not write go. With `push_to_hub=True` the same save is then uploaded from a temporary folder of its own, so
         a failed upload leaves the local save complete."""
-        if holds_injected_adapters(self):
-            raise ValueError(
-                "This model holds PEFT adapter layers (`get_peft_model` changes the model it is given): its weights "
-                "would be saved under PEFT's names, and the folder would load with freshly initialised weights in "
-                "their place. Save the adapters with the PeftModel's `save_pretrained` (or `save_adapters`), and the "
-                "base from `peft_model.unload()`, or the merged model from `merge_and_unload()`."
-            )
+        check_no_injected_adapters(self)  # they would be saved under PEFT's names, and load as fresh weights
         arguments = inspect.signature(PreTrainedModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
         options = {name: value for name, value in arguments.arguments.items() if name not in ("self", "kwargs")}
         options.update(arguments.arguments.get("kwargs", {}))
@@ -728,6 +729,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             if isinstance(given, torch.Tensor) and given.dim() >= 2:  # else the model names the bad input
                 check_labels(labels, *given.shape[:2], self.config.vocab_size)
         if external_memory is not None:  # retrieval from external memories, bound to this batch
+            check_not_tensor_parallel(self, "Reading an external memory")
             batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             external_memory = bind_external_memory(external_memory, external_memory_rows, self.config, batch_size)
         elif external_memory_rows is not None:
@@ -964,6 +966,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         `stride` tokens. Keep it on `device` ("cpu" to spare accelerator memory) and reuse it across calls. Built
         without gradients unless `differentiable` (the `external_memory` training stage); `passes`: see
         `external_memory.build_external_memory`."""
+        check_not_tensor_parallel(self, "Building an external memory")
         layers, stride = resolve_layers(self.config, layers), resolve_stride(self.config, stride)
         return build_external_memory(
             self.model, input_ids, attention_mask, layers=layers, stride=stride, device=device,

@@ -525,3 +525,22 @@ def check_interaction_mask(attention_mask, shape: tuple[int, int]) -> None:
         raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {shape} (batch, "
                          "tokens), the mask of the interaction.")
     check_mask_values(attention_mask)
+
+
+def check_not_tensor_parallel(model, what: str) -> None:
+    """An external memory holds every key/value head; under tensor parallelism (`tp_plan`) each process's
+    self-attention computes its own share of them, and a memory built or read there paired heads wrongly, without an
+    error."""
+    if (getattr(model, "_tp_size", None) or 1) > 1:
+        raise ValueError(f"{what} under tensor parallelism (`tp_plan`) is not supported: each process computes its "
+                         "own key/value heads, and an external memory holds them all. Load the model without "
+                         "`tp_plan` to build or read external memories.")
+
+
+def check_no_pipeline_stages(distributed_config) -> None:
+    """Refused when the model is loaded, on every process: one process failing at its first forward left the other
+    waiting for it for good."""
+    if (getattr(distributed_config, "pp_size", None) or 1) > 1:
+        raise ValueError("RxT cannot be split into pipeline stages (`pp_size`): every decoder layer reads a memory "
+                         "projected for all layers at once, and the memory write runs modules outside the decoder "
+                         "layers. Use tensor parallelism (`tp_size`) or FSDP.")

@@ -104,6 +104,18 @@ def holds_injected_adapters(model: nn.Module) -> bool:
     return any(is_peft_module(module, "BaseTunerLayer", "ModulesToSaveWrapper") for module in model.modules())
 
 
+def check_no_injected_adapters(model: nn.Module) -> None:
+    """A model saved with PEFT's layers in it holds its weights under PEFT's names: its folder would load with freshly
+    initialised weights in their place."""
+    if holds_injected_adapters(model):
+        raise ValueError(
+            "This model holds PEFT adapter layers (`get_peft_model` changes the model it is given): its weights "
+            "would be saved under PEFT's names, and the folder would load with freshly initialised weights in "
+            "their place. Save the adapters with the PeftModel's `save_pretrained` (or `save_adapters`), and the "
+            "base from `peft_model.unload()`, or the merged model from `merge_and_unload()`."
+        )
+
+
 def _mixed_adapter_hooks(module: nn.Module):
     """(submodule, hook key, hook) of every hook PEFT's mixed-adapter batch put on `module`. The key is the hook's
     handle id, which torch counts up across all hooks: a higher key was registered later."""
