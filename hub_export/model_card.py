@@ -496,9 +496,10 @@ def _limitations_section(evaluation: Evaluation | None, recipe: Mapping | None) 
                      "quality, safety or bias.")
     items += ["One interaction (query and answer) must fit in the maximum interaction length above; longer input "
               "raises an error.",
-              "The remote code needs `torch` >= 2.13 and `transformers` >= 5.4: from 5.4 to 5.25 this project's "
-              "version check (`python -m hub_export.versions`, 2026-12-07) found the same numbers as under 5.23, which "
-              "the project pins; 5.0 to 5.3 cannot load its config, and later versions are unchecked."]
+              "The remote code needs `torch` >= 2.13 and `transformers` >= 5.4 (5.0 to 5.3 cannot load its config). "
+              "The project's version check (`python -m hub_export.versions`, 2026-12-07) found an export of this "
+              "code to give the same numbers under transformers 5.4.0, 5.16.1, 5.20.2, 5.21.0, 5.22.2, 5.24.0 and "
+              "5.25.0 as under 5.23, which the project pins; other versions are unchecked."]
     return "## Limitations\n\n" + "\n".join(f"- {item}" for item in items)
 
 

@@ -46,11 +46,12 @@ ATTENTION_TP_PLAN = {
 }
 DENSE_MLP_TP_PLAN = {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise",
                      "layers.*.mlp.down_proj": "rowwise"}
-MOE_TP_PLAN = {"layers.*.mlp.experts.gate_up_proj": "packed_colwise", "layers.*.mlp.experts.down_proj": "rowwise",
-               "layers.*.mlp.experts": "moe_tp_experts"}
-MOE_SHARED_EXPERT_TP_PLAN = {"layers.*.mlp.shared_expert.gate_proj": "colwise",
-                             "layers.*.mlp.shared_expert.up_proj": "colwise",
-                             "layers.*.mlp.shared_expert.down_proj": "rowwise"}
+MOE_TP_PLAN = {**ATTENTION_TP_PLAN, "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+               "layers.*.mlp.experts.down_proj": "rowwise", "layers.*.mlp.experts": "moe_tp_experts"}  # Mixtral's
+MOE_TP_PLAN_WITH_SHARED_EXPERT = {**MOE_TP_PLAN, "layers.*.mlp.shared_expert.gate_proj": "colwise",
+                                  "layers.*.mlp.shared_expert.up_proj": "colwise",
+                                  "layers.*.mlp.shared_expert.down_proj": "rowwise"}
+_FOLLOW_THE_EXPERTS = frozenset({"router_aux_loss_coef", "base_model_tp_plan"})
 
 
 @auto_docstring(custom_intro="""Configuration of an RxT model ([`RxTForCausalLM`], [`RxTModel`]): decoder, memory
@@ -117,7 +118,7 @@ class RxTConfig(PreTrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values", "router_logits"]
     # Tensor parallelism (`tp_plan="auto"`) splits the decoder's self-attention and feed-forward, as Llama's and
     # Mixtral's plans do; the memory read, the memory write and the initial memory stay whole on every process.
-    base_model_tp_plan = {**ATTENTION_TP_PLAN, **DENSE_MLP_TP_PLAN}  # a mixture of experts gets its own (below)
+    base_model_tp_plan = {**ATTENTION_TP_PLAN, **DENSE_MLP_TP_PLAN}  # a mixture of experts reads its own
 
     vocab_size: int = 8192
     hidden_size: int = 128
@@ -164,12 +165,21 @@ class RxTConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        super().__post_init__(**kwargs)  # sets Mixtral's `num_experts`, if given, as `num_local_experts`
-        if self.router_aux_loss_coef is None:
-            self.router_aux_loss_coef = 0.01 if self.num_local_experts > 0 else 0.0
-        if self.num_local_experts > 0:  # the class's MLP rules match nothing here: the experts are split as Mixtral's
-            shared = MOE_SHARED_EXPERT_TP_PLAN if self.shared_expert_intermediate_size > 0 else {}
-            self.base_model_tp_plan = {**ATTENTION_TP_PLAN, **MOE_TP_PLAN, **shared}
+        super().__post_init__(**kwargs)
+
+    def __getattribute__(self, name: str):
+        # Two settings follow the experts whenever they are read: transformers sets `from_pretrained`'s overrides
+        # (`num_local_experts=4`) after `__post_init__`, as an assignment or `update` does.
+        value = super().__getattribute__(name)
+        if name not in _FOLLOW_THE_EXPERTS:
+            return value
+        experts = super().__getattribute__("num_local_experts") > 0
+        if name == "router_aux_loss_coef":  # unset (None): 0.01 with experts, 0.0 without (TRL reads it)
+            return value if value is not None else (0.01 if experts else 0.0)
+        if not experts:
+            return value
+        shared = super().__getattribute__("shared_expert_intermediate_size") > 0
+        return MOE_TP_PLAN_WITH_SHARED_EXPERT if shared else MOE_TP_PLAN  # the MLP rules would match nothing
 
     def _read_memory_write_competition(self, competition) -> None:
         if not isinstance(competition, bool):

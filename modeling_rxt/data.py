@@ -628,7 +628,8 @@ def episodes_from_messages(conversations: Iterable[Sequence[dict]], split: str =
     conversation would teach the decoder to read its history from the prompt, which it never has.
 
     Roles must alternate user, assistant, ... and end with an answer; an RxT turn has no place for "system" or tool
-    messages, so they are refused by name, as the chat template refuses them."""
+    messages, nor for a message's tool calls or thinking, so they are refused by name, as the chat template refuses
+    them, and so is a user message without content."""
     _check_split(split)
     if isinstance(conversations, str | bytes | dict):
         raise TypeError(f"`conversations` must be a list of conversations (lists of messages), got "
@@ -644,6 +645,12 @@ def episodes_from_messages(conversations: Iterable[Sequence[dict]], split: str =
                     and isinstance(message.get("content"), str)):
                 raise ValueError(f"{where}: each message must be a dict with a str `role` and `content`, got "
                                  f"{message!r}.")
+            # A dataset's rows carry every key of any message, None where a message has none.
+            if extra := sorted(key for key, value in message.items() if key not in ("role", "content") and value):
+                raise ValueError(f"{where}: a message holds {extra}, which a turn (a query and its answer) has no "
+                                 f"place for (tool calls, thinking): {message!r}.")
+            if message["role"] == "user" and not message["content"].strip():
+                raise ValueError(f"{where}: a user message has no content.")
             roles.append(message["role"])
         expected = ["user", "assistant"] * (len(messages) // 2 + 1)
         if roles != expected[: len(roles)] or len(roles) % 2:

@@ -305,6 +305,8 @@ class RxTTrainer(Trainer):
         # `include_num_input_tokens_seen` looks for the batch's `input_ids`; the mixed external stage's batch holds
         # two batches (`ExternalAndEpisodeCollator`), both read by its objective: each is counted. So are an episode
         # batch's recall probes, which the decoder reads beside the turns (not the filler row of turn -1: none does).
+        if self.args.include_num_input_tokens_seen == "no":  # nothing counted: no indexing either (a host sync)
+            return
         parts = [part for part in inputs.values() if isinstance(part, Mapping)] if "input_ids" not in inputs else []
         for part in parts or [inputs]:
             super()._track_num_input_tokens(part)

@@ -150,3 +150,30 @@ def test_a_config_without_the_memory_fields_builds_the_documented_model():
     memory = (config.memory_attention_type, config.memory_write_type, config.memory_slots)
     assert memory == ("interlayer", "attention", 64)
     assert (config.num_local_experts, config.memory_write_occupancy, config.tie_word_embeddings) == (0, 0.0, True)
+
+
+def test_the_load_balancing_weight_and_the_parallel_plan_follow_the_experts_whenever_they_are_set(tmp_path):
+    """Unset, the load-balancing weight is 0.01 with experts and 0.0 without (TRL takes a non-zero one for a mixture
+    of experts), and a mixture of experts gets Mixtral's tensor-parallel rules for its experts. Decided when the
+    config was made, a dense config given experts afterwards (`from_pretrained`'s overrides, an assignment) trained
+    with no load-balancing loss and kept the dense plan; both are read from the experts now."""
+    RxTConfig(vocab_size=64, hidden_size=32, num_attention_heads=4).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["router_aux_loss_coef"] is None  # unset stays unset
+    given_experts = [AutoConfig.from_pretrained(tmp_path, num_local_experts=4), RxTConfig(num_experts=4)]
+    assigned = RxTConfig()
+    assigned.num_local_experts = 4
+    for config in [*given_experts, assigned, RxTConfig(num_local_experts=4)]:
+        assert config.router_aux_loss_coef == 0.01
+        assert "layers.*.mlp.experts" in config.base_model_tp_plan
+        assert "layers.*.mlp.gate_proj" not in config.base_model_tp_plan
+    model = RxTForCausalLM(AutoConfig.from_pretrained(tmp_path, num_local_experts=4, num_experts_per_tok=2))
+    ids = torch.randint(4, 64, (1, 6))
+    with torch.no_grad():
+        out = model(ids, labels=ids, output_router_logits=True)
+        added = (out.loss - model(ids, labels=ids, output_router_logits=False).loss).item()
+    assert added == pytest.approx(0.01 * out.aux_loss.item(), rel=1e-4) and added > 0
+    dense = load_preset("alpha-micro", num_local_experts=0)
+    assert dense.router_aux_loss_coef == 0.0 and "layers.*.mlp.gate_proj" in dense.base_model_tp_plan
+    assert RxTConfig(num_local_experts=4, router_aux_loss_coef=0.0).router_aux_loss_coef == 0.0  # a given one stays
+    with_shared = RxTConfig(num_local_experts=4, shared_expert_intermediate_size=16).base_model_tp_plan
+    assert with_shared["layers.*.mlp.shared_expert.down_proj"] == "rowwise"

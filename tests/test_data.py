@@ -575,6 +575,9 @@ def test_chat_conversations_become_episodes_of_chat_turns():
      r"conversation 1: roles must alternate.*end with an assistant answer"),
     ([[_message("user", "a"), _message("user", "b")]], ValueError, "alternate"),
     ([[_message("user", "a"), _message("tool", "b")]], ValueError, "no system or tool message"),
+    ([[_message("user", "what time ?"), {"role": "assistant", "content": "", "tool_calls": [{"name": "clock"}]}]],
+     ValueError, r"holds \['tool_calls'\], which a turn"),
+    ([[_message("user", "  "), _message("assistant", "b")]], ValueError, "a user message has no content"),
 ])
 def test_chat_conversations_that_are_no_episodes_are_refused_by_name(conversations, error, message):
     with pytest.raises(error, match=message):
