@@ -220,7 +220,9 @@ class RxTTrainer(Trainer):
             named = dataset.items() if isinstance(dataset, dict) else [(None, dataset)]  # a dict: several eval sets
             for key, rows in named:
                 name = which if key is None else f"{which}[{key!r}]"
-                if not isinstance(rows, datasets.Dataset):
+                # Only the stored rows of a plain Arrow set can be measured; a transform (`with_transform`) may
+                # change them, and other datasets are checked batch by batch, as the model runs them.
+                if not isinstance(rows, datasets.Dataset) or rows.format["type"] == "custom":
                     continue
                 arrow = rows.with_format("arrow")
                 for column in TOKEN_COLUMNS & set(rows.column_names):

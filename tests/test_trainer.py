@@ -390,6 +390,24 @@ def test_rows_longer_than_the_model_are_refused_before_training(tokenizer, episo
                    objective=memory_aware_objective)
 
 
+def test_rows_a_transform_shortens_are_not_measured_as_stored(tokenizer, tmp_path):
+    """The length check read the stored rows, without the dataset's transform: a set whose transform cuts them to fit
+    was refused, naming a length the collator never sees. Such a set trains (a row still too long after its
+    transform is refused when its batch runs, by the model)."""
+    long_pair = ("my cat is called bimo . " * 15, "hi .")  # ~150 tokens
+    stored = tokenize_interactions(tokenizer, [long_pair, ("hello", "hi .")], 4 * MAX_LENGTH)
+    assert max(map(len, stored["input_ids"])) > MAX_LENGTH
+    cut = stored.with_transform(lambda rows: {key: [row[-MAX_LENGTH:] for row in rows[key]]
+                                              for key in ("input_ids", "labels")})
+    args = _trainer_args(tmp_path, max_steps=2)
+    collator = InteractionCollator(tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="holds a row of"):
+        RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=stored, data_collator=collator,
+                   objective=interaction_objective)
+    RxTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=cut, data_collator=collator,
+               objective=interaction_objective).train()
+
+
 @pytest.mark.parametrize("counted", ["all", "non_padding"])
 def test_tokens_seen_are_counted_in_every_stage_batch(tokenizer, episodes, tmp_path, counted):
     """`include_num_input_tokens_seen` counts the batch's `input_ids`; the mixed external stage's batch holds two
