@@ -3,7 +3,8 @@
 The child process (see `fresh_process.py`) cannot import this project's packages, loads the folder with
 `trust_remote_code=True`, and runs the same computations as the parent does here on the source model: tokenization
 of fixed conversations, logits with the learned initial memory, a memory write, logits reading the written memory,
-and a greedy `generate`, whose steps decoded with the cache must give what one forward without it gives. Then it runs the model card's usage snippet as written, with the Hub offline.
+and a greedy `generate`, whose steps decoded with the cache must give what one forward without it gives. Then it
+runs the model card's usage snippet as written, with the Hub offline.
 """
 
 import json

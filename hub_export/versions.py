@@ -9,8 +9,9 @@ every greedy step decoded with the cache against one forward without it, and the
 Prints one line per version and writes them as JSON (`--output`). Exit status 0 when every version gives the same
 numbers, 1 when one differs or fails, 2 for bad arguments.
 
-Run on 2026-12-07 (README, Publish to the Hub): the same numbers from transformers 5.4 to 5.25; 5.0-5.3 cannot load
-the config (`@strict` needs the dataclass configs of 5.4).
+Run on 2026-12-07 (README, Publish to the Hub; `docs/hub/transformers-versions-*.json`): the same numbers under 5.4.0,
+5.16.1, 5.20.2, 5.21.0, 5.22.2, 5.24.0 and 5.25.0; 5.3.0 cannot load the config (`@strict` needs the dataclass
+configs of 5.4).
 """
 
 import argparse
@@ -65,14 +66,13 @@ def card_model_id(folder: Path) -> str | None:
     return json.loads(found.group(1)) if found else None
 
 
-def check_version(folder: Path, model, tokenizer, version: str, envs: Path) -> dict:
+def check_version(folder: Path, model, tokenizer, model_id: str | None, version: str, envs: Path) -> dict:
     """One version's line: `same` with the largest differences, or what differs or failed."""
     line = {"transformers": version}
     try:
         python = environment(version, envs)
     except InstallError as error:
         return {**line, "result": "not installed", "detail": str(error)}
-    model_id = card_model_id(folder)
     try:
         report = verify_export(folder, model, tokenizer, model_id=model_id or folder.name,
                                run_snippet=model_id is not None, python=python)
@@ -102,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model = AutoModelForCausalLM.from_pretrained(args.folder, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.folder)
+    model_id = card_model_id(args.folder)  # the card's snippet runs with it naming the folder
     lines = []
     for version in args.transformers:
-        line = check_version(args.folder, model, tokenizer, version, args.envs)
+        line = check_version(args.folder, model, tokenizer, model_id, version, args.envs)
         lines.append(line)
         print(f"transformers {version}: {line['result']}"
               + (f" (max |logits diff| {line['max_abs_diff_decoded']:.3g}, cache {line['max_abs_diff_cache']:.3g})"

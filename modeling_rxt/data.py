@@ -652,11 +652,11 @@ def episodes_from_messages(conversations: Iterable[Sequence[dict]], split: str =
             if message["role"] == "user" and not message["content"].strip():
                 raise ValueError(f"{where}: a user message has no content.")
             roles.append(message["role"])
-        expected = ["user", "assistant"] * (len(messages) // 2 + 1)
-        if roles != expected[: len(roles)] or len(roles) % 2:
+        if len(roles) % 2 or roles != ["user", "assistant"] * (len(roles) // 2):
             raise ValueError(f"{where}: roles must alternate user, assistant, ... and end with an assistant answer "
                              f"(an RxT turn has no system or tool message), got {roles}.")
-        turns = [Turn(query["content"], answer["content"], CHAT) for query, answer in zip(messages[::2], messages[1::2])]
+        pairs = zip(messages[::2], messages[1::2])
+        turns = [Turn(query["content"], answer["content"], CHAT) for query, answer in pairs]
         episodes.append(Episode(id=f"messages-{index}", split=split, turns=turns))
     return episodes
 

@@ -50,7 +50,8 @@ def cache_argument(past_key_values, kwargs: dict):
     that is no `Cache` stays in `kwargs`: continuous batching passes its paged cache there, for the attention."""
     cache = kwargs.pop("cache") if isinstance(kwargs.get("cache"), Cache) else None
     if cache is not None and past_key_values is not None and cache is not past_key_values:
-        raise ValueError("`past_key_values` and `cache` are the same argument (transformers 5.24 renamed it): pass one.")
+        raise ValueError("`past_key_values` and `cache` are the same argument (transformers 5.24 renamed it): "
+                         "pass one.")
     return past_key_values if past_key_values is not None else cache
 
 
