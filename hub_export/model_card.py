@@ -426,7 +426,10 @@ def _usage_section(model_id: str, max_new_tokens: int) -> str:
         "needs.\n\n"
         f"```python\n{usage_snippet(model_id, max_new_tokens)}\n```\n\n"
         "Without `memory_state`, `forward` and `generate` read the learned initial memory, so "
-        f'`pipeline("text-generation", model="{model_id}", trust_remote_code=True)` works as for any causal LM.'
+        f'`pipeline("text-generation", model="{model_id}", trust_remote_code=True)` works as for any causal LM. '
+        "Given a whole conversation in one prompt (chat messages rendered by the chat template, as a chat pipeline "
+        "or an OpenAI-style server sends them), `generate` writes the earlier turns into a fresh memory, one write "
+        "per turn, and answers the last query reading it."
     )
 
 

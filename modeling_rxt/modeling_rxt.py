@@ -34,6 +34,7 @@ Files exported to the Hub with the weights (the model's remote code):
 - `external_memory.py`: retrieval from long external memories inside self-attention;
 - `modeling_rxt_checks.py`: the input checks, which name bad input before it reaches a kernel;
 - `modeling_rxt_wrappers.py`: what running under FSDP2 and PEFT needs;
+- `modeling_rxt_prompts.py`: what `generate` does with a prompt of no token, or of a whole conversation;
 - `modeling_rxt_compat.py`: what differs between the transformers versions the exported code runs under.
 
 Shape legend: B batch, T tokens of one interaction, L memory layers (= decoder layers), S slots per layer,
@@ -126,6 +127,12 @@ from .modeling_rxt_checks import (
     generation_setting,
     note_cache_filled,
     padding_mask,
+)
+from .modeling_rxt_prompts import (
+    bos_prompt,
+    check_no_conversations,
+    generate_from_conversation,
+    lengths_counting_the_prompt,
 )
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 from .modeling_rxt_wrappers import (
@@ -874,10 +881,14 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         if prompt is None and kwargs.get("memory_key_values") is None:
             # As transformers without a prompt: every row starts from [BOS] (the memory needs the batch size now).
             bos = generation_setting("bos_token_id", kwargs, generation_config, self)
-            inputs = prompt = self._bos_prompt(bos, memory_state, kwargs.get("attention_mask"))
+            inputs = prompt = bos_prompt(self, bos, memory_state, kwargs.get("attention_mask"))
             kwargs.pop("input_ids", None)
-        if prompt is not None:
-            check_generate_prompt(prompt, self, generation_config, kwargs)
+        lengths_counting_the_prompt(self, prompt, generation_config, kwargs)
+        outputs = generate_from_conversation(self, prompt, memory_state, generation_config, args, kwargs)
+        if outputs is not None:  # a prompt holding a whole conversation: its history written to a memory first
+            return outputs
+        if prompt is not None:  # an answer length from a config that would not fit is capped
+            generation_config = check_generate_prompt(prompt, self, generation_config, kwargs)
         if kwargs.get("cache_implementation") == "paged":  # the keyword (not the config's) switches to `generate_batch`
             check_no_memory_for_continuous_batching({"memory_state": memory_state}, "`generate` with a paged cache")
             return super().generate(inputs, generation_config, *args, **kwargs)  # `generate_batch` checks the rest
@@ -905,24 +916,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         rows = mixed_adapter_rows(self.model.layers) is not None  # a PeftModel's `adapter_names`, hooked per row
         check_no_memory_for_continuous_batching(kwargs, "`generate_batch`", CONTINUOUS_BATCHING_IGNORES, rows)
         prompts = checked_batch_prompts(inputs, self, generation_config, kwargs)
+        check_no_conversations(self, prompts, generation_config, kwargs)
         return super().generate_batch(prompts, generation_config, *args, **kwargs)
-
-    def _bos_prompt(self, bos: int | None, memory_state: RxTMemoryState | None, attention_mask) -> torch.Tensor:
-        """(B, 1) of `bos` (the call's `bos_token_id`): one row per conversation of `memory_state`, else per row of
-        the mask, else one (as transformers takes the batch size from the model inputs given)."""
-        if bos is None:
-            bos = self.config.bos_token_id
-        if bos is None:
-            raise ValueError("`generate` needs `input_ids` (the query), or a `bos_token_id` to start from.")
-        has_rows = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
-        mask_rows = attention_mask.shape[0] if has_rows else None
-        batch_size = 1 if mask_rows is None else mask_rows
-        if isinstance(memory_state, RxTMemoryState):
-            batch_size = memory_state.batch_size
-            if mask_rows not in (None, batch_size):
-                raise ValueError(f"`memory_state` holds {batch_size} conversations but `attention_mask` has "
-                                 f"{mask_rows} rows: without a prompt, each conversation starts from one [BOS] row.")
-        return torch.full((batch_size, 1), bos, dtype=torch.long, device=execution_device(self))
 
     def _project_memory_for_generate(self, stm: torch.Tensor) -> torch.Tensor:
         """`project_memory` of the (L, B, S, D) memory `generate` reads, before it expands rows for beams. A mixed-

@@ -15,6 +15,8 @@
 given, before it reaches a kernel that fails with an opaque error (or, for some, silently does not fail). Shapes are
 always checked; values only where reading them costs the host no wait (`can_read_values`)."""
 
+import copy
+import logging
 import numbers
 from collections.abc import Sequence
 
@@ -22,6 +24,9 @@ import torch
 from transformers.utils import is_torchdynamo_compiling
 
 from .configuration_rxt import RxTConfig
+
+
+logger = logging.getLogger(__name__)
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -436,10 +441,12 @@ def generation_setting(name: str, kwargs: dict, given, model):
     return getattr(model.generation_config, name, None)
 
 
-def check_generate_prompt(prompt: torch.Tensor, model, given, kwargs: dict) -> None:
+def check_generate_prompt(prompt: torch.Tensor, model, given, kwargs: dict):
     """The query of a `generate` call must be valid (non-empty ids, or embeddings) and the answer must fit: query +
-    new tokens within `max_position_embeddings`, refused before decoding starts rather than when the limit is hit.
-    The length settings are read as `generate` merges them (`generation_setting`): a `generation_config` passed
+    new tokens within `max_position_embeddings`. A length asked by keyword beyond that is refused before decoding
+    starts rather than when the limit is hit; one from a config is capped. Returns the generation config to pass on:
+    `given`, or a copy of it capped (`kwargs["max_new_tokens"]` is set instead where none was given). The length
+    settings are read as `generate` merges them (`generation_setting`): a `generation_config` passed
     without `max_new_tokens` still takes the model's. (`generate` checks its settings first,
     `check_generation_settings`.)"""
     config = model.config
@@ -460,15 +467,31 @@ def check_generate_prompt(prompt: torch.Tensor, model, given, kwargs: dict) -> N
     else:
         max_length = generation_setting("max_length", kwargs, given, model)
         if max_length is None:  # transformers' default: 20 new tokens, capped at `max_position_embeddings`
-            return
+            return given
         total, name = max(max_length, length + 1), "max_length"
-    if total > config.max_position_embeddings:
-        given_here = kwargs.get(name) is not None or getattr(given, name, None) is not None
-        where = "" if given_here else ", from the model's `generation_config`"
-        raise ValueError(
-            f"The query ({length} tokens) and its answer (`{name}`{where}) would reach {total} tokens, more than "
-            f"the model's maximum of {config.max_position_embeddings} (`max_position_embeddings`)."
+    if total <= config.max_position_embeddings:
+        return given
+    room = config.max_position_embeddings - length
+    if kwargs.get(name) is None and room >= 1:
+        # From a config (the model's, or one passed): a default, as `transformers serve` sets 1024 new tokens. As a
+        # chat session does, the answer is capped at the room left; a keyword asks for that length and is refused.
+        logger.warning_once(
+            f"An answer length from a generation config (`{name}`) would run past the model's "
+            f"`max_position_embeddings` ({config.max_position_embeddings}); answers are capped at the positions "
+            "the query leaves. Pass `max_new_tokens` to choose the length."
         )
+        if given is None:
+            kwargs["max_new_tokens"] = room
+            return None
+        capped = copy.deepcopy(given)  # the caller's config stays as it was
+        capped.max_new_tokens, capped.max_length = room, None
+        return capped
+    given_here = kwargs.get(name) is not None or getattr(given, name, None) is not None
+    where = "" if given_here else ", from the model's `generation_config`"
+    raise ValueError(
+        f"The query ({length} tokens) and its answer (`{name}`{where}) would reach {total} tokens, more than "
+        f"the model's maximum of {config.max_position_embeddings} (`max_position_embeddings`)."
+    )
 
 
 def checked_batch_prompts(inputs, model, given, kwargs: dict) -> list[list[int]]:

@@ -2,6 +2,7 @@
 message names the argument or config field, before any work is done."""
 
 import copy
+import logging
 import re
 
 import numpy as np
@@ -193,24 +194,31 @@ def test_generate_refuses_an_answer_that_cannot_fit_before_decoding(model):
     assert model.generate(random_ids(1, 60), max_new_tokens=4, min_new_tokens=4).shape == (1, 64)
 
 
-def test_an_answer_length_from_the_models_generation_config_is_checked_as_generate_merges_it(model, monkeypatch):
+def test_an_answer_length_from_a_generation_config_is_capped_and_one_asked_for_is_refused(model, monkeypatch, caplog):
     """A `generation_config` passed without `max_new_tokens` takes the model's (transformers fills its unset fields
     from the model's), and that wins over the `max_length` it sets: it was checked against `max_length` alone and
-    failed 35 steps into decoding. Refused up front, naming where the length came from."""
+    failed 35 steps into decoding. A length from a config is a default (`transformers serve` passes 1,024 new
+    tokens in one): capped at the positions the query leaves, as a chat session caps it. A length asked for by
+    keyword is refused up front, and a `max_length` keyword wins over the model's default `max_new_tokens`."""
     monkeypatch.setattr(model, "generation_config", copy.deepcopy(model.generation_config))  # a shared model
     model.generation_config.max_new_tokens = 40
-    too_long = "`max_new_tokens`, from the model's `generation_config`.*reach 70 tokens"
-    with pytest.raises(ValueError, match=too_long):
-        model.generate(random_ids(1, 30), GenerationConfig(max_length=35))
-    with pytest.raises(ValueError, match=too_long):
-        model.generate(random_ids(1, 30), max_length=35)
-    with pytest.raises(ValueError, match=r"\(`max_new_tokens`\) would reach 70"):  # given here: no origin named
-        model.generate(random_ids(1, 30), GenerationConfig(max_new_tokens=40))
+    logging.getLogger("modeling_rxt.modeling_rxt_checks").warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        assert model.generate(random_ids(1, 30), GenerationConfig(max_length=35, min_new_tokens=34)).shape == (1, 64)
+    assert "`max_new_tokens`) would run past the model's `max_position_embeddings` (64)" in caplog.text
+    assert model.generate(random_ids(1, 30), GenerationConfig(max_new_tokens=40, min_new_tokens=34)).shape == (1, 64)
+    assert model.generate(random_ids(1, 30), max_length=35, min_new_tokens=5).shape == (1, 35)
+    with pytest.raises(ValueError, match=r"\(`max_new_tokens`\) would reach 70"):  # asked for: refused
+        model.generate(random_ids(1, 30), max_new_tokens=40)
     model.generation_config.max_new_tokens = None
     model.generation_config.max_length = 70
-    with pytest.raises(ValueError, match="`max_length`, from the model's `generation_config`.*reach 70 tokens"):
-        model.generate(random_ids(1, 30), GenerationConfig(do_sample=False))
+    assert model.generate(random_ids(1, 30), GenerationConfig(min_new_tokens=34)).shape == (1, 64)
+    with pytest.raises(ValueError, match="`max_length`\\) would reach 70"):
+        model.generate(random_ids(1, 30), max_length=70)
     assert model.generate(random_ids(1, 30), GenerationConfig(max_new_tokens=4, min_new_tokens=4)).shape == (1, 34)
+    model.generation_config.max_length = None
+    with pytest.raises(ValueError, match=r"The query \(64 tokens\) and its answer .* would reach 104"):  # no room
+        model.generate(random_ids(1, 64), GenerationConfig(max_new_tokens=40))
 
 
 @pytest.mark.parametrize(("setting", "value"), [

@@ -1,0 +1,152 @@
+"""A prompt holding a whole conversation, as `transformers serve`, a chat `pipeline` or an evaluation harness sends
+it (the chat template renders every message): `generate` without a memory writes the earlier interactions into a
+fresh memory and answers the last query reading it, as a chat session would have; with a memory, or where nothing
+can be written (continuous batching, a cache), it is refused. And an answer length that a generation config sets past
+`max_position_embeddings` (serve asks for 1,024 tokens) is capped, one asked by keyword refused."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import ContinuousBatchingConfig, DynamicCache, pipeline
+
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.tokenization import MIN_VOCAB_SIZE, train_tokenizer
+
+TEXTS = ["my cat is called bimo .", "what is my cat called ?", "hello there , how are you ?", "i live in paris ."]
+MESSAGES = [
+    {"role": "user", "content": "my cat is called bimo ."}, {"role": "assistant", "content": "hello there ."},
+    {"role": "user", "content": "i live in paris ."}, {"role": "assistant", "content": "how are you ?"},
+    {"role": "user", "content": "what is my cat called ?"},
+]
+SCORES = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS * 5, vocab_size=MIN_VOCAB_SIZE + 40)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = RxTConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, memory_slots=4, max_position_embeddings=48, initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return RxTForCausalLM(config).eval()
+
+
+def rendered(tokenizer, messages, **options) -> torch.Tensor:
+    return tokenizer.apply_chat_template(messages, return_dict=True, return_tensors="pt", **options)["input_ids"]
+
+
+def by_hand(model, tokenizer, messages):
+    """The memory a chat session would hold before the last query (each earlier pair written in turn), and that
+    query's prompt."""
+    state = model.init_memory(1)
+    with torch.no_grad():
+        for start in range(0, len(messages) - 1, 2):
+            state = model.update_memory(state, rendered(tokenizer, messages[start:start + 2]))
+    return state, rendered(tokenizer, messages[-1:], add_generation_prompt=True)
+
+
+def test_a_conversation_prompt_is_answered_from_a_memory_of_its_earlier_interactions(model, tokenizer):
+    """The decoder was trained on one interaction at a time: it used to read the whole history as one long prompt
+    (and the learned initial memory), a format it never saw, without a word."""
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
+    out = model.generate(prompt, **SCORES)
+    state, query = by_hand(model, tokenizer, MESSAGES)
+    expected = model.generate(query, memory_state=state, **SCORES)
+    assert torch.equal(out.sequences[:, : prompt.shape[1]], prompt)  # the caller's prompt, then the answer
+    assert torch.equal(out.sequences[:, prompt.shape[1]:], expected.sequences[:, query.shape[1]:])
+    for step, reference in zip(out.logits, expected.logits):
+        torch.testing.assert_close(step, reference)
+    unwritten = model.generate(query, **SCORES)  # the last query on the learned initial memory: the writes matter
+    assert (out.logits[0] - unwritten.logits[0]).abs().max() > 1e-3
+
+
+def test_rows_holding_different_conversations_are_answered_each_from_its_own(model, tokenizer):
+    """Left-padded as a batch (the pipeline's padding), one row with two earlier interactions and one with none:
+    each row's answer is what it gets alone."""
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.padding_side = "left"
+    conversations = [MESSAGES, MESSAGES[2:], MESSAGES[4:]]
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in conversations]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**batch, **SCORES)
+    for row, messages in enumerate(conversations):
+        alone = model.generate(rendered(tokenizer, messages, add_generation_prompt=True), **SCORES)
+        for step, reference in zip(out.logits, alone.logits):
+            torch.testing.assert_close(step[row:row + 1], reference, atol=1e-5, rtol=1e-5)
+        assert torch.equal(out.sequences[row, batch.input_ids.shape[1]:], alone.sequences[0, -SCORES["max_new_tokens"]:])
+
+
+def test_beams_and_several_sequences_keep_the_callers_prompt(model, tokenizer):
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
+    out = model.generate(prompt, num_beams=3, num_return_sequences=2, max_new_tokens=3, min_new_tokens=3)
+    assert out.shape == (2, prompt.shape[1] + 3)
+    assert torch.equal(out[:, : prompt.shape[1]], prompt.expand(2, -1))
+    state, query = by_hand(model, tokenizer, MESSAGES)
+    expected = model.generate(query, memory_state=state, num_beams=3, num_return_sequences=2, max_new_tokens=3,
+                              min_new_tokens=3)
+    assert torch.equal(out[:, prompt.shape[1]:], expected[:, query.shape[1]:])
+
+
+def test_lengths_that_count_the_prompt_count_the_whole_conversation(model, tokenizer):
+    """`max_length` counts the prompt the caller sent (43 tokens here); the decoded query is shorter. And the history
+    may pass `max_position_embeddings` (48): only an interaction must fit."""
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
+    out = model.generate(prompt, max_length=prompt.shape[1] + 2, min_length=prompt.shape[1] + 2)
+    assert out.shape == (1, prompt.shape[1] + 2)
+    with pytest.raises(ValueError, match="`max_length` 40 leaves no room for an answer after the prompt's 43 tokens"):
+        model.generate(prompt, max_length=40)
+    longer = MESSAGES[:4] * 3 + MESSAGES[4:]
+    assert rendered(tokenizer, longer, add_generation_prompt=True).shape[1] > model.config.max_position_embeddings
+    assert model.generate(rendered(tokenizer, longer, add_generation_prompt=True), max_new_tokens=2).shape[1] > 48
+
+
+def test_a_conversation_prompt_is_refused_where_its_history_cannot_be_written(model, tokenizer):
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
+    state, _ = by_hand(model, tokenizer, MESSAGES)
+    with pytest.raises(ValueError, match=r"holds a conversation \(3 interactions.*`memory_state` is given"):
+        model.generate(prompt, memory_state=state, max_new_tokens=2)
+    with pytest.raises(ValueError, match="holds a conversation.*`past_key_values`"):
+        model.generate(prompt, past_key_values=DynamicCache(config=model.config), max_new_tokens=2)
+    batching = ContinuousBatchingConfig(num_blocks=4, max_batch_tokens=64)
+    with pytest.raises(ValueError, match="Prompt 1 holds a conversation.*continuous batching"):
+        model.generate_batch([prompt[0, -8:].tolist(), prompt[0].tolist()], max_new_tokens=2,
+                             continuous_batching_config=batching)
+    with pytest.raises(ValueError, match="holds a conversation.*a paged cache"):
+        model.generate(prompt, cache_implementation="paged", max_new_tokens=2)
+    too_long = [{"role": "user", "content": " ".join(TEXTS * 3)}, {"role": "assistant", "content": "hello ."}]
+    with pytest.raises(ValueError, match=r"writing its earlier interaction 1 of row\(s\) \[0\] failed"):
+        model.generate(rendered(tokenizer, too_long + MESSAGES[4:], add_generation_prompt=True), max_new_tokens=2)
+
+
+def test_a_chat_pipeline_sends_the_history_and_gets_the_memorys_answer(model, tokenizer):
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    reply = generator(MESSAGES, max_new_tokens=4, do_sample=False)[0]["generated_text"][-1]
+    state, query = by_hand(model, tokenizer, MESSAGES)
+    expected = model.generate(query, memory_state=state, max_new_tokens=4, do_sample=False)
+    assert reply == {"role": "assistant", "content": tokenizer.decode(expected[0, query.shape[1]:],
+                                                                        skip_special_tokens=True)}
+
+
+def test_an_answer_length_from_a_config_is_capped_and_one_asked_by_keyword_refused(model, tokenizer, monkeypatch,
+                                                                                  caplog):
+    """`transformers serve` sets 1,024 new tokens in the generation config it passes: every request without
+    `max_tokens` was refused."""
+    monkeypatch.setattr(model, "generation_config", copy.deepcopy(model.generation_config))
+    query = rendered(tokenizer, MESSAGES[-1:], add_generation_prompt=True)
+    model.generation_config.max_new_tokens = 1024
+    logging.getLogger("modeling_rxt.modeling_rxt_checks").warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        out = model.generate(query, min_new_tokens=48 - query.shape[1])
+    assert out.shape == (1, 48) and "capped at the positions the query leaves" in caplog.text
+    from transformers import GenerationConfig
+    assert model.generate(query, GenerationConfig(max_new_tokens=900, min_new_tokens=39)).shape == (1, 48)
+    with pytest.raises(ValueError, match=r"\(`max_new_tokens`\) would reach 1033 tokens"):
+        model.generate(query, max_new_tokens=1024)
