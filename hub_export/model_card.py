@@ -441,7 +441,12 @@ def _adapters_section(model_id: str, adapters: Sequence[str]) -> str:
         "## Adapters\n\n"
         f"PEFT LoRA adapters on this model, each in its own folder: {names}.\n\n"
         "```python\nfrom peft import PeftModel\n\n"
-        f'model = PeftModel.from_pretrained(model, "{model_id}", subfolder="{adapters[0]}")\n```'
+        f'model = PeftModel.from_pretrained(model, "{model_id}", subfolder="{adapters[0]}")\n```\n\n'
+        "Saved with peft 0.21. A review (2026-12-07) loaded such adapters with `PeftModel` under peft 0.18.0 to "
+        "0.21.1 and got the same numbers; LoRA on a mixture of experts' fused expert weights needs peft 0.19.1 or "
+        "newer, transformers' `load_adapter` 0.20, and `merge_and_unload` with adapters of which only some hold "
+        "their own initial memory 0.21. Train with peft 0.19 or newer: 0.18 also trains the base's initial memory "
+        "beside an adapter's own copy (its `modules_to_save`, as for a Llama's `lm_head`)."
     )
 
 

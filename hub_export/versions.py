@@ -4,7 +4,8 @@ A Hub folder's code runs under whatever transformers its user has, not the versi
 version asked for, this makes (once) a virtual environment under `--envs` holding this process's torch and that
 transformers (installed by pip from the package index: the one step that needs the network), then runs the export's
 own verification (`verify_export`) with that environment's Python: the folder loaded in a fresh process where this
-project cannot be imported, each output against the same folder loaded here (under this project's transformers),
+project cannot be imported, each output against the same folder loaded here (under this project's transformers, by
+this checkout's code: a folder holding other code is refused),
 every greedy step decoded with the cache against one forward without it, and the card's usage snippet as written.
 Prints one line per version and writes them as JSON (`--output`). Exit status 0 when every version gives the same
 numbers, 1 when one differs or fails, 2 for bad arguments.
@@ -58,6 +59,15 @@ def environment(version: str, envs: Path) -> Path:
     return python
 
 
+def code_unlike_this_checkout(folder: Path) -> list[str]:
+    """The folder's model code files that differ from this checkout's package (or that it lacks). The reference
+    is the folder loaded here, where this package is imported: transformers then runs the package's registered
+    classes, not the folder's code, so a folder holding other code would be compared with code it does not hold."""
+    package = Path(__file__).resolve().parents[1] / "modeling_rxt"
+    return sorted(path.name for path in folder.glob("*.py")
+                  if not (package / path.name).is_file() or (package / path.name).read_bytes() != path.read_bytes())
+
+
 def card_model_id(folder: Path) -> str | None:
     """The `model_id` the card's usage snippet loads (the snippet runs with it naming `folder`)."""
     card = folder / "README.md"
@@ -96,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--transformers takes versions like 5.25.0, got {bad}")
     if args.output is not None and args.output.is_dir():
         parser.error(f"--output {str(args.output)!r} is a folder; give a file name")
+    if unlike := code_unlike_this_checkout(args.folder):
+        parser.error(f"FOLDER's model code differs from this checkout's ({', '.join(unlike)}): the reference loaded "
+                     "here would run this checkout's code (transformers prefers the imported package's classes). "
+                     "Export the folder again from this checkout, or check it from the checkout that exported it.")
 
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -128,12 +128,7 @@ from .modeling_rxt_checks import (
     note_cache_filled,
     padding_mask,
 )
-from .modeling_rxt_prompts import (
-    bos_prompt,
-    check_no_conversations,
-    generate_from_conversation,
-    lengths_counting_the_prompt,
-)
+from .modeling_rxt_prompts import bos_prompt, check_no_conversations, generate_from_conversation, new_token_lengths
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 from .modeling_rxt_wrappers import (
     FSDPModule,
@@ -786,11 +781,19 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         if is_fsdp_module(self):
             return self._save_sharded_by_fsdp(save_directory, *args, **kwargs)
-        # transformers puts only the saved class into `auto_map`; the base model should load through AutoModel too.
-        if self._auto_class is not None:
-            module = type(self).__module__.split(".")[-1]
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.RxTModel"}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        if self._auto_class is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        # `auto_map` also names the base model, and the config through this module: code is keyed by the hash of a
+        # file and its imports, and the config's file imports no model code, so two folders of one name holding other
+        # model code shared a config class, mapped to the first one's model. (The config's own save names its file.)
+        module = type(self).__module__.split(".")[-1]
+        entries = {"AutoModel": f"{module}.RxTModel", "AutoConfig": f"{module}.RxTConfig"}
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **entries}
+        self.config._auto_class = None  # hides the class's "AutoConfig" (`register_for_auto_class`) meanwhile
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del self.config._auto_class
 
     def _save_sharded_by_fsdp(self, *args, **kwargs):
         """`save_pretrained` of a model that FSDP2 shards (`Trainer.save_model` passes the gathered `state_dict`).
@@ -883,7 +886,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             bos = generation_setting("bos_token_id", kwargs, generation_config, self)
             inputs = prompt = bos_prompt(self, bos, memory_state, kwargs.get("attention_mask"))
             kwargs.pop("input_ids", None)
-        lengths_counting_the_prompt(self, prompt, generation_config, kwargs)
+        new_token_lengths(self, prompt, generation_config, kwargs)
         outputs = generate_from_conversation(self, prompt, memory_state, generation_config, args, kwargs)
         if outputs is not None:  # a prompt holding a whole conversation: its history written to a memory first
             return outputs

@@ -469,7 +469,7 @@ def check_generate_prompt(prompt: torch.Tensor, model, given, kwargs: dict):
         if max_length is None:  # transformers' default: 20 new tokens, capped at `max_position_embeddings`
             return given
         total, name = max(max_length, length + 1), "max_length"
-    if total <= config.max_position_embeddings:
+    if total <= config.max_position_embeddings:  # CODEPATH: every model, by the query's length and the answer's
         return given
     room = config.max_position_embeddings - length
     if kwargs.get(name) is None and room >= 1:

@@ -154,7 +154,7 @@ def write_histories(model, histories: list[list[torch.Tensor]], pad: int) -> RxT
     return state
 
 
-def lengths_counting_the_prompt(model, prompt, given, kwargs: dict) -> None:
+def new_token_lengths(model, prompt, given, kwargs: dict) -> None:
     """`max_length` and `min_length` keywords count the prompt the caller sent. They become the answer lengths they
     mean (`max_new_tokens`, `min_new_tokens`) where the call sets none (`given`: the `generation_config` passed), as
     a chat session takes them, so that

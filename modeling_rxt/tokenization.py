@@ -11,8 +11,9 @@ tokenised like every other word ("Ġword"). The prompt the decoder answers is th
 token ids are a prefix of the whole interaction's ids because `[A]` is a special token that splits the text.
 
 The tokenizer is a byte-level BPE trained with the `tokenizers` library and wrapped in the standard
-`transformers.PreTrainedTokenizerFast` (an alias of `TokenizersBackend` in transformers 5), so a saved folder loads
-with `AutoTokenizer.from_pretrained(path)` and no remote code. Its chat template renders a list of
+`transformers.PreTrainedTokenizerFast` (an alias of `TokenizersBackend` in transformers 5), so a tokenizer's folder
+loads with `AutoTokenizer.from_pretrained(path)` and no remote code (a model folder needs `trust_remote_code=True`
+there too: transformers 5.23 reads the folder's config first, and asks before running its code). Its chat template renders a list of
 {"role": "user" | "assistant", "content": ...} messages as one interaction per user/assistant pair and marks each
 answer (with its `[EOS]`) as a `{% generation %}` block, so `return_assistant_tokens_mask=True` gives an answer-only
 mask. A chat session prompts through the tokenizer's chat template (`encode_chat_prompt`), so a tokenizer given another

@@ -60,7 +60,7 @@ def test_export_writes_every_file_and_nothing_else(exported):
 
 def test_config_and_generation_config(exported, source):
     config = json.loads((exported.dest / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration_rxt.RxTConfig", "AutoModel": "modeling_rxt.RxTModel",
+    assert config["auto_map"] == {"AutoConfig": "modeling_rxt.RxTConfig", "AutoModel": "modeling_rxt.RxTModel",
                                   "AutoModelForCausalLM": "modeling_rxt.RxTForCausalLM"}
     assert config["use_cache"] is True
     generation = json.loads((exported.dest / "generation_config.json").read_text())
@@ -325,6 +325,20 @@ def test_the_versions_check_verifies_the_folder_with_each_environments_python(ex
         assert exit_status.value.code == 2
     with pytest.raises(SystemExit):
         versions.main([str(tmp_path), "--transformers", "5.23.0"])  # no config.json
+
+
+def test_the_versions_check_refuses_a_folder_holding_other_code_than_this_checkout(exported, tmp_path, capsys):
+    """Its reference is the folder loaded here, where the package is imported and transformers runs the package's
+    classes: a folder with other code was compared with this checkout's code, not its own."""
+    from hub_export import versions
+
+    other = tmp_path / "other"
+    shutil.copytree(exported.dest, other)
+    (other / "modeling_rxt_blocks.py").write_text((other / "modeling_rxt_blocks.py").read_text() + "\n# changed\n")
+    with pytest.raises(SystemExit) as exit_status:
+        versions.main([str(other), "--transformers", "5.23.0"])
+    assert exit_status.value.code == 2
+    assert "model code differs from this checkout's (modeling_rxt_blocks.py)" in capsys.readouterr().err
 
 
 # ---- the model card --------------------------------------------------------------------------------------------------

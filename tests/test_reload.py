@@ -160,7 +160,7 @@ def test_folder_saved_again_after_local_reload_keeps_code_and_auto_map(reloaded)
         assert CODE_FILES <= {p.name for p in folder.iterdir()}, folder
         auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
         assert auto_map == {
-            "AutoConfig": "configuration_rxt.RxTConfig",
+            "AutoConfig": "modeling_rxt.RxTConfig",  # keyed by the hash of all the code (`RxTConfig.to_dict`)
             "AutoModel": "modeling_rxt.RxTModel",
             "AutoModelForCausalLM": "modeling_rxt.RxTForCausalLM",
         }
@@ -168,6 +168,31 @@ def test_folder_saved_again_after_local_reload_keeps_code_and_auto_map(reloaded)
     package = Path(__file__).resolve().parents[1] / "modeling_rxt"
     for name in CODE_FILES:
         assert (root / "resaved" / name).read_bytes() == (package / name).read_bytes(), name
+
+
+def test_two_folders_of_one_name_each_run_their_own_code_in_one_process(tmp_path):
+    """transformers keys a folder's code by its name and a hash of the file and its imports. The config class came
+    from `configuration_rxt.py`, which imports no model code: two folders named alike whose model code differed
+    shared one config class, which transformers maps to the first folder's model, so the second ran the first one's
+    code, without a word. Here the second folder doubles every norm's output, in a file the config does not import."""
+    model = make_tiny_model()
+    folders = [tmp_path / side / "model" for side in ("a", "b")]
+    for folder in folders:
+        model.save_pretrained(folder)
+        expected_outputs(model, folder)
+    blocks = folders[1] / "modeling_rxt_blocks.py"
+    blocks.write_text(blocks.read_text() + "\n_forward = RxTRMSNorm.forward\n"
+                      "RxTRMSNorm.forward = lambda self, x: 2 * _forward(self, x)\n")
+    report = run_child(folders, tmp_path)
+    modules = [report["folders"][str(folder)]["model_module"] for folder in folders]
+    assert modules[0] != modules[1]
+    first, second = (torch.load(folder / "child.pt")["logits"] for folder in folders)
+    assert not torch.allclose(first, second)
+    auto_map = json.loads((folders[0] / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoConfig"] == "modeling_rxt.RxTConfig"
+    model.config.save_pretrained(tmp_path / "config-alone")  # no model code there: the config names its own file
+    auto_map = json.loads((tmp_path / "config-alone" / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoConfig"] == "configuration_rxt.RxTConfig"
 
 
 def test_local_reload_keeps_the_lm_head_tied_and_the_weights(tmp_path):
