@@ -128,18 +128,11 @@ from .modeling_rxt_checks import (
     note_cache_filled,
     padding_mask,
 )
-from .modeling_rxt_prompts import bos_prompt, check_no_conversations, generate_from_conversation, new_token_lengths
+from .modeling_rxt_prompts import bos_prompt, check_no_conversations, checked_requests, generate_from_conversation
+from .modeling_rxt_prompts import new_token_lengths
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
-from .modeling_rxt_wrappers import (
-    FSDPModule,
-    check_no_injected_adapters,
-    drops_mixed_adapter_hooks_on_error,
-    execution_device,
-    is_fsdp_module,
-    is_peft_module,
-    mixed_adapter_rows,
-    run_as_forward,
-)
+from .modeling_rxt_wrappers import FSDPModule, check_no_injected_adapters, drops_mixed_adapter_hooks_on_error
+from .modeling_rxt_wrappers import execution_device, is_fsdp_module, is_peft_module, mixed_adapter_rows, run_as_forward
 
 logger = logging.getLogger(__name__)
 
@@ -921,6 +914,10 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         prompts = checked_batch_prompts(inputs, self, generation_config, kwargs)
         check_no_conversations(self, prompts, generation_config, kwargs)
         return super().generate_batch(prompts, generation_config, *args, **kwargs)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """transformers' batching manager, whose requests are checked as `generate_batch`'s (`checked_requests`)."""
+        return checked_requests(self, super().init_continuous_batching(*args, **kwargs))
 
     def _project_memory_for_generate(self, stm: torch.Tensor) -> torch.Tensor:
         """`project_memory` of the (L, B, S, D) memory `generate` reads, before it expands rows for beams. A mixed-

@@ -28,15 +28,18 @@ re-sends the history every time); a chat session (`chat.py`) keeps the memory in
 
 An interaction boundary is an [EOS] followed by a [BOS], as the turn format renders every turn after the first."""
 
+import logging
 from types import SimpleNamespace
 
 import torch
 
 from .memory_state import RxTMemoryState
-from .modeling_rxt_checks import check_interaction_mask, generation_setting, padding_mask
+from .modeling_rxt_checks import check_interaction_ids, check_interaction_mask, generation_setting, padding_mask
 from .modeling_rxt_wrappers import execution_device, mixed_adapter_rows
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+logger = logging.getLogger(__name__)
 
 
 def bos_prompt(model, bos: int | None, memory_state: RxTMemoryState | None, attention_mask) -> torch.Tensor:
@@ -68,6 +71,16 @@ def _ids(value) -> list[int]:
     return ids if all(isinstance(i, int) and not isinstance(i, bool) for i in ids) else []
 
 
+def _turn_boundary_ids(model, generation_config, kwargs: dict) -> tuple[list[int], list[int]]:
+    """The [BOS] and [EOS] ids that open and close a turn: the model's, and those of the call (a call may stop on
+    other tokens too, or on none: `eos_token_id=-1`)."""
+    found = []
+    for name in ("bos_token_id", "eos_token_id"):
+        ids = {*_ids(getattr(model.config, name)), *_ids(generation_setting(name, kwargs, generation_config, model))}
+        found.append(sorted(ids - {-1}))
+    return found[0], found[1]
+
+
 def _boundaries(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, bos: list[int], eos: list[int]):
     """(B, T - 1) booleans: True where the token after position t starts a new interaction ([EOS] then [BOS],
     both real tokens)."""
@@ -85,8 +98,7 @@ def split_conversation(model, prompt, generation_config, kwargs: dict):
     order); the last interactions are a list of 1-D ids. None for a prompt of one interaction (or embeddings)."""
     if not _is_token_ids(prompt) or prompt.shape[1] < 2:  # anything else is checked (and refused) by `generate`
         return None
-    bos = _ids(generation_setting("bos_token_id", kwargs, generation_config, model))
-    eos = _ids(generation_setting("eos_token_id", kwargs, generation_config, model))
+    bos, eos = _turn_boundary_ids(model, generation_config, kwargs)
     if not bos or not eos:
         return None
     mask = kwargs.get("attention_mask")
@@ -114,8 +126,7 @@ def check_no_conversations(model, prompts: list[list[int]], generation_config, k
     """Continuous batching gives the model only the prompts, each reading the learned initial memory: a prompt
     holding a whole conversation cannot have its history written there, and is refused rather than decoded as one
     long interaction."""
-    bos = set(_ids(generation_setting("bos_token_id", kwargs, generation_config, model)))
-    eos = set(_ids(generation_setting("eos_token_id", kwargs, generation_config, model)))
+    bos, eos = map(set, _turn_boundary_ids(model, generation_config, kwargs))
     for index, prompt in enumerate(prompts):
         if any(a in eos and b in bos for a, b in zip(prompt[:-1], prompt[1:])):
             raise ValueError(
@@ -123,6 +134,35 @@ def check_no_conversations(model, prompts: list[list[int]], generation_config, k
                 "write its earlier interactions to a memory. Call `generate`, which writes them, or send the current "
                 "query alone."
             )
+
+
+def checked_requests(model, manager):
+    """The continuous-batching manager of `init_continuous_batching`, its `add_request` checking each prompt as
+    `generate_batch` checks them: `transformers serve --continuous-batching` adds requests to it directly, and a
+    conversation prompt was decoded as one long interaction, an answer ran on past `max_position_embeddings`. A
+    conversation is refused (nothing can be written there); an answer length is capped at the positions left (serve
+    passes 1,024 new tokens unless the client asks for fewer), as `generate` caps one from a config."""
+    if getattr(manager, "requests_checked", False):  # a persistent manager, returned again
+        return manager
+    add_request = manager.add_request
+    limit = model.config.max_position_embeddings
+
+    def add_checked_request(input_ids, *args, max_new_tokens: int | None = None, **kwargs):
+        ids = [int(token) for token in input_ids]
+        check_interaction_ids(torch.tensor([ids]), None, model.config)
+        check_no_conversations(model, [ids], manager.generation_config, {})
+        wanted = manager.generation_config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if wanted is None or len(ids) + wanted > limit:
+            if len(ids) >= limit:
+                raise ValueError(f"A prompt of {len(ids)} tokens leaves no room for an answer within the model's "
+                                 f"maximum of {limit} (`max_position_embeddings`).")
+            logger.warning_once(f"Continuous batching: answers are capped at the positions their prompt leaves "
+                                f"within `max_position_embeddings` ({limit}).")
+            max_new_tokens = limit - len(ids) if wanted is None else min(wanted, limit - len(ids))
+        return add_request(input_ids, *args, max_new_tokens=max_new_tokens, **kwargs)
+
+    manager.add_request, manager.requests_checked = add_checked_request, True
+    return manager
 
 
 def _padded(rows: list[torch.Tensor], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from transformers import ContinuousBatchingConfig, DynamicCache, pipeline
+from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfig, pipeline
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization import MIN_VOCAB_SIZE, train_tokenizer
@@ -150,3 +150,21 @@ def test_an_answer_length_from_a_config_is_capped_and_one_asked_by_keyword_refus
     assert model.generate(query, GenerationConfig(max_new_tokens=900, min_new_tokens=39)).shape == (1, 48)
     with pytest.raises(ValueError, match=r"\(`max_new_tokens`\) would reach 1033 tokens"):
         model.generate(query, max_new_tokens=1024)
+
+
+def test_requests_added_to_a_batching_manager_directly_are_checked(model, tokenizer):
+    """`transformers serve --continuous-batching` adds requests to the manager itself, not through `generate_batch`:
+    a conversation was decoded as one long interaction reading the learned initial memory, and an answer ran on past
+    `max_position_embeddings` (serve asks for 1,024 new tokens)."""
+    config = GenerationConfig(max_new_tokens=1024, do_sample=False, eos_token_id=-1)
+    batching = ContinuousBatchingConfig(num_blocks=4, max_batch_tokens=64)
+    query = rendered(tokenizer, MESSAGES[-1:], add_generation_prompt=True)[0].tolist()
+    with model.continuous_batching_context_manager(config, continuous_batching_config=batching, warmup=False) as manager:
+        with pytest.raises(ValueError, match="Prompt 0 holds a conversation"):
+            manager.add_request(rendered(tokenizer, MESSAGES, add_generation_prompt=True)[0].tolist())
+        with pytest.raises(ValueError, match="outside the vocabulary|vocab"):
+            manager.add_request([model.config.vocab_size])
+        request = manager.add_request(query)
+        result = manager.get_result(request, timeout=60)
+    assert len(result.generated_tokens) == model.config.max_position_embeddings - len(query)
+    assert model.init_continuous_batching(config, continuous_batching_config=batching) is not None
