@@ -34,7 +34,8 @@ Files exported to the Hub with the weights (the model's remote code):
 - `external_memory.py`: retrieval from long external memories inside self-attention;
 - `modeling_rxt_checks.py`: the input checks, which name bad input before it reaches a kernel;
 - `modeling_rxt_wrappers.py`: what running under FSDP2 and PEFT needs;
-- `modeling_rxt_prompts.py`: what `generate` does with a prompt of no token, or of a whole conversation;
+- `modeling_rxt_conversation.py`: `generate` given a whole conversation in one prompt (history written to a memory);
+- `modeling_rxt_prompts.py`: what else `generate` and continuous batching do with prompts (none, lengths, checks);
 - `modeling_rxt_compat.py`: what differs between the transformers versions the exported code runs under.
 
 Shape legend: B batch, T tokens of one interaction, L memory layers (= decoder layers), S slots per layer,
@@ -128,8 +129,8 @@ from .modeling_rxt_checks import (
     note_cache_filled,
     padding_mask,
 )
-from .modeling_rxt_prompts import bos_prompt, check_no_conversations, checked_requests, generate_from_conversation
-from .modeling_rxt_prompts import new_token_lengths
+from .modeling_rxt_conversation import check_no_conversations, generate_from_conversation
+from .modeling_rxt_prompts import bos_prompt, checked_requests, new_token_lengths
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 from .modeling_rxt_wrappers import FSDPModule, check_no_injected_adapters, drops_mixed_adapter_hooks_on_error
 from .modeling_rxt_wrappers import execution_device, is_fsdp_module, is_peft_module, mixed_adapter_rows, run_as_forward
@@ -774,19 +775,11 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         if is_fsdp_module(self):
             return self._save_sharded_by_fsdp(save_directory, *args, **kwargs)
-        if self._auto_class is None:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        # `auto_map` also names the base model, and the config through this module: code is keyed by the hash of a
-        # file and its imports, and the config's file imports no model code, so two folders of one name holding other
-        # model code shared a config class, mapped to the first one's model. (The config's own save names its file.)
-        module = type(self).__module__.split(".")[-1]
-        entries = {"AutoModel": f"{module}.RxTModel", "AutoConfig": f"{module}.RxTConfig"}
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **entries}
-        self.config._auto_class = None  # hides the class's "AutoConfig" (`register_for_auto_class`) meanwhile
-        try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            del self.config._auto_class
+        # transformers puts only the saved class into `auto_map`; the base model should load through AutoModel too.
+        if self._auto_class is not None:
+            module = type(self).__module__.split(".")[-1]
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.RxTModel"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _save_sharded_by_fsdp(self, *args, **kwargs):
         """`save_pretrained` of a model that FSDP2 shards (`Trainer.save_model` passes the gathered `state_dict`).
@@ -879,10 +872,10 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             bos = generation_setting("bos_token_id", kwargs, generation_config, self)
             inputs = prompt = bos_prompt(self, bos, memory_state, kwargs.get("attention_mask"))
             kwargs.pop("input_ids", None)
-        new_token_lengths(self, prompt, generation_config, kwargs)
         outputs = generate_from_conversation(self, prompt, memory_state, generation_config, args, kwargs)
         if outputs is not None:  # a prompt holding a whole conversation: its history written to a memory first
             return outputs
+        new_token_lengths(self, prompt, generation_config, kwargs)
         if prompt is not None:  # an answer length from a config that would not fit is capped
             generation_config = check_generate_prompt(prompt, self, generation_config, kwargs)
         if kwargs.get("cache_implementation") == "paged":  # the keyword (not the config's) switches to `generate_batch`

@@ -9,7 +9,17 @@ import logging
 
 import pytest
 import torch
-from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfig, pipeline
+from transformers import (
+    ContinuousBatchingConfig,
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    pipeline,
+)
+from transformers.generation.streamers import BaseStreamer
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization import MIN_VOCAB_SIZE, train_tokenizer
@@ -168,3 +178,75 @@ def test_requests_added_to_a_batching_manager_directly_are_checked(model, tokeni
         result = manager.get_result(request, timeout=60)
     assert len(result.generated_tokens) == model.config.max_position_embeddings - len(query)
     assert model.init_continuous_batching(config, continuous_batching_config=batching) is not None
+
+
+def test_lengths_from_a_config_count_the_whole_conversation_too(model, tokenizer, monkeypatch):
+    """A `max_length` or `min_length` of a generation config (the one passed, or the model's) counted only the last
+    interaction: 37 new tokens where a Llama gives 3, and `min_length` forbade [EOS] for 20 steps instead of 3."""
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
+    length = prompt.shape[1]
+    assert model.generate(prompt, GenerationConfig(max_length=length + 3, do_sample=False)).shape[1] == length + 3
+    monkeypatch.setattr(model, "generation_config", copy.deepcopy(model.generation_config))
+    model.generation_config.max_length = length + 3
+    assert model.generate(prompt, do_sample=False).shape[1] == length + 3
+    model.generation_config.max_length = None
+    eos = tokenizer.eos_token_id
+    forced = model.generate(prompt, GenerationConfig(min_length=length + 3, max_new_tokens=8, do_sample=False),
+                            return_dict_in_generate=True, output_scores=True)
+    banned = [bool(torch.isinf(step[0, eos]) and step[0, eos] < 0) for step in forced.scores]
+    assert banned[:3] == [True] * 3 and not any(banned[3:])
+    longer = MESSAGES[:4] * 3 + MESSAGES[4:]  # past `max_position_embeddings`: only the last interaction must fit
+    prompt = rendered(tokenizer, longer, add_generation_prompt=True)
+    assert model.generate(prompt, max_length=prompt.shape[1] + 3, min_length=prompt.shape[1] + 3).shape[1] == \
+        prompt.shape[1] + 3
+
+
+def test_callbacks_see_the_callers_whole_prompt(model, tokenizer):
+    """Stopping criteria, logits processors, `prefix_allowed_tokens_fn` and a streamer saw the last interaction
+    only: lm-evaluation-harness's stop criterion, which slices `input_ids[:, context_length:]`, never fired."""
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
+    length, seen, streamed = prompt.shape[1], [], []
+
+    class AfterTwo(StoppingCriteria):  # as lm-eval's MultiTokenEOSCriteria reads the sequence
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids[:, length:].shape[1] >= 2, dtype=torch.bool)
+
+    class Recorder(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(input_ids.shape[1])
+            return scores
+
+    class Streamer(BaseStreamer):
+        def put(self, value):
+            streamed.append(value)
+
+        def end(self):
+            pass
+
+    out = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, streamer=Streamer(),
+                         stopping_criteria=StoppingCriteriaList([AfterTwo()]),
+                         logits_processor=LogitsProcessorList([Recorder()]),
+                         prefix_allowed_tokens_fn=lambda batch_id, sent: seen.append(len(sent)) or list(range(8, 30)))
+    assert out.shape == (1, length + 2)
+    assert seen == [length, length, length + 1, length + 1]  # the processor and the prefix function, each step
+    assert torch.equal(streamed[0].reshape(1, -1), prompt) and len(streamed) == 3
+
+
+def test_left_padding_made_of_eos_tokens_is_no_interaction(model, tokenizer):
+    """A pad id that is also [EOS], and no mask: the run of pads before a row's first [BOS] was written to the
+    memory as an interaction of its own."""
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
+    eos = tokenizer.eos_token_id
+    padded = torch.cat((torch.full((1, 5), eos), prompt), dim=1)
+    options = dict(max_new_tokens=3, do_sample=False, pad_token_id=eos, return_dict_in_generate=True,
+                   output_logits=True)
+    alone, with_pads = model.generate(prompt, **options), model.generate(padded, **options)
+    torch.testing.assert_close(with_pads.logits[0], alone.logits[0])
+
+
+def test_a_conversation_given_as_embeddings_is_read_as_one_sequence(model, tokenizer):
+    """Embeddings cannot be split into interactions: with `input_ids` beside them (the ids only name the output),
+    the split ids failed against the whole embeddings (`position_ids` of the wrong shape)."""
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
+    embeds = model.get_input_embeddings()(prompt)
+    assert model.generate(prompt, inputs_embeds=embeds, max_new_tokens=2).shape[1] == prompt.shape[1] + 2

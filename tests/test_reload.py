@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,29 @@ def test_two_folders_of_one_name_each_run_their_own_code_in_one_process(tmp_path
     model.config.save_pretrained(tmp_path / "config-alone")  # no model code there: the config names its own file
     auto_map = json.loads((tmp_path / "config-alone" / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == "configuration_rxt.RxTConfig"
+
+
+def test_saves_from_several_threads_each_name_the_config_through_the_model_code(tmp_path):
+    """A first version swapped an attribute of the shared config during a save: saves from other threads failed with
+    "'RxTConfig' object has no attribute '_auto_class'"."""
+    model = make_tiny_model()
+    errors = []
+
+    def save(thread: int) -> None:
+        try:
+            for round_ in range(2):
+                model.save_pretrained(tmp_path / f"{thread}-{round_}")
+        except Exception as error:  # noqa: BLE001 - collected and shown by the assertion
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=save, args=(thread,)) for thread in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for folder in tmp_path.iterdir():
+        assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoConfig"] == "modeling_rxt.RxTConfig"
 
 
 def test_local_reload_keeps_the_lm_head_tied_and_the_weights(tmp_path):
