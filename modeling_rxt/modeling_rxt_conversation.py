@@ -32,6 +32,7 @@ states and the cache returned belong to the last interaction.
 An interaction boundary is an [EOS] followed by a [BOS], as the turn format renders every turn after the first."""
 
 import copy
+import logging
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -44,6 +45,8 @@ from .modeling_rxt_checks import check_interaction_mask, generation_setting, pad
 from .modeling_rxt_wrappers import mixed_adapter_rows
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+logger = logging.getLogger(__name__)
 
 
 class TurnTokens(NamedTuple):
@@ -103,7 +106,7 @@ def split_conversation(model, prompt, generation_config, kwargs: dict) -> Conver
     boundary = _boundaries(prompt, mask, tokens)
     if not bool(boundary.any()):  # one host read per `generate` call
         return None
-    eos = torch.tensor(tokens.eos, device=prompt.device)
+    eos, bos = torch.tensor(tokens.eos, device=prompt.device), torch.tensor(tokens.bos, device=prompt.device)
     histories, last = [], []
     for row in range(prompt.shape[0]):
         real = torch.ones(prompt.shape[1], dtype=torch.bool, device=prompt.device) if mask is None else mask[row].bool()
@@ -112,6 +115,13 @@ def split_conversation(model, prompt, generation_config, kwargs: dict) -> Conver
         # A run of [EOS] before the first [BOS] is left padding whose pad id is [EOS] (no mask given): no interaction.
         histories.append([piece for piece in pieces[:-1] if not bool(torch.isin(piece, eos).all())])
         last.append(pieces[-1])
+        if histories[-1] and not bool(torch.isin(histories[-1][0][:1], bos).all()):
+            logger.warning_once(
+                "A conversation prompt starts inside an interaction (not with [BOS]: cut on the left, as "
+                "lm-evaluation-harness cuts a context to `max_length` - `max_gen_toks`?). The piece is written to the "
+                "memory as an interaction. Only each interaction must fit in `max_position_embeddings`: a caller may "
+                "send the whole conversation (lm-eval: a large `max_length` in `model_args`)."
+            )
     return Conversation(histories, last)
 
 

@@ -250,3 +250,13 @@ def test_a_conversation_given_as_embeddings_is_read_as_one_sequence(model, token
     prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
     embeds = model.get_input_embeddings()(prompt)
     assert model.generate(prompt, inputs_embeds=embeds, max_new_tokens=2).shape[1] == prompt.shape[1] + 2
+
+
+def test_a_conversation_cut_on_the_left_is_written_with_a_warning(model, tokenizer, caplog):
+    """lm-evaluation-harness cuts a context to `max_length` - `max_gen_toks` on the left: the first piece is a
+    fragment of an interaction, which is written as one (RxT needs no such cut: only each interaction must fit)."""
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)[:, 4:]
+    logging.getLogger("modeling_rxt.modeling_rxt_conversation").warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        model.generate(prompt, max_new_tokens=2)
+    assert "starts inside an interaction" in caplog.text
