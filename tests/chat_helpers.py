@@ -27,6 +27,19 @@ def model(tokenizer):
     return RxTForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="module")
+def text_model(tokenizer):
+    """The model of `model` with larger initial weights (answers that differ from prompt to prompt) and the
+    tokenizer's special ids in its config."""
+    torch.manual_seed(0)
+    config = RxTConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, memory_slots=4, max_position_embeddings=48, initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return RxTForCausalLM(config).eval()
+
+
 def expected_turn(model, tokenizer, state, query, max_new_tokens=6, **options):
     """One turn done by hand: the prompt, greedy (or `options`) answer up to [EOS] (appended if absent) and the new
     memory."""

@@ -21,10 +21,8 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from modeling_rxt import RxTConfig, RxTForCausalLM
-from modeling_rxt.tokenization import MIN_VOCAB_SIZE, train_tokenizer
+from chat_helpers import TEXTS, text_model, tokenizer  # noqa: F401 (fixtures used by name)
 
-TEXTS = ["my cat is called bimo .", "what is my cat called ?", "hello there , how are you ?", "i live in paris ."]
 MESSAGES = [
     {"role": "user", "content": "my cat is called bimo ."}, {"role": "assistant", "content": "hello there ."},
     {"role": "user", "content": "i live in paris ."}, {"role": "assistant", "content": "how are you ?"},
@@ -34,19 +32,8 @@ SCORES = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, o
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(TEXTS * 5, vocab_size=MIN_VOCAB_SIZE + 40)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    config = RxTConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, memory_slots=4, max_position_embeddings=48, initializer_range=0.2,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    return RxTForCausalLM(config).eval()
+def model(text_model):
+    return text_model
 
 
 def rendered(tokenizer, messages, **options) -> torch.Tensor:

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
-from chat_helpers import TEXTS, tokenizer  # noqa: F401 (a small trained tokenizer, a fixture used by name)
+from chat_helpers import TEXTS, text_model, tokenizer  # noqa: F401 (fixtures used by name)
 from conftest import random_ids, random_state
 
 NEW_TOKENS = 6
@@ -371,17 +371,6 @@ def test_continuing_from_a_returned_cache_equals_a_fresh_run(dense_model):
 
 
 # ---- with a tokenizer: stop strings, pipeline, universal assisted decoding -----------------------------------------
-
-@pytest.fixture(scope="module")
-def text_model(tokenizer):
-    torch.manual_seed(0)
-    config = RxTConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, memory_slots=4, max_position_embeddings=48, initializer_range=0.2,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    return RxTForCausalLM(config).eval()
-
 
 def word_ids(tokenizer) -> list[int]:
     """Ids of the tokenizer's plain word pieces (no special or unused tokens): what the untrained model may say."""
