@@ -26,7 +26,6 @@ explicit `head_dim` other than hidden_size / heads is allowed: Sparse Query Atte
 import functools
 import json
 import math
-import os
 from pathlib import Path
 
 from huggingface_hub.dataclasses import strict
@@ -274,24 +273,21 @@ class RxTConfig(PreTrainedConfig):
     def is_moe(self) -> bool:
         return self.num_local_experts > 0
 
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        """transformers' save. Beside a model's code (a model copies its code files before it saves its config),
-        `auto_map` loads this class through the model's module: transformers keys a folder's code by the hash of a
-        file and its imports, and this file imports no model code, so two folders of one name holding other model
-        code shared one config class, which transformers maps to the first folder's model: in one process, the
+    def to_json_file(self, json_file_path, use_diff: bool = True):
+        """transformers' `config.json`. Beside a model's code (a model copies its code files before it saves its
+        config), `auto_map` loads this class through the model's module: transformers keys a folder's code by the
+        hash of a file and its imports, and this file imports no model code, so two folders of one name holding other
+        model code shared one config class, which transformers maps to the first folder's model: in one process, the
         second folder ran the first one's code."""
-        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        path = Path(save_directory) / "config.json"
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = json.loads(self.to_json_string(use_diff=use_diff))
         auto_map = saved.get("auto_map") or {}
         model = auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoModel")
         if "AutoConfig" in auto_map and isinstance(model, str) and "--" not in model:  # not code of another repo
             module = model.rpartition(".")[0]
-            if (Path(save_directory) / f"{module}.py").is_file():
+            if (Path(json_file_path).parent / f"{module}.py").is_file():
                 saved["auto_map"] = {**auto_map, "AutoConfig": f"{module}.RxTConfig"}
-                replacement = path.with_name(f".{path.name}.rewrite")
-                replacement.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-                os.replace(replacement, path)  # as transformers writes it, in one step
+        with open(json_file_path, "w", encoding="utf-8") as writer:
+            writer.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 # ---- external memory controls: config fields, also given per `generate` call (external_memory.py) -----------

@@ -129,7 +129,7 @@ from .modeling_rxt_checks import (
     note_cache_filled,
     padding_mask,
 )
-from .modeling_rxt_conversation import check_no_conversations, generate_from_conversation
+from .modeling_rxt_conversation import check_no_conversations, defaults_replaced_by_wrapped, generate_from_conversation
 from .modeling_rxt_prompts import bos_prompt, checked_requests, new_token_lengths
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 from .modeling_rxt_wrappers import FSDPModule, check_no_injected_adapters, drops_mixed_adapter_hooks_on_error
@@ -907,6 +907,12 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         prompts = checked_batch_prompts(inputs, self, generation_config, kwargs)
         check_no_conversations(self, prompts, generation_config, kwargs)
         return super().generate_batch(prompts, generation_config, *args, **kwargs)
+
+    def _merge_criteria_processor_list(self, default_list, custom_list):
+        # A conversation prompt's callbacks come wrapped (`modeling_rxt_conversation.py`): each still replaces the
+        # default of its own type, as transformers lets a callback passed replace the one it builds.
+        return super()._merge_criteria_processor_list(defaults_replaced_by_wrapped(default_list, custom_list),
+                                                      custom_list)
 
     def init_continuous_batching(self, *args, **kwargs):
         """transformers' batching manager, whose requests are checked as `generate_batch`'s (`checked_requests`)."""

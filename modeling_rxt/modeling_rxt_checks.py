@@ -441,6 +441,13 @@ def generation_setting(name: str, kwargs: dict, given, model):
     return getattr(model.generation_config, name, None)
 
 
+def warn_capped(name: str, limit: int) -> None:
+    logger.warning_once(
+        f"An answer length from a generation config (`{name}`) would run past the model's `max_position_embeddings` "
+        f"({limit}); answers are capped at the positions the query leaves. Pass `max_new_tokens` to choose the length."
+    )
+
+
 def check_generate_prompt(prompt: torch.Tensor, model, given, kwargs: dict):
     """The query of a `generate` call must be valid (non-empty ids, or embeddings) and the answer must fit: query +
     new tokens within `max_position_embeddings`. A length asked by keyword beyond that is refused before decoding
@@ -475,11 +482,7 @@ def check_generate_prompt(prompt: torch.Tensor, model, given, kwargs: dict):
     if kwargs.get(name) is None and room >= 1:
         # From a config (the model's, or one passed): a default, as `transformers serve` sets 1024 new tokens. As a
         # chat session does, the answer is capped at the room left; a keyword asks for that length and is refused.
-        logger.warning_once(
-            f"An answer length from a generation config (`{name}`) would run past the model's "
-            f"`max_position_embeddings` ({config.max_position_embeddings}); answers are capped at the positions "
-            "the query leaves. Pass `max_new_tokens` to choose the length."
-        )
+        warn_capped(name, config.max_position_embeddings)
         if given is None:
             kwargs["max_new_tokens"] = room
             return None

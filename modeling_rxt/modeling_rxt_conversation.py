@@ -41,7 +41,7 @@ from transformers.generation import LogitsProcessor, LogitsProcessorList, Stoppi
 from transformers.generation.streamers import BaseStreamer
 
 from .memory_state import RxTMemoryState
-from .modeling_rxt_checks import check_interaction_mask, generation_setting, padding_mask
+from .modeling_rxt_checks import check_interaction_mask, generation_setting, padding_mask, warn_capped
 from .modeling_rxt_wrappers import mixed_adapter_rows
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -133,8 +133,9 @@ def check_no_conversations(model, prompts: list[list[int]], generation_config, k
     bos, eos = set(tokens.bos), set(tokens.eos)
     for index, prompt in enumerate(prompts):
         if any(a in eos and b in bos for a, b in zip(prompt[:-1], prompt[1:])):
+            which = "The prompt" if len(prompts) == 1 else f"Prompt {index}"
             raise ValueError(
-                f"Prompt {index} holds a conversation (an [EOS] followed by a [BOS]): continuous batching cannot "
+                f"{which} holds a conversation (an [EOS] followed by a [BOS]): continuous batching cannot "
                 "write its earlier interactions to a memory. Call `generate`, which writes them, or send the current "
                 "query alone."
             )
@@ -169,43 +170,65 @@ def write_histories(model, histories: list[list[torch.Tensor]], pad: int) -> RxT
     return state
 
 
-def answer_lengths(model, prompt_length: int, generation_config, kwargs: dict) -> dict:
-    """`max_new_tokens` / `min_new_tokens` for the answer, from `max_length` / `min_length` wherever they are set (a
-    keyword, the config passed, the model's): they count the caller's whole prompt, and the last interaction decoded
-    is shorter. Where a new-token count is set (anywhere), it wins, as in transformers."""
-    def setting(name):
-        return generation_setting(name, kwargs, generation_config, model)
+LENGTHS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length")
 
+
+def answer_lengths(model, prompt_length: int, last_length: int, given, kwargs: dict) -> dict:
+    """The answer's `max_new_tokens` and `min_new_tokens`. A `max_length` / `min_length` counts the caller's whole
+    prompt (`prompt_length` tokens); the query decoded is its last interaction (`last_length`, padded). The first set
+    of: a new-token count asked for (the keyword, then the config passed: `given`), a total length asked for (the
+    same), then the model's generation config (new tokens, then total), as transformers lets a `max_length` asked for
+    win over a default `max_new_tokens` in its pipelines. An answer that cannot fit after the last interaction is
+    refused when asked for by keyword and capped otherwise, as `generate` does for one interaction."""
+    defaults, limit = model.generation_config, model.config.max_position_embeddings
     lengths = {}
-    if setting("max_new_tokens") is None and setting("max_length") is not None:
-        if setting("max_length") <= prompt_length:
-            raise ValueError(f"`max_length` {setting('max_length')} leaves no room for an answer after the prompt's "
-                             f"{prompt_length} tokens (it counts the whole conversation the prompt holds).")
-        lengths["max_new_tokens"] = setting("max_length") - prompt_length
-    if setting("min_new_tokens") is None and setting("min_length"):
-        lengths["min_new_tokens"] = max(0, setting("min_length") - prompt_length)
+    for new, total in (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length")):
+        candidates = (  # (value, tokens it counts before the answer, asked for by keyword)
+            (kwargs.get(new), 0, True), (getattr(given, new, None), 0, False),
+            (kwargs.get(total), prompt_length, True), (getattr(given, total, None), prompt_length, False),
+            (getattr(defaults, new, None), 0, False), (getattr(defaults, total, None), prompt_length, False),
+        )
+        value, counted, asked = next((found for found in candidates if found[0]), (None, 0, False))  # 0: unset
+        if value is None:
+            continue
+        name = new if counted == 0 else total
+        tokens = value - counted
+        if new == "min_new_tokens":
+            lengths[new] = max(0, tokens)
+        elif tokens < 1:
+            raise ValueError(f"`{name}` {value} leaves no room for an answer after the prompt's {prompt_length} "
+                             "tokens (it counts the whole conversation the prompt holds).")
+        elif last_length + tokens <= limit:
+            lengths[new] = tokens
+        elif asked or last_length >= limit:
+            raise ValueError(f"The query ({last_length} tokens, the last interaction of the prompt's conversation) "
+                             f"and its answer (`{name}`) would reach {last_length + tokens} tokens, more than the "
+                             f"model's maximum of {limit} (`max_position_embeddings`).")
+        else:
+            warn_capped(name, limit)
+            lengths[new] = limit - last_length
     return lengths
 
 
-def _with_settings(generation_config, kwargs: dict, settings: dict):
-    """The call's generation config and keywords with `settings` in place of the total lengths: in a copy of the
-    config passed (transformers deprecates a config passed beside generation keywords), else as keywords."""
-    replaced = {"max_length": "max_new_tokens" in settings, "min_length": "min_new_tokens" in settings}
-    kwargs = {key: value for key, value in kwargs.items() if not replaced.get(key)}
-    if generation_config is None:
-        return None, {**kwargs, **settings}
-    config = copy.deepcopy(generation_config)
-    for name in (name for name, is_replaced in replaced.items() if is_replaced):
-        setattr(config, name, None)
-    config.update(**settings)
+def _with_lengths(given, kwargs: dict, lengths: dict):
+    """The call's generation config and keywords, with `lengths` the only length settings: in a copy of the config
+    passed (transformers deprecates a config passed beside generation keywords), else as keywords."""
+    kwargs = {key: value for key, value in kwargs.items() if key not in LENGTHS}
+    if given is None:
+        return None, {**kwargs, **lengths}
+    config = copy.deepcopy(given)
+    for name in LENGTHS:
+        setattr(config, name, lengths.get(name))
     return config, kwargs
 
 
 class _CallersView:
-    """Token ids as the caller would see them: its whole prompt, then what was decoded after the last interaction."""
+    """Token ids as the caller would see them: its whole prompt, then what was decoded after the last interaction.
+    `rows_per_batch_id`: how many rows `prefix_allowed_tokens_fn`'s `batch_id` counts per prompt row (transformers
+    numbers them by beams: with sampling, every returned sequence has its own)."""
 
-    def __init__(self, prompt: torch.Tensor, last_length: int):
-        self.prompt, self.last_length = prompt, last_length
+    def __init__(self, prompt: torch.Tensor, last_length: int, rows_per_batch_id: int):
+        self.prompt, self.last_length, self.rows_per_batch_id = prompt, last_length, rows_per_batch_id
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B * k, T) of the inner `generate` (k beams or returned sequences per row) -> (B * k, caller's T + new)."""
@@ -213,23 +236,34 @@ class _CallersView:
         return torch.cat((prompt.to(input_ids), input_ids[:, self.last_length:]), dim=1)
 
     def row(self, batch_id: int, sent: torch.Tensor) -> torch.Tensor:
-        return torch.cat((self.prompt[batch_id].to(sent), sent[self.last_length:]))
+        return torch.cat((self.prompt[batch_id // self.rows_per_batch_id].to(sent), sent[self.last_length:]))
 
 
 class _CriterionOnTheWholePrompt(StoppingCriteria):
     def __init__(self, criterion, view: _CallersView):
-        self.criterion, self.view = criterion, view
+        self.wrapped, self.view = criterion, view
 
     def __call__(self, input_ids, scores, **kwargs):
-        return self.criterion(self.view(input_ids), scores, **kwargs)
+        return self.wrapped(self.view(input_ids), scores, **kwargs)
 
 
 class _ProcessorOnTheWholePrompt(LogitsProcessor):
     def __init__(self, processor, view: _CallersView):
-        self.processor, self.view = processor, view
+        self.wrapped, self.view = processor, view
 
     def __call__(self, input_ids, scores):
-        return self.processor(self.view(input_ids), scores)
+        return self.wrapped(self.view(input_ids), scores)
+
+
+def defaults_replaced_by_wrapped(default_list, custom_list):
+    """transformers replaces a stopping criterion or logits processor that `generate` builds by one the call passes
+    of the same type (`_merge_criteria_processor_list`). A wrapped one counts as its wrapped type: a repetition
+    penalty passed both ways ran twice, a `MaxLengthCriteria` passed could not lengthen the answer."""
+    wrapped = [c for c in custom_list if isinstance(c, (_CriterionOnTheWholePrompt, _ProcessorOnTheWholePrompt))]
+    replaced = type(default_list)()
+    for default in default_list:
+        replaced.append(next((c for c in wrapped if type(c.wrapped) is type(default)), default))
+    return replaced
 
 
 class _StreamerFromTheWholePrompt(BaseStreamer):
@@ -266,11 +300,21 @@ def _callbacks_on_the_whole_prompt(kwargs: dict, view: _CallersView) -> dict:
 def generate_from_conversation(model, prompt, memory_state, generation_config, args, kwargs: dict):
     """`generate`'s answer to a prompt holding a whole conversation (see the module docstring); None for a prompt
     of one interaction, which `generate` answers itself."""
-    if kwargs.get("memory_key_values") is not None:
+    split = kwargs.pop("split_conversations", None)  # read here, not passed on: `forward` takes no such input
+    if split is None:
+        split = generation_setting("split_conversations", {}, generation_config, model)
+    if kwargs.get("memory_key_values") is not None or split is False:
         return None
     conversation = split_conversation(model, prompt, generation_config, kwargs)
     if conversation is None:
         return None
+    if model.training:
+        logger.warning_once(
+            "`generate` splits a prompt holding a conversation while the model is in training mode, as an online RL "
+            "trainer samples (TRL's GRPO, RLOO, OnlineDPO): it then scores the samples with `forward`, which reads "
+            "the prompt as one sequence, another distribution than the one sampled. Give such trainers prompts of "
+            "one interaction, or set `split_conversations=False` (a generation setting) to sample as `forward` reads."
+        )
     count = max(len(history) for history in conversation.histories) + 1
     if memory_state is not None:
         raise ValueError(
@@ -289,11 +333,13 @@ def generate_from_conversation(model, prompt, memory_state, generation_config, a
                          "interactions cannot be written here. Write them with `update_memory_per_row` and pass the "
                          "memory (`memory_state`) with the current query alone.")
     pad = turn_tokens(model, generation_config, kwargs).pad
-    state = write_histories(model, conversation.histories, pad)
     last_ids, last_mask = _padded(conversation.last, pad, left=True)
-    view = _CallersView(prompt, last_ids.shape[1])
-    settings = answer_lengths(model, prompt.shape[1], generation_config, kwargs)
-    generation_config, kwargs = _with_settings(generation_config, kwargs, settings)
+    lengths = answer_lengths(model, prompt.shape[1], last_ids.shape[1], generation_config, kwargs)
+    beams = generation_setting("num_beams", kwargs, generation_config, model) or 1
+    sequences = generation_setting("num_return_sequences", kwargs, generation_config, model) or 1
+    view = _CallersView(prompt, last_ids.shape[1], rows_per_batch_id=sequences if beams == 1 else 1)
+    state = write_histories(model, conversation.histories, pad)
+    generation_config, kwargs = _with_lengths(generation_config, kwargs, lengths)
     kwargs = {**_callbacks_on_the_whole_prompt(kwargs, view), "attention_mask": last_mask}
     kwargs.pop("input_ids", None)
     # With a memory and one interaction per row, this `generate` answers without coming back here.

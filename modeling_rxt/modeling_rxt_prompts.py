@@ -49,31 +49,41 @@ def bos_prompt(model, bos: int | None, memory_state: RxTMemoryState | None, atte
 
 
 def checked_requests(model, manager):
-    """The continuous-batching manager of `init_continuous_batching`, its `add_request` checking each prompt as
-    `generate_batch` checks them: `transformers serve --continuous-batching` adds requests to it directly, and a
-    conversation prompt was decoded as one long interaction, an answer ran on past `max_position_embeddings`. A
-    conversation is refused (nothing can be written there); an answer length is capped at the positions left (serve
-    passes 1,024 new tokens unless the client asks for fewer), as `generate` caps one from a config."""
+    """The continuous-batching manager of `init_continuous_batching`, its `add_request` and `add_requests` checking
+    each prompt as `generate_batch` checks them: `transformers serve --continuous-batching` adds requests to it
+    directly, and a conversation prompt was decoded as one long interaction, an answer ran on past
+    `max_position_embeddings`. A conversation is refused (nothing can be written there); an answer length is capped
+    at the positions left (serve passes 1,024 new tokens unless the client asks for fewer), as `generate` caps one
+    from a config. `add_requests` checks every prompt before it adds any."""
     if getattr(manager, "requests_checked", False):  # a persistent manager, returned again
         return manager
-    add_request = manager.add_request
+    add_request, add_requests = manager.add_request, manager.add_requests
     limit = model.config.max_position_embeddings
 
-    def add_checked_request(input_ids, *args, max_new_tokens: int | None = None, **kwargs):
+    def answer_room(input_ids, max_new_tokens: int | None) -> int:
         ids = [int(token) for token in input_ids]
         check_interaction_ids(torch.tensor([ids]), None, model.config)
         check_no_conversations(model, [ids], manager.generation_config, {})
         wanted = manager.generation_config.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if wanted is None or len(ids) + wanted > limit:
-            if len(ids) >= limit:
-                raise ValueError(f"A prompt of {len(ids)} tokens leaves no room for an answer within the model's "
-                                 f"maximum of {limit} (`max_position_embeddings`).")
-            logger.warning_once(f"Continuous batching: answers are capped at the positions their prompt leaves "
-                                f"within `max_position_embeddings` ({limit}).")
-            max_new_tokens = limit - len(ids) if wanted is None else min(wanted, limit - len(ids))
-        return add_request(input_ids, *args, max_new_tokens=max_new_tokens, **kwargs)
+        if wanted is not None and len(ids) + wanted <= limit:
+            return wanted
+        if len(ids) >= limit:
+            raise ValueError(f"A prompt of {len(ids)} tokens leaves no room for an answer within the model's maximum "
+                             f"of {limit} (`max_position_embeddings`).")
+        logger.warning_once(f"Continuous batching: answers are capped at the positions their prompt leaves within "
+                            f"`max_position_embeddings` ({limit}).")
+        return limit - len(ids) if wanted is None else min(wanted, limit - len(ids))
 
-    manager.add_request, manager.requests_checked = add_checked_request, True
+    def add_checked_request(input_ids, request_id=None, max_new_tokens=None, *args, **kwargs):
+        return add_request(input_ids, request_id, answer_room(input_ids, max_new_tokens), *args, **kwargs)
+
+    def add_checked_requests(inputs, max_new_tokens=None, *args, **kwargs):
+        for input_ids in inputs:
+            answer_room(input_ids, max_new_tokens)
+        return add_requests(inputs, max_new_tokens, *args, **kwargs)  # it adds each through `add_checked_request`
+
+    manager.add_request, manager.add_requests = add_checked_request, add_checked_requests
+    manager.requests_checked = True
     return manager
 
 

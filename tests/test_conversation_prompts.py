@@ -15,6 +15,7 @@ from transformers import (
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
+    MaxLengthCriteria,
     StoppingCriteria,
     StoppingCriteriaList,
     pipeline,
@@ -157,7 +158,7 @@ def test_requests_added_to_a_batching_manager_directly_are_checked(model, tokeni
     batching = ContinuousBatchingConfig(num_blocks=4, max_batch_tokens=64)
     query = rendered(tokenizer, MESSAGES[-1:], add_generation_prompt=True)[0].tolist()
     with model.continuous_batching_context_manager(config, continuous_batching_config=batching, warmup=False) as manager:
-        with pytest.raises(ValueError, match="Prompt 0 holds a conversation"):
+        with pytest.raises(ValueError, match="The prompt holds a conversation"):
             manager.add_request(rendered(tokenizer, MESSAGES, add_generation_prompt=True)[0].tolist())
         with pytest.raises(ValueError, match="outside the vocabulary|vocab"):
             manager.add_request([model.config.vocab_size])
@@ -247,3 +248,59 @@ def test_a_conversation_cut_on_the_left_is_written_with_a_warning(model, tokeniz
     with caplog.at_level(logging.WARNING):
         model.generate(prompt, max_new_tokens=2)
     assert "starts inside an interaction" in caplog.text
+
+
+def test_a_max_length_asked_for_beats_the_models_default_answer_length(model, tokenizer, monkeypatch):
+    """An exported folder's generation config sets 64 new tokens; lm-evaluation-harness asks for context +
+    `max_gen_toks` as `max_length`: on a conversation, that length was measured from the last interaction."""
+    monkeypatch.setattr(model, "generation_config", copy.deepcopy(model.generation_config))
+    model.generation_config.max_new_tokens = 64
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
+    assert model.generate(prompt, max_length=prompt.shape[1] + 5, min_new_tokens=5).shape[1] == prompt.shape[1] + 5
+    assert model.generate(prompt, min_new_tokens=20).shape[1] == 48 - 9 + prompt.shape[1]  # the default, capped
+
+
+def test_callbacks_keep_transformers_rules_on_a_conversation(model, tokenizer):
+    """A callback of a type `generate` also builds replaces that one (it is wrapped to see the whole prompt, and was
+    then run beside it); `prefix_allowed_tokens_fn` numbers rows by beams (with sampling, each returned sequence)."""
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
+    longer = StoppingCriteriaList([MaxLengthCriteria(max_length=prompt.shape[1] + 6)])
+    out = model.generate(prompt, max_new_tokens=3, min_new_tokens=6, stopping_criteria=longer)
+    assert out.shape[1] == prompt.shape[1] + 6  # the criterion passed, not the one built from `max_new_tokens`
+    seen = []
+    model.generate(prompt, do_sample=True, num_return_sequences=2, max_new_tokens=2,
+                   prefix_allowed_tokens_fn=lambda batch_id, sent: seen.append((batch_id, len(sent))) or [9, 10])
+    assert {batch_id for batch_id, _ in seen} == {0, 1} and {n for _, n in seen} == {prompt.shape[1], prompt.shape[1] + 1}
+
+
+def test_split_conversations_false_decodes_the_prompt_as_forward_reads_it(model, tokenizer, caplog):
+    """An online RL trainer (TRL's GRPO) samples with `generate` and scores with `forward`, which reads the whole
+    prompt: `split_conversations=False` makes the two read the same; in training mode a split warns."""
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
+    whole = model(prompt).logits[:, -1]
+    for options in ({"split_conversations": False},
+                    {"generation_config": GenerationConfig(split_conversations=False, max_new_tokens=1)}):
+        out = model.generate(prompt, **{"max_new_tokens": 1, **options}, return_dict_in_generate=True,
+                             output_logits=True)
+        torch.testing.assert_close(out.logits[0], whole)
+    logging.getLogger("modeling_rxt.modeling_rxt_conversation").warning_once.cache_clear()
+    model.train()
+    try:
+        with caplog.at_level(logging.WARNING):
+            model.generate(prompt, max_new_tokens=1)
+    finally:
+        model.eval()
+    assert "training mode" in caplog.text and "split_conversations=False" in caplog.text
+
+
+def test_a_batching_managers_requests_keep_their_signature_and_are_checked_before_any_is_added(model, tokenizer):
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1)
+    batching = ContinuousBatchingConfig(num_blocks=4, max_batch_tokens=64)
+    query = rendered(tokenizer, MESSAGES[-1:], add_generation_prompt=True)[0].tolist()
+    conversation = rendered(tokenizer, MESSAGES, add_generation_prompt=True)[0].tolist()
+    with model.continuous_batching_context_manager(config, continuous_batching_config=batching, warmup=False) as manager:
+        request = manager.add_request(query, "positional", 3)  # transformers' positional order
+        assert len(manager.get_result(request, timeout=60).generated_tokens) == 3
+        with pytest.raises(ValueError, match="holds a conversation"):
+            manager.add_requests([query, conversation])
+        assert manager.get_result(timeout=2) is None  # the first prompt was not added either

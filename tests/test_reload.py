@@ -194,6 +194,8 @@ def test_two_folders_of_one_name_each_run_their_own_code_in_one_process(tmp_path
     model.config.save_pretrained(tmp_path / "config-alone")  # no model code there: the config names its own file
     auto_map = json.loads((tmp_path / "config-alone" / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == "configuration_rxt.RxTConfig"
+    model.config.save_pretrained(folders[0])  # beside model code (also what a config's push uploads)
+    assert json.loads((folders[0] / "config.json").read_text())["auto_map"]["AutoConfig"] == "modeling_rxt.RxTConfig"
 
 
 def test_saves_from_several_threads_each_name_the_config_through_the_model_code(tmp_path):
