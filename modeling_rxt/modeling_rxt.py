@@ -74,7 +74,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.processing_utils import Unpack
@@ -130,7 +130,7 @@ from .modeling_rxt_checks import (
     padding_mask,
 )
 from .modeling_rxt_conversation import check_no_conversations, defaults_replaced_by_wrapped, generate_from_conversation
-from .modeling_rxt_prompts import bos_prompt, checked_requests, new_token_lengths
+from .modeling_rxt_prompts import bos_prompt, checked_requests, new_token_lengths, project_memory_for_generate
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 from .modeling_rxt_wrappers import FSDPModule, check_no_injected_adapters, drops_mixed_adapter_hooks_on_error
 from .modeling_rxt_wrappers import execution_device, is_fsdp_module, is_peft_module, mixed_adapter_rows, run_as_forward
@@ -775,10 +775,13 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         if is_fsdp_module(self):
             return self._save_sharded_by_fsdp(save_directory, *args, **kwargs)
-        # transformers puts only the saved class into `auto_map`; the base model should load through AutoModel too.
+        # transformers puts only the saved class into `auto_map`; the base model and the sequence classifier should
+        # load through their Auto classes too.
         if self._auto_class is not None:
             module = type(self).__module__.split(".")[-1]
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.RxTModel"}
+            heads = {"AutoModel": "RxTModel", "AutoModelForSequenceClassification": "RxTForSequenceClassification"}
+            heads = {auto_class: f"{module}.{name}" for auto_class, name in heads.items()}
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **heads}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _save_sharded_by_fsdp(self, *args, **kwargs):
@@ -883,7 +886,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             return super().generate(inputs, generation_config, *args, **kwargs)  # `generate_batch` checks the rest
         if kwargs.get("memory_key_values") is None:
             stm = self.model.memory_tensor(memory_state, prompt.shape[0])
-            kwargs["memory_key_values"] = self._project_memory_for_generate(stm.to(execution_device(self)))
+            kwargs["memory_key_values"] = project_memory_for_generate(self, stm.to(execution_device(self)))
         batch_size = prompt.shape[0] if prompt is not None else kwargs["memory_key_values"].shape[0]
         memories = kwargs.get("external_memories", kwargs.get("external_memory"))
         if memories is not None and not isinstance(memories, ExternalMemory) and mixed_adapter_rows(self.model.layers):
@@ -917,21 +920,6 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     def init_continuous_batching(self, *args, **kwargs):
         """transformers' batching manager, whose requests are checked as `generate_batch`'s (`checked_requests`)."""
         return checked_requests(self, super().init_continuous_batching(*args, **kwargs))
-
-    def _project_memory_for_generate(self, stm: torch.Tensor) -> torch.Tensor:
-        """`project_memory` of the (L, B, S, D) memory `generate` reads, before it expands rows for beams. A mixed-
-        adapter batch under beam search has PEFT give every LoRA layer each row's adapter name once per beam already
-        (as for an encoder-decoder's decoder): the memory is then projected as many times per row, and one copy
-        kept, so that each row's memory goes through its own adapter."""
-        batch_size = stm.shape[1]
-        reads = [layer.memory_cross_attn for layer in self.model.layers]
-        rows = next(filter(None, map(mixed_adapter_rows, reads)), None)  # None unless LoRA adapts a read
-        if rows is None or rows == batch_size:
-            return self.model.project_memory(stm)
-        if rows % batch_size:
-            raise ValueError(f"`adapter_names` names {rows} rows for a batch of {batch_size}.")
-        per_row = rows // batch_size
-        return self.model.project_memory(stm.repeat_interleave(per_row, dim=1))[::per_row]  # (B, L, 2, K, S, Dh)
 
     def _get_candidate_generator(self, generation_config, *args, model_kwargs: dict, **kwargs):
         """Assisted decoding: transformers gives the assistant a copy of every model input. This model's projected
@@ -990,4 +978,18 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         return {"total": total, "active": total - inactive}
 
 
-__all__ = ["RxTPreTrainedModel", "RxTModel", "RxTForCausalLM", "RxTMemoryState"]
+class RxTForSequenceClassification(GenericForSequenceClassification, RxTPreTrainedModel):
+    """A score per sequence, from the decoder's state at its last token that is not padding (transformers' generic
+    head, as Llama's): reward models (TRL's `RewardTrainer`), classifiers. `memory_state` reads a conversation's
+    memory, as in `RxTForCausalLM.forward`; without it the learned initial memory. A causal LM's folder loads into it
+    (`AutoModelForSequenceClassification`): every weight but the new `score` head."""
+
+    def __init__(self, config: RxTConfig):
+        RxTPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = RxTModel(config)  # not `AutoModel.from_config`, which a folder's own code cannot count on
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+
+__all__ = ["RxTPreTrainedModel", "RxTModel", "RxTForCausalLM", "RxTForSequenceClassification", "RxTMemoryState"]

@@ -15,7 +15,8 @@
 holds a whole conversation: `modeling_rxt_conversation.py`):
 - no prompt: a [BOS] row per conversation (`bos_prompt`);
 - the total lengths a caller asks for by keyword, turned into answer lengths (`new_token_lengths`);
-- the requests of a continuous-batching manager, checked as `generate_batch` checks its prompts (`checked_requests`).
+- the requests of a continuous-batching manager, checked as `generate_batch` checks its prompts (`checked_requests`);
+- the memory `generate` reads, projected once per call (`project_memory_for_generate`).
 """
 
 import logging
@@ -25,7 +26,7 @@ import torch
 from .memory_state import RxTMemoryState
 from .modeling_rxt_checks import check_interaction_ids
 from .modeling_rxt_conversation import check_no_conversations
-from .modeling_rxt_wrappers import execution_device
+from .modeling_rxt_wrappers import execution_device, mixed_adapter_rows
 
 logger = logging.getLogger(__name__)
 
@@ -107,3 +108,19 @@ def new_token_lengths(model, prompt, given, kwargs: dict) -> None:
             raise ValueError(f"`max_length` {value} leaves no room for an answer after the prompt's {length} tokens "
                              "(it counts the prompt).")
         kwargs[new] = max(0, value - length)
+
+
+def project_memory_for_generate(model, stm: torch.Tensor) -> torch.Tensor:
+    """`project_memory` of the (L, B, S, D) memory `generate` reads, before it expands rows for beams. A mixed-adapter
+    batch under beam search has PEFT give every LoRA layer each row's adapter name once per beam already (as for an
+    encoder-decoder's decoder): the memory is then projected as many times per row, and one copy kept, so that each
+    row's memory goes through its own adapter."""
+    batch_size = stm.shape[1]
+    reads = [layer.memory_cross_attn for layer in model.model.layers]
+    rows = next(filter(None, map(mixed_adapter_rows, reads)), None)  # None unless LoRA adapts a read
+    if rows is None or rows == batch_size:
+        return model.model.project_memory(stm)
+    if rows % batch_size:
+        raise ValueError(f"`adapter_names` names {rows} rows for a batch of {batch_size}.")
+    per_row = rows // batch_size
+    return model.model.project_memory(stm.repeat_interleave(per_row, dim=1))[::per_row]  # (B, L, 2, K, S, Dh)

@@ -61,7 +61,8 @@ def test_export_writes_every_file_and_nothing_else(exported):
 def test_config_and_generation_config(exported, source):
     config = json.loads((exported.dest / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "modeling_rxt.RxTConfig", "AutoModel": "modeling_rxt.RxTModel",
-                                  "AutoModelForCausalLM": "modeling_rxt.RxTForCausalLM"}
+                                  "AutoModelForCausalLM": "modeling_rxt.RxTForCausalLM",
+                                  "AutoModelForSequenceClassification": "modeling_rxt.RxTForSequenceClassification"}
     assert config["use_cache"] is True
     generation = json.loads((exported.dest / "generation_config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(source / "model")

@@ -164,6 +164,7 @@ def test_folder_saved_again_after_local_reload_keeps_code_and_auto_map(reloaded)
             "AutoConfig": "modeling_rxt.RxTConfig",  # keyed by the hash of all the code (`RxTConfig.to_dict`)
             "AutoModel": "modeling_rxt.RxTModel",
             "AutoModelForCausalLM": "modeling_rxt.RxTForCausalLM",
+            "AutoModelForSequenceClassification": "modeling_rxt.RxTForSequenceClassification",
         }
     # The copied code is the package's code, byte for byte.
     package = Path(__file__).resolve().parents[1] / "modeling_rxt"
