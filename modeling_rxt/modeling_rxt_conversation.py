@@ -136,8 +136,8 @@ def check_no_conversations(model, prompts: list[list[int]], generation_config, k
             which = "The prompt" if len(prompts) == 1 else f"Prompt {index}"
             raise ValueError(
                 f"{which} holds a conversation (an [EOS] followed by a [BOS]): continuous batching cannot "
-                "write its earlier interactions to a memory. Call `generate`, which writes them, or send the current "
-                "query alone."
+                "write its earlier interactions to a memory. Call `generate`, which writes them (`transformers serve` "
+                "without `--continuous-batching`), or send the current query alone."
             )
 
 
