@@ -281,8 +281,9 @@ class RxTConfig(PreTrainedConfig):
         second folder ran the first one's code."""
         saved = json.loads(self.to_json_string(use_diff=use_diff))
         auto_map = saved.get("auto_map") or {}
-        model = auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoModel")
-        if "AutoConfig" in auto_map and isinstance(model, str) and "--" not in model:  # not code of another repo
+        models = (name for auto_class, name in auto_map.items() if auto_class != "AutoConfig")
+        model = next((name for name in models if isinstance(name, str) and "--" not in name), None)  # this repo's
+        if "AutoConfig" in auto_map and model is not None:
             module = model.rpartition(".")[0]
             if (Path(json_file_path).parent / f"{module}.py").is_file():
                 saved["auto_map"] = {**auto_map, "AutoConfig": f"{module}.RxTConfig"}

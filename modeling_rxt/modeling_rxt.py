@@ -129,7 +129,7 @@ from .modeling_rxt_checks import (
     note_cache_filled,
     padding_mask,
 )
-from .modeling_rxt_conversation import check_no_conversations, defaults_replaced_by_wrapped, generate_from_conversation
+from .modeling_rxt_conversation import check_no_conversations, generate_from_conversation, merged_callbacks
 from .modeling_rxt_prompts import bos_prompt, checked_requests, new_token_lengths, project_memory_for_generate
 from .modeling_rxt_memory_write import RxTInitialMemory, RxTMemoryAttentionLayer, RxTMemoryEncoder
 from .modeling_rxt_wrappers import FSDPModule, check_no_injected_adapters, drops_mixed_adapter_hooks_on_error
@@ -878,7 +878,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         outputs = generate_from_conversation(self, prompt, memory_state, generation_config, args, kwargs)
         if outputs is not None:  # a prompt holding a whole conversation: its history written to a memory first
             return outputs
-        new_token_lengths(self, prompt, generation_config, kwargs)
+        generation_config = new_token_lengths(self, prompt, generation_config, kwargs)
         if prompt is not None:  # an answer length from a config that would not fit is capped
             generation_config = check_generate_prompt(prompt, self, generation_config, kwargs)
         if kwargs.get("cache_implementation") == "paged":  # the keyword (not the config's) switches to `generate_batch`
@@ -912,10 +912,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         return super().generate_batch(prompts, generation_config, *args, **kwargs)
 
     def _merge_criteria_processor_list(self, default_list, custom_list):
-        # A conversation prompt's callbacks come wrapped (`modeling_rxt_conversation.py`): each still replaces the
-        # default of its own type, as transformers lets a callback passed replace the one it builds.
-        return super()._merge_criteria_processor_list(defaults_replaced_by_wrapped(default_list, custom_list),
-                                                      custom_list)
+        # transformers' rule, for a conversation prompt's callbacks too, which come wrapped (`merged_callbacks`).
+        return merged_callbacks(default_list, custom_list)
 
     def init_continuous_batching(self, *args, **kwargs):
         """transformers' batching manager, whose requests are checked as `generate_batch`'s (`checked_requests`)."""

@@ -188,7 +188,7 @@ def answer_lengths(model, prompt_length: int, last_length: int, given, kwargs: d
             (kwargs.get(total), prompt_length, True), (getattr(given, total, None), prompt_length, False),
             (getattr(defaults, new, None), 0, False), (getattr(defaults, total, None), prompt_length, False),
         )
-        value, counted, asked = next((found for found in candidates if found[0]), (None, 0, False))  # 0: unset
+        value, counted, asked = next((found for found in candidates if found[0] is not None), (None, 0, False))
         if value is None:
             continue
         name = new if counted == 0 else total
@@ -255,15 +255,30 @@ class _ProcessorOnTheWholePrompt(LogitsProcessor):
         return self.wrapped(self.view(input_ids), scores)
 
 
-def defaults_replaced_by_wrapped(default_list, custom_list):
-    """transformers replaces a stopping criterion or logits processor that `generate` builds by one the call passes
-    of the same type (`_merge_criteria_processor_list`). A wrapped one counts as its wrapped type: a repetition
-    penalty passed both ways ran twice, a `MaxLengthCriteria` passed could not lengthen the answer."""
-    wrapped = [c for c in custom_list if isinstance(c, (_CriterionOnTheWholePrompt, _ProcessorOnTheWholePrompt))]
-    replaced = type(default_list)()
+def merged_callbacks(default_list, custom_list):
+    """transformers' merge of the stopping criteria or logits processors a call passes with those `generate` builds
+    (`_merge_criteria_processor_list`): a callback passed replaces the built one of its type, in its place, and the
+    others come after. A wrapped one (a conversation prompt's) counts as its wrapped type: before, a repetition penalty
+    passed both ways ran twice, and a `MaxLengthCriteria` passed could not lengthen the answer."""
+    if len(custom_list) == 0:
+        return default_list
+
+    def kind(callback):
+        return type(callback.wrapped) if isinstance(callback, _ON_THE_WHOLE_PROMPT) else type(callback)
+
+    merged, replacing = type(default_list)(), []
     for default in default_list:
-        replaced.append(next((c for c in wrapped if type(c.wrapped) is type(default)), default))
-    return replaced
+        custom = next((callback for callback in custom_list if kind(callback) is type(default)), None)
+        if custom is not None:
+            logger.warning_once(f"A {kind(custom).__name__} passed to `generate` replaces the one it builds from its "
+                                "settings (as transformers does).")
+            replacing.append(custom)
+        merged.append(default if custom is None else custom)
+    merged.extend(callback for callback in custom_list if not any(callback is used for used in replacing))
+    return merged
+
+
+_ON_THE_WHOLE_PROMPT = (_CriterionOnTheWholePrompt, _ProcessorOnTheWholePrompt)
 
 
 class _StreamerFromTheWholePrompt(BaseStreamer):

@@ -19,6 +19,7 @@ holds a whole conversation: `modeling_rxt_conversation.py`):
 - the memory `generate` reads, projected once per call (`project_memory_for_generate`).
 """
 
+import copy
 import logging
 
 import torch
@@ -79,6 +80,7 @@ def checked_requests(model, manager):
         return add_request(input_ids, request_id, answer_room(input_ids, max_new_tokens), *args, **kwargs)
 
     def add_checked_requests(inputs, max_new_tokens=None, *args, **kwargs):
+        check_no_conversations(model, [[int(token) for token in ids] for ids in inputs], manager.generation_config, {})
         for input_ids in inputs:
             answer_room(input_ids, max_new_tokens)
         return add_requests(inputs, max_new_tokens, *args, **kwargs)  # it adds each through `add_checked_request`
@@ -88,26 +90,34 @@ def checked_requests(model, manager):
     return manager
 
 
-def new_token_lengths(model, prompt, given, kwargs: dict) -> None:
-    """`max_length` and `min_length` keywords count the prompt. Where the call sets no new-token count (`given`: the
-    `generation_config` passed), they become the answer lengths they mean (`max_new_tokens`, `min_new_tokens`, set in
-    `kwargs`), as a chat session takes them, so that a `max_length` asked for wins over a default `max_new_tokens` of
-    the model's generation config, as transformers' pipelines let it (an exported folder sets 64; lm-evaluation-harness
-    asks for context + `max_gen_toks`). A `max_length` past `max_position_embeddings` stays, for `generate` to refuse
-    by its name. (A prompt holding a conversation converts its lengths itself.)"""
+def new_token_lengths(model, prompt, given, kwargs: dict):
+    """`max_length` and `min_length` count the prompt. Where the call sets no new-token count (a keyword, or in
+    `given`, the `generation_config` passed), a total it sets becomes the answer length it means (`max_new_tokens`,
+    `min_new_tokens`), as a chat session and a conversation prompt take them: so a total asked for wins over a default
+    `max_new_tokens` of the model's generation config, as transformers' pipelines let it (an exported folder sets 64;
+    lm-evaluation-harness asks for context + `max_gen_toks`). A keyword stays a keyword (refused if it cannot fit, and
+    a `max_length` past `max_position_embeddings` is left for `generate` to refuse by its name); one of `given` goes
+    into a copy of it (capped if it cannot fit). Returns the generation config to pass on."""
     if not isinstance(prompt, torch.Tensor) or prompt.dim() not in (2, 3):  # ids (B, T) or embeddings (B, T, D)
-        return
+        return given
     length = prompt.shape[1]
     for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
-        if kwargs.get(total) is None or kwargs.get(new) is not None or getattr(given, new, None) is not None:
+        if kwargs.get(new) is not None or getattr(given, new, None) is not None:
             continue
-        if total == "max_length" and kwargs[total] > model.config.max_position_embeddings:
+        keyword = kwargs.get(total) is not None
+        value = kwargs.get(total) if keyword else getattr(given, total, None)
+        if value is None or (keyword and total == "max_length" and value > model.config.max_position_embeddings):
             continue
-        value = kwargs.pop(total)
         if total == "max_length" and value <= length:
             raise ValueError(f"`max_length` {value} leaves no room for an answer after the prompt's {length} tokens "
                              "(it counts the prompt).")
-        kwargs[new] = max(0, value - length)
+        if keyword:
+            kwargs[new] = max(0, kwargs.pop(total) - length)
+        else:
+            given = copy.deepcopy(given)  # the caller's config stays as it was
+            setattr(given, new, max(0, value - length))
+            setattr(given, total, None)
+    return given
 
 
 def project_memory_for_generate(model, stm: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     MaxLengthCriteria,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
     pipeline,
@@ -301,6 +303,26 @@ def test_a_batching_managers_requests_keep_their_signature_and_are_checked_befor
     with model.continuous_batching_context_manager(config, continuous_batching_config=batching, warmup=False) as manager:
         request = manager.add_request(query, "positional", 3)  # transformers' positional order
         assert len(manager.get_result(request, timeout=60).generated_tokens) == 3
-        with pytest.raises(ValueError, match="holds a conversation"):
+        with pytest.raises(ValueError, match="Prompt 1 holds a conversation"):
             manager.add_requests([query, conversation])
         assert manager.get_result(timeout=2) is None  # the first prompt was not added either
+
+
+def test_callbacks_passed_replace_those_generate_builds_once_each_in_place(model, tokenizer):
+    """With two callbacks passed of types `generate` also builds, the first wrapped one took every replaced place:
+    a repetition penalty ran twice (the order changed too)."""
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
+    passed = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(2.0), NoRepeatNGramLogitsProcessor(2)])
+    options = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    alone = model.generate(prompt, logits_processor=passed, **options)
+    both = model.generate(prompt, logits_processor=passed, repetition_penalty=1.3, no_repeat_ngram_size=3, **options)
+    for step, reference in zip(both.scores, alone.scores):
+        torch.testing.assert_close(step, reference)
+
+
+def test_an_explicit_zero_minimum_is_kept_on_a_conversation(model, tokenizer, monkeypatch):
+    monkeypatch.setattr(model, "generation_config", copy.deepcopy(model.generation_config))
+    model.generation_config.min_new_tokens = 6
+    prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
+    out = model.generate(prompt, min_new_tokens=0, max_new_tokens=2, return_dict_in_generate=True, output_scores=True)
+    assert not torch.isinf(out.scores[0][0, tokenizer.eos_token_id])  # [EOS] allowed at once, as asked

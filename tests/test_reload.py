@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from modeling_rxt import MEMORY_ATTENTION_TYPES, RxTForCausalLM, atomic_files
+from modeling_rxt import MEMORY_ATTENTION_TYPES, RxTForCausalLM, RxTForSequenceClassification, atomic_files
 
 from conftest import make_tiny_model, random_ids, random_state
 
@@ -195,6 +195,9 @@ def test_two_folders_of_one_name_each_run_their_own_code_in_one_process(tmp_path
     model.config.save_pretrained(tmp_path / "config-alone")  # no model code there: the config names its own file
     auto_map = json.loads((tmp_path / "config-alone" / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == "configuration_rxt.RxTConfig"
+    classifier = tmp_path / "classifier"  # a model of another class, saved from a config: the same rule
+    RxTForSequenceClassification(make_tiny_model().config).save_pretrained(classifier)  # a config without auto_map
+    assert json.loads((classifier / "config.json").read_text())["auto_map"]["AutoConfig"] == "modeling_rxt.RxTConfig"
     model.config.save_pretrained(folders[0])  # beside model code (also what a config's push uploads)
     assert json.loads((folders[0] / "config.json").read_text())["auto_map"]["AutoConfig"] == "modeling_rxt.RxTConfig"
 
