@@ -878,7 +878,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         outputs = generate_from_conversation(self, prompt, memory_state, generation_config, args, kwargs)
         if outputs is not None:  # a prompt holding a whole conversation: its history written to a memory first
             return outputs
-        generation_config = new_token_lengths(self, prompt, generation_config, kwargs)
+        new_token_lengths(self, prompt, generation_config, kwargs)
         if prompt is not None:  # an answer length from a config that would not fit is capped
             generation_config = check_generate_prompt(prompt, self, generation_config, kwargs)
         if kwargs.get("cache_implementation") == "paged":  # the keyword (not the config's) switches to `generate_batch`

@@ -176,17 +176,17 @@ LENGTHS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length")
 def answer_lengths(model, prompt_length: int, last_length: int, given, kwargs: dict) -> dict:
     """The answer's `max_new_tokens` and `min_new_tokens`. A `max_length` / `min_length` counts the caller's whole
     prompt (`prompt_length` tokens); the query decoded is its last interaction (`last_length`, padded). The first set
-    of: a new-token count asked for (the keyword, then the config passed: `given`), a total length asked for (the
-    same), then the model's generation config (new tokens, then total), as transformers lets a `max_length` asked for
-    win over a default `max_new_tokens` in its pipelines. An answer that cannot fit after the last interaction is
-    refused when asked for by keyword and capped otherwise, as `generate` does for one interaction."""
+    of, as `generate` ranks them for one interaction (`new_token_lengths`): a new-token count by keyword or in the
+    config passed (`given`), a total by keyword (it wins over a default count, as in transformers' pipelines), a count
+    in the model's generation config, a total in the config passed, then in the model's. An answer that cannot fit
+    after the last interaction is refused when asked for by keyword and capped otherwise, as for one interaction."""
     defaults, limit = model.generation_config, model.config.max_position_embeddings
     lengths = {}
     for new, total in (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length")):
         candidates = (  # (value, tokens it counts before the answer, asked for by keyword)
-            (kwargs.get(new), 0, True), (getattr(given, new, None), 0, False),
-            (kwargs.get(total), prompt_length, True), (getattr(given, total, None), prompt_length, False),
-            (getattr(defaults, new, None), 0, False), (getattr(defaults, total, None), prompt_length, False),
+            (kwargs.get(new), 0, True), (getattr(given, new, None), 0, False), (kwargs.get(total), prompt_length, True),
+            (getattr(defaults, new, None), 0, False),  # a config's count beats a config's total, as in transformers
+            (getattr(given, total, None), prompt_length, False), (getattr(defaults, total, None), prompt_length, False),
         )
         value, counted, asked = next((found for found in candidates if found[0] is not None), (None, 0, False))
         if value is None:
@@ -266,15 +266,16 @@ def merged_callbacks(default_list, custom_list):
     def kind(callback):
         return type(callback.wrapped) if isinstance(callback, _ON_THE_WHOLE_PROMPT) else type(callback)
 
-    merged, replacing = type(default_list)(), []
+    merged = type(default_list)()
     for default in default_list:
         custom = next((callback for callback in custom_list if kind(callback) is type(default)), None)
         if custom is not None:
             logger.warning_once(f"A {kind(custom).__name__} passed to `generate` replaces the one it builds from its "
                                 "settings (as transformers does).")
-            replacing.append(custom)
         merged.append(default if custom is None else custom)
-    merged.extend(callback for callback in custom_list if not any(callback is used for used in replacing))
+    for callback in custom_list:  # the others, once each (transformers drops one equal to a callback already in)
+        if callback not in merged:
+            merged.append(callback)
     return merged
 
 

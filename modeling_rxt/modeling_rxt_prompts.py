@@ -19,7 +19,6 @@ holds a whole conversation: `modeling_rxt_conversation.py`):
 - the memory `generate` reads, projected once per call (`project_memory_for_generate`).
 """
 
-import copy
 import logging
 
 import torch
@@ -90,34 +89,23 @@ def checked_requests(model, manager):
     return manager
 
 
-def new_token_lengths(model, prompt, given, kwargs: dict):
-    """`max_length` and `min_length` count the prompt. Where the call sets no new-token count (a keyword, or in
-    `given`, the `generation_config` passed), a total it sets becomes the answer length it means (`max_new_tokens`,
-    `min_new_tokens`), as a chat session and a conversation prompt take them: so a total asked for wins over a default
-    `max_new_tokens` of the model's generation config, as transformers' pipelines let it (an exported folder sets 64;
-    lm-evaluation-harness asks for context + `max_gen_toks`). A keyword stays a keyword (refused if it cannot fit, and
-    a `max_length` past `max_position_embeddings` is left for `generate` to refuse by its name); one of `given` goes
-    into a copy of it (capped if it cannot fit). Returns the generation config to pass on."""
+def new_token_lengths(model, prompt, given, kwargs: dict) -> None:
+    """A `max_length` keyword counts the prompt. Where the call sets no new-token count (a keyword, or in `given`, the
+    `generation_config` passed), it becomes the answer length it means (`kwargs["max_new_tokens"]`), as a chat session
+    takes it, so that a `max_length` asked for wins over a default `max_new_tokens` of the model's generation config,
+    as transformers' pipelines let it (an exported folder sets 64; lm-evaluation-harness asks for context +
+    `max_gen_toks`). One past `max_position_embeddings` stays, for `generate` to refuse by its name. Lengths in a
+    config, and `min_length`, keep transformers' rules. (A prompt holding a conversation converts its own.)"""
     if not isinstance(prompt, torch.Tensor) or prompt.dim() not in (2, 3):  # ids (B, T) or embeddings (B, T, D)
-        return given
-    length = prompt.shape[1]
-    for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
-        if kwargs.get(new) is not None or getattr(given, new, None) is not None:
-            continue
-        keyword = kwargs.get(total) is not None
-        value = kwargs.get(total) if keyword else getattr(given, total, None)
-        if value is None or (keyword and total == "max_length" and value > model.config.max_position_embeddings):
-            continue
-        if total == "max_length" and value <= length:
-            raise ValueError(f"`max_length` {value} leaves no room for an answer after the prompt's {length} tokens "
-                             "(it counts the prompt).")
-        if keyword:
-            kwargs[new] = max(0, kwargs.pop(total) - length)
-        else:
-            given = copy.deepcopy(given)  # the caller's config stays as it was
-            setattr(given, new, max(0, value - length))
-            setattr(given, total, None)
-    return given
+        return
+    counted = kwargs.get("max_new_tokens") is not None or getattr(given, "max_new_tokens", None) is not None
+    if kwargs.get("max_length") is None or counted or kwargs["max_length"] > model.config.max_position_embeddings:
+        return
+    max_length, length = kwargs.pop("max_length"), prompt.shape[1]
+    if max_length <= length:
+        raise ValueError(f"`max_length` {max_length} leaves no room for an answer after the prompt's {length} tokens "
+                         "(it counts the prompt).")
+    kwargs["max_new_tokens"] = max_length - length
 
 
 def project_memory_for_generate(model, stm: torch.Tensor) -> torch.Tensor:

@@ -208,8 +208,8 @@ def test_an_answer_length_from_a_generation_config_is_capped_and_one_asked_for_i
             (1, 64)
     assert "`max_new_tokens`) would run past the model's `max_position_embeddings` (64)" in caplog.text
     assert model.generate(random_ids(1, 30), GenerationConfig(min_new_tokens=34)).shape == (1, 64)  # the model's 40
-    # A total the call sets, in the config passed or by keyword, wins over the model's default `max_new_tokens`.
-    assert model.generate(random_ids(1, 30), GenerationConfig(max_length=35, min_new_tokens=5)).shape == (1, 35)
+    # A count in a config beats a total in a config, as in transformers (the model's 40 fills the passed config).
+    assert model.generate(random_ids(1, 30), GenerationConfig(max_length=35, min_new_tokens=34)).shape == (1, 64)
     assert model.generate(random_ids(1, 30), max_length=35, min_new_tokens=5).shape == (1, 35)
     with pytest.raises(ValueError, match=r"\(`max_new_tokens`\) would reach 70"):  # asked for: refused
         model.generate(random_ids(1, 30), max_new_tokens=40)

@@ -326,3 +326,17 @@ def test_an_explicit_zero_minimum_is_kept_on_a_conversation(model, tokenizer, mo
     prompt = rendered(tokenizer, MESSAGES, add_generation_prompt=True)
     out = model.generate(prompt, min_new_tokens=0, max_new_tokens=2, return_dict_in_generate=True, output_scores=True)
     assert not torch.isinf(out.scores[0][0, tokenizer.eos_token_id])  # [EOS] allowed at once, as asked
+
+
+def test_a_callback_passed_twice_runs_once_as_in_transformers(model, tokenizer):
+    calls = []
+
+    class Count(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            calls.append(input_ids.shape[1])
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    counter = Count()
+    model.generate(rendered(tokenizer, MESSAGES[-1:], add_generation_prompt=True), max_new_tokens=2,
+                   stopping_criteria=StoppingCriteriaList([counter, counter]))
+    assert len(calls) == 2  # once a step
