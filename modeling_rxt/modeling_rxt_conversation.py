@@ -67,6 +67,7 @@ def _ids(value) -> list[int]:
 
 
 def turn_tokens(model, generation_config, kwargs: dict) -> TurnTokens:
+    """The ids of the turn format for this call (`generation_setting`: a keyword, the config passed, the model's)."""
     def setting(name):
         return generation_setting(name, kwargs, generation_config, model)
 
@@ -122,7 +123,7 @@ def split_conversation(model, prompt, generation_config, kwargs: dict) -> Conver
                 "memory as an interaction. Only each interaction must fit in `max_position_embeddings`: a caller may "
                 "send the whole conversation (lm-eval: a large `max_length` in `model_args`)."
             )
-    return Conversation(histories, last)
+    return Conversation(histories, last) if any(histories) else None  # [EOS] padding alone is no conversation
 
 
 def check_no_conversations(model, prompts: list[list[int]], generation_config, kwargs: dict) -> None:

@@ -340,3 +340,13 @@ def test_a_callback_passed_twice_runs_once_as_in_transformers(model, tokenizer):
     model.generate(rendered(tokenizer, MESSAGES[-1:], add_generation_prompt=True), max_new_tokens=2,
                    stopping_criteria=StoppingCriteriaList([counter, counter]))
     assert len(calls) == 2  # once a step
+
+
+def test_eos_padding_before_a_single_query_is_no_conversation(model, tokenizer):
+    """[EOS] left padding (a pad id that is [EOS], no mask) before one query: with a memory it was refused as a
+    conversation of one interaction."""
+    query = rendered(tokenizer, MESSAGES[-1:], add_generation_prompt=True)
+    padded = torch.cat((torch.full((1, 3), tokenizer.eos_token_id), query), dim=1)
+    state = model.init_memory(1)
+    out = model.generate(padded, memory_state=state, max_new_tokens=2, pad_token_id=tokenizer.eos_token_id)
+    assert out.shape == (1, padded.shape[1] + 2)
