@@ -131,9 +131,10 @@ def check_no_conversations(model, prompts: list[list[int]], generation_config, k
     holding a whole conversation cannot have its history written there, and is refused rather than decoded as one
     long interaction."""
     tokens = turn_tokens(model, generation_config, kwargs)
-    bos, eos = set(tokens.bos), set(tokens.eos)
+    if not tokens.bos or not tokens.eos:
+        return
     for index, prompt in enumerate(prompts):
-        if any(a in eos and b in bos for a, b in zip(prompt[:-1], prompt[1:])):
+        if bool(_boundaries(torch.tensor([prompt], dtype=torch.long), None, tokens).any()):  # the rule `generate` uses
             which = "The prompt" if len(prompts) == 1 else f"Prompt {index}"
             raise ValueError(
                 f"{which} holds a conversation (an [EOS] followed by a [BOS]): continuous batching cannot "

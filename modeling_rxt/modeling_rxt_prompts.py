@@ -19,16 +19,12 @@ holds a whole conversation: `modeling_rxt_conversation.py`):
 - the memory `generate` reads, projected once per call (`project_memory_for_generate`).
 """
 
-import logging
-
 import torch
 
 from .memory_state import RxTMemoryState
-from .modeling_rxt_checks import check_interaction_ids
+from .modeling_rxt_checks import check_interaction_ids, warn_capped
 from .modeling_rxt_conversation import check_no_conversations
 from .modeling_rxt_wrappers import execution_device, mixed_adapter_rows
-
-logger = logging.getLogger(__name__)
 
 
 def bos_prompt(model, bos: int | None, memory_state: RxTMemoryState | None, attention_mask) -> torch.Tensor:
@@ -71,8 +67,7 @@ def checked_requests(model, manager):
         if len(ids) >= limit:
             raise ValueError(f"A prompt of {len(ids)} tokens leaves no room for an answer within the model's maximum "
                              f"of {limit} (`max_position_embeddings`).")
-        logger.warning_once(f"Continuous batching: answers are capped at the positions their prompt leaves within "
-                            f"`max_position_embeddings` ({limit}).")
+        warn_capped("max_new_tokens", limit)  # the warning of `generate`, for a length serve puts in its config
         return limit - len(ids) if wanted is None else min(wanted, limit - len(ids))
 
     def add_checked_request(input_ids, request_id=None, max_new_tokens=None, *args, **kwargs):
