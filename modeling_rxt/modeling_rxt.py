@@ -330,10 +330,9 @@ class RxTPreTrainedModel(PreTrainedModel):
         check_no_pipeline_stages(distributed_config)  # before transformers splits the layers over the processes
         return super().maybe_distribute_model(model, distributed_config, *args, **kwargs)
 
-    def _adjust_missing_and_unexpected_keys(self, loading_info, *args, **kwargs):  # `from_pretrained`'s key report
-        adjusted = super()._adjust_missing_and_unexpected_keys(loading_info, *args, **kwargs)  # (older: returns keys)
+    def _adjust_missing_and_unexpected_keys(self, loading_info, *args, **kwargs):
+        super()._adjust_missing_and_unexpected_keys(loading_info, *args, **kwargs)
         check_fused_projections(getattr(loading_info, "unexpected_keys", ()))  # older transformers: not checked
-        return adjusted
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
