@@ -40,18 +40,18 @@ MEMORY_ATTENTION_TYPES = ("simple", "self", "interlayer", "gated-self-interlayer
 MEMORY_WRITE_TYPES = ("attention", "competition")
 
 
-# The fused `qkv_proj` holds query, key and value heads of unequal counts (grouped-query attention), which no column
-# split of transformers cuts along head boundaries: as Phi-3, each process computes its share of the projection and
-# gathers the whole, attends with every head, and the output projection splits its input back. `gate_up_proj` holds
-# two equal halves, which `packed_colwise` splits half by half (as for the experts).
 ATTENTION_TP_PLAN = {
-    "layers.*.self_attn.qkv_proj": "colwise_gather_output",
-    "layers.*.self_attn.o_proj": "rowwise_split_input",
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
 }
-DENSE_MLP_TP_PLAN = {"layers.*.mlp.gate_up_proj": "packed_colwise", "layers.*.mlp.down_proj": "rowwise"}
+DENSE_MLP_TP_PLAN = {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise",
+                     "layers.*.mlp.down_proj": "rowwise"}
 MOE_TP_PLAN = {**ATTENTION_TP_PLAN, "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
                "layers.*.mlp.experts.down_proj": "rowwise", "layers.*.mlp.experts": "moe_tp_experts"}  # Mixtral's
-MOE_TP_PLAN_WITH_SHARED_EXPERT = {**MOE_TP_PLAN, "layers.*.mlp.shared_expert.gate_up_proj": "packed_colwise",
+MOE_TP_PLAN_WITH_SHARED_EXPERT = {**MOE_TP_PLAN, "layers.*.mlp.shared_expert.gate_proj": "colwise",
+                                  "layers.*.mlp.shared_expert.up_proj": "colwise",
                                   "layers.*.mlp.shared_expert.down_proj": "rowwise"}
 _FOLLOW_THE_EXPERTS = frozenset({"router_aux_loss_coef", "base_model_tp_plan"})
 

@@ -45,7 +45,7 @@ Memory read (every decoder layer l, during the turn; keys/values are projected O
 
     tokens x (B,T,D) --norm--> q_proj --RoPE--> Q (B,H,T,Dh) --+
                                                                |--> softmax(Q K^T) V --> o_proj --> x + (B,T,D)
-    STM_l (B,S,D) --norm--> kv_proj --> K, V (B,K,S,Dh) -------+    (no positions, no mask over slots)
+    STM_l (B,S,D) --norm--> k_proj, v_proj --> K, V (B,K,S,Dh) +    (no positions, no mask over slots)
 
 Memory write (after the answer, off the user's critical path):
 
@@ -108,7 +108,6 @@ from .modeling_rxt_compat import (
     MASK_CACHE_NAME,
     OUTPUT_CACHE_NAME,
     cache_argument,
-    check_fused_projections,
     output_cache,
     slice_logits_to_keep,
 )
@@ -289,8 +288,7 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
     def self_attention_keys_values(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (before rotary positions) and values (B, K, T, Dh) of this layer's self-attention for the hidden
         states (B, T, D) entering the layer, as `forward` computes them: what an external memory keeps."""
-        _, key, value = self.self_attn.project(self.input_layernorm(hidden_states))
-        return key, value
+        return self.self_attn.project_keys_values(self.input_layernorm(hidden_states))
 
 
 def default_position_ids(
@@ -329,10 +327,6 @@ class RxTPreTrainedModel(PreTrainedModel):
     def maybe_distribute_model(cls, model, distributed_config, *args, **kwargs):
         check_no_pipeline_stages(distributed_config)  # before transformers splits the layers over the processes
         return super().maybe_distribute_model(model, distributed_config, *args, **kwargs)
-
-    def _adjust_missing_and_unexpected_keys(self, loading_info, *args, **kwargs):
-        super()._adjust_missing_and_unexpected_keys(loading_info, *args, **kwargs)
-        check_fused_projections(getattr(loading_info, "unexpected_keys", ()))  # older transformers: not checked
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -17,11 +17,10 @@ the legend of `modeling_rxt.py`.
 
 Attention, by where queries and keys come from (all go through transformers' attention-function registry):
 
-    RxTSelfAttention           decoder tokens -> decoder tokens, causal, RoPE on q and k, KV cache      qkv_proj
-    RxTBidirectionalAttention  encoder tokens -> encoder tokens (RoPE on both), or slots -> own slots  qkv_proj
-    RxTCrossAttention          memory slots -> encoded data (RoPE on the keys), or -> all layers' slots q_proj, kv_proj
+    RxTSelfAttention           decoder tokens -> decoder tokens, causal, RoPE on q and k, KV cache
     RxTMemoryCrossAttention    decoder tokens -> memory slots of the layer, RoPE on q only (the memory is a set)
-                                                                                                       q_proj, kv_proj
+    RxTBidirectionalAttention  encoder tokens -> encoder tokens (RoPE on both), or
+                               memory slots -> slots / encoded data (RoPE on the sequence side only)
 """
 
 from collections.abc import Callable
@@ -155,11 +154,8 @@ def eager_attention_forward(
 
 
 class RxTAttention(nn.Module):
-    """Multi-head attention with grouped key/value heads. What every use shares: head counts, the output projection
-    and the call into transformers' attention registry (`attend`). Where queries, keys and values come from is the
-    subclass's: one fused `qkv_proj` where all three come from the same states (`RxTFusedAttention`), `q_proj` and a
-    fused `kv_proj` where queries and keys come from different states (`RxTCrossAttention`). One matmul instead of
-    three runs fewer operators, and at this model size a decoded token costs what its operators dispatch."""
+    """Multi-head attention with grouped key/value heads, used in four places that differ only in where queries and
+    keys come from and which of them get rotary positions (`is_causal` is set by the subclass)."""
 
     is_causal = False
 
@@ -168,15 +164,23 @@ class RxTAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
-        self.num_heads, self.num_key_value_heads = config.num_attention_heads, config.num_key_value_heads
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def output_projection(self) -> nn.Linear:
-        """The output projection, made by each subclass after its input projections: modules registered in the order
-        q, k, v, o draw their initial weights in that order."""
-        return nn.Linear(self.num_heads * self.head_dim, self.config.hidden_size, bias=False)
+    def project_queries(self, hidden_states: torch.Tensor, rotary=None) -> torch.Tensor:
+        query = self.q_proj(hidden_states).view(*hidden_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
+        return query if rotary is None else apply_rotary(query, rotary)  # (B, H, Tq, Dh)
+
+    def project_keys_values(self, states: torch.Tensor, rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (*states.shape[:-1], -1, self.head_dim)
+        key = self.k_proj(states).view(shape).transpose(1, 2)  # (B, K, Tk, Dh)
+        value = self.v_proj(states).view(shape).transpose(1, 2)
+        return (key if rotary is None else apply_rotary(key, rotary)), value
 
     def attend(
         self, query, key, value, attention_mask, attention_interface: Callable | None = None, **kwargs
@@ -199,27 +203,7 @@ class RxTAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
-class RxTFusedAttention(RxTAttention):
-    """Queries, keys and values of the same states from one projection, `qkv_proj`, whose output rows are the H query
-    heads, then the K key heads, then the K value heads (Phi-3's layout)."""
-
-    def __init__(self, config: RxTConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        heads = config.num_attention_heads + 2 * config.num_key_value_heads
-        self.qkv_proj = nn.Linear(config.hidden_size, heads * self.head_dim, bias=False)
-        self.o_proj = self.output_projection()
-
-    def project(self, states: torch.Tensor, rotary=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """States (B, T, D) -> query (B, H, T, Dh), key and value (B, K, T, Dh), RoPE on query and key when `rotary`
-        is given (rotated together: one rotation of H + K heads)."""
-        heads = self.qkv_proj(states).view(*states.shape[:-1], -1, self.head_dim).transpose(1, 2)  # (B, H+2K, T, Dh)
-        rotated = self.num_heads + self.num_key_value_heads
-        query_key = heads[:, :rotated] if rotary is None else apply_rotary(heads[:, :rotated], rotary)
-        query, key = query_key.split((self.num_heads, self.num_key_value_heads), dim=1)
-        return query, key, heads[:, rotated:]
-
-
-class RxTSelfAttention(RxTFusedAttention):
+class RxTSelfAttention(RxTAttention):
     """Causal self-attention of the decoder, RoPE on queries and keys, keys/values cached in `past_key_values`."""
 
     is_causal = True
@@ -233,7 +217,8 @@ class RxTSelfAttention(RxTFusedAttention):
         external_memory: "ExternalMemoryRetriever | None" = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        query, key, value = self.project(hidden_states, position_embeddings)
+        query = self.project_queries(hidden_states, position_embeddings)
+        key, value = self.project_keys_values(hidden_states, position_embeddings)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         if external_memory is not None and external_memory.retrieves_at(self.layer_idx):
@@ -242,61 +227,26 @@ class RxTSelfAttention(RxTFusedAttention):
         return self.attend(query, key, value, attention_mask, **kwargs)
 
 
-class RxTBidirectionalAttention(RxTFusedAttention):
-    """Non-causal self-attention: the memory encoder over an interaction (RoPE on queries and keys), and memory slots
-    over the slots of their own layer (no positions)."""
+class RxTBidirectionalAttention(RxTAttention):
+    """Non-causal attention: the memory encoder over an interaction, and memory slots over slots or encoded data.
+    Rotary positions go on the sides that are sequences (`query_rotary`, `key_rotary`); slots get none."""
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        query, key, value = self.project(hidden_states, rotary)
-        return self.attend(query, key, value, attention_mask, **kwargs)
-
-
-class RxTCrossAttention(RxTAttention):
-    """Queries from one set of states, keys and values from another: `q_proj`, and `kv_proj` whose output rows are the
-    K key heads, then the K value heads. Rotary positions go on the sides that are sequences (`query_rotary`,
-    `key_rotary`); memory slots get none."""
-
-    def __init__(self, config: RxTConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
-        self.kv_proj = nn.Linear(config.hidden_size, 2 * config.num_key_value_heads * self.head_dim, bias=False)
-        self.o_proj = self.output_projection()
-
-    def project_queries(self, states: torch.Tensor, rotary=None) -> torch.Tensor:
-        query = self.q_proj(states).view(*states.shape[:-1], -1, self.head_dim).transpose(1, 2)
-        return query if rotary is None else apply_rotary(query, rotary)  # (B, H, Tq, Dh)
-
-    def project_keys_values(self, states: torch.Tensor, rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """States (B, Tk, D) -> key and value (B, K, Tk, Dh), RoPE on the key when `rotary` is given."""
-        key, value = self.stacked_keys_values(states).unbind(1)
-        return (key if rotary is None else apply_rotary(key, rotary)), value
-
-    def stacked_keys_values(self, states: torch.Tensor) -> torch.Tensor:
-        """States (B, Tk, D) -> keys and values stacked, (B, 2, K, Tk, Dh) (a view of the projection: no copy)."""
-        stacked = self.kv_proj(states).view(*states.shape[:-1], 2, -1, self.head_dim)  # (B, Tk, 2, K, Dh)
-        return stacked.permute(0, 2, 3, 1, 4)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        key_value_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         query_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         key_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         query = self.project_queries(hidden_states, query_rotary)
-        key, value = self.project_keys_values(key_value_states, key_rotary)
+        sources = hidden_states if key_value_states is None else key_value_states
+        key, value = self.project_keys_values(sources, key_rotary)
         return self.attend(query, key, value, attention_mask, **kwargs)
 
 
-class RxTMemoryCrossAttention(RxTCrossAttention):
+class RxTMemoryCrossAttention(RxTAttention):
     """Decoder tokens read the memory of their layer. Keys/values come precomputed once per turn (see
     `RxTModel.project_memory`), so a decoded token costs one query projection and one attention over S slots."""
 
@@ -306,7 +256,8 @@ class RxTMemoryCrossAttention(RxTCrossAttention):
 
     def project_memory(self, memory: torch.Tensor) -> torch.Tensor:
         """(B, S, D) slots -> (B, 2, K, S, Dh) stacked keys and values, without positions."""
-        return self.stacked_keys_values(self.memory_norm(memory))
+        key, value = self.project_keys_values(self.memory_norm(memory))
+        return torch.stack((key, value), dim=1)
 
     def forward(
         self,
@@ -336,15 +287,15 @@ class RxTMemoryCrossAttention(RxTCrossAttention):
 
 
 class RxTMLP(nn.Module):
-    """SwiGLU feed-forward, its gate and up projections fused into one (`gate_up_proj`), as the experts' are."""
+    """SwiGLU feed-forward."""
 
     def __init__(self, config: RxTConfig, intermediate_size: int | None = None):
         super().__init__()
         intermediate_size = intermediate_size or config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * intermediate_size, bias=False)  # gate rows, then up
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
-        return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

@@ -21,14 +21,9 @@ from 5.4 (the first whose configs are dataclasses, which `RxTConfig` needs) to 5
   tokens). `forward` takes either name (`cache_argument`); the output classes and `create_causal_mask` get the name
   their version declares;
 - `slice_logits_to_keep` appeared in transformers 5.21.
-
-And what differs between the checkpoints of this project's versions: the fused projections (`fuse_projections`).
 """
 
 import inspect
-import re
-
-import torch
 
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
@@ -63,42 +58,3 @@ def cache_argument(past_key_values, kwargs: dict):
 def output_cache(outputs):
     """The cache an output of this transformers holds, under its name."""
     return getattr(outputs, OUTPUT_CACHE_NAME)
-
-
-# Checkpoints saved before the projections were fused (2026-12-07) hold separate query, key and value projections and
-# separate SwiGLU gate and up projections. Self-attention (`self_attn`) now has one `qkv_proj`; the other attentions
-# (the memory read, the memory write, the inter-layer step) keep `q_proj` beside one `kv_proj`; a SwiGLU has one
-# `gate_up_proj`. Each fused weight is the old weights concatenated in that order.
-_UNFUSED_WEIGHT = re.compile(r"\.(q|k|v|gate|up)_proj\.weight$")
-_FUSED_FROM = (("self_attn.", ("q", "k", "v"), "qkv"), ("attn.", ("k", "v"), "kv"), ("", ("gate", "up"), "gate_up"))
-
-
-def fuse_projections(state_dict: dict) -> dict:
-    """The weights of a checkpoint saved before the fused projections, in the layout this code loads (the fused
-    weights are the old ones concatenated: the model computes the same). Weights already fused pass through.
-
-        from safetensors.torch import load_file, save_file
-        save_file(fuse_projections(load_file("old/model.safetensors")), "new/model.safetensors", {"format": "pt"})
-    """
-    fused = dict(state_dict)
-    for key in [key for key in state_dict if _UNFUSED_WEIGHT.search(key)]:
-        module = key[: -len(".weight")].rsplit(".", 1)[0] + "."  # e.g. "model.layers.0.self_attn."
-        for suffix, parts, name in _FUSED_FROM:
-            names = [f"{module}{part}_proj.weight" for part in parts]
-            if module.endswith(suffix) and key == names[0] and all(part in fused for part in names):
-                fused[f"{module}{name}_proj.weight"] = torch.cat([fused.pop(part) for part in names])
-                break
-    return fused
-
-
-def check_fused_projections(unexpected_keys) -> None:
-    """Refuses weights that `fuse_projections` would have fused: left unread, the layers they belong to would start
-    from random weights, with only a logged warning."""
-    unfused = sorted(key for key in unexpected_keys if _UNFUSED_WEIGHT.search(key) and "lora_" not in key)
-    if unfused:
-        raise ValueError(
-            f"The checkpoint holds {len(unfused)} weights of the layout before RxT fused its projections (e.g. "
-            f"{unfused[0]!r}): `qkv_proj` in self-attention, `kv_proj` beside `q_proj` in the other attentions, "
-            "`gate_up_proj` in SwiGLU. Load the folder with the code saved beside it, or convert its weights with "
-            "`modeling_rxt.modeling_rxt_compat.fuse_projections`."
-        )

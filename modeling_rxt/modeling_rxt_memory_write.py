@@ -30,14 +30,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from .configuration_rxt import RxTConfig
-from .modeling_rxt_blocks import (
-    RxTBidirectionalAttention,
-    RxTCrossAttention,
-    RxTMLP,
-    RxTRMSNorm,
-    at_least_float32,
-    repeat_kv,
-)
+from .modeling_rxt_blocks import RxTBidirectionalAttention, RxTMLP, RxTRMSNorm, at_least_float32, repeat_kv
 
 
 class RxTEncoderLayer(GradientCheckpointingLayer):
@@ -58,7 +51,9 @@ class RxTEncoderLayer(GradientCheckpointingLayer):
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         normed = self.input_layernorm(hidden_states)
-        attn_out, _ = self.self_attn(normed, attention_mask=attention_mask, rotary=position_embeddings)
+        attn_out, _ = self.self_attn(
+            normed, attention_mask=attention_mask, query_rotary=position_embeddings, key_rotary=position_embeddings
+        )
         hidden_states = hidden_states + attn_out
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -108,12 +103,12 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
             self.self_attn = RxTBidirectionalAttention(config, layer_idx)
         if kind in ("interlayer", "gated-self-interlayer"):  # CODEPATH: inter-layer pre-step
             self.interlayer_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.interlayer_attn = RxTCrossAttention(config, layer_idx)
+            self.interlayer_attn = RxTBidirectionalAttention(config, layer_idx)
         if kind == "gated-self-interlayer":  # CODEPATH: gate between the two pre-steps
             self.mix_gate = nn.Linear(config.hidden_size, config.hidden_size)
         self.query_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.encoded_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.memory_attn = RxTCrossAttention(config, layer_idx)
+        self.memory_attn = RxTBidirectionalAttention(config, layer_idx)
         self.residual_gate = nn.Linear(config.hidden_size, config.hidden_size)
         self.competition = config.memory_write_type == "competition"
         self.occupancy_scale = None

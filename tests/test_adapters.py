@@ -230,7 +230,7 @@ def test_mixed_batch_with_beams_reads_each_rows_memory_through_its_adapter(ids, 
     per row): each row's memory must still go through its own adapter's key/value projections."""
     if preset == "last-layer-read":  # LoRA on the memory read of the last layer only
         model = with_roles(make_base(), "memory-cross-attention",
-                           target_modules=r".*layers\.1\.memory_cross_attn\.kv_proj")
+                           target_modules=r".*layers\.1\.memory_cross_attn\.(k_proj|v_proj)")
     else:
         model = with_roles(make_base(), preset)
     rows = ["critic", BASE_ADAPTER, "actor"]

@@ -202,10 +202,10 @@ def test_probe_positions_are_exact_for_large_tensors():
 
 def test_probe_leaves_out_quantised_weights():
     base = make_base(seed=0)
-    qkv_proj = base.model.layers[0].self_attn.qkv_proj
-    qkv_proj.weight = torch.nn.Parameter(qkv_proj.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    q_proj = base.model.layers[0].self_attn.q_proj
+    q_proj.weight = torch.nn.Parameter(q_proj.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
     probed = base_probe(base)
-    assert "model.layers.0.self_attn.qkv_proj.weight" not in probed and "model.layers.0.self_attn.o_proj.weight" in probed
+    assert "model.layers.0.self_attn.q_proj.weight" not in probed and "model.layers.0.self_attn.k_proj.weight" in probed
 
 
 def test_probe_covers_moe_experts_reached_by_target_parameters(tmp_path):

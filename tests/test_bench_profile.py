@@ -37,9 +37,9 @@ def query(settings):
 
 
 def test_a_submodule_counts_with_the_part_it_serves():
-    assert part_of("model.layers.0.memory_cross_attn.kv_proj") == "memory read"
+    assert part_of("model.layers.0.memory_cross_attn.k_proj") == "memory read"
     assert part_of("model.layers.3.memory_layernorm") == "memory read"
-    assert part_of("model.layers.0.self_attn.qkv_proj") == "self-attention"
+    assert part_of("model.layers.0.self_attn.k_proj") == "self-attention"
     assert part_of("model.layers.1.mlp.experts") == "feed-forward"
     assert part_of("lm_head") == "lm head"
     assert part_of("model.layers.0") is None and part_of("model.memory_encoder.layers.0.mlp") == "feed-forward"

@@ -24,9 +24,8 @@ def test_derived_defaults():
 def test_explicit_head_dim_gives_sparse_query_attention():
     config = RxTConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     model = RxTForCausalLM(config)
-    # fewer query heads than 64 / 16: 2 query heads, 1 key head and 1 value head of 16 in the fused projection
-    assert model.model.layers[0].self_attn.qkv_proj.weight.shape == ((2 + 1 + 1) * 16, 64)
-    assert model.model.layers[0].memory_cross_attn.q_proj.weight.shape == (2 * 16, 64)
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (2 * 16, 64)  # fewer query heads than 64 / 16
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (16, 64)
 
 
 def test_rope_scaling_whose_frequencies_depend_on_the_batch_is_refused():
@@ -166,7 +165,7 @@ def test_the_load_balancing_weight_and_the_parallel_plan_follow_the_experts_when
     for config in [*given_experts, assigned, RxTConfig(num_local_experts=4)]:
         assert config.router_aux_loss_coef == 0.01
         assert "layers.*.mlp.experts" in config.base_model_tp_plan
-        assert "layers.*.mlp.gate_up_proj" not in config.base_model_tp_plan
+        assert "layers.*.mlp.gate_proj" not in config.base_model_tp_plan
     model = RxTForCausalLM(AutoConfig.from_pretrained(tmp_path, num_local_experts=4, num_experts_per_tok=2))
     ids = torch.randint(4, 64, (1, 6))
     with torch.no_grad():
@@ -174,7 +173,7 @@ def test_the_load_balancing_weight_and_the_parallel_plan_follow_the_experts_when
         added = (out.loss - model(ids, labels=ids, output_router_logits=False).loss).item()
     assert added == pytest.approx(0.01 * out.aux_loss.item(), rel=1e-4) and added > 0
     dense = load_preset("alpha-micro", num_local_experts=0)
-    assert dense.router_aux_loss_coef == 0.0 and "layers.*.mlp.gate_up_proj" in dense.base_model_tp_plan
+    assert dense.router_aux_loss_coef == 0.0 and "layers.*.mlp.gate_proj" in dense.base_model_tp_plan
     assert RxTConfig(num_local_experts=4, router_aux_loss_coef=0.0).router_aux_loss_coef == 0.0  # a given one stays
     with_shared = RxTConfig(num_local_experts=4, shared_expert_intermediate_size=16).base_model_tp_plan
     assert with_shared["layers.*.mlp.shared_expert.down_proj"] == "rowwise"

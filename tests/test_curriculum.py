@@ -131,10 +131,10 @@ def test_a_recipe_refuses_to_continue_a_model_with_missing_weights(tokenizer, tm
     tiny_model(tokenizer).save_pretrained(saved)
     tokenizer.save_pretrained(saved)
     weights = load_file(saved / "model.safetensors")
-    del weights["model.layers.0.mlp.gate_up_proj.weight"]
+    del weights["model.layers.0.mlp.up_proj.weight"]
     save_file(weights, saved / "model.safetensors", metadata={"format": "pt"})
     recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=1)]}
-    with pytest.raises(ValueError, match="init_from.*model.layers.0.mlp.gate_up_proj.weight"):
+    with pytest.raises(ValueError, match="init_from.*model.layers.0.mlp.up_proj.weight"):
         run_curriculum(recipe, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.safetensors"))
     # A config of another size than its weights: transformers raises a RuntimeError naming no folder.

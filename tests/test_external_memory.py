@@ -80,7 +80,8 @@ def layer_inputs(model, length: int = 6):
 def direct_attention(attention, hidden, rotary, memory: ExternalMemory, layer_pos: int, allowed: torch.Tensor):
     """Plain softmax attention of every row over [its memory tokens; its local keys], written out per row.
     `allowed` (B, T, T) says which local keys each query may see."""
-    query, key, value = attention.project(hidden, rotary)  # (B, H, T, Dh), (B, K, T, Dh) twice
+    query = attention.project_queries(hidden, rotary)  # (B, H, T, Dh)
+    key, value = attention.project_keys_values(hidden, rotary)  # (B, K, T, Dh)
     groups = query.shape[1] // key.shape[1]
     rows = []
     for b in range(hidden.shape[0]):
@@ -384,10 +385,10 @@ def test_model_query_finds_the_memory_that_equals_it(model):
     ids = prompt(batch=1)
     attention = model.model.layers[1].self_attn
     captured = {}
-    handle = attention.qkv_proj.register_forward_hook(lambda m, a, out: captured.setdefault("qkv", out))
+    handle = attention.q_proj.register_forward_hook(lambda m, a, out: captured.setdefault("q", out))
     model(ids)
     handle.remove()
-    hidden_q = captured["qkv"][..., : 4 * 8].reshape(1, 6, 4, 8).transpose(1, 2)  # the 4 query heads come first
+    hidden_q = captured["q"].view(1, 6, 4, 8).transpose(1, 2)
     rotary = model.model.rotary_emb(hidden_q, torch.arange(6)[None])
     from modeling_rxt.modeling_rxt_blocks import apply_rotary
 
@@ -407,7 +408,7 @@ def test_threshold_drops_memories_below_it(model, memory_ids):
     recorder = RetrievedMemoryRecorder()
     attention(hidden, rotary, external_memory=retriever(model, memory, topk=6, sim_threshold=0.3, recorder=recorder))
     picked = recorder.steps[-1][1]  # (B, H, T, 6)
-    query, _, _ = attention.project(hidden, rotary)
+    query = attention.project_queries(hidden, rotary)
     keys = memory.keys[memory.layers.index(1)].repeat_interleave(2, dim=1)  # (B, H, M, Dh)
     normalize = torch.nn.functional.normalize
     cosine = normalize(query, dim=-1) @ normalize(keys, dim=-1).transpose(-1, -2)
@@ -426,7 +427,8 @@ def test_recorded_indices_are_what_was_attended_to(model, memory_ids):
     picked = recorder.steps[-1][1]  # (B, H, T, 3)
     assert weights.shape[-1] == 3 + hidden.shape[1] and (weights[..., :3] > 0).all()
     # Rebuild the output from the recorded indices alone.
-    query, key, value = attention.project(hidden, rotary)
+    query = attention.project_queries(hidden, rotary)
+    key, value = attention.project_keys_values(hidden, rotary)
     pos = memory.layers.index(1)
     outputs = torch.zeros_like(query)
     causal = torch.ones(6, 6, dtype=torch.bool).tril()

@@ -335,7 +335,7 @@ def count_memory_projections(model) -> list[int]:
     """Counts calls of the memory cross-attention key projection, which only `project_memory` runs."""
     calls = [0]
     for layer in model.model.layers:
-        layer.memory_cross_attn.kv_proj.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        layer.memory_cross_attn.k_proj.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
 
 

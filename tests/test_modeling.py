@@ -310,7 +310,7 @@ def test_new_weights_follow_initializer_range(std):
     block = model.model.layers[0].mlp
     for name, weight in (("gate_up_proj", block.experts.gate_up_proj), ("down_proj", block.experts.down_proj),
                          ("router", block.gate.weight), ("initial_memory", model.model.initial_memory.weight),
-                         ("qkv_proj", model.model.layers[0].self_attn.qkv_proj.weight)):
+                         ("q_proj", model.model.layers[0].self_attn.q_proj.weight)):
         assert weight.std().item() == pytest.approx(std, rel=0.15), name
 
 
@@ -333,7 +333,7 @@ def test_a_memory_shared_by_all_rows_is_projected_once_with_the_same_result_and_
     stm = dense_model.model.initial_memory(3)
     assert stm.stride(1) == 0
     projected_rows = []
-    hooks = [layer.memory_cross_attn.kv_proj.register_forward_hook(lambda m, args, out: projected_rows.append(len(out)))
+    hooks = [layer.memory_cross_attn.k_proj.register_forward_hook(lambda m, args, out: projected_rows.append(len(out)))
              for layer in dense_model.model.layers]
     try:
         shared = dense_model.model.project_memory(stm)

@@ -30,23 +30,13 @@ def rotate(x, positions, config):
     return x * cos + torch.cat((-x2, x1), -1) * sin
 
 
-def projection_weights(module, config):
-    """The query, key and value weights of an attention module: one fused `qkv_proj` (rows: H query heads, then K key
-    heads, then K value heads) or `q_proj` beside a fused `kv_proj` (K key heads, then K value heads)."""
-    q_rows, kv_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    if hasattr(module, "qkv_proj"):
-        return module.qkv_proj.weight.split((q_rows, kv_rows, kv_rows))
-    return (module.q_proj.weight, *module.kv_proj.weight.split((kv_rows, kv_rows)))
-
-
 def attention(module, queries, sources, config, query_positions=None, key_positions=None, causal=False):
     """Multi-head attention with grouped key/value heads: queries (B, Tq, D) attend to sources (B, Tk, D)."""
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     batch, tq, tk = queries.shape[0], queries.shape[1], sources.shape[1]
-    q_weight, k_weight, v_weight = projection_weights(module, config)
-    q = (queries @ q_weight.T).view(batch, tq, heads, head_dim).transpose(1, 2)
-    k = (sources @ k_weight.T).view(batch, tk, kv_heads, head_dim).transpose(1, 2)
-    v = (sources @ v_weight.T).view(batch, tk, kv_heads, head_dim).transpose(1, 2)
+    q = (queries @ module.q_proj.weight.T).view(batch, tq, heads, head_dim).transpose(1, 2)
+    k = (sources @ module.k_proj.weight.T).view(batch, tk, kv_heads, head_dim).transpose(1, 2)
+    v = (sources @ module.v_proj.weight.T).view(batch, tk, kv_heads, head_dim).transpose(1, 2)
     if query_positions is not None:
         q = rotate(q, query_positions, config)
     if key_positions is not None:
@@ -61,8 +51,7 @@ def attention(module, queries, sources, config, query_positions=None, key_positi
 
 
 def swiglu(mlp, x):
-    gate_weight, up_weight = mlp.gate_up_proj.weight.chunk(2)  # gate rows first
-    return (F.silu(x @ gate_weight.T) * (x @ up_weight.T)) @ mlp.down_proj.weight.T
+    return (F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
 
 
 def mixture_of_experts(block, x, config):

@@ -96,10 +96,10 @@ def test_tensor_parallel_gives_what_one_process_gives(tmp_path, kind):
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for result in ranks:
         sharded = result["sharded"]
-        assert "model.layers.0.self_attn.qkv_proj.weight" in sharded and "model.layers.1.self_attn.o_proj.weight" in sharded
+        assert "model.layers.0.self_attn.k_proj.weight" in sharded and "model.layers.1.self_attn.o_proj.weight" in sharded
         mlp = (["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj",
                 "model.layers.0.mlp.shared_expert.down_proj.weight"] if kind == "moe"
-               else ["model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.mlp.down_proj.weight"])
+               else ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.down_proj.weight"])
         assert set(mlp) <= set(sharded), sharded
         assert not any(part in name for name in sharded for part in ("memory", "initial_memory"))  # kept whole
         assert result["written"] == 0.0  # the write runs whole, on the whole embedding's output

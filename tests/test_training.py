@@ -193,7 +193,7 @@ def test_external_memory_objective_trains_how_the_memory_is_encoded(tokenizer, e
     batch = ExternalMemoryCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     model = tiny_model(tokenizer)
     assert not model.build_external_memory(batch["memory_ids"], batch["memory_attention_mask"]).keys.requires_grad
-    weight = model.model.layers[0].self_attn.qkv_proj.weight
+    weight = model.model.layers[0].self_attn.v_proj.weight
 
     def lowest_layer_gradient():
         loss_sum, _, _ = external_memory_objective(model, batch)

@@ -64,7 +64,7 @@ class _OperatorCounter(TorchDispatchMode):
 
 def part_of(module_name: str) -> str | None:
     """The part (`PARTS`) of the nearest module on the path `module_name` (itself included) that has one: a
-    submodule counts with the part it serves, e.g. `layers.0.memory_cross_attn.kv_proj` with the memory read."""
+    submodule counts with the part it serves, e.g. `layers.0.memory_cross_attn.k_proj` with the memory read."""
     for component in reversed(module_name.split(".")):
         if component in PARTS:
             return PARTS[component]
