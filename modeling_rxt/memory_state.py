@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .atomic_files import atomic_write_files, check_not_under_a_file, json_writer, read_json_object
 
@@ -164,7 +164,10 @@ class RxTMemoryState:
         directory = Path(save_directory)
         atomic_write_files({
             directory / STATE_CONFIG_NAME: json_writer(info, sort_keys=True),
-            directory / STATE_WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata=metadata),
+            # Serialized here and written into the atomic writer's own file: `save_file` writes through a temporary
+            # file of its own, which a killed process leaves behind (8 MB for an alpha-mini memory) and which comes
+            # with owner-only permissions.
+            directory / STATE_WEIGHTS_NAME: lambda path: Path(path).write_bytes(save(tensors, metadata=metadata)),
         })
 
     @classmethod

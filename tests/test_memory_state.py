@@ -495,12 +495,12 @@ def test_a_failed_save_keeps_the_previous_files_and_leaves_no_temporary(tmp_path
     numbered_state().save_pretrained(tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in (STATE_WEIGHTS_NAME, STATE_CONFIG_NAME)}
 
-    def half_written(tensors, path, metadata=None):
+    def half_written(path, data):
         with open(path, "wb") as handle:
-            handle.write(b"partial")
+            handle.write(data[:7])
         raise OSError("disk full")
 
-    monkeypatch.setattr(memory_state_module, "save_file", half_written)
+    monkeypatch.setattr(memory_state_module.Path, "write_bytes", half_written)
     with pytest.raises(OSError, match="disk full"):
         numbered_state(2).save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(before)
@@ -509,16 +509,30 @@ def test_a_failed_save_keeps_the_previous_files_and_leaves_no_temporary(tmp_path
     assert row_values(RxTMemoryState.from_pretrained(tmp_path)) == [0.0, 1.0, 2.0, 3.0]
 
 
+def test_a_saved_state_is_its_two_files_with_the_permissions_of_a_plain_file(tmp_path):
+    """safetensors' `save_file` wrote through a temporary file of its own, created owner-only (0600) and left behind
+    by a killed process; the weights now go into the atomic writer's own file, which has the permissions `open()`
+    gives under the umask, as the JSON beside it has."""
+    numbered_state().save_pretrained(tmp_path)
+    numbered_state(2).save_pretrained(tmp_path)  # over an existing state too
+    assert sorted(os.listdir(tmp_path)) == sorted((STATE_WEIGHTS_NAME, STATE_CONFIG_NAME))
+    (tmp_path / "plain").write_text("x")
+    plain_mode = (tmp_path / "plain").stat().st_mode & 0o777
+    for name in (STATE_WEIGHTS_NAME, STATE_CONFIG_NAME):
+        assert (tmp_path / name).stat().st_mode & 0o777 == plain_mode, name
+    assert row_values(RxTMemoryState.from_pretrained(tmp_path)) == [0.0, 1.0]
+
+
 def test_a_save_failing_on_either_file_keeps_both_previous_files(tmp_path, monkeypatch):
     # The two files are committed together. The JSON is staged first, so a failing weights write must not leave
     # the new JSON beside the old weights; and a failed second rename puts the first file back.
     numbered_state().save_pretrained(tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in (STATE_WEIGHTS_NAME, STATE_CONFIG_NAME)}
 
-    def failing_save(tensors, path, metadata=None):
+    def failing_save(tensors, metadata=None):
         raise OSError("disk full")
 
-    monkeypatch.setattr(memory_state_module, "save_file", failing_save)
+    monkeypatch.setattr(memory_state_module, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         numbered_state(2).save_pretrained(tmp_path)
     monkeypatch.undo()
