@@ -12,7 +12,8 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """Atomic file writes: readers see a file's (or a folder's) old content or its complete new one, never a half-written
-one, and a failed write leaves no temporary file behind.
+one, and a failed write leaves no temporary file behind. A writer killed mid-way leaves its hidden files; the next
+write of the same file removes them once their process is gone (`remove_leftovers`).
 
 Every file this package writes goes through here: the model's `save_pretrained`, memory states, chat sessions,
 adapters, evaluation and benchmark reports, plots, the Hub export. It ships with the model's Hub code (the model and
@@ -27,7 +28,7 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -78,7 +79,8 @@ def atomic_write_files(writes: dict, before_renames: Callable[[], None] | None =
         for path, write in writes.items():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = str(create_temporary(path.parent, f".{path.name}.", ".tmp"))
+            remove_leftovers(path)
+            temporary = str(create_temporary(path.parent, f".{path.name}.{os.getpid()}-", ".tmp"))
             staged.append((temporary, path))
             write(temporary)
             with open(temporary, "rb+") as written:
@@ -119,6 +121,40 @@ def atomic_write_files(writes: dict, before_renames: Callable[[], None] | None =
             os.fsync(handle)  # make the renames themselves durable
         finally:
             os.close(handle)
+
+
+_LEFTOVER_AGE_S = 60.0  # older than any write of these small files; a live writer's file is never that old
+
+
+def remove_leftovers(path: str | os.PathLike) -> None:
+    """Removes the hidden files that `atomic_write_files` made for `path` in a process that is gone (killed before
+    it could clean up: a hundred kills left a hundred copies). Their names carry the writer's process id; a file is
+    left alone while that process runs, or is younger than a minute (a process id seen from another container may
+    not be ours). POSIX only: elsewhere nothing is removed."""
+    if os.name != "posix":
+        return
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{16}}\.(tmp|previous)")
+    with suppress(OSError):
+        for entry in os.scandir(path.parent):
+            match = pattern.fullmatch(entry.name)
+            if match is None or _process_runs(int(match.group(1))):
+                continue
+            with suppress(OSError):
+                if time.time() - entry.stat(follow_symlinks=False).st_mtime > _LEFTOVER_AGE_S:
+                    os.remove(entry.path)
+
+
+def _process_runs(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or no process id of this system: left alone
+    return True
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -388,8 +424,7 @@ def _keep_previous(path: Path) -> str | None:
     """A second name for the current content of `path` (None if it has none), which stays in place meanwhile."""
     if not path.exists():
         return None
-    handle, keep = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".previous", dir=path.parent)
-    os.close(handle)
+    keep = str(create_temporary(path.parent, f".{path.name}.{os.getpid()}-", ".previous"))  # `remove_leftovers` names
     os.remove(keep)
     try:
         os.link(path, keep)
@@ -456,4 +491,4 @@ def superseded_weight_files(folder: Path, written: set[str]) -> list[Path]:
     ]
 
 
-__all__ = ["check_not_under_a_file", "create_temporary", "atomic_write", "atomic_write_files", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "move_into", "IncompleteRollback", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer", "superseded_weight_files"]
+__all__ = ["check_not_under_a_file", "create_temporary", "atomic_write", "atomic_write_files", "remove_leftovers", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "move_into", "IncompleteRollback", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer", "superseded_weight_files"]
