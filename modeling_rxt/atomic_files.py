@@ -129,9 +129,8 @@ _LEFTOVER_AGE_S = 60.0  # older than any write of these small files; a live writ
 def remove_leftovers(path: str | os.PathLike) -> None:
     """Removes the hidden files that `atomic_write_files` made for `path` in a process that is gone (killed before
     it could clean up: each kill left its files, 20 kills of one memory-state save 24 files). Their names carry the
-    writer's process id; a file is
-    left alone while that process runs, or is younger than a minute (a process id seen from another container may
-    not be ours). POSIX only: elsewhere nothing is removed."""
+    writer's process id; a file is left alone while that process runs, or is younger than a minute (a process id seen
+    from another container may not be ours). POSIX only: elsewhere nothing is removed."""
     if os.name != "posix":
         return
     path = Path(path)
