@@ -55,7 +55,15 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic_files import IncompleteRollback, check_not_under_a_file, create_temporary, fsync_tree, move_into
+from .atomic_files import (
+    IncompleteRollback,
+    check_not_under_a_file,
+    create_temporary,
+    fsync_tree,
+    move_into,
+    remove_leftovers,
+    writer_prefix,
+)
 from .memory_state import RxTMemoryState, as_memory_state
 from .modeling_rxt_checks import check_interaction_ids
 
@@ -653,7 +661,8 @@ def save_adapters(
                              "that folder whole; move its files, or save into another folder.")
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    staging = create_temporary(directory, ".rxt-adapters-", directory=True)  # same file system: renamed into place
+    remove_leftovers(directory, ".rxt-adapters-")  # a killed save's staging folder
+    staging = create_temporary(directory, writer_prefix(".rxt-adapters-"), directory=True)  # renamed into place
     try:
         if isinstance(model, PeftModel):
             _save_peft_model(model, staging, directory, base_model_name_or_path)

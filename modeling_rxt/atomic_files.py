@@ -13,7 +13,7 @@
 # limitations under the License.
 """Atomic file writes: readers see a file's (or a folder's) old content or its complete new one, never a half-written
 one, and a failed write leaves no temporary file behind. A writer killed mid-way leaves its hidden files; the next
-write of the same file removes them once their process is gone (`remove_leftovers`).
+write of the same file (or save into the same folder) removes them once their process is gone (`remove_leftovers`).
 
 Every file this package writes goes through here: the model's `save_pretrained`, memory states, chat sessions,
 adapters, evaluation and benchmark reports, plots, the Hub export. It ships with the model's Hub code (the model and
@@ -79,8 +79,8 @@ def atomic_write_files(writes: dict, before_renames: Callable[[], None] | None =
         for path, write in writes.items():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            remove_leftovers(path)
-            temporary = str(create_temporary(path.parent, f".{path.name}.{os.getpid()}-", ".tmp"))
+            remove_leftovers(path.parent, f".{path.name}.", r"\.(tmp|previous)")
+            temporary = str(create_temporary(path.parent, writer_prefix(f".{path.name}."), ".tmp"))
             staged.append((temporary, path))
             write(temporary)
             with open(temporary, "rb+") as written:
@@ -123,26 +123,31 @@ def atomic_write_files(writes: dict, before_renames: Callable[[], None] | None =
             os.close(handle)
 
 
-_LEFTOVER_AGE_S = 60.0  # older than any write of these small files; a live writer's file is never that old
+_LEFTOVER_AGE_S = 60.0  # a live writer's hidden file can be older; its process id keeps it (see `remove_leftovers`)
 
 
-def remove_leftovers(path: str | os.PathLike) -> None:
-    """Removes the hidden files that `atomic_write_files` made for `path` in a process that is gone (killed before
-    it could clean up: each kill left its files, 20 kills of one memory-state save 24 files). Their names carry the
-    writer's process id; a file is left alone while that process runs, or is younger than a minute (a process id seen
-    from another container may not be ours). POSIX only: elsewhere nothing is removed."""
+def writer_prefix(prefix: str) -> str:
+    """`prefix` with this process's id: the name of a hidden file or folder that `remove_leftovers` can match to its
+    writer once that writer is gone."""
+    return f"{prefix}{os.getpid()}-"
+
+
+def remove_leftovers(folder: str | os.PathLike, prefix: str, suffix: str = "") -> None:
+    """Removes the hidden files and folders in `folder` named `writer_prefix(prefix)` + 16 hex digits + `suffix` (a
+    regex) whose writing process is gone: killed before it could clean up, each kill left its files (20 kills of one
+    memory-state save left 24). A file is left alone while its process runs, or while it is younger than a minute (a
+    process id seen from another container may not be ours). POSIX only: elsewhere nothing is removed."""
     if os.name != "posix":
         return
-    path = Path(path)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{16}}\.(tmp|previous)")
+    pattern = re.compile(rf"{re.escape(prefix)}(\d+)-[0-9a-f]{{16}}{suffix}")
     with suppress(OSError):
-        for entry in os.scandir(path.parent):
+        for entry in os.scandir(folder):
             match = pattern.fullmatch(entry.name)
             if match is None or _process_runs(int(match.group(1))):
                 continue
             with suppress(OSError):
                 if time.time() - entry.stat(follow_symlinks=False).st_mtime > _LEFTOVER_AGE_S:
-                    os.remove(entry.path)
+                    remove_path(entry.path)
 
 
 def _process_runs(pid: int) -> bool:
@@ -290,7 +295,8 @@ def save_files_into(
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{what} {str(directory)!r} is a file, not a folder.")
     directory.mkdir(parents=True, exist_ok=True)
-    staging = create_temporary(directory, ".rxt-save-", directory=True)
+    remove_leftovers(directory, ".rxt-save-")  # a killed save's staging folder (whole weight files)
+    staging = create_temporary(directory, writer_prefix(".rxt-save-"), directory=True)
     keep_staging = False
     try:
         result = save(staging)
@@ -424,7 +430,7 @@ def _keep_previous(path: Path) -> str | None:
     """A second name for the current content of `path` (None if it has none), which stays in place meanwhile."""
     if not path.exists():
         return None
-    keep = str(create_temporary(path.parent, f".{path.name}.{os.getpid()}-", ".previous"))  # `remove_leftovers` names
+    keep = str(create_temporary(path.parent, writer_prefix(f".{path.name}."), ".previous"))
     os.remove(keep)
     try:
         os.link(path, keep)
@@ -491,4 +497,4 @@ def superseded_weight_files(folder: Path, written: set[str]) -> list[Path]:
     ]
 
 
-__all__ = ["check_not_under_a_file", "create_temporary", "atomic_write", "atomic_write_files", "remove_leftovers", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "move_into", "IncompleteRollback", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer", "superseded_weight_files"]
+__all__ = ["check_not_under_a_file", "create_temporary", "atomic_write", "atomic_write_files", "remove_leftovers", "writer_prefix", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "move_into", "IncompleteRollback", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer", "superseded_weight_files"]

@@ -439,3 +439,30 @@ def test_a_killed_writers_leftovers_go_at_the_next_write_of_that_file(tmp_path):
     kept = [name for name in old if not name.endswith(".previous")]
     assert target.read_text() == "new"
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["state.json", *kept])
+
+
+@pytest.mark.skipif(os.name != "posix", reason="leftovers are matched to processes on POSIX only")
+def test_a_killed_saves_staging_folder_goes_at_the_next_save_into_that_folder(tmp_path):
+    """`save_files_into` (the model's and the Hub export's saves) stages whole weight files in a hidden folder: a save
+    killed mid-way left it, weights and all, for good. The next save into the folder removes it once its process is
+    gone."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from modeling_rxt.atomic_files import save_files_into\n"
+        "def stuck(staging):\n"
+        "    (staging / 'model.safetensors').write_bytes(bytes(1000))\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+        "save_files_into(sys.argv[1], stuck, 'folder')\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert child.stdout.readline().strip() == "writing"
+    child.kill()
+    child.wait()
+    (staging,) = tmp_path.iterdir()
+    assert staging.name.startswith(f".rxt-save-{child.pid}-") and (staging / "model.safetensors").exists()
+    _aged(staging)
+    atomic_files.save_files_into(tmp_path, lambda folder: (folder / "config.json").write_text("{}"), "folder")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json"]
