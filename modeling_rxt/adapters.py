@@ -62,7 +62,6 @@ from .atomic_files import (
     fsync_tree,
     move_into,
     remove_leftovers,
-    writer_prefix,
 )
 from .memory_state import RxTMemoryState, as_memory_state
 from .modeling_rxt_checks import check_interaction_ids
@@ -662,7 +661,7 @@ def save_adapters(
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     remove_leftovers(directory, ".rxt-adapters-")  # a killed save's staging folder
-    staging = create_temporary(directory, writer_prefix(".rxt-adapters-"), directory=True)  # renamed into place
+    staging = create_temporary(directory, ".rxt-adapters-", directory=True)  # same file system: renamed into place
     try:
         if isinstance(model, PeftModel):
             _save_peft_model(model, staging, directory, base_model_name_or_path)

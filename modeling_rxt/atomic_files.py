@@ -37,9 +37,10 @@ from pathlib import Path
 def create_temporary(folder: str | os.PathLike, prefix: str, suffix: str = "", directory: bool = False) -> Path:
     """A new, empty file (or folder) with a fresh name in `folder`, like `tempfile.mkstemp` / `mkdtemp`, but with the
     permissions a plain `open()` / `mkdir` gives (the umask applied), not owner-only: it becomes the published file
-    or folder once renamed into place."""
+    or folder once renamed into place. The name is `prefix`, this process's id, "-", 16 hex digits and `suffix`, so
+    that `remove_leftovers` can tell it from a killed writer's."""
     for _ in range(100):
-        path = Path(folder) / f"{prefix}{secrets.token_hex(8)}{suffix}"
+        path = Path(folder) / f"{prefix}{os.getpid()}-{secrets.token_hex(8)}{suffix}"
         try:
             if directory:
                 os.mkdir(path, 0o777)
@@ -80,7 +81,7 @@ def atomic_write_files(writes: dict, before_renames: Callable[[], None] | None =
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             remove_leftovers(path.parent, f".{path.name}.", r"\.(tmp|previous)")
-            temporary = str(create_temporary(path.parent, writer_prefix(f".{path.name}."), ".tmp"))
+            temporary = str(create_temporary(path.parent, f".{path.name}.", ".tmp"))
             staged.append((temporary, path))
             write(temporary)
             with open(temporary, "rb+") as written:
@@ -126,15 +127,9 @@ def atomic_write_files(writes: dict, before_renames: Callable[[], None] | None =
 _LEFTOVER_AGE_S = 60.0  # a live writer's hidden file can be older; its process id keeps it (see `remove_leftovers`)
 
 
-def writer_prefix(prefix: str) -> str:
-    """`prefix` with this process's id: the name of a hidden file or folder that `remove_leftovers` can match to its
-    writer once that writer is gone."""
-    return f"{prefix}{os.getpid()}-"
-
-
 def remove_leftovers(folder: str | os.PathLike, prefix: str, suffix: str = "") -> None:
-    """Removes the hidden files and folders in `folder` named `writer_prefix(prefix)` + 16 hex digits + `suffix` (a
-    regex) whose writing process is gone: killed before it could clean up, each kill left its files (20 kills of one
+    """Removes the hidden files and folders in `folder` that `create_temporary(folder, prefix, suffix)` made (`suffix`
+    here a regex) in a process that is gone: killed before it could clean up, each kill left its files (20 kills of one
     memory-state save left 24). A file is left alone while its process runs, or while it is younger than a minute (a
     process id seen from another container may not be ours). POSIX only: elsewhere nothing is removed."""
     if os.name != "posix":
@@ -296,7 +291,7 @@ def save_files_into(
         raise ValueError(f"{what} {str(directory)!r} is a file, not a folder.")
     directory.mkdir(parents=True, exist_ok=True)
     remove_leftovers(directory, ".rxt-save-")  # a killed save's staging folder (whole weight files)
-    staging = create_temporary(directory, writer_prefix(".rxt-save-"), directory=True)
+    staging = create_temporary(directory, ".rxt-save-", directory=True)
     keep_staging = False
     try:
         result = save(staging)
@@ -430,7 +425,7 @@ def _keep_previous(path: Path) -> str | None:
     """A second name for the current content of `path` (None if it has none), which stays in place meanwhile."""
     if not path.exists():
         return None
-    keep = str(create_temporary(path.parent, writer_prefix(f".{path.name}."), ".previous"))
+    keep = str(create_temporary(path.parent, f".{path.name}.", ".previous"))
     os.remove(keep)
     try:
         os.link(path, keep)
@@ -497,4 +492,4 @@ def superseded_weight_files(folder: Path, written: set[str]) -> list[Path]:
     ]
 
 
-__all__ = ["check_not_under_a_file", "create_temporary", "atomic_write", "atomic_write_files", "remove_leftovers", "writer_prefix", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "move_into", "IncompleteRollback", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer", "superseded_weight_files"]
+__all__ = ["check_not_under_a_file", "create_temporary", "atomic_write", "atomic_write_files", "remove_leftovers", "fsync_path", "fsync_tree", "replace_folder", "rename_over", "remove_path", "save_files_into", "move_into", "IncompleteRollback", "moved_from", "staged_folder", "write_json_atomic", "read_json_object", "json_writer", "superseded_weight_files"]
