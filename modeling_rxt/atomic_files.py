@@ -408,9 +408,11 @@ def moved_from(source: Path):
 def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
     """A new, empty folder beside `target` to write `target`'s next content into. When the block ends without an
     error it is flushed and renamed over `target` (`replace_folder`); on an error it is removed. Readers see the old
-    folder or the complete new one, and a failure leaves no temporary folder behind."""
+    folder or the complete new one, and a failure leaves no temporary folder behind (a killed writer's goes at the
+    next write of `target`: `remove_leftovers`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target.parent, f".{target.name}.")  # a killed write's staging folder (whole weight files)
     staging = create_temporary(target.parent, f".{target.name}.", directory=True)  # becomes `target`: usual modes
     try:
         yield staging

@@ -466,3 +466,36 @@ def test_a_killed_saves_staging_folder_goes_at_the_next_save_into_that_folder(tm
     _aged(staging)
     atomic_files.save_files_into(tmp_path, lambda folder: (folder / "config.json").write_text("{}"), "folder")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="leftovers are matched to processes on POSIX only")
+def test_a_killed_staged_folders_leftover_goes_at_the_next_write_of_that_folder(tmp_path):
+    """`staged_folder` (the Hub export, the curriculum's stage checkpoints) writes a whole folder beside its target: a
+    process killed inside the block left it, weights and all, for good. The next write of the same folder removes it
+    once its process is gone; another folder's staging stays."""
+    script = (
+        "import sys, time\n"
+        "from modeling_rxt.atomic_files import staged_folder\n"
+        "with staged_folder(sys.argv[1]) as staging:\n"
+        "    (staging / 'model.safetensors').write_bytes(bytes(1000))\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    child = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert child.stdout.readline().strip() == "writing"
+    child.kill()
+    child.wait()
+    (staging,) = [path for path in tmp_path.iterdir() if path != target]
+    assert staging.name.startswith(f".export.{child.pid}-") and (staging / "model.safetensors").exists()
+    _aged(staging)
+    other = tmp_path / f".other.{_dead_pid()}-{'a' * 16}"  # another folder's: kept
+    other.mkdir()
+    _aged(other)
+    with atomic_files.staged_folder(target) as new:
+        (new / "config.json").write_text("new")
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["export", other.name])
+    assert (target / "config.json").read_text() == "new"
