@@ -63,7 +63,8 @@ class TurnTimings:
     wait_s: blocked on the previous turn's memory write (0 when it had finished in the background);
     first_token_s: from the call to the first generated token (includes wait_s);
     generate_s: from the call to the end of generation; write_s: the memory write of this turn, wherever it ran
-    (None until it finished)."""
+    (None until the session has taken in the finished write: at once for a write in the turn, at the next turn,
+    `memory_state`, `save` or `close` for one in the background)."""
 
     wait_s: float
     first_token_s: float | None

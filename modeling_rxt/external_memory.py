@@ -636,7 +636,8 @@ def joint_attention(
 class RetrievedMemoryRecorder:
     """Collects, per forward (generation step), the indices of the memories each query retrieved and attended to:
     `steps[s][layer]` is a LongTensor (B, H, Tq, k) on the CPU, -1 where a retrieved slot was dropped (below the
-    threshold, or a row with fewer than k memory tokens). B counts generate's internal rows (batch x beams, in
+    threshold, or a row with fewer than k memory tokens); k is the top-k, or the memory's padded length M where M is
+    shorter (then no column is -1 for padding). B counts generate's internal rows (batch x beams, in
     generate's order at that step; beams are not re-ordered afterwards)."""
 
     def __init__(self) -> None:

@@ -14,8 +14,10 @@
 """The explicit short-term memory (STM) of B conversations.
 
 The memory is a value, not a hidden attribute of the model: `forward` and `generate` only read it, and
-`RxTForCausalLM.update_memory` returns a new object. Every method here returns a new state too, so two conversations
-can never leak into each other and an old state stays valid after the model moved on.
+`RxTForCausalLM.update_memory` returns a new object, and nothing in this project writes a state's tensor in place,
+so two conversations do not leak into each other and an old state stays valid after the model moved on. (Like
+`torch.Tensor.to`, `to()` and `detach()` return a new state around the same tensor where nothing needs converting:
+a caller who edits `state.stm` in place edits every state that shares it.)
 
 Shapes: L memory layers (= decoder layers), B conversations, S slots per layer, D hidden size.
 """

@@ -710,8 +710,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             Short-term memory of the B conversations, read only (never mutated). Defaults to the learned initial
             memory, so callers that know nothing of memory work as with any causal LM.
         memory_key_values (`torch.Tensor` of shape `(B, L, 2, K, S, Dh)`, *optional*):
-            The memory already projected by `model.project_memory`; `generate` passes it so the projection runs once
-            per turn.
+            The memory already projected by `model.model.project_memory(stm)`; `generate` passes it so the
+            projection runs once per turn.
         external_memory (`ExternalMemory` or `ExternalMemoryRetriever`, *optional*):
             Long external memories (`build_external_memory`) that the retrieval layers read; an `ExternalMemory` is
             read with the config's controls. `generate` builds this from `external_memories=` token ids.
@@ -860,7 +860,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         shared by the whole batch), and per-call `external_memory_layers`, `external_memory_topk`,
         `external_memory_sim_threshold`, `external_memory_stride` overriding the config. With
         `output_retrieved_memory_idx=True` (and `return_dict_in_generate=True`) the output carries
-        `retrieved_memory_idx`: per forward step, {layer: indices (B, H, Tq, k), -1 where dropped}.
+        `retrieved_memory_idx`: per forward step, {layer: indices (B, H, Tq, k), -1 where dropped}, k the top-k or
+        the memory's (padded) length where that is shorter.
 
         The positional arguments are `GenerationMixin.generate`'s; `memory_state` is keyword-only."""
         if is_memory_state(generation_config):

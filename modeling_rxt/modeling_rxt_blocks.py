@@ -15,7 +15,9 @@
 positions, multi-head attention with grouped key/value heads in its four uses, and the SwiGLU feed-forward. Shapes as in
 the legend of `modeling_rxt.py`.
 
-Attention, by where queries and keys come from (all go through transformers' attention-function registry):
+Attention, by where queries and keys come from (through transformers' attention-function registry, but for three
+cases: the memory read under `sdpa` calls torch's SDPA itself, the competitive write computes its own softmax over
+slots (`modeling_rxt_memory_write.py`), and external-memory retrieval layers bring their own (`external_memory.py`)):
 
     RxTSelfAttention           decoder tokens -> decoder tokens, causal, RoPE on q and k, KV cache
     RxTMemoryCrossAttention    decoder tokens -> memory slots of the layer, RoPE on q only (the memory is a set)

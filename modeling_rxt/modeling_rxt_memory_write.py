@@ -134,8 +134,9 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         None -> update (B, S, D). Per head, each token's softmax runs over the S slots (its attention is shared out
         among them), and slot s takes sum_t share[s, t] * v_t / (1 + sum_t share[s, t]): the mean of the tokens it
         won, damped by how much it won. A plain mean (as in Slot Attention) would hand a slot that won almost
-        nothing a full-size update for the gate to suppress; damped, it changes little, and the slots that match an
-        interaction take it. Same projections as the usual write, so checkpoints and adapters carry over.
+        nothing a full-size update; damped, its update is near zero, and the slots that match an interaction take
+        the interaction. (The residual gate still blends the slot toward that update, STM' ~ (1 - G) * STM there:
+        with gates that start closed, as the demo recipe's `gate_bias` -3 does, such a slot changes little.) Same projections as the usual write, so checkpoints and adapters carry over.
         With `occupancy` (B, S), how far each slot has moved from its initial value (1 - cosine, 0..2), a slot's
         scores drop by `occupancy_scale[h] * occupancy`: tokens of the same template ("my X is called Y") would
         otherwise go to the slots an earlier fact of that template took, and the two facts blend there."""
