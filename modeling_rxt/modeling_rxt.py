@@ -268,6 +268,7 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
         external_memory: ExternalMemoryRetriever | None = None,
+        memory_read_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_out, _ = self.self_attn(
@@ -282,6 +283,8 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         memory_out, _ = self.memory_cross_attn(
             self.memory_layernorm(hidden_states), memory_key_value, position_embeddings, **kwargs
         )
+        if memory_read_mask is not None:  # (B, T, 1): padding reads nothing
+            memory_out = memory_out * memory_read_mask
         hidden_states = hidden_states + memory_out
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -305,6 +308,20 @@ def default_position_ids(
     counted = (attention_mask.to(device).long().cumsum(-1) - 1).clamp(min=0)  # (B, mask length)
     # Taken at the new tokens' cache positions, not the mask's last columns: a static cache's mask may be longer.
     return counted.gather(1, new_positions.expand(counted.shape[0], -1))  # (B, T)
+
+
+def memory_read_mask(
+    attention_mask: torch.Tensor | None, hidden_states: torch.Tensor, past_length: int | torch.Tensor
+) -> torch.Tensor | None:
+    """(B, T, 1): 0 where a new token is padding, which then reads no memory and stays zero, as Llama's padding does
+    (its pad embedding is zero), so that a label on a left pad (DataCollatorForLanguageModeling's, for the row's
+    first token) trains nothing. Taken at the new tokens' cache positions, as `default_position_ids` counts. None
+    for a 4-D mask, and for a decoding step: its one token is never padding (`generate` extends the mask with 1s)."""
+    length = hidden_states.shape[1]
+    if attention_mask is None or attention_mask.dim() != 2 or length == 1:
+        return None
+    columns = torch.arange(length, device=attention_mask.device) + past_length
+    return attention_mask.gather(1, columns.expand(hidden_states.shape[0], -1))[..., None].to(hidden_states)
 
 
 @auto_docstring
@@ -513,6 +530,7 @@ class RxTModel(RxTPreTrainedModel):
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        read_mask = memory_read_mask(attention_mask, hidden_states, past_length)  # (B, T, 1) or None
         # `unbind`, not `memory_key_values[:, l]`: the backward of indexing builds a zero tensor of the whole
         # (B, L, 2, K, S, Dh) memory for every layer (8 ms of zero-filling per training step at `alpha-micro` size);
         # the backward of `unbind` is one `stack`.
@@ -531,6 +549,7 @@ class RxTModel(RxTPreTrainedModel):
                 past_key_values=past_key_values,
                 use_cache=use_cache,
                 external_memory=external_memory,
+                memory_read_mask=read_mask,
                 **kwargs,
             )
         note_cache_filled(past_key_values)
