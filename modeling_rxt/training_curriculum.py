@@ -35,12 +35,14 @@ with `resume=True` (`--resume`): finished stages are loaded, the stage that was 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -85,11 +87,11 @@ from .training import (
 )
 
 # What a run writes into its output folder and `resume` reads back: the recipe of the run (`RUN_RECIPE`, with its
-# number of processes under `PROCESSES_KEY` and the digest of the `init_from` model's files under `INIT_FROM_KEY`;
+# number of processes under `PROCESSES_KEY`, torch's threads in each under `THREADS_KEY`, and the digest of the `init_from` model's files under `INIT_FROM_KEY`;
 # runs recorded before those have none), and for every stage that ended, `stages/NN_<stage>/FINISHED_STAGE` holding
 # the model and its `STAGE_LOG`.
 FINISHED_STAGE, STAGE_LOG, RUN_RECIPE = "final", "stage_log.json", "run_recipe.json"
-PROCESSES_KEY, INIT_FROM_KEY = "_processes", "_init_from_sha256"
+PROCESSES_KEY, THREADS_KEY, INIT_FROM_KEY = "_processes", "_threads", "_init_from_sha256"
 
 
 # --- Building blocks ------------------------------------------------------------------------------------------------
@@ -459,7 +461,7 @@ def start_or_resume(recipe: Mapping, output_dir: Path, resume: bool) -> None:
         return
     if not resume:
         shutil.rmtree(output_dir / "stages", ignore_errors=True)
-    record = {**_as_json(recipe), PROCESSES_KEY: training_processes()}
+    record = {**_as_json(recipe), PROCESSES_KEY: training_processes(), THREADS_KEY: torch.get_num_threads()}
     if "init_from" in recipe and Path(recipe["init_from"]).is_dir():
         record[INIT_FROM_KEY] = _model_folder_digest(Path(recipe["init_from"]))
     write_json_atomic(record, output_dir / RUN_RECIPE)
@@ -487,10 +489,13 @@ def check_fresh_output(output_dir: Path, replaced: Sequence[str] = ("stages", "m
         )
 
 
-def check_same_run(recipe: Mapping, output_dir: Path, processes: int | None = None) -> None:
-    """A `ValueError` unless `output_dir` holds nothing yet or a run of `recipe` in as many `processes` (default:
-    this run's): resuming another run would take its stages and checkpoints (and their learning-rate schedules) for
-    this one's, and other processes sum the batch in another order."""
+def check_same_run(
+    recipe: Mapping, output_dir: Path, processes: int | None = None, threads: int | None = None
+) -> None:
+    """A `ValueError` unless `output_dir` holds nothing yet or a run of `recipe` in as many `processes` of as many
+    torch `threads` (defaults: this run's): resuming another run would take its stages and checkpoints (and their
+    learning-rate schedules) for this one's, and other processes or threads sum in another order, so the run would
+    not end where it would have without the stop."""
     recorded = output_dir / RUN_RECIPE
     if not recorded.is_file():
         if (output_dir / "stages").is_dir():
@@ -506,6 +511,7 @@ def check_same_run(recipe: Mapping, output_dir: Path, processes: int | None = No
         raise ValueError(f"`resume`: {str(recorded)!r} is damaged: its `{PROCESSES_KEY}` must be a positive int, got "
                          f"{recorded_processes!r} (a run writes the number of its processes there).")
     recorded_init_from = recorded_recipe.pop(INIT_FROM_KEY, None)
+    recorded_threads = recorded_recipe.pop(THREADS_KEY, None)  # runs recorded before 2026-12-07 hold none
     processes = training_processes() if processes is None else processes
     if recorded_processes is not None and recorded_processes != processes:
         raise ValueError(
@@ -513,6 +519,15 @@ def check_same_run(recipe: Mapping, output_dir: Path, processes: int | None = No
             f"{processes}: resume it in {recorded_processes} processes (`torchrun --nproc_per_node "
             f"{recorded_processes} -m modeling_rxt.training_curriculum`, `demo --processes {recorded_processes}`, "
             "`run_curriculum_in_processes`; 1 process: plain `python -m`, `run_curriculum`), or start a fresh run "
+            "(without `resume`)."
+        )
+    threads = torch.get_num_threads() if threads is None else threads
+    if isinstance(recorded_threads, int) and recorded_threads != threads:
+        raise ValueError(
+            f"`resume`: {str(output_dir)!r} holds a run trained with {recorded_threads} torch thread(s) per process, "
+            f"not {threads}: resume it with {recorded_threads} per process (the CLIs' `--threads`, which the demo "
+            f"shares out among its `--processes`; in Python `torch.set_num_threads({recorded_threads})`, or "
+            f"`threads_per_process={recorded_threads}` for `run_curriculum_in_processes`), or start a fresh run "
             "(without `resume`)."
         )
     if _comparable(recorded_recipe) == _comparable(_as_json(recipe)):
@@ -687,7 +702,7 @@ def run_curriculum_in_processes(
         stages["init_from"] = str(output / "initial")
     if resume:  # checked here, before `initial/` is reused, with a clear error in this process
         with input_checks():
-            check_same_run(stages, output, processes)
+            check_same_run(stages, output, processes, threads_per_process)
             _check_same_initial(built, built_from, output)
     if "init_from" not in recipe and not (resume and built_from.is_file()):
         _save_initial(recipe, output / "initial", built, built_from)
@@ -741,10 +756,41 @@ def _run_torchrun(recipe_path: Path, output: Path, processes: int, threads_per_p
                "-m", "modeling_rxt.training_curriculum", "--recipe", str(recipe_path),
                "--output", str(output), "--threads", str(threads_per_process)] + (["--resume"] if resume else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process), "TOKENIZERS_PARALLELISM": "false"}
-    completed = subprocess.run(command, env=env)
-    if completed.returncode != 0:
-        raise RuntimeError(f"training in {processes} processes failed (exit code {completed.returncode}); "
+    launched = subprocess.Popen(command, env=env, preexec_fn=_ended_with_this_process())
+    try:
+        returncode = launched.wait()
+    except BaseException:  # Ctrl-C, or an error raised in this process: torchrun stops its workers on SIGTERM
+        launched.terminate()  # (`subprocess.run` would SIGKILL it, and its workers would train on alone)
+        try:
+            launched.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            launched.kill()
+            launched.wait()
+        raise
+    if returncode != 0:
+        raise RuntimeError(f"training in {processes} processes failed (exit code {returncode}); "
                            f"its output is above. Command: {' '.join(command)}")
+
+
+_PR_SET_PDEATHSIG = 1  # from Linux's <linux/prctl.h>
+
+
+def _ended_with_this_process():
+    """A `preexec_fn` for launching torchrun: on Linux, the kernel sends it SIGTERM when this process ends, however
+    it ends (a SIGKILL, a `kill PID`, a restarted notebook kernel), and torchrun then stops its workers. Without it
+    they trained on and kept writing `stages/` and `model/` after their run had stopped (a review found a resume
+    then loading the stages of the stopped run). None elsewhere: there the workers outlive a killed launcher."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    parent = os.getpid()
+
+    def end_with_parent() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent ended before the request: nobody waits for this run
+            os._exit(1)
+
+    return end_with_parent
 
 
 def main(argv: Sequence[str] | None = None) -> int:

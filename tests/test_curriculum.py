@@ -264,6 +264,14 @@ def test_resume_tells_a_run_in_processes_from_another_recipe(tmp_path, monkeypat
                                              r"processes \(`torchrun --nproc_per_node 2 -m "
                                              r"modeling_rxt.training_curriculum`, `demo --processes 2`"):
             check_same_run(stages, Path("run"), processes)
+    # ... and the torch threads of each: they sum in another order too (a review resumed a 1-thread run with
+    # `--threads 2`: 68 of its 78 tensors ended other than the uninterrupted run's, and nothing said so).
+    threads = torch.get_num_threads()
+    assert json.loads((tmp_path / "run" / "run_recipe.json").read_text())["_threads"] == threads
+    check_same_run(stages, Path("run"), 2, threads)
+    with pytest.raises(ValueError, match=f"trained with {threads} torch thread\\(s\\) per process, not {threads + 1}: "
+                                         f"resume it with {threads} per process \\(the CLIs' `--threads`"):
+        check_same_run(stages, Path("run"), 2, threads + 1)
 
 
 def test_under_torchrun_a_batch_that_does_not_split_is_named_by_its_stage_before_anything_trains(tmp_path,

@@ -7,8 +7,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -218,6 +220,47 @@ def test_the_curriculum_in_two_processes_matches_one_process(tmp_path, monkeypat
         run_curriculum_in_processes(wider, tmp_path / "ddp", processes=2, resume=True)
     for name, weight in again.state_dict().items():
         assert torch.equal(weight, model.state_dict()[name]), name
+
+
+def _processes_writing_into(folder: Path, but: int) -> list[int]:
+    """The processes (but `but`) whose command line names `folder`: torchrun and its workers."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and int(entry.name) != but and str(folder).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers end with their launcher on Linux")
+def test_killing_the_launcher_of_a_run_in_processes_stops_its_workers(tmp_path):
+    """A launcher (`run_curriculum_in_processes`, `demo --processes 2`) killed mid-run, by SIGKILL here (a `kill PID`,
+    a restarted notebook kernel): its torchrun and workers trained on, writing stages and a model into the folder of
+    a run that had stopped, which a later resume then loaded (a review, 2026-12-07)."""
+    output = tmp_path / "run"
+    endless = {**RECIPE, "stages": [{**RECIPE["stages"][0], "max_steps": 1_000_000}]}
+    script = ("import json, sys\n"
+              "from modeling_rxt.training_curriculum import run_curriculum_in_processes\n"
+              "run_curriculum_in_processes(json.loads(sys.argv[1]), sys.argv[2], processes=2)\n")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(Path(__file__).parents[1])}
+    launcher = subprocess.Popen([sys.executable, "-c", script, json.dumps(endless), str(output)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(_processes_writing_into(output, launcher.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)  # torchrun and its 2 workers
+        assert len(_processes_writing_into(output, launcher.pid)) >= 3, "the run in processes did not start"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 90
+        while _processes_writing_into(output, launcher.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _processes_writing_into(output, launcher.pid), "the workers outlived their launcher"
+    finally:
+        launcher.kill()
+        for pid in _processes_writing_into(output, launcher.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_named(tmp_path):
