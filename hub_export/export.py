@@ -401,6 +401,8 @@ def build_folder(staging: Path, model, tokenizer, *, model_id: str, adapters: di
     # Batched `generate` needs prompts padded on the left (answers follow the last token of each row); this project's
     # code pads its own batches (chat, collators, the verification) and relies on no tokenizer's side.
     tokenizer.padding_side = "left"
+    # `tokenizer(..., truncation=True)` then cuts to what the model takes (the model refuses a longer interaction).
+    tokenizer.model_max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
     tokenizer.save_pretrained(staging)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
     write_generation_config(staging, model, tokenizer)
     for path in sorted(staging.glob("*.safetensors")):

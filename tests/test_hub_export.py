@@ -861,6 +861,17 @@ def test_the_exported_tokenizer_pads_on_the_left_for_batched_generate(exported, 
     assert "pads on the left" in (exported.dest / "README.md").read_text().split("## Usage")[1]
 
 
+def test_the_exported_tokenizer_truncates_to_what_the_model_takes(exported, source, source_model):
+    """A tokenizer saved with a longer `model_max_length` than the model's positions (256 against 64 here) let
+    `truncation=True` pass rows the model then refused (a review, 2026-12-07); Llama takes them."""
+    assert AutoTokenizer.from_pretrained(source / "model").model_max_length > source_model.config.max_position_embeddings
+    tokenizer = AutoTokenizer.from_pretrained(exported.dest)
+    assert tokenizer.model_max_length == source_model.config.max_position_embeddings
+    ids = tokenizer("my cat is called tom . " * 40, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        source_model(**ids)  # fits
+
+
 def test_a_private_push_to_a_public_repo_is_refused_before_the_export(exported, source, tmp_path, monkeypatch):
     """`export_model(push=True, private=True)` for a repository that exists and is public: a ValueError before any
     work (the Hub would keep it public), DEST as it was; a repository that does not exist yet is fine."""
