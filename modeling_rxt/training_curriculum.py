@@ -61,7 +61,7 @@ from .data import (
     ASK, CHAT, TELL, UPDATE, interactions_dataset, lm_texts, load_dialogue_corpus, make_episodes,
 )
 from .external_memory import check_retrieval_controls
-from .atomic_files import read_json_object, staged_folder, write_json_atomic
+from .atomic_files import read_json_object, remove_leftovers, staged_folder, write_json_atomic
 from .modeling_rxt import RxTForCausalLM
 from .tokenization import (
     BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, train_tokenizer, turn_token_ids,
@@ -91,6 +91,7 @@ from .training import (
 # runs recorded before those have none), and for every stage that ended, `stages/NN_<stage>/FINISHED_STAGE` holding
 # the model and its `STAGE_LOG`.
 FINISHED_STAGE, STAGE_LOG, RUN_RECIPE = "final", "stage_log.json", "run_recipe.json"
+logger = logging.getLogger(__name__)
 PROCESSES_KEY, THREADS_KEY, INIT_FROM_KEY = "_processes", "_threads", "_init_from_sha256"
 
 
@@ -431,6 +432,8 @@ def run_curriculum(
                         progress=progress, resume_from_checkpoint=checkpoint)
         save_finished_stage(model, log, finished)
         logs.append(log)
+    if _is_rank_zero():
+        remove_killed_saves(Path(output_dir))
     model.config.use_cache = True  # the Trainer turns it off in checkpoints
     return model.eval(), tokenizer, logs
 
@@ -460,6 +463,11 @@ def start_or_resume(recipe: Mapping, output_dir: Path, resume: bool) -> None:
     if not _is_rank_zero() or (resume and (output_dir / RUN_RECIPE).is_file()):
         return
     if not resume:
+        earlier = [name for name in ("stages", "model") if (output_dir / name).exists()]
+        if earlier:  # the CLI's `--resume` forgotten is not an error, but should not pass without a word
+            logger.warning(f"A fresh run into {str(output_dir)!r}: the earlier run's {' and '.join(earlier)} there "
+                           "are replaced (its stages now, its model when this run saves its own); `--resume` "
+                           "(`resume=True`) goes on with a run instead.")
         shutil.rmtree(output_dir / "stages", ignore_errors=True)
     record = {**_as_json(recipe), PROCESSES_KEY: training_processes(), THREADS_KEY: torch.get_num_threads()}
     if "init_from" in recipe and Path(recipe["init_from"]).is_dir():
@@ -651,6 +659,17 @@ def save_finished_stage(model: RxTForCausalLM, log: StageLog, folder: Path) -> N
         write_json_atomic(asdict(log), staging / STAGE_LOG)
 
 
+def remove_killed_saves(output_dir: Path) -> None:
+    """Removes the hidden folders that saves killed mid-way left in the stages' folders (`staged_folder`'s
+    `.final.*` and a checkpoint's `.rxt-save-*`, weights and all), once their process is gone and they are a
+    minute old (`remove_leftovers`). A resume writes a stage's `final/` or a checkpoint once, often within that
+    minute of the kill, so the saves themselves could leave them for good."""
+    for stage_dir in sorted((output_dir / "stages").glob("*")):
+        remove_leftovers(stage_dir, f".{FINISHED_STAGE}.")
+        for checkpoint in stage_dir.glob("checkpoint-*"):
+            remove_leftovers(checkpoint, ".rxt-save-")
+
+
 def save_trained(model: RxTForCausalLM, tokenizer: PreTrainedTokenizerBase, logs: Sequence[StageLog], output_dir):
     """`output_dir/model` (model + tokenizer, loadable by `load_trained` and `from_pretrained`; `save_model_folder`)
     and the stage logs in `output_dir/stages.json`."""
@@ -828,8 +847,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check_output_folder(output_dir: str | Path) -> None:
     """A `ValueError` unless `output_dir` is a folder or can become one: the nearest of it and its parents that
-    exists must be a folder. Checked before the model is built (the CLIs, `run_curriculum`). The empty path, which
-    `Path` takes for the current folder, is refused: a run replaces `stages/` and `model/` where it writes."""
+    exists must be a folder this process can write into. Checked before the model is built (the CLIs,
+    `run_curriculum`). The empty path, which `Path` takes for the current folder, is refused: a run replaces
+    `stages/` and `model/` where it writes."""
     if not isinstance(output_dir, (str, os.PathLike)):
         raise TypeError(f"must be a path (str or os.PathLike), got {type(output_dir).__name__}")
     if not str(output_dir):
@@ -837,6 +857,8 @@ def check_output_folder(output_dir: str | Path) -> None:
     existing = next(path for path in (Path(output_dir), *Path(output_dir).parents) if path.exists())
     if not existing.is_dir():
         raise ValueError(f"{str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):  # else found at the first save, after the model is built
+        raise ValueError(f"{str(existing)!r} cannot be written into (read-only, or another user's)")
 
 
 def one_line(error: Exception) -> str:

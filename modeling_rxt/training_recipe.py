@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -113,10 +114,14 @@ def recipe_file(name_or_path: str | Path) -> Path:
 
 def load_recipe(name_or_path: str | Path) -> dict:
     """A training recipe by name (`configuration/training/<name>.json`) or path, checked by `check_recipe`."""
+    if not isinstance(name_or_path, str | os.PathLike):
+        raise TypeError(f"a recipe is a name or a path (str or os.PathLike), got {type(name_or_path).__name__}")
     path = recipe_file(name_or_path)
     if not path.is_file():
         available = sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
-        raise ValueError(f"no training recipe {str(name_or_path)!r}; available: {available}")
+        where = (f"no file {str(path.resolve())!r} (a name with a suffix is a path)" if Path(name_or_path).suffix
+                 else f"no recipe of that name in {str(RECIPES_DIR)!r}")
+        raise ValueError(f"no training recipe {str(name_or_path)!r}: {where}; recipes by name: {available}")
     values = read_json_object(path, "training recipe")
     recipe = {k: v for k, v in values.items() if not k.startswith("_")}
     check_recipe(recipe)

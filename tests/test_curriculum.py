@@ -4,8 +4,12 @@ model, saving, the CLI."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +117,19 @@ def test_bad_recipes_raise_naming_the_field(change, message):
         check_recipe(recipe)
 
 
+def test_a_missing_recipe_says_whether_it_was_looked_up_as_a_name_or_as_a_path(tmp_path, monkeypatch):
+    """`--recipe tiny.json` is a path (relative to the current folder), not the shipped `tiny`: the error says which
+    was looked for, and a recipe that is neither a name nor a path is named by its type (a review, 2026-12-07)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"no training recipe 'tiny.json': no file '.*tiny.json' \(a name with a "
+                                         r"suffix is a path\); recipes by name: \[.*'tiny'"):
+        load_recipe("tiny.json")
+    with pytest.raises(ValueError, match=r"no training recipe 'tinyy': no recipe of that name in '.*training'"):
+        load_recipe("tinyy")
+    with pytest.raises(TypeError, match="a recipe is a name or a path .*got NoneType"):
+        load_recipe(None)
+
+
 def test_the_largest_seed_numpy_takes_is_valid_and_positions_cover_max_length():
     """`seed` + i stays at most 2**32 - 1 (what the refusal's own message says), and a model override of fewer
     positions than the recipe's `max_length` gets `max_length` (fewer failed in the middle of training)."""
@@ -158,7 +175,7 @@ class InterruptAtStep(TrainerCallback):
             raise Interrupted(f"stopped at step {self.step}")
 
 
-def test_an_interrupted_curriculum_resumes_to_the_uninterrupted_result(tokenizer, tmp_path, monkeypatch):
+def test_an_interrupted_curriculum_resumes_to_the_uninterrupted_result(tokenizer, tmp_path, monkeypatch, caplog):
     """A run stopped in its second stage (after a checkpoint) goes on with `resume=True`: the finished first stage is
     loaded, the second resumes from its checkpoint, and weights and logged losses are those of a run never stopped."""
     import modeling_rxt.training_curriculum as curriculum
@@ -188,6 +205,16 @@ def test_an_interrupted_curriculum_resumes_to_the_uninterrupted_result(tokenizer
     (stages / "01_memory_aware" / "checkpoint-3").mkdir()
     shutil.copy(stages / "01_memory_aware" / "checkpoint-2" / "config.json", stages / "01_memory_aware" / "checkpoint-3")
 
+    # Hidden staging folders of saves killed mid-way (a minute old, their process gone), where the resume writes
+    # nothing again: the loaded stage's folder, a checkpoint older than the stage's next. The run ends without them.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed_saves = [stages / "00_sft" / f".final.{dead.pid}-{'a' * 16}",
+                    stages / "01_memory_aware" / "checkpoint-2" / f".rxt-save-{dead.pid}-{'b' * 16}"]
+    for folder in killed_saves:
+        folder.mkdir()
+        os.utime(folder, (time.time() - 120,) * 2)
+
     steps_run = []
     class CountSteps(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -200,6 +227,7 @@ def test_an_interrupted_curriculum_resumes_to_the_uninterrupted_result(tokenizer
     resumed, _, resumed_logs = run_curriculum(recipe, tmp_path / "stopped", progress=False, resume=True)
     monkeypatch.setattr(curriculum, "run_stage", plain_run_stage)
     assert steps_run == [3, 4]  # the first stage was loaded, the second went on from its last complete checkpoint
+    assert not any(folder.exists() for folder in killed_saves)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     for straight_log, resumed_log in zip(straight_logs, resumed_logs, strict=True):
@@ -212,7 +240,9 @@ def test_an_interrupted_curriculum_resumes_to_the_uninterrupted_result(tokenizer
     other = {**recipe, "stages": recipe["stages"][:1]}
     with pytest.raises(ValueError, match="another recipe"):
         run_curriculum(other, tmp_path / "stopped", progress=False, resume=True)
-    run_curriculum(other, tmp_path / "stopped", progress=False)  # a fresh run replaces the earlier stages
+    with caplog.at_level(logging.WARNING, logger="modeling_rxt.training_curriculum"):
+        run_curriculum(other, tmp_path / "stopped", progress=False)  # a fresh run replaces the earlier stages
+    assert "A fresh run into" in caplog.text and "earlier run's stages there are replaced" in caplog.text
     assert sorted(path.name for path in stages.iterdir()) == ["00_sft"]
     (tmp_path / "stopped" / "run_recipe.json").unlink()  # stages of a run that recorded no recipe
     with pytest.raises(ValueError, match="recorded no recipe"):
@@ -508,6 +538,17 @@ def test_a_fresh_run_replaces_nothing_it_did_not_write(tokenizer, tmp_path, monk
     with pytest.raises(SystemExit) as exit_info:
         curriculum.main(["--recipe", str(path), "--output", ""])
     assert exit_info.value.code == 2 and "--output: the empty path would be" in capsys.readouterr().err
+    # A folder that cannot be written into (a read-only mount): found before the model is built, not at the first
+    # save after a stage's training (a review; as root a chmod would not show it, so the check itself is faked).
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != read_only and real_access(p, mode, **kw))
+    with pytest.raises(SystemExit) as exit_info:
+        curriculum.main(["--recipe", str(path), "--output", str(read_only / "run")])
+    assert exit_info.value.code == 2 and "read-only' cannot be written into" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="`output_dir`: .*read-only' cannot be written into"):
+        curriculum.run_curriculum(recipe, read_only, progress=False)
     assert (mine / "stages" / "notes.txt").read_text() == "precious" and (mine / "model").is_dir()
 
 
