@@ -236,9 +236,13 @@ def _check_model_section(model: Mapping, max_length: int) -> int:
     from configuration import load_preset
 
     _check_section(model, _MODEL_FIELDS, "recipe `model`")
+    for name in ("dtype", "torch_dtype"):  # a config's dtype builds no model in it (Llama's neither): ignored
+        if name in model.get("overrides", {}):
+            raise ValueError(f"recipe `model.overrides`: `{name}` is not applied; the curriculum builds and trains "
+                             "the model in float32 (give `dtype=` when loading the trained model)")
     try:
         config = load_preset(model.get("preset", "nano"), **config_overrides(model, max_length))
-    except (TypeError, ValueError, AttributeError) as error:  # AttributeError: a `dtype` torch does not have
+    except (TypeError, ValueError, AttributeError) as error:  # what a config raises for a value it cannot take
         raise ValueError(f"recipe `model`: {error}") from error
     return config.num_hidden_layers
 
