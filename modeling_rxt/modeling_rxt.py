@@ -828,10 +828,12 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
 
     # ---- the memory API ----------------------------------------------------------------------------------------------
     def init_memory(self, batch_size: int = 1) -> RxTMemoryState:
-        """A fresh memory for `batch_size` conversations: a copy of the learned initial memory."""
+        """A fresh memory for `batch_size` conversations: a copy of the learned initial memory, in float32 (or finer)
+        for a half-precision model too, whose gates would otherwise blend it in bfloat16 (a nearly closed gate's
+        slot then never moves again); the decoder reads it in the model's dtype. `.to(dtype)` for another."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        return RxTMemoryState(self.model.initial_memory(batch_size).detach().clone())
+        return RxTMemoryState(at_least_float32(self.model.initial_memory(batch_size).detach()).clone())
 
     def update_memory(
         self,

@@ -680,3 +680,18 @@ def test_a_state_of_another_copy_of_the_code_is_rewrapped():
     other = RxTMemoryState_(numbered_state().stm)
     wrapped = as_memory_state(other)
     assert isinstance(wrapped, RxTMemoryState) and wrapped.stm is other.stm
+
+
+def test_a_half_precision_model_starts_conversations_in_a_float32_memory(dense_model):
+    """`init_memory` of a bfloat16 model gave a bfloat16 state, whose gates blend in bfloat16: where a gate is
+    nearly closed `1 - G` rounds to 1 and the slot never moved again (a review: 98% of such a state unchanged after
+    50 writes, 0% of a float32 one). The state is now at least float32; the decoder reads it in the model's dtype."""
+    model = slow_gates(dense_model).to(torch.bfloat16)
+    with torch.no_grad():
+        state = model.init_memory(2)
+        assert state.stm.dtype == torch.float32
+        written = model.update_memory(state, random_ids(2, 6))
+    assert written.stm.dtype == torch.float32
+    assert (written.stm != state.stm).float().mean() > 0.9  # the slots moved a little, as float32 keeps it
+    half = state.to(torch.bfloat16)  # still there for whoever wants a bfloat16 state
+    assert model.update_memory(half, random_ids(2, 6)).stm.dtype == torch.bfloat16
