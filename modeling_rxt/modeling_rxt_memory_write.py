@@ -136,7 +136,8 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         won, damped by how much it won. A plain mean (as in Slot Attention) would hand a slot that won almost
         nothing a full-size update; damped, its update is near zero, and the slots that match an interaction take
         the interaction. (The residual gate still blends the slot toward that update, STM' ~ (1 - G) * STM there:
-        with gates that start closed, as the demo recipe's `gate_bias` -3 does, such a slot changes little.) Same projections as the usual write, so checkpoints and adapters carry over.
+        with gates that start closed, as the demo recipe's `gate_bias` -3 does, such a slot changes little.) Same
+        projections as the usual write, so checkpoints and adapters carry over.
         With `occupancy` (B, S), how far each slot has moved from its initial value (1 - cosine, 0..2), a slot's
         scores drop by `occupancy_scale[h] * occupancy`: tokens of the same template ("my X is called Y") would
         otherwise go to the slots an earlier fact of that template took, and the two facts blend there."""

@@ -87,12 +87,12 @@ from .training import (
 )
 
 # What a run writes into its output folder and `resume` reads back: the recipe of the run (`RUN_RECIPE`, with its
-# number of processes under `PROCESSES_KEY`, torch's threads in each under `THREADS_KEY`, and the digest of the `init_from` model's files under `INIT_FROM_KEY`;
-# runs recorded before those have none), and for every stage that ended, `stages/NN_<stage>/FINISHED_STAGE` holding
-# the model and its `STAGE_LOG`.
+# number of processes under `PROCESSES_KEY`, torch's threads in each under `THREADS_KEY` and the digest of the
+# `init_from` model's files under `INIT_FROM_KEY`; runs recorded before those have none), and for every stage that
+# ended, `stages/NN_<stage>/FINISHED_STAGE` holding the model and its `STAGE_LOG`.
 FINISHED_STAGE, STAGE_LOG, RUN_RECIPE = "final", "stage_log.json", "run_recipe.json"
-logger = logging.getLogger(__name__)
 PROCESSES_KEY, THREADS_KEY, INIT_FROM_KEY = "_processes", "_threads", "_init_from_sha256"
+logger = logging.getLogger(__name__)
 
 
 # --- Building blocks ------------------------------------------------------------------------------------------------
