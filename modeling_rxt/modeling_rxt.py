@@ -268,7 +268,6 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
         external_memory: ExternalMemoryRetriever | None = None,
-        memory_read_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_out, _ = self.self_attn(
@@ -283,8 +282,6 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         memory_out, _ = self.memory_cross_attn(
             self.memory_layernorm(hidden_states), memory_key_value, position_embeddings, **kwargs
         )
-        if memory_read_mask is not None:  # (B, T, 1): padding reads nothing
-            memory_out = memory_out * memory_read_mask
         hidden_states = hidden_states + memory_out
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -310,18 +307,21 @@ def default_position_ids(
     return counted.gather(1, new_positions.expand(counted.shape[0], -1))  # (B, T)
 
 
-def memory_read_mask(
+def real_token_mask(
     attention_mask: torch.Tensor | None, hidden_states: torch.Tensor, past_length: int | torch.Tensor
 ) -> torch.Tensor | None:
-    """(B, T, 1): 0 where a new token is padding, which then reads no memory and stays zero, as Llama's padding does
-    (its pad embedding is zero), so that a label on a left pad (DataCollatorForLanguageModeling's, for the row's
-    first token) trains nothing. Taken at the new tokens' cache positions, as `default_position_ids` counts. None
-    for a 4-D mask, and for a decoding step: its one token is never padding (`generate` extends the mask with 1s)."""
+    """(B, T, 1): 1 for the new tokens that are real, 0 for padding, from a 2-D mask at the new tokens' cache
+    positions (as `default_position_ids` takes them; a static cache's count moves on once the layers ran). The
+    final hidden states are multiplied by it: padding's logits are then 0, and a label there (what
+    DataCollatorForLanguageModeling puts on a left pad: the row's first token) has no gradient, whatever the pad
+    embedding, the attention implementation or the memory read put into it; a row trained otherwise batched than
+    alone before (a review, 2026-12-07). Real tokens never read padding, so their outputs are unchanged. None for a
+    4-D mask, and for a decoding step: its one token is never padding (`generate` extends the mask with ones)."""
     length = hidden_states.shape[1]
     if attention_mask is None or attention_mask.dim() != 2 or length == 1:
         return None
-    columns = torch.arange(length, device=attention_mask.device) + past_length
-    return attention_mask.gather(1, columns.expand(hidden_states.shape[0], -1))[..., None].to(hidden_states)
+    columns = (torch.arange(length, device=hidden_states.device) + past_length).expand(hidden_states.shape[0], -1)
+    return attention_mask.to(hidden_states.device).gather(1, columns)[..., None].to(hidden_states.dtype)
 
 
 @auto_docstring
@@ -530,7 +530,7 @@ class RxTModel(RxTPreTrainedModel):
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        read_mask = memory_read_mask(attention_mask, hidden_states, past_length)  # (B, T, 1) or None
+        real_tokens = real_token_mask(attention_mask, hidden_states, past_length)  # (B, T, 1), None: all real
         # `unbind`, not `memory_key_values[:, l]`: the backward of indexing builds a zero tensor of the whole
         # (B, L, 2, K, S, Dh) memory for every layer (8 ms of zero-filling per training step at `alpha-micro` size);
         # the backward of `unbind` is one `stack`.
@@ -549,11 +549,12 @@ class RxTModel(RxTPreTrainedModel):
                 past_key_values=past_key_values,
                 use_cache=use_cache,
                 external_memory=external_memory,
-                memory_read_mask=read_mask,
                 **kwargs,
             )
         note_cache_filled(past_key_values)
         hidden_states = self.norm(hidden_states)
+        if real_tokens is not None:
+            hidden_states = hidden_states * real_tokens
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{OUTPUT_CACHE_NAME: past_key_values})
 
     def check_interaction_length(self, length: int) -> None:

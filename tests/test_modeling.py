@@ -107,15 +107,19 @@ def test_a_padded_row_reads_as_it_does_alone_without_position_ids(tiny_model, ki
     torch.testing.assert_close(step_together[0], step_alone[0], atol=2e-5, rtol=0)
 
 
-def test_left_padding_trains_nothing_and_a_row_gets_the_gradient_it_gets_alone(tiny_model, kind):
-    """A left-padded row's padding stays inert, as in Llama: DataCollatorForLanguageModeling's labels put a target on
-    the last pad (the row's first token, [BOS], predicted from it), and with the memory read added at padded
-    positions that target trained the model: a row's gradient changed by up to half with the rows it was batched
-    with, so gradient accumulation trained another model than a bigger batch (a review, 2026-12-07)."""
-    model = tiny_model(kind).train()
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_left_padding_trains_nothing_and_a_row_gets_the_gradient_it_gets_alone(tiny_model, kind, attention):
+    """A left-padded row's padding is inert: DataCollatorForLanguageModeling's labels put a target on the last pad
+    (the row's first token, [BOS], predicted from it), which trained the model through the memory read, through a
+    pad embedding that training moved off zero (it is tied to the LM head), and under eager attention through the
+    real tokens a fully masked row attends to. A row's gradient changed by up to half with the rows it was batched
+    with, so gradient accumulation trained another model than a bigger batch (reviews, 2026-12-07)."""
+    model = tiny_model(kind, attn_implementation=attention).train()
     model.config.output_router_logits = False  # the load-balancing loss is a property of the batch
-    short, long = random_ids(1, 4, seed=7), random_ids(1, 9, seed=8)
     pad = model.config.pad_token_id
+    with torch.no_grad():
+        model.model.embed_tokens.weight[pad].normal_()  # as after training: the tied LM head moved it
+    short, long = random_ids(1, 4, seed=7), random_ids(1, 9, seed=8)
     ids = torch.cat((torch.cat((torch.full((1, 5), pad), short), 1), long))
     mask = (torch.arange(9) >= torch.tensor([[5], [0]])).long()  # row 0: 5 pads, then 4 tokens
     labels = ids.masked_fill(mask == 0, -100)  # as DataCollatorForLanguageModeling labels them
@@ -126,12 +130,12 @@ def test_left_padding_trains_nothing_and_a_row_gets_the_gradient_it_gets_alone(t
         F.cross_entropy(logits.flatten(0, 1), row_labels[:1, 1:].flatten(), reduction="sum").backward()
         return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
-    # Row 0 batched (its last pad predicts its first token: a constant loss, as Llama's) and alone
+    # Row 0 batched (its last pad predicts its first token: a constant loss, no gradient) and alone
     batched, alone = row_gradient(ids, mask, labels), row_gradient(short, None, short)
     for name, gradient in alone.items():
         torch.testing.assert_close(batched[name], gradient, atol=1e-5, rtol=1e-4, msg=name)
     model.eval()
-    with torch.no_grad():  # the padded positions' hidden states are zero, as in Llama with its zero pad embedding
+    with torch.no_grad():  # the padded positions' final hidden states are zero, their logits 0
         hidden = model.model(ids, attention_mask=mask).last_hidden_state
     assert torch.equal(hidden[0, :5], torch.zeros_like(hidden[0, :5]))
 
