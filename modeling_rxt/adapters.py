@@ -64,6 +64,7 @@ from .atomic_files import (
     remove_leftovers,
 )
 from .memory_state import RxTMemoryState, as_memory_state
+from .modeling_rxt_blocks import at_least_float32
 from .modeling_rxt_checks import check_interaction_ids
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in `adapter_names=`
@@ -259,7 +260,8 @@ def _check_row_adapters(model: torch.nn.Module, adapters: Sequence[str]) -> None
 def initial_memory_for(model: torch.nn.Module, adapters: Sequence[str]) -> RxTMemoryState:
     """The starting memory of one conversation per entry of `adapters` (`"__base__"` for the base model): each row
     gets that adapter's learned initial memory, or the base one if the adapter has none. Pass it as `memory_state=`
-    with `adapter_names=adapters` for mixed-adapter batches: PEFT cannot split the initial-memory module by row."""
+    with `adapter_names=adapters` for mixed-adapter batches: PEFT cannot split the initial-memory module by row.
+    In float32 (or finer) for a half-precision model too, as `init_memory` gives it."""
     if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
         raise TypeError("`adapters` must be a non-empty list of adapter names, one per row.")
     _check_row_adapters(model, adapters)
@@ -269,7 +271,7 @@ def initial_memory_for(model: torch.nn.Module, adapters: Sequence[str]) -> RxTMe
         per_adapter = isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save
         source = module.modules_to_save[name] if per_adapter else getattr(module, "original_module", module)
         rows.append(source.weight)  # (L, S, D)
-    return RxTMemoryState(torch.stack(rows, dim=1).detach().clone())  # (L, B, S, D)
+    return RxTMemoryState(at_least_float32(torch.stack(rows, dim=1).detach()).clone())  # (L, B, S, D)
 
 
 # ---- checked loading -------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ Not exported to the Hub: this module uses the project's tokenizer helpers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import os
@@ -94,12 +95,12 @@ class _FirstTokenClock(BaseStreamer):
 class _RowOfBatchWrite:
     """A session's share of a batched memory write: resolves to its row of the batch's new state."""
 
-    def __init__(self, batch: Future, row: int):
-        self.batch, self.row = batch, row
+    def __init__(self, batch: Future, row: int, dtype: torch.dtype):
+        self.batch, self.row, self.dtype = batch, row, dtype
 
     def result(self) -> tuple[RxTMemoryState, float]:
         state, seconds = self.batch.result()
-        return state.select([self.row]), seconds
+        return state.select([self.row]).to(self.dtype), seconds
 
     def done(self) -> bool:
         return self.batch.done()
@@ -449,11 +450,11 @@ def _send_batch_holding_locks(sessions: list[RxTChatSession], queries: list[str]
     waits = [s.wait_for_memory() for s in sessions]
     prompts = [s._encode_prompt(q)[0] for s, q in zip(sessions, queries)]
     ids, mask = _pad(prompts, tokenizer.pad_token_id, left=True)
-    dtypes = sorted({str(s._state.dtype) for s in sessions})
-    if len(dtypes) > 1:  # a batch has one memory tensor
-        raise ValueError(f"`sessions` hold memories of different dtypes ({', '.join(dtypes)}): send them one by "
-                         "one, or give their states one dtype (`session.memory_state.to(...)` into a new session).")
-    state = _as_model_state(model, RxTMemoryState.concatenate([s._state.to(_model_device(model)) for s in sessions]))
+    # A batch has one memory tensor: sessions of other dtypes (a bfloat16 state saved before `init_memory` gave
+    # float32) go in the finest of them, and each gets its row back in its own dtype.
+    finest = functools.reduce(torch.promote_types, (s._state.dtype for s in sessions))
+    rows = [s._state.to(device=_model_device(model), dtype=finest) for s in sessions]
+    state = _as_model_state(model, RxTMemoryState.concatenate(rows))
     generate_kwargs, writers = _with_adapter_rows(generate_kwargs, len(sessions))
     clock = _FirstTokenClock(None, start)
     setting = _adapter_setting(model)
@@ -470,7 +471,8 @@ def _send_batch_holding_locks(sessions: list[RxTChatSession], queries: list[str]
     texts = []
     for row, (session, query, answer) in enumerate(zip(sessions, queries, answers)):
         timings = TurnTimings(waits[row], clock.first_token_s, generate_s)
-        texts.append(session._record_turn(query, answer, _RowOfBatchWrite(batch_write, row), timings, background))
+        row_write = _RowOfBatchWrite(batch_write, row, session._state.dtype)
+        texts.append(session._record_turn(query, answer, row_write, timings, background))
     return texts
 
 

@@ -426,6 +426,14 @@ def test_mixed_batch_over_adapters_sharing_the_initial_memory_needs_no_memory_st
         torch.testing.assert_close(mixed[row : row + 1], single, atol=1e-5, rtol=0)
 
 
+def test_initial_memory_for_a_half_precision_model_is_float32_as_init_memory_is():
+    """Its rows join a state from `init_memory` (float32 for a bfloat16 model too), and its gates blend in float32."""
+    model = with_roles(make_base()).to(torch.bfloat16)
+    state = initial_memory_for(model, ["critic", BASE_ADAPTER])
+    assert state.dtype == torch.float32 == model.init_memory(1).dtype
+    assert RxTMemoryState.concatenate([state, model.init_memory(1)]).batch_size == 3
+
+
 def test_initial_memory_for_rejects_bad_input():
     model = with_roles(make_base())
     with pytest.raises(ValueError, match="'nobody'"):

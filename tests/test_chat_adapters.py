@@ -94,12 +94,17 @@ def test_a_model_of_a_saved_folders_own_code_runs_sessions(model, tokenizer, tmp
                        model.generate(torch.tensor([[5, 6]]), memory_state=theirs.memory_state, max_new_tokens=3))
 
 
-def test_a_batch_of_sessions_with_memories_of_other_dtypes_is_refused_by_name(model, tokenizer):
-    half = RxTChatSession(model, tokenizer, memory_state=model.init_memory(1).to(torch.bfloat16))
-    with pytest.raises(ValueError, match=r"`sessions` hold memories of different dtypes \(torch.bfloat16, "
-                                         r"torch.float32\)"):
-        send_batch([half, RxTChatSession(model, tokenizer)], [TEXTS[0], TEXTS[1]], **GREEDY)
-    assert half.messages == []
+def test_a_batch_of_sessions_with_memories_of_other_dtypes_keeps_each_ones_dtype(model, tokenizer):
+    """A bfloat16 session (saved before `init_memory` gave float32 states) batched with a new one: it was refused,
+    now the batch runs in the finer dtype, each session answers as alone and keeps its dtype (a review)."""
+    half_state = model.init_memory(1).to(torch.bfloat16)
+    half, full = RxTChatSession(model, tokenizer, memory_state=half_state), RxTChatSession(model, tokenizer)
+    answers = send_batch([half, full], [TEXTS[0], TEXTS[1]], **GREEDY)
+    alone_half, alone_full = RxTChatSession(model, tokenizer, memory_state=half_state), RxTChatSession(model, tokenizer)
+    assert answers == [alone_half.send(TEXTS[0], **GREEDY), alone_full.send(TEXTS[1], **GREEDY)]
+    assert half.memory_state.dtype == torch.bfloat16 and full.memory_state.dtype == torch.float32
+    torch.testing.assert_close(full.memory_state.stm, alone_full.memory_state.stm)
+    torch.testing.assert_close(half.memory_state.stm, alone_half.memory_state.stm)
 
 
 def test_turns_of_threads_on_a_model_with_adapters_run_one_at_a_time(model, tokenizer, monkeypatch):
