@@ -428,6 +428,9 @@ def run_curriculum(
             logs.append(read_stage_log(finished / STAGE_LOG, stage["stage"]))
             continue
         checkpoint = last_complete_checkpoint(stage_dir) if resume else None
+        if resume:  # from here on a resume writes (one that finds every stage done writes nothing): checked as
+            with input_checks():  # a fresh run's folder is (its recorded recipe makes it replace nothing)
+                check_run_output(output_dir, resume=False)
         log = run_stage(model, tokenizer, stage, stage_dir, seed=seed + index, max_length=max_length,
                         progress=progress, resume_from_checkpoint=checkpoint)
         save_finished_stage(model, log, finished)
@@ -476,9 +479,11 @@ def start_or_resume(recipe: Mapping, output_dir: Path, resume: bool) -> None:
 
 
 def check_run_output(output_dir: str | Path, resume: bool) -> None:
-    """`output_dir` names a folder (`check_output_folder`), and a fresh run replaces nothing of the user's there."""
+    """`output_dir` names a folder (`check_output_folder`) that a run can write into (a resume, which may find
+    every stage done, is checked for that once it has a stage to train), and a fresh run replaces nothing of the
+    user's there."""
     try:
-        check_output_folder(output_dir)
+        check_output_folder(output_dir, writable=not resume)
     except (TypeError, ValueError) as error:
         raise type(error)(f"`output_dir`: {error}") from error
     if not resume:
@@ -603,8 +608,14 @@ def _resolved(path) -> Path | None:
 
 def _comparable(recipe: dict) -> dict:
     """`recipe` without its comments (`_` keys, at every level) and with `init_from` as an absolute path:
-    "runs/demo/initial" and its absolute spelling are one run."""
+    "runs/demo/initial" and its absolute spelling are one run. A `dtype` in the model's overrides, which a run
+    started before 2026-12-07 could record and which never changed the model (it is refused now), is left out."""
     recipe = _without_comments(recipe)
+    model = recipe.get("model")
+    if isinstance(model, dict) and isinstance(model.get("overrides"), dict):
+        overrides = {k: v for k, v in model["overrides"].items() if k not in ("dtype", "torch_dtype")}
+        model = {k: v for k, v in model.items() if k != "overrides"}  # only a dtype in it: as if none were given
+        recipe = {**recipe, "model": {**model, "overrides": overrides} if overrides else model}
     return {**recipe, "init_from": str(_resolved(recipe["init_from"]))} if "init_from" in recipe else recipe
 
 
@@ -845,10 +856,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def check_output_folder(output_dir: str | Path) -> None:
+def check_output_folder(output_dir: str | Path, writable: bool = True) -> None:
     """A `ValueError` unless `output_dir` is a folder or can become one: the nearest of it and its parents that
-    exists must be a folder this process can write into. Checked before the model is built (the CLIs,
-    `run_curriculum`). The empty path, which `Path` takes for the current folder, is refused: a run replaces
+    exists must be a folder (one this process can write into, if `writable`). Checked before the model is built
+    (the CLIs, `run_curriculum`). The empty path, which `Path` takes for the current folder, is refused: a run replaces
     `stages/` and `model/` where it writes."""
     if not isinstance(output_dir, (str, os.PathLike)):
         raise TypeError(f"must be a path (str or os.PathLike), got {type(output_dir).__name__}")
@@ -857,7 +868,7 @@ def check_output_folder(output_dir: str | Path) -> None:
     existing = next(path for path in (Path(output_dir), *Path(output_dir).parents) if path.exists())
     if not existing.is_dir():
         raise ValueError(f"{str(existing)!r} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):  # else found at the first save, after the model is built
+    if writable and not os.access(existing, os.W_OK | os.X_OK):  # else found at the first save, after training
         raise ValueError(f"{str(existing)!r} cannot be written into (read-only, or another user's)")
 
 

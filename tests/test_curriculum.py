@@ -281,6 +281,11 @@ def test_resume_tells_a_run_in_processes_from_another_recipe(tmp_path, monkeypat
         check_same_run({**recipe, "stages": recipe["stages"] * 2}, Path("run"))
     # Comments (`_` keys, at every level) are not the recipe: a run resumes with them edited.
     check_same_run({**recipe, "_comment": "new", "stages": [{**stage_recipe("sft"), "_why": "edited"}]}, Path("run"))
+    # Nor a `dtype` override, which runs could record before it was refused, and which never changed the model.
+    write_json_atomic({**recipe, "model": {"preset": "nano", "overrides": {"dtype": "bfloat16"}}},
+                      tmp_path / "run" / "run_recipe.json")
+    check_same_run(recipe, Path("run"))
+    write_json_atomic(recipe, tmp_path / "run" / "run_recipe.json")
     for damaged in ("1", 0, True):  # "1" gave "trained in 1 process(es), not 1"
         write_json_atomic({**recipe, "_processes": damaged}, tmp_path / "run" / "run_recipe.json")
         with pytest.raises(ValueError, match=r"run_recipe.json' is damaged: its `_processes` must be a positive int"):
@@ -550,6 +555,18 @@ def test_a_fresh_run_replaces_nothing_it_did_not_write(tokenizer, tmp_path, monk
     assert exit_info.value.code == 2 and "read-only' cannot be written into" in capsys.readouterr().err
     with pytest.raises(ValueError, match="`output_dir`: .*read-only' cannot be written into"):
         curriculum.run_curriculum(recipe, read_only, progress=False)
+    # A finished run resumed from a read-only folder writes nothing: it gives back the model (a review of the
+    # check above); one with a stage left to train is refused before that stage trains.
+    monkeypatch.undo()  # models are built again, and folders can be written
+    finished = tmp_path / "finished"
+    curriculum.run_curriculum(recipe, finished, progress=False)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != finished and real_access(p, mode, **kw))
+    model, _, logs = curriculum.run_curriculum(recipe, finished, progress=False, resume=True)
+    assert [log.stage for log in logs] == ["sft"]
+    shutil.rmtree(finished / "stages" / "00_sft" / "final")
+    monkeypatch.setattr(curriculum, "run_stage", lambda *a, **k: pytest.fail("trained into a read-only folder"))
+    with pytest.raises(ValueError, match="`output_dir`: .*finished' cannot be written into"):
+        curriculum.run_curriculum(recipe, finished, progress=False, resume=True)
     assert (mine / "stages" / "notes.txt").read_text() == "precious" and (mine / "model").is_dir()
 
 
