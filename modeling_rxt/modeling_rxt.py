@@ -302,7 +302,8 @@ def default_position_ids(
     new_positions = (torch.arange(length, device=device) + past_length).unsqueeze(0)  # (1, T)
     if attention_mask is None or attention_mask.dim() != 2:  # a 4-D mask says nothing of padding: pass position_ids
         return new_positions
-    counted = (attention_mask.to(device).long().cumsum(-1) - 1).clamp(min=0)  # (B, mask length)
+    # Any non-zero entry is a token (segment ids of packed rows, a float mask of 2.0 count once, as Llama reads them)
+    counted = (attention_mask.to(device).bool().long().cumsum(-1) - 1).clamp(min=0)  # (B, mask length)
     # Taken at the new tokens' cache positions, not the mask's last columns: a static cache's mask may be longer.
     return counted.gather(1, new_positions.expand(counted.shape[0], -1))  # (B, T)
 
@@ -321,7 +322,8 @@ def real_token_mask(
     if attention_mask is None or attention_mask.dim() != 2 or length == 1:
         return None
     columns = (torch.arange(length, device=hidden_states.device) + past_length).expand(hidden_states.shape[0], -1)
-    return attention_mask.to(hidden_states.device).gather(1, columns)[..., None].to(hidden_states.dtype)
+    real = attention_mask.to(hidden_states.device).gather(1, columns) != 0  # a 2 or a 0.5 is a token, not a scale
+    return real[..., None].to(hidden_states.dtype)
 
 
 @auto_docstring
@@ -582,7 +584,7 @@ class RxTModel(RxTPreTrainedModel):
         else:
             # Positions count the tokens only, so a left-padded interaction is written as the same one unpadded:
             # the memory attention puts rotary positions on the encoded keys and none on the slots.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            position_ids = (attention_mask.bool().long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
             # A row with no tokens (a conversation skipping this write) still needs a key; `write_memory` drops it.
             has_tokens = attention_mask.bool()
             first_key = has_tokens[:, :1] | ~has_tokens.any(dim=-1, keepdim=True)

@@ -140,6 +140,21 @@ def test_left_padding_trains_nothing_and_a_row_gets_the_gradient_it_gets_alone(t
     assert torch.equal(hidden[0, :5], torch.zeros_like(hidden[0, :5]))
 
 
+@pytest.mark.parametrize("value", [2, 0.5], ids=["segment ids", "a float weight"])
+def test_a_mask_of_other_non_zero_values_reads_as_ones(dense_model, value):
+    """Any non-zero mask entry is a token, as Llama reads it (segment ids of packed rows, `[1, 1, 2, 2]`; a float
+    mask): the padding multiply scaled the logits by it, and positions counted a 2 twice (a review, 2026-12-07)."""
+    ids = random_ids(2, 6)
+    ones = torch.ones(2, 6)
+    ones[1, :2] = 0  # row 1 left-padded
+    other = ones.clone()
+    other[:, 3:] *= value
+    with torch.no_grad():
+        expected = dense_model(ids, attention_mask=ones.long()).logits
+        logits = dense_model(ids, attention_mask=other if value != 2 else other.long()).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
 def test_positions_from_the_mask_of_a_static_cache(dense_model):
     """A static cache's 2-D mask may run to the cache's full length: positions are taken at the new tokens' cache
     positions, not from the mask's last columns (which are padding there)."""
