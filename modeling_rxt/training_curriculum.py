@@ -478,12 +478,14 @@ def start_or_resume(recipe: Mapping, output_dir: Path, resume: bool) -> None:
     write_json_atomic(record, output_dir / RUN_RECIPE)
 
 
-def check_run_output(output_dir: str | Path, resume: bool) -> None:
-    """`output_dir` names a folder (`check_output_folder`) that a run can write into (a resume, which may find
-    every stage done, is checked for that once it has a stage to train), and a fresh run replaces nothing of the
-    user's there."""
+def check_run_output(output_dir: str | Path, resume: bool, always_writes: bool = False) -> None:
+    """`output_dir` names a folder (`check_output_folder`) that a run can write into, and a fresh run replaces
+    nothing of the user's there. A resume of a recorded run, which may find every stage done and write nothing, is
+    checked for writing once it has a stage to train (unless it `always_writes`)."""
     try:
-        check_output_folder(output_dir, writable=not resume)
+        check_output_folder(output_dir, writable=False)
+        if always_writes or not (resume and (Path(output_dir) / RUN_RECIPE).is_file()):
+            check_output_folder(output_dir)
     except (TypeError, ValueError) as error:
         raise type(error)(f"`output_dir`: {error}") from error
     if not resume:
@@ -718,7 +720,7 @@ def run_curriculum_in_processes(
         check_batch_sizes(recipe["stages"], processes)
         if "init_from" in recipe:
             check_init_from(recipe)
-        check_run_output(output_dir, resume)
+        check_run_output(output_dir, resume, always_writes=True)  # its stages' recipe, at least
         output = Path(output_dir)
         built_from = output / "initial" / "built_from.json"  # saved with `initial/`: it is complete
         # `initial/` is written where the recipe names no `init_from` (also by a resume that finds none complete);

@@ -567,6 +567,14 @@ def test_a_fresh_run_replaces_nothing_it_did_not_write(tokenizer, tmp_path, monk
     monkeypatch.setattr(curriculum, "run_stage", lambda *a, **k: pytest.fail("trained into a read-only folder"))
     with pytest.raises(ValueError, match="`output_dir`: .*finished' cannot be written into"):
         curriculum.run_curriculum(recipe, finished, progress=False, resume=True)
+    # A resume into a folder without a run writes its record first, and a run in processes always writes: both are
+    # checked before anything is built (a review of the exception above).
+    monkeypatch.setattr(curriculum, "load_trained", lambda *a: pytest.fail("built a model for a refused run"))
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != read_only and real_access(p, mode, **kw))
+    for run in (lambda: curriculum.run_curriculum(recipe, read_only / "run", progress=False, resume=True),
+                lambda: curriculum.run_curriculum_in_processes(recipe, read_only / "run", 2, resume=True)):
+        with pytest.raises(ValueError, match="`output_dir`: .*read-only' cannot be written into"):
+            run()
     assert (mine / "stages" / "notes.txt").read_text() == "precious" and (mine / "model").is_dir()
 
 
