@@ -299,13 +299,18 @@ def default_position_ids(
     would not mind (rotary positions on queries and keys cancel to relative ones), but the memory read puts them on
     the queries only, against slots without positions: it depends on each token's absolute position. `generate`
     and the memory write count positions the same way."""
-    new_positions = (torch.arange(length, device=device) + past_length).unsqueeze(0)  # (1, T)
     if attention_mask is None or attention_mask.dim() != 2:  # a 4-D mask says nothing of padding: pass position_ids
-        return new_positions
+        return (torch.arange(length, device=device) + past_length).unsqueeze(0)  # (1, T)
     # Any non-zero entry is a token (segment ids of packed rows, a float mask of 2.0 count once, as Llama reads them)
     counted = (attention_mask.to(device).bool().long().cumsum(-1) - 1).clamp(min=0)  # (B, mask length)
-    # Taken at the new tokens' cache positions, not the mask's last columns: a static cache's mask may be longer.
-    return counted.gather(1, new_positions.expand(counted.shape[0], -1))  # (B, T)
+    return at_new_tokens(counted, length, past_length)
+
+
+def at_new_tokens(per_column: torch.Tensor, length: int, past_length: int | torch.Tensor) -> torch.Tensor:
+    """(B, mask length) -> (B, T): the columns of the `length` new tokens, at their cache positions, not the mask's
+    last columns (a static cache's mask may run to the cache's full length)."""
+    columns = torch.arange(length, device=per_column.device) + past_length
+    return per_column.gather(1, columns.expand(per_column.shape[0], -1))
 
 
 def real_token_mask(
@@ -321,8 +326,7 @@ def real_token_mask(
     length = hidden_states.shape[1]
     if attention_mask is None or attention_mask.dim() != 2 or length == 1:
         return None
-    columns = (torch.arange(length, device=hidden_states.device) + past_length).expand(hidden_states.shape[0], -1)
-    real = attention_mask.to(hidden_states.device).gather(1, columns) != 0  # a 2 or a 0.5 is a token, not a scale
+    real = at_new_tokens(attention_mask.to(hidden_states.device), length, past_length) != 0  # a 2 is a token
     return real[..., None].to(hidden_states.dtype)
 
 
