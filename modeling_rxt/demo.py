@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from hub_export import code_fingerprint, export_model, project_revision, weights
 
 from .data import ASK, make_episodes
 from .evaluation import evaluate_fact_recall, evaluate_recall, plot_recall, write_json_atomic
+from .run_lock import FolderInUse, run_lock
 from .training_curriculum import (
     InputError,
     check_output_folder,
@@ -165,13 +167,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot = _can_plot()
     if not plot:
         print("[demo] matplotlib is not installed: no recall.png (pip install matplotlib, or this package's [bench])")
-    model, tokenizer, logs = _train(args, output)
-    train_s = time.perf_counter() - start
-    model_dir = output / "model"
-    save_model_folder(model, tokenizer, model_dir)  # staged and renamed: a failed save keeps the previous model
-    result, examples, episodes = _evaluate_and_report(args, model, tokenizer, logs, model_dir, train_s, plot)
-    _print_recall(result)
-    how = export_hub_folder(model_dir, output / "hub", output / "eval.json", recipe_file(args.recipe))
+    with ExitStack() as holding:  # the run lock of `output`: through the training, the saves and the export
+        try:
+            holding.enter_context(run_lock(output))
+        except FolderInUse as error:
+            _parser().error(f"--output: {one_line(error)}")
+        model, tokenizer, logs = _train(args, output)
+        train_s = time.perf_counter() - start
+        model_dir = output / "model"
+        save_model_folder(model, tokenizer, model_dir)  # staged and renamed: a failed save keeps the previous model
+        result, examples, episodes = _evaluate_and_report(args, model, tokenizer, logs, model_dir, train_s, plot)
+        _print_recall(result)
+        how = export_hub_folder(model_dir, output / "hub", output / "eval.json", recipe_file(args.recipe))
     print(f"[demo] Hub folder {output / 'hub'}: {how}")
     code = _show_conversation(output / "hub", _conversations({"examples": examples}, episodes), args.threads)
     print(f"[demo] done in {time.perf_counter() - start:.0f} s; results in {output}")

@@ -29,7 +29,8 @@ under 10; `min_lr_ratio`). A stage's episodes follow `episodes`, `turns`, `ask_r
 
 Every stage that ends saves the model in `stages/NN_<stage>/final` with its log, so a run that stopped part-way goes on
 with `resume=True` (`--resume`): finished stages are loaded, the stage that was running resumes from its latest
-`checkpoint-N` (written every `save_steps`) or starts over, and the result is that of an uninterrupted run.
+`checkpoint-N` (written every `save_steps`) or starts over, and the result is that of an uninterrupted run. One run
+at a time writes into an output folder (`run_lock`): a second one is refused while the first runs.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -63,6 +64,7 @@ from .data import (
 from .external_memory import check_retrieval_controls
 from .atomic_files import read_json_object, remove_leftovers, staged_folder, write_json_atomic
 from .modeling_rxt import RxTForCausalLM
+from .run_lock import HELD_BY_LAUNCHER, FolderInUse, lock_descriptor, run_lock
 from .tokenization import (
     BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, train_tokenizer, turn_token_ids,
 )
@@ -402,8 +404,18 @@ def run_curriculum(
         if "init_from" in recipe:
             check_init_from(recipe)
         check_run_output(output_dir, resume)
-        if resume:
-            check_same_run(recipe, Path(output_dir))
+    with ExitStack() as holding:
+        with input_checks():
+            holding.enter_context(run_lock(output_dir))  # before reading what an earlier run left there
+            if resume:
+                check_same_run(recipe, Path(output_dir))
+        return _train_stages(recipe, Path(output_dir), progress, resume)
+
+
+def _train_stages(
+    recipe: Mapping, output_dir: Path, progress: bool, resume: bool
+) -> tuple[RxTForCausalLM, PreTrainedTokenizerBase, list[StageLog]]:
+    """`run_curriculum` once its input is checked, with the run lock of `output_dir` held."""
     seed = recipe.get("seed", 0)
     max_length = recipe.get("max_length", 128)
     torch.manual_seed(seed)
@@ -418,10 +430,10 @@ def run_curriculum(
     tokenizer.model_max_length = model.config.max_position_embeddings
     with input_checks():
         check_stage_data(recipe["stages"], tokenizer, max_length, seed)
-    start_or_resume(recipe, Path(output_dir), resume)
+    start_or_resume(recipe, output_dir, resume)
     logs = []
     for index, stage in enumerate(recipe["stages"]):
-        stage_dir = Path(output_dir) / "stages" / f"{index:02d}_{stage['stage']}"
+        stage_dir = output_dir / "stages" / f"{index:02d}_{stage['stage']}"
         finished = stage_dir / FINISHED_STAGE
         if resume and (finished / STAGE_LOG).is_file():
             model = load_complete_model(finished, f"finished stage {stage_dir.name}")
@@ -436,7 +448,7 @@ def run_curriculum(
         save_finished_stage(model, log, finished)
         logs.append(log)
     if _is_rank_zero():
-        remove_killed_saves(Path(output_dir))
+        remove_killed_saves(output_dir)
     model.config.use_cache = True  # the Trainer turns it off in checkpoints
     return model.eval(), tokenizer, logs
 
@@ -721,12 +733,22 @@ def run_curriculum_in_processes(
         if "init_from" in recipe:
             check_init_from(recipe)
         check_run_output(output_dir, resume, always_writes=True)  # its stages' recipe, at least
-        output = Path(output_dir)
-        built_from = output / "initial" / "built_from.json"  # saved with `initial/`: it is complete
-        # `initial/` is written where the recipe names no `init_from` (also by a resume that finds none complete);
-        # one holding its `built_from.json` is a run's (stopped, maybe, before its workers recorded the run: a
-        # refused stage, a failed launch)
-        if "init_from" not in recipe and not built_from.is_file():
+    with ExitStack() as holding:
+        with input_checks():  # the workers run under this lock (`_run_torchrun`)
+            holding.enter_context(run_lock(output_dir))
+        return _launch_workers(recipe, Path(output_dir), processes, threads_per_process, resume)
+
+
+def _launch_workers(
+    recipe: Mapping, output: Path, processes: int, threads_per_process: int, resume: bool
+) -> tuple[RxTForCausalLM, PreTrainedTokenizerBase, list[StageLog]]:
+    """`run_curriculum_in_processes` once its arguments are checked, with the run lock of `output` held."""
+    built_from = output / "initial" / "built_from.json"  # saved with `initial/`: it is complete
+    # `initial/` is written where the recipe names no `init_from` (also by a resume that finds none complete); one
+    # holding its `built_from.json` is a run's (stopped, maybe, before its workers recorded the run: a refused
+    # stage, a failed launch)
+    if "init_from" not in recipe and not built_from.is_file():
+        with input_checks():
             check_fresh_output(output, ("initial",))
     stages = {key: value for key, value in recipe.items() if key not in ("tokenizer", "model")}
     built = {"tokenizer": recipe.get("tokenizer"), "model": recipe.get("model")}  # what `initial/` is built from
@@ -787,8 +809,11 @@ def _run_torchrun(recipe_path: Path, output: Path, processes: int, threads_per_p
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "modeling_rxt.training_curriculum", "--recipe", str(recipe_path),
                "--output", str(output), "--threads", str(threads_per_process)] + (["--resume"] if resume else [])
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process), "TOKENIZERS_PARALLELISM": "false"}
-    launched = subprocess.Popen(command, env=env, preexec_fn=_ended_with_this_process())
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process), "TOKENIZERS_PARALLELISM": "false",
+           HELD_BY_LAUNCHER: str(output.resolve())}  # this process holds the folder's run lock for its workers
+    lock = lock_descriptor(output)  # torchrun holds the run lock with this process: it outlives a killed launcher
+    launched = subprocess.Popen(command, env=env, preexec_fn=_ended_with_this_process(),
+                                pass_fds=() if lock is None else (lock,))
     try:
         returncode = launched.wait()
     except BaseException:  # Ctrl-C, or an error raised in this process: torchrun stops its workers on SIGTERM
@@ -847,12 +872,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(f"--output: {error}")
     torch.set_num_threads(args.threads)
-    try:
-        model, tokenizer, logs = run_curriculum(recipe, args.output, progress=_is_rank_zero(), resume=args.resume)
-    except InputError as error:  # found before training: a usage error like those of `load_recipe`
-        parser.error(one_line(error))
-    if _is_rank_zero():
-        save_trained(model, tokenizer, logs, args.output)
+    with ExitStack() as holding:
+        try:
+            holding.enter_context(run_lock(args.output))  # held through the save below
+        except FolderInUse as error:
+            parser.error(f"--output: {one_line(error)}")
+        try:
+            model, tokenizer, logs = run_curriculum(recipe, args.output, progress=_is_rank_zero(), resume=args.resume)
+        except InputError as error:  # found before training: a usage error like those of `load_recipe`
+            parser.error(one_line(error))
+        if _is_rank_zero():
+            save_trained(model, tokenizer, logs, args.output)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         leave_process_group()
     return 0

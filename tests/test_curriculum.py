@@ -494,6 +494,7 @@ def test_the_cli_reports_bad_input_found_before_training_as_a_usage_error(tokeni
         curriculum.main(["--recipe", str(path), "--output", str(tmp_path / "run")])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "error: recipe `init_from`" in error and "not a saved RxT model" in error
+    assert not (tmp_path / "run").exists()  # the run lock made it, and removed it with nothing written
 
     path.write_text(json.dumps({**recipe, "init_from": str(_saved_model(tokenizer, tmp_path / "trained"))}))
     write_json_atomic({"stages": []}, tmp_path / "other" / "run_recipe.json")
@@ -878,3 +879,81 @@ def test_resuming_in_processes_into_a_folder_without_initial_builds_it(tmp_path,
     with pytest.raises(Launched):
         curriculum.run_curriculum_in_processes(recipe, tmp_path / "run", processes=1, resume=True)
     assert (tmp_path / "run" / "initial" / "built_from.json").is_file()
+
+
+# --- One run at a time in an output folder -------------------------------------------------------------------------
+
+# Holds the run lock of a folder in another process, as a run writing there would (the lock's module alone: it needs
+# nothing of the package).
+HOLD_THE_RUN_LOCK = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("run_lock", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+with module.run_lock(sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _state_of(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` but the lock file, with its size and modification time."""
+    return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != ".run.lock"}
+
+
+def test_a_run_into_a_folder_another_run_writes_is_refused_and_changes_nothing(tokenizer, tmp_path, capsys,
+                                                                            monkeypatch):
+    """Two runs writing into one folder (a resume started while the run it resumes still trains, a fresh run over a
+    running one) deleted and replaced each other's stages. While another process runs there, every entry point
+    refuses by name, before writing anything; once that process is killed, the folder is free at once (the lock is
+    the kernel's, dropped with its process)."""
+    import modeling_rxt.training_curriculum as curriculum
+    from modeling_rxt import demo
+
+    recipe = {"init_from": str(_saved_model(tokenizer, tmp_path / "trained")), "max_length": MAX_LENGTH,
+              "stages": [stage_recipe("sft", max_steps=1, batch_size=2)]}
+    recipe_path = tmp_path / "recipe.json"
+    recipe_path.write_text(json.dumps(recipe))
+    output = tmp_path / "run"
+    run_curriculum(recipe, output, progress=False)
+    before = _state_of(output)
+    monkeypatch.setattr(curriculum, "_run_torchrun", lambda *args, **kwargs: pytest.fail("launched"))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_RUN_LOCK, str(REPO / "modeling_rxt" / "run_lock.py"),
+                               str(output)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        in_use = rf"{str(output)!r} is in use by another run \(started by process {holder.pid}\)"
+        for resume in (False, True):
+            with pytest.raises(curriculum.InputError, match=in_use):
+                run_curriculum(recipe, output, progress=False, resume=resume)
+            with pytest.raises(curriculum.InputError, match=in_use):
+                run_curriculum_in_processes(recipe, output, processes=2, resume=resume)
+        for main in (curriculum.main, demo.main):
+            with pytest.raises(SystemExit) as exit_info:
+                main(["--recipe", str(recipe_path), "--output", str(output), "--threads", "1"])
+            error = capsys.readouterr().err
+            assert exit_info.value.code == 2 and "error: --output: " in error and "in use by another run" in error
+        assert _state_of(output) == before
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    run_curriculum(recipe, output, progress=False, resume=True)  # every stage done: it loads them
+
+
+def test_the_run_lock_nests_within_a_process_and_removes_a_folder_it_made_for_nothing(tmp_path):
+    from modeling_rxt.run_lock import LOCK_FILE, lock_descriptor, run_lock
+
+    folder = tmp_path / "new" / "run"
+    with run_lock(folder):
+        descriptor = lock_descriptor(folder)
+        assert descriptor is not None and (folder / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        with run_lock(tmp_path / "new" / ".." / "new" / "run"):  # the same folder: the lock is shared
+            assert lock_descriptor(folder) == descriptor
+        assert lock_descriptor(folder) == descriptor  # the inner `with` did not release it
+    assert lock_descriptor(folder) is None
+    assert not folder.exists() and (tmp_path / "new").is_dir()  # made for a run that wrote nothing: removed
+    with run_lock(folder):
+        (folder / "stages").mkdir()
+    assert sorted(path.name for path in folder.iterdir()) == [LOCK_FILE, "stages"]  # a run's output: kept

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from modeling_rxt.data import lm_texts, load_dialogue_corpus, make_episodes
+from modeling_rxt.run_lock import LOCK_FILE, FolderInUse, run_lock
 from modeling_rxt.tokenization import train_tokenizer
 
 GLOBAL_BATCH = 4
@@ -222,6 +223,12 @@ def test_the_curriculum_in_two_processes_matches_one_process(tmp_path, monkeypat
         assert torch.equal(weight, model.state_dict()[name]), name
 
 
+def _open_files(pid: int) -> list[str]:
+    with contextlib.suppress(OSError):
+        return [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    return []
+
+
 def _processes_writing_into(folder: Path, but: int) -> list[int]:
     """The processes (but `but`) whose command line names `folder`: torchrun and its workers."""
     found = []
@@ -250,12 +257,27 @@ def test_killing_the_launcher_of_a_run_in_processes_stops_its_workers(tmp_path):
         while len(_processes_writing_into(output, launcher.pid)) < 3 and time.monotonic() < deadline:
             time.sleep(0.5)  # torchrun and its 2 workers
         assert len(_processes_writing_into(output, launcher.pid)) >= 3, "the run in processes did not start"
+        # The run lock: the launcher hands its torchrun the locked file, so it lasts until torchrun has stopped the
+        # workers, not only while the launcher lives.
+        lock = str(output / LOCK_FILE)
+        torchrun = [pid for pid in _processes_writing_into(output, launcher.pid) if lock in _open_files(pid)]
+        assert len(torchrun) == 1 and b"torch.distributed.run" in Path(f"/proc/{torchrun[0]}/cmdline").read_bytes()
+        with pytest.raises(FolderInUse, match=rf"started by process {launcher.pid}\)"), run_lock(output):
+            pass
         launcher.kill()
         launcher.wait()
         deadline = time.monotonic() + 90
         while _processes_writing_into(output, launcher.pid) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not _processes_writing_into(output, launcher.pid), "the workers outlived their launcher"
+        deadline = time.monotonic() + 30  # free once they have all ended: an exiting process's command line reads
+        while True:                       # empty before its files are closed
+            try:
+                with run_lock(output):
+                    break
+            except FolderInUse:
+                assert time.monotonic() < deadline, "the run lock outlived the run"
+                time.sleep(0.2)
     finally:
         launcher.kill()
         for pid in _processes_writing_into(output, launcher.pid):
