@@ -779,3 +779,33 @@ def test_numpy_ints_and_ranges_of_layers_and_strides_are_taken_as_ints(model, me
     settings = dict(external_memories=memory_ids, max_new_tokens=3, do_sample=False)
     assert torch.equal(model.generate(prompt(), external_memory_layers=range(1, 2), **settings),
                        model.generate(prompt(), external_memory_layers=[1], **settings))
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_joint_attention_with_no_memory_left_is_sdpa_over_the_context(is_causal, mask_kind):
+    """One softmax over retrieved memories and the local keys, with every memory slot dropped, is attention over the
+    local keys alone: causal or not (a retrieval layer in a bidirectional module; the decoder's are causal), given
+    its mask in each form an implementation passes it (none, sdpa's boolean keep-mask, eager's additive one)."""
+    from modeling_rxt.external_memory import joint_attention
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, head_dim, k = 2, 4, 2, 5, 8, 3
+    query = torch.randn(batch, heads, length, head_dim, generator=generator)
+    key, value = torch.randn(2, batch, kv_heads, length, head_dim, generator=generator)
+    memory_keys, memory_values = torch.randn(2, batch, heads, length, k, head_dim, generator=generator)
+    dropped = torch.zeros(batch, heads, length, k, dtype=torch.bool)
+    keep = torch.ones(length, length, dtype=torch.bool)
+    if is_causal:
+        keep = keep.tril()
+    else:
+        keep[1, 0] = False  # a key masked out (padding, say): the mask is more than a causal one
+    mask = {None: None, "bool": keep.expand(batch, 1, length, length),
+            "float": torch.zeros(batch, 1, length, length).masked_fill(~keep, torch.finfo(torch.float32).min)}
+    expected_mask = keep if mask_kind is not None else (torch.ones_like(keep).tril() if is_causal else None)
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=expected_mask, enable_gqa=True)
+    output, weights = joint_attention(query, key, value, mask[mask_kind], memory_keys, memory_values, dropped,
+                                      scaling=head_dim**-0.5, num_key_value_groups=heads // kv_heads,
+                                      is_causal=is_causal)
+    torch.testing.assert_close(output, expected.transpose(1, 2))
+    assert torch.all(weights[..., :k] == 0)
