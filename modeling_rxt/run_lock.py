@@ -15,16 +15,17 @@
 
 Two runs writing into one folder (a resume started while the run it resumes still trains, a fresh run started over
 a running one) would delete and replace each other's stages and checkpoints, and the model saved last would come
-from either. `run_lock(folder)` holds an exclusive lock on `folder/.run.lock` while a run writes there and refuses a
-second run by name. The lock is the operating system's (`flock`): it ends with the process that holds it, however
-that process ends, so a killed run never leaves its folder locked and a resume can start at once.
+from either. `run_lock(folder)` holds an exclusive lock on the folder while a run writes there and refuses a second
+run by name. The lock is the operating system's (`flock` on the folder itself: no lock file to create, share with a
+hard-linked copy, or leave behind): it ends with the process that holds it, however that process ends, so a killed
+run never leaves its folder locked and a resume can start at once.
 
-- Nested uses in one process share the one lock (the CLIs hold it around `run_curriculum`, which takes it too, and
-  around the saves and the evaluation that follow).
+- Nested uses in one thread share the one lock (the CLIs hold it around `run_curriculum`, which takes it too, and
+  around the saves and the evaluation that follow); another thread of the process is refused like another process.
 - Under `torchrun`, rank 0 holds it for the process group (`RANK`, which torchrun sets before anything runs), and
   the workers of `run_curriculum_in_processes` run under their launcher's: it names the folder for them in
-  `RXT_RUN_LOCK_HELD` and hands its torchrun the locked file (`lock_descriptor`), so a killed launcher's lock lasts
-  until torchrun has stopped the workers.
+  `RXT_RUN_LOCK_HELD` and hands its torchrun the locked descriptor (`lock_descriptor`), so a killed launcher's lock
+  lasts until torchrun has stopped the workers (which end with torchrun: `training_curriculum._end_with_torchrun`).
 - Where `flock` is missing (Windows) or the file system refuses it (some network mounts), runs go on unlocked, with
   a warning.
 """
@@ -34,8 +35,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
@@ -45,11 +48,17 @@ except ImportError:  # Windows
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = ".run.lock"
 HELD_BY_LAUNCHER = "RXT_RUN_LOCK_HELD"  # the folder (resolved) whose lock this process's launcher holds
 
-# folder (resolved) -> [how many nested `run_lock`s of this process hold it, the locked file's descriptor or None]
-_held_here: dict[str, list] = {}
+
+@dataclass
+class _Hold:
+    thread: int  # the thread whose run holds the folder
+    descriptor: int | None  # the locked folder's open descriptor; None where the lock is held elsewhere or not at all
+    depth: int = 1  # nested `run_lock`s of that thread
+
+
+_held_here: dict[str, _Hold] = {}  # folder (resolved) -> this process's hold on it
 
 
 class FolderInUse(ValueError):
@@ -59,67 +68,90 @@ class FolderInUse(ValueError):
 @contextmanager
 def run_lock(folder: str | Path) -> Iterator[None]:
     """Holds the run lock of `folder` (created if missing) for the `with` block; a `FolderInUse` error naming the
-    holder's process if another run holds it. A folder that this call created and that holds nothing but the lock
-    file at the end (the run refused its input) is removed again."""
+    holder's process if another run holds it. A folder that this call created and that is empty at the end (the run
+    refused its input) is removed again."""
     folder = Path(folder)
     key = str(folder.resolve())
-    if key in _held_here or os.environ.get(HELD_BY_LAUNCHER) == key or int(os.environ.get("RANK", "0")) != 0:
-        _held_here.setdefault(key, [0, None])[0] += 1
+    hold = _held_here.get(key)
+    if hold is not None and hold.thread != threading.get_ident():
+        raise FolderInUse(f"{str(folder)!r} is in use by another run of this process (another thread), which writes "
+                          "its stages and model there: wait for it to end, or write elsewhere")
+    if hold is None and (os.environ.get(HELD_BY_LAUNCHER) == key or int(os.environ.get("RANK", "0")) != 0):
+        hold = _held_here[key] = _Hold(threading.get_ident(), None, depth=0)  # held by the launcher, or rank 0
+    if hold is not None:
+        hold.depth += 1
         try:
             yield
         finally:
-            _release_nesting(key)
+            _release(key)
         return
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    lock_path = folder / LOCK_FILE
-    with open(lock_path, "a+", encoding="utf-8") as handle:  # closing it releases the lock
-        locked = _lock(handle, folder)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")  # who holds it, for the message of a refused run
-        handle.flush()
-        _held_here[key] = [1, handle.fileno() if locked else None]
-        try:
-            yield
-        finally:
-            _release_nesting(key)
-            if created and [path.name for path in folder.iterdir()] == [LOCK_FILE]:
-                lock_path.unlink()  # still locked: a run starting now makes a new folder and lock file
-                folder.rmdir()
+    descriptor = _locked_descriptor(folder)
+    _held_here[key] = _Hold(threading.get_ident(), descriptor)
+    try:
+        yield
+    finally:
+        _release(key)
+        if created:
+            try:
+                folder.rmdir()  # removes it only if the run wrote nothing there
+            except OSError:
+                pass
+        if descriptor is not None:
+            os.close(descriptor)  # releases the lock
 
 
 def lock_descriptor(folder: str | Path) -> int | None:
-    """The descriptor of the locked file where this process holds the run lock of `folder` (else None). A process
-    launched with it (`subprocess.Popen(pass_fds=...)`) holds the lock with this one: it ends when both have ended."""
-    held = _held_here.get(str(Path(folder).resolve()))
-    return held[1] if held else None
+    """The locked descriptor where this process holds the run lock of `folder` (else None). A process launched with
+    it (`subprocess.Popen(pass_fds=...)`) holds the lock with this one: it ends when both have ended."""
+    hold = _held_here.get(str(Path(folder).resolve()))
+    return hold.descriptor if hold else None
 
 
-def _release_nesting(key: str) -> None:
-    _held_here[key][0] -= 1
-    if not _held_here[key][0]:
+def _release(key: str) -> None:
+    _held_here[key].depth -= 1
+    if not _held_here[key].depth:
         del _held_here[key]
 
 
-def _lock(handle, folder: Path) -> bool:
-    """Takes the lock without waiting: True, or False where there are no file locks; `FolderInUse` if another
-    process has it."""
+def _locked_descriptor(folder: Path) -> int | None:
+    """An open descriptor of `folder`, locked without waiting; None where there are no file locks (warned);
+    `FolderInUse` if another process has the lock."""
     if fcntl is None:
         logger.warning(f"No file locks on this platform: nothing stops a second run from writing into {str(folder)!r} "
                        "while this one does.")
-        return False
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    descriptor = None
+    try:  # read-only, so that it locks a folder this process cannot write too (a finished run resumed from a copy)
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return descriptor
     except OSError as error:
-        if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            logger.warning(f"The file system of {str(folder)!r} refuses file locks ({error}): nothing stops a second "
-                           "run from writing there while this one does.")
-            return False
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        raise FolderInUse(
-            f"{str(folder)!r} is in use by another run (started by process {holder}), which writes its stages and model there: "
-            "wait for it to end (or stop it, then go on with it with `resume`, `--resume`), or write elsewhere"
-        ) from None
-    return True
+        if descriptor is not None:
+            os.close(descriptor)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) or (descriptor is not None and error.errno == errno.EACCES):
+            holder = _lock_holder(folder)
+            raise FolderInUse(
+                f"{str(folder)!r} is in use by another run (started by process {holder or 'unknown'}), which writes "
+                "its stages and model there: wait for it to end (or stop it, then go on with it with `resume`, "
+                "`--resume`), or write elsewhere"
+            ) from None
+        logger.warning(f"Cannot lock {str(folder)!r} ({error}): nothing stops a second run from writing there while "
+                       "this one does.")
+        return None
+
+
+def _lock_holder(folder: Path) -> int | None:
+    """The process that took the lock on `folder`, from Linux's /proc/locks (None elsewhere, or not found)."""
+    stat = folder.stat()
+    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii") as locks:
+            for line in locks:  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:260072 0 EOF"
+                fields = line.split()
+                if fields[1:2] == ["FLOCK"] and len(fields) > 5 and fields[5] == device:
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None

@@ -94,6 +94,7 @@ from .training import (
 # ended, `stages/NN_<stage>/FINISHED_STAGE` holding the model and its `STAGE_LOG`.
 FINISHED_STAGE, STAGE_LOG, RUN_RECIPE = "final", "stage_log.json", "run_recipe.json"
 PROCESSES_KEY, THREADS_KEY, INIT_FROM_KEY = "_processes", "_threads", "_init_from_sha256"
+LAUNCHER_PID = "RXT_RUN_LAUNCHER_PID"  # set for the workers of `run_curriculum_in_processes`
 logger = logging.getLogger(__name__)
 
 
@@ -810,7 +811,8 @@ def _run_torchrun(recipe_path: Path, output: Path, processes: int, threads_per_p
                "-m", "modeling_rxt.training_curriculum", "--recipe", str(recipe_path),
                "--output", str(output), "--threads", str(threads_per_process)] + (["--resume"] if resume else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process), "TOKENIZERS_PARALLELISM": "false",
-           HELD_BY_LAUNCHER: str(output.resolve())}  # this process holds the folder's run lock for its workers
+           HELD_BY_LAUNCHER: str(output.resolve()),  # this process holds the folder's run lock for its workers
+           LAUNCHER_PID: str(os.getpid())}  # they end with their torchrun, checked against it (`_end_with_torchrun`)
     lock = lock_descriptor(output)  # torchrun holds the run lock with this process: it outlives a killed launcher
     launched = subprocess.Popen(command, env=env, preexec_fn=_ended_with_this_process(),
                                 pass_fds=() if lock is None else (lock,))
@@ -850,6 +852,30 @@ def _ended_with_this_process():
     return end_with_parent
 
 
+def _end_with_torchrun() -> None:
+    """In a worker of `run_curriculum_in_processes`, on Linux: the kernel sends it SIGTERM when its torchrun ends.
+    torchrun starts its workers in sessions of their own and stops them itself, so a torchrun killed by SIGKILL (the
+    out-of-memory killer, a `kill -9`) left them training on, while the run lock went with their launcher and a
+    second run could start into their folder (a review)."""
+    if not sys.platform.startswith("linux"):
+        return
+    torchrun = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    # A worker gets here after seconds of imports: torchrun may have ended before the request, and the parent found
+    # above is then whoever adopted this process. Only the launcher's torchrun has the launcher for its parent.
+    if _parent_of(torchrun) != int(os.environ.get(LAUNCHER_PID, "-1")):
+        os._exit(1)
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent of process `pid` (Linux's /proc), or None if it has ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])  # "pid (command) state ppid ..."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m modeling_rxt.training_curriculum --recipe NAME_OR_JSON --output DIR`: trains through a recipe and
     saves the model, tokenizer and stage logs in DIR (`save_trained`). Under `torchrun` every process trains its
@@ -871,6 +897,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output_folder(args.output)
     except ValueError as error:
         parser.error(f"--output: {error}")
+    if os.environ.get(LAUNCHER_PID):  # a worker of `run_curriculum_in_processes`
+        _end_with_torchrun()
     torch.set_num_threads(args.threads)
     with ExitStack() as holding:
         try:

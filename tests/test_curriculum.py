@@ -888,7 +888,7 @@ def test_resuming_in_processes_into_a_folder_without_initial_builds_it(tmp_path,
 HOLD_THE_RUN_LOCK = """
 import importlib.util, sys, time
 spec = importlib.util.spec_from_file_location("run_lock", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
+module = sys.modules["run_lock"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 with module.run_lock(sys.argv[2]):
     print("held", flush=True)
@@ -897,9 +897,9 @@ with module.run_lock(sys.argv[2]):
 
 
 def _state_of(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file under `folder` but the lock file, with its size and modification time."""
+    """Every file under `folder`, with its size and modification time."""
     return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
-            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != ".run.lock"}
+            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def test_a_run_into_a_folder_another_run_writes_is_refused_and_changes_nothing(tokenizer, tmp_path, capsys,
@@ -942,18 +942,36 @@ def test_a_run_into_a_folder_another_run_writes_is_refused_and_changes_nothing(t
     run_curriculum(recipe, output, progress=False, resume=True)  # every stage done: it loads them
 
 
-def test_the_run_lock_nests_within_a_process_and_removes_a_folder_it_made_for_nothing(tmp_path):
-    from modeling_rxt.run_lock import LOCK_FILE, lock_descriptor, run_lock
+def test_the_run_lock_nests_within_a_thread_refuses_another_thread_and_writes_nothing(tmp_path):
+    """The lock is on the folder itself: it writes nothing there (a finished run resumes from a read-only copy; a
+    hard-linked copy of a run has a lock of its own), and a folder it made for a run that wrote nothing goes again.
+    Another thread of the process is another run (a notebook training in a background thread)."""
+    import threading
+
+    from modeling_rxt.run_lock import FolderInUse, lock_descriptor, run_lock
 
     folder = tmp_path / "new" / "run"
     with run_lock(folder):
         descriptor = lock_descriptor(folder)
-        assert descriptor is not None and (folder / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        assert descriptor is not None and not any(folder.iterdir())
         with run_lock(tmp_path / "new" / ".." / "new" / "run"):  # the same folder: the lock is shared
             assert lock_descriptor(folder) == descriptor
         assert lock_descriptor(folder) == descriptor  # the inner `with` did not release it
+        refused = []
+
+        def another_run():
+            try:
+                with run_lock(folder):
+                    pass
+            except FolderInUse as error:
+                refused.append(str(error))
+
+        thread = threading.Thread(target=another_run)
+        thread.start()
+        thread.join()
+        assert len(refused) == 1 and "in use by another run of this process (another thread)" in refused[0]
     assert lock_descriptor(folder) is None
     assert not folder.exists() and (tmp_path / "new").is_dir()  # made for a run that wrote nothing: removed
     with run_lock(folder):
         (folder / "stages").mkdir()
-    assert sorted(path.name for path in folder.iterdir()) == [LOCK_FILE, "stages"]  # a run's output: kept
+    assert [path.name for path in folder.iterdir()] == ["stages"]  # a run's output: kept, and nothing else

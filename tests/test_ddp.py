@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from modeling_rxt.data import lm_texts, load_dialogue_corpus, make_episodes
-from modeling_rxt.run_lock import LOCK_FILE, FolderInUse, run_lock
+from modeling_rxt.run_lock import FolderInUse, run_lock
 from modeling_rxt.tokenization import train_tokenizer
 
 GLOBAL_BATCH = 4
@@ -240,10 +240,13 @@ def _processes_writing_into(folder: Path, but: int) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers end with their launcher on Linux")
-def test_killing_the_launcher_of_a_run_in_processes_stops_its_workers(tmp_path):
-    """A launcher (`run_curriculum_in_processes`, `demo --processes 2`) killed mid-run, by SIGKILL here (a `kill PID`,
-    a restarted notebook kernel): its torchrun and workers trained on, writing stages and a model into the folder of
-    a run that had stopped, which a later resume then loaded (a review, 2026-12-07)."""
+@pytest.mark.parametrize("killed", ["launcher", "torchrun"])
+def test_killing_a_run_in_processes_stops_its_workers_and_then_frees_its_folder(tmp_path, killed):
+    """A launcher (`run_curriculum_in_processes`, `demo --processes 2`) killed mid-run by SIGKILL (a `kill PID`, a
+    restarted notebook kernel): its torchrun and workers trained on, writing stages and a model into the folder of
+    a run that had stopped, which a later resume then loaded (a review, 2026-12-07). Its torchrun killed (the
+    out-of-memory killer): the workers trained on after the run lock had gone with the launcher, and a second run
+    could start into their folder (a review). The lock lasts until every process of the run has ended."""
     output = tmp_path / "run"
     endless = {**RECIPE, "stages": [{**RECIPE["stages"][0], "max_steps": 1_000_000}]}
     script = ("import json, sys\n"
@@ -257,19 +260,17 @@ def test_killing_the_launcher_of_a_run_in_processes_stops_its_workers(tmp_path):
         while len(_processes_writing_into(output, launcher.pid)) < 3 and time.monotonic() < deadline:
             time.sleep(0.5)  # torchrun and its 2 workers
         assert len(_processes_writing_into(output, launcher.pid)) >= 3, "the run in processes did not start"
-        # The run lock: the launcher hands its torchrun the locked file, so it lasts until torchrun has stopped the
-        # workers, not only while the launcher lives.
-        lock = str(output / LOCK_FILE)
-        torchrun = [pid for pid in _processes_writing_into(output, launcher.pid) if lock in _open_files(pid)]
-        assert len(torchrun) == 1 and b"torch.distributed.run" in Path(f"/proc/{torchrun[0]}/cmdline").read_bytes()
+        torchrun, = (pid for pid in _processes_writing_into(output, launcher.pid)
+                     if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        assert str(output) in _open_files(torchrun)  # the launcher handed it the locked folder
         with pytest.raises(FolderInUse, match=rf"started by process {launcher.pid}\)"), run_lock(output):
             pass
-        launcher.kill()
+        os.kill(launcher.pid if killed == "launcher" else torchrun, signal.SIGKILL)
         launcher.wait()
         deadline = time.monotonic() + 90
         while _processes_writing_into(output, launcher.pid) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _processes_writing_into(output, launcher.pid), "the workers outlived their launcher"
+        assert not _processes_writing_into(output, launcher.pid), f"the workers outlived their {killed}"
         deadline = time.monotonic() + 30  # free once they have all ended: an exiting process's command line reads
         while True:                       # empty before its files are closed
             try:
