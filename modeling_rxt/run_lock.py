@@ -26,8 +26,9 @@ run never leaves its folder locked and a resume can start at once.
   the workers of `run_curriculum_in_processes` run under their launcher's: it names the folder for them in
   `RXT_RUN_LOCK_HELD` and hands its torchrun the locked descriptor (`lock_descriptor`), so a killed launcher's lock
   lasts until torchrun has stopped the workers (which end with torchrun: `training_curriculum._end_with_torchrun`).
-- Where `flock` is missing (Windows) or the file system refuses it (some network mounts), runs go on unlocked, with
-  a warning.
+- Where `flock` is missing (Windows) or the file system refuses it, runs go on unlocked, with a warning. On a
+  network file system (NFS, SMB) the lock keeps out the runs of this machine only, with a warning.
+- A folder moved away while its run holds it is not followed: the run writes by path, into whatever folder is there.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def run_lock(folder: str | Path) -> Iterator[None]:
     if hold is not None and hold.thread != threading.get_ident():
         raise FolderInUse(f"{str(folder)!r} is in use by another run of this process (another thread), which writes "
                           "its stages and model there: wait for it to end, or write elsewhere")
-    if hold is None and (os.environ.get(HELD_BY_LAUNCHER) == key or int(os.environ.get("RANK", "0")) != 0):
-        hold = _held_here[key] = _Hold(threading.get_ident(), None, depth=0)  # held by the launcher, or rank 0
+    if hold is None and _held_for_this_worker(key):
+        hold = _held_here[key] = _Hold(threading.get_ident(), None, depth=0)
     if hold is not None:
         hold.depth += 1
         try:
@@ -85,7 +86,7 @@ def run_lock(folder: str | Path) -> Iterator[None]:
         finally:
             _release(key)
         return
-    created = not folder.exists()
+    created = [path for path in (folder, *folder.parents) if not path.exists()]  # the folder and missing parents
     folder.mkdir(parents=True, exist_ok=True)
     descriptor = _locked_descriptor(folder)
     _held_here[key] = _Hold(threading.get_ident(), descriptor)
@@ -93,13 +94,22 @@ def run_lock(folder: str | Path) -> Iterator[None]:
         yield
     finally:
         _release(key)
-        if created:
-            try:
-                folder.rmdir()  # removes it only if the run wrote nothing there
-            except OSError:
-                pass
+        try:
+            for path in created:
+                path.rmdir()  # only where the run wrote nothing
+        except OSError:
+            pass
         if descriptor is not None:
             os.close(descriptor)  # releases the lock
+
+
+def _held_for_this_worker(key: str) -> bool:
+    """Whether this process is a torchrun worker whose folder `key` is held for it: by its launcher
+    (`run_curriculum_in_processes`), or by rank 0 of a torchrun started by the user. Outside torchrun (a variable
+    left in a notebook's environment, say) the lock is taken as usual."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    return os.environ.get(HELD_BY_LAUNCHER) == key or int(os.environ.get("RANK", "0")) != 0
 
 
 def lock_descriptor(folder: str | Path) -> int | None:
@@ -126,6 +136,10 @@ def _locked_descriptor(folder: Path) -> int | None:
     try:  # read-only, so that it locks a folder this process cannot write too (a finished run resumed from a copy)
         descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        network = _network_file_system(folder)
+        if network:  # it locks a folder in the client's kernel alone (its files' locks reach the server; a folder's not)
+            logger.warning(f"{str(folder)!r} is on a network file system ({network}): the run lock keeps out other "
+                           "runs on this machine only, not runs on other machines writing there.")
         return descriptor
     except OSError as error:
         if descriptor is not None:
@@ -155,3 +169,16 @@ def _lock_holder(folder: Path) -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def _network_file_system(folder: Path, mounts_table: str = "/proc/self/mounts") -> str | None:
+    """The type of the network file system `folder` is on (Linux's table of mounts), or None."""
+    try:
+        with open(mounts_table, encoding="utf-8", errors="replace") as mounts:
+            entries = [line.split()[1:3] for line in mounts if len(line.split()) > 2]
+    except OSError:
+        return None
+    path = str(folder.resolve())
+    mounted = [(point, kind) for point, kind in entries if path == point or path.startswith(point.rstrip("/") + "/")]
+    kind = max(mounted, key=lambda entry: len(entry[0]))[1] if mounted else ""
+    return kind if kind.split(".")[-1] in ("nfs", "nfs4", "cifs", "smb3", "9p", "sshfs") else None

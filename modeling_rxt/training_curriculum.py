@@ -863,8 +863,20 @@ def _end_with_torchrun() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     # A worker gets here after seconds of imports: torchrun may have ended before the request, and the parent found
     # above is then whoever adopted this process. Only the launcher's torchrun has the launcher for its parent.
-    if _parent_of(torchrun) != int(os.environ.get(LAUNCHER_PID, "-1")):
+    # (Not checked where /proc shows another pid namespace than this process's.)
+    if _proc_is_this_namespaces() and _parent_of(torchrun) != int(os.environ[LAUNCHER_PID]):
+        print(f"torchrun (process {torchrun}) or its launcher (process {os.environ[LAUNCHER_PID]}) ended before this "
+              "worker started: stopping", file=sys.stderr, flush=True)
         os._exit(1)
+
+
+def _proc_is_this_namespaces() -> bool:
+    """Whether /proc numbers processes as this process sees them (not in a container's own pid namespace with the
+    host's /proc mounted)."""
+    try:
+        return int(os.readlink("/proc/self")) == os.getpid()
+    except (OSError, ValueError):
+        return False
 
 
 def _parent_of(pid: int) -> int | None:
@@ -897,7 +909,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output_folder(args.output)
     except ValueError as error:
         parser.error(f"--output: {error}")
-    if os.environ.get(LAUNCHER_PID):  # a worker of `run_curriculum_in_processes`
+    if os.environ.get(LAUNCHER_PID) and "TORCHELASTIC_RUN_ID" in os.environ:  # a worker of our launcher
         _end_with_torchrun()
     torch.set_num_threads(args.threads)
     with ExitStack() as holding:

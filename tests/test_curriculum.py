@@ -971,7 +971,47 @@ def test_the_run_lock_nests_within_a_thread_refuses_another_thread_and_writes_no
         thread.join()
         assert len(refused) == 1 and "in use by another run of this process (another thread)" in refused[0]
     assert lock_descriptor(folder) is None
-    assert not folder.exists() and (tmp_path / "new").is_dir()  # made for a run that wrote nothing: removed
+    assert not (tmp_path / "new").exists()  # made, with its parent, for a run that wrote nothing: removed
     with run_lock(folder):
         (folder / "stages").mkdir()
     assert [path.name for path in folder.iterdir()] == ["stages"]  # a run's output: kept, and nothing else
+
+
+def test_the_run_lock_trusts_the_environment_only_in_a_torchrun_worker(tmp_path, monkeypatch):
+    """A worker of `run_curriculum_in_processes` runs under its launcher's lock, named in its environment; the same
+    variables left in a notebook's environment (no torchrun) must not turn the lock off."""
+    from modeling_rxt.run_lock import HELD_BY_LAUNCHER, lock_descriptor, run_lock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    monkeypatch.setenv(HELD_BY_LAUNCHER, str(folder.resolve()))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with run_lock(folder):
+        assert lock_descriptor(folder) is not None  # taken here
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    with run_lock(folder):
+        assert lock_descriptor(folder) is None  # held by the launcher
+
+
+def test_a_worker_whose_launcher_is_gone_stops_saying_why(tmp_path):
+    """`_end_with_torchrun` in a process whose parent's parent is not the launcher named in its environment (its
+    torchrun ended while it was starting): exit code 1 with one line, not a silent exit; with the right launcher it
+    goes on."""
+    from modeling_rxt.training_curriculum import LAUNCHER_PID
+
+    script = "from modeling_rxt.training_curriculum import _end_with_torchrun\n_end_with_torchrun()\nprint('went on')"
+    for launcher, code, said in ((os.getppid(), 0, "went on"), (os.getppid() + 100_000, 1, "ended before this worker")):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, LAUNCHER_PID: str(launcher), "PYTHONPATH": str(REPO)})
+        assert done.returncode == code and said in done.stdout + done.stderr, done.stderr[-2000:]
+
+
+def test_the_run_lock_warns_that_a_network_file_system_locks_one_machine(tmp_path):
+    from modeling_rxt.run_lock import _network_file_system
+
+    table = tmp_path / "mounts"
+    table.write_text(f"server:/export {tmp_path / 'shared'} nfs4 rw 0 0\n/dev/sda1 / ext4 rw 0 0\n")
+    assert _network_file_system(tmp_path / "shared" / "run", str(table)) == "nfs4"
+    assert _network_file_system(tmp_path / "sharedother", str(table)) is None
+    assert _network_file_system(tmp_path / "local", str(table)) is None
