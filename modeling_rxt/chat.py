@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import numbers
 import os
@@ -51,6 +52,8 @@ from .modeling_rxt_wrappers import execution_device, holds_injected_adapters
 from .tokenization import (
     ANSWER_TOKEN, EOS_TOKEN, check_chat_template, check_turn_tokens, decode_answer, encode_chat_prompt,
 )
+
+logger = logging.getLogger(__name__)
 
 SESSION_FILE = "session.json"
 MEMORY_DIR = re.compile(r"memory-[0-9a-f]{32}")  # the memory folders `save` names
@@ -278,6 +281,15 @@ class RxTChatSession:
         errors: list[BaseException] = []
         inside_a_turn = _inside_a_turn()  # this thread waits for the worker meanwhile
         autocast = _autocast_here(self.model)  # the caller's, which `send` in this thread would answer under
+        stopped_reading, logged, report = threading.Event(), threading.Event(), threading.Lock()
+
+        def log_if_unseen():
+            """Logs the worker's error where the caller stopped reading first: nobody will raise it."""
+            with report:
+                if stopped_reading.is_set() and errors and not logged.is_set():
+                    logged.set()
+                    logger.error(f"A streamed turn failed after its caller stopped reading the answer; the turn is "
+                                 f"not in the session: {errors[0]!r}", exc_info=errors[0])
 
         def run():
             # The worker's turn is nested in the caller's: it must not wait for locks either (see `_holding`).
@@ -288,10 +300,16 @@ class RxTChatSession:
             except BaseException as error:  # surfaced in the caller's thread below
                 errors.append(error)
                 streamer.end()
+                log_if_unseen()
 
         worker = threading.Thread(target=run, name="rxt-chat-generate")
         worker.start()
-        yield from streamer
+        try:
+            yield from streamer
+        except GeneratorExit:  # the caller stopped reading: the turn goes on in the worker, as Llama's streamer does
+            stopped_reading.set()
+            log_if_unseen()
+            raise
         worker.join()
         if errors:
             raise errors[0]

@@ -109,6 +109,46 @@ def test_stream_yields_the_answer_text(model, tokenizer):
     assert session.timings[-1].first_token_s is not None
 
 
+def _join_stream_workers():
+    for thread in threading.enumerate():
+        if thread.name == "rxt-chat-generate":
+            thread.join(30)
+
+
+@pytest.mark.parametrize("fails", ["after the caller stops reading", "before the caller stops reading"])
+def test_a_streamed_turn_that_fails_once_its_caller_stopped_reading_is_logged(model, tokenizer, caplog, fails):
+    """The caller reads one piece and drops the stream; the turn goes on in the worker (as Llama's streamer thread
+    does) and fails there, or had failed unread. Nobody is left to raise the error: it is logged, and the turn is not
+    in the session (a review found it lost without a word)."""
+    session = RxTChatSession(model, tokenizer)
+    dropped = threading.Event()
+
+    class Fails(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == 8:
+                if fails == "after the caller stops reading":
+                    assert dropped.wait(10), "the caller never dropped the stream"
+                raise RuntimeError("broke mid-answer")
+            return scores
+
+    with caplog.at_level("ERROR", logger="modeling_rxt.chat"):
+        pieces = session.stream(TEXTS[0], max_new_tokens=12, min_new_tokens=12, suppress_tokens=WORDS["suppress_tokens"],
+                                logits_processor=LogitsProcessorList([Fails()]))
+        assert next(pieces)
+        if fails == "before the caller stops reading":
+            _join_stream_workers()
+        pieces.close()
+        dropped.set()
+        _join_stream_workers()
+    assert caplog.text.count("A streamed turn failed after its caller stopped reading") == 1
+    assert "A streamed turn failed after its caller stopped reading" in caplog.text
+    assert "broke mid-answer" in caplog.text and session.messages == []
+    session.close()
+
+
 def test_first_token_time_is_taken_when_the_first_answer_token_arrives(model, tokenizer):
     """Every forward pass sleeps 0.1 s: the first answer token comes after one pass (not with the prompt, which
     `generate` streams first), and four more passes follow it."""
