@@ -281,15 +281,18 @@ class RxTChatSession:
         errors: list[BaseException] = []
         inside_a_turn = _inside_a_turn()  # this thread waits for the worker meanwhile
         autocast = _autocast_here(self.model)  # the caller's, which `send` in this thread would answer under
-        stopped_reading, logged, report = threading.Event(), threading.Event(), threading.Lock()
+        caller = {"stopped_reading": False, "told": False}  # under `report`
+        report = threading.Lock()
+        log = logger  # held here: a stream dropped at interpreter exit is closed after the module's globals are gone
 
-        def log_if_unseen():
-            """Logs the worker's error where the caller stopped reading first: nobody will raise it."""
+        def tell_if_nobody_will(caller_stopped_reading: bool = False):
+            """Logs the worker's error once the caller has stopped reading: nobody is left to raise it to."""
             with report:
-                if stopped_reading.is_set() and errors and not logged.is_set():
-                    logged.set()
-                    logger.error(f"A streamed turn failed after its caller stopped reading the answer; the turn is "
-                                 f"not in the session: {errors[0]!r}", exc_info=errors[0])
+                caller["stopped_reading"] |= caller_stopped_reading
+                if caller["stopped_reading"] and errors and not caller["told"]:
+                    caller["told"] = True
+                    log.error(f"A streamed turn failed, and its caller had stopped reading the answer; the turn is "
+                              f"not in the session: {errors[0]!r}", exc_info=errors[0])
 
         def run():
             # The worker's turn is nested in the caller's: it must not wait for locks either (see `_holding`).
@@ -300,16 +303,19 @@ class RxTChatSession:
             except BaseException as error:  # surfaced in the caller's thread below
                 errors.append(error)
                 streamer.end()
-                log_if_unseen()
+                tell_if_nobody_will()
 
         worker = threading.Thread(target=run, name="rxt-chat-generate")
         worker.start()
+        read_to_the_end = False
         try:
             yield from streamer
-        except GeneratorExit:  # the caller stopped reading: the turn goes on in the worker, as Llama's streamer does
-            stopped_reading.set()
-            log_if_unseen()
-            raise
+            read_to_the_end = True
+        finally:
+            # Not read to the end (the generator closed, a Ctrl-C while waiting for a piece): the turn goes on in the
+            # worker, as a `generate` thread feeding transformers' streamer would, and nobody waits for it.
+            if not read_to_the_end:
+                tell_if_nobody_will(caller_stopped_reading=True)
         worker.join()
         if errors:
             raise errors[0]

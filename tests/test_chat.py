@@ -115,11 +115,12 @@ def _join_stream_workers():
             thread.join(30)
 
 
+@pytest.mark.parametrize("stopped", ["closed", "ctrl-c"])
 @pytest.mark.parametrize("fails", ["after the caller stops reading", "before the caller stops reading"])
-def test_a_streamed_turn_that_fails_once_its_caller_stopped_reading_is_logged(model, tokenizer, caplog, fails):
-    """The caller reads one piece and drops the stream; the turn goes on in the worker (as Llama's streamer thread
-    does) and fails there, or had failed unread. Nobody is left to raise the error: it is logged, and the turn is not
-    in the session (a review found it lost without a word)."""
+def test_a_streamed_turn_whose_caller_stopped_reading_logs_its_error(model, tokenizer, caplog, fails, stopped):
+    """The caller reads one piece and stops: it closes the stream, or a Ctrl-C reaches it while it waits for the
+    next piece. The turn goes on in the worker and fails there, or had failed unread. Nobody is left to raise the
+    error: it is logged once, and the turn is not in the session (a review found it lost without a word)."""
     session = RxTChatSession(model, tokenizer)
     dropped = threading.Event()
 
@@ -130,7 +131,7 @@ def test_a_streamed_turn_that_fails_once_its_caller_stopped_reading_is_logged(mo
             self.calls += 1
             if self.calls == 8:
                 if fails == "after the caller stops reading":
-                    assert dropped.wait(10), "the caller never dropped the stream"
+                    assert dropped.wait(10), "the caller never stopped reading"
                 raise RuntimeError("broke mid-answer")
             return scores
 
@@ -140,11 +141,14 @@ def test_a_streamed_turn_that_fails_once_its_caller_stopped_reading_is_logged(mo
         assert next(pieces)
         if fails == "before the caller stops reading":
             _join_stream_workers()
-        pieces.close()
+        if stopped == "closed":
+            pieces.close()
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                pieces.throw(KeyboardInterrupt)  # where the caller waits for a piece
         dropped.set()
         _join_stream_workers()
-    assert caplog.text.count("A streamed turn failed after its caller stopped reading") == 1
-    assert "A streamed turn failed after its caller stopped reading" in caplog.text
+    assert caplog.text.count("A streamed turn failed, and its caller had stopped reading the answer") == 1
     assert "broke mid-answer" in caplog.text and session.messages == []
     session.close()
 
