@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,10 +88,9 @@ def run_lock(folder: str | Path) -> Iterator[None]:
             _release(key)
         return
     created = [path for path in (folder, *folder.parents) if not path.exists()]  # the folder and missing parents
-    folder.mkdir(parents=True, exist_ok=True)
     descriptor = _locked_descriptor(folder)
-    _held_here[key] = _Hold(threading.get_ident(), descriptor)
     try:
+        _held_here[key] = _Hold(threading.get_ident(), descriptor)
         yield
     finally:
         _release(key)
@@ -126,34 +126,64 @@ def _release(key: str) -> None:
 
 
 def _locked_descriptor(folder: Path) -> int | None:
-    """An open descriptor of `folder`, locked without waiting; None where there are no file locks (warned);
-    `FolderInUse` if another process has the lock."""
+    """Makes `folder` if missing and returns an open descriptor of it, locked without waiting; None where there are
+    no file locks (warned); `FolderInUse` if another process has the lock."""
+    folder.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         logger.warning(f"No file locks on this platform: nothing stops a second run from writing into {str(folder)!r} "
                        "while this one does.")
         return None
-    descriptor = None
-    try:  # read-only, so that it locks a folder this process cannot write too (a finished run resumed from a copy)
-        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        network = _network_file_system(folder)
-        if network:  # it locks a folder in the client's kernel alone (its files' locks reach the server; a folder's not)
-            logger.warning(f"{str(folder)!r} is on a network file system ({network}): the run lock keeps out other "
-                           "runs on this machine only, not runs on other machines writing there.")
-        return descriptor
-    except OSError as error:
-        if descriptor is not None:
+    for _ in range(10):
+        try:  # read-only, so that it locks a folder this process cannot write too (a finished run resumed from a copy)
+            descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:  # removed meanwhile, by the cleanup of a run that made it and wrote nothing
+            folder.mkdir(parents=True, exist_ok=True)
+            continue
+        except OSError as error:
+            return _unlocked(folder, error)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _is_the_folder_there(descriptor, folder):
+                _warn_if_on_a_network(folder)
+                return descriptor
+        except OSError as error:
             os.close(descriptor)
-        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) or (descriptor is not None and error.errno == errno.EACCES):
-            holder = _lock_holder(folder)
-            raise FolderInUse(
-                f"{str(folder)!r} is in use by another run (started by process {holder or 'unknown'}), which writes "
-                "its stages and model there: wait for it to end (or stop it, then go on with it with `resume`, "
-                "`--resume`), or write elsewhere"
-            ) from None
-        logger.warning(f"Cannot lock {str(folder)!r} ({error}): nothing stops a second run from writing there while "
-                       "this one does.")
-        return None
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise FolderInUse(
+                    f"{str(folder)!r} is in use by another run (started by process {_lock_holder(folder) or 'unknown'}"
+                    "), which writes its stages and model there: wait for it to end (or stop it, then go on with it "
+                    "with `resume`, `--resume`), or write elsewhere"
+                ) from None
+            return _unlocked(folder, error)
+        except BaseException:  # a Ctrl-C: no locked descriptor left open for the rest of the process
+            os.close(descriptor)
+            raise
+        os.close(descriptor)  # it locked a folder removed since it was opened: lock the one there now
+        folder.mkdir(parents=True, exist_ok=True)
+    raise FolderInUse(f"{str(folder)!r} was removed and made again ten times while this run took its lock: other runs "
+                      "are starting and stopping there")
+
+
+def _is_the_folder_there(descriptor: int, folder: Path) -> bool:
+    """Whether the open `descriptor` is the folder that `folder` names now (not one removed since it was opened)."""
+    try:
+        there = folder.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(descriptor)
+    return (there.st_dev, there.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _unlocked(folder: Path, error: OSError) -> None:
+    logger.warning(f"Cannot lock {str(folder)!r} ({error}): nothing stops a second run from writing there while this "
+                   "one does.")
+
+
+def _warn_if_on_a_network(folder: Path) -> None:
+    network = _network_file_system(folder)
+    if network:  # the client's kernel alone locks a folder there (a file's lock reaches the server; a folder's not)
+        logger.warning(f"{str(folder)!r} is on a network file system ({network}): the run lock keeps out other runs "
+                       "on this machine only, not runs on other machines writing there.")
 
 
 def _lock_holder(folder: Path) -> int | None:
@@ -178,6 +208,8 @@ def _network_file_system(folder: Path, mounts_table: str = "/proc/self/mounts") 
             entries = [line.split()[1:3] for line in mounts if len(line.split()) > 2]
     except OSError:
         return None
+    # The table writes a space, tab, newline or backslash in a mount point as an octal escape (a space as 040).
+    entries = [(re.sub(r"\\([0-7]{3})", lambda escape: chr(int(escape[1], 8)), point), kind) for point, kind in entries]
     path = str(folder.resolve())
     mounted = [(point, kind) for point, kind in entries if path == point or path.startswith(point.rstrip("/") + "/")]
     kind = max(mounted, key=lambda entry: len(entry[0]))[1] if mounted else ""

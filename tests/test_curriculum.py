@@ -1011,7 +1011,59 @@ def test_the_run_lock_warns_that_a_network_file_system_locks_one_machine(tmp_pat
     from modeling_rxt.run_lock import _network_file_system
 
     table = tmp_path / "mounts"
-    table.write_text(f"server:/export {tmp_path / 'shared'} nfs4 rw 0 0\n/dev/sda1 / ext4 rw 0 0\n")
+    table.write_text(f"server:/export {tmp_path / 'shared'} nfs4 rw 0 0\n/dev/sda1 / ext4 rw 0 0\n"
+                     f"server:/b {tmp_path / 'with'}\\040space cifs rw 0 0\n")  # the table's escape of a space
     assert _network_file_system(tmp_path / "shared" / "run", str(table)) == "nfs4"
+    assert _network_file_system(tmp_path / "with space" / "run", str(table)) == "cifs"
     assert _network_file_system(tmp_path / "sharedother", str(table)) is None
     assert _network_file_system(tmp_path / "local", str(table)) is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open descriptors in Linux's /proc")
+def test_the_run_lock_locks_the_folder_there_when_it_is_removed_or_made_again_meanwhile(tmp_path, monkeypatch):
+    """Another run's cleanup may remove the folder (it made it, and wrote nothing) between this run's open and its
+    lock: the lock must end on the folder that is there, not on a removed one, and a Ctrl-C on the way leaves no
+    locked descriptor open (a review)."""
+    import fcntl
+
+    import modeling_rxt.run_lock as run_lock_module
+    from modeling_rxt.run_lock import lock_descriptor, run_lock
+
+    folder = tmp_path / "run"
+    plain_open, plain_flock = os.open, fcntl.flock
+    events = []
+
+    def open_then_replace(path, flags, *args):
+        descriptor = plain_open(path, flags, *args)
+        if not events:  # the first open: the folder is removed and made again before the lock
+            events.append("replaced")
+            os.rmdir(path)
+            os.mkdir(path)
+        return descriptor
+
+    monkeypatch.setattr(run_lock_module.os, "open", open_then_replace)
+    with run_lock(folder):
+        (folder / "stages").mkdir()
+        assert os.fstat(lock_descriptor(folder)).st_ino == folder.stat().st_ino
+    assert events == ["replaced"]
+
+    def removed_before_open(path, flags, *args):
+        if Path(path) == tmp_path / "gone" and not (tmp_path / "gone-seen").exists():
+            (tmp_path / "gone-seen").touch()
+            os.rmdir(path)
+        return plain_open(path, flags, *args)
+
+    monkeypatch.setattr(run_lock_module.os, "open", removed_before_open)
+    with run_lock(tmp_path / "gone"):
+        assert lock_descriptor(tmp_path / "gone") is not None
+    monkeypatch.setattr(run_lock_module.os, "open", plain_open)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    open_before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(run_lock_module.fcntl, "flock", interrupted)
+    with pytest.raises(KeyboardInterrupt), run_lock(folder):
+        pass
+    monkeypatch.setattr(run_lock_module.fcntl, "flock", plain_flock)
+    assert len(os.listdir("/proc/self/fd")) == open_before

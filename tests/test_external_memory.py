@@ -794,7 +794,7 @@ def test_joint_attention_with_no_memory_left_is_sdpa_over_the_context(is_causal,
     query = torch.randn(batch, heads, length, head_dim, generator=generator)
     key, value = torch.randn(2, batch, kv_heads, length, head_dim, generator=generator)
     memory_keys, memory_values = torch.randn(2, batch, heads, length, k, head_dim, generator=generator)
-    dropped = torch.zeros(batch, heads, length, k, dtype=torch.bool)
+    valid = torch.zeros(batch, heads, length, k, dtype=torch.bool)  # every retrieved memory dropped
     keep = torch.ones(length, length, dtype=torch.bool)
     if is_causal:
         keep = keep.tril()
@@ -804,7 +804,7 @@ def test_joint_attention_with_no_memory_left_is_sdpa_over_the_context(is_causal,
             "float": torch.zeros(batch, 1, length, length).masked_fill(~keep, torch.finfo(torch.float32).min)}
     expected_mask = keep if mask_kind is not None else (torch.ones_like(keep).tril() if is_causal else None)
     expected = F.scaled_dot_product_attention(query, key, value, attn_mask=expected_mask, enable_gqa=True)
-    output, weights = joint_attention(query, key, value, mask[mask_kind], memory_keys, memory_values, dropped,
+    output, weights = joint_attention(query, key, value, mask[mask_kind], memory_keys, memory_values, valid,
                                       scaling=head_dim**-0.5, num_key_value_groups=heads // kv_heads,
                                       is_causal=is_causal)
     torch.testing.assert_close(output, expected.transpose(1, 2))
