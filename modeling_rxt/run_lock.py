@@ -188,9 +188,9 @@ def _warn_if_on_a_network(folder: Path) -> None:
 
 def _lock_holder(folder: Path) -> int | None:
     """The process that took the lock on `folder`, from Linux's /proc/locks (None elsewhere, or not found)."""
-    stat = folder.stat()
-    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
     try:
+        stat = folder.stat()
+        device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
         with open("/proc/locks", encoding="ascii") as locks:
             for line in locks:  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:260072 0 EOF"
                 fields = line.split()

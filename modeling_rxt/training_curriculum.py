@@ -864,13 +864,13 @@ def _end_with_torchrun() -> None:
     # A worker gets here after seconds of imports: torchrun may have ended before the request, and the parent found
     # above is then whoever adopted this process. Only the launcher's torchrun has the launcher for its parent.
     # (Not checked where /proc shows another pid namespace than this process's.)
-    if _proc_is_this_namespaces() and _parent_of(torchrun) != int(os.environ[LAUNCHER_PID]):
+    if _proc_shows_this_namespace() and _parent_of(torchrun) != int(os.environ[LAUNCHER_PID]):
         print(f"torchrun (process {torchrun}) or its launcher (process {os.environ[LAUNCHER_PID]}) ended before this "
               "worker started: stopping", file=sys.stderr, flush=True)
         os._exit(1)
 
 
-def _proc_is_this_namespaces() -> bool:
+def _proc_shows_this_namespace() -> bool:
     """Whether /proc numbers processes as this process sees them (not in a container's own pid namespace with the
     host's /proc mounted)."""
     try:
