@@ -14,6 +14,8 @@ keys are ignored):
      "recall_memory_reset": {"1": 0.01, ...} | 0.012,             the same questions, memory reset before them
      "chance": 0.01,                                              accuracy of a uniform guess
      "recall": 0.87, "recall_reset": 0.011,                       optional: over all distances
+     "recall_own_replies": 0.85,                                  optional: the same with the model's own replies to
+                                                                  statements written to its memory
      "questions_by_distance": {"1": 120, ...}, "questions": 800,  optional: how many questions
      "split": "test",                                             optional
      "weights_fingerprint": "sha256:<64 hex digits>",             optional: the weights measured (the export checks it;
@@ -66,6 +68,7 @@ class Evaluation:
     source: str
     recall: float | None = None
     recall_reset: float | None = None
+    recall_own_replies: float | None = None  # the model's own replies to statements written to its memory
     questions_by_distance: dict[int, int] | None = None
     questions: int | None = None
     split: str | None = None
@@ -180,6 +183,7 @@ def read_evaluation(path: str | Path) -> Evaluation:
         source=path.name,
         recall=_optional(data, "recall", _fraction, where),
         recall_reset=_optional(data, "recall_reset", _fraction, where),
+        recall_own_replies=_optional(data, "recall_own_replies", _fraction, where),
         questions_by_distance=_optional(
             data, "questions_by_distance", lambda value, name: _by_distance(value, name, read=_count), where),
         questions=_optional(data, "questions", _count, where),
@@ -332,6 +336,12 @@ def _results_section(evaluation: Evaluation | None, code: ExportedCode | None) -
     ]
     if not isinstance(evaluation.recall_memory_reset, dict):
         lines += ["", f"With the memory reset before each question: {_percent(evaluation.recall_memory_reset)}."]
+    lines += ["", "The evaluation writes each turn to the memory with the episode's own reply to a statement (a correct "
+              "acknowledgement, which restates the value) and the model's own answer to a question."]
+    if evaluation.recall_own_replies is not None:
+        lines[-1] += (" With the model's own replies written at every turn, as in a conversation through the model's "
+                      f"API (a misspelt acknowledgement writes the misspelt value), recall over all distances is "
+                      f"{_percent(evaluation.recall_own_replies)}.")
     lines += ["", f"Chance level (a uniform guess among the held-out values): {_percent(evaluation.chance)}."]
     external = evaluation.external_memory
     if external is not None:

@@ -213,6 +213,11 @@ def _evaluate_and_report(args: argparse.Namespace, model, tokenizer, logs, model
     eval_start = time.perf_counter()
     result = evaluate_recall(model, tokenizer, episodes, batch_size=settings.get("batch_size", 100), progress=True)
     examples = result.pop("examples")
+    # The same episodes with the model's own replies to statements written to its memory, as through the public API
+    # (the figures above write the episode's correct acknowledgements; evaluation.py's docstring).
+    own = evaluate_recall(model, tokenizer, episodes, batch_size=settings.get("batch_size", 100), own_replies=True)
+    result["recall_own_replies"] = own["recall"]
+    result["recall_by_distance_own_replies"] = own["recall_by_distance"]
     report = {
         **result,
         # The weights just saved in `model_dir` and evaluated here: the export refuses an eval.json of other weights.
@@ -254,6 +259,10 @@ def _print_recall(result: dict) -> None:
     for distance, accuracy in result["recall_by_distance"].items():
         print(f"    {distance} turns back: {accuracy:6.1%} / {result['recall_memory_reset'][distance]:6.1%}"
               f"   ({result['questions_by_distance'][distance]} questions)")
+    if "recall_own_replies" in result:
+        print("[demo] with the model's own replies to statements written to its memory (as through the public API): "
+              f"{result['recall_own_replies']:.1%} overall; by distance " + ", ".join(
+                  f"{distance}: {accuracy:.1%}" for distance, accuracy in result["recall_by_distance_own_replies"].items()))
     print("[demo] the same by memory writes before the question: " + ", ".join(
         f"{writes}: {accuracy:.0%}" for writes, accuracy in result["recall_by_writes"].items()))
     print("[demo] the same by different facts stated before the question: " + ", ".join(

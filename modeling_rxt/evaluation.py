@@ -1,6 +1,6 @@
 """Does the memory remember? Exact-match recall of facts by how many turns ago they were stated.
 
-The model plays held-out episodes turn by turn, as in a real conversation:
+The model plays held-out episodes turn by turn:
 
 * at an ask turn it answers greedily with `generate` from the prompt `[BOS][Q] question[A]`, reading the memory
   written by all previous turns, and the answer is scored against the expected value (`data.exact_match`: the
@@ -9,7 +9,11 @@ The model plays held-out episodes turn by turn, as in a real conversation:
   memory the model can only guess, so this should sit near chance);
 * then the interaction is written to memory: the episode's own query and answer for tells, updates and chat, but
   the model's OWN answer for asks (a wrong answer is not replaced by the right one, which would re-state the fact
-  for free and shorten the distance of later questions about it).
+  for free and shorten the distance of later questions about it). The episode's own replies to statements are
+  correct acknowledgements ("ok, your door code is 9718"), which restate the value as it was given;
+* with `own_replies=True`, the model's own greedy reply is written at every turn instead, as in a conversation
+  through the public API (`RxTChatSession`, `generate` + `update_memory`): an acknowledgement that misspells the
+  value writes the misspelt value (the demo reports both; README, Training).
 
 `fact_distance` (`data.make_episodes`) is the number of turns since the value was last in the conversation (1 = the
 previous turn): since the last statement of the fact, or since an earlier question about it when there is one after
@@ -134,7 +138,8 @@ def _count(counts: dict[str, dict[int, int]], distance: int, correct: bool, corr
 
 
 @torch.no_grad()
-def _play_batch(model, tokenizer, episodes: Sequence[Episode], counts, examples: list, max_new_tokens: int) -> None:
+def _play_batch(model, tokenizer, episodes: Sequence[Episode], counts, examples: list, max_new_tokens: int,
+                own_replies: bool = False) -> None:
     """Plays a batch of episodes with the same number of turns, in parallel, updating `counts` and `examples`."""
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     max_position = model.config.max_position_embeddings  # what `validate_episode` checked, not the tokenizer's
@@ -145,6 +150,13 @@ def _play_batch(model, tokenizer, episodes: Sequence[Episode], counts, examples:
             encode_interaction(tokenizer, e.turns[turn].query, e.turns[turn].answer, max_position)["input_ids"]
             for e in episodes
         ]
+        if own_replies:  # the model's own replies to the other turns, as long as it makes them (up to its [EOS])
+            others = [i for i in range(len(episodes)) if i not in rows]
+            if others:
+                queries = [episodes[i].turns[turn].query for i in others]
+                replies = answer_questions(model, tokenizer, queries, state.select(others), max_position)
+                for i, query, reply in zip(others, queries, replies, strict=True):
+                    interactions[i] = encode_query(tokenizer, query, max_length=max_position)["input_ids"] + reply
         if rows:
             queries = [episodes[i].turns[turn].query for i in rows]
             answers = answer_questions(model, tokenizer, queries, state.select(rows), max_new_tokens)
@@ -176,8 +188,10 @@ def evaluate_recall(
     batch_size: int = 64,
     max_new_tokens: int = 16,
     progress: bool = False,
+    own_replies: bool = False,
 ) -> dict:
-    """Exact-match recall on `episodes` (see the module docstring), with and without memory.
+    """Exact-match recall on `episodes` (see the module docstring), with and without memory; with `own_replies`,
+    the model's own replies to statements are written to its memory instead of the episode's.
 
     Returns a JSON-ready dict: `recall_by_distance` and `recall_memory_reset` ({distance: accuracy}),
     `questions_by_distance`, `recall_by_writes` and `questions_by_writes` (the same by the number of memory writes
@@ -196,6 +210,8 @@ def evaluate_recall(
         raise ValueError("`episodes` is empty")
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("max_new_tokens", max_new_tokens)
+    if not isinstance(own_replies, bool):
+        raise TypeError(f"`own_replies` must be True or False, got {own_replies!r}")
     for index, episode in enumerate(episodes):
         validate_episode(episode, tokenizer, model.config.max_position_embeddings, index=index)
     splits = sorted({episode.split for episode in episodes})
@@ -213,7 +229,7 @@ def evaluate_recall(
     counts, examples = _empty_counts(), []
     with _eval_mode(model):
         for batch in batches:
-            _play_batch(model, tokenizer, batch, counts, examples, max_new_tokens)
+            _play_batch(model, tokenizer, batch, counts, examples, max_new_tokens, own_replies)
     return _summarise(counts, examples, chance_accuracy(split, episodes))
 
 

@@ -326,3 +326,34 @@ def test_the_answer_written_to_memory_ends_at_its_first_eos(tokenizer, monkeypat
     ids, mask = written[-1]
     row = ids[0][mask[0].bool()].tolist()
     assert row.count(eos) == 1 and row[-1] == eos
+
+
+def test_own_replies_play_the_episodes_as_a_conversation_through_the_public_api(tokenizer):
+    """`own_replies=True` writes the model's own greedy reply at every turn, as `generate(memory_state=...)` then
+    `update_memory` does for a user: its answers are those of that replay, question by question. (The default
+    writes the episode's own acknowledgements of statements, which restate the value correctly; a review found
+    recall 93.8% that way and 85.1% through the public API for the demo model.)"""
+    from modeling_rxt.data import answer_value
+    from modeling_rxt.tokenization import EOS_TOKEN, decode_answer, encode_query
+
+    model = tiny_model(tokenizer, seed=5).eval()
+    episodes = make_episodes(3, turns=6, split="test", seed=0)
+    result = evaluate_recall(model, tokenizer, episodes, batch_size=1, own_replies=True)
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    replayed = []
+    with torch.no_grad():
+        for episode in episodes:
+            state = model.init_memory(1)
+            for turn in episode.turns:
+                prompt = encode_query(tokenizer, turn.query, max_length=MAX_LENGTH)["input_ids"]
+                budget = 16 if turn.kind == ASK else MAX_LENGTH  # the evaluator's answer length; a reply's is open
+                generated = model.generate(torch.tensor([prompt]), memory_state=state, do_sample=False,
+                                           max_new_tokens=min(budget, MAX_LENGTH - len(prompt) - 1),
+                                           eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+                reply = (generated[: generated.index(eos)] if eos in generated else generated) + [eos]
+                if turn.kind == ASK:
+                    replayed.append(answer_value(decode_answer(tokenizer, reply)))
+                state = model.update_memory(state, torch.tensor([prompt + reply]))
+    assert [example["answer"] for example in result["examples"]] == replayed
+    with pytest.raises(TypeError, match="`own_replies` must be True or False"):
+        evaluate_recall(model, tokenizer, episodes, own_replies="yes")

@@ -374,6 +374,25 @@ def test_the_card_body_shows_every_figure_of_its_model_index(source_model, tmp_p
     assert "| 8 |  | 30.0% |  |" in body and "| all |  | 1.4% | 0 |" in body
 
 
+def test_the_card_says_how_the_evaluation_wrote_the_memory_and_what_own_replies_give(source_model, tmp_path):
+    """The evaluation writes the episode's correct acknowledgements of statements; a user's conversation writes the
+    model's own (an audit found 93.8% against 85.1% for the demo model): the card says which, and gives the latter
+    where the evaluation JSON has it."""
+    from hub_export.model_card import build_model_card
+
+    path = tmp_path / "eval.json"
+    measured = {"recall_by_distance": {"1": 0.9}, "chance": 0.01, "recall_memory_reset": 0.0, "recall": 0.938}
+    path.write_text(json.dumps(measured))
+    body = build_model_card(source_model, model_id=REPO_ID, evaluation=read_evaluation(path)).text
+    assert "with the episode's own reply to a statement" in body and "own replies written" not in body
+    path.write_text(json.dumps({**measured, "recall_own_replies": 0.851}))
+    body = build_model_card(source_model, model_id=REPO_ID, evaluation=read_evaluation(path)).text
+    assert "With the model's own replies written at every turn" in body and "recall over all distances is 85.1%" in body
+    path.write_text(json.dumps({**measured, "recall_own_replies": 1.5}))
+    with pytest.raises(ValueError, match="recall_own_replies"):
+        read_evaluation(path)
+
+
 def test_card_body_is_generated_from_the_model(exported, source_model):
     text = (exported.dest / "README.md").read_text()
     counts = source_model.parameter_counts()
