@@ -34,6 +34,7 @@ from training_helpers import (  # noqa: F401 (fixtures are used by name)
     MAX_LENGTH,
     one_thread,
     REPO,
+    saved_model,
     stage_recipe,
     tiny_model,
     tokenizer,
@@ -367,17 +368,11 @@ def test_the_recipe_limits_are_those_of_the_code_that_runs_later(tokenizer):
         (loss_sum / weight).backward()
 
 
-def _saved_model(tokenizer, folder: Path) -> Path:
-    tiny_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_a_recipe_refuses_a_max_length_the_model_of_init_from_cannot_take(tokenizer, tmp_path):
     """The stages keep interactions of up to `max_length` tokens: the first longer than the saved model takes would
     fail in the middle of a stage, so such a recipe is refused before anything trains (in this process also when
     training in several, where it would fail in each worker)."""
-    saved = _saved_model(tokenizer, tmp_path / "trained")
+    saved = saved_model(tokenizer, tmp_path / "trained")
     recipe = {"init_from": str(saved), "max_length": MAX_LENGTH + 1, "stages": [stage_recipe("sft", max_steps=1)]}
     message = rf"`max_length` \({MAX_LENGTH + 1}\) is more than the model of `init_from`.*{MAX_LENGTH} tokens"
     with pytest.raises(ValueError, match=message):
@@ -392,7 +387,7 @@ def test_a_recipe_refuses_a_max_length_the_model_of_init_from_cannot_take(tokeni
 def test_the_saved_tokenizer_declares_the_length_the_model_takes(tokenizer, tmp_path, episodes):
     """`tokenizer(..., truncation=True)` and `encode_query`'s default limit must fit the model (the tokenizer was
     trained with the default of 256); the token ids, and so the training, stay the same."""
-    saved = _saved_model(tokenizer, tmp_path / "trained")
+    saved = saved_model(tokenizer, tmp_path / "trained")
     assert tokenizer.model_max_length > MAX_LENGTH
     recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=1)]}
     model, trained_tokenizer, logs = run_curriculum(recipe, tmp_path / "run", progress=False)
@@ -422,7 +417,7 @@ def test_the_saved_model_has_the_cache_on_that_the_trainer_turned_off(tokenizer,
         return arguments
 
     monkeypatch.setattr(curriculum, "training_arguments", with_gradient_checkpointing)
-    saved = _saved_model(tokenizer, tmp_path / "trained")
+    saved = saved_model(tokenizer, tmp_path / "trained")
     recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=1)]}
     model, trained_tokenizer, logs = run_curriculum(recipe, tmp_path / "run", progress=False)
     assert model.is_activation_checkpointing  # the Trainer did train with it
@@ -444,7 +439,7 @@ def test_a_run_in_processes_returns_the_model_with_the_cache_on(tokenizer, tmp_p
         save_trained(model, tokenizer, [], output)
 
     monkeypatch.setattr(curriculum, "_run_torchrun", torchrun_saving_a_trainer_config)
-    saved = _saved_model(tokenizer, tmp_path / "trained")
+    saved = saved_model(tokenizer, tmp_path / "trained")
     recipe = {"init_from": str(saved), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=1)]}
     model, _, _ = run_curriculum_in_processes(recipe, tmp_path / "run", processes=2)
     assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["use_cache"] is False
@@ -496,7 +491,7 @@ def test_the_cli_reports_bad_input_found_before_training_as_a_usage_error(tokeni
     assert exit_info.value.code == 2 and "error: recipe `init_from`" in error and "not a saved RxT model" in error
     assert not (tmp_path / "run").exists()  # the run lock made it, and removed it with nothing written
 
-    path.write_text(json.dumps({**recipe, "init_from": str(_saved_model(tokenizer, tmp_path / "trained"))}))
+    path.write_text(json.dumps({**recipe, "init_from": str(saved_model(tokenizer, tmp_path / "trained"))}))
     write_json_atomic({"stages": []}, tmp_path / "other" / "run_recipe.json")
     with pytest.raises(SystemExit) as exit_info:
         curriculum.main(["--recipe", str(path), "--output", str(tmp_path / "other"), "--resume"])
@@ -523,7 +518,7 @@ def test_a_fresh_run_replaces_nothing_it_did_not_write(tokenizer, tmp_path, monk
     (`--output ""` once trained there, deleting the user's `stages/` and replacing `model/`)."""
     import modeling_rxt.training_curriculum as curriculum
 
-    recipe = {"init_from": str(_saved_model(tokenizer, tmp_path / "trained")), "max_length": MAX_LENGTH,
+    recipe = {"init_from": str(saved_model(tokenizer, tmp_path / "trained")), "max_length": MAX_LENGTH,
               "stages": [stage_recipe("sft", max_steps=1)]}
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(recipe))
@@ -661,7 +656,7 @@ def test_a_stage_whose_data_cannot_fit_is_named_before_any_stage_trains(tokenize
 
     stages_run = []
     monkeypatch.setattr(curriculum, "run_stage", lambda model, tokenizer, stage, *args, **kwargs: stages_run.append(1))
-    recipe = {"init_from": str(_saved_model(tokenizer, tmp_path / "initial")), "max_length": 32, "stages": [
+    recipe = {"init_from": str(saved_model(tokenizer, tmp_path / "initial")), "max_length": 32, "stages": [
         stage_recipe("sft", max_steps=1, max_chat_chars=8, turns=2),
         stage_recipe("memory_aware", max_steps=1, max_chat_chars=160, turns=10),
     ]}
@@ -673,7 +668,7 @@ def test_a_stage_whose_data_cannot_fit_is_named_before_any_stage_trains(tokenize
 def test_resume_refuses_an_init_from_model_changed_since_the_run_began(tokenizer, tmp_path):
     """The recipe names `init_from` by its path: a model saved there again (another tokenizer, other weights) after
     the run began was resumed without a word, the stages trained before on the old one, those after on the new."""
-    initial = _saved_model(tokenizer, tmp_path / "initial")
+    initial = saved_model(tokenizer, tmp_path / "initial")
     recipe = {"init_from": str(initial), "max_length": MAX_LENGTH, "stages": [stage_recipe("sft", max_steps=1)]}
     run_curriculum(recipe, tmp_path / "run", progress=False)
     run_curriculum(recipe, tmp_path / "run", progress=False, resume=True)  # the same model: resumes
@@ -706,7 +701,7 @@ def test_a_run_in_processes_names_a_stage_whose_data_cannot_fit_before_launching
 
     launched = []
     monkeypatch.setattr(curriculum, "_run_torchrun", lambda *args: launched.append(args))
-    recipe = {"init_from": str(_saved_model(tokenizer, tmp_path / "initial")), "max_length": 32, "stages": [
+    recipe = {"init_from": str(saved_model(tokenizer, tmp_path / "initial")), "max_length": 32, "stages": [
         stage_recipe("memory_aware", max_steps=2, batch_size=2, max_chat_chars=160, turns=10),
     ]}
     with pytest.raises(curriculum.InputError, match=r"recipe stage 0 \(memory_aware\): every episode was rejected"):
@@ -879,191 +874,3 @@ def test_resuming_in_processes_into_a_folder_without_initial_builds_it(tmp_path,
     with pytest.raises(Launched):
         curriculum.run_curriculum_in_processes(recipe, tmp_path / "run", processes=1, resume=True)
     assert (tmp_path / "run" / "initial" / "built_from.json").is_file()
-
-
-# --- One run at a time in an output folder -------------------------------------------------------------------------
-
-# Holds the run lock of a folder in another process, as a run writing there would (the lock's module alone: it needs
-# nothing of the package).
-HOLD_THE_RUN_LOCK = """
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("run_lock", sys.argv[1])
-module = sys.modules["run_lock"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-with module.run_lock(sys.argv[2]):
-    print("held", flush=True)
-    time.sleep(600)
-"""
-
-
-def _state_of(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file under `folder`, with its size and modification time."""
-    return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
-            for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
-def test_a_run_into_a_folder_another_run_writes_is_refused_and_changes_nothing(tokenizer, tmp_path, capsys,
-                                                                            monkeypatch):
-    """Two runs writing into one folder (a resume started while the run it resumes still trains, a fresh run over a
-    running one) deleted and replaced each other's stages. While another process runs there, every entry point
-    refuses by name, before writing anything; once that process is killed, the folder is free at once (the lock is
-    the kernel's, dropped with its process)."""
-    import modeling_rxt.training_curriculum as curriculum
-    from modeling_rxt import demo
-
-    recipe = {"init_from": str(_saved_model(tokenizer, tmp_path / "trained")), "max_length": MAX_LENGTH,
-              "stages": [stage_recipe("sft", max_steps=1, batch_size=2)]}
-    recipe_path = tmp_path / "recipe.json"
-    recipe_path.write_text(json.dumps(recipe))
-    output = tmp_path / "run"
-    run_curriculum(recipe, output, progress=False)
-    before = _state_of(output)
-    monkeypatch.setattr(curriculum, "_run_torchrun", lambda *args, **kwargs: pytest.fail("launched"))
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_RUN_LOCK, str(REPO / "modeling_rxt" / "run_lock.py"),
-                               str(output)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        in_use = rf"{str(output)!r} is in use by another run \(started by process {holder.pid}\)"
-        for resume in (False, True):
-            with pytest.raises(curriculum.InputError, match=in_use):
-                run_curriculum(recipe, output, progress=False, resume=resume)
-            with pytest.raises(curriculum.InputError, match=in_use):
-                run_curriculum_in_processes(recipe, output, processes=2, resume=resume)
-        for main in (curriculum.main, demo.main):
-            with pytest.raises(SystemExit) as exit_info:
-                main(["--recipe", str(recipe_path), "--output", str(output), "--threads", "1"])
-            error = capsys.readouterr().err
-            assert exit_info.value.code == 2 and "error: --output: " in error and "in use by another run" in error
-        assert _state_of(output) == before
-    finally:
-        holder.kill()
-        holder.wait()
-        holder.stdout.close()
-    run_curriculum(recipe, output, progress=False, resume=True)  # every stage done: it loads them
-
-
-def test_the_run_lock_nests_within_a_thread_refuses_another_thread_and_writes_nothing(tmp_path):
-    """The lock is on the folder itself: it writes nothing there (a finished run resumes from a read-only copy; a
-    hard-linked copy of a run has a lock of its own), and a folder it made for a run that wrote nothing goes again.
-    Another thread of the process is another run (a notebook training in a background thread)."""
-    import threading
-
-    from modeling_rxt.run_lock import FolderInUse, lock_descriptor, run_lock
-
-    folder = tmp_path / "new" / "run"
-    with run_lock(folder):
-        descriptor = lock_descriptor(folder)
-        assert descriptor is not None and not any(folder.iterdir())
-        with run_lock(tmp_path / "new" / ".." / "new" / "run"):  # the same folder: the lock is shared
-            assert lock_descriptor(folder) == descriptor
-        assert lock_descriptor(folder) == descriptor  # the inner `with` did not release it
-        refused = []
-
-        def another_run():
-            try:
-                with run_lock(folder):
-                    pass
-            except FolderInUse as error:
-                refused.append(str(error))
-
-        thread = threading.Thread(target=another_run)
-        thread.start()
-        thread.join()
-        assert len(refused) == 1 and "in use by another run of this process (another thread)" in refused[0]
-    assert lock_descriptor(folder) is None
-    assert not (tmp_path / "new").exists()  # made, with its parent, for a run that wrote nothing: removed
-    with run_lock(folder):
-        (folder / "stages").mkdir()
-    assert [path.name for path in folder.iterdir()] == ["stages"]  # a run's output: kept, and nothing else
-
-
-def test_the_run_lock_trusts_the_environment_only_in_a_torchrun_worker(tmp_path, monkeypatch):
-    """A worker of `run_curriculum_in_processes` runs under its launcher's lock, named in its environment; the same
-    variables left in a notebook's environment (no torchrun) must not turn the lock off."""
-    from modeling_rxt.run_lock import HELD_BY_LAUNCHER, lock_descriptor, run_lock
-
-    folder = tmp_path / "run"
-    folder.mkdir()
-    monkeypatch.setenv(HELD_BY_LAUNCHER, str(folder.resolve()))
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    with run_lock(folder):
-        assert lock_descriptor(folder) is not None  # taken here
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
-    with run_lock(folder):
-        assert lock_descriptor(folder) is None  # held by the launcher
-
-
-def test_a_worker_whose_launcher_is_gone_stops_saying_why(tmp_path):
-    """`_end_with_torchrun` in a process whose parent's parent is not the launcher named in its environment (its
-    torchrun ended while it was starting): exit code 1 with one line, not a silent exit; with the right launcher it
-    goes on."""
-    from modeling_rxt.training_curriculum import LAUNCHER_PID
-
-    script = "from modeling_rxt.training_curriculum import _end_with_torchrun\n_end_with_torchrun()\nprint('went on')"
-    for launcher, code, said in ((os.getppid(), 0, "went on"), (os.getppid() + 100_000, 1, "ended before this worker")):
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
-                              env={**os.environ, LAUNCHER_PID: str(launcher), "PYTHONPATH": str(REPO)})
-        assert done.returncode == code and said in done.stdout + done.stderr, done.stderr[-2000:]
-
-
-def test_the_run_lock_warns_that_a_network_file_system_locks_one_machine(tmp_path):
-    from modeling_rxt.run_lock import _network_file_system
-
-    table = tmp_path / "mounts"
-    table.write_text(f"server:/export {tmp_path / 'shared'} nfs4 rw 0 0\n/dev/sda1 / ext4 rw 0 0\n"
-                     f"server:/b {tmp_path / 'with'}\\040space cifs rw 0 0\n")  # the table's escape of a space
-    assert _network_file_system(tmp_path / "shared" / "run", str(table)) == "nfs4"
-    assert _network_file_system(tmp_path / "with space" / "run", str(table)) == "cifs"
-    assert _network_file_system(tmp_path / "sharedother", str(table)) is None
-    assert _network_file_system(tmp_path / "local", str(table)) is None
-
-
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open descriptors in Linux's /proc")
-def test_the_run_lock_locks_the_folder_there_when_it_is_removed_or_made_again_meanwhile(tmp_path, monkeypatch):
-    """Another run's cleanup may remove the folder (it made it, and wrote nothing) between this run's open and its
-    lock: the lock must end on the folder that is there, not on a removed one, and a Ctrl-C on the way leaves no
-    locked descriptor open (a review)."""
-    import fcntl
-
-    import modeling_rxt.run_lock as run_lock_module
-    from modeling_rxt.run_lock import lock_descriptor, run_lock
-
-    folder = tmp_path / "run"
-    plain_open, plain_flock = os.open, fcntl.flock
-    events = []
-
-    def open_then_replace(path, flags, *args):
-        descriptor = plain_open(path, flags, *args)
-        if not events:  # the first open: the folder is removed and made again before the lock
-            events.append("replaced")
-            os.rmdir(path)
-            os.mkdir(path)
-        return descriptor
-
-    monkeypatch.setattr(run_lock_module.os, "open", open_then_replace)
-    with run_lock(folder):
-        (folder / "stages").mkdir()
-        assert os.fstat(lock_descriptor(folder)).st_ino == folder.stat().st_ino
-    assert events == ["replaced"]
-
-    def removed_before_open(path, flags, *args):
-        if Path(path) == tmp_path / "gone" and not (tmp_path / "gone-seen").exists():
-            (tmp_path / "gone-seen").touch()
-            os.rmdir(path)
-        return plain_open(path, flags, *args)
-
-    monkeypatch.setattr(run_lock_module.os, "open", removed_before_open)
-    with run_lock(tmp_path / "gone"):
-        assert lock_descriptor(tmp_path / "gone") is not None
-    monkeypatch.setattr(run_lock_module.os, "open", plain_open)
-
-    def interrupted(*args):
-        raise KeyboardInterrupt
-
-    open_before = len(os.listdir("/proc/self/fd"))
-    monkeypatch.setattr(run_lock_module.fcntl, "flock", interrupted)
-    with pytest.raises(KeyboardInterrupt), run_lock(folder):
-        pass
-    monkeypatch.setattr(run_lock_module.fcntl, "flock", plain_flock)
-    assert len(os.listdir("/proc/self/fd")) == open_before

@@ -46,6 +46,13 @@ def tiny_model(tokenizer, seed: int = 0, **overrides) -> RxTForCausalLM:
     return RxTForCausalLM(RxTConfig(**{**config, **overrides}))
 
 
+def saved_model(tokenizer, folder: Path) -> Path:
+    """A tiny model and its tokenizer saved in `folder` (a recipe's `init_from`)."""
+    tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def stage_recipe(name: str, **extra) -> dict:
     return {"stage": name, "max_steps": 8, "batch_size": 8, "learning_rate": 1e-2, "warmup_steps": 1,
             "episodes": 8, "turns": 4, "max_chat_chars": 60, "logging_steps": 1, **extra}
