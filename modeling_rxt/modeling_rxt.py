@@ -301,9 +301,14 @@ def default_position_ids(
     and the memory write count positions the same way."""
     if attention_mask is None or attention_mask.dim() != 2:  # a 4-D mask says nothing of padding: pass position_ids
         return (torch.arange(length, device=device) + past_length).unsqueeze(0)  # (1, T)
-    # Any non-zero entry is a token (segment ids of packed rows, a float mask of 2.0 count once, as Llama reads them)
-    counted = (attention_mask.to(device).bool().long().cumsum(-1) - 1).clamp(min=0)  # (B, mask length)
-    return at_new_tokens(counted, length, past_length)
+    return at_new_tokens(token_positions(attention_mask.to(device)), length, past_length)
+
+
+def token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 2-D mask -> (B, L) position of each column counted over the tokens only (padding takes its neighbour's).
+    Any non-zero entry is a token: segment ids of packed rows, or a float mask of 2.0, count once, as Llama reads
+    them."""
+    return (attention_mask.bool().long().cumsum(-1) - 1).clamp(min=0)
 
 
 def at_new_tokens(per_column: torch.Tensor, length: int, past_length: int | torch.Tensor) -> torch.Tensor:
@@ -588,7 +593,7 @@ class RxTModel(RxTPreTrainedModel):
         else:
             # Positions count the tokens only, so a left-padded interaction is written as the same one unpadded:
             # the memory attention puts rotary positions on the encoded keys and none on the slots.
-            position_ids = (attention_mask.bool().long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            position_ids = token_positions(attention_mask)  # (B, T)
             # A row with no tokens (a conversation skipping this write) still needs a key; `write_memory` drops it.
             has_tokens = attention_mask.bool()
             first_key = has_tokens[:, :1] | ~has_tokens.any(dim=-1, keepdim=True)
