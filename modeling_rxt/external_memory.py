@@ -846,7 +846,11 @@ def _row_count(memories) -> int:
         return memories.num_rows
     if isinstance(memories, torch.Tensor):
         return memories.shape[0] if memories.dim() > 1 else 1
-    return len(memories) if isinstance(memories, (list, tuple)) else 1  # else building it names what is wrong
+    if isinstance(memories, (list, tuple)):
+        if memories:  # a flat list of ids is refused by name here, not counted as one row per id
+            _id_row(memories[0], 0)
+        return len(memories)
+    return 1  # building it names what is wrong
 
 
 def attach_retrieved_memory_idx(outputs, recorder: RetrievedMemoryRecorder | None):

@@ -743,12 +743,14 @@ def test_a_build_takes_no_hidden_states_of_another_threads_forward(model, memory
 
 def test_a_flat_list_of_ids_is_refused_not_read_as_one_memory_per_token(model, memory_ids):
     """A flat list of ints (what a tokenizer gives for one text) was read as one row per token: six one-token
-    memories, which a batch of six read without an error."""
+    memories, which a batch of six read without an error. A batch of another size was told the list held too many
+    rows, which pointed at the wrong fix."""
     flat = memory_ids[0][:6].tolist()
     with pytest.raises(TypeError, match=r"entry 0 is a single id .*pass a list holding its ids \(`\[ids\]`\)"):
         model.build_external_memory(flat)
-    with pytest.raises(TypeError, match=r"single id"):
-        model.generate(prompt(6), external_memories=flat, max_new_tokens=1)
+    for batch in (6, 1, 4):  # also where the list's length fits no batch (it was then refused as too many rows)
+        with pytest.raises(TypeError, match=r"single id"):
+            model.generate(prompt(batch), external_memories=flat, max_new_tokens=1)
     assert torch.equal(model.build_external_memory([flat]).keys, model.build_external_memory(memory_ids[0][:6]).keys)
 
 
