@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import GenerationConfig
 
 from . import fresh_process
 from .model_card import extract_usage_snippet
@@ -109,14 +110,16 @@ def _max_diff(name: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float) 
     return diff
 
 
-def _compare(model, tokenizer, job: dict, child: dict[str, torch.Tensor], atol: float) -> dict[str, float]:
+def _compare(model, tokenizer, job: dict, child: dict[str, torch.Tensor], atol: float,
+             generation_config: GenerationConfig | None = None) -> dict[str, float]:
     """The source's tokens and outputs for the child's `job`, against the child's (`VerificationError` where they
-    differ); the max differences of the compared floats."""
+    differ); the max differences of the compared floats. The source decodes with `generation_config` (the one the
+    child's folder holds), else its own."""
     ids, mask, prompt_ids = fresh_process.tokenize(tokenizer, job)
     for name, ours in (("input_ids", ids), ("attention_mask", mask), ("prompt_ids", prompt_ids)):
         if not torch.equal(ours, child[name]):
             raise VerificationError(f"The exported tokenizer gives other {name} than the source tokenizer.")
-    ours = fresh_process.model_outputs(model, ids, mask, prompt_ids, MAX_NEW_TOKENS)
+    ours = fresh_process.model_outputs(model, ids, mask, prompt_ids, MAX_NEW_TOKENS, generation_config)
     compared = (("max_abs_diff_initial", "Logits (initial memory)", "logits_initial"),
                 ("max_abs_diff_memory", "Logits (written memory)", "logits_memory"),
                 ("max_abs_diff_stm", "Written memory states", "stm"))
@@ -164,7 +167,10 @@ def verify_export(
         info = json.loads((work / "info.json").read_text(encoding="utf-8"))
     if info["leaked"]:
         raise VerificationError(f"The fresh process imported project modules: {info['leaked']}.")
-    diffs = _compare(model, tokenizer, job, child, atol)
+    # The source decodes as the export will: with the generation config written there, which may hold end tokens
+    # the source's own config lacks (`export.write_generation_config` fills them in).
+    written = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
+    diffs = _compare(model, tokenizer, job, child, atol, written)
     return VerificationReport(
         model_class=info["model_class"],
         blocked=tuple(info["blocked"]),

@@ -90,6 +90,29 @@ def test_the_source_generation_config_is_kept(source, tmp_path):
     assert (exported.max_length, exported.max_new_tokens) == (40, None)
 
 
+def test_a_source_generation_config_without_end_tokens_verifies(source, tmp_path):
+    """A `GenerationConfig()` made by hand carries no special token ids. The export fills in the config's end tokens,
+    and its verification decoded the source with the source's own config, which did not stop there: "Greedy
+    generation differs" for a faithful export. The source now decodes with the config written to the export."""
+    from hub_export import verify as verify_module
+
+    src = tmp_path / "src"
+    shutil.copytree(source / "model", src)
+    tokenizer, model = AutoTokenizer.from_pretrained(src), RxTForCausalLM.from_pretrained(src).eval()
+    job = {"conversations": verify_module.CONVERSATIONS, "prompt": verify_module.PROMPT,
+           "max_length": model.config.max_position_embeddings}
+    ids, mask, prompt_ids = fresh_process.tokenize(tokenizer, job)
+    first = fresh_process.model_outputs(model, ids, mask, prompt_ids, 2)["generated"][0, prompt_ids.shape[1]].item()
+    config = json.loads((src / "config.json").read_text())  # the verification's answer ends at its first token
+    (src / "config.json").write_text(json.dumps({**config, "eos_token_id": [tokenizer.eos_token_id, first]}))
+    GenerationConfig(do_sample=True, temperature=0.7, max_new_tokens=20).save_pretrained(src)
+    report = export_model(src, tmp_path / "dest")  # verified
+    assert report.verification.generated_tokens == 1
+    exported = GenerationConfig.from_pretrained(tmp_path / "dest")
+    assert exported.eos_token_id == [tokenizer.eos_token_id, first]
+    assert (exported.do_sample, exported.temperature, exported.max_new_tokens) == (True, 0.7, 20)
+
+
 def test_a_model_with_several_end_tokens_exports_them_all(source, tmp_path):
     """`eos_token_id` may be a list (as Llama 3's); the tokenizer's end token must be one of them."""
     src = tmp_path / "src"
