@@ -15,7 +15,8 @@ keys are ignored):
      "chance": 0.01,                                              accuracy of a uniform guess
      "recall": 0.87, "recall_reset": 0.011,                       optional: over all distances
      "recall_own_replies": 0.85,                                  optional: the same with the model's own replies to
-                                                                  statements written to its memory
+     "recall_by_distance_own_replies": {"1": 0.84, ...},          statements written to its memory, overall and by
+                                                                  distance
      "questions_by_distance": {"1": 120, ...}, "questions": 800,  optional: how many questions
      "split": "test",                                             optional
      "weights_fingerprint": "sha256:<64 hex digits>",             optional: the weights measured (the export checks it;
@@ -69,6 +70,7 @@ class Evaluation:
     recall: float | None = None
     recall_reset: float | None = None
     recall_own_replies: float | None = None  # the model's own replies to statements written to its memory
+    recall_by_distance_own_replies: dict[int, float] | None = None  # the same, by distance
     questions_by_distance: dict[int, int] | None = None
     questions: int | None = None
     split: str | None = None
@@ -184,6 +186,7 @@ def read_evaluation(path: str | Path) -> Evaluation:
         recall=_optional(data, "recall", _fraction, where),
         recall_reset=_optional(data, "recall_reset", _fraction, where),
         recall_own_replies=_optional(data, "recall_own_replies", _fraction, where),
+        recall_by_distance_own_replies=_optional(data, "recall_by_distance_own_replies", _by_distance, where),
         questions_by_distance=_optional(
             data, "questions_by_distance", lambda value, name: _by_distance(value, name, read=_count), where),
         questions=_optional(data, "questions", _count, where),
@@ -249,6 +252,17 @@ def eval_results(evaluation: Evaluation) -> list[EvalResult]:
         results.append(EvalResult(**common, metric_value=evaluation.recall_reset,
                                   metric_name="recall with the memory reset, all distances",
                                   metric_config="all,memory=reset"))
+    # What a conversation through the API gets: the model's own acknowledgements of statements in its memory.
+    own = evaluation.recall_by_distance_own_replies or {}
+    results += [
+        EvalResult(**common, metric_value=value, metric_name=f"recall {d} turn(s) back, the model's own replies written",
+                   metric_config=f"distance={d},replies=own")
+        for d, value in own.items()
+    ]
+    if evaluation.recall_own_replies is not None:
+        results.append(EvalResult(**common, metric_value=evaluation.recall_own_replies,
+                                  metric_name="recall, all distances, the model's own replies written",
+                                  metric_config="all,replies=own"))
     if evaluation.external_memory is not None:
         for key, name in (("without", "fresh memory, no external memory"), ("with", "fresh memory + external memory")):
             results.append(EvalResult(**common, metric_value=evaluation.external_memory[key],
@@ -263,18 +277,27 @@ def _percent(value: float) -> str:
 
 
 def _results_table(evaluation: Evaluation) -> list[str]:
-    """Every recall the `model-index` reports, by distance (those measured with or without the memory) and overall."""
+    """Every recall the `model-index` reports, by distance (those measured with the memory, with the model's own
+    replies written where measured, and with the memory reset) and overall."""
     reset, counts = evaluation.recall_memory_reset, evaluation.questions_by_distance or {}
     reset = reset if isinstance(reset, dict) else {}
-    rows = ["| distance *d* (turns) | recall | recall, memory reset | questions |", "|---|---|---|---|"]
-    for d in sorted({*evaluation.recall_by_distance, *reset}):
-        recall = evaluation.recall_by_distance.get(d)
-        cells = (_percent(recall) if recall is not None else "", _percent(reset[d]) if d in reset else "")
-        rows.append(f"| {d} | {cells[0]} | {cells[1]} | {counts.get(d, '')} |")
-    if evaluation.recall is not None or evaluation.recall_reset is not None:
-        cells = [_percent(value) if value is not None else "" for value in (evaluation.recall, evaluation.recall_reset)]
+    own = evaluation.recall_by_distance_own_replies
+    columns = [("recall", evaluation.recall_by_distance, evaluation.recall)]
+    if own is not None or evaluation.recall_own_replies is not None:
+        columns.append(("recall, model's own replies written", own or {}, evaluation.recall_own_replies))
+    columns.append(("recall, memory reset", reset, evaluation.recall_reset))
+
+    def cell(value: float | None) -> str:
+        return _percent(value) if value is not None else ""
+
+    rows = ["| distance *d* (turns) | " + " | ".join(name for name, _, _ in columns) + " | questions |",
+            "|---|" + "---|" * len(columns) + "---|"]
+    for d in sorted(set().union(*(by_distance for _, by_distance, _ in columns))):
+        cells = " | ".join(cell(by_distance.get(d)) for _, by_distance, _ in columns)
+        rows.append(f"| {d} | {cells} | {counts.get(d, '')} |")
+    if any(overall is not None for _, _, overall in columns):
         questions = evaluation.questions if evaluation.questions is not None else ""
-        rows.append(f"| all | {cells[0]} | {cells[1]} | {questions} |")
+        rows.append(f"| all | {' | '.join(cell(overall) for _, _, overall in columns)} | {questions} |")
     return rows
 
 
@@ -486,12 +509,16 @@ def _recipe_section(recipe: Mapping | None, recipe_name: str | None) -> str:
 def _recall_by_distance(evaluation: Evaluation) -> str:
     """What the Results say about recall and distance, read from them: the nearest and farthest distances measured,
     and nothing about distances that were not."""
-    recall = evaluation.recall_by_distance
+    recall, own = evaluation.recall_by_distance, evaluation.recall_by_distance_own_replies or {}
+
+    def at(d: int) -> str:
+        return _percent(recall[d]) + (f" ({_percent(own[d])} with the model's own replies written)" if d in own else "")
+
     near, far = min(recall), max(recall)
     if near == far:
-        return f"Recall was measured {near} turn(s) after the fact only ({_percent(recall[near])}, Results)."
-    return (f"Measured recall (Results) is {_percent(recall[near])} for a fact {near} turn(s) back and "
-            f"{_percent(recall[far])} for one {far} turns back; farther back was not measured.")
+        return f"Recall was measured {near} turn(s) after the fact only ({at(near)}, Results)."
+    return (f"Measured recall (Results) is {at(near)} for a fact {near} turn(s) back and {at(far)} for one {far} turns "
+            "back; farther back was not measured.")
 
 
 def _limitations_section(evaluation: Evaluation | None, recipe: Mapping | None) -> str:

@@ -414,6 +414,20 @@ def test_the_card_says_how_the_evaluation_wrote_the_memory_and_what_own_replies_
     path.write_text(json.dumps({**measured, "recall_own_replies": 1.5}))
     with pytest.raises(ValueError, match="recall_own_replies"):
         read_evaluation(path)
+    # By distance too, where the JSON has it (make demo writes it): a column of the results and model-index entries,
+    # so what a user gets is a measured result of the card, not a sentence beside them.
+    path.write_text(json.dumps({**measured, "recall_by_distance": {"1": 0.9, "8": 0.7}, "recall_own_replies": 0.851,
+                                "recall_by_distance_own_replies": {"1": 0.84, "8": 0.62}}))
+    card = build_model_card(source_model, model_id=REPO_ID, evaluation=read_evaluation(path))
+    assert "| distance *d* (turns) | recall | recall, model's own replies written | recall, memory reset |" in card.text
+    assert "| 1 | 90.0% | 84.0% |" in card.text and "| all | 93.8% | 85.1% |" in card.text
+    assert "84.0% with the model's own replies written" in card.text  # Limitations
+    entries = {result.metric_config: result.metric_value for result in card.data.eval_results}
+    assert entries["distance=8,replies=own"] == 0.62 and entries["all,replies=own"] == 0.851
+    assert entries["distance=8"] == 0.7
+    path.write_text(json.dumps({**measured, "recall_by_distance_own_replies": {"one": 0.5}}))
+    with pytest.raises(ValueError, match="recall_by_distance_own_replies has the key 'one'"):
+        read_evaluation(path)
 
 
 def test_card_body_is_generated_from_the_model(exported, source_model):
