@@ -72,15 +72,19 @@ def tokenize(tokenizer, job: dict):
 def model_outputs(model, ids, mask, prompt_ids, max_new_tokens: int, generation_config=None) -> dict:
     """The numbers the parent compares; the same function body runs in the parent on the source model, decoding with
     the `generation_config` written to the export (the child's model loads that one)."""
+    import copy
+
     import torch
 
+    # Greedy, with each step's logits: set in the config itself (transformers deprecates decoding keywords beside
+    # a `generation_config`).
+    config = copy.deepcopy(model.generation_config if generation_config is None else generation_config)
+    config.update(max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         logits_initial = model(ids, attention_mask=mask).logits  # (B, T, V), learned initial memory
         state = model.update_memory(model.init_memory(ids.shape[0]), ids, attention_mask=mask)
         logits_memory = model(ids, attention_mask=mask, memory_state=state).logits  # (B, T, V), written memory
-        decoded = model.generate(prompt_ids, memory_state=state.select([0]), generation_config=generation_config,
-                                 max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
+        decoded = model.generate(prompt_ids, memory_state=state.select([0]), generation_config=config)
         generated = decoded.sequences  # (1, P + N)
         # Each step's logits, decoded with the cache, and the same positions from one forward without a cache: they
         # differ where the cache is dropped or misread (transformers 5.24 renamed the argument that carries it).

@@ -106,8 +106,20 @@ def test_a_source_generation_config_without_end_tokens_verifies(source, tmp_path
     config = json.loads((src / "config.json").read_text())  # the verification's answer ends at its first token
     (src / "config.json").write_text(json.dumps({**config, "eos_token_id": [tokenizer.eos_token_id, first]}))
     GenerationConfig(do_sample=True, temperature=0.7, max_new_tokens=20).save_pretrained(src)
-    report = export_model(src, tmp_path / "dest")  # verified
+    calls = []
+    generate = RxTForCausalLM.generate
+
+    def recording_generate(self, *args, **kwargs):  # the source's generate, in this process
+        calls.append(sorted(kwargs))
+        return generate(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RxTForCausalLM, "generate", recording_generate)
+        report = export_model(src, tmp_path / "dest")  # verified
     assert report.verification.generated_tokens == 1
+    # The decoding settings are in the config passed: transformers deprecates (and logged, in `make demo`) decoding
+    # keywords beside a `generation_config`.
+    assert calls == [["generation_config", "memory_state"]]
     exported = GenerationConfig.from_pretrained(tmp_path / "dest")
     assert exported.eos_token_id == [tokenizer.eos_token_id, first]
     assert (exported.do_sample, exported.temperature, exported.max_new_tokens) == (True, 0.7, 20)
