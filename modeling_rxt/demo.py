@@ -254,18 +254,21 @@ def _external_memory_recall(model, tokenizer, settings: dict, split: str) -> dic
 
 
 def _print_recall(result: dict) -> None:
-    """The recall by turn distance (with the memory and with it reset), by memory writes and by facts held."""
-    print("[demo] recall by distance (with memory / memory reset), chance {:.1%}:".format(result["chance"]))
+    """The recall by turn distance (with the episode's replies written, with the model's own, and with the memory
+    reset), then by memory writes and by facts held (episode's replies written)."""
+    own = result.get("recall_by_distance_own_replies")
+    print("[demo] recall by distance, chance {:.1%}: with memory (the episode's replies to statements written){} / "
+          "memory reset".format(result["chance"], " / with the model's own replies written, as through the public API"
+                                if own is not None else ""))
     for distance, accuracy in result["recall_by_distance"].items():
-        print(f"    {distance} turns back: {accuracy:6.1%} / {result['recall_memory_reset'][distance]:6.1%}"
+        mine = f" / {own[distance]:6.1%}" if own is not None else ""
+        print(f"    {distance} turns back: {accuracy:6.1%}{mine} / {result['recall_memory_reset'][distance]:6.1%}"
               f"   ({result['questions_by_distance'][distance]} questions)")
-    if "recall_own_replies" in result:
-        print("[demo] with the model's own replies to statements written to its memory (as through the public API): "
-              f"{result['recall_own_replies']:.1%} overall; by distance " + ", ".join(
-                  f"{distance}: {accuracy:.1%}" for distance, accuracy in result["recall_by_distance_own_replies"].items()))
-    print("[demo] the same by memory writes before the question: " + ", ".join(
+    print(f"    all: {result['recall']:6.1%}" + (f" / {result['recall_own_replies']:6.1%}" if own is not None else "")
+          + f" / {result['recall_reset']:6.1%}   ({result['questions']} questions)")
+    print("[demo] with the episode's replies written, by memory writes before the question: " + ", ".join(
         f"{writes}: {accuracy:.0%}" for writes, accuracy in result["recall_by_writes"].items()))
-    print("[demo] the same by different facts stated before the question: " + ", ".join(
+    print("[demo] and by different facts stated before the question: " + ", ".join(
         f"{held}: {accuracy:.0%}" for held, accuracy in result["recall_by_facts_held"].items()))
 
 

@@ -342,8 +342,9 @@ def _summarise(counts: dict[str, dict[int, int]], examples: list, chance: float)
 
 
 def plot_recall(result: dict, path: str | os.PathLike, title: str = "RxT recall by turn distance") -> None:
-    """Accuracy against fact distance, with memory and with the memory reset, and the chance level; written
-    atomically as an image (the format follows the suffix of `path`)."""
+    """Accuracy against fact distance, with memory (and, where `result` has it, with the model's own replies written:
+    `recall_by_distance_own_replies`) and with the memory reset, and the chance level; written atomically as an
+    image (the format follows the suffix of `path`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -356,7 +357,11 @@ def plot_recall(result: dict, path: str | os.PathLike, title: str = "RxT recall 
     with_memory = [100 * result["recall_by_distance"][_key(result["recall_by_distance"], d)] for d in distances]
     reset = [100 * result["recall_memory_reset"][_key(result["recall_memory_reset"], d)] for d in distances]
     figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot(distances, with_memory, "o-", label="with memory")
+    axes.plot(distances, with_memory, "o-", label="with memory (the episode's replies written)")
+    own = result.get("recall_by_distance_own_replies")
+    if own:
+        axes.plot(distances, [100 * own[_key(own, d)] for d in distances], "^-",
+                  label="with memory (the model's own replies written)")
     axes.plot(distances, reset, "s--", label="memory reset before the question")
     axes.axhline(100 * result["chance"], color="grey", linestyle=":", label="chance")
     axes.set(xlabel="turns since the value was last stated", ylabel="exact-match recall (%)", title=title,

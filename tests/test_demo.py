@@ -41,6 +41,12 @@ def test_demo_trains_evaluates_exports_and_talks_in_a_fresh_process(tmp_path):
     assert "remote code: transformers_modules" in run.stdout
     assert "stated" in run.stdout and "turns earlier" in run.stdout
     assert "runs with autograd on" not in run.stdout + run.stderr  # the replay writes its memory without a graph
+    # Both evaluations side by side: the episode's replies written and the model's own (what a user gets).
+    assert "with the model's own replies written, as through the public API / memory reset" in run.stdout
+    own = f"{report['recall_own_replies']:6.1%}"
+    assert f"    all: {report['recall']:6.1%} / {own} / {report['recall_reset']:6.1%}" in run.stdout
+    assert "recall, model's own replies written" in (hub / "README.md").read_text()
+    assert "is deprecated" not in run.stdout + run.stderr
     # The card of a named recipe holds it (the recipe's file, found by name).
     assert "No training recipe was given" not in (hub / "README.md").read_text()
     # The results are those of the exported weights: eval.json names them, and the export checked it.

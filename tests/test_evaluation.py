@@ -187,6 +187,10 @@ def test_recall_json_and_plot_are_written_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
     plot_recall(json.loads(path.read_text()), tmp_path / "recall.png")
     assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
+    # With the model's own replies written (make demo's eval.json has them), read back from JSON (string keys).
+    write_json_atomic({**result, "recall_by_distance_own_replies": {1: 0.8, 2: 0.4}}, path)
+    plot_recall(json.loads(path.read_text()), tmp_path / "own.png")
+    assert (tmp_path / "own.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_external_memory_recall_scores_a_known_case(tokenizer, monkeypatch):
