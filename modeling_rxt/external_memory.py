@@ -846,11 +846,12 @@ def _row_count(memories) -> int:
         return memories.num_rows
     if isinstance(memories, torch.Tensor):
         return memories.shape[0] if memories.dim() > 1 else 1
-    if isinstance(memories, (list, tuple)):
-        if memories:  # a flat list of ids is refused by name here, not counted as one row per id
-            _id_row(memories[0], 0)
+    if isinstance(memories, (list, tuple)) and memories:
+        for index, row in enumerate(memories):  # an id among the rows is refused by name, not counted as a row
+            if isinstance(row, numbers.Number) or getattr(row, "ndim", None) == 0:
+                _id_row(row, index)
         return len(memories)
-    return 1  # building it names what is wrong
+    return 1  # building it names what is wrong (an empty list, another type)
 
 
 def attach_retrieved_memory_idx(outputs, recorder: RetrievedMemoryRecorder | None):

@@ -751,6 +751,10 @@ def test_a_flat_list_of_ids_is_refused_not_read_as_one_memory_per_token(model, m
     for batch in (6, 1, 4):  # also where the list's length fits no batch (it was then refused as too many rows)
         with pytest.raises(TypeError, match=r"single id"):
             model.generate(prompt(batch), external_memories=flat, max_new_tokens=1)
+    with pytest.raises(TypeError, match=r"entry 1 is a single id"):  # an id after a row, too
+        model.generate(prompt(1), external_memories=[flat, 7, 8], max_new_tokens=1)
+    with pytest.raises(TypeError, match=r"non-empty list"):
+        model.generate(prompt(1), external_memories=[], max_new_tokens=1)
     assert torch.equal(model.build_external_memory([flat]).keys, model.build_external_memory(memory_ids[0][:6]).keys)
 
 
