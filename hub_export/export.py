@@ -233,6 +233,17 @@ def load_source_tokenizer(model_folder: Path, src: Path, config):
     return tokenizer
 
 
+def check_generation_config(model, model_folder: Path) -> None:
+    """A conversation writes one answer a turn to its memory: a source generation config that returns several
+    sequences a prompt makes every `generate` of the card (greedy: transformers refuses it) fail, so it is refused
+    here by name, before any work."""
+    returned = model.generation_config.num_return_sequences
+    if returned is not None and returned != 1:
+        raise ValueError(f"`src` {str(model_folder)!r}: generation_config.json sets num_return_sequences={returned}; an "
+                         "RxT conversation writes one answer a turn to its memory: set it to 1 (or leave it out) and "
+                         "ask for several answers in a call to `generate`.")
+
+
 def find_adapters(src: Path, model_folder: Path) -> dict[str, Path]:
     """PEFT adapters saved beside the model: `adapters/adapter_config.json` (named `default`) and
     `adapters/<name>/adapter_config.json`."""
@@ -542,6 +553,7 @@ def export_model(
     if recipe is not None:
         check_recipe_fits(recipe, recipe_json, model.config, evaluation)
     tokenizer = load_source_tokenizer(model_folder, src, model.config)
+    check_generation_config(model, model_folder)
     check_adapters(model, adapters, check_adapter_base_weights)
     model_id = repo_id or dest.name
     with staged_folder(dest) as staging:

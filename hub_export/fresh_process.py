@@ -76,10 +76,11 @@ def model_outputs(model, ids, mask, prompt_ids, max_new_tokens: int, generation_
 
     import torch
 
-    # Greedy, with each step's logits: set in the config itself (transformers deprecates decoding keywords beside
-    # a `generation_config`).
+    # Greedy (one beam, one sequence, with the cache), with each step's logits: set in the config itself
+    # (transformers deprecates decoding keywords beside a `generation_config`); the trainer's other settings stay.
     config = copy.deepcopy(model.generation_config if generation_config is None else generation_config)
-    config.update(max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    config.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, num_return_sequences=1, use_cache=True,
+                  output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         logits_initial = model(ids, attention_mask=mask).logits  # (B, T, V), learned initial memory
         state = model.update_memory(model.init_memory(ids.shape[0]), ids, attention_mask=mask)

@@ -101,9 +101,10 @@ def _run_child(job: dict, work: Path, timeout_s: float, python: str) -> str:
     return done.stdout
 
 
-def _max_diff(name: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float) -> float:
+def _max_diff(name: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float,
+              sides: tuple[str, str] = ("in source", "in the export")) -> float:
     if ours.shape != theirs.shape:
-        raise VerificationError(f"{name}: shape {tuple(theirs.shape)} in the export, {tuple(ours.shape)} in source.")
+        raise VerificationError(f"{name}: shape {tuple(theirs.shape)} {sides[1]}, {tuple(ours.shape)} {sides[0]}.")
     diff = (ours.float() - theirs.float()).abs().max().item()
     if not diff <= atol:  # also catches NaN
         raise VerificationError(f"{name} differ between the export and the source: max |diff| = {diff:.3g} > {atol}.")
@@ -129,7 +130,8 @@ def _compare(model, tokenizer, job: dict, child: dict[str, torch.Tensor], atol: 
     diffs["max_abs_diff_decoded"] = _max_diff("Logits of the greedy steps", ours["logits_decoded"],
                                               child["logits_decoded"], atol)
     diffs["max_abs_diff_cache"] = _max_diff("In the export, logits decoded with the cache and without one",
-                                            child["logits_full"], child["logits_decoded"], CACHE_ATOL)
+                                            child["logits_full"], child["logits_decoded"], CACHE_ATOL,
+                                            sides=("without the cache", "decoded with the cache"))
     return diffs
 
 

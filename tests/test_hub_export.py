@@ -125,6 +125,22 @@ def test_a_source_generation_config_without_end_tokens_verifies(source, tmp_path
     assert (exported.do_sample, exported.temperature, exported.max_new_tokens) == (True, 0.7, 20)
 
 
+def test_the_verification_decodes_greedily_whatever_the_source_config_asks(source, tmp_path):
+    """The verification's greedy check kept the trainer's `num_beams` (so it ran beam search, and failed a faithful
+    export comparing logits of two beams with one); a config asking for several sequences a prompt breaks every
+    greedy `generate` of the card, and is refused by name before any work."""
+    src = tmp_path / "src"
+    shutil.copytree(source / "model", src)
+    GenerationConfig(num_beams=2, max_new_tokens=20).save_pretrained(src)
+    report = export_model(src, tmp_path / "dest")  # verified
+    assert report.verification.generated_tokens > 0
+    assert GenerationConfig.from_pretrained(tmp_path / "dest").num_beams == 2  # the trainer's choice stays
+    GenerationConfig(num_return_sequences=2, do_sample=True).save_pretrained(src)
+    with pytest.raises(ValueError, match=r"generation_config.json sets num_return_sequences=2.*set it to 1"):
+        export_model(src, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_model_with_several_end_tokens_exports_them_all(source, tmp_path):
     """`eos_token_id` may be a list (as Llama 3's); the tokenizer's end token must be one of them."""
     src = tmp_path / "src"
