@@ -361,10 +361,12 @@ def _results_section(evaluation: Evaluation | None, code: ExportedCode | None) -
         lines += ["", f"With the memory reset before each question: {_percent(evaluation.recall_memory_reset)}."]
     lines += ["", "The evaluation writes each turn to the memory with the episode's own reply to a statement (a correct "
               "acknowledgement, which restates the value) and the model's own answer to a question."]
-    if evaluation.recall_own_replies is not None:
+    if evaluation.recall_own_replies is not None or evaluation.recall_by_distance_own_replies is not None:
+        overall = (f": {_percent(evaluation.recall_own_replies)} over all distances"
+                   if evaluation.recall_own_replies is not None else "")
         lines[-1] += (" With the model's own replies written at every turn, as in a conversation through the model's "
-                      f"API (a misspelt acknowledgement writes the misspelt value), recall over all distances is "
-                      f"{_percent(evaluation.recall_own_replies)}.")
+                      "API (a misspelt acknowledgement writes the misspelt value), recall is the column \"recall, "
+                      f"model's own replies written\"{overall}.")
     lines += ["", f"Chance level (a uniform guess among the held-out values): {_percent(evaluation.chance)}."]
     external = evaluation.external_memory
     if external is not None:

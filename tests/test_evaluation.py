@@ -176,7 +176,7 @@ def test_memory_overlap_measures_where_two_facts_are_written(tokenizer, monkeypa
             memory_overlap(model, tokenizer, pairs=bad)
 
 
-def test_recall_json_and_plot_are_written_atomically(tmp_path):
+def test_recall_json_and_plot_are_written_atomically(tmp_path, monkeypatch):
     result = {"recall_by_distance": {1: 0.9, 2: 0.5}, "recall_memory_reset": {1: 0.0, 2: 0.02}, "chance": 0.01}
     path = tmp_path / "eval.json"
     write_json_atomic(result, path)
@@ -187,10 +187,19 @@ def test_recall_json_and_plot_are_written_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
     plot_recall(json.loads(path.read_text()), tmp_path / "recall.png")
     assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
-    # With the model's own replies written (make demo's eval.json has them), read back from JSON (string keys).
+    # With the model's own replies written (make demo's eval.json has them), read back from JSON (string keys): a
+    # curve of its own.
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda figure: (drawn.update(figure=figure), close(figure)))
     write_json_atomic({**result, "recall_by_distance_own_replies": {1: 0.8, 2: 0.4}}, path)
     plot_recall(json.loads(path.read_text()), tmp_path / "own.png")
     assert (tmp_path / "own.png").read_bytes()[:4] == b"\x89PNG"
+    curves = {line.get_label(): list(line.get_ydata()) for line in drawn["figure"].axes[0].lines}
+    assert curves["with memory (the model's own replies written)"] == [80.0, 40.0]
+    assert curves["with memory (the episode's replies written)"] == [90.0, 50.0]
 
 
 def test_external_memory_recall_scores_a_known_case(tokenizer, monkeypatch):

@@ -438,7 +438,7 @@ def test_the_card_says_how_the_evaluation_wrote_the_memory_and_what_own_replies_
     assert "with the episode's own reply to a statement" in body and "own replies written" not in body
     path.write_text(json.dumps({**measured, "recall_own_replies": 0.851}))
     body = build_model_card(source_model, model_id=REPO_ID, evaluation=read_evaluation(path)).text
-    assert "With the model's own replies written at every turn" in body and "recall over all distances is 85.1%" in body
+    assert "With the model's own replies written at every turn" in body and "85.1% over all distances" in body
     path.write_text(json.dumps({**measured, "recall_own_replies": 1.5}))
     with pytest.raises(ValueError, match="recall_own_replies"):
         read_evaluation(path)
@@ -453,6 +453,9 @@ def test_the_card_says_how_the_evaluation_wrote_the_memory_and_what_own_replies_
     entries = {result.metric_config: result.metric_value for result in card.data.eval_results}
     assert entries["distance=8,replies=own"] == 0.62 and entries["all,replies=own"] == 0.851
     assert entries["distance=8"] == 0.7
+    path.write_text(json.dumps({**measured, "recall_by_distance_own_replies": {"1": 0.84}}))  # no overall figure
+    body = build_model_card(source_model, model_id=REPO_ID, evaluation=read_evaluation(path)).text
+    assert "With the model's own replies written at every turn" in body and "| 1 | 90.0% | 84.0% |" in body
     path.write_text(json.dumps({**measured, "recall_by_distance_own_replies": {"one": 0.5}}))
     with pytest.raises(ValueError, match="recall_by_distance_own_replies has the key 'one'"):
         read_evaluation(path)
